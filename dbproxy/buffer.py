@@ -1,0 +1,93 @@
+"""A receive buffer for sans-IO decoders.
+
+Strategy (Netty's cumulation buffer, h11's ReceiveBuffer): one ``bytearray``
+plus a read offset.  Decoders peek at headers through ``memoryview`` slices,
+consume whole frames by advancing the offset, and the buffer compacts only
+once per batch (``compact()``), never per frame, so a read that carried a
+hundred small frames costs one ``del`` at the end.
+
+``consumed_since_mark()`` lets the pipeline forward the exact received bytes
+of all frames decoded since the last mark in one send (the hot path).
+"""
+
+from __future__ import annotations
+
+import struct
+
+_U32_BE = struct.Struct(">I")
+_I32_BE = struct.Struct(">i")
+_I32_LE = struct.Struct("<i")
+
+
+class ReceiveBuffer:
+    __slots__ = ("_data", "_pos", "_mark")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._pos = 0
+        self._mark = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._data += data
+
+    def __len__(self) -> int:
+        """Bytes available to decode."""
+        return len(self._data) - self._pos
+
+    def __bool__(self) -> bool:
+        return len(self._data) > self._pos
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def peek(self, n: int, offset: int = 0) -> memoryview:
+        """A view of ``n`` bytes at ``offset`` past the read position (caller checks length)."""
+        start = self._pos + offset
+        return memoryview(self._data)[start:start + n]
+
+    def peek_byte(self, offset: int = 0) -> int:
+        return self._data[self._pos + offset]
+
+    def u32_be(self, offset: int = 0) -> int:
+        return _U32_BE.unpack_from(self._data, self._pos + offset)[0]
+
+    def i32_be(self, offset: int = 0) -> int:
+        return _I32_BE.unpack_from(self._data, self._pos + offset)[0]
+
+    def i32_le(self, offset: int = 0) -> int:
+        return _I32_LE.unpack_from(self._data, self._pos + offset)[0]
+
+    def take(self, n: int) -> bytes:
+        """Consume ``n`` bytes and return them as an immutable copy.
+
+        Messages keep their bytes after the buffer compacts, so frames own a
+        ``bytes`` copy; it is one memcpy per frame, not per-byte Python.
+        """
+        start = self._pos
+        end = start + n
+        out = bytes(memoryview(self._data)[start:end])
+        self._pos = end
+        return out
+
+    def skip(self, n: int) -> None:
+        self._pos += n
+
+    def mark(self) -> None:
+        """Remember the current read position (start of a forwarding batch)."""
+        self._mark = self._pos
+
+    def consumed_since_mark(self) -> bytes:
+        """The exact bytes consumed since ``mark()``: what was received, as received."""
+        return bytes(memoryview(self._data)[self._mark:self._pos])
+
+    def take_rest(self) -> bytes:
+        """Consume and return everything buffered (used when leaving a codec)."""
+        return self.take(len(self))
+
+    def compact(self) -> None:
+        """Drop consumed bytes.  Call after a batch of frames, not per frame."""
+        if self._pos:
+            del self._data[: self._pos]
+            self._mark = max(0, self._mark - self._pos)
+            self._pos = 0

@@ -1,0 +1,85 @@
+"""The proxy's error tree.
+
+Every error the proxy raises on purpose is a ``ProxyError``.  Protocol errors
+carry a ``client_hint``: a short, safe sentence an engine may put in the
+client's own wire-format error (Postgres ErrorResponse, CQL ERROR, Mongo
+``ok: 0``).  The exception text itself may hold more detail for the log and
+must still never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy raises deliberately."""
+
+
+class ProtocolError(ProxyError):
+    """A peer broke its wire protocol (or we cannot speak what it asks).
+
+    ``client_hint`` is what to tell the client; it defaults to the message.
+    """
+
+    def __init__(self, message: str, *, client_hint: str | None = None) -> None:
+        super().__init__(message)
+        self.client_hint = client_hint if client_hint is not None else message
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame announced a length above the configured maximum."""
+
+    def __init__(self, size: int, limit: int, *, what: str = "message") -> None:
+        super().__init__(
+            f"{what} of {size} bytes exceeds the maximum of {limit} bytes",
+            client_hint=f"{what} too large ({size} bytes; the proxy allows {limit})",
+        )
+        self.size = size
+        self.limit = limit
+
+
+class AccessDenied(ProxyError):
+    """Identity or policy refuses what the client asked for."""
+
+    def __init__(self, message: str, *, reason: str = "access denied") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConfigError(ProxyError):
+    """A configuration file is wrong.  Names the file, the JSON path and what was expected."""
+
+    def __init__(self, file: str, path: str, expected: str) -> None:
+        self.file = file
+        self.path = path
+        self.expected = expected
+        super().__init__(f"{file}: {path or '<root>'}: expected {expected}")
+
+
+class ConfigErrors(ProxyError):
+    """Several ConfigErrors found in one pass, so an operator fixes them all at once."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class UpstreamError(ProxyError):
+    """The backend is unreachable, refused us, or failed our authentication.
+
+    ``client_hint`` is safe for the client; the message holds the detail for
+    the log and the audit event.  ``kind`` is one of ``"connect"``, ``"auth"``,
+    ``"tls"``, ``"protocol"``, ``"closed"``.
+    """
+
+    def __init__(self, message: str, *, kind: str, client_hint: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.client_hint = client_hint if client_hint is not None else message

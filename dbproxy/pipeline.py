@@ -1,0 +1,329 @@
+"""The session pipeline: Netty's shape, trio's semantics.
+
+A session that has finished its handshake is two *pumps*, one per direction
+(client→backend, backend→client), running in one nursery: when either ends,
+both end.  Each pump owns a sans-IO ``Decoder`` (the codec turns bytes into
+messages), a list of named ``Stage`` objects, and an ``Encoder`` for bytes a
+stage puts in place of what it received.
+
+Contract of a stage (synchronous, no I/O):
+
+    stage.handle(message, ctx) -> None | Verdict
+
+``None`` (or ``FORWARD``) means "pass it on unchanged".  A ``Verdict`` may
+replace the message with other message-layer bytes (``replace``), answer the
+sender directly (``reply`` goes back toward the side the message came from),
+and/or end the session after sending (``close``).
+
+Hot path: a pump decodes every complete message of a received chunk.  When
+every stage forwarded every message, it sends the exact received bytes
+(``buffer.consumed_since_mark()``) in one ``send_all``; nothing is
+re-encoded.  Only when a stage changed something does the pump build the
+batch from each forwarded message's ``raw`` plus the replacements and pass it
+through the encoder (identity for most codecs; CQL v5 wraps it in segments).
+
+Decoder contract (h11's shape):
+
+    decoder.buffer          a ``ReceiveBuffer`` (the pump reads its spans)
+    decoder.feed(data)
+    decoder.next_message()  -> message | NEED_DATA   (raises ProtocolError)
+
+A decoder must only advance ``buffer.position`` past whole transport units
+that yield whole messages, so the consumed span always equals the wire bytes
+of the messages it returned.  Every message has ``raw``: its bytes at the
+message layer (what the encoder takes back).
+
+Audit events raised by stages are handed to the recorder without waiting;
+when the recorder's bounded channel is full the pump waits for room after its
+send (backpressure, never loss) — see ``audit.recorder``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Protocol
+
+import attrs
+import trio
+
+from .errors import ProtocolError, ProxyError
+
+log = logging.getLogger("dbproxy.pipeline")
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+class Decoder(Protocol):
+    buffer: Any
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def next_message(self) -> Any: ...
+
+
+class Stage(Protocol):
+    name: str
+
+    def handle(self, message: Any, ctx: "PumpContext") -> "Verdict | None": ...
+
+
+@attrs.frozen
+class Verdict:
+    """What a stage decided about one message.
+
+    replace: ``None`` forwards the original; a tuple (possibly empty) of
+        message-layer byte strings is sent instead (empty = drop it).
+    reply: bytes sent back toward the sender of this message.
+    close: end the session once the batch (and reply) is sent.
+    """
+
+    replace: tuple[bytes, ...] | None = None
+    reply: bytes = b""
+    close: bool = False
+
+
+FORWARD = None
+
+
+def replace(*parts: bytes) -> Verdict:
+    return Verdict(replace=tuple(parts))
+
+
+def drop() -> Verdict:
+    return Verdict(replace=())
+
+
+def reply(data: bytes, *, close: bool = False) -> Verdict:
+    """Answer the sender and do not forward the message."""
+    return Verdict(replace=(), reply=data, close=close)
+
+
+def identity_encoder(data: bytes) -> bytes:
+    return data
+
+
+@attrs.frozen
+class PumpStatistics:
+    direction: str
+    chunks: int
+    messages: int
+    bytes_in: int
+    bytes_out: int
+    rewritten_batches: int
+
+
+@attrs.define(eq=False)
+class PumpContext:
+    """What a stage may see of its pump: direction and the shared session state."""
+
+    direction: str  # "client" (client→backend) or "backend" (backend→client)
+    session: Any
+    state: Any = None
+
+
+class _Sender:
+    """Serialises sends on one stream: the pump that owns it and replies from the other pump."""
+
+    def __init__(self, stream: trio.abc.SendStream, encoder: Callable[[bytes], bytes]) -> None:
+        self.stream = stream
+        self.encoder = encoder
+        self.lock = trio.Lock()
+        self.bytes_out = 0
+
+    async def send_wire(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        async with self.lock:
+            await self.stream.send_all(data)
+        self.bytes_out += len(data)
+
+    async def send_messages(self, data: bytes) -> None:
+        if data:
+            await self.send_wire(self.encoder(data))
+
+
+class SessionClosed(Exception):
+    """Raised inside a pump to end the session after a stage asked to close."""
+
+
+@attrs.define(eq=False)
+class Pump:
+    name: str
+    direction: str
+    source: trio.abc.ReceiveStream
+    decoder: Decoder
+    stages: list
+    ctx: PumpContext
+    on_error: Callable[[ProxyError], bytes] | None = None
+    after_batch: Callable[[], Any] | None = None
+    chunks: int = 0
+    messages: int = 0
+    bytes_in: int = 0
+    rewritten: int = 0
+
+    def statistics(self, out: _Sender) -> PumpStatistics:
+        return PumpStatistics(
+            direction=self.direction,
+            chunks=self.chunks,
+            messages=self.messages,
+            bytes_in=self.bytes_in,
+            bytes_out=out.bytes_out,
+            rewritten_batches=self.rewritten,
+        )
+
+
+class Pipeline:
+    """Runs the two pumps of one session.
+
+    ``client_out`` / ``backend_out`` are the encoders for message-layer bytes
+    sent *to* the client / backend.  ``client_error`` renders a ProxyError as
+    the client's wire-format error (sent before closing).
+    """
+
+    def __init__(
+        self,
+        *,
+        session: Any,
+        client: trio.abc.Stream,
+        backend: trio.abc.Stream,
+        client_decoder: Decoder,
+        backend_decoder: Decoder,
+        client_stages: list,
+        backend_stages: list,
+        state: Any = None,
+        to_client_encoder: Callable[[bytes], bytes] = identity_encoder,
+        to_backend_encoder: Callable[[bytes], bytes] = identity_encoder,
+        client_error: Callable[[ProxyError], bytes] | None = None,
+        flush_audit: Callable[[], Any] | None = None,
+        receive_size: int = RECEIVE_SIZE,
+    ) -> None:
+        self.session = session
+        self.client = client
+        self.backend = backend
+        self.to_client = _Sender(client, to_client_encoder)
+        self.to_backend = _Sender(backend, to_backend_encoder)
+        self.client_error = client_error
+        self.flush_audit = flush_audit
+        self.receive_size = receive_size
+        self.c2b = Pump(
+            "client->backend",
+            "client",
+            client,
+            client_decoder,
+            client_stages,
+            PumpContext("client", session, state),
+        )
+        self.b2c = Pump(
+            "backend->client",
+            "backend",
+            backend,
+            backend_decoder,
+            backend_stages,
+            PumpContext("backend", session, state),
+        )
+        self.end_reason: str | None = None
+        self.error: BaseException | None = None
+
+    def statistics(self) -> tuple[PumpStatistics, PumpStatistics]:
+        return (self.c2b.statistics(self.to_backend), self.b2c.statistics(self.to_client))
+
+    async def run(self) -> None:
+        """Pump both directions until either side ends; both pumps end together."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_task, self.c2b, self.to_backend, self.to_client, nursery)
+            nursery.start_soon(self._pump_task, self.b2c, self.to_client, self.to_backend, nursery)
+
+    async def _pump_task(self, pump: Pump, out: _Sender, back: _Sender, nursery: trio.Nursery) -> None:
+        try:
+            await self._pump(pump, out, back)
+            if self.end_reason is None:
+                self.end_reason = f"{pump.direction} closed"
+        except SessionClosed:
+            if self.end_reason is None:
+                self.end_reason = f"closed by {pump.direction}-side stage"
+        except ProtocolError as exc:
+            if self.end_reason is None:
+                self.end_reason = f"{pump.direction} protocol error: {exc}"
+                self.error = exc
+            log.warning("session %s: %s protocol error: %s", getattr(self.session, "id", "?"), pump.direction, exc)
+            if self.client_error is not None:
+                with trio.move_on_after(2):
+                    try:
+                        await self.to_client.send_wire(self.client_error(exc))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if self.end_reason is None:
+                self.end_reason = f"{pump.direction} connection lost: {exc.__class__.__name__}"
+        finally:
+            nursery.cancel_scope.cancel()
+
+    async def _pump(self, pump: Pump, out: _Sender, back: _Sender) -> None:
+        decoder = pump.decoder
+        buf = decoder.buffer
+        stages = pump.stages
+        ctx = pump.ctx
+        source = pump.source
+        size = self.receive_size
+        flush_audit = self.flush_audit
+        # Bytes handed over from the handshake phase are decoded before the first read.
+        pending = bool(buf)
+        while True:
+            if not pending:
+                data = await source.receive_some(size)
+                if not data:
+                    return
+                pump.chunks += 1
+                pump.bytes_in += len(data)
+                decoder.feed(data)
+            pending = False
+            buf.mark()
+            forwarded: list[bytes] = []  # message-layer bytes, used only if something changed
+            changed = False
+            replies: list[bytes] = []
+            close = False
+            while True:
+                msg = decoder.next_message()
+                if msg is NEED_DATA:
+                    break
+                pump.messages += 1
+                verdict = None
+                for stage in stages:
+                    verdict = stage.handle(msg, ctx)
+                    if verdict is not None:
+                        break
+                if verdict is None:
+                    forwarded.append(msg.raw)
+                    continue
+                changed = True
+                if verdict.replace is not None:
+                    forwarded.extend(verdict.replace)
+                else:
+                    forwarded.append(msg.raw)
+                if verdict.reply:
+                    replies.append(verdict.reply)
+                if verdict.close:
+                    close = True
+                    break
+            if not changed:
+                await out.send_wire(buf.consumed_since_mark())
+            else:
+                pump.rewritten += 1
+                await out.send_messages(b"".join(forwarded))
+            if replies:
+                await back.send_messages(b"".join(replies))
+            buf.compact()
+            if flush_audit is not None:
+                await flush_audit()
+            if close:
+                raise SessionClosed()
