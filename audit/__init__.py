@@ -1,0 +1,1 @@
+"""The audit surface shared by every engine: events, the recorder, and sinks."""

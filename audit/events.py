@@ -1,0 +1,71 @@
+"""Audit event construction.
+
+Events are plain dicts, because sinks serialise them straight away with orjson
+and engines add protocol-specific fields.  Field names follow Teleport's
+database events where they exist (``event``, ``uid``, ``time``, ``sid``,
+``user``, ``db_protocol``, ``db_name``, ``db_user``, ``db_query``,
+``db_query_parameters``, ``affected_records``, ``success``, ``error``,
+``addr.remote``) so a SIEM already parsing those needs no new mapping.
+
+Strings that can be large (queries, parameters, documents) go through
+``truncate`` so an oversized statement is recorded with a marker, never
+dropped and never allowed to bloat the trail.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import os
+
+SESSION_START = "db.session.start"
+SESSION_END = "db.session.end"
+QUERY = "db.session.query"
+RESULT = "db.session.result"
+PG_PARSE = "db.session.postgres.statements.parse"
+PG_BIND = "db.session.postgres.statements.bind"
+PG_EXECUTE = "db.session.postgres.statements.execute"
+ACCESS_DENIED = "db.session.access_denied"
+
+# Teleport's event codes for the events it has; ours extend the series.
+CODES = {
+    SESSION_START: "TDB00I",
+    QUERY: "TDB02I",
+    RESULT: "TDB08I",
+    SESSION_END: "TDB01I",
+    PG_PARSE: "TPG00I",
+    PG_BIND: "TPG01I",
+    PG_EXECUTE: "TPG02I",
+    ACCESS_DENIED: "TDB10W",
+}
+
+MAX_QUERY_CHARS = 16 * 1024
+MAX_PARAM_CHARS = 2 * 1024
+TRUNCATION_MARKER = "…[truncated {n} of {total} chars]"
+
+
+def new_event_id() -> str:
+    # 128 random bits as hex: unique across processes and restarts without coordination.
+    return os.urandom(16).hex()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def truncate(text: str, limit: int = MAX_QUERY_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + TRUNCATION_MARKER.format(n=len(text) - limit, total=len(text))
+
+
+def param_text(value: bytes | None, *, binary: bool, limit: int = MAX_PARAM_CHARS) -> str | None:
+    """A bound parameter as audit text: text-format values decoded, binary ones base64."""
+    if value is None:
+        return None
+    if binary:
+        encoded = "base64:" + base64.b64encode(value[: limit]).decode("ascii")
+        if len(value) > limit:
+            encoded += TRUNCATION_MARKER.format(n=len(value) - limit, total=len(value))
+        return encoded
+    return truncate(value.decode("utf-8", "replace"), limit)

@@ -1,0 +1,96 @@
+"""Command line: ``dbproxy serve``, ``dbproxy check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from .config import load_config
+from .errors import ConfigErrors
+
+log = logging.getLogger("dbproxy")
+
+
+def _registry():
+    from engines import default_registry
+
+    return default_registry()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file, _registry())
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(f"error: {err}", file=sys.stderr)
+        print(f"{args.file}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return 2
+    routes = sum(len(lc.routes) for lc in config.listeners)
+    print(f"{args.file}: OK ({len(config.listeners)} listener(s), {routes} route(s), {len(config.audit.sinks)} audit sink(s))")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    registry = _registry()
+    try:
+        config = load_config(args.config, registry)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(f"error: {err}", file=sys.stderr)
+        print("refusing to start: fix the configuration (dbproxy check-config)", file=sys.stderr)
+        return 2
+    trio.run(_serve_main, config, registry)
+    return 0
+
+
+async def _serve_main(config, registry) -> None:
+    from .server import ProxyServer
+
+    server = ProxyServer(config, registry)
+    server_scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    if count == 1:
+                        log.info("received %s: graceful shutdown (grace %.1fs)", signal.Signals(signum).name, config.shutdown_grace)
+                        server.stop()
+                    else:
+                        log.warning("second signal: ending all sessions now")
+                        server_scope.cancel()
+
+        await nursery.start(watch_signals)
+        with server_scope:
+            async with trio.open_nursery() as inner:
+                bound = await inner.start(server.run)
+                for b in bound:
+                    print(f"dbproxy: {b.name} ({b.protocol}) listening on {b.host}:{b.port}", flush=True)
+        nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dbproxy", description="Privileged-access database proxy")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the listeners of a config file")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Configuration: JSON route files, validated into frozen attrs objects.
+
+Strategy: one pass over the whole document collects *every* problem as a
+``ConfigError(file, json_path, expected)`` (e.g. ``listeners[0].routes[1]
+.backend.auth: expected "method" to be one of …``) so an operator fixes a
+file in one go; ``check-config`` prints them and ``serve`` refuses to start
+on them.  Protocol-specific rules (which auth methods, which match keys) come
+from the engine class registered for the listener's protocol, so the core
+knows no database.
+
+Secrets are never inline: ``password_file`` (relative to the config file)
+or ``password_env``.  ``SecretRef`` reads them when used, so a rotated file
+is picked up without a restart, and its repr never shows the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+import attrs
+import orjson
+
+from .errors import ConfigError, ConfigErrors
+
+BACKEND_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+
+@attrs.frozen(repr=False)
+class SecretRef:
+    file: str | None = None
+    env: str | None = None
+
+    def reveal(self) -> str:
+        if self.file is not None:
+            with open(self.file, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        value = os.environ.get(self.env or "")
+        if value is None:
+            raise KeyError(f"environment variable {self.env} is not set")
+        return value
+
+    def __repr__(self) -> str:
+        where = f"file={self.file!r}" if self.file else f"env={self.env!r}"
+        return f"SecretRef({where})"
+
+
+@attrs.frozen
+class AuthConfig:
+    method: str
+    secret: SecretRef | None = None
+    params: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class BackendTLS:
+    mode: str = "disable"
+    ca_file: str | None = None
+    server_name: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@attrs.frozen
+class BackendConfig:
+    host: str
+    port: int
+    database: str | None
+    user: str | None
+    auth: AuthConfig
+    tls: BackendTLS
+    options: dict = attrs.field(factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class RouteConfig:
+    name: str
+    match: dict
+    backend: BackendConfig
+    options: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ListenerTLS:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@attrs.frozen
+class ListenerConfig:
+    name: str
+    protocol: str
+    host: str
+    port: int
+    tls: ListenerTLS | None
+    routes: tuple[RouteConfig, ...]
+    max_message_size: int | None = None
+    options: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class SinkConfig:
+    type: str
+    name: str
+    path: str | None = None
+    params: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class AuditConfig:
+    sinks: tuple[SinkConfig, ...] = ()
+    queue_size: int = 10_000
+
+
+@attrs.frozen
+class Config:
+    file: str
+    listeners: tuple[ListenerConfig, ...]
+    audit: AuditConfig
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+
+# ---------------------------------------------------------------------------
+
+
+class _Validator:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.base = os.path.dirname(os.path.abspath(file))
+        self.errors: list[ConfigError] = []
+
+    def err(self, path: str, expected: str) -> None:
+        self.errors.append(ConfigError(self.file, path, expected))
+
+    def obj(self, value: Any, path: str, what: str = "an object") -> dict | None:
+        if not isinstance(value, dict):
+            self.err(path, f"{what}, got {_kind(value)}")
+            return None
+        return value
+
+    def unknown_keys(self, d: dict, allowed: set[str], path: str) -> None:
+        for key in d:
+            if key not in allowed:
+                self.err(_join(path, key), f"no key {key!r} here (allowed: {', '.join(sorted(allowed))})")
+
+    def string(self, d: dict, key: str, path: str, *, required: bool = True, choices: tuple | None = None) -> str | None:
+        p = _join(path, key)
+        if key not in d:
+            if required:
+                self.err(path, f"a key {key!r}" + (f" (one of {', '.join(choices)})" if choices else " (a string)"))
+            return None
+        value = d[key]
+        if not isinstance(value, str) or not value:
+            self.err(p, f"a non-empty string, got {_kind(value)}")
+            return None
+        if choices is not None and value not in choices:
+            self.err(p, f"one of {', '.join(choices)}, got {value!r}")
+            return None
+        return value
+
+    def integer(self, d: dict, key: str, path: str, *, minimum: int = 1, required: bool = False) -> int | None:
+        if key not in d:
+            if required:
+                self.err(path, f"a key {key!r} (an integer)")
+            return None
+        value = d[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.err(_join(path, key), f"an integer >= {minimum}, got {value!r}")
+            return None
+        return value
+
+    def number(self, d: dict, key: str, path: str, *, minimum: float = 0.0) -> float | None:
+        if key not in d:
+            return None
+        value = d[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+            self.err(_join(path, key), f"a number >= {minimum}, got {value!r}")
+            return None
+        return float(value)
+
+    def boolean(self, d: dict, key: str, path: str, default: bool = False) -> bool:
+        if key not in d:
+            return default
+        value = d[key]
+        if not isinstance(value, bool):
+            self.err(_join(path, key), f"true or false, got {_kind(value)}")
+            return default
+        return value
+
+    def file_path(self, d: dict, key: str, path: str, *, required: bool = True, must_exist: bool = True) -> str | None:
+        value = self.string(d, key, path, required=required)
+        if value is None:
+            return None
+        resolved = value if os.path.isabs(value) else os.path.join(self.base, value)
+        if must_exist and not os.path.isfile(resolved):
+            self.err(_join(path, key), f"a readable file, but {resolved} does not exist")
+            return None
+        return resolved
+
+    def address(self, d: dict, key: str, path: str) -> tuple[str, int] | None:
+        value = self.string(d, key, path)
+        if value is None:
+            return None
+        host, sep, port_text = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not (0 <= int(port_text) <= 65535):
+            self.err(_join(path, key), f"\"host:port\" with a port 0-65535, got {value!r}")
+            return None
+        return host, int(port_text)
+
+    def secret(self, d: dict, path: str, *, required: bool) -> SecretRef | None:
+        if "password" in d:
+            self.err(_join(path, "password"), "no inline password: use \"password_file\" or \"password_env\"")
+            return None
+        has_file, has_env = "password_file" in d, "password_env" in d
+        if has_file and has_env:
+            self.err(path, "only one of \"password_file\" or \"password_env\"")
+            return None
+        if has_file:
+            f = self.file_path(d, "password_file", path)
+            return SecretRef(file=f) if f else None
+        if has_env:
+            name = self.string(d, "password_env", path)
+            if name is None:
+                return None
+            if name not in os.environ:
+                self.err(_join(path, "password_env"), f"environment variable {name} to be set")
+                return None
+            return SecretRef(env=name)
+        if required:
+            self.err(path, "\"password_file\" or \"password_env\" for this auth method")
+        return None
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# ---------------------------------------------------------------------------
+
+LISTENER_KEYS = {"name", "protocol", "listen", "tls", "routes", "max_message_size", "options"}
+ROUTE_KEYS = {"name", "match", "backend", "options"}
+BACKEND_KEYS = {"address", "database", "user", "auth", "tls", "options"}
+TLS_KEYS = {"mode", "ca_file", "server_name", "cert_file", "key_file"}
+
+
+def load_config(path: str, registry: Any) -> Config:
+    """Read and validate ``path``; raise ``ConfigErrors`` listing every problem found."""
+    v = _Validator(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigErrors([ConfigError(path, "", f"a readable file ({exc.strerror})")]) from None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigErrors([ConfigError(path, "", f"valid JSON ({exc})")]) from None
+    config = _validate(v, doc, registry)
+    if v.errors:
+        raise ConfigErrors(v.errors)
+    assert config is not None
+    return config
+
+
+def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
+    root = v.obj(doc, "", "a JSON object at the top level")
+    if root is None:
+        return None
+    v.unknown_keys(root, {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits"}, "")
+    listeners_raw = root.get("listeners")
+    listeners: list[ListenerConfig] = []
+    if not isinstance(listeners_raw, list) or not listeners_raw:
+        v.err("listeners", "a non-empty array of listeners")
+    else:
+        seen_names: set[str] = set()
+        seen_addrs: set[tuple[str, int]] = set()
+        for i, item in enumerate(listeners_raw):
+            lc = _listener(v, item, f"listeners[{i}]", registry)
+            if lc is None:
+                continue
+            if lc.name in seen_names:
+                v.err(f"listeners[{i}].name", f"a unique listener name, {lc.name!r} is used twice")
+            if lc.port and (lc.host, lc.port) in seen_addrs:
+                v.err(f"listeners[{i}].listen", f"a unique address, {lc.host}:{lc.port} is used twice")
+            seen_names.add(lc.name)
+            seen_addrs.add((lc.host, lc.port))
+            listeners.append(lc)
+    audit = _audit(v, root.get("audit", {}), "audit")
+    grace = v.number(root, "shutdown_grace_seconds", "")
+    return Config(
+        file=v.file,
+        listeners=tuple(listeners),
+        audit=audit or AuditConfig(),
+        shutdown_grace=DEFAULT_SHUTDOWN_GRACE if grace is None else grace,
+    )
+
+
+def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerConfig | None:
+    d = v.obj(item, path)
+    if d is None:
+        return None
+    v.unknown_keys(d, LISTENER_KEYS, path)
+    name = v.string(d, "name", path)
+    engine_cls = None
+    protocol = v.string(d, "protocol", path, choices=tuple(registry.names()))
+    if protocol is not None:
+        engine_cls = registry.get(protocol)
+    addr = v.address(d, "listen", path)
+    tls = None
+    if "tls" in d:
+        td = v.obj(d["tls"], _join(path, "tls"))
+        if td is not None:
+            tp = _join(path, "tls")
+            v.unknown_keys(td, {"cert_file", "key_file", "client_ca_file"}, tp)
+            cert = v.file_path(td, "cert_file", tp)
+            key = v.file_path(td, "key_file", tp)
+            ca = v.file_path(td, "client_ca_file", tp, required=False)
+            if cert and key:
+                tls = ListenerTLS(cert, key, ca)
+    max_size = v.integer(d, "max_message_size", path, minimum=1024)
+    options = d.get("options", {})
+    if v.obj(options, _join(path, "options")) is None:
+        options = {}
+    routes: list[RouteConfig] = []
+    routes_raw = d.get("routes")
+    if not isinstance(routes_raw, list) or not routes_raw:
+        v.err(_join(path, "routes"), "a non-empty array of routes")
+    else:
+        for j, r in enumerate(routes_raw):
+            rc = _route(v, r, f"{path}.routes[{j}]", j, engine_cls)
+            if rc is not None:
+                routes.append(rc)
+    if engine_cls is not None and hasattr(engine_cls, "validate_listener"):
+        engine_cls.validate_listener(v, d, path)
+    if name is None or protocol is None or addr is None:
+        return None
+    return ListenerConfig(
+        name=name,
+        protocol=protocol,
+        host=addr[0],
+        port=addr[1],
+        tls=tls,
+        routes=tuple(routes),
+        max_message_size=max_size,
+        options=options,
+    )
+
+
+def _route(v: _Validator, item: Any, path: str, index: int, engine_cls: Any) -> RouteConfig | None:
+    d = v.obj(item, path)
+    if d is None:
+        return None
+    v.unknown_keys(d, ROUTE_KEYS, path)
+    name = v.string(d, "name", path, required=False) or f"route{index}"
+    match: dict[str, str] = {}
+    if "match" in d:
+        md = v.obj(d["match"], _join(path, "match"))
+        if md is not None:
+            allowed = set(getattr(engine_cls, "match_keys", ())) if engine_cls else set()
+            for key, glob in md.items():
+                if engine_cls is not None and key not in allowed:
+                    v.err(_join(_join(path, "match"), key), f"a match key of this protocol ({', '.join(sorted(allowed))})")
+                elif not isinstance(glob, str) or not glob:
+                    v.err(_join(_join(path, "match"), key), f"a glob string, got {_kind(glob)}")
+                else:
+                    match[key] = glob
+    backend = None
+    if "backend" not in d:
+        v.err(path, "a key 'backend'")
+    else:
+        backend = _backend(v, d["backend"], _join(path, "backend"), engine_cls)
+    options = d.get("options", {}) if isinstance(d.get("options", {}), dict) else {}
+    if backend is None:
+        return None
+    return RouteConfig(name=name, match=match, backend=backend, options=options)
+
+
+def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendConfig | None:
+    d = v.obj(item, path)
+    if d is None:
+        return None
+    v.unknown_keys(d, BACKEND_KEYS, path)
+    addr = v.address(d, "address", path)
+    database = v.string(d, "database", path, required=False)
+    user = v.string(d, "user", path, required=False)
+    auth = None
+    methods = tuple(getattr(engine_cls, "auth_methods", ())) if engine_cls else None
+    if "auth" not in d:
+        v.err(path, "a key 'auth' (an object with a \"method\")")
+    else:
+        ap = _join(path, "auth")
+        ad = v.obj(d["auth"], ap)
+        if ad is not None:
+            method = v.string(ad, "method", ap, choices=methods or None)
+            if method is not None:
+                needs_secret = method in getattr(engine_cls, "password_methods", ())
+                secret = v.secret(ad, ap, required=needs_secret)
+                params = {k: val for k, val in ad.items() if k not in {"method", "password_file", "password_env"}}
+                if engine_cls is not None and hasattr(engine_cls, "validate_auth"):
+                    params = engine_cls.validate_auth(v, method, ad, ap) or params
+                elif params:
+                    for k in params:
+                        v.err(_join(ap, k), f"no key {k!r} for method {method}")
+                auth = AuthConfig(method=method, secret=secret, params=params)
+    tls = BackendTLS()
+    if "tls" in d:
+        tp = _join(path, "tls")
+        td = v.obj(d["tls"], tp)
+        if td is not None:
+            v.unknown_keys(td, TLS_KEYS, tp)
+            mode = v.string(td, "mode", tp, choices=BACKEND_TLS_MODES) or "disable"
+            ca = v.file_path(td, "ca_file", tp, required=mode in ("verify-ca", "verify-full"))
+            server_name = v.string(td, "server_name", tp, required=False)
+            cert = v.file_path(td, "cert_file", tp, required=False)
+            key = v.file_path(td, "key_file", tp, required=cert is not None)
+            tls = BackendTLS(mode=mode, ca_file=ca, server_name=server_name, cert_file=cert, key_file=key)
+    options = d.get("options", {}) if isinstance(d.get("options", {}), dict) else {}
+    if addr is None or auth is None:
+        return None
+    try:
+        ipaddress.ip_address(addr[0])
+    except ValueError:
+        pass  # host names are fine; resolution happens at connect time
+    return BackendConfig(
+        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options
+    )
+
+
+SINK_TYPES = ("jsonl", "syslog", "http")
+
+
+def _audit(v: _Validator, item: Any, path: str) -> AuditConfig | None:
+    d = v.obj(item, path)
+    if d is None:
+        return None
+    v.unknown_keys(d, {"sinks", "queue_size", "state_file", "on_spool_full"}, path)
+    sinks: list[SinkConfig] = []
+    raw = d.get("sinks", [])
+    if not isinstance(raw, list):
+        v.err(_join(path, "sinks"), f"an array of sinks, got {_kind(raw)}")
+        raw = []
+    for i, s in enumerate(raw):
+        sp = f"{path}.sinks[{i}]"
+        sd = v.obj(s, sp)
+        if sd is None:
+            continue
+        stype = v.string(sd, "type", sp, choices=SINK_TYPES)
+        name = v.string(sd, "name", sp, required=False) or f"{stype}{i}"
+        spath = None
+        if stype == "jsonl":
+            spath = v.string(sd, "path", sp)
+            if spath is not None and not os.path.isabs(spath):
+                spath = os.path.join(v.base, spath)
+        if stype is not None:
+            params = {k: val for k, val in sd.items() if k not in {"type", "name", "path"}}
+            sinks.append(SinkConfig(type=stype, name=name, path=spath, params=params))
+    queue = v.integer(d, "queue_size", path, minimum=16) or 10_000
+    return AuditConfig(sinks=tuple(sinks), queue_size=queue)

@@ -1,0 +1,70 @@
+"""The engine interface and the explicit engine registry.
+
+One Engine per protocol (Teleport's shape): the server hands it each accepted
+client stream with a ``Session``; the engine does the protocol's handshake
+(startup, TLS upgrade, proxy-owned backend authentication), then runs the
+session's ``Pipeline`` and returns when the session is over.  Errors for the
+client are rendered in the client's own wire format by the engine.
+
+Engines also declare what their routes may say (``match_keys``,
+``auth_methods``, ``password_methods``) so the config validator can name
+mistakes without knowing any database.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, ClassVar
+
+import attrs
+
+from .config import ListenerConfig, RouteConfig
+
+
+@attrs.define(eq=False)
+class Services:
+    """Process-wide things engines share: the audit recorder and credential providers."""
+
+    recorder: Any
+    credentials: Any = None  # dbproxy.kerberos.CredentialCache when Kerberos routes exist
+    access: Any = None  # identity/RBAC policy, when configured
+    extras: dict = attrs.field(factory=dict)
+
+
+class Engine:
+    protocol: ClassVar[str] = ""
+    match_keys: ClassVar[tuple[str, ...]] = ()
+    auth_methods: ClassVar[tuple[str, ...]] = ()
+    password_methods: ClassVar[tuple[str, ...]] = ()
+    default_max_message_size: ClassVar[int] = 64 * 1024 * 1024
+
+    def __init__(self, listener: ListenerConfig, services: Services) -> None:
+        self.listener = listener
+        self.services = services
+        self.max_message_size = listener.max_message_size or self.default_max_message_size
+
+    def select_route(self, requested: dict[str, str]) -> RouteConfig | None:
+        """First route whose every glob matches what the client asked for (case-sensitive)."""
+        for route in self.listener.routes:
+            if all(fnmatch.fnmatchcase(requested.get(key) or "", glob) for key, glob in route.match.items()):
+                return route
+        return None
+
+    async def handle_connection(self, session: Any, stream: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class EngineRegistry:
+    def __init__(self) -> None:
+        self._engines: dict[str, Callable[..., Engine]] = {}
+
+    def register(self, protocol: str, factory: Any) -> None:
+        if protocol in self._engines:
+            raise ValueError(f"engine for {protocol!r} registered twice")
+        self._engines[protocol] = factory
+
+    def get(self, protocol: str) -> Any:
+        return self._engines[protocol]
+
+    def names(self) -> list[str]:
+        return sorted(self._engines)

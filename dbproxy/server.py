@@ -1,0 +1,122 @@
+"""The proxy server: listeners, sessions, graceful shutdown.
+
+Nursery tree (everything has an owner, nothing outlives ``run``):
+
+    run
+    ├── audit drain task (recorder.run)           — outlives sessions, closes last
+    └── sessions nursery                          — one task per client connection
+        └── accept nursery                        — one serve_listeners per listener
+
+``stop()`` cancels the accept nursery (no new connections), gives running
+sessions ``shutdown_grace`` seconds to end on their own, then cancels them;
+finally the recorder drains every queued event to the sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from audit.recorder import AuditRecorder
+from audit.sinks import build_sink
+
+from .config import Config
+from .engine import EngineRegistry, Services
+from .errors import ProxyError
+from .net import peer_address
+from .session import Session
+
+log = logging.getLogger("dbproxy.server")
+
+
+@attrs.frozen
+class BoundListener:
+    name: str
+    protocol: str
+    host: str
+    port: int
+
+
+class ProxyServer:
+    def __init__(self, config: Config, registry: EngineRegistry, *, recorder: AuditRecorder | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.recorder = recorder or AuditRecorder(
+            [build_sink(s) for s in config.audit.sinks], capacity=config.audit.queue_size
+        )
+        self.services = Services(recorder=self.recorder)
+        self.engines = {}
+        self.sessions: dict[str, Session] = {}
+        self.bound: list[BoundListener] = []
+        self._stop = trio.Event()
+        self._accept_scope: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _make_engines(self) -> None:
+        from .kerberos import maybe_credential_cache
+
+        self.services.credentials = maybe_credential_cache(self.config)
+        for lc in self.config.listeners:
+            self.engines[lc.name] = self.registry.get(lc.protocol)(lc, self.services)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._make_engines()
+        async with trio.open_nursery() as audit_nursery:
+            await audit_nursery.start(self.recorder.run)
+            try:
+                async with trio.open_nursery() as sessions:
+                    async with trio.open_nursery() as accept:
+                        for lc in self.config.listeners:
+                            listeners = await trio.open_tcp_listeners(lc.port, host=lc.host)
+                            for sock_listener in listeners:
+                                host, port = sock_listener.socket.getsockname()[:2]
+                                self.bound.append(BoundListener(lc.name, lc.protocol, host, port))
+                                log.info("listener %s (%s) on %s:%d", lc.name, lc.protocol, host, port)
+                            engine = self.engines[lc.name]
+                            accept.start_soon(self._serve, engine, lc, listeners, sessions)
+                        task_status.started(list(self.bound))
+                        await self._stop.wait()
+                        log.info("stopping: no new connections; %d sessions running", len(self.sessions))
+                        accept.cancel_scope.cancel()
+                    sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.recorder.aclose()
+
+    async def _serve(self, engine: Any, lc: Any, listeners: list, sessions: trio.Nursery) -> None:
+        async def handler(stream: trio.SocketStream) -> None:
+            await self.handle_client(engine, lc, stream)
+
+        await trio.serve_listeners(handler, listeners, handler_nursery=sessions)
+
+    async def handle_client(self, engine: Any, lc: Any, stream: trio.abc.Stream) -> None:
+        session = Session(listener=lc.name, protocol=lc.protocol, client_addr=peer_address(stream))
+        session.audit = self.recorder.session(session)
+        self.sessions[session.id] = session
+        started = time.monotonic()
+        try:
+            await engine.handle_connection(session, stream)
+        except ProxyError as exc:
+            session.details.setdefault("end_reason", str(exc))
+            log.info("session %s ended: %s", session.id, exc)
+        except Exception as exc:  # a bug in one session must not take the listener down
+            session.details.setdefault("end_reason", f"internal error: {exc.__class__.__name__}")
+            log.exception("session %s failed", session.id)
+        finally:
+            self.sessions.pop(session.id, None)
+            with trio.CancelScope(shield=True):
+                if session.started:
+                    session.audit.on_session_end(
+                        reason=session.details.get("end_reason", "closed"),
+                        duration_ms=round((time.monotonic() - started) * 1000, 3),
+                        **session.details.get("end_fields", {}),
+                    )
+                with trio.move_on_after(5):
+                    await session.audit.flush()
+                await trio.aclose_forcefully(stream)

@@ -1,0 +1,18 @@
+"""Protocol engines.
+
+Engines are registered explicitly here, never as an import side effect:
+``default_registry()`` is the one place that says which protocols a proxy
+process speaks.
+"""
+
+from __future__ import annotations
+
+from dbproxy.engine import EngineRegistry
+
+
+def default_registry() -> EngineRegistry:
+    from .postgres.engine import PostgresEngine
+
+    registry = EngineRegistry()
+    registry.register("postgres", PostgresEngine)
+    return registry

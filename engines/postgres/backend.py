@@ -1,0 +1,310 @@
+"""The proxy's own login to a PostgreSQL backend.
+
+Strategy: connect, optionally upgrade the link (SSLRequest → TLS, or
+GSSENCRequest → GSS encryption), send a StartupMessage with the *route's*
+database and user plus the harmless client parameters (application_name,
+client_encoding, DateStyle…), then answer the backend's Authentication
+requests with the route's credential.  The client's own password never
+reaches the backend.
+
+The route's ``auth.method`` is a contract: a backend that asks for another
+kind of authentication (say cleartext when the route says scram-sha-256) is
+refused — a man in the middle must not be able to downgrade the proxy into
+revealing a password.  SCRAM uses SCRAM-SHA-256-PLUS with tls-server-end-point
+channel binding whenever the backend link is TLS and the server offers it.
+
+After AuthenticationOk the backend's ParameterStatus / BackendKeyData /
+NoticeResponse messages up to the first ReadyForQuery are collected for the
+engine to replay to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.config import RouteConfig
+from dbproxy.errors import ProtocolError, UpstreamError
+from dbproxy.net import connect_backend
+from dbproxy.tls import peer_cert_der, wrap_backend
+
+from . import auth as pgauth
+from . import messages as m
+from .codec import BackendDecoder
+from .gssenc import GssEncStream
+
+log = logging.getLogger("dbproxy.postgres")
+
+# Startup parameters a client may pass through to the backend.  Anything else
+# (user, database, replication, options that could change roles) is decided
+# by the route.
+PASSTHROUGH_PARAMS = frozenset(
+    {"application_name", "client_encoding", "DateStyle", "TimeZone", "extra_float_digits", "IntervalStyle", "search_path"}
+)
+
+AUTH_NAMES = {
+    m.AUTH_OK: "ok",
+    m.AUTH_CLEARTEXT_PASSWORD: "password",
+    m.AUTH_MD5_PASSWORD: "md5",
+    m.AUTH_SASL: "scram-sha-256",
+    m.AUTH_GSS: "gssapi",
+    m.AUTH_SSPI: "sspi",
+    m.AUTH_KERBEROS_V5: "kerberos-v5",
+}
+
+
+@attrs.define(eq=False)
+class BackendLink:
+    channel: MessageStream
+    key: m.BackendKeyData | None
+    replay: list[bytes]  # ParameterStatus / Notice raw messages for the client, in order
+    ready: bytes  # the ReadyForQuery that ended the startup
+    tls: bool
+    gssenc: bool
+    params: dict[str, str]
+
+
+def _backend_error(fields: dict[str, str], stage: str, route: RouteConfig) -> UpstreamError:
+    sqlstate = fields.get("C", "08000")
+    message = fields.get("M", "unknown error")
+    kind = "auth" if sqlstate.startswith("28") else "protocol"
+    err = UpstreamError(
+        f"backend {route.backend.address} refused the proxy's {stage}: {sqlstate} {message}",
+        kind=kind,
+        client_hint=f"the proxy could not log in to the backend database: {message}",
+    )
+    err.sqlstate = sqlstate  # type: ignore[attr-defined]
+    return err
+
+
+async def open_backend(
+    route: RouteConfig,
+    client_params: dict[str, str],
+    *,
+    max_message_size: int,
+    credentials: Any = None,
+) -> BackendLink:
+    b = route.backend
+    stream = await connect_backend(b.host, b.port)
+    try:
+        return await _login(stream, route, client_params, max_message_size, credentials)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size: int, credentials: Any) -> BackendLink:
+    b = route.backend
+    method = b.auth.method
+    decoder = BackendDecoder(max_message_size=max_size)
+    channel = MessageStream(stream, decoder)
+    is_tls = False
+    is_gssenc = False
+    gss_ctx = None
+    gssencmode = b.auth.params.get("gssencmode", "disable") if method == "gssapi" else "disable"
+    try:
+        if gssencmode in ("prefer", "require"):
+            await channel.send(m.encode_gssenc_request())
+            answer = await channel.receive_with(decoder.read_gssenc_answer)
+            if answer == b"G":
+                gss_ctx = await _gss_initiator(route, credentials, confidential=True)
+                wrapped = GssEncStream(channel.stream, gss_ctx)
+                await wrapped.establish()
+                channel.stream = wrapped
+                is_gssenc = True
+            elif gssencmode == "require":
+                raise UpstreamError(
+                    f"backend {b.address} refused GSS encryption (answer {answer!r})",
+                    kind="tls",
+                    client_hint="the backend database refused an encrypted connection from the proxy",
+                )
+        if not is_gssenc and b.tls.mode != "disable":
+            await channel.send(m.encode_ssl_request())
+            answer = await channel.receive_with(decoder.read_ssl_answer)
+            if answer != b"S":
+                raise UpstreamError(
+                    f"backend {b.address} does not accept TLS (answered {answer!r}) but the route requires tls.mode={b.tls.mode}",
+                    kind="tls",
+                    client_hint="the backend database refused a TLS connection from the proxy",
+                )
+            channel.stream = await wrap_backend(channel.stream, b.tls, b.host)
+            is_tls = True
+
+        params = {k: v for k, v in client_params.items() if k in PASSTHROUGH_PARAMS}
+        params["user"] = b.user or client_params.get("user", "")
+        params["database"] = b.database or client_params.get("database") or params["user"]
+        await channel.send(m.encode_startup(params))
+        await _authenticate(channel, route, is_tls, credentials, gss_ctx)
+        key = None
+        replay: list[bytes] = []
+        server_params: dict[str, str] = {}
+        while True:
+            msg = await channel.receive()
+            t = msg.type
+            if t == m.BE.READY_FOR_QUERY:
+                return BackendLink(channel, key, replay, msg.raw, is_tls, is_gssenc, server_params)
+            if t == m.BE.BACKEND_KEY_DATA:
+                key = m.parse_backend_key_data(msg)
+            elif t == m.BE.ERROR_RESPONSE:
+                raise _backend_error(m.parse_error_fields(msg), "session start", route)
+            else:
+                if t == m.BE.PARAMETER_STATUS:
+                    name, value = m.parse_parameter_status(msg)
+                    server_params[name] = value
+                replay.append(msg.raw)
+    except PeerClosed:
+        raise UpstreamError(
+            f"backend {b.address} closed the connection during login",
+            kind="closed",
+            client_hint="the backend database closed the connection while the proxy was logging in",
+        ) from None
+    except ProtocolError as exc:
+        raise UpstreamError(
+            f"backend {b.address} broke the protocol during login: {exc}",
+            kind="protocol",
+            client_hint="the backend database sent an invalid response during login",
+        ) from None
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise UpstreamError(
+            f"backend {b.address} connection failed during login: {exc}",
+            kind="closed",
+            client_hint="the connection to the backend database failed during login",
+        ) from None
+
+
+def _refuse(route: RouteConfig, asked: int) -> UpstreamError:
+    return UpstreamError(
+        f"backend {route.backend.address} asked for {AUTH_NAMES.get(asked, f'auth type {asked}')} authentication"
+        f" but the route is configured for {route.backend.auth.method}; refusing",
+        kind="auth",
+        client_hint="the backend database asked for an authentication method the proxy is not configured to use",
+    )
+
+
+async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool, credentials: Any, gss_ctx: Any) -> None:
+    b = route.backend
+    method = b.auth.method
+    scram: Any = None
+    scram_verified = False
+    while True:
+        msg = await channel.receive()
+        if msg.type == m.BE.ERROR_RESPONSE:
+            raise _backend_error(m.parse_error_fields(msg), "login", route)
+        if msg.type == m.BE.NOTICE_RESPONSE:
+            continue
+        if msg.type == m.BE.NEGOTIATE_PROTOCOL_VERSION:
+            continue
+        if msg.type != m.BE.AUTHENTICATION:
+            raise UpstreamError(
+                f"backend {b.address} sent {msg.type_char!r} before authentication finished",
+                kind="protocol",
+                client_hint="the backend database sent an unexpected message during login",
+            )
+        a = m.parse_authentication(msg)
+        sub = a.subtype
+        if sub == m.AUTH_OK:
+            if scram is not None and not scram_verified:
+                raise UpstreamError(
+                    f"backend {b.address} ended SCRAM without a server signature", kind="auth",
+                    client_hint="the backend database did not prove its identity during SCRAM",
+                )
+            return
+        if sub == m.AUTH_CLEARTEXT_PASSWORD:
+            if method != "password":
+                raise _refuse(route, sub)
+            await channel.send(m.encode_password(b.auth.secret.reveal()))
+        elif sub == m.AUTH_MD5_PASSWORD:
+            if method != "md5":
+                raise _refuse(route, sub)
+            digest = pgauth.md5_password(b.user or "", b.auth.secret.reveal(), a.data[:4])
+            await channel.send(m.encode_password(digest))
+        elif sub == m.AUTH_SASL:
+            if method != "scram-sha-256":
+                raise _refuse(route, sub)
+            mechanisms = m.sasl_mechanisms(a.data)
+            binding = None
+            if is_tls and "SCRAM-SHA-256-PLUS" in mechanisms:
+                cert = peer_cert_der(channel.stream)
+                if cert:
+                    binding = pgauth.tls_server_end_point(cert)
+            elif "SCRAM-SHA-256" not in mechanisms:
+                raise UpstreamError(
+                    f"backend {b.address} offers SASL mechanisms {mechanisms}, none of which the proxy speaks",
+                    kind="auth",
+                    client_hint="the backend database offers no SASL mechanism the proxy supports",
+                )
+            scram = pgauth.ScramClient(b.auth.secret.reveal(), channel_binding=binding, binding_supported=is_tls)
+            await channel.send(m.encode_sasl_initial(scram.mechanism, scram.client_first()))
+        elif sub == m.AUTH_SASL_CONTINUE:
+            if scram is None:
+                raise _refuse(route, sub)
+            await channel.send(m.encode_sasl_response(scram.client_final(a.data)))
+        elif sub == m.AUTH_SASL_FINAL:
+            if scram is None:
+                raise _refuse(route, sub)
+            try:
+                scram.verify_server_final(a.data)
+                scram_verified = True
+            except Exception as exc:
+                raise UpstreamError(
+                    f"backend {b.address} failed SCRAM server verification: {exc}",
+                    kind="auth",
+                    client_hint="the backend database failed to prove its identity during SCRAM",
+                ) from None
+        elif sub in (m.AUTH_GSS, m.AUTH_GSS_CONTINUE):
+            if method != "gssapi":
+                raise _refuse(route, sub)
+            if gss_ctx is None:
+                gss_ctx = await _gss_initiator(route, credentials, confidential=False)
+                token = await gss_ctx.step(None)
+            else:
+                if gss_ctx.complete:
+                    # GSSENC already authenticated the link; the server still runs
+                    # the gss exchange on it in some versions: nothing to send.
+                    continue
+                token = await gss_ctx.step(a.data or None)
+            if token:
+                await channel.send(m.encode_gss_response(token))
+        else:
+            raise _refuse(route, sub)
+
+
+async def _gss_initiator(route: RouteConfig, credentials: Any, *, confidential: bool) -> Any:
+    from dbproxy.kerberos import GssInitiator
+
+    if credentials is None:
+        raise UpstreamError("no Kerberos credential cache configured", kind="auth")
+    p = route.backend.auth.params
+    cred = credentials.for_auth(p)
+    creds = await cred.get()
+    service = p.get("service", "postgres")
+    host = p.get("host") or route.backend.host
+    return GssInitiator(creds, service, host, mutual=True, confidential=confidential)
+
+
+async def send_cancel(route: RouteConfig, key: m.BackendKeyData) -> None:
+    """Deliver a CancelRequest for ``key`` to the route's backend (TLS first when the route uses it)."""
+    b = route.backend
+    stream = await connect_backend(b.host, b.port)
+    try:
+        if b.tls.mode != "disable":
+            decoder = BackendDecoder()
+            channel = MessageStream(stream, decoder)
+            await channel.send(m.encode_ssl_request())
+            answer = await channel.receive_with(decoder.read_ssl_answer)
+            if answer == b"S":
+                stream = await wrap_backend(stream, b.tls, b.host)
+        await stream.send_all(m.encode_cancel_request(key.pid, key.secret))
+        # The server closes the connection without answering; wait briefly for that.
+        with trio.move_on_after(2):
+            try:
+                while await stream.receive_some(1024):
+                    pass
+            except (trio.BrokenResourceError, OSError):
+                pass
+    finally:
+        await trio.aclose_forcefully(stream)

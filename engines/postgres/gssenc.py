@@ -1,0 +1,109 @@
+"""GSSAPI-encrypted transport toward a PostgreSQL backend (the link libpq opens with gssencmode).
+
+After the server answers GSSENCRequest with 'G', both sides exchange
+context-establishment tokens framed as Int32 length + token; once the
+context is complete every packet is Int32 length + gss_wrap()ed data, at
+most 16384 bytes including the length word (PqGSSSendBuffer /
+PQ_GSS_MAX_PACKET_SIZE in PostgreSQL's be-secure-gssapi.c).  This class is a
+``trio.abc.Stream`` so the rest of the engine and the pipeline see plain
+bytes; wrap/unwrap run inline (they are local crypto, no KDC traffic).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import trio
+
+from dbproxy.errors import UpstreamError
+
+MAX_PACKET = 16384
+_LEN = struct.Struct(">I")
+
+
+class GssEncStream(trio.abc.Stream):
+    def __init__(self, transport: trio.abc.Stream, ctx: Any) -> None:
+        self.transport = transport
+        self.ctx = ctx
+        self._inbuf = bytearray()
+        self._plain = bytearray()
+        self._send_lock = trio.Lock()
+        self._max_input = MAX_PACKET - 4 - 64
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self._inbuf) < n:
+            data = await self.transport.receive_some(65536)
+            if not data:
+                raise trio.BrokenResourceError("backend closed the GSS-encrypted link")
+            self._inbuf += data
+        out = bytes(self._inbuf[:n])
+        del self._inbuf[:n]
+        return out
+
+    async def establish(self) -> None:
+        token = await self.ctx.step(None)
+        while True:
+            if token:
+                await self.transport.send_all(_LEN.pack(len(token)) + token)
+            if self.ctx.complete:
+                break
+            head = await self._read_exact(4)
+            if head[:1] == b"E":
+                raise UpstreamError(
+                    "backend sent an error during GSS encryption setup",
+                    kind="auth",
+                    client_hint="the proxy could not authenticate to the backend database (Kerberos)",
+                )
+            (length,) = _LEN.unpack(head)
+            if length > MAX_PACKET:
+                raise UpstreamError(f"oversized GSS token ({length} bytes) from backend", kind="protocol")
+            token = await self.ctx.step(await self._read_exact(length))
+        try:
+            self._max_input = max(1024, self.ctx.max_wrap_input(MAX_PACKET - 4))
+        except Exception:
+            pass
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        out = []
+        step = self._max_input
+        for i in range(0, len(view), step):
+            wrapped = self.ctx.wrap(bytes(view[i : i + step]))
+            out.append(_LEN.pack(len(wrapped)))
+            out.append(wrapped)
+        async with self._send_lock:
+            await self.transport.send_all(b"".join(out))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while not self._plain:
+            if len(self._inbuf) < 4:
+                data = await self.transport.receive_some(65536)
+                if not data:
+                    if self._inbuf:
+                        raise trio.BrokenResourceError("backend closed mid-packet on the GSS-encrypted link")
+                    return b""
+                self._inbuf += data
+                continue
+            (length,) = _LEN.unpack_from(self._inbuf)
+            if length > MAX_PACKET:
+                raise trio.BrokenResourceError(f"oversized GSS packet ({length} bytes) from backend")
+            if len(self._inbuf) < 4 + length:
+                data = await self.transport.receive_some(65536)
+                if not data:
+                    raise trio.BrokenResourceError("backend closed mid-packet on the GSS-encrypted link")
+                self._inbuf += data
+                continue
+            packet = bytes(self._inbuf[4 : 4 + length])
+            del self._inbuf[: 4 + length]
+            self._plain += self.ctx.unwrap(packet)
+        n = len(self._plain) if max_bytes is None else min(max_bytes, len(self._plain))
+        out = bytes(self._plain[:n])
+        del self._plain[:n]
+        return out
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
