@@ -117,6 +117,7 @@ class SinkConfig:
 class AuditConfig:
     sinks: tuple[SinkConfig, ...] = ()
     queue_size: int = 10_000
+    options: dict = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -444,33 +445,22 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
     )
 
 
-SINK_TYPES = ("jsonl", "syslog", "http")
-
-
 def _audit(v: _Validator, item: Any, path: str) -> AuditConfig | None:
+    from audit.sinks import AUDIT_KEYS, validate_sink
+
     d = v.obj(item, path)
     if d is None:
         return None
-    v.unknown_keys(d, {"sinks", "queue_size", "state_file", "on_spool_full"}, path)
+    v.unknown_keys(d, AUDIT_KEYS, path)
     sinks: list[SinkConfig] = []
     raw = d.get("sinks", [])
     if not isinstance(raw, list):
         v.err(_join(path, "sinks"), f"an array of sinks, got {_kind(raw)}")
         raw = []
     for i, s in enumerate(raw):
-        sp = f"{path}.sinks[{i}]"
-        sd = v.obj(s, sp)
-        if sd is None:
-            continue
-        stype = v.string(sd, "type", sp, choices=SINK_TYPES)
-        name = v.string(sd, "name", sp, required=False) or f"{stype}{i}"
-        spath = None
-        if stype == "jsonl":
-            spath = v.string(sd, "path", sp)
-            if spath is not None and not os.path.isabs(spath):
-                spath = os.path.join(v.base, spath)
-        if stype is not None:
-            params = {k: val for k, val in sd.items() if k not in {"type", "name", "path"}}
-            sinks.append(SinkConfig(type=stype, name=name, path=spath, params=params))
+        sink = validate_sink(v, s, f"{path}.sinks[{i}]", i)
+        if sink is not None:
+            sinks.append(sink)
     queue = v.integer(d, "queue_size", path, minimum=16) or 10_000
-    return AuditConfig(sinks=tuple(sinks), queue_size=queue)
+    extra = {k: val for k, val in d.items() if k not in {"sinks", "queue_size"}}
+    return AuditConfig(sinks=tuple(sinks), queue_size=queue, options=extra)

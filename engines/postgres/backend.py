@@ -66,6 +66,7 @@ class BackendLink:
     tls: bool
     gssenc: bool
     params: dict[str, str]
+    mechanism: str  # what the proxy actually used: trust, password, md5, SCRAM-SHA-256(-PLUS), gssapi
 
 
 def _backend_error(fields: dict[str, str], stage: str, route: RouteConfig) -> UpstreamError:
@@ -138,7 +139,7 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
         params["user"] = b.user or client_params.get("user", "")
         params["database"] = b.database or client_params.get("database") or params["user"]
         await channel.send(m.encode_startup(params))
-        await _authenticate(channel, route, is_tls, credentials, gss_ctx)
+        mechanism = await _authenticate(channel, route, is_tls, credentials, gss_ctx)
         key = None
         replay: list[bytes] = []
         server_params: dict[str, str] = {}
@@ -146,7 +147,7 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
             msg = await channel.receive()
             t = msg.type
             if t == m.BE.READY_FOR_QUERY:
-                return BackendLink(channel, key, replay, msg.raw, is_tls, is_gssenc, server_params)
+                return BackendLink(channel, key, replay, msg.raw, is_tls, is_gssenc, server_params, mechanism)
             if t == m.BE.BACKEND_KEY_DATA:
                 key = m.parse_backend_key_data(msg)
             elif t == m.BE.ERROR_RESPONSE:
@@ -185,9 +186,10 @@ def _refuse(route: RouteConfig, asked: int) -> UpstreamError:
     )
 
 
-async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool, credentials: Any, gss_ctx: Any) -> None:
+async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool, credentials: Any, gss_ctx: Any) -> str:
     b = route.backend
     method = b.auth.method
+    used = "gssapi-encrypted" if gss_ctx is not None else "trust"
     scram: Any = None
     scram_verified = False
     while True:
@@ -212,16 +214,18 @@ async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool
                     f"backend {b.address} ended SCRAM without a server signature", kind="auth",
                     client_hint="the backend database did not prove its identity during SCRAM",
                 )
-            return
+            return used
         if sub == m.AUTH_CLEARTEXT_PASSWORD:
             if method != "password":
                 raise _refuse(route, sub)
             await channel.send(m.encode_password(b.auth.secret.reveal()))
+            used = "password"
         elif sub == m.AUTH_MD5_PASSWORD:
             if method != "md5":
                 raise _refuse(route, sub)
             digest = pgauth.md5_password(b.user or "", b.auth.secret.reveal(), a.data[:4])
             await channel.send(m.encode_password(digest))
+            used = "md5"
         elif sub == m.AUTH_SASL:
             if method != "scram-sha-256":
                 raise _refuse(route, sub)
@@ -239,6 +243,7 @@ async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool
                 )
             scram = pgauth.ScramClient(b.auth.secret.reveal(), channel_binding=binding, binding_supported=is_tls)
             await channel.send(m.encode_sasl_initial(scram.mechanism, scram.client_first()))
+            used = scram.mechanism
         elif sub == m.AUTH_SASL_CONTINUE:
             if scram is None:
                 raise _refuse(route, sub)
@@ -267,6 +272,7 @@ async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool
                     # the gss exchange on it in some versions: nothing to send.
                     continue
                 token = await gss_ctx.step(a.data or None)
+            used = "gssapi"
             if token:
                 await channel.send(m.encode_gss_response(token))
         else:

@@ -257,6 +257,7 @@ class PostgresEngine(Engine):
                 backend_tls=link.tls,
                 backend_gssenc=link.gssenc,
                 backend_auth=route.backend.auth.method,
+                backend_auth_mechanism=link.mechanism,
                 server_version=link.params.get("server_version"),
                 **start_fields,
             )

@@ -23,6 +23,8 @@ result — are rejected by one integer comparison up front.
 
 from __future__ import annotations
 
+import struct
+import uuid
 from collections import deque
 from typing import Any
 
@@ -48,6 +50,7 @@ class PgSessionState:
     """What both directions of one session share."""
 
     statements: dict = attrs.field(factory=dict)  # name -> SQL
+    statement_types: dict = attrs.field(factory=dict)  # name -> parameter type OIDs
     portals: dict = attrs.field(factory=dict)  # name -> (statement name, params)
     pending: deque = attrs.field(factory=deque)
     terminated: bool = False
@@ -56,8 +59,38 @@ class PgSessionState:
     copy_in_bytes: int = 0
 
 
-def _params_for_audit(bind: m.Bind) -> list:
-    return [ev.param_text(v, binary=bind.param_format(i) == 1) for i, v in enumerate(bind.params)]
+# Binary-format parameters of these types are shown as their value; others as base64.
+# Formats: PostgreSQL's send/recv functions (int2send, float8send, boolsend, uuid_send…).
+_BINARY_DECODERS = {
+    16: lambda b: "true" if b == b"\x01" else "false",  # bool
+    20: lambda b: str(struct.unpack(">q", b)[0]),  # int8
+    21: lambda b: str(struct.unpack(">h", b)[0]),  # int2
+    23: lambda b: str(struct.unpack(">i", b)[0]),  # int4
+    26: lambda b: str(struct.unpack(">I", b)[0]),  # oid
+    700: lambda b: repr(struct.unpack(">f", b)[0]),  # float4
+    701: lambda b: repr(struct.unpack(">d", b)[0]),  # float8
+    25: lambda b: b.decode("utf-8", "replace"),  # text
+    1043: lambda b: b.decode("utf-8", "replace"),  # varchar
+    19: lambda b: b.decode("utf-8", "replace"),  # name
+    2950: lambda b: str(uuid.UUID(bytes=b)),  # uuid
+}
+
+
+def _params_for_audit(bind: m.Bind, types: tuple[int, ...]) -> list:
+    out = []
+    for i, value in enumerate(bind.params):
+        if value is None or bind.param_format(i) == 0:
+            out.append(ev.param_text(value, binary=False))
+            continue
+        decode = _BINARY_DECODERS.get(types[i]) if i < len(types) else None
+        if decode is not None:
+            try:
+                out.append(ev.truncate(decode(value), ev.MAX_PARAM_CHARS))
+                continue
+            except (struct.error, ValueError):
+                pass
+        out.append(ev.param_text(value, binary=True))
+    return out
 
 
 class FrontendAudit:
@@ -81,12 +114,13 @@ class FrontendAudit:
         elif t == m.FE.PARSE:
             p = m.parse_parse(msg)
             st.statements[p.statement] = p.query
+            st.statement_types[p.statement] = p.param_types
             self.audit.emit(
                 ev.PG_PARSE, statement_name=p.statement, db_query=ev.truncate(p.query), param_types=list(p.param_types)
             )
         elif t == m.FE.BIND:
             b = m.parse_bind(msg)
-            params = _params_for_audit(b)
+            params = _params_for_audit(b, st.statement_types.get(b.statement, ()))
             st.portals[b.portal] = (b.statement, params)
             self.audit.emit(ev.PG_BIND, statement_name=b.statement, portal_name=b.portal, db_query_parameters=params)
         elif t == m.FE.EXECUTE:
@@ -110,6 +144,7 @@ class FrontendAudit:
             d = m.parse_describe(msg)
             if d.kind == "S":
                 st.statements.pop(d.name, None)
+                st.statement_types.pop(d.name, None)
             else:
                 st.portals.pop(d.name, None)
         elif t == m.FE.FUNCTION_CALL:

@@ -1,0 +1,1 @@
+"""Install and start real test peers (PostgreSQL, Kerberos, pgbouncer, …) for dbproxy."""
