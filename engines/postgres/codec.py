@@ -1,0 +1,193 @@
+"""Sans-IO decoders for the PostgreSQL v3 wire protocol (h11 shape).
+
+Framing (protocol docs §55.1, §55.7): after the start-up phase every message
+is ``Byte1 type`` + ``Int32 length`` (the length counts itself and the body,
+not the type byte).  In the start-up phase the frontend sends untyped
+packets: ``Int32 length`` + ``Int32 code`` + body, where the code is a
+protocol version (StartupMessage) or one of the magic request codes
+(SSLRequest, GSSENCRequest, CancelRequest).  The answer to SSLRequest /
+GSSENCRequest is a single unframed byte.
+
+Hot path: ``next_message`` reads the type byte and the length straight
+from the buffer (no slice), checks the length, and ``take``s the message; the
+body is never looked at (see ``messages`` for lazy parsers).  A length above
+``max_message_size`` raises ``FrameTooLarge`` as soon as the header is in,
+before the body is buffered.  Unknown type bytes are forwarded (newer
+servers may add messages); lengths below 4 are garbage and raise
+``RemoteProtocolError``.
+
+Start-up packets are capped at 10000 bytes like PostgreSQL
+(MAX_STARTUP_PACKET_LENGTH) and parsed eagerly; they are rare.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from dbproxy.buffer import ReceiveBuffer
+from dbproxy.errors import FrameTooLarge, RemoteProtocolError
+from dbproxy.pipeline import NEED_DATA
+
+from .messages import (
+    CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
+    SSL_REQUEST_CODE,
+    CancelRequest,
+    GSSENCRequest,
+    Message,
+    SSLRequest,
+    StartupMessage,
+    parse_startup_params,
+)
+
+# PostgreSQL's own ceiling for one message is MaxAllocSize (1 GiB - 1); the
+# engine passes its configured limit.
+DEFAULT_MAX_MESSAGE_SIZE = 0x3FFFFFFF
+MAX_STARTUP_PACKET_LENGTH = 10000
+# CancelRequest: 16 bytes in 3.0; protocol 3.2 allows a secret key of up to 256 bytes.
+_MAX_CANCEL_LENGTH = 12 + 256
+
+_II = struct.Struct(">ii")
+
+
+def _bad_length(length: int, what: str = "message") -> RemoteProtocolError:
+    return RemoteProtocolError(
+        f"invalid {what} length {length}", client_hint=f"invalid {what} length"
+    )
+
+
+class _TypedDecoder:
+    __slots__ = ("buffer", "max_message_size")
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 buffer: ReceiveBuffer | None = None) -> None:
+        self.buffer = buffer if buffer is not None else ReceiveBuffer()
+        self.max_message_size = max_message_size
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffer.feed(data)
+
+    def _next_typed(self) -> Message | object:
+        buf = self.buffer
+        avail = len(buf)
+        if avail < 5:
+            return NEED_DATA
+        # Two cheap reads beat unpacking a memoryview slice (~20% per message).
+        mtype = buf.peek_byte()
+        length = buf.i32_be(1)
+        if length < 4:
+            raise _bad_length(length)
+        if length > self.max_message_size:
+            raise FrameTooLarge(length, self.max_message_size, what=f"message {chr(mtype)!r}")
+        if avail <= length:
+            return NEED_DATA
+        return Message(mtype, buf.take(length + 1))
+
+    next_message = _next_typed
+
+
+class BackendDecoder(_TypedDecoder):
+    """Decodes what a server sends: typed messages, plus the SSL/GSS answer byte."""
+
+    __slots__ = ()
+
+    def _read_answer(self, accept: bytes) -> bytes | object:
+        buf = self.buffer
+        if not buf:
+            return NEED_DATA
+        b = buf.peek_byte()
+        if b == 0x45:  # 'E': a server that cannot handle the request sends ErrorResponse
+            return b"E"
+        if b not in accept:
+            raise RemoteProtocolError(
+                f"invalid answer byte {b:#04x} to an encryption request",
+                client_hint="the server sent an invalid answer to the encryption request",
+            )
+        buf.skip(1)
+        if b != 0x4E and buf:
+            # Bytes that arrived before the TLS/GSS handshake were not protected by
+            # it and could have been injected (CVE-2021-23222): refuse them.
+            raise RemoteProtocolError(
+                "unencrypted data after the encryption answer",
+                client_hint="the server sent unencrypted data after accepting encryption",
+            )
+        return bytes((b,))
+
+    def read_ssl_answer(self) -> bytes | object:
+        """The answer to SSLRequest: ``b"S"`` / ``b"N"`` (consumed), ``b"E"`` (not
+        consumed: decode the ErrorResponse with ``next_message``) or NEED_DATA."""
+        return self._read_answer(b"SN")
+
+    def read_gssenc_answer(self) -> bytes | object:
+        """The answer to GSSENCRequest: ``b"G"`` / ``b"N"`` / ``b"E"`` as above."""
+        return self._read_answer(b"GN")
+
+
+class FrontendDecoder(_TypedDecoder):
+    """Decodes what a client sends.
+
+    With ``startup=True`` the first packets are untyped start-up packets.
+    After a StartupMessage the decoder switches to typed messages by itself;
+    SSLRequest / GSSENCRequest keep it in start-up mode (another start-up
+    packet follows).  ``set_startup_done()`` switches explicitly.
+
+    After answering SSLRequest/GSSENCRequest with 'S'/'G', the engine must
+    check that ``decoder.buffer`` is empty: plaintext sent before the
+    handshake could be injected (CVE-2021-23214).
+    """
+
+    __slots__ = ("_startup",)
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 startup: bool = True, buffer: ReceiveBuffer | None = None) -> None:
+        super().__init__(max_message_size=max_message_size, buffer=buffer)
+        self._startup = startup
+
+    @property
+    def in_startup(self) -> bool:
+        return self._startup
+
+    def set_startup_done(self) -> None:
+        self._startup = False
+
+    def next_message(self):  # -> Message | StartupMessage | SSLRequest | ... | NEED_DATA
+        if self._startup:
+            return self._next_startup()
+        return self._next_typed()
+
+    def _next_startup(self):
+        buf = self.buffer
+        avail = len(buf)
+        if avail < 4:
+            return NEED_DATA
+        length = buf.i32_be()
+        # PostgreSQL (ProcessStartupPacket): length counts itself and must also hold the code.
+        if length < 8:
+            raise _bad_length(length, "startup packet")
+        if length > MAX_STARTUP_PACKET_LENGTH:
+            raise FrameTooLarge(length, MAX_STARTUP_PACKET_LENGTH, what="startup packet")
+        if avail < length:
+            return NEED_DATA
+        code = buf.i32_be(4)
+        if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
+            if length != 8:
+                raise _bad_length(length, "SSLRequest" if code == SSL_REQUEST_CODE else "GSSENCRequest")
+            raw = buf.take(8)
+            return SSLRequest(raw) if code == SSL_REQUEST_CODE else GSSENCRequest(raw)
+        if code == CANCEL_REQUEST_CODE:
+            if not 16 <= length <= _MAX_CANCEL_LENGTH:
+                raise _bad_length(length, "CancelRequest")
+            raw = buf.take(length)
+            return CancelRequest(_II.unpack_from(raw, 8)[0], raw[12:], raw)
+        major = code >> 16
+        if major != 3:
+            raise RemoteProtocolError(
+                f"unsupported frontend protocol {major}.{code & 0xFFFF}",
+                client_hint=f"unsupported frontend protocol {major}.{code & 0xFFFF}: "
+                "the proxy supports protocol 3.x",
+            )
+        raw = bytes(buf.peek(length))
+        params = parse_startup_params(raw[8:])
+        buf.skip(length)
+        self._startup = False
+        return StartupMessage(code, params, raw)
