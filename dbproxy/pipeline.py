@@ -292,8 +292,14 @@ class Pipeline:
             changed = False
             replies: list[bytes] = []
             close = False
+            failure: ProtocolError | None = None
             while True:
-                msg = decoder.next_message()
+                try:
+                    msg = decoder.next_message()
+                except ProtocolError as exc:
+                    # Messages decoded before the bad one are valid: send them first.
+                    failure = exc
+                    break
                 if msg is NEED_DATA:
                     break
                 pump.messages += 1
@@ -325,5 +331,7 @@ class Pipeline:
             buf.compact()
             if flush_audit is not None:
                 await flush_audit()
+            if failure is not None:
+                raise failure
             if close:
                 raise SessionClosed()

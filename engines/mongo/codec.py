@@ -1,0 +1,87 @@
+"""Sans-IO framing of the MongoDB wire protocol (the pipeline's decoder contract).
+
+Strategy.  A MongoDB connection is a stream of self-delimiting messages: a
+16-byte header whose first int32 (little-endian) is the whole message length.
+``MongoDecoder`` waits for a full header, checks it, and only then waits for
+the body, so an oversized or garbage length is refused before a single body
+byte is buffered.  A complete message is consumed from the ``ReceiveBuffer``
+as one ``WireMessage`` whose ``raw`` is its exact wire bytes: the pipeline can
+forward ``buffer.consumed_since_mark()`` verbatim.
+
+No body parsing happens here beyond one cheap check: an OP_MSG that sets
+checksumPresent has its CRC-32C verified (C speed, and drivers rarely set
+it), so corruption is caught before it is forwarded.  OP_COMPRESSED is *not*
+decompressed: stages call ``wire.decompress`` when they need to look inside,
+and the compressed bytes are forwarded as received.
+
+Garbage detection: a length below 16 can never be a message; an opcode no
+MongoDB server ever defined (``wire.KNOWN_OPCODES``) means the peer is not
+speaking this protocol at all (TLS ClientHello, HTTP, a Postgres client on
+the wrong port) and is refused with a hint instead of waiting for a body of
+an arbitrary announced length.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from dbproxy.buffer import ReceiveBuffer
+from dbproxy.errors import FrameTooLarge, RemoteProtocolError
+from dbproxy.pipeline import NEED_DATA
+
+from . import wire
+
+_NOT_MONGO_HINT = "this port speaks the MongoDB wire protocol; the client sent something else"
+
+
+@attrs.define(eq=False)
+class MongoDecoder:
+    """Frames MongoDB messages: ``feed(bytes)``, then ``next_message()`` until NEED_DATA.
+
+    ``max_message_size`` defaults to the 48 MB every server announces as
+    ``maxMessageSizeBytes``; it is an attribute so an engine may lower it.
+    ``allow_unknown_opcodes=True`` frames any opcode as opaque (for a future
+    server) instead of treating it as garbage.
+    """
+
+    max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE
+    verify_checksums: bool = True
+    allow_unknown_opcodes: bool = False
+    buffer: ReceiveBuffer = attrs.field(factory=ReceiveBuffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffer.feed(data)
+
+    def next_message(self) -> wire.WireMessage | object:
+        buf = self.buffer
+        available = len(buf)
+        if available < wire.HEADER_SIZE:
+            if available >= 4 and buf.i32_le() < wire.HEADER_SIZE:
+                self._check_length(buf.i32_le())
+            return NEED_DATA
+        length, request_id, response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
+        if op_code not in wire.KNOWN_OPCODES and not self.allow_unknown_opcodes:
+            raise RemoteProtocolError(
+                f"unknown opCode {op_code} (messageLength {length}): not a MongoDB client",
+                client_hint=_NOT_MONGO_HINT,
+            )
+        self._check_length(length)
+        if available < length:
+            return NEED_DATA
+        if self.verify_checksums and op_code == wire.OP_MSG:
+            # Verified before consuming, so a refused message is never part of the consumed span.
+            view = buf.peek(length)
+            try:
+                wire.verify_op_msg_checksum_raw(view)
+            finally:
+                view.release()
+        return wire.WireMessage(length, request_id, response_to, op_code, buf.take(length))
+
+    def _check_length(self, length: int) -> None:
+        if length < wire.HEADER_SIZE:
+            raise RemoteProtocolError(
+                f"messageLength {length} is smaller than the 16-byte header",
+                client_hint=_NOT_MONGO_HINT,
+            )
+        if length > self.max_message_size:
+            raise FrameTooLarge(length, self.max_message_size)
