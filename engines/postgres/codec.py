@@ -48,6 +48,7 @@ MAX_STARTUP_PACKET_LENGTH = 10000
 _MAX_CANCEL_LENGTH = 12 + 256
 
 _II = struct.Struct(">ii")
+_HDR = struct.Struct(">Bi")
 
 
 def _bad_length(length: int, what: str = "message") -> RemoteProtocolError:
@@ -72,9 +73,7 @@ class _TypedDecoder:
         avail = len(buf)
         if avail < 5:
             return NEED_DATA
-        # Two cheap reads beat unpacking a memoryview slice (~20% per message).
-        mtype = buf.peek_byte()
-        length = buf.i32_be(1)
+        mtype, length = buf.unpack(_HDR)
         if length < 4:
             raise _bad_length(length)
         if length > self.max_message_size:
