@@ -509,3 +509,24 @@ def test_graceful_shutdown_lets_sessions_finish(pg, tmp_path, proxy_factory):
         conn.execute("select 1")
     evs = read_audit(tmp_path / "audit.jsonl")
     assert [e["event"] for e in evs if e["sid"] == evs[0]["sid"]][-1] == "db.session.end"
+
+
+def test_oversized_query_and_parameter_truncated_with_marker(proxy):
+    big_comment = "x" * 40_000
+    sql = f"select 'trunc-marker-test' /* {big_comment} */"
+    big_param = "p" * 10_000
+    with connect(proxy) as conn:
+        assert conn.execute(sql).fetchone() == ("trunc-marker-test",)
+        assert conn.execute("select length(%s::text)", (big_param,)).fetchone() == (10_000,)
+    evs = audit_when(
+        proxy,
+        lambda evs: any("trunc-marker-test" in e.get("db_query", "") for e in evs)
+        and any(e.get("db_query") == "select length($1::text)" and e["event"].endswith("execute") for e in evs),
+    )
+    q = [e for e in evs if "trunc-marker-test" in e.get("db_query", "")][-1]
+    assert len(q["db_query"]) < 20_000 and "[truncated" in q["db_query"] and q["db_query"].startswith("select 'trunc-marker-test'")
+    ex = [e for e in evs if e.get("db_query") == "select length($1::text)" and e["event"].endswith("execute")][-1]
+    (param,) = ex["db_query_parameters"]
+    assert param.startswith("ppp") and "[truncated" in param and len(param) < 3_000
+    # the statement itself was executed and audited with its result, not dropped
+    assert any(r.get("query_uid") == q["uid"] and r["success"] for r in evs if r["event"] == "db.session.result")
