@@ -2,10 +2,17 @@
 
 Strategy: one ``KerberosCredential`` per (principal, keytab/ccache) pair,
 shared by every session of every route that names it.  Acquisition talks to
-the KDC and so can block: it runs in a worker thread, behind a ``trio.Lock``
-so twenty sessions arriving together cause one acquisition, not twenty.  A
-credential is re-acquired when its remaining lifetime falls under
-``renew_margin`` (or a third of its original lifetime, whichever is larger).
+the KDC and so can block: it runs in a worker thread started by a trio
+system task, and every session that needs the credential meanwhile waits on
+that one attempt — twenty sessions arriving together cause one acquisition,
+and one failure answers them all.  Sessions wait with their own deadlines;
+the attempt outlives a session that gives up.  A credential is renewed when
+its remaining lifetime falls under ``renew_margin`` (or a third of its
+original lifetime, whichever is larger): in the background while the current
+ticket is still good, so no session waits for the KDC.  With a keytab each
+acquisition fills a fresh private MEMORY ccache; with ``ccache`` it re-reads
+the operator's cache (kept fresh by kinit/k5start), which is the only way a
+GSS credential handle picks up a newer ticket.
 
 A security context is engine-neutral: ``GssInitiator`` steps tokens (the
 first step fetches a service ticket — a KDC round trip — so steps run in a
@@ -46,6 +53,27 @@ def _gssapi():
     return gssapi
 
 
+class CredentialsExpired(Exception):
+    pass
+
+
+# Never hand out a credential closer to its expiry than this (the backend must
+# still accept the service ticket when our token reaches it).
+EXPIRY_SLACK = 5.0
+# After a failed background renewal, sessions keep the current credential and
+# the next renewal is tried no sooner than this.
+RETRY_AFTER = 5.0
+
+
+class _Attempt:
+    """One acquisition in flight; every session that needs it waits on ``done``."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.creds: Any = None
+        self.error: str | None = "Kerberos: credential acquisition was cancelled"
+
+
 class KerberosCredential:
     def __init__(self, *, principal: str | None, keytab: str | None, ccache: str | None, renew_margin: float = 300.0) -> None:
         self.principal = principal
@@ -55,16 +83,19 @@ class KerberosCredential:
         self._creds: Any = None
         self._expires_at = 0.0
         self._lifetime = 0.0
-        self._lock = trio.Lock()
+        self._attempt: _Attempt | None = None
+        self._attempts = 0
+        self._last_failure = float("-inf")
         self.acquisitions = 0
 
-    def _acquire_blocking(self) -> tuple[Any, float]:
+    def _acquire_blocking(self, serial: int) -> tuple[Any, float, str]:
         gssapi = _gssapi()
         store: dict[bytes | str, bytes | str] = {}
         if self.keytab:
             store["client_keytab"] = self.keytab
-            # A private in-memory cache per credential: never touches the operator's ccache.
-            store["ccache"] = f"MEMORY:dbproxy-{id(self)}-{self.acquisitions}"
+            # A private in-memory cache per acquisition: never touches the operator's
+            # ccache, and a renewal really fetches a new TGT instead of finding the old one.
+            store["ccache"] = f"MEMORY:dbproxy-{id(self)}-{serial}"
         elif self.ccache:
             store["ccache"] = self.ccache
         name = gssapi.Name(self.principal, gssapi.NameType.kerberos_principal) if self.principal else None
@@ -73,34 +104,58 @@ class KerberosCredential:
         if lifetime is None:
             lifetime = 8 * 3600
         if lifetime <= 0:
-            raise gssapi.exceptions.ExpiredCredentialsError(0, 0)
-        return creds, float(lifetime)
+            raise CredentialsExpired("the credentials have expired (no valid ticket)")
+        return creds, float(lifetime), str(creds.name)
 
     async def get(self) -> Any:
+        """A usable credential; acquires (once for all waiting sessions) or renews as needed."""
         now = time.monotonic()
-        if self._creds is not None and now < self._renew_at():
-            return self._creds
-        async with self._lock:
-            now = time.monotonic()
-            if self._creds is not None and now < self._renew_at():
+        if self._creds is not None:
+            usable_until = self._expires_at - EXPIRY_SLACK
+            if now < min(self._renew_at(), usable_until):
                 return self._creds
-            try:
-                creds, lifetime = await trio.to_thread.run_sync(self._acquire_blocking)
-            except UpstreamError:
-                raise
-            except Exception as exc:
-                raise UpstreamError(
-                    f"Kerberos: could not acquire credentials for {self.principal or 'default principal'}"
-                    f" from {'keytab ' + self.keytab if self.keytab else 'ccache ' + str(self.ccache)}: {_describe(exc)}",
-                    kind="auth",
-                    client_hint=CLIENT_HINT,
-                ) from None
+            if now < usable_until:
+                # Due for renewal but still good: renew in the background, don't make
+                # this session wait for the KDC.
+                if self._attempt is None and now - self._last_failure >= RETRY_AFTER:
+                    self._start_attempt()
+                return self._creds
+        attempt = self._attempt or self._start_attempt()
+        await attempt.done.wait()
+        if attempt.error is not None:
+            raise UpstreamError(attempt.error, kind="auth", client_hint=CLIENT_HINT)
+        return attempt.creds
+
+    def _start_attempt(self) -> _Attempt:
+        attempt = self._attempt = _Attempt()
+        self._attempts += 1
+        trio.lowlevel.spawn_system_task(self._run_attempt, attempt, self._attempts, name=f"kerberos acquire {self.principal}")
+        return attempt
+
+    async def _run_attempt(self, attempt: _Attempt, serial: int) -> None:
+        # A system task, not the session's: a session that gives up (connect
+        # timeout, client gone) must not abandon the acquisition others wait for.
+        # The blocking call runs in a thread; a hung KDC ties up that thread only.
+        try:
+            creds, lifetime, name = await trio.to_thread.run_sync(_described, self._acquire_blocking, serial, abandon_on_cancel=True)
+        except Exception as exc:
+            attempt.error = (
+                f"Kerberos: could not acquire credentials for {self.principal or 'the default principal'}"
+                f" from {'keytab ' + self.keytab if self.keytab else 'ccache ' + str(self.ccache)}: {_describe(exc)}"
+            )
+            self._last_failure = time.monotonic()
+            log.warning("%s", attempt.error)
+        else:
             self.acquisitions += 1
-            self._creds = creds
-            self._lifetime = lifetime
+            self._creds, self._lifetime = creds, lifetime
             self._expires_at = time.monotonic() + lifetime
-            log.info("Kerberos credentials acquired for %s (lifetime %.0fs)", self.principal, lifetime)
-            return creds
+            attempt.creds, attempt.error = creds, None
+            log.info("Kerberos credentials acquired for %s (lifetime %.0fs, renewal in %.0fs)",
+                     name, lifetime, self._renew_at() - time.monotonic())
+        finally:
+            if self._attempt is attempt:
+                self._attempt = None
+            attempt.done.set()
 
     def _renew_at(self) -> float:
         margin = max(self.renew_margin, self._lifetime / 3)
@@ -144,7 +199,41 @@ def maybe_credential_cache(config: Any) -> CredentialCache | None:
     return CredentialCache()
 
 
+def check_krb5_config(v: Any, path: str, krb5_config: str | None) -> None:
+    """Config validation: every route naming a ``krb5_config`` must name the same one.
+
+    ``v`` is the config validator; the first route's choice is remembered on it.
+    """
+    if not krb5_config:
+        return
+    first = v.__dict__.setdefault("kerberos_krb5_config", (krb5_config, path))
+    if first[0] != krb5_config:
+        v.err(
+            f"{path}.krb5_config",
+            f"the krb5_config of {first[1]} ({first[0]}): one process reads one KRB5_CONFIG, got {krb5_config}",
+        )
+
+
+class _Failed(Exception):
+    """A GSS failure already described where it happened (see ``_described``)."""
+
+
+def _described(fn: Any, *args: Any) -> Any:
+    """Run a blocking GSS call; on failure raise ``_Failed`` with its description.
+
+    MIT keeps the detailed text of a failure (\"Server nosuch/db@REALM not found
+    in Kerberos database\") in thread-local storage, so the description must be
+    produced in the worker thread that failed, not back in the trio thread.
+    """
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise _Failed(_describe(exc)) from None
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, _Failed):
+        return str(exc)
     gen = getattr(exc, "gen_message", None)
     if callable(gen):
         try:
@@ -177,7 +266,9 @@ class GssInitiator:
 
     async def step(self, token: bytes | None) -> bytes | None:
         try:
-            return await trio.to_thread.run_sync(self._ctx.step, token)
+            # The first step may ask the KDC for a service ticket: a thread, and
+            # abandoned if the session's deadline passes (the context is per session).
+            return await trio.to_thread.run_sync(_described, self._ctx.step, token, abandon_on_cancel=True)
         except Exception as exc:
             raise UpstreamError(
                 f"Kerberos: security context with {self.target} failed: {_describe(exc)}",

@@ -29,6 +29,7 @@ import trio
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.config import RouteConfig
 from dbproxy.errors import ProtocolError, UpstreamError
+from dbproxy.kerberos import CLIENT_HINT as KRB_CLIENT_HINT
 from dbproxy.net import connect_backend
 from dbproxy.tls import peer_cert_der, wrap_backend
 
@@ -214,6 +215,12 @@ async def _authenticate(channel: MessageStream, route: RouteConfig, is_tls: bool
                     f"backend {b.address} ended SCRAM without a server signature", kind="auth",
                     client_hint="the backend database did not prove its identity during SCRAM",
                 )
+            if gss_ctx is not None and not gss_ctx.complete:
+                raise UpstreamError(
+                    f"backend {b.address} ended GSS authentication before proving its identity (mutual authentication)",
+                    kind="auth",
+                    client_hint=KRB_CLIENT_HINT,
+                )
             return used
         if sub == m.AUTH_CLEARTEXT_PASSWORD:
             if method != "password":
@@ -283,7 +290,7 @@ async def _gss_initiator(route: RouteConfig, credentials: Any, *, confidential: 
     from dbproxy.kerberos import GssInitiator
 
     if credentials is None:
-        raise UpstreamError("no Kerberos credential cache configured", kind="auth")
+        raise UpstreamError("no Kerberos credential cache configured", kind="auth", client_hint=KRB_CLIENT_HINT)
     p = route.backend.auth.params
     cred = credentials.for_auth(p)
     creds = await cred.get()

