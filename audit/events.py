@@ -26,6 +26,8 @@ PG_PARSE = "db.session.postgres.statements.parse"
 PG_BIND = "db.session.postgres.statements.bind"
 PG_EXECUTE = "db.session.postgres.statements.execute"
 ACCESS_DENIED = "db.session.access_denied"
+# The audit trail's own events: a sink's spool overflowed in drop_oldest mode.
+AUDIT_LOSS = "audit.loss"
 
 # Teleport's event codes for the events it has; ours extend the series.
 CODES = {
@@ -37,6 +39,7 @@ CODES = {
     PG_BIND: "TPG01I",
     PG_EXECUTE: "TPG02I",
     ACCESS_DENIED: "TDB10W",
+    AUDIT_LOSS: "TAU00W",
 }
 
 MAX_QUERY_CHARS = 16 * 1024

@@ -10,6 +10,19 @@ sequence number and a hash chain link (``prev_hash``/``hash``, SHA-256 over
 the canonical JSON of the event without its own hash), and hands the batch
 to every sink.  A sink failure is logged and counted; it never crashes a
 session or the drain task.
+
+The chain survives restarts: before draining, ``run`` asks every durable
+sink for the last link it holds (``recover_tail``: the JSONL file's last
+line, a spool's newest record) and continues from the highest ``seq``, so
+a trail spanning restarts verifies end to end.
+
+Network sinks run a sender task each (``sink.run``) in the recorder's own
+nursery; ``write_batch`` only appends to their disk spool.  When a
+fail-closed sink's spool is full it reports ``blocked``: the recorder is then
+not ``accepting`` — the server refuses new sessions and ``SessionAudit.flush``
+ends running ones with ``AuditUnavailable`` (after their events are queued:
+nothing is lost, it just stops growing).  A drop-oldest sink reports its
+losses instead; the recorder writes an ``audit.loss`` event for each.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ import attrs
 import orjson
 import trio
 
+from dbproxy.errors import ProtocolError
+
 from . import events as ev
 
 log = logging.getLogger("dbproxy.audit")
@@ -30,7 +45,28 @@ GENESIS_HASH = "0" * 64
 MAX_BATCH = 1024
 
 
+AUDIT_UNAVAILABLE = "audit unavailable: the audit trail cannot be written, so the proxy accepts no sessions"
+
+
+class AuditUnavailable(ProtocolError):
+    """Fail-closed: a sink can take no more events, so sessions must end.
+
+    A ``ProtocolError`` so the session pipeline renders ``client_hint`` in
+    the client's own wire format; ``sqlstate`` is for engines that map it
+    (PostgreSQL class 53, insufficient resources).
+    """
+
+    sqlstate = "53000"
+
+    def __init__(self, message: str = AUDIT_UNAVAILABLE) -> None:
+        super().__init__(message, client_hint=message)
+
+
 class Sink(Protocol):
+    """What the recorder needs of a sink; the rest is optional (looked up with getattr):
+    ``run(task_status=...)`` a background task, ``wait_idle()`` delivery of what is written,
+    ``recover_tail() -> (seq, hash) | None``, ``blocked``, ``take_losses()``, ``statistics()``."""
+
     name: str
 
     async def write_batch(self, batch: list[dict]) -> None: ...
@@ -51,6 +87,9 @@ class RecorderStatistics:
     sink_failures: int
     queued: int
     last_seq: int
+    dropped: int = 0
+    accepting: bool = True
+    sinks: tuple = ()
 
 
 @attrs.define(eq=False)
@@ -62,6 +101,7 @@ class AuditRecorder:
     submitted: int = 0
     written: int = 0
     sink_failures: int = 0
+    dropped: int = 0
     _send: Any = None
     _receive: Any = None
     _done: Any = None
@@ -89,6 +129,11 @@ class AuditRecorder:
     def session(self, session: Any) -> "SessionAudit":
         return SessionAudit(self, session)
 
+    @property
+    def accepting(self) -> bool:
+        """False while a fail-closed sink cannot take events: no new sessions, running ones end."""
+        return not any(getattr(sink, "blocked", False) for sink in self.sinks)
+
     def statistics(self) -> RecorderStatistics:
         return RecorderStatistics(
             submitted=self.submitted,
@@ -96,26 +141,41 @@ class AuditRecorder:
             sink_failures=self.sink_failures,
             queued=self._receive.statistics().current_buffer_used,
             last_seq=self.last_seq,
+            dropped=self.dropped,
+            accepting=self.accepting,
+            sinks=tuple(s.statistics() for s in self.sinks if hasattr(s, "statistics")),
         )
 
     # -- the drain task ----------------------------------------------------
+    def recover_chain(self) -> None:
+        """Continue the chain from the newest link any sink holds on disk."""
+        best: tuple[int, str] | None = None
+        for sink in self.sinks:
+            recover = getattr(sink, "recover_tail", None)
+            if recover is None:
+                continue
+            try:
+                tail = recover()
+            except Exception:
+                log.exception("audit sink %s: cannot read its last event; ignoring it for chain recovery", sink.name)
+                continue
+            if tail is not None and (best is None or tail[0] > best[0]):
+                best = tail
+        if best is not None and best[0] > self.last_seq:
+            self.last_seq, self.last_hash = best
+            log.info("audit chain continues after seq %d", self.last_seq)
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
         try:
-            async with self._receive:
-                while True:
-                    try:
-                        first = await self._receive.receive()
-                    except trio.EndOfChannel:
-                        break
-                    batch = [first]
-                    while len(batch) < MAX_BATCH:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    self._stamp(batch)
-                    await self._write(batch)
+            await trio.to_thread.run_sync(self.recover_chain)
+            async with trio.open_nursery() as nursery:
+                for sink in self.sinks:
+                    if hasattr(sink, "run"):
+                        await nursery.start(sink.run)
+                task_status.started()
+                await self._drain()
+                await self._flush_sinks()
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 for sink in self.sinks:
@@ -124,6 +184,60 @@ class AuditRecorder:
                     except Exception:
                         log.exception("audit sink %s failed to close", getattr(sink, "name", sink))
             self._done.set()
+
+    async def _drain(self) -> None:
+        async with self._receive:
+            while True:
+                try:
+                    first = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                self._stamp(batch)
+                await self._write(batch)
+                losses = [loss for sink in self.sinks if hasattr(sink, "take_losses") for loss in sink.take_losses()]
+                if losses:
+                    await self._write_losses(losses)
+
+    async def _flush_sinks(self) -> None:
+        """On shutdown, give each network sink its grace time to deliver its spool (it stays on disk anyway)."""
+        async with trio.open_nursery() as nursery:
+            for sink in self.sinks:
+                if hasattr(sink, "wait_idle"):
+
+                    async def flush(sink: Any = sink) -> None:
+                        with trio.move_on_after(getattr(sink, "shutdown_flush_seconds", 5.0)) as scope:
+                            await sink.wait_idle()
+                        if scope.cancelled_caught:
+                            log.warning("audit sink %s: undelivered events stay in the spool for the next start", sink.name)
+
+                    nursery.start_soon(flush)
+
+    async def _write_losses(self, losses: list) -> None:
+        events = []
+        for loss in losses:
+            self.dropped += loss.dropped
+            events.append(
+                {
+                    "event": ev.AUDIT_LOSS,
+                    "code": ev.CODES[ev.AUDIT_LOSS],
+                    "uid": ev.new_event_id(),
+                    "time": ev.now_iso(),
+                    "sink": loss.sink,
+                    "reason": "spool full (drop_oldest)",
+                    "dropped": loss.dropped,
+                    "dropped_first_seq": loss.first_seq,
+                    "dropped_last_seq": loss.last_seq,
+                    "dropped_total": loss.dropped_total,
+                }
+            )
+        self._stamp(events)
+        await self._write(events)
 
     def _stamp(self, batch: list[dict]) -> None:
         seq = self.last_seq
@@ -156,12 +270,14 @@ class AuditRecorder:
 class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
-    __slots__ = ("recorder", "session", "_pending")
+    __slots__ = ("recorder", "session", "_pending", "_ended", "_told")
 
     def __init__(self, recorder: AuditRecorder, session: Any) -> None:
         self.recorder = recorder
         self.session = session
         self._pending: list[dict] = []
+        self._ended = False
+        self._told = False
 
     def base(self, kind: str) -> dict:
         s = self.session
@@ -196,10 +312,15 @@ class SessionAudit:
         return event
 
     async def flush(self) -> None:
+        """Hand over held events (waiting for room); then, if the audit trail is
+        unavailable (fail-closed), end the running session with ``AuditUnavailable``."""
         if self._pending:
             pending, self._pending = self._pending, []
             for event in pending:
                 await self.recorder.submit(event)
+        if not self.recorder.accepting and self.session.started and not self._ended and not self._told:
+            self._told = True
+            raise AuditUnavailable()
 
     # -- the four hooks every engine uses -----------------------------------
     def on_session_start(self, *, success: bool, error: str | None = None, **fields: Any) -> dict:
@@ -218,4 +339,5 @@ class SessionAudit:
         return self.emit(ev.RESULT, success=success, **fields)
 
     def on_session_end(self, **fields: Any) -> dict:
+        self._ended = True
         return self.emit(ev.SESSION_END, **fields)

@@ -103,6 +103,7 @@ class ListenerConfig:
     routes: tuple[RouteConfig, ...]
     max_message_size: int | None = None
     options: dict = attrs.field(factory=dict)
+    auth: Any = None  # dbproxy.access.ListenerAuth: which client authentication methods
 
 
 @attrs.frozen
@@ -126,6 +127,10 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     audit: AuditConfig
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # Identity and access (dbproxy.identity / dbproxy.access); None when the section is absent.
+    identity: Any = None
+    roles: dict | None = None
+    limits: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +261,7 @@ def _kind(value: Any) -> str:
 
 # ---------------------------------------------------------------------------
 
-LISTENER_KEYS = {"name", "protocol", "listen", "tls", "routes", "max_message_size", "options"}
+LISTENER_KEYS = {"name", "protocol", "listen", "tls", "routes", "max_message_size", "options", "auth"}
 ROUTE_KEYS = {"name", "match", "backend", "options"}
 BACKEND_KEYS = {"address", "database", "user", "auth", "tls", "options"}
 TLS_KEYS = {"mode", "ca_file", "server_name", "cert_file", "key_file"}
@@ -288,6 +293,7 @@ def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
     v.unknown_keys(root, {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits"}, "")
     listeners_raw = root.get("listeners")
     listeners: list[ListenerConfig] = []
+    validated: list[tuple[int, dict, ListenerConfig]] = []
     if not isinstance(listeners_raw, list) or not listeners_raw:
         v.err("listeners", "a non-empty array of listeners")
     else:
@@ -304,6 +310,11 @@ def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
             seen_names.add(lc.name)
             seen_addrs.add((lc.host, lc.port))
             listeners.append(lc)
+            validated.append((i, item, lc))
+    from .access import validate_access
+
+    identity, roles, limits, auths = validate_access(v, root, validated, registry)
+    listeners = [attrs.evolve(lc, auth=auths.get(lc.name)) for lc in listeners]
     audit = _audit(v, root.get("audit", {}), "audit")
     grace = v.number(root, "shutdown_grace_seconds", "")
     return Config(
@@ -311,6 +322,9 @@ def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
         listeners=tuple(listeners),
         audit=audit or AuditConfig(),
         shutdown_grace=DEFAULT_SHUTDOWN_GRACE if grace is None else grace,
+        identity=identity,
+        roles=roles,
+        limits=limits,
     )
 
 
@@ -416,7 +430,8 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
                 secret = v.secret(ad, ap, required=needs_secret)
                 params = {k: val for k, val in ad.items() if k not in {"method", "password_file", "password_env"}}
                 if engine_cls is not None and hasattr(engine_cls, "validate_auth"):
-                    params = engine_cls.validate_auth(v, method, ad, ap) or params
+                    validated = engine_cls.validate_auth(v, method, ad, ap)
+                    params = validated if validated is not None else params
                 elif params:
                     for k in params:
                         v.err(_join(ap, k), f"no key {k!r} for method {method}")

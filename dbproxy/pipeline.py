@@ -294,20 +294,28 @@ class Pipeline:
             close = False
             failure: ProtocolError | None = None
             while True:
+                msg = NEED_DATA
                 try:
                     msg = decoder.next_message()
-                except ProtocolError as exc:
-                    # Messages decoded before the bad one are valid: send them first.
-                    failure = exc
-                    break
-                if msg is NEED_DATA:
-                    break
-                pump.messages += 1
-                verdict = None
-                for stage in stages:
-                    verdict = stage.handle(msg, ctx)
-                    if verdict is not None:
+                    if msg is NEED_DATA:
                         break
+                    pump.messages += 1
+                    verdict = None
+                    for stage in stages:
+                        verdict = stage.handle(msg, ctx)
+                        if verdict is not None:
+                            break
+                except ProtocolError as exc:
+                    # Raised by the decoder or by a stage parsing a body.  Messages
+                    # before the bad one are valid: they are sent first; the bad
+                    # one is not forwarded.
+                    exc.direction = pump.direction  # type: ignore[attr-defined]
+                    failure = exc
+                    if msg is not NEED_DATA:
+                        # A stage refused a message the decoder already consumed:
+                        # the received span includes it, so send the rebuilt batch.
+                        changed = True
+                    break
                 if verdict is None:
                     forwarded.append(msg.raw)
                     continue

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from audit.recorder import AuditRecorder
+from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder
 from audit.sinks import build_sink
 
 from .config import Config
@@ -59,9 +59,11 @@ class ProxyServer:
         self._stop.set()
 
     def _make_engines(self) -> None:
+        from .access import build_access
         from .kerberos import maybe_credential_cache
 
         self.services.credentials = maybe_credential_cache(self.config)
+        self.services.access = build_access(self.config)
         for lc in self.config.listeners:
             self.engines[lc.name] = self.registry.get(lc.protocol)(lc, self.services)
 
@@ -101,6 +103,12 @@ class ProxyServer:
         self.sessions[session.id] = session
         started = time.monotonic()
         try:
+            if not self.recorder.accepting:  # fail_closed: an audit sink can take no more events
+                log.warning("session %s from %s refused: audit unavailable", session.id, session.client_addr)
+                if hasattr(engine, "refuse"):
+                    with trio.move_on_after(10):
+                        await engine.refuse(session, stream, AUDIT_UNAVAILABLE)
+                return
             await engine.handle_connection(session, stream)
         except ProxyError as exc:
             session.details.setdefault("end_reason", str(exc))
@@ -110,6 +118,8 @@ class ProxyServer:
             log.exception("session %s failed", session.id)
         finally:
             self.sessions.pop(session.id, None)
+            if self.services.access is not None:
+                self.services.access.release(session)  # the connection-limit slot, if the engine admitted it
             with trio.CancelScope(shield=True):
                 if session.started:
                     session.audit.on_session_end(

@@ -11,8 +11,12 @@ from dbproxy.engine import EngineRegistry
 
 
 def default_registry() -> EngineRegistry:
+    from .cassandra.engine import CassandraEngine
+    from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
 
     registry = EngineRegistry()
     registry.register("postgres", PostgresEngine)
+    registry.register("mongo", MongoEngine)
+    registry.register("cassandra", CassandraEngine)
     return registry

@@ -89,17 +89,21 @@ async def open_backend(
     *,
     max_message_size: int,
     credentials: Any = None,
+    read_only: bool = False,
 ) -> BackendLink:
+    """Log in to the route's backend.  ``read_only`` makes read-only the session's
+    startup default (``options=-c default_transaction_read_only=on``), so even a
+    RESET returns to read-only."""
     b = route.backend
     stream = await connect_backend(b.host, b.port)
     try:
-        return await _login(stream, route, client_params, max_message_size, credentials)
+        return await _login(stream, route, client_params, max_message_size, credentials, read_only)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
 
 
-async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size: int, credentials: Any) -> BackendLink:
+async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size: int, credentials: Any, read_only: bool = False) -> BackendLink:
     b = route.backend
     method = b.auth.method
     decoder = BackendDecoder(max_message_size=max_size)
@@ -139,6 +143,8 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
         params = {k: v for k, v in client_params.items() if k in PASSTHROUGH_PARAMS}
         params["user"] = b.user or client_params.get("user", "")
         params["database"] = b.database or client_params.get("database") or params["user"]
+        if read_only:
+            params["options"] = "-c default_transaction_read_only=on"
         await channel.send(m.encode_startup(params))
         mechanism = await _authenticate(channel, route, is_tls, credentials, gss_ctx)
         key = None

@@ -14,10 +14,18 @@ hands the client the proxy's *own* BackendKeyData (pid/secret mapped to the
 backend's), and relays ReadyForQuery.  From there the session is the core
 pipeline with the audit stages; every other message passes through as bytes.
 
+With identity configured (``services.access``), the client first proves
+who it is (``clientauth``: mTLS, or a token as the password — cleartext over
+TLS, SCRAM-SHA-256 without), then the route is checked against its roles and
+the connection limits, a read-only grant makes the backend session read-only,
+and ``policy`` stages check every statement.
+
 Errors reach the client as ErrorResponse with a SQLSTATE: 28000 no route /
-access denied, 08001 backend unreachable, 28P01 backend refused the proxy's
-credential, 08P01 protocol violation, 54000 message too large, 08006 backend
-lost mid-session.
+no client certificate, 28P01 bad token, 42501 role does not allow the
+route/database/user (FATAL) or the statement (ERROR, session continues),
+53300 too many connections, 08001 backend unreachable, 28P01 backend refused
+the proxy's credential, 08P01 protocol violation, 54000 message too large,
+08006 backend lost mid-session.
 """
 
 from __future__ import annotations
@@ -31,13 +39,17 @@ import trio
 
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
-from dbproxy.errors import FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.access import TooManyConnections, audit_denial
+from dbproxy.errors import AccessDenied, FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.kerberos import check_krb5_config
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
 from . import messages as m
 from .backend import open_backend, send_cancel
 from .codec import FrontendDecoder
+from .clientauth import ClientAuthError, authenticate
+from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
@@ -89,6 +101,7 @@ class PostgresEngine(Engine):
     auth_methods = ("trust", "password", "md5", "scram-sha-256", "gssapi")
     password_methods = ("password", "md5", "scram-sha-256")
     default_max_message_size = 256 * 1024 * 1024
+    client_auth_methods = ("token", "mtls", "anonymous")
 
     GSSAPI_KEYS = {"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "gssencmode", "renew_margin_seconds"}
 
@@ -96,6 +109,8 @@ class PostgresEngine(Engine):
         super().__init__(listener, services)
         self.ssl_context = server_context(listener.tls) if listener.tls else None
         self.cancels: CancelMap = services.extras.setdefault("postgres.cancel_map", CancelMap())
+        # Identity and access for this listener (None: no identity/roles/limits configured).
+        self.access = services.access.listener(listener.name) if services.access is not None else None
 
     @classmethod
     def validate_auth(cls, v: Any, method: str, ad: dict, path: str) -> dict:
@@ -121,6 +136,7 @@ class PostgresEngine(Engine):
                 f = v.file_path(ad, key, path)
                 if f:
                     params[key] = f
+        check_krb5_config(v, path, params.get("krb5_config"))
         if "gssencmode" in ad:
             val = v.string(ad, "gssencmode", path, choices=("disable", "prefer", "require"))
             if val:
@@ -212,8 +228,13 @@ class PostgresEngine(Engine):
             await client.send(m.encode_negotiate_protocol_version(0, unrecognized))
             for k in unrecognized:
                 params.pop(k)
-        route = self.select_route({"database": database, "user": user, "application_name": params.get("application_name", "")})
         start_fields = {"requested_database": database, "requested_user": user, "client_tls": bool(session.details.get("client_tls"))}
+        if self.access is not None:
+            mechanism = await self._authenticate_client(session, client, user, start_fields)
+            if mechanism is None:
+                return
+            start_fields["client_auth"] = mechanism
+        route = self.select_route({"database": database, "user": user, "application_name": params.get("application_name", "")})
         if route is None:
             msg = f"no route for database \"{database}\" and user \"{user}\" on listener {self.listener.name}"
             session.db_name, session.db_user = database, user
@@ -224,11 +245,29 @@ class PostgresEngine(Engine):
         session.backend_addr = route.backend.address
         session.db_name = route.backend.database or database
         session.db_user = route.backend.user or user
+        grant = None
+        if self.access is not None:
+            grant = await self._authorize(session, client, route, start_fields)
+            if grant is None:
+                return
+            start_fields["granted_roles"] = list(grant.roles)
+            start_fields["read_only"] = grant.read_only
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 link = await open_backend(
-                    route, params, max_message_size=self.max_message_size, credentials=self.services.credentials
+                    route,
+                    params,
+                    max_message_size=self.max_message_size,
+                    credentials=self.services.credentials,
+                    read_only=grant is not None and grant.read_only,
                 )
+                if grant is not None and grant.read_only:
+                    try:
+                        replay, link.ready = await make_backend_read_only(link.channel)
+                    except BaseException:
+                        await link.channel.aclose()
+                        raise
+                    link.replay.extend(replay)
         except (UpstreamError, trio.TooSlowError) as exc:
             if isinstance(exc, trio.TooSlowError):
                 exc = UpstreamError(
@@ -262,14 +301,21 @@ class PostgresEngine(Engine):
                 **start_fields,
             )
             await client.send(b"".join(hello))
+            client_stages: list = [FrontendAudit(state, audit)]
+            backend_stages: list = [BackendAudit(state, audit)]
+            if grant is not None and grant.has_statement_rules:
+                # After the audit stage (the attempt is recorded), before the backend sees it.
+                policy = PolicyState()
+                client_stages.append(FrontendPolicy(policy, grant, session))
+                backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
             pipeline = Pipeline(
                 session=session,
                 client=client.stream,
                 backend=backend.stream,
                 client_decoder=client.decoder,
                 backend_decoder=backend.decoder,
-                client_stages=[FrontendAudit(state, audit)],
-                backend_stages=[BackendAudit(state, audit)],
+                client_stages=client_stages,
+                backend_stages=backend_stages,
                 state=state,
                 client_error=client_error_for,
                 flush_audit=audit.flush,
@@ -293,3 +339,63 @@ class PostgresEngine(Engine):
         finally:
             self.cancels.release(pid, secret)
             await backend.aclose()
+
+    async def _authenticate_client(self, session: Any, client: MessageStream, user: str, start_fields: dict) -> str | None:
+        """Establish ``session.identity`` (``clientauth``); None when the client was turned away."""
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                identity, mechanism = await authenticate(
+                    self.access.auth, client, user, client_tls=bool(session.details.get("client_tls"))
+                )
+        except ClientAuthError as exc:
+            log.info("session %s: client authentication failed: %s", session.id, exc)
+            session.identity = exc.identity
+            audit_denial(session, exc.cause, stage="authenticate", client_auth=exc.mechanism, **start_fields)
+            session.audit.on_session_start(success=False, error=exc.client_message, sqlstate=exc.sqlstate, reason=exc.cause.reason, **start_fields)
+            await self._send_quietly(client, error_message(exc.sqlstate, exc.client_message, detail=exc.detail))
+            return None
+        except trio.TooSlowError:
+            session.details["end_reason"] = "client authentication timed out"
+            return None
+        except PeerClosed:
+            # e.g. psql hanging up to prompt for the password it will send on a new connection
+            log.info("session %s: client closed during authentication", session.id)
+            return None
+        except ProtocolError as exc:
+            log.info("session %s: client protocol error during authentication: %s", session.id, exc)
+            await self._send_quietly(client, client_error_for(exc))
+            return None
+        session.identity = identity
+        return mechanism
+
+    async def _authorize(self, session: Any, client: MessageStream, route: Any, start_fields: dict) -> Any:
+        """The session's Grant (RBAC at connect, connection limits); None when refused."""
+        denied: AccessDenied
+        try:
+            grant = self.access.authorize(session.identity, route=route.name, database=session.db_name, db_user=session.db_user)
+            self.access.admit(session)
+            return grant
+        except TooManyConnections as exc:
+            # PostgreSQL's own words for these (53300 too_many_connections).
+            msg = f'too many connections for role "{session.identity.user}"' if exc.scope == "identity" else "sorry, too many clients already"
+            sqlstate, detail, denied = "53300", None, exc
+        except AccessDenied as exc:
+            msg = f'permission denied for database "{session.db_name}"'
+            sqlstate, detail, denied = "42501", str(exc), exc
+        log.info("session %s: %s", session.id, denied)
+        audit_denial(session, denied, stage="connect", **start_fields)
+        session.audit.on_session_start(success=False, error=msg, sqlstate=sqlstate, reason=denied.reason, **start_fields)
+        await self._send_quietly(client, error_message(sqlstate, msg, detail=detail))
+        return None
+
+    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
+        """Turn a client away before any session: read its startup (SSL/GSS negotiation as usual),
+        then a FATAL ErrorResponse, SQLSTATE 53000 (insufficient resources) — e.g. audit unavailable."""
+        client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True))
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                startup = await self._client_startup(session, client)
+        except (trio.TooSlowError, PeerClosed, ProtocolError):
+            return
+        if startup is not None:
+            await self._send_quietly(client, error_message("53000", reason))

@@ -211,3 +211,25 @@ async def test_bytes_left_from_handshake_are_decoded_first():
         assert await got.until(len(frame(b"early"))) == frame(b"early")
         n.cancel_scope.cancel()
     assert rec.seen == [b"early"]
+
+
+class Strict:
+    """A stage that finds a message body malformed (as parse_* functions do)."""
+
+    name = "strict"
+
+    def handle(self, msg, ctx):
+        if msg.body == b"malformed":
+            raise RemoteProtocolError("malformed body", client_hint="malformed body")
+        return None
+
+
+async def test_stage_protocol_error_still_sends_earlier_messages():
+    p, client, backend, errors = make([Strict()])
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(p.run)
+            await client.send_all(frame(b"one") + frame(b"two") + frame(b"malformed") + frame(b"never"))
+    assert await Recv(backend).until(len(frame(b"one") + frame(b"two"))) == frame(b"one") + frame(b"two")
+    assert await Recv(client).until(len(frame(b"ERR:malformed body"))) == frame(b"ERR:malformed body")
+    assert errors[0].direction == "client"

@@ -1,0 +1,243 @@
+"""The base of every network sink: write-ahead to the disk spool, deliver from it in order.
+
+Strategy: the drain task never talks to the network.  ``write_batch``
+encodes each event into the exact bytes the wire will carry and appends them
+to the sink's spool (one fsync per batch), then wakes the sender.  The
+sender task (``run``, owned by the recorder's nursery) loops: read the
+oldest undelivered records, ``deliver`` them, ``commit`` the spool cursor.
+A failed delivery leaves the cursor where it was and retries the same
+records after an exponential backoff with jitter — so events reach the SIEM
+in ``seq`` order, after a SIEM outage and after a proxy restart alike (the
+spool on disk is replayed first, because it *is* the queue).
+
+When the spool is full the sink follows its ``on_full`` policy:
+
+* ``fail_closed`` — append the prefix that fits and keep the rest in memory
+  (``_overflow``, never dropped); while anything is held there the sink is
+  ``blocked``, which makes the recorder refuse new sessions and end running
+  ones.  As deliveries free room the overflow moves to disk and the sink
+  unblocks.
+* ``drop_oldest`` — the spool drops its oldest undelivered records to make
+  room; the loss is logged at once and reported to the recorder
+  (``take_losses``), which writes an ``audit.loss`` event into the trail.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from .spool import Dropped, Spool
+
+log = logging.getLogger("dbproxy.audit.sink")
+
+ON_FULL = ("fail_closed", "drop_oldest")
+
+
+class DeliveryFailed(Exception):
+    """The SIEM did not take the batch; it stays in the spool and is retried.
+
+    ``retry_after`` (seconds) is the receiver's own hint (HTTP Retry-After);
+    ``delivered`` how many leading records of the batch did get through.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.delivered = delivered
+
+
+@attrs.frozen
+class Loss:
+    sink: str
+    dropped: int
+    first_seq: int
+    last_seq: int
+    dropped_total: int
+
+
+@attrs.frozen
+class SinkStatistics:
+    name: str
+    delivered: int
+    pending_events: int
+    pending_bytes: int
+    overflow: int
+    dropped: int
+    blocked: bool
+    failing: bool
+
+
+class SpooledSink:
+    """Subclasses set ``kind`` and implement ``encode(event) -> bytes`` and ``deliver(payloads)``."""
+
+    kind = "network"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        spool_dir: str,
+        spool_max_bytes: int = 256 * 1024 * 1024,
+        on_full: str = "fail_closed",
+        batch_max_events: int = 500,
+        batch_max_bytes: int = 1024 * 1024,
+        retry_initial_seconds: float = 0.5,
+        retry_max_seconds: float = 30.0,
+        shutdown_flush_seconds: float = 5.0,
+        batch_linger_seconds: float = 0.0,
+    ) -> None:
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full must be one of {ON_FULL}")
+        self.name = name
+        self.spool = Spool(spool_dir, max_bytes=spool_max_bytes)
+        self.on_full = on_full
+        self.batch_max_events = batch_max_events
+        self.batch_max_bytes = batch_max_bytes
+        self.retry_initial = retry_initial_seconds
+        self.retry_max = retry_max_seconds
+        self.shutdown_flush_seconds = shutdown_flush_seconds
+        self.batch_linger = batch_linger_seconds
+        self.blocked = False
+        self.delivered = 0
+        self.failing = False
+        self._overflow: list[tuple[int, str, bytes]] = []
+        self._losses: list[Loss] = []
+        self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        self._overflow_lock = trio.Lock()  # the drain task and the sender both move overflow to disk
+
+    # -- subclass interface ------------------------------------------------------
+    def encode(self, event: dict) -> bytes:
+        return orjson.dumps(event)
+
+    async def deliver(self, payloads: list[bytes]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def disconnect(self) -> None:
+        """Drop any open connection (called on shutdown and after a failed delivery)."""
+
+    # -- the drain task's side ---------------------------------------------------
+    async def write_batch(self, batch: list[dict]) -> None:
+        records = [(e["seq"], e["hash"], self.encode(e)) for e in batch]
+        if self.on_full == "drop_oldest":
+            dropped = await trio.to_thread.run_sync(self.spool.append_dropping, records)
+            if dropped is not None:
+                self._record_loss(dropped)
+        else:
+            self._overflow.extend(records)
+            await self._move_overflow()
+        self._wakeup.set()
+
+    async def _move_overflow(self) -> None:
+        async with self._overflow_lock:
+            if self._overflow:
+                n = await trio.to_thread.run_sync(self.spool.append_fitting, list(self._overflow))
+                del self._overflow[:n]
+        blocked = bool(self._overflow)
+        if blocked and not self.blocked:
+            log.error(
+                "audit sink %s: spool full (%d bytes undelivered); fail_closed: refusing new sessions until the SIEM takes events again",
+                self.name,
+                self.spool.pending_bytes,
+            )
+        elif self.blocked and not blocked:
+            log.warning("audit sink %s: spool has room again; accepting sessions", self.name)
+        self.blocked = blocked
+
+    def _record_loss(self, d: Dropped) -> None:
+        total = self.spool.dropped
+        log.error(
+            "audit sink %s: spool full, dropped %d oldest undelivered events (seq %d-%d); %d dropped since start",
+            self.name,
+            d.count,
+            d.first_seq,
+            d.last_seq,
+            total,
+        )
+        self._losses.append(Loss(self.name, d.count, d.first_seq, d.last_seq, total))
+
+    def take_losses(self) -> list[Loss]:
+        losses, self._losses = self._losses, []
+        return losses
+
+    def recover_tail(self) -> tuple[int, str] | None:
+        return self.spool.tail()
+
+    def statistics(self) -> SinkStatistics:
+        s = self.spool.statistics()
+        return SinkStatistics(
+            self.name, self.delivered, s.pending_events, s.pending_bytes, len(self._overflow), s.dropped, self.blocked, self.failing
+        )
+
+    # -- the sender task -----------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        backoff = self.retry_initial
+        try:
+            while True:
+                self._wakeup = trio.Event()
+                records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes)
+                if not records:
+                    if self._overflow:
+                        await self._move_overflow()
+                        continue
+                    self._idle.set()
+                    await self._wakeup.wait()
+                    if self.batch_linger:
+                        await trio.sleep(self.batch_linger)  # let a batch gather behind the first event
+                    continue
+                self._idle = trio.Event()
+                try:
+                    await self.deliver([payload for _, payload, _ in records])
+                except Exception as exc:  # noqa: BLE001 - a sender bug must not take the recorder down
+                    if not isinstance(exc, DeliveryFailed):
+                        log.exception("audit sink %s: unexpected error while delivering", self.name)
+                        exc = DeliveryFailed(f"internal error: {exc.__class__.__name__}")
+                    await self.disconnect()
+                    if exc.delivered:
+                        await trio.to_thread.run_sync(self.spool.commit, records[exc.delivered - 1][2])
+                        self.delivered += exc.delivered
+                    if not self.failing:
+                        log.warning(
+                            "audit sink %s: delivery failed (%s); %d events kept in the spool, retrying",
+                            self.name,
+                            exc,
+                            self.spool.pending_events,
+                        )
+                    else:
+                        log.debug("audit sink %s: still failing: %s", self.name, exc)
+                    self.failing = True
+                    delay = backoff if exc.retry_after is None else min(max(exc.retry_after, backoff), self.retry_max)
+                    await trio.sleep(delay * random.uniform(0.8, 1.2))
+                    backoff = min(backoff * 2, self.retry_max)
+                    continue
+                if self.failing:
+                    log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
+                    self.failing = False
+                backoff = self.retry_initial
+                await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
+                self.delivered += len(records)
+                if self._overflow:
+                    await self._move_overflow()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.disconnect()
+
+    async def wait_idle(self) -> None:
+        """Until everything written so far is delivered (used for a graceful shutdown)."""
+        while True:
+            await self._idle.wait()
+            if not self._overflow and self.spool.pending_events == 0:
+                return
+            self._idle = trio.Event()
+            self._wakeup.set()
+
+    async def aclose(self) -> None:
+        await self.disconnect()
+        await trio.to_thread.run_sync(self.spool.close)

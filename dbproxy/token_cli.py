@@ -1,0 +1,208 @@
+"""``dbproxy token …``: issue, revoke and list the proxy's login tokens; make token keys.
+
+    dbproxy token keygen --algorithm EdDSA --key-file token.key --public-key-file token.pub
+    dbproxy token issue  --config proxy.json --user alice --roles analyst --ttl 8h
+    dbproxy token revoke --config proxy.json TOKEN_OR_ID
+    dbproxy token list   --config proxy.json
+
+Only the ``identity`` and ``roles`` sections of the config are read (an
+operator issuing tokens need not hold the backend secrets).  ``issue``
+prints the token — and nothing else — on stdout, and records its SCRAM
+verifiers in ``identity.token.registry_file`` when one is configured (see
+``dbproxy.identity``); ``revoke`` appends the token id to
+``identity.token.revocation_file`` (the proxy re-reads it on change) and
+drops the token's verifiers from the registry.  Nothing here logs a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from .errors import ConfigError, ConfigErrors
+from .identity import (
+    AuthFailed,
+    TokenAuthority,
+    TokenConfig,
+    TokenKeys,
+    _FileLock,
+    generate_keys,
+    looks_like_token,
+    parse_ttl,
+    validate_identity,
+)
+
+
+def _iso(ts: int) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def load_token_config(path: str) -> tuple[TokenConfig, dict | None]:
+    """``identity.token`` and ``roles`` of a config file, validated; raises ConfigErrors."""
+    from .access import validate_roles
+    from .config import _Validator
+
+    v = _Validator(path)
+    try:
+        with open(path, "rb") as f:
+            doc = orjson.loads(f.read())
+    except OSError as exc:
+        raise ConfigErrors([ConfigError(path, "", f"a readable file ({exc.strerror})")]) from None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigErrors([ConfigError(path, "", f"valid JSON ({exc})")]) from None
+    if not isinstance(doc, dict) or "identity" not in doc:
+        raise ConfigErrors([ConfigError(path, "", "an \"identity\" section with \"token\"")])
+    identity = validate_identity(v, doc["identity"])
+    roles = validate_roles(v, doc["roles"]) if "roles" in doc else None
+    if not v.errors and (identity is None or identity.token is None):
+        v.err("identity", "a key \"token\"")
+    if v.errors:
+        raise ConfigErrors(v.errors)
+    assert identity is not None and identity.token is not None
+    return identity.token, roles
+
+
+def _fail(msg: str) -> int:
+    print(f"dbproxy token: {msg}", file=sys.stderr)
+    return 2
+
+
+def _load(args: argparse.Namespace, *, need_signing: bool) -> tuple[TokenConfig, dict | None, TokenAuthority] | int:
+    try:
+        cfg, roles = load_token_config(args.config)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        keys = TokenKeys.from_config(cfg, need_signing=need_signing)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot load the token key: {exc}")
+    return cfg, roles, TokenAuthority(cfg, keys)
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    loaded = _load(args, need_signing=True)
+    if isinstance(loaded, int):
+        return loaded
+    cfg, roles, authority = loaded
+    try:
+        ttl = parse_ttl(args.ttl)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if ttl > cfg.max_ttl:
+        return _fail(f"--ttl {args.ttl} is longer than identity.token.max_ttl_seconds ({cfg.max_ttl}s)")
+    role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
+    unknown = [r for r in role_names if roles is None or r not in roles]
+    if unknown:
+        return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
+    token, claims = authority.codec.issue(args.user, role_names, ttl)
+    if authority.registry is not None:
+        authority.registry.add(claims, token, revoked=authority.revocations.get())
+    print(token, flush=True)
+    print(
+        f"token id {claims.jti} for {claims.sub!r} (roles: {', '.join(claims.roles) or 'none'}) expires {_iso(claims.exp)}"
+        + ("" if authority.registry is not None else " — no registry_file: SCRAM logins (Postgres without TLS, Mongo SCRAM) will not work"),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    loaded = _load(args, need_signing=False)
+    if isinstance(loaded, int):
+        return loaded
+    cfg, _, authority = loaded
+    if not cfg.revocation_file:
+        return _fail("identity.token.revocation_file is not configured: nowhere to record revocations")
+    what = args.token_or_id.strip()
+    subject = None
+    if looks_like_token(what):
+        try:
+            claims = authority.codec.decode(what)  # signature checked; expired tokens may still be revoked
+        except AuthFailed as exc:
+            return _fail(f"not a valid token of this proxy ({exc.reason}); pass its token id instead")
+        jti, subject = claims.jti, claims.sub
+    else:
+        jti = what
+        entry = authority.registry.entries().get(jti) if authority.registry is not None else None
+        subject = entry.claims.sub if entry is not None else None
+    if any(c.isspace() or c == "#" for c in jti):
+        return _fail("a token id has no spaces or '#'")
+    if authority.revoked(jti):
+        print(f"token id {jti} is already revoked", file=sys.stderr)
+    else:
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        note = f"  # revoked {stamp}" + (f" user={subject}" if subject else "")
+        with _FileLock(cfg.revocation_file):
+            fd = os.open(cfg.revocation_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(f"{jti}{note}\n")
+        print(f"revoked token id {jti}" + (f" of {subject!r}" if subject else ""), file=sys.stderr)
+    if authority.registry is not None:
+        authority.registry.remove(jti)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    loaded = _load(args, need_signing=False)
+    if isinstance(loaded, int):
+        return loaded
+    _, _, authority = loaded
+    if authority.registry is None:
+        return _fail("identity.token.registry_file is not configured: issued tokens are not recorded")
+    import time
+
+    now = time.time()
+    rows = sorted(authority.registry.entries().values(), key=lambda e: (e.claims.sub, e.claims.iat))
+    for e in rows:
+        c = e.claims
+        state = "revoked" if authority.revoked(c.jti) else ("expired" if c.exp <= now else "active")
+        if state != "active" and not args.all:
+            continue
+        print(f"{c.jti}\t{c.sub}\t{','.join(c.roles)}\t{_iso(c.iat)}\t{_iso(c.exp)}\t{state}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.algorithm == "EdDSA" and not args.public_key_file:
+        return _fail("EdDSA needs --public-key-file too")
+    try:
+        generate_keys(args.algorithm, args.key_file, args.public_key_file)
+    except FileExistsError as exc:
+        return _fail(f"{exc.filename} exists: refusing to overwrite a key")
+    print(f"wrote {args.key_file}" + (f" and {args.public_key_file}" if args.public_key_file else ""), file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("token", help="issue, revoke and list login tokens")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+
+    q = tsub.add_parser("issue", help="sign a token for a user (printed on stdout)")
+    q.add_argument("--config", required=True)
+    q.add_argument("--user", required=True)
+    q.add_argument("--roles", default="", help="comma-separated role names from the config")
+    q.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m, 8h, 1d (at most identity.token.max_ttl_seconds)")
+    q.set_defaults(func=cmd_issue)
+
+    q = tsub.add_parser("revoke", help="revoke a token (by the token or its id)")
+    q.add_argument("--config", required=True)
+    q.add_argument("token_or_id")
+    q.set_defaults(func=cmd_revoke)
+
+    q = tsub.add_parser("list", help="tokens recorded in the registry")
+    q.add_argument("--config", required=True)
+    q.add_argument("--all", action="store_true", help="include expired and revoked tokens")
+    q.set_defaults(func=cmd_list)
+
+    q = tsub.add_parser("keygen", help="create a token signing key")
+    q.add_argument("--algorithm", choices=("EdDSA", "HS256"), default="EdDSA")
+    q.add_argument("--key-file", required=True)
+    q.add_argument("--public-key-file")
+    q.set_defaults(func=cmd_keygen)

@@ -1,0 +1,522 @@
+"""The Cassandra engine (CQL native protocol v3, v4, v5, v6-beta).
+
+Handshake (client side), owned by the proxy:
+
+  TLS        with listener ``tls`` the client speaks TLS from the first byte
+             (the protocol has no STARTTLS); a plaintext CQL frame on such a
+             port gets a PROTOCOL_ERROR saying TLS is required.
+  version    the first frame's header fixes the connection's version.  A
+             version the codec refuses (v1/v2, v7+, DSE's 0x41/0x42) gets
+             Cassandra's exact PROTOCOL_ERROR, so drivers downgrade and retry
+             on a new connection as they do against a real node.
+  OPTIONS    answered by the proxy with SUPPORTED (the versions the proxy
+             speaks, lz4/snappy, Cassandra 5.0's CQL version): the route is
+             not known yet (it may depend on the user name), and Cassandra
+             4+ only checks that STARTUP's CQL_VERSION is 3.x.
+  STARTUP    parsed (CQL_VERSION, COMPRESSION, DRIVER_NAME/VERSION go to the
+             session-start audit event); compression is checked the way
+             Cassandra checks it.  Then, per listener ``options.client_auth``:
+             ``password`` (default): AUTHENTICATE (PasswordAuthenticator) →
+               the client's SASL PLAIN AUTH_RESPONSE gives its user name (a
+               claim: routing, ``expected_user``, audit); the password is
+               dropped (``auth.PlainClientAuthenticator``, the seam a token
+               check replaces later).
+             ``none``: no client credentials; the client gets READY.
+  routing    first route whose globs match ``user``, ``driver_name``,
+             ``driver_version``; listener and route ``options.expected_user``
+             (a glob) must match the user name, else AUTH_ERROR.
+  backend    ``backend.open_backend`` logs in with the route's credential at
+             the client's version and compression; the client then sees
+             AUTH_SUCCESS (or READY) as from a real node.
+
+A failed handshake answers in CQL before closing: AUTH_ERROR (0x0100) for
+refused credentials, no route or a wrong user; the backend's own
+PROTOCOL_ERROR relayed verbatim (an unsupported version must reach the
+driver as is); SERVER_ERROR (0x0000) when the backend is unreachable, fails
+TLS or breaks the protocol.  Every refusal is audited as a failed session
+start with the detail.
+
+Framing follows the codec's rules (``codec.py``): v5+ client decoder to
+segments right after STARTUP, encoder toward the client right after the
+proxy's AUTHENTICATE/READY went out; v3/v4 compression from STARTUP on.
+Everything the proxy itself sends after that goes through that encoder
+(frames compressed like Cassandra does in v3/v4, segments in v5).
+
+Session: the core pipeline with the audit stages (``stages.py``); frames pass
+through as received.  Client-side protocol errors (garbage, oversized frame,
+bad segment CRC) get a PROTOCOL_ERROR on the offending stream and the session
+closes; when the backend breaks the protocol or goes away, every request
+still waiting gets a SERVER_ERROR on its stream before the client connection
+is closed, so drivers fail fast instead of timing out.
+
+Limits: client frames are bounded by the listener's ``max_message_size``
+(default 16 MiB, Cassandra's own ``native_transport_max_frame_size``
+default); backend frames by the protocol's 256 MiB, since a result page is
+the server's to size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import logging
+import socket as socket_module
+from typing import Any
+
+import attrs
+import trio
+
+from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.engine import Engine
+from dbproxy.errors import FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.pipeline import Pipeline
+from dbproxy.tls import server_context
+
+from . import frames as F
+from .auth import ClientAuthFailed, client_authenticator
+from .backend import BackendProtocolError, BackendRefused, open_backend
+from .codec import CqlDecoder, CqlEncoder
+from .stages import CqlSessionState, PreparedCache, RequestAudit, ResponseAudit
+
+log = logging.getLogger("dbproxy.cassandra")
+
+HANDSHAKE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0
+TLS_HANDSHAKE_RECORD = 0x16
+
+CLIENT_AUTH_MODES = ("password", "none")
+LISTENER_OPTIONS = frozenset({"client_auth", "expected_user"})
+ROUTE_OPTIONS = frozenset({"expected_user"})
+GSSAPI_KEYS = frozenset({"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "renew_margin_seconds"})
+
+CQL_VERSION = "3.4.7"  # Cassandra 5.0's
+SUPPORTED_OPTIONS = {
+    "PROTOCOL_VERSIONS": F.supported_versions_text().split(", "),
+    "COMPRESSION": ["snappy", "lz4"],
+    "CQL_VERSION": [CQL_VERSION],
+}
+BACKEND_LOST = "the connection to the backend database was lost"
+TLS_REQUIRED = "this port requires TLS: connect to the proxy with TLS (cqlsh --ssl, or an ssl_context in the driver)"
+
+
+@attrs.define(eq=False)
+class _Hello:
+    version: int
+    options: dict
+    compression: str | None
+    reply_stream: int  # where AUTH_SUCCESS / READY / the refusal go
+    user: str | None  # None: client_auth "none"
+
+
+class _ClientWire:
+    """Frames the proxy itself sends the client, in the connection's current framing."""
+
+    def __init__(self, channel: MessageStream) -> None:
+        self.channel = channel
+        self.version: int | None = None
+        self.compression: str | None = None  # v3/v4 per-frame compression, from STARTUP on
+        self.encoder = CqlEncoder()
+
+    def error(self, stream: int, code: int, message: str) -> bytes:
+        version = self.version or F.CURRENT_VERSION
+        return self.encoder(F.encode_error(version, stream, code, message, compressor=self.compression))
+
+    def protocol_error(self, exc: Exception) -> bytes:
+        """The PROTOCOL_ERROR for a client's ProtocolError, on its stream when known."""
+        if self.version is None:
+            if isinstance(exc, F.UnsupportedProtocolVersion):
+                return exc.error_frame()
+            # A bad first header is answered in the server's current version
+            # (Cassandra does); an oversized one in its own, which is valid.
+            version = getattr(exc, "version", None)
+            if not (isinstance(exc, FrameTooLarge) and version in F.SUPPORTED_VERSIONS):
+                version = F.CURRENT_VERSION
+            return F.protocol_error_reply(exc, version=version)
+        return self.encoder(F.protocol_error_reply(exc, version=self.version, compressor=self.compression))
+
+    async def send(self, data: bytes) -> None:
+        await self.channel.send(data)
+
+    async def send_quietly(self, data: bytes) -> None:
+        if not data:
+            return
+        with trio.move_on_after(5):
+            try:
+                await self.channel.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+class CassandraEngine(Engine):
+    protocol = "cassandra"
+    match_keys = ("user", "driver_name", "driver_version")
+    auth_methods = ("none", "password", "gssapi")
+    password_methods = ("password",)
+    default_max_message_size = 16 * 1024 * 1024
+
+    def __init__(self, listener: Any, services: Any) -> None:
+        super().__init__(listener, services)
+        self.ssl_context = server_context(listener.tls) if listener.tls else None
+        options = listener.options or {}
+        self.client_auth = options.get("client_auth", "password")
+        self.expected_user = options.get("expected_user")
+        self.prepared: PreparedCache = services.extras.setdefault("cassandra.prepared", PreparedCache())
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def validate_auth(cls, v: Any, method: str, ad: dict, path: str) -> dict:
+        extra = sorted(k for k in ad if k not in {"method", "password_file", "password_env"})
+        if method == "gssapi":
+            for k in extra:
+                if k not in GSSAPI_KEYS:
+                    v.err(f"{path}.{k}", f"a gssapi key ({', '.join(sorted(GSSAPI_KEYS))})")
+            v.err(f"{path}.method", "\"password\" or \"none\": SASL GSSAPI toward Cassandra is reserved, not supported yet")
+            return {}
+        for k in extra:
+            v.err(f"{path}.{k}", f"no key {k!r} for method {method}")
+        if method == "none" and ("password_file" in ad or "password_env" in ad):
+            v.err(path, "no password for method none (use method \"password\")")
+        return {}
+
+    @classmethod
+    def validate_listener(cls, v: Any, d: dict, path: str) -> None:
+        needs_user = False
+        opts = d.get("options", {})
+        client_auth = None
+        if isinstance(opts, dict):
+            op = f"{path}.options"
+            for k in opts:
+                if k not in LISTENER_OPTIONS:
+                    v.err(f"{op}.{k}", f"a cassandra listener option ({', '.join(sorted(LISTENER_OPTIONS))})")
+            if "client_auth" in opts:
+                client_auth = v.string(opts, "client_auth", op, choices=CLIENT_AUTH_MODES)
+            if "expected_user" in opts:
+                needs_user = True
+                v.string(opts, "expected_user", op)
+        routes = d.get("routes")
+        for j, r in enumerate(routes if isinstance(routes, list) else []):
+            if not isinstance(r, dict):
+                continue
+            rp = f"{path}.routes[{j}]"
+            ropts = r.get("options", {})
+            if isinstance(ropts, dict):
+                for k in ropts:
+                    if k not in ROUTE_OPTIONS:
+                        v.err(f"{rp}.options.{k}", f"a cassandra route option ({', '.join(sorted(ROUTE_OPTIONS))})")
+                if "expected_user" in ropts:
+                    needs_user = True
+                    v.string(ropts, "expected_user", f"{rp}.options")
+            if isinstance(r.get("match"), dict) and "user" in r["match"]:
+                needs_user = True
+            backend = r.get("backend")
+            if not isinstance(backend, dict):
+                continue
+            bp = f"{rp}.backend"
+            if "database" in backend:
+                v.err(f"{bp}.database", "no \"database\" for cassandra: clients choose keyspaces themselves (USE, or per statement)")
+            auth = backend.get("auth")
+            if isinstance(auth, dict) and auth.get("method") == "password" and not backend.get("user"):
+                v.err(bp, "a \"user\" for auth method password (the role the proxy logs in as)")
+            tls = backend.get("tls")
+            if isinstance(tls, dict) and "mode" not in tls:
+                v.err(f"{bp}.tls", "a \"mode\" (verify-full, verify-ca, require or disable): a tls object without one would silently mean disable")
+        if client_auth == "none" and needs_user:
+            v.err(f"{path}.options.client_auth", "\"password\": routes match on \"user\" or expected_user is set, which needs the client's user name")
+
+    # ------------------------------------------------------------------ session
+    async def handle_connection(self, session: Any, stream: Any) -> None:
+        if self.ssl_context is not None:
+            stream = await self._client_tls(session, stream)
+            if stream is None:
+                return
+        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
+        wire = _ClientWire(channel)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                hello = await self._client_hello(session, channel, wire)
+        except trio.TooSlowError:
+            session.details["end_reason"] = "client handshake timed out"
+            return
+        except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        except ProtocolError as exc:
+            log.info("session %s: client protocol error during handshake: %s", session.id, exc)
+            await wire.send_quietly(wire.protocol_error(exc))
+            return
+        if hello is None:
+            return
+        await self._run_session(session, wire, hello)
+
+    async def _client_tls(self, session: Any, stream: Any) -> Any:
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            first = b""
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                try:
+                    first = await sock.recv(1, socket_module.MSG_PEEK)
+                except OSError:
+                    return None
+            if not first:
+                return None
+            if first[0] != TLS_HANDSHAKE_RECORD:
+                await self._refuse_plaintext(session, stream)
+                return None
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            log.info("session %s: client TLS handshake failed: %s", session.id, getattr(exc, "__cause__", None) or exc)
+            return None
+        session.details["client_tls"] = True
+        return tls
+
+    async def _refuse_plaintext(self, session: Any, stream: Any) -> None:
+        header = b""
+        with trio.move_on_after(5):
+            try:
+                while len(header) < F.HEADER_SIZE:
+                    chunk = await stream.receive_some(F.HEADER_SIZE - len(header))
+                    if not chunk:
+                        break
+                    header += chunk
+            except (trio.BrokenResourceError, OSError):
+                return
+        if len(header) < 4:
+            return
+        version = header[0] & F.VERSION_MASK
+        stream_id = int.from_bytes(header[2:3] if version in F.LEGACY_VERSIONS else header[2:4], "big", signed=True)
+        log.info("session %s: plaintext CQL on a TLS listener refused", session.id)
+        reply = F.encode_error(F.reply_version_for(version), stream_id, F.ErrorCode.PROTOCOL_ERROR, TLS_REQUIRED)
+        with trio.move_on_after(5):
+            try:
+                await stream.send_all(reply)
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+    def _check_version(self, frame: F.Frame, wire: _ClientWire) -> None:
+        if wire.version is None:
+            wire.version = frame.version
+        elif frame.version != wire.version:
+            message = f"Invalid message version. Got {frame.version} but previous messages on this connection had version {wire.version}"
+            raise F.CqlProtocolError(message, stream=frame.stream, version=wire.version)
+
+    async def _client_hello(self, session: Any, channel: MessageStream, wire: _ClientWire) -> _Hello | None:
+        while True:
+            frame = await channel.receive()
+            self._check_version(frame, wire)
+            if frame.opcode == F.Opcode.OPTIONS:
+                await wire.send(F.encode_supported(frame.version, frame.stream, SUPPORTED_OPTIONS))
+                continue
+            if frame.opcode == F.Opcode.STARTUP:
+                break
+            name = F.Opcode(frame.opcode).name
+            raise F.CqlProtocolError(
+                f"Unexpected message {name}, expecting STARTUP or OPTIONS", stream=frame.stream, version=frame.version
+            )
+        version = frame.version
+        options = {k.upper(): v for k, v in F.parse_startup(frame).items()}
+        if "CQL_VERSION" not in options:
+            raise F.CqlProtocolError("Missing value CQL_VERSION in STARTUP message", stream=frame.stream, version=version)
+        compression = options.get("COMPRESSION")
+        if compression is not None:
+            compression = compression.lower()
+            if compression not in ("lz4", "snappy"):
+                raise F.CqlProtocolError(f"Unknown compression algorithm: {compression}", stream=frame.stream, version=version)
+            if compression == "snappy" and version >= F.FIRST_SEGMENT_VERSION:
+                raise F.CqlProtocolError("Snappy compression is not supported in protocol V5", stream=frame.stream, version=version)
+            options["COMPRESSION"] = compression
+        details = session.details
+        details["protocol_version"] = version
+        details["cql_version"] = options.get("CQL_VERSION")
+        details["compression"] = compression
+        for key in ("DRIVER_NAME", "DRIVER_VERSION", "APPLICATION_NAME", "CLIENT_ID"):
+            if options.get(key):
+                details[key.lower()] = options[key]
+
+        segments = version >= F.FIRST_SEGMENT_VERSION
+        decoder = channel.decoder
+        if segments:
+            decoder.set_framing("segments", compression)
+        elif compression:
+            decoder.set_framing("frames", compression)
+            wire.compression = compression
+
+        authenticator = client_authenticator(self.client_auth)
+        if authenticator is None:
+            return _Hello(version, options, compression, frame.stream, None)
+        await wire.send(
+            F.encode_authenticate(version, frame.stream, authenticator.authenticator_class, compressor=wire.compression)
+        )
+        if segments:
+            wire.encoder.set_framing("segments", compression)
+        while True:
+            frame = await channel.receive()
+            self._check_version(frame, wire)
+            if frame.opcode != F.Opcode.AUTH_RESPONSE:
+                name = F.Opcode(frame.opcode).name
+                raise F.CqlProtocolError(f"Unexpected message {name}, expecting SASL response", stream=frame.stream, version=version)
+            token = F.parse_auth_response(frame)
+            try:
+                step = authenticator.step(token)
+            except ClientAuthFailed as exc:
+                session.audit.on_session_start(success=False, error=f"client authentication refused: {exc}", **self._start_fields(session))
+                await wire.send_quietly(wire.error(frame.stream, F.ErrorCode.AUTH_ERROR, str(exc)))
+                return None
+            if step.done:
+                session.details["requested_user"] = step.user
+                return _Hello(version, options, compression, frame.stream, step.user)
+            await wire.send(wire.encoder(F.encode_auth_challenge(version, frame.stream, step.challenge, compressor=wire.compression)))
+
+    def _start_fields(self, session: Any) -> dict:
+        d = session.details
+        fields = {
+            "requested_user": d.get("requested_user"),
+            "client_auth": self.client_auth,
+            "client_tls": bool(d.get("client_tls")),
+            "protocol_version": d.get("protocol_version"),
+            "cql_version": d.get("cql_version"),
+            "compression": d.get("compression"),
+            "driver_name": d.get("driver_name"),
+            "driver_version": d.get("driver_version"),
+        }
+        for key in ("application_name", "client_id"):
+            if d.get(key):
+                fields[key] = d[key]
+        return fields
+
+    def _user_refusal(self, route: Any, user: str | None) -> str | None:
+        for where, glob in (("listener", self.expected_user), (f"route {route.name}", route.options.get("expected_user"))):
+            if glob is not None and not fnmatch.fnmatchcase(user or "", glob):
+                return f"user \"{user}\" is not allowed through this proxy ({where} expects \"{glob}\")"
+        return None
+
+    async def _refuse(self, session: Any, wire: _ClientWire, hello: _Hello, code: int, client_message: str, error: str, **extra: Any) -> None:
+        session.audit.on_session_start(success=False, error=error, error_code=code, **extra, **self._start_fields(session))
+        await wire.send_quietly(wire.error(hello.reply_stream, code, client_message))
+
+    @staticmethod
+    def _upstream_reply(exc: UpstreamError) -> tuple[int, str]:
+        if isinstance(exc, BackendRefused):
+            if exc.code == F.ErrorCode.PROTOCOL_ERROR:
+                return exc.code, exc.server_message  # verbatim: drivers downgrade on its wording
+            if exc.kind == "auth":
+                return F.ErrorCode.AUTH_ERROR, exc.client_hint
+            return exc.code, exc.client_hint
+        if exc.kind == "auth":
+            return F.ErrorCode.AUTH_ERROR, exc.client_hint
+        return F.ErrorCode.SERVER_ERROR, exc.client_hint
+
+    async def _run_session(self, session: Any, wire: _ClientWire, hello: _Hello) -> None:
+        audit = session.audit
+        user = hello.user
+        options = hello.options
+        requested = {
+            "user": user or "",
+            "driver_name": options.get("DRIVER_NAME", ""),
+            "driver_version": options.get("DRIVER_VERSION", ""),
+        }
+        route = self.select_route(requested)
+        if route is None:
+            message = f"no route for user \"{user or ''}\" (driver \"{requested['driver_name']}\") on listener {self.listener.name}"
+            session.db_user = user
+            await self._refuse(session, wire, hello, F.ErrorCode.AUTH_ERROR, message, message)
+            return
+        session.route_name = route.name
+        session.backend_addr = route.backend.address
+        session.db_user = route.backend.user or user
+        refusal = self._user_refusal(route, user)
+        if refusal is not None:
+            await self._refuse(session, wire, hello, F.ErrorCode.AUTH_ERROR, refusal, refusal)
+            return
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                link = await open_backend(
+                    route,
+                    version=hello.version,
+                    options=options,
+                    compression=hello.compression,
+                    max_message_size=max(self.max_message_size, F.DEFAULT_MAX_MESSAGE_SIZE),
+                    credentials=self.services.credentials,
+                )
+        except (UpstreamError, trio.TooSlowError) as exc:
+            if isinstance(exc, trio.TooSlowError):
+                exc = UpstreamError(
+                    f"backend {route.backend.address} did not complete login within {CONNECT_TIMEOUT:.0f}s",
+                    kind="connect",
+                    client_hint=f"the backend database at {route.backend.address} did not answer in time",
+                )
+            code, message = self._upstream_reply(exc)
+            log.warning("session %s: %s", session.id, exc)
+            extra = {"backend_error_kind": exc.kind}
+            if isinstance(exc, BackendRefused):
+                extra["backend_error_code"] = exc.code
+            await self._refuse(session, wire, hello, code, message, str(exc), **extra)
+            return
+
+        version = hello.version
+        state = CqlSessionState(backend=route.backend.address, prepared=self.prepared, session=session, version=version)
+        try:
+            audit.on_session_start(
+                success=True,
+                backend_tls=link.tls,
+                backend_auth=route.backend.auth.method,
+                backend_auth_mechanism=link.mechanism,
+                backend_authenticator=link.authenticator_class,
+                **self._start_fields(session),
+            )
+            if user is not None:
+                await wire.send(wire.encoder(F.encode_auth_success(version, hello.reply_stream, None, compressor=wire.compression)))
+            else:
+                await wire.send(F.encode_ready(version, hello.reply_stream, compressor=wire.compression))
+                if version >= F.FIRST_SEGMENT_VERSION:
+                    wire.encoder.set_framing("segments", hello.compression)
+            pipeline = Pipeline(
+                session=session,
+                client=wire.channel.stream,
+                backend=link.stream,
+                client_decoder=wire.channel.decoder,
+                backend_decoder=link.decoder,
+                client_stages=[RequestAudit(state, audit, compressor=wire.compression)],
+                backend_stages=[ResponseAudit(state, audit)],
+                state=state,
+                to_client_encoder=wire.encoder,
+                to_backend_encoder=link.encoder,
+                client_error=functools.partial(self._pipeline_error, wire, state),
+                flush_audit=audit.flush,
+            )
+            await pipeline.run()
+            reason = pipeline.end_reason or "closed"
+            if reason.startswith("backend") and state.pending:
+                await wire.send_quietly(self._fail_pending(wire, state, BACKEND_LOST))
+            c2b, b2c = pipeline.statistics()
+            session.details["end_reason"] = reason
+            session.details["end_fields"] = {
+                "requests": state.requests,
+                "errors": state.errors,
+                "events": state.events,
+                "bytes_from_client": c2b.bytes_in,
+                "bytes_to_client": b2c.bytes_out,
+            }
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            session.details["end_reason"] = f"client connection lost: {exc.__class__.__name__}"
+        finally:
+            await link.aclose()
+
+    @staticmethod
+    def _fail_pending(wire: _ClientWire, state: CqlSessionState, message: str) -> bytes:
+        """SERVER_ERROR on every stream still waiting for an answer (then the session closes)."""
+        streams = list(state.pending)
+        state.pending.clear()
+        if not streams:
+            return b""
+        version = wire.version or F.CURRENT_VERSION
+        frames = b"".join(
+            F.encode_error(version, s, F.ErrorCode.SERVER_ERROR, message, compressor=wire.compression) for s in streams
+        )
+        return wire.encoder(frames)
+
+    def _pipeline_error(self, wire: _ClientWire, state: CqlSessionState, exc: ProxyError) -> bytes:
+        if isinstance(exc, BackendProtocolError):
+            return self._fail_pending(wire, state, exc.client_hint)
+        return wire.protocol_error(exc)

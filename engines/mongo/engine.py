@@ -1,0 +1,389 @@
+"""The MongoDB engine.
+
+Session, in order:
+  1. Listener TLS (``tls`` on the listener): TLS from the first byte, as on
+     mongod's TLS ports.
+  2. The client's first message (normally its ``hello``/``isMaster``) is read
+     to choose the route (match key ``application_name``: the
+     ``client.application.name`` of that hello) and to hand its ``client``
+     metadata to the backend handshake.
+  3. ``backend.open_backend``: the proxy connects and logs in with the route's
+     credential.  If that fails the client's first request gets an ``ok: 0``
+     reply in its own opcode style (code 18 AuthenticationFailed, 6
+     HostUnreachable, 89 NetworkTimeout, 13 Unauthorized for no route), the
+     session start is audited as failed with the detail, and the connection
+     closes.
+  4. The core pipeline runs with ``stages.ClientCommands`` and
+     ``stages.BackendReplies``; the first message goes through it like any
+     other (it is fed back into a fresh decoder ahead of whatever followed).
+
+Client protocol errors (garbage header, length over the listener's
+``max_message_size``, bad OP_MSG checksum) end the session; when the bad
+message's header names a request (OP_MSG / OP_QUERY / OP_COMPRESSED) the
+client first gets an ``ok: 0`` answer to it (code 17 ProtocolError, 10334
+BSONObjectTooLarge), else the connection just closes.  A backend that dies
+or breaks the protocol mid-session: every request still waiting is answered
+``ok: 0`` code 6 and audited as failed, then the client is disconnected (a
+driver reconnects through the proxy).
+
+Listener options: ``client_auth`` (``accept`` | ``reject``, see
+``clientauth``), ``client_password_file`` / ``client_password_env``,
+``compressors`` (the subset of snappy/zlib/zstd the proxy negotiates with
+clients; default all three).  Backend options: ``auth_source``,
+``handshake`` (``hello`` | ``isMaster``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import attrs
+import trio
+
+from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.engine import Engine
+from dbproxy.errors import ProtocolError, ProxyError, UpstreamError
+from dbproxy.pipeline import Pipeline
+from dbproxy.tls import server_context
+
+from . import wire
+from .backend import HANDSHAKES, open_backend
+from .clientauth import MODES, ClientAuthPolicy
+from .codec import MongoDecoder
+from .stages import (
+    HOST_UNREACHABLE,
+    REQUEST_OPCODES,
+    SUPPORTED_COMPRESSORS,
+    BackendReplies,
+    ClientCommands,
+    MongoSessionState,
+    abandon_pending,
+    lost_backend_replies,
+    protocol_error_reply,
+)
+
+log = logging.getLogger("dbproxy.mongo")
+
+HANDSHAKE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0
+LISTENER_OPTIONS = {"client_auth", "client_password_file", "client_password_env", "compressors"}
+BACKEND_OPTIONS = {"auth_source", "handshake"}
+
+UNKNOWN_ERROR = 8
+UNAUTHORIZED = 13
+AUTHENTICATION_FAILED = 18
+NETWORK_TIMEOUT = 89
+
+
+@attrs.frozen
+class _BadHeader:
+    request_id: int
+    op_code: int  # the opcode the request travelled in (originalOpcode for OP_COMPRESSED)
+
+
+class AttributingDecoder:
+    """A ``MongoDecoder`` whose protocol errors say which side sent the bad bytes.
+
+    The pipeline hands every ProtocolError to one ``client_error`` callback;
+    the engine needs to know whether the client broke the protocol (answer
+    that request) or the backend did (answer the client's waiting requests),
+    and the bad message's header, which the decoder leaves unconsumed.
+    """
+
+    def __init__(self, inner: MongoDecoder, side: str) -> None:
+        self.inner = inner
+        self.side = side
+        self.buffer = inner.buffer
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.inner.feed(data)
+
+    def next_message(self) -> Any:
+        try:
+            return self.inner.next_message()
+        except ProtocolError as exc:
+            exc.mongo_side = self.side  # type: ignore[attr-defined]
+            exc.mongo_header = self._header()  # type: ignore[attr-defined]
+            raise
+
+    def _header(self) -> _BadHeader | None:
+        buf = self.buffer
+        if len(buf) < wire.HEADER_SIZE:
+            return None
+        _length, request_id, _response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
+        if op_code not in REQUEST_OPCODES:
+            return None
+        if op_code == wire.OP_COMPRESSED:
+            op_code = buf.i32_le(wire.HEADER_SIZE) if len(buf) >= wire.HEADER_SIZE + 4 else wire.OP_MSG
+        return _BadHeader(request_id, op_code)
+
+
+def client_protocol_error_reply(exc: ProtocolError) -> bytes:
+    """ok:0 for the request whose header the client decoder could read, else nothing (just close)."""
+    hdr = getattr(exc, "mongo_header", None)
+    if hdr is None:
+        return b""
+    style = wire.OP_QUERY if hdr.op_code == wire.OP_QUERY else wire.OP_MSG
+    request = wire.WireMessage(wire.HEADER_SIZE, hdr.request_id, 0, style, wire.HEADER.pack(16, hdr.request_id, 0, style))
+    return protocol_error_reply(request, exc)
+
+
+def _first_hello(msg: wire.WireMessage, max_size: int) -> dict:
+    """Routing facts from the client's first message (empty when it is not a readable hello)."""
+    try:
+        cmd = wire.inspect_command(msg, max_message_size=max_size)
+    except ProtocolError:
+        return {}
+    if cmd is None or cmd.name not in ("hello", "isMaster", "ismaster"):
+        return {}
+    try:
+        client = cmd.body.get("client")
+        meta = wire.decode_document(client.raw) if client is not None and hasattr(client, "raw") else None
+    except Exception:
+        return {}
+    facts: dict[str, Any] = {"metadata": meta}
+    if isinstance(meta, dict):
+        app = meta.get("application")
+        if isinstance(app, dict) and isinstance(app.get("name"), str):
+            facts["application_name"] = app["name"]
+        driver = meta.get("driver")
+        if isinstance(driver, dict):
+            facts["driver"] = f"{driver.get('name', '')} {driver.get('version', '')}".strip()
+    return facts
+
+
+class MongoEngine(Engine):
+    protocol = "mongo"
+    match_keys = ("application_name",)
+    auth_methods = ("scram-sha-256", "scram-sha-1", "plain", "none")
+    password_methods = ("scram-sha-256", "scram-sha-1", "plain")
+    default_max_message_size = wire.DEFAULT_MAX_MESSAGE_SIZE
+
+    def __init__(self, listener: Any, services: Any) -> None:
+        super().__init__(listener, services)
+        self.ssl_context = server_context(listener.tls) if listener.tls else None
+        options = listener.options or {}
+        self.client_auth = ClientAuthPolicy.from_options(options)
+        self.compressors = tuple(options.get("compressors", SUPPORTED_COMPRESSORS))
+
+    # -- config validation -----------------------------------------------------
+    @classmethod
+    def validate_auth(cls, v: Any, method: str, ad: dict, path: str) -> dict:
+        for key in sorted(k for k in ad if k not in {"method", "password_file", "password_env"}):
+            v.err(f"{path}.{key}", f"no key {key!r} for method {method}")
+        return {}
+
+    @classmethod
+    def validate_listener(cls, v: Any, d: dict, path: str) -> None:
+        opts = d.get("options")
+        if isinstance(opts, dict):
+            op = f"{path}.options"
+            v.unknown_keys(opts, LISTENER_OPTIONS, op)
+            mode = v.string(opts, "client_auth", op, required=False, choices=MODES) or "accept"
+            if "client_password_file" in opts and "client_password_env" in opts:
+                v.err(op, "only one of \"client_password_file\" or \"client_password_env\"")
+            if "client_password_file" in opts:
+                resolved = v.file_path(opts, "client_password_file", op)
+                if resolved:
+                    # The engine reads the file at use; store it resolved against the config file's folder.
+                    opts["client_password_file"] = resolved
+            if "client_password_env" in opts:
+                name = v.string(opts, "client_password_env", op)
+                if name and name not in os.environ:
+                    v.err(f"{op}.client_password_env", f"environment variable {name} to be set")
+            if mode == "reject" and ("client_password_file" in opts or "client_password_env" in opts):
+                v.err(op, "no client password with client_auth \"reject\" (it is only used to accept client SCRAM)")
+            if "compressors" in opts:
+                comps = opts["compressors"]
+                if not isinstance(comps, list) or any(c not in SUPPORTED_COMPRESSORS for c in comps):
+                    v.err(f"{op}.compressors", f"an array of {', '.join(SUPPORTED_COMPRESSORS)}, got {comps!r}")
+        routes = d.get("routes")
+        if not isinstance(routes, list):
+            return
+        for i, r in enumerate(routes):
+            b = r.get("backend") if isinstance(r, dict) else None
+            if not isinstance(b, dict):
+                continue
+            bp = f"{path}.routes[{i}].backend"
+            bopts = b.get("options", {})
+            if isinstance(bopts, dict):
+                v.unknown_keys(bopts, BACKEND_OPTIONS, f"{bp}.options")
+                if "auth_source" in bopts:
+                    v.string(bopts, "auth_source", f"{bp}.options")
+                if "handshake" in bopts:
+                    v.string(bopts, "handshake", f"{bp}.options", choices=HANDSHAKES)
+            else:
+                v.err(f"{bp}.options", "an object")
+            auth = b.get("auth")
+            if isinstance(auth, dict) and auth.get("method") in cls.password_methods and not b.get("user"):
+                v.err(bp, f"a \"user\" for auth method {auth.get('method')}")
+
+    # -- session ----------------------------------------------------------------
+    async def handle_connection(self, session: Any, stream: Any) -> None:
+        opened = await self._open_client(session, stream)
+        if opened is not None:
+            await self._run_session(session, *opened)
+
+    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
+        """Turn a client away before any session (e.g. the audit is unavailable, fail-closed):
+        answer its first request with ``ok: 0`` and the reason, then close."""
+        opened = await self._open_client(session, stream)
+        if opened is not None:
+            client, first = opened
+            await self._refuse(client, first, UNAUTHORIZED, f"dbproxy: {reason}")
+
+    async def _open_client(self, session: Any, stream: Any) -> tuple[MessageStream, wire.WireMessage] | None:
+        """Listener TLS, then the client's first message (None: nothing to serve, already answered)."""
+        if self.ssl_context is not None:
+            tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                log.info("session %s: client TLS handshake failed: %s", session.id, exc.__cause__ or exc)
+                session.details["end_reason"] = "client TLS handshake failed"
+                return None
+            stream = tls
+            session.details["client_tls"] = True
+        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
+        client = MessageStream(stream, decoder)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                first = await client.receive()
+        except trio.TooSlowError:
+            session.details["end_reason"] = "client sent no request in time"
+            return None
+        except PeerClosed:
+            return None
+        except ProtocolError as exc:
+            log.info("session %s: client protocol error in its first message: %s", session.id, exc)
+            session.details["end_reason"] = f"client protocol error: {exc}"
+            await _send_quietly(stream, client_protocol_error_reply(exc))
+            return None
+        except (trio.BrokenResourceError, OSError):
+            return None
+        return client, first
+
+    async def _run_session(self, session: Any, client: MessageStream, first: wire.WireMessage) -> None:
+        audit = session.audit
+        facts = _first_hello(first, self.max_message_size)
+        app = facts.get("application_name", "")
+        for key in ("application_name", "driver"):
+            if facts.get(key):
+                session.details[key] = facts[key]
+        start_fields: dict[str, Any] = {
+            "client_tls": bool(session.details.get("client_tls")),
+            "application_name": app or None,
+            "client_driver": facts.get("driver"),
+            "client_auth": self.client_auth.mode,
+        }
+        route = self.select_route({"application_name": app})
+        if route is None:
+            msg = f"no route on listener {self.listener.name} for application name {app!r}"
+            audit.on_session_start(success=False, error=msg, code=UNAUTHORIZED, **start_fields)
+            await self._refuse(client, first, UNAUTHORIZED, f"dbproxy: {msg}")
+            return
+        b = route.backend
+        session.route_name = route.name
+        session.backend_addr = b.address
+        session.db_name = b.database
+        session.db_user = b.user
+        backend_max = max(self.max_message_size, wire.DEFAULT_MAX_MESSAGE_SIZE)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                link = await open_backend(route, client_metadata=facts.get("metadata"), max_message_size=backend_max)
+        except (UpstreamError, trio.TooSlowError) as exc:
+            if isinstance(exc, trio.TooSlowError):
+                code = NETWORK_TIMEOUT
+                detail = f"backend {b.address} did not complete the proxy's login within {CONNECT_TIMEOUT:.0f}s"
+                hint = "the backend database did not answer in time"
+            else:
+                code = AUTHENTICATION_FAILED if exc.kind == "auth" else HOST_UNREACHABLE
+                detail, hint = str(exc), exc.client_hint
+            log.warning("session %s: %s", session.id, detail)
+            audit.on_session_start(success=False, error=detail, code=code, **start_fields)
+            await self._refuse(client, first, code, f"dbproxy could not log in to the backend database {b.address}: {hint}")
+            return
+
+        state = MongoSessionState(
+            auth=self.client_auth.session(), max_message_size=self.max_message_size, compressors=self.compressors
+        )
+        state.details.update({k: v for k, v in facts.items() if k in ("application_name", "driver")})
+        # The first message goes through the pipeline's stages like every other.
+        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
+        decoder.feed(first.raw)
+        decoder.feed(client.decoder.buffer.take_rest())
+        backend_channel = link.channel
+        backend_decoder = AttributingDecoder(backend_channel.decoder, "backend")
+        try:
+            audit.on_session_start(
+                success=True,
+                backend_tls=link.tls,
+                backend_auth=b.auth.method,
+                backend_auth_mechanism=link.mechanism,
+                backend_auth_source=link.auth_source,
+                server_max_wire_version=link.hello.get("maxWireVersion"),
+                **start_fields,
+            )
+
+            def client_error(exc: ProxyError) -> bytes:
+                side = getattr(exc, "mongo_side", None)
+                if side == "client":
+                    return client_protocol_error_reply(exc)  # type: ignore[arg-type]
+                if side == "backend":
+                    return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
+                # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
+                hint = getattr(exc, "client_hint", None) or str(exc)
+                return lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
+
+            pipeline = Pipeline(
+                session=session,
+                client=client.stream,
+                backend=backend_channel.stream,
+                client_decoder=decoder,
+                backend_decoder=backend_decoder,
+                client_stages=[ClientCommands(state, audit)],
+                backend_stages=[BackendReplies(state, audit)],
+                state=state,
+                client_error=client_error,
+                flush_audit=audit.flush,
+            )
+            await pipeline.run()
+            reason = pipeline.end_reason or "closed"
+            if reason.startswith("backend") and state.pending:
+                # The backend went away under waiting requests: answer them in the client's protocol.
+                await _send_quietly(
+                    client.stream,
+                    lost_backend_replies(state, audit, "dbproxy: the connection to the backend database was lost"),
+                )
+            elif state.pending:
+                abandon_pending(state, audit, f"no reply: the session ended ({reason})")
+            c2b, b2c = pipeline.statistics()
+            session.details["end_reason"] = reason
+            session.details["end_fields"] = {
+                "commands": state.commands,
+                "errors": state.errors,
+                "compressor": state.compressor,
+                "compressed_requests": state.compressed_requests,
+                "client_user": state.auth.user,
+                "bytes_from_client": c2b.bytes_in,
+                "bytes_to_client": b2c.bytes_out,
+            }
+        finally:
+            await backend_channel.aclose()
+
+    async def _refuse(self, client: MessageStream, first: wire.WireMessage, code: int, errmsg: str) -> None:
+        if first.op_code in REQUEST_OPCODES:
+            await _send_quietly(client.stream, wire.error_reply_for(first, code, errmsg))
+
+
+async def _send_quietly(stream: Any, data: bytes) -> None:
+    if not data:
+        return
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass

@@ -1,0 +1,639 @@
+"""pgbench -S against one real PostgreSQL: direct, pgbouncer, a bare trio relay, dbproxy.
+
+Strategy: start one private PostgreSQL 15 (``scripts.peers.postgres``, TLS off
+so no path negotiates it), ``pgbench -i`` it directly as the SCRAM user, then
+start the three middlemen once, each in its own process, all pointing at the
+same server over loopback TCP:
+
+    pgbouncer  session mode (the Debian package; ``scripts.peers.pgbouncer``)
+    relay      ``scripts.bench.relay``: accept, connect, two byte pumps — the
+               floor cost of any trio proxy
+    dbproxy    ``python -m dbproxy.cli serve`` with one Postgres listener, a
+               SCRAM backend login and a JSONL audit sink
+
+Each round runs ``pgbench -n -S`` (same clients, threads, duration) against
+direct, pgbouncer, relay, dbproxy in that order; rounds are interleaved so
+drift on a noisy machine hits every target alike.  We report the best and the
+median TPS per target and the ratios dbproxy/relay (the target: ≥ 0.8),
+dbproxy/direct, dbproxy/pgbouncer, relay/direct.  For each run we also record
+the CPU seconds the middleman process used (``/proc/PID/stat``) and the
+machine's idle share, because on a 2-core box the proxy competes with
+PostgreSQL and pgbench for the same cores.
+
+The audit claim is checked, not assumed: after every dbproxy run we count the
+``db.session.query`` events (``…statements.execute`` with ``-M
+extended|prepared``) appended to the JSONL file and compare with the
+transactions pgbench reports (one Query or Execute per ``-S`` transaction;
+pgbench's in-flight queries at the deadline count in the audit but not in
+pgbench's total, so audit ≥ transactions by at most the client count).
+
+``--profile py-spy`` (``pip install py-spy``) or ``--profile cprofile`` adds
+one run of ``--profile-target`` (dbproxy or the relay, to compare) under a
+profiler after the measured rounds and prints the top functions by own and
+inclusive time, also as µs per transaction; the measured figures never
+include a profiler.  ``--dbproxy-module`` runs another entry module in place
+of ``dbproxy.cli`` (A/B a patched build without touching the tree).
+
+Runnable: ``scripts/bench/pg [--clients 8 --threads 2 --duration 15 --rounds 2 --json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+
+from scripts.peers.pgbouncer import start_pgbouncer
+from scripts.peers.postgres import PgServer, start_postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGETS = ("direct", "pgbouncer", "relay", "dbproxy")
+# The event each pgbench transaction must produce: a Query (simple protocol) or an Execute (extended/prepared).
+AUDIT_EVENT = {"simple": "db.session.query", "extended": "db.session.postgres.statements.execute",
+               "prepared": "db.session.postgres.statements.execute"}
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* (all its threads)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # fields[0] is field 3 (state); utime/stime are fields 14/15.
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _machine_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return idle, sum(parts[:8])
+
+
+class ChildProcess:
+    """A Python child that prints a 'listening on HOST:PORT' line; stdout/stderr go to a log."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, pattern: str,
+                 stop_signal: int = signal.SIGTERM) -> None:
+        self.name = name
+        self.stop_signal = stop_signal
+        self.argv = argv
+        self.workdir = workdir
+        self.pattern = re.compile(pattern)
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 30.0) -> "ChildProcess":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=self.workdir, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.pattern.search(self.log_text())
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"{self.name} did not start:\n{self.log_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(self.stop_signal)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_relay(workdir: Path, pg: PgServer, *, name: str = "relay", wrap: list[str] = ()) -> ChildProcess:
+    return ChildProcess(
+        name,
+        [sys.executable, *wrap, "-m", "scripts.bench.relay", "--upstream", f"{pg.host}:{pg.port}"],
+        workdir,
+        r"relay listening on \S+:(\d+)",
+        stop_signal=signal.SIGINT,
+    ).start()
+
+
+def proxy_config(workdir: Path, pg: PgServer, user: str, password: str) -> tuple[Path, Path]:
+    """Write the dbproxy config (and the backend password file); return (config, audit file)."""
+    secret = workdir / "backend.secret"
+    secret.write_text(password + "\n")
+    os.chmod(secret, 0o600)
+    audit = workdir / "audit.jsonl"
+    config = {
+        "listeners": [{
+            "name": "bench",
+            "protocol": "postgres",
+            "listen": "127.0.0.1:0",
+            "routes": [{
+                "name": "bench",
+                "match": {"user": user},
+                "backend": {
+                    "address": f"{pg.host}:{pg.port}",
+                    "database": "app",
+                    "user": user,
+                    "auth": {"method": "scram-sha-256", "password_file": str(secret)},
+                },
+            }],
+        }],
+        "audit": {"sinks": [{"type": "jsonl", "path": str(audit)}]},
+    }
+    path = workdir / "dbproxy.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path, audit
+
+
+def start_dbproxy(workdir: Path, config: Path, *, name: str = "dbproxy", wrap: list[str] = (),
+                  module: str = "dbproxy.cli") -> ChildProcess:
+    return ChildProcess(
+        name,
+        [sys.executable, *wrap, "-m", module, "serve", "--config", str(config)],
+        workdir,
+        r"dbproxy: \S+ \(postgres\) listening on \S+:(\d+)",
+    ).start()
+
+
+# --------------------------------------------------------------------------- pgbench
+
+
+@attrs.define
+class Run:
+    target: str
+    round: int
+    tps: float
+    transactions: int
+    latency_ms: float | None
+    connect_ms: float | None
+    middle_cpu_s: float | None  # CPU seconds of the middleman process during the run
+    machine_idle: float  # share of all CPUs idle during the run
+    wall_s: float
+    audit_queries: int | None = None
+
+    @property
+    def cpu_us_per_txn(self) -> float | None:
+        if self.middle_cpu_s is None or not self.transactions:
+            return None
+        return self.middle_cpu_s / self.transactions * 1e6
+
+
+def _pg_env(password: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=password, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10", PGGSSENCMODE="disable")
+    return env
+
+
+def pgbench_init(pg: PgServer, user: str, password: str, scale: int) -> None:
+    p = subprocess.run(
+        [str(pg.bindir / "pgbench"), "-i", "-q", "-s", str(scale), "-h", pg.host, "-p", str(pg.port), "-U", user, "app"],
+        env=_pg_env(password), capture_output=True, text=True, timeout=600,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"pgbench -i failed ({p.returncode}): {p.stderr.strip()}")
+
+
+def _float(pattern: str, text: str) -> float | None:
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else None
+
+
+def pgbench(pg: PgServer, port: int, user: str, password: str, args: argparse.Namespace,
+            duration: int) -> tuple[float, int, float | None, float | None, str]:
+    cmd = [str(pg.bindir / "pgbench"), "-n", "-S", "-M", args.protocol,
+           "-c", str(args.clients), "-j", str(args.threads), "-T", str(duration),
+           "-h", "127.0.0.1", "-p", str(port), "-U", user, "app"]
+    p = subprocess.run(cmd, env=_pg_env(password), capture_output=True, text=True, timeout=duration + 120)
+    out = p.stdout + p.stderr
+    tps = _float(r"tps = ([\d.]+) \(without initial connection time\)", out) or _float(r"tps = ([\d.]+)", out)
+    txns = _float(r"number of transactions actually processed: (\d+)", out)
+    if p.returncode != 0 or tps is None or txns is None:
+        raise RuntimeError(f"pgbench on port {port} failed ({p.returncode}):\n{out.strip()[-2000:]}")
+    return (tps, int(txns), _float(r"latency average = ([\d.]+) ms", out),
+            _float(r"initial connection time = ([\d.]+) ms", out), out)
+
+
+class AuditCounter:
+    """Counts events of one kind appended to the JSONL file since the last call."""
+
+    def __init__(self, path: Path, event: str) -> None:
+        self.path = path
+        self.event = event
+        self.mark = b'"event":"' + event.encode() + b'"'
+        self.offset = 0
+        self.total = 0
+        self._tail = b""
+
+    def _scan(self) -> int:
+        found = 0
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return 0
+        with f:
+            f.seek(self.offset)
+            while True:
+                chunk = f.read(8 << 20)
+                if not chunk:
+                    break
+                data = self._tail + chunk
+                # Only whole lines: a marker split across reads is counted next time.
+                cut = data.rfind(b"\n") + 1
+                found += data.count(self.mark, 0, cut)
+                self._tail = data[cut:]
+                self.offset += len(chunk)
+        return found
+
+    def settle(self, expect_at_least: int, timeout: float = 30.0) -> int:
+        """Events since last call; waits for the drain task until the count reaches *expect_at_least* and stops growing."""
+        count = 0
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while True:
+            new = self._scan()
+            now = time.monotonic()
+            if new:
+                count += new
+                quiet_since = now
+            if (count >= expect_at_least and now - quiet_since > 0.5) or now > deadline:
+                break
+            time.sleep(0.1)
+        self.total += count
+        return count
+
+
+def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, user: str, password: str,
+               args: argparse.Namespace, audit: AuditCounter | None = None) -> Run:
+    cpu0 = _proc_cpu_seconds(pid) if pid else None
+    idle0, total0 = _machine_times()
+    t0 = time.monotonic()
+    tps, txns, lat, conn, _ = pgbench(pg, port, user, password, args, args.duration)
+    wall = time.monotonic() - t0
+    idle1, total1 = _machine_times()
+    cpu = _proc_cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
+    run = Run(target, rnd, tps, txns, lat, conn, cpu, (idle1 - idle0) / max(1, total1 - total0), wall)
+    if audit is not None:
+        run.audit_queries = audit.settle(txns)
+    return run
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def _frame_name(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:123)"; group by function and file.
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return frame
+    func, path = m.groups()
+    for prefix in (str(ROOT) + "/", "/root/.pyenv/versions/"):
+        path = path.replace(prefix, "")
+    path = re.sub(r".*site-packages/", "", path)
+    return f"{func} ({path})"
+
+
+def summarize_pyspy(raw: Path, top: int) -> dict:
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    return {
+        "samples": total,
+        "own": [(f, c, c / total if total else 0.0) for f, c in own.most_common(top)],
+        "inclusive": [(f, c, c / total if total else 0.0) for f, c in incl.most_common(top * 2)],
+    }
+
+
+PYSPY_RATE = 250
+
+
+def profile_pyspy(child: ChildProcess, pg: PgServer, user: str, password: str, args: argparse.Namespace,
+                  outdir: Path) -> dict:
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        raise FileNotFoundError("py-spy not found: pip install py-spy")
+    raw = outdir / f"{child.name}-pyspy.txt"
+    spy = subprocess.Popen(
+        [pyspy, "record", "--pid", str(child.pid), "--format", "raw", "--rate", str(PYSPY_RATE),
+         "--duration", str(args.duration), "--nonblocking", "-o", str(raw)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)  # let py-spy attach before the load starts
+    tps, txns, *_ = pgbench(pg, child.port, user, password, args, args.duration)
+    _, err = spy.communicate(timeout=60)
+    if spy.returncode != 0 or not raw.exists():
+        raise RuntimeError(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')[-1000:]}")
+    summary = summarize_pyspy(raw, args.profile_top)
+    # Samples are taken every 1/rate s of wall time while the stack is not idle.
+    summary.update(tool="py-spy", target=child.name, tps=tps, transactions=txns, raw=str(raw),
+                   us_per_txn=summary["samples"] / PYSPY_RATE / max(1, txns) * 1e6)
+    return summary
+
+
+def profile_cprofile(start_child, pg: PgServer, user: str, password: str, args: argparse.Namespace,
+                     outdir: Path) -> dict:
+    """*start_child(wrap)* starts a fresh target under ``python -m cProfile -o FILE``."""
+    import pstats
+
+    out = outdir / f"{args.profile_target}.pstats"
+    child = start_child(["-m", "cProfile", "-o", str(out)])
+    try:
+        tps, txns, *_ = pgbench(pg, child.port, user, password, args, args.duration)
+    finally:
+        child.stop()
+    stats = pstats.Stats(str(out))
+    total = stats.total_tt or 1.0
+
+    def rows(key: int) -> list:
+        items = sorted(stats.stats.items(), key=lambda kv: kv[1][key], reverse=True)[: args.profile_top]
+        # (name, seconds, share, calls per transaction)
+        return [(_frame_name(f"{fn} ({file}:{line})"), round(v[key], 3), v[key] / total, v[1] / max(1, txns))
+                for (file, line, fn), v in items]
+
+    return {"tool": "cprofile", "target": args.profile_target, "tps": tps, "transactions": txns,
+            "pstats": str(out), "total_s": total, "us_per_txn": total / max(1, txns) * 1e6,
+            "calls_per_txn": sum(v[1] for v in stats.stats.values()) / max(1, txns),
+            "own": rows(2), "inclusive": rows(3)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _versions(pg: PgServer) -> dict:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    import trio
+
+    return {
+        "postgres": out([str(pg.bindir / "postgres"), "--version"]),
+        "pgbench": out([str(pg.bindir / "pgbench"), "--version"]),
+        "pgbouncer": out([shutil.which("pgbouncer", path="/usr/sbin:/usr/bin") or "pgbouncer", "--version"]),
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "cpus": os.cpu_count(),
+    }
+
+
+def summarize(runs: list[Run]) -> tuple[dict, dict]:
+    summary: dict = {}
+    for target in TARGETS:
+        rs = [r for r in runs if r.target == target]
+        if not rs:
+            continue
+        cpu = [r.cpu_us_per_txn for r in rs if r.cpu_us_per_txn is not None]
+        summary[target] = {
+            "tps": [round(r.tps, 1) for r in rs],
+            "best": max(r.tps for r in rs),
+            "median": statistics.median(r.tps for r in rs),
+            "latency_ms_median": statistics.median(r.latency_ms for r in rs if r.latency_ms is not None)
+            if any(r.latency_ms is not None for r in rs) else None,
+            "middle_cpu_us_per_txn_median": statistics.median(cpu) if cpu else None,
+            "machine_idle_median": statistics.median(r.machine_idle for r in rs),
+        }
+    ratios: dict = {}
+    for name, a, b in (("dbproxy/relay", "dbproxy", "relay"), ("dbproxy/direct", "dbproxy", "direct"),
+                       ("dbproxy/pgbouncer", "dbproxy", "pgbouncer"), ("relay/direct", "relay", "direct"),
+                       ("pgbouncer/direct", "pgbouncer", "direct")):
+        if a in summary and b in summary:
+            ratios[name] = {k: summary[a][k] / summary[b][k] for k in ("median", "best")}
+    return summary, ratios
+
+
+def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratios: dict, audit: dict | None,
+                 versions: dict) -> None:
+    p = print
+    p()
+    p(f"pgbench -n -S -M {args.protocol} -c {args.clients} -j {args.threads} -T {args.duration}  "
+      f"scale {args.scale}, {args.rounds} round(s), {versions['cpus']} CPUs")
+    p(f"{versions['postgres']}; {versions['pgbouncer']}; Python {versions['python']}, trio {versions['trio']}")
+    p()
+    p(f"{'run':<16}{'tps':>10}{'txns':>10}{'lat ms':>9}{'mid CPU s':>11}{'µs CPU/txn':>12}{'idle':>7}")
+    for r in runs:
+        cpu = f"{r.middle_cpu_s:.2f}" if r.middle_cpu_s is not None else "-"
+        per = f"{r.cpu_us_per_txn:.1f}" if r.cpu_us_per_txn is not None else "-"
+        lat = f"{r.latency_ms:.3f}" if r.latency_ms is not None else "-"
+        p(f"{r.target + ' #' + str(r.round):<16}{r.tps:>10.1f}{r.transactions:>10}{lat:>9}{cpu:>11}{per:>12}{r.machine_idle:>7.0%}")
+    p()
+    p(f"{'target':<12}{'median tps':>12}{'best tps':>12}{'µs CPU/txn':>12}")
+    for target, s in summary.items():
+        per = s["middle_cpu_us_per_txn_median"]
+        p(f"{target:<12}{s['median']:>12.1f}{s['best']:>12.1f}{(f'{per:.1f}' if per is not None else '-'):>12}")
+    p()
+    p(f"{'ratio':<20}{'median':>8}{'best':>8}")
+    for name, r in ratios.items():
+        p(f"{name:<20}{r['median']:>8.3f}{r['best']:>8.3f}")
+    if "dbproxy/relay" in ratios:
+        got = ratios["dbproxy/relay"]["median"]
+        p(f"target dbproxy/relay >= {args.target:.2f}: {'MET' if got >= args.target else 'NOT MET'} ({got:.3f}, median)")
+    if audit is not None:
+        p()
+        p(f"audit: {audit['query_events']} {audit['event']} events for {audit['transactions']} pgbench "
+          f"transactions through dbproxy ({audit['file_bytes'] / 1e6:.1f} MB JSONL) -> "
+          f"{'OK' if audit['ok'] else 'MISMATCH'}")
+
+
+def print_profile(prof: dict) -> None:
+    print()
+    print(f"profile ({prof['tool']}): one extra {prof['target']} run at {prof['tps']:.1f} tps, "
+          f"{prof['transactions']} transactions (profiler overhead included)")
+    per = prof["us_per_txn"]
+    if prof["tool"] == "py-spy":
+        print(f"{prof['samples']} samples at {PYSPY_RATE} Hz of non-idle stacks (wall time, all threads; a thread "
+              f"preempted inside a syscall still counts) = {per:.1f} µs/txn; raw: {prof['raw']}")
+        cols = "  share  µs/txn  function"
+        fmt = lambda row: f"  {row[2]:>5.1%} {row[2] * per:>7.1f}  {row[0]}"  # noqa: E731
+    else:
+        print(f"{prof['total_s']:.2f} s profiled = {per:.1f} µs/txn, {prof['calls_per_txn']:.0f} Python-level "
+              f"calls/txn; pstats: {prof['pstats']}")
+        cols = "  share  µs/txn  calls/txn  function"
+        fmt = lambda row: f"  {row[2]:>5.1%} {row[2] * per:>7.1f} {row[3]:>10.2f}  {row[0]}"  # noqa: E731
+    print("top by own time:")
+    print(cols)
+    for row in prof["own"]:
+        print(fmt(row))
+    print("top inclusive:")
+    print(cols)
+    for row in prof["inclusive"]:
+        print(fmt(row))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench/pg", description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", "-c", type=int, default=8)
+    ap.add_argument("--threads", "-j", type=int, default=2)
+    ap.add_argument("--duration", "-T", type=int, default=15, help="seconds per run")
+    ap.add_argument("--scale", "-s", type=int, default=5, help="pgbench -i scale")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all targets")
+    ap.add_argument("--warmup", type=int, default=3, help="seconds of a direct warm-up run (0: none)")
+    ap.add_argument("--protocol", "-M", default="simple", choices=["simple", "extended", "prepared"])
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
+    ap.add_argument("--target", type=float, default=0.8, help="required dbproxy/relay ratio")
+    ap.add_argument("--json", type=Path, help="write the results as JSON here")
+    ap.add_argument("--profile", choices=["py-spy", "cprofile"], help="one extra profiled run of --profile-target")
+    ap.add_argument("--profile-target", choices=["dbproxy", "relay"], default="dbproxy")
+    ap.add_argument("--profile-top", type=int, default=25)
+    ap.add_argument("--profile-dir", type=Path, help="where profiles go (default: next to --json, else cwd)")
+    ap.add_argument("--dbproxy-module", default="dbproxy.cli",
+                    help="entry module run as 'python -m MOD serve --config FILE' (A/B a patched build; PYTHONPATH is passed on)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, audit file, configs)")
+    args = ap.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        ap.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+
+    base = Path(tempfile.mkdtemp(prefix="dbproxy-bench-"))
+    os.chmod(base, 0o755)
+    pg = bouncer = relay = proxy = None
+    runs: list[Run] = []
+    try:
+        pg = start_postgres(base, ssl=False)
+        user, password = pg.users["scram-sha-256"]
+        t0 = time.monotonic()
+        pgbench_init(pg, user, password, args.scale)
+        print(f"pgbench -i -s {args.scale}: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        versions = _versions(pg)
+
+        ports: dict[str, tuple[int, int | None]] = {"direct": (pg.port, None)}
+        if "pgbouncer" in targets:
+            bouncer = start_pgbouncer(base, pg, user, password, "session", client_tls=False,
+                                      server_tls_sslmode="disable", pool_size=max(20, args.clients))
+            ports["pgbouncer"] = (bouncer.port, bouncer._proc.pid)
+        if "relay" in targets:
+            relay = start_relay(base, pg)
+            ports["relay"] = (relay.port, relay.pid)
+        audit_counter = None
+        config = None
+        if "dbproxy" in targets:
+            config, audit_path = proxy_config(base, pg, user, password)
+            proxy = start_dbproxy(base, config, module=args.dbproxy_module)
+            ports["dbproxy"] = (proxy.port, proxy.pid)
+            audit_counter = AuditCounter(audit_path, AUDIT_EVENT[args.protocol])
+            audit_counter.settle(0, timeout=1.0)
+
+        if args.warmup:
+            pgbench(pg, pg.port, user, password, args, args.warmup)
+        for rnd in range(1, args.rounds + 1):
+            for target in targets:
+                port, pid = ports[target]
+                run = run_target(target, rnd, port, pid, pg, user, password, args,
+                                 audit_counter if target == "dbproxy" else None)
+                runs.append(run)
+                extra = f", audit {run.audit_queries} queries" if run.audit_queries is not None else ""
+                print(f"round {rnd} {target:<10} {run.tps:10.1f} tps{extra}", file=sys.stderr, flush=True)
+
+        audit = None
+        if audit_counter is not None:
+            proxy_runs = [r for r in runs if r.target == "dbproxy"]
+            txns = sum(r.transactions for r in proxy_runs)
+            queries = sum(r.audit_queries or 0 for r in proxy_runs)
+            slack = args.clients * len(proxy_runs)
+            audit = {"event": audit_counter.event, "query_events": queries, "transactions": txns,
+                     "file_bytes": audit_counter.path.stat().st_size if audit_counter.path.exists() else 0,
+                     "ok": txns <= queries <= txns + slack, "path": str(audit_counter.path)}
+
+        summary, ratios = summarize(runs)
+        print_report(args, runs, summary, ratios, audit, versions)
+
+        profile = None
+        if args.profile:
+            outdir = (args.profile_dir or (args.json.resolve().parent if args.json else Path.cwd())).resolve()
+            outdir.mkdir(parents=True, exist_ok=True)
+            running = {"dbproxy": proxy, "relay": relay}[args.profile_target]
+            if running is None:
+                raise SystemExit(f"--profile-target {args.profile_target} is not among --targets")
+            if args.profile == "py-spy":
+                profile = profile_pyspy(running, pg, user, password, args, outdir)
+            else:
+                if args.profile_target == "dbproxy":
+                    def start_child(wrap):
+                        return start_dbproxy(base, config, name="dbproxy-cprofile", wrap=wrap, module=args.dbproxy_module)
+                else:
+                    def start_child(wrap):
+                        return start_relay(base, pg, name="relay-cprofile", wrap=wrap)
+                profile = profile_cprofile(start_child, pg, user, password, args, outdir)
+            print_profile(profile)
+
+        if args.json:
+            result = {
+                "command": " ".join(["scripts/bench/pg", *(argv if argv is not None else sys.argv[1:])]),
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "versions": versions,
+                "runs": [dict(attrs.asdict(r), cpu_us_per_txn=r.cpu_us_per_txn) for r in runs],
+                "summary": summary,
+                "ratios": ratios,
+                "target_met": ratios["dbproxy/relay"]["median"] >= args.target if "dbproxy/relay" in ratios else None,
+                "audit": audit,
+                "profile": profile,
+            }
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"\nresults: {args.json}")
+        return 0
+    finally:
+        for child in (proxy, relay):
+            if child is not None:
+                child.stop()
+        if bouncer is not None:
+            bouncer.stop()
+        if pg is not None:
+            pg.stop()
+        if args.keep:
+            print(f"work dir kept: {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

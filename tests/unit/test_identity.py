@@ -1,0 +1,375 @@
+"""Tokens, the SCRAM verifier registry and mTLS identities (dbproxy.identity), without a network.
+
+SCRAM conversations run the proxy's ScramTokenServer against the project's
+own SCRAM *clients* (the Postgres engine's and the Mongo engine's), so a
+verifier that a real client could not satisfy fails here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import orjson
+import pytest
+
+from dbproxy.identity import (
+    SCRAM_SHA_1,
+    SCRAM_SHA_256,
+    AuthFailed,
+    ClientAuthenticator,
+    MtlsConfig,
+    TokenAuthority,
+    TokenCodec,
+    TokenConfig,
+    TokenKeys,
+    b64url,
+    certificate_subject,
+    generate_keys,
+    parse_ttl,
+)
+
+NOW = 1_800_000_000
+
+
+@pytest.fixture(params=["EdDSA", "HS256"])
+def cfg(request, tmp_path) -> TokenConfig:
+    alg = request.param
+    key = tmp_path / "token.key"
+    pub = tmp_path / "token.pub"
+    generate_keys(alg, str(key), str(pub) if alg == "EdDSA" else None)
+    return TokenConfig(
+        algorithm=alg,
+        key_file=str(key),
+        public_key_file=str(pub) if alg == "EdDSA" else None,
+        registry_file=str(tmp_path / "tokens.json"),
+        revocation_file=str(tmp_path / "revoked.txt"),
+        leeway=0,
+    )
+
+
+def issue(authority: TokenAuthority, user="alice", roles=("analyst",), ttl=3600, now=None) -> tuple[str, object]:
+    token, claims = authority.codec.issue(user, roles, ttl, now=now)
+    authority.registry.add(claims, token, now=now)
+    return token, claims
+
+
+def _segments(token: str) -> list[dict | bytes]:
+    h, p, s = token.split(".")
+    pad = lambda x: x + "=" * (-len(x) % 4)  # noqa: E731
+    return [json.loads(base64.urlsafe_b64decode(pad(h))), json.loads(base64.urlsafe_b64decode(pad(p))), base64.urlsafe_b64decode(pad(s))]
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_sign_and_verify(cfg):
+    a = TokenAuthority(cfg)
+    token, claims = a.codec.issue("alice", ["analyst", "writer"], 600)
+    header, payload, sig = _segments(token)
+    assert header == {"alg": cfg.algorithm, "kid": a.keys.key_id, "typ": "JWT"}
+    assert payload["sub"] == "alice" and payload["roles"] == ["analyst", "writer"]
+    assert payload["exp"] - payload["iat"] == 600 and payload["jti"] == claims.jti and payload["iss"] == "dbproxy"
+    assert len(sig) == (64 if cfg.algorithm == "EdDSA" else 32)
+    ident = a.verify_password("alice", token)
+    assert (ident.user, ident.roles, ident.method, ident.token_id) == ("alice", ("analyst", "writer"), "token", claims.jti)
+    assert a.verify_password("alice", token.encode()).user == "alice"  # PasswordMessage bytes
+
+
+def test_expiry_and_not_before(cfg):
+    a = TokenAuthority(cfg)
+    token, claims = a.codec.issue("alice", [], 60, now=NOW)
+    assert a.verify_password("alice", token, now=NOW + 59).user == "alice"
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token, now=NOW + 60)
+    assert info.value.reason == "token_expired" and info.value.token_id == claims.jti
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token, now=NOW - 5)
+    assert info.value.reason == "token_not_yet_valid"
+
+
+def test_leeway_allows_small_clock_skew(cfg):
+    codec = TokenCodec(TokenKeys.from_config(cfg), leeway=30)
+    token, _ = codec.issue("alice", [], 60, now=NOW)
+    codec.check_time(codec.decode(token), NOW + 89)
+    with pytest.raises(AuthFailed):
+        codec.check_time(codec.decode(token), NOW + 90)
+
+
+def _resign_payload(token: str, **changes) -> str:
+    h, p, s = token.split(".")
+    payload = _segments(token)[1]
+    payload.update(changes)
+    return f"{h}.{b64url(orjson.dumps(payload))}.{s}"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda t: _resign_payload(t, roles=["admin"]), id="roles"),
+        pytest.param(lambda t: _resign_payload(t, sub="mallory"), id="sub"),
+        pytest.param(lambda t: _resign_payload(t, exp=4_000_000_000), id="exp"),
+        pytest.param(lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"), id="signature"),
+        pytest.param(lambda t: b64url(b'{"alg":"none","typ":"JWT"}') + "." + t.split(".")[1] + ".", id="alg-none"),
+    ],
+)
+def test_tampered_tokens_refused(cfg, tamper):
+    a = TokenAuthority(cfg)
+    token, _ = a.codec.issue("alice", ["analyst"], 600)
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password(None, tamper(token))
+    assert info.value.reason == "token_bad_signature"
+
+
+def test_algorithm_confusion_refused(tmp_path):
+    # An HS256 token "signed" with the Ed25519 public key bytes must not verify against the EdDSA key.
+    generate_keys("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"))
+    cfg = TokenConfig("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"), None, None)
+    a = TokenAuthority(cfg)
+    pub = (tmp_path / "k.pub").read_bytes()
+    forged_keys = TokenKeys("HS256", secret=pub)
+    forged, _ = TokenCodec(forged_keys).issue("alice", ["admin"], 600)
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", forged)
+    assert info.value.reason == "token_bad_signature"
+
+
+def test_token_from_another_key_refused(cfg, tmp_path):
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    generate_keys(cfg.algorithm, str(other_dir / "k"), str(other_dir / "p") if cfg.algorithm == "EdDSA" else None)
+    other = TokenAuthority(TokenConfig(cfg.algorithm, str(other_dir / "k"), str(other_dir / "p") if cfg.algorithm == "EdDSA" else None, None, None))
+    token, _ = other.codec.issue("alice", [], 600)
+    with pytest.raises(AuthFailed) as info:
+        TokenAuthority(cfg).verify_password("alice", token)
+    assert info.value.reason == "token_bad_signature"
+
+
+def test_wrong_user_refused(cfg):
+    a = TokenAuthority(cfg)
+    token, claims = a.codec.issue("bob", [], 600)
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token)
+    assert info.value.reason == "token_wrong_user" and info.value.token_id == claims.jti
+    assert a.verify_password(None, token).user == "bob"  # protocols without a separate user name
+
+
+@pytest.mark.parametrize("password", ["", "hunter2", "a.b.c", "x" * 5000, "é.é.é", "e30.e30.", b"\xff\xfe.a.b"])
+def test_malformed_passwords_refused(cfg, password):
+    with pytest.raises(AuthFailed) as info:
+        TokenAuthority(cfg).verify_password("alice", password)
+    assert info.value.reason in ("token_malformed", "token_bad_signature")
+    assert "hunter2" not in str(info.value)
+
+
+def test_revocation_file_reread_on_change(cfg):
+    a = TokenAuthority(cfg)
+    token, claims = a.codec.issue("alice", [], 600)
+    other, other_claims = a.codec.issue("alice", [], 600)
+    assert a.verify_password("alice", token)
+    with open(cfg.revocation_file, "w") as f:
+        f.write(f"# revoked by ops\n{claims.jti}  # leaked\n")
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token)
+    assert info.value.reason == "token_revoked"
+    assert a.verify_password("alice", other).token_id == other_claims.jti
+    os.unlink(cfg.revocation_file)  # a removed list revokes nothing
+    assert a.verify_password("alice", token)
+
+
+def test_unreadable_revocation_list_fails_closed(cfg, tmp_path):
+    bad = tmp_path / "revdir"
+    bad.mkdir()  # a directory: open() fails
+    a = TokenAuthority(TokenConfig(**{**attrs_dict(cfg), "revocation_file": str(bad)}))
+    token, _ = a.codec.issue("alice", [], 600)
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token)
+    assert info.value.reason == "revocation_list_unreadable"
+
+
+def attrs_dict(obj) -> dict:
+    import attrs
+
+    return attrs.asdict(obj)
+
+
+def test_parse_ttl():
+    assert [parse_ttl(x) for x in ("90", "90s", "30m", "8h", "1d", "2w")] == [90, 90, 1800, 28800, 86400, 1209600]
+    for bad in ("", "0", "-1h", "8x", "h"):
+        with pytest.raises(ValueError):
+            parse_ttl(bad)
+
+
+def test_hmac_key_too_short():
+    with pytest.raises(ValueError):
+        TokenKeys("HS256", secret=b"short")
+
+
+# --------------------------------------------------------------------------- SCRAM
+
+
+def pg_scram_login(authority: TokenAuthority, user: str, password: str):
+    """A full PostgreSQL-flavoured exchange: the engine's SCRAM client vs the token server."""
+    from engines.postgres.auth import ScramClient
+
+    client = ScramClient(password)  # libpq sends an empty n=; the server uses the startup user
+    server = authority.scram_server(user, SCRAM_SHA_256)
+    server_first = server.server_first(client.client_first())
+    final = server.server_final(client.client_final(server_first))
+    client.verify_server_final(final)  # the client accepts the proxy's ServerSignature
+    return server.identity
+
+
+def test_scram_matches_the_token_used_among_several(cfg):
+    a = TokenAuthority(cfg)
+    t1, c1 = issue(a, roles=("analyst",))
+    t2, c2 = issue(a, roles=("writer",))
+    t3, c3 = issue(a, user="bob")
+    assert pg_scram_login(a, "alice", t1).token_id == c1.jti
+    ident = pg_scram_login(a, "alice", t2)
+    assert (ident.token_id, ident.roles, ident.method) == (c2.jti, ("writer",), "token")
+    assert pg_scram_login(a, "bob", t3).token_id == c3.jti
+    # One salt per user and mechanism: the server must send it before the proof names a token.
+    regs = a.registry.for_user("alice")
+    assert len({e.scram[SCRAM_SHA_256].salt for e in regs}) == 1
+    assert regs[0].scram[SCRAM_SHA_256].salt != a.registry.for_user("bob")[0].scram[SCRAM_SHA_256].salt
+
+
+@pytest.mark.parametrize("case", ["other-user", "unknown-user", "not-issued", "revoked", "expired"])
+def test_scram_refusals(cfg, case):
+    from dbproxy.errors import UpstreamError
+
+    a = TokenAuthority(cfg)
+    token, claims = issue(a)
+    bobs, _ = issue(a, user="bob")
+    user, password = "alice", token
+    if case == "other-user":
+        password = bobs
+    elif case == "unknown-user":
+        user = "zed"
+    elif case == "not-issued":
+        password, _ = a.codec.issue("alice", [], 600)  # valid token, but never recorded in the registry
+    elif case == "revoked":
+        with open(cfg.revocation_file, "a") as f:
+            f.write(claims.jti + "\n")
+    elif case == "expired":
+        a2 = TokenAuthority(cfg, a.keys)
+        password, c = a2.codec.issue("alice", [], 1, now=time.time() - 10)
+        a2.registry.add(c, password, now=time.time() - 10)
+    with pytest.raises((AuthFailed, UpstreamError)) as info:
+        pg_scram_login(a, user, password)
+    assert isinstance(info.value, AuthFailed) and info.value.reason == "scram_no_match"
+
+
+def test_scram_unknown_user_gets_a_stable_mock_salt(cfg):
+    a = TokenAuthority(cfg)
+    s1 = a.scram_candidates("nobody", SCRAM_SHA_256)
+    s2 = a.scram_candidates("nobody", SCRAM_SHA_256)
+    assert s1[0] == s2[0] and len(s1[0]) == 16 and s1[2] == []
+    assert a.scram_candidates("other", SCRAM_SHA_256)[0] != s1[0]
+
+
+def test_registry_entries_are_signed(cfg):
+    a = TokenAuthority(cfg)
+    token, claims = issue(a, roles=("analyst",))
+    doc = json.loads(open(cfg.registry_file).read())
+    doc["tokens"][claims.jti]["roles"] = ["admin"]  # someone who can write the file but lacks the key
+    with open(cfg.registry_file, "w") as f:
+        f.write(json.dumps(doc) + "\n\n")
+    assert a.registry.entries() == {}
+    with pytest.raises(AuthFailed):
+        pg_scram_login(a, "alice", token)
+
+
+def test_registry_never_holds_the_token_and_is_private(cfg):
+    a = TokenAuthority(cfg)
+    token, _ = issue(a)
+    text = open(cfg.registry_file).read()
+    assert token not in text and token.split(".")[2] not in text
+    assert os.stat(cfg.registry_file).st_mode & 0o077 == 0
+
+
+def test_registry_prunes_expired_entries_and_remove(cfg):
+    a = TokenAuthority(cfg)
+    _, old = issue(a, ttl=1, now=time.time() - 100)
+    _, new = issue(a)
+    assert set(a.registry.entries()) == {new.jti}
+    assert a.registry.remove(new.jti) and a.registry.entries() == {}
+    assert not a.registry.remove(new.jti)
+
+
+def test_mongo_scram_flavours_use_the_same_registry(cfg):
+    """Phase 2 readiness: Mongo's SCRAM-SHA-256 (user in n=) and SCRAM-SHA-1 (md5 password digest)."""
+    from engines.mongo.scram import ScramClient
+
+    a = TokenAuthority(cfg)
+    token, claims = issue(a)
+    for mechanism in (SCRAM_SHA_256, SCRAM_SHA_1):
+        client = ScramClient(mechanism, "alice", token)
+        server = a.scram_server(None, mechanism)  # the user comes from the client-first message
+        final = server.server_final(client.client_final(server.server_first(client.client_first())))
+        client.verify_server_final(final)
+        assert server.identity.token_id == claims.jti and server.user == "alice"
+        client = ScramClient(mechanism, "alice", "wrong-" + token)
+        server = a.scram_server(None, mechanism)
+        with pytest.raises(AuthFailed):
+            server.server_final(client.client_final(server.server_first(client.client_first())))
+
+
+def test_scram_rejects_channel_binding_it_did_not_offer(cfg):
+    from dbproxy.errors import RemoteProtocolError
+
+    a = TokenAuthority(cfg)
+    issue(a)
+    server = a.scram_server("alice")
+    with pytest.raises(RemoteProtocolError):
+        server.server_first(b"p=tls-server-end-point,,n=,r=abc")
+
+
+def test_scram_needs_a_registry(cfg):
+    a = TokenAuthority(TokenConfig(**{**attrs_dict(cfg), "registry_file": None}))
+    with pytest.raises(AuthFailed) as info:
+        a.scram_server("alice")
+    assert info.value.reason == "method_unavailable"
+
+
+# --------------------------------------------------------------------------- mTLS
+
+
+CERT = {
+    "subject": ((("countryName", "XX"),), (("commonName", "alice"),)),
+    "subjectAltName": (("DNS", "alice.example"), ("URI", "spiffe://corp/team-a/alice")),
+}
+
+
+def test_certificate_subject():
+    assert certificate_subject(CERT, "cn") == "alice"
+    assert certificate_subject(CERT, "san_uri") == "spiffe://corp/team-a/alice"
+    assert certificate_subject({"subject": ()}, "cn") is None
+    assert certificate_subject(None) is None and certificate_subject({}) is None
+
+
+def test_mtls_roles_from_config():
+    m = MtlsConfig(subject="san_uri", users=(("spiffe://corp/team-a/*", ("analyst",)), ("spiffe://corp/*", ("reader", "analyst"))))
+    assert m.roles_for("spiffe://corp/team-a/alice") == ("analyst", "reader")
+    assert m.roles_for("spiffe://other/x") == ()
+
+    class FakeTLS:
+        def __init__(self, cert):
+            self.cert = cert
+
+        def getpeercert(self):
+            return self.cert
+
+    auth = ClientAuthenticator(("mtls",), authority=None, mtls=m)
+    ident = auth.certificate_identity(FakeTLS(CERT))
+    assert (ident.user, ident.roles, ident.method, ident.token_id) == ("spiffe://corp/team-a/alice", ("analyst", "reader"), "mtls", None)
+    assert auth.certificate_identity(FakeTLS(None)) is None  # no certificate presented
+    assert auth.certificate_identity(object()) is None  # not TLS at all
+    with pytest.raises(AuthFailed) as info:
+        auth.certificate_identity(FakeTLS({"subject": ((("commonName", "x"),),)}))
+    assert info.value.reason == "certificate_no_subject"
+    with pytest.raises(AuthFailed):
+        auth.verify_token("alice", "x.y.z")  # token is not a method of this listener
