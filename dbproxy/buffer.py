@@ -23,11 +23,22 @@ class ReceiveBuffer:
     __slots__ = ("_data", "_pos", "_mark")
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        # ``bytes`` while it holds exactly one received chunk (adopted without a
+        # copy), ``bytearray`` once bytes must accumulate across reads.
+        self._data: bytes | bytearray = b""
         self._pos = 0
         self._mark = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._mark == self._pos == len(self._data) and type(data) is bytes:
+            # Nothing pending: adopt the chunk itself.  If every frame in it is
+            # forwarded unchanged, ``consumed_since_mark`` hands this very object
+            # back for the send — received bytes out, no copy in between.
+            self._data = data
+            self._pos = self._mark = 0
+            return
+        if type(self._data) is bytes:
+            self._data = bytearray(self._data)
         self._data += data
 
     def __len__(self) -> int:
@@ -86,7 +97,10 @@ class ReceiveBuffer:
 
     def consumed_since_mark(self) -> bytes:
         """The exact bytes consumed since ``mark()``: what was received, as received."""
-        return bytes(memoryview(self._data)[self._mark:self._pos])
+        data = self._data
+        if self._mark == 0 and self._pos == len(data) and type(data) is bytes:
+            return data
+        return bytes(memoryview(data)[self._mark:self._pos])
 
     def take_rest(self) -> bytes:
         """Consume and return everything buffered (used when leaving a codec)."""
@@ -94,7 +108,14 @@ class ReceiveBuffer:
 
     def compact(self) -> None:
         """Drop consumed bytes.  Call after a batch of frames, not per frame."""
-        if self._pos:
-            del self._data[: self._pos]
-            self._mark = max(0, self._mark - self._pos)
-            self._pos = 0
+        pos = self._pos
+        if not pos:
+            return
+        if pos == len(self._data):
+            self._data = b""
+        elif type(self._data) is bytes:
+            self._data = bytearray(memoryview(self._data)[pos:])
+        else:
+            del self._data[:pos]
+        self._mark = max(0, self._mark - pos)
+        self._pos = 0

@@ -2,8 +2,8 @@
 
 Strategy: one ``KerberosCredential`` per (principal, keytab/ccache) pair,
 shared by every session of every route that names it.  Acquisition talks to
-the KDC and so can block: it runs in a worker thread started by a trio
-system task, and every session that needs the credential meanwhile waits on
+the KDC and so can block: it runs in a worker thread started by a task in
+the server's background nursery, and every session that needs the credential meanwhile waits on
 that one attempt — twenty sessions arriving together cause one acquisition,
 and one failure answers them all.  Sessions wait with their own deadlines;
 the attempt outlives a session that gives up.  A credential is renewed when
@@ -87,6 +87,8 @@ class KerberosCredential:
         self._attempts = 0
         self._last_failure = float("-inf")
         self.acquisitions = 0
+        # The server's background nursery; acquisitions run there so none outlives the server.
+        self.nursery: trio.Nursery | None = None
 
     def _acquire_blocking(self, serial: int) -> tuple[Any, float, str]:
         gssapi = _gssapi()
@@ -129,12 +131,17 @@ class KerberosCredential:
     def _start_attempt(self) -> _Attempt:
         attempt = self._attempt = _Attempt()
         self._attempts += 1
-        trio.lowlevel.spawn_system_task(self._run_attempt, attempt, self._attempts, name=f"kerberos acquire {self.principal}")
+        name = f"kerberos acquire {self.principal}"
+        if self.nursery is not None:
+            self.nursery.start_soon(self._run_attempt, attempt, self._attempts, name=name)
+        else:  # no server around (tools, unit tests): trio's system nursery owns it
+            trio.lowlevel.spawn_system_task(self._run_attempt, attempt, self._attempts, name=name)
         return attempt
 
     async def _run_attempt(self, attempt: _Attempt, serial: int) -> None:
-        # A system task, not the session's: a session that gives up (connect
-        # timeout, client gone) must not abandon the acquisition others wait for.
+        # Owned by the server's background nursery, not by a session: a session
+        # that gives up (connect timeout, client gone) must not abandon the
+        # acquisition others wait for.
         # The blocking call runs in a thread; a hung KDC ties up that thread only.
         try:
             creds, lifetime, name = await trio.to_thread.run_sync(_described, self._acquire_blocking, serial, abandon_on_cancel=True)
@@ -171,6 +178,13 @@ class CredentialCache:
 
     def __init__(self) -> None:
         self._by_key: dict[tuple, KerberosCredential] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run acquisitions and renewals in ``nursery`` (the server's background nursery)."""
+        self.nursery = nursery
+        for cred in self._by_key.values():
+            cred.nursery = nursery
 
     def for_auth(self, params: dict) -> KerberosCredential:
         key = (params.get("principal"), params.get("keytab_file"), params.get("ccache"))
@@ -179,6 +193,7 @@ class CredentialCache:
             cred = self._by_key[key] = KerberosCredential(
                 principal=key[0], keytab=key[1], ccache=key[2], renew_margin=float(params.get("renew_margin_seconds", 300))
             )
+            cred.nursery = self.nursery
         return cred
 
 

@@ -143,8 +143,17 @@ class _Sender:
     async def send_wire(self, data: bytes | memoryview) -> None:
         if not data:
             return
-        async with self.lock:
+        # Uncontended almost always (only a reply from the other pump competes):
+        # take the lock without a checkpoint; send_all checkpoints anyway.
+        lock = self.lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await self.stream.send_all(data)
+        finally:
+            lock.release()
         self.bytes_out += len(data)
 
     async def send_messages(self, data: bytes) -> None:
@@ -214,6 +223,9 @@ class Pipeline:
         self.to_backend = _Sender(backend, to_backend_encoder)
         self.client_error = client_error
         self.flush_audit = flush_audit
+        # A SessionAudit's flush has nothing to do unless events are pending;
+        # checking its list saves an await per chunk on the hot path.
+        self._audit_owner = getattr(flush_audit, "__self__", None)
         self.receive_size = receive_size
         self.c2b = Pump(
             "client->backend",
@@ -276,6 +288,7 @@ class Pipeline:
         source = pump.source
         size = self.receive_size
         flush_audit = self.flush_audit
+        audit_owner = self._audit_owner if hasattr(self._audit_owner, "_pending") else None
         # Bytes handed over from the handshake phase are decoded before the first read.
         pending = bool(buf)
         while True:
@@ -337,7 +350,7 @@ class Pipeline:
             if replies:
                 await back.send_messages(b"".join(replies))
             buf.compact()
-            if flush_audit is not None:
+            if flush_audit is not None and (audit_owner is None or audit_owner._pending):
                 await flush_audit()
             if failure is not None:
                 raise failure

@@ -72,24 +72,33 @@ class ProxyServer:
         async with trio.open_nursery() as audit_nursery:
             await audit_nursery.start(self.recorder.run)
             try:
-                async with trio.open_nursery() as sessions:
-                    async with trio.open_nursery() as accept:
-                        for lc in self.config.listeners:
-                            listeners = await trio.open_tcp_listeners(lc.port, host=lc.host)
-                            for sock_listener in listeners:
-                                host, port = sock_listener.socket.getsockname()[:2]
-                                self.bound.append(BoundListener(lc.name, lc.protocol, host, port))
-                                log.info("listener %s (%s) on %s:%d", lc.name, lc.protocol, host, port)
-                            engine = self.engines[lc.name]
-                            accept.start_soon(self._serve, engine, lc, listeners, sessions)
-                        task_status.started(list(self.bound))
-                        await self._stop.wait()
-                        log.info("stopping: no new connections; %d sessions running", len(self.sessions))
-                        accept.cancel_scope.cancel()
-                    sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
+                async with trio.open_nursery() as background:
+                    # Work shared by sessions (Kerberos acquisition and renewal) lives
+                    # here: it outlives any one session, never the server.
+                    if self.services.credentials is not None:
+                        self.services.credentials.attach(background)
+                    await self._serve_sessions(task_status=task_status)
+                    background.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     await self.recorder.aclose()
+
+    async def _serve_sessions(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as accept:
+                for lc in self.config.listeners:
+                    listeners = await trio.open_tcp_listeners(lc.port, host=lc.host)
+                    for sock_listener in listeners:
+                        host, port = sock_listener.socket.getsockname()[:2]
+                        self.bound.append(BoundListener(lc.name, lc.protocol, host, port))
+                        log.info("listener %s (%s) on %s:%d", lc.name, lc.protocol, host, port)
+                    engine = self.engines[lc.name]
+                    accept.start_soon(self._serve, engine, lc, listeners, sessions)
+                task_status.started(list(self.bound))
+                await self._stop.wait()
+                log.info("stopping: no new connections; %d sessions running", len(self.sessions))
+                accept.cancel_scope.cancel()
+            sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
 
     async def _serve(self, engine: Any, lc: Any, listeners: list, sessions: trio.Nursery) -> None:
         async def handler(stream: trio.SocketStream) -> None:

@@ -233,3 +233,24 @@ async def test_stage_protocol_error_still_sends_earlier_messages():
     assert await Recv(backend).until(len(frame(b"one") + frame(b"two"))) == frame(b"one") + frame(b"two")
     assert await Recv(client).until(len(frame(b"ERR:malformed body"))) == frame(b"ERR:malformed body")
     assert errors[0].direction == "client"
+
+
+def test_buffer_adopts_a_fresh_chunk_and_hands_it_back():
+    buf = ReceiveBuffer()
+    chunk = frame(b"abc") + frame(b"de")
+    dec = LengthDecoder()
+    dec.buffer = buf
+    buf.feed(chunk)
+    buf.mark()
+    while dec.next_message() is not NEED_DATA:
+        pass
+    assert buf.consumed_since_mark() is chunk  # the received object itself, no copy
+    buf.compact()
+    # A partial frame stays buffered and later bytes append to it.
+    buf.feed(frame(b"xyz")[:3])
+    buf.mark()
+    assert dec.next_message() is NEED_DATA
+    buf.compact()
+    buf.feed(frame(b"xyz")[3:])
+    assert dec.next_message().raw == frame(b"xyz")
+    assert buf.consumed_since_mark() == frame(b"xyz")
