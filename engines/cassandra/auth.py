@@ -16,12 +16,14 @@ what Cassandra's PasswordAuthenticator speaks; DSE's DseAuthenticator first
 wants the mechanism name and a ``PLAIN-START`` challenge, handled too).
 ``gssapi`` is reserved: the config validator refuses it until it is written.
 
-Client (``ClientAuthenticator``): what a listener with ``client_auth:
-"password"`` does with the client's AUTH_RESPONSE.  ``PlainClientAuthenticator``
-takes the SASL PLAIN token, keeps the user name (a *claim*, used for routing,
-``expected_user`` and the audit) and drops the password on the spot: it is
-never forwarded, stored or logged.  A later identity layer (tokens in the
-password field) replaces this class; the engine only calls ``step``.
+Client (``ClientAuthenticator``): what the proxy does with the client's
+AUTH_RESPONSE; the engine only calls ``step``.  ``PlainClientAuthenticator``
+(listener ``client_auth: "password"`` without an identity layer) takes the
+SASL PLAIN token, keeps the user name (a *claim*, used for routing,
+``expected_user`` and the audit) and drops the password on the spot.
+``TokenClientAuthenticator`` (listener ``auth.methods`` has ``token``)
+checks the password as a dbproxy token through ``dbproxy.identity``.  A
+client password is never forwarded, stored or logged.
 """
 
 from __future__ import annotations
@@ -110,16 +112,26 @@ def backend_authenticator(route: RouteConfig, credentials: Any = None) -> Backen
 
 
 class ClientAuthFailed(ProxyError):
-    """The client's credentials were refused; the message is safe to send it (AUTH_ERROR)."""
+    """The client's credentials were refused; the message is safe to send it (AUTH_ERROR).
+
+    ``cause`` (a ``dbproxy.identity.AuthFailed``) carries the reason for the
+    audit trail when a token check failed; the client sees only the message.
+    """
+
+    def __init__(self, message: str, *, cause: Any = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @attrs.frozen
 class ClientAuthStep:
-    """One step's outcome: a challenge to send, or done with the client's user name."""
+    """One step's outcome: a challenge to send, or done with the client's user name
+    (and its ``Identity`` when the step proved one)."""
 
     done: bool
     challenge: bytes | None = None
     user: str | None = None
+    identity: Any = None
 
 
 class ClientAuthenticator(Protocol):
@@ -139,22 +151,50 @@ class PlainClientAuthenticator:
     authenticator_class = PASSWORD_AUTHENTICATOR
 
     def step(self, token: bytes | None) -> ClientAuthStep:
-        if token is None:
-            raise ClientAuthFailed("Failed to authenticate: an SASL PLAIN token is required")
-        parts = token.split(b"\x00")
-        if len(parts) != 3:
-            raise ClientAuthFailed("Failed to authenticate: malformed SASL PLAIN token")
-        user_raw, password = parts[1], parts[2]
-        if not user_raw:
-            raise ClientAuthFailed("Authentication ID must not be null")
-        if not password:
-            raise ClientAuthFailed("Password must not be null")
-        del password  # a claim only: the proxy logs in with the route's credential
+        user, _password = parse_plain(token)
+        return ClientAuthStep(done=True, user=user)  # a claim only: the password is dropped here
+
+
+def parse_plain(token: bytes | None) -> tuple[str, bytes]:
+    if token is None:
+        raise ClientAuthFailed("Failed to authenticate: an SASL PLAIN token is required")
+    parts = token.split(b"\x00")
+    if len(parts) != 3:
+        raise ClientAuthFailed("Failed to authenticate: malformed SASL PLAIN token")
+    user_raw, password = parts[1], parts[2]
+    if not user_raw:
+        raise ClientAuthFailed("Authentication ID must not be null")
+    if not password:
+        raise ClientAuthFailed("Password must not be null")
+    try:
+        return user_raw.decode("utf-8"), password
+    except UnicodeDecodeError:
+        raise ClientAuthFailed("Failed to authenticate: user name is not valid UTF-8") from None
+
+
+class TokenClientAuthenticator:
+    """The listener's identity layer (``dbproxy.identity.ClientAuthenticator``):
+    the SASL PLAIN password must be a dbproxy token for that user.
+
+    Every refusal shows the client Cassandra's own words for bad credentials,
+    whatever the reason (a client cannot probe which tokens exist); the
+    reason goes to the audit trail through ``cause``.
+    """
+
+    authenticator_class = PASSWORD_AUTHENTICATOR
+
+    def __init__(self, auth: Any) -> None:
+        self.auth = auth
+
+    def step(self, token: bytes | None) -> ClientAuthStep:
+        from dbproxy.identity import AuthFailed
+
+        user, password = parse_plain(token)
         try:
-            user = user_raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ClientAuthFailed("Failed to authenticate: user name is not valid UTF-8") from None
-        return ClientAuthStep(done=True, user=user)
+            identity = self.auth.verify_token(user, password)
+        except AuthFailed as exc:
+            raise ClientAuthFailed(f"Provided username {user} and/or password are incorrect", cause=exc) from None
+        return ClientAuthStep(done=True, user=user, identity=identity)
 
 
 def client_authenticator(mode: str) -> ClientAuthenticator | None:

@@ -22,9 +22,18 @@ Handshake (client side), owned by the proxy:
                dropped (``auth.PlainClientAuthenticator``, the seam a token
                check replaces later).
              ``none``: no client credentials; the client gets READY.
+             With an identity layer (``services.access``: config ``identity``/
+             ``roles``/``limits``) the listener's ``auth.methods`` decide
+             instead: ``mtls`` (verified client certificate, no exchange),
+             ``token`` (the PLAIN password is a dbproxy token; TLS listeners
+             only), ``anonymous`` — see ``_client_auth_plan``.
   routing    first route whose globs match ``user``, ``driver_name``,
              ``driver_version``; listener and route ``options.expected_user``
-             (a glob) must match the user name, else AUTH_ERROR.
+             (a glob) must match the user name, else AUTH_ERROR.  With an
+             identity layer the identity's roles must allow the route
+             (UNAUTHORIZED) and connection limits apply (OVERLOADED).  CQL
+             statements are not yet checked against read-only, deny_commands
+             or keyspace rules, so a grant carrying any is refused (fail closed).
   backend    ``backend.open_backend`` logs in with the route's credential at
              the client's version and compression; the client then sees
              AUTH_SUCCESS (or READY) as from a real node.
@@ -66,14 +75,17 @@ from typing import Any
 import attrs
 import trio
 
+from dbproxy.access import TooManyConnections, audit_denial
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
-from dbproxy.errors import FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.errors import AccessDenied, FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
+from dbproxy.session import Identity
 from dbproxy.tls import server_context
 
 from . import frames as F
-from .auth import ClientAuthFailed, client_authenticator
+from .auth import ClientAuthFailed, ClientAuthenticator, TokenClientAuthenticator, client_authenticator
 from .backend import BackendProtocolError, BackendRefused, open_backend
 from .codec import CqlDecoder, CqlEncoder
 from .stages import CqlSessionState, PreparedCache, RequestAudit, ResponseAudit
@@ -105,7 +117,18 @@ class _Hello:
     options: dict
     compression: str | None
     reply_stream: int  # where AUTH_SUCCESS / READY / the refusal go
-    user: str | None  # None: client_auth "none"
+    user: str | None  # the user name the client logged in with (None: it sent no credentials)
+    authenticated: bool  # AUTHENTICATE was sent: the client waits for AUTH_SUCCESS, not READY
+
+
+class _Refused(Exception):
+    """The client is turned away during the handshake: CQL ``code``/``message``, audit ``cause``."""
+
+    def __init__(self, code: int, message: str, cause: AccessDenied) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.cause = cause
 
 
 class _ClientWire:
@@ -152,6 +175,7 @@ class CassandraEngine(Engine):
     match_keys = ("user", "driver_name", "driver_version")
     auth_methods = ("none", "password", "gssapi")
     password_methods = ("password",)
+    client_auth_methods = ("token", "mtls", "anonymous")
     default_max_message_size = 16 * 1024 * 1024
 
     def __init__(self, listener: Any, services: Any) -> None:
@@ -161,6 +185,8 @@ class CassandraEngine(Engine):
         self.client_auth = options.get("client_auth", "password")
         self.expected_user = options.get("expected_user")
         self.prepared: PreparedCache = services.extras.setdefault("cassandra.prepared", PreparedCache())
+        # Identity and access for this listener (None: no identity/roles/limits configured).
+        self.access = services.access.listener(listener.name) if services.access is not None else None
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -224,6 +250,30 @@ class CassandraEngine(Engine):
             v.err(f"{path}.options.client_auth", "\"password\": routes match on \"user\" or expected_user is set, which needs the client's user name")
 
     # ------------------------------------------------------------------ session
+    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
+        """Turn a client away before any session (e.g. audit unavailable): answer OPTIONS
+        as usual, then SERVER_ERROR with ``reason`` on its STARTUP (or first request)."""
+        if self.ssl_context is not None:
+            stream = await self._client_tls(session, stream)
+            if stream is None:
+                return
+        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
+        wire = _ClientWire(channel)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                while True:
+                    frame = await channel.receive()
+                    self._check_version(frame, wire)
+                    if frame.opcode != F.Opcode.OPTIONS:
+                        break
+                    await wire.send(F.encode_supported(frame.version, frame.stream, SUPPORTED_OPTIONS))
+        except (trio.TooSlowError, PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        except ProtocolError as exc:
+            await wire.send_quietly(wire.protocol_error(exc))
+            return
+        await wire.send_quietly(wire.error(frame.stream, F.ErrorCode.SERVER_ERROR, reason))
+
     async def handle_connection(self, session: Any, stream: Any) -> None:
         if self.ssl_context is not None:
             stream = await self._client_tls(session, stream)
@@ -342,9 +392,17 @@ class CassandraEngine(Engine):
             decoder.set_framing("frames", compression)
             wire.compression = compression
 
-        authenticator = client_authenticator(self.client_auth)
+        try:
+            authenticator, identity, mechanism = self._client_auth_plan(session, channel.stream)
+        except _Refused as refused:
+            await self._deny(session, wire, frame.stream, refused, stage="authenticate")
+            return None
+        session.details["client_auth"] = mechanism
+        if identity is not None:
+            session.identity = identity
         if authenticator is None:
-            return _Hello(version, options, compression, frame.stream, None)
+            user = identity.user if identity is not None and mechanism == "mtls" else None
+            return _Hello(version, options, compression, frame.stream, user, False)
         await wire.send(
             F.encode_authenticate(version, frame.stream, authenticator.authenticator_class, compressor=wire.compression)
         )
@@ -360,19 +418,103 @@ class CassandraEngine(Engine):
             try:
                 step = authenticator.step(token)
             except ClientAuthFailed as exc:
-                session.audit.on_session_start(success=False, error=f"client authentication refused: {exc}", **self._start_fields(session))
+                log.info("session %s: client authentication failed: %s", session.id, exc.cause or exc)
+                if exc.cause is not None:
+                    session.identity = Identity(user="unauthenticated", method="token")
+                    audit_denial(session, exc.cause, stage="authenticate", **self._start_fields(session))
+                session.audit.on_session_start(
+                    success=False, error=f"client authentication refused: {exc.cause or exc}", error_code=F.ErrorCode.AUTH_ERROR,
+                    **self._start_fields(session),
+                )
                 await wire.send_quietly(wire.error(frame.stream, F.ErrorCode.AUTH_ERROR, str(exc)))
                 return None
             if step.done:
                 session.details["requested_user"] = step.user
-                return _Hello(version, options, compression, frame.stream, step.user)
+                if step.identity is not None:
+                    session.identity = step.identity
+                return _Hello(version, options, compression, frame.stream, step.user, True)
             await wire.send(wire.encoder(F.encode_auth_challenge(version, frame.stream, step.challenge, compressor=wire.compression)))
+
+    def _client_auth_plan(self, session: Any, stream: Any) -> tuple[ClientAuthenticator | None, Any, str]:
+        """(authenticator for AUTH_RESPONSE or None, identity known already, mechanism name).
+
+        Without an identity layer the listener's ``client_auth`` decides
+        (``claim``: the user name is taken, the password dropped; ``none``).
+        With one (``services.access``), the listener's ``auth.methods``, first
+        that applies: ``mtls`` (a verified client certificate: no exchange),
+        ``token`` (the SASL PLAIN password is a dbproxy token; only over
+        client TLS — CQL has no SCRAM, and a token never crosses an
+        unencrypted link), ``anonymous``.
+        """
+        if self.access is None:
+            auth = client_authenticator(self.client_auth)
+            return auth, None, "claim" if auth is not None else "none"
+        acc = self.access.auth
+        methods = acc.methods
+        if "mtls" in methods:
+            try:
+                identity = acc.certificate_identity(stream)
+            except AuthFailed as exc:
+                raise _Refused(F.ErrorCode.AUTH_ERROR, "certificate authentication failed", exc) from None
+            if identity is not None:
+                return None, identity, "mtls"
+        if acc.token:
+            if self.ssl_context is not None:
+                return TokenClientAuthenticator(acc), None, "token"
+            if "anonymous" not in methods:
+                raise _Refused(
+                    F.ErrorCode.AUTH_ERROR,
+                    "token authentication needs an encrypted connection to the proxy (a TLS listener; cqlsh --ssl)",
+                    AuthFailed("token method on a listener without TLS: a CQL password travels in cleartext", reason="method_unavailable"),
+                )
+        if "anonymous" in methods:
+            auth = client_authenticator(self.client_auth)
+            return auth, acc.anonymous(), "anonymous"
+        raise _Refused(
+            F.ErrorCode.AUTH_ERROR,
+            "connection requires a valid client certificate",
+            AuthFailed("no verified client certificate on an mtls listener", reason="certificate_missing"),
+        )
+
+    async def _deny(self, session: Any, wire: _ClientWire, stream: int, refused: _Refused, *, stage: str) -> None:
+        log.info("session %s: %s", session.id, refused.cause)
+        audit_denial(session, refused.cause, stage=stage, **self._start_fields(session))
+        session.audit.on_session_start(
+            success=False, error=refused.message, error_code=refused.code, reason=refused.cause.reason, **self._start_fields(session)
+        )
+        await wire.send_quietly(wire.error(stream, refused.code, refused.message))
+
+    def _authorize(self, session: Any, route: Any) -> Any:
+        """The session's Grant (RBAC at connect, connection limits); raises ``_Refused``."""
+        identity = session.identity
+        try:
+            grant = self.access.authorize(identity, route=route.name, database=None, db_user=session.db_user)
+        except AccessDenied as exc:
+            raise _Refused(F.ErrorCode.UNAUTHORIZED, f"User {identity.user} has no role allowing route {route.name}", exc) from None
+        if grant.restricted and (grant.has_statement_rules or tuple(grant.databases) != ("*",)):
+            # Fail closed: CQL statements are not yet checked against read-only,
+            # deny_commands or keyspace rules, so a grant that has them is refused.
+            exc = AccessDenied(
+                f"roles {', '.join(grant.roles)} of {identity.user!r} carry read-only, command or keyspace rules,"
+                " which the cassandra engine does not enforce yet",
+                reason="rules_not_enforced",
+            )
+            raise _Refused(
+                F.ErrorCode.UNAUTHORIZED,
+                f"User {identity.user} may only use roles with read-only/command/keyspace rules, which this proxy does not enforce for CQL yet",
+                exc,
+            )
+        try:
+            self.access.admit(session)
+        except TooManyConnections as exc:
+            raise _Refused(F.ErrorCode.OVERLOADED, "too many connections through this proxy listener for this user", exc) from None
+        return grant
 
     def _start_fields(self, session: Any) -> dict:
         d = session.details
         fields = {
             "requested_user": d.get("requested_user"),
-            "client_auth": self.client_auth,
+            "client_auth": d.get("client_auth", "none"),
             "client_tls": bool(d.get("client_tls")),
             "protocol_version": d.get("protocol_version"),
             "cql_version": d.get("cql_version"),
@@ -411,6 +553,7 @@ class CassandraEngine(Engine):
         audit = session.audit
         user = hello.user
         options = hello.options
+        start_extra: dict[str, Any] = {}
         requested = {
             "user": user or "",
             "driver_name": options.get("DRIVER_NAME", ""),
@@ -429,6 +572,13 @@ class CassandraEngine(Engine):
         if refusal is not None:
             await self._refuse(session, wire, hello, F.ErrorCode.AUTH_ERROR, refusal, refusal)
             return
+        if self.access is not None:
+            try:
+                grant = self._authorize(session, route)
+            except _Refused as refused:
+                await self._deny(session, wire, hello.reply_stream, refused, stage="connect")
+                return
+            start_extra["granted_roles"] = list(grant.roles)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 link = await open_backend(
@@ -463,9 +613,10 @@ class CassandraEngine(Engine):
                 backend_auth=route.backend.auth.method,
                 backend_auth_mechanism=link.mechanism,
                 backend_authenticator=link.authenticator_class,
+                **start_extra,
                 **self._start_fields(session),
             )
-            if user is not None:
+            if hello.authenticated:
                 await wire.send(wire.encoder(F.encode_auth_success(version, hello.reply_stream, None, compressor=wire.compression)))
             else:
                 await wire.send(F.encode_ready(version, hello.reply_stream, compressor=wire.compression))
