@@ -19,9 +19,11 @@ a trail spanning restarts verifies end to end.
 Network sinks run a sender task each (``sink.run``) in the recorder's own
 nursery; ``write_batch`` only appends to their disk spool.  When a
 fail-closed sink's spool is full it reports ``blocked``: the recorder is then
-not ``accepting`` — the server refuses new sessions and ``SessionAudit.flush``
-ends running ones with ``AuditUnavailable`` (after their events are queued:
-nothing is lost, it just stops growing).  A drop-oldest sink reports its
+not ``accepting`` — the server refuses new sessions, and running ones are
+told: the recorder puts a marker in their pending lists (pipelines only
+call ``flush`` when something is pending), and ``flush`` ends the session
+with ``AuditUnavailable`` once its events are handed over — nothing is lost,
+the trail just stops growing.  A drop-oldest sink reports its
 losses instead; the recorder writes an ``audit.loss`` event for each.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from typing import Any, Protocol
 
 import attrs
@@ -43,6 +46,9 @@ log = logging.getLogger("dbproxy.audit")
 
 GENESIS_HASH = "0" * 64
 MAX_BATCH = 1024
+# How long the drain task lets events gather before writing a batch (seconds).
+BATCH_DELAY = 0.005
+LOSS_EVENT_ROOM = 2048  # bytes a spool keeps free for one audit.loss event
 
 
 AUDIT_UNAVAILABLE = "audit unavailable: the audit trail cannot be written, so the proxy accepts no sessions"
@@ -76,8 +82,20 @@ class Sink(Protocol):
 
 def chain_hash(event: dict) -> str:
     """SHA-256 over the canonical JSON of ``event`` minus its ``hash`` field."""
-    body = {k: v for k, v in event.items() if k != "hash"}
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    if "hash" in event:
+        event = {k: v for k, v in event.items() if k != "hash"}
+    return hashlib.sha256(orjson.dumps(event, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class StampedBatch(list):
+    """A batch of stamped events plus each event's JSON line, serialised once.
+
+    ``lines[i]`` is the canonical (sorted-key) JSON of ``self[i]`` with its
+    ``hash`` appended as the last member: exactly what ``chain_hash``
+    recomputes from the parsed line, so a sink may write it as is.
+    """
+
+    __slots__ = ("lines",)
 
 
 @attrs.frozen
@@ -105,10 +123,13 @@ class AuditRecorder:
     _send: Any = None
     _receive: Any = None
     _done: Any = None
+    _live: Any = None
+    _was_accepting: bool = True
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(self.capacity)
         self._done = trio.Event()
+        self._live = weakref.WeakSet()  # every SessionAudit, to tell them when fail-closed engages
 
     # -- producers ---------------------------------------------------------
     def submit_nowait(self, event: dict) -> bool:
@@ -127,7 +148,9 @@ class AuditRecorder:
         self.submitted += 1
 
     def session(self, session: Any) -> "SessionAudit":
-        return SessionAudit(self, session)
+        audit = SessionAudit(self, session)
+        self._live.add(audit)
+        return audit
 
     @property
     def accepting(self) -> bool:
@@ -192,17 +215,33 @@ class AuditRecorder:
                     first = await self._receive.receive()
                 except trio.EndOfChannel:
                     return
+                if BATCH_DELAY and self._receive.statistics().current_buffer_used < MAX_BATCH:
+                    # Let a batch gather: one wake-up and one sink write per few
+                    # milliseconds instead of one per event.  While the drain task
+                    # sleeps, emitting an event wakes nobody.
+                    await trio.sleep(BATCH_DELAY)
                 batch = [first]
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                self._stamp(batch)
-                await self._write(batch)
+                await self._write(self._stamp(batch))
+                self._check_accepting()
                 losses = [loss for sink in self.sinks if hasattr(sink, "take_losses") for loss in sink.take_losses()]
                 if losses:
                     await self._write_losses(losses)
+
+    def _check_accepting(self) -> None:
+        accepting = self.accepting
+        if self._was_accepting and not accepting:
+            running = [a for a in list(self._live) if a.session.started and not a._ended]
+            log.error("audit unavailable (fail_closed): ending %d running sessions, refusing new ones", len(running))
+            for audit in running:
+                audit.tell_unavailable()
+        elif accepting and not self._was_accepting:
+            log.warning("audit available again: accepting sessions")
+        self._was_accepting = accepting
 
     async def _flush_sinks(self) -> None:
         """On shutdown, give each network sink its grace time to deliver its spool (it stays on disk anyway)."""
@@ -219,36 +258,58 @@ class AuditRecorder:
                     nursery.start_soon(flush)
 
     async def _write_losses(self, losses: list) -> None:
-        events = []
+        # Make room first: a drop caused by writing a loss event would need a loss event of its own.
+        for sink in self.sinks:
+            if hasattr(sink, "reserve"):
+                await sink.reserve(LOSS_EVENT_ROOM * len(self.sinks))
+        losses = losses + [loss for sink in self.sinks if hasattr(sink, "take_losses") for loss in sink.take_losses()]
+        merged: dict[str, list] = {}
         for loss in losses:
-            self.dropped += loss.dropped
+            m = merged.setdefault(loss.sink, [0, loss.first_seq, loss.last_seq, 0])
+            m[0] += loss.dropped
+            m[1] = min(m[1], loss.first_seq)
+            m[2] = max(m[2], loss.last_seq)
+            m[3] = max(m[3], loss.dropped_total)
+        events = []
+        for sink_name, (dropped, first, last, total) in merged.items():
+            self.dropped += dropped
             events.append(
                 {
                     "event": ev.AUDIT_LOSS,
                     "code": ev.CODES[ev.AUDIT_LOSS],
                     "uid": ev.new_event_id(),
                     "time": ev.now_iso(),
-                    "sink": loss.sink,
+                    "sink": sink_name,
                     "reason": "spool full (drop_oldest)",
-                    "dropped": loss.dropped,
-                    "dropped_first_seq": loss.first_seq,
-                    "dropped_last_seq": loss.last_seq,
-                    "dropped_total": loss.dropped_total,
+                    "dropped": dropped,
+                    "dropped_first_seq": first,
+                    "dropped_last_seq": last,
+                    "dropped_total": total,
                 }
             )
-        self._stamp(events)
-        await self._write(events)
+        await self._write(self._stamp(events))
 
-    def _stamp(self, batch: list[dict]) -> None:
+    def _stamp(self, batch: list[dict]) -> StampedBatch:
         seq = self.last_seq
         prev = self.last_hash
+        dumps = orjson.dumps
+        sort = orjson.OPT_SORT_KEYS
+        sha256 = hashlib.sha256
+        lines = []
         for event in batch:
             seq += 1
             event["seq"] = seq
             event["prev_hash"] = prev
-            prev = event["hash"] = chain_hash(event)
+            event.pop("hash", None)
+            body = dumps(event, option=sort)
+            prev = event["hash"] = sha256(body).hexdigest()
+            # Valid JSON whose canonical form minus "hash" is ``body`` again.
+            lines.append(body[:-1] + b',"hash":"' + prev.encode() + b'"}\n')
         self.last_seq = seq
         self.last_hash = prev
+        stamped = StampedBatch(batch)
+        stamped.lines = lines
+        return stamped
 
     async def _write(self, batch: list[dict]) -> None:
         for sink in self.sinks:
@@ -267,10 +328,15 @@ class AuditRecorder:
         await self._done.wait()
 
 
+# Put in a session's pending list to make its pipeline call ``flush`` (it only does when
+# something is pending), which then raises AuditUnavailable.
+_UNAVAILABLE = {"event": "<audit unavailable marker>"}
+
+
 class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
-    __slots__ = ("recorder", "session", "_pending", "_ended", "_told")
+    __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_key", "__weakref__")
 
     def __init__(self, recorder: AuditRecorder, session: Any) -> None:
         self.recorder = recorder
@@ -278,30 +344,36 @@ class SessionAudit:
         self._pending: list[dict] = []
         self._ended = False
         self._told = False
+        self._template: dict = {}
+        self._key: tuple | None = None
 
     def base(self, kind: str) -> dict:
         s = self.session
-        ident = s.identity
-        event = {
-            "event": kind,
-            "code": ev.CODES.get(kind, ""),
-            "uid": ev.new_event_id(),
-            "time": ev.now_iso(),
-            "sid": s.id,
-            "user": ident.user,
-            "roles": list(ident.roles),
-            "auth_method": ident.method,
-            "db_protocol": s.protocol,
-            "listener": s.listener,
-            "db_name": s.db_name,
-            "db_user": s.db_user,
-            "db_uri": s.backend_addr,
-            "addr.remote": s.client_addr,
-        }
-        if ident.token_id:
-            event["token_id"] = ident.token_id
-        if s.route_name:
-            event["route"] = s.route_name
+        # The session-constant fields are built once and copied per event; they
+        # are rebuilt when the session learns who it is or where it goes.
+        key = (s.identity, s.db_name, s.db_user, s.backend_addr, s.route_name)
+        if key != self._key:
+            ident = s.identity
+            template = {
+                "sid": s.id,
+                "user": ident.user,
+                "roles": list(ident.roles),
+                "auth_method": ident.method,
+                "db_protocol": s.protocol,
+                "listener": s.listener,
+                "db_name": s.db_name,
+                "db_user": s.db_user,
+                "db_uri": s.backend_addr,
+                "addr.remote": s.client_addr,
+            }
+            if ident.token_id:
+                template["token_id"] = ident.token_id
+            if s.route_name:
+                template["route"] = s.route_name
+            self._template = template
+            self._key = key
+        event = {"event": kind, "code": ev.CODES.get(kind, ""), "uid": ev.new_event_id(), "time": ev.now_iso()}
+        event.update(self._template)
         return event
 
     def emit(self, kind: str, **fields: Any) -> dict:
@@ -314,13 +386,22 @@ class SessionAudit:
     async def flush(self) -> None:
         """Hand over held events (waiting for room); then, if the audit trail is
         unavailable (fail-closed), end the running session with ``AuditUnavailable``."""
+        told = False
         if self._pending:
             pending, self._pending = self._pending, []
             for event in pending:
+                if event is _UNAVAILABLE:
+                    told = True
+                    continue
                 await self.recorder.submit(event)
-        if not self.recorder.accepting and self.session.started and not self._ended and not self._told:
+        if (told or not self.recorder.accepting) and self.session.started and not self._ended and not self._told:
             self._told = True
             raise AuditUnavailable()
+
+    def tell_unavailable(self) -> None:
+        """Called by the recorder: make the session's next ``flush`` raise ``AuditUnavailable``."""
+        if not self._told:
+            self._pending.append(_UNAVAILABLE)
 
     # -- the four hooks every engine uses -----------------------------------
     def on_session_start(self, *, success: bool, error: str | None = None, **fields: Any) -> dict:

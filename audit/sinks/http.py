@@ -34,7 +34,7 @@ import h11
 import orjson
 import trio
 
-from .spooled import DeliveryFailed, SpooledSink
+from .spooled import DeliveryFailed, SpooledSink, reason
 
 log = logging.getLogger("dbproxy.audit.http")
 
@@ -105,7 +105,7 @@ class HttpSink(SpooledSink):
                 stream = trio.SSLStream(stream, self.ssl_context, server_hostname=self.server_name, https_compatible=True)
                 await stream.do_handshake()
         except (OSError, trio.BrokenResourceError) as exc:
-            raise DeliveryFailed(f"connect to {self.host}:{self.port}: {exc.__cause__ or exc}") from None
+            raise DeliveryFailed(f"connect to {self.host}:{self.port}: {reason(exc)}") from None
         self._stream = stream
         self._conn = h11.Connection(h11.CLIENT)
 
@@ -166,7 +166,7 @@ class HttpSink(SpooledSink):
                 await self.disconnect()
                 # A kept-alive connection the server closed meanwhile: one retry on a fresh one.
                 if fresh or attempt == 2:
-                    raise DeliveryFailed(f"POST {self.url}: {exc.__cause__ or exc}") from None
+                    raise DeliveryFailed(f"POST {self.url}: {reason(exc)}") from None
         raise AssertionError("unreachable")
 
     async def _exchange(self, body: bytes) -> tuple[int, str, float | None, str]:

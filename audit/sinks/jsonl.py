@@ -209,7 +209,8 @@ class JsonlSink:
             self._sync()
 
     async def write_batch(self, batch: list[dict]) -> None:
-        data = b"".join(orjson.dumps(e) + b"\n" for e in batch)
+        lines = getattr(batch, "lines", None)  # serialised once by the recorder's stamp
+        data = b"".join(lines) if lines is not None else b"".join(orjson.dumps(e) + b"\n" for e in batch)
         rotated = await trio.to_thread.run_sync(self._write, data)
         if rotated and self.gzip:
             self._wake.set()

@@ -270,6 +270,18 @@ class Spool:
             self.dropped += count
             return Dropped(count, dropped_first, dropped_last)
 
+    def make_room(self, nbytes: int) -> Dropped | None:
+        """Drop the oldest undelivered records until *nbytes* more fit (drop-oldest)."""
+        with self._lock:
+            excess = self.pending_bytes + nbytes - self.max_bytes
+            if excess <= 0:
+                return None
+            n, first, last = self._drop_head(excess)
+            if not n:
+                return None
+            self.dropped += n
+            return Dropped(n, first, last)
+
     def _drop_head(self, nbytes: int) -> tuple[int, int, int]:
         """Advance the cursor over at least *nbytes* of the oldest records (caller holds the lock)."""
         dropped = 0

@@ -52,6 +52,14 @@ class DeliveryFailed(Exception):
         self.delivered = delivered
 
 
+def reason(exc: BaseException) -> str:
+    """The useful part of a connection error (trio wraps the OS error of each attempt)."""
+    cause = exc.__cause__ or exc
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    return str(cause) or cause.__class__.__name__
+
+
 @attrs.frozen
 class Loss:
     sink: str
@@ -149,6 +157,13 @@ class SpooledSink:
         elif self.blocked and not blocked:
             log.warning("audit sink %s: spool has room again; accepting sessions", self.name)
         self.blocked = blocked
+
+    async def reserve(self, nbytes: int) -> None:
+        """Drop-oldest: make room for *nbytes* now (the recorder's loss events must not drop more)."""
+        if self.on_full == "drop_oldest":
+            dropped = await trio.to_thread.run_sync(self.spool.make_room, nbytes)
+            if dropped is not None:
+                self._record_loss(dropped)
 
     def _record_loss(self, d: Dropped) -> None:
         total = self.spool.dropped

@@ -23,10 +23,10 @@ syslog has no acknowledgement, and a receiver that is shutting down keeps
 its connections open without reading for a while before it closes them
 (rsyslog: ~0.2 s), so "sent", "acknowledged by the peer's kernel" and
 "still connected" all prove nothing.  What does: TCP half-close.  Each batch
-goes over its own connection; after the batch the sink sends its FIN (over
-TLS: close_notify, then FIN) and waits for the receiver to close in turn.
-A receiver sees our FIN only after it has read every byte before it, so a
-clean close back (EOF, every byte acknowledged, no reset) proves the batch
+goes over its own connection; right behind the batch the sink sends its FIN
+(over TLS: close_notify in the same write, then FIN) and waits for the
+receiver to close in turn.  A receiver sees our FIN only after it has read
+every byte before it, so a clean close back (EOF, every byte acknowledged, no reset) proves the batch
 was read; a reset, or no close within ``confirm_timeout``, means it may not
 have been, and the batch is sent again.  Checked against rsyslog stopped
 with SIGTERM mid-stream: every event arrives exactly once.  The price is a
@@ -51,7 +51,7 @@ import attrs
 import orjson
 import trio
 
-from .spooled import DeliveryFailed, SpooledSink
+from .spooled import DeliveryFailed, SpooledSink, reason
 
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
@@ -119,7 +119,7 @@ class Rfc5424Formatter:
         msgid = _printusascii(event.get("code") or event.get("event") or NILVALUE, 32)
         header = f"<{pri}>1 {timestamp} {_printusascii(self.hostname, 255)} {_printusascii(self.app_name, 48)} {_printusascii(self.procid, 128)} {msgid}"
         if self.body == "structured":
-            fields = {k: v for k, v in event.items()}
+            fields = dict(event)
             msg = describe_short(event).encode()
         else:
             fields = {k: event[k] for k in INDEX_FIELDS if k in event}
@@ -178,6 +178,7 @@ class SyslogSink(SpooledSink):
         self.connect_timeout = connect_timeout
         self._stream: Any = None
         self._raw: socket.socket | None = None
+        self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO] | None = None
         self._udp: Any = None
 
     def encode(self, event: dict) -> bytes:
@@ -188,23 +189,42 @@ class SyslogSink(SpooledSink):
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(self.host, self.port)
-                # Our own descriptor of the socket: it keeps the connection open after the
-                # TLS layer is closed, for the half-close handshake in _confirm.
+                self._stream = stream
+                # Our own descriptor of the socket, for the half-close and the wait in _confirm.
                 self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
                 self._raw.setblocking(False)
                 if self.transport == "tls":
-                    stream = trio.SSLStream(stream, self.ssl_context, server_hostname=self.server_name)
-                    self._stream = stream
-                    await stream.do_handshake()
+                    await self._tls_handshake(stream)
         except trio.TooSlowError:
             raise DeliveryFailed(f"connect to {self.host}:{self.port} timed out") from None
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise DeliveryFailed(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            cause = exc.__cause__ or exc
-            raise DeliveryFailed(f"connect to {self.host}:{self.port}: {cause}") from None
-        self._stream = stream
+            raise DeliveryFailed(f"connect to {self.host}:{self.port}: {reason(exc)}") from None
+
+    async def _tls_handshake(self, stream: Any) -> None:
+        # TLS sans-IO (ssl.SSLObject over memory BIOs) rather than trio.SSLStream, so that a batch
+        # and its close_notify leave in one write: the receiver then reads both in one go.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.ssl_context.wrap_bio(incoming, outgoing, server_hostname=self.server_name)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    await stream.send_all(outgoing.read())
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise DeliveryFailed(f"{self.host}:{self.port} closed the connection during the TLS handshake")
+                incoming.write(data)
+        if outgoing.pending:
+            await stream.send_all(outgoing.read())
+        self._tls = (tls, outgoing)
 
     async def disconnect(self) -> None:
         stream, self._stream = self._stream, None
+        self._tls = None
         if stream is not None:
             await trio.aclose_forcefully(stream)
         if self._raw is not None:
@@ -221,10 +241,19 @@ class SyslogSink(SpooledSink):
             return
         await self._connect()
         try:
+            data = b"".join(octet_frame(p) for p in payloads)
+            if self._tls is not None:
+                tls, outgoing = self._tls
+                tls.write(data)
+                try:
+                    tls.unwrap()  # close_notify, right behind the batch
+                except ssl.SSLWantReadError:
+                    pass
+                data = outgoing.read()
             try:
-                await self._stream.send_all(b"".join(octet_frame(p) for p in payloads))
+                await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise DeliveryFailed(f"send to {self.host}:{self.port}: {exc.__cause__ or exc}") from None
+                raise DeliveryFailed(f"send to {self.host}:{self.port}: {reason(exc)}") from None
             await self._confirm()
         finally:
             await self.disconnect()
@@ -232,9 +261,6 @@ class SyslogSink(SpooledSink):
     async def _confirm(self) -> None:
         """Half-close and wait for the receiver to close after reading everything (see the module doc)."""
         raw = self._raw
-        if self.transport == "tls":
-            stream, self._stream = self._stream, None
-            await stream.aclose()  # sends close_notify; ``raw`` keeps the TCP connection open
         try:
             raw.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -243,7 +269,7 @@ class SyslogSink(SpooledSink):
             while True:
                 await trio.lowlevel.wait_readable(raw)
                 try:
-                    data = raw.recv(65536)  # TLS: the receiver's close_notify, session tickets
+                    data = raw.recv(65536)  # TLS: session tickets, the receiver's close_notify
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:

@@ -63,6 +63,10 @@ def error_message(sqlstate: str, message: str, *, severity: str = "FATAL", detai
 
 
 def client_error_for(exc: ProxyError) -> bytes:
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None and not isinstance(exc, UpstreamError):
+        # e.g. AuditUnavailable (53000): the session ends with its own SQLSTATE.
+        return error_message(sqlstate, getattr(exc, "client_hint", str(exc)))
     if isinstance(exc, FrameTooLarge):
         return error_message("54000", exc.client_hint)
     if isinstance(exc, ProtocolError):

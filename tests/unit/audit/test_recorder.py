@@ -148,12 +148,16 @@ async def test_fail_closed_blocks_sessions_until_the_siem_returns(tmp_path):
     async def body(recorder):
         audit = recorder.session(session())
         idle = recorder.session(session(started=False))
+        quiet = recorder.session(session())  # a running session with nothing to say
         n = 0
         while recorder.accepting:
             audit.on_query(f"SELECT {n}")
             n += 1
             await trio.sleep(0.001)
             assert n < 5000
+        await wait_for(lambda: bool(quiet._pending))  # pipelines flush only sessions with something pending
+        with pytest.raises(AuditUnavailable):
+            await quiet.flush()
         with pytest.raises(AuditUnavailable) as info:
             await audit.flush()
         assert info.value.sqlstate == "53000" and "audit unavailable" in info.value.client_hint
