@@ -107,7 +107,8 @@ def read_audit(path: Path | str, *, wait_for: int = 0, timeout: float = 10.0) ->
         try:
             with open(path, "rb") as f:
                 for line in f:
-                    if line.strip():
+                    # The writer may be mid-line: only complete lines count.
+                    if line.endswith(b"\n") and line.strip():
                         events.append(orjson.loads(line))
         except FileNotFoundError:
             pass

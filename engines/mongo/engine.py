@@ -17,6 +17,20 @@ Session, in order:
      ``stages.BackendReplies``; the first message goes through it like any
      other (it is fed back into a fresh decoder ahead of whatever followed).
 
+Identity and access (``services.access`` configured; ``policy.py`` has the
+whole story).  The backend login still happens at connect (a hello must be
+answered before any client authentication), but the session is only
+*established* — route authorized, limit slot taken, ``session.identity``
+set, ``db.session.start`` emitted — once the client proved who it is
+(``clientauth.IdentityAuthenticator``: token via SCRAM-SHA-256/-1 or PLAIN
+over TLS, or MONGODB-X509) or, for a verified client certificate or an
+allowed anonymous identity, at its first command beyond the handshake.
+Until then only handshake commands run.  A listener whose methods include
+neither ``token`` nor ``mtls`` keeps its ``client_auth`` policy below for
+client credentials (claims, not identities) and establishes as anonymous.
+A connection that never establishes (a driver's monitoring connection) is
+audited once when it closes (``db.session.mongo.handshake_only``).
+
 Client protocol errors (garbage header, length over the listener's
 ``max_message_size``, bad OP_MSG checksum) end the session; when the bad
 message's header names a request (OP_MSG / OP_QUERY / OP_COMPRESSED) the
@@ -27,7 +41,7 @@ or breaks the protocol mid-session: every request still waiting is answered
 driver reconnects through the proxy).
 
 Listener options: ``client_auth`` (``accept`` | ``reject``, see
-``clientauth``), ``client_password_file`` / ``client_password_env``,
+``clientauth``; not with ``auth.methods`` token/mtls), ``client_password_file`` / ``client_password_env``,
 ``compressors`` (the subset of snappy/zlib/zstd the proxy negotiates with
 clients; default all three).  Backend options: ``auth_source``,
 ``handshake`` (``hello`` | ``isMaster``).
@@ -45,13 +59,15 @@ import trio
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
 from dbproxy.errors import ProtocolError, ProxyError, UpstreamError
+from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
 from . import wire
 from .backend import HANDSHAKES, open_backend
-from .clientauth import MODES, ClientAuthPolicy
+from .clientauth import MODES, ClientAuthPolicy, IdentityAuthenticator
 from .codec import MongoDecoder
+from .policy import PENDING, MongoAccess
 from .stages import (
     HOST_UNREACHABLE,
     REQUEST_OPCODES,
@@ -69,6 +85,9 @@ log = logging.getLogger("dbproxy.mongo")
 HANDSHAKE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 LISTENER_OPTIONS = {"client_auth", "client_password_file", "client_password_env", "compressors"}
+#: Options of the listener policies for client credentials, which identity mode replaces.
+LEGACY_AUTH_OPTIONS = ("client_auth", "client_password_file", "client_password_env")
+HANDSHAKE_ONLY_EVENT = "db.session.mongo.handshake_only"
 BACKEND_OPTIONS = {"auth_source", "handshake"}
 
 UNKNOWN_ERROR = 8
@@ -160,6 +179,7 @@ class MongoEngine(Engine):
     auth_methods = ("scram-sha-256", "scram-sha-1", "plain", "none")
     password_methods = ("scram-sha-256", "scram-sha-1", "plain")
     default_max_message_size = wire.DEFAULT_MAX_MESSAGE_SIZE
+    client_auth_methods = ("token", "mtls", "anonymous")
 
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)
@@ -167,6 +187,14 @@ class MongoEngine(Engine):
         options = listener.options or {}
         self.client_auth = ClientAuthPolicy.from_options(options)
         self.compressors = tuple(options.get("compressors", SUPPORTED_COMPRESSORS))
+        # Identity and access for this listener (None: no identity/roles/limits configured).
+        self.access = services.access.listener(listener.name) if services.access is not None else None
+        methods = self.access.methods if self.access is not None else ()
+        self.identity_mode = "token" in methods or "mtls" in methods
+        ignored = [k for k in LEGACY_AUTH_OPTIONS if k in options]
+        if self.identity_mode and ignored:
+            log.warning("listener %s: options %s are ignored: clients authenticate with %s",
+                        listener.name, ", ".join(ignored), " / ".join(methods))
 
     # -- config validation -----------------------------------------------------
     @classmethod
@@ -195,6 +223,13 @@ class MongoEngine(Engine):
                     v.err(f"{op}.client_password_env", f"environment variable {name} to be set")
             if mode == "reject" and ("client_password_file" in opts or "client_password_env" in opts):
                 v.err(op, "no client password with client_auth \"reject\" (it is only used to accept client SCRAM)")
+            auth = d.get("auth")
+            methods = auth.get("methods") if isinstance(auth, dict) else None
+            if isinstance(methods, list) and ("token" in methods or "mtls" in methods):
+                for key in LEGACY_AUTH_OPTIONS:
+                    if key in opts:
+                        v.err(f"{op}.{key}", "no listener client_auth options with auth methods token/mtls "
+                                             "(clients then authenticate with dbproxy identities)")
             if "compressors" in opts:
                 comps = opts["compressors"]
                 if not isinstance(comps, list) or any(c not in SUPPORTED_COMPRESSORS for c in comps):
@@ -277,8 +312,20 @@ class MongoEngine(Engine):
             "client_tls": bool(session.details.get("client_tls")),
             "application_name": app or None,
             "client_driver": facts.get("driver"),
-            "client_auth": self.client_auth.mode,
         }
+        certificate = certificate_error = None
+        if self.access is None:
+            start_fields["client_auth"] = self.client_auth.mode
+        else:
+            session.identity = PENDING
+            if not self.identity_mode:
+                start_fields["client_auth_policy"] = self.client_auth.mode
+            try:
+                certificate = self.access.auth.certificate_identity(client.stream)
+            except AuthFailed as exc:
+                certificate_error = exc
+            if certificate is not None:
+                start_fields["certificate_subject"] = certificate.user
         route = self.select_route({"application_name": app})
         if route is None:
             msg = f"no route on listener {self.listener.name} for application name {app!r}"
@@ -307,9 +354,14 @@ class MongoEngine(Engine):
             await self._refuse(client, first, code, f"dbproxy could not log in to the backend database {b.address}: {hint}")
             return
 
-        state = MongoSessionState(
-            auth=self.client_auth.session(), max_message_size=self.max_message_size, compressors=self.compressors
-        )
+        if self.identity_mode:
+            client_auth: Any = IdentityAuthenticator(
+                self.access.auth, client_tls=bool(session.details.get("client_tls")),
+                certificate=certificate, certificate_error=certificate_error,
+            )
+        else:
+            client_auth = self.client_auth.session()
+        state = MongoSessionState(auth=client_auth, max_message_size=self.max_message_size, compressors=self.compressors)
         state.details.update({k: v for k, v in facts.items() if k in ("application_name", "driver")})
         # The first message goes through the pipeline's stages like every other.
         decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
@@ -318,15 +370,21 @@ class MongoEngine(Engine):
         backend_channel = link.channel
         backend_decoder = AttributingDecoder(backend_channel.decoder, "backend")
         try:
-            audit.on_session_start(
-                success=True,
+            start_fields.update(
                 backend_tls=link.tls,
                 backend_auth=b.auth.method,
                 backend_auth_mechanism=link.mechanism,
                 backend_auth_source=link.auth_source,
                 server_max_wire_version=link.hello.get("maxWireVersion"),
-                **start_fields,
             )
+            if self.access is None:
+                audit.on_session_start(success=True, **start_fields)
+            else:
+                # db.session.start waits for the client's identity (policy.MongoAccess.establish).
+                state.gate = MongoAccess(
+                    self.access, session, client_auth, route=route.name, db_user=b.user, start_fields=start_fields,
+                    certificate=certificate, certificate_error=certificate_error,
+                )
 
             def client_error(exc: ProxyError) -> bytes:
                 side = getattr(exc, "mongo_side", None)
@@ -371,6 +429,12 @@ class MongoEngine(Engine):
                 "bytes_from_client": c2b.bytes_in,
                 "bytes_to_client": b2c.bytes_out,
             }
+            if state.gate is not None:
+                session.details["end_fields"]["denied"] = state.denied
+                if not state.gate.established:
+                    # One record for a connection that never became a session (e.g. a driver's monitor).
+                    audit.emit(HANDSHAKE_ONLY_EVENT, **state.gate.handshake_only_fields(reason=reason, started=session.start_time),
+                               bytes_from_client=c2b.bytes_in, bytes_to_client=b2c.bytes_out)
         finally:
             await backend_channel.aclose()
 

@@ -18,6 +18,15 @@ Client → backend (``ClientCommands``), per request:
     redacted).  An OP_MSG document sequence (``insert`` with
     ``documents``…) is recorded as its document count, never rendered.
   * ``getMore`` / ``killCursors`` name the query that opened their cursor.
+  * With identity and access configured (``state.gate``, a
+    ``policy.MongoAccess``): before the connection is established only the
+    handshake commands run (forwarded unaudited, counted), the
+    authentication commands establish it, anything else is refused (code
+    13); afterwards every command is checked against the session's grant
+    (``policy.check_command``, per database) before it is audited and forwarded, and
+    ``connectionStatus`` is answered by the proxy with the client's identity.
+    Legacy opcodes (OP_INSERT, OP_GET_MORE … — gone since MongoDB 5.1) cannot
+    be policed by command and end such a session.
 
 Backend → client (``BackendReplies``), per reply: the request is found by
 ``responseTo`` (a reply with moreToCome re-keys it under its own requestID,
@@ -63,11 +72,13 @@ from bson.regex import Regex
 from bson.timestamp import Timestamp
 
 from audit import events as ev
+from dbproxy.access import audit_denial
 from dbproxy.errors import FrameTooLarge, ProtocolError
 from dbproxy.pipeline import Verdict, replace, reply
 
 from . import wire
-from .clientauth import AUTH_COMMANDS, ClientAuthenticator
+from .clientauth import AUTH_COMMANDS
+from .policy import HANDSHAKE_COMMANDS, UNAUTHORIZED, denial_message
 
 HELLO_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
 SUPPORTED_COMPRESSORS = ("snappy", "zlib", "zstd")
@@ -409,11 +420,12 @@ class Pending:
     cursor_id: int | None = None  # getMore's cursor
     cursor_origin: CursorOrigin | None = None
     kill: tuple = ()
+    audited: bool = True  # False: a handshake command of a connection not yet established
 
 
 @attrs.define(eq=False)
 class MongoSessionState:
-    auth: ClientAuthenticator
+    auth: Any  # clientauth.ClientAuthenticator (listener policies) or IdentityAuthenticator (identity mode)
     max_message_size: int
     compressors: tuple[str, ...] = SUPPORTED_COMPRESSORS
     pending: dict = attrs.field(factory=dict)  # requestID (or exhaust reply's requestID) → Pending
@@ -423,6 +435,8 @@ class MongoSessionState:
     commands: int = 0
     errors: int = 0
     details: dict = attrs.field(factory=dict)
+    gate: Any = None  # policy.MongoAccess when identity/access is configured
+    denied: int = 0
 
     def remember_cursor(self, cursor_id: int, origin: CursorOrigin) -> None:
         cursors = self.cursors
@@ -536,6 +550,17 @@ class ClientCommands:
         compressor = None
         if plain is not msg:
             compressor = wire.COMPRESSOR_NAMES.get(wire.compressed_header(msg).compressor_id, "unknown")
+        gate = st.gate
+        if gate is not None and not gate.established:
+            if name in AUTH_COMMANDS:
+                return self._establishing_auth(plain, name, body)
+            if name in HANDSHAKE_COMMANDS:
+                return self._handshake(plain, msg, name, db, coll, body, more_to_come)
+            refusal = gate.establish_implicit(name, db)
+            if refusal is not None:
+                st.errors += 1
+                st.denied += 1
+                return _refuse(plain, refusal.code, refusal.message, more_to_come=more_to_come, close=refusal.close)
         if name in AUTH_COMMANDS:
             return self._auth(plain, name, db, body)
         op_query = plain.op_code == wire.OP_QUERY
@@ -544,6 +569,12 @@ class ClientCommands:
             fields["compressor"] = compressor
         if sequences:
             fields["document_count"] = sum(sequences.values())
+        if gate is not None:
+            if name == "connectionStatus":
+                return self._answer(plain, body, name, gate.connection_status(), fields)
+            denial = gate.check(name, db, body)
+            if denial is not None:
+                return self._deny(plain, body, name, db, sequences, denial, fields, more_to_come)
         pending = Pending("", name, coll, db, op_query)
         new_body = None
         if name in HELLO_COMMANDS:
@@ -565,9 +596,16 @@ class ClientCommands:
         return None
 
     def _legacy(self, msg: wire.WireMessage, verdict: Verdict | None = None) -> Verdict | None:
-        """Opcodes removed from MongoDB 5.1+ (OP_INSERT, OP_GET_MORE…): forwarded, audited by opcode only."""
+        """Opcodes removed from MongoDB 5.1+ (OP_INSERT, OP_GET_MORE…): forwarded, audited by opcode only.
+
+        Under access control they end the session: they carry no command the policy could check."""
         name = f"legacy opcode {msg.op_code}"
         self.state.commands += 1
+        if self.state.gate is not None:
+            self.state.denied += 1
+            audit_denial(self.state.gate.session, "legacy_opcode", stage="command", command=name,
+                         error=f"{name} is not supported under access control (MongoDB removed it in 5.1)")
+            return Verdict(replace=(), close=True)
         event = self.audit.on_query(f"<{name}, {msg.length} bytes>", command=name, request_id=msg.request_id)
         if msg.op_code == wire.OP_GET_MORE:  # answered with OP_REPLY
             self.state.pending[msg.request_id] = Pending(event["uid"], name, None, None, True)
@@ -595,6 +633,70 @@ class ClientCommands:
         self.audit.on_result(success=outcome.ok, query_uid=event["uid"], command=name, **fields)
         return reply(wire.reply_to(plain, outcome.reply))
 
+    # -- access control (state.gate) ---------------------------------------------
+    def _handshake(self, plain: wire.WireMessage, msg: wire.WireMessage, name: str, db: str | None, coll: str | None,
+                   body: RawBSONDocument, more_to_come: bool) -> Verdict | None:
+        """A handshake command before establishment: forwarded (hello still rewritten), counted, not audited."""
+        st = self.state
+        st.gate.note_handshake(name)
+        if name in ("connectionStatus", "endSessions"):
+            if more_to_come:
+                return Verdict(replace=())
+            # endSessions: nothing this connection ran could have used a session.
+            doc = st.gate.connection_status() if name == "connectionStatus" else {"ok": 1.0}
+            return reply(wire.reply_to(plain, doc))
+        pending = Pending("", name, coll, db, plain.op_code == wire.OP_QUERY, audited=False)
+        new_body = self._plan_hello(body, pending) if name in HELLO_COMMANDS else None
+        if not more_to_come:
+            st.pending[plain.request_id] = pending
+        if new_body is not None:
+            return replace(rebuild_request(plain, new_body))
+        if plain is not msg:
+            return replace(plain.raw)
+        return None
+
+    def _establishing_auth(self, plain: wire.WireMessage, name: str, body: Any) -> Verdict:
+        """An authentication command before establishment; an identity it proves establishes the session."""
+        st = self.state
+        gate = st.gate
+        gate.note_handshake(name)
+        outcome = st.auth.handle(name, body)
+        doc, close = outcome.reply, False
+        if outcome.identity is not None:
+            refusal = gate.establish(outcome.identity, client_auth=outcome.mechanism,
+                                     client_auth_speculative=bool(getattr(st.auth, "speculative_conversation", False)))
+            if refusal is not None:
+                st.auth.revoke()
+                st.errors += 1
+                st.denied += 1
+                doc, close = wire.error_document(refusal.code, refusal.message), refusal.close
+        elif not outcome.ok:
+            st.errors += 1
+            gate.audit_auth_failure(name, outcome)
+        elif outcome.done and outcome.user is not None:
+            gate.claimed_user, gate.claimed_mechanism = outcome.user, outcome.mechanism
+        return reply(wire.reply_to(plain, doc), close=close)
+
+    def _answer(self, plain: wire.WireMessage, body: Any, name: str, doc: dict, fields: dict) -> Verdict:
+        event = self.audit.on_query(render_command(body, name), answered_by="proxy", **fields)
+        self.audit.on_result(success=True, query_uid=event["uid"], command=name, db_name=fields.get("db_name"), ok=1,
+                             answered_by="proxy")
+        return reply(wire.reply_to(plain, doc))
+
+    def _deny(self, plain: wire.WireMessage, body: Any, name: str, db: str | None, sequences: dict | None,
+              denial: Any, fields: dict, more_to_come: bool) -> Verdict:
+        """A command the session's grant refuses: audited (query, access_denied, result), answered code 13."""
+        st = self.state
+        st.errors += 1
+        st.denied += 1
+        message = denial_message(denial, name, db)
+        event = self.audit.on_query(render_command(body, name, sequences), **fields)
+        audit_denial(st.gate.session, denial.reason, stage="command", error=message, command=denial.command,
+                     db_name=db, collection=fields.get("collection"), query_uid=event["uid"])
+        self.audit.on_result(success=False, query_uid=event["uid"], command=name, collection=fields.get("collection"),
+                             db_name=db, ok=0, code=UNAUTHORIZED, errmsg=message, error=message, answered_by="proxy")
+        return _refuse(plain, UNAUTHORIZED, message, more_to_come=more_to_come)
+
     def _plan_hello(self, body: RawBSONDocument, pending: Pending) -> dict | None:
         st = self.state
         plan = HelloPlan()
@@ -618,16 +720,27 @@ class ClientCommands:
             plan.compression = [chosen] if chosen else []
             st.compressor = chosen
         if doc.pop("saslSupportedMechs", None) is not None:
-            plan.sasl_mechs = st.auth.policy.mechanisms()
+            plan.sasl_mechs = st.auth.mechanisms()
         spec = doc.pop("speculativeAuthenticate", None)
         if spec is not None:
             outcome = st.auth.speculative(spec)
-            if outcome is not None:
-                plan.speculative = outcome.reply
+            gate = st.gate
+            if outcome is not None and gate is not None and not gate.established:
+                if outcome.identity is not None:  # MONGODB-X509: the certificate is the proof
+                    refusal = gate.establish(outcome.identity, client_auth=outcome.mechanism, client_auth_speculative=True)
+                    if refusal is not None:
+                        # No speculative answer: the driver authenticates explicitly and gets the refusal.
+                        st.auth.revoke()
+                        outcome = None
+                elif outcome.done and outcome.user is not None:
+                    gate.claimed_user, gate.claimed_mechanism = outcome.user, outcome.mechanism
+            elif outcome is not None and gate is None:
                 self.audit.emit(
                     "db.session.mongo.client_auth", mechanism=outcome.mechanism, client_user=outcome.user,
                     speculative=True, success=True, done=outcome.done,
                 )
+            if outcome is not None:
+                plan.speculative = outcome.reply
         return doc
 
     def _tie_get_more(self, body: RawBSONDocument, pending: Pending, fields: dict) -> None:
@@ -673,6 +786,16 @@ class BackendReplies:
             return verdict
         if plain.more_to_come:
             st.pending[plain.request_id] = pending
+        if not pending.audited:
+            if pending.hello is not None:
+                try:
+                    doc, op_reply = reply_document(plain)
+                    rewritten = self._rewrite_hello(plain, doc, op_reply, pending.hello)
+                except (ProtocolError, BSONError, ValueError, TypeError, IndexError, struct.error):
+                    rewritten = None  # forwarded as received; the driver judges it
+                if rewritten is not None:
+                    verdict = replace(rewritten)
+            return verdict
         try:
             doc, op_reply = reply_document(plain)
             if pending.hello is not None:
@@ -753,7 +876,8 @@ def lost_backend_replies(state: MongoSessionState, audit: Any, errmsg: str, *, c
             out.append(wire.encode_op_reply([doc], None, request_id))
         else:
             out.append(wire.encode_op_msg(doc, response_to=request_id))
-        audit.on_result(success=False, query_uid=p.uid, command=p.command, ok=0, errmsg=errmsg, code=code, error=errmsg)
+        if p.audited:
+            audit.on_result(success=False, query_uid=p.uid, command=p.command, ok=0, errmsg=errmsg, code=code, error=errmsg)
     state.errors += len(state.pending)
     state.pending.clear()
     return b"".join(out)
@@ -762,5 +886,13 @@ def lost_backend_replies(state: MongoSessionState, audit: Any, errmsg: str, *, c
 def abandon_pending(state: MongoSessionState, audit: Any, reason: str) -> None:
     """Audit requests that will never get a reply (the session ended first), so no query lacks a result."""
     for p in state.pending.values():
-        audit.on_result(success=False, query_uid=p.uid, command=p.command, ok=None, error=reason, answered=False)
+        if p.audited:
+            audit.on_result(success=False, query_uid=p.uid, command=p.command, ok=None, error=reason, answered=False)
     state.pending.clear()
+
+
+def _refuse(request: wire.WireMessage, code: int, errmsg: str, *, more_to_come: bool = False, close: bool = False) -> Verdict:
+    """Answer ``request`` with ``ok: 0`` instead of forwarding it (a moreToCome request gets no answer)."""
+    if more_to_come:
+        return Verdict(replace=(), close=close)
+    return reply(wire.error_reply_for(request, code, errmsg), close=close)
