@@ -447,8 +447,21 @@ def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields:
 
 @attrs.frozen
 class Token:
-    kind: str  # word (value upper-cased), ident (quoted, as written), uident (U&"…"); literals and operators are not kept
+    """word (value upper-cased), ident (quoted, as written), uident (U&"…").
+
+    CQL only: ``dot`` (a ``.`` between tokens, so ``ks.table`` is readable)
+    and ``sep`` (anything else that is not blank — literals, numbers,
+    punctuation — so that tokens are adjacent only when nothing but blanks
+    and comments stood between them, as in the CQL grammar).  Literals and
+    operators themselves are never kept.
+    """
+
+    kind: str
     value: str
+
+
+_SEP = Token("sep", "")
+_DOT = Token("dot", ".")
 
 
 @attrs.frozen
@@ -493,7 +506,9 @@ class Statement:
 _OBJECT_VERBS = frozenset({"CREATE", "DROP", "ALTER", "COMMENT", "SECURITY"})
 _MODIFIERS = frozenset({"OR", "REPLACE", "TEMP", "TEMPORARY", "UNLOGGED", "GLOBAL", "LOCAL", "UNIQUE", "TRUSTED", "PROCEDURAL", "RECURSIVE", "DEFAULT", "CONSTRAINT", "CUSTOM", "ON"})
 _TWO_WORD_OBJECTS = frozenset({"MATERIALIZED", "FOREIGN", "EVENT", "TEXT", "ACCESS", "USER"})
-_NESTING_HEADS = frozenset({"WITH", "EXPLAIN", "PREPARE", "DECLARE", "COPY", "CREATE"})
+# BEGIN: a CQL ``BEGIN BATCH … APPLY BATCH`` is one statement (its children are
+# nested); a PostgreSQL BEGIN never contains these words.
+_NESTING_HEADS = frozenset({"WITH", "EXPLAIN", "PREPARE", "DECLARE", "COPY", "CREATE", "BEGIN"})
 _NESTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE", "DROP"})
 
 
@@ -501,7 +516,10 @@ def _token_regex(dialect: str, backslash_strings: bool = False) -> re.Pattern:
     if dialect == "cql":
         comment = r"--[^\n]*|//[^\n]*"
         prefixed = r"| (?P<dollar>\$\$)"
+        # "." is a token of its own in CQL (keyspace.table), except before a digit (1.5, .5)
+        run = r"[\s0-9,+*=<>!%^|~#@?:\[\]{}&()]+|\$\d+|\.(?=[0-9])"
     else:
+        run = r"[\s0-9,.+*=<>!%^|~#@?:\[\]{}&()]+|\$\d+"
         comment = r"--[^\n]*"
         prefixed = r"""
         | (?P<estr>[eE]')
@@ -518,7 +536,7 @@ def _token_regex(dialect: str, backslash_strings: bool = False) -> re.Pattern:
     # '"' and ";" start the other tokens; an unterminated literal falls to (?P<str>).
     return re.compile(
         rf"""
-          (?P<ws>(?:[\s0-9,.+*=<>!%^|~#@?:\[\]{{}}&()]+|\$\d+|{string})+)
+          (?P<ws>(?:{run}|{string})+)
         | (?P<lcomment>{comment})
         | (?P<bcomment>/\*)
         {prefixed}
@@ -566,12 +584,21 @@ def split_statements(text: str, dialect: str = "postgres", *, backslash_strings:
     ``backslash_strings``: lex plain ``'…'`` literals with backslash escapes
     (PostgreSQL with ``standard_conforming_strings = off``).  A policy that
     must not be fooled lexes both ways (``statement_variants``).
+
+    CQL: ``BEGIN [UNLOGGED|COUNTER] BATCH … APPLY BATCH`` is one statement
+    (the ``;`` between its children do not end it: CQL grammar
+    ``batchStatement``), so the writes inside stay visible as nested
+    commands; ``dot`` and ``sep`` tokens keep qualified names readable (see
+    ``Token``).
     """
     regex = _REGEX[(dialect, backslash_strings and dialect == "postgres")]
     plain = _BACKSLASH_STRING if backslash_strings else _STD_STRING
     nested = dialect == "postgres"
+    cql = dialect == "cql"
     out: list[Statement] = []
     cur: list[Token] = []
+    words = 0  # CQL: words in ``cur`` so far
+    batch = 0  # CQL: 0 no batch, 1 inside BEGIN … BATCH, 2 after APPLY inside it, 3 applied
     pos, n = 0, len(text)
     while pos < n:
         m = regex.match(text, pos)
@@ -579,16 +606,33 @@ def split_statements(text: str, dialect: str = "postgres", *, backslash_strings:
         kind = m.lastgroup
         end = m.end()
         if kind == "word":
-            cur.append(Token("word", m.group().upper()))
+            word = m.group().upper()
+            if cql:
+                if batch == 0:
+                    if word == "BATCH" and words in (1, 2) and cur[0].value == "BEGIN":
+                        batch = 1
+                elif batch == 1:
+                    if word == "APPLY":
+                        batch = 2
+                elif batch == 2:
+                    batch = 3 if word == "BATCH" else 1
+                words += 1
+            cur.append(Token("word", word))
         elif kind == "semi":
-            if cur:
-                out.append(Statement(tuple(cur)))
-            cur = []
+            if cql and batch in (1, 2):
+                cur.append(_SEP)
+            else:
+                if cur:
+                    out.append(Statement(tuple(cur)))
+                cur = []
+                words = batch = 0
         elif kind == "bcomment":
             end = _skip_nested_comment(text, end, nested)
         elif kind in ("str", "pstr", "ustr", "estr"):
             body = (_BACKSLASH_STRING if kind == "estr" else plain).match(text, end)
             end = body.end() if body else n
+            if cql:
+                cur.append(_SEP)
         elif kind in ("qident", "uident"):
             body = _QIDENT.match(text, end)
             end = body.end() if body else n
@@ -598,7 +642,14 @@ def split_statements(text: str, dialect: str = "postgres", *, backslash_strings:
             tag = m.group()
             close = text.find(tag, end)
             end = n if close < 0 else close + len(tag)
-        # ws, comments, operators: nothing the rules read
+            if cql:
+                cur.append(_SEP)
+        elif cql:
+            if kind == "op":
+                cur.append(_DOT if m.group() == "." else _SEP)
+            elif kind == "ws" and not m.group().isspace():
+                cur.append(_SEP)
+        # otherwise ws, comments, operators: nothing the rules read
         pos = end
     if cur:
         out.append(Statement(tuple(cur)))

@@ -31,9 +31,10 @@ Handshake (client side), owned by the proxy:
              ``driver_version``; listener and route ``options.expected_user``
              (a glob) must match the user name, else AUTH_ERROR.  With an
              identity layer the identity's roles must allow the route
-             (UNAUTHORIZED) and connection limits apply (OVERLOADED).  CQL
-             statements are not yet checked against read-only, deny_commands
-             or keyspace rules, so a grant carrying any is refused (fail closed).
+             (UNAUTHORIZED) and connection limits apply (OVERLOADED).  A grant
+             with read-only, deny_commands or keyspace rules adds the policy
+             stage (``policy.py``): every QUERY, PREPARE, EXECUTE and BATCH
+             is checked, a refused one answered UNAUTHORIZED on its stream.
   backend    ``backend.open_backend`` logs in with the route's credential at
              the client's version and compression; the client then sees
              AUTH_SUCCESS (or READY) as from a real node.
@@ -51,7 +52,8 @@ proxy's AUTHENTICATE/READY went out; v3/v4 compression from STARTUP on.
 Everything the proxy itself sends after that goes through that encoder
 (frames compressed like Cassandra does in v3/v4, segments in v5).
 
-Session: the core pipeline with the audit stages (``stages.py``); frames pass
+Session: the core pipeline with the audit stages (``stages.py``), then the
+statement policy when the grant has rules (``policy.py``); frames pass
 through as received.  Client-side protocol errors (garbage, oversized frame,
 bad segment CRC) get a PROTOCOL_ERROR on the offending stream and the session
 closes; when the backend breaks the protocol or goes away, every request
@@ -88,6 +90,7 @@ from . import frames as F
 from .auth import ClientAuthFailed, ClientAuthenticator, TokenClientAuthenticator, client_authenticator
 from .backend import BackendProtocolError, BackendRefused, open_backend
 from .codec import CqlDecoder, CqlEncoder
+from .policy import CqlPolicy, needs_policy
 from .stages import CqlSessionState, PreparedCache, RequestAudit, ResponseAudit
 
 log = logging.getLogger("dbproxy.cassandra")
@@ -491,19 +494,6 @@ class CassandraEngine(Engine):
             grant = self.access.authorize(identity, route=route.name, database=None, db_user=session.db_user)
         except AccessDenied as exc:
             raise _Refused(F.ErrorCode.UNAUTHORIZED, f"User {identity.user} has no role allowing route {route.name}", exc) from None
-        if grant.restricted and (grant.has_statement_rules or tuple(grant.databases) != ("*",)):
-            # Fail closed: CQL statements are not yet checked against read-only,
-            # deny_commands or keyspace rules, so a grant that has them is refused.
-            exc = AccessDenied(
-                f"roles {', '.join(grant.roles)} of {identity.user!r} carry read-only, command or keyspace rules,"
-                " which the cassandra engine does not enforce yet",
-                reason="rules_not_enforced",
-            )
-            raise _Refused(
-                F.ErrorCode.UNAUTHORIZED,
-                f"User {identity.user} may only use roles with read-only/command/keyspace rules, which this proxy does not enforce for CQL yet",
-                exc,
-            )
         try:
             self.access.admit(session)
         except TooManyConnections as exc:
@@ -572,6 +562,7 @@ class CassandraEngine(Engine):
         if refusal is not None:
             await self._refuse(session, wire, hello, F.ErrorCode.AUTH_ERROR, refusal, refusal)
             return
+        grant = None
         if self.access is not None:
             try:
                 grant = self._authorize(session, route)
@@ -622,13 +613,17 @@ class CassandraEngine(Engine):
                 await wire.send(F.encode_ready(version, hello.reply_stream, compressor=wire.compression))
                 if version >= F.FIRST_SEGMENT_VERSION:
                     wire.encoder.set_framing("segments", hello.compression)
+            client_stages: list = [RequestAudit(state, audit, compressor=wire.compression)]
+            policy = CqlPolicy(state, grant, session, audit, compressor=wire.compression) if needs_policy(grant) else None
+            if policy is not None:
+                client_stages.append(policy)
             pipeline = Pipeline(
                 session=session,
                 client=wire.channel.stream,
                 backend=link.stream,
                 client_decoder=wire.channel.decoder,
                 backend_decoder=link.decoder,
-                client_stages=[RequestAudit(state, audit, compressor=wire.compression)],
+                client_stages=client_stages,
                 backend_stages=[ResponseAudit(state, audit)],
                 state=state,
                 to_client_encoder=wire.encoder,
@@ -649,6 +644,8 @@ class CassandraEngine(Engine):
                 "bytes_from_client": c2b.bytes_in,
                 "bytes_to_client": b2c.bytes_out,
             }
+            if policy is not None:
+                session.details["end_fields"]["refused"] = policy.denied
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             session.details["end_reason"] = f"client connection lost: {exc.__class__.__name__}"
         finally:

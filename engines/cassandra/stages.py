@@ -257,6 +257,9 @@ class CqlSessionState:
     version: int = 4
     keyspace: str | None = None
     pending: dict = attrs.field(factory=dict)  # stream id -> _Pending
+    # (frame, parsed body) of the request the audit stage just read, so a later
+    # stage (policy.CqlPolicy) does not parse it again.
+    last_request: tuple | None = None
     requests: int = 0
     errors: int = 0
     events: int = 0
@@ -323,6 +326,7 @@ class RequestAudit:
 
     def _query(self, msg: F.Frame) -> None:
         q = F.parse_query(msg)
+        self.state.last_request = (msg, q)
         p = q.params
         fields = self._common(msg, p)
         params = render_values(p.values, p.names, None) if p.values else None
@@ -331,6 +335,7 @@ class RequestAudit:
 
     def _prepare(self, msg: F.Frame) -> None:
         p = F.parse_prepare(msg)
+        self.state.last_request = (msg, p)
         keyspace = p.keyspace or self.state.keyspace
         event = self.audit.emit(
             EV_PREPARE, code=EVENT_CODES[EV_PREPARE], db_query=ev.truncate(p.query), keyspace=keyspace,
@@ -347,6 +352,7 @@ class RequestAudit:
 
     def _execute(self, msg: F.Frame) -> None:
         e = F.parse_execute(msg)
+        self.state.last_request = (msg, e)
         p = e.params
         info, query = self._resolve(e.query_id)
         fields = self._common(msg, p)
@@ -366,6 +372,7 @@ class RequestAudit:
 
     def _batch(self, msg: F.Frame) -> None:
         b = F.parse_batch(msg)
+        self.state.last_request = (msg, b)
         children = []
         queries = []
         for child in b.statements[:MAX_BATCH_CHILDREN]:

@@ -15,8 +15,8 @@ Listeners of the shared proxy:
   cqltls     TLS from the first byte, client_auth none (READY, no credentials)
   cqlstrict  listener expected_user "alice"
 
-A second proxy (``idproxy``) has an identity layer: token listeners (TLS and
-plaintext) and an mTLS listener, roles with and without statement rules.
+The identity layer (tokens, mTLS, roles, statement policy) is proven in
+test_cassandra_identity.py.
 
 The driver matrix writes ROWS_FULL (10k) rows on v5+lz4, v4+snappy and v3
 and ROWS_SMALL (2k; ``DBPROXY_CQL_ROWS`` to change) on the other
@@ -31,7 +31,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -651,106 +650,6 @@ def test_options_answered_and_heartbeats_relayed(proxy):
     heartbeat = raw.recv()
     assert heartbeat.opcode == F.Opcode.SUPPORTED and heartbeat.stream == 30
     raw.close()
-
-
-# --------------------------------------------------------------------------- identity layer (tokens, roles)
-
-
-def _cli(*args: str) -> str:
-    from tests.support import ROOT
-
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "dbproxy.cli", *args], capture_output=True, text=True, env=env, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def idproxy(node, direct, tmp_path_factory):
-    """A proxy with an identity layer: token listeners (TLS and plain), roles with and without rules."""
-    from scripts.peers.certs import make_ca, make_cert
-
-    workdir = tmp_path_factory.mktemp("cqlident")
-    ca = make_ca(workdir)
-    cert, key = make_cert(workdir, ca, "proxy", sans=["localhost", "127.0.0.1"])
-    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"), "--public-key-file", str(workdir / "token.pub"))
-    secret = workdir / "cassandra.secret"
-    secret.write_text(node.password)
-    routes = [{"name": "cass", "backend": _backend(node, secret)}]
-    config = {
-        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"},
-                     "mtls": {"subject": "cn", "users": {"erin": ["cql"]}}},
-        "roles": {
-            "cql": {"routes": ["cass"], "databases": ["*"], "db_users": ["*"]},
-            "cql-readonly": {"routes": ["cass"], "databases": ["*"], "db_users": ["*"], "read_only": True},
-            "elsewhere": {"routes": ["other"], "databases": ["*"], "db_users": ["*"]},
-        },
-        "listeners": [
-            {"name": "tok", "protocol": "cassandra", "listen": "127.0.0.1:0", "tls": {"cert_file": str(cert), "key_file": str(key)},
-             "auth": {"methods": ["token"]}, "routes": routes},
-            {"name": "plaintok", "protocol": "cassandra", "listen": "127.0.0.1:0", "auth": {"methods": ["token"]}, "routes": routes},
-            {"name": "mtls", "protocol": "cassandra", "listen": "127.0.0.1:0",
-             "tls": {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(ca[0])},
-             "auth": {"methods": ["mtls"]}, "routes": routes},
-        ],
-        "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
-    }
-    proc = ProxyProcess(workdir, config, name="proxy").start()
-    proc.audit_path = workdir / "audit.jsonl"
-    proc.ca_file = ca[0]
-    proc.client_cert = make_cert(workdir / "clients", ca, "erin", client=True)
-    proc.issue = lambda user, roles: _cli("token", "issue", "--config", str(proc.config_path), "--user", user, "--roles", roles, "--ttl", "1h")
-    yield proc
-    proc.stop()
-
-
-def test_token_identity_and_roles(idproxy):
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=str(idproxy.ca_file))
-    token = idproxy.issue("alice", "cql")
-    c = cluster(idproxy.port("tok"), user="alice", password=token, ssl_context=ctx)
-    try:
-        assert c.connect().execute("SELECT release_version FROM system.local").one().release_version.startswith("5.0.")
-    finally:
-        c.shutdown()
-    start = audit_when(idproxy, lambda evs: any(e["event"] == "db.session.start" and e.get("user") == "alice" for e in evs))
-    start = [e for e in start if e["event"] == "db.session.start" and e.get("user") == "alice"][-1]
-    assert start["success"] and start["auth_method"] == "token" and start["client_auth"] == "token"
-    assert start["roles"] == ["cql"] and start["granted_roles"] == ["cql"] and start["token_id"]
-
-    # a wrong token: Cassandra's own words, the reason in the audit trail only
-    text = refusal(idproxy.port("tok"), user="alice", password=token[:-4] + "AAAA", ssl_context=ctx)
-    assert "Provided username alice and/or password are incorrect" in text
-    # a token for bob used as alice
-    text = refusal(idproxy.port("tok"), user="alice", password=idproxy.issue("bob", "cql"), ssl_context=ctx)
-    assert "Provided username alice and/or password are incorrect" in text
-    # roles that do not allow the route
-    assert "has no role allowing route cass" in refusal(idproxy.port("tok"), user="carol", password=idproxy.issue("carol", "elsewhere"), ssl_context=ctx)
-    # a read-only role: CQL statements are not checked yet, so the session is refused (fail closed)
-    ro = idproxy.issue("dave", "cql-readonly")
-    assert "does not enforce for CQL yet" in refusal(idproxy.port("tok"), user="dave", password=ro, ssl_context=ctx)
-    # a token never travels over a plaintext listener
-    assert "needs an encrypted connection" in refusal(idproxy.port("plaintok"), user="alice", password=token)
-
-    # mTLS: the certificate is the identity; no credentials needed (the client gets READY)
-    mctx = ssl.create_default_context(cafile=str(idproxy.ca_file))
-    mctx.load_cert_chain(*map(str, idproxy.client_cert))
-    c = cluster(idproxy.port("mtls"), user=None, ssl_context=mctx)
-    try:
-        c.connect().execute("SELECT now() FROM system.local")
-    finally:
-        c.shutdown()
-    assert "requires a valid client certificate" in refusal(idproxy.port("mtls"), user="erin", password="x", ssl_context=ctx)
-
-    evs = audit_when(idproxy, lambda evs: sum(1 for e in evs if e["event"] == "db.session.access_denied") >= 6)
-    erin = [e for e in evs if e["event"] == "db.session.start" and e.get("user") == "erin"][-1]
-    assert erin["success"] and erin["auth_method"] == "mtls" and erin["client_auth"] == "mtls" and erin["requested_user"] is None
-    denied = [e for e in evs if e["event"] == "db.session.access_denied"]
-    assert {e["stage"] for e in denied} == {"authenticate", "connect"}
-    assert {"rules_not_enforced", "no_role_allows", "method_unavailable"} <= {e["reason"] for e in denied}
-    blob = idproxy.audit_path.read_text() + idproxy.log_text()
-    assert token not in blob and ro not in blob
 
 
 # --------------------------------------------------------------------------- TLS backend, killed mid-query (own node; last)
