@@ -250,5 +250,9 @@ class JsonlSink:
                 if self.fsync != "never":
                     self._sync()
                 self._file.close()
+            if self.gzip:
+                # A clean shutdown leaves every rotated file compressed, even if the
+                # background compressor was cancelled before it got to the last one.
+                self._compress_pending()
 
         await trio.to_thread.run_sync(close)
