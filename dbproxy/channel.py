@@ -9,10 +9,12 @@ the decoder's buffer and the pipeline decodes them first.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import trio
 
+from .errors import ProtocolError, UpstreamError
 from .pipeline import NEED_DATA, RECEIVE_SIZE
 
 
@@ -45,3 +47,33 @@ class MessageStream:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+@contextlib.contextmanager
+def login_errors(address: str) -> Iterator[None]:
+    """Translate what can go wrong while the proxy logs in to a backend into ``UpstreamError``.
+
+    Every engine's backend login runs inside this, so a backend that hangs up,
+    breaks its protocol or loses the link is reported the same way for every
+    protocol (detail for the log and the audit event, a safe hint for the client).
+    """
+    try:
+        yield
+    except PeerClosed:
+        raise UpstreamError(
+            f"backend {address} closed the connection during login",
+            kind="closed",
+            client_hint="the backend database closed the connection while the proxy was logging in",
+        ) from None
+    except ProtocolError as exc:
+        raise UpstreamError(
+            f"backend {address} broke the protocol during login: {exc}",
+            kind="protocol",
+            client_hint="the backend database sent an invalid response during login",
+        ) from None
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise UpstreamError(
+            f"backend {address} connection failed during login: {exc}",
+            kind="closed",
+            client_hint="the connection to the backend database failed during login",
+        ) from None

@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 import trio
 
-from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.channel import MessageStream, login_errors
 from dbproxy.config import RouteConfig
 from dbproxy.errors import ProtocolError, UpstreamError
 from dbproxy.net import connect_backend
@@ -160,7 +160,7 @@ async def _login(
     channel = MessageStream(stream, decoder)
     segments = version >= F.FIRST_SEGMENT_VERSION
     frame_compressor = compression if not segments else None
-    try:
+    with login_errors(b.address):
         await channel.send(F.encode_startup(version, HANDSHAKE_STREAM, options))
         if segments:
             encoder.set_framing("segments", compression)
@@ -199,21 +199,3 @@ async def _login(
             if answer.opcode == F.Opcode.ERROR:
                 raise _refused(route, answer, "credentials")
             raise _unexpected(route, answer, "AUTH_RESPONSE")
-    except PeerClosed:
-        raise UpstreamError(
-            f"backend {b.address} closed the connection during login",
-            kind="closed",
-            client_hint="the backend database closed the connection while the proxy was logging in",
-        ) from None
-    except ProtocolError as exc:
-        raise UpstreamError(
-            f"backend {b.address} broke the protocol during login: {exc}",
-            kind="protocol",
-            client_hint="the backend database sent an invalid response during login",
-        ) from None
-    except (trio.BrokenResourceError, OSError) as exc:
-        raise UpstreamError(
-            f"backend {b.address} connection failed during login: {exc}",
-            kind="closed",
-            client_hint="the connection to the backend database failed during login",
-        ) from None

@@ -35,9 +35,9 @@ from typing import Any
 import attrs
 import trio
 
-from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.channel import MessageStream, login_errors
 from dbproxy.config import RouteConfig
-from dbproxy.errors import ProtocolError, UpstreamError
+from dbproxy.errors import UpstreamError
 from dbproxy.net import connect_backend
 from dbproxy.tls import wrap_backend
 
@@ -106,7 +106,7 @@ async def open_backend(
 
 async def _login(channel: MessageStream, route: RouteConfig, client_metadata: dict | None, tls: bool) -> BackendLink:
     b = route.backend
-    try:
+    with login_errors(b.address):
         hello = await _handshake(channel, route, client_metadata)
         method = b.auth.method
         source = auth_source(route) if method != "none" else None
@@ -116,24 +116,6 @@ async def _login(channel: MessageStream, route: RouteConfig, client_metadata: di
         elif method == "plain":
             await _plain(channel, route, source)
         return BackendLink(channel, hello, tls, mechanism, source)
-    except PeerClosed:
-        raise UpstreamError(
-            f"backend {b.address} closed the connection during login",
-            kind="closed",
-            client_hint="the backend database closed the connection while the proxy was logging in",
-        ) from None
-    except ProtocolError as exc:
-        raise UpstreamError(
-            f"backend {b.address} broke the protocol during login: {exc}",
-            kind="protocol",
-            client_hint="the backend database sent an invalid response during login",
-        ) from None
-    except (trio.BrokenResourceError, OSError) as exc:
-        raise UpstreamError(
-            f"backend {b.address} connection failed during login: {exc}",
-            kind="closed",
-            client_hint="the connection to the backend database failed during login",
-        ) from None
 
 
 async def command(channel: MessageStream, doc: dict, *, op_query: bool = False) -> dict:

@@ -26,9 +26,9 @@ from typing import Any
 import attrs
 import trio
 
-from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.channel import MessageStream, login_errors
 from dbproxy.config import RouteConfig
-from dbproxy.errors import ProtocolError, UpstreamError
+from dbproxy.errors import UpstreamError
 from dbproxy.kerberos import CLIENT_HINT as KRB_CLIENT_HINT
 from dbproxy.net import connect_backend
 from dbproxy.tls import peer_cert_der, wrap_backend
@@ -112,7 +112,7 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
     is_gssenc = False
     gss_ctx = None
     gssencmode = b.auth.params.get("gssencmode", "disable") if method == "gssapi" else "disable"
-    try:
+    with login_errors(b.address):
         if gssencmode in ("prefer", "require"):
             await channel.send(m.encode_gssenc_request())
             answer = await channel.receive_with(decoder.read_gssenc_answer)
@@ -164,24 +164,6 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
                     name, value = m.parse_parameter_status(msg)
                     server_params[name] = value
                 replay.append(msg.raw)
-    except PeerClosed:
-        raise UpstreamError(
-            f"backend {b.address} closed the connection during login",
-            kind="closed",
-            client_hint="the backend database closed the connection while the proxy was logging in",
-        ) from None
-    except ProtocolError as exc:
-        raise UpstreamError(
-            f"backend {b.address} broke the protocol during login: {exc}",
-            kind="protocol",
-            client_hint="the backend database sent an invalid response during login",
-        ) from None
-    except (trio.BrokenResourceError, OSError) as exc:
-        raise UpstreamError(
-            f"backend {b.address} connection failed during login: {exc}",
-            kind="closed",
-            client_hint="the connection to the backend database failed during login",
-        ) from None
 
 
 def _refuse(route: RouteConfig, asked: int) -> UpstreamError:
