@@ -57,6 +57,8 @@ import attrs
 import orjson
 
 from .errors import AccessDenied, RemoteProtocolError
+from .scram import parse_attributes as _parse_attributes
+from .scram import parse_client_first
 from .session import Identity
 
 log = logging.getLogger("dbproxy.identity")
@@ -733,23 +735,6 @@ class TokenAuthority:
 # --------------------------------------------------------------------------- SCRAM server
 
 
-def _parse_attributes(message: bytes) -> dict[bytes, bytes]:
-    out: dict[bytes, bytes] = {}
-    for part in message.split(b","):
-        key, sep, value = part.partition(b"=")
-        if not sep or len(key) != 1:
-            raise ValueError("malformed SCRAM attribute")
-        out.setdefault(key, value)
-    return out
-
-
-def _saslname(raw: bytes) -> str:
-    text = raw.decode("utf-8")
-    if "=" in text.replace("=3D", "").replace("=2C", ""):
-        raise ValueError("invalid escape in SCRAM username")
-    return text.replace("=2C", ",").replace("=3D", "=")
-
-
 class ScramTokenServer:
     """One SCRAM conversation (RFC 5802 server side) against a user's active tokens.  Single use.
 
@@ -779,28 +764,12 @@ class ScramTokenServer:
         self._entries: list[RegistryEntry] = []
 
     def server_first(self, client_first: bytes) -> bytes:
-        client_first = bytes(client_first)
-        try:
-            cbind, _, rest = client_first.partition(b",")
-            authzid, sep, bare = rest.partition(b",")
-            if not sep or cbind not in (b"n", b"y"):
-                # "p=…" would need the -PLUS mechanism, which this server does not offer.
-                raise ValueError("unsupported GS2 channel-binding flag")
-            if authzid and not authzid.startswith(b"a="):
-                raise ValueError("malformed GS2 authzid")
-            a = _parse_attributes(bare)
-            if b"m" in a:
-                raise ValueError("unsupported SCRAM extension")
-            name = _saslname(a[b"n"])
-            nonce = a[b"r"]
-            if not nonce:
-                raise ValueError("empty client nonce")
-        except (KeyError, ValueError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"malformed SCRAM client-first-message: {exc}", client_hint="malformed SCRAM client-first-message") from None
+        first = parse_client_first(client_first)
+        nonce = first.nonce
         if self.user is None:
-            self.user = name
-        self._gs2 = client_first[: len(client_first) - len(bare)]
-        self._first_bare = bare
+            self.user = first.user
+        self._gs2 = first.gs2_header
+        self._first_bare = first.bare
         self._client_nonce = nonce
         salt, iterations, self._entries = self.authority.scram_candidates(self.user, self.mechanism)
         self._server_first = b"r=" + nonce + self._nonce + b",s=" + base64.b64encode(salt) + b",i=" + str(iterations).encode("ascii")

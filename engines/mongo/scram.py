@@ -37,6 +37,8 @@ import attrs
 from bson.binary import Binary
 
 from dbproxy.errors import AccessDenied, RemoteProtocolError, UpstreamError
+from dbproxy.scram import ClientFirst, parse_client_first
+from dbproxy.scram import parse_attributes as _parse_attributes
 
 SCRAM_SHA_1 = "SCRAM-SHA-1"
 SCRAM_SHA_256 = "SCRAM-SHA-256"
@@ -77,14 +79,6 @@ def escape_username(user: str) -> bytes:
     return user.replace("=", "=3D").replace(",", "=2C").encode("utf-8")
 
 
-def _unescape_username(name: bytes) -> str:
-    text = name.decode("utf-8")
-    # After removing the two valid escapes no "=" may remain.
-    if "=" in text.replace("=3D", "").replace("=2C", ""):
-        raise ValueError("invalid escape in SCRAM username")
-    return text.replace("=2C", ",").replace("=3D", "=")
-
-
 def mongo_password(mechanism: str, user: str, password: str) -> bytes:
     """The password as SCRAM sees it (auth.md "SCRAM-SHA-1" / "SCRAM-SHA-256")."""
     if mechanism == SCRAM_SHA_1:
@@ -94,17 +88,6 @@ def mongo_password(mechanism: str, user: str, password: str) -> bytes:
 
         return saslprep(password).encode("utf-8")
     raise ValueError(f"unsupported SCRAM mechanism {mechanism!r}")
-
-
-def _parse_attributes(message: bytes) -> dict[bytes, bytes]:
-    """``a=value,b=value`` → {b"a": b"value", ...} (values may contain "=")."""
-    out: dict[bytes, bytes] = {}
-    for part in message.split(b","):
-        key, sep, value = part.partition(b"=")
-        if not sep or len(key) != 1:
-            raise ValueError(f"malformed SCRAM attribute {part[:20]!r}")
-        out.setdefault(key, value)
-    return out
 
 
 # --- client ----------------------------------------------------------------------
@@ -284,38 +267,6 @@ def scram_credentials(
         hashlib.new(hash_name, client_key).digest(),
         _hmac(salted, b"Server Key", hash_name),
     )
-
-
-@attrs.frozen
-class ClientFirst:
-    user: str
-    nonce: bytes
-    bare: bytes = attrs.field(repr=False)
-    gs2_header: bytes = attrs.field(repr=False)
-
-
-def parse_client_first(message: bytes) -> ClientFirst:
-    """Read ``n,,n=<user>,r=<nonce>`` (so the engine can look the user up first)."""
-    message = bytes(message)
-    try:
-        cbind, _, rest = message.partition(b",")
-        authzid, sep, bare = rest.partition(b",")
-        if not sep or cbind not in (b"n", b"y"):
-            # "p=" would demand channel binding, which MongoDB never supports.
-            raise ValueError("unsupported or missing GS2 channel-binding flag")
-        if authzid and not authzid.startswith(b"a="):
-            raise ValueError("malformed GS2 authzid")
-        attrs_ = _parse_attributes(bare)
-        if b"m" in attrs_:
-            raise ValueError("unsupported SCRAM extension")
-        user = _unescape_username(attrs_[b"n"])
-        nonce = attrs_[b"r"]
-        if not nonce or b"," in nonce:
-            raise ValueError("empty client nonce")
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise RemoteProtocolError(f"malformed SCRAM client-first-message: {exc}",
-                                  client_hint="malformed SCRAM client-first-message") from None
-    return ClientFirst(user, nonce, bare, message[: len(message) - len(bare)])
 
 
 @attrs.define(eq=False)
