@@ -166,6 +166,19 @@ def _error(code: int, message: str, *, reason: str | None = None, **kw: Any) -> 
     return AuthOutcome(error_document(code, message, code_name=name), reason=reason or _REASONS.get(code), **kw)
 
 
+def _begin_scram(auth: Any, server: Any, server_first: bytes, body: Mapping[str, Any], mechanism: str, user: str) -> AuthOutcome:
+    """Open a SCRAM conversation on ``auth`` (either authenticator) and answer saslStart."""
+    auth._server = server
+    auth._step = 1
+    options = body.get("options")
+    auth._skip_empty = bool(isinstance(options, Mapping) and options.get("skipEmptyExchange"))
+    auth.mechanism, auth.user = mechanism, user
+    return AuthOutcome(
+        {"conversationId": auth._conversation_id, "done": False, "payload": Binary(server_first), "ok": 1.0},
+        mechanism, user,
+    )
+
+
 @attrs.define(eq=False)
 class ClientAuthenticator:
     """One session's client-auth conversation (saslStart → saslContinue… or authenticate)."""
@@ -251,16 +264,7 @@ class ClientAuthenticator:
             except (OSError, KeyError):
                 return _error(AUTHENTICATION_FAILED, "the proxy's listener password is not readable", mechanism=mechanism)
             server = scram.ScramServer.from_credentials(creds)
-            server_first = server.server_first(first)
-            self._server = server
-            self._step = 1
-            options = body.get("options")
-            self._skip_empty = bool(isinstance(options, Mapping) and options.get("skipEmptyExchange"))
-            self.mechanism, self.user = mechanism, first.user
-            return AuthOutcome(
-                {"conversationId": self._conversation_id, "done": False, "payload": Binary(server_first), "ok": 1.0},
-                mechanism, first.user,
-            )
+            return _begin_scram(self, server, server.server_first(first), body, mechanism, first.user)
         return _error(
             MECHANISM_UNAVAILABLE,
             f"authentication mechanism {mechanism!r} is not supported by this proxy (use SCRAM or PLAIN)",
@@ -456,15 +460,7 @@ class IdentityAuthenticator:
                 return _error(PROTOCOL_ERROR, exc.client_hint, mechanism=mechanism)
             except AuthFailed as exc:
                 return _error(AUTHENTICATION_FAILED, AUTH_FAILED_MESSAGE, mechanism=mechanism, reason=exc.reason, failure=exc)
-            self._server = server
-            self._step = 1
-            options = body.get("options")
-            self._skip_empty = bool(isinstance(options, Mapping) and options.get("skipEmptyExchange"))
-            self.mechanism, self.user = mechanism, server.user
-            return AuthOutcome(
-                {"conversationId": self._conversation_id, "done": False, "payload": Binary(server_first), "ok": 1.0},
-                mechanism, server.user,
-            )
+            return _begin_scram(self, server, server_first, body, mechanism, server.user)
         return _error(
             MECHANISM_UNAVAILABLE,
             f"authentication mechanism {mechanism!r} is not supported by this proxy (use SCRAM-SHA-256 with a dbproxy token)",
