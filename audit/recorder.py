@@ -1,14 +1,16 @@
 """The audit recorder: one per proxy process, shared by every engine.
 
-Strategy: sessions never wait on a sink.  ``SessionAudit.emit`` builds the
-event dict and hands it to a bounded trio memory channel with
-``send_nowait``.  If the channel is full the event is kept in the session's
-small pending list and the session's pump awaits ``flush()`` after its next
-send — backpressure on that one session, never loss.  One drain task (owned
-by the server's nursery) takes events in batches, stamps each with a
-sequence number and a hash chain link (``prev_hash``/``hash``, SHA-256 over
-the canonical JSON of the event without its own hash), and hands the batch
-to every sink.  A sink failure is logged and counted; it never crashes a
+Strategy: sessions never wait on a sink.  ``SessionAudit.emit`` serialises
+the event once — its own fields with orjson, then the session's common
+fields, serialised when the session learnt them — and appends the bytes to
+the recorder's bounded queue.  If the queue is full the event is kept in the
+session's small pending list and the session's pump awaits ``flush()`` after
+its next send — backpressure on that one session, never loss.  One drain
+task (owned by the server's nursery) takes events in batches, stamps each
+line with a sequence number and a hash chain link (``seq``, ``prev_hash``,
+then ``hash`` = SHA-256 over the line as written up to that member, see
+``line_hash``), and hands the batch to every sink, which writes or sends
+those very bytes.  A sink failure is logged and counted; it never crashes a
 session or the drain task.
 
 The chain survives restarts: before draining, ``run`` asks every durable
@@ -81,21 +83,63 @@ class Sink(Protocol):
 
 
 def chain_hash(event: dict) -> str:
-    """SHA-256 over the canonical JSON of ``event`` minus its ``hash`` field."""
+    """The legacy link: SHA-256 over the canonical (sorted-key) JSON of ``event`` minus ``hash``.
+
+    Trails written before links were taken over the line itself; ``verify``
+    still accepts it, and so may a consumer that only kept parsed events.
+    """
     if "hash" in event:
         event = {k: v for k, v in event.items() if k != "hash"}
     return hashlib.sha256(orjson.dumps(event, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-class StampedBatch(list):
-    """A batch of stamped events plus each event's JSON line, serialised once.
+# A stamped line ends with exactly this member: ``,"hash":"<64 hex digits>"}``.
+_HASH_SUFFIX_LEN = len(b',"hash":""}') + 64
 
-    ``lines[i]`` is the canonical (sorted-key) JSON of ``self[i]`` with its
-    ``hash`` appended as the last member: exactly what ``chain_hash``
-    recomputes from the parsed line, so a sink may write it as is.
+
+def line_hash(line: bytes) -> str | None:
+    """The link of one stamped line: SHA-256 over the line as written, minus its
+    trailing ``"hash"`` member (and newline).  None if the line does not end
+    with that member."""
+    line = line.rstrip(b"\r\n")
+    cut = len(line) - _HASH_SUFFIX_LEN
+    if cut < 1 or not line.endswith(b'"}') or line[cut:cut + 9] != b',"hash":"':
+        return None
+    return hashlib.sha256(line[:cut] + b"}").hexdigest()
+
+
+class StampedBatch:
+    """A batch of stamped events: ``lines[i]`` is one event's JSON line, as every sink
+    should store or send it (its ``hash`` is over these bytes, see ``line_hash``).
+
+    Iterating (or indexing) gives the events as dicts, parsed on first use:
+    only sinks that need fields (syslog headers, spool keys) pay for it.
     """
 
-    __slots__ = ("lines",)
+    __slots__ = ("lines", "_events")
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+        self._events: list[dict] | None = None
+
+    def events(self) -> list[dict]:
+        if self._events is None:
+            self._events = [orjson.loads(line) for line in self.lines]
+        return self._events
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __iter__(self):
+        return iter(self.events())
+
+    def __getitem__(self, index):
+        return self.events()[index]
+
+
+def serialize(event: dict) -> bytes:
+    """An event dict as the body the recorder stamps (the JSON object, no chain fields)."""
+    return orjson.dumps(event)
 
 
 @attrs.frozen
@@ -120,32 +164,46 @@ class AuditRecorder:
     written: int = 0
     sink_failures: int = 0
     dropped: int = 0
-    _send: Any = None
-    _receive: Any = None
+    # Called with the new value when ``accepting`` changes (the audit worker reports it).
+    on_accepting_change: Any = None
+    # On close, give network sinks their grace time to deliver (False: their spools keep it).
+    flush_on_close: bool = True
+    _queue: list = attrs.field(factory=list)  # event bodies (bytes) waiting for the drain task
+    _closed: bool = False
+    _drain_waiting: Any = None  # a trio.Event while the drain task waits for the first event
+    _room: Any = None
     _done: Any = None
     _live: Any = None
     _was_accepting: bool = True
 
     def __attrs_post_init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel(self.capacity)
+        self._room = trio.lowlevel.ParkingLot()  # producers waiting for room in the queue
         self._done = trio.Event()
         self._live = weakref.WeakSet()  # every SessionAudit, to tell them when fail-closed engages
 
     # -- producers ---------------------------------------------------------
-    def submit_nowait(self, event: dict) -> bool:
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            return False
-        except trio.ClosedResourceError:
-            log.error("audit event after recorder close: %s", event.get("event"))
+    # The queue is a plain list owned by this thread's event loop: appending is
+    # the whole cost of an event on the query path; the drain task is woken
+    # only when it sleeps on an empty queue.
+    def submit_nowait(self, body: bytes) -> bool:
+        """Queue one event body (``serialize(event)``); False when the queue is full."""
+        if self._closed:
+            log.error("audit event after recorder close: %.120s", body)
             return True
+        queue = self._queue
+        if len(queue) >= self.capacity:
+            return False
+        queue.append(body)
         self.submitted += 1
+        waiting = self._drain_waiting
+        if waiting is not None:
+            self._drain_waiting = None
+            waiting.set()
         return True
 
-    async def submit(self, event: dict) -> None:
-        await self._send.send(event)
-        self.submitted += 1
+    async def submit(self, body: bytes) -> None:
+        while not self.submit_nowait(body):
+            await self._room.park()
 
     def session(self, session: Any) -> "SessionAudit":
         audit = SessionAudit(self, session)
@@ -162,7 +220,7 @@ class AuditRecorder:
             submitted=self.submitted,
             written=self.written,
             sink_failures=self.sink_failures,
-            queued=self._receive.statistics().current_buffer_used,
+            queued=len(self._queue),
             last_seq=self.last_seq,
             dropped=self.dropped,
             accepting=self.accepting,
@@ -197,7 +255,8 @@ class AuditRecorder:
                         await nursery.start(sink.run)
                 task_status.started()
                 await self._drain()
-                await self._flush_sinks()
+                if self.flush_on_close:
+                    await self._flush_sinks()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -209,38 +268,38 @@ class AuditRecorder:
             self._done.set()
 
     async def _drain(self) -> None:
-        async with self._receive:
-            while True:
-                try:
-                    first = await self._receive.receive()
-                except trio.EndOfChannel:
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closed:
                     return
-                if BATCH_DELAY and self._receive.statistics().current_buffer_used < MAX_BATCH:
-                    # Let a batch gather: one wake-up and one sink write per few
-                    # milliseconds instead of one per event.  While the drain task
-                    # sleeps, emitting an event wakes nobody.
-                    await trio.sleep(BATCH_DELAY)
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._write(self._stamp(batch))
-                self._check_accepting()
-                losses = [loss for sink in self.sinks if hasattr(sink, "take_losses") for loss in sink.take_losses()]
-                if losses:
-                    await self._write_losses(losses)
+                self._drain_waiting = trio.Event()
+                await self._drain_waiting.wait()
+                continue
+            if BATCH_DELAY and len(queue) < MAX_BATCH and not self._closed:
+                # Let a batch gather: one wake-up and one sink write per few
+                # milliseconds instead of one per event.  While the drain task
+                # sleeps, emitting an event wakes nobody.
+                await trio.sleep(BATCH_DELAY)
+            batch = queue[:MAX_BATCH]
+            del queue[:MAX_BATCH]
+            if self._room:
+                self._room.unpark_all()
+            await self._write(self._stamp(batch))
+            self._check_accepting()
+            losses = [loss for sink in self.sinks if hasattr(sink, "take_losses") for loss in sink.take_losses()]
+            if losses:
+                await self._write_losses(losses)
 
     def _check_accepting(self) -> None:
         accepting = self.accepting
-        if self._was_accepting and not accepting:
-            running = [a for a in list(self._live) if a.session.started and not a._ended]
-            log.error("audit unavailable (fail_closed): ending %d running sessions, refusing new ones", len(running))
-            for audit in running:
-                audit.tell_unavailable()
-        elif accepting and not self._was_accepting:
-            log.warning("audit available again: accepting sessions")
+        if accepting != self._was_accepting:
+            if not accepting:
+                tell_running_sessions(self._live, "a fail_closed sink can take no more events")
+            else:
+                log.warning("audit available again: accepting sessions")
+            if self.on_accepting_change is not None:
+                self.on_accepting_change(accepting)
         self._was_accepting = accepting
 
     async def _flush_sinks(self) -> None:
@@ -287,29 +346,22 @@ class AuditRecorder:
                     "dropped_total": total,
                 }
             )
-        await self._write(self._stamp(events))
+        await self._write(self._stamp([serialize(e) for e in events]))
 
-    def _stamp(self, batch: list[dict]) -> StampedBatch:
+    def _stamp(self, batch: list[bytes]) -> StampedBatch:
+        """Give each body its ``seq`` and ``prev_hash`` and its ``hash`` over the line so far."""
         seq = self.last_seq
-        prev = self.last_hash
-        dumps = orjson.dumps
-        sort = orjson.OPT_SORT_KEYS
+        prev = self.last_hash.encode()
         sha256 = hashlib.sha256
         lines = []
-        for event in batch:
+        for body in batch:
             seq += 1
-            event["seq"] = seq
-            event["prev_hash"] = prev
-            event.pop("hash", None)
-            body = dumps(event, option=sort)
-            prev = event["hash"] = sha256(body).hexdigest()
-            # Valid JSON whose canonical form minus "hash" is ``body`` again.
-            lines.append(body[:-1] + b',"hash":"' + prev.encode() + b'"}\n')
+            core = b'%b,"seq":%d,"prev_hash":"%b"}' % (body[:-1], seq, prev)
+            prev = sha256(core).hexdigest().encode()
+            lines.append(b'%b,"hash":"%b"}\n' % (core[:-1], prev))
         self.last_seq = seq
-        self.last_hash = prev
-        stamped = StampedBatch(batch)
-        stamped.lines = lines
-        return stamped
+        self.last_hash = prev.decode()
+        return StampedBatch(lines)
 
     async def _write(self, batch: list[dict]) -> None:
         for sink in self.sinks:
@@ -324,64 +376,93 @@ class AuditRecorder:
 
     async def aclose(self) -> None:
         """Stop accepting events, let the drain task write what is queued, close sinks."""
-        await self._send.aclose()
+        self._closed = True
+        waiting = self._drain_waiting
+        if waiting is not None:
+            self._drain_waiting = None
+            waiting.set()
         await self._done.wait()
+
+
+def tell_running_sessions(live: Any, why: str) -> None:
+    """Fail closed: every running session ends at its next ``flush`` with ``AuditUnavailable``."""
+    running = [a for a in list(live) if a.session.started and not a._ended]
+    log.error("audit unavailable (%s): ending %d running sessions, refusing new ones", why, len(running))
+    for audit in running:
+        audit.tell_unavailable()
 
 
 # Put in a session's pending list to make its pipeline call ``flush`` (it only does when
 # something is pending), which then raises AuditUnavailable.
-_UNAVAILABLE = {"event": "<audit unavailable marker>"}
+_UNAVAILABLE = b'{"event":"<audit unavailable marker>"}'
+# Put there by ``tap`` when the audit worker link is over its budget: ``flush`` waits for room.
+_CONGESTED = b'{"event":"<audit link congested marker>"}'
 
 
 class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
-    __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_key", "__weakref__")
+    __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_template_json",
+                 "_key", "__weakref__")
 
     def __init__(self, recorder: AuditRecorder, session: Any) -> None:
         self.recorder = recorder
         self.session = session
-        self._pending: list[dict] = []
+        self._pending: list = []  # event bodies held back while the recorder's queue is full
         self._ended = False
         self._told = False
         self._template: dict = {}
+        self._template_json = b""
         self._key: tuple | None = None
 
-    def base(self, kind: str) -> dict:
+    def _refresh_template(self) -> None:
         s = self.session
-        # The session-constant fields are built once and copied per event; they
-        # are rebuilt when the session learns who it is or where it goes.
+        # The session-constant fields are built and serialised once; they are
+        # rebuilt when the session learns who it is or where it goes.
         key = (s.identity, s.db_name, s.db_user, s.backend_addr, s.route_name)
-        if key != self._key:
-            ident = s.identity
-            template = {
-                "sid": s.id,
-                "user": ident.user,
-                "roles": list(ident.roles),
-                "auth_method": ident.method,
-                "db_protocol": s.protocol,
-                "listener": s.listener,
-                "db_name": s.db_name,
-                "db_user": s.db_user,
-                "db_uri": s.backend_addr,
-                "addr.remote": s.client_addr,
-            }
-            if ident.token_id:
-                template["token_id"] = ident.token_id
-            if s.route_name:
-                template["route"] = s.route_name
-            self._template = template
-            self._key = key
-        event = {"event": kind, "code": ev.CODES.get(kind, ""), "uid": ev.new_event_id(), "time": ev.now_iso()}
-        event.update(self._template)
-        return event
+        if key == self._key:
+            return
+        ident = s.identity
+        template = {
+            "sid": s.id,
+            "user": ident.user,
+            "roles": list(ident.roles),
+            "auth_method": ident.method,
+            "db_protocol": s.protocol,
+            "listener": s.listener,
+            "db_name": s.db_name,
+            "db_user": s.db_user,
+            "db_uri": s.backend_addr,
+            "addr.remote": s.client_addr,
+        }
+        if ident.token_id:
+            template["token_id"] = ident.token_id
+        if s.route_name:
+            template["route"] = s.route_name
+        self._template = template
+        self._template_json = orjson.dumps(template)[1:-1]  # the members, without braces
+        self._key = key
 
     def emit(self, kind: str, **fields: Any) -> dict:
-        event = self.base(kind)
-        event.update(fields)
-        if self._pending or not self.recorder.submit_nowait(event):
-            self._pending.append(event)
+        """Record one event; returns its own fields (``event``, ``code``, ``uid``, ``time`` and
+        ``fields``) — the session's common fields are in the trail, not in the dict."""
+        self._refresh_template()
+        event = {"event": kind, "code": ev.CODES.get(kind, ""), "uid": ev.new_event_id(), "time": ev.now_iso()}
+        if fields:
+            event.update(fields)
+            if not fields.keys().isdisjoint(self._template):
+                # An engine overrides a common field (a Mongo command's own database):
+                # one merged object, the event's value winning.
+                merged = dict(self._template)
+                merged.update(event)
+                self._submit(orjson.dumps(merged))
+                return event
+        self._submit(b"%b,%b}" % (orjson.dumps(event)[:-1], self._template_json))
         return event
+
+    def _submit(self, body: bytes) -> None:
+        if self._pending or not self.recorder.submit_nowait(body):
+            self._pending.append(body)
 
     async def flush(self) -> None:
         """Hand over held events (waiting for room); then, if the audit trail is
@@ -393,6 +474,13 @@ class SessionAudit:
                 if event is _UNAVAILABLE:
                     told = True
                     continue
+                if event is _CONGESTED:
+                    await self.recorder.wait_room()
+                    continue
+                if type(event) is tuple:  # tapped bytes held behind events
+                    await self.recorder.wait_room()
+                    self.recorder.tap(*event)
+                    continue
                 await self.recorder.submit(event)
         if (told or not self.recorder.accepting) and self.session.started and not self._ended and not self._told:
             self._told = True
@@ -402,6 +490,28 @@ class SessionAudit:
         """Called by the recorder: make the session's next ``flush`` raise ``AuditUnavailable``."""
         if not self._told:
             self._pending.append(_UNAVAILABLE)
+
+    # -- taps: a session's bytes audited by the audit worker (``audit.link``) ---------
+    @property
+    def can_tap(self) -> bool:
+        return hasattr(self.recorder, "tap_open")
+
+    def tap_open(self, protocol: str) -> int:
+        """Start auditing this session's forwarded bytes in the audit worker; returns the tap's slot."""
+        self._refresh_template()
+        return self.recorder.tap_open(protocol, self._template)
+
+    def tap(self, slot: int, direction: int, data: bytes) -> None:
+        """Forwarded bytes (direction 0: client→backend, 1: backend→client), in forwarding order."""
+        pending = self._pending
+        if pending and any(type(p) is bytes and p is not _CONGESTED for p in pending):
+            # Events of this session are held back: the bytes wait behind them (session order).
+            pending.append((slot, direction, data))
+        elif self.recorder.tap(slot, direction, data) and _CONGESTED not in pending:
+            pending.append(_CONGESTED)
+
+    def tap_close(self, slot: int) -> None:
+        self.recorder.tap_close(slot)
 
     # -- the four hooks every engine uses -----------------------------------
     def on_session_start(self, *, success: bool, error: str | None = None, **fields: Any) -> dict:
@@ -422,3 +532,24 @@ class SessionAudit:
     def on_session_end(self, **fields: Any) -> dict:
         self._ended = True
         return self.emit(ev.SESSION_END, **fields)
+
+
+class TemplateAudit(SessionAudit):
+    """A session's audit in the audit worker: common fields given (``template``), not
+    looked up on a live session; held events are handed over by ``flush``, which never
+    ends anything (the proxy's own sessions are told by the proxy)."""
+
+    __slots__ = ()
+
+    def __init__(self, recorder: AuditRecorder, template: dict) -> None:
+        super().__init__(recorder, None)
+        self._template = template
+        self._template_json = orjson.dumps(template)[1:-1]
+
+    def _refresh_template(self) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for body in pending:
+            await self.recorder.submit(body)

@@ -1,7 +1,9 @@
 """Hash-chain verification of JSONL audit files (``dbproxy audit verify``).
 
 Each event carries ``seq``, ``prev_hash`` and ``hash`` = SHA-256 of its
-canonical JSON without ``hash`` (``recorder.chain_hash``).  A file verifies
+line as written without the trailing ``hash`` member (``recorder.line_hash``;
+the canonical-JSON link of older trails, ``recorder.chain_hash``, is also
+accepted).  A file verifies
 when every line is a JSON object whose ``hash`` matches its content, whose
 ``seq`` is one more than the line before, and whose ``prev_hash`` is the
 line before's ``hash``.  An edited line fails its own hash; a deleted,
@@ -22,7 +24,7 @@ from typing import Iterable, Iterator
 import attrs
 import orjson
 
-from .recorder import GENESIS_HASH, chain_hash
+from .recorder import GENESIS_HASH, chain_hash, line_hash
 
 
 @attrs.frozen
@@ -79,13 +81,14 @@ class ChainChecker:
         self.first_seq: int | None = None
         self.count = 0
 
-    def check(self, event: object) -> str | None:
+    def check(self, event: object, line: bytes | None = None) -> str | None:
+        """``line``: the raw line ``event`` was parsed from (its hash is over those bytes)."""
         if not isinstance(event, dict):
             return "not a JSON object"
         seq, prev_hash, own = event.get("seq"), event.get("prev_hash"), event.get("hash")
         if not isinstance(seq, int) or not isinstance(prev_hash, str) or not isinstance(own, str):
             return "missing seq/prev_hash/hash"
-        if chain_hash(event) != own:
+        if (line is None or line_hash(line) != own) and chain_hash(event) != own:
             return f"hash mismatch at seq {seq}: the event was modified"
         if self.prev_seq is None:
             if seq == 1 and prev_hash != GENESIS_HASH:
@@ -114,7 +117,7 @@ def verify_files(paths: Iterable[str]) -> VerifyResult:
                     reason = "truncated last line (no newline)"
                 else:
                     try:
-                        reason = checker.check(orjson.loads(line))
+                        reason = checker.check(orjson.loads(line), line)
                     except orjson.JSONDecodeError as exc:
                         reason = f"not valid JSON ({exc})"
                 if reason is not None:

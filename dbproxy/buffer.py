@@ -73,6 +73,11 @@ class ReceiveBuffer:
         """``st.unpack_from`` at ``offset`` past the read position, without a view object."""
         return st.unpack_from(self._data, self._pos + offset)
 
+    def span(self) -> tuple[bytes | bytearray, int, int]:
+        """(underlying data, read position, end): for framers that scan headers in
+        place and then ``skip`` past whole frames.  Read only; valid until the next feed."""
+        return self._data, self._pos, len(self._data)
+
     def take(self, n: int) -> bytes:
         """Consume ``n`` bytes and return them as an immutable copy.
 

@@ -118,6 +118,8 @@ class SinkConfig:
 class AuditConfig:
     sinks: tuple[SinkConfig, ...] = ()
     queue_size: int = 10_000
+    # Write the trail from a separate process (audit.link / audit.worker); False: in the proxy's own loop.
+    worker: bool = True
     options: dict = attrs.field(factory=dict)
 
 
@@ -477,5 +479,6 @@ def _audit(v: _Validator, item: Any, path: str) -> AuditConfig | None:
         if sink is not None:
             sinks.append(sink)
     queue = v.integer(d, "queue_size", path, minimum=16) or 10_000
-    extra = {k: val for k, val in d.items() if k not in {"sinks", "queue_size"}}
-    return AuditConfig(sinks=tuple(sinks), queue_size=queue, options=extra)
+    worker = v.boolean(d, "worker", path, default=True)
+    extra = {k: val for k, val in d.items() if k not in {"sinks", "queue_size", "worker"}}
+    return AuditConfig(sinks=tuple(sinks), queue_size=queue, worker=worker, options=extra)

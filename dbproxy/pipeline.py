@@ -41,6 +41,7 @@ send (backpressure, never loss) — see ``audit.recorder``.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Protocol
 
 import attrs
@@ -51,6 +52,10 @@ from .errors import ProtocolError, ProxyError
 log = logging.getLogger("dbproxy.pipeline")
 
 RECEIVE_SIZE = 256 * 1024
+
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_checkpoint = trio.lowlevel.checkpoint
 
 
 class _NeedData:
@@ -131,29 +136,98 @@ class PumpContext:
     state: Any = None
 
 
-class _Sender:
-    """Serialises sends on one stream: the pump that owns it and replies from the other pump."""
+def _socket_fd(stream: Any) -> int | None:
+    """The fd of a plain ``trio.SocketStream`` (lean I/O), else None (TLS, GSSENC, memory streams)."""
+    if type(stream) is trio.SocketStream:
+        return stream.socket.fileno()
+    return None
+
+
+# A pump that keeps finding data waiting yields to the scheduler after this many
+# reads without one (lean I/O only checkpoints when it has to wait).
+CHECKPOINT_EVERY = 16
+
+
+class Receiver:
+    """Reads chunks from one stream.
+
+    Lean I/O on a plain TCP socket: ``os.read`` first and wait for readability
+    only when nothing is there, instead of ``SocketStream.receive_some``, which
+    passes through the scheduler twice per call even when data is waiting.
+    Cancellation and fairness still hold: every wait is a checkpoint, and a
+    pump that never has to wait checkpoints every ``CHECKPOINT_EVERY`` reads.
+    Other streams use their own ``receive_some``.
+    """
+
+    __slots__ = ("stream", "fd", "size", "streak")
+
+    def __init__(self, stream: trio.abc.ReceiveStream, size: int) -> None:
+        self.stream = stream
+        self.fd = _socket_fd(stream)
+        self.size = size
+        self.streak = 0
+
+    async def receive(self) -> bytes:
+        fd = self.fd
+        if fd is None:
+            return await self.stream.receive_some(self.size)
+        while True:
+            try:
+                data = os.read(fd, self.size)
+            except BlockingIOError:
+                self.streak = 0
+                await _wait_readable(fd)
+                continue
+            self.streak += 1
+            if self.streak >= CHECKPOINT_EVERY:
+                self.streak = 0
+                await _checkpoint()
+            return data
+
+
+class Sender:
+    """Sends on one stream, one sender at a time: the pump that owns it and replies from the other pump.
+
+    Lean I/O on a plain TCP socket (see ``Receiver``): ``os.write`` first,
+    wait for writability only for what the kernel did not take.
+    """
 
     def __init__(self, stream: trio.abc.SendStream, encoder: Callable[[bytes], bytes]) -> None:
         self.stream = stream
+        self.fd = _socket_fd(stream)
         self.encoder = encoder
-        self.lock = trio.Lock()
+        self.busy = False
+        self._waiting = trio.lowlevel.ParkingLot()
         self.bytes_out = 0
 
     async def send_wire(self, data: bytes | memoryview) -> None:
         if not data:
             return
-        # Uncontended almost always (only a reply from the other pump competes):
-        # take the lock without a checkpoint; send_all checkpoints anyway.
-        lock = self.lock
+        # Uncontended almost always (only a reply from the other pump competes).
+        while self.busy:
+            await self._waiting.park()
+        self.busy = True
         try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            await self.stream.send_all(data)
+            fd = self.fd
+            if fd is None:
+                await self.stream.send_all(data)
+            else:
+                try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    view = memoryview(data)
+                    while sent < len(view):
+                        await _wait_writable(fd)
+                        try:
+                            sent += os.write(fd, view[sent:])
+                        except BlockingIOError:
+                            pass
         finally:
-            lock.release()
+            self.busy = False
+            if self._waiting:
+                self._waiting.unpark()
         self.bytes_out += len(data)
 
     async def send_messages(self, data: bytes) -> None:
@@ -175,12 +249,14 @@ class Pump:
     ctx: PumpContext
     on_error: Callable[[ProxyError], bytes] | None = None
     after_batch: Callable[[], Any] | None = None
+    # Called with every batch of message-layer bytes before it is sent (audit taps).
+    tap: Callable[[bytes], Any] | None = None
     chunks: int = 0
     messages: int = 0
     bytes_in: int = 0
     rewritten: int = 0
 
-    def statistics(self, out: _Sender) -> PumpStatistics:
+    def statistics(self, out: Sender) -> PumpStatistics:
         return PumpStatistics(
             direction=self.direction,
             chunks=self.chunks,
@@ -215,12 +291,14 @@ class Pipeline:
         client_error: Callable[[ProxyError], bytes] | None = None,
         flush_audit: Callable[[], Any] | None = None,
         receive_size: int = RECEIVE_SIZE,
+        client_tap: Callable[[bytes], Any] | None = None,
+        backend_tap: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.session = session
         self.client = client
         self.backend = backend
-        self.to_client = _Sender(client, to_client_encoder)
-        self.to_backend = _Sender(backend, to_backend_encoder)
+        self.to_client = Sender(client, to_client_encoder)
+        self.to_backend = Sender(backend, to_backend_encoder)
         self.client_error = client_error
         self.flush_audit = flush_audit
         # A SessionAudit's flush has nothing to do unless events are pending;
@@ -234,6 +312,7 @@ class Pipeline:
             client_decoder,
             client_stages,
             PumpContext("client", session, state),
+            tap=client_tap,
         )
         self.b2c = Pump(
             "backend->client",
@@ -242,6 +321,7 @@ class Pipeline:
             backend_decoder,
             backend_stages,
             PumpContext("backend", session, state),
+            tap=backend_tap,
         )
         self.end_reason: str | None = None
         self.error: BaseException | None = None
@@ -255,7 +335,7 @@ class Pipeline:
             nursery.start_soon(self._pump_task, self.c2b, self.to_backend, self.to_client, nursery)
             nursery.start_soon(self._pump_task, self.b2c, self.to_client, self.to_backend, nursery)
 
-    async def _pump_task(self, pump: Pump, out: _Sender, back: _Sender, nursery: trio.Nursery) -> None:
+    async def _pump_task(self, pump: Pump, out: Sender, back: Sender, nursery: trio.Nursery) -> None:
         try:
             await self._pump(pump, out, back)
             if self.end_reason is None:
@@ -272,28 +352,29 @@ class Pipeline:
                 with trio.move_on_after(2):
                     try:
                         await self.to_client.send_wire(self.client_error(exc))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass  # the lean path raises the socket's own OSError (reset, broken pipe)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if self.end_reason is None:
                 self.end_reason = f"{pump.direction} connection lost: {exc.__class__.__name__}"
         finally:
             nursery.cancel_scope.cancel()
 
-    async def _pump(self, pump: Pump, out: _Sender, back: _Sender) -> None:
+    async def _pump(self, pump: Pump, out: Sender, back: Sender) -> None:
         decoder = pump.decoder
         buf = decoder.buffer
         stages = pump.stages
         ctx = pump.ctx
-        source = pump.source
-        size = self.receive_size
+        receive = Receiver(pump.source, self.receive_size).receive
+        next_message = decoder.next_message
+        tap = pump.tap
         flush_audit = self.flush_audit
         audit_owner = self._audit_owner if hasattr(self._audit_owner, "_pending") else None
         # Bytes handed over from the handshake phase are decoded before the first read.
         pending = bool(buf)
         while True:
             if not pending:
-                data = await source.receive_some(size)
+                data = await receive()
                 if not data:
                     return
                 pump.chunks += 1
@@ -303,16 +384,17 @@ class Pipeline:
             buf.mark()
             forwarded: list[bytes] = []  # message-layer bytes, used only if something changed
             changed = False
-            replies: list[bytes] = []
+            replies: list[bytes] | None = None
             close = False
             failure: ProtocolError | None = None
+            count = 0
             while True:
                 msg = NEED_DATA
                 try:
-                    msg = decoder.next_message()
+                    msg = next_message()
                     if msg is NEED_DATA:
                         break
-                    pump.messages += 1
+                    count += 1
                     verdict = None
                     for stage in stages:
                         verdict = stage.handle(msg, ctx)
@@ -338,15 +420,24 @@ class Pipeline:
                 else:
                     forwarded.append(msg.raw)
                 if verdict.reply:
+                    if replies is None:
+                        replies = []
                     replies.append(verdict.reply)
                 if verdict.close:
                     close = True
                     break
+            pump.messages += count
             if not changed:
-                await out.send_wire(buf.consumed_since_mark())
+                data = buf.consumed_since_mark()
+                if tap is not None and data:
+                    tap(data)
+                await out.send_wire(data)
             else:
                 pump.rewritten += 1
-                await out.send_messages(b"".join(forwarded))
+                data = b"".join(forwarded)
+                if tap is not None and data:
+                    tap(data)
+                await out.send_messages(data)
             if replies:
                 await back.send_messages(b"".join(replies))
             buf.compact()

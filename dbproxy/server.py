@@ -4,6 +4,7 @@ Nursery tree (everything has an owner, nothing outlives ``run``):
 
     run
     ├── audit drain task (recorder.run)           — outlives sessions, closes last
+    │                                               (with ``audit.worker``: the link to the audit worker process)
     └── sessions nursery                          — one task per client connection
         └── accept nursery                        — one serve_listeners per listener
 
@@ -15,12 +16,14 @@ finally the recorder drains every queued event to the sinks.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import attrs
 import trio
 
+from audit.link import AuditLink
 from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder
 from audit.sinks import build_sink
 
@@ -31,6 +34,24 @@ from .net import peer_address
 from .session import Session
 
 log = logging.getLogger("dbproxy.server")
+
+
+# After the proxy ended a session, how long it keeps reading (and discarding) what the
+# client still sends before closing the socket.  Closing with unread input makes the
+# kernel send a reset, and a reset can destroy the error the client has not read yet.
+LINGER_SECONDS = 1.0
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close a plain TCP client and discard its input until it closes too (a lingering close)."""
+    if type(stream) is not trio.SocketStream:
+        return
+    try:
+        await stream.send_eof()
+        while await stream.receive_some(65536):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
 
 
 @attrs.frozen
@@ -45,9 +66,14 @@ class ProxyServer:
     def __init__(self, config: Config, registry: EngineRegistry, *, recorder: AuditRecorder | None = None) -> None:
         self.config = config
         self.registry = registry
-        self.recorder = recorder or AuditRecorder(
-            [build_sink(s) for s in config.audit.sinks], capacity=config.audit.queue_size
-        )
+        if recorder is None:
+            if config.audit.worker and os.path.isfile(config.file):
+                # The trail is written by the audit worker process (it re-reads the
+                # config file for its sinks); sessions only hand bytes over.
+                recorder = AuditLink(config.file)
+            else:
+                recorder = AuditRecorder([build_sink(s) for s in config.audit.sinks], capacity=config.audit.queue_size)
+        self.recorder = recorder
         self.services = Services(recorder=self.recorder)
         self.engines = {}
         self.sessions: dict[str, Session] = {}
@@ -138,4 +164,6 @@ class ProxyServer:
                     )
                 with trio.move_on_after(5):
                     await session.audit.flush()
+                with trio.move_on_after(LINGER_SECONDS):
+                    await _linger(stream)
                 await trio.aclose_forcefully(stream)

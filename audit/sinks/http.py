@@ -92,10 +92,13 @@ class HttpSink(SpooledSink):
         self._stream: Any = None
         self._conn: h11.Connection | None = None
 
-    def encode(self, event: dict) -> bytes:
+    def encode(self, event: dict, line: bytes | None = None) -> bytes:
+        raw = line.rstrip(b"\n") if line is not None else orjson.dumps(event)
         if self.format == "hec":
-            return orjson.dumps({"time": _epoch(event.get("time")), **self.hec_fields, "event": event})
-        return orjson.dumps(event)
+            # The event member is the stamped line itself (its hash covers these bytes).
+            envelope = orjson.dumps({"time": _epoch(event.get("time")), **self.hec_fields})
+            return b'%b,"event":%b}' % (envelope[:-1], raw)
+        return raw
 
     # -- connection ----------------------------------------------------------------
     async def _connect(self) -> None:

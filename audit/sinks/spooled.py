@@ -121,8 +121,10 @@ class SpooledSink:
         self._overflow_lock = trio.Lock()  # the drain task and the sender both move overflow to disk
 
     # -- subclass interface ------------------------------------------------------
-    def encode(self, event: dict) -> bytes:
-        return orjson.dumps(event)
+    def encode(self, event: dict, line: bytes | None = None) -> bytes:
+        """One event's payload.  ``line`` is its stamped JSON line as the recorder wrote it
+        (the bytes its ``hash`` covers); sinks send it unchanged where the format allows."""
+        return line.rstrip(b"\n") if line is not None else orjson.dumps(event)
 
     async def deliver(self, payloads: list[bytes]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -132,7 +134,11 @@ class SpooledSink:
 
     # -- the drain task's side ---------------------------------------------------
     async def write_batch(self, batch: list[dict]) -> None:
-        records = [(e["seq"], e["hash"], self.encode(e)) for e in batch]
+        lines = getattr(batch, "lines", None)
+        if lines is not None:
+            records = [(e["seq"], e["hash"], self.encode(e, line)) for e, line in zip(batch.events(), lines)]
+        else:
+            records = [(e["seq"], e["hash"], self.encode(e)) for e in batch]
         if self.on_full == "drop_oldest":
             dropped = await trio.to_thread.run_sync(self.spool.append_dropping, records)
             if dropped is not None:

@@ -108,12 +108,15 @@ class Rfc5424Formatter:
     facility: int = FACILITIES["authpriv"]
     app_name: str = "dbproxy"
     hostname: str = attrs.field(factory=socket.gethostname)
-    procid: str = attrs.field(factory=lambda: str(os.getpid()))
+    # The proxy's pid, also when the audit worker process sends (it exports DBPROXY_PID).
+    procid: str = attrs.field(factory=lambda: os.environ.get("DBPROXY_PID") or str(os.getpid()))
     body: str = "json"  # or "structured"
     sd_id: str = DEFAULT_SD_ID
     utf8_bom: bool = False
 
-    def format(self, event: dict) -> bytes:
+    def format(self, event: dict, raw: bytes | None = None) -> bytes:
+        """``raw``: the event's stamped JSON line; the JSON body carries it as is, so a
+        receiver can check its ``hash`` over the very bytes (``audit.recorder.line_hash``)."""
         pri = self.facility * 8 + severity_of(event)
         timestamp = event.get("time") or NILVALUE
         msgid = _printusascii(event.get("code") or event.get("event") or NILVALUE, 32)
@@ -123,7 +126,7 @@ class Rfc5424Formatter:
             msg = describe_short(event).encode()
         else:
             fields = {k: event[k] for k in INDEX_FIELDS if k in event}
-            msg = orjson.dumps(event)
+            msg = raw if raw is not None else orjson.dumps(event)
         params = []
         for key, value in fields.items():
             text = _sd_value(value)
@@ -181,8 +184,8 @@ class SyslogSink(SpooledSink):
         self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO] | None = None
         self._udp: Any = None
 
-    def encode(self, event: dict) -> bytes:
-        return self.formatter.format(event)
+    def encode(self, event: dict, line: bytes | None = None) -> bytes:
+        return self.formatter.format(event, line.rstrip(b"\n") if line is not None else None)
 
     # -- connections ---------------------------------------------------------------
     async def _connect(self) -> None:

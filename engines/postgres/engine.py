@@ -30,6 +30,8 @@ the proxy's credential, 08P01 protocol violation, 54000 message too large,
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import struct
@@ -50,6 +52,7 @@ from .backend import open_backend, send_cancel
 from .codec import FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
+from .tap import Framer
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
@@ -305,26 +308,48 @@ class PostgresEngine(Engine):
                 **start_fields,
             )
             await client.send(b"".join(hello))
-            client_stages: list = [FrontendAudit(state, audit)]
-            backend_stages: list = [BackendAudit(state, audit)]
-            if grant is not None and grant.has_statement_rules:
-                # After the audit stage (the attempt is recorded), before the backend sees it.
-                policy = PolicyState()
-                client_stages.append(FrontendPolicy(policy, grant, session))
-                backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
+            policed = grant is not None and grant.has_statement_rules
+            tap_slot = None
+            if policed or not audit.can_tap:
+                client_decoder, backend_decoder = client.decoder, backend.decoder
+                client_stages: list = [FrontendAudit(state, audit)]
+                backend_stages: list = [BackendAudit(state, audit)]
+                if policed:
+                    # After the audit stage (the attempt is recorded), before the backend sees it.
+                    policy = PolicyState()
+                    client_stages.append(FrontendPolicy(policy, grant, session))
+                    backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
+                taps: dict = {}
+            else:
+                # Nothing here acts on messages: the pumps only frame them, and the
+                # audit worker parses and audits the forwarded bytes (audit.link).
+                client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size)
+                backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size)
+                client_stages, backend_stages = [], []
+                tap_slot = audit.tap_open("postgres")
+                taps = {
+                    "client_tap": functools.partial(audit.tap, tap_slot, 0),
+                    "backend_tap": functools.partial(audit.tap, tap_slot, 1),
+                }
             pipeline = Pipeline(
                 session=session,
                 client=client.stream,
                 backend=backend.stream,
-                client_decoder=client.decoder,
-                backend_decoder=backend.decoder,
+                client_decoder=client_decoder,
+                backend_decoder=backend_decoder,
                 client_stages=client_stages,
                 backend_stages=backend_stages,
                 state=state,
                 client_error=client_error_for,
                 flush_audit=audit.flush,
+                **taps,
             )
-            await pipeline.run()
+            try:
+                await pipeline.run()
+            finally:
+                if tap_slot is not None:
+                    audit.tap_close(tap_slot)
+                    state.terminated = client_decoder.terminated
             reason = pipeline.end_reason or "closed"
             if not state.terminated and reason.startswith("backend"):
                 # The backend went away under a live client: tell it in its own protocol.
@@ -334,12 +359,10 @@ class PostgresEngine(Engine):
                 )
             c2b, b2c = pipeline.statistics()
             session.details["end_reason"] = "client terminated" if state.terminated else reason
-            session.details["end_fields"] = {
-                "queries": state.queries,
-                "errors": state.errors,
-                "bytes_from_client": c2b.bytes_in,
-                "bytes_to_client": b2c.bytes_out,
-            }
+            end_fields = {"bytes_from_client": c2b.bytes_in, "bytes_to_client": b2c.bytes_out}
+            if tap_slot is None:  # a tapped session's counts are added by the audit worker
+                end_fields.update(queries=state.queries, errors=state.errors)
+            session.details["end_fields"] = end_fields
         finally:
             self.cancels.release(pid, secret)
             await backend.aclose()

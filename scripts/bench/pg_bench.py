@@ -6,8 +6,12 @@ start the three middlemen once, each in its own process, all pointing at the
 same server over loopback TCP:
 
     pgbouncer  session mode (the Debian package; ``scripts.peers.pgbouncer``)
-    relay      ``scripts.bench.relay``: accept, connect, two byte pumps — the
-               floor cost of any trio proxy
+    relay      ``scripts.bench.relay``: accept, connect, two byte pumps on
+               trio's ``SocketStream`` (``receive_some``/``send_all``) — the
+               floor cost of a trio proxy built on trio's streams
+    relay-lean the same relay on dbproxy's own socket I/O (``--lean``): the
+               floor for dbproxy's way of moving bytes, so dbproxy/relay-lean
+               is what the pipeline and the audit cost on top of it
     dbproxy    ``python -m dbproxy.cli serve`` with one Postgres listener, a
                SCRAM backend login and a JSONL audit sink
 
@@ -16,7 +20,8 @@ direct, pgbouncer, relay, dbproxy in that order; rounds are interleaved so
 drift on a noisy machine hits every target alike.  We report the best and the
 median TPS per target and the ratios dbproxy/relay (the target: ≥ 0.8),
 dbproxy/direct, dbproxy/pgbouncer, relay/direct.  For each run we also record
-the CPU seconds the middleman process used (``/proc/PID/stat``) and the
+the CPU seconds the middleman used (``/proc/PID/stat`` of the process and
+its children: dbproxy's audit worker is a child process) and the
 machine's idle share, because on a 2-core box the proxy competes with
 PostgreSQL and pgbench for the same cores.
 
@@ -60,7 +65,7 @@ from scripts.peers.pgbouncer import start_pgbouncer
 from scripts.peers.postgres import PgServer, start_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ("direct", "pgbouncer", "relay", "dbproxy")
+TARGETS = ("direct", "pgbouncer", "relay", "relay-lean", "dbproxy")
 # The event each pgbench transaction must produce: a Query (simple protocol) or an Execute (extended/prepared).
 AUDIT_EVENT = {"simple": "db.session.query", "extended": "db.session.postgres.statements.execute",
                "prepared": "db.session.postgres.statements.execute"}
@@ -70,12 +75,39 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of *pid* (all its threads)."""
+def _stat_fields(pid: int) -> list[bytes]:
     with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    # fields[0] is field 3 (state); utime/stime are fields 14/15.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        # fields[0] is field 3 (state), fields[1] the parent pid; utime/stime are fields 14/15.
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents.setdefault(int(_stat_fields(int(entry))[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* (all its threads) and of its live descendants (dbproxy's
+    audit worker): the middleman's whole CPU, wherever it runs."""
+    total = 0
+    for p in (pid, *_descendants(pid)):
+        try:
+            fields = _stat_fields(p)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
 
 
 def _machine_times() -> tuple[int, int]:
@@ -140,10 +172,12 @@ class ChildProcess:
             self.proc.wait()
 
 
-def start_relay(workdir: Path, pg: PgServer, *, name: str = "relay", wrap: list[str] = ()) -> ChildProcess:
+def start_relay(workdir: Path, pg: PgServer, *, name: str = "relay", wrap: list[str] = (),
+                lean: bool = False) -> ChildProcess:
     return ChildProcess(
         name,
-        [sys.executable, *wrap, "-m", "scripts.bench.relay", "--upstream", f"{pg.host}:{pg.port}"],
+        [sys.executable, *wrap, "-m", "scripts.bench.relay", "--upstream", f"{pg.host}:{pg.port}",
+         *(["--lean"] if lean else [])],
         workdir,
         r"relay listening on \S+:(\d+)",
         stop_signal=signal.SIGINT,
@@ -440,7 +474,8 @@ def summarize(runs: list[Run]) -> tuple[dict, dict]:
             "machine_idle_median": statistics.median(r.machine_idle for r in rs),
         }
     ratios: dict = {}
-    for name, a, b in (("dbproxy/relay", "dbproxy", "relay"), ("dbproxy/direct", "dbproxy", "direct"),
+    for name, a, b in (("dbproxy/relay", "dbproxy", "relay"), ("dbproxy/relay-lean", "dbproxy", "relay-lean"),
+                       ("relay-lean/relay", "relay-lean", "relay"), ("dbproxy/direct", "dbproxy", "direct"),
                        ("dbproxy/pgbouncer", "dbproxy", "pgbouncer"), ("relay/direct", "relay", "direct"),
                        ("pgbouncer/direct", "pgbouncer", "direct")):
         if a in summary and b in summary:
@@ -474,6 +509,10 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
     if "dbproxy/relay" in ratios:
         got = ratios["dbproxy/relay"]["median"]
         p(f"target dbproxy/relay >= {args.target:.2f}: {'MET' if got >= args.target else 'NOT MET'} ({got:.3f}, median)")
+    if "dbproxy/relay-lean" in ratios:
+        got = ratios["dbproxy/relay-lean"]["median"]
+        p(f"        dbproxy/relay-lean >= {args.target:.2f}: {'MET' if got >= args.target else 'NOT MET'} ({got:.3f}, median;"
+          " against a relay moving bytes dbproxy's way)")
     if audit is not None:
         p()
         p(f"audit: {audit['query_events']} {audit['event']} events for {audit['transactions']} pgbench "
@@ -536,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="dbproxy-bench-"))
     os.chmod(base, 0o755)
-    pg = bouncer = relay = proxy = None
+    pg = bouncer = relay = lean_relay = proxy = None
     runs: list[Run] = []
     try:
         pg = start_postgres(base, ssl=False)
@@ -554,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         if "relay" in targets:
             relay = start_relay(base, pg)
             ports["relay"] = (relay.port, relay.pid)
+        if "relay-lean" in targets:
+            lean_relay = start_relay(base, pg, name="relay-lean", lean=True)
+            ports["relay-lean"] = (lean_relay.port, lean_relay.pid)
         audit_counter = None
         config = None
         if "dbproxy" in targets:
@@ -622,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nresults: {args.json}")
         return 0
     finally:
-        for child in (proxy, relay):
+        for child in (proxy, relay, lean_relay):
             if child is not None:
                 child.stop()
         if bouncer is not None:

@@ -130,7 +130,8 @@ def settled_trail(workdir: Path, sessions_ended: int, timeout: float = 20.0) -> 
     return box[0]
 
 
-def assert_exactly_once_in_order(received: list[dict], expected: list[dict]) -> None:
+def assert_exactly_once_in_order(received: list[dict], expected: list[dict], raws: list[bytes]) -> None:
+    """``raws``: each received event's bytes as the SIEM got them (the chain hash is over them)."""
     uids = [e["uid"] for e in received]
     assert len(uids) == len(set(uids)), f"{len(uids) - len(set(uids))} duplicate events at the SIEM"
     missing = {e["uid"] for e in expected} - set(uids)
@@ -139,18 +140,21 @@ def assert_exactly_once_in_order(received: list[dict], expected: list[dict]) -> 
     seqs = [e["seq"] for e in received]
     assert seqs == sorted(seqs) == [e["seq"] for e in expected]
     checker = ChainChecker()
-    for e in received:
-        reason = checker.check(e)
+    assert len(raws) == len(received)
+    for e, raw in zip(received, raws):
+        assert orjson.loads(raw) == e
+        reason = checker.check(e, raw)
         assert reason is None, f"chain breaks at the SIEM at seq {e.get('seq')}: {reason}"
     assert received == expected  # byte-for-byte the same events
 
 
 def siem_events(server, listener: str) -> list[dict]:
-    out = []
-    for m in server.received(listener):
-        msg = m["msg"]
-        out.append(orjson.loads(msg.lstrip("\ufeff")))
-    return out
+    return [orjson.loads(raw) for raw in siem_raws(server, listener)]
+
+
+def siem_raws(server, listener: str) -> list[bytes]:
+    """The JSON body of every syslog message rsyslog wrote, as bytes."""
+    return [m["msg"].lstrip("\ufeff").encode() for m in server.received(listener)]
 
 
 def wait_siem(server, listener: str, count: int, timeout: float = 40.0) -> list[dict]:
@@ -200,7 +204,8 @@ def test_syslog_rsyslog_outage_mid_stream_exactly_once(pg, rsyslog, tmp_path, pr
     sessions = work.finish()
     expected = settled_trail(tmp_path, sessions)
     received = wait_siem(rsyslog, transport, len(expected))
-    assert_exactly_once_in_order(received, expected)
+    raws = siem_raws(rsyslog, transport)
+    assert_exactly_once_in_order(received, expected, raws)
     assert "delivering again" in proxy.log_text()
     raw = rsyslog.received(transport)[0]
     assert raw["app"] == "dbproxy" and raw["procid"] == str(proxy.proc.pid) and raw["pri"] == str(10 * 8 + 6)
@@ -248,9 +253,10 @@ def test_proxy_sigkill_while_spooling_loses_nothing(pg, rsyslog, tmp_path):
         run_sessions(second, 2, 5, tag="after")
         expected = settled_trail(tmp_path, 7)
         received = wait_siem(rsyslog, "tcp", len(expected))
+        raws = siem_raws(rsyslog, "tcp")
     finally:
         second.stop()
-    assert_exactly_once_in_order(received, expected)
+    assert_exactly_once_in_order(received, expected, raws)
     assert expected[: len(spooled)] == spooled
     resumed = expected[len(spooled)]
     assert resumed["seq"] == spooled[-1]["seq"] + 1 and resumed["prev_hash"] == spooled[-1]["hash"]  # the chain runs on
@@ -309,6 +315,20 @@ class Receiver:
             out.extend(orjson.loads(line) for line in body.splitlines() if line.strip())
         return out
 
+    def accepted_raw(self) -> list[bytes]:
+        """The audit line of every accepted event as sent: an NDJSON line, or a HEC
+        payload's ``event`` member (the sink splices the stamped line in as is)."""
+        out = []
+        for r in [r for r in list(self.requests) if r["status"] == 200]:
+            body = gzip.decompress(r["body"]) if r["headers"].get("Content-Encoding") == "gzip" else r["body"]
+            for line in body.splitlines():
+                if not line.strip():
+                    continue
+                if line.startswith(b'{"time":'):
+                    line = line[line.index(b',"event":{') + len(b',"event":'):-1]
+                out.append(line)
+        return out
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -351,7 +371,7 @@ def test_http_batches_retries_after_5xx_and_gzip(pg, receiver, tmp_path, proxy_f
             assert set(wrapped) >= {"time", "host", "source", "sourcetype", "event"} and wrapped["sourcetype"] == "dbproxy:audit"
             assert abs(wrapped["time"] - datetime.datetime.fromisoformat(wrapped["event"]["time"].replace("Z", "+00:00")).timestamp()) < 1e-3
         got = [w["event"] for w in got]
-    assert_exactly_once_in_order(got, expected)
+    assert_exactly_once_in_order(got, expected, receiver.accepted_raw())
     assert [r["status"] for r in receiver.requests[:3]] == [503, 503, 500]
     bodies = [gzip.decompress(r["body"]).splitlines() for r in receiver.requests[:4]]
     for earlier, later in zip(bodies, bodies[1:]):
@@ -423,7 +443,7 @@ def test_fail_closed_refuses_sessions_with_a_native_error(pg, receiver, tmp_path
     expected = settled_trail(tmp_path, 2)
     wait_until(lambda: len(receiver.accepted()) >= len(expected), timeout=30, what="held events delivered")
     got = [w["event"] for w in receiver.accepted()]
-    assert_exactly_once_in_order(got, expected)
+    assert_exactly_once_in_order(got, expected, receiver.accepted_raw())
     assert not any(e["event"] == "audit.loss" for e in expected)
 
 

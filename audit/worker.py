@@ -1,0 +1,215 @@
+"""The audit worker process: ``python -m audit.worker CONFIG_FILE [LOG_LEVEL]``.
+
+Started by ``audit.link.AuditLink`` (see there for the design): reads
+frames from stdin in order, hands event bodies to its ``AuditRecorder``
+(the stamping, the hash chain, every sink of the config's ``audit``
+section), and runs taps — the engine's decoders and audit stages over a
+session's forwarded bytes (``TAPS``).  Says ``{"ready": true, ...}`` on
+stdout once the sinks run and the chain is recovered, and
+``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
+
+A tap's counts (queries, errors) are added to that session's
+``db.session.end`` event, which the proxy sends after closing the tap.
+
+The worker ignores SIGINT/SIGTERM (a terminal's Ctrl-C reaches the whole
+process group): the proxy stops it by closing its stdin, after which it
+writes everything queued, closes its sinks and exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import orjson
+import trio
+
+from .link import CLOSE, EVENT, FRAME, OPEN, QUIT, TAP
+from .recorder import AuditRecorder, TemplateAudit
+
+log = logging.getLogger("dbproxy.audit.worker")
+
+# protocol -> module with ``Tap(audit)``: ``feed(direction, data)``, ``counts() -> dict``.
+TAPS = {"postgres": "engines.postgres.tap"}
+
+_SESSION_END = b'"event":"db.session.end"'
+
+
+class Worker:
+    def __init__(self, recorder: AuditRecorder, out: Any) -> None:
+        self.recorder = recorder
+        self.out = out
+        self.taps: dict[int, tuple[Any, TemplateAudit, str]] = {}
+        self.ended: dict[str, dict] = {}  # sid -> counts of a closed tap, for its session end event
+        self.frames = 0
+        self.quit = False  # the proxy said it stops (else end of input means it died)
+
+    async def say(self, message: dict) -> None:
+        await self.out.send_all(orjson.dumps(message) + b"\n")
+
+    async def handle(self, kind: int, slot: int, direction: int, payload: bytes) -> None:
+        self.frames += 1
+        if kind == TAP:
+            entry = self.taps.get(slot)
+            if entry is None:
+                return  # a tap whose worker died before; its session is being ended
+            tap, audit, _ = entry
+            try:
+                tap.feed(direction, payload)
+            except Exception:
+                # The proxy framed these bytes already, so this is a bug in a decoder or
+                # stage: drop this session's tap, keep every other session's audit going.
+                log.exception("audit tap of session %s failed; its queries are no longer audited", audit._template.get("sid"))
+                audit.emit("audit.tap_failed", reason="the audit worker could not parse the session's traffic")
+                del self.taps[slot]
+            if audit._pending:
+                await audit.flush()
+        elif kind == EVENT:
+            if self.ended and _SESSION_END in payload:
+                payload = self._with_counts(payload)
+            if not self.recorder.submit_nowait(payload):
+                await self.recorder.submit(payload)
+        elif kind == OPEN:
+            spec = orjson.loads(payload)
+            template = spec["template"]
+            audit = TemplateAudit(self.recorder, template)
+            module = importlib.import_module(TAPS[spec["protocol"]])
+            self.taps[slot] = (module.Tap(audit), audit, template.get("sid", ""))
+        elif kind == QUIT:
+            self.quit = True
+        elif kind == CLOSE:
+            entry = self.taps.pop(slot, None)
+            if entry is not None:
+                tap, audit, sid = entry
+                if audit._pending:
+                    await audit.flush()
+                self.ended[sid] = tap.counts()
+        else:
+            log.error("unknown frame kind %r from the proxy", kind)
+
+    def _with_counts(self, body: bytes) -> bytes:
+        event = orjson.loads(body)
+        counts = self.ended.pop(event.get("sid"), None)
+        if counts is None:
+            return body
+        for key, value in counts.items():
+            event.setdefault(key, value)
+        return orjson.dumps(event)
+
+    async def read(self, stdin: trio.abc.ReceiveStream) -> None:
+        buf = bytearray()
+        header = FRAME.size
+        while True:
+            data = await stdin.receive_some(1 << 20)
+            if not data:
+                if buf:
+                    log.error("the proxy's audit stream ended inside a frame (%d bytes)", len(buf))
+                return
+            buf += data
+            pos = 0
+            end = len(buf)
+            while end - pos >= header:
+                kind, length, slot, direction = FRAME.unpack_from(buf, pos)
+                if end - pos - header < length:
+                    break
+                start = pos + header
+                pos = start + length
+                await self.handle(kind, slot, direction, bytes(buf[start:pos]))
+            del buf[:pos]
+
+
+async def serve(config_file: str) -> None:
+    from dbproxy.config import load_config
+    from engines import default_registry
+
+    os.environ.setdefault("DBPROXY_PID", str(os.getppid()))  # sinks name the proxy, not the worker
+    config = load_config(config_file, default_registry())
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    changes: list[bool] = []
+    wake = trio.Event()
+
+    def on_change(accepting: bool) -> None:
+        changes.append(accepting)
+        wake.set()
+
+    recorder = AuditRecorder(
+        await _build_sinks(config.audit.sinks), capacity=config.audit.queue_size, on_accepting_change=on_change
+    )
+    worker = Worker(recorder, stdout)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        await worker.say({"ready": True, "last_seq": recorder.last_seq, "accepting": recorder.accepting, "pid": os.getpid()})
+
+        async def report() -> None:
+            # Changes seen by the drain task come at once; a blocked sink that recovers
+            # while no events flow is noticed by looking again every REPORT_POLL seconds.
+            nonlocal wake
+            said = recorder.accepting
+            while True:
+                with trio.move_on_after(REPORT_POLL):
+                    await wake.wait()
+                wake = trio.Event()
+                changes.clear()
+                now = recorder.accepting
+                if now != said:
+                    said = now
+                    await worker.say({"accepting": now})
+
+        nursery.start_soon(report)
+        await worker.read(stdin)
+        if not worker.quit:
+            # The proxy died (SIGKILL, crash): write what it sent and leave the rest of
+            # the delivery to the spools, so a restarted proxy's worker can take over now.
+            log.warning("audit worker: the proxy went away; writing what it sent and exiting")
+            recorder.flush_on_close = False
+        await recorder.aclose()
+        nursery.cancel_scope.cancel()
+    log.info("audit worker: %d frames, last seq %d", worker.frames, recorder.last_seq)
+
+
+REPORT_POLL = 0.25
+SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
+
+
+async def _build_sinks(configs: Any) -> list:
+    """Build every sink; a spool still locked by a previous worker (finishing the writes of a
+    proxy that died) is retried for ``SPOOL_BUSY_WAIT`` seconds before giving up."""
+    from .sinks import build_sink
+    from .sinks.spool import SpoolError
+
+    deadline = trio.current_time() + SPOOL_BUSY_WAIT
+    while True:
+        sinks: list = []
+        try:
+            for cfg in configs:
+                sinks.append(build_sink(cfg))
+            return sinks
+        except SpoolError as exc:
+            for sink in sinks:
+                await sink.aclose()
+            if "in use" not in str(exc) or trio.current_time() > deadline:
+                raise
+            log.info("audit worker: %s; waiting for it", exc)
+            await trio.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m audit.worker CONFIG_FILE [LOG_LEVEL]", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    level = argv[1] if len(argv) > 1 else "INFO"
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trio.run(serve, argv[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

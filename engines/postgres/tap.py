@@ -1,0 +1,94 @@
+"""PostgreSQL sessions audited through a tap (see ``audit.link``).
+
+Proxy side — ``Framer``: the decoder a session's pumps use when nothing in
+the pipeline acts on messages (no statement rules): it checks every frame's
+header exactly as the real decoders do (length >= 4, ``max_message_size``,
+so a bad or oversized frame still ends the session with the same error
+before it is forwarded) and consumes whole frames without building message
+objects; the pump then forwards the chunk as received and hands it to the
+tap.  It notes the client's Terminate.
+
+Worker side — ``Tap``: the real decoders and the engine's own audit stages
+(``stages.FrontendAudit`` / ``BackendAudit``) over those bytes, so a tapped
+session's trail is the one the in-process stages would write.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from dbproxy.buffer import ReceiveBuffer
+from dbproxy.errors import FrameTooLarge
+from dbproxy.pipeline import NEED_DATA
+
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder, _bad_length
+from .messages import FE
+from .stages import BackendAudit, FrontendAudit, PgSessionState
+
+_LEN = struct.Struct(">i")
+_TERMINATE = FE.TERMINATE
+
+
+class Framer:
+    """Consumes whole typed frames (header-checked); yields no messages."""
+
+    __slots__ = ("buffer", "max_message_size", "frames", "terminated")
+
+    def __init__(self, buffer: ReceiveBuffer, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.buffer = buffer
+        self.max_message_size = max_message_size
+        self.frames = 0
+        self.terminated = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffer.feed(data)
+
+    def next_message(self) -> Any:
+        data, start, end = self.buffer.span()
+        pos = start
+        unpack = _LEN.unpack_from
+        limit = self.max_message_size
+        frames = 0
+        while end - pos >= 5:
+            length = unpack(data, pos + 1)[0]
+            if length < 4 or length > limit:
+                self.buffer.skip(pos - start)  # the frames before it are forwarded first
+                self.frames += frames
+                if length < 4:
+                    raise _bad_length(length)
+                raise FrameTooLarge(length, limit, what=f"message {chr(data[pos])!r}")
+            if end - pos <= length:
+                break
+            if data[pos] == _TERMINATE:
+                self.terminated = True
+            pos += length + 1
+            frames += 1
+        if pos != start:
+            self.buffer.skip(pos - start)
+            self.frames += frames
+        return NEED_DATA
+
+
+class Tap:
+    """One session's audit in the audit worker: decode, run the audit stages."""
+
+    def __init__(self, audit: Any) -> None:
+        self.state = PgSessionState()
+        self.decoders = (FrontendDecoder(startup=False), BackendDecoder())
+        self.stages = (FrontendAudit(self.state, audit), BackendAudit(self.state, audit))
+
+    def feed(self, direction: int, data: bytes) -> None:
+        decoder = self.decoders[direction]
+        handle = self.stages[direction].handle
+        decoder.feed(data)
+        next_message = decoder.next_message
+        while True:
+            msg = next_message()
+            if msg is NEED_DATA:
+                break
+            handle(msg, None)
+        decoder.buffer.compact()
+
+    def counts(self) -> dict:
+        return {"queries": self.state.queries, "errors": self.state.errors}

@@ -1,0 +1,221 @@
+"""The audit link and the audit worker process, for real: ``python -m audit.worker`` is started by
+``AuditLink.run`` from a config file, exactly as ``dbproxy serve`` does.
+
+Proven here: events and a PostgreSQL tap (protocol bytes the proxy forwarded) come out of the worker as
+one ordered, chained trail with the session's counts merged into its end event; the link's budget gives
+backpressure, never loss; a worker killed under a live session ends that session (``AuditUnavailable``),
+a new worker continues the chain; the worker ignores a terminal's SIGINT; and when the proxy itself dies
+(no ``Q`` frame, just end of input) the worker writes what it got and exits at once instead of spending
+a network sink's shutdown grace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+import trio
+
+from audit.link import EVENT, FRAME, AuditLink
+from audit.recorder import AuditUnavailable
+from audit.verify import verify_files
+from dbproxy.session import Session
+from tests.support import read_audit
+
+
+def write_config(tmp_path, sinks=None) -> str:
+    secret = tmp_path / "backend.secret"
+    secret.write_text("unused\n")
+    backend = {"address": "127.0.0.1:1", "database": "app", "user": "app",
+               "auth": {"method": "scram-sha-256", "password_file": str(secret)}}
+    config = {
+        "listeners": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:0",
+                       "routes": [{"name": "r", "backend": backend}]}],
+        "audit": {"sinks": sinks or [{"type": "jsonl", "path": str(tmp_path / "audit.jsonl")}]},
+    }
+    path = tmp_path / "dbproxy.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def pg(t: str, body: bytes) -> bytes:
+    return t.encode() + struct.pack(">i", len(body) + 4) + body
+
+
+QUERY = pg("Q", b"SELECT abalance FROM pgbench_accounts WHERE aid = 7;\0")
+ANSWER = (pg("T", b"\0\x01abalance\0" + struct.pack(">ihihih", 16400, 3, 23, 4, -1, 0))
+          + pg("D", struct.pack(">hi", 1, 1) + b"0") + pg("C", b"SELECT 1\0") + pg("Z", b"I"))
+BAD = pg("Q", b"SELECT nope;\0")
+BAD_ANSWER = pg("E", b"SERROR\0C42703\0Mcolumn \"nope\" does not exist\0\0") + pg("Z", b"I")
+
+
+def new_session() -> Session:
+    return Session(listener="pg", protocol="postgres", client_addr="127.0.0.1:5555",
+                   db_name="app", db_user="app", backend_addr="127.0.0.1:1", route_name="r")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_events_and_a_tap_become_one_ordered_chained_trail(tmp_path):
+    link = AuditLink(write_config(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        worker = link.pid
+        assert worker is not None and worker != os.getpid() and alive(worker)
+        session = new_session()
+        audit = link.session(session)
+        audit.on_session_start(success=True)
+        slot = audit.tap_open("postgres")
+        # Forwarded in arbitrary chunkings, in forwarding order: a query, its answer, a failing one.
+        audit.tap(slot, 0, QUERY[:7])
+        audit.tap(slot, 0, QUERY[7:])
+        audit.tap(slot, 1, ANSWER)
+        audit.tap(slot, 0, BAD)
+        for i in range(0, len(BAD_ANSWER), 5):
+            audit.tap(slot, 1, BAD_ANSWER[i:i + 5])
+        audit.tap_close(slot)
+        audit.on_session_end(reason="client terminated")
+        await link.aclose()
+    with trio.fail_after(10):
+        while alive(worker):
+            await trio.sleep(0.02)
+    events = read_audit(tmp_path / "audit.jsonl")
+    assert [e["event"] for e in events] == [
+        "db.session.start", "db.session.query", "db.session.result", "db.session.query", "db.session.result",
+        "db.session.end",
+    ]
+    start, q1, r1, q2, r2, end = events
+    assert q1["db_query"] == "SELECT abalance FROM pgbench_accounts WHERE aid = 7;"
+    assert r1["query_uid"] == q1["uid"] and r1["affected_records"] == 1 and r1["success"] is True
+    assert r2["query_uid"] == q2["uid"] and r2["success"] is False and r2["sqlstate"] == "42703"
+    # The session's common fields ride on the tap's events too.
+    for e in events:
+        assert e["sid"] == session.id and e["db_name"] == "app" and e["route"] == "r"
+    # Counts the worker's tap kept, merged into the end event the proxy sent.
+    assert end["queries"] == 2 and end["errors"] == 1 and end["reason"] == "client terminated"
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert verify_files([str(tmp_path / "audit.jsonl")]).ok
+
+
+async def test_budget_gives_backpressure_never_loss(tmp_path):
+    link = AuditLink(write_config(tmp_path), capacity_bytes=4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        audit = link.session(new_session())
+        audit.on_session_start(success=True)
+        slot = audit.tap_open("postgres")
+        # Without yielding, the budget fills: events are held by the session, taps report congestion.
+        n = 0
+        while link.submit_nowait(b'{"event":"filler","n":%d}' % n):
+            n += 1
+        assert link.congested and 0 < n < 200
+        held_before = len(audit._pending)
+        audit.on_query("SELECT 'held'")
+        assert len(audit._pending) == held_before + 1  # kept by the session, not dropped
+        audit.tap(slot, 0, QUERY)
+        audit.tap(slot, 1, ANSWER)
+        # The pipeline calls flush when anything is pending: it waits for room, then hands over.
+        with trio.fail_after(10):
+            await audit.flush()
+        assert audit._pending == []
+        audit.tap_close(slot)
+        audit.on_session_end(reason="done")
+        await link.aclose()
+    events = read_audit(tmp_path / "audit.jsonl")
+    assert [e["n"] for e in events if e["event"] == "filler"] == list(range(n))
+    kinds = [e["event"] for e in events if e["event"] != "filler"]
+    assert kinds == ["db.session.start", "db.session.query", "db.session.query", "db.session.result",
+                     "db.session.end"]
+    assert verify_files([str(tmp_path / "audit.jsonl")]).ok
+
+
+async def test_a_killed_worker_ends_live_sessions_and_a_new_one_continues_the_chain(tmp_path):
+    link = AuditLink(write_config(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        first = link.pid
+        audit = link.session(new_session())
+        audit.on_session_start(success=True)
+        audit.on_query("SELECT 1")
+        await trio.sleep(0.3)  # handed over and written
+        before = len(read_audit(tmp_path / "audit.jsonl", wait_for=2))
+        os.kill(first, signal.SIGKILL)
+        with trio.fail_after(10):
+            while not audit._pending:  # told: the pipeline will call flush
+                await trio.sleep(0.01)
+        with pytest.raises(AuditUnavailable):
+            await audit.flush()
+        with trio.fail_after(20):
+            while not (link.accepting and link.pid != first):
+                await trio.sleep(0.05)
+        assert link.worker_starts == 2 and alive(link.pid)
+        later = link.session(new_session())
+        later.on_session_start(success=True)
+        later.on_query("SELECT 2")
+        await link.aclose()
+    events = read_audit(tmp_path / "audit.jsonl")
+    assert before == 2 and [e["db_query"] for e in events if e["event"] == "db.session.query"][-1] == "SELECT 2"
+    result = verify_files([str(tmp_path / "audit.jsonl")])
+    assert result.ok, result.error
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_the_worker_ignores_sigint(tmp_path):
+    link = AuditLink(write_config(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        worker = link.pid
+        os.kill(worker, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+        await trio.sleep(0.5)
+        assert alive(worker) and link.accepting
+        audit = link.session(new_session())
+        audit.on_session_start(success=True)
+        await link.aclose()
+    assert link.worker_starts == 1
+    assert [e["event"] for e in read_audit(tmp_path / "audit.jsonl")] == ["db.session.start"]
+
+
+def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp_path):
+    # An HTTP sink whose receiver is gone, with a long shutdown grace: a clean stop would wait for it.
+    closed = __import__("socket").socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    sinks = [
+        {"type": "http", "url": f"http://127.0.0.1:{port}/ingest", "format": "ndjson",
+         "spool_dir": str(tmp_path / "spool"), "shutdown_flush_seconds": 60, "retry_initial_seconds": 0.05},
+        {"type": "jsonl", "path": str(tmp_path / "audit.jsonl")},
+    ]
+    worker = subprocess.Popen([sys.executable, "-m", "audit.worker", write_config(tmp_path, sinks)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        hello = orjson.loads(worker.stdout.readline())
+        assert hello["ready"] is True and hello["last_seq"] == 0
+        for i in range(3):
+            body = b'{"event":"db.session.query","db_query":"SELECT %d"}' % i
+            worker.stdin.write(FRAME.pack(EVENT, len(body), 0, 0) + body)
+        worker.stdin.close()  # end of input without a Q frame: the proxy is gone
+        t0 = time.monotonic()
+        assert worker.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert [e["db_query"] for e in read_audit(tmp_path / "audit.jsonl")] == ["SELECT 0", "SELECT 1", "SELECT 2"]
+    assert b"the proxy went away" in worker.stderr.read()
+    # Undelivered to the SIEM, the events stay in the spool for the next worker.
+    assert any((tmp_path / "spool").iterdir())
