@@ -58,6 +58,7 @@ from .recorder import RecorderStatistics, SessionAudit, tell_running_sessions
 log = logging.getLogger("dbproxy.audit.link")
 
 FRAME = struct.Struct(">BIIB")  # kind, payload length, slot, direction
+_pack = FRAME.pack
 EVENT, OPEN, TAP, CLOSE, QUIT = b"E"[0], b"O"[0], b"T"[0], b"C"[0], b"Q"[0]
 LINK_DELAY = 0.001  # seconds frames may gather before one write to the worker
 DEFAULT_CAPACITY_BYTES = 64 * 1024 * 1024
@@ -143,7 +144,13 @@ class AuditLink:
 
     def tap(self, slot: int, direction: int, data: bytes) -> bool:
         """Queue forwarded bytes; True when the link is over budget (the caller should wait for room)."""
-        self._put(TAP, slot, direction, data)
+        out = self._out
+        out.append(_pack(TAP, len(data), slot, direction))
+        out.append(data)
+        self._out_bytes += len(data) + 10
+        if self._wake is not None:
+            wake, self._wake = self._wake, None
+            wake.set()
         return self._out_bytes >= self.capacity_bytes
 
     def tap_close(self, slot: int) -> None:

@@ -403,7 +403,7 @@ class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
     __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_template_json",
-                 "_key", "__weakref__")
+                 "_key", "halted", "__weakref__")
 
     def __init__(self, recorder: AuditRecorder, session: Any) -> None:
         self.recorder = recorder
@@ -411,6 +411,8 @@ class SessionAudit:
         self._pending: list = []  # event bodies held back while the recorder's queue is full
         self._ended = False
         self._told = False
+        # Set when the session must end for lack of audit: its pumps forward nothing more.
+        self.halted = False
         self._template: dict = {}
         self._template_json = b""
         self._key: tuple | None = None
@@ -490,6 +492,7 @@ class SessionAudit:
         """Called by the recorder: make the session's next ``flush`` raise ``AuditUnavailable``."""
         if not self._told:
             self._pending.append(_UNAVAILABLE)
+            self.halted = True
 
     # -- taps: a session's bytes audited by the audit worker (``audit.link``) ---------
     @property
@@ -504,7 +507,11 @@ class SessionAudit:
     def tap(self, slot: int, direction: int, data: bytes) -> None:
         """Forwarded bytes (direction 0: client→backend, 1: backend→client), in forwarding order."""
         pending = self._pending
-        if pending and any(type(p) is bytes and p is not _CONGESTED for p in pending):
+        if not pending:
+            if self.recorder.tap(slot, direction, data):
+                pending.append(_CONGESTED)
+            return
+        if any(type(p) is bytes and p is not _CONGESTED for p in pending):
             # Events of this session are held back: the bytes wait behind them (session order).
             pending.append((slot, direction, data))
         elif self.recorder.tap(slot, direction, data) and _CONGESTED not in pending:

@@ -61,11 +61,8 @@ class Worker:
             try:
                 tap.feed(direction, payload)
             except Exception:
-                # The proxy framed these bytes already, so this is a bug in a decoder or
-                # stage: drop this session's tap, keep every other session's audit going.
-                log.exception("audit tap of session %s failed; its queries are no longer audited", audit._template.get("sid"))
-                audit.emit("audit.tap_failed", reason="the audit worker could not parse the session's traffic")
-                del self.taps[slot]
+                await self.handle_tap_failure(slot)
+                return
             if audit._pending:
                 await audit.flush()
         elif kind == EVENT:
@@ -91,6 +88,14 @@ class Worker:
         else:
             log.error("unknown frame kind %r from the proxy", kind)
 
+    async def handle_tap_failure(self, slot: int) -> None:
+        # The proxy framed these bytes already, so this is a bug in a decoder or stage:
+        # drop this session's tap, keep every other session's audit going.
+        _, audit, sid = self.taps.pop(slot)
+        log.exception("audit tap of session %s failed; its queries are no longer audited", sid)
+        audit.emit("audit.tap_failed", reason="the audit worker could not parse the session's traffic")
+        await audit.flush()
+
     def _with_counts(self, body: bytes) -> bytes:
         event = orjson.loads(body)
         counts = self.ended.pop(event.get("sid"), None)
@@ -103,6 +108,8 @@ class Worker:
     async def read(self, stdin: trio.abc.ReceiveStream) -> None:
         buf = bytearray()
         header = FRAME.size
+        unpack = FRAME.unpack_from
+        taps = self.taps
         while True:
             data = await stdin.receive_some(1 << 20)
             if not data:
@@ -112,13 +119,27 @@ class Worker:
             buf += data
             pos = 0
             end = len(buf)
-            while end - pos >= header:
-                kind, length, slot, direction = FRAME.unpack_from(buf, pos)
-                if end - pos - header < length:
-                    break
-                start = pos + header
-                pos = start + length
-                await self.handle(kind, slot, direction, bytes(buf[start:pos]))
+            with memoryview(buf) as view:
+                while end - pos >= header:
+                    kind, length, slot, direction = unpack(buf, pos)
+                    if end - pos - header < length:
+                        break
+                    start = pos + header
+                    pos = start + length
+                    payload = bytes(view[start:pos])
+                    entry = taps.get(slot) if kind == TAP else None
+                    if entry is not None:
+                        # The hot path (a tap's bytes), without a coroutine per frame.
+                        self.frames += 1
+                        try:
+                            entry[0].feed(direction, payload)
+                        except Exception:
+                            await self.handle_tap_failure(slot)
+                            continue
+                        if entry[1]._pending:
+                            await entry[1].flush()
+                    else:
+                        await self.handle(kind, slot, direction, payload)
             del buf[:pos]
 
 

@@ -124,12 +124,30 @@ def _text(b: bytes | memoryview) -> str:
 # Message classes.
 
 
-@attrs.frozen
 class Message:
-    """One typed protocol message: ``raw`` = type byte + int32 length + body."""
+    """One typed protocol message: ``raw`` = type byte + int32 length + body.
 
-    type: int
-    raw: bytes
+    A plain slotted class rather than attrs: the decoders build one per
+    message on the hot path, and a frozen attrs ``__init__`` costs three times
+    as much.  Immutable by convention; equal when type and bytes are equal.
+    """
+
+    __slots__ = ("type", "raw")
+
+    def __init__(self, type: int, raw: bytes) -> None:
+        self.type = type
+        self.raw = raw
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Message:
+            return NotImplemented
+        return self.type == other.type and self.raw == other.raw  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.raw))
+
+    def __repr__(self) -> str:
+        return f"Message(type={self.type!r}, raw={self.raw!r})"
 
     @property
     def body(self) -> bytes:

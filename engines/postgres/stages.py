@@ -158,6 +158,11 @@ class FrontendAudit:
 
 class BackendAudit:
     name = "pg-audit-backend"
+    # The only message types ``handle`` acts on (a tap skips the others undecoded).
+    interest = frozenset(
+        (m.BE.COMMAND_COMPLETE, m.BE.EMPTY_QUERY_RESPONSE, m.BE.PORTAL_SUSPENDED, m.BE.ERROR_RESPONSE,
+         m.BE.READY_FOR_QUERY)
+    )
 
     def __init__(self, state: PgSessionState, audit: Any) -> None:
         self.state = state

@@ -23,7 +23,7 @@ from dbproxy.errors import FrameTooLarge
 from dbproxy.pipeline import NEED_DATA
 
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder, _bad_length
-from .messages import FE
+from .messages import FE, Message
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 _LEN = struct.Struct(">i")
@@ -71,7 +71,12 @@ class Framer:
 
 
 class Tap:
-    """One session's audit in the audit worker: decode, run the audit stages."""
+    """One session's audit in the audit worker: decode, run the audit stages.
+
+    Backend bytes: only the message types the backend stage looks at
+    (``BackendAudit.interest``) become ``Message`` objects; DataRow,
+    RowDescription and the rest are stepped over by their headers.
+    """
 
     def __init__(self, audit: Any) -> None:
         self.state = PgSessionState()
@@ -79,8 +84,11 @@ class Tap:
         self.stages = (FrontendAudit(self.state, audit), BackendAudit(self.state, audit))
 
     def feed(self, direction: int, data: bytes) -> None:
-        decoder = self.decoders[direction]
-        handle = self.stages[direction].handle
+        if direction == 1:
+            self._feed_backend(data)
+            return
+        decoder = self.decoders[0]
+        handle = self.stages[0].handle
         decoder.feed(data)
         next_message = decoder.next_message
         while True:
@@ -89,6 +97,28 @@ class Tap:
                 break
             handle(msg, None)
         decoder.buffer.compact()
+
+    def _feed_backend(self, data: bytes) -> None:
+        buf = self.decoders[1].buffer
+        buf.feed(data)
+        raw, start, end = buf.span()
+        pos = start
+        unpack = _LEN.unpack_from
+        interest = BackendAudit.interest
+        handle = self.stages[1].handle
+        while end - pos >= 5:
+            length = unpack(raw, pos + 1)[0]
+            if length < 4:  # the proxy's Framer refused these already
+                buf.skip(pos - start)
+                raise _bad_length(length)
+            if end - pos <= length:
+                break
+            mtype = raw[pos]
+            if mtype in interest:
+                handle(Message(mtype, bytes(raw[pos:pos + length + 1])), None)
+            pos += length + 1
+        buf.skip(pos - start)
+        buf.compact()
 
     def counts(self) -> dict:
         return {"queries": self.state.queries, "errors": self.state.errors}

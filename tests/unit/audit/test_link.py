@@ -219,3 +219,30 @@ def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp
     assert b"the proxy went away" in worker.stderr.read()
     # Undelivered to the SIEM, the events stay in the spool for the next worker.
     assert any((tmp_path / "spool").iterdir())
+
+
+async def test_a_tap_that_cannot_be_parsed_is_dropped_and_recorded_others_go_on(tmp_path, caplog):
+    # The proxy's Framer never forwards such bytes; a direct tap stands in for a decoder bug.
+    link = AuditLink(write_config(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        broken, fine = link.session(new_session()), link.session(new_session())
+        for audit in (broken, fine):
+            audit.on_session_start(success=True)
+        bad_slot, good_slot = broken.tap_open("postgres"), fine.tap_open("postgres")
+        broken.tap(bad_slot, 1, b"C\x00\x00\x00\x02")  # length 2: not a PostgreSQL frame
+        broken.tap(bad_slot, 0, QUERY)  # after the failure: ignored, the tap is gone
+        fine.tap(good_slot, 0, QUERY)
+        fine.tap(good_slot, 1, ANSWER)
+        for audit, slot in ((broken, bad_slot), (fine, good_slot)):
+            audit.tap_close(slot)
+            audit.on_session_end(reason="done")
+        await link.aclose()
+    events = read_audit(tmp_path / "audit.jsonl")
+    by_session = {}
+    for e in events:
+        by_session.setdefault(e["sid"], []).append(e["event"])
+    assert by_session[broken.session.id] == ["db.session.start", "audit.tap_failed", "db.session.end"]
+    assert by_session[fine.session.id] == ["db.session.start", "db.session.query", "db.session.result",
+                                          "db.session.end"]
+    assert verify_files([str(tmp_path / "audit.jsonl")]).ok
