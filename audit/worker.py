@@ -209,6 +209,9 @@ async def _build_sinks(configs: Any) -> list:
         try:
             for cfg in configs:
                 sinks.append(build_sink(cfg))
+            for sink in sinks:
+                if hasattr(sink, "write_in_thread"):
+                    sink.write_in_thread = False
             return sinks
         except SpoolError as exc:
             for sink in sinks:

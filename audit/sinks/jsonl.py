@@ -108,6 +108,9 @@ class JsonlSink:
         self.rotations = 0
         self._dirty = False
         self._lock = threading.Lock()  # the write thread and the fsync thread share the file
+        # Write batches from a worker thread (the proxy's own loop must never wait on a disk);
+        # the audit worker process sets False.
+        self.write_in_thread = True
         self._wake = trio.Event()
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
@@ -211,7 +214,12 @@ class JsonlSink:
     async def write_batch(self, batch: list[dict]) -> None:
         lines = getattr(batch, "lines", None)  # serialised once by the recorder's stamp
         data = b"".join(lines) if lines is not None else b"".join(orjson.dumps(e) + b"\n" for e in batch)
-        rotated = await trio.to_thread.run_sync(self._write, data)
+        if self.write_in_thread or self.fsync == "always":
+            rotated = await trio.to_thread.run_sync(self._write, data)
+        else:
+            # In the audit worker a slow disk only delays the worker (the proxy's link
+            # absorbs it, then pushes back): the page-cache write is done right here.
+            rotated = self._write(data)
         if rotated and self.gzip:
             self._wake.set()
 
