@@ -356,9 +356,11 @@ class AuditRecorder:
         lines = []
         for body in batch:
             seq += 1
-            core = b'%b,"seq":%d,"prev_hash":"%b"}' % (body[:-1], seq, prev)
-            prev = sha256(core).hexdigest().encode()
-            lines.append(b'%b,"hash":"%b"}\n' % (core[:-1], prev))
+            head = b'%b,"seq":%d,"prev_hash":"%b"' % (body[:-1], seq, prev)
+            link = sha256(head)
+            link.update(b"}")  # the hash covers the line without its hash member: ``head}``
+            prev = link.hexdigest().encode()
+            lines.append(b'%b,"hash":"%b"}\n' % (head, prev))
         self.last_seq = seq
         self.last_hash = prev.decode()
         return StampedBatch(lines)
@@ -390,6 +392,12 @@ def tell_running_sessions(live: Any, why: str) -> None:
     log.error("audit unavailable (%s): ending %d running sessions, refusing new ones", why, len(running))
     for audit in running:
         audit.tell_unavailable()
+
+
+_code_of = ev.CODES.get
+_new_event_id = ev.new_event_id
+_now_iso = ev.now_iso
+_dumps = orjson.dumps
 
 
 # Put in a session's pending list to make its pipeline call ``flush`` (it only does when
@@ -449,7 +457,7 @@ class SessionAudit:
         """Record one event; returns its own fields (``event``, ``code``, ``uid``, ``time`` and
         ``fields``) — the session's common fields are in the trail, not in the dict."""
         self._refresh_template()
-        event = {"event": kind, "code": ev.CODES.get(kind, ""), "uid": ev.new_event_id(), "time": ev.now_iso()}
+        event = {"event": kind, "code": _code_of(kind, ""), "uid": _new_event_id(), "time": _now_iso()}
         if fields:
             event.update(fields)
             if not fields.keys().isdisjoint(self._template):
@@ -457,9 +465,11 @@ class SessionAudit:
                 # one merged object, the event's value winning.
                 merged = dict(self._template)
                 merged.update(event)
-                self._submit(orjson.dumps(merged))
+                self._submit(_dumps(merged))
                 return event
-        self._submit(b"%b,%b}" % (orjson.dumps(event)[:-1], self._template_json))
+        body = b"%b,%b}" % (_dumps(event)[:-1], self._template_json)
+        if self._pending or not self.recorder.submit_nowait(body):
+            self._pending.append(body)
         return event
 
     def _submit(self, body: bytes) -> None:
@@ -527,11 +537,9 @@ class SessionAudit:
         return self.emit(ev.SESSION_START, success=success, error=error, **fields)
 
     def on_query(self, query: str, *, parameters: list | None = None, **fields: Any) -> dict:
-        event_fields: dict[str, Any] = {"db_query": ev.truncate(query)}
         if parameters is not None:
-            event_fields["db_query_parameters"] = parameters
-        event_fields.update(fields)
-        return self.emit(ev.QUERY, **event_fields)
+            fields["db_query_parameters"] = parameters
+        return self.emit(ev.QUERY, db_query=ev.truncate(query), **fields)
 
     def on_result(self, *, success: bool, **fields: Any) -> dict:
         return self.emit(ev.RESULT, success=success, **fields)
