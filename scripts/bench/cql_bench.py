@@ -54,16 +54,16 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("direct", "relay", "dbproxy")
 WORKLOADS = ("select", "insert")
 EXECUTE_MARK = b'"event":"db.session.cassandra.execute"'
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- processes
 
 
 def _proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    """The middleman's CPU: the process and its children (dbproxy's audit worker)."""
+    from scripts.bench.pg_bench import _proc_cpu_seconds as tree_cpu_seconds
+
+    return tree_cpu_seconds(pid)
 
 
 def _machine_times() -> tuple[int, int]:

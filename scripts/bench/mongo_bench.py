@@ -56,13 +56,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("direct", "relay", "dbproxy")
 SEED_DOCS = 100
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    """The middleman's CPU: the process and its children (dbproxy's audit worker)."""
+    from scripts.bench.pg_bench import _proc_cpu_seconds
+
+    return _proc_cpu_seconds(pid)
 
 
 class Child:
