@@ -111,7 +111,7 @@ class AuditLink:
 
     def _put(self, kind: int, slot: int, direction: int, payload: bytes) -> None:
         out = self._out
-        out.append(FRAME.pack(kind, len(payload), slot, direction))
+        out.append(_pack(kind, len(payload), slot, direction))
         out.append(payload)
         self._out_bytes += len(payload) + 10
         wake = self._wake
@@ -144,13 +144,7 @@ class AuditLink:
 
     def tap(self, slot: int, direction: int, data: bytes) -> bool:
         """Queue forwarded bytes; True when the link is over budget (the caller should wait for room)."""
-        out = self._out
-        out.append(_pack(TAP, len(data), slot, direction))
-        out.append(data)
-        self._out_bytes += len(data) + 10
-        if self._wake is not None:
-            wake, self._wake = self._wake, None
-            wake.set()
+        self._put(TAP, slot, direction, data)
         return self._out_bytes >= self.capacity_bytes
 
     def tap_close(self, slot: int) -> None:

@@ -467,9 +467,7 @@ class SessionAudit:
                 merged.update(event)
                 self._submit(_dumps(merged))
                 return event
-        body = b"%b,%b}" % (_dumps(event)[:-1], self._template_json)
-        if self._pending or not self.recorder.submit_nowait(body):
-            self._pending.append(body)
+        self._submit(b"%b,%b}" % (_dumps(event)[:-1], self._template_json))
         return event
 
     def _submit(self, body: bytes) -> None:

@@ -1,6 +1,6 @@
 """PostgreSQL frontend/backend protocol v3 messages: classes, parsers, encoders.
 
-Strategy: a decoded message is a tiny frozen ``Message(type, raw)`` whose
+Strategy: a decoded message is a tiny slotted ``Message(type, raw)`` whose
 ``raw`` holds its exact wire bytes (type byte + int32 length + body).  Nothing
 in the body is parsed when the message is decoded, because almost all traffic
 (DataRow, CopyData, …) is only forwarded.  The functions ``parse_*`` read the
