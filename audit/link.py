@@ -10,7 +10,7 @@ over, through the worker's stdin, in order:
 
     E  one event body (``SessionAudit.emit`` serialised it: JSON, no chain fields)
     O  a tap opens: slot, protocol, the session's common fields
-    T  a tap's forwarded bytes: slot, direction (0 client→backend, 1 backend→client)
+    T  a tap's bytes: slot, direction (0 client→backend, 1 backend→client)
     C  a tap closes: slot
     Q  the proxy stops: deliver what you can, then exit (end of input without
        it means the proxy died: the worker writes what it got to the sinks and
@@ -18,9 +18,9 @@ over, through the worker's stdin, in order:
 
 A *tap* is how an engine whose pipeline only observes (PostgreSQL without
 statement rules) has its protocol parsed and audited: the session's pumps
-only frame the bytes (size limits, the client's Terminate) and hand every
-forwarded chunk to the tap, *before* sending it, so the worker sees a query
-before its answer.  The worker runs the engine's own decoders and audit
+only frame the bytes (size limits, the client's Terminate) and hand the
+frames the audit reads to the tap, *before* sending them, so the worker sees
+a query before its answer.  The worker runs the engine's own decoders and audit
 stages on them (``engines.<name>.tap``).  One stream keeps everything in
 the order the proxy saw it: a session's start event, its queries and
 results, its end.
@@ -143,7 +143,7 @@ class AuditLink:
         return slot
 
     def tap(self, slot: int, direction: int, data: bytes) -> bool:
-        """Queue forwarded bytes; True when the link is over budget (the caller should wait for room)."""
+        """Queue a tap's bytes; True when the link is over budget (the caller should wait for room)."""
         self._put(TAP, slot, direction, data)
         return self._out_bytes >= self.capacity_bytes
 

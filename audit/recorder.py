@@ -508,7 +508,7 @@ class SessionAudit:
         return hasattr(self.recorder, "tap_open")
 
     def tap_open(self, protocol: str) -> int:
-        """Start auditing this session's forwarded bytes in the audit worker; returns the tap's slot."""
+        """Start auditing this session's protocol frames in the audit worker; returns the tap's slot."""
         self._refresh_template()
         return self.recorder.tap_open(protocol, self._template)
 

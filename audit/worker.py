@@ -4,7 +4,7 @@ Started by ``audit.link.AuditLink`` (see there for the design): reads
 frames from stdin in order, hands event bodies to its ``AuditRecorder``
 (the stamping, the hash chain, every sink of the config's ``audit``
 section), and runs taps — the engine's decoders and audit stages over a
-session's forwarded bytes (``TAPS``).  Says ``{"ready": true, ...}`` on
+session's tapped frames (``TAPS``).  Says ``{"ready": true, ...}`` on
 stdout once the sinks run and the chain is recovered, and
 ``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
 

@@ -30,10 +30,6 @@ goes through the scheduler twice per call even when data is waiting — per
 query, that was a third of the proxy's CPU.  TLS and GSSENC streams use
 ``receive_some``/``send_all``.
 
-Taps: a pump may be given a ``tap`` callable; it receives every batch the
-pump forwards, before the send, so the audit worker (``audit.link``) sees a
-request before its answer can arrive.
-
 Decoder contract (h11's shape):
 
     decoder.buffer          a ``ReceiveBuffer`` (the pump reads its spans)
@@ -261,8 +257,6 @@ class Pump:
     ctx: PumpContext
     on_error: Callable[[ProxyError], bytes] | None = None
     after_batch: Callable[[], Any] | None = None
-    # Called with every batch of message-layer bytes before it is sent (audit taps).
-    tap: Callable[[bytes], Any] | None = None
     chunks: int = 0
     messages: int = 0
     bytes_in: int = 0
@@ -303,8 +297,6 @@ class Pipeline:
         client_error: Callable[[ProxyError], bytes] | None = None,
         flush_audit: Callable[[], Any] | None = None,
         receive_size: int = RECEIVE_SIZE,
-        client_tap: Callable[[bytes], Any] | None = None,
-        backend_tap: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.session = session
         self.client = client
@@ -324,7 +316,6 @@ class Pipeline:
             client_decoder,
             client_stages,
             PumpContext("client", session, state),
-            tap=client_tap,
         )
         self.b2c = Pump(
             "backend->client",
@@ -333,7 +324,6 @@ class Pipeline:
             backend_decoder,
             backend_stages,
             PumpContext("backend", session, state),
-            tap=backend_tap,
         )
         self.end_reason: str | None = None
         self.error: BaseException | None = None
@@ -379,7 +369,6 @@ class Pipeline:
         ctx = pump.ctx
         receive = Receiver(pump.source, self.receive_size).receive
         next_message = decoder.next_message
-        tap = pump.tap
         flush_audit = self.flush_audit
         audit_owner = self._audit_owner if hasattr(self._audit_owner, "halted") else None
         # Bytes handed over from the handshake phase are decoded before the first read.
@@ -444,16 +433,10 @@ class Pipeline:
                 # unaudited; flush ends the session with the client's error.
                 await flush_audit()
             if not changed:
-                data = buf.consumed_since_mark()
-                if tap is not None and data:
-                    tap(data)
-                await out.send_wire(data)
+                await out.send_wire(buf.consumed_since_mark())
             else:
                 pump.rewritten += 1
-                data = b"".join(forwarded)
-                if tap is not None and data:
-                    tap(data)
-                await out.send_messages(data)
+                await out.send_messages(b"".join(forwarded))
             if replies:
                 await back.send_messages(b"".join(replies))
             buf.compact()

@@ -319,18 +319,15 @@ class PostgresEngine(Engine):
                     policy = PolicyState()
                     client_stages.append(FrontendPolicy(policy, grant, session))
                     backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
-                taps: dict = {}
             else:
-                # Nothing here acts on messages: the pumps only frame them, and the
-                # audit worker parses and audits the forwarded bytes (audit.link).
-                client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size)
-                backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size)
-                client_stages, backend_stages = [], []
+                # Nothing here acts on messages: the pumps only frame them and tap the
+                # frames the audit reads; the audit worker parses and audits those (audit.link).
                 tap_slot = audit.tap_open("postgres")
-                taps = {
-                    "client_tap": functools.partial(audit.tap, tap_slot, 0),
-                    "backend_tap": functools.partial(audit.tap, tap_slot, 1),
-                }
+                client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size,
+                                        tap=functools.partial(audit.tap, tap_slot, 0), interest=FrontendAudit.interest)
+                backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size,
+                                         tap=functools.partial(audit.tap, tap_slot, 1), interest=BackendAudit.interest)
+                client_stages, backend_stages = [], []
             pipeline = Pipeline(
                 session=session,
                 client=client.stream,
@@ -342,7 +339,6 @@ class PostgresEngine(Engine):
                 state=state,
                 client_error=client_error_for,
                 flush_audit=audit.flush,
-                **taps,
             )
             try:
                 await pipeline.run()

@@ -56,7 +56,6 @@ class PgSessionState:
     terminated: bool = False
     queries: int = 0
     errors: int = 0
-    copy_in_bytes: int = 0
 
 
 # Binary-format parameters of these types are shown as their value; others as base64.
@@ -95,6 +94,10 @@ def _params_for_audit(bind: m.Bind, types: tuple[int, ...]) -> list:
 
 class FrontendAudit:
     name = "pg-audit-frontend"
+    # The only message types ``handle`` acts on (a tap sends the worker no others).
+    interest = frozenset(
+        (m.FE.QUERY, m.FE.PARSE, m.FE.BIND, m.FE.EXECUTE, m.FE.SYNC, m.FE.CLOSE, m.FE.FUNCTION_CALL, m.FE.TERMINATE)
+    )
 
     def __init__(self, state: PgSessionState, audit: Any) -> None:
         self.state = state
@@ -103,7 +106,6 @@ class FrontendAudit:
     def handle(self, msg: Any, ctx: Any) -> None:
         t = msg.type
         if t == _COPY_DATA:
-            self.state.copy_in_bytes += len(msg.raw) - 5
             return None
         st = self.state
         if t == m.FE.QUERY:
@@ -158,7 +160,7 @@ class FrontendAudit:
 
 class BackendAudit:
     name = "pg-audit-backend"
-    # The only message types ``handle`` acts on (a tap skips the others undecoded).
+    # The only message types ``handle`` acts on (a tap sends the worker no others).
     interest = frozenset(
         (m.BE.COMMAND_COMPLETE, m.BE.EMPTY_QUERY_RESPONSE, m.BE.PORTAL_SUSPENDED, m.BE.ERROR_RESPONSE,
          m.BE.READY_FOR_QUERY)

@@ -4,9 +4,9 @@ Proxy side — ``Framer``: the decoder a session's pumps use when nothing in
 the pipeline acts on messages (no statement rules): it checks every frame's
 header exactly as the real decoders do (length >= 4, ``max_message_size``,
 so a bad or oversized frame still ends the session with the same error
-before it is forwarded) and consumes whole frames without building message
-objects; the pump then forwards the chunk as received and hands it to the
-tap.  It notes the client's Terminate.
+before it is forwarded), consumes whole frames without building message
+objects, and taps the frames the audit stages read; the pump forwards the
+chunk as received.  It notes the client's Terminate.
 
 Worker side — ``Tap``: the real decoders and the engine's own audit stages
 (``stages.FrontendAudit`` / ``BackendAudit``) over those bytes, so a tapped
@@ -16,7 +16,7 @@ session's trail is the one the in-process stages would write.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge
@@ -31,15 +31,25 @@ _TERMINATE = FE.TERMINATE
 
 
 class Framer:
-    """Consumes whole typed frames (header-checked); yields no messages."""
+    """Consumes whole typed frames (header-checked); yields no messages.
 
-    __slots__ = ("buffer", "max_message_size", "frames", "terminated")
+    With ``tap``: every frame whose type is in ``interest`` (the types the
+    audit stage of this direction acts on) is handed to ``tap`` as soon as it
+    is framed — before the pump sends the batch, so a query reaches the audit
+    before its answer can.  The rest (DataRow, CopyData, a password…) never
+    leaves the proxy: a 100 MB result costs the audit worker nothing.
+    """
 
-    def __init__(self, buffer: ReceiveBuffer, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    __slots__ = ("buffer", "max_message_size", "frames", "terminated", "tap", "interest")
+
+    def __init__(self, buffer: ReceiveBuffer, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 tap: Callable[[bytes], Any] | None = None, interest: frozenset = frozenset()) -> None:
         self.buffer = buffer
         self.max_message_size = max_message_size
         self.frames = 0
         self.terminated = False
+        self.tap = tap
+        self.interest = interest
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self.buffer.feed(data)
@@ -49,24 +59,42 @@ class Framer:
         pos = start
         unpack = _LEN.unpack_from
         limit = self.max_message_size
+        tap = self.tap
+        interest = self.interest
+        run = -1  # start of the current run of frames for the tap
+        parts: list = []
         frames = 0
-        while end - pos >= 5:
-            length = unpack(data, pos + 1)[0]
-            if length < 4 or length > limit:
-                self.buffer.skip(pos - start)  # the frames before it are forwarded first
-                self.frames += frames
+        try:
+            while end - pos >= 5:
+                length = unpack(data, pos + 1)[0]
                 if length < 4:
                     raise _bad_length(length)
-                raise FrameTooLarge(length, limit, what=f"message {chr(data[pos])!r}")
-            if end - pos <= length:
-                break
-            if data[pos] == _TERMINATE:
-                self.terminated = True
-            pos += length + 1
-            frames += 1
-        if pos != start:
-            self.buffer.skip(pos - start)
-            self.frames += frames
+                if length > limit:
+                    raise FrameTooLarge(length, limit, what=f"message {chr(data[pos])!r}")
+                if end - pos <= length:
+                    break
+                mtype = data[pos]
+                if mtype == _TERMINATE:
+                    self.terminated = True
+                if tap is not None:
+                    if mtype in interest:
+                        if run < 0:
+                            run = pos
+                    elif run >= 0:
+                        parts.append(data[run:pos])
+                        run = -1
+                pos += length + 1
+                frames += 1
+        finally:
+            # Also on a refused frame: the frames before it are forwarded, so tapped first.
+            if pos != start:
+                self.buffer.skip(pos - start)
+                self.frames += frames
+            if run >= 0:
+                parts.append(data[run:pos])
+            if parts:
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                tap(bytes(payload) if type(payload) is not bytes else payload)
         return NEED_DATA
 
 

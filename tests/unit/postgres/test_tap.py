@@ -426,11 +426,18 @@ def run_inline(steps: list[tuple[int, bytes]]) -> tuple[list[dict], PgSessionSta
 
 
 def run_tap(steps: list[tuple[int, bytes]], template: dict, sizes: list[int], through_framer: bool):
-    """The proxy's pumps (a Framer each) forward what they framed of each received chunk; the
-    worker's Tap is fed those spans.  Without the Framers, the Tap gets the raw cuts."""
+    """The proxy's pumps (a Framer each, as the engine builds them) tap the frames the audit
+    stages read; the worker's Tap is fed those.  Without the Framers, the Tap gets every byte
+    in the raw cuts (it must then step over the rest itself)."""
     recorder = AuditRecorder(sinks=[])
     tap = Tap(TemplateAudit(recorder, template))
-    framers = (Framer(ReceiveBuffer()), Framer(ReceiveBuffer()))
+    tapped: list[bytes] = []
+
+    def sink(direction):
+        return lambda data: (tapped.append(data), tap.feed(direction, data))
+
+    framers = (Framer(ReceiveBuffer(), tap=sink(FE), interest=FrontendAudit.interest),
+               Framer(ReceiveBuffer(), tap=sink(BE), interest=BackendAudit.interest))
     for direction, data in steps:
         for chunk in cut(data, sizes):
             if through_framer:
@@ -438,16 +445,29 @@ def run_tap(steps: list[tuple[int, bytes]], template: dict, sizes: list[int], th
                 framer.feed(chunk)
                 framer.buffer.mark()
                 assert framer.next_message() is NEED_DATA
-                span = framer.buffer.consumed_since_mark()
                 framer.buffer.compact()
-                if span:
-                    tap.feed(direction, span)
             else:
                 tap.feed(direction, chunk)
+    if through_framer:
+        # Only the frames the stages act on crossed over: no DataRow, CopyData or password.
+        for payload in tapped:
+            assert type(payload) is bytes
+            for frame_type in types_in(payload):
+                assert frame_type in FrontendAudit.interest | BackendAudit.interest
+                assert frame_type not in (ord("D"), ord("d"), ord("p"))
         if through_framer:
             assert len(framers[direction].buffer) == 0  # every step ends on a frame boundary
     assert framers[FE].terminated == through_framer
     return queued(recorder), tap
+
+
+def types_in(payload: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos < len(payload):
+        out.append(payload[pos])
+        pos += 1 + int.from_bytes(payload[pos + 1:pos + 5], "big")
+    assert pos == len(payload)  # whole frames only
+    return out
 
 
 def normalized(events: list[dict]) -> list[dict]:
@@ -486,7 +506,6 @@ def test_tap_writes_the_inline_trail(name: str, through_framer: bool, step: int 
     tapped, tap = run_tap(SESSIONS[name], template, [step] if step else [], through_framer)
     assert normalized(tapped) == normalized(inline)
     assert tap.counts() == {"queries": state.queries, "errors": state.errors}
-    assert tap.state.copy_in_bytes == state.copy_in_bytes
     # Not two empty trails: the results answer the queries they should.
     results, queries, errors = EXPECTED[name.split("/")[0]]
     assert answered(tapped) == answered(inline) == results
@@ -520,3 +539,16 @@ def test_extended_trail_content() -> None:
     error = tapped[-1]
     assert (error["success"], error["sqlstate"], error["error"]) == (False, "22012", "division by zero")
     assert all(e["code"] == ev.CODES[e["event"]] for e in tapped)
+
+
+def test_framer_taps_the_audited_frames_before_a_refused_one() -> None:
+    """The frames before a bad one are forwarded, so their audited ones are tapped first;
+    frames the stages never read (DataRow here) are not tapped at all."""
+    got: list[bytes] = []
+    framer = Framer(ReceiveBuffer(), tap=got.append, interest=BackendAudit.interest)
+    complete = pg(b"C", b"SELECT 1\0")
+    framer.feed(pg(b"D", b"\0\x01\0\0\0\x011") + complete + pg(b"D", b"\0\0") + pg(b"Z", b"I") + b"E\0\0\0\x02")
+    with pytest.raises(RemoteProtocolError):
+        framer.next_message()
+    assert got == [complete + pg(b"Z", b"I")]  # one tap: the frames that matter, joined, in order
+    assert framer.frames == 4 and len(framer.buffer) == 5
