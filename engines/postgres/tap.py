@@ -22,7 +22,7 @@ from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge
 from dbproxy.pipeline import NEED_DATA
 
-from .codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder, _bad_length
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, _bad_length
 from .messages import FE, Message
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
@@ -99,41 +99,27 @@ class Framer:
 
 
 class Tap:
-    """One session's audit in the audit worker: decode, run the audit stages.
+    """One session's audit in the audit worker: frames in, the audit stages run on them.
 
-    Backend bytes: only the message types the backend stage looks at
-    (``BackendAudit.interest``) become ``Message`` objects; DataRow,
-    RowDescription and the rest are stepped over by their headers.
+    Only the message types a stage acts on (its ``interest``) become
+    ``Message`` objects; any other frame is stepped over by its header (the
+    proxy's ``Framer`` sends none, but a tap fed raw bytes works the same).
     """
 
     def __init__(self, audit: Any) -> None:
         self.state = PgSessionState()
-        self.decoders = (FrontendDecoder(startup=False), BackendDecoder())
+        self.buffers = (ReceiveBuffer(), ReceiveBuffer())
         self.stages = (FrontendAudit(self.state, audit), BackendAudit(self.state, audit))
 
     def feed(self, direction: int, data: bytes) -> None:
-        if direction == 1:
-            self._feed_backend(data)
-            return
-        decoder = self.decoders[0]
-        handle = self.stages[0].handle
-        decoder.feed(data)
-        next_message = decoder.next_message
-        while True:
-            msg = next_message()
-            if msg is NEED_DATA:
-                break
-            handle(msg, None)
-        decoder.buffer.compact()
-
-    def _feed_backend(self, data: bytes) -> None:
-        buf = self.decoders[1].buffer
+        buf = self.buffers[direction]
+        stage = self.stages[direction]
+        interest = stage.interest
+        handle = stage.handle
         buf.feed(data)
         raw, start, end = buf.span()
         pos = start
         unpack = _LEN.unpack_from
-        interest = BackendAudit.interest
-        handle = self.stages[1].handle
         while end - pos >= 5:
             length = unpack(raw, pos + 1)[0]
             if length < 4:  # the proxy's Framer refused these already
