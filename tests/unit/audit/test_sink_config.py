@@ -92,3 +92,18 @@ def test_mistakes_are_named(tmp_path):
     assert "audit.sinks[3].type: one of jsonl, syslog, http" in text
     assert "audit.sinks[4].facility: a facility name" in text
     assert "audit.sinks[4].bogus: no key 'bogus'" in text
+
+
+def test_audit_worker_switch(tmp_path):
+    """``audit.worker``: the trail written by the audit worker process (default) or in the proxy's loop."""
+    path = config_with(tmp_path, [{"type": "jsonl", "path": "a.jsonl"}])
+    assert load_config(path, default_registry()).audit.worker is True
+    doc = json.loads(open(path).read())
+    doc["audit"]["worker"] = False
+    open(path, "w").write(json.dumps(doc))
+    assert load_config(path, default_registry()).audit.worker is False
+    doc["audit"]["worker"] = "yes"
+    open(path, "w").write(json.dumps(doc))
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path, default_registry())
+    assert [f"{e.path}: {e.expected}" for e in info.value.errors] == ["audit.worker: true or false, got a string"]
