@@ -49,7 +49,10 @@ class Worker:
         self.quit = False  # the proxy said it stops (else end of input means it died)
 
     async def say(self, message: dict) -> None:
-        await self.out.send_all(orjson.dumps(message) + b"\n")
+        try:
+            await self.out.send_all(orjson.dumps(message) + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the proxy is gone; what it sent is still written
 
     async def handle(self, kind: int, slot: int, direction: int, payload: bytes) -> None:
         """Every frame but a known tap's bytes (``read`` feeds those itself, on its hot path)."""
