@@ -121,6 +121,7 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
                 wrapped = GssEncStream(channel.stream, gss_ctx)
                 await wrapped.establish()
                 channel.stream = wrapped
+                decoder.encryption_established()
                 is_gssenc = True
             elif gssencmode == "require":
                 raise UpstreamError(
@@ -138,6 +139,7 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
                     client_hint="the backend database refused a TLS connection from the proxy",
                 )
             channel.stream = await wrap_backend(channel.stream, b.tls, b.host)
+            decoder.encryption_established()
             is_tls = True
 
         params = {k: v for k, v in client_params.items() if k in PASSTHROUGH_PARAMS}

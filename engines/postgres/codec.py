@@ -86,9 +86,32 @@ class _TypedDecoder:
 
 
 class BackendDecoder(_TypedDecoder):
-    """Decodes what a server sends: typed messages, plus the SSL/GSS answer byte."""
+    """Decodes what a server sends: typed messages, plus the SSL/GSS answer byte.
 
-    __slots__ = ()
+    After an 'S' / 'G' answer the next byte from the server must come through
+    the TLS/GSS layer (§55.2.10, §55.2.11: the server sends the single byte and
+    waits for the handshake).  Plaintext behind the answer is refused the same
+    way whether it came in the answer's read or in a later one: ``feed`` raises
+    until the caller, having set up the encrypted transport, calls
+    ``encryption_established()``.  So no split of the stream can make the
+    decoder read a byte an attacker put before the handshake (CVE-2021-23222).
+    """
+
+    __slots__ = ("_sealed",)
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 buffer: ReceiveBuffer | None = None) -> None:
+        super().__init__(max_message_size=max_message_size, buffer=buffer)
+        self._sealed = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sealed and data:
+            raise _unencrypted_after_answer()
+        self.buffer.feed(data)
+
+    def encryption_established(self) -> None:
+        """The TLS/GSS layer is up: what is fed from now on was decrypted by it."""
+        self._sealed = False
 
     def _read_answer(self, accept: bytes) -> bytes | object:
         buf = self.buffer
@@ -102,24 +125,32 @@ class BackendDecoder(_TypedDecoder):
                 f"invalid answer byte {b:#04x} to an encryption request",
                 client_hint="the server sent an invalid answer to the encryption request",
             )
+        if b != 0x4E:
+            if len(buf) > 1:
+                # Bytes that arrived before the TLS/GSS handshake were not protected by
+                # it and could have been injected (CVE-2021-23222): refuse them.  The
+                # answer stays unconsumed: it was not returned.
+                raise _unencrypted_after_answer()
+            self._sealed = True
         buf.skip(1)
-        if b != 0x4E and buf:
-            # Bytes that arrived before the TLS/GSS handshake were not protected by
-            # it and could have been injected (CVE-2021-23222): refuse them.
-            raise RemoteProtocolError(
-                "unencrypted data after the encryption answer",
-                client_hint="the server sent unencrypted data after accepting encryption",
-            )
         return bytes((b,))
 
     def read_ssl_answer(self) -> bytes | object:
         """The answer to SSLRequest: ``b"S"`` / ``b"N"`` (consumed), ``b"E"`` (not
-        consumed: decode the ErrorResponse with ``next_message``) or NEED_DATA."""
+        consumed: decode the ErrorResponse with ``next_message``) or NEED_DATA.
+        After ``b"S"``: ``encryption_established()`` once TLS is up."""
         return self._read_answer(b"SN")
 
     def read_gssenc_answer(self) -> bytes | object:
         """The answer to GSSENCRequest: ``b"G"`` / ``b"N"`` / ``b"E"`` as above."""
         return self._read_answer(b"GN")
+
+
+def _unencrypted_after_answer() -> RemoteProtocolError:
+    return RemoteProtocolError(
+        "unencrypted data after the encryption answer",
+        client_hint="the server sent unencrypted data after accepting encryption",
+    )
 
 
 class FrontendDecoder(_TypedDecoder):

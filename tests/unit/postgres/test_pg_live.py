@@ -82,6 +82,7 @@ class Client:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             self.sock = ctx.wrap_socket(self.sock)
+            self.dec.encryption_established()
             self.cert_der = self.sock.getpeercert(binary_form=True)
 
     def _fill(self) -> None:
