@@ -60,6 +60,10 @@ class MongoDecoder:
                 self._check_length(buf.i32_le())
             return NEED_DATA
         length, request_id, response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
+        if length < wire.HEADER_SIZE:
+            # Checked first, as above on a partial header: the error must not depend
+            # on whether the opcode had arrived in the same read.
+            self._check_length(length)
         if op_code not in wire.KNOWN_OPCODES and not self.allow_unknown_opcodes:
             raise RemoteProtocolError(
                 f"unknown opCode {op_code} (messageLength {length}): not a MongoDB client",

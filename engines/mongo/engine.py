@@ -128,14 +128,20 @@ class AttributingDecoder:
             raise
 
     def _header(self) -> _BadHeader | None:
+        """The refused request's header — only from bytes the decoder judged, so the
+        answer does not depend on how the stream was split into reads."""
         buf = self.buffer
         if len(buf) < wire.HEADER_SIZE:
             return None
-        _length, request_id, _response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
-        if op_code not in REQUEST_OPCODES:
+        length, request_id, _response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
+        if length < wire.HEADER_SIZE or op_code not in REQUEST_OPCODES:
+            # A length below 16 is refused from its first 4 bytes: what follows is no header.
             return None
         if op_code == wire.OP_COMPRESSED:
-            op_code = buf.i32_le(wire.HEADER_SIZE) if len(buf) >= wire.HEADER_SIZE + 4 else wire.OP_MSG
+            # Refused from its 16-byte header alone (FrameTooLarge), before originalOpcode
+            # may have arrived: answer as OP_MSG, the opcode every driver compresses
+            # (hello, the one OP_QUERY of modern drivers, is never compressed).
+            op_code = wire.OP_MSG
         return _BadHeader(request_id, op_code)
 
 

@@ -702,3 +702,84 @@ def test_mongo_generated_splits(data, corrupt: bool, side: str | None) -> None:
     out = assert_split_invariant(mongo(side=side), stream, data.draw(chunks_strategy(stream)))
     if not corrupt:
         assert out.error is None and out.consumed == len(stream)
+
+
+# --------------------------------------------------------------------------
+# Arbitrary bytes: any early check a decoder makes on a partial header must agree
+# with the check it makes on the whole one.
+
+GARBAGE_SPECS = {
+    "pg frontend startup": lambda: pg_frontend(limit=200),
+    "pg frontend typed": lambda: pg_frontend(startup=False, limit=200),
+    "pg backend": lambda: pg_backend(limit=200),
+    "pg backend ssl answer": lambda: pg_backend(answer="ssl", limit=200),
+    "pg backend gss answer": lambda: pg_backend(answer="gss", limit=200),
+    "pg framer fe": lambda: pg_framer("fe", limit=200),
+    "pg framer be": lambda: pg_framer("be", limit=200),
+    "cql client frames": lambda: cql("client", limit=200),
+    "cql server frames lz4": lambda: cql("server", compression="lz4", limit=200),
+    "cql client segments": lambda: cql("client", start="segments", limit=200),
+    "cql server segments lz4": lambda: cql("server", start="segments", compression="lz4", limit=200),
+    "mongo": lambda: mongo(limit=200),
+    "mongo client": lambda: mongo(side="client", limit=200),
+    "mongo backend": lambda: mongo(side="backend", limit=200),
+}
+
+
+def plausible_prefix(name: str):
+    """A valid-looking first header so garbage gets past the first check now and then."""
+    if name.startswith("mongo"):
+        return st.tuples(st.integers(-4, 40), st.integers(0, 9), st.sampled_from(sorted(wire.KNOWN_OPCODES) + [0, 5, 99999])).map(
+            lambda t: struct.pack("<iiii", t[0], t[1], 0, t[2]))
+    if name.startswith("cql"):
+        return st.tuples(st.sampled_from([3, 4, 5, 0x84, 0x85, 2, 0x42]), st.integers(0, 255), st.integers(0, 16), st.integers(0, 300)).map(
+            lambda t: struct.pack(">BBhBi", t[0], t[1], 0, t[2], t[3]))
+    return st.one_of(st.sampled_from([b"S", b"N", b"G", b"E", b"Q", b"R"]), st.integers(-2, 300).map(lambda n: b"Q" + struct.pack(">i", n)),
+                     st.integers(-2, 300).map(lambda n: struct.pack(">ii", n, 196608)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(GARBAGE_SPECS)))
+def test_garbage_splits(data, name: str) -> None:
+    stream = data.draw(plausible_prefix(name)) + data.draw(st.binary(max_size=80))
+    chunks = data.draw(st.one_of(st.just(bytewise(stream)), chunks_strategy(stream)))
+    spec = GARBAGE_SPECS[name]()
+    whole, got = pump(spec, [stream]), pump(spec, chunks)
+    if whole.error and whole.error[1] == "unencrypted data after the encryption answer":
+        # The answer rule (test_ssl_answer_rule_*): the same error; the answer byte is
+        # returned only if it came alone, nothing behind it ever is.
+        assert got.error == whole.error and whole.messages == () and got.messages in ((), (("answer", stream[:1]),))
+    else:
+        assert got == whole
+
+
+def every_split(spec: Spec, stream: bytes) -> set[Outcome]:
+    splits = [[stream], bytewise(stream)] + [cut_at(stream, [k]) for k in range(1, len(stream))]
+    return {pump(spec, chunks) for chunks in splits}
+
+
+@pytest.mark.parametrize("side", [None, "client", "backend"])
+def test_mongo_short_length_is_refused_alike_whatever_the_split(side: str | None) -> None:
+    """A messageLength below 16 is refused as such from its first 4 bytes; with the
+    whole header in, the decoder used to check the opcode first ('unknown opCode'),
+    and the engine read a request header (and answered it) from bytes that are not
+    one."""
+    for op_code in (0, 0x41414141, wire.OP_MSG, wire.OP_QUERY):
+        stream = struct.pack("<iiii", 5, 77, 0, op_code) + b"\x00" * 12
+        outcomes = every_split(mongo(side=side), stream)
+        assert len(outcomes) == 1, outcomes
+        (out,) = outcomes
+        assert out.error[1] == "messageLength 5 is smaller than the 16-byte header"
+        assert out.error[-1] is None  # no request header to answer
+
+
+def test_mongo_compressed_too_large_is_answered_alike_whatever_the_split() -> None:
+    """An oversized OP_COMPRESSED is refused from its 16-byte header; the engine's
+    answer used to follow originalOpcode (OP_QUERY -> OP_REPLY) only when those 4
+    bytes happened to arrive in the same read."""
+    stream = struct.pack("<iiiii", 500, 31, 0, wire.OP_COMPRESSED, wire.OP_QUERY) + b"\x00" * 60
+    outcomes = every_split(mongo(side="client", limit=200), stream)
+    assert len(outcomes) == 1, outcomes
+    (out,) = outcomes
+    assert out.error[0] == "FrameTooLarge" and out.error[-1].request_id == 31
+    assert out.error[-1].op_code == wire.OP_MSG
