@@ -50,7 +50,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
+from dbproxy.buffer import ReceiveBuffer
+from dbproxy.errors import ProtocolError, RemoteProtocolError
 from dbproxy.pipeline import NEED_DATA
 from engines.cassandra import frames as F
 from engines.cassandra import segments as S
@@ -272,8 +273,6 @@ def pg_framer(direction: str, *, limit: int = 1 << 30) -> Spec:
     interest = (FrontendAudit if direction == "fe" else BackendAudit).interest
 
     def make():
-        from dbproxy.buffer import ReceiveBuffer
-
         state = {"tapped": []}
         framer = Framer(ReceiveBuffer(), max_message_size=limit, tap=state["tapped"].append, interest=interest)
         return framer, Framer.next_message, state
@@ -324,6 +323,9 @@ def test_pg_framer_agrees_with_decoder(name: str, side: str) -> None:
         assert tapped == b"".join(x[2] for x in want.messages if x[1] in interest)
 
 
+TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40)
+
+
 @st.composite
 def pg_typed_stream(draw, direction: str) -> bytes:
     """Typed messages from the encoders and arbitrary (type, body) frames."""
@@ -349,8 +351,6 @@ def pg_frontend_stream(draw) -> bytes:
     head += m.encode_startup({"user": "u", **params})
     return head + draw(pg_typed_stream("fe"))
 
-
-TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40)
 
 
 @SPLITS
@@ -529,7 +529,8 @@ def cql(direction: str, *, version: int = 4, compression: str | None = None, sta
                 lambda dec, state: (dec.framing, dec.compression, len(dec.buffer)))
 
 
-def cql_real(name: str, side: str, version: int, compression: str | None, **kw) -> Spec:
+def cql_real(side: str, version: int, compression: str | None, **kw) -> Spec:
+    """A captured conversation's side, switching framing as the engine does."""
     return cql(side, version=version, compression=compression, switch=True, **kw)
 
 
@@ -537,10 +538,10 @@ def cql_real(name: str, side: str, version: int, compression: str | None, **kw) 
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_cql_real_conversations_every_cut(name: str, version: int, compression: str | None, side: str) -> None:
     data = (CQL / f"{name}.{side}.bin").read_bytes()
-    out = check_all_cuts(cql_real(name, side, version, compression), data)
+    out = check_all_cuts(cql_real(side, version, compression), data)
     assert out.error is None and out.consumed == len(data) and len(out.messages) >= 11
     if side == "server":
-        out = check_all_cuts(cql_real(name, side, version, compression, backend=True), data)
+        out = check_all_cuts(cql_real(side, version, compression, backend=True), data)
         assert out.error is None and out.consumed == len(data)
 
 
@@ -581,7 +582,7 @@ def test_cql_vectors_every_cut(name: str, direction: str, start: str, compressio
 def test_cql_real_random_splits(data, conv, side: str) -> None:
     name, version, compression = conv
     raw = (CQL / f"{name}.{side}.bin").read_bytes()
-    assert_split_invariant(cql_real(name, side, version, compression), raw, data.draw(chunks_strategy(raw)))
+    assert_split_invariant(cql_real(side, version, compression), raw, data.draw(chunks_strategy(raw)))
 
 
 @SPLITS
@@ -590,7 +591,7 @@ def test_cql_real_random_splits(data, conv, side: str) -> None:
 def test_cql_real_corrupted_splits(data, conv, side: str, limit: int) -> None:
     name, version, compression = conv
     bad = data.draw(mutations((CQL / f"{name}.{side}.bin").read_bytes()))
-    assert_split_invariant(cql_real(name, side, version, compression, limit=limit, backend=side == "server"),
+    assert_split_invariant(cql_real(side, version, compression, limit=limit, backend=side == "server"),
                            bad, data.draw(chunks_strategy(bad)))
 
 
