@@ -35,8 +35,19 @@ engine does, and the backend's error-tagging ``BackendDecoder``; Mongo
 transport in engines/postgres/gssenc.py is a stream that reads exact lengths,
 not a decoder fed by a pump.)
 
-Where a decoder's result could differ by split, a named test states the rule
-(the encryption-answer byte, the Mongo header checks).
+Arbitrary bytes behind a plausible first header (``test_garbage_splits``)
+check that every early check a decoder makes on a partial header agrees with
+the one it makes on the whole header.
+
+Where a decoder's result did differ by split, a named test states the rule:
+
+- PostgreSQL's answer to SSLRequest / GSSENCRequest (§55.2.10): plaintext
+  behind 'S'/'G' is refused with one error whatever the reads; the answer is
+  consumed only when it is returned (``test_ssl_answer_rule_*``).
+- Mongo: a messageLength below 16 is refused as such before the opcode is
+  looked at, and the engine answers no request header behind it; a refused
+  OP_COMPRESSED is answered as OP_MSG whether or not its originalOpcode had
+  arrived (``test_mongo_*_alike_whatever_the_split``).
 """
 
 from __future__ import annotations
