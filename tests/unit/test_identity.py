@@ -123,17 +123,77 @@ def test_tampered_tokens_refused(cfg, tamper):
     assert info.value.reason == "token_bad_signature"
 
 
+def _forge(header: dict, payload: dict, secret: bytes | None) -> str:
+    """A token built by hand, as an attacker would (HMAC-SHA256 with ``secret``, or unsigned)."""
+    import hmac
+
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(payload))}"
+    signature = hmac.digest(secret, signing_input.encode(), "sha256") if secret is not None else b""
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def _claims(user="alice", roles=("admin",), ttl=600) -> dict:
+    now = int(time.time())
+    return {"iss": "dbproxy", "sub": user, "roles": list(roles), "iat": now, "exp": now + ttl, "jti": "forged"}
+
+
 def test_algorithm_confusion_refused(tmp_path):
     # An HS256 token "signed" with the Ed25519 public key bytes must not verify against the EdDSA key.
     generate_keys("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"))
     cfg = TokenConfig("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"), None, None)
     a = TokenAuthority(cfg)
-    pub = (tmp_path / "k.pub").read_bytes()
-    forged_keys = TokenKeys("HS256", secret=pub)
-    forged, _ = TokenCodec(forged_keys).issue("alice", ["admin"], 600)
+    pub_pem = (tmp_path / "k.pub").read_bytes()
+    from cryptography.hazmat.primitives import serialization
+
+    pub_raw = serialization.load_pem_public_key(pub_pem).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    for secret in (pub_pem, pub_raw):
+        forged = _forge({"alg": "HS256", "kid": a.keys.key_id, "typ": "JWT"}, _claims(), secret)
+        with pytest.raises(AuthFailed) as info:
+            a.verify_password("alice", forged)
+        assert info.value.reason == "token_bad_signature"
+    # The confusion cannot even be set up: a public key is refused as an HS256 secret.
+    with pytest.raises(ValueError):
+        TokenKeys("HS256", secret=pub_pem)
+
+
+def test_unsigned_and_mislabelled_tokens_refused(cfg):
+    """alg "none" (with or without a signature), another algorithm in the header, a kid of another key."""
+    a = TokenAuthority(cfg)
+    kid = a.keys.key_id
+    other = "HS256" if cfg.algorithm == "EdDSA" else "EdDSA"
+    secret = a.keys.verifying_key if cfg.algorithm == "HS256" else b"x" * 32
+    for header, key in (
+        ({"alg": "none", "kid": kid, "typ": "JWT"}, None),
+        ({"alg": "None", "kid": kid, "typ": "JWT"}, None),
+        ({"alg": "none", "kid": kid, "typ": "JWT"}, secret),
+        ({"alg": other, "kid": kid, "typ": "JWT"}, secret),
+        ({"kid": kid, "typ": "JWT"}, secret),
+    ):
+        with pytest.raises(AuthFailed) as info:
+            a.verify_password("alice", _forge(header, _claims(), key))
+        assert info.value.reason == "token_bad_signature", header
+    # Correctly signed with this key, but the header's kid names another key.
+    import jwt
+
+    token = jwt.encode(_claims(roles=()), a.keys.signing_key, algorithm=cfg.algorithm, headers={"kid": "0123456789abcdef"})
     with pytest.raises(AuthFailed) as info:
-        a.verify_password("alice", forged)
-    assert info.value.reason == "token_bad_signature"
+        a.verify_password("alice", token)
+    assert info.value.reason == "token_bad_signature" and "key id" in str(info.value)
+    # The same claims with this key's kid are accepted: the refusal above is the kid's.
+    token = jwt.encode(_claims(roles=()), a.keys.signing_key, algorithm=cfg.algorithm, headers={"kid": kid})
+    assert a.verify_password("alice", token).token_id == "forged"
+
+
+def test_not_before_claim(cfg):
+    import jwt
+
+    a = TokenAuthority(cfg)
+    claims = {**_claims(), "iat": NOW, "exp": NOW + 600, "nbf": NOW + 100}
+    token = jwt.encode(claims, a.keys.signing_key, algorithm=cfg.algorithm, headers={"kid": a.keys.key_id})
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token, now=NOW + 50)
+    assert info.value.reason == "token_not_yet_valid"
+    assert a.verify_password("alice", token, now=NOW + 100).user == "alice"
 
 
 def test_token_from_another_key_refused(cfg, tmp_path):
@@ -302,9 +362,10 @@ def test_registry_prunes_expired_entries_and_remove(cfg):
 
 def test_mongo_scram_flavours_use_the_same_registry(cfg):
     """Phase 2 readiness: Mongo's SCRAM-SHA-256 (user in n=) and SCRAM-SHA-1 (md5 password digest)."""
+    from dbproxy.token_cli import scram_flavours
     from engines.mongo.scram import ScramClient
 
-    a = TokenAuthority(cfg)
+    a = TokenAuthority(cfg, flavours=scram_flavours())  # as `dbproxy token issue` builds it
     token, claims = issue(a)
     for mechanism in (SCRAM_SHA_256, SCRAM_SHA_1):
         client = ScramClient(mechanism, "alice", token)
