@@ -63,7 +63,7 @@ import orjson
 
 from . import scram
 from .errors import AccessDenied
-from .scram import SCRAM_SHA_1, SCRAM_SHA_256, ScramFlavour
+from .scram import SCRAM_SHA_1, SCRAM_SHA_256, ScramFlavour  # noqa: F401  (SCRAM_SHA_1: re-exported for engines)
 from .session import Identity
 
 log = logging.getLogger("dbproxy.identity")

@@ -132,6 +132,18 @@ def _forge(header: dict, payload: dict, secret: bytes | None) -> str:
     return f"{signing_input}.{b64url(signature)}"
 
 
+def _sign_with_key_file(cfg: TokenConfig, header: dict, payload: dict) -> str:
+    """A token signed with the configured key itself (the holder of the key, or a bug, wrote the header)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = open(cfg.key_file, "rb").read()
+    if cfg.algorithm == "HS256":
+        return _forge(header, payload, key.strip())
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(payload))}"
+    signature = serialization.load_pem_private_key(key, None).sign(signing_input.encode())
+    return f"{signing_input}.{b64url(signature)}"
+
+
 def _claims(user="alice", roles=("admin",), ttl=600) -> dict:
     now = int(time.time())
     return {"iss": "dbproxy", "sub": user, "roles": list(roles), "iat": now, "exp": now + ttl, "jti": "forged"}
@@ -161,7 +173,7 @@ def test_unsigned_and_mislabelled_tokens_refused(cfg):
     a = TokenAuthority(cfg)
     kid = a.keys.key_id
     other = "HS256" if cfg.algorithm == "EdDSA" else "EdDSA"
-    secret = a.keys.verifying_key if cfg.algorithm == "HS256" else b"x" * 32
+    secret = open(cfg.key_file, "rb").read().strip() if cfg.algorithm == "HS256" else b"x" * 32
     for header, key in (
         ({"alg": "none", "kid": kid, "typ": "JWT"}, None),
         ({"alg": "None", "kid": kid, "typ": "JWT"}, None),
@@ -173,23 +185,78 @@ def test_unsigned_and_mislabelled_tokens_refused(cfg):
             a.verify_password("alice", _forge(header, _claims(), key))
         assert info.value.reason == "token_bad_signature", header
     # Correctly signed with this key, but the header's kid names another key.
-    import jwt
-
-    token = jwt.encode(_claims(roles=()), a.keys.signing_key, algorithm=cfg.algorithm, headers={"kid": "0123456789abcdef"})
+    token = _sign_with_key_file(cfg, {"alg": cfg.algorithm, "kid": "0123456789abcdef", "typ": "JWT"}, _claims(roles=()))
     with pytest.raises(AuthFailed) as info:
         a.verify_password("alice", token)
     assert info.value.reason == "token_bad_signature" and "key id" in str(info.value)
     # The same claims with this key's kid are accepted: the refusal above is the kid's.
-    token = jwt.encode(_claims(roles=()), a.keys.signing_key, algorithm=cfg.algorithm, headers={"kid": kid})
+    token = _sign_with_key_file(cfg, {"alg": cfg.algorithm, "kid": kid, "typ": "JWT"}, _claims(roles=()))
     assert a.verify_password("alice", token).token_id == "forged"
 
 
-def test_not_before_claim(cfg):
-    import jwt
+# Recorded from the hand-written JWS/SCRAM code this module had before PyJWT and scramp.
+_OLD_HS256 = (
+    "eyJhbGciOiJIUzI1NiIsImtpZCI6IjJlYTE4MDU0Mzk3NjBmNDkiLCJ0eXAiOiJKV1QifQ."
+    "eyJleHAiOjE4MDAwMDA2MDAsImlhdCI6MTgwMDAwMDAwMCwiaXNzIjoiZGJwcm94eSIsImp0aSI6ImoxIiwicm9sZXMiOlsiYW5hbHlzdCJdLCJzdWIiOiJhbGljZSJ9."
+    "sVUXDngLd9hXf8yZsaEFGbFgqcenYDdu6zIPvH5Ok34"
+)
+_OLD_EDDSA = (
+    "eyJhbGciOiJFZERTQSIsImtpZCI6IjM0NzUwZjk4YmQ1OWZjZmMiLCJ0eXAiOiJKV1QifQ."
+    "eyJleHAiOjE4MDAwMDA2MDAsImlhdCI6MTgwMDAwMDAwMCwiaXNzIjoiZGJwcm94eSIsImp0aSI6ImoxIiwicm9sZXMiOlsiYW5hbHlzdCJdLCJzdWIiOiJhbGljZSJ9."
+    "_Sai-xPP3DEZi1ceIMnr5QuhpQM0HVHZJ6H2F3X3o-QZte8C7G_OqycMl3rOM9cNmGGd9UhQac8IFF5hilAbCw"
+)
+
+
+def test_tokens_verifiers_and_registry_signatures_unchanged():
+    """Tokens, SCRAM verifiers and registry signatures are the bytes the hand-written code produced,
+    so tokens and registry files issued before the switch to PyJWT/scramp stay valid."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dbproxy.identity import RegistryEntry, scram_verifier
+    from dbproxy.scram import PLAIN_SHA_256
+    from engines.mongo.scram import MONGO_SHA_1
+
+    hs = TokenKeys("HS256", secret=b"k" * 32)
+    ed = TokenKeys("EdDSA", private_key=Ed25519PrivateKey.from_private_bytes(b"\x01" * 32))
+    token, claims = TokenCodec(hs).issue("alice", ["analyst"], 600, now=NOW, jti="j1")
+    assert token == _OLD_HS256
+    assert TokenCodec(ed).issue("alice", ["analyst"], 600, now=NOW, jti="j1")[0] == _OLD_EDDSA
+    assert TokenCodec(ed).decode(_OLD_EDDSA) == TokenCodec(hs).decode(_OLD_HS256) == claims
+    verifiers = {f.mechanism: scram_verifier(f, "alice", token, b"s" * 16, 4096) for f in (PLAIN_SHA_256, MONGO_SHA_1)}
+    assert verifiers[SCRAM_SHA_256].to_json() == {
+        "salt": "c3Nzc3Nzc3Nzc3Nzc3Nzcw", "i": 4096,
+        "stored_key": "-UKVU4yz4xT6vtLwQphhYETP9WKf8xqfbt09btbsnsw", "server_key": "zYP7CXf7firKk-0dIojePxj8RFukz3vEf_zWcqDxHuc",
+    }
+    assert verifiers[SCRAM_SHA_1].to_json() == {
+        "salt": "c3Nzc3Nzc3Nzc3Nzc3Nzcw", "i": 4096,
+        "stored_key": "hLHNsmP-eDeroqyV6miKAXB2Two", "server_key": "h9vbWjB2gJAf4d8n2toPXBfcciM",
+    }
+    entry = RegistryEntry(claims, verifiers, b"")
+    assert b64url(hs.sign(entry.signed_bytes())) == "HM2E4eCNfV4RNSDl5-tufRgIc-PGSkP-ZpDM5hqfVC4"
+    assert b64url(ed.sign(entry.signed_bytes())) == (
+        "vxRlF3IkSMjO9tM7uUUMM_xvSQhSubUnLlZlPKqRPi9OqmlfOQbcHaymreitCxCW3dW8iv_mY2WiA7CKrzP0Dg"
+    )
+
+
+def test_core_records_no_protocol_digest_engines_declare_theirs(cfg):
+    """Without engine flavours the registry holds the plain SCRAM-SHA-256 verifier only; `token issue`
+    adds the flavours the registered engines declare (Mongo's SCRAM-SHA-1 digest)."""
+    from dbproxy.token_cli import scram_flavours
+    from engines.mongo.scram import MONGO_SHA_1
 
     a = TokenAuthority(cfg)
+    token, claims = issue(a)
+    assert set(a.registry.entries()[claims.jti].scram) == {SCRAM_SHA_256}
+    assert MONGO_SHA_1 in scram_flavours()
+    b = TokenAuthority(cfg, flavours=scram_flavours())
+    _, claims = issue(b)
+    assert set(b.registry.entries()[claims.jti].scram) == {SCRAM_SHA_256, SCRAM_SHA_1}
+
+
+def test_not_before_claim(cfg):
+    a = TokenAuthority(cfg)
     claims = {**_claims(), "iat": NOW, "exp": NOW + 600, "nbf": NOW + 100}
-    token = jwt.encode(claims, a.keys.signing_key, algorithm=cfg.algorithm, headers={"kid": a.keys.key_id})
+    token = _sign_with_key_file(cfg, {"alg": cfg.algorithm, "kid": a.keys.key_id, "typ": "JWT"}, claims)
     with pytest.raises(AuthFailed) as info:
         a.verify_password("alice", token, now=NOW + 50)
     assert info.value.reason == "token_not_yet_valid"
