@@ -446,6 +446,8 @@ class TokenCodec:
             raise AuthFailed("token is not base64url JSON", reason="token_malformed") from None
         except jwt.InvalidTokenError as exc:  # a missing claim, sub/jti not strings
             raise AuthFailed(f"token lacks sub/iat/exp/jti ({exc})", reason="token_malformed") from None
+        except jwt.PyJWTError as exc:  # anything else PyJWT refuses is still a refused token, never a crash
+            raise AuthFailed(f"token refused: {type(exc).__name__}", reason="token_malformed") from None
         if decoded["header"].get("kid") != self.keys.key_id:
             # Signed with this key, but the header names another: not a token this proxy issued.
             raise AuthFailed("token key id is not this proxy's key", reason="token_bad_signature")

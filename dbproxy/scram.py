@@ -162,7 +162,7 @@ class ScramFlavour:
     """
 
     mechanism: str
-    password: Callable[[str, str], str] = attrs.field(eq=False)
+    password: Callable[[str, str], str]
 
 
 #: The SCRAM-SHA-256 every protocol here uses: the secret itself (a token is ASCII: its own SASLprep).
