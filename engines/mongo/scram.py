@@ -3,9 +3,10 @@
 Strategy.  The SCRAM exchange itself is ``dbproxy.scram`` (scramp); this
 module adds what is Mongo's: the password digests, the mechanisms' defaults
 and the saslStart/saslContinue documents.  No I/O happens here.
-``ScramClient`` produces the three client messages for the proxy's own login to the backend; the engine
-wraps them in ``saslStart`` / ``saslContinue`` (``sasl_start`` /
-``sasl_continue``) and reads the answers with ``parse_sasl_reply``:
+``ScramClient`` produces the three client messages for the proxy's own
+login to the backend; the engine wraps them in ``saslStart`` /
+``saslContinue`` (``sasl_start`` / ``sasl_continue``) and reads the answers
+with ``parse_sasl_reply``:
 
     client = ScramClient("SCRAM-SHA-256", user, password)
     send(sasl_start(client.mechanism, client.client_first(), db=source))
