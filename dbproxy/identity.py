@@ -443,6 +443,8 @@ class TokenCodec:
         except jwt.InvalidSignatureError:
             raise AuthFailed("token signature does not verify", reason="token_bad_signature") from None
         except jwt.DecodeError:
+            if _json_segments(token):  # header and claims read fine: the signature is what is broken
+                raise AuthFailed("token signature is not valid base64url", reason="token_bad_signature") from None
             raise AuthFailed("token is not base64url JSON", reason="token_malformed") from None
         except jwt.InvalidTokenError as exc:  # a missing claim, sub/jti not strings
             raise AuthFailed(f"token lacks sub/iat/exp/jti ({exc})", reason="token_malformed") from None
@@ -471,6 +473,14 @@ class TokenCodec:
             raise AuthFailed(f"token {claims.jti} of {claims.sub!r} expired", reason="token_expired", token_id=claims.jti)
         if claims.iat > now + self.leeway or (claims.nbf is not None and claims.nbf > now + self.leeway):
             raise AuthFailed(f"token {claims.jti} of {claims.sub!r} is issued in the future", reason="token_not_yet_valid", token_id=claims.jti)
+
+
+def _json_segments(token: str) -> bool:
+    """Whether a token's header and claims are base64url JSON objects (which of its parts is broken)."""
+    try:
+        return all(isinstance(orjson.loads(b64url_decode(part)), dict) for part in token.split(".")[:2])
+    except (ValueError, orjson.JSONDecodeError):
+        return False
 
 
 def _header_alg(token: str) -> str:
@@ -574,26 +584,20 @@ class _FileLock:
 # --------------------------------------------------------------------------- SCRAM verifiers
 
 
-@attrs.frozen
-class ScramVerifier:
-    mechanism: str
-    salt: bytes = attrs.field(repr=False)
-    iterations: int
-    stored_key: bytes = attrs.field(repr=False)
-    server_key: bytes = attrs.field(repr=False)
+ScramVerifier = scram.Verifier  # salt, iterations, StoredKey, ServerKey
 
-    def to_json(self) -> dict:
-        return {"salt": b64url(self.salt), "i": self.iterations, "stored_key": b64url(self.stored_key), "server_key": b64url(self.server_key)}
 
-    @classmethod
-    def from_json(cls, mechanism: str, d: dict) -> "ScramVerifier":
-        return cls(mechanism, b64url_decode(d["salt"]), int(d["i"]), b64url_decode(d["stored_key"]), b64url_decode(d["server_key"]))
+def _verifier_json(v: ScramVerifier) -> dict:
+    return {"salt": b64url(v.salt), "i": v.iterations, "stored_key": b64url(v.stored_key), "server_key": b64url(v.server_key)}
+
+
+def _verifier_from_json(mechanism: str, d: dict) -> ScramVerifier:
+    return ScramVerifier(mechanism, b64url_decode(d["salt"]), int(d["i"]), b64url_decode(d["stored_key"]), b64url_decode(d["server_key"]))
 
 
 def scram_verifier(flavour: ScramFlavour, user: str, token: str, salt: bytes, iterations: int = SCRAM_ITERATIONS) -> ScramVerifier:
     """The verifier of ``token`` for one flavour (the derivation is scramp's)."""
-    v = scram.make_verifier(flavour.mechanism, flavour.password(user, token), salt, iterations)
-    return ScramVerifier(flavour.mechanism, v.salt, v.iterations, v.stored_key, v.server_key)
+    return scram.make_verifier(flavour.mechanism, flavour.password(user, token), salt, iterations)
 
 
 def _unique_flavours(flavours: Iterable[ScramFlavour]) -> tuple[ScramFlavour, ...]:
@@ -613,10 +617,10 @@ class RegistryEntry:
     signature: bytes = attrs.field(repr=False)
 
     def signed_bytes(self) -> bytes:
-        return _ENTRY_CONTEXT + _canonical({"claims": self.claims.to_json(), "scram": {k: v.to_json() for k, v in sorted(self.scram.items())}})
+        return _ENTRY_CONTEXT + _canonical({"claims": self.claims.to_json(), "scram": {k: _verifier_json(v) for k, v in sorted(self.scram.items())}})
 
     def to_json(self) -> dict:
-        return {**self.claims.to_json(), "scram": {k: v.to_json() for k, v in self.scram.items()}, "sig": b64url(self.signature)}
+        return {**self.claims.to_json(), "scram": {k: _verifier_json(v) for k, v in self.scram.items()}, "sig": b64url(self.signature)}
 
 
 class TokenRegistry:
@@ -644,7 +648,7 @@ class TokenRegistry:
             try:
                 entry = RegistryEntry(
                     claims=TokenClaims(sub=e["sub"], roles=tuple(e.get("roles", [])), iat=int(e["iat"]), exp=int(e["exp"]), jti=e["jti"], iss=e.get("iss")),
-                    scram={mech: ScramVerifier.from_json(mech, v) for mech, v in e["scram"].items() if mech in scram.MECHANISMS},
+                    scram={mech: _verifier_from_json(mech, v) for mech, v in e["scram"].items() if mech in scram.MECHANISMS},
                     signature=b64url_decode(e["sig"]),
                 )
             except (KeyError, TypeError, ValueError):

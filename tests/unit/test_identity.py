@@ -223,15 +223,15 @@ def test_tokens_verifiers_and_registry_signatures_unchanged():
     assert TokenCodec(ed).issue("alice", ["analyst"], 600, now=NOW, jti="j1")[0] == _OLD_EDDSA
     assert TokenCodec(ed).decode(_OLD_EDDSA) == TokenCodec(hs).decode(_OLD_HS256) == claims
     verifiers = {f.mechanism: scram_verifier(f, "alice", token, b"s" * 16, 4096) for f in (PLAIN_SHA_256, MONGO_SHA_1)}
-    assert verifiers[SCRAM_SHA_256].to_json() == {
+    entry = RegistryEntry(claims, verifiers, b"")
+    assert entry.to_json()["scram"][SCRAM_SHA_256] == {
         "salt": "c3Nzc3Nzc3Nzc3Nzc3Nzcw", "i": 4096,
         "stored_key": "-UKVU4yz4xT6vtLwQphhYETP9WKf8xqfbt09btbsnsw", "server_key": "zYP7CXf7firKk-0dIojePxj8RFukz3vEf_zWcqDxHuc",
     }
-    assert verifiers[SCRAM_SHA_1].to_json() == {
+    assert entry.to_json()["scram"][SCRAM_SHA_1] == {
         "salt": "c3Nzc3Nzc3Nzc3Nzc3Nzcw", "i": 4096,
         "stored_key": "hLHNsmP-eDeroqyV6miKAXB2Two", "server_key": "h9vbWjB2gJAf4d8n2toPXBfcciM",
     }
-    entry = RegistryEntry(claims, verifiers, b"")
     assert b64url(hs.sign(entry.signed_bytes())) == "HM2E4eCNfV4RNSDl5-tufRgIc-PGSkP-ZpDM5hqfVC4"
     assert b64url(ed.sign(entry.signed_bytes())) == (
         "vxRlF3IkSMjO9tM7uUUMM_xvSQhSubUnLlZlPKqRPi9OqmlfOQbcHaymreitCxCW3dW8iv_mY2WiA7CKrzP0Dg"
