@@ -6,14 +6,18 @@ codec (AuthenticationSASL* → ``encode_sasl_initial`` / ``encode_sasl_response`
 
 - MD5 (protocol docs §55.2.1, AuthenticationMD5Password):
   ``"md5" + hex(md5(hex(md5(password + user)) + salt))``.
-- SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (§55.3; RFC 5802, RFC 7677) as a
-  sans-IO state machine: ``client_first()`` → ``client_final(server_first)``
-  → ``verify_server_final(server_final)``.  PostgreSQL ignores the SCRAM
-  user name (it uses the startup packet's), so it is sent empty by default,
-  as libpq does.
+- SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (§55.3; RFC 5802, RFC 7677) through
+  the core's SCRAM layer (``dbproxy.scram``, over scramp), sans-IO:
+  ``client_first()`` → ``client_final(server_first)`` →
+  ``verify_server_final(server_final)``.  PostgreSQL ignores the SCRAM user
+  name (it uses the startup packet's), so it is sent empty by default, as
+  libpq does.  A backend asking for fewer than 4096 iterations (possible
+  with PostgreSQL 16's ``scram_iterations``) or more than 1,000,000 is refused.
 - Channel binding ``tls-server-end-point`` (RFC 5929 §4.1): the hash of the
   server's certificate with the certificate's signature hash algorithm,
-  MD5 and SHA-1 replaced by SHA-256.
+  MD5 and SHA-1 replaced by SHA-256.  Computed here from the certificate's
+  DER and handed to scramp as bytes: scramp reads certificates only from an
+  ``ssl.SSLSocket``/``SSLObject``, which a trio ``SSLStream`` does not expose.
 - Passwords are SASLprep'ed (RFC 4013) the way PostgreSQL does it: pure
   ASCII is used as is, and a password that is not valid UTF-8 or that
   SASLprep rejects is used as raw bytes (src/common/saslprep.c, libpq's
