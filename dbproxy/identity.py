@@ -7,13 +7,15 @@ they call one ``ClientAuthenticator`` (one per listener, built by
 ``dbproxy.access``) and get a ``dbproxy.session.Identity`` or an
 ``AuthFailed`` whose ``reason`` goes to the audit trail (never the token).
 
-Tokens are JWTs (RFC 7519, compact JWS RFC 7515): ``base64url(header) .
-base64url(claims) . base64url(signature)`` with ``alg`` ``EdDSA`` (Ed25519,
-RFC 8037) or ``HS256``.  Claims: ``sub`` (user), ``roles``, ``iat``, ``exp``,
-``jti`` (token id), ``iss``.  Only the configured algorithm is accepted (no
-``none``, no algorithm confusion).  Refused: bad shape, bad signature,
-expired, issued in the future, ``sub`` ≠ the user the client logged in as,
-``jti`` in the revocation file (re-read whenever it changes).
+Tokens are JWTs (RFC 7519, compact JWS RFC 7515), signed and verified by
+PyJWT with ``alg`` ``EdDSA`` (Ed25519, RFC 8037) or ``HS256``; keys are
+loaded with ``cryptography``.  Claims: ``sub`` (user), ``roles``, ``iat``,
+``exp``, ``jti`` (token id), ``iss`` (and ``nbf`` if present).  The key's
+algorithm is pinned (``algorithms=[alg]``: no ``none``, no algorithm
+confusion) and the header's ``kid`` must name this key.  Refused: bad shape,
+bad signature, expired, not yet valid, ``sub`` ≠ the user the client logged
+in as, ``jti`` in the revocation file (re-read whenever it changes).  The
+time checks are ours (``check_time``: a caller-given clock and leeway).
 
 SCRAM.  In SCRAM (Postgres SCRAM-SHA-256, Mongo SCRAM-SHA-1/-256) the proxy
 never sees the password, so it needs a verifier it can derive.  ``token
@@ -24,14 +26,16 @@ entry is signed with the token key (so nobody who can write the file but
 does not hold the key can grant themselves roles).  All active tokens of a
 user share one salt per mechanism, because the salt goes out in the
 server-first message before the client's proof says which token it used.
-When the proof arrives, ``ScramTokenServer`` tests each of the user's active
-tokens: ``ClientKey = proof XOR HMAC(StoredKey, AuthMessage)``; the token
-whose ``H(ClientKey) == StoredKey`` is the one used, and the proxy answers
-with that token's ServerSignature.  The SCRAM-SHA-256 verifier serves
-Postgres and Mongo alike (an ASCII token is its own SASLprep); Mongo's
-SCRAM-SHA-1 uses ``hex(md5(user + ":mongo:" + token))`` as the password, so
-the registry holds a separate SHA-1 verifier for it.  An unknown user gets a
-stable fake salt (PostgreSQL's mock authentication) and fails at the proof.
+When the proof arrives, ``ScramTokenServer`` (``dbproxy.scram.ScramServer``
+over scramp) offers it to each of the user's active tokens' verifiers; the
+one that accepts it is the token used, and the proxy answers with that
+token's ServerSignature.  The SCRAM-SHA-256 verifier serves Postgres and
+Mongo alike (an ASCII token is its own SASLprep).  Other verifiers come from
+the *flavours* engines declare (``dbproxy.scram.ScramFlavour``; Mongo's
+SCRAM-SHA-1 hashes its own digest of the token): ``token issue`` records one
+per flavour; the proxy only reads stored keys and needs no flavour.  An
+unknown user gets a stable fake salt (PostgreSQL's mock authentication) and
+fails at the proof.
 
 mTLS.  The listener's TLS context verifies the chain against
 ``client_ca_file``; identity is the verified certificate's subject CN or its
@@ -54,20 +58,19 @@ import time
 from typing import Any, Iterable
 
 import attrs
+import jwt
 import orjson
 
-from .errors import AccessDenied, RemoteProtocolError
-from .scram import parse_attributes as _parse_attributes
-from .scram import parse_client_first
+from . import scram
+from .errors import AccessDenied
+from .scram import SCRAM_SHA_1, SCRAM_SHA_256, ScramFlavour  # noqa: F401  (SCRAM_SHA_1: re-exported for engines)
 from .session import Identity
 
 log = logging.getLogger("dbproxy.identity")
 
 ALGORITHMS = ("EdDSA", "HS256")
-SCRAM_SHA_256 = "SCRAM-SHA-256"
-SCRAM_SHA_1 = "SCRAM-SHA-1"
-SCRAM_MECHANISMS = (SCRAM_SHA_256, SCRAM_SHA_1)
-_SCRAM_HASH = {SCRAM_SHA_256: "sha256", SCRAM_SHA_1: "sha1"}
+#: What ``token issue`` records when the caller names no engine flavours.
+DEFAULT_FLAVOURS: tuple[ScramFlavour, ...] = (scram.PLAIN_SHA_256,)
 #: Tokens carry 256+ bits of signature: the iteration count protects nothing
 #: here, but Mongo drivers refuse fewer than 4096 (auth spec) and libpq's
 #: default is 4096.
@@ -253,20 +256,30 @@ def _canonical(obj: Any) -> bytes:
 
 
 class TokenKeys:
-    """The signing and verifying half of the configured algorithm.
+    """One key and the one algorithm it is for (PyJWT's algorithm object, pinned here).
 
     ``sign`` needs the private key (EdDSA) or the secret (HS256); a proxy
     configured with only an Ed25519 public key can verify but not issue.
+    ``key_id`` (the tokens' ``kid``) is a fingerprint of the key: a SHA-256
+    of the secret (with a context prefix) or of the raw public key.
     """
 
     def __init__(self, algorithm: str, *, secret: bytes | None = None, private_key: Any = None, public_key: Any = None) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {algorithm!r}")
         self.algorithm = algorithm
+        self._jws_alg = jwt.get_algorithm_by_name(algorithm)
         self._secret = secret
         self._private = private_key
         self._public = public_key
         if algorithm == "HS256":
             if not secret or len(secret) < MIN_HMAC_KEY_BYTES:
                 raise ValueError(f"an HS256 key of at least {MIN_HMAC_KEY_BYTES} bytes")
+            try:
+                # PyJWT refuses a PEM/SSH public key as an HMAC secret (the classic confusion).
+                self._secret = self._jws_alg.prepare_key(secret)
+            except jwt.InvalidKeyError as exc:
+                raise ValueError(f"not an HS256 secret: {exc}") from None
             self.key_id = hashlib.sha256(b"dbproxy-kid\0" + secret).hexdigest()[:16]
         elif algorithm == "EdDSA":
             if public_key is None and private_key is not None:
@@ -277,8 +290,6 @@ class TokenKeys:
 
             raw = self._public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             self.key_id = hashlib.sha256(raw).hexdigest()[:16]
-        else:
-            raise ValueError(f"unsupported algorithm {algorithm!r}")
 
     @classmethod
     def from_config(cls, cfg: TokenConfig, *, need_signing: bool = False) -> "TokenKeys":
@@ -314,25 +325,23 @@ class TokenKeys:
     def can_sign(self) -> bool:
         return self._secret is not None or self._private is not None
 
-    def sign(self, data: bytes) -> bytes:
-        if self.algorithm == "HS256":
-            assert self._secret is not None
-            return hmac.digest(self._secret, data, "sha256")
-        if self._private is None:
+    @property
+    def signing_key(self) -> Any:
+        key = self._secret if self.algorithm == "HS256" else self._private
+        if key is None:
             raise ValueError("no private key to sign with")
-        return self._private.sign(data)
+        return key
+
+    @property
+    def verifying_key(self) -> Any:
+        return self._secret if self.algorithm == "HS256" else self._public
+
+    def sign(self, data: bytes) -> bytes:
+        """A raw signature of ``data`` (registry entries): HMAC-SHA256 or Ed25519, by PyJWT's algorithm."""
+        return self._jws_alg.sign(data, self.signing_key)
 
     def verify(self, data: bytes, signature: bytes) -> bool:
-        if self.algorithm == "HS256":
-            assert self._secret is not None
-            return hmac.compare_digest(hmac.digest(self._secret, data, "sha256"), signature)
-        from cryptography.exceptions import InvalidSignature
-
-        try:
-            self._public.verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
+        return bool(self._jws_alg.verify(data, self.verifying_key, signature))
 
 
 def _read_secret(path: str) -> bytes:
@@ -371,11 +380,14 @@ class TokenClaims:
     exp: int
     jti: str
     iss: str | None = None
+    nbf: int | None = None
 
     def to_json(self) -> dict:
         out = {"iss": self.iss, "sub": self.sub, "roles": list(self.roles), "iat": self.iat, "exp": self.exp, "jti": self.jti}
         if self.iss is None:
             del out["iss"]
+        if self.nbf is not None:
+            out["nbf"] = self.nbf
         return out
 
 
@@ -384,13 +396,25 @@ def looks_like_token(text: str) -> bool:
 
 
 class TokenCodec:
-    """Sign and verify JWTs with one key; knows nothing of users or files."""
+    """Sign and verify JWTs with one key (PyJWT, the key's algorithm pinned); knows nothing of users or files."""
+
+    #: PyJWT checks signature, algorithm, the claims' presence and the types of sub/jti;
+    #: the clock (exp/nbf/iat) is ``check_time``'s, with the caller's ``now``.
+    _OPTIONS = {
+        "verify_signature": True,
+        "verify_exp": False,
+        "verify_nbf": False,
+        "verify_iat": False,
+        "verify_iss": False,
+        "verify_aud": False,
+        "require": ["sub", "iat", "exp", "jti"],
+        "enforce_minimum_key_length": True,
+    }
 
     def __init__(self, keys: TokenKeys, *, issuer: str | None = "dbproxy", leeway: int = DEFAULT_LEEWAY) -> None:
         self.keys = keys
         self.issuer = issuer
         self.leeway = leeway
-        self._header = b64url(_canonical({"alg": keys.algorithm, "kid": keys.key_id, "typ": "JWT"}))
 
     def issue(self, user: str, roles: Iterable[str], ttl: int, *, now: float | None = None, jti: str | None = None) -> tuple[str, TokenClaims]:
         iat = int(time.time() if now is None else now)
@@ -398,12 +422,12 @@ class TokenCodec:
             sub=user, roles=tuple(roles), iat=iat, exp=iat + int(ttl),
             jti=jti or secrets.token_urlsafe(12), iss=self.issuer,
         )
-        signing_input = f"{self._header}.{b64url(_canonical(claims.to_json()))}"
-        signature = self.keys.sign(signing_input.encode("ascii"))
-        return f"{signing_input}.{b64url(signature)}", claims
+        payload = dict(sorted(claims.to_json().items()))  # the same bytes as ever: sorted, compact
+        token = jwt.encode(payload, self.keys.signing_key, algorithm=self.keys.algorithm, headers={"kid": self.keys.key_id})
+        return token, claims
 
     def decode(self, token: str | bytes) -> TokenClaims:
-        """Check shape, algorithm and signature; return the claims (not yet expiry/user/revocation)."""
+        """Check shape, algorithm, key id and signature; return the claims (not yet time/user/revocation)."""
         if isinstance(token, bytes):
             try:
                 token = token.decode("ascii")
@@ -411,24 +435,31 @@ class TokenCodec:
                 raise AuthFailed("password is not a token (not ASCII)", reason="token_malformed") from None
         if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
             raise AuthFailed("password is not a token", reason="token_malformed")
-        head_b64, body_b64, sig_b64 = token.split(".")
         try:
-            header = orjson.loads(b64url_decode(head_b64))
-            body = orjson.loads(b64url_decode(body_b64))
-            signature = b64url_decode(sig_b64)
-        except (ValueError, orjson.JSONDecodeError):
-            raise AuthFailed("token is not base64url JSON", reason="token_malformed") from None
-        if not isinstance(header, dict) or not isinstance(body, dict):
-            raise AuthFailed("token header/claims are not objects", reason="token_malformed")
-        if header.get("alg") != self.keys.algorithm:
+            decoded = jwt.decode_complete(token, self.keys.verifying_key, algorithms=[self.keys.algorithm], options=self._OPTIONS)
+        except jwt.InvalidAlgorithmError:
             # RFC 8725 §3.1: accept only the algorithm the key is for.
-            raise AuthFailed(f"token algorithm {str(header.get('alg'))[:16]!r} is not {self.keys.algorithm}", reason="token_bad_signature")
-        if not self.keys.verify(f"{head_b64}.{body_b64}".encode("ascii"), signature):
-            raise AuthFailed("token signature does not verify", reason="token_bad_signature")
+            raise AuthFailed(f"token algorithm {_header_alg(token)!r} is not {self.keys.algorithm}", reason="token_bad_signature") from None
+        except jwt.InvalidSignatureError:
+            raise AuthFailed("token signature does not verify", reason="token_bad_signature") from None
+        except jwt.DecodeError:
+            if _json_segments(token):  # header and claims read fine: the signature is what is broken
+                raise AuthFailed("token signature is not valid base64url", reason="token_bad_signature") from None
+            raise AuthFailed("token is not base64url JSON", reason="token_malformed") from None
+        except jwt.InvalidTokenError as exc:  # a missing claim, sub/jti not strings
+            raise AuthFailed(f"token lacks sub/iat/exp/jti ({exc})", reason="token_malformed") from None
+        except jwt.PyJWTError as exc:  # anything else PyJWT refuses is still a refused token, never a crash
+            raise AuthFailed(f"token refused: {type(exc).__name__}", reason="token_malformed") from None
+        if decoded["header"].get("kid") != self.keys.key_id:
+            # Signed with this key, but the header names another: not a token this proxy issued.
+            raise AuthFailed("token key id is not this proxy's key", reason="token_bad_signature")
+        body = decoded["payload"]
         try:
+            nbf = body.get("nbf")
             claims = TokenClaims(
                 sub=_str(body["sub"]), roles=tuple(_str(r) for r in body.get("roles", [])),
                 iat=_int(body["iat"]), exp=_int(body["exp"]), jti=_str(body["jti"]), iss=body.get("iss"),
+                nbf=None if nbf is None else _int(nbf),
             )
         except (KeyError, TypeError, ValueError):
             raise AuthFailed("token lacks sub/iat/exp/jti", reason="token_malformed") from None
@@ -440,8 +471,23 @@ class TokenCodec:
         now = time.time() if now is None else now
         if now >= claims.exp + self.leeway:
             raise AuthFailed(f"token {claims.jti} of {claims.sub!r} expired", reason="token_expired", token_id=claims.jti)
-        if claims.iat > now + self.leeway:
+        if claims.iat > now + self.leeway or (claims.nbf is not None and claims.nbf > now + self.leeway):
             raise AuthFailed(f"token {claims.jti} of {claims.sub!r} is issued in the future", reason="token_not_yet_valid", token_id=claims.jti)
+
+
+def _json_segments(token: str) -> bool:
+    """Whether a token's header and claims are base64url JSON objects (which of its parts is broken)."""
+    try:
+        return all(isinstance(orjson.loads(b64url_decode(part)), dict) for part in token.split(".")[:2])
+    except (ValueError, orjson.JSONDecodeError):
+        return False
+
+
+def _header_alg(token: str) -> str:
+    try:
+        return str(jwt.get_unverified_header(token).get("alg"))[:16]
+    except jwt.InvalidTokenError:
+        return "?"
 
 
 def _str(value: Any) -> str:
@@ -538,36 +584,30 @@ class _FileLock:
 # --------------------------------------------------------------------------- SCRAM verifiers
 
 
-@attrs.frozen
-class ScramVerifier:
-    mechanism: str
-    salt: bytes = attrs.field(repr=False)
-    iterations: int
-    stored_key: bytes = attrs.field(repr=False)
-    server_key: bytes = attrs.field(repr=False)
-
-    def to_json(self) -> dict:
-        return {"salt": b64url(self.salt), "i": self.iterations, "stored_key": b64url(self.stored_key), "server_key": b64url(self.server_key)}
-
-    @classmethod
-    def from_json(cls, mechanism: str, d: dict) -> "ScramVerifier":
-        return cls(mechanism, b64url_decode(d["salt"]), int(d["i"]), b64url_decode(d["stored_key"]), b64url_decode(d["server_key"]))
+ScramVerifier = scram.Verifier  # salt, iterations, StoredKey, ServerKey
 
 
-def scram_password(mechanism: str, user: str, token: str) -> bytes:
-    """What SCRAM hashes for a token: itself (SHA-256; ASCII is its own SASLprep) or Mongo's SHA-1 digest."""
-    if mechanism == SCRAM_SHA_1:
-        return hashlib.md5(f"{user}:mongo:{token}".encode("utf-8")).hexdigest().encode("ascii")
-    if mechanism == SCRAM_SHA_256:
-        return token.encode("utf-8")
-    raise ValueError(f"unsupported SCRAM mechanism {mechanism!r}")
+def _verifier_json(v: ScramVerifier) -> dict:
+    return {"salt": b64url(v.salt), "i": v.iterations, "stored_key": b64url(v.stored_key), "server_key": b64url(v.server_key)}
 
 
-def scram_verifier(mechanism: str, user: str, token: str, salt: bytes, iterations: int = SCRAM_ITERATIONS) -> ScramVerifier:
-    h = _SCRAM_HASH[mechanism]
-    salted = hashlib.pbkdf2_hmac(h, scram_password(mechanism, user, token), salt, iterations)
-    client_key = hmac.digest(salted, b"Client Key", h)
-    return ScramVerifier(mechanism, salt, iterations, hashlib.new(h, client_key).digest(), hmac.digest(salted, b"Server Key", h))
+def _verifier_from_json(mechanism: str, d: dict) -> ScramVerifier:
+    return ScramVerifier(mechanism, b64url_decode(d["salt"]), int(d["i"]), b64url_decode(d["stored_key"]), b64url_decode(d["server_key"]))
+
+
+def scram_verifier(flavour: ScramFlavour, user: str, token: str, salt: bytes, iterations: int = SCRAM_ITERATIONS) -> ScramVerifier:
+    """The verifier of ``token`` for one flavour (the derivation is scramp's)."""
+    return scram.make_verifier(flavour.mechanism, flavour.password(user, token), salt, iterations)
+
+
+def _unique_flavours(flavours: Iterable[ScramFlavour]) -> tuple[ScramFlavour, ...]:
+    """One flavour per mechanism (the registry keys verifiers by mechanism); the first wins."""
+    out: dict[str, ScramFlavour] = {}
+    for flavour in flavours:
+        if flavour.mechanism not in scram.MECHANISMS:
+            raise ValueError(f"unsupported SCRAM mechanism {flavour.mechanism!r}")
+        out.setdefault(flavour.mechanism, flavour)
+    return tuple(out.values())
 
 
 @attrs.frozen
@@ -577,10 +617,10 @@ class RegistryEntry:
     signature: bytes = attrs.field(repr=False)
 
     def signed_bytes(self) -> bytes:
-        return _ENTRY_CONTEXT + _canonical({"claims": self.claims.to_json(), "scram": {k: v.to_json() for k, v in sorted(self.scram.items())}})
+        return _ENTRY_CONTEXT + _canonical({"claims": self.claims.to_json(), "scram": {k: _verifier_json(v) for k, v in sorted(self.scram.items())}})
 
     def to_json(self) -> dict:
-        return {**self.claims.to_json(), "scram": {k: v.to_json() for k, v in self.scram.items()}, "sig": b64url(self.signature)}
+        return {**self.claims.to_json(), "scram": {k: _verifier_json(v) for k, v in self.scram.items()}, "sig": b64url(self.signature)}
 
 
 class TokenRegistry:
@@ -592,9 +632,10 @@ class TokenRegistry:
     written 0600 since a ServerKey would let its holder pose as the proxy.
     """
 
-    def __init__(self, path: str, keys: TokenKeys) -> None:
+    def __init__(self, path: str, keys: TokenKeys, flavours: Iterable[ScramFlavour] = DEFAULT_FLAVOURS) -> None:
         self.path = path
         self.keys = keys
+        self.flavours = _unique_flavours(flavours)
         self._file = _WatchedFile(path, self._parse, {})
 
     def _parse(self, data: bytes) -> dict[str, RegistryEntry]:
@@ -607,7 +648,7 @@ class TokenRegistry:
             try:
                 entry = RegistryEntry(
                     claims=TokenClaims(sub=e["sub"], roles=tuple(e.get("roles", [])), iat=int(e["iat"]), exp=int(e["exp"]), jti=e["jti"], iss=e.get("iss")),
-                    scram={mech: ScramVerifier.from_json(mech, v) for mech, v in e["scram"].items() if mech in _SCRAM_HASH},
+                    scram={mech: _verifier_from_json(mech, v) for mech, v in e["scram"].items() if mech in scram.MECHANISMS},
                     signature=b64url_decode(e["sig"]),
                 )
             except (KeyError, TypeError, ValueError):
@@ -652,11 +693,12 @@ class TokenRegistry:
                 if e.get("sub") == claims.sub:
                     for mech, v in e.get("scram", {}).items():
                         salts[mech] = (b64url_decode(v["salt"]), int(v["i"]))
-            scram = {}
-            for mech in SCRAM_MECHANISMS:
+            verifiers = {}
+            for flavour in self.flavours:
+                mech = flavour.mechanism
                 salt, iterations = salts.get(mech) or (secrets.token_bytes(16), SCRAM_ITERATIONS)
-                scram[mech] = scram_verifier(mech, claims.sub, token, salt, iterations)
-            unsigned = RegistryEntry(claims, scram, b"")
+                verifiers[mech] = scram_verifier(flavour, claims.sub, token, salt, iterations)
+            unsigned = RegistryEntry(claims, verifiers, b"")
             entry = attrs.evolve(unsigned, signature=self.keys.sign(unsigned.signed_bytes()))
             tokens[claims.jti] = entry.to_json()
             doc["tokens"] = tokens
@@ -678,12 +720,13 @@ class TokenRegistry:
 class TokenAuthority:
     """Tokens as a whole: codec + revocation list + SCRAM registry, from ``identity.token``."""
 
-    def __init__(self, cfg: TokenConfig, keys: TokenKeys | None = None) -> None:
+    def __init__(self, cfg: TokenConfig, keys: TokenKeys | None = None, *, flavours: Iterable[ScramFlavour] = DEFAULT_FLAVOURS) -> None:
+        """``flavours``: the SCRAM verifiers ``token issue`` records (the engines' ``scram_flavours``)."""
         self.cfg = cfg
         self.keys = keys or TokenKeys.from_config(cfg)
         self.codec = TokenCodec(self.keys, issuer=cfg.issuer, leeway=cfg.leeway)
         self.revocations = _WatchedFile(cfg.revocation_file, _parse_revocations, frozenset())
-        self.registry = TokenRegistry(cfg.registry_file, self.keys) if cfg.registry_file else None
+        self.registry = TokenRegistry(cfg.registry_file, self.keys, flavours) if cfg.registry_file else None
         # PostgreSQL-style mock authentication: a fake but stable salt for unknown users.
         self._mock_key = secrets.token_bytes(32)
 
@@ -723,6 +766,8 @@ class TokenAuthority:
             newest = max(entries, key=lambda e: e.claims.iat).scram[mechanism]
             same = [e for e in entries if e.scram[mechanism].salt == newest.salt and e.scram[mechanism].iterations == newest.iterations]
             return newest.salt, newest.iterations, same
+        # A keyed hash, not SCRAM: the same fake salt every time for this name (PostgreSQL's
+        # scram_mock_salt hashes a per-cluster nonce with the name the same way).
         mock = hmac.digest(self._mock_key, f"{mechanism}\0{user}".encode("utf-8"), "sha256")[:16]
         return mock, SCRAM_ITERATIONS, []
 
@@ -740,7 +785,8 @@ class ScramTokenServer:
 
     ``user``: the login name when the protocol carries it outside SCRAM
     (Postgres: the startup packet; the SCRAM ``n=`` is ignored, as
-    PostgreSQL does); ``None`` takes it from ``n=`` (Mongo).
+    PostgreSQL does); ``None`` takes it from ``n=`` (Mongo).  The exchange is
+    ``dbproxy.scram.ScramServer`` with one candidate per active token.
 
         srv = authority.scram_server(user, "SCRAM-SHA-256")
         send(srv.server_first(client_first))     # r=…,s=…,i=…
@@ -749,62 +795,37 @@ class ScramTokenServer:
     """
 
     def __init__(self, authority: TokenAuthority, mechanism: str, user: str | None) -> None:
-        if mechanism not in _SCRAM_HASH:
+        if mechanism not in scram.MECHANISMS:
             raise ValueError(f"unsupported SCRAM mechanism {mechanism!r}")
         self.authority = authority
         self.mechanism = mechanism
-        self.user = user
         self.identity: Identity | None = None
-        self._hash = _SCRAM_HASH[mechanism]
-        self._nonce = base64.b64encode(secrets.token_bytes(18))
-        self._first_bare = b""
-        self._gs2 = b""
-        self._client_nonce = b""
-        self._server_first = b""
         self._entries: list[RegistryEntry] = []
+        self._server = scram.ScramServer(mechanism, self._candidates, user=user)
+
+    @property
+    def user(self) -> str | None:
+        return self._server.user
+
+    def _candidates(self, user: str) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
+        salt, iterations, self._entries = self.authority.scram_candidates(user, self.mechanism)
+        keys = [(e.scram[self.mechanism].stored_key, e.scram[self.mechanism].server_key) for e in self._entries]
+        return salt, iterations, keys
 
     def server_first(self, client_first: bytes) -> bytes:
-        first = parse_client_first(client_first)
-        nonce = first.nonce
-        if self.user is None:
-            self.user = first.user
-        self._gs2 = first.gs2_header
-        self._first_bare = first.bare
-        self._client_nonce = nonce
-        salt, iterations, self._entries = self.authority.scram_candidates(self.user, self.mechanism)
-        self._server_first = b"r=" + nonce + self._nonce + b",s=" + base64.b64encode(salt) + b",i=" + str(iterations).encode("ascii")
-        return self._server_first
+        return self._server.server_first(client_first)
 
     def server_final(self, client_final: bytes) -> bytes:
-        if not self._server_first:
-            raise RuntimeError("server_first() must come first")
-        client_final = bytes(client_final)
         try:
-            without_proof, sep, proof_attr = client_final.rpartition(b",")
-            if not sep or not proof_attr.startswith(b"p="):
-                raise ValueError("missing proof")
-            a = _parse_attributes(without_proof)
-            proof = base64.b64decode(proof_attr[2:], validate=True)
-            channel = base64.b64decode(a[b"c"], validate=True)
-            nonce = a[b"r"]
-        except (KeyError, ValueError) as exc:
-            raise RemoteProtocolError(f"malformed SCRAM client-final-message: {exc}", client_hint="malformed SCRAM client-final-message") from None
-        if channel != self._gs2:
-            raise AuthFailed("SCRAM channel binding does not match the GS2 header", reason="scram_bad_binding")
-        if nonce != self._client_nonce + self._nonce:
-            raise AuthFailed("SCRAM nonce mismatch", reason="scram_bad_nonce")
-        auth_message = self._first_bare + b"," + self._server_first + b"," + without_proof
-        for entry in self._entries:
-            v = entry.scram[self.mechanism]
-            signature = hmac.digest(v.stored_key, auth_message, self._hash)
-            if len(proof) != len(signature):
-                break
-            client_key = (int.from_bytes(proof, "big") ^ int.from_bytes(signature, "big")).to_bytes(len(proof), "big")
-            if hmac.compare_digest(hashlib.new(self._hash, client_key).digest(), v.stored_key):
-                # Revocation/expiry were filtered at server_first; check again (the file may have changed).
-                self.identity = self.authority._accept(entry.claims, self.user, None)
-                return b"v=" + base64.b64encode(hmac.digest(v.server_key, auth_message, self._hash))
-        raise AuthFailed(f"no active token of {self.user!r} matches the SCRAM proof", reason="scram_no_match")
+            final = self._server.server_final(client_final)
+        except scram.ScramFailed as exc:
+            if exc.reason == "scram_no_match":
+                raise AuthFailed(f"no active token of {self.user!r} matches the SCRAM proof", reason="scram_no_match") from None
+            raise AuthFailed(str(exc), reason=exc.reason) from None
+        assert self._server.matched is not None
+        # Revocation/expiry were filtered at server_first; check again (the file may have changed).
+        self.identity = self.authority._accept(self._entries[self._server.matched].claims, self.user, None)
+        return final
 
 
 # --------------------------------------------------------------------------- mTLS

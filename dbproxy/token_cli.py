@@ -26,6 +26,7 @@ import orjson
 
 from .errors import ConfigError, ConfigErrors
 from .identity import (
+    DEFAULT_FLAVOURS,
     AuthFailed,
     TokenAuthority,
     TokenConfig,
@@ -83,7 +84,19 @@ def _load(args: argparse.Namespace, *, need_signing: bool) -> tuple[TokenConfig,
         keys = TokenKeys.from_config(cfg, need_signing=need_signing)
     except (OSError, ValueError) as exc:
         return _fail(f"cannot load the token key: {exc}")
-    return cfg, roles, TokenAuthority(cfg, keys)
+    return cfg, roles, TokenAuthority(cfg, keys, flavours=scram_flavours())
+
+
+def scram_flavours() -> tuple:
+    """The SCRAM verifiers ``issue`` records: the core's SCRAM-SHA-256 and what the engines declare
+    (``Engine.scram_flavours``, e.g. Mongo's SCRAM-SHA-1 digest); the core knows no protocol's digest."""
+    from .cli import _registry
+
+    registry = _registry()
+    flavours = list(DEFAULT_FLAVOURS)
+    for protocol in registry.names():
+        flavours.extend(getattr(registry.get(protocol), "scram_flavours", ()))
+    return tuple(flavours)
 
 
 def cmd_issue(args: argparse.Namespace) -> int:

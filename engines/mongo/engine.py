@@ -63,7 +63,7 @@ from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
-from . import wire
+from . import scram, wire
 from .backend import HANDSHAKES, open_backend
 from .clientauth import MODES, ClientAuthPolicy, IdentityAuthenticator
 from .codec import MongoDecoder
@@ -186,6 +186,8 @@ class MongoEngine(Engine):
     password_methods = ("scram-sha-256", "scram-sha-1", "plain")
     default_max_message_size = wire.DEFAULT_MAX_MESSAGE_SIZE
     client_auth_methods = ("token", "mtls", "anonymous")
+    #: The token registry also records a SCRAM-SHA-1 verifier of Mongo's digest of each token.
+    scram_flavours = (scram.MONGO_SHA_1,)
 
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)

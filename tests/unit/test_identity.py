@@ -123,17 +123,144 @@ def test_tampered_tokens_refused(cfg, tamper):
     assert info.value.reason == "token_bad_signature"
 
 
+def _forge(header: dict, payload: dict, secret: bytes | None) -> str:
+    """A token built by hand, as an attacker would (HMAC-SHA256 with ``secret``, or unsigned)."""
+    import hmac
+
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(payload))}"
+    signature = hmac.digest(secret, signing_input.encode(), "sha256") if secret is not None else b""
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def _sign_with_key_file(cfg: TokenConfig, header: dict, payload: dict) -> str:
+    """A token signed with the configured key itself (the holder of the key, or a bug, wrote the header)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = open(cfg.key_file, "rb").read()
+    if cfg.algorithm == "HS256":
+        return _forge(header, payload, key.strip())
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(payload))}"
+    signature = serialization.load_pem_private_key(key, None).sign(signing_input.encode())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def _claims(user="alice", roles=("admin",), ttl=600) -> dict:
+    now = int(time.time())
+    return {"iss": "dbproxy", "sub": user, "roles": list(roles), "iat": now, "exp": now + ttl, "jti": "forged"}
+
+
 def test_algorithm_confusion_refused(tmp_path):
     # An HS256 token "signed" with the Ed25519 public key bytes must not verify against the EdDSA key.
     generate_keys("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"))
     cfg = TokenConfig("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"), None, None)
     a = TokenAuthority(cfg)
-    pub = (tmp_path / "k.pub").read_bytes()
-    forged_keys = TokenKeys("HS256", secret=pub)
-    forged, _ = TokenCodec(forged_keys).issue("alice", ["admin"], 600)
+    pub_pem = (tmp_path / "k.pub").read_bytes()
+    from cryptography.hazmat.primitives import serialization
+
+    pub_raw = serialization.load_pem_public_key(pub_pem).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    for secret in (pub_pem, pub_raw):
+        forged = _forge({"alg": "HS256", "kid": a.keys.key_id, "typ": "JWT"}, _claims(), secret)
+        with pytest.raises(AuthFailed) as info:
+            a.verify_password("alice", forged)
+        assert info.value.reason == "token_bad_signature"
+    # The confusion cannot even be set up: a public key is refused as an HS256 secret.
+    with pytest.raises(ValueError):
+        TokenKeys("HS256", secret=pub_pem)
+
+
+def test_unsigned_and_mislabelled_tokens_refused(cfg):
+    """alg "none" (with or without a signature), another algorithm in the header, a kid of another key."""
+    a = TokenAuthority(cfg)
+    kid = a.keys.key_id
+    other = "HS256" if cfg.algorithm == "EdDSA" else "EdDSA"
+    secret = open(cfg.key_file, "rb").read().strip() if cfg.algorithm == "HS256" else b"x" * 32
+    for header, key in (
+        ({"alg": "none", "kid": kid, "typ": "JWT"}, None),
+        ({"alg": "None", "kid": kid, "typ": "JWT"}, None),
+        ({"alg": "none", "kid": kid, "typ": "JWT"}, secret),
+        ({"alg": other, "kid": kid, "typ": "JWT"}, secret),
+        ({"kid": kid, "typ": "JWT"}, secret),
+    ):
+        with pytest.raises(AuthFailed) as info:
+            a.verify_password("alice", _forge(header, _claims(), key))
+        assert info.value.reason == "token_bad_signature", header
+    # Correctly signed with this key, but the header's kid names another key.
+    token = _sign_with_key_file(cfg, {"alg": cfg.algorithm, "kid": "0123456789abcdef", "typ": "JWT"}, _claims(roles=()))
     with pytest.raises(AuthFailed) as info:
-        a.verify_password("alice", forged)
-    assert info.value.reason == "token_bad_signature"
+        a.verify_password("alice", token)
+    assert info.value.reason == "token_bad_signature" and "key id" in str(info.value)
+    # The same claims with this key's kid are accepted: the refusal above is the kid's.
+    token = _sign_with_key_file(cfg, {"alg": cfg.algorithm, "kid": kid, "typ": "JWT"}, _claims(roles=()))
+    assert a.verify_password("alice", token).token_id == "forged"
+
+
+# Recorded from the hand-written JWS/SCRAM code this module had before PyJWT and scramp.
+_OLD_HS256 = (
+    "eyJhbGciOiJIUzI1NiIsImtpZCI6IjJlYTE4MDU0Mzk3NjBmNDkiLCJ0eXAiOiJKV1QifQ."
+    "eyJleHAiOjE4MDAwMDA2MDAsImlhdCI6MTgwMDAwMDAwMCwiaXNzIjoiZGJwcm94eSIsImp0aSI6ImoxIiwicm9sZXMiOlsiYW5hbHlzdCJdLCJzdWIiOiJhbGljZSJ9."
+    "sVUXDngLd9hXf8yZsaEFGbFgqcenYDdu6zIPvH5Ok34"
+)
+_OLD_EDDSA = (
+    "eyJhbGciOiJFZERTQSIsImtpZCI6IjM0NzUwZjk4YmQ1OWZjZmMiLCJ0eXAiOiJKV1QifQ."
+    "eyJleHAiOjE4MDAwMDA2MDAsImlhdCI6MTgwMDAwMDAwMCwiaXNzIjoiZGJwcm94eSIsImp0aSI6ImoxIiwicm9sZXMiOlsiYW5hbHlzdCJdLCJzdWIiOiJhbGljZSJ9."
+    "_Sai-xPP3DEZi1ceIMnr5QuhpQM0HVHZJ6H2F3X3o-QZte8C7G_OqycMl3rOM9cNmGGd9UhQac8IFF5hilAbCw"
+)
+
+
+def test_tokens_verifiers_and_registry_signatures_unchanged():
+    """Tokens, SCRAM verifiers and registry signatures are the bytes the hand-written code produced,
+    so tokens and registry files issued before the switch to PyJWT/scramp stay valid."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dbproxy.identity import RegistryEntry, scram_verifier
+    from dbproxy.scram import PLAIN_SHA_256
+    from engines.mongo.scram import MONGO_SHA_1
+
+    hs = TokenKeys("HS256", secret=b"k" * 32)
+    ed = TokenKeys("EdDSA", private_key=Ed25519PrivateKey.from_private_bytes(b"\x01" * 32))
+    token, claims = TokenCodec(hs).issue("alice", ["analyst"], 600, now=NOW, jti="j1")
+    assert token == _OLD_HS256
+    assert TokenCodec(ed).issue("alice", ["analyst"], 600, now=NOW, jti="j1")[0] == _OLD_EDDSA
+    assert TokenCodec(ed).decode(_OLD_EDDSA) == TokenCodec(hs).decode(_OLD_HS256) == claims
+    verifiers = {f.mechanism: scram_verifier(f, "alice", token, b"s" * 16, 4096) for f in (PLAIN_SHA_256, MONGO_SHA_1)}
+    entry = RegistryEntry(claims, verifiers, b"")
+    assert entry.to_json()["scram"][SCRAM_SHA_256] == {
+        "salt": "c3Nzc3Nzc3Nzc3Nzc3Nzcw", "i": 4096,
+        "stored_key": "-UKVU4yz4xT6vtLwQphhYETP9WKf8xqfbt09btbsnsw", "server_key": "zYP7CXf7firKk-0dIojePxj8RFukz3vEf_zWcqDxHuc",
+    }
+    assert entry.to_json()["scram"][SCRAM_SHA_1] == {
+        "salt": "c3Nzc3Nzc3Nzc3Nzc3Nzcw", "i": 4096,
+        "stored_key": "hLHNsmP-eDeroqyV6miKAXB2Two", "server_key": "h9vbWjB2gJAf4d8n2toPXBfcciM",
+    }
+    assert b64url(hs.sign(entry.signed_bytes())) == "HM2E4eCNfV4RNSDl5-tufRgIc-PGSkP-ZpDM5hqfVC4"
+    assert b64url(ed.sign(entry.signed_bytes())) == (
+        "vxRlF3IkSMjO9tM7uUUMM_xvSQhSubUnLlZlPKqRPi9OqmlfOQbcHaymreitCxCW3dW8iv_mY2WiA7CKrzP0Dg"
+    )
+
+
+def test_core_records_no_protocol_digest_engines_declare_theirs(cfg):
+    """Without engine flavours the registry holds the plain SCRAM-SHA-256 verifier only; `token issue`
+    adds the flavours the registered engines declare (Mongo's SCRAM-SHA-1 digest)."""
+    from dbproxy.token_cli import scram_flavours
+    from engines.mongo.scram import MONGO_SHA_1
+
+    a = TokenAuthority(cfg)
+    token, claims = issue(a)
+    assert set(a.registry.entries()[claims.jti].scram) == {SCRAM_SHA_256}
+    assert MONGO_SHA_1 in scram_flavours()
+    b = TokenAuthority(cfg, flavours=scram_flavours())
+    _, claims = issue(b)
+    assert set(b.registry.entries()[claims.jti].scram) == {SCRAM_SHA_256, SCRAM_SHA_1}
+
+
+def test_not_before_claim(cfg):
+    a = TokenAuthority(cfg)
+    claims = {**_claims(), "iat": NOW, "exp": NOW + 600, "nbf": NOW + 100}
+    token = _sign_with_key_file(cfg, {"alg": cfg.algorithm, "kid": a.keys.key_id, "typ": "JWT"}, claims)
+    with pytest.raises(AuthFailed) as info:
+        a.verify_password("alice", token, now=NOW + 50)
+    assert info.value.reason == "token_not_yet_valid"
+    assert a.verify_password("alice", token, now=NOW + 100).user == "alice"
 
 
 def test_token_from_another_key_refused(cfg, tmp_path):
@@ -302,9 +429,10 @@ def test_registry_prunes_expired_entries_and_remove(cfg):
 
 def test_mongo_scram_flavours_use_the_same_registry(cfg):
     """Phase 2 readiness: Mongo's SCRAM-SHA-256 (user in n=) and SCRAM-SHA-1 (md5 password digest)."""
+    from dbproxy.token_cli import scram_flavours
     from engines.mongo.scram import ScramClient
 
-    a = TokenAuthority(cfg)
+    a = TokenAuthority(cfg, flavours=scram_flavours())  # as `dbproxy token issue` builds it
     token, claims = issue(a)
     for mechanism in (SCRAM_SHA_256, SCRAM_SHA_1):
         client = ScramClient(mechanism, "alice", token)

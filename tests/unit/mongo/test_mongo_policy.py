@@ -165,7 +165,9 @@ def authority(tmp_path) -> TokenAuthority:
     generate_keys("HS256", str(key))
     cfg = TokenConfig(algorithm="HS256", key_file=str(key), public_key_file=None,
                       registry_file=str(tmp_path / "tokens.json"), revocation_file=str(tmp_path / "revoked.txt"), leeway=0)
-    return TokenAuthority(cfg)
+    from dbproxy.token_cli import scram_flavours
+
+    return TokenAuthority(cfg, flavours=scram_flavours())  # as `dbproxy token issue` builds it (Mongo's SHA-1 too)
 
 
 def issue(authority: TokenAuthority, user: str = "alice", roles=("analyst",), ttl: int = 3600) -> tuple[str, str]:

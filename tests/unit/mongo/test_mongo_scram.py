@@ -205,6 +205,8 @@ def test_client_rejects_bad_server_first(server_first):
         b"n,,r=abc",  # no user
         b"n,,n=user",  # no nonce
         b"n,x,n=user,r=abc",  # bad authzid
+        b"n,a=admin,n=user,r=abc",  # an authorization identity: not supported (PostgreSQL refuses it too)
+        b"n,,r=abc,n=user",  # attributes out of order (RFC 5802 §7)
         b"n,,n=us=5Cer,r=abc",  # bad escape
         b"nonsense",
     ],
