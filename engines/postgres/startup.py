@@ -127,7 +127,7 @@ def parse_options(options: str) -> list[tuple[str, str]]:
             i += 1
         elif arg.startswith("-c"):
             spec, how = arg[2:], "-c "
-        elif arg.startswith("-") and len(arg) > 1:
+        elif arg.startswith("-") and len(arg) > 1 and arg != "--":
             raise SettingRefused(
                 "0A000",
                 f'options switch "{arg[:2]}" is not passed on by the proxy',
