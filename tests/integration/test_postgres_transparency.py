@@ -350,3 +350,20 @@ def test_psycopg_and_psql_see_postgresqls_message_only(any_mode_proxy):
         p.kill()
     assert "terminating connection due to administrator command" in err
     assert "backend database was lost" not in err
+
+
+# --------------------------------------------------------------------------- settings under a read-only grant
+
+from tests.integration.test_postgres_identity import env  # noqa: E402,F401 - the identity proxy fixture (tokens, roles)
+
+
+@pytest.mark.parametrize("options", ["-c default_transaction_read_only=off", "--default-transaction-read-only=off"])
+def test_read_only_grant_cannot_be_undone_at_connection_start(env, options):  # noqa: F811
+    token, _ = env.issue("alice", "analyst")  # analyst: read-only
+    with pytest.raises(psycopg.OperationalError) as info:
+        env.connect("tok", "alice", token, options=options)
+    assert 'permission denied to set parameter "default_transaction_read_only"' in str(info.value)
+    # other settings still pass for the same grant
+    with env.connect("tok", "alice", token, options="-c work_mem=7MB") as conn:
+        assert conn.execute("show work_mem").fetchone() == ("7MB",)
+        assert conn.execute("show default_transaction_read_only").fetchone() == ("on",)
