@@ -8,11 +8,14 @@ Handshake (client side, PostgreSQL protocol §55.2):
   StartupMessage → route chosen by (database, user) globs; a 3.x minor
                    version above 0 or ``_pq_.`` options get NegotiateProtocolVersion.
 
-The proxy then logs in to the backend itself (``backend.open_backend``), tells
-the client AuthenticationOk, replays the backend's ParameterStatus messages,
-hands the client BackendKeyData with the backend's real pid and a secret of
-the proxy's own (``CancelMap``), and relays ReadyForQuery.  From there the session is the core
-pipeline with the audit stages; every other message passes through as bytes.
+The client's startup parameters are checked (``startup.backend_settings``:
+settings and ``options`` -c settings pass on, identity/privilege/log ones are
+refused).  The proxy then logs in to the backend itself
+(``backend.open_backend``), tells the client AuthenticationOk, replays the
+backend's ParameterStatus messages, hands the client BackendKeyData with the
+backend's real pid and a secret of the proxy's own (``CancelMap``), and relays
+ReadyForQuery.  From there the session is the core pipeline with the audit
+stages; every other message passes through as bytes.
 
 With identity configured (``services.access``), the client first proves
 who it is (``clientauth``: mTLS, or a token as the password — cleartext over
@@ -22,10 +25,15 @@ and ``policy`` stages check every statement.
 
 Errors reach the client as ErrorResponse with a SQLSTATE: 28000 no route /
 no client certificate, 28P01 bad token, 42501 role does not allow the
-route/database/user (FATAL) or the statement (ERROR, session continues),
-53300 too many connections, 08001 backend unreachable, 28P01 backend refused
+route/database/user (FATAL), a startup setting (FATAL) or the statement
+(ERROR, session continues), 0A000/42601 an ``options`` switch that is not a
+setting / malformed, 53300 too many connections, 08001 backend unreachable, 28P01 backend refused
 the proxy's credential, 08P01 protocol violation, 54000 message too large,
-08006 backend lost mid-session.
+08006 backend lost mid-session (only when the backend's last message was not
+an ErrorResponse: after its own FATAL the client needs no second one).
+A client that stalls its handshake past the listener's handshake timeout is
+logged and audited (failed ``db.session.start``); one that resets it is an
+info line.
 """
 
 from __future__ import annotations
