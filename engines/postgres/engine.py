@@ -29,8 +29,9 @@ route/database/user (FATAL), a startup setting (FATAL) or the statement
 (ERROR, session continues), 0A000/42601 an ``options`` switch that is not a
 setting / malformed, 53300 too many connections, 08001 backend unreachable,
 28P01 backend refused the proxy's credential, 08P01 protocol violation, 54000
-message too large, 08006 backend lost mid-session (only when the backend's last message was not
-an ErrorResponse: after its own FATAL the client needs no second one).
+message too large, 08006 backend lost mid-session (only when the backend's
+last message was not an ErrorResponse: after its own FATAL the client needs
+no second one).
 A client that stalls its handshake past the listener's handshake timeout is
 logged and audited (failed ``db.session.start``); one that resets it is an
 info line.
