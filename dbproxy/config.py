@@ -103,6 +103,7 @@ class ListenerConfig:
     routes: tuple[RouteConfig, ...]
     max_message_size: int | None = None
     options: dict = attrs.field(factory=dict)
+    handshake_timeout: float | None = None  # seconds; None: the engine default (dbproxy.engine)
     auth: Any = None  # dbproxy.access.ListenerAuth: which client authentication methods
 
 
@@ -263,7 +264,7 @@ def _kind(value: Any) -> str:
 
 # ---------------------------------------------------------------------------
 
-LISTENER_KEYS = {"name", "protocol", "listen", "tls", "routes", "max_message_size", "options", "auth"}
+LISTENER_KEYS = {"name", "protocol", "listen", "tls", "routes", "max_message_size", "options", "auth", "handshake_timeout_seconds"}
 ROUTE_KEYS = {"name", "match", "backend", "options"}
 BACKEND_KEYS = {"address", "database", "user", "auth", "tls", "options"}
 TLS_KEYS = {"mode", "ca_file", "server_name", "cert_file", "key_file"}
@@ -353,6 +354,10 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
             if cert and key:
                 tls = ListenerTLS(cert, key, ca)
     max_size = v.integer(d, "max_message_size", path, minimum=1024)
+    handshake_timeout = v.number(d, "handshake_timeout_seconds", path)
+    if handshake_timeout is not None and not 0 < handshake_timeout <= 3600:
+        v.err(f"{path}.handshake_timeout_seconds", f"a number of seconds in (0, 3600], got {handshake_timeout}")
+        handshake_timeout = None
     options = d.get("options", {})
     if v.obj(options, _join(path, "options")) is None:
         options = {}
@@ -378,6 +383,7 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
         routes=tuple(routes),
         max_message_size=max_size,
         options=options,
+        handshake_timeout=handshake_timeout,
     )
 
 

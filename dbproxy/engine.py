@@ -14,11 +14,18 @@ mistakes without knowing any database.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import Any, Callable, ClassVar
 
 import attrs
 
 from .config import ListenerConfig, RouteConfig
+
+log = logging.getLogger("dbproxy.engine")
+
+# How long a client has for its handshake (startup, TLS upgrade, proving who it is)
+# unless the listener says otherwise (``handshake_timeout_seconds``).
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 
 
 @attrs.define(eq=False)
@@ -49,6 +56,19 @@ class Engine:
             if all(fnmatch.fnmatchcase(requested.get(key) or "", glob) for key, glob in route.match.items()):
                 return route
         return None
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.listener.handshake_timeout or DEFAULT_HANDSHAKE_TIMEOUT
+
+    def handshake_timed_out(self, session: Any, what: str, **fields: Any) -> None:
+        """A client that did not finish its handshake in time: one log line and a failed
+        ``db.session.start`` (a slow or stalled client is something an auditor wants to see,
+        and it held a connection slot for the whole timeout)."""
+        log.info("session %s from %s: %s after %gs", session.id, session.client_addr, what, self.handshake_timeout)
+        session.details["end_reason"] = what
+        if session.audit is not None:
+            session.audit.on_session_start(success=False, error=what, timeout_seconds=self.handshake_timeout, **fields)
 
     async def handle_connection(self, session: Any, stream: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -49,7 +49,7 @@ def _gssapi():
     try:
         import gssapi  # noqa: PLC0415 - optional dependency, imported where Kerberos is configured
     except ImportError as exc:  # pragma: no cover - install problem
-        raise UpstreamError(f"the gssapi package is not installed: {exc}", kind="auth", client_hint=CLIENT_HINT)
+        raise UpstreamError(f"the gssapi package is not installed ({INSTALL_HINT}): {exc}", kind="auth", client_hint=CLIENT_HINT)
     return gssapi
 
 
@@ -212,6 +212,22 @@ def maybe_credential_cache(config: Any) -> CredentialCache | None:
         (path,) = krb5_configs  # the validator guarantees one
         os.environ["KRB5_CONFIG"] = path
     return CredentialCache()
+
+
+INSTALL_HINT = "pip install 'dbproxy[kerberos]'"
+
+
+def check_gssapi_installed(v: Any, path: str) -> None:
+    """Config validation: a route with backend auth ``gssapi`` needs the optional ``gssapi``
+    package; say so at ``check-config`` / start-up, not at the first session."""
+    try:
+        import gssapi  # noqa: F401, PLC0415 - optional dependency
+    except ImportError as exc:
+        v.err(
+            f"{path}.method",
+            f"the gssapi package for method \"gssapi\" ({INSTALL_HINT}; it builds against libkrb5-dev),"
+            f" but it cannot be imported: {exc}",
+        )
 
 
 def check_krb5_config(v: Any, path: str, krb5_config: str | None) -> None:

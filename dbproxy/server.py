@@ -148,6 +148,13 @@ class ProxyServer:
         except ProxyError as exc:
             session.details.setdefault("end_reason", str(exc))
             log.info("session %s ended: %s", session.id, exc)
+        except (trio.BrokenResourceError, OSError) as exc:
+            # The client reset or dropped the connection while an engine was talking to it
+            # outside the pipeline (handshake, authentication, the first answer): an
+            # everyday event, one line — not a traceback.
+            cause = exc.__cause__ or exc
+            session.details.setdefault("end_reason", f"connection lost: {cause.__class__.__name__}")
+            log.info("session %s from %s: connection lost: %s", session.id, session.client_addr, cause)
         except Exception as exc:  # a bug in one session must not take the listener down
             session.details.setdefault("end_reason", f"internal error: {exc.__class__.__name__}")
             log.exception("session %s failed", session.id)

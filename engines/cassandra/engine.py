@@ -95,7 +95,6 @@ from .stages import CqlSessionState, PreparedCache, RequestAudit, ResponseAudit
 
 log = logging.getLogger("dbproxy.cassandra")
 
-HANDSHAKE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 TLS_HANDSHAKE_RECORD = 0x16
 
@@ -263,7 +262,7 @@ class CassandraEngine(Engine):
         channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
         wire = _ClientWire(channel)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 while True:
                     frame = await channel.receive()
                     self._check_version(frame, wire)
@@ -285,10 +284,10 @@ class CassandraEngine(Engine):
         channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
         wire = _ClientWire(channel)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 hello = await self._client_hello(session, channel, wire)
         except trio.TooSlowError:
-            session.details["end_reason"] = "client handshake timed out"
+            self.handshake_timed_out(session, "client handshake timed out")
             return
         except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
@@ -304,11 +303,14 @@ class CassandraEngine(Engine):
         sock = getattr(stream, "socket", None)
         if sock is not None:
             first = b""
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(self.handshake_timeout) as waiting:
                 try:
                     first = await sock.recv(1, socket_module.MSG_PEEK)
                 except OSError:
                     return None
+            if waiting.cancelled_caught:
+                self.handshake_timed_out(session, "client sent nothing in time")
+                return None
             if not first:
                 return None
             if first[0] != TLS_HANDSHAKE_RECORD:
@@ -316,9 +318,12 @@ class CassandraEngine(Engine):
                 return None
         tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        except trio.TooSlowError:
+            self.handshake_timed_out(session, "client TLS handshake timed out")
+            return None
+        except trio.BrokenResourceError as exc:
             log.info("session %s: client TLS handshake failed: %s", session.id, getattr(exc, "__cause__", None) or exc)
             return None
         session.details["client_tls"] = True

@@ -82,7 +82,6 @@ from .stages import (
 
 log = logging.getLogger("dbproxy.mongo")
 
-HANDSHAKE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 LISTENER_OPTIONS = {"client_auth", "client_password_file", "client_password_env", "compressors"}
 #: Options of the listener policies for client credentials, which identity mode replaces.
@@ -282,9 +281,12 @@ class MongoEngine(Engine):
         if self.ssl_context is not None:
             tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                with trio.fail_after(self.handshake_timeout):
                     await tls.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            except trio.TooSlowError:
+                self.handshake_timed_out(session, "client TLS handshake timed out")
+                return None
+            except trio.BrokenResourceError as exc:
                 log.info("session %s: client TLS handshake failed: %s", session.id, exc.__cause__ or exc)
                 session.details["end_reason"] = "client TLS handshake failed"
                 return None
@@ -293,10 +295,10 @@ class MongoEngine(Engine):
         decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
         client = MessageStream(stream, decoder)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 first = await client.receive()
         except trio.TooSlowError:
-            session.details["end_reason"] = "client sent no request in time"
+            self.handshake_timed_out(session, "client sent no request in time")
             return None
         except PeerClosed:
             return None

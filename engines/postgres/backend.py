@@ -2,8 +2,9 @@
 
 Strategy: connect, optionally upgrade the link (SSLRequest → TLS, or
 GSSENCRequest → GSS encryption), send a StartupMessage with the *route's*
-database and user plus the harmless client parameters (application_name,
-client_encoding, DateStyle…), then answer the backend's Authentication
+database and user plus the client's settings the engine let through
+(``startup.backend_settings``: DateStyle, TimeZone, ``options`` -c settings…),
+then answer the backend's Authentication
 requests with the route's credential.  The client's own password never
 reaches the backend.
 
@@ -39,13 +40,6 @@ from .codec import BackendDecoder
 from .gssenc import GssEncStream
 
 log = logging.getLogger("dbproxy.postgres")
-
-# Startup parameters a client may pass through to the backend.  Anything else
-# (user, database, replication, options that could change roles) is decided
-# by the route.
-PASSTHROUGH_PARAMS = frozenset(
-    {"application_name", "client_encoding", "DateStyle", "TimeZone", "extra_float_digits", "IntervalStyle", "search_path"}
-)
 
 AUTH_NAMES = {
     m.AUTH_OK: "ok",
@@ -85,25 +79,29 @@ def _backend_error(fields: dict[str, str], stage: str, route: RouteConfig) -> Up
 
 async def open_backend(
     route: RouteConfig,
-    client_params: dict[str, str],
+    settings: dict[str, str],
     *,
+    user: str = "",
+    database: str = "",
     max_message_size: int,
     credentials: Any = None,
     read_only: bool = False,
 ) -> BackendLink:
-    """Log in to the route's backend.  ``read_only`` makes read-only the session's
+    """Log in to the route's backend with the client's checked ``settings`` (startup
+    parameters from ``startup.backend_settings``); ``user``/``database`` are what the
+    client asked for, used where the route names none.  ``read_only`` makes read-only the session's
     startup default (``options=-c default_transaction_read_only=on``), so even a
     RESET returns to read-only."""
     b = route.backend
     stream = await connect_backend(b.host, b.port)
     try:
-        return await _login(stream, route, client_params, max_message_size, credentials, read_only)
+        return await _login(stream, route, settings, user, database, max_message_size, credentials, read_only)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
 
 
-async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size: int, credentials: Any, read_only: bool = False) -> BackendLink:
+async def _login(stream: Any, route: RouteConfig, settings: dict, client_user: str, client_database: str, max_size: int, credentials: Any, read_only: bool = False) -> BackendLink:
     b = route.backend
     method = b.auth.method
     decoder = BackendDecoder(max_message_size=max_size)
@@ -142,11 +140,12 @@ async def _login(stream: Any, route: RouteConfig, client_params: dict, max_size:
             decoder.encryption_established()
             is_tls = True
 
-        params = {k: v for k, v in client_params.items() if k in PASSTHROUGH_PARAMS}
-        params["user"] = b.user or client_params.get("user", "")
-        params["database"] = b.database or client_params.get("database") or params["user"]
+        params = dict(settings)
+        params["user"] = b.user or client_user
+        params["database"] = b.database or client_database or params["user"]
         if read_only:
-            params["options"] = "-c default_transaction_read_only=on"
+            # Last, so it is what the session starts with (the engine refused the client's own).
+            params["options"] = " ".join(filter(None, (params.get("options"), "-c default_transaction_read_only=on")))
         await channel.send(m.encode_startup(params))
         mechanism = await _authenticate(channel, route, is_tls, credentials, gss_ctx)
         key = None

@@ -8,11 +8,14 @@ Handshake (client side, PostgreSQL protocol §55.2):
   StartupMessage → route chosen by (database, user) globs; a 3.x minor
                    version above 0 or ``_pq_.`` options get NegotiateProtocolVersion.
 
-The proxy then logs in to the backend itself (``backend.open_backend``), tells
-the client AuthenticationOk, replays the backend's ParameterStatus messages,
-hands the client the proxy's *own* BackendKeyData (pid/secret mapped to the
-backend's), and relays ReadyForQuery.  From there the session is the core
-pipeline with the audit stages; every other message passes through as bytes.
+The client's startup parameters are checked (``startup.backend_settings``:
+settings and ``options`` -c settings pass on, identity/privilege/log ones are
+refused).  The proxy then logs in to the backend itself
+(``backend.open_backend``), tells the client AuthenticationOk, replays the
+backend's ParameterStatus messages, hands the client BackendKeyData with the
+backend's real pid and a secret of the proxy's own (``CancelMap``), and relays
+ReadyForQuery.  From there the session is the core pipeline with the audit
+stages; every other message passes through as bytes.
 
 With identity configured (``services.access``), the client first proves
 who it is (``clientauth``: mTLS, or a token as the password — cleartext over
@@ -22,10 +25,16 @@ and ``policy`` stages check every statement.
 
 Errors reach the client as ErrorResponse with a SQLSTATE: 28000 no route /
 no client certificate, 28P01 bad token, 42501 role does not allow the
-route/database/user (FATAL) or the statement (ERROR, session continues),
-53300 too many connections, 08001 backend unreachable, 28P01 backend refused
-the proxy's credential, 08P01 protocol violation, 54000 message too large,
-08006 backend lost mid-session.
+route/database/user (FATAL), a startup setting (FATAL) or the statement
+(ERROR, session continues), 0A000/42601 an ``options`` switch that is not a
+setting / malformed, 53300 too many connections, 08001 backend unreachable,
+28P01 backend refused the proxy's credential, 08P01 protocol violation, 54000
+message too large, 08006 backend lost mid-session (only when the backend's
+last message was not an ErrorResponse: after its own FATAL the client needs
+no second one).
+A client that stalls its handshake past the listener's handshake timeout is
+logged and audited (failed ``db.session.start``); one that resets it is an
+info line.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
 from dbproxy.access import TooManyConnections, audit_denial
 from dbproxy.errors import AccessDenied, FrameTooLarge, ProtocolError, ProxyError, UpstreamError
-from dbproxy.kerberos import check_krb5_config
+from dbproxy.kerberos import check_gssapi_installed, check_krb5_config
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
@@ -51,13 +60,13 @@ from . import messages as m
 from .backend import open_backend, send_cancel
 from .codec import FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
+from .startup import SettingRefused, backend_settings, setting
 from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
 from .tap import Framer
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
 
-HANDSHAKE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 
 
@@ -80,16 +89,30 @@ def client_error_for(exc: ProxyError) -> bytes:
 
 
 class CancelMap:
-    """Proxy-issued (pid, secret) → (route, backend key).  Shared by every Postgres listener."""
+    """Client-visible (pid, secret) → (route, backend key).  Shared by every Postgres listener.
+
+    The client is given the backend's *real* pid — ``PQbackendPID`` must equal
+    ``pg_backend_pid()`` and the pid of NotificationResponse, and a pool's
+    ``pg_terminate_backend(pid)`` must reach its own session — with a secret of
+    the proxy's own (random; the backend's secret never leaves the proxy).  A
+    CancelRequest (§55.2.7) is honoured only when both the pid and the proxy's
+    secret match, so knowing a pid (it is visible in ``pg_stat_activity``) is
+    not enough to cancel anyone's query.  Two backends on different hosts may
+    share a pid: the map is keyed by (pid, secret), and the secret is drawn
+    again until the pair is unique.
+    """
 
     def __init__(self) -> None:
         self._map: dict[tuple[int, bytes], tuple[Any, m.BackendKeyData]] = {}
 
     def issue(self, route: Any, backend_key: m.BackendKeyData | None) -> tuple[int, bytes]:
         while True:
-            pid = struct.unpack(">I", os.urandom(4))[0] & 0x7FFFFFFF
+            if backend_key is not None:
+                pid = backend_key.pid
+            else:  # a backend that sent no BackendKeyData: nothing to cancel, any pid will do
+                pid = (struct.unpack(">I", os.urandom(4))[0] & 0x7FFFFFFF) or 1
             secret = os.urandom(4)
-            if (pid, secret) not in self._map and pid:
+            if (pid, secret) not in self._map:
                 break
         if backend_key is not None:
             self._map[(pid, secret)] = (route, backend_key)
@@ -100,6 +123,22 @@ class CancelMap:
 
     def release(self, pid: int, secret: bytes) -> None:
         self._map.pop((pid, secret), None)
+
+
+class LastBackendMessage:
+    """Backend stage that notes the type of the last message (in-process audit mode;
+    a tapped session's ``Framer`` notes it itself): a backend that said why it is
+    closing (a FATAL ErrorResponse, e.g. 57P01 after ``pg_terminate_backend``) is
+    not followed by the proxy's own 08006."""
+
+    __slots__ = ("last_type",)
+    name = "pg-last-backend-message"
+
+    def __init__(self) -> None:
+        self.last_type = 0
+
+    def handle(self, msg: Any, ctx: Any) -> None:
+        self.last_type = msg.type
 
 
 class PostgresEngine(Engine):
@@ -127,6 +166,7 @@ class PostgresEngine(Engine):
             for k in sorted(extra):
                 v.err(f"{path}.{k}", f"no key {k!r} for method {method}")
             return params
+        check_gssapi_installed(v, path)
         for k in sorted(extra - cls.GSSAPI_KEYS):
             v.err(f"{path}.{k}", f"a gssapi key ({', '.join(sorted(cls.GSSAPI_KEYS))})")
         if "keytab_file" in ad and "ccache" in ad:
@@ -159,12 +199,16 @@ class PostgresEngine(Engine):
         decoder = FrontendDecoder(max_message_size=self.max_message_size, startup=True)
         client = MessageStream(stream, decoder)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 startup = await self._client_startup(session, client)
         except trio.TooSlowError:
-            session.details["end_reason"] = "client handshake timed out"
+            self.handshake_timed_out(session, "client handshake timed out")
             return
         except PeerClosed:
+            return
+        except (trio.BrokenResourceError, OSError) as exc:
+            # e.g. a reset during the startup packet or the TLS upgrade: not a session.
+            log.info("session %s: client connection lost during startup: %s", session.id, exc.__cause__ or exc)
             return
         except ProtocolError as exc:
             log.info("session %s: client protocol error during startup: %s", session.id, exc)
@@ -228,8 +272,9 @@ class PostgresEngine(Engine):
         database = params.get("database") or user
         session.details["requested_database"] = database
         session.details["requested_user"] = user
-        if params.get("application_name"):
-            session.details["application_name"] = params["application_name"]
+        application_name = setting(params, "application_name") or ""
+        if application_name:
+            session.details["application_name"] = application_name
         if startup.minor != 0 or any(k.startswith("_pq_.") for k in params):
             unrecognized = [k for k in params if k.startswith("_pq_.")]
             await client.send(m.encode_negotiate_protocol_version(0, unrecognized))
@@ -241,7 +286,7 @@ class PostgresEngine(Engine):
             if mechanism is None:
                 return
             start_fields["client_auth"] = mechanism
-        route = self.select_route({"database": database, "user": user, "application_name": params.get("application_name", "")})
+        route = self.select_route({"database": database, "user": user, "application_name": application_name})
         if route is None:
             msg = f"no route for database \"{database}\" and user \"{user}\" on listener {self.listener.name}"
             session.db_name, session.db_user = database, user
@@ -260,10 +305,28 @@ class PostgresEngine(Engine):
             start_fields["granted_roles"] = list(grant.roles)
             start_fields["read_only"] = grant.read_only
         try:
+            settings = backend_settings(
+                params,
+                read_only=grant is not None and grant.read_only,
+                denied_command=grant.denied_command if grant is not None else None,
+            )
+        except SettingRefused as exc:
+            log.info("session %s: startup parameter refused: %s", session.id, exc)
+            if exc.sqlstate == "42501":
+                audit_denial(session, "setting_refused", stage="startup", error=exc.message, detail=exc.detail, **start_fields)
+            audit.on_session_start(success=False, error=exc.message, sqlstate=exc.sqlstate, detail=exc.detail, **start_fields)
+            await self._send_quietly(client, error_message(exc.sqlstate, exc.message, detail=exc.detail))
+            return
+        if settings:
+            # What the client set at connection start is part of the session's record.
+            start_fields["client_settings"] = settings
+        try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 link = await open_backend(
                     route,
-                    params,
+                    settings,
+                    user=user,
+                    database=database,
                     max_message_size=self.max_message_size,
                     credentials=self.services.credentials,
                     read_only=grant is not None and grant.read_only,
@@ -319,6 +382,9 @@ class PostgresEngine(Engine):
                     policy = PolicyState()
                     client_stages.append(FrontendPolicy(policy, grant, session))
                     backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
+                # First: a stage that answers ends the loop for the stages after it.
+                last_backend = LastBackendMessage()
+                backend_stages.insert(0, last_backend)
             else:
                 # Nothing here acts on messages: the pumps only frame them and tap the
                 # frames the audit reads; the audit worker parses and audits those (audit.link).
@@ -328,6 +394,7 @@ class PostgresEngine(Engine):
                 backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size,
                                          tap=functools.partial(audit.tap, tap_slot, 1), interest=BackendAudit.interest)
                 client_stages, backend_stages = [], []
+                last_backend = backend_decoder
             pipeline = Pipeline(
                 session=session,
                 client=client.stream,
@@ -347,8 +414,11 @@ class PostgresEngine(Engine):
                     audit.tap_close(tap_slot)
                     state.terminated = client_decoder.terminated
             reason = pipeline.end_reason or "closed"
-            if not state.terminated and reason.startswith("backend"):
-                # The backend went away under a live client: tell it in its own protocol.
+            if not state.terminated and reason.startswith("backend") and last_backend.last_type != m.BE.ERROR_RESPONSE:
+                # The backend went away under a live client without saying why (a
+                # crash, a lost link): tell the client in its own protocol.  When its
+                # last word was an ErrorResponse (FATAL 57P01 after pg_terminate_backend,
+                # 57P02 crash shutdown…), the client has the server's own reason already.
                 await self._send_quietly(
                     MessageStream(client.stream, None),
                     error_message("08006", "the connection to the backend database was lost"),
@@ -366,7 +436,7 @@ class PostgresEngine(Engine):
     async def _authenticate_client(self, session: Any, client: MessageStream, user: str, start_fields: dict) -> str | None:
         """Establish ``session.identity`` (``clientauth``); None when the client was turned away."""
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 identity, mechanism = await authenticate(
                     self.access.auth, client, user, client_tls=bool(session.details.get("client_tls"))
                 )
@@ -378,7 +448,7 @@ class PostgresEngine(Engine):
             await self._send_quietly(client, error_message(exc.sqlstate, exc.client_message, detail=exc.detail))
             return None
         except trio.TooSlowError:
-            session.details["end_reason"] = "client authentication timed out"
+            self.handshake_timed_out(session, "client authentication timed out", **start_fields)
             return None
         except PeerClosed:
             # e.g. psql hanging up to prompt for the password it will send on a new connection
@@ -416,9 +486,9 @@ class PostgresEngine(Engine):
         then a FATAL ErrorResponse, SQLSTATE 53000 (insufficient resources) — e.g. audit unavailable."""
         client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True))
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.handshake_timeout):
                 startup = await self._client_startup(session, client)
-        except (trio.TooSlowError, PeerClosed, ProtocolError):
+        except (trio.TooSlowError, PeerClosed, ProtocolError, trio.BrokenResourceError, OSError):
             return
         if startup is not None:
             await self._send_quietly(client, error_message("53000", reason))

@@ -6,7 +6,8 @@ header exactly as the real decoders do (length >= 4, ``max_message_size``,
 so a bad or oversized frame still ends the session with the same error
 before it is forwarded), consumes whole frames without building message
 objects, and taps the frames the audit stages read; the pump forwards the
-chunk as received.  It notes the client's Terminate.
+chunk as received.  It notes the client's Terminate, and the type of the last
+whole frame (``last_type``: did the backend say why before it closed?).
 
 Worker side — ``Tap``: the real decoders and the engine's own audit stages
 (``stages.FrontendAudit`` / ``BackendAudit``) over those bytes, so a tapped
@@ -40,7 +41,7 @@ class Framer:
     leaves the proxy: a 100 MB result costs the audit worker nothing.
     """
 
-    __slots__ = ("buffer", "max_message_size", "frames", "terminated", "tap", "interest")
+    __slots__ = ("buffer", "max_message_size", "frames", "terminated", "tap", "interest", "last_type")
 
     def __init__(self, buffer: ReceiveBuffer, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  tap: Callable[[bytes], Any] | None = None, interest: frozenset = frozenset()) -> None:
@@ -50,6 +51,7 @@ class Framer:
         self.terminated = False
         self.tap = tap
         self.interest = interest
+        self.last_type = 0  # type byte of the last whole frame (0: none yet)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self.buffer.feed(data)
@@ -62,6 +64,7 @@ class Framer:
         tap = self.tap
         interest = self.interest
         run = -1  # start of the current run of frames for the tap
+        mtype = 0
         parts: list = []
         frames = 0
         try:
@@ -90,6 +93,7 @@ class Framer:
             if pos != start:
                 self.buffer.skip(pos - start)
                 self.frames += frames
+                self.last_type = mtype  # set per batch, not per frame
             if run >= 0:
                 parts.append(data[run:pos])
             if parts:
