@@ -180,6 +180,8 @@ class CassandraEngine(Engine):
     password_methods = ("password",)
     client_auth_methods = ("token", "mtls", "anonymous")
     default_max_message_size = 16 * 1024 * 1024
+    max_message_size_limit = F.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit_source = "native protocol v5 spec 2.4.1.5: frame bodies are limited to 256 MiB"
 
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)
@@ -260,7 +262,8 @@ class CassandraEngine(Engine):
             stream = await self._client_tls(session, stream)
             if stream is None:
                 return
-        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
+        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size),
+                                budget=self.services.buffers)
         wire = _ClientWire(channel)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -282,7 +285,8 @@ class CassandraEngine(Engine):
             stream = await self._client_tls(session, stream)
             if stream is None:
                 return
-        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
+        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size),
+                                budget=self.services.buffers)
         wire = _ClientWire(channel)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -630,6 +634,7 @@ class CassandraEngine(Engine):
                 to_backend_encoder=link.encoder,
                 client_error=functools.partial(self._pipeline_error, wire, state),
                 flush_audit=audit.flush,
+                buffers=self.services.buffers,
             )
             await pipeline.run()
             reason = pipeline.end_reason or "closed"

@@ -127,6 +127,9 @@ class AttributingDecoder:
             exc.mongo_header = self._header()  # type: ignore[attr-defined]
             raise
 
+    def announced_length(self) -> int | None:
+        return self.inner.announced_length()
+
     def _header(self) -> _BadHeader | None:
         buf = self.buffer
         if len(buf) < wire.HEADER_SIZE:
@@ -179,6 +182,8 @@ class MongoEngine(Engine):
     auth_methods = ("scram-sha-256", "scram-sha-1", "plain", "none")
     password_methods = ("scram-sha-256", "scram-sha-1", "plain")
     default_max_message_size = wire.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit = wire.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit_source = "maxMessageSizeBytes, 48000000 bytes"
     client_auth_methods = ("token", "mtls", "anonymous")
 
     def __init__(self, listener: Any, services: Any) -> None:
@@ -283,7 +288,7 @@ class MongoEngine(Engine):
             stream = tls
             session.details["client_tls"] = True
         decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-        client = MessageStream(stream, decoder)
+        client = MessageStream(stream, decoder, budget=self.services.buffers)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 first = await client.receive()
@@ -407,6 +412,7 @@ class MongoEngine(Engine):
                 state=state,
                 client_error=client_error,
                 flush_audit=audit.flush,
+                buffers=self.services.buffers,
             )
             await pipeline.run()
             reason = pipeline.end_reason or "closed"

@@ -49,7 +49,7 @@ from dbproxy.tls import server_context
 
 from . import messages as m
 from .backend import open_backend, send_cancel
-from .codec import FrontendDecoder
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
 from .tap import Framer
@@ -108,6 +108,8 @@ class PostgresEngine(Engine):
     auth_methods = ("trust", "password", "md5", "scram-sha-256", "gssapi")
     password_methods = ("password", "md5", "scram-sha-256")
     default_max_message_size = 256 * 1024 * 1024
+    max_message_size_limit = DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit_source = "MaxAllocSize, 1 GiB - 1"
     client_auth_methods = ("token", "mtls", "anonymous")
 
     GSSAPI_KEYS = {"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "gssencmode", "renew_margin_seconds"}
@@ -157,7 +159,7 @@ class PostgresEngine(Engine):
     # ------------------------------------------------------------------
     async def handle_connection(self, session: Any, stream: Any) -> None:
         decoder = FrontendDecoder(max_message_size=self.max_message_size, startup=True)
-        client = MessageStream(stream, decoder)
+        client = MessageStream(stream, decoder, budget=self.services.buffers)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 startup = await self._client_startup(session, client)
@@ -339,6 +341,7 @@ class PostgresEngine(Engine):
                 state=state,
                 client_error=client_error_for,
                 flush_audit=audit.flush,
+                buffers=self.services.buffers,
             )
             try:
                 await pipeline.run()
@@ -414,7 +417,8 @@ class PostgresEngine(Engine):
     async def refuse(self, session: Any, stream: Any, reason: str) -> None:
         """Turn a client away before any session: read its startup (SSL/GSS negotiation as usual),
         then a FATAL ErrorResponse, SQLSTATE 53000 (insufficient resources) — e.g. audit unavailable."""
-        client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True))
+        client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True),
+                               budget=self.services.buffers)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 startup = await self._client_startup(session, client)
