@@ -58,7 +58,7 @@ import trio
 
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
-from dbproxy.errors import ProtocolError, ProxyError, UpstreamError
+from dbproxy.errors import BufferBudgetExceeded, MessageTimeout, ProtocolError, ProxyError, UpstreamError
 from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
@@ -399,7 +399,13 @@ class MongoEngine(Engine):
                     return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
                 # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
                 hint = getattr(exc, "client_hint", None) or str(exc)
-                return lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
+                partial = b""
+                if isinstance(exc, (BufferBudgetExceeded, MessageTimeout)) and getattr(exc, "direction", None) == "client":
+                    # The request the client is still sending (its header is at the read position) is
+                    # answered too, so the driver reports why instead of a closed connection.
+                    exc.mongo_header = decoder._header()  # type: ignore[attr-defined]
+                    partial = client_protocol_error_reply(exc)
+                return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
 
             pipeline = Pipeline(
                 session=session,
