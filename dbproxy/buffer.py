@@ -118,6 +118,16 @@ class ReceiveBuffer:
             return data
         return bytes(memoryview(data)[self._mark:self._pos])
 
+    def clear(self) -> None:
+        """Drop everything buffered (the session is over).
+
+        The memory goes now: an ended session's decoder can stay reachable
+        until the garbage collector breaks a cycle (an exception kept with its
+        traceback), long after its budget charge was given back.
+        """
+        self._data = b""
+        self._pos = self._mark = 0
+
     def take_rest(self) -> bytes:
         """Consume and return everything buffered (used when leaving a codec)."""
         return self.take(len(self))
@@ -197,7 +207,8 @@ class BudgetAccount:
     the other sessions leave free is refused now, before its body arrives, so
     a client cannot hold budget by trickling a message that could never
     complete.  Only ``n`` is charged: a header alone reserves nothing.
-    ``release()`` returns the charge (call it from a ``finally``).
+    ``release()`` returns the charge (call it from a ``finally``; a refused
+    account keeps its last charge until then).
     """
 
     __slots__ = ("budget", "held")
@@ -211,8 +222,9 @@ class BudgetAccount:
         others = budget.used - self.held
         need = n if announced is None or announced < n else announced
         if others + need > budget.limit:
+            # The charge stays until the owner releases it: the bytes are held until the
+            # session has sent its error and dropped its buffer.
             budget.refused += 1
-            self.release()
             raise BufferBudgetExceeded(need, max(0, budget.limit - others), budget.limit)
         budget.used = others + n
         self.held = n

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import trio
 
-from .errors import ProtocolError, UpstreamError
+from .errors import BufferBudgetExceeded, ProtocolError, UpstreamError
 from .pipeline import NEED_DATA, RECEIVE_SIZE
 
 
@@ -49,7 +49,11 @@ class MessageStream:
                 held = buf.compact()
                 if held and account is not None:
                     announced = getattr(self.decoder, "announced_length", None)
-                    account.hold(held, announced() if announced is not None else None)
+                    try:
+                        account.hold(held, announced() if announced is not None else None)
+                    except BufferBudgetExceeded:
+                        buf.clear()  # the handshake ends here: its bytes go now
+                        raise
                 data = await self.stream.receive_some(self.receive_size)
                 if not data:
                     raise PeerClosed()

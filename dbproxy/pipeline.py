@@ -346,10 +346,12 @@ class Pipeline:
                 nursery.start_soon(self._pump_task, self.c2b, self.to_backend, self.to_client, nursery)
                 nursery.start_soon(self._pump_task, self.b2c, self.to_client, self.to_backend, nursery)
         finally:
-            # Also on cancellation: the session's partial messages leave the budget with it.
+            # Also on cancellation: the session's partial messages leave the budget, and
+            # memory, with it (nothing decodes them any more).
             for pump in (self.c2b, self.b2c):
                 if pump.account is not None:
                     pump.account.release()
+                    pump.decoder.buffer.clear()
 
     async def _pump_task(self, pump: Pump, out: Sender, back: Sender, nursery: trio.Nursery) -> None:
         try:

@@ -209,6 +209,7 @@ def test_slow_bodies_stay_within_budget_while_others_work(pg, proxy_factory, tmp
         assert fields is not None, f"a slow client got no ErrorResponse (sent {t.sent} bytes, got {t.received[:200]!r})"
         outcomes.append((fields["C"], fields["M"], t.ended_after))
     over = [o for o in outcomes if o[0] == "53200"]
+    print("DEBUG", sorted((o[0], round(o[2], 1), t.sent // 1024) for o, t in zip(outcomes, slow)))
     timed_out = [o for o in outcomes if o[0] == "08P01"]
     assert len(over) + len(timed_out) == SLOW_CLIENTS, outcomes
     # 12 × 6 MiB cannot fit in 32 MiB: some are refused, the rest fit and are ended by the deadline.
@@ -219,8 +220,9 @@ def test_slow_bodies_stay_within_budget_while_others_work(pg, proxy_factory, tmp
         assert message == f"protocol violation: message not received in time (the proxy waits {TIMEOUT:g} s for a message to complete)"
         assert TIMEOUT - 1 <= ended < TIMEOUT + 5, outcomes  # the deadline, not the client, ended it
 
-    # RSS: bounded by the budget (plus the reads in flight and allocator slack), not by what was sent.
-    assert growth < BUDGET + 8 * MiB, f"RSS grew {growth / MiB:.1f} MiB with a {BUDGET / MiB:.0f} MiB budget"
+    # RSS: bounded by the budget plus what it does not charge, one read (256 KiB) in flight per
+    # connection — not by what was sent.
+    assert growth < BUDGET + SLOW_CLIENTS * 256 * 1024, f"RSS grew {growth / MiB:.1f} MiB with a {BUDGET / MiB:.0f} MiB budget"
 
     # The well-behaved clients were served all along.
     for t in steady:
