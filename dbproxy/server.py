@@ -15,7 +15,6 @@ finally the recorder drains every queued event to the sinks.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -54,35 +53,6 @@ async def _linger(stream: trio.abc.Stream) -> None:
             pass
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
-
-
-# Allocations from this size on get their own mapping (glibc M_MMAP_THRESHOLD, see below).
-MMAP_THRESHOLD = 1024 * 1024
-_M_MMAP_THRESHOLD = -3  # malloc.h
-
-
-def map_large_buffers() -> None:
-    """Serve allocations of 1 MiB and more from their own mappings (glibc ``mallopt``).
-
-    Why: the buffer budget (``dbproxy.buffer``) bounds the partial messages
-    sessions hold, and RSS should follow it.  By default glibc raises its mmap
-    threshold after the first large free (up to 32 MiB); from then on large
-    receive buffers come from the heap, where growing one may copy it (old and
-    new resident at once) and freeing one may not give the memory back.
-    Measured with 12 slow-body connections and a 32 MiB budget: RSS grew up to
-    42 MiB that way, at most 36 MiB with a fixed threshold (growth by
-    ``mremap``, memory returned at ``free``).  Reads (256 KiB) stay below it,
-    so the hot path is unchanged.  No-op without glibc, or when the operator
-    set ``MALLOC_MMAP_THRESHOLD_``.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 @attrs.frozen
@@ -129,7 +99,6 @@ class ProxyServer:
             self.engines[lc.name] = self.registry.get(lc.protocol)(lc, self.services)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        map_large_buffers()
         self._make_engines()
         async with trio.open_nursery() as audit_nursery:
             await audit_nursery.start(self.recorder.run)
