@@ -41,6 +41,12 @@ that yield whole messages, so the consumed span always equals the wire bytes
 of the messages it returned.  Every message has ``raw``: its bytes at the
 message layer (what the encoder takes back).
 
+Memory: bytes left in a decoder's buffer after a batch (a partly received
+message) are charged to the proxy's ``BufferBudget`` (``dbproxy.buffer``);
+one that cannot fit ends the session (``BufferBudgetExceeded``), and while
+one is held the next read runs under its deadline (``MessageTimeout``).  A
+batch that ends on a message boundary pays one integer test for this.
+
 Audit events raised by stages are handed to the recorder without waiting;
 when the recorder's bounded channel is full the pump waits for room after its
 send (backpressure, never loss) — see ``audit.recorder``.

@@ -25,7 +25,8 @@ no client certificate, 28P01 bad token, 42501 role does not allow the
 route/database/user (FATAL) or the statement (ERROR, session continues),
 53300 too many connections, 08001 backend unreachable, 28P01 backend refused
 the proxy's credential, 08P01 protocol violation, 54000 message too large,
-08006 backend lost mid-session.
+53200 the proxy's buffer budget cannot hold the message (08P01 "message not
+received in time" after its deadline), 08006 backend lost mid-session.
 """
 
 from __future__ import annotations
