@@ -8,11 +8,22 @@ hundred small frames costs one ``del`` at the end.
 
 ``consumed_since_mark()`` lets the pipeline forward the exact received bytes
 of all frames decoded since the last mark in one send (the hot path).
+
+``BufferBudget`` bounds what all sessions together hold for *partly received*
+messages (a decoder's buffer after a batch, when the batch did not end on a
+message boundary).  ``compact()`` returns what stays, so a batch that ended on
+a boundary — the common case — costs the caller one integer test; only a
+session holding a partial message takes a ``BudgetAccount`` charge, and gives
+it back when the message completes or the session ends.
 """
 
 from __future__ import annotations
 
 import struct
+
+import attrs
+
+from .errors import BufferBudgetExceeded
 
 _U32_BE = struct.Struct(">I")
 _I32_BE = struct.Struct(">i")
@@ -107,20 +118,120 @@ class ReceiveBuffer:
             return data
         return bytes(memoryview(data)[self._mark:self._pos])
 
+    def clear(self) -> None:
+        """Drop everything buffered (the session is over).
+
+        The memory goes now: an ended session's decoder can stay reachable
+        until the garbage collector breaks a cycle (an exception kept with its
+        traceback), long after its budget charge was given back.
+        """
+        self._data = b""
+        self._pos = self._mark = 0
+
     def take_rest(self) -> bytes:
         """Consume and return everything buffered (used when leaving a codec)."""
         return self.take(len(self))
 
-    def compact(self) -> None:
-        """Drop consumed bytes.  Call after a batch of frames, not per frame."""
+    def compact(self) -> int:
+        """Drop consumed bytes; return how many stay (a partly received message).
+
+        Call after a batch of frames, not per frame.
+        """
         pos = self._pos
         if not pos:
-            return
+            return len(self._data)
         if pos == len(self._data):
             self._data = b""
-        elif type(self._data) is bytes:
+            self._mark = self._pos = 0
+            return 0
+        if type(self._data) is bytes:
             self._data = bytearray(memoryview(self._data)[pos:])
         else:
             del self._data[:pos]
         self._mark = max(0, self._mark - pos)
         self._pos = 0
+        return len(self._data)
+
+
+# Default proxy-wide budget for partly received messages, and how long one may stay partial.
+DEFAULT_BUFFER_BUDGET = 256 * 1024 * 1024
+DEFAULT_MESSAGE_TIMEOUT = 60.0
+
+
+@attrs.frozen
+class BudgetStatistics:
+    limit: int
+    used: int
+    peak: int
+    refused: int
+    timeouts: int
+
+
+class BufferBudget:
+    """The proxy-wide budget for bytes held in partly received messages (one per proxy process).
+
+    Why: ``max_message_size`` bounds one connection; without an overall cap,
+    N connections that each send a large header and trickle its body make the
+    proxy hold N × max_message_size.  Sessions charge what their decoders hold
+    between reads (``BudgetAccount``); a charge that would take ``used`` over
+    ``limit`` raises ``BufferBudgetExceeded`` and the session ends with its
+    protocol's error.  ``message_timeout`` is the progress deadline the pumps
+    apply while a partial message is held (``MessageTimeout``).
+
+    Plain integers, no locks: every session runs in the proxy's one trio thread.
+    """
+
+    __slots__ = ("limit", "message_timeout", "used", "peak", "refused", "timeouts")
+
+    def __init__(self, limit: int = DEFAULT_BUFFER_BUDGET, *, message_timeout: float = DEFAULT_MESSAGE_TIMEOUT) -> None:
+        self.limit = limit
+        self.message_timeout = message_timeout
+        self.used = 0
+        self.peak = 0
+        self.refused = 0
+        self.timeouts = 0
+
+    def account(self) -> "BudgetAccount":
+        return BudgetAccount(self)
+
+    def statistics(self) -> BudgetStatistics:
+        return BudgetStatistics(self.limit, self.used, self.peak, self.refused, self.timeouts)
+
+
+class BudgetAccount:
+    """One buffer's charge against a ``BufferBudget``.
+
+    ``hold(n, announced)`` sets the charge to ``n`` bytes (what the buffer holds
+    now).  ``announced`` is the whole message's length when its header says so
+    (PostgreSQL, CQL and Mongo headers do): a message that cannot fit in what
+    the other sessions leave free is refused now, before its body arrives, so
+    a client cannot hold budget by trickling a message that could never
+    complete.  Only ``n`` is charged: a header alone reserves nothing.
+    ``release()`` returns the charge (call it from a ``finally``; a refused
+    account keeps its last charge until then).
+    """
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: BufferBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def hold(self, n: int, announced: int | None = None) -> None:
+        budget = self.budget
+        others = budget.used - self.held
+        need = n if announced is None or announced < n else announced
+        if others + need > budget.limit:
+            # The charge stays until the owner releases it: the bytes are held until the
+            # session has sent its error and dropped its buffer.
+            budget.refused += 1
+            raise BufferBudgetExceeded(need, max(0, budget.limit - others), budget.limit)
+        budget.used = others + n
+        self.held = n
+        if budget.used > budget.peak:
+            budget.peak = budget.used
+
+    def release(self) -> None:
+        if self.held:
+            self.budget.used -= self.held
+            self.held = 0

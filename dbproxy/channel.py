@@ -5,6 +5,13 @@ Before a session's pipeline starts, engines converse message by message
 a stream with a sans-IO decoder and does the reading, so engine handshake
 code stays free of socket handling.  Bytes read past the handshake stay in
 the decoder's buffer and the pipeline decodes them first.
+
+Memory: while ``receive_with`` waits for the rest of a message, the bytes
+held are charged to the proxy's ``BufferBudget`` (when given one; engines pass
+it for client streams) and released when it returns; consumed bytes are
+dropped (``compact``) before each read, so a long handshake (many OPTIONS,
+a SASL conversation) does not accumulate them.  Handshakes have their own
+deadlines (the engines' ``fail_after``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import trio
 
-from .errors import ProtocolError, UpstreamError
+from .errors import BufferBudgetExceeded, ProtocolError, UpstreamError
 from .pipeline import NEED_DATA, RECEIVE_SIZE
 
 
@@ -23,21 +30,37 @@ class PeerClosed(Exception):
 
 
 class MessageStream:
-    def __init__(self, stream: trio.abc.Stream, decoder: Any, *, receive_size: int = RECEIVE_SIZE) -> None:
+    def __init__(self, stream: trio.abc.Stream, decoder: Any, *, receive_size: int = RECEIVE_SIZE,
+                 budget: Any = None) -> None:
         self.stream = stream
         self.decoder = decoder
         self.receive_size = receive_size
+        self.budget = budget  # dbproxy.buffer.BufferBudget, or None (unaccounted)
 
     async def receive_with(self, step: Callable[[], Any]) -> Any:
         """Call ``step`` (a decoder method) until it returns something other than NEED_DATA."""
-        while True:
-            result = step()
-            if result is not NEED_DATA:
-                return result
-            data = await self.stream.receive_some(self.receive_size)
-            if not data:
-                raise PeerClosed()
-            self.decoder.feed(data)
+        account = self.budget.account() if self.budget is not None else None
+        try:
+            while True:
+                result = step()
+                if result is not NEED_DATA:
+                    return result
+                buf = self.decoder.buffer
+                held = buf.compact()
+                if held and account is not None:
+                    announced = getattr(self.decoder, "announced_length", None)
+                    try:
+                        account.hold(held, announced() if announced is not None else None)
+                    except BufferBudgetExceeded:
+                        buf.clear()  # the handshake ends here: its bytes go now
+                        raise
+                data = await self.stream.receive_some(self.receive_size)
+                if not data:
+                    raise PeerClosed()
+                self.decoder.feed(data)
+        finally:
+            if account is not None:
+                account.release()
 
     async def receive(self) -> Any:
         return await self.receive_with(self.decoder.next_message)

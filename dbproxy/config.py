@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import orjson
 
+from .buffer import DEFAULT_BUFFER_BUDGET, DEFAULT_MESSAGE_TIMEOUT
 from .errors import ConfigError, ConfigErrors
 
 BACKEND_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
@@ -125,6 +126,14 @@ class AuditConfig:
 
 
 @attrs.frozen
+class BuffersConfig:
+    """``"buffers"``: the proxy-wide budget for partly received messages (``dbproxy.buffer.BufferBudget``)."""
+
+    budget_bytes: int = DEFAULT_BUFFER_BUDGET
+    message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
+
+
+@attrs.frozen
 class Config:
     file: str
     listeners: tuple[ListenerConfig, ...]
@@ -134,6 +143,7 @@ class Config:
     identity: Any = None
     roles: dict | None = None
     limits: Any = None
+    buffers: BuffersConfig = BuffersConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +303,7 @@ def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
     root = v.obj(doc, "", "a JSON object at the top level")
     if root is None:
         return None
-    v.unknown_keys(root, {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits"}, "")
+    v.unknown_keys(root, {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers"}, "")
     listeners_raw = root.get("listeners")
     listeners: list[ListenerConfig] = []
     validated: list[tuple[int, dict, ListenerConfig]] = []
@@ -320,6 +330,7 @@ def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
     listeners = [attrs.evolve(lc, auth=auths.get(lc.name)) for lc in listeners]
     audit = _audit(v, root.get("audit", {}), "audit")
     grace = v.number(root, "shutdown_grace_seconds", "")
+    buffers = _buffers(v, root["buffers"], "buffers") if "buffers" in root else BuffersConfig()
     return Config(
         file=v.file,
         listeners=tuple(listeners),
@@ -328,6 +339,26 @@ def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
         identity=identity,
         roles=roles,
         limits=limits,
+        buffers=buffers or BuffersConfig(),
+    )
+
+
+BUFFERS_KEYS = {"budget_bytes", "message_timeout_seconds"}
+# Below one read (256 KiB) a budget would refuse ordinary multi-read messages.
+MIN_BUFFER_BUDGET = 1024 * 1024
+MIN_MESSAGE_TIMEOUT = 1.0
+
+
+def _buffers(v: _Validator, item: Any, path: str) -> BuffersConfig | None:
+    d = v.obj(item, path)
+    if d is None:
+        return None
+    v.unknown_keys(d, BUFFERS_KEYS, path)
+    budget = v.integer(d, "budget_bytes", path, minimum=MIN_BUFFER_BUDGET)
+    timeout = v.number(d, "message_timeout_seconds", path, minimum=MIN_MESSAGE_TIMEOUT)
+    return BuffersConfig(
+        budget_bytes=DEFAULT_BUFFER_BUDGET if budget is None else budget,
+        message_timeout=DEFAULT_MESSAGE_TIMEOUT if timeout is None else timeout,
     )
 
 
@@ -358,6 +389,14 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
     if handshake_timeout is not None and not 0 < handshake_timeout <= 3600:
         v.err(f"{path}.handshake_timeout_seconds", f"a number of seconds in (0, 3600], got {handshake_timeout}")
         handshake_timeout = None
+    ceiling = getattr(engine_cls, "max_message_size_limit", None)
+    if max_size is not None and ceiling is not None and max_size > ceiling:
+        # Past the protocol's own ceiling no peer could send or accept such a message:
+        # the value can only be a mistake (and would let one connection buffer that much).
+        v.err(_join(path, "max_message_size"),
+              f"at most {ceiling} bytes, the {protocol} protocol's limit ({engine_cls.max_message_size_limit_source}), "
+              f"got {max_size}")
+        max_size = None
     options = d.get("options", {})
     if v.obj(options, _join(path, "options")) is None:
         options = {}

@@ -30,11 +30,14 @@ DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 
 @attrs.define(eq=False)
 class Services:
-    """Process-wide things engines share: the audit recorder and credential providers."""
+    """Process-wide things engines share: the audit recorder, credential providers, the buffer budget."""
 
     recorder: Any
     credentials: Any = None  # dbproxy.kerberos.CredentialCache when Kerberos routes exist
     access: Any = None  # identity/RBAC policy, when configured
+    # dbproxy.buffer.BufferBudget: engines pass it to client MessageStreams and the Pipeline
+    # (None: unbounded, e.g. unit tests of other things).
+    buffers: Any = None
     extras: dict = attrs.field(factory=dict)
 
 
@@ -44,6 +47,10 @@ class Engine:
     auth_methods: ClassVar[tuple[str, ...]] = ()
     password_methods: ClassVar[tuple[str, ...]] = ()
     default_max_message_size: ClassVar[int] = 64 * 1024 * 1024
+    # The protocol's own ceiling for one message: the config refuses a larger
+    # ``max_message_size`` and names the source (None: the protocol sets none).
+    max_message_size_limit: ClassVar[int | None] = None
+    max_message_size_limit_source: ClassVar[str] = ""
 
     def __init__(self, listener: ListenerConfig, services: Services) -> None:
         self.listener = listener

@@ -45,6 +45,39 @@ class FrameTooLarge(RemoteProtocolError):
         self.limit = limit
 
 
+class BufferBudgetExceeded(RemoteProtocolError):
+    """Holding this session's partly received message would take the proxy over its
+    buffer budget (``buffers.budget_bytes``, see ``dbproxy.buffer.BufferBudget``).
+
+    ``sqlstate`` 53200 (out_of_memory) is for engines that map it (PostgreSQL);
+    the others render the ``client_hint`` in their own protocol's error.
+    """
+
+    sqlstate = "53200"
+
+    def __init__(self, needed: int, free: int, limit: int) -> None:
+        super().__init__(
+            f"buffer budget exceeded: a partly received message needs {needed} bytes, "
+            f"{free} of the proxy's {limit} bytes are free",
+            client_hint=f"the proxy is out of buffer memory for this message ({needed} bytes needed, {free} free)",
+        )
+        self.needed = needed
+        self.free = free
+        self.limit = limit
+
+
+class MessageTimeout(RemoteProtocolError):
+    """A partly received message was not completed within ``buffers.message_timeout_seconds``."""
+
+    def __init__(self, seconds: float, held: int) -> None:
+        super().__init__(
+            f"message not received in time: {held} bytes of a message held for {seconds:g} s without completing",
+            client_hint=f"message not received in time (the proxy waits {seconds:g} s for a message to complete)",
+        )
+        self.seconds = seconds
+        self.held = held
+
+
 class AccessDenied(ProxyError):
     """Identity or policy refuses what the client asked for."""
 

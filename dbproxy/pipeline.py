@@ -41,6 +41,12 @@ that yield whole messages, so the consumed span always equals the wire bytes
 of the messages it returned.  Every message has ``raw``: its bytes at the
 message layer (what the encoder takes back).
 
+Memory: bytes left in a decoder's buffer after a batch (a partly received
+message) are charged to the proxy's ``BufferBudget`` (``dbproxy.buffer``);
+one that cannot fit ends the session (``BufferBudgetExceeded``), and while
+one is held the next read runs under its deadline (``MessageTimeout``).  A
+batch that ends on a message boundary pays one integer test for this.
+
 Audit events raised by stages are handed to the recorder without waiting;
 when the recorder's bounded channel is full the pump waits for room after its
 send (backpressure, never loss) — see ``audit.recorder``.
@@ -55,7 +61,7 @@ from typing import Any, Callable, Protocol
 import attrs
 import trio
 
-from .errors import ProtocolError, ProxyError
+from .errors import MessageTimeout, ProtocolError, ProxyError
 
 log = logging.getLogger("dbproxy.pipeline")
 
@@ -257,6 +263,7 @@ class Pump:
     ctx: PumpContext
     on_error: Callable[[ProxyError], bytes] | None = None
     after_batch: Callable[[], Any] | None = None
+    account: Any = None  # dbproxy.buffer.BudgetAccount: this pump's partial-message charge
     chunks: int = 0
     messages: int = 0
     bytes_in: int = 0
@@ -278,7 +285,9 @@ class Pipeline:
 
     ``client_out`` / ``backend_out`` are the encoders for message-layer bytes
     sent *to* the client / backend.  ``client_error`` renders a ProxyError as
-    the client's wire-format error (sent before closing).
+    the client's wire-format error (sent before closing).  ``buffers`` is the
+    proxy's ``BufferBudget``: partial messages are charged to it and must
+    complete within its ``message_timeout`` (None: unbounded).
     """
 
     def __init__(
@@ -297,6 +306,7 @@ class Pipeline:
         client_error: Callable[[ProxyError], bytes] | None = None,
         flush_audit: Callable[[], Any] | None = None,
         receive_size: int = RECEIVE_SIZE,
+        buffers: Any = None,
     ) -> None:
         self.session = session
         self.client = client
@@ -325,6 +335,10 @@ class Pipeline:
             backend_stages,
             PumpContext("backend", session, state),
         )
+        self.buffers = buffers
+        if buffers is not None:
+            self.c2b.account = buffers.account()
+            self.b2c.account = buffers.account()
         self.end_reason: str | None = None
         self.error: BaseException | None = None
 
@@ -333,9 +347,17 @@ class Pipeline:
 
     async def run(self) -> None:
         """Pump both directions until either side ends; both pumps end together."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_task, self.c2b, self.to_backend, self.to_client, nursery)
-            nursery.start_soon(self._pump_task, self.b2c, self.to_client, self.to_backend, nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_task, self.c2b, self.to_backend, self.to_client, nursery)
+                nursery.start_soon(self._pump_task, self.b2c, self.to_client, self.to_backend, nursery)
+        finally:
+            # Also on cancellation: the session's partial messages leave the budget, and
+            # memory, with it (nothing decodes them any more).
+            for pump in (self.c2b, self.b2c):
+                if pump.account is not None:
+                    pump.account.release()
+                    pump.decoder.buffer.clear()
 
     async def _pump_task(self, pump: Pump, out: Sender, back: Sender, nursery: trio.Nursery) -> None:
         try:
@@ -362,6 +384,24 @@ class Pipeline:
         finally:
             nursery.cancel_scope.cancel()
 
+    async def _receive_partial(self, pump: Pump, receive: Callable[[], Any], deadline: float, held: int) -> bytes:
+        """A read while a partial message is held: the message must complete by ``deadline``."""
+        with trio.move_on_at(deadline):
+            return await receive()
+        self.buffers.timeouts += 1
+        exc = MessageTimeout(self.buffers.message_timeout, held)
+        exc.direction = pump.direction  # type: ignore[attr-defined]
+        raise exc
+
+    @staticmethod
+    def _hold_partial(pump: Pump, held: int, announced_length: Callable[[], int | None] | None) -> None:
+        """Charge a partial message to the budget (``BufferBudgetExceeded`` when it cannot fit)."""
+        try:
+            pump.account.hold(held, announced_length() if announced_length is not None else None)
+        except ProtocolError as exc:
+            exc.direction = pump.direction  # type: ignore[attr-defined]
+            raise
+
     async def _pump(self, pump: Pump, out: Sender, back: Sender) -> None:
         decoder = pump.decoder
         buf = decoder.buffer
@@ -373,9 +413,19 @@ class Pipeline:
         audit_owner = self._audit_owner if hasattr(self._audit_owner, "halted") else None
         # Bytes handed over from the handshake phase are decoded before the first read.
         pending = bool(buf)
+        # A partial message (bytes left after a batch) is charged to the proxy's budget
+        # and must complete by ``deadline``.  None pending (the common case) costs one
+        # integer test per batch and reads without a cancel scope.
+        account = pump.account
+        announced_length = getattr(decoder, "announced_length", None)
+        partial = False
+        deadline = 0.0
         while True:
             if not pending:
-                data = await receive()
+                if not partial:
+                    data = await receive()
+                else:
+                    data = await self._receive_partial(pump, receive, deadline, len(buf))
                 if not data:
                     return
                 pump.chunks += 1
@@ -439,10 +489,20 @@ class Pipeline:
                 await out.send_messages(b"".join(forwarded))
             if replies:
                 await back.send_messages(b"".join(replies))
-            buf.compact()
+            held = buf.compact()
             if flush_audit is not None and (audit_owner is None or audit_owner._pending):
                 await flush_audit()
             if failure is not None:
                 raise failure
             if close:
                 raise SessionClosed()
+            if (held or partial) and account is not None:
+                if not held:
+                    partial = False
+                    account.release()
+                else:
+                    self._hold_partial(pump, held, announced_length)
+                    if not partial or count:
+                        # A new partial message, or complete ones arrived: the clock restarts.
+                        partial = True
+                        deadline = trio.current_time() + self.buffers.message_timeout

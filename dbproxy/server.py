@@ -27,6 +27,7 @@ from audit.link import AuditLink
 from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder
 from audit.sinks import build_sink
 
+from .buffer import BufferBudget
 from .config import Config
 from .engine import EngineRegistry, Services
 from .errors import ProxyError
@@ -74,7 +75,11 @@ class ProxyServer:
             else:
                 recorder = AuditRecorder([build_sink(s) for s in config.audit.sinks], capacity=config.audit.queue_size)
         self.recorder = recorder
-        self.services = Services(recorder=self.recorder)
+        # One budget for every session's partly received messages (dbproxy.buffer).
+        self.services = Services(
+            recorder=self.recorder,
+            buffers=BufferBudget(config.buffers.budget_bytes, message_timeout=config.buffers.message_timeout),
+        )
         self.engines = {}
         self.sessions: dict[str, Session] = {}
         self.bound: list[BoundListener] = []

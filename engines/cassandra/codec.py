@@ -144,6 +144,26 @@ class CqlDecoder:
             return self._next_frame()
         return self._next_from_segments()
 
+    def announced_length(self) -> int | None:
+        """Wire length of the partly received frame, from its header (None: not known yet).
+
+        For the proxy's buffer budget, only while a frame is incomplete.  Segments:
+        the length of a frame split over segments, once its header is in (each
+        segment itself is at most 128 KiB of payload, v5 spec 2.2).
+        """
+        if self._framing == "segments":
+            return self._split_need if self._split_need >= 0 else None
+        buf = self.buffer
+        available = len(buf)
+        if not available:
+            return None
+        first = buf.peek_byte()
+        size = header_size_for(first)
+        if available < size:
+            return None
+        length = parse_header(bytes(buf.peek(size)))[4]
+        return size + length
+
     # --- 'frames' ---------------------------------------------------------------
 
     def _check_header(self, first: int, version: int, flags: int, stream: int, opcode: int, length: int) -> None:

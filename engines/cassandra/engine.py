@@ -80,7 +80,7 @@ import trio
 from dbproxy.access import TooManyConnections, audit_denial
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
-from dbproxy.errors import AccessDenied, FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.errors import AccessDenied, BufferBudgetExceeded, FrameTooLarge, MessageTimeout, ProtocolError, ProxyError, UpstreamError
 from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
 from dbproxy.session import Identity
@@ -179,6 +179,8 @@ class CassandraEngine(Engine):
     password_methods = ("password",)
     client_auth_methods = ("token", "mtls", "anonymous")
     default_max_message_size = 16 * 1024 * 1024
+    max_message_size_limit = F.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit_source = "native protocol v5 spec 2.4.1.5: frame bodies are limited to 256 MiB"
 
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)
@@ -259,7 +261,8 @@ class CassandraEngine(Engine):
             stream = await self._client_tls(session, stream)
             if stream is None:
                 return
-        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
+        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size),
+                                budget=self.services.buffers)
         wire = _ClientWire(channel)
         try:
             with trio.fail_after(self.handshake_timeout):
@@ -281,7 +284,8 @@ class CassandraEngine(Engine):
             stream = await self._client_tls(session, stream)
             if stream is None:
                 return
-        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size))
+        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size),
+                                budget=self.services.buffers)
         wire = _ClientWire(channel)
         try:
             with trio.fail_after(self.handshake_timeout):
@@ -635,6 +639,7 @@ class CassandraEngine(Engine):
                 to_backend_encoder=link.encoder,
                 client_error=functools.partial(self._pipeline_error, wire, state),
                 flush_audit=audit.flush,
+                buffers=self.services.buffers,
             )
             await pipeline.run()
             reason = pipeline.end_reason or "closed"
@@ -672,4 +677,34 @@ class CassandraEngine(Engine):
     def _pipeline_error(self, wire: _ClientWire, state: CqlSessionState, exc: ProxyError) -> bytes:
         if isinstance(exc, BackendProtocolError):
             return self._fail_pending(wire, state, exc.client_hint)
+        if isinstance(exc, (BufferBudgetExceeded, MessageTimeout)):
+            return self._limit_error(wire, state, exc)
         return wire.protocol_error(exc)
+
+    def _limit_error(self, wire: _ClientWire, state: CqlSessionState, exc: ProtocolError) -> bytes:
+        """The proxy ends the session for a memory bound (``dbproxy.buffer``).
+
+        The frame the client was still sending gets OVERLOADED for the buffer budget —
+        Cassandra's own answer when its in-flight request bytes are exhausted
+        (native_transport_max_request_data_in_flight) — or PROTOCOL_ERROR for the
+        deadline, on its stream when its header is in ('frames' framing); every
+        request still waiting gets SERVER_ERROR, as when the backend is lost.
+        """
+        out = b""
+        stream = _partial_stream(wire.channel.decoder) if getattr(exc, "direction", None) == "client" else None
+        if stream is not None:
+            code = F.ErrorCode.OVERLOADED if isinstance(exc, BufferBudgetExceeded) else F.ErrorCode.PROTOCOL_ERROR
+            state.pending.pop(stream, None)
+            out = wire.error(stream, code, exc.client_hint)
+        return out + self._fail_pending(wire, state, exc.client_hint)
+
+
+def _partial_stream(decoder: CqlDecoder) -> int | None:
+    """Stream id of the frame partly received at the decoder's read position ('frames' framing)."""
+    buf = decoder.buffer
+    if decoder.framing != "frames" or not buf:
+        return None
+    size = F.header_size_for(buf.peek_byte())
+    if len(buf) < size:
+        return None
+    return F.parse_header(bytes(buf.peek(size)))[2]

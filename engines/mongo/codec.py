@@ -81,6 +81,11 @@ class MongoDecoder:
                 view.release()
         return wire.WireMessage(length, request_id, response_to, op_code, buf.take(length))
 
+    def announced_length(self) -> int | None:
+        """messageLength of the partly received message (None: not yet in); for the buffer budget."""
+        buf = self.buffer
+        return buf.i32_le() if len(buf) >= 4 else None
+
     def _check_length(self, length: int) -> None:
         if length < wire.HEADER_SIZE:
             raise RemoteProtocolError(

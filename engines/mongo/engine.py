@@ -58,7 +58,7 @@ import trio
 
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
-from dbproxy.errors import ProtocolError, ProxyError, UpstreamError
+from dbproxy.errors import BufferBudgetExceeded, MessageTimeout, ProtocolError, ProxyError, UpstreamError
 from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
@@ -126,6 +126,9 @@ class AttributingDecoder:
             exc.mongo_header = self._header()  # type: ignore[attr-defined]
             raise
 
+    def announced_length(self) -> int | None:
+        return self.inner.announced_length()
+
     def _header(self) -> _BadHeader | None:
         """The refused request's header — only from bytes the decoder judged, so the
         answer does not depend on how the stream was split into reads."""
@@ -184,6 +187,8 @@ class MongoEngine(Engine):
     auth_methods = ("scram-sha-256", "scram-sha-1", "plain", "none")
     password_methods = ("scram-sha-256", "scram-sha-1", "plain")
     default_max_message_size = wire.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit = wire.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit_source = "maxMessageSizeBytes, 48000000 bytes"
     client_auth_methods = ("token", "mtls", "anonymous")
     #: The token registry also records a SCRAM-SHA-1 verifier of Mongo's digest of each token.
     scram_flavours = (scram.MONGO_SHA_1,)
@@ -293,7 +298,7 @@ class MongoEngine(Engine):
             stream = tls
             session.details["client_tls"] = True
         decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-        client = MessageStream(stream, decoder)
+        client = MessageStream(stream, decoder, budget=self.services.buffers)
         try:
             with trio.fail_after(self.handshake_timeout):
                 first = await client.receive()
@@ -404,7 +409,13 @@ class MongoEngine(Engine):
                     return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
                 # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
                 hint = getattr(exc, "client_hint", None) or str(exc)
-                return lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
+                partial = b""
+                if isinstance(exc, (BufferBudgetExceeded, MessageTimeout)) and getattr(exc, "direction", None) == "client":
+                    # The request the client is still sending (its header is at the read position) is
+                    # answered too, so the driver reports why instead of a closed connection.
+                    exc.mongo_header = decoder._header()  # type: ignore[attr-defined]
+                    partial = client_protocol_error_reply(exc)
+                return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
 
             pipeline = Pipeline(
                 session=session,
@@ -417,6 +428,7 @@ class MongoEngine(Engine):
                 state=state,
                 client_error=client_error,
                 flush_audit=audit.flush,
+                buffers=self.services.buffers,
             )
             await pipeline.run()
             reason = pipeline.end_reason or "closed"

@@ -84,6 +84,17 @@ class _TypedDecoder:
 
     next_message = _next_typed
 
+    def announced_length(self) -> int | None:
+        """Wire length of the partly received message, from its header (None: header incomplete).
+
+        For the proxy's buffer budget (``dbproxy.buffer.BudgetAccount``): only called
+        while a message is incomplete, never on the hot path.
+        """
+        buf = self.buffer
+        if len(buf) < 5:
+            return None
+        return 1 + buf.i32_be(1)
+
 
 class BackendDecoder(_TypedDecoder):
     """Decodes what a server sends: typed messages, plus the SSL/GSS answer byte.
@@ -179,6 +190,12 @@ class FrontendDecoder(_TypedDecoder):
 
     def set_startup_done(self) -> None:
         self._startup = False
+
+    def announced_length(self) -> int | None:
+        if self._startup:
+            buf = self.buffer
+            return buf.i32_be() if len(buf) >= 4 else None
+        return super().announced_length()
 
     def next_message(self):  # -> Message | StartupMessage | SSLRequest | ... | NEED_DATA
         if self._startup:

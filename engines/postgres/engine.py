@@ -29,9 +29,10 @@ route/database/user (FATAL), a startup setting (FATAL) or the statement
 (ERROR, session continues), 0A000/42601 an ``options`` switch that is not a
 setting / malformed, 53300 too many connections, 08001 backend unreachable,
 28P01 backend refused the proxy's credential, 08P01 protocol violation, 54000
-message too large, 08006 backend lost mid-session (only when the backend's
-last message was not an ErrorResponse: after its own FATAL the client needs
-no second one).
+message too large, 53200 the proxy's buffer budget cannot hold the message
+(08P01 "message not received in time" after its deadline), 08006 backend
+lost mid-session (only when the backend's last message was not an
+ErrorResponse: after its own FATAL the client needs no second one).
 A client that stalls its handshake past the listener's handshake timeout is
 logged and audited (failed ``db.session.start``); one that resets it is an
 info line.
@@ -58,7 +59,7 @@ from dbproxy.tls import server_context
 
 from . import messages as m
 from .backend import open_backend, send_cancel
-from .codec import FrontendDecoder
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .startup import SettingRefused, backend_settings, setting
 from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
@@ -147,6 +148,8 @@ class PostgresEngine(Engine):
     auth_methods = ("trust", "password", "md5", "scram-sha-256", "gssapi")
     password_methods = ("password", "md5", "scram-sha-256")
     default_max_message_size = 256 * 1024 * 1024
+    max_message_size_limit = DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size_limit_source = "MaxAllocSize, 1 GiB - 1"
     client_auth_methods = ("token", "mtls", "anonymous")
 
     GSSAPI_KEYS = {"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "gssencmode", "renew_margin_seconds"}
@@ -197,7 +200,7 @@ class PostgresEngine(Engine):
     # ------------------------------------------------------------------
     async def handle_connection(self, session: Any, stream: Any) -> None:
         decoder = FrontendDecoder(max_message_size=self.max_message_size, startup=True)
-        client = MessageStream(stream, decoder)
+        client = MessageStream(stream, decoder, budget=self.services.buffers)
         try:
             with trio.fail_after(self.handshake_timeout):
                 startup = await self._client_startup(session, client)
@@ -406,6 +409,7 @@ class PostgresEngine(Engine):
                 state=state,
                 client_error=client_error_for,
                 flush_audit=audit.flush,
+                buffers=self.services.buffers,
             )
             try:
                 await pipeline.run()
@@ -484,7 +488,8 @@ class PostgresEngine(Engine):
     async def refuse(self, session: Any, stream: Any, reason: str) -> None:
         """Turn a client away before any session: read its startup (SSL/GSS negotiation as usual),
         then a FATAL ErrorResponse, SQLSTATE 53000 (insufficient resources) — e.g. audit unavailable."""
-        client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True))
+        client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True),
+                               budget=self.services.buffers)
         try:
             with trio.fail_after(self.handshake_timeout):
                 startup = await self._client_startup(session, client)

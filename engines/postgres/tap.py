@@ -101,6 +101,13 @@ class Framer:
                 tap(bytes(payload) if type(payload) is not bytes else payload)
         return NEED_DATA
 
+    def announced_length(self) -> int | None:
+        """Wire length of the partly received frame (None: header incomplete); for the buffer budget."""
+        buf = self.buffer
+        if len(buf) < 5:
+            return None
+        return 1 + buf.i32_be(1)
+
 
 class Tap:
     """One session's audit in the audit worker: frames in, the audit stages run on them.
