@@ -418,11 +418,14 @@ class PostgresEngine(Engine):
                     audit.tap_close(tap_slot)
                     state.terminated = client_decoder.terminated
             reason = pipeline.end_reason or "closed"
-            if not state.terminated and reason.startswith("backend") and last_backend.last_type != m.BE.ERROR_RESPONSE:
+            if (not state.terminated and reason.startswith("backend") and pipeline.error is None
+                    and last_backend.last_type != m.BE.ERROR_RESPONSE):
                 # The backend went away under a live client without saying why (a
                 # crash, a lost link): tell the client in its own protocol.  When its
                 # last word was an ErrorResponse (FATAL 57P01 after pg_terminate_backend,
-                # 57P02 crash shutdown…), the client has the server's own reason already.
+                # 57P02 crash shutdown…), the client has the server's own reason already,
+                # and after a backend-side protocol error (53200 buffer budget…) the
+                # pipeline has sent the client the proxy's error.
                 await self._send_quietly(
                     MessageStream(client.stream, None),
                     error_message("08006", "the connection to the backend database was lost"),

@@ -242,3 +242,37 @@ def test_slow_bodies_stay_within_budget_while_others_work(pg, proxy_factory, tmp
     # And the proxy still serves new sessions.
     with psycopg.connect(host="127.0.0.1", port=port, user=user, dbname="app", sslmode="disable", connect_timeout=10) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["tap", "in-process"])
+def test_backend_row_over_budget_gives_one_error(pg, proxy_factory, tmp_path: Path, worker: bool):
+    """A result row larger than the budget (the backend's DataRow announces it) ends the
+    session with 53200 — and only that: the proxy's "backend lost" 08006 must not follow
+    an error the pipeline already sent (the client would read two FATALs)."""
+    config = build_config(pg, tmp_path)
+    config["buffers"] = {"budget_bytes": BUDGET, "message_timeout_seconds": TIMEOUT}
+    if not worker:
+        config.setdefault("audit", {})["worker"] = False
+    proxy = proxy_factory(config)
+    sock = socket.create_connection(("127.0.0.1", proxy.port()), timeout=20)
+    try:
+        sock.sendall(_startup("trust", "app"))
+        _read_until_ready(sock)
+        sql = f"select repeat('x', {BUDGET + MiB})".encode() + b"\0"
+        sock.sendall(b"Q" + struct.pack(">i", len(sql) + 4) + sql)
+        data = b""
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    errors = []
+    pos = 0
+    while len(data) - pos >= 5:
+        (length,) = struct.unpack_from(">i", data, pos + 1)
+        if data[pos:pos + 1] == b"E":
+            errors.append(_error_fields(data[pos:pos + 1 + length]))
+        pos += 1 + length
+    assert [e["C"] for e in errors] == ["53200"], errors
