@@ -8,26 +8,84 @@ before it is forwarded), consumes whole frames without building message
 objects, and taps the frames the audit stages read; the pump forwards the
 chunk as received.  It notes the client's Terminate.
 
+Bodies the worker will parse are known to parse: before a frame of a type
+the audit reads is consumed, its ``checks`` entry runs the very ``parse_*``
+function the audit stage will run (``FRONTEND_CHECKS``: Query, Parse, Bind,
+Execute, Close; ``BACKEND_CHECKS``: CommandComplete, ErrorResponse).  A body
+that does not parse raises ``MalformedMessage``: the frames before it are
+tapped and forwarded, it is not, and the pipeline audits it
+(``audit.malformed``) and ends the session with FATAL 08P01 — what the
+in-process stages do with the same bytes, so both audit modes behave alike.
+Cost: Query, CommandComplete and ErrorResponse are accepted on one byte
+(their last byte is the NUL the parser needs; only a frame that fails it
+goes to the parser, which decides); Parse/Bind/Execute/Close are parsed
+(one copy of the frame, small in practice).  DataRow, CopyData and the other
+types are not looked at.
+
 Worker side — ``Tap``: the real decoders and the engine's own audit stages
 (``stages.FrontendAudit`` / ``BackendAudit``) over those bytes, so a tapped
-session's trail is the one the in-process stages would write.
+session's trail is the one the in-process stages would write.  A frame a
+stage cannot handle (the proxy checked it, so this means a bug or a check
+out of step with its parser) is audited as ``audit.malformed`` and the tap
+goes on with the next frame: one frame never ends a session's audit.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
+from collections.abc import Mapping
 from typing import Any, Callable
 
+from audit.events import MALFORMED
 from dbproxy.buffer import ReceiveBuffer
-from dbproxy.errors import FrameTooLarge
+from dbproxy.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from dbproxy.pipeline import NEED_DATA
 
+from . import messages as m
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, _bad_length
-from .messages import FE, Message
+from .messages import BE, FE, Message
 from .stages import BackendAudit, FrontendAudit, PgSessionState
+
+log = logging.getLogger("dbproxy.postgres.tap")
 
 _LEN = struct.Struct(">i")
 _TERMINATE = FE.TERMINATE
+
+# A check: (buffer data, frame start, frame length field) -> None, or raises MalformedMessage.
+
+
+def _parsed(parse: Callable[[Message], Any]) -> Callable[[Any, int, int], None]:
+    """Run the audit's own parser on the frame (its exceptions are MalformedMessage)."""
+    def check(data: Any, pos: int, length: int) -> None:
+        parse(Message(data[pos], data[pos:pos + length + 1]))
+    return check
+
+
+def _nul_terminated(parse: Callable[[Message], Any]) -> Callable[[Any, int, int], None]:
+    """Bodies a parser accepts whenever their last byte is a NUL (``parse_query`` and
+    ``parse_command_complete`` read up to the first NUL; ``parse_error_fields`` needs the
+    last byte NUL): that one byte accepts them; any other frame goes to the parser, which decides."""
+    def check(data: Any, pos: int, length: int) -> None:
+        if length > 4 and data[pos + length] == 0:
+            return
+        parse(Message(data[pos], data[pos:pos + length + 1]))
+    return check
+
+
+#: The types ``FrontendAudit`` parses (Sync, FunctionCall and Terminate have no body it reads).
+FRONTEND_CHECKS: Mapping[int, Callable[[Any, int, int], None]] = {
+    FE.QUERY: _nul_terminated(m.parse_query),
+    FE.PARSE: _parsed(m.parse_parse),
+    FE.BIND: _parsed(m.parse_bind),
+    FE.EXECUTE: _parsed(m.parse_execute),
+    FE.CLOSE: _parsed(m.parse_close),
+}
+#: The types ``BackendAudit`` parses (EmptyQueryResponse, PortalSuspended, ReadyForQuery: none read).
+BACKEND_CHECKS: Mapping[int, Callable[[Any, int, int], None]] = {
+    BE.COMMAND_COMPLETE: _nul_terminated(m.parse_command_complete),
+    BE.ERROR_RESPONSE: _nul_terminated(m.parse_error_fields),
+}
 
 
 class Framer:
@@ -40,16 +98,20 @@ class Framer:
     leaves the proxy: a 100 MB result costs the audit worker nothing.
     """
 
-    __slots__ = ("buffer", "max_message_size", "frames", "terminated", "tap", "interest")
+    __slots__ = ("buffer", "max_message_size", "frames", "terminated", "tap", "interest", "checks")
 
     def __init__(self, buffer: ReceiveBuffer, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 tap: Callable[[bytes], Any] | None = None, interest: frozenset = frozenset()) -> None:
+                 tap: Callable[[bytes], Any] | None = None, interest: frozenset = frozenset(),
+                 checks: Mapping[int, Callable[[Any, int, int], None]] | None = None) -> None:
         self.buffer = buffer
         self.max_message_size = max_message_size
         self.frames = 0
         self.terminated = False
         self.tap = tap
         self.interest = interest
+        # The body checks of the tapped types (FRONTEND_CHECKS / BACKEND_CHECKS): a tap's
+        # frames are the ones the worker parses, so they must parse.
+        self.checks = checks or {}
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self.buffer.feed(data)
@@ -61,6 +123,7 @@ class Framer:
         limit = self.max_message_size
         tap = self.tap
         interest = self.interest
+        checks = self.checks
         run = -1  # start of the current run of frames for the tap
         parts: list = []
         frames = 0
@@ -78,6 +141,9 @@ class Framer:
                     self.terminated = True
                 if tap is not None:
                     if mtype in interest:
+                        check = checks.get(mtype)
+                        if check is not None:
+                            check(data, pos, length)  # raises MalformedMessage: not consumed, not tapped
                         if run < 0:
                             run = pos
                     elif run >= 0:
@@ -107,6 +173,7 @@ class Tap:
     """
 
     def __init__(self, audit: Any) -> None:
+        self.audit = audit
         self.state = PgSessionState()
         self.buffers = (ReceiveBuffer(), ReceiveBuffer())
         self.stages = (FrontendAudit(self.state, audit), BackendAudit(self.state, audit))
@@ -129,10 +196,23 @@ class Tap:
                 break
             mtype = raw[pos]
             if mtype in interest:
-                handle(Message(mtype, bytes(raw[pos:pos + length + 1])), None)
+                frame = bytes(raw[pos:pos + length + 1])
+                try:
+                    handle(Message(mtype, frame), None)
+                except Exception as exc:  # one frame never ends the session's audit
+                    self._malformed(direction, frame, exc)
             pos += length + 1
         buf.skip(pos - start)
         buf.compact()
+
+    def _malformed(self, direction: int, frame: bytes, exc: Exception) -> None:
+        if not isinstance(exc, MalformedMessage):
+            if not isinstance(exc, ProtocolError):
+                log.exception("audit stage failed on a %r frame of %d bytes", chr(frame[0]), len(frame))
+            exc = MalformedMessage(f"audit stage failed: {exc.__class__.__name__}: {exc}",
+                                   type_name=f"{chr(frame[0])!r} frame", type_code=chr(frame[0]), raw=frame)
+        self.audit.emit(MALFORMED, direction="client" if direction == 0 else "backend", success=False,
+                        **exc.audit_fields())
 
     def counts(self) -> dict:
         return {"queries": self.state.queries, "errors": self.state.errors}
