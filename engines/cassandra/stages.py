@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 
 from audit import events as ev
-from dbproxy.errors import ProtocolError
+from dbproxy.errors import MalformedMessage, ProtocolError
 from dbproxy.pipeline import reply
 
 from . import frames as F
@@ -269,6 +269,20 @@ def _protocol_error(frame: F.Frame, message: str, compressor: str | None) -> byt
     return F.encode_error(frame.version, frame.stream, F.ErrorCode.PROTOCOL_ERROR, message, compressor=compressor)
 
 
+def malformed_request(frame: F.Frame, exc: ProtocolError) -> MalformedMessage:
+    """A request whose body does not parse, as the pipeline audits and answers it: ``stream`` and
+    ``version`` put the engine's PROTOCOL_ERROR (0x000A) on the client's own stream."""
+    name = F.Opcode(frame.opcode).name
+    bad = MalformedMessage(
+        f"malformed {name} request on stream {frame.stream}: {exc}",
+        client_hint=getattr(exc, "client_hint", None) or f"malformed {name} message body",
+        type_name=name, type_code=frame.opcode, raw=frame.raw,
+    )
+    bad.stream = frame.stream  # type: ignore[attr-defined]
+    bad.version = frame.version  # type: ignore[attr-defined]
+    return bad
+
+
 class RequestAudit:
     """Client → backend."""
 
@@ -299,10 +313,9 @@ class RequestAudit:
                 )
                 return reply(_protocol_error(msg, f"Unexpected message {name}: the connection is already authenticated", self.compressor))
         except ProtocolError as exc:
-            # Never forward what could not be audited; the session itself goes on.
-            name = F.Opcode(op).name
-            self.audit.emit(ev.QUERY, db_query=f"<malformed {name}>", success=False, error=str(exc), cql_opcode=name)
-            return reply(_protocol_error(msg, exc.client_hint, self.compressor))
+            # Never forward what could not be audited: the pipeline audits it (audit.malformed)
+            # and ends the session with PROTOCOL_ERROR on this stream (the rule of every engine).
+            raise malformed_request(msg, exc) from None
         return None
 
     def _common(self, msg: F.Frame, params: F.QueryParameters | None) -> dict:
