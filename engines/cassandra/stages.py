@@ -14,6 +14,22 @@ Requests (client → backend), native protocol v4/v5 section 4.1:
   PROTOCOL_ERROR and never forwarded (a client's password must not reach the
   backend, and the backend's framing must not change under the proxy).
 
+Malformed requests (the rule of every engine, ARCHITECTURE.md "Audit"): a
+request whose header is right but whose body does not parse — a [long
+string] or [short bytes] that runs past the body, a [value] length below -2,
+a BATCH announcing more children than it holds or a child kind other than
+0/1, invalid UTF-8 in a [string] — is never forwarded: ``RequestAudit``
+raises ``MalformedMessage`` (carrying the stream and version), the pipeline
+audits it as ``audit.malformed`` and the engine ends the session with ERROR
+PROTOCOL_ERROR (0x000A) on that stream.  Parsing is the grammar Cassandra
+applies (native_protocol_v4/v5 §3, §4.1), so what parses here is what the
+node reads.  Not malformed: values Cassandra itself refuses after parsing —
+an unknown consistency code (audited as its number), an unknown batch type
+(its number), flag bits no version defines (ignored here as by Cassandra's
+``Flag.deserialize``), bound values that do not decode as their prepared type
+(audited as base64): the record says what was sent, the node answers the
+error and runs nothing.
+
 Responses (backend → client), section 4.2: RESULT → ``db.session.result``
 with its kind (void, rows + row count + has_more_pages, set_keyspace,
 prepared + id, schema_change); ERROR → a failed result with code and

@@ -28,6 +28,25 @@ Client → backend (``ClientCommands``), per request:
     Legacy opcodes (OP_INSERT, OP_GET_MORE … — gone since MongoDB 5.1) cannot
     be policed by command and end such a session.
 
+Malformed requests (the rule of every engine, ARCHITECTURE.md "Audit"): a
+request whose header is right but whose body the audit cannot read is never
+forwarded — ``ClientCommands`` raises ``MalformedMessage``, the pipeline
+audits it as ``audit.malformed`` (its first 64 bytes, cut before the value of
+any key the renderer would redact) and the engine answers that request
+``ok: 0`` (code 17 ProtocolError; OP_REPLY for OP_QUERY) and closes.  That
+covers: an OP_MSG section or document sequence whose sizes lie, a bad
+checksum or flag, an OP_QUERY whose collection name is not NUL-terminated
+UTF-8, an OP_COMPRESSED that does not decompress, an empty command document,
+BSON that breaks its spec anywhere the renderer reads (a nested size or
+string length that lies, an unknown element type, a string that is not
+UTF-8), and a command whose fields the audit and policy cannot read as the
+protocol defines them (e.g. a ``speculativeAuthenticate`` that is not a
+document).  Not malformed: valid BSON whose value Python cannot hold as is —
+a date out of ``datetime``'s range is decoded as ``DatetimeMS`` and rendered
+as its milliseconds; a document sequence's documents are counted by their
+size prefixes, not decoded (the record says how many were sent); a body
+larger than the rendering budget is rendered up to it and marked truncated.
+
 Backend → client (``BackendReplies``), per reply: the request is found by
 ``responseTo`` (a reply with moreToCome re-keys it under its own requestID,
 which the next exhaust reply answers).  A ``db.session.result`` carries

@@ -294,14 +294,6 @@ def test_malformed_request_is_refused_for_the_pipeline_to_audit(case, version):
     assert error.code == F.ErrorCode.PROTOCOL_ERROR and struct.unpack_from(">h", reply, 2)[0] == 4
 
 
-def test_an_unknown_consistency_is_audited_as_sent_not_malformed():
-    """A body that parses but holds a value Cassandra refuses (consistency 0x0042): audited with the
-    number as sent and forwarded — the node answers PROTOCOL_ERROR and runs nothing."""
-    state, audit, req, res = stages(4)
-    assert req.handle(request(4, 4, F.Opcode.QUERY, F.query_body(4, "SELECT 1", 0x42)), None) is None
-    assert audit.events[-1]["consistency"] == "66" and audit.events[-1]["db_query"] == "SELECT 1"
-
-
 # --------------------------------------------------------------------------- client auth
 
 

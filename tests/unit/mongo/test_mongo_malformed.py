@@ -23,7 +23,8 @@ from bson.datetime_ms import DatetimeMS
 
 from dbproxy.errors import MalformedMessage
 from engines.mongo import wire
-from engines.mongo.engine import client_protocol_error_reply
+from engines.mongo.codec import MongoDecoder
+from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
 from tests.unit.mongo.test_mongo_stages import msg, reply_doc, session
 
 
@@ -104,3 +105,19 @@ def test_a_date_out_of_range_is_audited_and_forwarded() -> None:
     assert client.handle(msg(wire.encode_op_msg(doc, request_id=9)), None) is None
     [q] = audit.of("db.session.query")
     assert q["command"] == "insert" and str(2**62) in q["db_query"] and "unrenderable" not in q["db_query"]
+
+
+def test_a_bad_checksum_is_refused_by_the_decoder_as_malformed() -> None:
+    """The decoder verifies an OP_MSG's CRC-32C before the message is consumed: a mismatch is a
+    MalformedMessage (the pipeline audits it), answered on the request's id by the engine."""
+    good = wire.encode_op_msg({"insert": "c", "documents": [{"a": 1}], "$db": "d"}, request_id=7, checksum=True)
+    bad = good[:-4] + bytes(b ^ 0xFF for b in good[-4:])
+    decoder = AttributingDecoder(MongoDecoder(), "client")
+    decoder.feed(bad)
+    with pytest.raises(MalformedMessage) as info:
+        decoder.next_message()
+    exc = info.value
+    assert (exc.type_name, exc.type_code, exc.length, exc.prefix) == ("OP_MSG", wire.OP_MSG, len(bad), bad[:64])
+    assert len(decoder.buffer) == len(bad)  # not consumed: never forwarded
+    out = client_protocol_error_reply(exc)
+    assert msg(out).response_to == 7 and reply_doc(out)["code"] == 17
