@@ -67,9 +67,16 @@ VALID_BODIES = {
 def bodies(draw):
     key = draw(st.sampled_from(sorted(PARSERS)))
     valid = VALID_BODIES[key]
-    how = draw(st.sampled_from(["random", "cut", "extended", "nul-free"]))
+    how = draw(st.sampled_from(["random", "cut", "extended", "nul-free", "mutated", "mutated-cut"]))
     if how == "random":
         body = draw(st.binary(max_size=60))
+    elif how.startswith("mutated"):
+        body = bytearray(valid)
+        for _ in range(draw(st.integers(1, 3))):
+            body[draw(st.integers(0, len(body) - 1))] = draw(st.sampled_from([0, 0xFF, 0x7F, 0x80, 1, 2, 0x41]))
+        body = bytes(body)
+        if how == "mutated-cut":
+            body = body[:draw(st.integers(0, len(body)))]
     elif how == "cut":
         body = valid[:draw(st.integers(0, len(valid)))]
     elif how == "extended":
@@ -87,7 +94,7 @@ def parser_accepts(key, frame: bytes) -> bool:
     return True  # any other exception propagates: the parsers raise only MalformedMessage
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=3000, deadline=None)
 @given(case=bodies(), before=st.binary(max_size=8), after=st.binary(max_size=8))
 def test_checks_agree_with_the_parsers(case, before: bytes, after: bytes) -> None:
     (side, t), body = case
