@@ -9,9 +9,10 @@ objects, and taps the frames the audit stages read; the pump forwards the
 chunk as received.  It notes the client's Terminate.
 
 Bodies the worker will parse are known to parse: before a frame of a type
-the audit reads is consumed, its ``checks`` entry runs the very ``parse_*``
-function the audit stage will run (``FRONTEND_CHECKS``: Query, Parse, Bind,
-Execute, Close; ``BACKEND_CHECKS``: CommandComplete, ErrorResponse).  A body
+the audit reads is consumed, its ``checks`` entry accepts it only if the
+``parse_*`` function the audit stage will run accepts it
+(``FRONTEND_CHECKS``: Query, Parse, Bind, Execute, Close;
+``BACKEND_CHECKS``: CommandComplete, ErrorResponse).  A body
 that does not parse raises ``MalformedMessage``: the frames before it are
 tapped and forwarded, it is not, and the pipeline audits it
 (``audit.malformed``) and ends the session with FATAL 08P01 — what the
@@ -78,7 +79,7 @@ _I32 = _LEN.unpack_from
 
 
 def _check_parse(d: Any, p: int, length: int) -> None:
-    """Parse (§55.7): name\0 query\0 int16 n >= 0, n int32 type OIDs."""
+    """Parse (§55.7): name\\0 query\\0 int16 n >= 0, n int32 type OIDs."""
     end = p + length + 1
     q = d.find(0, p + 5, end)
     if q >= 0:
@@ -91,7 +92,7 @@ def _check_parse(d: Any, p: int, length: int) -> None:
 
 
 def _check_bind(d: Any, p: int, length: int) -> None:
-    """Bind (§55.7): portal\0 statement\0 int16 formats; int16 n values (int32 size, -1 NULL); int16 result formats."""
+    """Bind (§55.7): portal\\0 statement\\0 int16 formats; int16 n values (int32 size, -1 NULL); int16 result formats."""
     if not _bind_ok(d, p, p + length + 1):
         _refuse(m.parse_bind, d, p, length)
 
@@ -127,7 +128,7 @@ def _bind_ok(d: Any, p: int, end: int) -> bool:
 
 
 def _check_execute(d: Any, p: int, length: int) -> None:
-    """Execute (§55.7): portal\0 int32 row limit."""
+    """Execute (§55.7): portal\\0 int32 row limit."""
     end = p + length + 1
     q = d.find(0, p + 5, end)
     if q < 0 or q + 5 > end:
@@ -135,7 +136,7 @@ def _check_execute(d: Any, p: int, length: int) -> None:
 
 
 def _check_close(d: Any, p: int, length: int) -> None:
-    """Close (§55.7): one kind byte, name\0."""
+    """Close (§55.7): one kind byte, name\\0."""
     end = p + length + 1
     if p + 6 > end or d.find(0, p + 6, end) < 0:
         _refuse(m.parse_close, d, p, length)
