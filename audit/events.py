@@ -29,6 +29,9 @@ PG_EXECUTE = "db.session.postgres.statements.execute"
 ACCESS_DENIED = "db.session.access_denied"
 # The audit trail's own events: a sink's spool overflowed in drop_oldest mode.
 AUDIT_LOSS = "audit.loss"
+# A client (or backend) message that framed correctly but whose body the audit could not
+# parse: refused, never forwarded, and the session ended (``dbproxy.errors.MalformedMessage``).
+MALFORMED = "audit.malformed"
 
 # Teleport's event codes for the events it has; ours extend the series.
 CODES = {
@@ -41,6 +44,7 @@ CODES = {
     PG_EXECUTE: "TPG02I",
     ACCESS_DENIED: "TDB10W",
     AUDIT_LOSS: "TAU00W",
+    MALFORMED: "TAU01W",
 }
 
 MAX_QUERY_CHARS = 16 * 1024

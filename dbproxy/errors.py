@@ -78,6 +78,52 @@ class MessageTimeout(RemoteProtocolError):
         self.held = held
 
 
+class MalformedMessage(RemoteProtocolError):
+    """A message that frames correctly but whose body the audit cannot parse.
+
+    The rule for every engine: such a message is refused before it is
+    forwarded, audited as ``audit.malformed`` (``audit_fields``) and the
+    session ends with the protocol's native error.  It carries only what the
+    audit records: the message type (``type_name``, e.g. ``"Query"``, and
+    ``type_code``, e.g. ``"Q"`` or an opcode), its length on the wire and at
+    most ``PREFIX_BYTES`` of its wire bytes (header included).  An engine may
+    set ``redacted`` and cut the prefix where a secret would begin.
+    """
+
+    PREFIX_BYTES = 64
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        client_hint: str | None = None,
+        type_name: str,
+        type_code: str | int | None = None,
+        raw: bytes | bytearray | memoryview = b"",
+        length: int | None = None,
+    ) -> None:
+        super().__init__(message, client_hint=client_hint)
+        self.type_name = type_name
+        self.type_code = type_code
+        self.length = len(raw) if length is None else length
+        self.prefix = bytes(raw[: self.PREFIX_BYTES])
+        self.redacted = False
+
+    def audit_fields(self) -> dict:
+        """The fields of its ``audit.malformed`` event (the pipeline adds ``direction``)."""
+        fields = {
+            "message_type": self.type_name,
+            "message_code": self.type_code,
+            "length": self.length,
+            "prefix_hex": self.prefix.hex(),
+            "truncated": self.length > len(self.prefix),
+            "error": str(self),
+        }
+        if self.redacted:
+            fields["redacted"] = True
+        return fields
+
+
 class AccessDenied(ProxyError):
     """Identity or policy refuses what the client asked for."""
 

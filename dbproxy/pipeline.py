@@ -61,7 +61,9 @@ from typing import Any, Callable, Protocol
 import attrs
 import trio
 
-from .errors import MessageTimeout, ProtocolError, ProxyError
+from audit.events import MALFORMED
+
+from .errors import MalformedMessage, MessageTimeout, ProtocolError, ProxyError
 
 log = logging.getLogger("dbproxy.pipeline")
 
@@ -247,6 +249,22 @@ class Sender:
     async def send_messages(self, data: bytes) -> None:
         if data:
             await self.send_wire(self.encoder(data))
+
+
+def audit_malformed(session: Any, direction: str, msg: Any, exc: ProtocolError) -> None:
+    """Record a refused message as ``audit.malformed`` on the session's audit.
+
+    A ``MalformedMessage`` says what it was (type, length, first bytes); any
+    other ProtocolError a stage raised over a decoded message is described
+    from the message's own ``raw`` (every codec's messages have one).
+    """
+    audit = getattr(session, "audit", None)
+    if audit is None:
+        return
+    if not isinstance(exc, MalformedMessage):
+        raw = getattr(msg, "raw", None) or b""
+        exc = MalformedMessage(str(exc), type_name=type(msg).__name__, raw=raw)
+    audit.emit(MALFORMED, direction=direction, success=False, **exc.audit_fields())
 
 
 class SessionClosed(Exception):
@@ -461,6 +479,10 @@ class Pipeline:
                         # A stage refused a message the decoder already consumed:
                         # the received span includes it, so send the rebuilt batch.
                         changed = True
+                    if msg is not NEED_DATA or isinstance(exc, MalformedMessage):
+                        # It framed but its body did not parse: the refused message is
+                        # itself audited before anything of this batch is sent.
+                        audit_malformed(self.session, pump.direction, msg, exc)
                     break
                 if verdict is None:
                     forwarded.append(msg.raw)

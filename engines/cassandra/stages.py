@@ -14,6 +14,22 @@ Requests (client → backend), native protocol v4/v5 section 4.1:
   PROTOCOL_ERROR and never forwarded (a client's password must not reach the
   backend, and the backend's framing must not change under the proxy).
 
+Malformed requests (the rule of every engine, ARCHITECTURE.md "Audit"): a
+request whose header is right but whose body does not parse — a [long
+string] or [short bytes] that runs past the body, a [value] length below -2,
+a BATCH announcing more children than it holds or a child kind other than
+0/1, invalid UTF-8 in a [string] — is never forwarded: ``RequestAudit``
+raises ``MalformedMessage`` (carrying the stream and version), the pipeline
+audits it as ``audit.malformed`` and the engine ends the session with ERROR
+PROTOCOL_ERROR (0x000A) on that stream.  Parsing is the grammar Cassandra
+applies (native_protocol_v4/v5 §3, §4.1), so what parses here is what the
+node reads.  Not malformed: values Cassandra itself refuses after parsing —
+an unknown consistency code (audited as its number), an unknown batch type
+(its number), flag bits no version defines (ignored here as by Cassandra's
+``Flag.deserialize``), bound values that do not decode as their prepared type
+(audited as base64): the record says what was sent, the node answers the
+error and runs nothing.
+
 Responses (backend → client), section 4.2: RESULT → ``db.session.result``
 with its kind (void, rows + row count + has_more_pages, set_keyspace,
 prepared + id, schema_change); ERROR → a failed result with code and
@@ -46,7 +62,7 @@ from typing import Any
 import attrs
 
 from audit import events as ev
-from dbproxy.errors import ProtocolError
+from dbproxy.errors import MalformedMessage, ProtocolError
 from dbproxy.pipeline import reply
 
 from . import frames as F
@@ -269,6 +285,20 @@ def _protocol_error(frame: F.Frame, message: str, compressor: str | None) -> byt
     return F.encode_error(frame.version, frame.stream, F.ErrorCode.PROTOCOL_ERROR, message, compressor=compressor)
 
 
+def malformed_request(frame: F.Frame, exc: ProtocolError) -> MalformedMessage:
+    """A request whose body does not parse, as the pipeline audits and answers it: ``stream`` and
+    ``version`` put the engine's PROTOCOL_ERROR (0x000A) on the client's own stream."""
+    name = F.Opcode(frame.opcode).name
+    bad = MalformedMessage(
+        f"malformed {name} request on stream {frame.stream}: {exc}",
+        client_hint=getattr(exc, "client_hint", None) or f"malformed {name} message body",
+        type_name=name, type_code=frame.opcode, raw=frame.raw,
+    )
+    bad.stream = frame.stream  # type: ignore[attr-defined]
+    bad.version = frame.version  # type: ignore[attr-defined]
+    return bad
+
+
 class RequestAudit:
     """Client → backend."""
 
@@ -299,10 +329,9 @@ class RequestAudit:
                 )
                 return reply(_protocol_error(msg, f"Unexpected message {name}: the connection is already authenticated", self.compressor))
         except ProtocolError as exc:
-            # Never forward what could not be audited; the session itself goes on.
-            name = F.Opcode(op).name
-            self.audit.emit(ev.QUERY, db_query=f"<malformed {name}>", success=False, error=str(exc), cql_opcode=name)
-            return reply(_protocol_error(msg, exc.client_hint, self.compressor))
+            # Never forward what could not be audited: the pipeline audits it (audit.malformed)
+            # and ends the session with PROTOCOL_ERROR on this stream (the rule of every engine).
+            raise malformed_request(msg, exc) from None
         return None
 
     def _common(self, msg: F.Frame, params: F.QueryParameters | None) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import attrs
 
 from dbproxy.buffer import ReceiveBuffer
-from dbproxy.errors import FrameTooLarge, RemoteProtocolError
+from dbproxy.errors import FrameTooLarge, MalformedMessage, RemoteProtocolError
 from dbproxy.pipeline import NEED_DATA
 
 from . import wire
@@ -77,6 +77,10 @@ class MongoDecoder:
             view = buf.peek(length)
             try:
                 wire.verify_op_msg_checksum_raw(view)
+            except RemoteProtocolError as exc:
+                # It framed, its body is not what was sent: audited as malformed (issue 13 §1).
+                raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",
+                                       type_code=op_code, raw=view, length=length) from None
             finally:
                 view.release()
         return wire.WireMessage(length, request_id, response_to, op_code, buf.take(length))

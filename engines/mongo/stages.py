@@ -28,6 +28,25 @@ Client → backend (``ClientCommands``), per request:
     Legacy opcodes (OP_INSERT, OP_GET_MORE … — gone since MongoDB 5.1) cannot
     be policed by command and end such a session.
 
+Malformed requests (the rule of every engine, ARCHITECTURE.md "Audit"): a
+request whose header is right but whose body the audit cannot read is never
+forwarded — ``ClientCommands`` raises ``MalformedMessage``, the pipeline
+audits it as ``audit.malformed`` (its first 64 bytes, cut before the value of
+any key the renderer would redact) and the engine answers that request
+``ok: 0`` (code 17 ProtocolError; OP_REPLY for OP_QUERY) and closes.  That
+covers: an OP_MSG section or document sequence whose sizes lie, a bad
+checksum or flag, an OP_QUERY whose collection name is not NUL-terminated
+UTF-8, an OP_COMPRESSED that does not decompress, an empty command document,
+BSON that breaks its spec anywhere the renderer reads (a nested size or
+string length that lies, an unknown element type, a string that is not
+UTF-8), and a command whose fields the audit and policy cannot read as the
+protocol defines them (e.g. a ``speculativeAuthenticate`` that is not a
+document).  Not malformed: valid BSON whose value Python cannot hold as is —
+a date out of ``datetime``'s range is decoded as ``DatetimeMS`` and rendered
+as its milliseconds; a document sequence's documents are counted by their
+size prefixes, not decoded (the record says how many were sent); a body
+larger than the rendering budget is rendered up to it and marked truncated.
+
 Backend → client (``BackendReplies``), per reply: the request is found by
 ``responseTo`` (a reply with moreToCome re-keys it under its own requestID,
 which the next exhaust reply answers).  A ``db.session.result`` carries
@@ -61,6 +80,7 @@ import bson
 import orjson
 from bson.binary import Binary
 from bson.code import Code
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.dbref import DBRef
 from bson.decimal128 import Decimal128
 from bson.errors import BSONError
@@ -73,7 +93,7 @@ from bson.timestamp import Timestamp
 
 from audit import events as ev
 from dbproxy.access import audit_denial
-from dbproxy.errors import FrameTooLarge, ProtocolError
+from dbproxy.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from dbproxy.pipeline import Verdict, replace, reply
 
 from . import wire
@@ -197,6 +217,32 @@ def _render(value: Any, budget: _Budget, redact: frozenset, depth: int = 0) -> A
     return _render_str(str(value), budget)
 
 
+#: Decodes every valid BSON value: dates out of Python's range stay ``DatetimeMS``.  What still
+#: fails breaks the BSON spec (bsonspec.org): a size or length that lies, an unknown element
+#: type, a string that is not UTF-8 — the same test ``wire.raw_document`` applies to the top level.
+_LENIENT = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+
+
+def _render_lenient(body: Mapping[str, Any], name: str, redact: frozenset) -> Any:
+    """The walk over the raw document failed.  Either the BSON is broken somewhere inside (a nested
+    document's size or a string's length lies): the command is malformed — raised, so it is refused
+    and audited as ``audit.malformed``, never forwarded with a partial record; or a valid value would
+    not render (a date out of Python's range): the document is decoded leniently and rendered from
+    that, so the record still says what was sent."""
+    raw = body.raw if isinstance(body, RawBSONDocument) else None
+    if raw is None:
+        return {name: "<unrenderable command>"}
+    try:
+        decoded = bson.decode(raw, codec_options=_LENIENT)
+    except (BSONError, ValueError, TypeError, OverflowError) as exc:
+        raise wire.RemoteProtocolError(f"invalid BSON in the command document: {exc}",
+                                       client_hint="malformed command document") from None
+    try:
+        return _render(decoded, _Budget(MAX_RENDER_CHARS), redact)
+    except Exception as exc:  # no known value gets here; still, never fail the audit for rendering
+        return {name: f"<unrenderable command: {exc.__class__.__name__}>"}
+
+
 def _render_str(value: str, budget: _Budget) -> str:
     limit = min(MAX_STRING_CHARS, max(budget.left, 16))
     if len(value) > limit:
@@ -245,8 +291,8 @@ def render_command(body: Mapping[str, Any], name: str, sequences: dict[str, int]
     budget = _Budget(MAX_RENDER_CHARS)
     try:
         doc = _render(body, budget, redact)
-    except Exception as exc:  # a malformed nested document: say so, never fail the session
-        doc = {name: f"<unrenderable command: {exc.__class__.__name__}>"}
+    except Exception:
+        doc = _render_lenient(body, name, redact)
     if sequences:
         for ident, count in sequences.items():
             doc[ident] = f"<{count} documents in a document sequence>"
@@ -470,7 +516,49 @@ def _sequence_counts(op: wire.OpMsg) -> dict[str, int]:
 
 
 def _error_code(exc: ProtocolError) -> int:
-    return BSON_TOO_LARGE if isinstance(exc, FrameTooLarge) else PROTOCOL_ERROR
+    too_large = isinstance(exc, FrameTooLarge) or isinstance(exc.__cause__, FrameTooLarge)
+    return BSON_TOO_LARGE if too_large else PROTOCOL_ERROR
+
+
+#: Where a secret's value would start in a malformed request's bytes (a BSON key is its name + NUL).
+_SECRET_KEYS = re.compile(b"|".join(re.escape(k.encode("utf-8") + b"\x00") for k in sorted(REDACT_AUTH)))
+
+
+_REQUEST_NAMES = {wire.OP_MSG: "OP_MSG", wire.OP_QUERY: "OP_QUERY", wire.OP_COMPRESSED: "OP_COMPRESSED"}
+
+
+@attrs.frozen
+class RequestHeader:
+    """What the engine's error reply needs of a refused request (``engine.client_protocol_error_reply``)."""
+
+    request_id: int
+    op_code: int  # the opcode the reply style follows (OP_QUERY → OP_REPLY, else OP_MSG)
+
+
+def malformed_request(msg: wire.WireMessage, exc: Exception) -> MalformedMessage:
+    """A request whose body the audit cannot read, as the pipeline audits and answers it.
+
+    The audit keeps its first 64 bytes, cut before any value of a key that may hold a secret
+    (``pwd``, SASL ``payload``… — the same keys the command renderer redacts), marked
+    ``redacted``.
+    """
+    name = _REQUEST_NAMES.get(msg.op_code, f"opcode {msg.op_code}")
+    hint = getattr(exc, "client_hint", None) or "malformed command document"
+    bad = MalformedMessage(f"malformed {name} request {msg.request_id}: {exc}", client_hint=hint,
+                           type_name=name, type_code=msg.op_code, raw=msg.raw)
+    secret = _SECRET_KEYS.search(bad.prefix)
+    if secret is not None:
+        bad.prefix = bad.prefix[:secret.end()]
+        bad.redacted = True
+    style = msg.op_code
+    if style == wire.OP_COMPRESSED:
+        try:
+            style = wire.compressed_header(msg).original_op_code
+        except (ProtocolError, struct.error, ValueError):
+            style = wire.OP_MSG
+    bad.mongo_side = "client"  # type: ignore[attr-defined]
+    bad.mongo_header = RequestHeader(msg.request_id, style)  # type: ignore[attr-defined]
+    return bad
 
 
 def protocol_error_reply(request: wire.WireMessage, exc: ProtocolError) -> bytes:
@@ -517,14 +605,11 @@ class ClientCommands:
         try:
             return self._command(msg)
         except (ProtocolError, BSONError, ValueError, TypeError, IndexError, struct.error) as exc:
-            # Framing is intact (the decoder found the length): answer this request, keep the session.
-            if not isinstance(exc, ProtocolError):
-                exc = wire.RemoteProtocolError(f"malformed request: {exc}", client_hint="malformed command document")
+            # The frame is intact (the decoder found the length) but its body is not what the
+            # audit can read: refused, never forwarded; the pipeline audits it (audit.malformed)
+            # and ends the session after answering ok:0 (the rule of every engine).
             self.state.errors += 1
-            event = self.audit.on_query(f"<malformed request: {exc}>", command=None, request_id=msg.request_id)
-            self.audit.on_result(success=False, query_uid=event["uid"], ok=0, errmsg=exc.client_hint,
-                                 code=_error_code(exc))
-            return reply(protocol_error_reply(msg, exc))
+            raise malformed_request(msg, exc) from exc
 
     def _command(self, msg: wire.WireMessage) -> Verdict | None:
         st = self.state

@@ -63,7 +63,7 @@ from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .startup import SettingRefused, backend_settings, setting
 from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
-from .tap import Framer
+from .tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
@@ -393,9 +393,11 @@ class PostgresEngine(Engine):
                 # frames the audit reads; the audit worker parses and audits those (audit.link).
                 tap_slot = audit.tap_open("postgres")
                 client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size,
-                                        tap=functools.partial(audit.tap, tap_slot, 0), interest=FrontendAudit.interest)
+                                        tap=functools.partial(audit.tap, tap_slot, 0), interest=FrontendAudit.interest,
+                                        checks=FRONTEND_CHECKS)
                 backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size,
-                                         tap=functools.partial(audit.tap, tap_slot, 1), interest=BackendAudit.interest)
+                                         tap=functools.partial(audit.tap, tap_slot, 1), interest=BackendAudit.interest,
+                                         checks=BACKEND_CHECKS)
                 client_stages, backend_stages = [], []
                 last_backend = backend_decoder
             pipeline = Pipeline(

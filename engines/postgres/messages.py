@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import attrs
 
-from dbproxy.errors import RemoteProtocolError
+from dbproxy.errors import MalformedMessage, RemoteProtocolError
 
 # --------------------------------------------------------------------------
 # Constants (§55.7; src/include/libpq/protocol.h PqMsg_*).
@@ -321,9 +321,17 @@ class _Reader:
         return out
 
 
-def _malformed(what: str, exc: Exception) -> RemoteProtocolError:
-    return RemoteProtocolError(
-        f"malformed {what} message: {exc}", client_hint=f"malformed {what} message"
+def _malformed(what: str, exc: Exception, msg: Message | bytes, *, secret: bool = False) -> MalformedMessage:
+    """The error of a body that does not parse: a ``MalformedMessage`` naming the message
+    (the pipeline audits it as ``audit.malformed``).  ``secret`` bodies (passwords, SASL
+    data) keep no bytes."""
+    raw = msg if isinstance(msg, (bytes, bytearray)) else msg.raw
+    code = chr(raw[0]) if raw else None
+    if what == "Describe/Close" and code is not None:
+        what = "Close" if code == "C" else "Describe"
+    return MalformedMessage(
+        f"malformed {what} message: {exc}", client_hint=f"malformed {what} message",
+        type_name=what, type_code=code, raw=b"" if secret else raw, length=len(raw),
     )
 
 
@@ -336,7 +344,7 @@ def parse_query(msg: Message) -> str:
     try:
         return _text(_Reader(msg).cstr())
     except (ValueError, struct.error) as exc:
-        raise _malformed("Query", exc) from None
+        raise _malformed("Query", exc, msg) from None
 
 
 def parse_parse(msg: Message) -> Parse:
@@ -351,7 +359,7 @@ def parse_parse(msg: Message) -> Parse:
         types = struct.unpack_from(f">{n}I", r.raw, r.pos)
         return Parse(name, query, types)
     except (ValueError, struct.error) as exc:
-        raise _malformed("Parse", exc) from None
+        raise _malformed("Parse", exc, msg) from None
 
 
 def parse_bind(msg: Message) -> Bind:
@@ -372,7 +380,7 @@ def parse_bind(msg: Message) -> Bind:
         results = r.int16s(r.i16())
         return Bind(portal, stmt, formats, tuple(params), results)
     except (ValueError, struct.error) as exc:
-        raise _malformed("Bind", exc) from None
+        raise _malformed("Bind", exc, msg) from None
 
 
 def parse_execute(msg: Message) -> Execute:
@@ -382,7 +390,7 @@ def parse_execute(msg: Message) -> Execute:
         portal = _text(r.cstr())
         return Execute(portal, r.i32())
     except (ValueError, struct.error) as exc:
-        raise _malformed("Execute", exc) from None
+        raise _malformed("Execute", exc, msg) from None
 
 
 def parse_describe(msg: Message) -> DescribeOrClose:
@@ -392,7 +400,7 @@ def parse_describe(msg: Message) -> DescribeOrClose:
         kind = chr(r.take(1)[0])
         return DescribeOrClose(kind, _text(r.cstr()))
     except (ValueError, struct.error) as exc:
-        raise _malformed("Describe/Close", exc) from None
+        raise _malformed("Describe/Close", exc, msg) from None
 
 
 parse_close = parse_describe
@@ -403,7 +411,7 @@ def parse_password(msg: Message) -> bytes:
     try:
         return _Reader(msg).cstr()
     except ValueError as exc:
-        raise _malformed("PasswordMessage", exc) from None
+        raise _malformed("PasswordMessage", exc, msg, secret=True) from None
 
 
 def parse_sasl_initial_response(msg: Message) -> SASLInitialResponse:
@@ -415,7 +423,7 @@ def parse_sasl_initial_response(msg: Message) -> SASLInitialResponse:
         data = None if n == -1 else r.take(n)
         return SASLInitialResponse(mech, data)
     except (ValueError, struct.error) as exc:
-        raise _malformed("SASLInitialResponse", exc) from None
+        raise _malformed("SASLInitialResponse", exc, msg, secret=True) from None
 
 
 def parse_sasl_response(msg: Message) -> bytes:
@@ -439,7 +447,7 @@ def parse_command_complete(msg: Message) -> str:
     try:
         return _text(_Reader(msg).cstr())
     except ValueError as exc:
-        raise _malformed("CommandComplete", exc) from None
+        raise _malformed("CommandComplete", exc, msg) from None
 
 
 # Tags whose last word is a row count (§55.7 CommandComplete).
@@ -463,7 +471,7 @@ def parse_error_fields(msg: Message) -> dict[str, str]:
     """ErrorResponse / NoticeResponse: {field code: value} (§55.8), e.g. S, V, C, M, D, H."""
     body = msg.raw[5:]
     if not body or body[-1] != 0:
-        raise _malformed("ErrorResponse/NoticeResponse", ValueError("missing terminator"))
+        raise _malformed("ErrorResponse/NoticeResponse", ValueError("missing terminator"), msg)
     fields: dict[str, str] = {}
     for part in body[:-1].split(b"\0"):
         if not part:
@@ -481,7 +489,7 @@ def parse_parameter_status(msg: Message) -> tuple[str, str]:
         r = _Reader(msg)
         return _text(r.cstr()), _text(r.cstr())
     except ValueError as exc:
-        raise _malformed("ParameterStatus", exc) from None
+        raise _malformed("ParameterStatus", exc, msg) from None
 
 
 def parse_backend_key_data(msg: Message) -> BackendKeyData:
@@ -494,7 +502,7 @@ def parse_backend_key_data(msg: Message) -> BackendKeyData:
             raise ValueError(f"secret key of {len(secret)} bytes")
         return BackendKeyData(pid, secret)
     except (ValueError, struct.error) as exc:
-        raise _malformed("BackendKeyData", exc) from None
+        raise _malformed("BackendKeyData", exc, msg) from None
 
 
 def parse_authentication(msg: Message) -> Authentication:
@@ -503,7 +511,7 @@ def parse_authentication(msg: Message) -> Authentication:
         r = _Reader(msg)
         return Authentication(r.i32(), r.rest())
     except struct.error as exc:
-        raise _malformed("Authentication", exc) from None
+        raise _malformed("Authentication", exc, msg) from None
 
 
 def sasl_mechanisms(data: bytes) -> list[str]:
@@ -514,7 +522,7 @@ def sasl_mechanisms(data: bytes) -> list[str]:
 def parse_ready_for_query(msg: Message) -> str:
     """ReadyForQuery ('Z'): transaction status "I", "T" or "E"."""
     if len(msg.raw) != 6:
-        raise _malformed("ReadyForQuery", ValueError(f"{len(msg.raw)} bytes"))
+        raise _malformed("ReadyForQuery", ValueError(f"{len(msg.raw)} bytes"), msg)
     return chr(msg.raw[5])
 
 
@@ -525,7 +533,7 @@ def parse_notification(msg: Message) -> Notification:
         pid = r.i32()
         return Notification(pid, _text(r.cstr()), _text(r.cstr()))
     except (ValueError, struct.error) as exc:
-        raise _malformed("NotificationResponse", exc) from None
+        raise _malformed("NotificationResponse", exc, msg) from None
 
 
 def parse_negotiate_protocol_version(msg: Message) -> NegotiateProtocolVersion:
@@ -538,7 +546,7 @@ def parse_negotiate_protocol_version(msg: Message) -> NegotiateProtocolVersion:
             raise ValueError("negative option count")
         return NegotiateProtocolVersion(version, tuple(_text(r.cstr()) for _ in range(n)))
     except (ValueError, struct.error) as exc:
-        raise _malformed("NegotiateProtocolVersion", exc) from None
+        raise _malformed("NegotiateProtocolVersion", exc, msg) from None
 
 
 def parse_startup_params(body: bytes) -> dict[str, str]:

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from dbproxy.config import load_config
-from dbproxy.errors import ConfigErrors
+from dbproxy.errors import ConfigErrors, MalformedMessage
 from engines import default_registry
 from engines.cassandra import frames as F
 from engines.cassandra.auth import ClientAuthFailed, PlainClientAuthenticator
@@ -244,13 +244,54 @@ def test_handshake_messages_after_login_are_refused_not_forwarded(opcode):
     assert "secret" not in json.dumps(audit.events)
 
 
-def test_malformed_request_is_answered_not_forwarded():
-    state, audit, req, res = stages(4)
-    verdict = req.handle(request(4, 4, F.Opcode.QUERY, b"\x00\x00\x00\x50abc"), None)  # long string overruns the body
-    assert verdict is not None and verdict.replace == ()
-    assert F.parse_error(F.Frame(4, 0, 4, F.Opcode.ERROR, verdict.reply)).code == F.ErrorCode.PROTOCOL_ERROR
-    assert audit.events[-1]["db_query"] == "<malformed QUERY>" and audit.events[-1]["success"] is False
-    assert state.pending == {}
+def _insert_query(version: int) -> bytes:
+    return F.query_body(version, "INSERT INTO ks.t (k) VALUES (1)")
+
+
+def _flags(version: int, flags: int) -> bytes:
+    return struct.pack(">I", flags) if version >= 5 else bytes((flags,))
+
+
+# Bodies whose frame header is right but which do not parse (CQL native protocol v4 §4.1, v5 §4.1).
+MALFORMED_REQUESTS = {
+    "query-long-string-overruns": (F.Opcode.QUERY, lambda v: b"\x00\x00\x00\x50abc"),
+    "query-no-consistency": (F.Opcode.QUERY, lambda v: _insert_query(v)[:-3]),
+    "query-invalid-utf8": (F.Opcode.QUERY, lambda v: b"\x00\x00\x00\x02\xff\xfe" + b"\x00\x01" + _flags(v, 0)),
+    "query-value-length-below-minus-2": (
+        F.Opcode.QUERY,
+        lambda v: b"\x00\x00\x00\x01x\x00\x01" + _flags(v, F.QF_VALUES) + struct.pack(">hi", 1, -7)),
+    "query-values-count-overruns": (
+        F.Opcode.QUERY, lambda v: b"\x00\x00\x00\x01x\x00\x01" + _flags(v, F.QF_VALUES) + struct.pack(">h", 3) + _value(b"1")),
+    "execute-id-length-overruns": (F.Opcode.EXECUTE, lambda v: struct.pack(">H", 200) + b"short-id"),
+    "execute-values-truncated": (F.Opcode.EXECUTE, lambda v: execute_body(v, b"q" * 16, [b"abc"])[:-2]),
+    "batch-child-count-overruns": (
+        F.Opcode.BATCH,
+        lambda v: bytes([0]) + struct.pack(">H", 3) + bytes([0]) + struct.pack(">i", 5) + b"x = 1" + struct.pack(">H", 0)),
+    "batch-child-kind-invalid": (F.Opcode.BATCH, lambda v: bytes([0]) + struct.pack(">H", 1) + bytes([7]) + b"\x00" * 12),
+    "prepare-garbage": (F.Opcode.PREPARE, lambda v: b"\x7f\xff\xff\xff garbage"),
+    "register-garbage": (F.Opcode.REGISTER, lambda v: struct.pack(">H", 2) + _string("TOPOLOGY_CHANGE")),
+}
+
+
+@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("case", sorted(MALFORMED_REQUESTS))
+def test_malformed_request_is_refused_for_the_pipeline_to_audit(case, version):
+    """The stage raises MalformedMessage (the pipeline audits it as audit.malformed and ends the
+    session with PROTOCOL_ERROR on the request's stream); nothing is forwarded or left pending."""
+    state, audit, req, res = stages(version)
+    opcode, body = MALFORMED_REQUESTS[case]
+    frame = request(version, 4, opcode, body(version))
+    with pytest.raises(MalformedMessage) as info:
+        req.handle(frame, None)
+    exc = info.value
+    assert (exc.stream, exc.version) == (4, version)
+    assert exc.type_name == F.Opcode(opcode).name and exc.type_code == opcode
+    assert exc.length == len(frame.raw) and exc.prefix == bytes(frame.raw[:64])
+    assert exc.audit_fields()["prefix_hex"] == bytes(frame.raw[:64]).hex()
+    assert state.pending == {} and state.last_request is None and audit.events == []
+    reply = F.protocol_error_reply(exc, version=version)
+    error = F.parse_error(F.Frame(version, 0, 4, F.Opcode.ERROR, reply))
+    assert error.code == F.ErrorCode.PROTOCOL_ERROR and struct.unpack_from(">h", reply, 2)[0] == 4
 
 
 # --------------------------------------------------------------------------- client auth

@@ -22,7 +22,7 @@ from bson.raw_bson import RawBSONDocument
 
 from audit import events as ev
 from dbproxy.config import load_config
-from dbproxy.errors import ConfigErrors, FrameTooLarge
+from dbproxy.errors import ConfigErrors, FrameTooLarge, MalformedMessage
 from engines import default_registry
 from engines.mongo import scram, wire
 from engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, ClientAuthPolicy
@@ -358,13 +358,17 @@ def test_auth_commands_answered_by_proxy_never_forwarded():
     assert q["answered_by"] == "proxy" and r["success"] is False and "pw-in-payload" not in q["db_query"]
 
 
-def test_malformed_body_answered_and_session_kept():
+def test_malformed_body_refused_for_the_pipeline_to_audit_and_answer():
+    """Refused (MalformedMessage): the pipeline audits it and ends the session after the engine's
+    ok:0 reply to this request (tests/unit/mongo/test_mongo_malformed.py has the cases)."""
     state, audit, client, _ = session()
     body = bson.encode({"ping": 1})
     bad = wire.HEADER.pack(16 + 5 + len(body), 12, 0, wire.OP_MSG) + b"\x00\x00\x00\x00\x00" + b"\xff\x00\x00\x00" + body[4:]
-    v = client.handle(msg(bad), None)
-    assert v.replace == () and not v.close
-    assert reply_doc(v.reply)["code"] == 17 and msg(v.reply).response_to == 12
+    with pytest.raises(MalformedMessage) as info:
+        client.handle(msg(bad), None)
+    out = client_protocol_error_reply(info.value)
+    assert reply_doc(out)["code"] == 17 and msg(out).response_to == 12
+    assert audit.events == [] and state.pending == {}
 
 
 def test_lost_backend_answers_waiting_requests_in_their_style():
@@ -463,8 +467,9 @@ def test_malformed_nested_input_never_escapes_the_stages():
     seq_doc = bson.encode({"a": 1})
     bad_seq = b"\x01" + (4 + 10 + len(seq_doc)).to_bytes(4, "little") + b"documents\x00" + b"\xff\x00\x00\x00" + seq_doc[4:]
     body = b"\x00\x00\x00\x00\x00" + bson.encode({"insert": "c", "$db": "d"}) + bad_seq
-    v = client.handle(msg(wire.HEADER.pack(16 + len(body), 40, 0, wire.OP_MSG) + body), None)
-    assert reply_doc(v.reply)["code"] == 17
+    with pytest.raises(MalformedMessage) as info:  # refused: the pipeline audits it and ends the session
+        client.handle(msg(wire.HEADER.pack(16 + len(body), 40, 0, wire.OP_MSG) + body), None)
+    assert reply_doc(client_protocol_error_reply(info.value))["code"] == 17
     # A reply whose cursor batch is cut short: forwarded, audited as unreadable or counted by the fallback.
     client.handle(msg(wire.encode_op_msg({"find": "c", "$db": "d"}, request_id=41)), None)
     good = bson.encode({"cursor": {"firstBatch": [{"x": 1}, {"x": 2}], "id": Int64(0), "ns": "d.c"}, "ok": 1.0})
