@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator
 import trio
 
 from .errors import BufferBudgetExceeded, ProtocolError, UpstreamError
-from .pipeline import NEED_DATA, RECEIVE_SIZE
+from .pipeline import RECEIVE_SIZE
+from .sansio import NEED_DATA
 
 
 class PeerClosed(Exception):

@@ -64,6 +64,8 @@ import trio
 from audit.events import MALFORMED
 
 from .errors import MalformedMessage, MessageTimeout, ProtocolError, ProxyError
+# The sans-IO contract lives in the trio-free kit; re-exported here for the pumps' users.
+from .sansio import FORWARD, NEED_DATA, Decoder, Stage, Verdict, drop, identity_encoder, replace, reply  # noqa: F401
 
 log = logging.getLogger("dbproxy.pipeline")
 
@@ -74,63 +76,6 @@ _wait_writable = trio.lowlevel.wait_writable
 _checkpoint = trio.lowlevel.checkpoint
 
 
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
-
-
-class Decoder(Protocol):
-    buffer: Any
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
-
-    def next_message(self) -> Any: ...
-
-
-class Stage(Protocol):
-    name: str
-
-    def handle(self, message: Any, ctx: "PumpContext") -> "Verdict | None": ...
-
-
-@attrs.frozen
-class Verdict:
-    """What a stage decided about one message.
-
-    replace: ``None`` forwards the original; a tuple (possibly empty) of
-        message-layer byte strings is sent instead (empty = drop it).
-    reply: bytes sent back toward the sender of this message.
-    close: end the session once the batch (and reply) is sent.
-    """
-
-    replace: tuple[bytes, ...] | None = None
-    reply: bytes = b""
-    close: bool = False
-
-
-FORWARD = None
-
-
-def replace(*parts: bytes) -> Verdict:
-    return Verdict(replace=tuple(parts))
-
-
-def drop() -> Verdict:
-    return Verdict(replace=())
-
-
-def reply(data: bytes, *, close: bool = False) -> Verdict:
-    """Answer the sender and do not forward the message."""
-    return Verdict(replace=(), reply=data, close=close)
-
-
-def identity_encoder(data: bytes) -> bytes:
-    return data
 
 
 @attrs.frozen

@@ -40,7 +40,7 @@ from typing import Literal
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import LocalProtocolError
-from dbproxy.pipeline import NEED_DATA, identity_encoder
+from dbproxy.sansio import NEED_DATA, identity_encoder
 
 from .frames import (
     DEFAULT_MAX_MESSAGE_SIZE,

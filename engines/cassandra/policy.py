@@ -64,7 +64,7 @@ import attrs
 
 from audit import events as ev
 from dbproxy.access import Grant, Statement, Token, audit_denial, split_statements
-from dbproxy.pipeline import reply
+from dbproxy.sansio import reply
 
 from . import frames as F
 from .stages import CqlSessionState, PreparedInfo

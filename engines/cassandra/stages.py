@@ -63,7 +63,7 @@ import attrs
 
 from audit import events as ev
 from dbproxy.errors import MalformedMessage, ProtocolError
-from dbproxy.pipeline import reply
+from dbproxy.sansio import reply
 
 from . import frames as F
 

@@ -27,7 +27,7 @@ import attrs
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, MalformedMessage, RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 
 from . import wire
 

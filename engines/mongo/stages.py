@@ -94,7 +94,7 @@ from bson.timestamp import Timestamp
 from audit import events as ev
 from dbproxy.access import audit_denial
 from dbproxy.errors import FrameTooLarge, MalformedMessage, ProtocolError
-from dbproxy.pipeline import Verdict, replace, reply
+from dbproxy.sansio import Verdict, replace, reply
 
 from . import wire
 from .clientauth import AUTH_COMMANDS

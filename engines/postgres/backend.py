@@ -310,3 +310,26 @@ async def send_cancel(route: RouteConfig, key: m.BackendKeyData) -> None:
                 pass
     finally:
         await trio.aclose_forcefully(stream)
+
+
+READ_ONLY_SETTING = "SET default_transaction_read_only = on"
+
+
+async def make_backend_read_only(channel: MessageStream) -> tuple[list[bytes], bytes]:
+    """Make the backend session read-only; return (ParameterStatus/Notice to replay, the ReadyForQuery)."""
+    await channel.send(m.encode_query(READ_ONLY_SETTING))
+    replay: list[bytes] = []
+    while True:
+        msg = await channel.receive()
+        t = msg.type
+        if t == m.BE.PARAMETER_STATUS or t == m.BE.NOTICE_RESPONSE:
+            replay.append(msg.raw)
+        elif t == m.BE.ERROR_RESPONSE:
+            fields = m.parse_error_fields(msg)
+            raise UpstreamError(
+                f"backend refused to make the session read-only: {fields.get('C')} {fields.get('M')}",
+                kind="protocol",
+                client_hint="the proxy could not make the backend session read-only",
+            )
+        elif t == m.BE.READY_FOR_QUERY:
+            return replay, msg.raw

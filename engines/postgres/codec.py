@@ -26,7 +26,7 @@ import struct
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 
 from .messages import (
     CANCEL_REQUEST_CODE,

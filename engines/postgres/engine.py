@@ -58,11 +58,11 @@ from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
 from . import messages as m
-from .backend import open_backend, send_cancel
+from .backend import make_backend_read_only, open_backend, send_cancel
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .startup import SettingRefused, backend_settings, setting
-from .policy import BackendPolicy, FrontendPolicy, PolicyState, make_backend_read_only
+from .policy import BackendPolicy, FrontendPolicy, PolicyState
 from .tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 

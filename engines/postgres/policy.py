@@ -47,9 +47,7 @@ import attrs
 
 from audit import events as ev
 from dbproxy.access import Grant, Statement, audit_denial, statement_variants
-from dbproxy.channel import MessageStream
-from dbproxy.errors import UpstreamError
-from dbproxy.pipeline import replace
+from dbproxy.sansio import replace
 
 from . import messages as m
 
@@ -238,26 +236,3 @@ class BackendPolicy:
         if self.audit_stage is not None:
             self.audit_stage.handle(rewritten, ctx)
         return replace(raw)
-
-
-READ_ONLY_SETTING = "SET default_transaction_read_only = on"
-
-
-async def make_backend_read_only(channel: MessageStream) -> tuple[list[bytes], bytes]:
-    """Make the backend session read-only; return (ParameterStatus/Notice to replay, the ReadyForQuery)."""
-    await channel.send(m.encode_query(READ_ONLY_SETTING))
-    replay: list[bytes] = []
-    while True:
-        msg = await channel.receive()
-        t = msg.type
-        if t == m.BE.PARAMETER_STATUS or t == m.BE.NOTICE_RESPONSE:
-            replay.append(msg.raw)
-        elif t == m.BE.ERROR_RESPONSE:
-            fields = m.parse_error_fields(msg)
-            raise UpstreamError(
-                f"backend refused to make the session read-only: {fields.get('C')} {fields.get('M')}",
-                kind="protocol",
-                client_hint="the proxy could not make the backend session read-only",
-            )
-        elif t == m.BE.READY_FOR_QUERY:
-            return replay, msg.raw

@@ -30,7 +30,7 @@ The rule, in one place:
   ``dynamic_library_path``), and settings that change what the server records
   about the session (``log_*``, ``pgaudit.*``).  A read-only grant also refuses
   ``default_transaction_read_only`` / ``transaction_read_only`` (the proxy
-  sets the first itself, ``policy.make_backend_read_only``); a grant that
+  sets the first itself, ``backend.make_backend_read_only``); a grant that
   denies the ``SET`` command refuses every setting but the ones drivers send
   on every connection (``DRIVER_SETTINGS``).
 

@@ -44,7 +44,7 @@ from typing import Any, Callable
 from audit.events import MALFORMED
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, MalformedMessage, ProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 
 from . import messages as m
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, _bad_length

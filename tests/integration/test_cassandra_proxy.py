@@ -46,7 +46,7 @@ from cassandra.query import BatchStatement, SimpleStatement
 from engines.cassandra import frames as F
 from engines.cassandra import segments as S
 from engines.cassandra.codec import CqlDecoder, CqlEncoder
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from scripts.peers import free_port
 from scripts.peers.cassandra_server import lib_dir, start_cassandra
 from tests.support import ProxyProcess, peer_missing, read_audit, wait_until

@@ -63,7 +63,7 @@ from hypothesis import strategies as st
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import ProtocolError, RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.cassandra import frames as F
 from engines.cassandra import segments as S
 from engines.cassandra.backend import BackendDecoder as CqlBackendDecoder

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parents[2]))
 
 from engines.mongo import wire  # noqa: E402
 from engines.mongo.codec import MongoDecoder  # noqa: E402
-from dbproxy.pipeline import NEED_DATA  # noqa: E402
+from dbproxy.sansio import NEED_DATA  # noqa: E402
 
 
 class Tee:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from dbproxy.pipeline import NEED_DATA  # noqa: E402
+from dbproxy.sansio import NEED_DATA  # noqa: E402
 from engines.cassandra import frames as F  # noqa: E402
 from engines.cassandra.codec import CqlDecoder, CqlEncoder  # noqa: E402
 from scripts.peers.cassandra_server import start_cassandra  # noqa: E402

@@ -16,7 +16,7 @@ from cassandra.connection import locally_supported_compressions, segment_codec_l
 from cassandra.protocol import ProtocolHandler
 from cassandra.segment import SegmentCodec
 
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.cassandra.codec import CqlDecoder
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "cassandra"

@@ -47,7 +47,7 @@ from tests.unit.cassandra.cql_testutil import (
     vector,
 )
 from dbproxy.errors import FrameTooLarge, ProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.cassandra import frames as F
 from engines.cassandra.codec import CqlDecoder, peek_version
 

@@ -15,7 +15,7 @@ import json
 import pytest
 
 from tests.unit.cassandra.cql_testutil import DATA_DIR, vector
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.cassandra import frames as F
 from engines.cassandra import segments as S
 from engines.cassandra.codec import CqlDecoder

@@ -366,7 +366,7 @@ def test_password_route_needs_a_backend_user(tmp_path):
 async def _read_frame(stream, decoder) -> F.Frame:
     import trio
 
-    from dbproxy.pipeline import NEED_DATA
+    from dbproxy.sansio import NEED_DATA
 
     with trio.fail_after(5):
         while (msg := decoder.next_message()) is NEED_DATA:

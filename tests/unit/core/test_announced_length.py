@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from dbproxy.buffer import ReceiveBuffer
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.cassandra import frames as F
 from engines.cassandra.codec import CqlDecoder
 from engines.cassandra.segments import encode_segments

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.mongo import wire
 from engines.mongo.codec import MongoDecoder
 

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbproxy.errors import AccessDenied, RemoteProtocolError, UpstreamError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.mongo import scram, wire
 from engines.mongo.codec import MongoDecoder
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.postgres import messages as m
 from engines.postgres.codec import MAX_STARTUP_PACKET_LENGTH, BackendDecoder, FrontendDecoder
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.postgres import messages as m
 from engines.postgres.auth import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramClient, md5_password, tls_server_end_point
 from engines.postgres.codec import BackendDecoder

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dbproxy.errors import RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.postgres import messages as m
 from engines.postgres.codec import BackendDecoder, FrontendDecoder
 

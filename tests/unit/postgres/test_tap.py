@@ -34,7 +34,7 @@ from audit import events as ev
 from audit.recorder import AuditRecorder, TemplateAudit
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from dbproxy.session import Identity, Session
 from engines.postgres import messages as m
 from engines.postgres.codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder

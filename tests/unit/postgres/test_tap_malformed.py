@@ -28,7 +28,7 @@ from audit import events as ev
 from audit.recorder import AuditRecorder, TemplateAudit
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import MalformedMessage
-from dbproxy.pipeline import NEED_DATA
+from dbproxy.sansio import NEED_DATA
 from engines.postgres import messages as m
 from engines.postgres.stages import BackendAudit, FrontendAudit
 from engines.postgres.tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
