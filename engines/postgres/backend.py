@@ -354,9 +354,19 @@ async def send_cancel(route: RouteConfig, key: m.BackendKeyData) -> None:
             decoder = BackendDecoder()
             channel = MessageStream(stream, decoder)
             await channel.send(m.encode_ssl_request())
-            answer = await channel.receive_with(decoder.read_ssl_answer)
-            if answer == b"S":
-                stream = await wrap_backend(stream, b.tls, b.host)
+            with login_errors(b.address):
+                answer = await channel.receive_with(decoder.read_ssl_answer)
+                if answer == b"E":
+                    await _refused(channel, decoder, "SSLRequest", b.address)
+            if answer != b"S":
+                # The route requires TLS: the cancel key is not for a plaintext link, and
+                # after an error the server is closing this one anyway.
+                raise UpstreamError(
+                    f"backend {b.address} refused TLS for a cancel request (answered {answer!r});"
+                    f" tls.mode={b.tls.mode}, so the cancel was not sent",
+                    kind="tls",
+                )
+            stream = await wrap_backend(stream, b.tls, b.host)
         await stream.send_all(m.encode_cancel_request(key.pid, key.secret))
         # The server closes the connection without answering; wait briefly for that.
         with trio.move_on_after(2):

@@ -22,6 +22,8 @@ import socket
 import ssl
 import struct
 import threading
+import time
+from collections.abc import Container
 
 import psycopg
 import pytest
@@ -52,19 +54,22 @@ V2_REFUSAL = f"E{MARKER}: could not fork new process for connection\n\0".encode(
 
 class RefusingFront:
     """FAKE PostgreSQL front (a fault the real server cannot produce, see the module
-    docstring).  Its first ``refusals`` connections read one start-up packet and get
-    ``refusal`` back, then are closed, as a server does after a FATAL.  Later ones
-    are relayed to the real server at ``upstream_port``: byte for byte, or with
+    docstring).  The connections numbered in ``refuse`` (from 0) read one start-up
+    packet and get ``refusal`` back; what the proxy still sends on them before it
+    closes them (up to a second) goes to ``after_refusal``.  Other connections are
+    relayed to the real server at ``upstream_port``: byte for byte, or with
     ``tls_upstream`` over a TLS link the front opens itself (kpg's pg_hba admits the
     GSS role over TLS or GSS encryption only; the proxy side stays plaintext).
     ``codes`` records the code of each connection's first packet."""
 
-    def __init__(self, refusal: bytes, upstream_port: int, *, refusals: int = 1, tls_upstream: bool = False) -> None:
+    def __init__(self, refusal: bytes, upstream_port: int, *, refuse: Container[int] = range(1),
+                 tls_upstream: bool = False) -> None:
         self.refusal = refusal
         self.upstream_port = upstream_port
-        self.refusals = refusals
+        self.refuse = refuse
         self.tls_upstream = tls_upstream
         self.codes: list[int] = []
+        self.after_refusal: list[bytes] = []
         self.port = 0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
@@ -105,8 +110,13 @@ class RefusingFront:
                 head = await exactly(8)
                 length, code = struct.unpack(">ii", head)
                 self.codes.append(code)
-                if n < self.refusals:
+                if n in self.refuse:
                     await stream.send_all(self.refusal)
+                    rest = bytes(buf)
+                    with trio.move_on_after(1):
+                        while data := await stream.receive_some(65536):
+                            rest += data
+                    self.after_refusal.append(rest)
                     return
                 up: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
                 first = head
@@ -137,10 +147,11 @@ def fronts(kpg):
     with RefusingFront(V3_REFUSAL, kpg.port) as prefer_tls, \
             RefusingFront(V3_REFUSAL, kpg.port, tls_upstream=True) as prefer_plain, \
             RefusingFront(V2_REFUSAL, kpg.port, tls_upstream=True) as prefer_plain_v2, \
-            RefusingFront(V3_REFUSAL, kpg.port, refusals=1 << 30) as require, \
-            RefusingFront(V3_REFUSAL, kpg.port, refusals=1 << 30) as tls_require:
+            RefusingFront(V3_REFUSAL, kpg.port, refuse=range(1 << 30)) as require, \
+            RefusingFront(V3_REFUSAL, kpg.port, refuse=range(1 << 30)) as tls_require, \
+            RefusingFront(V3_REFUSAL, kpg.port, refuse={1}) as cancel:
         yield {"prefer-tls": prefer_tls, "prefer-plain": prefer_plain, "prefer-plain-v2": prefer_plain_v2,
-               "require": require, "tls-require": tls_require}
+               "require": require, "tls-require": tls_require, "cancel": cancel}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +166,7 @@ def proxy(realm, kpg, fronts, tmp_path_factory):
         gss_route("prefer-plain-v2", realm, kpg, address=at("prefer-plain-v2"), host="localhost", gssencmode="prefer"),
         gss_route("require", realm, kpg, address=at("require"), host="localhost", gssencmode="require"),
         gss_route("tls-require", realm, kpg, address=at("tls-require"), tls={"mode": "require"}, host="localhost"),
+        gss_route("cancel", realm, kpg, address=at("cancel"), tls={"mode": "require"}, host="localhost"),
     ]
     proc = start_proxy(tmp_path_factory.mktemp("refusal-proxy"), routes)
     yield proc
@@ -226,3 +238,27 @@ def test_error_answer_fails_a_required_encryption_without_its_text(proxy, fronts
     wait_until(lambda: len(refusal_log_lines(proxy, front, request_name)) >= 2, what="the refusals logged")
     lines = refusal_log_lines(proxy, front, request_name)
     assert all(" INFO " in line and MARKER in line for line in lines), lines
+
+
+def test_cancel_not_sent_after_an_error_answer_to_sslrequest(proxy, fronts):
+    """The proxy's CancelRequest connection gets 'E' to its SSLRequest: the refusal is
+    logged, and the cancel key never goes out on that (plaintext) link.  Before the
+    fix the proxy sent the CancelRequest right behind the unread error."""
+    front = fronts["cancel"]
+    with connect(proxy, "cancel") as conn:
+        assert conn.execute("select current_user").fetchone() == ("dbproxy",)
+        # cancel_safe: the legacy conn.cancel() blocks in libpq holding the GIL, which
+        # would stall this process's fake front until the proxy gave up.
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        t0 = time.monotonic()
+        conn.execute("select pg_sleep(1.5)")  # the cancel cannot arrive: the query runs its course
+        elapsed = time.monotonic() - t0
+        timer.join()
+    assert elapsed >= 1.4
+    wait_until(lambda: len(front.after_refusal) == 1, what="the refused cancel connection closed")
+    assert front.codes == [m.SSL_REQUEST_CODE, m.SSL_REQUEST_CODE]
+    assert front.after_refusal == [b""]
+    (line,) = refusal_log_lines(proxy, front, "SSLRequest")
+    assert " INFO " in line and MARKER in line
+    assert "cancel request to backend" in proxy.log_text() and "so the cancel was not sent" in proxy.log_text()
