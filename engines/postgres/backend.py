@@ -49,6 +49,9 @@ from .gssenc import GssEncStream
 
 log = logging.getLogger("dbproxy.postgres")
 
+# How long the text of an error answering SSLRequest/GSSENCRequest may take to arrive.
+REFUSAL_READ_SECONDS = 2.0
+
 AUTH_NAMES = {
     m.AUTH_OK: "ok",
     m.AUTH_CLEARTEXT_PASSWORD: "password",
@@ -130,11 +133,14 @@ async def _refused(channel: MessageStream, decoder: BackendDecoder, request: str
     byte to ``request``.  The server is not authenticated yet: its text goes to the
     log, never to the client (§55.2.10, §55.2.11; CVE-2024-10977), and the caller
     closes this connection, as libpq does."""
+    fields: Any = f"not complete within {REFUSAL_READ_SECONDS}s"
     try:
-        refusal = await channel.receive_with(decoder.read_refusal)
-        fields: Any = refusal.fields
+        # The refusal is the 'E'; its text is only for the log, so a server that
+        # sends a part and stalls gets a short bound of its own (libpq does not read
+        # it at all), leaving the caller's deadline to a ``prefer`` retry.
+        with trio.move_on_after(REFUSAL_READ_SECONDS):
+            fields = (await channel.receive_with(decoder.read_refusal)).fields
     except (PeerClosed, ProtocolError, trio.BrokenResourceError, OSError) as exc:
-        # The refusal is the 'E'; its text is only for the log.
         fields = f"unreadable ({type(exc).__name__}: {exc})"
     # %r: the text is the server's, unauthenticated; keep control characters out of the log.
     log.info("backend %s answered the proxy's %s with an error (unauthenticated; logged, not shown to the client): %r",

@@ -56,15 +56,16 @@ class RefusingFront:
     """FAKE PostgreSQL front (a fault the real server cannot produce, see the module
     docstring).  The connections numbered in ``refuse`` (from 0) read one start-up
     packet and get ``refusal`` back; what the proxy still sends on them before it
-    closes them (up to a second) goes to ``after_refusal``.  Other connections are
+    closes them (up to ``linger`` seconds) goes to ``after_refusal``.  Other connections are
     relayed to the real server at ``upstream_port``: byte for byte, or with
     ``tls_upstream`` over a TLS link the front opens itself (kpg's pg_hba admits the
     GSS role over TLS or GSS encryption only; the proxy side stays plaintext).
     ``codes`` records the code of each connection's first packet."""
 
     def __init__(self, refusal: bytes, upstream_port: int, *, refuse: Container[int] = range(1),
-                 tls_upstream: bool = False) -> None:
+                 tls_upstream: bool = False, linger: float = 1.0) -> None:
         self.refusal = refusal
+        self.linger = linger
         self.upstream_port = upstream_port
         self.refuse = refuse
         self.tls_upstream = tls_upstream
@@ -113,7 +114,7 @@ class RefusingFront:
                 if n in self.refuse:
                     await stream.send_all(self.refusal)
                     rest = bytes(buf)
-                    with trio.move_on_after(1):
+                    with trio.move_on_after(self.linger):
                         while data := await stream.receive_some(65536):
                             rest += data
                     self.after_refusal.append(rest)
@@ -149,9 +150,11 @@ def fronts(kpg):
             RefusingFront(V2_REFUSAL, kpg.port, tls_upstream=True) as prefer_plain_v2, \
             RefusingFront(V3_REFUSAL, kpg.port, refuse=range(1 << 30)) as require, \
             RefusingFront(V3_REFUSAL, kpg.port, refuse=range(1 << 30)) as tls_require, \
-            RefusingFront(V3_REFUSAL, kpg.port, refuse={1}) as cancel:
+            RefusingFront(V3_REFUSAL, kpg.port, refuse={1}) as cancel, \
+            RefusingFront(V3_REFUSAL[:3], kpg.port, tls_upstream=True, linger=30) as stall:
         yield {"prefer-tls": prefer_tls, "prefer-plain": prefer_plain, "prefer-plain-v2": prefer_plain_v2,
-               "require": require, "tls-require": tls_require, "cancel": cancel}
+               "require": require, "tls-require": tls_require, "cancel": cancel,
+               "stall": stall}
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +169,7 @@ def proxy(realm, kpg, fronts, tmp_path_factory):
         gss_route("prefer-plain-v2", realm, kpg, address=at("prefer-plain-v2"), host="localhost", gssencmode="prefer"),
         gss_route("require", realm, kpg, address=at("require"), host="localhost", gssencmode="require"),
         gss_route("tls-require", realm, kpg, address=at("tls-require"), tls={"mode": "require"}, host="localhost"),
+        gss_route("stall", realm, kpg, address=at("stall"), host="localhost", gssencmode="prefer"),
         gss_route("cancel", realm, kpg, address=at("cancel"), tls={"mode": "require"}, host="localhost"),
     ]
     proc = start_proxy(tmp_path_factory.mktemp("refusal-proxy"), routes)
@@ -212,6 +216,21 @@ def test_gssenc_prefer_error_answer_retries_on_a_new_connection(proxy, fronts, r
     (line,) = refusal_log_lines(proxy, front, "GSSENCRequest")
     assert " INFO " in line and MARKER in line
     assert "retrying the login without GSS encryption" in proxy.log_text()
+
+
+def test_gssenc_prefer_error_that_stalls_still_retries_in_time(proxy, fronts):
+    """'E' and two bytes of a length, then nothing, the connection left open: the
+    text is only for the log, so the proxy gives it 2 s and retries; before the
+    bound the read took the whole 15 s login deadline and the client got 08001."""
+    front = fronts["stall"]
+    t0 = time.monotonic()
+    with connect(proxy, "stall") as conn:
+        assert conn.execute("select current_user").fetchone() == ("dbproxy",)
+    elapsed = time.monotonic() - t0
+    assert 2.0 <= elapsed < 10, elapsed
+    assert front.codes == [m.GSSENC_REQUEST_CODE, PROTOCOL_3_0]
+    (line,) = refusal_log_lines(proxy, front, "GSSENCRequest")
+    assert "not complete within 2.0s" in line
 
 
 @pytest.mark.parametrize("route, request_code, request_name, hint", [
