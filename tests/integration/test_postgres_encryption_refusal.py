@@ -56,8 +56,8 @@ class RefusingFront:
     """FAKE PostgreSQL front (a fault the real server cannot produce, see the module
     docstring).  The connections numbered in ``refuse`` (from 0) read one start-up
     packet and get ``refusal`` back; what the proxy still sends on them before it
-    closes them (up to ``linger`` seconds) goes to ``after_refusal``.  Other connections are
-    relayed to the real server at ``upstream_port``: byte for byte, or with
+    closes them (up to ``linger`` seconds) goes to ``after_refusal``.  Other
+    connections are relayed to the real server at ``upstream_port``: byte for byte, or with
     ``tls_upstream`` over a TLS link the front opens itself (kpg's pg_hba admits the
     GSS role over TLS or GSS encryption only; the proxy side stays plaintext).
     ``codes`` records the code of each connection's first packet."""
