@@ -8,6 +8,14 @@ then answer the backend's Authentication
 requests with the route's credential.  The client's own password never
 reaches the backend.
 
+A server may answer SSLRequest / GSSENCRequest with an ErrorResponse instead
+of the answer byte (too old to know the request, or refusing the connection).
+The server is not authenticated yet, so, as libpq does since CVE-2024-10977,
+its text is logged (info) and never shown to the client, the connection is
+closed, and the error counts as a refusal: ``gssencmode: prefer`` retries on a
+new connection without GSS encryption (then TLS as the route says, or
+plaintext); ``gssencmode: require`` and every TLS mode but ``disable`` fail.
+
 The route's ``auth.method`` is a contract: a backend that asks for another
 kind of authentication (say cleartext when the route says scram-sha-256) is
 refused — a man in the middle must not be able to downgrade the proxy into
@@ -27,9 +35,9 @@ from typing import Any
 import attrs
 import trio
 
-from dbproxy.channel import MessageStream, login_errors
+from dbproxy.channel import MessageStream, PeerClosed, login_errors
 from dbproxy.config import RouteConfig
-from dbproxy.errors import UpstreamError
+from dbproxy.errors import ProtocolError, UpstreamError
 from dbproxy.kerberos import CLIENT_HINT as KRB_CLIENT_HINT
 from dbproxy.net import connect_backend
 from dbproxy.tls import peer_cert_der, wrap_backend
@@ -40,6 +48,9 @@ from .codec import BackendDecoder
 from .gssenc import GssEncStream
 
 log = logging.getLogger("dbproxy.postgres")
+
+# How long the text of an error answering SSLRequest/GSSENCRequest may take to arrive.
+REFUSAL_READ_SECONDS = 2.0
 
 AUTH_NAMES = {
     m.AUTH_OK: "ok",
@@ -93,27 +104,70 @@ async def open_backend(
     startup default (``options=-c default_transaction_read_only=on``), so even a
     RESET returns to read-only."""
     b = route.backend
-    stream = await connect_backend(b.host, b.port)
+    gssencmode = b.auth.params.get("gssencmode", "disable") if b.auth.method == "gssapi" else "disable"
+
+    async def attempt(gssencmode: str) -> BackendLink:
+        stream = await connect_backend(b.host, b.port)
+        try:
+            return await _login(stream, route, settings, user, database, max_message_size, credentials, read_only, gssencmode)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
     try:
-        return await _login(stream, route, settings, user, database, max_message_size, credentials, read_only)
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
+        return await attempt(gssencmode)
+    except _GssEncRefused:
+        # libpq (fe-connect.c, gss_ok == 'E'): GSS encryption came with PostgreSQL 12,
+        # an error may mean an older server; with ``prefer`` it retries on a new
+        # connection without GSS encryption (then TLS as configured, or plaintext).
+        log.info("backend %s: retrying the login without GSS encryption (gssencmode=prefer)", b.address)
+        return await attempt("disable")
 
 
-async def _login(stream: Any, route: RouteConfig, settings: dict, client_user: str, client_database: str, max_size: int, credentials: Any, read_only: bool = False) -> BackendLink:
+class _GssEncRefused(Exception):
+    """The backend answered GSSENCRequest with an error under ``gssencmode: prefer``."""
+
+
+async def _refused(channel: MessageStream, decoder: BackendDecoder, request: str, address: str) -> None:
+    """Read (bounded) and log the ErrorResponse a backend sent instead of the answer
+    byte to ``request``.  The server is not authenticated yet: its text goes to the
+    log, never to the client (§55.2.10, §55.2.11; CVE-2024-10977), and the caller
+    closes this connection, as libpq does."""
+    fields: Any = f"not complete within {REFUSAL_READ_SECONDS}s"
+    try:
+        # The refusal is the 'E'; its text is only for the log, so a server that
+        # sends a part and stalls gets a short bound of its own (libpq does not read
+        # it at all), leaving the caller's deadline to a ``prefer`` retry.
+        with trio.move_on_after(REFUSAL_READ_SECONDS):
+            fields = (await channel.receive_with(decoder.read_refusal)).fields
+    except (PeerClosed, ProtocolError, trio.BrokenResourceError, OSError) as exc:
+        fields = f"unreadable ({type(exc).__name__}: {exc})"
+    # %r: the text is the server's, unauthenticated; keep control characters out of the log.
+    log.info("backend %s answered the proxy's %s with an error (unauthenticated; logged, not shown to the client): %r",
+             address, request, fields)
+
+
+async def _login(stream: Any, route: RouteConfig, settings: dict, client_user: str, client_database: str, max_size: int, credentials: Any, read_only: bool, gssencmode: str) -> BackendLink:
     b = route.backend
-    method = b.auth.method
     decoder = BackendDecoder(max_message_size=max_size)
     channel = MessageStream(stream, decoder)
     is_tls = False
     is_gssenc = False
     gss_ctx = None
-    gssencmode = b.auth.params.get("gssencmode", "disable") if method == "gssapi" else "disable"
     with login_errors(b.address):
         if gssencmode in ("prefer", "require"):
             await channel.send(m.encode_gssenc_request())
             answer = await channel.receive_with(decoder.read_gssenc_answer)
+            if answer == b"E":
+                await _refused(channel, decoder, "GSSENCRequest", b.address)
+                if gssencmode == "prefer":
+                    raise _GssEncRefused()
+                raise UpstreamError(
+                    f"backend {b.address} answered GSSENCRequest with an error and the route requires"
+                    " gssencmode=require (the server's unauthenticated text is in the proxy log)",
+                    kind="tls",
+                    client_hint="the backend database refused an encrypted connection from the proxy",
+                )
             if answer == b"G":
                 gss_ctx = await _gss_initiator(route, credentials, confidential=True)
                 wrapped = GssEncStream(channel.stream, gss_ctx)
@@ -130,6 +184,15 @@ async def _login(stream: Any, route: RouteConfig, settings: dict, client_user: s
         if not is_gssenc and b.tls.mode != "disable":
             await channel.send(m.encode_ssl_request())
             answer = await channel.receive_with(decoder.read_ssl_answer)
+            if answer == b"E":
+                # libpq fails in every sslmode here; every backend tls.mode but disable requires TLS.
+                await _refused(channel, decoder, "SSLRequest", b.address)
+                raise UpstreamError(
+                    f"backend {b.address} answered SSLRequest with an error and the route requires"
+                    f" tls.mode={b.tls.mode} (the server's unauthenticated text is in the proxy log)",
+                    kind="tls",
+                    client_hint="the backend database refused a TLS connection from the proxy",
+                )
             if answer != b"S":
                 raise UpstreamError(
                     f"backend {b.address} does not accept TLS (answered {answer!r}) but the route requires tls.mode={b.tls.mode}",
@@ -297,9 +360,19 @@ async def send_cancel(route: RouteConfig, key: m.BackendKeyData) -> None:
             decoder = BackendDecoder()
             channel = MessageStream(stream, decoder)
             await channel.send(m.encode_ssl_request())
-            answer = await channel.receive_with(decoder.read_ssl_answer)
-            if answer == b"S":
-                stream = await wrap_backend(stream, b.tls, b.host)
+            with login_errors(b.address):
+                answer = await channel.receive_with(decoder.read_ssl_answer)
+                if answer == b"E":
+                    await _refused(channel, decoder, "SSLRequest", b.address)
+            if answer != b"S":
+                # The route requires TLS: the cancel key is not for a plaintext link, and
+                # after an error the server is closing this one anyway.
+                raise UpstreamError(
+                    f"backend {b.address} refused TLS for a cancel request (answered {answer!r});"
+                    f" tls.mode={b.tls.mode}, so the cancel was not sent",
+                    kind="tls",
+                )
+            stream = await wrap_backend(stream, b.tls, b.host)
         await stream.send_all(m.encode_cancel_request(key.pid, key.secret))
         # The server closes the connection without answering; wait briefly for that.
         with trio.move_on_after(2):

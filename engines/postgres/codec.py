@@ -6,7 +6,8 @@ not the type byte).  In the start-up phase the frontend sends untyped
 packets: ``Int32 length`` + ``Int32 code`` + body, where the code is a
 protocol version (StartupMessage) or one of the magic request codes
 (SSLRequest, GSSENCRequest, CancelRequest).  The answer to SSLRequest /
-GSSENCRequest is a single unframed byte.
+GSSENCRequest is a single unframed byte, or an unauthenticated ErrorResponse
+that ``read_refusal`` reads (bounded) for the caller to log, never to show.
 
 Hot path: ``next_message`` reads the type byte and the length straight
 from the buffer (no slice), checks the length, and ``take``s the message; the
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import struct
 
+import attrs
+
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
@@ -37,6 +40,7 @@ from .messages import (
     Message,
     SSLRequest,
     StartupMessage,
+    parse_error_fields,
     parse_startup_params,
 )
 
@@ -44,6 +48,9 @@ from .messages import (
 # engine passes its configured limit.
 DEFAULT_MAX_MESSAGE_SIZE = 0x3FFFFFFF
 MAX_STARTUP_PACKET_LENGTH = 10000
+# An error answering SSLRequest/GSSENCRequest: libpq's MAX_ERRLEN (fe-connect.c),
+# the size above which it stops believing a length is an error's.
+MAX_REFUSAL_LENGTH = 30000
 # CancelRequest: 16 bytes in 3.0; protocol 3.2 allows a secret key of up to 256 bytes.
 _MAX_CANCEL_LENGTH = 12 + 256
 
@@ -129,7 +136,9 @@ class BackendDecoder(_TypedDecoder):
         if not buf:
             return NEED_DATA
         b = buf.peek_byte()
-        if b == 0x45:  # 'E': a server that cannot handle the request sends ErrorResponse
+        if b == 0x45:
+            # 'E': ErrorResponse from a server too old to know the request or refusing
+            # the connection.  Not consumed: ``read_refusal`` reads it for the log.
             return b"E"
         if b not in accept:
             raise RemoteProtocolError(
@@ -148,13 +157,69 @@ class BackendDecoder(_TypedDecoder):
 
     def read_ssl_answer(self) -> bytes | object:
         """The answer to SSLRequest: ``b"S"`` / ``b"N"`` (consumed), ``b"E"`` (not
-        consumed: decode the ErrorResponse with ``next_message``) or NEED_DATA.
+        consumed: a refusal, read it with ``read_refusal``) or NEED_DATA.
         After ``b"S"``: ``encryption_established()`` once TLS is up."""
         return self._read_answer(b"SN")
 
     def read_gssenc_answer(self) -> bytes | object:
         """The answer to GSSENCRequest: ``b"G"`` / ``b"N"`` / ``b"E"`` as above."""
         return self._read_answer(b"GN")
+
+    def read_refusal(self) -> Refusal | object:
+        """After an answer ``b"E"``: the server's error, consumed, or NEED_DATA.
+
+        The server is not authenticated yet, so the caller must treat this as a
+        refusal of the request and never show the text to a user (§55.2.10,
+        §55.2.11; CVE-2024-10977); it is for the proxy's log.  Two shapes, told
+        apart like libpq does (fe-connect.c, CONNECTION_AWAITING_RESPONSE): a v3
+        ErrorResponse whose length is plausible for an error, else a pre-3.0 error
+        (servers before 14 used it for failures before the startup packet, e.g. a
+        fork failure): ``'E'`` + text + NUL.  Both are capped at ``MAX_REFUSAL_LENGTH`` (libpq's
+        MAX_ERRLEN) before more is buffered; what follows is ignored (the server
+        closes the connection after it).
+        """
+        buf = self.buffer
+        avail = len(buf)
+        if not avail:
+            return NEED_DATA
+        if buf.peek_byte() != 0x45:
+            raise RemoteProtocolError(
+                "read_refusal: the answer is not an ErrorResponse",
+                client_hint="the server sent an invalid answer to the encryption request",
+            )
+        if avail < 5:
+            return NEED_DATA
+        length = buf.i32_be(1)
+        if 8 <= length <= MAX_REFUSAL_LENGTH:
+            if avail <= length:
+                return NEED_DATA
+            raw = buf.take(length + 1)
+            return Refusal(parse_error_fields(Message(0x45, raw)), raw)
+        if buf.peek_byte(1) == 0:
+            # A v3 length (the text of a pre-3.0 error never starts with NUL) out of bounds.
+            if length > MAX_REFUSAL_LENGTH:
+                raise FrameTooLarge(length, MAX_REFUSAL_LENGTH, what="error response to an encryption request")
+            raise _bad_length(length, "error response")
+        # Pre-3.0 format: the text runs to a NUL.
+        data, start, end = buf.span()
+        stop = min(end, start + 1 + MAX_REFUSAL_LENGTH)
+        nul = data.find(b"\0", start + 1, stop)
+        if nul < 0:
+            if stop - start > MAX_REFUSAL_LENGTH:
+                raise FrameTooLarge(MAX_REFUSAL_LENGTH + 1, MAX_REFUSAL_LENGTH, what="error response to an encryption request")
+            return NEED_DATA
+        raw = buf.take(nul + 1 - start)
+        return Refusal({"M": raw[1:-1].decode("utf-8", "replace").rstrip("\n")}, raw)
+
+
+@attrs.frozen
+class Refusal:
+    """An unauthenticated error answering SSLRequest / GSSENCRequest: ``fields`` as
+    ``parse_error_fields`` gives them (only ``M`` for a pre-3.0 error), ``raw`` its
+    bytes.  For the log only (see ``BackendDecoder.read_refusal``)."""
+
+    fields: dict[str, str]
+    raw: bytes
 
 
 def _unencrypted_after_answer() -> RemoteProtocolError:
