@@ -78,7 +78,9 @@ class GssEncStream(trio.abc.Stream):
     async def _setup_error(self, head: bytes) -> UpstreamError:
         # A server that fails before the context is up (too many connections,
         # shutting down) sends a plain ErrorResponse; libpq's pqsecure_open_gss
-        # checks for 'E' the same way.
+        # checks for 'E' the same way.  Its text is unauthenticated (nothing is
+        # encrypted yet: CVE-2024-10977): it goes to the log and the audit
+        # (the error's message), never to the client's hint.
         (length,) = _LEN.unpack(head[1:] + await self._read_exact(1))
         body = await self._read_exact(min(max(length - 4, 0), MAX_PACKET))
         fields = {part[:1].decode("latin-1"): part[1:].decode("utf-8", "replace") for part in body.split(b"\0") if part}
@@ -88,7 +90,7 @@ class GssEncStream(trio.abc.Stream):
         err = UpstreamError(
             f"backend refused the GSS encryption setup: {sqlstate} {message}",
             kind="auth" if auth else "protocol",
-            client_hint=CLIENT_HINT if auth else f"the backend database refused the connection: {message}",
+            client_hint=CLIENT_HINT if auth else f"the backend database refused the connection (SQLSTATE {sqlstate})",
         )
         err.sqlstate = sqlstate  # type: ignore[attr-defined]
         return err
