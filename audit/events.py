@@ -29,6 +29,9 @@ PG_EXECUTE = "db.session.postgres.statements.execute"
 ACCESS_DENIED = "db.session.access_denied"
 # The audit trail's own events: a sink's spool overflowed in drop_oldest mode.
 AUDIT_LOSS = "audit.loss"
+# A proxy process starts / stops cleanly (``dbproxy audit verify`` finds unclean restarts with them).
+PROXY_START = "proxy.start"
+PROXY_STOP = "proxy.stop"
 
 # Teleport's event codes for the events it has; ours extend the series.
 CODES = {
@@ -41,6 +44,8 @@ CODES = {
     PG_EXECUTE: "TPG02I",
     ACCESS_DENIED: "TDB10W",
     AUDIT_LOSS: "TAU00W",
+    PROXY_START: "TAU01I",
+    PROXY_STOP: "TAU02I",
 }
 
 MAX_QUERY_CHARS = 16 * 1024
@@ -62,9 +67,11 @@ def new_event_id() -> str:
 _time_cache: list = [-1, ""]
 
 
-def now_iso() -> str:
-    """UTC time, RFC 3339 with microseconds; the formatted second is cached."""
-    t = _time.time()
+def now_iso(t: float | None = None) -> str:
+    """UTC time (now, or ``t`` in seconds since the epoch), RFC 3339 with microseconds;
+    the formatted second is cached."""
+    if t is None:
+        t = _time.time()
     sec = int(t)
     if sec != _time_cache[0]:
         _time_cache[0] = sec
@@ -88,3 +95,8 @@ def param_text(value: bytes | None, *, binary: bool, limit: int = MAX_PARAM_CHAR
             encoded += TRUNCATION_MARKER.format(n=len(value) - limit, total=len(value))
         return encoded
     return truncate(value.decode("utf-8", "replace"), limit)
+
+
+def marker(kind: str, **fields) -> dict:
+    """An event of the proxy itself (no session): ``proxy.start`` / ``proxy.stop``."""
+    return {"event": kind, "code": CODES.get(kind, ""), "uid": new_event_id(), "time": now_iso(), **fields}

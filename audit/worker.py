@@ -9,7 +9,17 @@ stdout once the sinks run and the chain is recovered, and
 ``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
 
 A tap's counts (queries, errors) are added to that session's
-``db.session.end`` event, which the proxy sends after closing the tap.
+``db.session.end`` event, which the proxy sends in the tap's slot: it closes
+the tap.  Events of a tap's bytes carry the time the proxy saw them (the T
+frame's time), not the time this process parsed them.
+
+Acks (``{"ack": K, "seqs": {...}}`` on stdout): after each chunk read from
+stdin the worker puts a checkpoint (frames read so far) in the recorder's
+queue, behind the events those frames produced; when the recorder has
+written the batch holding it to every sink (a JSONL ``write``, a spool's
+committed append; with ``"durability": "ack"`` also fdatasync'd), the frames
+are acked with the ``session_seq`` counters as of that point.  The proxy
+keeps unacked frames and hands them to the next worker if this one dies.
 
 The worker ignores SIGINT/SIGTERM (a terminal's Ctrl-C reaches the whole
 process group): the proxy stops it by closing its stdin, after which it
@@ -28,7 +38,7 @@ from typing import Any
 import orjson
 import trio
 
-from .link import CLOSE, EVENT, FRAME, OPEN, QUIT, TAP
+from .link import CLOSE, COUNTERS, EVENT, FRAME, OPEN, QUIT, TAP
 from .recorder import AuditRecorder, TemplateAudit
 
 log = logging.getLogger("dbproxy.audit.worker")
@@ -36,17 +46,41 @@ log = logging.getLogger("dbproxy.audit.worker")
 # protocol -> module with ``Tap(audit)``: ``feed(direction, data)``, ``counts() -> dict``.
 TAPS = {"postgres": "engines.postgres.tap"}
 
-_SESSION_END = b'"event":"db.session.end"'
-
-
 class Worker:
     def __init__(self, recorder: AuditRecorder, out: Any) -> None:
         self.recorder = recorder
         self.out = out
         self.taps: dict[int, tuple[Any, TemplateAudit, str]] = {}
-        self.ended: dict[str, dict] = {}  # sid -> counts of a closed tap, for its session end event
         self.frames = 0
         self.quit = False  # the proxy said it stops (else end of input means it died)
+        # Acks: the input position every sink has written the events of, and the
+        # session counters changed up to there (see ``on_checkpoint``).
+        self.acked = 0
+        self._seqs: dict = {}
+        self._ack_wake = trio.Event()
+        recorder.on_checkpoint = self.on_checkpoint
+
+    def on_checkpoint(self, marks: list) -> None:
+        """The recorder wrote a batch: the checkpoints it passed are durable input positions."""
+        seqs = self._seqs
+        for mark in marks:
+            seqs.update(mark.seqs)
+            self.acked = mark.frames
+        self._ack_wake.set()
+
+    async def send_acks(self) -> None:
+        """``{"ack": K, "seqs": {sid: n}}``: every event the first K input frames produced is
+        written by every sink; ``seqs`` the sessions' ``session_seq`` counters at that point
+        that changed since the last ack (0: the session's end event is written), so the
+        proxy can hand them to a new worker if this one dies."""
+        said = 0
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake = trio.Event()
+            if self.acked > said:
+                said = self.acked
+                seqs, self._seqs = self._seqs, {}
+                await self.say({"ack": said, "seqs": {k.decode(): v for k, v in seqs.items()}})
 
     async def say(self, message: dict) -> None:
         try:
@@ -60,8 +94,8 @@ class Worker:
         if kind == TAP:
             return  # ``read`` feeds known taps; this one's worker died before, its session is being ended
         elif kind == EVENT:
-            if self.ended and _SESSION_END in payload:
-                payload = self._with_counts(payload)
+            if slot:
+                payload = await self._close_tap(slot, payload)
             if not self.recorder.submit_nowait(payload):
                 await self.recorder.submit(payload)
         elif kind == OPEN:
@@ -73,14 +107,25 @@ class Worker:
         elif kind == QUIT:
             self.quit = True
         elif kind == CLOSE:
-            entry = self.taps.pop(slot, None)
-            if entry is not None:
-                tap, audit, sid = entry
-                if audit._pending:
-                    await audit.flush()
-                self.ended[sid] = tap.counts()
+            await self._close_tap(slot, None)
+        elif kind == COUNTERS:
+            # A new worker after one died: the sessions' counts at its last ack go on from there.
+            self.recorder.session_seq.update({sid.encode(): n for sid, n in orjson.loads(payload).items()})
         else:
             log.error("unknown frame kind %r from the proxy", kind)
+
+    async def _close_tap(self, slot: int, end: bytes | None) -> bytes | None:
+        """Close tap ``slot``; ``end``: the session's end event, returned with the tap's counts."""
+        entry = self.taps.pop(slot, None)
+        if entry is None:
+            return end  # the tap failed (or its worker died before it was opened again)
+        tap, audit, _ = entry
+        if audit._pending:
+            await audit.flush()
+        if end is None:
+            return None
+        counts = tap.counts()
+        return b"%b,%b}" % (end[:-1], orjson.dumps(counts)[1:-1]) if counts else end
 
     async def handle_tap_failure(self, slot: int) -> None:
         # The proxy framed these bytes already, so this is a bug in a decoder or stage:
@@ -90,20 +135,12 @@ class Worker:
         audit.emit("audit.tap_failed", reason="the audit worker could not parse the session's traffic")
         await audit.flush()
 
-    def _with_counts(self, body: bytes) -> bytes:
-        event = orjson.loads(body)
-        counts = self.ended.pop(event.get("sid"), None)
-        if counts is None:
-            return body
-        for key, value in counts.items():
-            event.setdefault(key, value)
-        return orjson.dumps(event)
-
     async def read(self, stdin: trio.abc.ReceiveStream) -> None:
         buf = bytearray()
         header = FRAME.size
         unpack = FRAME.unpack_from
         taps = self.taps
+        recorder = self.recorder
         while True:
             data = await stdin.receive_some(1 << 20)
             if not data:
@@ -115,7 +152,7 @@ class Worker:
             end = len(buf)
             with memoryview(buf) as view:
                 while end - pos >= header:
-                    kind, length, slot, direction = unpack(buf, pos)
+                    kind, length, slot, direction, when = unpack(buf, pos)
                     if end - pos - header < length:
                         break
                     start = pos + header
@@ -125,6 +162,7 @@ class Worker:
                     if entry is not None:
                         # The hot path (a tap's bytes), without a coroutine per frame.
                         self.frames += 1
+                        entry[1].when = when  # its events carry the time the proxy saw the bytes
                         try:
                             entry[0].feed(direction, payload)
                         except Exception:
@@ -135,6 +173,8 @@ class Worker:
                     else:
                         await self.handle(kind, slot, direction, payload)
             del buf[:pos]
+            # Every event these frames produced is queued: once written, they are acked.
+            recorder.checkpoint(self.frames)
 
 
 async def serve(config_file: str) -> None:
@@ -152,9 +192,14 @@ async def serve(config_file: str) -> None:
         changes.append(accepting)
         wake.set()
 
-    recorder = AuditRecorder(
-        await _build_sinks(config.audit.sinks), capacity=config.audit.queue_size, on_accepting_change=on_change
-    )
+    sinks = await _build_sinks(config.audit.sinks)
+    if config.audit.durability == "ack":
+        # Acks promise durable events: a file sink syncs each batch before it is acked (group commit:
+        # one fdatasync per batch, for every session waiting).  Spooled sinks fsync each batch already.
+        for sink in sinks:
+            if getattr(sink, "fsync", None) in ("interval", "never"):
+                sink.fsync = "always"
+    recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, on_accepting_change=on_change)
     worker = Worker(recorder, stdout)
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
@@ -176,6 +221,7 @@ async def serve(config_file: str) -> None:
                     await worker.say({"accepting": now})
 
         nursery.start_soon(report)
+        nursery.start_soon(worker.send_acks)
         await worker.read(stdin)
         if not worker.quit:
             # The proxy died (SIGKILL, crash): write what it sent and leave the rest of

@@ -371,6 +371,9 @@ class Pipeline:
         next_message = decoder.next_message
         flush_audit = self.flush_audit
         audit_owner = self._audit_owner if hasattr(self._audit_owner, "halted") else None
+        # Durability "ack" (audit.recorder.DurableSessionAudit): what the backend answers
+        # reaches the client only once the session's audit events are durable.
+        wait_durable = getattr(audit_owner, "wait_durable", None) if pump is self.b2c else None
         # Bytes handed over from the handshake phase are decoded before the first read.
         pending = bool(buf)
         while True:
@@ -432,6 +435,8 @@ class Pipeline:
                 # The audit trail is gone (fail-closed): nothing more is forwarded
                 # unaudited; flush ends the session with the client's error.
                 await flush_audit()
+            if wait_durable is not None:
+                await wait_durable()
             if not changed:
                 await out.send_wire(buf.consumed_since_mark())
             else:

@@ -24,7 +24,8 @@ import attrs
 import trio
 
 from audit.link import AuditLink
-from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder
+from audit import events as ev
+from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder, serialize
 from audit.sinks import build_sink
 
 from .config import Config
@@ -54,6 +55,12 @@ async def _linger(stream: trio.abc.Stream) -> None:
         pass
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 @attrs.frozen
 class BoundListener:
     name: str
@@ -67,12 +74,18 @@ class ProxyServer:
         self.config = config
         self.registry = registry
         if recorder is None:
+            durable = config.audit.durability == "ack"
             if config.audit.worker and os.path.isfile(config.file):
                 # The trail is written by the audit worker process (it re-reads the
                 # config file for its sinks); sessions only hand bytes over.
-                recorder = AuditLink(config.file)
+                recorder = AuditLink(config.file, durable_sessions=durable)
             else:
-                recorder = AuditRecorder([build_sink(s) for s in config.audit.sinks], capacity=config.audit.queue_size)
+                sinks = [build_sink(s) for s in config.audit.sinks]
+                if durable:  # one fdatasync per batch (group commit), as the audit worker does
+                    for sink in sinks:
+                        if getattr(sink, "fsync", None) in ("interval", "never"):
+                            sink.fsync = "always"
+                recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, durable_sessions=durable)
         self.recorder = recorder
         self.services = Services(recorder=self.recorder)
         self.engines = {}
@@ -97,6 +110,9 @@ class ProxyServer:
         self._make_engines()
         async with trio.open_nursery() as audit_nursery:
             await audit_nursery.start(self.recorder.run)
+            # A marker per run: ``dbproxy audit verify`` tells a clean stop (``proxy.stop``)
+            # from a crash (a ``proxy.start`` with no stop before it).
+            self._marker(ev.PROXY_START, durability=self.config.audit.durability)
             try:
                 async with trio.open_nursery() as background:
                     # Work shared by sessions (Kerberos acquisition and renewal) lives
@@ -105,9 +121,15 @@ class ProxyServer:
                         self.services.credentials.attach(background)
                     await self._serve_sessions(task_status=task_status)
                     background.cancel_scope.cancel()
+                self._marker(ev.PROXY_STOP, reason="stopped")
             finally:
                 with trio.CancelScope(shield=True):
                     await self.recorder.aclose()
+
+    def _marker(self, kind: str, **fields: Any) -> None:
+        body = serialize(ev.marker(kind, pid=os.getpid(), version=_version(), **fields))
+        if not self.recorder.submit_nowait(body):
+            log.error("audit: no room for the %s event", kind)
 
     async def _serve_sessions(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as sessions:

@@ -207,7 +207,7 @@ def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp
         assert hello["ready"] is True and hello["last_seq"] == 0
         for i in range(3):
             body = b'{"event":"db.session.query","db_query":"SELECT %d"}' % i
-            worker.stdin.write(FRAME.pack(EVENT, len(body), 0, 0) + body)
+            worker.stdin.write(FRAME.pack(EVENT, len(body), 0, 0, 0.0) + body)
         worker.stdin.close()  # end of input without a Q frame: the proxy is gone
         t0 = time.monotonic()
         assert worker.wait(timeout=15) == 0
