@@ -80,6 +80,9 @@ class AuditLink:
     capacity_bytes: int = DEFAULT_CAPACITY_BYTES
     python: str = sys.executable
     durable_sessions: bool = False  # durability "ack": sessions wait for acks before completions
+    # Seconds frames gather before a write to the worker; 0 under durability "ack" (sessions wait
+    # for acks: frames gather while the worker writes and syncs the previous batch).
+    link_delay: float = LINK_DELAY
     submitted: int = 0
     worker_starts: int = 0
     last_seq: int = 0
@@ -340,8 +343,8 @@ class AuditLink:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                if LINK_DELAY and not self._closed:
-                    await trio.sleep(LINK_DELAY)
+                if self.link_delay and not self._closed:
+                    await trio.sleep(self.link_delay)
                 parts = self._out
                 self._out = []
                 size = sum(len(p) for p in parts[1::2]) + _HEADER * (len(parts) // 2)

@@ -176,6 +176,9 @@ class AuditRecorder:
     _live: Any = None
     _was_accepting: bool = True
     durable_sessions: bool = False  # durability "ack": sessions wait for their events to be written
+    # Seconds events gather before a batch is written.  Durability "ack" sets 0: sessions wait
+    # for the write, so the batch gathers while the previous one is being written and synced.
+    batch_delay: float = BATCH_DELAY
     # Submitted events every sink has written (``written`` also counts the recorder's own loss events).
     durable: int = 0
     # ``session_seq``: events stamped so far per session id (bytes), dropped at the session's end event.
@@ -311,11 +314,11 @@ class AuditRecorder:
                 self._drain_waiting = trio.Event()
                 await self._drain_waiting.wait()
                 continue
-            if BATCH_DELAY and len(queue) < MAX_BATCH and not self._closed:
+            if self.batch_delay and len(queue) < MAX_BATCH and not self._closed:
                 # Let a batch gather: one wake-up and one sink write per few
                 # milliseconds instead of one per event.  While the drain task
                 # sleeps, emitting an event wakes nobody.
-                await trio.sleep(BATCH_DELAY)
+                await trio.sleep(self.batch_delay)
             batch = queue[:MAX_BATCH]
             del queue[:MAX_BATCH]
             if self._room:

@@ -200,6 +200,8 @@ async def serve(config_file: str) -> None:
             if getattr(sink, "fsync", None) in ("interval", "never"):
                 sink.fsync = "always"
     recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, on_accepting_change=on_change)
+    if config.audit.durability == "ack":
+        recorder.batch_delay = 0.0  # sessions wait for the acks: a batch gathers during the previous fsync
     worker = Worker(recorder, stdout)
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)

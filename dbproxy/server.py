@@ -23,9 +23,9 @@ from typing import Any
 import attrs
 import trio
 
-from audit.link import AuditLink
+from audit.link import LINK_DELAY, AuditLink
 from audit import events as ev
-from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder, serialize
+from audit.recorder import AUDIT_UNAVAILABLE, BATCH_DELAY, AuditRecorder, serialize
 from audit.sinks import build_sink
 
 from .config import Config
@@ -78,14 +78,15 @@ class ProxyServer:
             if config.audit.worker and os.path.isfile(config.file):
                 # The trail is written by the audit worker process (it re-reads the
                 # config file for its sinks); sessions only hand bytes over.
-                recorder = AuditLink(config.file, durable_sessions=durable)
+                recorder = AuditLink(config.file, durable_sessions=durable, link_delay=0.0 if durable else LINK_DELAY)
             else:
                 sinks = [build_sink(s) for s in config.audit.sinks]
                 if durable:  # one fdatasync per batch (group commit), as the audit worker does
                     for sink in sinks:
                         if getattr(sink, "fsync", None) in ("interval", "never"):
                             sink.fsync = "always"
-                recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, durable_sessions=durable)
+                recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, durable_sessions=durable,
+                                         batch_delay=0.0 if durable else BATCH_DELAY)
         self.recorder = recorder
         self.services = Services(recorder=self.recorder)
         self.engines = {}
