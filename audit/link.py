@@ -8,10 +8,14 @@ process, ``python -m audit.worker`` (one per proxy, started and watched by
 stamping, the hash chain, the files and the SIEM connections.  What crosses
 over, through the worker's stdin, in order:
 
-    E  one event body (``SessionAudit.emit`` serialised it: JSON, no chain fields)
+    E  one event body (``SessionAudit.emit`` serialised it: JSON, no chain fields);
+       with a slot: the session's end event, which closes that tap (the worker
+       adds the tap's counts)
     O  a tap opens: slot, protocol, the session's common fields
-    T  a tap's bytes: slot, direction (0 client→backend, 1 backend→client)
-    C  a tap closes: slot
+    T  a tap's bytes: slot, direction (0 client→backend, 1 backend→client), and
+       the proxy's time (its events are stamped with it, not the worker's time)
+    C  a tap closes without an end event: slot
+    R  (first, to a new worker) the sessions' ``session_seq`` counters at the last ack
     Q  the proxy stops: deliver what you can, then exit (end of input without
        it means the proxy died: the worker writes what it got to the sinks and
        their spools and exits at once)
@@ -25,17 +29,36 @@ stages on them (``engines.<name>.tap``).  One stream keeps everything in
 the order the proxy saw it: a session's start event, its queries and
 results, its end.
 
-Framing (``FRAME``): kind byte, payload length, slot, direction; then the
-payload.  Frames gather in a list for up to ``LINK_DELAY`` and go out in one
-write.  Backpressure, never loss: past ``capacity_bytes`` queued,
-``submit_nowait`` refuses (the session holds the event and its pump waits in
-``flush``) and ``tap`` reports congestion (the pump waits after its send).
-When the worker cannot write (fail_closed sink full) it says so on its
-stdout (``{"accepting": false}``); the link then refuses new sessions and
-ends running ones, like the in-process recorder.  If the worker dies, the
-link logs it, ends running sessions (their audit is gone with the worker),
-and starts a new worker, which continues the chain from the sinks' tails;
-frames not yet written to the dead worker go to the new one.
+Framing (``FRAME``): kind byte, payload length, slot, direction, time; then
+the payload.  Frames gather in a list for up to ``link_delay`` and go out in
+one write.  Backpressure, never loss: past ``capacity_bytes`` queued or not
+yet acked, ``submit_nowait`` refuses (the session holds the event and its
+pump waits in ``flush``) and ``tap`` reports congestion (the pump waits after
+its send).  When the worker cannot write (fail_closed sink full) it says so
+on its stdout (``{"accepting": false}``); the link then refuses new sessions
+and ends running ones, like the in-process recorder.
+
+Acks and replay: every frame queued gets a number (``queued_mark``).  The
+worker says ``{"ack": K, "seqs": {...}}`` once every event its first K input
+frames produced is written by every sink (see ``audit.worker``); the link
+forgets frames up to there (``durable_mark``) and keeps the sessions'
+``session_seq`` counters the ack carries.  Written but not acked frames stay.
+If the worker dies, the link logs it, ends running sessions (53000 on
+PostgreSQL: their audit worker is gone) and starts a new worker, which
+continues the chain from the sinks' tails and gets, before anything else:
+the counters (``R``), the ``O`` frame of every tap still open whose ``O`` the
+dead worker had acked (kept until the tap's end event is acked), then every
+frame not acked, in order.  Nothing acknowledged to a client is lost; what
+the dead worker wrote after its last ack is written again (at least once;
+``audit verify`` counts the repeats).  Limits of a replayed tap: it starts
+with fresh parser state, so a prepared statement parsed before the ack point
+is unknown to the new worker (an Execute of it is audited as ``<unknown
+portal …>``), and the end event's ``queries``/``errors`` count only the
+frames the new worker parsed.
+
+Durability "ack": sessions are ``DurableSessionAudit``s, which note the
+number of the newest frame they queued; a backend→client pump waits
+(``wait_durable``) until ``durable_mark`` passes it before sending.
 """
 
 from __future__ import annotations
