@@ -58,6 +58,7 @@ class Worker:
         self.acked = 0
         self._seqs: dict = {}
         self._ack_wake = trio.Event()
+        self._say_lock = trio.Lock()
         recorder.on_checkpoint = self.on_checkpoint
 
     def on_checkpoint(self, marks: list) -> None:
@@ -83,10 +84,12 @@ class Worker:
                 await self.say({"ack": said, "seqs": {k.decode(): v for k, v in seqs.items()}})
 
     async def say(self, message: dict) -> None:
-        try:
-            await self.out.send_all(orjson.dumps(message) + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the proxy is gone; what it sent is still written
+        # Acks and accepting reports come from different tasks: one line at a time.
+        async with self._say_lock:
+            try:
+                await self.out.send_all(orjson.dumps(message) + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the proxy is gone; what it sent is still written
 
     async def handle(self, kind: int, slot: int, direction: int, payload: bytes) -> None:
         """Every frame but a known tap's bytes (``read`` feeds those itself, on its hot path)."""
