@@ -458,7 +458,12 @@ def test_drop_oldest_counts_and_reports_the_loss(pg, receiver, tmp_path, proxy_f
     sink = http_sink(receiver, tmp_path, spool_max_bytes=16 * 1024, on_spool_full="drop_oldest")
     proxy = proxy_factory(proxy_config(pg, tmp_path, [sink]))
     run_sessions(proxy, 4, 40, tag="drop")  # never refused
-    expected = settled_trail(tmp_path, 4)
+    settled_trail(tmp_path, 4)
+    # The audit.loss event for the last batch's drops is written just after that batch: wait for it.
+    box: list = [None]
+    wait_until(lambda: box.__setitem__(0, trail(tmp_path)) or (time.sleep(0.5) or len(trail(tmp_path)) == len(box[0])),
+               timeout=20, what="the trail to settle")
+    expected = box[0]
     losses = [e for e in expected if e["event"] == "audit.loss"]
     assert losses, "no audit.loss event in the local trail"
     dropped = {s for e in losses for s in range(e["dropped_first_seq"], e["dropped_last_seq"] + 1)}
@@ -489,7 +494,7 @@ def test_cli_verify_tamper_and_tail_follow(pg, tmp_path, proxy_factory):
     )
     try:
         run_sessions(proxy, 2, 3, tag="cli")
-        events = settled_trail(tmp_path, 2)
+        events = [e for e in settled_trail(tmp_path, 2) if "sid" in e]  # --user: not the proxy.start marker
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(tail.stdout.readline, "")), daemon=True)
         reader.start()
@@ -500,10 +505,10 @@ def test_cli_verify_tamper_and_tail_follow(pg, tmp_path, proxy_factory):
     assert any("PARSE u_scram@app: SELECT $1::text" in line for line in lines), lines
     assert any("EXECUTE u_scram@app: SELECT $1::text params=[\"cli-1-2\"]" in line for line in lines), lines
     assert sum(" START " in line for line in lines) == 2
-    sid = next(e["sid"] for e in events if "sid" in e)  # the first event is the proxy.start marker
+    sid = events[0]["sid"]
     out = cli("audit", "tail", str(path), "--session", sid)
     assert out.returncode == 0 and all(sid[:8] in line for line in out.stdout.splitlines())
-    assert len(out.stdout.splitlines()) == sum(e.get("sid") == sid for e in events)
+    assert len(out.stdout.splitlines()) == sum(e["sid"] == sid for e in events)
 
     out = cli("audit", "verify", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
