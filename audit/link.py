@@ -16,6 +16,7 @@ over, through the worker's stdin, in order:
        the proxy's time (its events are stamped with it, not the worker's time)
     C  a tap closes without an end event: slot
     R  (first, to a new worker) the sessions' ``session_seq`` counters at the last ack
+    F  a session ended without an end event (never started): drop its counter
     Q  the proxy stops: deliver what you can, then exit (end of input without
        it means the proxy died: the worker writes what it got to the sinks and
        their spools and exits at once)
@@ -84,7 +85,7 @@ log = logging.getLogger("dbproxy.audit.link")
 
 FRAME = struct.Struct(">BIIBd")  # kind, payload length, slot, direction, the proxy's time (seconds, 0: none)
 _pack = FRAME.pack
-EVENT, OPEN, TAP, CLOSE, QUIT, COUNTERS = b"E"[0], b"O"[0], b"T"[0], b"C"[0], b"Q"[0], b"R"[0]
+EVENT, OPEN, TAP, CLOSE, QUIT, COUNTERS, FORGET = b"E"[0], b"O"[0], b"T"[0], b"C"[0], b"Q"[0], b"R"[0], b"F"[0]
 LINK_DELAY = 0.005  # seconds frames may gather before one write to the worker
 DEFAULT_CAPACITY_BYTES = 64 * 1024 * 1024
 RESTART_DELAY = 1.0
@@ -193,6 +194,9 @@ class AuditLink:
         """Wait until the worker acked every frame before ``mark`` (a ``queued_mark``)."""
         while self.durable_mark < mark and not self._done.is_set():
             await self._acked.park()
+
+    def forget_session(self, sid: str) -> None:
+        self._put(FORGET, 0, 0, sid.encode())
 
     def tap_open(self, protocol: str, template: dict) -> int:
         slot = next(self._slots)

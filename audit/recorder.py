@@ -185,7 +185,9 @@ class AuditRecorder:
     session_seq: dict = attrs.field(factory=dict)
     # Called with the ``Checkpoint``s a written batch passed (the audit worker acks its input with them).
     on_checkpoint: Any = None
-    _touched: dict = attrs.field(factory=dict)  # sid -> session_seq (0: ended) since the last checkpoint
+    # sid -> session_seq (0: ended) changed since the last checkpoint; None unless the audit
+    # worker asks for it (``track_changes``): the in-process recorder keeps no such history.
+    _touched: dict | None = None
     _marks: list = attrs.field(factory=list)
     _durable_lot: Any = None
 
@@ -218,6 +220,16 @@ class AuditRecorder:
     async def submit(self, body: bytes) -> None:
         while not self.submit_nowait(body):
             await self._room.park()
+
+    def track_changes(self) -> None:
+        """Note which ``session_seq`` counters change between checkpoints (the worker's acks carry them)."""
+        if self._touched is None:
+            self._touched = {}
+
+    def forget_session(self, sid: str) -> None:
+        """A session ended without an end event (it never started: failed login, refused):
+        drop its ``session_seq`` counter once its events are stamped."""
+        self._queue.append(Forget(sid.encode()))
 
     def checkpoint(self, frames: int) -> None:
         """Queue a marker behind every event submitted so far (the audit worker's input position
@@ -411,10 +423,13 @@ class AuditRecorder:
         touched = self._touched
         lines = []
         for body in batch:
-            if type(body) is Checkpoint:
-                body.seqs = touched
-                touched = self._touched = {}
-                self._marks.append(body)
+            if type(body) is not bytes:
+                if type(body) is Checkpoint:
+                    body.seqs = touched or {}
+                    touched = self._touched = {}
+                    self._marks.append(body)
+                elif counts.pop(body.sid, None) is not None and touched is not None:  # Forget
+                    touched[body.sid] = 0
                 continue
             seq += 1
             at = body.rfind(b'"sid":"')
@@ -424,9 +439,12 @@ class AuditRecorder:
                 n = counts.get(sid, 0) + 1
                 if body.startswith(_END_PREFIX):
                     counts.pop(sid, None)
-                    touched[sid] = 0
+                    if touched is not None:
+                        touched[sid] = 0
                 else:
-                    counts[sid] = touched[sid] = n
+                    counts[sid] = n
+                    if touched is not None:
+                        touched[sid] = n
                 head = b'%b,"session_seq":%d,"seq":%d,"prev_hash":"%b"' % (body[:-1], n, seq, prev)
             else:
                 head = b'%b,"seq":%d,"prev_hash":"%b"' % (body[:-1], seq, prev)
@@ -468,6 +486,15 @@ class Checkpoint:
     def __init__(self, frames: int) -> None:
         self.frames = frames
         self.seqs: dict = {}
+
+
+class Forget:
+    """A marker in the recorder's queue: drop session ``sid``'s counter (it ended without an end event)."""
+
+    __slots__ = ("sid",)
+
+    def __init__(self, sid: bytes) -> None:
+        self.sid = sid
 
 
 _END_PREFIX = b'{"event":"%b"' % ev.SESSION_END.encode()
@@ -589,6 +616,11 @@ class SessionAudit:
         if (told or not self.recorder.accepting) and self.session.started and not self._ended and not self._told:
             self._told = True
             raise AuditUnavailable()
+
+    def forget(self) -> None:
+        """The session ends without an end event (it never started): its ``session_seq``
+        counter is dropped behind its last event."""
+        self.recorder.forget_session(self.session.id)
 
     def tell_unavailable(self) -> None:
         """Called by the recorder: make the session's next ``flush`` raise ``AuditUnavailable``."""

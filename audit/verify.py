@@ -24,8 +24,10 @@ was never written shows as *gaps* (``SessionCounter``):
   with missing events;
 * ``proxy.start`` / ``proxy.stop`` mark each run of the proxy: a start with
   no stop since the previous start is an unclean restart (crash, SIGKILL),
-  and a session with no end event from before a later start (or a clean
-  stop) was cut off — a session of the last run may simply still be open;
+  and a session that started (a successful ``db.session.start``) with no
+  end event from before a later start (or a clean stop) was cut off — a
+  session of the last run may simply still be open (a failed login has no
+  end event);
 * a ``session_seq`` seen twice is counted, not a gap: after an audit worker
   died, its input since the last ack is handed to the next one, which may
   write again what the dead one wrote but had not acked (at least once).
@@ -81,6 +83,7 @@ class VerifyResult:
 
 
 _SESSION_END = "db.session.end"
+_SESSION_START = "db.session.start"
 _PROXY_START = "proxy.start"
 _PROXY_STOP = "proxy.stop"
 
@@ -89,7 +92,8 @@ class SessionCounter:
     """Feed events in order; ``gaps`` lists what the trail shows was never written."""
 
     def __init__(self) -> None:
-        # sid -> [numbers seen, end total or None, run index, "file:line" of the first event, repeats]
+        # sid -> [numbers seen, end total or None, run index, "file:line" of the first event, repeats,
+        #         started (a successful db.session.start: only such a session owes an end event)]
         self.sessions: dict[str, list] = {}
         self.uncounted: set[str] = set()
         self.run = -1  # index of the current proxy.start (-1: before any)
@@ -117,7 +121,9 @@ class SessionCounter:
             return
         entry = self.sessions.get(sid)
         if entry is None:
-            entry = self.sessions[sid] = [set(), None, self.run, where, 0]
+            entry = self.sessions[sid] = [set(), None, self.run, where, 0, False]
+        if kind == _SESSION_START and event.get("success") is True:
+            entry[5] = True
         n = event.get("session_seq")
         if not isinstance(n, int):
             self.uncounted.add(sid)
@@ -135,7 +141,7 @@ class SessionCounter:
         gaps = list(self.unclean)
         last_run = self.run
         still_open = repeated = counted = 0
-        for sid, (seen, total, run, where, repeats) in self.sessions.items():
+        for sid, (seen, total, run, where, repeats, started) in self.sessions.items():
             repeated += repeats
             if seen:
                 counted += 1
@@ -148,7 +154,7 @@ class SessionCounter:
                     what = f"its end counts {total} events" if total is not None and total > 0 else f"up to {top}"
                     gaps.append(f"session {sid} (first event {where}): {missing} events missing "
                                 f"({what}; session_seq {shown} not in the trail)")
-            if total is None:
+            if total is None and started:
                 if run < last_run or (run >= 0 and self.stopped[run]):
                     gaps.append(f"session {sid} (first event {where}): no end event, and the proxy "
                                 f"{'restarted' if run < last_run else 'stopped'} since")

@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 import trio
 
-from .link import CLOSE, COUNTERS, EVENT, FRAME, OPEN, QUIT, TAP
+from .link import CLOSE, COUNTERS, EVENT, FORGET, FRAME, OPEN, QUIT, TAP
 from .recorder import AuditRecorder, TemplateAudit
 
 log = logging.getLogger("dbproxy.audit.worker")
@@ -60,6 +60,7 @@ class Worker:
         self._ack_wake = trio.Event()
         self._say_lock = trio.Lock()
         recorder.on_checkpoint = self.on_checkpoint
+        recorder.track_changes()
 
     def on_checkpoint(self, marks: list) -> None:
         """The recorder wrote a batch: the checkpoints it passed are durable input positions."""
@@ -111,6 +112,8 @@ class Worker:
             self.quit = True
         elif kind == CLOSE:
             await self._close_tap(slot, None)
+        elif kind == FORGET:
+            self.recorder.forget_session(payload.decode())
         elif kind == COUNTERS:
             # A new worker after one died: the sessions' counts at its last ack go on from there.
             self.recorder.session_seq.update({sid.encode(): n for sid, n in orjson.loads(payload).items()})

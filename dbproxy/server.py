@@ -185,6 +185,8 @@ class ProxyServer:
                         duration_ms=round((time.monotonic() - started) * 1000, 3),
                         **session.details.get("end_fields", {}),
                     )
+                else:
+                    session.audit.forget()  # no end event: drop its session_seq counter all the same
                 with trio.move_on_after(5):
                     await session.audit.flush()
                 with trio.move_on_after(LINGER_SECONDS):

@@ -103,15 +103,16 @@ def test_fewer_events_than_the_end_counts_is_reported(tmp_path):
 
 
 def test_a_crash_is_an_unclean_restart_and_its_open_sessions_are_cut_off(tmp_path):
-    trail = Trail(tmp_path).add(start(), *session("done"), *session("cut", end=False),
+    failed_login = body(ev.SESSION_START, "refused", success=False, error="password authentication failed")
+    trail = Trail(tmp_path).add(start(), *session("done"), *session("cut", end=False), failed_login,
                                 start(), *session("running", end=False))
     result = trail.verify()
     assert not result.ok and len(result.gaps) == 2
     unclean, cut = result.gaps
     assert unclean.startswith("unclean restart") and ":1 has no proxy.stop" in unclean
     assert "session cut" in cut and "no end event" in cut and "restarted" in cut
-    # A session of the last run without an end may still be running: not a gap.
-    assert result.open_sessions == 1 and not any("running" in g for g in result.gaps)
+    # A session of the last run without an end may still be running: not a gap; a failed login owes no end.
+    assert result.open_sessions == 1 and not any("running" in g or "refused" in g for g in result.gaps)
 
 
 def test_a_session_without_end_in_a_cleanly_stopped_run_is_cut_off(tmp_path):
@@ -147,3 +148,14 @@ def test_a_trail_without_session_counts_still_verifies(tmp_path, capsys):
     assert result.ok and result.counted_sessions == 0 and result.sessions == 2
     assert cli(["audit", "verify", str(path)]) == 0
     assert "no session counts" in capsys.readouterr().out
+
+
+def test_counters_are_dropped_at_the_end_or_for_a_session_that_never_started(tmp_path):
+    trail = Trail(tmp_path)
+    recorder = trail.recorder
+    trail.add(body(ev.SESSION_START, "refused", success=False), *session("open", end=False))
+    assert set(recorder.session_seq) == {b"refused", b"open"}
+    recorder.forget_session("refused")  # the server: a session that ends without an end event
+    trail.add(*recorder._queue)
+    assert set(recorder.session_seq) == {b"open"}
+    assert recorder._touched is None  # in-process: no history of changes kept (only the worker acks them)
