@@ -371,9 +371,11 @@ class Pipeline:
         next_message = decoder.next_message
         flush_audit = self.flush_audit
         audit_owner = self._audit_owner if hasattr(self._audit_owner, "halted") else None
-        # Durability "ack" (audit.recorder.DurableSessionAudit): what the backend answers
-        # reaches the client only once the session's audit events are durable.
-        wait_durable = getattr(audit_owner, "wait_durable", None) if pump is self.b2c else None
+        # Durability "ack" (audit.recorder.DurableSessionAudit): what the backend answers,
+        # and a stage's own answer (a refusal), reach the client only once the session's
+        # audit events are durable.
+        durable_replies = getattr(audit_owner, "wait_durable", None)
+        wait_durable = durable_replies if pump is self.b2c else None
         # Bytes handed over from the handshake phase are decoded before the first read.
         pending = bool(buf)
         while True:
@@ -443,6 +445,8 @@ class Pipeline:
                 pump.rewritten += 1
                 await out.send_messages(b"".join(forwarded))
             if replies:
+                if durable_replies is not None:
+                    await durable_replies()
                 await back.send_messages(b"".join(replies))
             buf.compact()
             if flush_audit is not None and (audit_owner is None or audit_owner._pending):
