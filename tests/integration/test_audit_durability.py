@@ -17,6 +17,7 @@ statements, the events written after it resumes are still in time order, the end
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import threading
@@ -121,7 +122,9 @@ def test_a_worker_killed_under_load_loses_no_answered_statement(pg, tmp_path):
         answered = [sql for c in clients for sql in c.answered]
         assert len(answered) > 100 * CLIENTS  # a real load, not a trickle
         # Everything the dead worker had not acked goes to the new one, which writes it.
-        wait_until(lambda: set(answered) <= audited_queries(trail), timeout=30, what="the replayed statements")
+        deadline = time.monotonic() + 30
+        while not set(answered) <= audited_queries(trail) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         assert proxy.stop() == 0
     missing = set(answered) - audited_queries(trail)
@@ -206,6 +209,5 @@ def test_tapped_events_carry_the_time_the_proxy_saw_them(pg, tmp_path):
     queries = [e for e in events if e["event"] == "db.session.query"]
     assert len(queries) == 6
     # Stamped when the proxy saw them, 0.2 s apart — not all at once when the worker resumed.
-    assert queries[-1]["time"] > queries[1]["time"]
-    spread = [q["time"][17:26] for q in queries[1:]]
-    assert len(set(spread)) == 5
+    seen = [datetime.datetime.fromisoformat(q["time"].replace("Z", "+00:00")).timestamp() for q in queries[1:]]
+    assert all(b - a >= 0.15 for a, b in zip(seen, seen[1:])), [q["time"] for q in queries]
