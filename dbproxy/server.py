@@ -113,7 +113,7 @@ class ProxyServer:
             await audit_nursery.start(self.recorder.run)
             # A marker per run: ``dbproxy audit verify`` tells a clean stop (``proxy.stop``)
             # from a crash (a ``proxy.start`` with no stop before it).
-            self._marker(ev.PROXY_START, durability=self.config.audit.durability)
+            self._marker(ev.PROXY_START, durability=self.config.audit.durability, **self._previous_run())
             try:
                 async with trio.open_nursery() as background:
                     # Work shared by sessions (Kerberos acquisition and renewal) lives
@@ -126,6 +126,20 @@ class ProxyServer:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.recorder.aclose()
+
+    def _previous_run(self) -> dict:
+        """``previous_stopped_cleanly``: whether the trail's last event (first JSONL sink) is a
+        ``proxy.stop``; absent when the trail is empty (unknown)."""
+        from audit.sinks.jsonl import last_event_of
+
+        for sink in self.config.audit.sinks:
+            if sink.type == "jsonl" and sink.path:
+                try:
+                    last = last_event_of(sink.path)
+                except OSError:
+                    return {}
+                return {} if last is None else {"previous_stopped_cleanly": last.get("event") == ev.PROXY_STOP}
+        return {}
 
     def _marker(self, kind: str, **fields: Any) -> None:
         body = serialize(ev.marker(kind, pid=os.getpid(), version=_version(), **fields))

@@ -132,6 +132,33 @@ def test_a_worker_killed_under_load_loses_no_answered_statement(pg, tmp_path):
     result = verify_files([str(trail)])
     assert result.ok, (result.error, result.gaps[:5])
     assert result.counted_sessions == CLIENTS and result.runs == 1
+    events = read_audit(trail)
+    assert events[0]["event"] == "proxy.start" and events[-1]["event"] == "proxy.stop"
+    assert "previous_stopped_cleanly" not in events[0]  # a new trail: unknown
+
+
+def test_verify_finds_the_unclean_restart_of_a_killed_proxy(pg, tmp_path):
+    first = ProxyProcess(tmp_path, config(pg, tmp_path), name="first").start()
+    try:
+        conn = connect(first)
+        conn.execute("SELECT 'open when the proxy died'")
+        wait_until(lambda: "SELECT 'open when the proxy died'" in audited_queries(tmp_path / "audit.jsonl"),
+                   timeout=10, what="the query")
+    finally:
+        first.kill()  # SIGKILL: no proxy.stop, no end event for the open session
+    second = ProxyProcess(tmp_path, config(pg, tmp_path), name="second").start()
+    try:
+        with connect(second) as c:
+            c.execute("SELECT 'after'")
+        wait_until(lambda: "SELECT 'after'" in audited_queries(tmp_path / "audit.jsonl"), timeout=10, what="after")
+    finally:
+        assert second.stop() == 0
+    starts = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "proxy.start"]
+    assert [s.get("previous_stopped_cleanly") for s in starts] == [None, False]
+    result = verify_files([str(tmp_path / "audit.jsonl")])
+    assert result.chain_ok and not result.ok
+    assert len(result.gaps) == 2, result.gaps
+    assert result.gaps[0].startswith("unclean restart") and "no end event" in result.gaps[1]
 
 
 def test_with_durability_ack_no_result_reaches_a_client_before_its_audit_record(pg, tmp_path):
