@@ -19,11 +19,10 @@ import trio.testing
 from audit.recorder import AuditRecorder, DurableSessionAudit, SessionAudit
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
+from dbproxy.pipeline import Pipeline
 from dbproxy.session import Session
 from engines import default_registry
 from tests.unit.core.test_pipeline import LengthDecoder, Recv, frame
-
-from dbproxy.pipeline import Pipeline
 
 
 class StallingSink:
