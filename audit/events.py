@@ -32,6 +32,9 @@ AUDIT_LOSS = "audit.loss"
 # A client (or backend) message that framed correctly but whose body the audit could not
 # parse: refused, never forwarded, and the session ended (``dbproxy.errors.MalformedMessage``).
 MALFORMED = "audit.malformed"
+# A proxy process starts / stops cleanly (``dbproxy audit verify`` finds unclean restarts with them).
+PROXY_START = "proxy.start"
+PROXY_STOP = "proxy.stop"
 
 # Teleport's event codes for the events it has; ours extend the series.
 CODES = {
@@ -45,6 +48,8 @@ CODES = {
     ACCESS_DENIED: "TDB10W",
     AUDIT_LOSS: "TAU00W",
     MALFORMED: "TAU01W",
+    PROXY_START: "TAU02I",
+    PROXY_STOP: "TAU03I",
 }
 
 MAX_QUERY_CHARS = 16 * 1024
@@ -66,9 +71,11 @@ def new_event_id() -> str:
 _time_cache: list = [-1, ""]
 
 
-def now_iso() -> str:
-    """UTC time, RFC 3339 with microseconds; the formatted second is cached."""
-    t = _time.time()
+def now_iso(t: float | None = None) -> str:
+    """UTC time (now, or ``t`` in seconds since the epoch), RFC 3339 with microseconds;
+    the formatted second is cached."""
+    if t is None:
+        t = _time.time()
     sec = int(t)
     if sec != _time_cache[0]:
         _time_cache[0] = sec
@@ -92,3 +99,8 @@ def param_text(value: bytes | None, *, binary: bool, limit: int = MAX_PARAM_CHAR
             encoded += TRUNCATION_MARKER.format(n=len(value) - limit, total=len(value))
         return encoded
     return truncate(value.decode("utf-8", "replace"), limit)
+
+
+def marker(kind: str, **fields) -> dict:
+    """An event of the proxy itself (no session): ``proxy.start`` / ``proxy.stop``."""
+    return {"event": kind, "code": CODES.get(kind, ""), "uid": new_event_id(), "time": now_iso(), **fields}

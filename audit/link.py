@@ -8,10 +8,15 @@ process, ``python -m audit.worker`` (one per proxy, started and watched by
 stamping, the hash chain, the files and the SIEM connections.  What crosses
 over, through the worker's stdin, in order:
 
-    E  one event body (``SessionAudit.emit`` serialised it: JSON, no chain fields)
+    E  one event body (``SessionAudit.emit`` serialised it: JSON, no chain fields);
+       with a slot: the session's end event, which closes that tap (the worker
+       adds the tap's counts)
     O  a tap opens: slot, protocol, the session's common fields
-    T  a tap's bytes: slot, direction (0 client→backend, 1 backend→client)
-    C  a tap closes: slot
+    T  a tap's bytes: slot, direction (0 client→backend, 1 backend→client), and
+       the proxy's time (its events are stamped with it, not the worker's time)
+    C  a tap closes without an end event: slot
+    R  (first, to a new worker) the sessions' ``session_seq`` counters at the last ack
+    F  a session ended without an end event (never started): drop its counter
     Q  the proxy stops: deliver what you can, then exit (end of input without
        it means the proxy died: the worker writes what it got to the sinks and
        their spools and exits at once)
@@ -25,27 +30,48 @@ stages on them (``engines.<name>.tap``).  One stream keeps everything in
 the order the proxy saw it: a session's start event, its queries and
 results, its end.
 
-Framing (``FRAME``): kind byte, payload length, slot, direction; then the
-payload.  Frames gather in a list for up to ``LINK_DELAY`` and go out in one
-write.  Backpressure, never loss: past ``capacity_bytes`` queued,
-``submit_nowait`` refuses (the session holds the event and its pump waits in
-``flush``) and ``tap`` reports congestion (the pump waits after its send).
-When the worker cannot write (fail_closed sink full) it says so on its
-stdout (``{"accepting": false}``); the link then refuses new sessions and
-ends running ones, like the in-process recorder.  If the worker dies, the
-link logs it, ends running sessions (their audit is gone with the worker),
-and starts a new worker, which continues the chain from the sinks' tails;
-frames not yet written to the dead worker go to the new one.
+Framing (``FRAME``): kind byte, payload length, slot, direction, time; then
+the payload.  Frames gather in a list for up to ``link_delay`` and go out in
+one write.  Backpressure, never loss: past ``capacity_bytes`` queued or not
+yet acked, ``submit_nowait`` refuses (the session holds the event and its
+pump waits in ``flush``) and ``tap`` reports congestion (the pump waits after
+its send).  When the worker cannot write (fail_closed sink full) it says so
+on its stdout (``{"accepting": false}``); the link then refuses new sessions
+and ends running ones, like the in-process recorder.
+
+Acks and replay: every frame queued gets a number (``queued_mark``).  The
+worker says ``{"ack": K, "seqs": {...}}`` once every event its first K input
+frames produced is written by every sink (see ``audit.worker``); the link
+forgets frames up to there (``durable_mark``) and keeps the sessions'
+``session_seq`` counters the ack carries.  Written but not acked frames stay.
+If the worker dies, the link logs it, ends running sessions (53000 on
+PostgreSQL: their audit worker is gone) and starts a new worker, which
+continues the chain from the sinks' tails and gets, before anything else:
+the counters (``R``), the ``O`` frame of every tap still open whose ``O`` the
+dead worker had acked (kept until the tap's end event is acked), then every
+frame not acked, in order.  Nothing acknowledged to a client is lost; what
+the dead worker wrote after its last ack is written again (at least once;
+``audit verify`` counts the repeats).  Limits of a replayed tap: it starts
+with fresh parser state, so a prepared statement parsed before the ack point
+is unknown to the new worker (an Execute of it is audited as ``<unknown
+portal …>``), and the end event's ``queries``/``errors`` count only the
+frames the new worker parsed.
+
+Durability "ack": sessions are ``DurableSessionAudit``s, which note the
+number of the newest frame they queued; a backend→client pump waits
+(``wait_durable``) until ``durable_mark`` passes it before sending.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
 import struct
 import subprocess
 import sys
+import time
 import weakref
 from typing import Any
 
@@ -53,35 +79,54 @@ import attrs
 import orjson
 import trio
 
-from .recorder import RecorderStatistics, SessionAudit, tell_running_sessions
+from .recorder import DurableSessionAudit, RecorderStatistics, SessionAudit, tell_running_sessions
 
 log = logging.getLogger("dbproxy.audit.link")
 
-FRAME = struct.Struct(">BIIB")  # kind, payload length, slot, direction
+FRAME = struct.Struct(">BIIBd")  # kind, payload length, slot, direction, the proxy's time (seconds, 0: none)
 _pack = FRAME.pack
-EVENT, OPEN, TAP, CLOSE, QUIT = b"E"[0], b"O"[0], b"T"[0], b"C"[0], b"Q"[0]
+EVENT, OPEN, TAP, CLOSE, QUIT, COUNTERS, FORGET = b"E"[0], b"O"[0], b"T"[0], b"C"[0], b"Q"[0], b"R"[0], b"F"[0]
 LINK_DELAY = 0.005  # seconds frames may gather before one write to the worker
 DEFAULT_CAPACITY_BYTES = 64 * 1024 * 1024
 RESTART_DELAY = 1.0
 READY_TIMEOUT = 60.0
+_HEADER = FRAME.size
+_time = time.time
 
 
 @attrs.define(eq=False)
 class AuditLink:
     """Implements what sessions and the server use of an ``AuditRecorder``
     (``session``, ``accepting``, ``submit_nowait``/``submit``, ``run``,
-    ``aclose``, ``statistics``) plus taps, with the recorder in the worker."""
+    ``aclose``, ``statistics``, ``wait_durable``) plus taps, with the recorder in the worker."""
 
     config_file: str
     capacity_bytes: int = DEFAULT_CAPACITY_BYTES
     python: str = sys.executable
+    durable_sessions: bool = False  # durability "ack": sessions wait for acks before completions
+    # Seconds frames gather before a write to the worker; 0 under durability "ack" (sessions wait
+    # for acks: frames gather while the worker writes and syncs the previous batch).
+    link_delay: float = LINK_DELAY
     submitted: int = 0
     worker_starts: int = 0
     last_seq: int = 0
-    _out: list = attrs.field(factory=list)
-    _out_bytes: int = 0
+    replayed: int = 0  # frames handed again to a new worker (their first worker died before acking them)
+    # Frame positions, counted over the link's life: every frame queued gets the next number;
+    # frames before ``durable_mark`` are acked (written by the worker's sinks).
+    queued_mark: int = 0
+    durable_mark: int = 0
+    _out: list = attrs.field(factory=list)  # header, payload, header, payload… not yet written
+    _out_bytes: int = 0  # bytes queued or written and not acked: the budget
+    _next_send: int = 0  # the number of _out's first frame
+    _unacked: Any = None  # deque of [first frame number, parts, bytes]: written, not acked
+    _opens: dict = attrs.field(factory=dict)  # slot -> (frame number, O payload) of taps not closed
+    _closes: Any = None  # deque of (frame number, slot): end events that close a tap
+    _counters: dict = attrs.field(factory=dict)  # sid -> session_seq at the ack point
+    _base: int = 0  # the frame number of this worker's first frame after its replay prefix
+    _prefix: int = 0  # frames of that prefix (R, O) the worker counts too
     _wake: Any = None
     _room: Any = None
+    _acked: Any = None
     _live: Any = None
     _slots: Any = None
     _closed: bool = False
@@ -91,13 +136,17 @@ class AuditLink:
 
     def __attrs_post_init__(self) -> None:
         self._room = trio.lowlevel.ParkingLot()
+        self._acked = trio.lowlevel.ParkingLot()
         self._live = weakref.WeakSet()
         self._slots = itertools.count(1)
         self._done = trio.Event()
+        self._unacked = collections.deque()
+        self._closes = collections.deque()
 
     # -- what sessions use ------------------------------------------------------------
-    def session(self, session: Any) -> SessionAudit:
-        audit = SessionAudit(self, session)
+    def session(self, session: Any, *, durable: bool | None = None) -> SessionAudit:
+        durable = self.durable_sessions if durable is None else durable
+        audit = (DurableSessionAudit if durable else SessionAudit)(self, session)
         self._live.add(audit)
         return audit
 
@@ -109,45 +158,62 @@ class AuditLink:
     def congested(self) -> bool:
         return self._out_bytes >= self.capacity_bytes
 
-    def _put(self, kind: int, slot: int, direction: int, payload: bytes) -> None:
+    def _put(self, kind: int, slot: int, direction: int, payload: bytes, when: float = 0.0) -> None:
         out = self._out
-        out.append(_pack(kind, len(payload), slot, direction))
+        out.append(_pack(kind, len(payload), slot, direction, when))
         out.append(payload)
-        self._out_bytes += len(payload) + 10
+        self._out_bytes += len(payload) + _HEADER
+        self.queued_mark += 1
         wake = self._wake
         if wake is not None:
             self._wake = None
             wake.set()
 
-    def submit_nowait(self, body: bytes) -> bool:
+    def submit_nowait(self, body: bytes, slot: int = 0) -> bool:
+        """Queue an event body; ``slot``: the session's end event, closing its tap."""
         if self._closed:
             log.error("audit event after the audit link closed: %.120s", body)
             return True
         if self._out_bytes >= self.capacity_bytes:
             return False
-        self._put(EVENT, 0, 0, body)
+        if slot:
+            self._closes.append((self.queued_mark, slot))
+        self._put(EVENT, slot, 0, body)
         self.submitted += 1
         return True
 
-    async def submit(self, body: bytes) -> None:
-        while not self.submit_nowait(body):
+    async def submit(self, body: bytes, slot: int = 0) -> None:
+        while not self.submit_nowait(body, slot):
             await self._room.park()
 
     async def wait_room(self) -> None:
         while self._out_bytes >= self.capacity_bytes and not self._closed:
             await self._room.park()
 
+    async def wait_durable(self, mark: int) -> None:
+        """Wait until the worker acked every frame before ``mark`` (a ``queued_mark``)."""
+        while self.durable_mark < mark and not self._done.is_set():
+            await self._acked.park()
+
+    def forget_session(self, sid: str) -> None:
+        self._put(FORGET, 0, 0, sid.encode())
+
     def tap_open(self, protocol: str, template: dict) -> int:
         slot = next(self._slots)
-        self._put(OPEN, slot, 0, orjson.dumps({"protocol": protocol, "template": template}))
+        payload = orjson.dumps({"protocol": protocol, "template": template})
+        # Kept until the tap closes: a new worker needs it if the old one acked it and died.
+        self._opens[slot] = (self.queued_mark, payload)
+        self._put(OPEN, slot, 0, payload)
         return slot
 
     def tap(self, slot: int, direction: int, data: bytes) -> bool:
         """Queue a tap's bytes; True when the link is over budget (the caller should wait for room)."""
-        self._put(TAP, slot, direction, data)
+        self._put(TAP, slot, direction, data, _time())
         return self._out_bytes >= self.capacity_bytes
 
     def tap_close(self, slot: int) -> None:
+        """Close a tap with no end event to come (``SessionAudit`` closes it with its end event)."""
+        self._closes.append((self.queued_mark, slot))
         self._put(CLOSE, slot, 0, b"")
 
     def statistics(self) -> RecorderStatistics:
@@ -155,6 +221,64 @@ class AuditLink:
             submitted=self.submitted, written=0, sink_failures=0, queued=len(self._out) // 2,
             last_seq=self.last_seq, accepting=self._accepting,
         )
+
+    # -- acks ---------------------------------------------------------------------------
+    def _on_ack(self, message: dict) -> None:
+        """The worker wrote everything its first ``ack`` frames produced: forget those frames."""
+        seqs = message.get("seqs")
+        if seqs:
+            counters = self._counters
+            for sid, n in seqs.items():
+                if n:
+                    counters[sid] = n
+                else:
+                    counters.pop(sid, None)  # the session's end event is written
+        acked = self._base + int(message["ack"]) - self._prefix
+        if acked <= self.durable_mark:
+            return
+        self.durable_mark = acked
+        unacked = self._unacked
+        while unacked:
+            chunk = unacked[0]
+            first, parts = chunk[0], chunk[1]
+            n = len(parts) // 2
+            if first + n <= acked:
+                unacked.popleft()
+                self._out_bytes -= chunk[2]
+                continue
+            if first < acked:
+                drop = 2 * (acked - first)
+                size = sum(len(p) for p in parts[1:drop:2]) + _HEADER * (drop // 2)
+                del parts[:drop]
+                chunk[0] = acked
+                chunk[2] -= size
+                self._out_bytes -= size
+            break
+        closes = self._closes
+        while closes and closes[0][0] < acked:
+            self._opens.pop(closes.popleft()[1], None)
+        if self._room:
+            self._room.unpark_all()
+        if self._acked:
+            self._acked.unpark_all()
+
+    def _replay_prefix(self) -> list:
+        """For a new worker: the session counters, the O frames of open taps it has not
+        seen again (acked by a dead worker), then every frame not acked goes again."""
+        parts: list = []
+        if self._counters:
+            payload = orjson.dumps(self._counters)
+            parts += [_pack(COUNTERS, len(payload), 0, 0, 0.0), payload]
+        for slot, (number, payload) in self._opens.items():
+            if number < self.durable_mark:
+                parts += [_pack(OPEN, len(payload), slot, 0, 0.0), payload]
+        if self._unacked:
+            again = [p for chunk in self._unacked for p in chunk[1]]
+            self.replayed += len(again) // 2
+            self._out[0:0] = again
+            self._unacked.clear()
+            self._next_send = self.durable_mark
+        return parts
 
     # -- the worker ---------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -176,7 +300,8 @@ class AuditLink:
                 if self._closed:
                     failures_while_closing += 1
                     if failures_while_closing > 2:
-                        log.error("audit worker keeps failing while the proxy stops: %d frames not written", len(self._out) // 2)
+                        log.error("audit worker keeps failing while the proxy stops: %d frames not written",
+                                  len(self._out) // 2 + sum(len(c[1]) // 2 for c in self._unacked))
                         return
                 log.error("audit worker (pid %s) died with status %s; starting a new one", proc.pid, proc.returncode)
                 self._set_accepting(False, "the audit worker died")
@@ -185,6 +310,7 @@ class AuditLink:
             self._closed = True
             self._room.unpark_all()
             self._done.set()
+            self._acked.unpark_all()
 
     async def _serve_worker(self, proc: trio.Process, task_status: Any) -> bool:
         """Run one worker until it exits; True when it exited because the link closed."""
@@ -200,14 +326,22 @@ class AuditLink:
             await proc.wait()
             raise RuntimeError(f"the audit worker failed to start (status {proc.returncode}); see its log above")
         self.last_seq = hello.get("last_seq", 0)
+        prefix = self._replay_prefix()
+        self._prefix = len(prefix) // 2
+        self._base = self._next_send
+        if self.replayed:
+            log.warning("audit worker (pid %s): handing it %d frames its predecessor had not acked",
+                        proc.pid, len(self._out) // 2)
         self._set_accepting(bool(hello.get("accepting", True)), "")
         task_status.started()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._send_frames, proc.stdin)
+            nursery.start_soon(self._send_frames, proc.stdin, prefix)
             while True:
                 message = await lines.next()
                 if message is None:
                     break
+                if "ack" in message:
+                    self._on_ack(message)
                 if "accepting" in message:
                     self._set_accepting(bool(message["accepting"]), "a fail_closed sink can take no more events")
             nursery.cancel_scope.cancel()
@@ -224,30 +358,29 @@ class AuditLink:
         elif accepting and self.worker_starts > 0 and why:
             log.warning("audit available again: accepting sessions")
 
-    async def _send_frames(self, stdin: trio.abc.SendStream) -> None:
+    async def _send_frames(self, stdin: trio.abc.SendStream, prefix: list) -> None:
         try:
+            if prefix:
+                await stdin.send_all(b"".join(prefix))
             while True:
                 if not self._out:
                     if self._closed:
-                        await stdin.send_all(FRAME.pack(QUIT, 0, 0, 0))
+                        await stdin.send_all(_pack(QUIT, 0, 0, 0, 0.0))
                         break
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                if LINK_DELAY and not self._closed:
-                    await trio.sleep(LINK_DELAY)
-                data = b"".join(self._out)
-                self._out.clear()
-                self._out_bytes = 0
-                if self._room:
-                    self._room.unpark_all()
-                try:
-                    await stdin.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    # The worker is gone; what it did not take goes to the next one.
-                    self._out.insert(0, data)
-                    self._out_bytes += len(data)
-                    return
+                if self.link_delay and not self._closed:
+                    await trio.sleep(self.link_delay)
+                parts = self._out
+                self._out = []
+                size = sum(len(p) for p in parts[1::2]) + _HEADER * (len(parts) // 2)
+                # Kept until acked: if this worker dies first, the next one gets them again.
+                self._unacked.append([self._next_send, parts, size])
+                self._next_send += len(parts) // 2
+                await stdin.send_all(b"".join(parts))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the worker is gone; what it did not ack goes to the next one
         finally:
             with trio.CancelScope(shield=True):
                 await stdin.aclose()

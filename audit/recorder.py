@@ -175,9 +175,25 @@ class AuditRecorder:
     _done: Any = None
     _live: Any = None
     _was_accepting: bool = True
+    durable_sessions: bool = False  # durability "ack": sessions wait for their events to be written
+    # Seconds events gather before a batch is written.  Durability "ack" sets 0: sessions wait
+    # for the write, so the batch gathers while the previous one is being written and synced.
+    batch_delay: float = BATCH_DELAY
+    # Submitted events every sink has written (``written`` also counts the recorder's own loss events).
+    durable: int = 0
+    # ``session_seq``: events stamped so far per session id (bytes), dropped at the session's end event.
+    session_seq: dict = attrs.field(factory=dict)
+    # Called with the ``Checkpoint``s a written batch passed (the audit worker acks its input with them).
+    on_checkpoint: Any = None
+    # sid -> session_seq (0: ended) changed since the last checkpoint; None unless the audit
+    # worker asks for it (``track_changes``): the in-process recorder keeps no such history.
+    _touched: dict | None = None
+    _marks: list = attrs.field(factory=list)
+    _durable_lot: Any = None
 
     def __attrs_post_init__(self) -> None:
         self._room = trio.lowlevel.ParkingLot()  # producers waiting for room in the queue
+        self._durable_lot = trio.lowlevel.ParkingLot()  # sessions waiting for ``durable`` (durability "ack")
         self._done = trio.Event()
         self._live = weakref.WeakSet()  # every SessionAudit, to tell them when fail-closed engages
 
@@ -205,8 +221,42 @@ class AuditRecorder:
         while not self.submit_nowait(body):
             await self._room.park()
 
-    def session(self, session: Any) -> "SessionAudit":
-        audit = SessionAudit(self, session)
+    def track_changes(self) -> None:
+        """Note which ``session_seq`` counters change between checkpoints (the worker's acks carry them)."""
+        if self._touched is None:
+            self._touched = {}
+
+    def forget_session(self, sid: str) -> None:
+        """A session ended without an end event (it never started: failed login, refused):
+        drop its ``session_seq`` counter once its events are stamped."""
+        self._queue.append(Forget(sid.encode()))
+
+    def checkpoint(self, frames: int) -> None:
+        """Queue a marker behind every event submitted so far (the audit worker's input position
+        ``frames``); once the batch that carries it is written, ``on_checkpoint`` gets it."""
+        self._queue.append(Checkpoint(frames))
+        waiting = self._drain_waiting
+        if waiting is not None:
+            self._drain_waiting = None
+            waiting.set()
+
+    @property
+    def queued_mark(self) -> int:
+        """Position of the newest event handed over (compare with ``durable_mark``)."""
+        return self.submitted
+
+    @property
+    def durable_mark(self) -> int:
+        return self.durable
+
+    async def wait_durable(self, mark: int) -> None:
+        """Wait until every sink has written the events up to ``queued_mark`` == ``mark``."""
+        while self.durable < mark and not self._done.is_set():
+            await self._durable_lot.park()
+
+    def session(self, session: Any, *, durable: bool | None = None) -> "SessionAudit":
+        durable = self.durable_sessions if durable is None else durable
+        audit = (DurableSessionAudit if durable else SessionAudit)(self, session)
         self._live.add(audit)
         return audit
 
@@ -276,16 +326,24 @@ class AuditRecorder:
                 self._drain_waiting = trio.Event()
                 await self._drain_waiting.wait()
                 continue
-            if BATCH_DELAY and len(queue) < MAX_BATCH and not self._closed:
+            if self.batch_delay and len(queue) < MAX_BATCH and not self._closed:
                 # Let a batch gather: one wake-up and one sink write per few
                 # milliseconds instead of one per event.  While the drain task
                 # sleeps, emitting an event wakes nobody.
-                await trio.sleep(BATCH_DELAY)
+                await trio.sleep(self.batch_delay)
             batch = queue[:MAX_BATCH]
             del queue[:MAX_BATCH]
             if self._room:
                 self._room.unpark_all()
-            await self._write(self._stamp(batch))
+            stamped = self._stamp(batch)
+            marks, self._marks = self._marks, []
+            if stamped.lines:
+                await self._write(stamped)
+                self.durable += len(stamped.lines)
+                if self._durable_lot:
+                    self._durable_lot.unpark_all()
+            if marks and self.on_checkpoint is not None:
+                self.on_checkpoint(marks)
             self._check_accepting()
             losses = [loss for sink in self.sinks if hasattr(sink, "take_losses") for loss in sink.take_losses()]
             if losses:
@@ -348,15 +406,48 @@ class AuditRecorder:
             )
         await self._write(self._stamp([serialize(e) for e in events]))
 
-    def _stamp(self, batch: list[bytes]) -> StampedBatch:
-        """Give each body its ``seq`` and ``prev_hash`` and its ``hash`` over the line so far."""
+    def _stamp(self, batch: list) -> StampedBatch:
+        """Give each body its ``session_seq`` (when it names a session), ``seq`` and
+        ``prev_hash`` and its ``hash`` over the line so far.
+
+        ``session_seq`` is counted here, the one place both audit modes pass: the
+        session id is the template's ``"sid":"…"`` member, which ``SessionAudit.emit``
+        serialises last (so ``rfind``; an escaped string value cannot contain an
+        unescaped ``"sid":"``).  A ``db.session.end`` event (``emit`` puts ``event``
+        first) drops the session's counter: its ``session_seq`` is the session's total.
+        """
         seq = self.last_seq
         prev = self.last_hash.encode()
         sha256 = hashlib.sha256
+        counts = self.session_seq
+        touched = self._touched
         lines = []
         for body in batch:
+            if type(body) is not bytes:
+                if type(body) is Checkpoint:
+                    body.seqs = touched or {}
+                    touched = self._touched = {}
+                    self._marks.append(body)
+                elif counts.pop(body.sid, None) is not None and touched is not None:  # Forget
+                    touched[body.sid] = 0
+                continue
             seq += 1
-            head = b'%b,"seq":%d,"prev_hash":"%b"' % (body[:-1], seq, prev)
+            at = body.rfind(b'"sid":"')
+            if at >= 0:
+                at += 7
+                sid = body[at:body.index(b'"', at)]
+                n = counts.get(sid, 0) + 1
+                if body.startswith(_END_PREFIX):
+                    counts.pop(sid, None)
+                    if touched is not None:
+                        touched[sid] = 0
+                else:
+                    counts[sid] = n
+                    if touched is not None:
+                        touched[sid] = n
+                head = b'%b,"session_seq":%d,"seq":%d,"prev_hash":"%b"' % (body[:-1], n, seq, prev)
+            else:
+                head = b'%b,"seq":%d,"prev_hash":"%b"' % (body[:-1], seq, prev)
             link = sha256(head)
             link.update(b"}")  # the hash covers the line without its hash member: ``head}``
             prev = link.hexdigest().encode()
@@ -386,6 +477,29 @@ class AuditRecorder:
         await self._done.wait()
 
 
+class Checkpoint:
+    """A marker in the recorder's queue (not an event): the audit worker's input position
+    ``frames``; ``seqs`` gets the ``session_seq`` counters changed since the previous one."""
+
+    __slots__ = ("frames", "seqs")
+
+    def __init__(self, frames: int) -> None:
+        self.frames = frames
+        self.seqs: dict = {}
+
+
+class Forget:
+    """A marker in the recorder's queue: drop session ``sid``'s counter (it ended without an end event)."""
+
+    __slots__ = ("sid",)
+
+    def __init__(self, sid: bytes) -> None:
+        self.sid = sid
+
+
+_END_PREFIX = b'{"event":"%b"' % ev.SESSION_END.encode()
+
+
 def tell_running_sessions(live: Any, why: str) -> None:
     """Fail closed: every running session ends at its next ``flush`` with ``AuditUnavailable``."""
     running = [a for a in list(live) if a.session.started and not a._ended]
@@ -411,7 +525,9 @@ class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
     __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_template_json",
-                 "_key", "halted", "__weakref__")
+                 "_key", "halted", "_end_slot", "__weakref__")
+
+    _clock = staticmethod(_now_iso)  # an event's ``time``: now (TemplateAudit: when the proxy saw the bytes)
 
     def __init__(self, recorder: AuditRecorder, session: Any) -> None:
         self.recorder = recorder
@@ -424,6 +540,7 @@ class SessionAudit:
         self._template: dict = {}
         self._template_json = b""
         self._key: tuple | None = None
+        self._end_slot = 0  # a closed tap: the end event goes to it (the worker adds the tap's counts)
 
     def _refresh_template(self) -> None:
         s = self.session
@@ -457,7 +574,7 @@ class SessionAudit:
         """Record one event; returns its own fields (``event``, ``code``, ``uid``, ``time`` and
         ``fields``) — the session's common fields are in the trail, not in the dict."""
         self._refresh_template()
-        event = {"event": kind, "code": _code_of(kind, ""), "uid": _new_event_id(), "time": _now_iso()}
+        event = {"event": kind, "code": _code_of(kind, ""), "uid": _new_event_id(), "time": self._clock()}
         if fields:
             event.update(fields)
             if not fields.keys().isdisjoint(self._template):
@@ -487,7 +604,11 @@ class SessionAudit:
                 if event is _CONGESTED:
                     await self.recorder.wait_room()
                     continue
-                if type(event) is tuple:  # tapped bytes held behind events
+                if type(event) is tuple:
+                    if len(event) == 2:  # the end event, addressed to the session's tap
+                        await self.recorder.submit(event[1], event[0])
+                        continue
+                    # tapped bytes held behind events
                     await self.recorder.wait_room()
                     self.recorder.tap(*event)
                     continue
@@ -495,6 +616,11 @@ class SessionAudit:
         if (told or not self.recorder.accepting) and self.session.started and not self._ended and not self._told:
             self._told = True
             raise AuditUnavailable()
+
+    def forget(self) -> None:
+        """The session ends without an end event (it never started): its ``session_seq``
+        counter is dropped behind its last event."""
+        self.recorder.forget_session(self.session.id)
 
     def tell_unavailable(self) -> None:
         """Called by the recorder: make the session's next ``flush`` raise ``AuditUnavailable``."""
@@ -526,7 +652,9 @@ class SessionAudit:
             pending.append(_CONGESTED)
 
     def tap_close(self, slot: int) -> None:
-        self.recorder.tap_close(slot)
+        """The session forwards nothing more; the tap closes with the session's end event
+        (``on_session_end``), which the worker completes with the tap's counts."""
+        self._end_slot = slot
 
     # -- the four hooks every engine uses -----------------------------------
     def on_session_start(self, *, success: bool, error: str | None = None, **fields: Any) -> dict:
@@ -544,7 +672,51 @@ class SessionAudit:
 
     def on_session_end(self, **fields: Any) -> dict:
         self._ended = True
-        return self.emit(ev.SESSION_END, **fields)
+        slot = self._end_slot
+        if not slot:
+            return self.emit(ev.SESSION_END, **fields)
+        # Sent in the tap's own slot: the worker closes the tap and adds its counts
+        # (queries, errors) to this event without searching its bytes.
+        self._end_slot = 0
+        self._refresh_template()
+        event = {"event": ev.SESSION_END, "code": _code_of(ev.SESSION_END, ""), "uid": _new_event_id(),
+                 "time": self._clock(), **fields}
+        body = b"%b,%b}" % (_dumps(event)[:-1], self._template_json)
+        if self._pending or not self.recorder.submit_nowait(body, slot):
+            self._pending.append((slot, body))
+        return event
+
+
+class DurableSessionAudit(SessionAudit):
+    """A session's audit under ``"durability": "ack"``: it notes the position of the
+    newest event or tapped bytes it handed over (``queued_mark`` of the recorder or
+    link), so its backend→client pump can wait, before sending a completion, until
+    the audit trail holds them durably (``wait_durable``).  Only this class pays
+    for the bookkeeping: the default ("async") session has none of it."""
+
+    __slots__ = ("_mark",)
+
+    def __init__(self, recorder: Any, session: Any) -> None:
+        super().__init__(recorder, session)
+        self._mark = 0
+
+    def _submit(self, body: bytes) -> None:
+        SessionAudit._submit(self, body)
+        self._mark = self.recorder.queued_mark
+
+    def tap(self, slot: int, direction: int, data: bytes) -> None:
+        SessionAudit.tap(self, slot, direction, data)
+        self._mark = self.recorder.queued_mark
+
+    async def wait_durable(self) -> None:
+        """Wait until everything this session handed over is durable (group commit:
+        one write + fsync in the audit worker or the recorder covers every session
+        waiting on it).  Held events are handed over first."""
+        if self._pending:
+            await self.flush()
+            self._mark = self.recorder.queued_mark
+        if self._mark > self.recorder.durable_mark:
+            await self.recorder.wait_durable(self._mark)
 
 
 class TemplateAudit(SessionAudit):
@@ -552,12 +724,16 @@ class TemplateAudit(SessionAudit):
     looked up on a live session; held events are handed over by ``flush``, which never
     ends anything (the proxy's own sessions are told by the proxy)."""
 
-    __slots__ = ()
+    __slots__ = ("when",)
 
     def __init__(self, recorder: AuditRecorder, template: dict) -> None:
         super().__init__(recorder, None)
         self._template = template
         self._template_json = orjson.dumps(template)[1:-1]
+        self.when: float | None = None  # the proxy's time for the bytes being fed (``audit.link`` T frames)
+
+    def _clock(self) -> str:
+        return _now_iso(self.when)
 
     def _refresh_template(self) -> None:
         pass

@@ -9,7 +9,17 @@ stdout once the sinks run and the chain is recovered, and
 ``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
 
 A tap's counts (queries, errors) are added to that session's
-``db.session.end`` event, which the proxy sends after closing the tap.
+``db.session.end`` event, which the proxy sends in the tap's slot: it closes
+the tap.  Events of a tap's bytes carry the time the proxy saw them (the T
+frame's time), not the time this process parsed them.
+
+Acks (``{"ack": K, "seqs": {...}}`` on stdout): after each chunk read from
+stdin the worker puts a checkpoint (frames read so far) in the recorder's
+queue, behind the events those frames produced; when the recorder has
+written the batch holding it to every sink (a JSONL ``write``, a spool's
+committed append; with ``"durability": "ack"`` also fdatasync'd), the frames
+are acked with the ``session_seq`` counters as of that point.  The proxy
+keeps unacked frames and hands them to the next worker if this one dies.
 
 The worker ignores SIGINT/SIGTERM (a terminal's Ctrl-C reaches the whole
 process group): the proxy stops it by closing its stdin, after which it
@@ -28,7 +38,7 @@ from typing import Any
 import orjson
 import trio
 
-from .link import CLOSE, EVENT, FRAME, OPEN, QUIT, TAP
+from .link import CLOSE, COUNTERS, EVENT, FORGET, FRAME, OPEN, QUIT, TAP
 from .recorder import AuditRecorder, TemplateAudit
 
 log = logging.getLogger("dbproxy.audit.worker")
@@ -36,23 +46,56 @@ log = logging.getLogger("dbproxy.audit.worker")
 # protocol -> module with ``Tap(audit)``: ``feed(direction, data)``, ``counts() -> dict``.
 TAPS = {"postgres": "engines.postgres.tap"}
 
-_SESSION_END = b'"event":"db.session.end"'
-
-
 class Worker:
     def __init__(self, recorder: AuditRecorder, out: Any) -> None:
         self.recorder = recorder
         self.out = out
         self.taps: dict[int, tuple[Any, TemplateAudit, str]] = {}
-        self.ended: dict[str, dict] = {}  # sid -> counts of a closed tap, for its session end event
         self.frames = 0
         self.quit = False  # the proxy said it stops (else end of input means it died)
+        # Acks: the input position every sink has written the events of, and the
+        # session counters changed up to there (see ``on_checkpoint``).
+        self.acked = 0
+        self._seqs: dict = {}
+        self._ack_wake = trio.Event()
+        self._say_lock = trio.Lock()
+        self.ack_delay = ACK_DELAY  # 0 under durability "ack": sessions wait for each ack
+        recorder.on_checkpoint = self.on_checkpoint
+        recorder.track_changes()
+
+    def on_checkpoint(self, marks: list) -> None:
+        """The recorder wrote a batch: the checkpoints it passed are durable input positions."""
+        seqs = self._seqs
+        for mark in marks:
+            seqs.update(mark.seqs)
+            self.acked = mark.frames
+        self._ack_wake.set()
+
+    async def send_acks(self) -> None:
+        """``{"ack": K, "seqs": {sid: n}}``: every event the first K input frames produced is
+        written by every sink; ``seqs`` the sessions' ``session_seq`` counters at that point
+        that changed since the last ack (0: the session's end event is written), so the
+        proxy can hand them to a new worker if this one dies."""
+        said = 0
+        while True:
+            await self._ack_wake.wait()
+            if self.ack_delay:
+                # Durability "async": an ack only frees the proxy's copy of the frames, so
+                # acks are gathered (fewer lines to write and parse on both sides).
+                await trio.sleep(self.ack_delay)
+            self._ack_wake = trio.Event()
+            if self.acked > said:
+                said = self.acked
+                seqs, self._seqs = self._seqs, {}
+                await self.say({"ack": said, "seqs": {k.decode(): v for k, v in seqs.items()}})
 
     async def say(self, message: dict) -> None:
-        try:
-            await self.out.send_all(orjson.dumps(message) + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the proxy is gone; what it sent is still written
+        # Acks and accepting reports come from different tasks: one line at a time.
+        async with self._say_lock:
+            try:
+                await self.out.send_all(orjson.dumps(message) + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the proxy is gone; what it sent is still written
 
     async def handle(self, kind: int, slot: int, direction: int, payload: bytes) -> None:
         """Every frame but a known tap's bytes (``read`` feeds those itself, on its hot path)."""
@@ -60,8 +103,8 @@ class Worker:
         if kind == TAP:
             return  # ``read`` feeds known taps; this one's worker died before, its session is being ended
         elif kind == EVENT:
-            if self.ended and _SESSION_END in payload:
-                payload = self._with_counts(payload)
+            if slot:
+                payload = await self._close_tap(slot, payload)
             if not self.recorder.submit_nowait(payload):
                 await self.recorder.submit(payload)
         elif kind == OPEN:
@@ -73,14 +116,27 @@ class Worker:
         elif kind == QUIT:
             self.quit = True
         elif kind == CLOSE:
-            entry = self.taps.pop(slot, None)
-            if entry is not None:
-                tap, audit, sid = entry
-                if audit._pending:
-                    await audit.flush()
-                self.ended[sid] = tap.counts()
+            await self._close_tap(slot, None)
+        elif kind == FORGET:
+            self.recorder.forget_session(payload.decode())
+        elif kind == COUNTERS:
+            # A new worker after one died: the sessions' counts at its last ack go on from there.
+            self.recorder.session_seq.update({sid.encode(): n for sid, n in orjson.loads(payload).items()})
         else:
             log.error("unknown frame kind %r from the proxy", kind)
+
+    async def _close_tap(self, slot: int, end: bytes | None) -> bytes | None:
+        """Close tap ``slot``; ``end``: the session's end event, returned with the tap's counts."""
+        entry = self.taps.pop(slot, None)
+        if entry is None:
+            return end  # the tap failed (or its worker died before it was opened again)
+        tap, audit, _ = entry
+        if audit._pending:
+            await audit.flush()
+        if end is None:
+            return None
+        counts = tap.counts()
+        return b"%b,%b}" % (end[:-1], orjson.dumps(counts)[1:-1]) if counts else end
 
     async def handle_tap_failure(self, slot: int) -> None:
         # The proxy framed these bytes already, so this is a bug in a decoder or stage:
@@ -90,20 +146,12 @@ class Worker:
         audit.emit("audit.tap_failed", reason="the audit worker could not parse the session's traffic")
         await audit.flush()
 
-    def _with_counts(self, body: bytes) -> bytes:
-        event = orjson.loads(body)
-        counts = self.ended.pop(event.get("sid"), None)
-        if counts is None:
-            return body
-        for key, value in counts.items():
-            event.setdefault(key, value)
-        return orjson.dumps(event)
-
     async def read(self, stdin: trio.abc.ReceiveStream) -> None:
         buf = bytearray()
         header = FRAME.size
         unpack = FRAME.unpack_from
         taps = self.taps
+        recorder = self.recorder
         while True:
             data = await stdin.receive_some(1 << 20)
             if not data:
@@ -115,7 +163,7 @@ class Worker:
             end = len(buf)
             with memoryview(buf) as view:
                 while end - pos >= header:
-                    kind, length, slot, direction = unpack(buf, pos)
+                    kind, length, slot, direction, when = unpack(buf, pos)
                     if end - pos - header < length:
                         break
                     start = pos + header
@@ -125,6 +173,7 @@ class Worker:
                     if entry is not None:
                         # The hot path (a tap's bytes), without a coroutine per frame.
                         self.frames += 1
+                        entry[1].when = when  # its events carry the time the proxy saw the bytes
                         try:
                             entry[0].feed(direction, payload)
                         except Exception:
@@ -135,6 +184,8 @@ class Worker:
                     else:
                         await self.handle(kind, slot, direction, payload)
             del buf[:pos]
+            # Every event these frames produced is queued: once written, they are acked.
+            recorder.checkpoint(self.frames)
 
 
 async def serve(config_file: str) -> None:
@@ -152,10 +203,19 @@ async def serve(config_file: str) -> None:
         changes.append(accepting)
         wake.set()
 
-    recorder = AuditRecorder(
-        await _build_sinks(config.audit.sinks), capacity=config.audit.queue_size, on_accepting_change=on_change
-    )
+    sinks = await _build_sinks(config.audit.sinks)
+    if config.audit.durability == "ack":
+        # Acks promise durable events: a file sink syncs each batch before it is acked (group commit:
+        # one fdatasync per batch, for every session waiting).  Spooled sinks fsync each batch already.
+        for sink in sinks:
+            if getattr(sink, "fsync", None) in ("interval", "never"):
+                sink.fsync = "always"
+    recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, on_accepting_change=on_change)
+    if config.audit.durability == "ack":
+        recorder.batch_delay = 0.0  # sessions wait for the acks: a batch gathers during the previous fsync
     worker = Worker(recorder, stdout)
+    if config.audit.durability == "ack":
+        worker.ack_delay = 0.0
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
         await worker.say({"ready": True, "last_seq": recorder.last_seq, "accepting": recorder.accepting, "pid": os.getpid()})
@@ -176,6 +236,7 @@ async def serve(config_file: str) -> None:
                     await worker.say({"accepting": now})
 
         nursery.start_soon(report)
+        nursery.start_soon(worker.send_acks)
         await worker.read(stdin)
         if not worker.quit:
             # The proxy died (SIGKILL, crash): write what it sent and leave the rest of
@@ -188,6 +249,7 @@ async def serve(config_file: str) -> None:
 
 
 REPORT_POLL = 0.25
+ACK_DELAY = 0.02  # seconds acks gather under durability "async"
 SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 
 

@@ -2,8 +2,10 @@
 
 ``verify`` checks the hash chain of one JSONL trail (its rotated files may
 be given too, in any order, ``.gz`` included) and prints the first break as
-``FILE:LINE: reason``.  Exit status: 0 the chain holds, 1 it breaks, 2 a
-file cannot be read.
+``FILE:LINE: reason``; with the chain intact, it reports gaps: sessions with
+missing events (``session_seq``), sessions cut off without an end, unclean
+restarts (see ``audit.verify``).  Exit status: 0 the chain holds and no
+gaps, 1 it breaks, 2 a file cannot be read, 3 gaps.
 
 ``tail`` prints events one per line, human-readably; ``--follow`` keeps
 printing new ones (across rotations) until interrupted.
@@ -28,8 +30,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("OK: no events")
         return 0
     note = "" if result.first_seq == 1 else f" (starts at seq {result.first_seq}: earlier events are in other files)"
-    print(f"OK: {result.events} events, seq {result.first_seq}-{result.last_seq}, chain intact{note}")
+    head = "OK" if not result.gaps else "GAPS"
+    print(f"{head}: {result.events} events, seq {result.first_seq}-{result.last_seq}, chain intact{note}")
     print(f"  last hash {result.last_hash}")
+    if result.sessions and not result.counted_sessions:
+        print(f"  {result.sessions} sessions, no session counts (a trail written before session_seq): "
+              "missing events cannot be told")
+    elif result.sessions:
+        line = f"  {result.sessions} sessions ({result.counted_sessions} counted)"
+        if result.open_sessions:
+            line += f", {result.open_sessions} without an end yet in the last run (may still be open)"
+        print(line)
+    if result.runs:
+        print(f"  {result.runs} proxy runs (proxy.start markers)")
+    if result.repeated:
+        print(f"  {result.repeated} events written twice (an audit worker restart replayed input it had not acked)")
+    if result.gaps:
+        print(f"  {len(result.gaps)} gaps: events missing from the trail")
+        for gap in result.gaps[:50]:
+            print(f"  - {gap}")
+        if len(result.gaps) > 50:
+            print(f"  … and {len(result.gaps) - 50} more")
+        return 3
     return 0
 
 
@@ -64,7 +86,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="check and read JSONL audit trails")
     asub = p.add_subparsers(dest="audit_command", required=True)
-    v = asub.add_parser("verify", help="verify the hash chain of a JSONL audit trail; report the first break")
+    v = asub.add_parser("verify", help="verify the hash chain of a JSONL audit trail and report gaps (missing events, unclean restarts)")
     v.add_argument("files", nargs="+", metavar="FILE", help="the trail's files (rotated .gz ones too, any order)")
     v.set_defaults(func=cmd_verify)
     t = asub.add_parser("tail", help="print audit events human-readably")

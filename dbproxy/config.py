@@ -116,12 +116,18 @@ class SinkConfig:
     params: dict = attrs.field(factory=dict)
 
 
+DURABILITY_MODES = ("async", "ack")
+
+
 @attrs.frozen
 class AuditConfig:
     sinks: tuple[SinkConfig, ...] = ()
     queue_size: int = 10_000
     # Write the trail from a separate process (audit.link / audit.worker); False: in the proxy's own loop.
     worker: bool = True
+    # "async": a session never waits for its audit; "ack": a statement's completion reaches the
+    # client only once its audit record is durable (audit.link acks, one fsync per batch).
+    durability: str = "async"
     options: dict = attrs.field(factory=dict)
 
 
@@ -525,5 +531,6 @@ def _audit(v: _Validator, item: Any, path: str) -> AuditConfig | None:
             sinks.append(sink)
     queue = v.integer(d, "queue_size", path, minimum=16) or 10_000
     worker = v.boolean(d, "worker", path, default=True)
-    extra = {k: val for k, val in d.items() if k not in {"sinks", "queue_size", "worker"}}
-    return AuditConfig(sinks=tuple(sinks), queue_size=queue, worker=worker, options=extra)
+    durability = v.string(d, "durability", path, required=False, choices=DURABILITY_MODES) or "async"
+    extra = {k: val for k, val in d.items() if k not in {"sinks", "queue_size", "worker", "durability"}}
+    return AuditConfig(sinks=tuple(sinks), queue_size=queue, worker=worker, durability=durability, options=extra)

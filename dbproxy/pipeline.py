@@ -374,6 +374,11 @@ class Pipeline:
         next_message = decoder.next_message
         flush_audit = self.flush_audit
         audit_owner = self._audit_owner if hasattr(self._audit_owner, "halted") else None
+        # Durability "ack" (audit.recorder.DurableSessionAudit): what the backend answers,
+        # and a stage's own answer (a refusal), reach the client only once the session's
+        # audit events are durable.
+        durable_replies = getattr(audit_owner, "wait_durable", None)
+        wait_durable = durable_replies if pump is self.b2c else None
         # Bytes handed over from the handshake phase are decoded before the first read.
         pending = bool(buf)
         # A partial message (bytes left after a batch) is charged to the proxy's budget
@@ -449,12 +454,16 @@ class Pipeline:
                 # The audit trail is gone (fail-closed): nothing more is forwarded
                 # unaudited; flush ends the session with the client's error.
                 await flush_audit()
+            if wait_durable is not None:
+                await wait_durable()
             if not changed:
                 await out.send_wire(buf.consumed_since_mark())
             else:
                 pump.rewritten += 1
                 await out.send_messages(b"".join(forwarded))
             if replies:
+                if durable_replies is not None:
+                    await durable_replies()
                 await back.send_messages(b"".join(replies))
             held = buf.compact()
             if flush_audit is not None and (audit_owner is None or audit_owner._pending):

@@ -23,8 +23,9 @@ from typing import Any
 import attrs
 import trio
 
-from audit.link import AuditLink
-from audit.recorder import AUDIT_UNAVAILABLE, AuditRecorder
+from audit.link import LINK_DELAY, AuditLink
+from audit import events as ev
+from audit.recorder import AUDIT_UNAVAILABLE, BATCH_DELAY, AuditRecorder, serialize
 from audit.sinks import build_sink
 
 from .buffer import BufferBudget
@@ -55,6 +56,12 @@ async def _linger(stream: trio.abc.Stream) -> None:
         pass
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 @attrs.frozen
 class BoundListener:
     name: str
@@ -68,12 +75,19 @@ class ProxyServer:
         self.config = config
         self.registry = registry
         if recorder is None:
+            durable = config.audit.durability == "ack"
             if config.audit.worker and os.path.isfile(config.file):
                 # The trail is written by the audit worker process (it re-reads the
                 # config file for its sinks); sessions only hand bytes over.
-                recorder = AuditLink(config.file)
+                recorder = AuditLink(config.file, durable_sessions=durable, link_delay=0.0 if durable else LINK_DELAY)
             else:
-                recorder = AuditRecorder([build_sink(s) for s in config.audit.sinks], capacity=config.audit.queue_size)
+                sinks = [build_sink(s) for s in config.audit.sinks]
+                if durable:  # one fdatasync per batch (group commit), as the audit worker does
+                    for sink in sinks:
+                        if getattr(sink, "fsync", None) in ("interval", "never"):
+                            sink.fsync = "always"
+                recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, durable_sessions=durable,
+                                         batch_delay=0.0 if durable else BATCH_DELAY)
         self.recorder = recorder
         # One budget for every session's partly received messages (dbproxy.buffer).
         self.services = Services(
@@ -102,6 +116,9 @@ class ProxyServer:
         self._make_engines()
         async with trio.open_nursery() as audit_nursery:
             await audit_nursery.start(self.recorder.run)
+            # A marker per run: ``dbproxy audit verify`` tells a clean stop (``proxy.stop``)
+            # from a crash (a ``proxy.start`` with no stop before it).
+            self._marker(ev.PROXY_START, durability=self.config.audit.durability, **self._previous_run())
             try:
                 async with trio.open_nursery() as background:
                     # Work shared by sessions (Kerberos acquisition and renewal) lives
@@ -110,9 +127,29 @@ class ProxyServer:
                         self.services.credentials.attach(background)
                     await self._serve_sessions(task_status=task_status)
                     background.cancel_scope.cancel()
+                self._marker(ev.PROXY_STOP, reason="stopped")
             finally:
                 with trio.CancelScope(shield=True):
                     await self.recorder.aclose()
+
+    def _previous_run(self) -> dict:
+        """``previous_stopped_cleanly``: whether the trail's last event (first JSONL sink) is a
+        ``proxy.stop``; absent when the trail is empty (unknown)."""
+        from audit.sinks.jsonl import last_event_of
+
+        for sink in self.config.audit.sinks:
+            if sink.type == "jsonl" and sink.path:
+                try:
+                    last = last_event_of(sink.path)
+                except OSError:
+                    return {}
+                return {} if last is None else {"previous_stopped_cleanly": last.get("event") == ev.PROXY_STOP}
+        return {}
+
+    def _marker(self, kind: str, **fields: Any) -> None:
+        body = serialize(ev.marker(kind, pid=os.getpid(), version=_version(), **fields))
+        if not self.recorder.submit_nowait(body):
+            log.error("audit: no room for the %s event", kind)
 
     async def _serve_sessions(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as sessions:
@@ -174,6 +211,8 @@ class ProxyServer:
                         duration_ms=round((time.monotonic() - started) * 1000, 3),
                         **session.details.get("end_fields", {}),
                     )
+                else:
+                    session.audit.forget()  # no end event: drop its session_seq counter all the same
                 with trio.move_on_after(5):
                     await session.audit.flush()
                 with trio.move_on_after(LINGER_SECONDS):

@@ -24,7 +24,7 @@ from dbproxy.config import SecretRef, SinkConfig
 
 SINK_TYPES = ("jsonl", "syslog", "http")
 # Keys allowed directly under "audit" in a config file.
-AUDIT_KEYS = {"sinks", "queue_size", "worker"}
+AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
 
 COMMON_KEYS = {"type", "name"}
 JSONL_KEYS = {"path", "fsync", "fsync_interval_seconds", "rotate_bytes", "rotate_seconds", "gzip"}

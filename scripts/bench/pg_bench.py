@@ -14,6 +14,10 @@ same server over loopback TCP:
                is what the pipeline and the audit cost on top of it
     dbproxy    ``python -m dbproxy.cli serve`` with one Postgres listener, a
                SCRAM backend login and a JSONL audit sink
+    dbproxy-ack the same with ``"audit": {"durability": "ack"}``: every
+               answer waits until its audit record is written and fsync'd
+               (group commit in the audit worker), so dbproxy-ack/dbproxy is
+               the price of that promise
 
 Each round runs ``pgbench -n -S`` (same clients, threads, duration) against
 direct, pgbouncer, relay, dbproxy in that order; rounds are interleaved so
@@ -65,7 +69,8 @@ from scripts.peers.pgbouncer import start_pgbouncer
 from scripts.peers.postgres import PgServer, start_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ("direct", "pgbouncer", "relay", "relay-lean", "dbproxy")
+TARGETS = ("direct", "pgbouncer", "relay", "relay-lean", "dbproxy", "dbproxy-ack")
+DEFAULT_TARGETS = ("direct", "pgbouncer", "relay", "relay-lean", "dbproxy")
 # The event each pgbench transaction must produce: a Query (simple protocol) or an Execute (extended/prepared).
 AUDIT_EVENT = {"simple": "db.session.query", "extended": "db.session.postgres.statements.execute",
                "prepared": "db.session.postgres.statements.execute"}
@@ -184,12 +189,13 @@ def start_relay(workdir: Path, pg: PgServer, *, name: str = "relay", wrap: list[
     ).start()
 
 
-def proxy_config(workdir: Path, pg: PgServer, user: str, password: str) -> tuple[Path, Path]:
+def proxy_config(workdir: Path, pg: PgServer, user: str, password: str, *,
+                 name: str = "dbproxy", durability: str | None = None) -> tuple[Path, Path]:
     """Write the dbproxy config (and the backend password file); return (config, audit file)."""
     secret = workdir / "backend.secret"
     secret.write_text(password + "\n")
     os.chmod(secret, 0o600)
-    audit = workdir / "audit.jsonl"
+    audit = workdir / ("audit.jsonl" if name == "dbproxy" else f"audit-{name}.jsonl")
     config = {
         "listeners": [{
             "name": "bench",
@@ -208,7 +214,9 @@ def proxy_config(workdir: Path, pg: PgServer, user: str, password: str) -> tuple
         }],
         "audit": {"sinks": [{"type": "jsonl", "path": str(audit)}]},
     }
-    path = workdir / "dbproxy.json"
+    if durability is not None:
+        config["audit"]["durability"] = durability
+    path = workdir / f"{name}.json"
     path.write_text(json.dumps(config, indent=2))
     return path, audit
 
@@ -477,6 +485,8 @@ def summarize(runs: list[Run]) -> tuple[dict, dict]:
     for name, a, b in (("dbproxy/relay", "dbproxy", "relay"), ("dbproxy/relay-lean", "dbproxy", "relay-lean"),
                        ("relay-lean/relay", "relay-lean", "relay"), ("dbproxy/direct", "dbproxy", "direct"),
                        ("dbproxy/pgbouncer", "dbproxy", "pgbouncer"), ("relay/direct", "relay", "direct"),
+                       ("dbproxy-ack/dbproxy", "dbproxy-ack", "dbproxy"),
+                       ("dbproxy-ack/relay-lean", "dbproxy-ack", "relay-lean"),
                        ("pgbouncer/direct", "pgbouncer", "direct")):
         if a in summary and b in summary:
             ratios[name] = {k: summary[a][k] / summary[b][k] for k in ("median", "best")}
@@ -513,11 +523,12 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         got = ratios["dbproxy/relay-lean"]["median"]
         p(f"        dbproxy/relay-lean >= {args.target:.2f}: {'MET' if got >= args.target else 'NOT MET'} ({got:.3f}, median;"
           " against a relay moving bytes dbproxy's way)")
-    if audit is not None:
+    if audit:
         p()
-        p(f"audit: {audit['query_events']} {audit['event']} events for {audit['transactions']} pgbench "
-          f"transactions through dbproxy ({audit['file_bytes'] / 1e6:.1f} MB JSONL) -> "
-          f"{'OK' if audit['ok'] else 'MISMATCH'}")
+    for name, a in (audit or {}).items():
+        p(f"audit: {a['query_events']} {a['event']} events for {a['transactions']} pgbench "
+          f"transactions through {name} ({a['file_bytes'] / 1e6:.1f} MB JSONL) -> "
+          f"{'OK' if a['ok'] else 'MISMATCH'}")
 
 
 def print_profile(prof: dict) -> None:
@@ -557,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all targets")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of a direct warm-up run (0: none)")
     ap.add_argument("--protocol", "-M", default="simple", choices=["simple", "extended", "prepared"])
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma list of " + ",".join(TARGETS))
     ap.add_argument("--target", type=float, default=0.8, help="required dbproxy/relay ratio")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     ap.add_argument("--profile", choices=["py-spy", "cprofile"], help="one extra profiled run of --profile-target")
@@ -575,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="dbproxy-bench-"))
     os.chmod(base, 0o755)
-    pg = bouncer = relay = lean_relay = proxy = None
+    pg = bouncer = relay = lean_relay = proxy = proxy_ack = None
     runs: list[Run] = []
     try:
         pg = start_postgres(base, ssl=False)
@@ -596,35 +607,40 @@ def main(argv: list[str] | None = None) -> int:
         if "relay-lean" in targets:
             lean_relay = start_relay(base, pg, name="relay-lean", lean=True)
             ports["relay-lean"] = (lean_relay.port, lean_relay.pid)
-        audit_counter = None
+        counters: dict[str, AuditCounter] = {}
         config = None
         if "dbproxy" in targets:
             config, audit_path = proxy_config(base, pg, user, password)
             proxy = start_dbproxy(base, config, module=args.dbproxy_module)
             ports["dbproxy"] = (proxy.port, proxy.pid)
-            audit_counter = AuditCounter(audit_path, AUDIT_EVENT[args.protocol])
-            audit_counter.settle(0, timeout=1.0)
+            counters["dbproxy"] = AuditCounter(audit_path, AUDIT_EVENT[args.protocol])
+            counters["dbproxy"].settle(0, timeout=1.0)
+        if "dbproxy-ack" in targets:
+            ack_config, ack_audit = proxy_config(base, pg, user, password, name="dbproxy-ack", durability="ack")
+            proxy_ack = start_dbproxy(base, ack_config, name="dbproxy-ack", module=args.dbproxy_module)
+            ports["dbproxy-ack"] = (proxy_ack.port, proxy_ack.pid)
+            counters["dbproxy-ack"] = AuditCounter(ack_audit, AUDIT_EVENT[args.protocol])
+            counters["dbproxy-ack"].settle(0, timeout=1.0)
 
         if args.warmup:
             pgbench(pg, pg.port, user, password, args, args.warmup)
         for rnd in range(1, args.rounds + 1):
             for target in targets:
                 port, pid = ports[target]
-                run = run_target(target, rnd, port, pid, pg, user, password, args,
-                                 audit_counter if target == "dbproxy" else None)
+                run = run_target(target, rnd, port, pid, pg, user, password, args, counters.get(target))
                 runs.append(run)
                 extra = f", audit {run.audit_queries} queries" if run.audit_queries is not None else ""
                 print(f"round {rnd} {target:<10} {run.tps:10.1f} tps{extra}", file=sys.stderr, flush=True)
 
-        audit = None
-        if audit_counter is not None:
-            proxy_runs = [r for r in runs if r.target == "dbproxy"]
+        audit = {}
+        for name, audit_counter in counters.items():
+            proxy_runs = [r for r in runs if r.target == name]
             txns = sum(r.transactions for r in proxy_runs)
             queries = sum(r.audit_queries or 0 for r in proxy_runs)
             slack = args.clients * len(proxy_runs)
-            audit = {"event": audit_counter.event, "query_events": queries, "transactions": txns,
-                     "file_bytes": audit_counter.path.stat().st_size if audit_counter.path.exists() else 0,
-                     "ok": txns <= queries <= txns + slack, "path": str(audit_counter.path)}
+            audit[name] = {"event": audit_counter.event, "query_events": queries, "transactions": txns,
+                           "file_bytes": audit_counter.path.stat().st_size if audit_counter.path.exists() else 0,
+                           "ok": txns <= queries <= txns + slack, "path": str(audit_counter.path)}
 
         summary, ratios = summarize(runs)
         print_report(args, runs, summary, ratios, audit, versions)
@@ -657,14 +673,15 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summary,
                 "ratios": ratios,
                 "target_met": ratios["dbproxy/relay"]["median"] >= args.target if "dbproxy/relay" in ratios else None,
-                "audit": audit,
+                "audit": audit.get("dbproxy"),
+                "audit_ack": audit.get("dbproxy-ack"),
                 "profile": profile,
             }
             args.json.write_text(json.dumps(result, indent=2) + "\n")
             print(f"\nresults: {args.json}")
         return 0
     finally:
-        for child in (proxy, relay, lean_relay):
+        for child in (proxy, proxy_ack, relay, lean_relay):
             if child is not None:
                 child.stop()
         if bouncer is not None:

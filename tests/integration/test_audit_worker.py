@@ -116,7 +116,7 @@ def test_a_killed_worker_ends_the_running_session_and_a_new_one_takes_over(pg, t
         [first] = [p for p in children(proxy.proc.pid) if "audit.worker" in cmdline(p)]
         with connect(proxy) as conn:
             conn.execute("SELECT 1")
-            wait_until(lambda: len(read_audit(tmp_path / "audit.jsonl")) >= 3, timeout=10, what="the first events")
+            wait_until(lambda: len(read_audit(tmp_path / "audit.jsonl")) >= 4, timeout=10, what="the first events")  # proxy.start, then the session
             os.kill(first, signal.SIGKILL)
             with pytest.raises(psycopg.OperationalError) as told:
                 for _ in range(200):

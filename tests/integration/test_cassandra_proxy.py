@@ -492,7 +492,7 @@ def test_cqlsh_script_with_copy(proxy, tmp_path):
     use = [e for e in evs if e["event"] == "db.session.query" and e["db_query"].strip() == "USE cqlsh_ks;"][-1]
     start = [e for e in evs if e["event"] == "db.session.start" and e["sid"] == use["sid"]][0]
     assert start["success"] and start["requested_user"] == "app" and start["client_auth"] == "claim"
-    after_use = [e for e in evs if e["sid"] == use["sid"] and e["event"] == "db.session.query" and "from the script" in e["db_query"]]
+    after_use = [e for e in evs if e.get("sid") == use["sid"] and e["event"] == "db.session.query" and "from the script" in e["db_query"]]
     assert after_use and after_use[0]["keyspace"] == "cqlsh_ks"
 
 

@@ -507,7 +507,8 @@ def test_graceful_shutdown_lets_sessions_finish(pg, tmp_path, proxy_factory):
     with pytest.raises(psycopg.OperationalError):
         conn.execute("select 1")
     evs = read_audit(tmp_path / "audit.jsonl")
-    assert [e["event"] for e in evs if e["sid"] == evs[0]["sid"]][-1] == "db.session.end"
+    sid = next(e["sid"] for e in evs if "sid" in e)  # after the proxy.start marker
+    assert [e["event"] for e in evs if e.get("sid") == sid][-1] == "db.session.end"
 
 
 def test_oversized_query_and_parameter_truncated_with_marker(proxy):

@@ -85,15 +85,21 @@ def test_stamped_lines_are_the_body_then_seq_prev_hash_and_their_own_hash() -> N
     recorder = AuditRecorder(sinks=[])
     lines = stamped(BODIES[:5], recorder) + stamped(BODIES[5:], recorder)  # two batches: one chain
     prev = GENESIS_HASH
+    per_session: dict = {}
     for seq, (body, line) in enumerate(zip(BODIES, lines), 1):
         m = re.fullmatch(rb'(.*),"hash":"([0-9a-f]{64})"\}\n', line, re.S)
         assert m is not None, line
         core, own = m.group(1) + b"}", m.group(2).decode()
-        assert core == body[:-1] + b',"seq":%d,"prev_hash":"%s"}' % (seq, prev.encode())  # the body as sent
+        sid = orjson.loads(body).get("sid")
+        counted = b""
+        if sid is not None:  # a session's event also gets its running count, before seq
+            per_session[sid] = per_session.get(sid, 0) + 1
+            counted = b',"session_seq":%d' % per_session[sid]
+        assert core == body[:-1] + counted + b',"seq":%d,"prev_hash":"%s"}' % (seq, prev.encode())  # the body as sent
         assert own == hashlib.sha256(core).hexdigest() == line_hash(line)
         event = orjson.loads(line)
         assert list(event)[-3:] == ["seq", "prev_hash", "hash"]
-        assert {k: v for k, v in event.items() if k not in ("seq", "prev_hash", "hash")} == orjson.loads(body)
+        assert {k: v for k, v in event.items() if k not in ("seq", "prev_hash", "hash", "session_seq")} == orjson.loads(body)
         assert (event["seq"], event["prev_hash"], event["hash"]) == (seq, prev, own)
         prev = own
     assert (recorder.last_seq, recorder.last_hash) == (len(BODIES), prev)

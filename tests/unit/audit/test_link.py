@@ -207,7 +207,7 @@ def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp
         assert hello["ready"] is True and hello["last_seq"] == 0
         for i in range(3):
             body = b'{"event":"db.session.query","db_query":"SELECT %d"}' % i
-            worker.stdin.write(FRAME.pack(EVENT, len(body), 0, 0) + body)
+            worker.stdin.write(FRAME.pack(EVENT, len(body), 0, 0, 0.0) + body)
         worker.stdin.close()  # end of input without a Q frame: the proxy is gone
         t0 = time.monotonic()
         assert worker.wait(timeout=15) == 0
@@ -246,3 +246,62 @@ async def test_a_tap_that_cannot_be_parsed_is_dropped_and_recorded_others_go_on(
     assert by_session[fine.session.id] == ["db.session.start", "db.session.query", "db.session.result",
                                           "db.session.end"]
     assert verify_files([str(tmp_path / "audit.jsonl")]).ok
+
+
+def numbered_query(i: int) -> bytes:
+    return pg("Q", b"SELECT %d;\0" % i)
+
+
+async def test_a_worker_killed_under_load_loses_nothing_the_link_handed_it(tmp_path):
+    """What the link handed a worker stays with the link until the worker acks it written; a worker
+    SIGKILLed mid-stream (frames in its pipe, events in its queue, taps open) costs no event: the next
+    worker gets the open taps again (their O frames), then everything not acked.  Each session's
+    ``session_seq`` runs on without a hole (counters from the acks), and the trail verifies."""
+    link = AuditLink(write_config(tmp_path))
+    expected: dict[str, set] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        first = link.pid
+        audits = [link.session(new_session()) for _ in range(4)]
+        slots = []
+        for audit in audits:
+            audit.on_session_start(success=True)
+            slots.append(audit.tap_open("postgres"))
+            expected[audit.session.id] = set()
+        killed_at = None
+        for i in range(600):
+            for audit, slot in zip(audits, slots):
+                audit.on_query(f"E {i}")  # an event the proxy serialised
+                audit.tap(slot, 0, numbered_query(i))  # bytes the worker parses
+                audit.tap(slot, 1, ANSWER)
+                expected[audit.session.id] |= {f"E {i}", f"SELECT {i};"}
+            if i % 10 == 9:
+                await trio.sleep(0.003)  # the link writes to the worker while the emitting goes on
+            if i == 300:
+                with trio.fail_after(20):
+                    while link.durable_mark == 0:  # acks come: some frames are forgotten, others not yet
+                        await trio.sleep(0.01)
+            if i == 320:
+                os.kill(first, signal.SIGKILL)
+                killed_at = link.durable_mark
+        assert killed_at < link.queued_mark
+        with trio.fail_after(30):
+            while not (link.accepting and link.pid != first):
+                await trio.sleep(0.02)
+        for audit, slot in zip(audits, slots):
+            audit.tap_close(slot)
+            audit.on_session_end(reason="audit unavailable")  # as the server ends a told session
+            with trio.fail_after(30):
+                await audit.flush()
+        assert link.worker_starts == 2
+        await link.aclose()
+    events = read_audit(tmp_path / "audit.jsonl")
+    for sid, queries in expected.items():
+        mine = [e for e in events if e.get("sid") == sid]
+        got = {e.get("db_query") for e in mine if e["event"] == "db.session.query"}
+        lost = len(queries - got)
+        assert lost == 0, f"{lost} of {len(queries)} queries of session {sid} lost"
+        [end] = [e for e in mine if e["event"] == "db.session.end"]
+        assert {e["session_seq"] for e in mine} == set(range(1, end["session_seq"] + 1))
+    result = verify_files([str(tmp_path / "audit.jsonl")])
+    assert result.ok, (result.error, result.gaps)
