@@ -210,7 +210,7 @@ def test_syslog_rsyslog_outage_mid_stream_exactly_once(pg, rsyslog, tmp_path, pr
     raw = rsyslog.received(transport)[0]
     assert raw["app"] == "dbproxy" and raw["procid"] == str(proxy.proc.pid) and raw["pri"] == str(10 * 8 + 6)
     # The first event of a run is the proxy's own start marker, then the sessions' events.
-    assert raw["msgid"] == "TAU01I" and raw["sd"].startswith('[dbproxy@32473 seq="1" uid="')
+    assert raw["msgid"] == "TAU02I" and raw["sd"].startswith('[dbproxy@32473 seq="1" uid="')
     assert rsyslog.received(transport)[1]["msgid"] == "TDB00I"
     assert verify_files([str(tmp_path / "audit.jsonl")]).ok
 
