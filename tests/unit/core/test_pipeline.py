@@ -11,7 +11,7 @@ import trio.testing
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, RemoteProtocolError
-from dbproxy.sansio import NEED_DATA, Pipeline, Verdict, reply, replace
+from dbproxy.pipeline import NEED_DATA, Pipeline, Verdict, reply, replace
 
 
 @attrs.frozen
