@@ -14,9 +14,10 @@ import struct
 
 import pytest
 
-from dbproxy.access import Grant
+from dbproxy.roles import Grant
 from dbproxy.session import Identity
 from engines.cassandra import frames as F
+from engines.cassandra.cql import split_statements
 from engines.cassandra.policy import (
     CqlPolicy,
     CqlRules,
@@ -69,6 +70,14 @@ def denial(grant: Grant, text: str, keyspace: str | None = None):
 )
 def test_statement_kinds(text, expected):
     assert kinds(text) == ([expected] if expected else [])
+
+
+def test_cql_lexer():
+    def commands(text: str) -> list[str]:
+        return [s.command for s in split_statements(text)]
+
+    assert commands("SELECT * FROM ks.t WHERE a = 'x;y' // drop table t;\n; TRUNCATE ks.t; DROP KEYSPACE ks") == ["SELECT", "TRUNCATE", "DROP KEYSPACE"]
+    assert commands("BEGIN BATCH INSERT INTO t (a) VALUES ($$;$$); APPLY BATCH")[0] == "BEGIN"
 
 
 def test_batch_is_one_statement_in_the_lexer():
