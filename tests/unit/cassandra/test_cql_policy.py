@@ -62,6 +62,9 @@ def denial(grant: Grant, text: str, keyspace: str | None = None):
         ("CREATE OR REPLACE FUNCTION ks.f (a int) CALLED ON NULL INPUT RETURNS int LANGUAGE java AS 'return a;'", ("CREATE FUNCTION",)),
         ("CREATE MATERIALIZED VIEW v AS SELECT * FROM t WHERE a IS NOT NULL PRIMARY KEY (a)", ("CREATE MATERIALIZED VIEW",)),
         ("DESC KEYSPACES", ("DESCRIBE",)),
+        ("CREATE USER alice WITH PASSWORD 'x' SUPERUSER", ("CREATE USER",)),  # not "CREATE USER ALICE"
+        ("ALTER USER alice WITH PASSWORD 'y'", ("ALTER USER",)),
+        ("CREATE ROLE IF NOT EXISTS r WITH LOGIN = true", ("CREATE ROLE",)),
         ("TRUNCATE TABLE ks.t", ("TRUNCATE",)),
         ("BEGIN BATCH INSERT INTO t (a) VALUES ('x;y'); UPDATE t SET b = $$;$$ WHERE a = 1; APPLY BATCH", ("BATCH", "INSERT", "UPDATE")),
         ("BEGIN UNLOGGED BATCH DELETE FROM t WHERE a = 1 INSERT INTO t (a) VALUES (2) APPLY BATCH;", ("BATCH", "DELETE", "INSERT")),
@@ -162,6 +165,9 @@ def test_deny_patterns():
     d = denial(NO_DROP, "DROP TABLE ks.t")
     assert d.reason == "command_denied" and d.command == "DROP TABLE" and '"DROP*"' in d.message
     assert denial(NO_DROP, "truncate table ks.t").command == "TRUNCATE"
+    no_users = Grant(roles=("dev",), deny_commands=("CREATE USER", "ALTER USER"), restricted=True)
+    assert denial(no_users, "CREATE USER alice WITH PASSWORD 'x' SUPERUSER").command == "CREATE USER"
+    assert denial(no_users, "alter user alice with password 'y'").command == "ALTER USER"
     assert denial(NO_DROP, "INSERT INTO ks.t (a) VALUES (1)") is None
     assert denial(NO_DROP, "CREATE TABLE ks.t (a int PRIMARY KEY)") is None
     # patterns reach into batches, and BATCH itself is a kind

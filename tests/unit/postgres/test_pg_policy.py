@@ -32,6 +32,19 @@ def test_lexer_splits_statements_outside_literals_and_comments():
     assert commands(sql) == ["SELECT", "INSERT", "CREATE VIEW", "DROP MATERIALIZED VIEW", "ALTER SYSTEM"]
 
 
+def test_object_names_are_not_part_of_the_command():
+    # USER takes a second word only as USER MAPPING: DROP USER alice is DROP USER, so a
+    # deny pattern "DROP USER" catches it (it used to read "DROP USER ALICE" and slip by).
+    assert commands(
+        "create user alice; drop user if exists bob; alter user carol nologin; "
+        "create user mapping for alice server s; create materialized view v as select 1; drop foreign table f"
+    ) == ["CREATE USER", "DROP USER", "ALTER USER", "CREATE USER MAPPING", "CREATE MATERIALIZED VIEW", "DROP FOREIGN TABLE"]
+    g = Grant(deny_commands=("CREATE USER", "DROP USER"), restricted=True)
+    assert check_sql("CREATE USER alice PASSWORD 'x'", g).command == "CREATE USER"
+    assert check_sql("drop user bob", g).command == "DROP USER"
+    assert check_sql("create user mapping for alice server s", g) is None
+
+
 def test_lexer_unterminated_literals_swallow_the_rest():
     assert commands("select 'abc; drop table t") == ["SELECT"]
     assert commands("select $x$ abc; drop table t") == ["SELECT"]
