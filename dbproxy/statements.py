@@ -108,11 +108,6 @@ class Dialect(Protocol[S]):
         ...
 
 
-def statement_variants(text: str, dialect: Dialect) -> list[list]:
-    """``dialect.variants(text)``: every reading of ``text`` a policy must check."""
-    return dialect.variants(text)
-
-
 @attrs.frozen
 class Refusal:
     """Why a grant refuses a statement; the engine words the message in its protocol's style."""

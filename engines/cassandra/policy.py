@@ -215,7 +215,7 @@ class CqlDialect:
         return classify_cql(text)
 
     def variants(self, text: str) -> list[list[CqlStatement]]:
-        return [classify_cql(text)]  # CQL strings have no backslash escapes: one reading
+        return [classify_cql(text)]  # CQL strings have no backslash escapes (Lexer.g STRING_LITERAL): one reading
 
     def commands(self, stmt: CqlStatement) -> tuple[str, ...]:
         return stmt.commands
@@ -290,7 +290,7 @@ class CqlRules:
         return Denial(refusal.reason, message, refusal.command)
 
     def check_cql(self, text: str, keyspace: str | None) -> Denial | None:
-        for st in classify_cql(text):
+        for st in CQL.statements(text):
             denial = self.check_statement(st, keyspace)
             if denial is not None:
                 return denial
