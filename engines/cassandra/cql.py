@@ -3,8 +3,10 @@
 Strategy.  A regex lexer that knows just enough of CQL's lexical structure
 (Cassandra 5.0 ``Lexer.g``: ``--`` and ``//`` line comments, ``/* */``
 comments, which do not nest; ``'…'`` strings with ``''``; ``$$…$$``
-literals; ``"…"`` identifiers with ``""``) to find statement boundaries and
-keywords without being fooled by text inside literals.  Nothing is
+literals; ``"…"`` identifiers with ``""``; unquoted identifiers and
+keywords ``LETTER (LETTER | DIGIT | '_')*``, ASCII letters only, so ``x$$``
+is a name and a ``$$`` literal, as Cassandra reads it) to find statement
+boundaries and keywords without being fooled by text inside literals.  Nothing is
 executed or fully parsed; ``policy.classify`` reads the tokens.
 
 Kept tokens: ``word`` (upper-cased), ``ident`` (quoted, as written),
@@ -44,7 +46,7 @@ _REGEX = re.compile(
     | (?P<dollar>\$\$)
     | (?P<str>')
     | (?P<qident>")
-    | (?P<word>[A-Za-z_\u0080-\U0010ffff][A-Za-z_0-9$\u0080-\U0010ffff]*)
+    | (?P<word>[A-Za-z][A-Za-z0-9_]*)
     | (?P<semi>;)
     | (?P<op>.)
     """,

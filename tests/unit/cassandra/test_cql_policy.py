@@ -81,6 +81,9 @@ def test_cql_lexer():
 
     assert commands("SELECT * FROM ks.t WHERE a = 'x;y' // drop table t;\n; TRUNCATE ks.t; DROP KEYSPACE ks") == ["SELECT", "TRUNCATE", "DROP KEYSPACE"]
     assert commands("BEGIN BATCH INSERT INTO t (a) VALUES ($$;$$); APPLY BATCH")[0] == "BEGIN"
+    # CQL names are ASCII letters, digits and "_" (Lexer.g IDENT): "x$$" is x then a $$ literal,
+    # as Cassandra lexes it; a SQL-style word rule read "X$$" and then swallowed the DROP.
+    assert commands("SELECT x$$;$$ FROM t; DROP KEYSPACE ks") == ["SELECT", "DROP KEYSPACE"]
 
 
 def test_batch_is_one_statement_in_the_lexer():
