@@ -18,6 +18,7 @@ from dbproxy.roles import UNRESTRICTED, AccessPolicy, Grant, RoleConfig, command
 from dbproxy.config import load_config
 from dbproxy.errors import AccessDenied, ConfigErrors
 from dbproxy.session import Identity, Session
+from dbproxy.statements import Refusal
 from engines import default_registry
 
 REG = default_registry()
@@ -108,6 +109,39 @@ def test_not_enforced_without_identity_or_roles():
 def test_command_patterns(command, pattern, hit):
     assert command_matches(command, pattern) is hit
     assert (Grant(deny_commands=(pattern,)).denied_command(command) == pattern) is hit
+
+
+class LineDialect:
+    """A made-up statement language (one statement a line, its command the first word) with two readings.
+
+    The core's rules must work with any dialect an engine brings: no SQL or CQL here.
+    """
+
+    name = "lines"
+
+    def statements(self, text: str) -> list[list[str]]:
+        return [line.upper().split() for line in text.splitlines() if line.strip()]
+
+    def variants(self, text: str) -> list[list[list[str]]]:
+        # a second reading in which "|" also ends a statement
+        return [self.statements(text), self.statements(text.replace("|", "\n"))]
+
+    def commands(self, stmt: list[str]) -> list[str]:
+        return stmt[:1] + [w for w in stmt[1:] if w.startswith("+")]
+
+    def read_only_violation(self, stmt: list[str]) -> str | None:
+        return None if stmt[0] in ("GET", "LIST") else f"{stmt[0]} writes"
+
+
+def test_grant_refusal_through_a_dialect():
+    lines = LineDialect()
+    ro = Grant(read_only=True, deny_commands=("PUT",), restricted=True)
+    assert ro.refusal("get a\nlist b", lines) is None
+    assert ro.refusal("get a\nput b", lines) == Refusal("command_denied", "PUT", "PUT")  # a deny is named before read-only
+    assert ro.refusal("get a\nset b", lines) == Refusal("read_only", "SET", "SET writes")
+    assert ro.refusal("get a | set b", lines) == Refusal("read_only", "SET", "SET writes")  # every reading is checked
+    assert Grant(deny_commands=("+DROP*",), restricted=True).refusal("get a +dropall", lines) == Refusal("command_denied", "+DROPALL", "+DROP*")
+    assert Grant(deny_commands=("PUT",)).refusal("get a\nset b", lines) is None  # not read-only: only the patterns
 
 
 # --------------------------------------------------------------------------- limits
