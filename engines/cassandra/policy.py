@@ -68,8 +68,8 @@ import attrs
 from audit import events as ev
 from dbproxy.access import audit_denial
 from dbproxy.roles import Grant
-from dbproxy.statements import Refusal, Statement, Token
 from dbproxy.sansio import reply
+from dbproxy.statements import Refusal, Statement, Token
 
 from . import frames as F
 from .cql import split_statements

@@ -50,8 +50,8 @@ import attrs
 from audit import events as ev
 from dbproxy.access import audit_denial
 from dbproxy.roles import Grant
-from dbproxy.statements import Statement
 from dbproxy.sansio import replace
+from dbproxy.statements import Statement
 
 from . import messages as m
 from . import sql as lexer

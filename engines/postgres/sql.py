@@ -10,7 +10,7 @@ kept: runs of literals, digits and punctuation are one regex match each, so
 a 1.5 MB multi-row INSERT lexes in milliseconds.
 
 ``variants``: a client can switch ``standard_conforming_strings`` off in
-the same pipeline (§4.1.2.1), and the two readings can disagree on where a
+the same pipeline (§4.1.2.2), and the two readings can disagree on where a
 literal ends; text with a backslash is lexed both ways, so no reading hides
 a statement from the policy.
 
