@@ -45,7 +45,7 @@ def _iso(ts: int) -> str:
 
 def load_token_config(path: str) -> tuple[TokenConfig, dict | None]:
     """``identity.token`` and ``roles`` of a config file, validated; raises ConfigErrors."""
-    from .access import validate_roles
+    from .roles import validate_roles
     from .config import _Validator
 
     v = _Validator(path)

@@ -2,11 +2,14 @@
 
 Strategy.  A client stage placed after the audit stage looks at every
 QUERY, PREPARE, EXECUTE and BATCH (native protocol v4/v5 section 4.1) of a
-session whose grant carries rules, and classifies the CQL with
-``dbproxy.access.split_statements(text, "cql")`` — a lexer that knows CQL's
-comments, strings, ``$$`` literals and quoted identifiers, keeps ``.``
-between names and treats ``BEGIN BATCH … APPLY BATCH`` as one statement with
-its children visible.  Nothing is executed or fully parsed.
+session whose grant carries rules, and classifies the CQL lexed by
+``cql.split_statements`` — a lexer that knows CQL's comments, strings,
+``$$`` literals and quoted identifiers, keeps ``.`` between names and treats
+``BEGIN BATCH … APPLY BATCH`` as one statement with its children visible.
+Nothing is executed or fully parsed.  ``CQL`` is the dialect
+(``dbproxy.statements.Dialect``) the grant's deny patterns and read-only
+rule are applied through (``Grant.statement_refusal``); the keyspace rules
+are CQL's own, below.
 
 A refused request is answered by the proxy itself: an ERROR frame
 UNAUTHORIZED (0x2100) on the request's stream id, in the connection's
@@ -18,7 +21,7 @@ audited twice: the request's result event (``success: false``, code and
 message) and ``db.session.access_denied`` with the identity, reason, command
 and CQL.
 
-Rules, from the session's ``Grant`` (``dbproxy.access``):
+Rules, from the session's ``Grant`` (``dbproxy.roles``):
 
 - ``deny_commands``: globs on the statement kind (``SELECT``, ``INSERT``,
   ``DROP TABLE``, ``CREATE INDEX``, ``TRUNCATE``, ``BATCH`` …; COLUMNFAMILY
@@ -63,10 +66,13 @@ from typing import Any
 import attrs
 
 from audit import events as ev
-from dbproxy.access import Grant, Statement, Token, audit_denial, split_statements
+from dbproxy.access import audit_denial
+from dbproxy.roles import Grant
 from dbproxy.sansio import reply
+from dbproxy.statements import Refusal, Statement, Token
 
 from . import frames as F
+from .cql import split_statements
 from .stages import CqlSessionState, PreparedInfo
 
 READ_COMMANDS = frozenset({"SELECT", "USE", "DESCRIBE", "LIST"})
@@ -197,10 +203,35 @@ def classify(stmt: Statement) -> CqlStatement:
 
 
 def classify_cql(text: str) -> list[CqlStatement]:
-    return [classify(s) for s in split_statements(text, "cql")]
+    return [classify(s) for s in split_statements(text)]
+
+
+class CqlDialect:
+    """CQL for ``Grant.statement_refusal``: classified statements, read-only = READ_COMMANDS only."""
+
+    name = "cql"
+
+    def statements(self, text: str) -> list[CqlStatement]:
+        return classify_cql(text)
+
+    def variants(self, text: str) -> list[list[CqlStatement]]:
+        return [classify_cql(text)]  # CQL strings have no backslash escapes (Lexer.g STRING_LITERAL): one reading
+
+    def commands(self, stmt: CqlStatement) -> tuple[str, ...]:
+        return stmt.commands
+
+    def read_only_violation(self, stmt: CqlStatement) -> str | None:
+        # Fail closed: a kind the proxy does not know is not a read; every BATCH holds writes.
+        return None if stmt.read else f"{stmt.command} is not allowed"
+
+
+CQL = CqlDialect()
 
 
 # --------------------------------------------------------------------------- rules
+
+# A BATCH message (opcode 0x0D) as a statement: checked as BATCH first, then child by child.
+BATCH_MESSAGE = CqlStatement("BATCH", ("BATCH",), ())
 
 
 @attrs.frozen
@@ -236,12 +267,9 @@ class CqlRules:
 
     def check_statement(self, st: CqlStatement, keyspace: str | None) -> Denial | None:
         """``keyspace``: where unqualified names resolve (None: nowhere yet — Cassandra will refuse them)."""
-        for command in st.commands:
-            pattern = self.grant.denied_command(command)
-            if pattern is not None:
-                return Denial("command_denied", f"User {self.user} may not run {command} through this proxy (role policy \"{pattern}\")", command)
-        if self.grant.read_only and not st.read:
-            return Denial("read_only", f"User {self.user} has read-only access through this proxy: {st.command} is not allowed", st.command)
+        refusal = self.grant.statement_refusal(st, CQL)
+        if refusal is not None:
+            return self.denial(refusal)
         if self.keyspaces_restricted and st.command != "DESCRIBE":
             for ref in st.refs:
                 ks = ref.keyspace if ref.keyspace is not None else keyspace
@@ -253,8 +281,16 @@ class CqlRules:
                     return Denial("keyspace_denied", f"User {self.user} has no access to {where} through this proxy", st.command, ks)
         return None
 
+    def denial(self, refusal: Refusal) -> Denial:
+        """A grant's refusal in the words Cassandra uses for its own UNAUTHORIZED errors."""
+        if refusal.reason == "command_denied":
+            message = f"User {self.user} may not run {refusal.command} through this proxy (role policy \"{refusal.detail}\")"
+        else:
+            message = f"User {self.user} has read-only access through this proxy: {refusal.detail}"
+        return Denial(refusal.reason, message, refusal.command)
+
     def check_cql(self, text: str, keyspace: str | None) -> Denial | None:
-        for st in classify_cql(text):
+        for st in CQL.statements(text):
             denial = self.check_statement(st, keyspace)
             if denial is not None:
                 return denial
@@ -262,11 +298,9 @@ class CqlRules:
 
     def check_batch(self, children: list[tuple[str, str | None]]) -> Denial | None:
         """A BATCH message: ``children`` are (CQL, keyspace it resolves in)."""
-        pattern = self.grant.denied_command("BATCH")
-        if pattern is not None:
-            return Denial("command_denied", f"User {self.user} may not run BATCH through this proxy (role policy \"{pattern}\")", "BATCH")
-        if self.grant.read_only:
-            return Denial("read_only", f"User {self.user} has read-only access through this proxy: BATCH is not allowed", "BATCH")
+        refusal = self.grant.statement_refusal(BATCH_MESSAGE, CQL)
+        if refusal is not None:
+            return self.denial(refusal)
         for text, keyspace in children:
             denial = self.check_cql(text, keyspace)
             if denial is not None:

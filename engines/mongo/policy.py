@@ -47,7 +47,7 @@ writer role for ``app_*`` is read-only on ``app``):
   ``out: {inline: 1}``, ``explain`` only of a command that is itself allowed.
 * ``deny_commands`` globs match the command name, the command inside
   ``explain``, and the names of ``$out``/``$merge`` stages (case-insensitive,
-  ``dbproxy.access.command_matches``): ``["dropDatabase", "drop*", "$out"]``.
+  ``dbproxy.roles.command_matches``): ``["dropDatabase", "drop*", "$out"]``.
 
 A refused command is answered ``ok: 0`` code 13 (``not authorized on <db> to
 execute command <name> (dbproxy: why)``, mongod's wording), audited as a
@@ -70,9 +70,11 @@ from typing import Any, Mapping
 
 import attrs
 
-from dbproxy.access import Grant, TooManyConnections, audit_denial
+from dbproxy.access import audit_denial
 from dbproxy.errors import AccessDenied
 from dbproxy.identity import AuthFailed
+from dbproxy.limits import TooManyConnections
+from dbproxy.roles import Grant
 from dbproxy.session import Identity
 
 from .clientauth import AUTH_COMMANDS

@@ -2,7 +2,9 @@
 
 Strategy.  The frontend stage looks at the SQL of every Query and Parse
 (and refuses FunctionCall for read-only sessions, since a fast-path call by
-OID cannot be inspected) with ``dbproxy.access.statement_variants``.  A
+OID cannot be inspected) through ``Grant.refusal(sql, SQL)``: ``SQL`` is
+this engine's dialect (``dbproxy.statements.Dialect``), the lexer of
+``sql.py`` (both string readings) plus the read-only rules below.  A
 statement is refused when its command matches one of the grant's
 ``deny_commands`` patterns, or — for a read-only grant — when it is not on
 the read-only allow-list below.
@@ -46,10 +48,13 @@ from typing import Any
 import attrs
 
 from audit import events as ev
-from dbproxy.access import Grant, Statement, audit_denial, statement_variants
+from dbproxy.access import audit_denial
+from dbproxy.roles import Grant
 from dbproxy.sansio import replace
+from dbproxy.statements import Statement
 
 from . import messages as m
+from . import sql as lexer
 
 # Statements a read-only session may run (first keyword), subject to the checks in read_only_violation.
 READ_ONLY_COMMANDS = frozenset({
@@ -124,19 +129,35 @@ def read_only_violation(stmt: Statement) -> str | None:
     return None
 
 
+class SqlDialect:
+    """PostgreSQL's SQL for ``Grant.refusal``: ``sql.py``'s lexer and ``read_only_violation``."""
+
+    name = "sql"
+
+    def statements(self, text: str) -> list[Statement]:
+        return lexer.split_statements(text)
+
+    def variants(self, text: str) -> list[list[Statement]]:
+        return lexer.statement_variants(text)
+
+    def commands(self, stmt: Statement) -> list[str]:
+        return stmt.commands()
+
+    def read_only_violation(self, stmt: Statement) -> str | None:
+        return read_only_violation(stmt)
+
+
+SQL = SqlDialect()
+
+
 def check_sql(sql: str, grant: Grant) -> Denial | None:
     """The first reason ``sql`` (one or more statements) is refused under ``grant``, or None."""
-    for statements in statement_variants(sql, "postgres"):
-        for stmt in statements:
-            for command in stmt.commands():
-                pattern = grant.denied_command(command)
-                if pattern is not None:
-                    return Denial("command_denied", f"permission denied: {command} is not allowed for this session (role policy \"{pattern}\")", command)
-            if grant.read_only:
-                why = read_only_violation(stmt)
-                if why is not None:
-                    return Denial("read_only", f"permission denied: {why}", stmt.command)
-    return None
+    refusal = grant.refusal(sql, SQL)
+    if refusal is None:
+        return None
+    if refusal.reason == "command_denied":
+        return Denial("command_denied", f"permission denied: {refusal.command} is not allowed for this session (role policy \"{refusal.detail}\")", refusal.command)
+    return Denial("read_only", f"permission denied: {refusal.detail}", refusal.command)
 
 
 def encode_parse(statement: str, query: str) -> bytes:

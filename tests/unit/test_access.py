@@ -1,8 +1,8 @@
-"""RBAC policy, connection limits, the statement lexer, the Postgres statement rules and the config sections.
+"""RBAC policy, connection limits and the config sections (dbproxy/roles.py, limits.py, access.py).
 
-The Postgres rules (engines.postgres.policy.check_sql) are tested here on
-text; tests/integration/test_postgres_identity.py proves the same refusals
-against a real server.
+The statement rules are tested with their engines: the SQL lexer and the
+Postgres rules in tests/unit/postgres/test_pg_policy.py, CQL in
+tests/unit/cassandra/test_cql_policy.py.
 """
 
 from __future__ import annotations
@@ -12,24 +12,14 @@ import os
 
 import pytest
 
-from dbproxy.access import (
-    UNRESTRICTED,
-    AccessPolicy,
-    ConnectionLimits,
-    Grant,
-    LimitsConfig,
-    RoleConfig,
-    TooManyConnections,
-    command_matches,
-    is_loopback,
-    split_statements,
-    statement_variants,
-)
+from dbproxy.access import is_loopback
+from dbproxy.limits import ConnectionLimits, LimitsConfig, TooManyConnections
+from dbproxy.roles import UNRESTRICTED, AccessPolicy, Grant, RoleConfig, command_matches
 from dbproxy.config import load_config
 from dbproxy.errors import AccessDenied, ConfigErrors
 from dbproxy.session import Identity, Session
+from dbproxy.statements import Refusal
 from engines import default_registry
-from engines.postgres.policy import check_sql
 
 REG = default_registry()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,6 +111,39 @@ def test_command_patterns(command, pattern, hit):
     assert (Grant(deny_commands=(pattern,)).denied_command(command) == pattern) is hit
 
 
+class LineDialect:
+    """A made-up statement language (one statement a line, its command the first word) with two readings.
+
+    The core's rules must work with any dialect an engine brings: no SQL or CQL here.
+    """
+
+    name = "lines"
+
+    def statements(self, text: str) -> list[list[str]]:
+        return [line.upper().split() for line in text.splitlines() if line.strip()]
+
+    def variants(self, text: str) -> list[list[list[str]]]:
+        # a second reading in which "|" also ends a statement
+        return [self.statements(text), self.statements(text.replace("|", "\n"))]
+
+    def commands(self, stmt: list[str]) -> list[str]:
+        return stmt[:1] + [w for w in stmt[1:] if w.startswith("+")]
+
+    def read_only_violation(self, stmt: list[str]) -> str | None:
+        return None if stmt[0] in ("GET", "LIST") else f"{stmt[0]} writes"
+
+
+def test_grant_refusal_through_a_dialect():
+    lines = LineDialect()
+    ro = Grant(read_only=True, deny_commands=("PUT",), restricted=True)
+    assert ro.refusal("get a\nlist b", lines) is None
+    assert ro.refusal("get a\nput b", lines) == Refusal("command_denied", "PUT", "PUT")  # a deny is named before read-only
+    assert ro.refusal("get a\nset b", lines) == Refusal("read_only", "SET", "SET writes")
+    assert ro.refusal("get a | set b", lines) == Refusal("read_only", "SET", "SET writes")  # every reading is checked
+    assert Grant(deny_commands=("+DROP*",), restricted=True).refusal("get a +dropall", lines) == Refusal("command_denied", "+DROPALL", "+DROP*")
+    assert Grant(deny_commands=("PUT",)).refusal("get a\nset b", lines) is None  # not read-only: only the patterns
+
+
 # --------------------------------------------------------------------------- limits
 
 
@@ -166,161 +189,6 @@ def test_refused_session_holds_no_slot():
     limits.release(refused)  # the server releases every session; a refused one must not free s's slot
     with pytest.raises(TooManyConnections):
         limits.admit(_session("alice"))
-
-
-# --------------------------------------------------------------------------- lexer
-
-
-def commands(sql: str, dialect: str = "postgres") -> list[str]:
-    return [s.command for s in split_statements(sql, dialect)]
-
-
-def test_lexer_splits_statements_outside_literals_and_comments():
-    sql = """
-        select 'a;b', "we;ird" from t; -- drop table x;
-        /* outer /* nested; drop */ still comment; */ insert into t values ($$;drop$$, $tag$ ; $ $tag$, e'\\';drop', 1.5e3);
-        CREATE OR REPLACE TEMP VIEW v AS select 1;
-        drop materialized view if exists mv;;
-        ALTER SYSTEM SET work_mem = '1MB'
-    """
-    assert commands(sql) == ["SELECT", "INSERT", "CREATE VIEW", "DROP MATERIALIZED VIEW", "ALTER SYSTEM"]
-
-
-def test_lexer_unterminated_literals_swallow_the_rest():
-    assert commands("select 'abc; drop table t") == ["SELECT"]
-    assert commands("select $x$ abc; drop table t") == ["SELECT"]
-    assert commands('select "abc; drop table t') == ["SELECT"]
-    assert commands("select 1 /* abc; drop table t") == ["SELECT"]
-
-
-def test_backslash_reading_is_checked_too():
-    # standard_conforming_strings=off: 'a\'' is a string ending after the escaped quote,
-    # so "drop" is a statement; with standard strings it is inside the literal.
-    sql = "select 'a\\'' ; drop table t; --'"
-    standard, backslash = statement_variants(sql)
-    assert [s.command for s in standard] == ["SELECT"]
-    assert [s.command for s in backslash] == ["SELECT", "DROP TABLE"]
-    assert check_sql(sql, Grant(deny_commands=("DROP",))) is not None
-
-
-def test_cql_dialect():
-    assert commands("SELECT * FROM ks.t WHERE a = 'x;y' // drop table t;\n; TRUNCATE ks.t; DROP KEYSPACE ks", "cql") == ["SELECT", "TRUNCATE", "DROP KEYSPACE"]
-    assert commands("BEGIN BATCH INSERT INTO t (a) VALUES ($$;$$); APPLY BATCH", "cql")[0] == "BEGIN"
-
-
-def test_nested_commands():
-    assert split_statements("with d as (delete from t returning *) select * from d")[0].commands() == ["WITH", "DELETE"]
-    assert split_statements("explain analyze update t set a = 1")[0].commands() == ["EXPLAIN", "UPDATE"]
-    assert split_statements("create table t (a int references u on delete cascade)")[0].commands() == ["CREATE TABLE", "DELETE"]
-    assert split_statements("select * from t for update")[0].commands() == ["SELECT"]
-
-
-# --------------------------------------------------------------------------- Postgres statement rules
-
-RO = Grant(read_only=True, restricted=True)
-
-READ_ONLY_ALLOWED = [
-    "select 1",
-    "SELECT * FROM t WHERE note = 'insert into x; set transaction_read_only = off'",
-    "with x as (select 1) select * from x",
-    "values (1), (2)",
-    "table t",
-    "show default_transaction_read_only",
-    "show all",
-    "explain select * from t",
-    "begin",
-    "BEGIN READ ONLY",
-    "start transaction isolation level repeatable read, read only",
-    "commit; rollback; savepoint a; release a",
-    "prepare p (int) as select $1",
-    "execute p(1)",
-    "deallocate p",
-    "declare c cursor for select 1",
-    "fetch 10 from c; close c",
-    "set search_path = app, public",
-    "set statement_timeout to 1000",
-    "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-    "reset search_path",
-    "discard plans",
-    "copy t to stdout",
-    "copy (select * from t) to stdout with (format csv)",
-    "listen chan; unlisten chan",
-    "select current_setting('transaction_read_only')",
-    "",
-    ";;",
-]
-
-READ_ONLY_REFUSED = [
-    "insert into t values (1)",
-    "update t set a = 1",
-    "delete from t",
-    "merge into t using u on true when matched then delete",
-    "truncate t",
-    "create table t2 (a int)",
-    "create temp table t2 (a int)",
-    "drop table t",
-    "alter table t add column b int",
-    "grant select on t to public",
-    "select * into t2 from t",
-    "with d as (delete from t returning *) select * from d",
-    "explain analyze delete from t",
-    "prepare p as insert into t values (1)",
-    "declare c cursor for select * from t for update",
-    "copy t from stdin",
-    "copy (delete from t returning *) to stdout",
-    "do $$ begin perform 1; end $$",
-    "call proc()",
-    "vacuum t",
-    "notify chan",
-    "lock table t in access exclusive mode",
-    "select 1; insert into t values (1)",
-    # the read-write bypasses
-    "SET transaction_read_only = off",
-    "SET default_transaction_read_only = off",
-    "set default_transaction_read_only to default",
-    "SET LOCAL transaction_read_only TO off",
-    'SET "Transaction_Read_Only" = off',
-    "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
-    "SET TRANSACTION READ WRITE",
-    "set transaction isolation level serializable, read write",
-    "BEGIN READ WRITE",
-    "begin isolation level serializable read write",
-    "START TRANSACTION READ WRITE",
-    "RESET transaction_read_only",
-    "RESET default_transaction_read_only",
-    "RESET ALL",
-    "DISCARD ALL",
-    "SELECT set_config('default_transaction_read_only', 'off', false)",
-    "select pg_catalog.set_config('transaction_read_only', 'off', true)",
-    'select "pg_catalog"."SET_CONFIG"(\'x\', \'y\', false)',
-    'select U&"\\0073et_config"(\'transaction_read_only\', \'off\', false)',
-    "select 1 /* harmless */; set default_transaction_read_only = off",
-    "commit prepared 'x'",
-    "prepare transaction 'x'",
-]
-
-
-@pytest.mark.parametrize("sql", READ_ONLY_ALLOWED)
-def test_read_only_allows(sql):
-    assert check_sql(sql, RO) is None
-
-
-@pytest.mark.parametrize("sql", READ_ONLY_REFUSED)
-def test_read_only_refuses(sql):
-    denial = check_sql(sql, RO)
-    assert denial is not None and denial.reason == "read_only" and denial.message.startswith("permission denied")
-
-
-def test_deny_patterns_on_sql():
-    g = Grant(deny_commands=("DROP", "TRUNCATE", "ALTER SYSTEM", "DELETE"), restricted=True)
-    assert check_sql("drop table t", g).command == "DROP TABLE"
-    assert check_sql("select 1; TRUNCATE t", g).command == "TRUNCATE"
-    assert check_sql("alter system set x = 1", g).command == "ALTER SYSTEM"
-    assert check_sql("with d as (delete from t returning 1) select 1", g).command == "DELETE"
-    assert check_sql("select 'drop table t'", g) is None
-    assert check_sql("alter table t add b int", g) is None
-    assert check_sql("insert into t values (1)", g) is None
-    assert check_sql("-- drop table t\nselect 1", g) is None
 
 
 # --------------------------------------------------------------------------- config

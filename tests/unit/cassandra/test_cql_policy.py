@@ -14,9 +14,10 @@ import struct
 
 import pytest
 
-from dbproxy.access import Grant
+from dbproxy.roles import Grant
 from dbproxy.session import Identity
 from engines.cassandra import frames as F
+from engines.cassandra.cql import split_statements
 from engines.cassandra.policy import (
     CqlPolicy,
     CqlRules,
@@ -61,6 +62,9 @@ def denial(grant: Grant, text: str, keyspace: str | None = None):
         ("CREATE OR REPLACE FUNCTION ks.f (a int) CALLED ON NULL INPUT RETURNS int LANGUAGE java AS 'return a;'", ("CREATE FUNCTION",)),
         ("CREATE MATERIALIZED VIEW v AS SELECT * FROM t WHERE a IS NOT NULL PRIMARY KEY (a)", ("CREATE MATERIALIZED VIEW",)),
         ("DESC KEYSPACES", ("DESCRIBE",)),
+        ("CREATE USER alice WITH PASSWORD 'x' SUPERUSER", ("CREATE USER",)),  # not "CREATE USER ALICE"
+        ("ALTER USER alice WITH PASSWORD 'y'", ("ALTER USER",)),
+        ("CREATE ROLE IF NOT EXISTS r WITH LOGIN = true", ("CREATE ROLE",)),
         ("TRUNCATE TABLE ks.t", ("TRUNCATE",)),
         ("BEGIN BATCH INSERT INTO t (a) VALUES ('x;y'); UPDATE t SET b = $$;$$ WHERE a = 1; APPLY BATCH", ("BATCH", "INSERT", "UPDATE")),
         ("BEGIN UNLOGGED BATCH DELETE FROM t WHERE a = 1 INSERT INTO t (a) VALUES (2) APPLY BATCH;", ("BATCH", "DELETE", "INSERT")),
@@ -69,6 +73,17 @@ def denial(grant: Grant, text: str, keyspace: str | None = None):
 )
 def test_statement_kinds(text, expected):
     assert kinds(text) == ([expected] if expected else [])
+
+
+def test_cql_lexer():
+    def commands(text: str) -> list[str]:
+        return [s.command for s in split_statements(text)]
+
+    assert commands("SELECT * FROM ks.t WHERE a = 'x;y' // drop table t;\n; TRUNCATE ks.t; DROP KEYSPACE ks") == ["SELECT", "TRUNCATE", "DROP KEYSPACE"]
+    assert commands("BEGIN BATCH INSERT INTO t (a) VALUES ($$;$$); APPLY BATCH")[0] == "BEGIN"
+    # CQL names are ASCII letters, digits and "_" (Lexer.g IDENT): "x$$" is x then a $$ literal,
+    # as Cassandra lexes it; a SQL-style word rule read "X$$" and then swallowed the DROP.
+    assert commands("SELECT x$$;$$ FROM t; DROP KEYSPACE ks") == ["SELECT", "DROP KEYSPACE"]
 
 
 def test_batch_is_one_statement_in_the_lexer():
@@ -153,6 +168,9 @@ def test_deny_patterns():
     d = denial(NO_DROP, "DROP TABLE ks.t")
     assert d.reason == "command_denied" and d.command == "DROP TABLE" and '"DROP*"' in d.message
     assert denial(NO_DROP, "truncate table ks.t").command == "TRUNCATE"
+    no_users = Grant(roles=("dev",), deny_commands=("CREATE USER", "ALTER USER"), restricted=True)
+    assert denial(no_users, "CREATE USER alice WITH PASSWORD 'x' SUPERUSER").command == "CREATE USER"
+    assert denial(no_users, "alter user alice with password 'y'").command == "ALTER USER"
     assert denial(NO_DROP, "INSERT INTO ks.t (a) VALUES (1)") is None
     assert denial(NO_DROP, "CREATE TABLE ks.t (a int PRIMARY KEY)") is None
     # patterns reach into batches, and BATCH itself is a kind

@@ -18,10 +18,12 @@ import bson
 from bson.raw_bson import RawBSONDocument
 
 from audit import events as ev
-from dbproxy.access import AccessPolicy, ConnectionLimits, Grant, LimitsConfig, ListenerAccess, RoleConfig
+from dbproxy.access import ListenerAccess
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
 from dbproxy.identity import ClientAuthenticator, MtlsConfig, TokenAuthority, TokenConfig, generate_keys
+from dbproxy.limits import ConnectionLimits, LimitsConfig
+from dbproxy.roles import AccessPolicy, Grant, RoleConfig
 from dbproxy.session import Identity
 from engines import default_registry
 from engines.mongo import scram, wire
