@@ -92,6 +92,10 @@ async def test_too_large_body_is_refused_with_413(tmp_path):
         r = await _curl_run("--data-binary", "x" * 1001, "-w", "\n%{http_code}", url)
         text, code = r.stdout.rsplit(b"\n", 1)
         assert code == b"413" and json.loads(text)["error"]["code"] == 413
+        # A head alone announcing too much is answered at once: no body byte is waited for.
+        out = await trio.to_thread.run_sync(
+            _raw, run.ports["w"], b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n", 2.0)
+        assert out.startswith(b"HTTP/1.1 413 ")
         # Chunked: refused when it grows past the limit, through the handler's read().
         r = await _curl_run("-H", "Transfer-Encoding: chunked", "--data-binary", "y" * 5000, "-w", "\n%{http_code}", url)
         assert r.stdout.rsplit(b"\n", 1)[1] == b"413"
