@@ -180,3 +180,19 @@ async def test_http_client_over_tls(tmp_path):
 
         a, b = await trio.to_thread.run_sync(two)
         assert a["session"] == b["session"] and (a["n"], b["n"]) == (1, 2)
+
+
+async def test_body_read_whole_is_charged_to_the_buffer_budget(tmp_path):
+    # One MiB for the whole proxy; a 1.5 MiB body within max_body_bytes still cannot be held: 503.
+    lst = listener("w", "web", kind="http", http={"max_body_bytes": 4 * 1024 * 1024})
+    body = b"b" * (1536 * 1024)
+    (tmp_path / "body.bin").write_bytes(body)
+    async with running(tmp_path, [lst], buffers={"budget_bytes": 1024 * 1024}) as run:
+        url = f"http://127.0.0.1:{run.ports['w']}/echo"
+        r = await _curl_run("--data-binary", f"@{tmp_path / 'body.bin'}", "-w", "\n%{http_code}", url)
+        text, code = r.stdout.rsplit(b"\n", 1)
+        assert code == b"503" and json.loads(text)["error"]["code"] == 503
+        budget = run.server.services.buffers
+        assert budget.refused == 1 and budget.used == 0  # refused, and the charge given back
+        r = await _curl_run("--data-binary", "small", url)
+        assert json.loads(r.stdout)["length"] == 5
