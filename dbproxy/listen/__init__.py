@@ -136,11 +136,12 @@ class DatagramEntry(_Entry):
                 session.details.setdefault("end_reason", "idle timeout")
                 log.info("session %s from %s: idle for %g s", session.id, session.client_addr, channel.idle_timeout)
         finally:
-            # The key is free for a new session now, not after the audit flush that follows.
-            await channel.aclose()
             stats = channel.statistics()
             session.details.setdefault("end_fields", {}).update(
                 datagrams_received=stats.received, datagrams_dropped=stats.dropped, datagrams_sent=stats.sent)
+            # The key is free for a new session now, not after the audit flush that follows
+            # (synchronous: this may run in a cancelled scope).
+            channel.close()
 
     async def refuse(self, session: Any, channel: DatagramSession, reason: str) -> None:
         log.info("session %s from %s refused: %s (datagrams dropped)", session.id, session.client_addr, reason)

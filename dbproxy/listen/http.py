@@ -17,7 +17,10 @@ refused with 413 before any body byte is read; a chunked body that grows past
 it gets 413 and the connection closes); ``request.read()`` charges what it
 accumulates to the process's ``BufferBudget`` (503 when the budget is spent);
 ``request_timeout`` runs from a request's first byte to its last (408), and
-``keepalive_timeout`` closes an idle connection quietly.
+``keepalive_timeout`` closes an idle connection quietly (a new connection
+has ``request_timeout`` to begin its first request) and bounds each write to
+a client that stopped reading.  The handler's own time is the engine's to
+bound (its backend calls have their timeouts).
 
 Errors the core produces are proper responses (``Connection: close``): 400
 for a malformed request (h11's ``RemoteProtocolError`` and its status hint),
@@ -161,10 +164,13 @@ class _HTTPConnection:
     def __attrs_post_init__(self) -> None:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.options.max_header_bytes)
 
-    def begin_cycle(self) -> None:
+    def begin_cycle(self, first: bool) -> None:
+        # A new connection gets request_timeout to start its first request (a connection that
+        # sends nothing holds a session slot); between requests the keep-alive timeout applies.
         self.in_request = False
         self.body_refused = False
-        self.deadline = trio.current_time() + self.options.keepalive_timeout
+        wait = self.options.request_timeout if first else self.options.keepalive_timeout
+        self.deadline = trio.current_time() + wait
 
     async def next_event(self) -> Any:
         while True:
@@ -191,7 +197,12 @@ class _HTTPConnection:
     async def send(self, event: Any) -> None:
         data = self.h11.send(event)
         if data:
-            await self.stream.send_all(data)
+            # A client that stops reading must not hold the session forever: each write has to
+            # make progress within the keep-alive timeout.
+            with trio.move_on_after(self.options.keepalive_timeout) as cs:
+                await self.stream.send_all(data)
+            if cs.cancelled_caught:
+                raise trio.BrokenResourceError(f"client read nothing for {self.options.keepalive_timeout:g} s")
 
 
 async def serve_http(engine: Any, session: Any, stream: Any, options: Any, *, budget: Any = None, tls: bool = False,
@@ -202,7 +213,7 @@ async def serve_http(engine: Any, session: Any, stream: Any, options: Any, *, bu
     requests = 0
     try:
         while True:
-            conn.begin_cycle()
+            conn.begin_cycle(first=requests == 0)
             try:
                 event = await conn.next_event()
             except _Idle:

@@ -137,6 +137,10 @@ async def test_engine_key_function_splits_one_peer_into_sessions(tmp_path):
         assert s1 != s2 and s1b == s1 and (n1, n2, n1b) == (1, 1, 2)
         await sock.sendto(b"", ("127.0.0.1", port))  # the key function says None: dropped, counted
         await wait_until(lambda: run.udp("k").statistics().unkeyed == 1)
+        await sock.sendto(b"!", ("127.0.0.1", port))  # an unhashable key: dropped, the listener goes on
+        await wait_until(lambda: run.udp("k").statistics().unkeyed == 2)
+        s1c, n1c, _ = await _ask(sock, port, b"1c")
+        assert (s1c, n1c) == (s1, 3)
 
 
 async def test_shutdown_ends_datagram_sessions(tmp_path):
