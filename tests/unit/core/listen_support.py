@@ -103,6 +103,11 @@ class WebEngine(_TestEngine):
                 for i in range(3):
                     yield f"part{i};".encode()
             return HTTPResponse(200, (("content-type", "text/plain"),), chunks())
+        if request.path == "/big":  # 64 MiB, more than any socket buffer holds
+            async def big():
+                for _ in range(64):
+                    yield bytes(1024 * 1024)
+            return HTTPResponse(200, (), big())
         if request.path == "/boom":
             raise RuntimeError("the test handler failed on purpose")
         if request.path == "/cert":

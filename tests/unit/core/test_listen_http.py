@@ -15,7 +15,7 @@ import trio
 from scripts.peers.certs import make_ca, make_cert
 from tests.support import peer_missing
 
-from .listen_support import listener, running
+from .listen_support import listener, running, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,6 +139,26 @@ async def test_slow_request_gets_408(tmp_path):
     async with running(tmp_path, [listener("w", "web", kind="http", http={"request_timeout_seconds": 0.3})]) as run:
         out = await trio.to_thread.run_sync(_raw, run.ports["w"], b"GET /echo HTTP/1.1\r\nHost: x\r\n")
         assert out.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_silent_connection_is_closed_after_request_timeout_without_a_response(tmp_path):
+    opts = {"request_timeout_seconds": 0.3, "keepalive_timeout_seconds": 30}
+    async with running(tmp_path, [listener("w", "web", kind="http", http=opts)]) as run:
+        start = trio.current_time()
+        out = await trio.to_thread.run_sync(_raw, run.ports["w"], b"")
+        assert out == b"" and trio.current_time() - start < 5
+
+
+async def test_client_that_stops_reading_loses_its_session(tmp_path):
+    opts = {"keepalive_timeout_seconds": 0.5}
+    async with running(tmp_path, [listener("w", "web", kind="http", http=opts)]) as run:
+        stream = await trio.open_tcp_stream("127.0.0.1", run.ports["w"])
+        await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: len(run.server.sessions) == 1)
+        await wait_until(lambda: not run.server.sessions, timeout=10)  # never read a byte
+        await stream.aclose()
+    (end,) = [e for e in run.events() if e["event"].endswith("session.end")]
+    assert end["reason"].startswith("connection lost")
 
 
 async def test_https_with_curl_cacert_and_client_certificate(tmp_path):
