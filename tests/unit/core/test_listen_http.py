@@ -216,3 +216,16 @@ async def test_body_read_whole_is_charged_to_the_buffer_budget(tmp_path):
         assert budget.refused == 1 and budget.used == 0  # refused, and the charge given back
         r = await _curl_run("--data-binary", "small", url)
         assert json.loads(r.stdout)["length"] == 5
+
+
+async def test_audit_unavailable_is_a_503(tmp_path):
+    async with running(tmp_path, [listener("w", "web", kind="http")]) as run:
+        # Stands in for a fail-closed sink whose spool is full (what `accepting` reads).
+        (sink,) = run.server.recorder.sinks
+        sink.blocked = True
+        r = await _curl_run("-w", "\n%{http_code}", f"http://127.0.0.1:{run.ports['w']}/echo")
+        text, code = r.stdout.rsplit(b"\n", 1)
+        assert code == b"503" and json.loads(text)["error"]["message"].startswith("audit")
+        sink.blocked = False
+        r = await _curl_run(f"http://127.0.0.1:{run.ports['w']}/echo")
+        assert json.loads(r.stdout)["n"] == 1
