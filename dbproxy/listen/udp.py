@@ -119,12 +119,16 @@ class DatagramSession:
     def statistics(self) -> DatagramSessionStatistics:
         return DatagramSessionStatistics(self.received, self.dropped, self.sent, self._out.statistics().current_buffer_used)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """End the session now: its key is free for a new session, queued datagrams are dropped."""
         if not self.closed:
             self.closed = True
             self._in.close()
             self._out.close()
             self.listener._forget(self)
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -180,6 +184,7 @@ class DatagramListener:
         else:
             try:
                 key = self.key(data, peer)
+                hash(key)
             except Exception as exc:  # an engine's key function must not stop the listener
                 log.debug("listener %s: datagram from %s not keyed: %r", self.name, peer, exc)
                 key = None
