@@ -194,8 +194,9 @@ class _HTTPConnection:
         self.in_request = True
         self.deadline = trio.current_time() + self.options.request_timeout
 
-    async def send(self, event: Any) -> None:
-        data = self.h11.send(event)
+    async def send(self, *events: Any) -> None:
+        """Send events in one write (a response's head and a bytes body: one segment, not two)."""
+        data = b"".join([self.h11.send(event) or b"" for event in events])
         if data:
             # A client that stops reading must not hold the session forever: each write has to
             # make progress within the keep-alive timeout.
@@ -296,16 +297,17 @@ async def _send_response(conn: _HTTPConnection, request: HTTPRequest, response: 
         log.error("session %s: %s %s: invalid response: %s", request.session.id, request.method, request.path, exc)
         head = _head(default_error(500, "internal error: invalid response"))
         body = default_error(500, "internal error: invalid response").body
-    await conn.send(head)
-    if request.method != "HEAD":
-        if isinstance(body, (bytes, bytearray, memoryview)):
-            if body:
-                await conn.send(h11.Data(data=body))
-        else:
-            async for chunk in body:  # an exception here leaves the response unfinished: the connection closes
-                if chunk:
-                    await conn.send(h11.Data(data=chunk))
-    await conn.send(h11.EndOfMessage())
+    if request.method == "HEAD":
+        await conn.send(head, h11.EndOfMessage())
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        events = (head, h11.Data(data=body), h11.EndOfMessage()) if body else (head, h11.EndOfMessage())
+        await conn.send(*events)
+    else:
+        await conn.send(head)
+        async for chunk in body:  # an exception here leaves the response unfinished: the connection closes
+            if chunk:
+                await conn.send(h11.Data(data=chunk))
+        await conn.send(h11.EndOfMessage())
 
 
 def _head(response: HTTPResponse) -> h11.Response:
