@@ -228,6 +228,12 @@ async def serve_http(engine: Any, session: Any, stream: Any, options: Any, *, bu
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed between requests
             requests += 1
+            # h11's max_incomplete_event_size bounds a head that is still arriving; one that came
+            # whole in a single read is measured here, so the limit does not depend on read sizes.
+            head_size = len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if head_size > options.max_header_bytes:
+                await _send_error(conn, render, 431, f"request head larger than {options.max_header_bytes} bytes")
+                return
             request = HTTPRequest(
                 method=event.method.decode("ascii"),
                 target=event.target.decode("latin-1"),

@@ -115,6 +115,15 @@ async def test_malformed_request_line_gets_400_and_the_listener_goes_on(tmp_path
         assert json.loads(r.stdout)["method"] == "GET"
 
 
+async def test_oversized_head_gets_431(tmp_path):
+    async with running(tmp_path, [listener("w", "web", kind="http", http={"max_header_bytes": 2048})]) as run:
+        r = await _curl_run("-H", "X-Big: " + "a" * 4000, "-w", "\n%{http_code}", f"http://127.0.0.1:{run.ports['w']}/echo")
+        text, code = r.stdout.rsplit(b"\n", 1)
+        assert code == b"431" and json.loads(text)["error"]["code"] == 431
+        r = await _curl_run("-H", "X-Small: " + "a" * 1000, f"http://127.0.0.1:{run.ports['w']}/echo")
+        assert json.loads(r.stdout)["method"] == "GET"
+
+
 async def test_handler_exception_is_500_and_the_connection_survives(tmp_path, caplog):
     async with running(tmp_path, [listener("w", "web", kind="http")]) as run:
         port = run.ports["w"]
