@@ -117,9 +117,20 @@ class WebEngine(_TestEngine):
         return HTTPResponse.json(404, {"error": "no such path", "path": request.path})
 
 
+class DialectWebEngine(WebEngine):
+    """HTTP with its own error dialect for the core's errors (as Redfish renders its error object)."""
+
+    protocol = "webdialect"
+
+    @staticmethod
+    def render_http_error(status: int, message: str) -> HTTPResponse:
+        return HTTPResponse.json(status, {"error": {"code": "Base.1.0.GeneralError", "message": message,
+                                                    "@Message.ExtendedInfo": [{"HttpStatus": status}]}})
+
+
 def registry() -> EngineRegistry:
     reg = EngineRegistry()
-    for cls in (EchoDatagramEngine, KeyedDatagramEngine, LineEngine, WebEngine):
+    for cls in (EchoDatagramEngine, KeyedDatagramEngine, LineEngine, WebEngine, DialectWebEngine):
         reg.register(cls.protocol, cls)
     return reg
 

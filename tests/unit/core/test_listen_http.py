@@ -238,3 +238,13 @@ async def test_audit_unavailable_is_a_503(tmp_path):
         sink.blocked = False
         r = await _curl_run(f"http://127.0.0.1:{run.ports['w']}/echo")
         assert json.loads(r.stdout)["n"] == 1
+
+
+async def test_engine_renders_the_core_errors_in_its_dialect(tmp_path):
+    async with running(tmp_path, [listener("w", "webdialect", kind="http", http={"max_body_bytes": 10})]) as run:
+        r = await _curl_run("--data-binary", "x" * 11, "-w", "\n%{http_code}", f"http://127.0.0.1:{run.ports['w']}/echo")
+        text, code = r.stdout.rsplit(b"\n", 1)
+        assert code == b"413"
+        assert json.loads(text)["error"] == {"code": "Base.1.0.GeneralError",
+                                             "message": "request body larger than 10 bytes",
+                                             "@Message.ExtendedInfo": [{"HttpStatus": 413}]}
