@@ -186,7 +186,8 @@ async def serve_listener(lc: ListenerConfig, engine: Any, services: Any, opened:
         udp = lc.udp
         listener = DatagramListener(sock, max_sessions=udp.max_sessions, queue_datagrams=udp.queue_datagrams,
                                     idle_timeout=udp.idle_timeout, max_datagram_size=udp.max_datagram_size,
-                                    key=getattr(engine, "datagram_session_key", None), name=lc.name)
+                                    key=getattr(engine, "datagram_session_key", None), name=lc.name,
+                                    budget=services.buffers)
         services.extras.setdefault("datagram_listeners", {})[lc.name] = listener
         await listener.serve(run, sessions)
     else:

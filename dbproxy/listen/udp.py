@@ -14,6 +14,10 @@ counted** (``DatagramSession.statistics().dropped``), never buffered without
 bound and never allowed to stall the other sessions.  A new peer past
 ``max_sessions`` is dropped and counted too (``refused``).  A datagram the
 key function cannot key (it returns None or raises) is dropped and counted.
+Queued datagrams are charged to the process's ``BufferBudget`` (the one
+the stream sessions' partial messages use): a datagram that would take the
+budget past its limit is dropped and counted like one meeting a full queue,
+so many sessions with full queues cannot hold more memory than the budget.
 A session ends when the engine returns, when it crashes (logged; the
 listener goes on), or after ``idle_timeout`` seconds without a datagram from
 its peer (the engine is cancelled; ``end_reason`` "idle timeout").  Sends do
@@ -34,6 +38,8 @@ from typing import Any, Awaitable, Callable, Hashable
 import attrs
 import trio
 
+from ..errors import BufferBudgetExceeded
+
 log = logging.getLogger("dbproxy.listen.udp")
 
 Peer = tuple  # (host, port) or (host, port, flowinfo, scope_id)
@@ -42,7 +48,7 @@ Peer = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 @attrs.frozen
 class DatagramSessionStatistics:
     received: int  # datagrams queued for the engine
-    dropped: int  # datagrams dropped because the queue was full
+    dropped: int  # datagrams dropped because the queue was full (or the buffer budget spent)
     sent: int
     queued: int  # waiting in the queue now
 
@@ -60,8 +66,11 @@ class DatagramListenerStatistics:
 class DatagramSession:
     """One peer's datagrams (``receive``) and replies (``send``), bounded and timed out by the listener."""
 
-    def __init__(self, listener: "DatagramListener", key: Hashable, peer: Peer, queue: int, idle_timeout: float) -> None:
+    def __init__(self, listener: "DatagramListener", key: Hashable, peer: Peer, queue: int, idle_timeout: float,
+                 account: Any = None) -> None:
         self.listener = listener
+        self._account = account  # BudgetAccount | None: the queued bytes' charge
+        self._queued_bytes = 0
         self.key = key
         self.peer = peer
         self.idle_timeout = idle_timeout
@@ -80,6 +89,15 @@ class DatagramSession:
 
     def _deliver(self, data: bytes) -> None:
         self.idle_scope.deadline = trio.current_time() + self.idle_timeout
+        account = self._account
+        if account is not None:
+            try:
+                account.hold(self._queued_bytes + len(data))
+            except BufferBudgetExceeded:
+                account.hold(self._queued_bytes)  # back to what is really queued (never past the limit)
+                self.dropped += 1
+                self.listener.dropped += 1
+                return
         try:
             self._in.send_nowait(data)
         except trio.WouldBlock:
@@ -89,6 +107,10 @@ class DatagramSession:
             pass  # the engine stopped reading (session ending): the datagram goes nowhere
         else:
             self.received += 1
+            self._queued_bytes += len(data)
+            return
+        if account is not None:
+            account.hold(self._queued_bytes)
 
     def _end_input(self) -> None:
         self._in.close()
@@ -96,9 +118,13 @@ class DatagramSession:
     async def receive(self) -> bytes:
         """The next datagram from the peer; ``trio.EndOfChannel`` when the listener stopped."""
         try:
-            return await self._out.receive()
+            data = await self._out.receive()
         except trio.ClosedResourceError:
             raise trio.EndOfChannel from None
+        self._queued_bytes -= len(data)
+        if self._account is not None:
+            self._account.hold(self._queued_bytes)  # a smaller charge never exceeds the budget
+        return data
 
     def __aiter__(self) -> "DatagramSession":
         return self
@@ -125,6 +151,9 @@ class DatagramSession:
             self.closed = True
             self._in.close()
             self._out.close()
+            self._queued_bytes = 0
+            if self._account is not None:
+                self._account.release()
             self.listener._forget(self)
 
     async def aclose(self) -> None:
@@ -139,8 +168,10 @@ class DatagramListener:
     """Reads one UDP socket and demultiplexes its datagrams into ``DatagramSession``s."""
 
     def __init__(self, sock: trio.socket.SocketType, *, max_sessions: int, queue_datagrams: int, idle_timeout: float,
-                 max_datagram_size: int = 65535, key: KeyFunction | None = None, name: str = "udp") -> None:
+                 max_datagram_size: int = 65535, key: KeyFunction | None = None, name: str = "udp",
+                 budget: Any = None) -> None:
         self.sock = sock
+        self.budget = budget  # dbproxy.buffer.BufferBudget | None
         self.name = name
         self.max_sessions = max_sessions
         self.queue_datagrams = queue_datagrams
@@ -199,7 +230,8 @@ class DatagramListener:
                     log.warning("listener %s: %d sessions (the cap): datagram from %s dropped (%d so far)",
                                 self.name, len(self.sessions), peer, self.refused)
                 return
-            session = DatagramSession(self, key, peer, self.queue_datagrams, self.idle_timeout)
+            account = self.budget.account() if self.budget is not None else None
+            session = DatagramSession(self, key, peer, self.queue_datagrams, self.idle_timeout, account)
             self.sessions[key] = session
             self.sessions_started += 1
             nursery.start_soon(run_session, session)

@@ -151,3 +151,30 @@ async def test_shutdown_ends_datagram_sessions(tmp_path):
     # The session saw EndOfChannel at stop, well within the 1 s grace: not cancelled at its end.
     assert trio.current_time() - started < 1.0
     assert sid in _ends(run.events())
+
+
+async def test_queued_datagrams_are_charged_to_the_buffer_budget(tmp_path):
+    # 1 MiB for the whole proxy (the smallest budget allowed); a queue of 64 would hold 2.5 MB of these.
+    lst = listener("u", "udpecho", kind="udp", udp={"queue_datagrams": 64})
+    async with running(tmp_path, [lst], buffers={"budget_bytes": 1024 * 1024}) as run:
+        port, udp = run.ports["u"], run.udp("u")
+        try:  # the kernel must not be the one dropping here (root may exceed rmem_max)
+            udp.sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 * 1024 * 1024)
+        except OSError:
+            udp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock = await _client()
+        await sock.sendto(b"hold:0.5", ("127.0.0.1", port))
+        await wait_until(lambda: udp.statistics().sessions == 1)
+        for i in range(40):
+            await sock.sendto(b"%02d" % i + b"x" * 39998, ("127.0.0.1", port))
+        await wait_until(lambda: udp.statistics().received == 41)
+        budget = run.server.services.buffers
+        fits = 1024 * 1024 // 40000  # 26
+        assert (udp.statistics().dropped, budget.used) == (40 - fits, fits * 40000)
+        replies = []
+        with trio.move_on_after(1.5):
+            while True:
+                data, _ = await sock.recvfrom(65536)
+                replies.append(data.partition(b":")[2][:2])
+        assert replies == [b"ho"] + [b"%02d" % i for i in range(fits)]
+        assert budget.used == 0  # every queued datagram was read: the charge is back to zero
