@@ -166,6 +166,9 @@ async def running(tmp_path: Path, listeners: list[dict], **top: Any):
     server = ProxyServer(load_config(str(path), registry()), registry())
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        # The listeners' tasks start just after run() reports its bound addresses.
+        udp_names = {lst["name"] for lst in listeners if lst.get("kind") == "udp"}
+        await wait_until(lambda: udp_names <= set(server.services.extras.get("datagram_listeners", {})))
         run = Running(server, audit_path)
         try:
             yield run
