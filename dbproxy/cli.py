@@ -73,7 +73,8 @@ async def _serve_main(config, registry) -> None:
             async with trio.open_nursery() as inner:
                 bound = await inner.start(server.run)
                 for b in bound:
-                    print(f"dbproxy: {b.name} ({b.protocol}) listening on {b.host}:{b.port}", flush=True)
+                    kind = "" if b.kind == "tcp" else f" ({b.kind})"
+                    print(f"dbproxy: {b.name} ({b.protocol}) listening on {b.host}:{b.port}{kind}", flush=True)
         nursery.cancel_scope.cancel()
     log.info("stopped")
 

@@ -94,6 +94,34 @@ class ListenerTLS:
     client_ca_file: str | None = None
 
 
+# Listener kinds (dbproxy.listen): how the core opens the socket and what an engine is handed.
+#   tcp   a stream per connection (engines may do TLS themselves, in-band or at accept)
+#   tls   a stream per connection with TLS terminated by the core (the listener's "tls" section)
+#   udp   datagram sessions: one socket, datagrams demultiplexed per peer (or engine key)
+#   http  HTTP/1.1 requests parsed by the core (h11), optionally over the core's TLS
+LISTENER_KINDS = ("tcp", "tls", "udp", "http")
+
+
+@attrs.frozen
+class UdpOptions:
+    """``"udp"`` on a listener of kind udp (dbproxy.listen.udp)."""
+
+    max_sessions: int = 1024
+    idle_timeout: float = 60.0  # seconds without a datagram from the peer: the session ends
+    queue_datagrams: int = 64  # per session; past it datagrams are dropped and counted (UDP semantics)
+    max_datagram_size: int = 65535
+
+
+@attrs.frozen
+class HttpOptions:
+    """``"http"`` on a listener of kind http (dbproxy.listen.http)."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    request_timeout: float = 30.0  # from a request's first byte to its last
+    keepalive_timeout: float = 60.0  # idle connection between requests
+
+
 @attrs.frozen
 class ListenerConfig:
     name: str
@@ -106,6 +134,9 @@ class ListenerConfig:
     options: dict = attrs.field(factory=dict)
     handshake_timeout: float | None = None  # seconds; None: the engine default (dbproxy.engine)
     auth: Any = None  # dbproxy.access.ListenerAuth: which client authentication methods
+    kind: str = "tcp"  # one of LISTENER_KINDS
+    udp: UdpOptions = UdpOptions()
+    http: HttpOptions = HttpOptions()
 
 
 @attrs.frozen
@@ -280,7 +311,10 @@ def _kind(value: Any) -> str:
 
 # ---------------------------------------------------------------------------
 
-LISTENER_KEYS = {"name", "protocol", "listen", "tls", "routes", "max_message_size", "options", "auth", "handshake_timeout_seconds"}
+LISTENER_KEYS = {"name", "protocol", "kind", "listen", "tls", "routes", "max_message_size", "options", "auth",
+                 "handshake_timeout_seconds", "udp", "http"}
+UDP_KEYS = {"max_sessions", "idle_timeout_seconds", "queue_datagrams", "max_datagram_size"}
+HTTP_KEYS = {"max_body_bytes", "max_header_bytes", "request_timeout_seconds", "keepalive_timeout_seconds"}
 ROUTE_KEYS = {"name", "match", "backend", "options"}
 BACKEND_KEYS = {"address", "database", "user", "auth", "tls", "options"}
 TLS_KEYS = {"mode", "ca_file", "server_name", "cert_file", "key_file"}
@@ -415,9 +449,10 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
             rc = _route(v, r, f"{path}.routes[{j}]", j, engine_cls)
             if rc is not None:
                 routes.append(rc)
+    kind, udp, http = _listener_kind(v, d, path, engine_cls, protocol, tls)
     if engine_cls is not None and hasattr(engine_cls, "validate_listener"):
         engine_cls.validate_listener(v, d, path)
-    if name is None or protocol is None or addr is None:
+    if name is None or protocol is None or addr is None or kind is None:
         return None
     return ListenerConfig(
         name=name,
@@ -429,7 +464,63 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
         max_message_size=max_size,
         options=options,
         handshake_timeout=handshake_timeout,
+        kind=kind,
+        udp=udp,
+        http=http,
     )
+
+
+def _listener_kind(v: _Validator, d: dict, path: str, engine_cls: Any, protocol: str | None,
+                   tls: ListenerTLS | None) -> tuple[str | None, UdpOptions, HttpOptions]:
+    """``kind`` (default tcp), checked against what the engine serves, and the kind's own section."""
+    kind = v.string(d, "kind", path, required=False, choices=LISTENER_KINDS) if "kind" in d else "tcp"
+    served = tuple(getattr(engine_cls, "listener_kinds", ("tcp",))) if engine_cls is not None else None
+    if kind is not None and served is not None and kind not in served:
+        v.err(_join(path, "kind"), f"a kind the {protocol} engine serves ({', '.join(served)}), got {kind!r}")
+    if kind == "tls" and "tls" not in d:
+        v.err(path, "a \"tls\" section (cert_file, key_file) for kind \"tls\"")
+    if kind == "udp" and "tls" in d:
+        v.err(_join(path, "tls"), "no \"tls\" on a listener of kind \"udp\" (DTLS is not supported)")
+    for section in ("udp", "http"):
+        if section in d and kind != section:
+            v.err(_join(path, section), f"only on a listener of kind \"{section}\", this one is {kind or 'tcp'!r}")
+    udp, http = UdpOptions(), HttpOptions()
+    if kind == "udp" and "udp" in d:
+        up = _join(path, "udp")
+        ud = v.obj(d["udp"], up)
+        if ud is not None:
+            v.unknown_keys(ud, UDP_KEYS, up)
+            idle = v.number(ud, "idle_timeout_seconds", up, minimum=0.01)
+            udp = UdpOptions(
+                max_sessions=v.integer(ud, "max_sessions", up) or udp.max_sessions,
+                idle_timeout=udp.idle_timeout if idle is None else idle,
+                queue_datagrams=v.integer(ud, "queue_datagrams", up) or udp.queue_datagrams,
+                max_datagram_size=_at_most(v, v.integer(ud, "max_datagram_size", up, minimum=512), 65535,
+                                           _join(up, "max_datagram_size"), "the largest UDP payload")
+                or udp.max_datagram_size,
+            )
+    if kind == "http" and "http" in d:
+        hp = _join(path, "http")
+        hd = v.obj(d["http"], hp)
+        if hd is not None:
+            v.unknown_keys(hd, HTTP_KEYS, hp)
+            request_timeout = v.number(hd, "request_timeout_seconds", hp, minimum=0.01)
+            keepalive = v.number(hd, "keepalive_timeout_seconds", hp, minimum=0.01)
+            max_body = v.integer(hd, "max_body_bytes", hp, minimum=0)
+            http = HttpOptions(
+                max_body_bytes=http.max_body_bytes if max_body is None else max_body,
+                max_header_bytes=v.integer(hd, "max_header_bytes", hp, minimum=1024) or http.max_header_bytes,
+                request_timeout=http.request_timeout if request_timeout is None else request_timeout,
+                keepalive_timeout=http.keepalive_timeout if keepalive is None else keepalive,
+            )
+    return kind, udp, http
+
+
+def _at_most(v: _Validator, value: int | None, ceiling: int, path: str, what: str) -> int | None:
+    if value is not None and value > ceiling:
+        v.err(path, f"at most {ceiling} ({what}), got {value}")
+        return None
+    return value
 
 
 def _route(v: _Validator, item: Any, path: str, index: int, engine_cls: Any) -> RouteConfig | None:

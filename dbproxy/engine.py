@@ -6,6 +6,16 @@ client stream with a ``Session``; the engine does the protocol's handshake
 session's ``Pipeline`` and returns when the session is over.  Errors for the
 client are rendered in the client's own wire format by the engine.
 
+Listener kinds (``dbproxy.listen``): an engine lists the kinds it serves in
+``listener_kinds`` (default ``("tcp",)``) and implements the matching entry:
+``handle_connection(session, stream)`` for tcp and tls (on tls the stream is
+the core's ``trio.SSLStream``: ``getpeercert()`` gives the client
+certificate), ``handle_datagram_session(session, channel)`` for udp (a
+``DatagramSession``; optional ``datagram_session_key(data, peer)``), and
+``handle_http_request(session, request) -> HTTPResponse`` for http (optional
+``render_http_error(status, message)``).  The core runs every kind through
+the same session accounting (``ProxyServer.handle_client``).
+
 Engines also declare what their routes may say (``match_keys``,
 ``auth_methods``, ``password_methods``) so the config validator can name
 mistakes without knowing any database.
@@ -43,6 +53,8 @@ class Services:
 
 class Engine:
     protocol: ClassVar[str] = ""
+    # Which listener kinds (dbproxy.config.LISTENER_KINDS) this engine serves; the config refuses others.
+    listener_kinds: ClassVar[tuple[str, ...]] = ("tcp",)
     match_keys: ClassVar[tuple[str, ...]] = ()
     auth_methods: ClassVar[tuple[str, ...]] = ()
     password_methods: ClassVar[tuple[str, ...]] = ()

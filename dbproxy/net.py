@@ -19,6 +19,9 @@ async def connect_backend(host: str, port: int) -> trio.SocketStream:
 
 
 def peer_address(stream: trio.abc.Stream) -> str:
+    client_addr = getattr(stream, "client_addr", None)  # a UDP DatagramSession knows its peer
+    if isinstance(client_addr, str):
+        return client_addr
     sock = getattr(stream, "socket", None)
     if sock is None:
         inner = getattr(stream, "transport_stream", None)

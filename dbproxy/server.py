@@ -5,8 +5,8 @@ Nursery tree (everything has an owner, nothing outlives ``run``):
     run
     ├── audit drain task (recorder.run)           — outlives sessions, closes last
     │                                               (with ``audit.worker``: the link to the audit worker process)
-    └── sessions nursery                          — one task per client connection
-        └── accept nursery                        — one serve_listeners per listener
+    └── sessions nursery                          — one task per client connection / datagram peer
+        └── accept nursery                        — one task per listener (dbproxy.listen: tcp, tls, udp, http)
 
 ``stop()`` cancels the accept nursery (no new connections), gives running
 sessions ``shutdown_grace`` seconds to end on their own, then cancels them;
@@ -32,6 +32,7 @@ from .buffer import BufferBudget
 from .config import Config
 from .engine import EngineRegistry, Services
 from .errors import ProxyError
+from .listen import bound_address, open_listener, serve_listener
 from .net import peer_address
 from .session import Session
 
@@ -68,6 +69,7 @@ class BoundListener:
     protocol: str
     host: str
     port: int
+    kind: str = "tcp"
 
 
 class ProxyServer:
@@ -155,24 +157,23 @@ class ProxyServer:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accept:
                 for lc in self.config.listeners:
-                    listeners = await trio.open_tcp_listeners(lc.port, host=lc.host)
-                    for sock_listener in listeners:
-                        host, port = sock_listener.socket.getsockname()[:2]
-                        self.bound.append(BoundListener(lc.name, lc.protocol, host, port))
-                        log.info("listener %s (%s) on %s:%d", lc.name, lc.protocol, host, port)
+                    opened = await open_listener(lc)
+                    for sock in opened:
+                        host, port = bound_address(sock)
+                        self.bound.append(BoundListener(lc.name, lc.protocol, host, port, lc.kind))
+                        log.info("listener %s (%s, %s) on %s:%d", lc.name, lc.protocol, lc.kind, host, port)
                     engine = self.engines[lc.name]
-                    accept.start_soon(self._serve, engine, lc, listeners, sessions)
+                    accept.start_soon(self._serve, engine, lc, opened, sessions)
                 task_status.started(list(self.bound))
                 await self._stop.wait()
                 log.info("stopping: no new connections; %d sessions running", len(self.sessions))
                 accept.cancel_scope.cancel()
             sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
 
-    async def _serve(self, engine: Any, lc: Any, listeners: list, sessions: trio.Nursery) -> None:
-        async def handler(stream: trio.SocketStream) -> None:
-            await self.handle_client(engine, lc, stream)
-
-        await trio.serve_listeners(handler, listeners, handler_nursery=sessions)
+    async def _serve(self, engine: Any, lc: Any, opened: list, sessions: trio.Nursery) -> None:
+        # The listener's kind decides what the engine is handed; every connection (or UDP peer)
+        # comes back through handle_client, the one session accounting for all kinds.
+        await serve_listener(lc, engine, self.services, opened, self.handle_client, sessions)
 
     async def handle_client(self, engine: Any, lc: Any, stream: trio.abc.Stream) -> None:
         session = Session(listener=lc.name, protocol=lc.protocol, client_addr=peer_address(stream))
