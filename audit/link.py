@@ -198,9 +198,10 @@ class AuditLink:
     def forget_session(self, sid: str) -> None:
         self._put(FORGET, 0, 0, sid.encode())
 
-    def tap_open(self, protocol: str, template: dict) -> int:
+    def tap_open(self, tap: str, template: dict) -> int:
+        """A tap opens: ``tap`` names its worker-side class (``module:Class``)."""
         slot = next(self._slots)
-        payload = orjson.dumps({"protocol": protocol, "template": template})
+        payload = orjson.dumps({"tap": tap, "template": template})
         # Kept until the tap closes: a new worker needs it if the old one acked it and died.
         self._opens[slot] = (self.queued_mark, payload)
         self._put(OPEN, slot, 0, payload)

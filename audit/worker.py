@@ -4,7 +4,7 @@ Started by ``audit.link.AuditLink`` (see there for the design): reads
 frames from stdin in order, hands event bodies to its ``AuditRecorder``
 (the stamping, the hash chain, every sink of the config's ``audit``
 section), and runs taps — the engine's decoders and audit stages over a
-session's tapped frames (``TAPS``).  Says ``{"ready": true, ...}`` on
+session's tapped frames (the ``Tap`` class each O frame names).  Says ``{"ready": true, ...}`` on
 stdout once the sinks run and the chain is recovered, and
 ``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
 
@@ -43,8 +43,18 @@ from .recorder import AuditRecorder, TemplateAudit
 
 log = logging.getLogger("dbproxy.audit.worker")
 
-# protocol -> module with ``Tap(audit)``: ``feed(direction, data)``, ``counts() -> dict``.
-TAPS = {"postgres": "engines.postgres.tap"}
+def tap_factory(path: str) -> Any:
+    """The tap class an O frame names (``module:Class``, given by the engine that opened it:
+    ``SessionAudit.tap_open(Tap)``): ``Tap(audit)`` with ``feed(direction, data)`` and
+    ``counts() -> dict``.  The worker learns its taps this way — it imports no engine by name."""
+    factory = _TAP_FACTORIES.get(path)
+    if factory is None:
+        module, _, name = path.partition(":")
+        factory = _TAP_FACTORIES[path] = getattr(importlib.import_module(module), name)
+    return factory
+
+
+_TAP_FACTORIES: dict[str, Any] = {}
 
 class Worker:
     def __init__(self, recorder: AuditRecorder, out: Any) -> None:
@@ -111,8 +121,7 @@ class Worker:
             spec = orjson.loads(payload)
             template = spec["template"]
             audit = TemplateAudit(self.recorder, template)
-            module = importlib.import_module(TAPS[spec["protocol"]])
-            self.taps[slot] = (module.Tap(audit), audit, template.get("sid", ""))
+            self.taps[slot] = (tap_factory(spec["tap"])(audit), audit, template.get("sid", ""))
         elif kind == QUIT:
             self.quit = True
         elif kind == CLOSE:
@@ -189,11 +198,10 @@ class Worker:
 
 
 async def serve(config_file: str) -> None:
-    from dbproxy.config import load_config
-    from engines import default_registry
+    from dbproxy.config import load_audit_config
 
     os.environ.setdefault("DBPROXY_PID", str(os.getppid()))  # sinks name the proxy, not the worker
-    config = load_config(config_file, default_registry())
+    audit_config = load_audit_config(config_file)
     stdout = trio.lowlevel.FdStream(os.dup(1))
     stdin = trio.lowlevel.FdStream(os.dup(0))
     changes: list[bool] = []
@@ -203,18 +211,18 @@ async def serve(config_file: str) -> None:
         changes.append(accepting)
         wake.set()
 
-    sinks = await _build_sinks(config.audit.sinks)
-    if config.audit.durability == "ack":
+    sinks = await _build_sinks(audit_config.sinks)
+    if audit_config.durability == "ack":
         # Acks promise durable events: a file sink syncs each batch before it is acked (group commit:
         # one fdatasync per batch, for every session waiting).  Spooled sinks fsync each batch already.
         for sink in sinks:
             if getattr(sink, "fsync", None) in ("interval", "never"):
                 sink.fsync = "always"
-    recorder = AuditRecorder(sinks, capacity=config.audit.queue_size, on_accepting_change=on_change)
-    if config.audit.durability == "ack":
+    recorder = AuditRecorder(sinks, capacity=audit_config.queue_size, on_accepting_change=on_change)
+    if audit_config.durability == "ack":
         recorder.batch_delay = 0.0  # sessions wait for the acks: a batch gathers during the previous fsync
     worker = Worker(recorder, stdout)
-    if config.audit.durability == "ack":
+    if audit_config.durability == "ack":
         worker.ack_delay = 0.0
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)

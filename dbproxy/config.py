@@ -339,6 +339,26 @@ def load_config(path: str, registry: Any) -> Config:
     return config
 
 
+def load_audit_config(path: str) -> AuditConfig:
+    """Only the ``audit`` section of ``path``, validated as ``load_config`` does: what the audit
+    worker needs (it re-reads the file when it (re)starts, so sink edits apply), without the
+    engine registry the listeners need — the audit side never imports an engine."""
+    v = _Validator(path)
+    try:
+        with open(path, "rb") as f:
+            doc = orjson.loads(f.read())
+    except OSError as exc:
+        raise ConfigErrors([ConfigError(path, "", f"a readable file ({exc.strerror})")]) from None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigErrors([ConfigError(path, "", f"valid JSON ({exc})")]) from None
+    if not isinstance(doc, dict):
+        raise ConfigErrors([ConfigError(path, "", "a JSON object at the top level")])
+    audit = _audit(v, doc.get("audit", {}), "audit")
+    if v.errors:
+        raise ConfigErrors(v.errors)
+    return audit or AuditConfig()
+
+
 def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
     root = v.obj(doc, "", "a JSON object at the top level")
     if root is None:

@@ -63,7 +63,7 @@ from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .startup import SettingRefused, backend_settings, setting
 from .policy import BackendPolicy, FrontendPolicy, PolicyState
-from .tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer
+from .tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
@@ -391,7 +391,7 @@ class PostgresEngine(Engine):
             else:
                 # Nothing here acts on messages: the pumps only frame them and tap the
                 # frames the audit reads; the audit worker parses and audits those (audit.link).
-                tap_slot = audit.tap_open("postgres")
+                tap_slot = audit.tap_open(Tap)
                 client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size,
                                         tap=functools.partial(audit.tap, tap_slot, 0), interest=FrontendAudit.interest,
                                         checks=FRONTEND_CHECKS)

@@ -109,7 +109,11 @@ def test_a_worker_killed_under_load_loses_no_answered_statement(pg, tmp_path):
             c.start()
         for c in clients:
             assert c.running.wait(20)
-        time.sleep(1.0)  # under load: frames in the link, in the pipe, in the worker's queue
+        # Under load: frames in the link, in the pipe, in the worker's queue.  Kill once the
+        # clients have a real load behind them (counted, not timed: a busy machine is slower).
+        deadline = time.monotonic() + 60
+        while sum(len(c.answered) for c in clients) <= 100 * CLIENTS and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(first, signal.SIGKILL)
         for c in clients:
             c.join(30)
@@ -194,7 +198,10 @@ def test_with_durability_ack_no_result_reaches_a_client_before_its_audit_record(
             c.start()
         for c in clients:
             assert c.running.wait(20)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while sum(len(c.answered) for c in clients) <= 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
         os.kill(worker, signal.SIGKILL)
         for c in clients:
             c.join(30)

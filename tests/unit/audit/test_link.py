@@ -27,6 +27,7 @@ from audit.link import EVENT, FRAME, AuditLink
 from audit.recorder import AuditUnavailable
 from audit.verify import verify_files
 from dbproxy.session import Session
+from engines.postgres.tap import Tap as PgTap
 from tests.support import read_audit
 
 
@@ -79,7 +80,7 @@ async def test_events_and_a_tap_become_one_ordered_chained_trail(tmp_path):
         session = new_session()
         audit = link.session(session)
         audit.on_session_start(success=True)
-        slot = audit.tap_open("postgres")
+        slot = audit.tap_open(PgTap)
         # Forwarded in arbitrary chunkings, in forwarding order: a query, its answer, a failing one.
         audit.tap(slot, 0, QUERY[:7])
         audit.tap(slot, 0, QUERY[7:])
@@ -117,7 +118,7 @@ async def test_budget_gives_backpressure_never_loss(tmp_path):
         await nursery.start(link.run)
         audit = link.session(new_session())
         audit.on_session_start(success=True)
-        slot = audit.tap_open("postgres")
+        slot = audit.tap_open(PgTap)
         # Without yielding, the budget fills: events are held by the session, taps report congestion.
         n = 0
         while link.submit_nowait(b'{"event":"filler","n":%d}' % n):
@@ -229,7 +230,7 @@ async def test_a_tap_that_cannot_be_parsed_is_dropped_and_recorded_others_go_on(
         broken, fine = link.session(new_session()), link.session(new_session())
         for audit in (broken, fine):
             audit.on_session_start(success=True)
-        bad_slot, good_slot = broken.tap_open("postgres"), fine.tap_open("postgres")
+        bad_slot, good_slot = broken.tap_open(PgTap), fine.tap_open(PgTap)
         broken.tap(bad_slot, 1, b"C\x00\x00\x00\x02")  # length 2: not a PostgreSQL frame
         broken.tap(bad_slot, 0, QUERY)  # after the failure: ignored, the tap is gone
         fine.tap(good_slot, 0, QUERY)
@@ -266,7 +267,7 @@ async def test_a_worker_killed_under_load_loses_nothing_the_link_handed_it(tmp_p
         slots = []
         for audit in audits:
             audit.on_session_start(success=True)
-            slots.append(audit.tap_open("postgres"))
+            slots.append(audit.tap_open(PgTap))
             expected[audit.session.id] = set()
         killed_at = None
         for i in range(600):

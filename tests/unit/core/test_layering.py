@@ -121,3 +121,19 @@ def test_engines_import_no_other_engine():
                 if len(parts) > 1 and parts[0] == "engines" and parts[1] != engine.name and (ROOT / "engines" / parts[1]).is_dir():
                     found.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not found, "engines import each other:\n" + "\n".join(found)
+
+
+AUDIT = sorted((ROOT / "audit").rglob("*.py"))
+
+
+def test_audit_imports_no_engine():
+    """The audit side (recorder, link, worker, sinks) knows no engine: the worker learns each
+    tap's class from the O frame the engine's session opened (``SessionAudit.tap_open(Tap)``)
+    and reads only the config's ``audit`` section (``load_audit_config``)."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}" + (f" (in {func})" if func else "")
+        for path in AUDIT
+        for module, line, func in _imports(path)
+        if _is_engine(module)
+    ]
+    assert not found, "the audit side imports engines:\n" + "\n".join(sorted(set(found)))
