@@ -23,29 +23,14 @@ import attrs
 import orjson
 
 from .buffer import DEFAULT_BUFFER_BUDGET, DEFAULT_MESSAGE_TIMEOUT
+from .audit_config import AUDIT_KEYS, validate_sink
+from .configtypes import BackendTLS, ListenerTLS, SecretRef, SinkConfig  # noqa: F401  (re-exported)
 from .errors import ConfigError, ConfigErrors
 
 BACKEND_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
-@attrs.frozen(repr=False)
-class SecretRef:
-    file: str | None = None
-    env: str | None = None
-
-    def reveal(self) -> str:
-        if self.file is not None:
-            with open(self.file, encoding="utf-8") as f:
-                return f.read().rstrip("\r\n")
-        value = os.environ.get(self.env or "")
-        if value is None:
-            raise KeyError(f"environment variable {self.env} is not set")
-        return value
-
-    def __repr__(self) -> str:
-        where = f"file={self.file!r}" if self.file else f"env={self.env!r}"
-        return f"SecretRef({where})"
 
 
 @attrs.frozen
@@ -55,13 +40,6 @@ class AuthConfig:
     params: dict = attrs.field(factory=dict)
 
 
-@attrs.frozen
-class BackendTLS:
-    mode: str = "disable"
-    ca_file: str | None = None
-    server_name: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
 
 
 @attrs.frozen
@@ -87,11 +65,6 @@ class RouteConfig:
     options: dict = attrs.field(factory=dict)
 
 
-@attrs.frozen
-class ListenerTLS:
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
 
 
 # Listener kinds (dbproxy.listen): how the core opens the socket and what an engine is handed.
@@ -139,12 +112,6 @@ class ListenerConfig:
     http: HttpOptions = HttpOptions()
 
 
-@attrs.frozen
-class SinkConfig:
-    type: str
-    name: str
-    path: str | None = None
-    params: dict = attrs.field(factory=dict)
 
 
 DURABILITY_MODES = ("async", "ack")
@@ -625,7 +592,6 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
 
 
 def _audit(v: _Validator, item: Any, path: str) -> AuditConfig | None:
-    from audit.sinks import AUDIT_KEYS, validate_sink
 
     d = v.obj(item, path)
     if d is None:

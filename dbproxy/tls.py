@@ -11,7 +11,7 @@ import ssl
 
 import trio
 
-from .config import BackendTLS, ListenerTLS
+from .configtypes import BackendTLS, ListenerTLS
 from .errors import UpstreamError
 
 

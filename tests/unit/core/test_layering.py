@@ -137,3 +137,44 @@ def test_audit_imports_no_engine():
         if _is_engine(module)
     ]
     assert not found, "the audit side imports engines:\n" + "\n".join(sorted(set(found)))
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def test_no_import_cycles():
+    """No cycle of imports among the project's modules, lazy imports included (the config ↔
+    audit sinks ↔ TLS cycle is gone: they share ``dbproxy.configtypes``).  A package's
+    ``__init__`` importing its own submodules is not a cycle."""
+    files = [*CORE, *AUDIT, *(p for e in ENGINES for p in e.rglob("*.py"))]
+    modules = {_module_name(p): p for p in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for module, _, _ in _imports(path):
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module and module != name and not module.startswith(name + ".") and not name.startswith(module + "."):
+                targets.add(module)
+        graph[name] = targets
+    cycles, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
