@@ -11,7 +11,8 @@ import trio.testing
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, RemoteProtocolError
-from dbproxy.sansio import NEED_DATA, Pipeline, Verdict, reply, replace
+from dbproxy.pipeline import Pipeline
+from dbproxy.sansio import NEED_DATA, Verdict, reply, replace
 
 
 @attrs.frozen

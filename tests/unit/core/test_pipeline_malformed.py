@@ -14,7 +14,8 @@ import trio
 
 from audit import events as ev
 from dbproxy.errors import MalformedMessage, RemoteProtocolError
-from dbproxy.sansio import NEED_DATA, Pipeline
+from dbproxy.pipeline import Pipeline
+from dbproxy.sansio import NEED_DATA
 from tests.unit.core.test_pipeline import LengthDecoder, Recv, frame
 
 
