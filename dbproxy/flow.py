@@ -32,7 +32,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from .access import TooManyConnections, audit_denial
+from .access import audit_denial
 from .channel import MessageStream, PeerClosed
 from .errors import AccessDenied, ProtocolError, ProxyError, UpstreamError
 from .pipeline import Pipeline
@@ -307,5 +307,5 @@ def _upstream(engine: Any, request: Request, exc: UpstreamError, session: Any) -
     return engine.upstream_refused(request, exc)
 
 
-__all__ = ["Backend", "CONNECT_TIMEOUT", "Refused", "Request", "TooManyConnections", "Wiring", "refuse_session",
+__all__ = ["Backend", "BackendTimeout", "CONNECT_TIMEOUT", "Refused", "Request", "Wiring", "refuse_session",
            "run_session", "send_quietly"]
