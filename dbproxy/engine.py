@@ -1,10 +1,13 @@
 """The engine interface and the explicit engine registry.
 
 One Engine per protocol (Teleport's shape): the server hands it each accepted
-client stream with a ``Session``; the engine does the protocol's handshake
-(startup, TLS upgrade, proxy-owned backend authentication), then runs the
-session's ``Pipeline`` and returns when the session is over.  Errors for the
-client are rendered in the client's own wire format by the engine.
+client stream with a ``Session``; ``handle_connection`` runs the core's
+session flow (``dbproxy.flow.run_session``), which calls the engine's hooks —
+``new_request``/``handshake`` (the client's protocol hello), ``identify``,
+``check_route``, ``connect_backend``, ``ready``, ``wiring`` (decoders, stages,
+encoders), ``session_ended`` — and renders every refusal and error through
+``render_error`` in the client's own wire format.  An engine states its
+session ``family`` (database, terminal, desktop, bmc).
 
 Listener kinds (``dbproxy.listen``): an engine lists the kinds it serves in
 ``listener_kinds`` (default ``("tcp",)``) and implements the matching entry:
@@ -25,11 +28,15 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import attrs
 
 from .config import ListenerConfig, RouteConfig
+from .errors import AccessDenied, ProxyError, UpstreamError
+
+if TYPE_CHECKING:
+    from . import flow
 
 log = logging.getLogger("dbproxy.engine")
 
@@ -55,6 +62,10 @@ class Engine:
     protocol: ClassVar[str] = ""
     # Which listener kinds (dbproxy.config.LISTENER_KINDS) this engine serves; the config refuses others.
     listener_kinds: ClassVar[tuple[str, ...]] = ("tcp",)
+    family: ClassVar[str] = "database"
+    # True: the client proves who it is inside the pipeline (Mongo's SASL commands); the core
+    # then neither authorizes at connect nor emits the session start (the engine's gate does).
+    identifies_in_band: ClassVar[bool] = False
     match_keys: ClassVar[tuple[str, ...]] = ()
     auth_methods: ClassVar[tuple[str, ...]] = ()
     password_methods: ClassVar[tuple[str, ...]] = ()
@@ -68,6 +79,8 @@ class Engine:
         self.listener = listener
         self.services = services
         self.max_message_size = listener.max_message_size or self.default_max_message_size
+        # Identity and access for this listener (None: no identity/roles/limits configured).
+        self.access = services.access.listener(listener.name) if services.access is not None else None
 
     def select_route(self, requested: dict[str, str]) -> RouteConfig | None:
         """First route whose every glob matches what the client asked for (case-sensitive)."""
@@ -89,8 +102,76 @@ class Engine:
         if session.audit is not None:
             session.audit.on_session_start(success=False, error=what, timeout_seconds=self.handshake_timeout, **fields)
 
-    async def handle_connection(self, session: Any, stream: Any) -> None:  # pragma: no cover - interface
+    # -- the session flow (dbproxy.flow) --------------------------------------------
+    async def handle_connection(self, session: Any, stream: Any) -> None:
+        from .flow import run_session  # the engine registry stays importable without trio
+
+        session.family = self.family
+        await run_session(self, session, stream)
+
+    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
+        """Turn a client away before any session (audit unavailable): handshake, then ``unavailable``."""
+        from .flow import refuse_session
+
+        session.family = self.family
+        await refuse_session(self, session, stream, reason)
+
+    def new_request(self, session: Any, stream: Any) -> "flow.Request":  # pragma: no cover - interface
+        """The client side of a new connection: a ``Request`` with its ``MessageStream``."""
         raise NotImplementedError
+
+    async def handshake(self, session: Any, request: "flow.Request") -> bool:  # pragma: no cover - interface
+        """The client's protocol hello (TLS upgrade, startup); fills ``request``.  False: no session
+        (a cancel request, a refused TLS handshake).  Runs under the handshake timeout."""
+        raise NotImplementedError
+
+    async def identify(self, session: Any, request: "flow.Request") -> None:
+        """The client proves who it is (sets ``session.identity``); raise ``flow.Refused`` to turn it away."""
+
+    def check_route(self, session: Any, request: "flow.Request", route: RouteConfig) -> None:
+        """Engine-specific conditions of a chosen route; raise ``flow.Refused``."""
+
+    async def connect_backend(self, session: Any, request: "flow.Request", route: RouteConfig,
+                              grant: Any) -> "flow.Backend":  # pragma: no cover - interface
+        """Log in to the backend with the route's credential (raises UpstreamError / ``flow.Refused``)."""
+        raise NotImplementedError
+
+    async def ready(self, session: Any, request: "flow.Request", backend: "flow.Backend") -> None:
+        """Tell the client it is in (after the session start is audited)."""
+
+    def wiring(self, session: Any, request: "flow.Request", backend: "flow.Backend",
+               grant: Any) -> "flow.Wiring":  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def session_ended(self, session: Any, request: "flow.Request", backend: "flow.Backend",
+                            wiring: "flow.Wiring", pipeline: Any) -> dict:
+        """After the pipeline: last words to the client; returns the end event's engine fields."""
+        return {}
+
+    def render_error(self, request: "flow.Request", exc: ProxyError) -> bytes:  # pragma: no cover - interface
+        """Any ProxyError (a ``flow.Refused``, a ProtocolError…) in the client's wire format."""
+        raise NotImplementedError
+
+    def no_route(self, request: "flow.Request") -> "flow.Refused":
+        from .flow import Refused
+
+        return Refused(f"no route on listener {self.listener.name} for {request.keys!r}")
+
+    def denied(self, session: Any, request: "flow.Request", exc: AccessDenied) -> "flow.Refused":
+        """The refusal for a role that does not allow the route, or a connection limit."""
+        from .flow import Refused
+
+        return Refused(str(exc))
+
+    def upstream_refused(self, request: "flow.Request", exc: UpstreamError) -> "flow.Refused":
+        from .flow import Refused
+
+        return Refused(str(exc), client_message=exc.client_hint)
+
+    def unavailable(self, request: "flow.Request", reason: str) -> "flow.Refused":
+        from .flow import Refused
+
+        return Refused(reason)
 
 
 class EngineRegistry:

@@ -77,12 +77,12 @@ from typing import Any
 import attrs
 import trio
 
-from dbproxy.access import TooManyConnections, audit_denial
-from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.access import TooManyConnections
+from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
 from dbproxy.errors import AccessDenied, BufferBudgetExceeded, FrameTooLarge, MessageTimeout, ProtocolError, ProxyError, UpstreamError
+from dbproxy.flow import Backend, Refused, Request, Wiring, send_quietly
 from dbproxy.identity import AuthFailed
-from dbproxy.pipeline import Pipeline
 from dbproxy.session import Identity
 from dbproxy.tls import server_context
 
@@ -95,7 +95,6 @@ from .stages import CqlSessionState, PreparedCache, RequestAudit, ResponseAudit
 
 log = logging.getLogger("dbproxy.cassandra")
 
-CONNECT_TIMEOUT = 15.0
 TLS_HANDSHAKE_RECORD = 0x16
 
 CLIENT_AUTH_MODES = ("password", "none")
@@ -115,22 +114,22 @@ TLS_REQUIRED = "this port requires TLS: connect to the proxy with TLS (cqlsh --s
 
 @attrs.define(eq=False)
 class _Hello:
-    version: int
-    options: dict
-    compression: str | None
-    reply_stream: int  # where AUTH_SUCCESS / READY / the refusal go
-    user: str | None  # the user name the client logged in with (None: it sent no credentials)
-    authenticated: bool  # AUTHENTICATE was sent: the client waits for AUTH_SUCCESS, not READY
+    """The engine's part of a ``Request``: what the handshake and the client's login settled."""
+
+    wire: "_ClientWire"
+    version: int = 0
+    options: dict = attrs.field(factory=dict)
+    compression: str | None = None
+    reply_stream: int = 0  # where AUTHENTICATE / AUTH_SUCCESS / READY / a refusal go: the last frame's stream
+    user: str | None = None  # the user name the client logged in with (None: it sent no credentials)
+    authenticated: bool = False  # AUTHENTICATE was sent: the client waits for AUTH_SUCCESS, not READY
+    policy: Any = None  # the statement policy stage, when the grant has rules
 
 
-class _Refused(Exception):
-    """The client is turned away during the handshake: CQL ``code``/``message``, audit ``cause``."""
-
-    def __init__(self, code: int, message: str, cause: AccessDenied) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.cause = cause
+def _auth_refused(message: str, cause: AccessDenied) -> Refused:
+    """The client's credentials are refused during the handshake: AUTH_ERROR, audited as a denial."""
+    code = F.ErrorCode.AUTH_ERROR
+    return Refused(message, code=code, fields={"error_code": code}, cause=cause, stage="authenticate")
 
 
 class _ClientWire:
@@ -162,15 +161,6 @@ class _ClientWire:
     async def send(self, data: bytes) -> None:
         await self.channel.send(data)
 
-    async def send_quietly(self, data: bytes) -> None:
-        if not data:
-            return
-        with trio.move_on_after(5):
-            try:
-                await self.channel.send(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-
 
 class CassandraEngine(Engine):
     protocol = "cassandra"
@@ -189,8 +179,6 @@ class CassandraEngine(Engine):
         self.client_auth = options.get("client_auth", "password")
         self.expected_user = options.get("expected_user")
         self.prepared: PreparedCache = services.extras.setdefault("cassandra.prepared", PreparedCache())
-        # Identity and access for this listener (None: no identity/roles/limits configured).
-        self.access = services.access.listener(listener.name) if services.access is not None else None
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -253,120 +241,23 @@ class CassandraEngine(Engine):
         if client_auth == "none" and needs_user:
             v.err(f"{path}.options.client_auth", "\"password\": routes match on \"user\" or expected_user is set, which needs the client's user name")
 
-    # ------------------------------------------------------------------ session
-    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
-        """Turn a client away before any session (e.g. audit unavailable): answer OPTIONS
-        as usual, then SERVER_ERROR with ``reason`` on its STARTUP (or first request)."""
-        if self.ssl_context is not None:
-            stream = await self._client_tls(session, stream)
-            if stream is None:
-                return
+    # ------------------------------------------------------------------ session flow hooks (dbproxy.flow)
+    def new_request(self, session: Any, stream: Any) -> Request:
         channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size),
                                 budget=self.services.buffers)
-        wire = _ClientWire(channel)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                while True:
-                    frame = await channel.receive()
-                    self._check_version(frame, wire)
-                    if frame.opcode != F.Opcode.OPTIONS:
-                        break
-                    await wire.send(F.encode_supported(frame.version, frame.stream, SUPPORTED_OPTIONS))
-        except (trio.TooSlowError, PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
-        except ProtocolError as exc:
-            await wire.send_quietly(wire.protocol_error(exc))
-            return
-        await wire.send_quietly(wire.error(frame.stream, F.ErrorCode.SERVER_ERROR, reason))
+        return Request(channel, extra=_Hello(_ClientWire(channel)))
 
-    async def handle_connection(self, session: Any, stream: Any) -> None:
-        if self.ssl_context is not None:
-            stream = await self._client_tls(session, stream)
-            if stream is None:
-                return
-        channel = MessageStream(stream, CqlDecoder("client", max_message_size=self.max_message_size),
-                                budget=self.services.buffers)
-        wire = _ClientWire(channel)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                hello = await self._client_hello(session, channel, wire)
-        except trio.TooSlowError:
-            self.handshake_timed_out(session, "client handshake timed out")
-            return
-        except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
-        except ProtocolError as exc:
-            log.info("session %s: client protocol error during handshake: %s", session.id, exc)
-            await wire.send_quietly(wire.protocol_error(exc))
-            return
-        if hello is None:
-            return
-        await self._run_session(session, wire, hello)
-
-    async def _client_tls(self, session: Any, stream: Any) -> Any:
-        sock = getattr(stream, "socket", None)
-        if sock is not None:
-            first = b""
-            with trio.move_on_after(self.handshake_timeout) as waiting:
-                try:
-                    first = await sock.recv(1, socket_module.MSG_PEEK)
-                except OSError:
-                    return None
-            if waiting.cancelled_caught:
-                self.handshake_timed_out(session, "client sent nothing in time")
-                return None
-            if not first:
-                return None
-            if first[0] != TLS_HANDSHAKE_RECORD:
-                await self._refuse_plaintext(session, stream)
-                return None
-        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                await tls.do_handshake()
-        except trio.TooSlowError:
-            self.handshake_timed_out(session, "client TLS handshake timed out")
-            return None
-        except trio.BrokenResourceError as exc:
-            log.info("session %s: client TLS handshake failed: %s", session.id, getattr(exc, "__cause__", None) or exc)
-            return None
-        session.details["client_tls"] = True
-        return tls
-
-    async def _refuse_plaintext(self, session: Any, stream: Any) -> None:
-        header = b""
-        with trio.move_on_after(5):
-            try:
-                while len(header) < F.HEADER_SIZE:
-                    chunk = await stream.receive_some(F.HEADER_SIZE - len(header))
-                    if not chunk:
-                        break
-                    header += chunk
-            except (trio.BrokenResourceError, OSError):
-                return
-        if len(header) < 4:
-            return
-        version = header[0] & F.VERSION_MASK
-        stream_id = int.from_bytes(header[2:3] if version in F.LEGACY_VERSIONS else header[2:4], "big", signed=True)
-        log.info("session %s: plaintext CQL on a TLS listener refused", session.id)
-        reply = F.encode_error(F.reply_version_for(version), stream_id, F.ErrorCode.PROTOCOL_ERROR, TLS_REQUIRED)
-        with trio.move_on_after(5):
-            try:
-                await stream.send_all(reply)
-            except (trio.BrokenResourceError, OSError):
-                pass
-
-    def _check_version(self, frame: F.Frame, wire: _ClientWire) -> None:
-        if wire.version is None:
-            wire.version = frame.version
-        elif frame.version != wire.version:
-            message = f"Invalid message version. Got {frame.version} but previous messages on this connection had version {wire.version}"
-            raise F.CqlProtocolError(message, stream=frame.stream, version=wire.version)
-
-    async def _client_hello(self, session: Any, channel: MessageStream, wire: _ClientWire) -> _Hello | None:
+    async def handshake(self, session: Any, request: Request) -> bool:
+        """Listener TLS, then OPTIONS / STARTUP (the client's version, compression, driver)."""
+        if self.ssl_context is not None and not await self._client_tls(session, request):
+            return False
+        request.waiting_for = "client handshake timed out"
+        channel, hello = request.client, request.extra
+        wire = hello.wire
         while True:
             frame = await channel.receive()
             self._check_version(frame, wire)
+            hello.reply_stream = frame.stream
             if frame.opcode == F.Opcode.OPTIONS:
                 await wire.send(F.encode_supported(frame.version, frame.stream, SUPPORTED_OPTIONS))
                 continue
@@ -395,34 +286,87 @@ class CassandraEngine(Engine):
         for key in ("DRIVER_NAME", "DRIVER_VERSION", "APPLICATION_NAME", "CLIENT_ID"):
             if options.get(key):
                 details[key.lower()] = options[key]
-
-        segments = version >= F.FIRST_SEGMENT_VERSION
-        decoder = channel.decoder
-        if segments:
-            decoder.set_framing("segments", compression)
+        if version >= F.FIRST_SEGMENT_VERSION:
+            channel.decoder.set_framing("segments", compression)
         elif compression:
-            decoder.set_framing("frames", compression)
+            channel.decoder.set_framing("frames", compression)
             wire.compression = compression
+        hello.version, hello.options, hello.compression = version, options, compression
+        request.start_fields = self._start_fields(session)
+        return True
 
+    async def _client_tls(self, session: Any, request: Request) -> bool:
+        stream = request.client.stream
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            request.waiting_for = "client sent nothing in time"
+            try:
+                first = await sock.recv(1, socket_module.MSG_PEEK)
+            except OSError:
+                return False
+            if not first:
+                return False
+            if first[0] != TLS_HANDSHAKE_RECORD:
+                await self._refuse_plaintext(session, stream)
+                return False
+        request.waiting_for = "client TLS handshake timed out"
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
         try:
-            authenticator, identity, mechanism = self._client_auth_plan(session, channel.stream)
-        except _Refused as refused:
-            await self._deny(session, wire, frame.stream, refused, stage="authenticate")
-            return None
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            log.info("session %s: client TLS handshake failed: %s", session.id, getattr(exc, "__cause__", None) or exc)
+            return False
+        session.details["client_tls"] = True
+        request.client.stream = tls
+        return True
+
+    async def _refuse_plaintext(self, session: Any, stream: Any) -> None:
+        header = b""
+        with trio.move_on_after(5):
+            try:
+                while len(header) < F.HEADER_SIZE:
+                    chunk = await stream.receive_some(F.HEADER_SIZE - len(header))
+                    if not chunk:
+                        break
+                    header += chunk
+            except (trio.BrokenResourceError, OSError):
+                return
+        if len(header) < 4:
+            return
+        version = header[0] & F.VERSION_MASK
+        stream_id = int.from_bytes(header[2:3] if version in F.LEGACY_VERSIONS else header[2:4], "big", signed=True)
+        log.info("session %s: plaintext CQL on a TLS listener refused", session.id)
+        await send_quietly(stream, F.encode_error(F.reply_version_for(version), stream_id, F.ErrorCode.PROTOCOL_ERROR, TLS_REQUIRED))
+
+    def _check_version(self, frame: F.Frame, wire: _ClientWire) -> None:
+        if wire.version is None:
+            wire.version = frame.version
+        elif frame.version != wire.version:
+            message = f"Invalid message version. Got {frame.version} but previous messages on this connection had version {wire.version}"
+            raise F.CqlProtocolError(message, stream=frame.stream, version=wire.version)
+
+    async def identify(self, session: Any, request: Request) -> None:
+        """The client's credentials (``_client_auth_plan``): AUTHENTICATE and its SASL exchange."""
+        channel, hello = request.client, request.extra
+        wire, version = hello.wire, hello.version
+        authenticator, identity, mechanism = self._client_auth_plan(session, channel.stream)
         session.details["client_auth"] = mechanism
+        request.start_fields = self._start_fields(session)
         if identity is not None:
             session.identity = identity
         if authenticator is None:
-            user = identity.user if identity is not None and mechanism == "mtls" else None
-            return _Hello(version, options, compression, frame.stream, user, False)
+            hello.user = identity.user if identity is not None and mechanism == "mtls" else None
+            self._requested(session, request)
+            return
         await wire.send(
-            F.encode_authenticate(version, frame.stream, authenticator.authenticator_class, compressor=wire.compression)
+            F.encode_authenticate(version, hello.reply_stream, authenticator.authenticator_class, compressor=wire.compression)
         )
-        if segments:
-            wire.encoder.set_framing("segments", compression)
+        if version >= F.FIRST_SEGMENT_VERSION:
+            wire.encoder.set_framing("segments", hello.compression)
         while True:
             frame = await channel.receive()
             self._check_version(frame, wire)
+            hello.reply_stream = frame.stream
             if frame.opcode != F.Opcode.AUTH_RESPONSE:
                 name = F.Opcode(frame.opcode).name
                 raise F.CqlProtocolError(f"Unexpected message {name}, expecting SASL response", stream=frame.stream, version=version)
@@ -430,22 +374,30 @@ class CassandraEngine(Engine):
             try:
                 step = authenticator.step(token)
             except ClientAuthFailed as exc:
-                log.info("session %s: client authentication failed: %s", session.id, exc.cause or exc)
                 if exc.cause is not None:
                     session.identity = Identity(user="unauthenticated", method="token")
-                    audit_denial(session, exc.cause, stage="authenticate", **self._start_fields(session))
-                session.audit.on_session_start(
-                    success=False, error=f"client authentication refused: {exc.cause or exc}", error_code=F.ErrorCode.AUTH_ERROR,
-                    **self._start_fields(session),
-                )
-                await wire.send_quietly(wire.error(frame.stream, F.ErrorCode.AUTH_ERROR, str(exc)))
-                return None
+                raise Refused(f"client authentication refused: {exc.cause or exc}", client_message=str(exc),
+                              code=F.ErrorCode.AUTH_ERROR, fields={"error_code": F.ErrorCode.AUTH_ERROR},
+                              cause=exc.cause, stage="authenticate" if exc.cause is not None else None) from None
             if step.done:
                 session.details["requested_user"] = step.user
                 if step.identity is not None:
                     session.identity = step.identity
-                return _Hello(version, options, compression, frame.stream, step.user, True)
+                hello.user, hello.authenticated = step.user, True
+                self._requested(session, request)
+                return
             await wire.send(wire.encoder(F.encode_auth_challenge(version, frame.stream, step.challenge, compressor=wire.compression)))
+
+    def _requested(self, session: Any, request: Request) -> None:
+        hello = request.extra
+        options = hello.options
+        request.login = hello.user
+        request.keys = {
+            "user": hello.user or "",
+            "driver_name": options.get("DRIVER_NAME", ""),
+            "driver_version": options.get("DRIVER_VERSION", ""),
+        }
+        request.start_fields = self._start_fields(session)
 
     def _client_auth_plan(self, session: Any, stream: Any) -> tuple[ClientAuthenticator | None, Any, str]:
         """(authenticator for AUTH_RESPONSE or None, identity known already, mechanism name).
@@ -467,47 +419,24 @@ class CassandraEngine(Engine):
             try:
                 identity = acc.certificate_identity(stream)
             except AuthFailed as exc:
-                raise _Refused(F.ErrorCode.AUTH_ERROR, "certificate authentication failed", exc) from None
+                raise _auth_refused("certificate authentication failed", exc) from None
             if identity is not None:
                 return None, identity, "mtls"
         if acc.token:
             if self.ssl_context is not None:
                 return TokenClientAuthenticator(acc), None, "token"
             if "anonymous" not in methods:
-                raise _Refused(
-                    F.ErrorCode.AUTH_ERROR,
+                raise _auth_refused(
                     "token authentication needs an encrypted connection to the proxy (a TLS listener; cqlsh --ssl)",
                     AuthFailed("token method on a listener without TLS: a CQL password travels in cleartext", reason="method_unavailable"),
                 )
         if "anonymous" in methods:
             auth = client_authenticator(self.client_auth)
             return auth, acc.anonymous(), "anonymous"
-        raise _Refused(
-            F.ErrorCode.AUTH_ERROR,
+        raise _auth_refused(
             "connection requires a valid client certificate",
             AuthFailed("no verified client certificate on an mtls listener", reason="certificate_missing"),
         )
-
-    async def _deny(self, session: Any, wire: _ClientWire, stream: int, refused: _Refused, *, stage: str) -> None:
-        log.info("session %s: %s", session.id, refused.cause)
-        audit_denial(session, refused.cause, stage=stage, **self._start_fields(session))
-        session.audit.on_session_start(
-            success=False, error=refused.message, error_code=refused.code, reason=refused.cause.reason, **self._start_fields(session)
-        )
-        await wire.send_quietly(wire.error(stream, refused.code, refused.message))
-
-    def _authorize(self, session: Any, route: Any) -> Any:
-        """The session's Grant (RBAC at connect, connection limits); raises ``_Refused``."""
-        identity = session.identity
-        try:
-            grant = self.access.authorize(identity, route=route.name, database=None, db_user=session.db_user)
-        except AccessDenied as exc:
-            raise _Refused(F.ErrorCode.UNAUTHORIZED, f"User {identity.user} has no role allowing route {route.name}", exc) from None
-        try:
-            self.access.admit(session)
-        except TooManyConnections as exc:
-            raise _Refused(F.ErrorCode.OVERLOADED, "too many connections through this proxy listener for this user", exc) from None
-        return grant
 
     def _start_fields(self, session: Any) -> dict:
         d = session.details
@@ -532,9 +461,38 @@ class CassandraEngine(Engine):
                 return f"user \"{user}\" is not allowed through this proxy ({where} expects \"{glob}\")"
         return None
 
-    async def _refuse(self, session: Any, wire: _ClientWire, hello: _Hello, code: int, client_message: str, error: str, **extra: Any) -> None:
-        session.audit.on_session_start(success=False, error=error, error_code=code, **extra, **self._start_fields(session))
-        await wire.send_quietly(wire.error(hello.reply_stream, code, client_message))
+    def no_route(self, request: Request) -> Refused:
+        keys = request.keys
+        message = f"no route for user \"{keys['user']}\" (driver \"{keys['driver_name']}\") on listener {self.listener.name}"
+        return Refused(message, code=F.ErrorCode.AUTH_ERROR, fields={"error_code": F.ErrorCode.AUTH_ERROR})
+
+    def check_route(self, session: Any, request: Request, route: Any) -> None:
+        refusal = self._user_refusal(route, request.login)
+        if refusal is not None:
+            raise Refused(refusal, code=F.ErrorCode.AUTH_ERROR, fields={"error_code": F.ErrorCode.AUTH_ERROR})
+
+    def denied(self, session: Any, request: Request, exc: AccessDenied) -> Refused:
+        if isinstance(exc, TooManyConnections):
+            code, message = F.ErrorCode.OVERLOADED, "too many connections through this proxy listener for this user"
+        else:
+            code, message = F.ErrorCode.UNAUTHORIZED, f"User {session.identity.user} has no role allowing route {request.route.name}"
+        return Refused(message, code=code, fields={"error_code": code})
+
+    def upstream_refused(self, request: Request, exc: UpstreamError) -> Refused:
+        code, message = self._upstream_reply(exc)
+        fields = {"error_code": code, "backend_error_kind": exc.kind}
+        if isinstance(exc, BackendRefused):
+            fields["backend_error_code"] = exc.code
+        return Refused(str(exc), client_message=message, code=code, fields=fields)
+
+    def unavailable(self, request: Request, reason: str) -> Refused:
+        return Refused(reason, code=F.ErrorCode.SERVER_ERROR)
+
+    def render_error(self, request: Request, exc: ProxyError) -> bytes:
+        hello = request.extra
+        if isinstance(exc, Refused):
+            return hello.wire.error(hello.reply_stream, exc.code, exc.client_message)
+        return hello.wire.protocol_error(exc)
 
     @staticmethod
     def _upstream_reply(exc: UpstreamError) -> tuple[int, str]:
@@ -548,118 +506,53 @@ class CassandraEngine(Engine):
             return F.ErrorCode.AUTH_ERROR, exc.client_hint
         return F.ErrorCode.SERVER_ERROR, exc.client_hint
 
-    async def _run_session(self, session: Any, wire: _ClientWire, hello: _Hello) -> None:
-        audit = session.audit
-        user = hello.user
-        options = hello.options
-        start_extra: dict[str, Any] = {}
-        requested = {
-            "user": user or "",
-            "driver_name": options.get("DRIVER_NAME", ""),
-            "driver_version": options.get("DRIVER_VERSION", ""),
-        }
-        route = self.select_route(requested)
-        if route is None:
-            message = f"no route for user \"{user or ''}\" (driver \"{requested['driver_name']}\") on listener {self.listener.name}"
-            session.db_user = user
-            await self._refuse(session, wire, hello, F.ErrorCode.AUTH_ERROR, message, message)
-            return
-        session.route_name = route.name
-        session.backend_addr = route.backend.address
-        session.db_user = route.backend.user or user
-        refusal = self._user_refusal(route, user)
-        if refusal is not None:
-            await self._refuse(session, wire, hello, F.ErrorCode.AUTH_ERROR, refusal, refusal)
-            return
-        grant = None
-        if self.access is not None:
-            try:
-                grant = self._authorize(session, route)
-            except _Refused as refused:
-                await self._deny(session, wire, hello.reply_stream, refused, stage="connect")
-                return
-            start_extra["granted_roles"] = list(grant.roles)
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                link = await open_backend(
-                    route,
-                    version=hello.version,
-                    options=options,
-                    compression=hello.compression,
-                    max_message_size=max(self.max_message_size, F.DEFAULT_MAX_MESSAGE_SIZE),
-                    credentials=self.services.credentials,
-                )
-        except (UpstreamError, trio.TooSlowError) as exc:
-            if isinstance(exc, trio.TooSlowError):
-                exc = UpstreamError(
-                    f"backend {route.backend.address} did not complete login within {CONNECT_TIMEOUT:.0f}s",
-                    kind="connect",
-                    client_hint=f"the backend database at {route.backend.address} did not answer in time",
-                )
-            code, message = self._upstream_reply(exc)
-            log.warning("session %s: %s", session.id, exc)
-            extra = {"backend_error_kind": exc.kind}
-            if isinstance(exc, BackendRefused):
-                extra["backend_error_code"] = exc.code
-            await self._refuse(session, wire, hello, code, message, str(exc), **extra)
-            return
+    async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
+        hello = request.extra
+        link = await open_backend(
+            route,
+            version=hello.version,
+            options=hello.options,
+            compression=hello.compression,
+            max_message_size=max(self.max_message_size, F.DEFAULT_MAX_MESSAGE_SIZE),
+            credentials=self.services.credentials,
+        )
+        return Backend(link.stream, link.decoder, link.encoder, link=link, start_fields={
+            "backend_tls": link.tls,
+            "backend_auth": route.backend.auth.method,
+            "backend_auth_mechanism": link.mechanism,
+            "backend_authenticator": link.authenticator_class,
+        })
 
-        version = hello.version
-        state = CqlSessionState(backend=route.backend.address, prepared=self.prepared, session=session, version=version)
-        try:
-            audit.on_session_start(
-                success=True,
-                backend_tls=link.tls,
-                backend_auth=route.backend.auth.method,
-                backend_auth_mechanism=link.mechanism,
-                backend_authenticator=link.authenticator_class,
-                **start_extra,
-                **self._start_fields(session),
-            )
-            if hello.authenticated:
-                await wire.send(wire.encoder(F.encode_auth_success(version, hello.reply_stream, None, compressor=wire.compression)))
-            else:
-                await wire.send(F.encode_ready(version, hello.reply_stream, compressor=wire.compression))
-                if version >= F.FIRST_SEGMENT_VERSION:
-                    wire.encoder.set_framing("segments", hello.compression)
-            client_stages: list = [RequestAudit(state, audit, compressor=wire.compression)]
-            policy = CqlPolicy(state, grant, session, audit, compressor=wire.compression) if needs_policy(grant) else None
-            if policy is not None:
-                client_stages.append(policy)
-            pipeline = Pipeline(
-                session=session,
-                client=wire.channel.stream,
-                backend=link.stream,
-                client_decoder=wire.channel.decoder,
-                backend_decoder=link.decoder,
-                client_stages=client_stages,
-                backend_stages=[ResponseAudit(state, audit)],
-                state=state,
-                to_client_encoder=wire.encoder,
-                to_backend_encoder=link.encoder,
-                client_error=functools.partial(self._pipeline_error, wire, state),
-                flush_audit=audit.flush,
-                buffers=self.services.buffers,
-            )
-            await pipeline.run()
-            reason = pipeline.end_reason or "closed"
-            if reason.startswith("backend") and state.pending:
-                await wire.send_quietly(self._fail_pending(wire, state, BACKEND_LOST))
-            c2b, b2c = pipeline.statistics()
-            session.details["end_reason"] = reason
-            session.details["end_fields"] = {
-                "requests": state.requests,
-                "errors": state.errors,
-                "events": state.events,
-                "bytes_from_client": c2b.bytes_in,
-                "bytes_to_client": b2c.bytes_out,
-            }
-            if policy is not None:
-                session.details["end_fields"]["refused"] = policy.denied
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            session.details["end_reason"] = f"client connection lost: {exc.__class__.__name__}"
-        finally:
-            await link.aclose()
+    async def ready(self, session: Any, request: Request, backend: Backend) -> None:
+        hello = request.extra
+        wire, version = hello.wire, hello.version
+        if hello.authenticated:
+            await wire.send(wire.encoder(F.encode_auth_success(version, hello.reply_stream, None, compressor=wire.compression)))
+        else:
+            await wire.send(F.encode_ready(version, hello.reply_stream, compressor=wire.compression))
+            if version >= F.FIRST_SEGMENT_VERSION:
+                wire.encoder.set_framing("segments", hello.compression)
+
+    def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
+        audit, hello = session.audit, request.extra
+        wire = hello.wire
+        state = CqlSessionState(backend=session.backend_addr, prepared=self.prepared, session=session, version=hello.version)
+        client_stages: list = [RequestAudit(state, audit, compressor=wire.compression)]
+        if needs_policy(grant):
+            hello.policy = CqlPolicy(state, grant, session, audit, compressor=wire.compression)
+            client_stages.append(hello.policy)
+        return Wiring(request.client.decoder, backend.decoder, client_stages, [ResponseAudit(state, audit)], state,
+                      functools.partial(self._pipeline_error, wire, state),
+                      to_client_encoder=wire.encoder, to_backend_encoder=backend.encoder)
+
+    async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
+        hello, state = request.extra, wiring.state
+        if session.details["end_reason"].startswith("backend") and state.pending:
+            await send_quietly(request.client.stream, self._fail_pending(hello.wire, state, BACKEND_LOST))
+        fields = {"requests": state.requests, "errors": state.errors, "events": state.events}
+        if hello.policy is not None:
+            fields["refused"] = hello.policy.denied
+        return fields
 
     @staticmethod
     def _fail_pending(wire: _ClientWire, state: CqlSessionState, message: str) -> bytes:

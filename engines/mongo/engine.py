@@ -56,11 +56,11 @@ from typing import Any
 import attrs
 import trio
 
-from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout, ProtocolError, ProxyError, UpstreamError
+from dbproxy.flow import Backend, BackendTimeout, Refused, Request, Wiring, send_quietly
 from dbproxy.identity import AuthFailed
-from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
 from . import scram, wire
@@ -82,7 +82,6 @@ from .stages import (
 
 log = logging.getLogger("dbproxy.mongo")
 
-CONNECT_TIMEOUT = 15.0
 LISTENER_OPTIONS = {"client_auth", "client_password_file", "client_password_env", "compressors"}
 #: Options of the listener policies for client credentials, which identity mode replaces.
 LEGACY_AUTH_OPTIONS = ("client_auth", "client_password_file", "client_password_env")
@@ -190,6 +189,8 @@ class MongoEngine(Engine):
     max_message_size_limit = wire.DEFAULT_MAX_MESSAGE_SIZE
     max_message_size_limit_source = "maxMessageSizeBytes, 48000000 bytes"
     client_auth_methods = ("token", "mtls", "anonymous")
+    # The client's SASL commands run in the pipeline (policy.MongoAccess authorizes and starts the session).
+    identifies_in_band = True
     #: The token registry also records a SCRAM-SHA-1 verifier of Mongo's digest of each token.
     scram_flavours = (scram.MONGO_SHA_1,)
 
@@ -199,8 +200,6 @@ class MongoEngine(Engine):
         options = listener.options or {}
         self.client_auth = ClientAuthPolicy.from_options(options)
         self.compressors = tuple(options.get("compressors", SUPPORTED_COMPRESSORS))
-        # Identity and access for this listener (None: no identity/roles/limits configured).
-        self.access = services.access.listener(listener.name) if services.access is not None else None
         methods = self.access.methods if self.access is not None else ()
         self.identity_mode = "token" in methods or "mtls" in methods
         ignored = [k for k in LEGACY_AUTH_OPTIONS if k in options]
@@ -267,108 +266,106 @@ class MongoEngine(Engine):
             if isinstance(auth, dict) and auth.get("method") in cls.password_methods and not b.get("user"):
                 v.err(bp, f"a \"user\" for auth method {auth.get('method')}")
 
-    # -- session ----------------------------------------------------------------
-    async def handle_connection(self, session: Any, stream: Any) -> None:
-        opened = await self._open_client(session, stream)
-        if opened is not None:
-            await self._run_session(session, *opened)
+    # -- the session flow's hooks (dbproxy.flow) -----------------------------------
+    def new_request(self, session: Any, stream: Any) -> Request:
+        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
+        return Request(MessageStream(stream, decoder, budget=self.services.buffers), extra={})
 
-    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
-        """Turn a client away before any session (e.g. the audit is unavailable, fail-closed):
-        answer its first request with ``ok: 0`` and the reason, then close."""
-        opened = await self._open_client(session, stream)
-        if opened is not None:
-            client, first = opened
-            await self._refuse(client, first, UNAUTHORIZED, f"dbproxy: {reason}")
-
-    async def _open_client(self, session: Any, stream: Any) -> tuple[MessageStream, wire.WireMessage] | None:
-        """Listener TLS, then the client's first message (None: nothing to serve, already answered)."""
+    async def handshake(self, session: Any, request: Request) -> bool:
+        """Listener TLS, then the client's first message (its hello: routing facts)."""
+        client = request.client
         if self.ssl_context is not None:
-            tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            request.waiting_for = "client TLS handshake timed out"
+            tls = trio.SSLStream(client.stream, self.ssl_context, server_side=True)
             try:
-                with trio.fail_after(self.handshake_timeout):
-                    await tls.do_handshake()
-            except trio.TooSlowError:
-                self.handshake_timed_out(session, "client TLS handshake timed out")
-                return None
+                await tls.do_handshake()
             except trio.BrokenResourceError as exc:
                 log.info("session %s: client TLS handshake failed: %s", session.id, exc.__cause__ or exc)
                 session.details["end_reason"] = "client TLS handshake failed"
-                return None
-            stream = tls
+                return False
+            client.stream = tls
             session.details["client_tls"] = True
-        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-        client = MessageStream(stream, decoder, budget=self.services.buffers)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                first = await client.receive()
-        except trio.TooSlowError:
-            self.handshake_timed_out(session, "client sent no request in time")
-            return None
-        except PeerClosed:
-            return None
-        except ProtocolError as exc:
-            log.info("session %s: client protocol error in its first message: %s", session.id, exc)
-            session.details["end_reason"] = f"client protocol error: {exc}"
-            await _send_quietly(stream, client_protocol_error_reply(exc))
-            return None
-        except (trio.BrokenResourceError, OSError):
-            return None
-        return client, first
-
-    async def _run_session(self, session: Any, client: MessageStream, first: wire.WireMessage) -> None:
-        audit = session.audit
+        request.waiting_for = "client sent no request in time"
+        first = await client.receive()
         facts = _first_hello(first, self.max_message_size)
         app = facts.get("application_name", "")
         for key in ("application_name", "driver"):
             if facts.get(key):
                 session.details[key] = facts[key]
-        start_fields: dict[str, Any] = {
+        request.keys = {"application_name": app}
+        request.start_fields = {
             "client_tls": bool(session.details.get("client_tls")),
             "application_name": app or None,
             "client_driver": facts.get("driver"),
         }
+        request.extra.update(first=first, facts=facts)
+        return True
+
+    async def identify(self, session: Any, request: Request) -> None:
+        """Only a client certificate is known before the pipeline: the client's SASL commands
+        run in band (``policy.MongoAccess``), so the identity stays PENDING until then."""
         certificate = certificate_error = None
         if self.access is None:
-            start_fields["client_auth"] = self.client_auth.mode
+            request.start_fields["client_auth"] = self.client_auth.mode
         else:
             session.identity = PENDING
             if not self.identity_mode:
-                start_fields["client_auth_policy"] = self.client_auth.mode
+                request.start_fields["client_auth_policy"] = self.client_auth.mode
             try:
-                certificate = self.access.auth.certificate_identity(client.stream)
+                certificate = self.access.auth.certificate_identity(request.client.stream)
             except AuthFailed as exc:
                 certificate_error = exc
             if certificate is not None:
-                start_fields["certificate_subject"] = certificate.user
-        route = self.select_route({"application_name": app})
-        if route is None:
-            msg = f"no route on listener {self.listener.name} for application name {app!r}"
-            audit.on_session_start(success=False, error=msg, code=UNAUTHORIZED, **start_fields)
-            await self._refuse(client, first, UNAUTHORIZED, f"dbproxy: {msg}")
-            return
-        b = route.backend
-        session.route_name = route.name
-        session.backend_addr = b.address
-        session.db_name = b.database
-        session.db_user = b.user
-        backend_max = max(self.max_message_size, wire.DEFAULT_MAX_MESSAGE_SIZE)
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                link = await open_backend(route, client_metadata=facts.get("metadata"), max_message_size=backend_max)
-        except (UpstreamError, trio.TooSlowError) as exc:
-            if isinstance(exc, trio.TooSlowError):
-                code = NETWORK_TIMEOUT
-                detail = f"backend {b.address} did not complete the proxy's login within {CONNECT_TIMEOUT:.0f}s"
-                hint = "the backend database did not answer in time"
-            else:
-                code = AUTHENTICATION_FAILED if exc.kind == "auth" else HOST_UNREACHABLE
-                detail, hint = str(exc), exc.client_hint
-            log.warning("session %s: %s", session.id, detail)
-            audit.on_session_start(success=False, error=detail, code=code, **start_fields)
-            await self._refuse(client, first, code, f"dbproxy could not log in to the backend database {b.address}: {hint}")
-            return
+                request.start_fields["certificate_subject"] = certificate.user
+        request.extra.update(certificate=certificate, certificate_error=certificate_error)
 
+    def no_route(self, request: Request) -> Refused:
+        msg = f"no route on listener {self.listener.name} for application name {request.keys['application_name']!r}"
+        return Refused(msg, client_message=f"dbproxy: {msg}", code=UNAUTHORIZED, fields={"code": UNAUTHORIZED})
+
+    def upstream_refused(self, request: Request, exc: UpstreamError) -> Refused:
+        if isinstance(exc, BackendTimeout):
+            code, hint = NETWORK_TIMEOUT, "the backend database did not answer in time"
+        else:
+            code, hint = (AUTHENTICATION_FAILED if exc.kind == "auth" else HOST_UNREACHABLE), exc.client_hint
+        address = request.route.backend.address
+        return Refused(str(exc), client_message=f"dbproxy could not log in to the backend database {address}: {hint}",
+                       code=code, fields={"code": code})
+
+    def unavailable(self, request: Request, reason: str) -> Refused:
+        return Refused(reason, client_message=f"dbproxy: {reason}", code=UNAUTHORIZED)
+
+    def render_error(self, request: Request, exc: ProxyError) -> bytes:
+        if isinstance(exc, Refused):
+            first = request.extra["first"]
+            if first.op_code not in REQUEST_OPCODES:
+                return b""
+            return wire.error_reply_for(first, exc.code, exc.client_message)
+        if isinstance(exc, ProtocolError):
+            return client_protocol_error_reply(exc)
+        return b""
+
+    async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
+        b = route.backend
+        backend_max = max(self.max_message_size, wire.DEFAULT_MAX_MESSAGE_SIZE)
+        link = await open_backend(route, client_metadata=request.extra["facts"].get("metadata"), max_message_size=backend_max)
+        return Backend(
+            link.channel.stream, AttributingDecoder(link.channel.decoder, "backend"), link=link,
+            # With identity, db.session.start waits for the client's identity (policy.MongoAccess.establish).
+            deferred_start=self.access is not None,
+            start_fields={
+                "backend_tls": link.tls,
+                "backend_auth": b.auth.method,
+                "backend_auth_mechanism": link.mechanism,
+                "backend_auth_source": link.auth_source,
+                "server_max_wire_version": link.hello.get("maxWireVersion"),
+            },
+        )
+
+    def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
+        audit = session.audit
+        extra = request.extra
+        certificate, certificate_error = extra["certificate"], extra["certificate_error"]
         if self.identity_mode:
             client_auth: Any = IdentityAuthenticator(
                 self.access.auth, client_tls=bool(session.details.get("client_tls")),
@@ -377,99 +374,57 @@ class MongoEngine(Engine):
         else:
             client_auth = self.client_auth.session()
         state = MongoSessionState(auth=client_auth, max_message_size=self.max_message_size, compressors=self.compressors)
-        state.details.update({k: v for k, v in facts.items() if k in ("application_name", "driver")})
+        state.details.update({k: v for k, v in extra["facts"].items() if k in ("application_name", "driver")})
         # The first message goes through the pipeline's stages like every other.
         decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-        decoder.feed(first.raw)
-        decoder.feed(client.decoder.buffer.take_rest())
-        backend_channel = link.channel
-        backend_decoder = AttributingDecoder(backend_channel.decoder, "backend")
-        try:
-            start_fields.update(
-                backend_tls=link.tls,
-                backend_auth=b.auth.method,
-                backend_auth_mechanism=link.mechanism,
-                backend_auth_source=link.auth_source,
-                server_max_wire_version=link.hello.get("maxWireVersion"),
+        decoder.feed(extra["first"].raw)
+        decoder.feed(request.client.decoder.buffer.take_rest())
+        if self.access is not None:
+            state.gate = MongoAccess(
+                self.access, session, client_auth, route=session.route_name, db_user=session.login,
+                start_fields=request.start_fields, certificate=certificate, certificate_error=certificate_error,
             )
-            if self.access is None:
-                audit.on_session_start(success=True, **start_fields)
-            else:
-                # db.session.start waits for the client's identity (policy.MongoAccess.establish).
-                state.gate = MongoAccess(
-                    self.access, session, client_auth, route=route.name, db_user=b.user, start_fields=start_fields,
-                    certificate=certificate, certificate_error=certificate_error,
-                )
 
-            def client_error(exc: ProxyError) -> bytes:
-                side = getattr(exc, "mongo_side", None)
-                if side == "client":
-                    return client_protocol_error_reply(exc)  # type: ignore[arg-type]
-                if side == "backend":
-                    return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
-                # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
-                hint = getattr(exc, "client_hint", None) or str(exc)
-                partial = b""
-                if isinstance(exc, (BufferBudgetExceeded, MessageTimeout)) and getattr(exc, "direction", None) == "client":
-                    # The request the client is still sending (its header is at the read position) is
-                    # answered too, so the driver reports why instead of a closed connection.
-                    exc.mongo_header = decoder._header()  # type: ignore[attr-defined]
-                    partial = client_protocol_error_reply(exc)
-                return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
+        def client_error(exc: ProxyError) -> bytes:
+            side = getattr(exc, "mongo_side", None)
+            if side == "client":
+                return client_protocol_error_reply(exc)  # type: ignore[arg-type]
+            if side == "backend":
+                return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
+            # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
+            hint = getattr(exc, "client_hint", None) or str(exc)
+            partial = b""
+            if isinstance(exc, (BufferBudgetExceeded, MessageTimeout)) and getattr(exc, "direction", None) == "client":
+                # The request the client is still sending (its header is at the read position) is
+                # answered too, so the driver reports why instead of a closed connection.
+                exc.mongo_header = decoder._header()  # type: ignore[attr-defined]
+                partial = client_protocol_error_reply(exc)
+            return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
 
-            pipeline = Pipeline(
-                session=session,
-                client=client.stream,
-                backend=backend_channel.stream,
-                client_decoder=decoder,
-                backend_decoder=backend_decoder,
-                client_stages=[ClientCommands(state, audit)],
-                backend_stages=[BackendReplies(state, audit)],
-                state=state,
-                client_error=client_error,
-                flush_audit=audit.flush,
-                buffers=self.services.buffers,
-            )
-            await pipeline.run()
-            reason = pipeline.end_reason or "closed"
-            if reason.startswith("backend") and state.pending:
-                # The backend went away under waiting requests: answer them in the client's protocol.
-                await _send_quietly(
-                    client.stream,
-                    lost_backend_replies(state, audit, "dbproxy: the connection to the backend database was lost"),
-                )
-            elif state.pending:
-                abandon_pending(state, audit, f"no reply: the session ended ({reason})")
-            c2b, b2c = pipeline.statistics()
-            session.details["end_reason"] = reason
-            session.details["end_fields"] = {
-                "commands": state.commands,
-                "errors": state.errors,
-                "compressor": state.compressor,
-                "compressed_requests": state.compressed_requests,
-                "client_user": state.auth.user,
-                "bytes_from_client": c2b.bytes_in,
-                "bytes_to_client": b2c.bytes_out,
-            }
-            if state.gate is not None:
-                session.details["end_fields"]["denied"] = state.denied
-                if not state.gate.established:
-                    # One record for a connection that never became a session (e.g. a driver's monitor).
-                    audit.emit(HANDSHAKE_ONLY_EVENT, **state.gate.handshake_only_fields(reason=reason, started=session.start_time),
-                               bytes_from_client=c2b.bytes_in, bytes_to_client=b2c.bytes_out)
-        finally:
-            await backend_channel.aclose()
+        return Wiring(decoder, backend.decoder, [ClientCommands(state, audit)], [BackendReplies(state, audit)],
+                      state, client_error)
 
-    async def _refuse(self, client: MessageStream, first: wire.WireMessage, code: int, errmsg: str) -> None:
-        if first.op_code in REQUEST_OPCODES:
-            await _send_quietly(client.stream, wire.error_reply_for(first, code, errmsg))
-
-
-async def _send_quietly(stream: Any, data: bytes) -> None:
-    if not data:
-        return
-    with trio.move_on_after(5):
-        try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+    async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
+        state, audit = wiring.state, session.audit
+        reason = session.details["end_reason"]
+        if reason.startswith("backend") and state.pending:
+            # The backend went away under waiting requests: answer them in the client's protocol.
+            await send_quietly(request.client.stream,
+                               lost_backend_replies(state, audit, "dbproxy: the connection to the backend database was lost"))
+        elif state.pending:
+            abandon_pending(state, audit, f"no reply: the session ended ({reason})")
+        fields = {
+            "commands": state.commands,
+            "errors": state.errors,
+            "compressor": state.compressor,
+            "compressed_requests": state.compressed_requests,
+            "client_user": state.auth.user,
+        }
+        if state.gate is not None:
+            fields["denied"] = state.denied
+            if not state.gate.established:
+                # One record for a connection that never became a session (e.g. a driver's monitor).
+                c2b, b2c = pipeline.statistics()
+                audit.emit(HANDSHAKE_ONLY_EVENT, **state.gate.handshake_only_fields(reason=reason, started=session.start_time),
+                           bytes_from_client=c2b.bytes_in, bytes_to_client=b2c.bytes_out)
+        return fields

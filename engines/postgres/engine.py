@@ -49,12 +49,12 @@ from typing import Any
 
 import trio
 
-from dbproxy.channel import MessageStream, PeerClosed
+from dbproxy.access import TooManyConnections
+from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
-from dbproxy.access import TooManyConnections, audit_denial
 from dbproxy.errors import AccessDenied, FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.flow import CONNECT_TIMEOUT, Backend, Refused, Request, Wiring, send_quietly
 from dbproxy.kerberos import check_gssapi_installed, check_krb5_config
-from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
 from . import messages as m
@@ -67,8 +67,6 @@ from .tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
-
-CONNECT_TIMEOUT = 15.0
 
 
 def error_message(sqlstate: str, message: str, *, severity: str = "FATAL", detail: str | None = None, hint: str | None = None) -> bytes:
@@ -158,8 +156,6 @@ class PostgresEngine(Engine):
         super().__init__(listener, services)
         self.ssl_context = server_context(listener.tls) if listener.tls else None
         self.cancels: CancelMap = services.extras.setdefault("postgres.cancel_map", CancelMap())
-        # Identity and access for this listener (None: no identity/roles/limits configured).
-        self.access = services.access.listener(listener.name) if services.access is not None else None
 
     @classmethod
     def validate_auth(cls, v: Any, method: str, ad: dict, path: str) -> dict:
@@ -197,36 +193,35 @@ class PostgresEngine(Engine):
                 params["renew_margin_seconds"] = val
         return params
 
-    # ------------------------------------------------------------------
-    async def handle_connection(self, session: Any, stream: Any) -> None:
+    # -- the session flow's hooks (dbproxy.flow) ---------------------------------
+    def new_request(self, session: Any, stream: Any) -> Request:
         decoder = FrontendDecoder(max_message_size=self.max_message_size, startup=True)
-        client = MessageStream(stream, decoder, budget=self.services.buffers)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                startup = await self._client_startup(session, client)
-        except trio.TooSlowError:
-            self.handshake_timed_out(session, "client handshake timed out")
-            return
-        except PeerClosed:
-            return
-        except (trio.BrokenResourceError, OSError) as exc:
-            # e.g. a reset during the startup packet or the TLS upgrade: not a session.
-            log.info("session %s: client connection lost during startup: %s", session.id, exc.__cause__ or exc)
-            return
-        except ProtocolError as exc:
-            log.info("session %s: client protocol error during startup: %s", session.id, exc)
-            await self._send_quietly(client, client_error_for(exc))
-            return
-        if startup is None:
-            return  # cancel request or refused SSL: not a session
-        await self._run_session(session, client, startup)
+        return Request(MessageStream(stream, decoder, budget=self.services.buffers), extra={})
 
-    async def _send_quietly(self, client: MessageStream, data: bytes) -> None:
-        with trio.move_on_after(5):
-            try:
-                await client.send(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+    async def handshake(self, session: Any, request: Request) -> bool:
+        client = request.client
+        startup = await self._client_startup(session, client)
+        if startup is None:
+            return False  # cancel request or refused SSL: not a session
+        params = dict(startup.params)
+        user = params.get("user", "")
+        database = params.get("database") or user
+        session.details["requested_database"] = database
+        session.details["requested_user"] = user
+        application_name = setting(params, "application_name") or ""
+        if application_name:
+            session.details["application_name"] = application_name
+        if startup.minor != 0 or any(k.startswith("_pq_.") for k in params):
+            unrecognized = [k for k in params if k.startswith("_pq_.")]
+            await client.send(m.encode_negotiate_protocol_version(0, unrecognized))
+            for k in unrecognized:
+                params.pop(k)
+        request.keys = {"database": database, "user": user, "application_name": application_name}
+        request.target, request.login = database, user
+        request.start_fields = {"requested_database": database, "requested_user": user,
+                                "client_tls": bool(session.details.get("client_tls"))}
+        request.extra["params"] = params
+        return True
 
     async def _client_startup(self, session: Any, client: MessageStream) -> m.StartupMessage | None:
         decoder = client.decoder
@@ -268,237 +263,146 @@ class PostgresEngine(Engine):
         except (ProxyError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
             log.warning("cancel request to backend %s failed: %s", route.backend.address, exc)
 
-    async def _run_session(self, session: Any, client: MessageStream, startup: m.StartupMessage) -> None:
-        audit = session.audit
-        params = dict(startup.params)
-        user = params.get("user", "")
-        database = params.get("database") or user
-        session.details["requested_database"] = database
-        session.details["requested_user"] = user
-        application_name = setting(params, "application_name") or ""
-        if application_name:
-            session.details["application_name"] = application_name
-        if startup.minor != 0 or any(k.startswith("_pq_.") for k in params):
-            unrecognized = [k for k in params if k.startswith("_pq_.")]
-            await client.send(m.encode_negotiate_protocol_version(0, unrecognized))
-            for k in unrecognized:
-                params.pop(k)
-        start_fields = {"requested_database": database, "requested_user": user, "client_tls": bool(session.details.get("client_tls"))}
-        if self.access is not None:
-            mechanism = await self._authenticate_client(session, client, user, start_fields)
-            if mechanism is None:
-                return
-            start_fields["client_auth"] = mechanism
-        route = self.select_route({"database": database, "user": user, "application_name": application_name})
-        if route is None:
-            msg = f"no route for database \"{database}\" and user \"{user}\" on listener {self.listener.name}"
-            session.db_name, session.db_user = database, user
-            audit.on_session_start(success=False, error=msg, **start_fields)
-            await self._send_quietly(client, error_message("28000", msg))
+    async def identify(self, session: Any, request: Request) -> None:
+        """With identity configured, the client proves who it is (``clientauth``)."""
+        if self.access is None:
             return
-        session.route_name = route.name
-        session.backend_addr = route.backend.address
-        session.db_name = route.backend.database or database
-        session.db_user = route.backend.user or user
-        grant = None
-        if self.access is not None:
-            grant = await self._authorize(session, client, route, start_fields)
-            if grant is None:
-                return
-            start_fields["granted_roles"] = list(grant.roles)
-            start_fields["read_only"] = grant.read_only
         try:
-            settings = backend_settings(
-                params,
-                read_only=grant is not None and grant.read_only,
-                denied_command=grant.denied_command if grant is not None else None,
+            identity, mechanism = await authenticate(
+                self.access.auth, request.client, request.login or "", client_tls=bool(session.details.get("client_tls"))
             )
-        except SettingRefused as exc:
-            log.info("session %s: startup parameter refused: %s", session.id, exc)
-            if exc.sqlstate == "42501":
-                audit_denial(session, "setting_refused", stage="startup", error=exc.message, detail=exc.detail, **start_fields)
-            audit.on_session_start(success=False, error=exc.message, sqlstate=exc.sqlstate, detail=exc.detail, **start_fields)
-            await self._send_quietly(client, error_message(exc.sqlstate, exc.message, detail=exc.detail))
-            return
-        if settings:
-            # What the client set at connection start is part of the session's record.
-            start_fields["client_settings"] = settings
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                link = await open_backend(
-                    route,
-                    settings,
-                    user=user,
-                    database=database,
-                    max_message_size=self.max_message_size,
-                    credentials=self.services.credentials,
-                    read_only=grant is not None and grant.read_only,
-                )
-                if grant is not None and grant.read_only:
-                    try:
-                        replay, link.ready = await make_backend_read_only(link.channel)
-                    except BaseException:
-                        await link.channel.aclose()
-                        raise
-                    link.replay.extend(replay)
-        except (UpstreamError, trio.TooSlowError) as exc:
-            if isinstance(exc, trio.TooSlowError):
-                exc = UpstreamError(
-                    f"backend {route.backend.address} did not complete login within {CONNECT_TIMEOUT:.0f}s",
-                    kind="connect",
-                    client_hint=f"the backend database at {route.backend.address} did not answer in time",
-                )
-            sqlstate = getattr(exc, "sqlstate", None) or ("28P01" if exc.kind == "auth" else "08001")
-            if exc.kind == "auth" and sqlstate not in ("28P01", "28000"):
-                sqlstate = "28000"
-            log.warning("session %s: %s", session.id, exc)
-            audit.on_session_start(success=False, error=str(exc), sqlstate=sqlstate, **start_fields)
-            await self._send_quietly(client, error_message(sqlstate, exc.client_hint))
-            return
-
-        state = PgSessionState()
-        pid, secret = self.cancels.issue(route, link.key)
-        backend = link.channel
-        try:
-            hello = [m.encode_auth_ok()]
-            hello.extend(link.replay)
-            hello.append(m.encode_backend_key_data(pid, secret))
-            hello.append(link.ready)
-            audit.on_session_start(
-                success=True,
-                backend_tls=link.tls,
-                backend_gssenc=link.gssenc,
-                backend_auth=route.backend.auth.method,
-                backend_auth_mechanism=link.mechanism,
-                server_version=link.params.get("server_version"),
-                **start_fields,
-            )
-            await client.send(b"".join(hello))
-            policed = grant is not None and grant.has_statement_rules
-            tap_slot = None
-            if policed or not audit.can_tap:
-                client_decoder, backend_decoder = client.decoder, backend.decoder
-                client_stages: list = [FrontendAudit(state, audit)]
-                backend_stages: list = [BackendAudit(state, audit)]
-                if policed:
-                    # After the audit stage (the attempt is recorded), before the backend sees it.
-                    policy = PolicyState()
-                    client_stages.append(FrontendPolicy(policy, grant, session))
-                    backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
-                # First: a stage that answers ends the loop for the stages after it.
-                last_backend = LastBackendMessage()
-                backend_stages.insert(0, last_backend)
-            else:
-                # Nothing here acts on messages: the pumps only frame them and tap the
-                # frames the audit reads; the audit worker parses and audits those (audit.link).
-                tap_slot = audit.tap_open(Tap)
-                client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size,
-                                        tap=functools.partial(audit.tap, tap_slot, 0), interest=FrontendAudit.interest,
-                                        checks=FRONTEND_CHECKS)
-                backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size,
-                                         tap=functools.partial(audit.tap, tap_slot, 1), interest=BackendAudit.interest,
-                                         checks=BACKEND_CHECKS)
-                client_stages, backend_stages = [], []
-                last_backend = backend_decoder
-            pipeline = Pipeline(
-                session=session,
-                client=client.stream,
-                backend=backend.stream,
-                client_decoder=client_decoder,
-                backend_decoder=backend_decoder,
-                client_stages=client_stages,
-                backend_stages=backend_stages,
-                state=state,
-                client_error=client_error_for,
-                flush_audit=audit.flush,
-                buffers=self.services.buffers,
-            )
-            try:
-                await pipeline.run()
-            finally:
-                if tap_slot is not None:
-                    audit.tap_close(tap_slot)
-                    state.terminated = client_decoder.terminated
-            reason = pipeline.end_reason or "closed"
-            if (not state.terminated and reason.startswith("backend") and pipeline.error is None
-                    and last_backend.last_type != m.BE.ERROR_RESPONSE):
-                # The backend went away under a live client without saying why (a
-                # crash, a lost link): tell the client in its own protocol.  When its
-                # last word was an ErrorResponse (FATAL 57P01 after pg_terminate_backend,
-                # 57P02 crash shutdown…), the client has the server's own reason already,
-                # and after a backend-side protocol error (53200 buffer budget…) the
-                # pipeline has sent the client the proxy's error.
-                await self._send_quietly(
-                    MessageStream(client.stream, None),
-                    error_message("08006", "the connection to the backend database was lost"),
-                )
-            c2b, b2c = pipeline.statistics()
-            session.details["end_reason"] = "client terminated" if state.terminated else reason
-            end_fields = {"bytes_from_client": c2b.bytes_in, "bytes_to_client": b2c.bytes_out}
-            if tap_slot is None:  # a tapped session's counts are added by the audit worker
-                end_fields.update(queries=state.queries, errors=state.errors)
-            session.details["end_fields"] = end_fields
-        finally:
-            self.cancels.release(pid, secret)
-            await backend.aclose()
-
-    async def _authenticate_client(self, session: Any, client: MessageStream, user: str, start_fields: dict) -> str | None:
-        """Establish ``session.identity`` (``clientauth``); None when the client was turned away."""
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                identity, mechanism = await authenticate(
-                    self.access.auth, client, user, client_tls=bool(session.details.get("client_tls"))
-                )
         except ClientAuthError as exc:
-            log.info("session %s: client authentication failed: %s", session.id, exc)
             session.identity = exc.identity
-            audit_denial(session, exc.cause, stage="authenticate", client_auth=exc.mechanism, **start_fields)
-            session.audit.on_session_start(success=False, error=exc.client_message, sqlstate=exc.sqlstate, reason=exc.cause.reason, **start_fields)
-            await self._send_quietly(client, error_message(exc.sqlstate, exc.client_message, detail=exc.detail))
-            return None
-        except trio.TooSlowError:
-            self.handshake_timed_out(session, "client authentication timed out", **start_fields)
-            return None
-        except PeerClosed:
-            # e.g. psql hanging up to prompt for the password it will send on a new connection
-            log.info("session %s: client closed during authentication", session.id)
-            return None
-        except ProtocolError as exc:
-            log.info("session %s: client protocol error during authentication: %s", session.id, exc)
-            await self._send_quietly(client, client_error_for(exc))
-            return None
+            raise Refused(exc.client_message, code=exc.sqlstate, detail=exc.detail,
+                          fields={"sqlstate": exc.sqlstate, "reason": exc.cause.reason},
+                          cause=exc.cause, stage="authenticate", denial_fields={"client_auth": exc.mechanism}) from None
         session.identity = identity
-        return mechanism
+        request.start_fields["client_auth"] = mechanism
 
-    async def _authorize(self, session: Any, client: MessageStream, route: Any, start_fields: dict) -> Any:
-        """The session's Grant (RBAC at connect, connection limits); None when refused."""
-        denied: AccessDenied
-        try:
-            grant = self.access.authorize(session.identity, route=route.name, database=session.db_name, db_user=session.db_user)
-            self.access.admit(session)
-            return grant
-        except TooManyConnections as exc:
+    def no_route(self, request: Request) -> Refused:
+        msg = f"no route for database \"{request.target}\" and user \"{request.login}\" on listener {self.listener.name}"
+        return Refused(msg, code="28000")
+
+    def denied(self, session: Any, request: Request, exc: AccessDenied) -> Refused:
+        if isinstance(exc, TooManyConnections):
             # PostgreSQL's own words for these (53300 too_many_connections).
             msg = f'too many connections for role "{session.identity.user}"' if exc.scope == "identity" else "sorry, too many clients already"
-            sqlstate, detail, denied = "53300", None, exc
-        except AccessDenied as exc:
-            msg = f'permission denied for database "{session.db_name}"'
-            sqlstate, detail, denied = "42501", str(exc), exc
-        log.info("session %s: %s", session.id, denied)
-        audit_denial(session, denied, stage="connect", **start_fields)
-        session.audit.on_session_start(success=False, error=msg, sqlstate=sqlstate, reason=denied.reason, **start_fields)
-        await self._send_quietly(client, error_message(sqlstate, msg, detail=detail))
-        return None
+            return Refused(msg, code="53300", fields={"sqlstate": "53300"})
+        return Refused(f'permission denied for database "{session.db_name}"', code="42501", detail=str(exc),
+                       fields={"sqlstate": "42501"})
 
-    async def refuse(self, session: Any, stream: Any, reason: str) -> None:
-        """Turn a client away before any session: read its startup (SSL/GSS negotiation as usual),
-        then a FATAL ErrorResponse, SQLSTATE 53000 (insufficient resources) — e.g. audit unavailable."""
-        client = MessageStream(stream, FrontendDecoder(max_message_size=self.max_message_size, startup=True),
-                               budget=self.services.buffers)
+    def upstream_refused(self, request: Request, exc: UpstreamError) -> Refused:
+        sqlstate = getattr(exc, "sqlstate", None) or ("28P01" if exc.kind == "auth" else "08001")
+        if exc.kind == "auth" and sqlstate not in ("28P01", "28000"):
+            sqlstate = "28000"
+        return Refused(str(exc), client_message=exc.client_hint, code=sqlstate, fields={"sqlstate": sqlstate})
+
+    def unavailable(self, request: Request, reason: str) -> Refused:
+        return Refused(reason, code="53000")
+
+    def render_error(self, request: Request, exc: ProxyError) -> bytes:
+        if isinstance(exc, Refused):
+            return error_message(exc.code, exc.client_message, detail=exc.detail)
+        return client_error_for(exc)
+
+    async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
+        read_only = grant is not None and grant.read_only
+        if grant is not None:
+            request.start_fields["read_only"] = read_only
+        params = request.extra["params"]
         try:
-            with trio.fail_after(self.handshake_timeout):
-                startup = await self._client_startup(session, client)
-        except (trio.TooSlowError, PeerClosed, ProtocolError, trio.BrokenResourceError, OSError):
-            return
-        if startup is not None:
-            await self._send_quietly(client, error_message("53000", reason))
+            settings = backend_settings(params, read_only=read_only,
+                                        denied_command=grant.denied_command if grant is not None else None)
+        except SettingRefused as exc:
+            raise Refused(exc.message, code=exc.sqlstate, detail=exc.detail,
+                          fields={"sqlstate": exc.sqlstate, "detail": exc.detail},
+                          cause="setting_refused" if exc.sqlstate == "42501" else None, stage="startup",
+                          denial_fields={"error": exc.message, "detail": exc.detail}) from None
+        if settings:
+            # What the client set at connection start is part of the session's record.
+            request.start_fields["client_settings"] = settings
+        link = await open_backend(
+            route, settings, user=request.login, database=request.target, max_message_size=self.max_message_size,
+            credentials=self.services.credentials, read_only=read_only,
+        )
+        if read_only:
+            try:
+                replay, link.ready = await make_backend_read_only(link.channel)
+            except BaseException:
+                await link.channel.aclose()
+                raise
+            link.replay.extend(replay)
+        pid, secret = self.cancels.issue(route, link.key)
+        request.extra["cancel_key"] = (pid, secret)
+        return Backend(
+            link.channel.stream, link.channel.decoder, link=link,
+            close=functools.partial(self.cancels.release, pid, secret),
+            start_fields={
+                "backend_tls": link.tls,
+                "backend_gssenc": link.gssenc,
+                "backend_auth": route.backend.auth.method,
+                "backend_auth_mechanism": link.mechanism,
+                "server_version": link.params.get("server_version"),
+            },
+        )
+
+    async def ready(self, session: Any, request: Request, backend: Backend) -> None:
+        link = backend.link
+        pid, secret = request.extra["cancel_key"]
+        hello = [m.encode_auth_ok(), *link.replay, m.encode_backend_key_data(pid, secret), link.ready]
+        await request.client.send(b"".join(hello))
+
+    def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
+        audit = session.audit
+        client = request.client
+        state = PgSessionState()
+        policed = grant is not None and grant.has_statement_rules
+        if policed or not audit.can_tap:
+            client_stages: list = [FrontendAudit(state, audit)]
+            backend_stages: list = [BackendAudit(state, audit)]
+            if policed:
+                # After the audit stage (the attempt is recorded), before the backend sees it.
+                policy = PolicyState()
+                client_stages.append(FrontendPolicy(policy, grant, session))
+                backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
+            # First: a stage that answers ends the loop for the stages after it.
+            last_backend = LastBackendMessage()
+            backend_stages.insert(0, last_backend)
+            request.extra["last_backend"] = last_backend
+            return Wiring(client.decoder, backend.decoder, client_stages, backend_stages, state, client_error_for)
+        # Nothing here acts on messages: the pumps only frame them and tap the
+        # frames the audit reads; the audit worker parses and audits those (audit.link).
+        slot = audit.tap_open(Tap)
+        client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size,
+                                tap=functools.partial(audit.tap, slot, 0), interest=FrontendAudit.interest,
+                                checks=FRONTEND_CHECKS)
+        backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size,
+                                 tap=functools.partial(audit.tap, slot, 1), interest=BackendAudit.interest,
+                                 checks=BACKEND_CHECKS)
+        request.extra["last_backend"] = backend_decoder
+        request.extra["tapped"] = True
+
+        def finished() -> None:
+            audit.tap_close(slot)
+            state.terminated = client_decoder.terminated
+
+        return Wiring(client_decoder, backend_decoder, [], [], state, client_error_for, finished=finished)
+
+    async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
+        state = wiring.state
+        reason = session.details["end_reason"]
+        if (not state.terminated and reason.startswith("backend") and pipeline.error is None
+                and request.extra["last_backend"].last_type != m.BE.ERROR_RESPONSE):
+            # The backend went away under a live client without saying why (a
+            # crash, a lost link): tell the client in its own protocol.  When its
+            # last word was an ErrorResponse (FATAL 57P01 after pg_terminate_backend,
+            # 57P02 crash shutdown…), the client has the server's own reason already,
+            # and after a backend-side protocol error (53200 buffer budget…) the
+            # pipeline has sent the client the proxy's error.
+            await send_quietly(request.client.stream,
+                               error_message("08006", "the connection to the backend database was lost"))
+        if state.terminated:
+            session.details["end_reason"] = "client terminated"
+        if request.extra.get("tapped"):
+            return {}  # a tapped session's counts are added by the audit worker
+        return {"queries": state.queries, "errors": state.errors}
