@@ -21,6 +21,23 @@ import time as _time
 
 SESSION_START = "db.session.start"
 SESSION_END = "db.session.end"
+
+
+def session_start_event(family: str) -> str:
+    """The session start event of an event family (``db`` → Teleport's ``db.session.start``)."""
+    return SESSION_START if family == "db" else f"{family}.session.start"
+
+
+def session_end_event(family: str) -> str:
+    return SESSION_END if family == "db" else f"{family}.session.end"
+
+
+def is_session_start(kind: object) -> bool:
+    return isinstance(kind, str) and kind.endswith(".session.start")
+
+
+def is_session_end(kind: object) -> bool:
+    return isinstance(kind, str) and kind.endswith(".session.end")
 QUERY = "db.session.query"
 RESULT = "db.session.result"
 PG_PARSE = "db.session.postgres.statements.parse"

@@ -437,7 +437,7 @@ class AuditRecorder:
                 at += 7
                 sid = body[at:body.index(b'"', at)]
                 n = counts.get(sid, 0) + 1
-                if body.startswith(_END_PREFIX):
+                if _is_end(body):
                     counts.pop(sid, None)
                     if touched is not None:
                         touched[sid] = 0
@@ -497,7 +497,16 @@ class Forget:
         self.sid = sid
 
 
-_END_PREFIX = b'{"event":"%b"' % ev.SESSION_END.encode()
+_END_NAME = b'.session.end"'
+
+
+def _is_end(body: bytes) -> bool:
+    """Is this body a session end event (``<family>.session.end``)?  ``emit`` puts
+    ``event`` first, so its name is the first string of the body."""
+    if not body.startswith(b'{"event":"'):
+        return False
+    close = body.find(b'"', 10)
+    return close > 0 and body[close - 12:close + 1] == _END_NAME
 
 
 def tell_running_sessions(live: Any, why: str) -> None:
@@ -662,7 +671,7 @@ class SessionAudit:
     def on_session_start(self, *, success: bool, error: str | None = None, **fields: Any) -> dict:
         if success:
             self.session.started = True
-        return self.emit(ev.SESSION_START, success=success, error=error, **fields)
+        return self.emit(ev.session_start_event(self._event_family()), success=success, error=error, **fields)
 
     def on_query(self, query: str, *, parameters: list | None = None, **fields: Any) -> dict:
         if parameters is not None:
@@ -672,16 +681,20 @@ class SessionAudit:
     def on_result(self, *, success: bool, **fields: Any) -> dict:
         return self.emit(ev.RESULT, success=success, **fields)
 
+    def _event_family(self) -> str:
+        return getattr(self.session, "event_family", "db")
+
     def on_session_end(self, **fields: Any) -> dict:
         self._ended = True
         slot = self._end_slot
+        kind = ev.session_end_event(self._event_family())
         if not slot:
-            return self.emit(ev.SESSION_END, **fields)
+            return self.emit(kind, **fields)
         # Sent in the tap's own slot: the worker closes the tap and adds its counts
         # (queries, errors) to this event without searching its bytes.
         self._end_slot = 0
         self._refresh_template()
-        event = {"event": ev.SESSION_END, "code": _code_of(ev.SESSION_END, ""), "uid": _new_event_id(),
+        event = {"event": kind, "code": _code_of(kind, ""), "uid": _new_event_id(),
                  "time": self._clock(), **fields}
         body = b"%b,%b}" % (_dumps(event)[:-1], self._template_json)
         if self._pending or not self.recorder.submit_nowait(body, slot):

@@ -29,12 +29,12 @@ def _short(text: Any, limit: int = MAX_FIELD) -> str:
 def _detail(event: dict) -> str:
     kind = event.get("event", "?")
     target = f"{event.get('db_user') or '?'}@{event.get('db_name') or '?'}"
-    if kind == ev.SESSION_START:
+    if ev.is_session_start(kind):
         text = f"START {target} via {event.get('route') or '-'} from {event.get('addr.remote') or '?'}"
         if event.get("success") is False:
             text += f" FAILED: {_short(event.get('error'))}"
         return text
-    if kind == ev.SESSION_END:
+    if ev.is_session_end(kind):
         return f"END {target} {event.get('reason', '')} ({event.get('duration_ms', '?')} ms, {event.get('queries', '?')} queries)"
     if kind in (ev.QUERY, ev.PG_PARSE, ev.PG_EXECUTE):
         label = {ev.QUERY: "QUERY", ev.PG_PARSE: "PARSE", ev.PG_EXECUTE: "EXECUTE"}[kind]

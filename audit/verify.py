@@ -45,6 +45,7 @@ from typing import Iterable, Iterator
 import attrs
 import orjson
 
+from . import events as ev
 from .recorder import GENESIS_HASH, chain_hash, line_hash
 
 
@@ -82,8 +83,6 @@ class VerifyResult:
         return self.error is None and not self.gaps
 
 
-_SESSION_END = "db.session.end"
-_SESSION_START = "db.session.start"
 _PROXY_START = "proxy.start"
 _PROXY_STOP = "proxy.stop"
 
@@ -122,7 +121,7 @@ class SessionCounter:
         entry = self.sessions.get(sid)
         if entry is None:
             entry = self.sessions[sid] = [set(), None, self.run, where, 0, False]
-        if kind == _SESSION_START and event.get("success") is True:
+        if ev.is_session_start(kind) and event.get("success") is True:
             entry[5] = True
         n = event.get("session_seq")
         if not isinstance(n, int):
@@ -131,9 +130,9 @@ class SessionCounter:
             if n in entry[0]:
                 entry[4] += 1
             entry[0].add(n)
-            if kind == _SESSION_END:
+            if ev.is_session_end(kind):
                 entry[1] = n
-        if kind == _SESSION_END and entry[1] is None:
+        if ev.is_session_end(kind) and entry[1] is None:
             entry[1] = -1  # ended, uncounted
 
     def result(self, from_start: bool) -> tuple[list[str], int, int, int]:

@@ -63,6 +63,8 @@ class Engine:
     # Which listener kinds (dbproxy.config.LISTENER_KINDS) this engine serves; the config refuses others.
     listener_kinds: ClassVar[tuple[str, ...]] = ("tcp",)
     family: ClassVar[str] = "database"
+    # Session start/end events are ``<event_family>.session.start|end`` (audit needs no change).
+    event_family: ClassVar[str] = "db"
     # True: the client proves who it is inside the pipeline (Mongo's SASL commands); the core
     # then neither authorizes at connect nor emits the session start (the engine's gate does).
     identifies_in_band: ClassVar[bool] = False

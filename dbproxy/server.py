@@ -177,6 +177,10 @@ class ProxyServer:
 
     async def handle_client(self, engine: Any, lc: Any, stream: trio.abc.Stream) -> None:
         session = Session(listener=lc.name, protocol=lc.protocol, client_addr=peer_address(stream))
+        # The engine's kind of session and the family its session events are named after
+        # (``db.session.start`` …, ``ssh.session.start`` …), known before any event.
+        session.family = getattr(engine, "family", session.family)
+        session.event_family = getattr(engine, "event_family", session.event_family)
         session.audit = self.recorder.session(session)
         self.sessions[session.id] = session
         started = time.monotonic()

@@ -43,6 +43,9 @@ class Session:
     protocol: str
     client_addr: str
     family: str = "database"
+    # Prefix of the session start/end events: Teleport's ``db`` for databases; an engine of
+    # another family names its own (``ssh`` → ``ssh.session.start``/``ssh.session.end``).
+    event_family: str = "db"
     id: str = attrs.field(factory=new_session_id)
     identity: Identity = ANONYMOUS
     start_time: float = attrs.field(factory=time.time)

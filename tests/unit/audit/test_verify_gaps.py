@@ -159,3 +159,32 @@ def test_counters_are_dropped_at_the_end_or_for_a_session_that_never_started(tmp
     trail.add(*recorder._queue)
     assert set(recorder.session_seq) == {b"open"}
     assert recorder._touched is None  # in-process: no history of changes kept (only the worker acks them)
+
+
+def test_an_engine_family_names_its_session_events(tmp_path):
+    """An engine of another family (``event_family = "ssh"``) gets ``ssh.session.start`` /
+    ``ssh.session.end`` from the same hooks, with no audit change: the recorder counts its
+    events and closes its counter at its end event, and verify owes it an end like a database's."""
+    from dbproxy.session import Session
+
+    def ssh_session() -> list[bytes]:
+        emitter = AuditRecorder(sinks=[])
+        s = Session(listener="ssh", protocol="ssh", client_addr="127.0.0.1:1")
+        s.family, s.event_family = "terminal", "ssh"
+        audit = emitter.session(s)
+        audit.on_session_start(success=True)
+        audit.emit("ssh.command", command="uname -a")
+        audit.on_session_end(reason="client closed")
+        return list(emitter._queue)
+
+    bodies = ssh_session()
+    trail = Trail(tmp_path).add(start(), *bodies, stop())
+    events = [orjson.loads(line) for line in trail.lines][1:-1]
+    assert [e["event"] for e in events] == ["ssh.session.start", "ssh.command", "ssh.session.end"]
+    assert [e["session_seq"] for e in events] == [1, 2, 3]
+    assert trail.recorder.session_seq == {}  # the ssh end event closed its counter
+    result = trail.verify()
+    assert result.ok and result.counted_sessions == 1, result
+    # Without its end event, a started ssh session cut off by a restart is a gap.
+    cut = Trail(tmp_path).add(start(), *ssh_session()[:2], start())
+    assert not cut.verify().ok
