@@ -66,7 +66,7 @@ from audit import events as ev
 from dbproxy.access import Grant, Statement, Token, audit_denial, split_statements
 from dbproxy.sansio import reply
 
-from . import frames as F
+from . import protocol as F
 from .stages import CqlSessionState, PreparedInfo
 
 READ_COMMANDS = frozenset({"SELECT", "USE", "DESCRIBE", "LIST"})
