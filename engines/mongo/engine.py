@@ -63,7 +63,8 @@ from dbproxy.identity import AuthFailed
 from dbproxy.pipeline import Pipeline
 from dbproxy.tls import server_context
 
-from . import scram, wire
+from . import protocol as wire
+from . import scram
 from .backend import HANDSHAKES, open_backend
 from .clientauth import MODES, ClientAuthPolicy, IdentityAuthenticator
 from .codec import MongoDecoder

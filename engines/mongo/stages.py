@@ -96,7 +96,7 @@ from dbproxy.access import audit_denial
 from dbproxy.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from dbproxy.sansio import Verdict, replace, reply
 
-from . import wire
+from . import protocol as wire
 from .clientauth import AUTH_COMMANDS
 from .policy import HANDSHAKE_COMMANDS, UNAUTHORIZED, denial_message
 

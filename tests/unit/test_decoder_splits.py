@@ -68,7 +68,7 @@ from engines.cassandra import protocol as F
 from engines.cassandra import segments as S
 from engines.cassandra.backend import BackendDecoder as CqlBackendDecoder
 from engines.cassandra.codec import CqlDecoder
-from engines.mongo import wire
+from engines.mongo import protocol as wire
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder
 from engines.postgres import messages as m

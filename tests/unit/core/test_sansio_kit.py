@@ -35,6 +35,11 @@ SANS_IO_MODULES = [
     "engines.cassandra.policy",
     "engines.mongo.codec",
     "engines.mongo.wire",
+    "engines.mongo.opmsg",
+    "engines.mongo.legacy",
+    "engines.mongo.compression",
+    "engines.mongo.commands",
+    "engines.mongo.protocol",
     "engines.mongo.stages",
     "engines.mongo.policy",
 ]

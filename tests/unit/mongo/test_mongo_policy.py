@@ -24,7 +24,8 @@ from dbproxy.errors import ConfigErrors
 from dbproxy.identity import ClientAuthenticator, MtlsConfig, TokenAuthority, TokenConfig, generate_keys
 from dbproxy.session import Identity
 from engines import default_registry
-from engines.mongo import scram, wire
+from engines.mongo import protocol as wire
+from engines.mongo import scram
 from engines.mongo.clientauth import ClientAuthPolicy, IdentityAuthenticator
 from engines.mongo.policy import PENDING, MongoAccess, check_command, read_only_violation
 from engines.mongo.stages import BackendReplies, ClientCommands, MongoSessionState

@@ -24,7 +24,8 @@ from audit import events as ev
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors, FrameTooLarge, MalformedMessage
 from engines import default_registry
-from engines.mongo import scram, wire
+from engines.mongo import protocol as wire
+from engines.mongo import scram
 from engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, ClientAuthPolicy
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
