@@ -13,8 +13,8 @@ Session, in order:
      HostUnreachable, 89 NetworkTimeout, 13 Unauthorized for no route), the
      session start is audited as failed with the detail, and the connection
      closes.
-  4. The core pipeline runs with ``stages.ClientCommands`` and
-     ``stages.BackendReplies``; the first message goes through it like any
+  4. The core pipeline runs with ``stages.client_stages`` and
+     ``stages.backend_stages``; the first message goes through it like any
      other (it is fed back into a fresh decoder ahead of whatever followed).
 
 Identity and access (``services.access`` configured; ``policy.py`` has the
@@ -73,10 +73,10 @@ from .stages import (
     HOST_UNREACHABLE,
     REQUEST_OPCODES,
     SUPPORTED_COMPRESSORS,
-    BackendReplies,
-    ClientCommands,
     MongoSessionState,
     abandon_pending,
+    backend_stages,
+    client_stages,
     lost_backend_replies,
     protocol_error_reply,
 )
@@ -424,8 +424,8 @@ class MongoEngine(Engine):
                 backend=backend_channel.stream,
                 client_decoder=decoder,
                 backend_decoder=backend_decoder,
-                client_stages=[ClientCommands(state, audit)],
-                backend_stages=[BackendReplies(state, audit)],
+                client_stages=client_stages(state, audit),
+                backend_stages=backend_stages(state, audit),
                 state=state,
                 client_error=client_error,
                 flush_audit=audit.flush,

@@ -41,6 +41,13 @@ SANS_IO_MODULES = [
     "engines.mongo.commands",
     "engines.mongo.protocol",
     "engines.mongo.stages",
+    "engines.mongo.stages.session",
+    "engines.mongo.stages.render",
+    "engines.mongo.stages.audit",
+    "engines.mongo.stages.access",
+    "engines.mongo.stages.auth",
+    "engines.mongo.stages.handshake",
+    "engines.mongo.stages.flow",
     "engines.mongo.policy",
 ]
 

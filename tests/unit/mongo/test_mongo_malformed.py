@@ -1,7 +1,7 @@
 """Mongo requests that frame correctly but whose body the audit cannot read (issue 13 §1).
 
-The rule of every engine: refused before forwarding — ``ClientCommands`` raises ``MalformedMessage``
-(the pipeline audits it as ``audit.malformed`` and ends the session after the engine's ``ok: 0``
+The rule of every engine: refused before forwarding — the client stage that reads the request
+raises ``MalformedMessage`` (the pipeline audits it as ``audit.malformed`` and ends the session after the engine's ``ok: 0``
 reply to that request: code 17 ProtocolError, in OP_REPLY for an OP_QUERY).  Its first 64 bytes are
 kept for the audit, cut before the value of a key that may hold a secret.
 

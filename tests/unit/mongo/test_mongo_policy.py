@@ -28,7 +28,8 @@ from engines.mongo import protocol as wire
 from engines.mongo import scram
 from engines.mongo.clientauth import ClientAuthPolicy, IdentityAuthenticator
 from engines.mongo.policy import PENDING, MongoAccess, check_command, read_only_violation
-from engines.mongo.stages import BackendReplies, ClientCommands, MongoSessionState
+from engines.mongo.stages import MongoSessionState, backend_stages, client_stages
+from tests.unit.mongo.test_mongo_stages import Stages
 
 # --------------------------------------------------------------------------- check_command
 
@@ -354,7 +355,7 @@ def gated(authority, *, methods=("token",), limits=None, certificate=None, legac
     state = MongoSessionState(auth=auth, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE)
     state.gate = MongoAccess(la, session, auth, route="r1", db_user="admin", start_fields={"application_name": "t"},
                              certificate=certificate)
-    return state, session, audit, ClientCommands(state, audit), BackendReplies(state, audit)
+    return state, session, audit, Stages(client_stages(state, audit)), Stages(backend_stages(state, audit))
 
 
 def msg(data: bytes) -> wire.WireMessage:

@@ -30,15 +30,29 @@ from engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, Client
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
 from engines.mongo.stages import (
-    BackendReplies,
-    ClientCommands,
     MongoSessionState,
+    backend_stages,
+    client_stages,
     count_documents,
     cursor_summary,
     lost_backend_replies,
     render_command,
     summarize_reply,
 )
+
+
+class Stages:
+    """One direction's stages run as the pipeline runs them: in order, the first verdict wins."""
+
+    def __init__(self, stages: list) -> None:
+        self.stages = stages
+
+    def handle(self, message, ctx):
+        for stage in self.stages:
+            verdict = stage.handle(message, ctx)
+            if verdict is not None:
+                return verdict
+        return None
 
 
 class FakeAudit:
@@ -74,7 +88,7 @@ def session(tmp_path=None, *, mode="accept", password: str | None = None, max_si
         options["client_password_file"] = str(SecretFile(tmp_path, password).path)
     state = MongoSessionState(auth=ClientAuthPolicy.from_options(options).session(), max_message_size=max_size)
     audit = FakeAudit()
-    return state, audit, ClientCommands(state, audit), BackendReplies(state, audit)
+    return state, audit, Stages(client_stages(state, audit)), Stages(backend_stages(state, audit))
 
 
 def msg(data: bytes) -> wire.WireMessage:
