@@ -30,6 +30,8 @@ from engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, Client
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
 from engines.mongo.stages import (
+    CommandAudit,
+    ReplyAudit,
     MongoSessionState,
     backend_stages,
     client_stages,
@@ -493,6 +495,36 @@ def test_malformed_nested_input_never_escapes_the_stages():
     rep = wire.HEADER.pack(16 + 5 + len(corrupt), 900, 41, wire.OP_MSG) + b"\x00\x00\x00\x00\x00" + bytes(corrupt)
     assert backend.handle(msg(rep), None) is None
     assert audit.of("db.session.result")[-1]["query_uid"] == audit.of("db.session.query")[-1]["uid"]
+
+
+
+def test_the_audit_stages_are_read_only_observers(tmp_path):
+    """Issue 14's contract: an audit stage records and never answers, rewrites, drops or closes;
+    it runs before every client stage that may refuse (a refused command is audited first)."""
+    state, audit, client, backend = session(tmp_path, password="pw")
+    [command_audit] = [s for s in client.stages if isinstance(s, CommandAudit)]
+    [reply_audit] = [s for s in backend.stages if isinstance(s, ReplyAudit)]
+    assert client.stages.index(command_audit) == 1  # after the session gate only
+    assert backend.stages.index(reply_audit) == 0
+    returned = []
+    for observer in (command_audit, reply_audit):
+        def spy(message, ctx, handle=observer.handle):
+            returned.append(handle(message, ctx))
+            return returned[-1]
+        observer.handle = spy
+    hello = {"hello": 1, "compression": ["zstd"], "saslSupportedMechs": "admin.alice", "$db": "admin"}
+    verdicts = [
+        client.handle(msg(wire.encode_op_msg(hello, request_id=1)), None),  # rewritten by the hello stage
+        client.handle(msg(wire.encode_op_msg(scram.sasl_start("PLAIN", b"\0alice\0pw"), request_id=2)), None),
+        client.handle(msg(wire.compress(wire.encode_op_msg({"find": "c", "$db": "d"}, request_id=3),
+                                        wire.COMPRESSOR_IDS["zlib"])), None),  # sent on decompressed
+        backend.handle(msg(wire.encode_op_msg({"hello": 1, "hosts": ["a:1"], "ok": 1.0}, response_to=1)), None),
+        backend.handle(msg(wire.encode_op_msg({"cursor": {"firstBatch": [], "id": Int64(0), "ns": "d.c"}, "ok": 1.0},
+                                              response_to=3)), None),
+    ]
+    assert all(v is not None for v in verdicts[:4])  # other stages changed every one of those…
+    assert len(returned) == 5 and all(r is None for r in returned)  # …the observers none
+    assert len(audit.of("db.session.query")) == 3 and len(audit.of("db.session.result")) == 3
 
 
 def test_legacy_opcodes_audited():
