@@ -3,13 +3,13 @@
 Client → backend, in this order (the pipeline stops at the first stage that
 returns a verdict):
 
-  1. ``access.SessionGate``   — before establishment: handshake commands only
+  1. ``access.SessionGate``   — (with access control) before establishment: handshake commands only
                                 (not audited), implicit establishment or refusal.
   2. ``audit.CommandAudit``   — observer: one ``db.session.query`` per command;
                                 never changes anything (returns None), and runs
                                 before every stage that may refuse.
   3. ``auth.ClientAuth``      — answers the authentication commands itself.
-  4. ``access.AccessPolicy``  — the session's grant: refuse (code 13), answer
+  4. ``access.AccessPolicy``  — (with access control) the session's grant: refuse (code 13), answer
                                 ``connectionStatus``, end a legacy-opcode session.
   5. ``flow.InFlight``        — what is forwarded waits for its reply.
   6. ``handshake.HelloRewriter`` — hello without the fields the proxy answers.
@@ -55,12 +55,18 @@ __all__ = [
 
 
 def client_stages(state: MongoSessionState, audit: Any) -> list:
-    """The client → backend stages of one session, in pipeline order."""
+    """The client → backend stages of one session, in pipeline order.
+
+    The access stages are only there when ``state.gate`` is set (identity and
+    access configured), as the engine does before building the pipeline;
+    without it they would have nothing to do on every message.
+    """
+    gated = state.gate is not None
     return [
-        SessionGate(state),
+        *([SessionGate(state)] if gated else []),
         CommandAudit(state, audit),
         ClientAuth(state, audit),
-        AccessPolicy(state, audit),
+        *([AccessPolicy(state, audit)] if gated else []),
         InFlight(state, audit),
         HelloRewriter(state, audit),
         Decompressed(state),

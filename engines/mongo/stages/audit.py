@@ -117,11 +117,12 @@ class ReplyAudit:
 
     def handle(self, msg: Any, ctx: Any) -> None:
         st = self.state
-        pending = st.reply(msg).pending
+        rep = st.reply(msg)
+        pending = rep.pending
         if pending is None or not pending.audited:
             return None
         try:
-            doc, op_reply = st.reply(msg).document()
+            doc, op_reply = rep.document()
             summary = summarize_reply(doc, op_reply)
         except PARSE_ERRORS as exc:
             # Forwarded all the same: the client's driver judges the reply; the audit says it was unreadable.

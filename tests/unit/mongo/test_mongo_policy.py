@@ -28,7 +28,7 @@ from engines.mongo import protocol as wire
 from engines.mongo import scram
 from engines.mongo.clientauth import ClientAuthPolicy, IdentityAuthenticator
 from engines.mongo.policy import PENDING, MongoAccess, check_command, read_only_violation
-from engines.mongo.stages import MongoSessionState, backend_stages, client_stages
+from engines.mongo.stages import CommandAudit, MongoSessionState, SessionGate, backend_stages, client_stages
 from tests.unit.mongo.test_mongo_stages import Stages
 
 # --------------------------------------------------------------------------- check_command
@@ -371,6 +371,14 @@ def reply_doc(data: bytes) -> dict:
     if m.op_code == wire.OP_REPLY:
         return wire.decode_document(wire.parse_op_reply(m).documents[0])
     return wire.decode_document(wire.parse_op_msg(m).body_raw)
+
+
+def test_with_access_control_the_audit_observes_before_any_refusal(authority):
+    """Pipeline order: the session gate, then the audit observer, then every stage that may refuse."""
+    state, session, audit, client, backend = gated(authority)
+    kinds = [type(s) for s in client.stages]
+    assert kinds[:2] == [SessionGate, CommandAudit]
+    assert {type(s).__name__ for s in client.stages[2:]} >= {"ClientAuth", "AccessPolicy"}
 
 
 def test_before_login_only_the_handshake_runs_unaudited(authority):
