@@ -52,9 +52,10 @@ class SessionGate:
         if r.name is None:
             return None  # a legacy opcode: AccessPolicy ends the session
         try:
-            return self._before_establishment(r)
+            verdict = self._before_establishment(r)
         except PARSE_ERRORS as exc:
             raise malformed(self.state, msg, exc) from exc
+        return None if verdict is None else self.state.request_done(verdict)
 
     def _before_establishment(self, r: Request) -> Verdict | None:
         st = self.state
@@ -91,13 +92,14 @@ class AccessPolicy:
             return None
         r = st.request(msg)
         if r.name is None:
-            return self._legacy(r)
+            return st.request_done(self._legacy(r))
         if r.handshake or r.name in AUTH_COMMANDS:
             return None
         try:
-            return self._check(r)
+            verdict = self._check(r)
         except PARSE_ERRORS as exc:
             raise malformed(st, msg, exc) from exc
+        return None if verdict is None else st.request_done(verdict)
 
     def _legacy(self, r: Request) -> Verdict:
         st = self.state

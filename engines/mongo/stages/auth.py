@@ -38,9 +38,10 @@ class ClientAuth:
         if r.name not in AUTH_COMMANDS:
             return None
         try:
-            return self._establishing(r) if r.handshake else self._answer(r)
+            verdict = self._establishing(r) if r.handshake else self._answer(r)
         except PARSE_ERRORS as exc:
             raise malformed(self.state, msg, exc) from exc
+        return self.state.request_done(verdict)
 
     def _answer(self, r: Request) -> Verdict:
         st = self.state

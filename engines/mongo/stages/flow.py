@@ -8,7 +8,8 @@ place, so only what is really forwarded waits for a reply.  A request sent
 with moreToCome (OP_MSG) or a fire-and-forget legacy opcode gets no reply:
 its audited query is closed right away with an unacknowledged result.
 
-``Decompressed`` / ``DecompressedReply`` come last in their direction: the
+``Decompressed`` / ``DecompressedReply`` come last in their direction (and
+so drop the message's read-once view, ``state.request_done``): the
 backend link never negotiates compression, so an OP_COMPRESSED request is
 sent on decompressed (header rebuilt by ``compression.decompress``,
 identical to the client's pre-compression message, so an OP_MSG checksum
@@ -63,7 +64,7 @@ class Decompressed:
 
     def handle(self, msg: Any, ctx: Any) -> Verdict | None:
         plain = self.state.request(msg).plain
-        return replace(plain.raw) if plain is not msg else None
+        return self.state.request_done(replace(plain.raw) if plain is not msg else None)
 
 
 class DecompressedReply:
@@ -74,4 +75,4 @@ class DecompressedReply:
 
     def handle(self, msg: Any, ctx: Any) -> Verdict | None:
         plain = self.state.reply(msg).plain
-        return replace(plain.raw) if plain is not msg else None
+        return self.state.reply_done(replace(plain.raw) if plain is not msg else None)

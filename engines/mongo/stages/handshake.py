@@ -57,7 +57,7 @@ class HelloRewriter:
         try:
             new_body = self._plan(r.body, r.pending)
             if new_body is not None:
-                return replace(rebuild_request(r.plain, new_body))
+                return self.state.request_done(replace(rebuild_request(r.plain, new_body)))
         except PARSE_ERRORS as exc:
             raise malformed(self.state, msg, exc) from exc
         return None
@@ -147,7 +147,7 @@ class HelloReplyRewriter:
             rewritten = self._rewrite(rep.plain, doc, op_reply, pending.hello)
         except PARSE_ERRORS:
             rewritten = None  # forwarded as received; the driver judges it
-        return replace(rewritten) if rewritten is not None else None
+        return self.state.reply_done(replace(rewritten)) if rewritten is not None else None
 
     def _rewrite(
         self, plain: wire.WireMessage, doc: RawBSONDocument, op_reply: wire.OpReply | None, plan: HelloPlan

@@ -127,6 +127,17 @@ class MongoSessionState:
             r = self._request = read_request(self, msg)
         return r
 
+    def request_done(self, verdict: Verdict | None = None) -> Verdict | None:
+        """A client stage ends the walk (a verdict, or the last stage): drop the read-once view, so the
+        session holds no message between messages (the buffer budget only sees the decoders' bytes)."""
+        self._request = None
+        return verdict
+
+    def reply_done(self, verdict: Verdict | None = None) -> Verdict | None:
+        """``request_done`` for the backend stages."""
+        self._reply = None
+        return verdict
+
     def reply(self, msg: wire.WireMessage) -> Reply:
         """The backend reply ``msg`` with the request it answers, matched by the first stage that asks."""
         r = self._reply

@@ -527,6 +527,34 @@ def test_the_audit_stages_are_read_only_observers(tmp_path):
     assert len(audit.of("db.session.query")) == 3 and len(audit.of("db.session.result")) == 3
 
 
+
+def test_the_session_keeps_no_message_once_its_stages_are_done(tmp_path):
+    """The stages read each message once and share that view; it is dropped when the walk ends
+    (a verdict or the last stage), so no message outlives its batch unseen by the buffer budget."""
+    import gc
+    import weakref
+
+    state, audit, client, backend = session(tmp_path, password="pw")
+    hello = {"hello": 1, "compression": ["zstd"], "$db": "admin"}
+    requests = [
+        wire.encode_op_msg(hello, request_id=1),  # rewritten
+        wire.encode_op_msg(scram.sasl_start("PLAIN", b"\0alice\0pw"), request_id=2),  # answered by the proxy
+        wire.compress(wire.encode_op_msg({"find": "c", "$db": "d"}, request_id=3), wire.COMPRESSOR_IDS["zlib"]),
+        wire.encode_op_msg({"insert": "c", "documents": [{"x": "y" * 100_000}], "$db": "d"}, request_id=4),
+    ]
+    replies = [
+        wire.encode_op_msg({"hello": 1, "hosts": ["a:1"], "ok": 1.0}, response_to=1),  # rewritten
+        wire.encode_op_msg({"n": 1, "ok": 1.0}, response_to=4),  # forwarded as received
+    ]
+    for stages, data in [(client, d) for d in requests] + [(backend, d) for d in replies]:
+        message = msg(data)
+        ref = weakref.ref(message)
+        stages.handle(message, None)
+        del message
+        gc.collect()
+        assert ref() is None, data[:40]
+
+
 def test_legacy_opcodes_audited():
     state, audit, client, backend = session()
     op_insert = wire.HEADER.pack(16 + 4 + 4 + len(bson.encode({"a": 1})), 50, 0, wire.OP_INSERT) + b"\x00" * 4 + b"d.c\x00" + bson.encode({"a": 1})
