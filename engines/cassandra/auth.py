@@ -35,7 +35,7 @@ import attrs
 from dbproxy.config import RouteConfig
 from dbproxy.errors import ProxyError, UpstreamError
 
-from .frames import sasl_plain_token
+from .requests import sasl_plain_token
 
 PASSWORD_AUTHENTICATOR = "org.apache.cassandra.auth.PasswordAuthenticator"
 DSE_AUTHENTICATOR = "com.datastax.bdp.cassandra.auth.DseAuthenticator"

@@ -40,7 +40,7 @@ from dbproxy.errors import ProtocolError, UpstreamError
 from dbproxy.net import connect_backend
 from dbproxy.tls import wrap_backend
 
-from . import frames as F
+from . import protocol as F
 from .auth import backend_authenticator
 from .codec import CqlDecoder, CqlEncoder
 

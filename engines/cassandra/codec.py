@@ -79,7 +79,7 @@ class CqlDecoder:
     ``UnsupportedProtocolVersion``, a v6 request without USE_BETA or a frame
     whose direction bit is wrong raise ``CqlProtocolError``, a length over
     ``max_message_size`` raises ``FrameTooLarge``.  All carry ``stream`` and
-    ``version``; ``frames.protocol_error_reply(exc)`` renders the answer.
+    ``version``; ``responses.protocol_error_reply(exc)`` renders the answer.
     """
 
     def __init__(

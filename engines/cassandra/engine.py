@@ -86,7 +86,7 @@ from dbproxy.identity import AuthFailed
 from dbproxy.session import Identity
 from dbproxy.tls import server_context
 
-from . import frames as F
+from . import protocol as F
 from .auth import ClientAuthFailed, ClientAuthenticator, TokenClientAuthenticator, client_authenticator
 from .backend import BackendProtocolError, BackendRefused, open_backend
 from .codec import CqlDecoder, CqlEncoder

@@ -71,7 +71,7 @@ from dbproxy.roles import Grant
 from dbproxy.sansio import reply
 from dbproxy.statements import Refusal, Statement, Token
 
-from . import frames as F
+from . import protocol as F
 from .cql import split_statements
 from .stages import CqlSessionState, PreparedInfo
 

@@ -65,7 +65,7 @@ from audit import events as ev
 from dbproxy.errors import MalformedMessage, ProtocolError
 from dbproxy.sansio import reply
 
-from . import frames as F
+from . import protocol as F
 
 EV_BATCH = "db.session.cassandra.batch"
 EV_PREPARE = "db.session.cassandra.prepare"
@@ -219,14 +219,14 @@ class PreparedCache:
         return len(self._items)
 
 
-@F._guard
+@F.guard
 def parse_prepared_bind_metadata(frame: F.Frame) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Bind marker types and names of a RESULT Prepared (spec 4.2.5.4).
 
     <id>[<result_metadata_id> v5]<metadata>: flags, columns_count, (v4+)
     pk_count and pk indexes, [global table spec], column specs.
     """
-    r = F._message_reader(frame, F.Opcode.RESULT)
+    r = F.message_reader(frame, F.Opcode.RESULT)
     if r.int32() != F.ResultKind.PREPARED:
         return (), ()
     r.short_bytes()

@@ -41,7 +41,8 @@ from dbproxy.errors import UpstreamError
 from dbproxy.net import connect_backend
 from dbproxy.tls import wrap_backend
 
-from . import scram, wire
+from . import protocol as wire
+from . import scram
 from .codec import MongoDecoder
 
 log = logging.getLogger("dbproxy.mongo")

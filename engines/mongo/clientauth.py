@@ -65,7 +65,7 @@ from dbproxy.identity import AuthFailed
 from dbproxy.session import Identity
 
 from . import scram
-from .wire import error_document
+from .commands import error_document
 
 MODES = ("accept", "reject")
 AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate", "logout", "getnonce"})

@@ -11,7 +11,7 @@ forward ``buffer.consumed_since_mark()`` verbatim.
 No body parsing happens here beyond one cheap check: an OP_MSG that sets
 checksumPresent has its CRC-32C verified (C speed, and drivers rarely set
 it), so corruption is caught before it is forwarded.  OP_COMPRESSED is *not*
-decompressed: stages call ``wire.decompress`` when they need to look inside,
+decompressed: stages call ``compression.decompress`` when they need to look inside,
 and the compressed bytes are forwarded as received.
 
 Garbage detection: a length below 16 can never be a message; an opcode no
@@ -30,6 +30,7 @@ from dbproxy.errors import FrameTooLarge, MalformedMessage, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
 
 from . import wire
+from .opmsg import verify_op_msg_checksum_raw
 
 _NOT_MONGO_HINT = "this port speaks the MongoDB wire protocol; the client sent something else"
 
@@ -76,7 +77,7 @@ class MongoDecoder:
             # Verified before consuming, so a refused message is never part of the consumed span.
             view = buf.peek(length)
             try:
-                wire.verify_op_msg_checksum_raw(view)
+                verify_op_msg_checksum_raw(view)
             except RemoteProtocolError as exc:
                 # It framed, its body is not what was sent: audited as malformed (issue 13 §1).
                 raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",

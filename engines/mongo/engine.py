@@ -13,8 +13,8 @@ Session, in order:
      HostUnreachable, 89 NetworkTimeout, 13 Unauthorized for no route), the
      session start is audited as failed with the detail, and the connection
      closes.
-  4. The core pipeline runs with ``stages.ClientCommands`` and
-     ``stages.BackendReplies``; the first message goes through it like any
+  4. The core pipeline runs with ``stages.client_stages`` and
+     ``stages.backend_stages``; the first message goes through it like any
      other (it is fed back into a fresh decoder ahead of whatever followed).
 
 Identity and access (``services.access`` configured; ``policy.py`` has the
@@ -63,7 +63,8 @@ from dbproxy.flow import Backend, BackendTimeout, Refused, Request, Wiring, send
 from dbproxy.identity import AuthFailed
 from dbproxy.tls import server_context
 
-from . import scram, wire
+from . import protocol as wire
+from . import scram
 from .backend import HANDSHAKES, open_backend
 from .clientauth import MODES, ClientAuthPolicy, IdentityAuthenticator
 from .codec import MongoDecoder
@@ -72,10 +73,10 @@ from .stages import (
     HOST_UNREACHABLE,
     REQUEST_OPCODES,
     SUPPORTED_COMPRESSORS,
-    BackendReplies,
-    ClientCommands,
     MongoSessionState,
     abandon_pending,
+    backend_stages,
+    client_stages,
     lost_backend_replies,
     protocol_error_reply,
 )
@@ -401,7 +402,7 @@ class MongoEngine(Engine):
                 partial = client_protocol_error_reply(exc)
             return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
 
-        return Wiring(decoder, backend.decoder, [ClientCommands(state, audit)], [BackendReplies(state, audit)],
+        return Wiring(decoder, backend.decoder, client_stages(state, audit), backend_stages(state, audit),
                       state, client_error)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:

@@ -43,7 +43,7 @@ from cassandra.cluster import Cluster, NoHostAvailable
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.query import BatchStatement, SimpleStatement
 
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra import segments as S
 from engines.cassandra.codec import CqlDecoder, CqlEncoder
 from dbproxy.sansio import NEED_DATA
@@ -575,7 +575,7 @@ def test_client_password_never_forwarded_or_logged(proxy):
 
 def test_unsupported_version_gets_cassandras_refusal(proxy):
     s = socket.create_connection(("127.0.0.1", proxy.port("cql")), timeout=10)
-    s.sendall(F._HEADER.pack(7, 0, 5, F.Opcode.OPTIONS, 0))
+    s.sendall(F.HEADER.pack(7, 0, 5, F.Opcode.OPTIONS, 0))
     data = b""
     while chunk := s.recv(65536):
         data += chunk

@@ -64,11 +64,11 @@ from hypothesis import strategies as st
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra import segments as S
 from engines.cassandra.backend import BackendDecoder as CqlBackendDecoder
 from engines.cassandra.codec import CqlDecoder
-from engines.mongo import wire
+from engines.mongo import protocol as wire
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder
 from engines.postgres import messages as m

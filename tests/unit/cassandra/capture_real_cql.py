@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from dbproxy.sansio import NEED_DATA  # noqa: E402
-from engines.cassandra import frames as F  # noqa: E402
+from engines.cassandra import protocol as F  # noqa: E402
 from engines.cassandra.codec import CqlDecoder, CqlEncoder  # noqa: E402
 from scripts.peers.cassandra_server import start_cassandra  # noqa: E402
 from tests.unit.cassandra.cql_testutil import DATA_DIR  # noqa: E402
@@ -101,7 +101,7 @@ def conversation(port: int, version: int, compression: str | None, table: str) -
     res = c.query(f"SELECT k, v FROM capture.{table} WHERE k = 1")
     assert F.parse_result(res).rows.row_count == 1
     facts["big_result_frame_length"] = len(res.raw)
-    prepared = c.reply(c.send(F.Opcode.PREPARE, F._long_string("SELECT * FROM system.local WHERE key = ?") + (b"\x00\x00\x00\x00" if version >= 5 else b"")))
+    prepared = c.reply(c.send(F.Opcode.PREPARE, F.pack_long_string("SELECT * FROM system.local WHERE key = ?") + (b"\x00\x00\x00\x00" if version >= 5 else b"")))
     facts["prepared_id"] = F.parse_result(prepared).prepared_id.hex()
     err = c.query("SELEKT nonsense")
     facts["syntax_error_code"] = F.parse_error(err).code
@@ -141,11 +141,11 @@ def main() -> None:
             # Headers are packed by hand (encode_frame would add USE_BETA to v6).  No v1/v2:
             # Cassandra 5.0 reads 9 header bytes even for them, so an 8-byte v2 OPTIONS hangs.
             firsts = {
-                "v7": F._HEADER.pack(7, 0, 5, F.Opcode.OPTIONS, 0),
-                "dse_v2": F._HEADER.pack(0x42, 0, 5, F.Opcode.OPTIONS, 0),
-                "v6_nobeta": F._HEADER.pack(6, 0, 5, F.Opcode.OPTIONS, 0),
-                "response_bit": F._HEADER.pack(0x84, 0, 5, F.Opcode.OPTIONS, 0),
-                "response_opcode": F._HEADER.pack(4, 0, 5, F.Opcode.READY, 0),
+                "v7": F.HEADER.pack(7, 0, 5, F.Opcode.OPTIONS, 0),
+                "dse_v2": F.HEADER.pack(0x42, 0, 5, F.Opcode.OPTIONS, 0),
+                "v6_nobeta": F.HEADER.pack(6, 0, 5, F.Opcode.OPTIONS, 0),
+                "response_bit": F.HEADER.pack(0x84, 0, 5, F.Opcode.OPTIONS, 0),
+                "response_opcode": F.HEADER.pack(4, 0, 5, F.Opcode.READY, 0),
                 "tls_hello": bytes.fromhex("160301020001000100fc0303"),
             }
             for label, first in firsts.items():

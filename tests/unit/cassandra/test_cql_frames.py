@@ -48,7 +48,7 @@ from tests.unit.cassandra.cql_testutil import (
 )
 from dbproxy.errors import FrameTooLarge, ProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra.codec import CqlDecoder, peek_version
 
 SELECT = "SELECT release_version FROM system.local WHERE key = 'local'"
@@ -224,7 +224,7 @@ def _driver_decompress(compression, data):
 
 def test_lz4_bomb_is_refused_before_allocating():
     packed = struct.pack(">I", 1 << 30) + lz4.block.compress(b"x" * 100, store_size=False)
-    frame = F.Frame(4, F.FLAG_COMPRESSION, 1, F.Opcode.QUERY, F._HEADER.pack(4, 1, 1, 7, len(packed)) + packed, compression="lz4")
+    frame = F.Frame(4, F.FLAG_COMPRESSION, 1, F.Opcode.QUERY, F.HEADER.pack(4, 1, 1, 7, len(packed)) + packed, compression="lz4")
     with pytest.raises(FrameTooLarge):
         frame.body()
     with pytest.raises(FrameTooLarge):
@@ -456,8 +456,8 @@ def test_beta_version_without_flag():
     m = driver_decode(exc.error_frame())
     assert isinstance(m, ProtocolException) and "USE_BETA flag is unset" in m.message
     # responses in v6 need no flag from the server side
-    assert one(CqlDecoder("server"), F._HEADER.pack(0x86, 0, 1, F.Opcode.READY, 0)).version == 6
-    assert F.beta_flag_missing(F.Frame(6, 0, 1, 5, F._HEADER.pack(6, 0, 1, 5, 0)))
+    assert one(CqlDecoder("server"), F.HEADER.pack(0x86, 0, 1, F.Opcode.READY, 0)).version == 6
+    assert F.beta_flag_missing(F.Frame(6, 0, 1, 5, F.HEADER.pack(6, 0, 1, 5, 0)))
 
 
 def test_peek_version():
@@ -479,21 +479,21 @@ def test_wrong_direction_is_a_protocol_error_with_stream():
     m = driver_decode(F.protocol_error_reply(exc))
     assert isinstance(m, ProtocolException) and m.stream_id == 3 and "Wrong protocol direction" in m.message
     # a request bit on a response opcode (Cassandra's Message.Type.fromOpcode check)
-    exc = refused(F._HEADER.pack(4, 0, 6, F.Opcode.RESULT, 0))
+    exc = refused(F.HEADER.pack(4, 0, 6, F.Opcode.RESULT, 0))
     assert str(exc) == "Wrong protocol direction (expected RESPONSE, got REQUEST) for opcode 8 (RESULT)"
     for opcode in (0x04, 0x11, 0xFF):
-        assert str(refused(F._HEADER.pack(4, 0, 6, opcode, 0))) == f"Unknown opcode {opcode}"
+        assert str(refused(F.HEADER.pack(4, 0, 6, opcode, 0))) == f"Unknown opcode {opcode}"
 
 
 def test_oversize_frame_is_refused_from_its_header():
     d = CqlDecoder("client", max_message_size=1000)
-    header = F._HEADER.pack(4, 0, 9, F.Opcode.QUERY, 1001)
+    header = F.HEADER.pack(4, 0, 9, F.Opcode.QUERY, 1001)
     d.feed(header)  # the body is never buffered
     with pytest.raises(FrameTooLarge) as info:
         d.next_message()
     assert info.value.size == 1001 and info.value.limit == 1000 and info.value.stream == 9
     d = CqlDecoder("client", max_message_size=1000)
-    d.feed(F._HEADER.pack(4, 0, 9, F.Opcode.QUERY, 0xFFFFFFFF))
+    d.feed(F.HEADER.pack(4, 0, 9, F.Opcode.QUERY, 0xFFFFFFFF))
     with pytest.raises(FrameTooLarge):
         d.next_message()
     ok = F.encode_frame(4, 0, 1, F.Opcode.QUERY, F.query_body(4, "x" * 900), response=False)
@@ -558,7 +558,7 @@ def test_fuzz_frames_decoder(data, direction, comp):
 )
 def test_fuzz_bodies(version, flags, opcode, body, comp):
     response = opcode in F.RESPONSE_OPCODES
-    raw = F._HEADER.pack(version | (0x80 if response else 0), flags, 1, opcode, len(body)) + body
+    raw = F.HEADER.pack(version | (0x80 if response else 0), flags, 1, opcode, len(body)) + body
     _parse_everything(F.Frame(version, flags, 1, opcode, raw, compression=comp))
 
 

@@ -11,7 +11,7 @@ import struct
 
 from dbproxy.channel import MessageStream
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra.codec import CqlDecoder
 from engines.cassandra.engine import _ClientWire
 from engines.cassandra.stages import CqlSessionState, PreparedCache, _Pending

@@ -16,7 +16,7 @@ import pytest
 
 from dbproxy.roles import Grant
 from dbproxy.session import Identity
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra.cql import split_statements
 from engines.cassandra.policy import (
     CqlPolicy,
@@ -253,7 +253,7 @@ def query_frame(version: int, stream: int, cql: str, compressor: str | None = No
 
 
 def prepare_frame(version: int, stream: int, cql: str) -> F.Frame:
-    return request(version, stream, F.Opcode.PREPARE, F._long_string(cql) + (b"\x00\x00\x00\x00" if version >= 5 else b""))
+    return request(version, stream, F.Opcode.PREPARE, F.pack_long_string(cql) + (b"\x00\x00\x00\x00" if version >= 5 else b""))
 
 
 def batch_frame(version: int, stream: int, children: list[str | bytes]) -> F.Frame:
@@ -262,7 +262,7 @@ def batch_frame(version: int, stream: int, children: list[str | bytes]) -> F.Fra
         if isinstance(child, bytes):
             body += b"\x01" + _short_bytes(child) + struct.pack(">H", 0)
         else:
-            body += b"\x00" + F._long_string(child) + struct.pack(">H", 0)
+            body += b"\x00" + F.pack_long_string(child) + struct.pack(">H", 0)
     body += struct.pack(">H", F.Consistency.ONE) + (struct.pack(">I", 0) if version >= 5 else b"\x00")
     return request(version, stream, F.Opcode.BATCH, body)
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.unit.cassandra.cql_testutil import DATA_DIR, vector
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra import segments as S
 from engines.cassandra.codec import CqlDecoder
 
@@ -141,11 +141,11 @@ def test_cassandra_segments_and_ours(name, compressed):
 )
 def test_refusals_match_cassandra(label, expected_exc):
     firsts = {
-        "v7": F._HEADER.pack(7, 0, 5, F.Opcode.OPTIONS, 0),
-        "dse_v2": F._HEADER.pack(0x42, 0, 5, F.Opcode.OPTIONS, 0),
-        "v6_nobeta": F._HEADER.pack(6, 0, 5, F.Opcode.OPTIONS, 0),
-        "response_bit": F._HEADER.pack(0x84, 0, 5, F.Opcode.OPTIONS, 0),
-        "response_opcode": F._HEADER.pack(4, 0, 5, F.Opcode.READY, 0),
+        "v7": F.HEADER.pack(7, 0, 5, F.Opcode.OPTIONS, 0),
+        "dse_v2": F.HEADER.pack(0x42, 0, 5, F.Opcode.OPTIONS, 0),
+        "v6_nobeta": F.HEADER.pack(6, 0, 5, F.Opcode.OPTIONS, 0),
+        "response_bit": F.HEADER.pack(0x84, 0, 5, F.Opcode.OPTIONS, 0),
+        "response_opcode": F.HEADER.pack(4, 0, 5, F.Opcode.READY, 0),
         "tls_hello": bytes.fromhex("160301020001000100fc0303"),
     }
     real = vector(f"real_refusal_{label}.bin")

@@ -27,7 +27,7 @@ from tests.unit.cassandra.cql_testutil import (
 )
 from dbproxy.errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra import segments as S
 from engines.cassandra.codec import CqlDecoder, CqlEncoder, SegmentEncoder, frames_encoder
 

@@ -16,7 +16,7 @@ import pytest
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors, MalformedMessage
 from engines import default_registry
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra.auth import ClientAuthFailed, PlainClientAuthenticator
 from engines.cassandra.stages import (
     CqlSessionState,
@@ -144,7 +144,7 @@ def test_prepare_execute_resolved_with_typed_values(version):
     state, audit, req, res = stages(version)
     qid = b"\xab" * 16
     cql = "INSERT INTO ks.t (id, name, at) VALUES (?, ?, ?)"
-    prepare_body = F._long_string(cql) + (b"\x00\x00\x00\x00" if version >= 5 else b"")
+    prepare_body = F.pack_long_string(cql) + (b"\x00\x00\x00\x00" if version >= 5 else b"")
     assert req.handle(request(version, 3, F.Opcode.PREPARE, prepare_body), None) is None
     assert res.handle(response(version, 3, F.Opcode.RESULT, prepared_result(version, qid, [("id", 9), ("name", 13), ("at", 11)])), None) is None
     prepared_result_event = audit.events[-1]
@@ -214,7 +214,7 @@ def test_batch_children_and_register():
     state.prepared.put(state.backend, b"\x01\x02", PreparedInfo("INSERT INTO t (k, v) VALUES (?, ?)", "ks", (9, 13), ("k", "v")))
     body = bytes([1]) + struct.pack(">H", 2)  # UNLOGGED, two statements
     body += bytes([1]) + _short_bytes(b"\x01\x02") + struct.pack(">H", 2) + _value(struct.pack(">i", 1)) + _value(b"one")
-    body += bytes([0]) + F._long_string("DELETE FROM t WHERE k = 9") + struct.pack(">H", 0)
+    body += bytes([0]) + F.pack_long_string("DELETE FROM t WHERE k = 9") + struct.pack(">H", 0)
     body += struct.pack(">H", F.Consistency.LOCAL_QUORUM) + bytes([0])
     req.handle(request(4, 5, F.Opcode.BATCH, body), None)
     b = audit.events[-1]

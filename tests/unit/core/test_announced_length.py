@@ -14,7 +14,7 @@ import pytest
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import frames as F
+from engines.cassandra import protocol as F
 from engines.cassandra.codec import CqlDecoder
 from engines.cassandra.segments import encode_segments
 from engines.mongo.codec import MongoDecoder

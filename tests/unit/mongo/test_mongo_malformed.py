@@ -1,7 +1,7 @@
 """Mongo requests that frame correctly but whose body the audit cannot read (issue 13 §1).
 
-The rule of every engine: refused before forwarding — ``ClientCommands`` raises ``MalformedMessage``
-(the pipeline audits it as ``audit.malformed`` and ends the session after the engine's ``ok: 0``
+The rule of every engine: refused before forwarding — the client stage that reads the request
+raises ``MalformedMessage`` (the pipeline audits it as ``audit.malformed`` and ends the session after the engine's ``ok: 0``
 reply to that request: code 17 ProtocolError, in OP_REPLY for an OP_QUERY).  Its first 64 bytes are
 kept for the audit, cut before the value of a key that may hold a secret.
 
@@ -22,7 +22,7 @@ import pytest
 from bson.datetime_ms import DatetimeMS
 
 from dbproxy.errors import MalformedMessage
-from engines.mongo import wire
+from engines.mongo import protocol as wire
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
 from tests.unit.mongo.test_mongo_stages import msg, reply_doc, session

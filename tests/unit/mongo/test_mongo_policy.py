@@ -26,10 +26,12 @@ from dbproxy.limits import ConnectionLimits, LimitsConfig
 from dbproxy.roles import AccessPolicy, Grant, RoleConfig
 from dbproxy.session import Identity
 from engines import default_registry
-from engines.mongo import scram, wire
+from engines.mongo import protocol as wire
+from engines.mongo import scram
 from engines.mongo.clientauth import ClientAuthPolicy, IdentityAuthenticator
 from engines.mongo.policy import PENDING, MongoAccess, check_command, read_only_violation
-from engines.mongo.stages import BackendReplies, ClientCommands, MongoSessionState
+from engines.mongo.stages import CommandAudit, MongoSessionState, SessionGate, backend_stages, client_stages
+from tests.unit.mongo.test_mongo_stages import Stages
 
 # --------------------------------------------------------------------------- check_command
 
@@ -355,7 +357,7 @@ def gated(authority, *, methods=("token",), limits=None, certificate=None, legac
     state = MongoSessionState(auth=auth, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE)
     state.gate = MongoAccess(la, session, auth, route="r1", db_user="admin", start_fields={"application_name": "t"},
                              certificate=certificate)
-    return state, session, audit, ClientCommands(state, audit), BackendReplies(state, audit)
+    return state, session, audit, Stages(client_stages(state, audit)), Stages(backend_stages(state, audit))
 
 
 def msg(data: bytes) -> wire.WireMessage:
@@ -371,6 +373,14 @@ def reply_doc(data: bytes) -> dict:
     if m.op_code == wire.OP_REPLY:
         return wire.decode_document(wire.parse_op_reply(m).documents[0])
     return wire.decode_document(wire.parse_op_msg(m).body_raw)
+
+
+def test_with_access_control_the_audit_observes_before_any_refusal(authority):
+    """Pipeline order: the session gate, then the audit observer, then every stage that may refuse."""
+    state, session, audit, client, backend = gated(authority)
+    kinds = [type(s) for s in client.stages]
+    assert kinds[:2] == [SessionGate, CommandAudit]
+    assert {type(s).__name__ for s in client.stages[2:]} >= {"ClientAuth", "AccessPolicy"}
 
 
 def test_before_login_only_the_handshake_runs_unaudited(authority):

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from dbproxy.errors import AccessDenied, RemoteProtocolError, UpstreamError
 from dbproxy.sansio import NEED_DATA
-from engines.mongo import scram, wire
+from engines.mongo import protocol as wire
+from engines.mongo import scram
 from engines.mongo.codec import MongoDecoder
 
 SHA1_VECTOR = {

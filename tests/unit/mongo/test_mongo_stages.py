@@ -24,20 +24,37 @@ from audit import events as ev
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors, FrameTooLarge, MalformedMessage
 from engines import default_registry
-from engines.mongo import scram, wire
+from engines.mongo import protocol as wire
+from engines.mongo import scram
 from engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, ClientAuthPolicy
 from engines.mongo.codec import MongoDecoder
 from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
 from engines.mongo.stages import (
-    BackendReplies,
-    ClientCommands,
+    CommandAudit,
+    ReplyAudit,
     MongoSessionState,
+    backend_stages,
+    client_stages,
     count_documents,
     cursor_summary,
     lost_backend_replies,
     render_command,
     summarize_reply,
 )
+
+
+class Stages:
+    """One direction's stages run as the pipeline runs them: in order, the first verdict wins."""
+
+    def __init__(self, stages: list) -> None:
+        self.stages = stages
+
+    def handle(self, message, ctx):
+        for stage in self.stages:
+            verdict = stage.handle(message, ctx)
+            if verdict is not None:
+                return verdict
+        return None
 
 
 class FakeAudit:
@@ -73,7 +90,7 @@ def session(tmp_path=None, *, mode="accept", password: str | None = None, max_si
         options["client_password_file"] = str(SecretFile(tmp_path, password).path)
     state = MongoSessionState(auth=ClientAuthPolicy.from_options(options).session(), max_message_size=max_size)
     audit = FakeAudit()
-    return state, audit, ClientCommands(state, audit), BackendReplies(state, audit)
+    return state, audit, Stages(client_stages(state, audit)), Stages(backend_stages(state, audit))
 
 
 def msg(data: bytes) -> wire.WireMessage:
@@ -478,6 +495,64 @@ def test_malformed_nested_input_never_escapes_the_stages():
     rep = wire.HEADER.pack(16 + 5 + len(corrupt), 900, 41, wire.OP_MSG) + b"\x00\x00\x00\x00\x00" + bytes(corrupt)
     assert backend.handle(msg(rep), None) is None
     assert audit.of("db.session.result")[-1]["query_uid"] == audit.of("db.session.query")[-1]["uid"]
+
+
+
+def test_the_audit_stages_are_read_only_observers(tmp_path):
+    """Issue 14's contract: an audit stage records and never answers, rewrites, drops or closes;
+    it runs before every client stage that may refuse (a refused command is audited first)."""
+    state, audit, client, backend = session(tmp_path, password="pw")
+    [command_audit] = [s for s in client.stages if isinstance(s, CommandAudit)]
+    [reply_audit] = [s for s in backend.stages if isinstance(s, ReplyAudit)]
+    assert not client.stages[:client.stages.index(command_audit)]  # no access control: no session gate before it
+    assert backend.stages.index(reply_audit) == 0
+    returned = []
+    for observer in (command_audit, reply_audit):
+        def spy(message, ctx, handle=observer.handle):
+            returned.append(handle(message, ctx))
+            return returned[-1]
+        observer.handle = spy
+    hello = {"hello": 1, "compression": ["zstd"], "saslSupportedMechs": "admin.alice", "$db": "admin"}
+    verdicts = [
+        client.handle(msg(wire.encode_op_msg(hello, request_id=1)), None),  # rewritten by the hello stage
+        client.handle(msg(wire.encode_op_msg(scram.sasl_start("PLAIN", b"\0alice\0pw"), request_id=2)), None),
+        client.handle(msg(wire.compress(wire.encode_op_msg({"find": "c", "$db": "d"}, request_id=3),
+                                        wire.COMPRESSOR_IDS["zlib"])), None),  # sent on decompressed
+        backend.handle(msg(wire.encode_op_msg({"hello": 1, "hosts": ["a:1"], "ok": 1.0}, response_to=1)), None),
+        backend.handle(msg(wire.encode_op_msg({"cursor": {"firstBatch": [], "id": Int64(0), "ns": "d.c"}, "ok": 1.0},
+                                              response_to=3)), None),
+    ]
+    assert all(v is not None for v in verdicts[:4])  # other stages changed every one of those…
+    assert len(returned) == 5 and all(r is None for r in returned)  # …the observers none
+    assert len(audit.of("db.session.query")) == 3 and len(audit.of("db.session.result")) == 3
+
+
+
+def test_the_session_keeps_no_message_once_its_stages_are_done(tmp_path):
+    """The stages read each message once and share that view; it is dropped when the walk ends
+    (a verdict or the last stage), so no message outlives its batch unseen by the buffer budget."""
+    import gc
+    import weakref
+
+    state, audit, client, backend = session(tmp_path, password="pw")
+    hello = {"hello": 1, "compression": ["zstd"], "$db": "admin"}
+    requests = [
+        wire.encode_op_msg(hello, request_id=1),  # rewritten
+        wire.encode_op_msg(scram.sasl_start("PLAIN", b"\0alice\0pw"), request_id=2),  # answered by the proxy
+        wire.compress(wire.encode_op_msg({"find": "c", "$db": "d"}, request_id=3), wire.COMPRESSOR_IDS["zlib"]),
+        wire.encode_op_msg({"insert": "c", "documents": [{"x": "y" * 100_000}], "$db": "d"}, request_id=4),
+    ]
+    replies = [
+        wire.encode_op_msg({"hello": 1, "hosts": ["a:1"], "ok": 1.0}, response_to=1),  # rewritten
+        wire.encode_op_msg({"n": 1, "ok": 1.0}, response_to=4),  # forwarded as received
+    ]
+    for stages, data in [(client, d) for d in requests] + [(backend, d) for d in replies]:
+        message = msg(data)
+        ref = weakref.ref(message)
+        stages.handle(message, None)
+        del message
+        gc.collect()
+        assert ref() is None, data[:40]
 
 
 def test_legacy_opcodes_audited():
