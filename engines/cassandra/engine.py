@@ -149,7 +149,7 @@ class _ClientWire:
         """The PROTOCOL_ERROR for a client's ProtocolError, on its stream when known."""
         if self.version is None:
             if isinstance(exc, F.UnsupportedProtocolVersion):
-                return exc.error_frame()
+                return F.protocol_error_reply(exc)
             # A bad first header is answered in the server's current version
             # (Cassandra does); an oversized one in its own, which is valid.
             version = getattr(exc, "version", None)

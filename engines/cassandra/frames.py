@@ -12,7 +12,7 @@ compression of v3/v4, and the protocol errors a header can cause.
 Refusals mirror Cassandra 5.0 (``check_header``, verified byte for byte
 against a real node): a header with an unsupported version raises
 ``UnsupportedProtocolVersion`` before its body arrives, and its
-``error_frame()`` is the PROTOCOL_ERROR Cassandra sends, on the client's
+``responses.protocol_error_reply(exc)`` is the PROTOCOL_ERROR Cassandra sends, on the client's
 stream, in the version a driver can read (``reply_version_for``).  v1/v2 used
 an 8-byte header (stream int8); we read and answer in that format, which v2
 drivers expect (Cassandra 5.0 itself waits for 9 bytes there).
@@ -130,7 +130,7 @@ class CqlProtocolError(RemoteProtocolError):
 
     ``stream`` and ``version`` are set when the frame header could be read, so
     the engine can answer a PROTOCOL_ERROR on the client's own stream id
-    (``error_frame()``, or ``responses.protocol_error_reply(exc)`` for any ProtocolError).
+    (``responses.protocol_error_reply(exc)``, for any ProtocolError).
     """
 
     def __init__(
@@ -145,20 +145,12 @@ class CqlProtocolError(RemoteProtocolError):
         self.stream = stream
         self.version = version
 
-    def error_frame(self, *, compressor: str | None = None) -> bytes:
-        """The ERROR (PROTOCOL_ERROR) frame Cassandra would send for this, unframed."""
-        # Rendering an ERROR body is responses.py's job; imported here, on the error path
-        # only, so the envelope layer stays below the message bodies.
-        from .responses import protocol_error_reply
-
-        return protocol_error_reply(self, compressor=compressor)
-
 
 class UnsupportedProtocolVersion(CqlProtocolError):
     """The client spoke a version Cassandra does not (v1/v2, v7+, DSE's 0x41/0x42, garbage).
 
     Raised as soon as the header is in, like Cassandra which answers before
-    the body arrives.  Answer with ``error_frame()``: byte for byte what
+    the body arrives.  Answer with ``responses.protocol_error_reply(exc)``: byte for byte what
     Cassandra 5.0 sends (drivers read "unsupported protocol version" in it,
     close, and retry a lower version on a new connection).
     """

@@ -420,7 +420,7 @@ def test_v2_client_is_refused_in_its_own_version():
     exc = refused(vector("v2_options.bin"))
     assert isinstance(exc, F.UnsupportedProtocolVersion)
     assert (exc.version, exc.stream) == (2, 3)
-    reply = exc.error_frame()
+    reply = F.protocol_error_reply(exc)
     assert reply == F.encode_unsupported_version_error(2, 3)
     # v1/v2 header: 8 bytes, one-byte stream id, as a v2 driver reads it
     assert reply[0] == 0x82 and len(reply) == 8 + struct.unpack(">I", reply[4:8])[0]
@@ -432,7 +432,7 @@ def test_v2_client_is_refused_in_its_own_version():
 def test_dse_and_future_versions_get_the_current_version():
     exc = refused(vector("dse_v2_options.bin"))
     assert isinstance(exc, F.UnsupportedProtocolVersion) and exc.version == 0x42
-    reply = exc.error_frame()
+    reply = F.protocol_error_reply(exc)
     assert reply[0] == 0x80 | F.CURRENT_VERSION
     m = driver_decode(reply)
     assert isinstance(m, ProtocolException)
@@ -453,7 +453,7 @@ def test_dse_and_future_versions_get_the_current_version():
 def test_beta_version_without_flag():
     exc = refused(driver_frame(OptionsMessage(), 6, stream=1, beta=False))
     assert "USE_BETA flag is unset" in exc.client_hint and exc.version == 6
-    m = driver_decode(exc.error_frame())
+    m = driver_decode(F.protocol_error_reply(exc))
     assert isinstance(m, ProtocolException) and "USE_BETA flag is unset" in m.message
     # responses in v6 need no flag from the server side
     assert one(CqlDecoder("server"), F.HEADER.pack(0x86, 0, 1, F.Opcode.READY, 0)).version == 6
