@@ -127,13 +127,13 @@ def test_malformed_request_is_refused_audited_and_ends_the_session(proxy, direct
 
     def session_over(evs):
         sid = next((e["sid"] for e in evs if insert(tag, "before") == e.get("db_query")), None)
-        return sid is not None and any(e["event"] == "db.session.end" and e["sid"] == sid for e in evs)
+        return sid is not None and any(e["event"] == "db.session.end" and e.get("sid") == sid for e in evs)
 
     box: list = []
     wait_until(lambda: session_over(box.__setitem__(slice(None), read_audit(proxy.audit_path)) or box) or None,
                timeout=15, what="the session's end event")
     sid = next(e["sid"] for e in box if insert(tag, "before") == e.get("db_query"))
-    mine = [e for e in box if e["sid"] == sid]
+    mine = [e for e in box if e.get("sid") == sid]
     [event] = [e for e in mine if e["event"] == "audit.malformed"]
     assert event["direction"] == "client" and event["code"] == "TAU01W" and event["success"] is False
     assert event["message_type"] == F.Opcode(opcode).name and event["message_code"] == opcode

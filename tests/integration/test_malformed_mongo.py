@@ -107,7 +107,7 @@ def test_malformed_request_is_refused_audited_and_ends_the_session(proxy, ferret
 
     def over(evs):
         sid = next((e["sid"] for e in evs if f"before-{tag}" in (e.get("db_query") or "")), None)
-        return sid is not None and any(e["event"] == "db.session.end" and e["sid"] == sid for e in evs)
+        return sid is not None and any(e["event"] == "db.session.end" and e.get("sid") == sid for e in evs)
 
     box: list[dict] = []
 
@@ -117,7 +117,7 @@ def test_malformed_request_is_refused_audited_and_ends_the_session(proxy, ferret
 
     wait_until(check, timeout=15, what="the session's end event")
     sid = next(e["sid"] for e in box if f"before-{tag}" in (e.get("db_query") or ""))
-    mine = [e for e in box if e["sid"] == sid]
+    mine = [e for e in box if e.get("sid") == sid]
     [event] = [e for e in mine if e["event"] == "audit.malformed"]
     assert event["direction"] == "client" and event["code"] == "TAU01W" and event["success"] is False
     assert event["message_type"] == "OP_MSG" and event["message_code"] == OP_MSG

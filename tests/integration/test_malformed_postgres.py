@@ -150,10 +150,10 @@ def test_malformed_client_message_is_refused_audited_and_ends_the_session(proxy,
     assert b"FATAL\0" in data and b"C08P01\0" in data and b"malformed" in data, data
     assert closed, "the session must end after a malformed message"
 
-    events = audited(proxy, lambda evs: any(e.get("event") == "db.session.end" and e["sid"] == sid_of(evs, tag)
+    events = audited(proxy, lambda evs: any(e.get("event") == "db.session.end" and e.get("sid") == sid_of(evs, tag)
                                              for e in evs), f"the end of session {tag}")
     sid = sid_of(events, tag)
-    mine = [e for e in events if e["sid"] == sid]
+    mine = [e for e in events if e.get("sid") == sid]
     [bad_event] = [e for e in mine if e["event"] == "audit.malformed"]
     assert bad_event["direction"] == "client" and bad_event["code"] == "TAU01W" and bad_event["success"] is False
     assert bad_event["message_code"] == chr(bad[0]) and bad_event["length"] == len(bad)
