@@ -439,7 +439,10 @@ def test_denied_command_simple_protocol_psql(env):
     assert out.stderr.count("permission denied") == 2, out.stderr
     assert "DROP TABLE is not allowed" in out.stderr and "TRUNCATE is not allowed" in out.stderr
     assert [line for line in out.stdout.splitlines() if line and line != "CREATE TABLE"] == ["after drop", "0"]
-    evs = env.wait_events(lambda evs: sum(1 for e in evs if e.get("token_id") == jti and e["event"] == "db.session.access_denied") >= 2)
+    # Wait for both refusals' denial and result events (the trail is written a few ms after psql got its errors).
+    evs = env.wait_events(lambda evs: sum(1 for e in evs if e.get("token_id") == jti and e["event"] == "db.session.access_denied") >= 2
+                          and sum(1 for e in evs if e.get("token_id") == jti and e["event"] == "db.session.result"
+                                  and e.get("sqlstate") == "42501") >= 2)
     denials = [e for e in evs if e.get("token_id") == jti and e["event"] == "db.session.access_denied"]
     assert [d["command"] for d in denials] == ["DROP TABLE", "TRUNCATE"]
     assert all(d["stage"] == "statement" and d["success"] is False and d["postgres_protocol"] == "simple" for d in denials)
