@@ -287,7 +287,7 @@ class AuditLink:
         try:
             while True:
                 proc = await trio.lowlevel.open_process(
-                    [self.python, "-m", "audit.worker", os.path.abspath(self.config_file),
+                    [self.python, "-m", "dbproxy.audit.worker", os.path.abspath(self.config_file),
                      logging.getLevelName(logging.getLogger().getEffectiveLevel())],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,

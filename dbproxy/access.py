@@ -224,7 +224,7 @@ def build_access(config: Any) -> AccessControl | None:
 
 def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields: Any) -> dict | None:
     """Emit ``db.session.access_denied`` (success false) with the reason; never secrets."""
-    from audit import events as ev
+    from dbproxy.audit import events as ev
 
     if session.audit is None:
         return None

@@ -18,7 +18,7 @@ import sys
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from audit.verify import verify_files
+    from dbproxy.audit.verify import verify_files
 
     result = verify_files(args.files)
     if result.error is not None:
@@ -56,7 +56,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from audit.tail import follow, matcher, read_existing
+    from dbproxy.audit.tail import follow, matcher, read_existing
 
     match = matcher(user=args.user, session=args.session)
     try:

@@ -129,7 +129,7 @@ def _syslog(v: Any, d: dict, path: str) -> dict:
         v.err(path, f"no TLS keys ({', '.join(sorted(tls))}) with transport {transport!r}")
     params.update(tls)
     if "facility" in d:
-        from audit.sinks.syslog import FACILITIES
+        from dbproxy.audit.sinks.syslog import FACILITIES
 
         fac = d["facility"]
         if isinstance(fac, str) and fac in FACILITIES:

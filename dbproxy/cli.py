@@ -17,7 +17,7 @@ log = logging.getLogger("dbproxy")
 
 
 def _registry():
-    from engines import default_registry
+    from dbproxy.engines import default_registry
 
     return default_registry()
 

@@ -61,7 +61,7 @@ from typing import Any, Callable, Protocol
 import attrs
 import trio
 
-from audit.events import MALFORMED
+from dbproxy.audit.events import MALFORMED
 
 from .errors import MalformedMessage, MessageTimeout, ProtocolError, ProxyError
 # The sans-IO contract lives in the trio-free kit; re-exported here for the pumps' users.

@@ -23,10 +23,10 @@ from typing import Any
 import attrs
 import trio
 
-from audit.link import LINK_DELAY, AuditLink
-from audit import events as ev
-from audit.recorder import AUDIT_UNAVAILABLE, BATCH_DELAY, AuditRecorder, serialize
-from audit.sinks import build_sink
+from dbproxy.audit.link import LINK_DELAY, AuditLink
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import AUDIT_UNAVAILABLE, BATCH_DELAY, AuditRecorder, serialize
+from dbproxy.audit.sinks import build_sink
 
 from .buffer import BufferBudget
 from .config import Config
@@ -137,7 +137,7 @@ class ProxyServer:
     def _previous_run(self) -> dict:
         """``previous_stopped_cleanly``: whether the trail's last event (first JSONL sink) is a
         ``proxy.stop``; absent when the trail is empty (unknown)."""
-        from audit.sinks.jsonl import last_event_of
+        from dbproxy.audit.sinks.jsonl import last_event_of
 
         for sink in self.config.audit.sinks:
             if sink.type == "jsonl" and sink.path:

@@ -137,7 +137,7 @@ class Rfc5424Formatter:
 
 
 def describe_short(event: dict) -> str:
-    from audit.tail import describe
+    from dbproxy.audit.tail import describe
 
     return describe(event, with_time=False)
 

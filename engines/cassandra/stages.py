@@ -61,7 +61,7 @@ from typing import Any
 
 import attrs
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 from dbproxy.errors import MalformedMessage, ProtocolError
 from dbproxy.sansio import reply
 

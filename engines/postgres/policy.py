@@ -47,7 +47,7 @@ from typing import Any
 
 import attrs
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 from dbproxy.access import audit_denial
 from dbproxy.roles import Grant
 from dbproxy.sansio import replace

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 
 from . import messages as m
 

@@ -41,7 +41,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from audit.events import MALFORMED
+from dbproxy.audit.events import MALFORMED
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from dbproxy.sansio import NEED_DATA

@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from audit.verify import verify_files
+from dbproxy.audit.verify import verify_files
 from tests.support import ProxyProcess, read_audit, wait_until
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def worker_pids(proxy: ProxyProcess) -> list[int]:
                     cmd = f.read()
             except OSError:
                 continue
-            if int(fields[1]) == proxy.proc.pid and fields[0] != "Z" and b"audit.worker" in cmd:
+            if int(fields[1]) == proxy.proc.pid and fields[0] != "Z" and b"dbproxy.audit.worker" in cmd:
                 out.append(int(entry))
     return out
 

@@ -34,7 +34,7 @@ import orjson
 import psycopg
 import pytest
 
-from audit.verify import ChainChecker, verify_files
+from dbproxy.audit.verify import ChainChecker, verify_files
 from tests.support import ROOT, ProxyProcess, peer_missing, read_audit, wait_until
 
 pytestmark = pytest.mark.integration

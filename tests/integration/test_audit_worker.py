@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from audit.verify import verify_files
+from dbproxy.audit.verify import verify_files
 from tests.support import ProxyProcess, read_audit, wait_until
 
 pytestmark = pytest.mark.integration
@@ -86,7 +86,7 @@ def session_events(events: list[dict]) -> list[tuple]:
 def test_the_trail_is_the_same_with_and_without_the_worker(pg, tmp_path, worker):
     proxy = ProxyProcess(tmp_path, config(pg, tmp_path, worker=None if worker else False)).start()
     try:
-        kids = [p for p in children(proxy.proc.pid) if "audit.worker" in cmdline(p)]
+        kids = [p for p in children(proxy.proc.pid) if "dbproxy.audit.worker" in cmdline(p)]
         assert len(kids) == (1 if worker else 0)
         workload(proxy)
         events = read_audit(tmp_path / "audit.jsonl", wait_for=1)
@@ -113,7 +113,7 @@ def test_the_trail_is_the_same_with_and_without_the_worker(pg, tmp_path, worker)
 def test_a_killed_worker_ends_the_running_session_and_a_new_one_takes_over(pg, tmp_path):
     proxy = ProxyProcess(tmp_path, config(pg, tmp_path)).start()
     try:
-        [first] = [p for p in children(proxy.proc.pid) if "audit.worker" in cmdline(p)]
+        [first] = [p for p in children(proxy.proc.pid) if "dbproxy.audit.worker" in cmdline(p)]
         with connect(proxy) as conn:
             conn.execute("SELECT 1")
             wait_until(lambda: len(read_audit(tmp_path / "audit.jsonl")) >= 4, timeout=10, what="the first events")  # proxy.start, then the session
@@ -126,7 +126,7 @@ def test_a_killed_worker_ends_the_running_session_and_a_new_one_takes_over(pg, t
             assert told.value.sqlstate == "53000"
 
         def new_worker():
-            kids = [p for p in children(proxy.proc.pid) if "audit.worker" in cmdline(p)]
+            kids = [p for p in children(proxy.proc.pid) if "dbproxy.audit.worker" in cmdline(p)]
             return kids and kids != [first]
 
         wait_until(new_worker, timeout=20, what="a new audit worker")

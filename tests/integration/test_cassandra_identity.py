@@ -35,7 +35,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster, NoHostAvailable
 from cassandra.query import BatchStatement, SimpleStatement
 
-from engines.cassandra import protocol as F
+from dbproxy.engines.cassandra import protocol as F
 from scripts.peers.cassandra_server import start_cassandra
 from tests.integration.test_cassandra_proxy import RawCql, _backend, _require_install, cluster, refusal
 from tests.support import ROOT, ProxyProcess, peer_missing, read_audit, wait_until

@@ -43,9 +43,9 @@ from cassandra.cluster import Cluster, NoHostAvailable
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.query import BatchStatement, SimpleStatement
 
-from engines.cassandra import protocol as F
-from engines.cassandra import segments as S
-from engines.cassandra.codec import CqlDecoder, CqlEncoder
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra import segments as S
+from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder
 from dbproxy.sansio import NEED_DATA
 from scripts.peers import free_port
 from scripts.peers.cassandra_server import lib_dir, start_cassandra

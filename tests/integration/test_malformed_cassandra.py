@@ -22,7 +22,7 @@ import pytest
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster
 
-from engines.cassandra import protocol as F
+from dbproxy.engines.cassandra import protocol as F
 from scripts.peers.cassandra_server import lib_dir, start_cassandra
 from tests.integration.test_cassandra_proxy import RawCql
 from tests.support import ProxyProcess, peer_missing, read_audit, wait_until

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 import trio
 
-from engines.postgres import messages as m
+from dbproxy.engines.postgres import messages as m
 from tests.integration.test_postgres_kerberos import (  # noqa: F401  (fixtures)
     STAT_SQL,
     client_without_kerberos,

@@ -19,7 +19,7 @@ from dbproxy.config import load_config
 from dbproxy.errors import AccessDenied, ConfigErrors
 from dbproxy.session import Identity, Session
 from dbproxy.statements import Refusal
-from engines import default_registry
+from dbproxy.engines import default_registry
 
 REG = default_registry()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

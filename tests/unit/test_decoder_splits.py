@@ -64,17 +64,17 @@ from hypothesis import strategies as st
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import protocol as F
-from engines.cassandra import segments as S
-from engines.cassandra.backend import BackendDecoder as CqlBackendDecoder
-from engines.cassandra.codec import CqlDecoder
-from engines.mongo import protocol as wire
-from engines.mongo.codec import MongoDecoder
-from engines.mongo.engine import AttributingDecoder
-from engines.postgres import messages as m
-from engines.postgres.codec import BackendDecoder, FrontendDecoder
-from engines.postgres.stages import BackendAudit, FrontendAudit
-from engines.postgres.tap import Framer
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra import segments as S
+from dbproxy.engines.cassandra.backend import BackendDecoder as CqlBackendDecoder
+from dbproxy.engines.cassandra.codec import CqlDecoder
+from dbproxy.engines.mongo import protocol as wire
+from dbproxy.engines.mongo.codec import MongoDecoder
+from dbproxy.engines.mongo.engine import AttributingDecoder
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
+from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit
+from dbproxy.engines.postgres.tap import Framer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SPLITS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -214,7 +214,7 @@ def test_tokens_verifiers_and_registry_signatures_unchanged():
 
     from dbproxy.identity import RegistryEntry, scram_verifier
     from dbproxy.scram import PLAIN_SHA_256
-    from engines.mongo.scram import MONGO_SHA_1
+    from dbproxy.engines.mongo.scram import MONGO_SHA_1
 
     hs = TokenKeys("HS256", secret=b"k" * 32)
     ed = TokenKeys("EdDSA", private_key=Ed25519PrivateKey.from_private_bytes(b"\x01" * 32))
@@ -242,7 +242,7 @@ def test_core_records_no_protocol_digest_engines_declare_theirs(cfg):
     """Without engine flavours the registry holds the plain SCRAM-SHA-256 verifier only; `token issue`
     adds the flavours the registered engines declare (Mongo's SCRAM-SHA-1 digest)."""
     from dbproxy.token_cli import scram_flavours
-    from engines.mongo.scram import MONGO_SHA_1
+    from dbproxy.engines.mongo.scram import MONGO_SHA_1
 
     a = TokenAuthority(cfg)
     token, claims = issue(a)
@@ -339,7 +339,7 @@ def test_hmac_key_too_short():
 
 def pg_scram_login(authority: TokenAuthority, user: str, password: str):
     """A full PostgreSQL-flavoured exchange: the engine's SCRAM client vs the token server."""
-    from engines.postgres.auth import ScramClient
+    from dbproxy.engines.postgres.auth import ScramClient
 
     client = ScramClient(password)  # libpq sends an empty n=; the server uses the startup user
     server = authority.scram_server(user, SCRAM_SHA_256)
@@ -430,7 +430,7 @@ def test_registry_prunes_expired_entries_and_remove(cfg):
 def test_mongo_scram_flavours_use_the_same_registry(cfg):
     """Phase 2 readiness: Mongo's SCRAM-SHA-256 (user in n=) and SCRAM-SHA-1 (md5 password digest)."""
     from dbproxy.token_cli import scram_flavours
-    from engines.mongo.scram import ScramClient
+    from dbproxy.engines.mongo.scram import ScramClient
 
     a = TokenAuthority(cfg, flavours=scram_flavours())  # as `dbproxy token issue` builds it
     token, claims = issue(a)

@@ -21,8 +21,8 @@ import trio.testing
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors, UpstreamError
 from dbproxy.kerberos import CLIENT_HINT, KerberosCredential, _described, _describe
-from engines import default_registry
-from engines.postgres.gssenc import MAX_PACKET, GssEncStream
+from dbproxy.engines import default_registry
+from dbproxy.engines.postgres.gssenc import MAX_PACKET, GssEncStream
 
 
 class FakeKdc:

@@ -11,7 +11,7 @@ import pytest
 
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
-from engines import default_registry
+from dbproxy.engines import default_registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

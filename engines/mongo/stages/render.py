@@ -39,7 +39,7 @@ from bson.raw_bson import RawBSONDocument
 from bson.regex import Regex
 from bson.timestamp import Timestamp
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 
 from .. import protocol as wire
 from ..clientauth import AUTH_COMMANDS

@@ -30,8 +30,8 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from engines.mongo import protocol as wire  # noqa: E402
-from engines.mongo.codec import MongoDecoder  # noqa: E402
+from dbproxy.engines.mongo import protocol as wire  # noqa: E402
+from dbproxy.engines.mongo.codec import MongoDecoder  # noqa: E402
 from dbproxy.sansio import NEED_DATA  # noqa: E402
 
 

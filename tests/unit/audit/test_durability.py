@@ -16,12 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from audit.recorder import AuditRecorder, DurableSessionAudit, SessionAudit
+from dbproxy.audit.recorder import AuditRecorder, DurableSessionAudit, SessionAudit
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
 from dbproxy.pipeline import Pipeline
 from dbproxy.session import Session
-from engines import default_registry
+from dbproxy.engines import default_registry
 from tests.unit.core.test_pipeline import LengthDecoder, Recv, frame
 
 

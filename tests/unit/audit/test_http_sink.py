@@ -15,8 +15,8 @@ import orjson
 import pytest
 import trio
 
-from audit.recorder import chain_hash
-from audit.sinks.http import HttpSink
+from dbproxy.audit.recorder import chain_hash
+from dbproxy.audit.sinks.http import HttpSink
 from dbproxy.config import SecretRef
 
 

@@ -15,11 +15,11 @@ import orjson
 import pytest
 import trio
 
-from audit import events as ev
-from audit.recorder import AuditRecorder
-from audit.sinks.jsonl import JsonlSink
-from audit.tail import describe, follow, matcher
-from audit.verify import verify_files
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import AuditRecorder
+from dbproxy.audit.sinks.jsonl import JsonlSink
+from dbproxy.audit.tail import describe, follow, matcher
+from dbproxy.audit.verify import verify_files
 from dbproxy.cli import main as cli
 from dbproxy.session import Identity, Session
 
@@ -71,7 +71,7 @@ async def test_verify_ok_and_cli_exit_status(tmp_path, capsys):
     ],
 )
 async def test_tampering_fails_at_that_line(tmp_path, capsys, tamper, line, reason):
-    from audit.recorder import chain_hash
+    from dbproxy.audit.recorder import chain_hash
 
     path = tmp_path / "audit.jsonl"
     await write_trail(path)

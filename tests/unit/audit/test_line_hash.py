@@ -24,8 +24,8 @@ import re
 import orjson
 import pytest
 
-from audit.recorder import GENESIS_HASH, AuditRecorder, chain_hash, line_hash
-from audit.verify import ChainChecker, verify_files
+from dbproxy.audit.recorder import GENESIS_HASH, AuditRecorder, chain_hash, line_hash
+from dbproxy.audit.verify import ChainChecker, verify_files
 from dbproxy.session import Identity, Session
 
 QUERIES = [

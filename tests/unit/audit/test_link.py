@@ -23,11 +23,11 @@ import orjson
 import pytest
 import trio
 
-from audit.link import EVENT, FRAME, AuditLink
-from audit.recorder import AuditUnavailable
-from audit.verify import verify_files
+from dbproxy.audit.link import EVENT, FRAME, AuditLink
+from dbproxy.audit.recorder import AuditUnavailable
+from dbproxy.audit.verify import verify_files
 from dbproxy.session import Session
-from engines.postgres.tap import Tap as PgTap
+from dbproxy.engines.postgres.tap import Tap as PgTap
 from tests.support import read_audit
 
 
@@ -201,7 +201,7 @@ def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp
          "spool_dir": str(tmp_path / "spool"), "shutdown_flush_seconds": 60, "retry_initial_seconds": 0.05},
         {"type": "jsonl", "path": str(tmp_path / "audit.jsonl")},
     ]
-    worker = subprocess.Popen([sys.executable, "-m", "audit.worker", write_config(tmp_path, sinks)],
+    worker = subprocess.Popen([sys.executable, "-m", "dbproxy.audit.worker", write_config(tmp_path, sinks)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         hello = orjson.loads(worker.stdout.readline())

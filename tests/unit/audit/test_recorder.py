@@ -13,11 +13,11 @@ import orjson
 import pytest
 import trio
 
-from audit import events as ev
-from audit.recorder import AuditRecorder, AuditUnavailable
-from audit.sinks.jsonl import JsonlSink
-from audit.sinks.spooled import DeliveryFailed, SpooledSink
-from audit.verify import verify_files
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import AuditRecorder, AuditUnavailable
+from dbproxy.audit.sinks.jsonl import JsonlSink
+from dbproxy.audit.sinks.spooled import DeliveryFailed, SpooledSink
+from dbproxy.audit.verify import verify_files
 from dbproxy.session import Session
 
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from audit.sinks import build_sink
-from audit.sinks.http import HttpSink
-from audit.sinks.jsonl import JsonlSink
-from audit.sinks.syslog import SyslogSink
+from dbproxy.audit.sinks import build_sink
+from dbproxy.audit.sinks.http import HttpSink
+from dbproxy.audit.sinks.jsonl import JsonlSink
+from dbproxy.audit.sinks.syslog import SyslogSink
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
-from engines import default_registry
+from dbproxy.engines import default_registry
 
 
 def config_with(tmp_path, sinks):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from audit.sinks.spool import HEADER, Position, Spool, SpoolError
+from dbproxy.audit.sinks.spool import HEADER, Position, Spool, SpoolError
 
 
 def rec(seq: int, size: int = 100) -> tuple[int, str, bytes]:

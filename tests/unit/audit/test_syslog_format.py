@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit import events as ev
-from audit.recorder import chain_hash
-from audit.sinks.syslog import FACILITIES, UTF8_BOM, Rfc5424Formatter, octet_frame, sd_escape, sd_name
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import chain_hash
+from dbproxy.audit.sinks.syslog import FACILITIES, UTF8_BOM, Rfc5424Formatter, octet_frame, sd_escape, sd_name
 
 HEADER = re.compile(
     rb"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>[!-~]{1,255}) (?P<app>[!-~]{1,48}) (?P<procid>[!-~]{1,128}) (?P<msgid>[!-~]{1,32}) "

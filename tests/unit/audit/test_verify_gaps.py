@@ -14,9 +14,9 @@ import hashlib
 
 import orjson
 
-from audit import events as ev
-from audit.recorder import GENESIS_HASH, AuditRecorder
-from audit.verify import verify_files
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import GENESIS_HASH, AuditRecorder
+from dbproxy.audit.verify import verify_files
 from dbproxy.cli import main as cli
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from dbproxy.sansio import NEED_DATA  # noqa: E402
-from engines.cassandra import protocol as F  # noqa: E402
-from engines.cassandra.codec import CqlDecoder, CqlEncoder  # noqa: E402
+from dbproxy.engines.cassandra import protocol as F  # noqa: E402
+from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder  # noqa: E402
 from scripts.peers.cassandra_server import start_cassandra  # noqa: E402
 from tests.unit.cassandra.cql_testutil import DATA_DIR  # noqa: E402
 

@@ -17,7 +17,7 @@ from cassandra.protocol import ProtocolHandler
 from cassandra.segment import SegmentCodec
 
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra.codec import CqlDecoder
+from dbproxy.engines.cassandra.codec import CqlDecoder
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "cassandra"
 

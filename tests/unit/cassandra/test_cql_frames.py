@@ -48,8 +48,8 @@ from tests.unit.cassandra.cql_testutil import (
 )
 from dbproxy.errors import FrameTooLarge, ProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import protocol as F
-from engines.cassandra.codec import CqlDecoder, peek_version
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra.codec import CqlDecoder, peek_version
 
 SELECT = "SELECT release_version FROM system.local WHERE key = 'local'"
 

@@ -11,10 +11,10 @@ import struct
 
 from dbproxy.channel import MessageStream
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout
-from engines.cassandra import protocol as F
-from engines.cassandra.codec import CqlDecoder
-from engines.cassandra.engine import _ClientWire
-from engines.cassandra.stages import CqlSessionState, PreparedCache, _Pending
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra.codec import CqlDecoder
+from dbproxy.engines.cassandra.engine import _ClientWire
+from dbproxy.engines.cassandra.stages import CqlSessionState, PreparedCache, _Pending
 
 from .test_cql_stages import _engine
 

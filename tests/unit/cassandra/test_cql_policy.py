@@ -16,9 +16,9 @@ import pytest
 
 from dbproxy.roles import Grant
 from dbproxy.session import Identity
-from engines.cassandra import protocol as F
-from engines.cassandra.cql import split_statements
-from engines.cassandra.policy import (
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra.cql import split_statements
+from dbproxy.engines.cassandra.policy import (
     CqlPolicy,
     CqlRules,
     classify_cql,
@@ -26,7 +26,7 @@ from engines.cassandra.policy import (
     prepared_id_for,
     vouched,
 )
-from engines.cassandra.stages import CqlSessionState, PreparedCache, PreparedInfo, RequestAudit, ResponseAudit
+from dbproxy.engines.cassandra.stages import CqlSessionState, PreparedCache, PreparedInfo, RequestAudit, ResponseAudit
 from tests.unit.cassandra.cql_testutil import vector
 from tests.unit.cassandra.test_cql_stages import FakeAudit, _short_bytes, _string, execute_body, request, response
 

@@ -16,9 +16,9 @@ import pytest
 
 from tests.unit.cassandra.cql_testutil import DATA_DIR, vector
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import protocol as F
-from engines.cassandra import segments as S
-from engines.cassandra.codec import CqlDecoder
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra import segments as S
+from dbproxy.engines.cassandra.codec import CqlDecoder
 
 FACTS = json.loads((DATA_DIR / "real_facts.json").read_text())
 CONVERSATIONS = [("real_v4_lz4", 4, "lz4"), ("real_v4_snappy", 4, "snappy"), ("real_v5_plain", 5, None), ("real_v5_lz4", 5, "lz4")]

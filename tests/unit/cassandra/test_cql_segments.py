@@ -27,9 +27,9 @@ from tests.unit.cassandra.cql_testutil import (
 )
 from dbproxy.errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import protocol as F
-from engines.cassandra import segments as S
-from engines.cassandra.codec import CqlDecoder, CqlEncoder, SegmentEncoder, frames_encoder
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra import segments as S
+from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder, SegmentEncoder, frames_encoder
 
 
 def seg_decoder(direction="client", compress=False, **kw) -> CqlDecoder:

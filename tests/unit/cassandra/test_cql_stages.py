@@ -15,10 +15,10 @@ import pytest
 
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors, MalformedMessage
-from engines import default_registry
-from engines.cassandra import protocol as F
-from engines.cassandra.auth import ClientAuthFailed, PlainClientAuthenticator
-from engines.cassandra.stages import (
+from dbproxy.engines import default_registry
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra.auth import ClientAuthFailed, PlainClientAuthenticator
+from dbproxy.engines.cassandra.stages import (
     CqlSessionState,
     PreparedCache,
     PreparedInfo,
@@ -379,7 +379,7 @@ async def _read_frame(stream, decoder) -> F.Frame:
 def _engine(**options):
     from dbproxy.config import ListenerConfig
     from dbproxy.engine import Services
-    from engines.cassandra.engine import CassandraEngine
+    from dbproxy.engines.cassandra.engine import CassandraEngine
 
     listener = ListenerConfig(name="c", protocol="cassandra", host="127.0.0.1", port=0, tls=None, routes=(), options=options)
     return CassandraEngine(listener, Services(recorder=None))
@@ -390,7 +390,7 @@ async def test_refuse_answers_options_then_server_error():
     from trio.testing import memory_stream_pair
 
     from dbproxy.session import Session
-    from engines.cassandra.codec import CqlDecoder
+    from dbproxy.engines.cassandra.codec import CqlDecoder
 
     engine = _engine()
     client, server = memory_stream_pair()
@@ -412,7 +412,7 @@ async def test_handshake_refusals_in_cassandras_words():
     from trio.testing import memory_stream_pair
 
     from dbproxy.session import Session
-    from engines.cassandra.codec import CqlDecoder
+    from dbproxy.engines.cassandra.codec import CqlDecoder
 
     cases = [
         ([F.encode_startup(4, 3, {"DRIVER_NAME": "x"})], "Missing value CQL_VERSION in STARTUP message"),

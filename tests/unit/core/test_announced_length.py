@@ -14,13 +14,13 @@ import pytest
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.sansio import NEED_DATA
-from engines.cassandra import protocol as F
-from engines.cassandra.codec import CqlDecoder
-from engines.cassandra.segments import encode_segments
-from engines.mongo.codec import MongoDecoder
-from engines.mongo.engine import AttributingDecoder
-from engines.postgres.codec import BackendDecoder, FrontendDecoder
-from engines.postgres.tap import Framer
+from dbproxy.engines.cassandra import protocol as F
+from dbproxy.engines.cassandra.codec import CqlDecoder
+from dbproxy.engines.cassandra.segments import encode_segments
+from dbproxy.engines.mongo.codec import MongoDecoder
+from dbproxy.engines.mongo.engine import AttributingDecoder
+from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
+from dbproxy.engines.postgres.tap import Framer
 
 PG_QUERY = b"Q" + struct.pack(">i", 4 + 5000) + b"x" * 5000
 MONGO = struct.pack("<iiii", 16 + 5000, 1, 0, 2013) + b"\x00" * 5000

@@ -11,7 +11,7 @@ import pytest
 
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
-from engines import default_registry
+from dbproxy.engines import default_registry
 
 REG = default_registry()
 

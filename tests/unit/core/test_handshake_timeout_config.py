@@ -9,7 +9,7 @@ import pytest
 from dbproxy.config import load_config
 from dbproxy.engine import DEFAULT_HANDSHAKE_TIMEOUT, Services
 from dbproxy.errors import ConfigErrors
-from engines import default_registry
+from dbproxy.engines import default_registry
 
 REG = default_registry()
 

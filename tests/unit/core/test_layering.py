@@ -34,7 +34,7 @@ PROTOCOL_NAMES = {"postgres", "postgresql", "sql", "cassandra", "cql", "mongo", 
 def _imports(path: pathlib.Path) -> list[tuple[str, int, str | None]]:
     """(absolute module name, line, enclosing function or None) of every import in ``path``."""
     tree = ast.parse(path.read_text(), str(path))
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    package = _module_name(path).rpartition(".")[0] if path.stem != "__init__" else _module_name(path)
     out: list[tuple[str, int, str | None]] = []
 
     def visit(node: ast.AST, func: str | None) -> None:
@@ -60,7 +60,7 @@ def _imports(path: pathlib.Path) -> list[tuple[str, int, str | None]]:
 
 
 def _is_engine(module: str) -> bool:
-    return module == "engines" or module.startswith("engines.") or module == "dbproxy.engines" or module.startswith("dbproxy.engines.")
+    return module == "dbproxy.engines" or module.startswith("dbproxy.engines.")
 
 
 def test_core_imports_no_engine():
@@ -85,7 +85,7 @@ def test_importing_the_core_loads_no_engine():
         "import importlib, sys\n"
         f"for name in {names!r}:\n"
         "    importlib.import_module(name)\n"
-        "print(sorted(m for m in sys.modules if m == 'engines' or m.startswith('engines.')))\n"
+        "print(sorted(m for m in sys.modules if m == 'dbproxy.engines' or m.startswith('dbproxy.engines.')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -143,6 +143,8 @@ def _module_name(path: pathlib.Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
+    if parts[0] != "dbproxy":  # engines/ and audit/ install as dbproxy.engines, dbproxy.audit
+        parts.insert(0, "dbproxy")
     return ".".join(parts)
 
 

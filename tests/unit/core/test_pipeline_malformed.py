@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import trio
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 from dbproxy.errors import MalformedMessage, RemoteProtocolError
 from dbproxy.pipeline import NEED_DATA, Pipeline
 from tests.unit.core.test_pipeline import LengthDecoder, Recv, frame

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.mongo import protocol as wire
-from engines.mongo.codec import MongoDecoder
+from dbproxy.engines.mongo import protocol as wire
+from dbproxy.engines.mongo.codec import MongoDecoder
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "mongo"
 CAPTURES = sorted(p.name for p in DATA.glob("*.bin"))

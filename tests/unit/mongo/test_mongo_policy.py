@@ -17,7 +17,7 @@ import pytest
 import bson
 from bson.raw_bson import RawBSONDocument
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 from dbproxy.access import ListenerAccess
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
@@ -25,12 +25,12 @@ from dbproxy.identity import ClientAuthenticator, MtlsConfig, TokenAuthority, To
 from dbproxy.limits import ConnectionLimits, LimitsConfig
 from dbproxy.roles import AccessPolicy, Grant, RoleConfig
 from dbproxy.session import Identity
-from engines import default_registry
-from engines.mongo import protocol as wire
-from engines.mongo import scram
-from engines.mongo.clientauth import ClientAuthPolicy, IdentityAuthenticator
-from engines.mongo.policy import PENDING, MongoAccess, check_command, read_only_violation
-from engines.mongo.stages import CommandAudit, MongoSessionState, SessionGate, backend_stages, client_stages
+from dbproxy.engines import default_registry
+from dbproxy.engines.mongo import protocol as wire
+from dbproxy.engines.mongo import scram
+from dbproxy.engines.mongo.clientauth import ClientAuthPolicy, IdentityAuthenticator
+from dbproxy.engines.mongo.policy import PENDING, MongoAccess, check_command, read_only_violation
+from dbproxy.engines.mongo.stages import CommandAudit, MongoSessionState, SessionGate, backend_stages, client_stages
 from tests.unit.mongo.test_mongo_stages import Stages
 
 # --------------------------------------------------------------------------- check_command

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from dbproxy.errors import AccessDenied, RemoteProtocolError, UpstreamError
 from dbproxy.sansio import NEED_DATA
-from engines.mongo import protocol as wire
-from engines.mongo import scram
-from engines.mongo.codec import MongoDecoder
+from dbproxy.engines.mongo import protocol as wire
+from dbproxy.engines.mongo import scram
+from dbproxy.engines.mongo.codec import MongoDecoder
 
 SHA1_VECTOR = {
     "mechanism": "SCRAM-SHA-1",

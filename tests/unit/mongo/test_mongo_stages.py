@@ -20,16 +20,16 @@ import pytest
 from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.raw_bson import RawBSONDocument
 
-from audit import events as ev
+from dbproxy.audit import events as ev
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors, FrameTooLarge, MalformedMessage
-from engines import default_registry
-from engines.mongo import protocol as wire
-from engines.mongo import scram
-from engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, ClientAuthPolicy
-from engines.mongo.codec import MongoDecoder
-from engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
-from engines.mongo.stages import (
+from dbproxy.engines import default_registry
+from dbproxy.engines.mongo import protocol as wire
+from dbproxy.engines.mongo import scram
+from dbproxy.engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, ClientAuthPolicy
+from dbproxy.engines.mongo.codec import MongoDecoder
+from dbproxy.engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
+from dbproxy.engines.mongo.stages import (
     CommandAudit,
     ReplyAudit,
     MongoSessionState,

@@ -23,7 +23,7 @@ from bson.codec_options import DEFAULT_CODEC_OPTIONS
 from pymongo import compression_support, message as pymongo_message
 
 from dbproxy.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from engines.mongo import protocol as wire
+from dbproxy.engines.mongo import protocol as wire
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "mongo"
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from dbproxy.errors import LocalProtocolError, UpstreamError
-from engines.postgres import messages as m
-from engines.postgres.auth import (
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.auth import (
     SCRAM_SHA_256,
     SCRAM_SHA_256_PLUS,
     ScramClient,
@@ -24,7 +24,7 @@ from engines.postgres.auth import (
     normalize_password,
     tls_server_end_point,
 )
-from engines.postgres.codec import BackendDecoder, FrontendDecoder
+from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pg_throwaway import MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD  # noqa: E402

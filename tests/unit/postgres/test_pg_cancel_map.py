@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engines.postgres.engine import CancelMap
-from engines.postgres.messages import BackendKeyData
+from dbproxy.engines.postgres.engine import CancelMap
+from dbproxy.engines.postgres.messages import BackendKeyData
 
 
 def test_real_pid_own_secret_and_both_must_match():

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.postgres import messages as m
-from engines.postgres.codec import MAX_STARTUP_PACKET_LENGTH, BackendDecoder, FrontendDecoder
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.codec import MAX_STARTUP_PACKET_LENGTH, BackendDecoder, FrontendDecoder
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "postgres"
 

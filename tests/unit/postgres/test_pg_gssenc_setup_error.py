@@ -10,8 +10,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from engines.postgres import messages as m
-from engines.postgres.gssenc import GssEncStream
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.gssenc import GssEncStream
 
 
 class _Ctx:

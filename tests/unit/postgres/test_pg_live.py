@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dbproxy.sansio import NEED_DATA
-from engines.postgres import messages as m
-from engines.postgres.auth import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramClient, md5_password, tls_server_end_point
-from engines.postgres.codec import BackendDecoder
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.auth import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramClient, md5_password, tls_server_end_point
+from dbproxy.engines.postgres.codec import BackendDecoder
 from tests.support import peer_missing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -9,8 +9,8 @@ import pytest
 
 from dbproxy.errors import RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
-from engines.postgres import messages as m
-from engines.postgres.codec import BackendDecoder, FrontendDecoder
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "postgres"
 

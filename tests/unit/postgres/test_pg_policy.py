@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from dbproxy.roles import Grant
-from engines.postgres.policy import check_sql
-from engines.postgres.sql import split_statements, statement_variants
+from dbproxy.engines.postgres.policy import check_sql
+from dbproxy.engines.postgres.sql import split_statements, statement_variants
 
 
 # --------------------------------------------------------------------------- lexer

@@ -16,8 +16,8 @@ from hypothesis import given, settings, strategies as st
 
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
 from dbproxy.pipeline import NEED_DATA
-from engines.postgres import messages as m
-from engines.postgres.codec import MAX_REFUSAL_LENGTH, BackendDecoder, Refusal
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.codec import MAX_REFUSAL_LENGTH, BackendDecoder, Refusal
 
 V3 = m.encode_error("FATAL", "08P01", "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0")
 # What report_fork_failure_to_client wrote before PostgreSQL 14: no length, text + NUL.

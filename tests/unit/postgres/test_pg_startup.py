@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.postgres.startup import (
+from dbproxy.engines.postgres.startup import (
     SettingRefused,
     backend_settings,
     join_options,

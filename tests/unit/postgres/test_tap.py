@@ -30,16 +30,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit import events as ev
-from audit.recorder import AuditRecorder, TemplateAudit
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import AuditRecorder, TemplateAudit
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, ProtocolError, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA
 from dbproxy.session import Identity, Session
-from engines.postgres import messages as m
-from engines.postgres.codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder
-from engines.postgres.stages import BackendAudit, FrontendAudit, PgSessionState
-from engines.postgres.tap import Framer, Tap
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder
+from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit, PgSessionState
+from dbproxy.engines.postgres.tap import Framer, Tap
 from tests.unit.postgres.test_pg_codec import CAPTURES, decode_backend, decode_frontend, load
 
 FE, BE = 0, 1  # tap directions: client -> backend, backend -> client

@@ -24,14 +24,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit import events as ev
-from audit.recorder import AuditRecorder, TemplateAudit
+from dbproxy.audit import events as ev
+from dbproxy.audit.recorder import AuditRecorder, TemplateAudit
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import MalformedMessage
 from dbproxy.sansio import NEED_DATA
-from engines.postgres import messages as m
-from engines.postgres.stages import BackendAudit, FrontendAudit
-from engines.postgres.tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
+from dbproxy.engines.postgres import messages as m
+from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit
+from dbproxy.engines.postgres.tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
 from tests.unit.postgres.test_tap import SESSIONS, bind, close, execute, parse, pg
 
 PARSERS = {
