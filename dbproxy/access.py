@@ -36,7 +36,9 @@ from typing import Any
 import attrs
 
 from .errors import AccessDenied
-from .identity import ClientAuthenticator, IdentityConfig, TokenAuthority, validate_identity
+from .identity.authenticator import ClientAuthenticator
+from .identity.authority import TokenAuthority
+from .identity.config import IdentityConfig, validate_identity
 from .limits import ConnectionLimits, TooManyConnections, validate_limits  # noqa: F401  (TooManyConnections: engines import it from here)
 from .roles import AccessPolicy, Grant, glob_list, validate_roles
 from .session import Identity

@@ -24,19 +24,13 @@ from typing import Any
 
 import orjson
 
-from .errors import ConfigError, ConfigErrors
-from .identity import (
-    DEFAULT_FLAVOURS,
-    AuthFailed,
-    TokenAuthority,
-    TokenConfig,
-    TokenKeys,
-    _FileLock,
-    generate_keys,
-    looks_like_token,
-    parse_ttl,
-    validate_identity,
-)
+from .errors import AuthFailed, ConfigError, ConfigErrors
+from .identity.authority import TokenAuthority
+from .identity.config import TokenConfig, validate_identity
+from .identity.files import FileLock
+from .identity.keys import TokenKeys, generate_keys
+from .identity.registry import DEFAULT_FLAVOURS
+from .identity.tokens import looks_like_token, parse_ttl
 
 
 def _iso(ts: int) -> str:
@@ -152,7 +146,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     else:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         note = f"  # revoked {stamp}" + (f" user={subject}" if subject else "")
-        with _FileLock(cfg.revocation_file):
+        with FileLock(cfg.revocation_file):
             fd = os.open(cfg.revocation_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             with os.fdopen(fd, "a", encoding="utf-8") as f:
                 f.write(f"{jti}{note}\n")
