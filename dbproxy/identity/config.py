@@ -56,11 +56,10 @@ MTLS_KEYS = {"subject", "users"}
 
 
 def validate_identity(v: Any, raw: Any, path: str = "identity") -> IdentityConfig | None:
-    """The ``identity`` section (``v`` is ``dbproxy.config._Validator``)."""
-    d = v.obj(raw, path)
+    """The ``identity`` section (``v`` is a ``dbproxy.validate.Validator``)."""
+    d = v.section(raw, path, IDENTITY_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, IDENTITY_KEYS, path)
     token = mtls = None
     if "token" in d:
         token = _validate_token(v, d["token"], f"{path}.token")
@@ -72,10 +71,9 @@ def validate_identity(v: Any, raw: Any, path: str = "identity") -> IdentityConfi
 
 
 def _validate_token(v: Any, raw: Any, path: str) -> TokenConfig | None:
-    d = v.obj(raw, path)
+    d = v.section(raw, path, TOKEN_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, TOKEN_KEYS, path)
     for inline in ("key", "secret", "private_key", "public_key"):
         if inline in d:
             v.err(f"{path}.{inline}", "no inline key: name a file with \"key_file\" / \"public_key_file\"")
@@ -113,10 +111,9 @@ def _validate_token(v: Any, raw: Any, path: str) -> TokenConfig | None:
 
 
 def _validate_mtls(v: Any, raw: Any, path: str) -> MtlsConfig | None:
-    d = v.obj(raw, path)
+    d = v.section(raw, path, MTLS_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, MTLS_KEYS, path)
     subject = v.string(d, "subject", path, required=False, choices=("cn", "san_uri")) or "cn"
     users: list[tuple[str, tuple[str, ...]]] = []
     raw_users = d.get("users", {})
