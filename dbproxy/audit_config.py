@@ -89,15 +89,18 @@ def _spool(v: Any, d: dict, path: str) -> dict:
     if spool_dir is not None:
         params["spool_dir"] = spool_dir
     params["on_full"] = v.string(d, "on_spool_full", path, required=False, choices=("fail_closed", "drop_oldest")) or "fail_closed"
-    for key, minimum in (("spool_max_bytes", 16 * 1024), ("batch_max_events", 1), ("batch_max_bytes", 1024)):
-        value = v.integer(d, key, path, minimum=minimum)
-        if value is not None:
-            params[key] = value
-    for key, minimum in (("retry_initial_seconds", 0.01), ("retry_max_seconds", 0.01), ("shutdown_flush_seconds", 0.0), ("batch_linger_seconds", 0.0)):
-        value = v.number(d, key, path, minimum=minimum)
-        if value is not None:
-            params[key] = value
+    _bounded(params, v.integer, d, path, (("spool_max_bytes", 16 * 1024), ("batch_max_events", 1), ("batch_max_bytes", 1024)))
+    _bounded(params, v.number, d, path, (("retry_initial_seconds", 0.01), ("retry_max_seconds", 0.01), ("shutdown_flush_seconds", 0.0), ("batch_linger_seconds", 0.0)))
     return params
+
+
+def _bounded(params: dict, getter: Any, d: dict, path: str, limits: tuple) -> None:
+    """``params[key]`` for each (key, minimum) present in ``d``, checked by ``getter``
+    (``v.integer`` / ``v.number``); absent keys keep the sink's own default."""
+    for key, minimum in limits:
+        value = getter(d, key, path, minimum=minimum)
+        if value is not None:
+            params[key] = value
 
 
 def _tls(v: Any, d: dict, path: str) -> dict:
@@ -141,10 +144,7 @@ def _syslog(v: Any, d: dict, path: str) -> dict:
             params[key] = value
     params["body"] = v.string(d, "format", path, required=False, choices=("json", "structured")) or "json"
     params["utf8_bom"] = v.boolean(d, "utf8_bom", path)
-    for key, minimum in (("confirm_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)):
-        value = v.number(d, key, path, minimum=minimum)
-        if value is not None:
-            params[key] = value
+    _bounded(params, v.number, d, path, (("confirm_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)))
     return params
 
 
