@@ -48,8 +48,8 @@ from dbproxy.engines.cassandra import segments as S
 from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder
 from dbproxy.sansio import NEED_DATA
 from scripts.peers import free_port
-from scripts.peers.cassandra_server import lib_dir, start_cassandra
-from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
+from scripts.peers.cassandra_server import start_cassandra
+from tests.support import ProxyProcess, cassandra_direct, cql_keyspace, peer_missing, read_audit, start_cassandra_node, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +68,9 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cassandra"
 # --------------------------------------------------------------------------- fixtures
 
 
-def _require_install() -> None:
-    if not any(lib_dir().glob("cassandra-all-*.jar")):
-        peer_missing(f"no Cassandra jars in {lib_dir()}: run scripts/install/cassandra.sh")
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    _require_install()
-    server = start_cassandra(tmp_path_factory.mktemp("cassandra"))
+    server = start_cassandra_node(tmp_path_factory, "cassandra")
     yield server
     server.stop()
 
@@ -84,10 +78,7 @@ def node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(node):
     """A session straight to the node (not through the proxy): DDL from "another client"."""
-    c = Cluster([node.host], port=node.port, auth_provider=PlainTextAuthProvider(node.user, node.password),
-                protocol_version=5, connect_timeout=10)
-    session = c.connect()
-    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {KS} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}")
+    c, session = cassandra_direct(node, cql_keyspace(KS))
     yield session
     c.shutdown()
 
