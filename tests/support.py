@@ -153,9 +153,9 @@ def dbproxy_cli(*args: str, check: bool = False, timeout: float = 60) -> subproc
 # --------------------------------------------------------------------------- real peers, one per module
 
 
-def start_ferret(tmp_path_factory, name: str, *, mongosh: bool = False):
-    """A FerretDB of its own (``scripts/peers``); ``mongosh``: the test needs the shell too."""
-    from scripts.peers.ferretdb_server import ferretdb_path, mongosh_path, start_ferretdb
+def require_ferret(*, mongosh: bool = False) -> None:
+    """FerretDB (and ``mongosh``: the shell too) installed by ``scripts/install``, or ``peer_missing``."""
+    from scripts.peers.ferretdb_server import ferretdb_path, mongosh_path
 
     try:
         ferretdb_path()
@@ -163,6 +163,13 @@ def start_ferret(tmp_path_factory, name: str, *, mongosh: bool = False):
             mongosh_path()
     except FileNotFoundError as exc:
         peer_missing(f"{exc}")
+
+
+def start_ferret(tmp_path_factory, name: str, *, mongosh: bool = False):
+    """A FerretDB of its own (``scripts/peers``)."""
+    from scripts.peers.ferretdb_server import start_ferretdb
+
+    require_ferret(mongosh=mongosh)
     return start_ferretdb(tmp_path_factory.mktemp(name))
 
 
@@ -263,17 +270,23 @@ def read_until_close(s: socket.socket, timeout: float | None = None) -> bytes:
     return data
 
 
-def pg_login(port: int, user: str, database: str = "app") -> socket.socket:
-    """A hand-rolled Postgres client: StartupMessage 3.0 (protocol §55.7), read until ReadyForQuery idle."""
+def pg_startup(**params: str) -> bytes:
+    """A Postgres StartupMessage, protocol 3.0 (protocol §55.7), with these parameters in this order."""
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack(">ii", 8 + len(body), 196608) + body
+
+
+def pg_session(port: int, **params: str) -> tuple[socket.socket, bytes]:
+    """A hand-rolled Postgres client logged in with ``params`` (user, database…): (the socket, all the
+    proxy sent up to and including ReadyForQuery idle)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
-    s.sendall(struct.pack(">ii", 8 + len(params), 196608) + params)
+    s.sendall(pg_startup(**params))
     buf = b""
     while not buf.endswith(b"Z\x00\x00\x00\x05I"):
         chunk = s.recv(65536)
-        assert chunk, "proxy closed during startup"
+        assert chunk, f"proxy closed during startup: {buf!r}"
         buf += chunk
-    return s
+    return s, buf
 
 
 # --------------------------------------------------------------------------- the proxy's children
