@@ -127,6 +127,19 @@ def read_audit(path: Path | str, *, wait_for: int = 0, timeout: float = 10.0) ->
         time.sleep(0.05)
 
 
+def wait_audit(path: Path | str, condition, *, timeout: float = 20.0, since: int = 0, what: str = "audit condition") -> list[dict]:
+    """The audit events of ``path`` (from the ``since``-th on), once ``condition(events)`` holds: the
+    sinks write asynchronously."""
+    box: list[dict] = []
+
+    def check():
+        box[:] = read_audit(path)[since:]
+        return condition(box)
+
+    wait_until(check, timeout=timeout, what=what)
+    return box
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -376,14 +389,7 @@ class TokenEnv:
         return len(self.events())
 
     def wait_events(self, condition, timeout: float = 15.0, since: int = 0) -> list[dict]:
-        box: list[dict] = []
-
-        def check():
-            box[:] = self.events()[since:]
-            return condition(box)
-
-        wait_until(check, timeout=timeout, what="audit condition")
-        return box
+        return wait_audit(self.audit_path, condition, timeout=timeout, since=since)
 
 
 def tamper_token(token: str) -> str:

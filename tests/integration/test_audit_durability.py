@@ -29,13 +29,7 @@ import pytest
 
 from dbproxy.audit.verify import verify_files
 from tests.support import (
-    ProxyProcess,
-    audit_worker_pids,
-    jsonl_audit,
-    pg_connect,
-    pg_scram_config,
-    read_audit,
-    wait_until,
+    ProxyProcess, audit_worker_pids, jsonl_audit, pg_connect, pg_scram_config, read_audit, wait_until,
 )
 
 pytestmark = pytest.mark.integration

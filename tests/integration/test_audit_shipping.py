@@ -36,14 +36,7 @@ import pytest
 
 from dbproxy.audit.verify import ChainChecker, verify_files
 from tests.support import (
-    ROOT,
-    ProxyProcess,
-    dbproxy_cli,
-    peer_missing,
-    pg_connect,
-    pg_scram_config,
-    read_audit,
-    wait_until,
+    ROOT, ProxyProcess, dbproxy_cli, peer_missing, pg_connect, pg_scram_config, read_audit, wait_until,
 )
 
 pytestmark = pytest.mark.integration

@@ -36,15 +36,8 @@ from cassandra.query import BatchStatement, SimpleStatement
 from dbproxy.engines.cassandra import protocol as F
 from tests.integration.test_cassandra_proxy import RawCql, _backend, cluster, refusal
 from tests.support import (
-    ProxyProcess,
-    cassandra_direct,
-    cql_keyspace,
-    dbproxy_cli,
-    peer_missing,
-    read_audit,
-    start_cassandra_node,
-    token_keygen,
-    wait_until,
+    ProxyProcess, cassandra_direct, cql_keyspace, dbproxy_cli, peer_missing, read_audit, start_cassandra_node,
+    token_keygen, wait_audit,
 )
 
 pytestmark = pytest.mark.integration
@@ -143,14 +136,7 @@ def connect(idproxy, user: str, roles: str, *, version: int = 5, compression: st
 
 
 def events(idproxy, condition, timeout: float = 20.0) -> list[dict]:
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(idproxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(idproxy.audit_path, condition, timeout=timeout)
 
 
 def denials(evs: list[dict], user: str) -> list[dict]:

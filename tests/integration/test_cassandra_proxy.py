@@ -49,7 +49,10 @@ from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder
 from dbproxy.sansio import NEED_DATA
 from scripts.peers import free_port
 from scripts.peers.cassandra_server import start_cassandra
-from tests.support import ProxyProcess, cassandra_direct, cql_keyspace, peer_missing, read_audit, start_cassandra_node, wait_until
+from tests.support import (
+    ProxyProcess, cassandra_direct, cql_keyspace, peer_missing, read_audit, start_cassandra_node, wait_audit,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -146,14 +149,7 @@ def cluster(port: int, *, user: str | None = "app", password: str = CLIENT_PASSW
 
 def audit_when(proxy, condition, timeout: float = 20.0) -> list[dict]:
     """All events, once ``condition(events)`` holds (the drain task writes asynchronously)."""
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(proxy.audit_path, condition, timeout=timeout)
 
 
 def session_starts(proxy, **match) -> list[dict]:

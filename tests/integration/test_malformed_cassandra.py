@@ -22,14 +22,8 @@ import pytest
 from dbproxy.engines.cassandra import protocol as F
 from tests.integration.test_cassandra_proxy import RawCql
 from tests.support import (
-    ProxyProcess,
-    cassandra_direct,
-    cql_keyspace,
-    jsonl_audit,
-    password_backend,
-    read_audit,
-    start_cassandra_node,
-    wait_until,
+    ProxyProcess, cassandra_direct, cql_keyspace, jsonl_audit, password_backend, read_audit,
+    start_cassandra_node, wait_until,
 )
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ import bson
 import pytest
 
 from tests.integration.test_mongo_proxy import OP_MSG, closed, connect, frame, op_msg, raw_session, recv_reply
-from tests.support import ProxyProcess, jsonl_audit, password_backend, read_audit, start_ferret, wait_until
+from tests.support import ProxyProcess, jsonl_audit, password_backend, start_ferret, wait_audit
 
 pytestmark = pytest.mark.integration
 
@@ -97,13 +97,7 @@ def test_malformed_request_is_refused_audited_and_ends_the_session(proxy, ferret
         sid = next((e["sid"] for e in evs if f"before-{tag}" in (e.get("db_query") or "")), None)
         return sid is not None and any(e["event"] == "db.session.end" and e.get("sid") == sid for e in evs)
 
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return over(box)
-
-    wait_until(check, timeout=15, what="the session's end event")
+    box = wait_audit(proxy.audit_path, over, timeout=15, what="the session's end event")
     sid = next(e["sid"] for e in box if f"before-{tag}" in (e.get("db_query") or ""))
     mine = [e for e in box if e.get("sid") == sid]
     [event] = [e for e in mine if e["event"] == "audit.malformed"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ProxyProcess, jsonl_audit, pg_connect, pg_scram_config, pg_session, read_audit, wait_until
+from tests.support import ProxyProcess, jsonl_audit, pg_connect, pg_scram_config, pg_session, wait_audit
 
 pytestmark = pytest.mark.integration
 
@@ -96,14 +96,7 @@ CASES = sorted(bad_cases("x"))
 
 
 def audited(proxy, predicate, what: str, timeout: float = 15.0) -> list[dict]:
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return predicate(box)
-
-    wait_until(check, timeout=timeout, what=what)
-    return box
+    return wait_audit(proxy.audit_path, predicate, timeout=timeout, what=what)
 
 
 def rows(proxy, tag: str) -> set[str]:

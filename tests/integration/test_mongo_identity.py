@@ -29,17 +29,8 @@ import pytest
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from tests.support import (
-    BAD_TOKEN_CASES,
-    TOKEN_IDENTITY,
-    ProxyProcess,
-    TokenEnv,
-    assert_no_token_secrets,
-    issue_bad_tokens,
-    password_backend,
-    recv_exact,
-    start_ferret,
-    token_keygen,
-    wait_until,
+    BAD_TOKEN_CASES, TOKEN_IDENTITY, ProxyProcess, TokenEnv, assert_no_token_secrets, issue_bad_tokens,
+    password_backend, recv_exact, start_ferret, token_keygen, wait_until,
 )
 
 pytestmark = pytest.mark.integration

@@ -33,7 +33,7 @@ import pytest
 from pymongo.errors import OperationFailure, PyMongoError, ServerSelectionTimeoutError
 
 from scripts.peers import free_port
-from tests.support import ProxyProcess, read_audit, recv_exact, require_ferret, start_ferret, wait_until
+from tests.support import ProxyProcess, read_audit, recv_exact, require_ferret, start_ferret, wait_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -118,14 +118,7 @@ def connect(proxy, listener: str = "main", *, app: str | None = None, **kw) -> p
 
 def audit_when(proxy, condition, timeout: float = 20.0) -> list[dict]:
     """All events once ``condition(events)`` holds (the drain task writes asynchronously)."""
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(proxy.audit_path, condition, timeout=timeout)
 
 
 def app_sids(events: list[dict], app: str) -> set[str]:

@@ -25,15 +25,8 @@ import psycopg
 import pytest
 
 from tests.support import (
-    BAD_TOKEN_CASES,
-    TOKEN_IDENTITY,
-    ProxyProcess,
-    TokenEnv,
-    assert_no_token_secrets,
-    dbproxy_cli,
-    issue_bad_tokens,
-    token_keygen,
-    wait_until,
+    BAD_TOKEN_CASES, TOKEN_IDENTITY, ProxyProcess, TokenEnv, assert_no_token_secrets, dbproxy_cli,
+    issue_bad_tokens, token_keygen, wait_until,
 )
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from scripts.peers import free_port
-from tests.support import pg_session, read_audit, read_until_close, wait_until
+from tests.support import pg_session, read_audit, read_until_close, wait_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -117,14 +117,7 @@ def events(proxy, **match):
 
 def audit_when(proxy, condition, timeout=15.0):
     """All events, once ``condition(events)`` holds (the drain task writes asynchronously)."""
-    box = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(proxy.audit_path, condition, timeout=timeout)
 
 
 def has_result_tag(tag, count=1):
