@@ -34,10 +34,16 @@ from cassandra.cluster import NoHostAvailable
 from cassandra.query import BatchStatement, SimpleStatement
 
 from dbproxy.engines.cassandra import protocol as F
-from tests.integration.test_cassandra_proxy import RawCql, _backend, cluster, refusal
+from tests.integration.test_cassandra_proxy import RawCql, _backend, cluster, node, refusal  # noqa: F401  (node: the module's own Cassandra)
 from tests.support import (
-    ProxyProcess, cassandra_direct, cql_keyspace, dbproxy_cli, peer_missing, read_audit, start_cassandra_node,
-    token_keygen, wait_audit,
+    ProxyProcess,
+    cassandra_direct,
+    cql_keyspace,
+    dbproxy_cli,
+    peer_missing,
+    read_audit,
+    token_keygen,
+    wait_audit,
 )
 
 pytestmark = pytest.mark.integration
@@ -51,13 +57,6 @@ CORE_IDS = [f"v{v}-{c}" for v, c in CORE_VERSIONS]
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    server = start_cassandra_node(tmp_path_factory, "cassandra-ident")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cassandra"
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
+    """A Cassandra node per test module (the other Cassandra files import this fixture)."""
     server = start_cassandra_node(tmp_path_factory, "cassandra")
     yield server
     server.stop()

@@ -20,22 +20,20 @@ import uuid
 import pytest
 
 from dbproxy.engines.cassandra import protocol as F
-from tests.integration.test_cassandra_proxy import RawCql
+from tests.integration.test_cassandra_proxy import RawCql, node  # noqa: F401  (node: the module's own Cassandra)
 from tests.support import (
-    ProxyProcess, cassandra_direct, cql_keyspace, jsonl_audit, password_backend, read_audit,
-    start_cassandra_node, wait_until,
+    ProxyProcess,
+    cassandra_direct,
+    cql_keyspace,
+    jsonl_audit,
+    password_backend,
+    read_audit,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
 KS = "malformed_ks"
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    server = start_cassandra_node(tmp_path_factory, "cassandra")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
