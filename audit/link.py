@@ -79,7 +79,7 @@ import attrs
 import orjson
 import trio
 
-from .recorder import DurableSessionAudit, RecorderStatistics, SessionAudit, tell_running_sessions
+from .recorder import RecorderStatistics, SessionAudit, open_session_audit, tell_running_sessions
 
 log = logging.getLogger("dbproxy.audit.link")
 
@@ -145,10 +145,7 @@ class AuditLink:
 
     # -- what sessions use ------------------------------------------------------------
     def session(self, session: Any, *, durable: bool | None = None) -> SessionAudit:
-        durable = self.durable_sessions if durable is None else durable
-        audit = (DurableSessionAudit if durable else SessionAudit)(self, session)
-        self._live.add(audit)
-        return audit
+        return open_session_audit(self, session, durable)
 
     @property
     def accepting(self) -> bool:

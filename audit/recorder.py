@@ -255,10 +255,7 @@ class AuditRecorder:
             await self._durable_lot.park()
 
     def session(self, session: Any, *, durable: bool | None = None) -> "SessionAudit":
-        durable = self.durable_sessions if durable is None else durable
-        audit = (DurableSessionAudit if durable else SessionAudit)(self, session)
-        self._live.add(audit)
-        return audit
+        return open_session_audit(self, session, durable)
 
     @property
     def accepting(self) -> bool:
@@ -507,6 +504,15 @@ def _is_end(body: bytes) -> bool:
         return False
     close = body.find(b'"', 10)
     return close > 0 and body[close - 12:close + 1] == _END_NAME
+
+
+def open_session_audit(owner: Any, session: Any, durable: bool | None) -> "SessionAudit":
+    """A session's audit on ``owner`` (an ``AuditRecorder`` or an ``AuditLink``: the same
+    ``durable_sessions`` default and the same ``_live`` set that ``tell_running_sessions`` reads)."""
+    durable = owner.durable_sessions if durable is None else durable
+    audit = (DurableSessionAudit if durable else SessionAudit)(owner, session)
+    owner._live.add(audit)
+    return audit
 
 
 def tell_running_sessions(live: Any, why: str) -> None:

@@ -36,7 +36,9 @@ from typing import Any
 import attrs
 
 from .errors import AccessDenied
-from .identity import ClientAuthenticator, IdentityConfig, TokenAuthority, validate_identity
+from .identity.authenticator import ClientAuthenticator
+from .identity.authority import TokenAuthority
+from .identity.config import IdentityConfig, validate_identity
 from .limits import ConnectionLimits, TooManyConnections, validate_limits  # noqa: F401  (TooManyConnections: engines import it from here)
 from .roles import AccessPolicy, Grant, glob_list, validate_roles
 from .session import Identity
@@ -87,10 +89,9 @@ def _listener_auth(v: Any, listener_raw: dict, path: str, lc: Any, engine_cls: A
                 return None
             auth = ListenerAuth(methods=tuple(methods), explicit=False)
     else:
-        d = v.obj(raw, ap)
+        d = v.section(raw, ap, LISTENER_AUTH_KEYS)
         if d is None:
             return None
-        v.unknown_keys(d, LISTENER_AUTH_KEYS, ap)
         methods_raw = d.get("methods")
         if not isinstance(methods_raw, list) or not methods_raw or not all(isinstance(m, str) for m in methods_raw):
             v.err(ap, f"a key \"methods\": a non-empty array of {', '.join(CLIENT_AUTH_METHODS)}")

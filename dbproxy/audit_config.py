@@ -1,6 +1,6 @@
 """Validation of the config's ``audit`` section: the sinks (jsonl, syslog, http) and
 their spools, each problem named by file, JSON path and expectation (see
-``dbproxy.config``, whose validator ``v`` these functions take).  Building the
+``dbproxy.validate``, whose ``Validator`` these functions take as ``v``).  Building the
 sinks from the result is ``audit.sinks.build_sink``'s job.
 """
 
@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from .configtypes import SecretRef, SinkConfig
+from .validate import join
 
 SINK_TYPES = ("jsonl", "syslog", "http")
 # Keys allowed directly under "audit" in a config file.
@@ -37,10 +38,6 @@ HTTP_KEYS = {
     "url", "format", "token_file", "token_env", "gzip", "headers", "timeout_seconds",
     "index", "source", "sourcetype", "host",
 } | TLS_KEYS
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}"
 
 
 def validate_sink(v: Any, item: Any, path: str, index: int) -> SinkConfig | None:
@@ -92,15 +89,18 @@ def _spool(v: Any, d: dict, path: str) -> dict:
     if spool_dir is not None:
         params["spool_dir"] = spool_dir
     params["on_full"] = v.string(d, "on_spool_full", path, required=False, choices=("fail_closed", "drop_oldest")) or "fail_closed"
-    for key, minimum in (("spool_max_bytes", 16 * 1024), ("batch_max_events", 1), ("batch_max_bytes", 1024)):
-        value = v.integer(d, key, path, minimum=minimum)
-        if value is not None:
-            params[key] = value
-    for key, minimum in (("retry_initial_seconds", 0.01), ("retry_max_seconds", 0.01), ("shutdown_flush_seconds", 0.0), ("batch_linger_seconds", 0.0)):
-        value = v.number(d, key, path, minimum=minimum)
-        if value is not None:
-            params[key] = value
+    _bounded(params, v.integer, d, path, (("spool_max_bytes", 16 * 1024), ("batch_max_events", 1), ("batch_max_bytes", 1024)))
+    _bounded(params, v.number, d, path, (("retry_initial_seconds", 0.01), ("retry_max_seconds", 0.01), ("shutdown_flush_seconds", 0.0), ("batch_linger_seconds", 0.0)))
     return params
+
+
+def _bounded(params: dict, getter: Any, d: dict, path: str, limits: tuple) -> None:
+    """``params[key]`` for each (key, minimum) present in ``d``, checked by ``getter``
+    (``v.integer`` / ``v.number``); absent keys keep the sink's own default."""
+    for key, minimum in limits:
+        value = getter(d, key, path, minimum=minimum)
+        if value is not None:
+            params[key] = value
 
 
 def _tls(v: Any, d: dict, path: str) -> dict:
@@ -137,17 +137,14 @@ def _syslog(v: Any, d: dict, path: str) -> dict:
         elif isinstance(fac, int) and not isinstance(fac, bool) and 0 <= fac <= 23:
             params["facility"] = fac
         else:
-            v.err(_join(path, "facility"), f"a facility name ({', '.join(FACILITIES)}) or 0-23, got {fac!r}")
+            v.err(join(path, "facility"), f"a facility name ({', '.join(FACILITIES)}) or 0-23, got {fac!r}")
     for key in ("app_name", "hostname", "sd_id"):
         value = v.string(d, key, path, required=False)
         if value is not None:
             params[key] = value
     params["body"] = v.string(d, "format", path, required=False, choices=("json", "structured")) or "json"
     params["utf8_bom"] = v.boolean(d, "utf8_bom", path)
-    for key, minimum in (("confirm_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)):
-        value = v.number(d, key, path, minimum=minimum)
-        if value is not None:
-            params[key] = value
+    _bounded(params, v.number, d, path, (("confirm_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)))
     return params
 
 
@@ -156,7 +153,7 @@ def _http(v: Any, d: dict, path: str) -> dict:
     url = v.string(d, "url", path)
     if url is not None:
         if not url.startswith(("http://", "https://")):
-            v.err(_join(path, "url"), f"an http:// or https:// URL, got {url!r}")
+            v.err(join(path, "url"), f"an http:// or https:// URL, got {url!r}")
         params["url"] = url
     params["format"] = v.string(d, "format", path, required=False, choices=("hec", "ndjson")) or "hec"
     if "token_file" in d and "token_env" in d:
@@ -169,17 +166,17 @@ def _http(v: Any, d: dict, path: str) -> dict:
         env = v.string(d, "token_env", path)
         if env is not None:
             if env not in os.environ:
-                v.err(_join(path, "token_env"), f"environment variable {env} to be set")
+                v.err(join(path, "token_env"), f"environment variable {env} to be set")
             params["token"] = SecretRef(env=env)
     elif params["format"] == "hec":
         v.err(path, "\"token_file\" or \"token_env\" (the HEC token) for format \"hec\"")
     params["gzip"] = v.boolean(d, "gzip", path, default=True)
     if "headers" in d:
-        headers = v.obj(d["headers"], _join(path, "headers"))
+        headers = v.obj(d["headers"], join(path, "headers"))
         if headers is not None:
             for k, val in headers.items():
                 if not isinstance(val, str) or k.lower() in ("authorization", "content-length", "content-encoding", "host"):
-                    v.err(_join(_join(path, "headers"), k), "a string value for a header the sink does not set itself")
+                    v.err(join(join(path, "headers"), k), "a string value for a header the sink does not set itself")
             params["headers"] = {k: val for k, val in headers.items() if isinstance(val, str)}
     params.update(_tls(v, d, path))
     value = v.number(d, "timeout_seconds", path, minimum=0.1)

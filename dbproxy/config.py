@@ -6,7 +6,9 @@ Strategy: one pass over the whole document collects *every* problem as a
 file in one go; ``check-config`` prints them and ``serve`` refuses to start
 on them.  Protocol-specific rules (which auth methods, which match keys) come
 from the engine class registered for the listener's protocol, so the core
-knows no database.
+knows no database.  The validator (typed getters that record errors and go
+on) is ``dbproxy.validate``'s; this module is the schema: the frozen types
+and the functions that fill them section by section.
 
 Secrets are never inline: ``password_file`` (relative to the config file)
 or ``password_env``.  ``SecretRef`` reads them when used, so a rotated file
@@ -16,16 +18,15 @@ is picked up without a restart, and its repr never shows the value.
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Any
 
 import attrs
-import orjson
 
 from .buffer import DEFAULT_BUFFER_BUDGET, DEFAULT_MESSAGE_TIMEOUT
 from .audit_config import AUDIT_KEYS, validate_sink
 from .configtypes import BackendTLS, ListenerTLS, SecretRef, SinkConfig  # noqa: F401  (re-exported)
 from .errors import ConfigError, ConfigErrors
+from .validate import Validator, join, kind_of, read_json
 
 BACKEND_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 DEFAULT_SHUTDOWN_GRACE = 10.0
@@ -150,134 +151,10 @@ class Config:
     buffers: BuffersConfig = BuffersConfig()
 
 
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- validation
 
-
-class _Validator:
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.base = os.path.dirname(os.path.abspath(file))
-        self.errors: list[ConfigError] = []
-
-    def err(self, path: str, expected: str) -> None:
-        self.errors.append(ConfigError(self.file, path, expected))
-
-    def obj(self, value: Any, path: str, what: str = "an object") -> dict | None:
-        if not isinstance(value, dict):
-            self.err(path, f"{what}, got {_kind(value)}")
-            return None
-        return value
-
-    def unknown_keys(self, d: dict, allowed: set[str], path: str) -> None:
-        for key in d:
-            if key not in allowed:
-                self.err(_join(path, key), f"no key {key!r} here (allowed: {', '.join(sorted(allowed))})")
-
-    def string(self, d: dict, key: str, path: str, *, required: bool = True, choices: tuple | None = None) -> str | None:
-        p = _join(path, key)
-        if key not in d:
-            if required:
-                self.err(path, f"a key {key!r}" + (f" (one of {', '.join(choices)})" if choices else " (a string)"))
-            return None
-        value = d[key]
-        if not isinstance(value, str) or not value:
-            self.err(p, f"a non-empty string, got {_kind(value)}")
-            return None
-        if choices is not None and value not in choices:
-            self.err(p, f"one of {', '.join(choices)}, got {value!r}")
-            return None
-        return value
-
-    def integer(self, d: dict, key: str, path: str, *, minimum: int = 1, required: bool = False) -> int | None:
-        if key not in d:
-            if required:
-                self.err(path, f"a key {key!r} (an integer)")
-            return None
-        value = d[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            self.err(_join(path, key), f"an integer >= {minimum}, got {value!r}")
-            return None
-        return value
-
-    def number(self, d: dict, key: str, path: str, *, minimum: float = 0.0) -> float | None:
-        if key not in d:
-            return None
-        value = d[key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
-            self.err(_join(path, key), f"a number >= {minimum}, got {value!r}")
-            return None
-        return float(value)
-
-    def boolean(self, d: dict, key: str, path: str, default: bool = False) -> bool:
-        if key not in d:
-            return default
-        value = d[key]
-        if not isinstance(value, bool):
-            self.err(_join(path, key), f"true or false, got {_kind(value)}")
-            return default
-        return value
-
-    def file_path(self, d: dict, key: str, path: str, *, required: bool = True, must_exist: bool = True) -> str | None:
-        value = self.string(d, key, path, required=required)
-        if value is None:
-            return None
-        resolved = value if os.path.isabs(value) else os.path.join(self.base, value)
-        if must_exist and not os.path.isfile(resolved):
-            self.err(_join(path, key), f"a readable file, but {resolved} does not exist")
-            return None
-        return resolved
-
-    def address(self, d: dict, key: str, path: str) -> tuple[str, int] | None:
-        value = self.string(d, key, path)
-        if value is None:
-            return None
-        host, sep, port_text = value.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port_text.isdigit() or not (0 <= int(port_text) <= 65535):
-            self.err(_join(path, key), f"\"host:port\" with a port 0-65535, got {value!r}")
-            return None
-        return host, int(port_text)
-
-    def secret(self, d: dict, path: str, *, required: bool) -> SecretRef | None:
-        if "password" in d:
-            self.err(_join(path, "password"), "no inline password: use \"password_file\" or \"password_env\"")
-            return None
-        has_file, has_env = "password_file" in d, "password_env" in d
-        if has_file and has_env:
-            self.err(path, "only one of \"password_file\" or \"password_env\"")
-            return None
-        if has_file:
-            f = self.file_path(d, "password_file", path)
-            return SecretRef(file=f) if f else None
-        if has_env:
-            name = self.string(d, "password_env", path)
-            if name is None:
-                return None
-            if name not in os.environ:
-                self.err(_join(path, "password_env"), f"environment variable {name} to be set")
-                return None
-            return SecretRef(env=name)
-        if required:
-            self.err(path, "\"password_file\" or \"password_env\" for this auth method")
-        return None
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
-
-
-# ---------------------------------------------------------------------------
-
+TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers"}
+LISTENER_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
 LISTENER_KEYS = {"name", "protocol", "kind", "listen", "tls", "routes", "max_message_size", "options", "auth",
                  "handshake_timeout_seconds", "udp", "http"}
 UDP_KEYS = {"max_sessions", "idle_timeout_seconds", "queue_datagrams", "max_datagram_size"}
@@ -289,17 +166,8 @@ TLS_KEYS = {"mode", "ca_file", "server_name", "cert_file", "key_file"}
 
 def load_config(path: str, registry: Any) -> Config:
     """Read and validate ``path``; raise ``ConfigErrors`` listing every problem found."""
-    v = _Validator(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigErrors([ConfigError(path, "", f"a readable file ({exc.strerror})")]) from None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigErrors([ConfigError(path, "", f"valid JSON ({exc})")]) from None
-    config = _validate(v, doc, registry)
+    v = Validator(path)
+    config = _validate(v, read_json(path), registry)
     if v.errors:
         raise ConfigErrors(v.errors)
     assert config is not None
@@ -310,14 +178,8 @@ def load_audit_config(path: str) -> AuditConfig:
     """Only the ``audit`` section of ``path``, validated as ``load_config`` does: what the audit
     worker needs (it re-reads the file when it (re)starts, so sink edits apply), without the
     engine registry the listeners need — the audit side never imports an engine."""
-    v = _Validator(path)
-    try:
-        with open(path, "rb") as f:
-            doc = orjson.loads(f.read())
-    except OSError as exc:
-        raise ConfigErrors([ConfigError(path, "", f"a readable file ({exc.strerror})")]) from None
-    except orjson.JSONDecodeError as exc:
-        raise ConfigErrors([ConfigError(path, "", f"valid JSON ({exc})")]) from None
+    v = Validator(path)
+    doc = read_json(path)
     if not isinstance(doc, dict):
         raise ConfigErrors([ConfigError(path, "", "a JSON object at the top level")])
     audit = _audit(v, doc.get("audit", {}), "audit")
@@ -326,11 +188,10 @@ def load_audit_config(path: str) -> AuditConfig:
     return audit or AuditConfig()
 
 
-def _validate(v: _Validator, doc: Any, registry: Any) -> Config | None:
-    root = v.obj(doc, "", "a JSON object at the top level")
+def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
+    root = v.section(doc, "", TOP_KEYS, "a JSON object at the top level")
     if root is None:
         return None
-    v.unknown_keys(root, {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers"}, "")
     listeners_raw = root.get("listeners")
     listeners: list[ListenerConfig] = []
     validated: list[tuple[int, dict, ListenerConfig]] = []
@@ -376,11 +237,10 @@ MIN_BUFFER_BUDGET = 1024 * 1024
 MIN_MESSAGE_TIMEOUT = 1.0
 
 
-def _buffers(v: _Validator, item: Any, path: str) -> BuffersConfig | None:
-    d = v.obj(item, path)
+def _buffers(v: Validator, item: Any, path: str) -> BuffersConfig | None:
+    d = v.section(item, path, BUFFERS_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, BUFFERS_KEYS, path)
     budget = v.integer(d, "budget_bytes", path, minimum=MIN_BUFFER_BUDGET)
     timeout = v.number(d, "message_timeout_seconds", path, minimum=MIN_MESSAGE_TIMEOUT)
     return BuffersConfig(
@@ -389,11 +249,10 @@ def _buffers(v: _Validator, item: Any, path: str) -> BuffersConfig | None:
     )
 
 
-def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerConfig | None:
-    d = v.obj(item, path)
+def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConfig | None:
+    d = v.section(item, path, LISTENER_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, LISTENER_KEYS, path)
     name = v.string(d, "name", path)
     engine_cls = None
     protocol = v.string(d, "protocol", path, choices=tuple(registry.names()))
@@ -402,10 +261,9 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
     addr = v.address(d, "listen", path)
     tls = None
     if "tls" in d:
-        td = v.obj(d["tls"], _join(path, "tls"))
+        tp = join(path, "tls")
+        td = v.section(d["tls"], tp, LISTENER_TLS_KEYS)
         if td is not None:
-            tp = _join(path, "tls")
-            v.unknown_keys(td, {"cert_file", "key_file", "client_ca_file"}, tp)
             cert = v.file_path(td, "cert_file", tp)
             key = v.file_path(td, "key_file", tp)
             ca = v.file_path(td, "client_ca_file", tp, required=False)
@@ -420,17 +278,17 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
     if max_size is not None and ceiling is not None and max_size > ceiling:
         # Past the protocol's own ceiling no peer could send or accept such a message:
         # the value can only be a mistake (and would let one connection buffer that much).
-        v.err(_join(path, "max_message_size"),
+        v.err(join(path, "max_message_size"),
               f"at most {ceiling} bytes, the {protocol} protocol's limit ({engine_cls.max_message_size_limit_source}), "
               f"got {max_size}")
         max_size = None
     options = d.get("options", {})
-    if v.obj(options, _join(path, "options")) is None:
+    if v.obj(options, join(path, "options")) is None:
         options = {}
     routes: list[RouteConfig] = []
     routes_raw = d.get("routes")
     if not isinstance(routes_raw, list) or not routes_raw:
-        v.err(_join(path, "routes"), "a non-empty array of routes")
+        v.err(join(path, "routes"), "a non-empty array of routes")
     else:
         for j, r in enumerate(routes_raw):
             rc = _route(v, r, f"{path}.routes[{j}]", j, engine_cls)
@@ -457,40 +315,38 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
     )
 
 
-def _listener_kind(v: _Validator, d: dict, path: str, engine_cls: Any, protocol: str | None,
+def _listener_kind(v: Validator, d: dict, path: str, engine_cls: Any, protocol: str | None,
                    tls: ListenerTLS | None) -> tuple[str | None, UdpOptions, HttpOptions]:
     """``kind`` (default tcp), checked against what the engine serves, and the kind's own section."""
     kind = v.string(d, "kind", path, required=False, choices=LISTENER_KINDS) if "kind" in d else "tcp"
     served = tuple(getattr(engine_cls, "listener_kinds", ("tcp",))) if engine_cls is not None else None
     if kind is not None and served is not None and kind not in served:
-        v.err(_join(path, "kind"), f"a kind the {protocol} engine serves ({', '.join(served)}), got {kind!r}")
+        v.err(join(path, "kind"), f"a kind the {protocol} engine serves ({', '.join(served)}), got {kind!r}")
     if kind == "tls" and "tls" not in d:
         v.err(path, "a \"tls\" section (cert_file, key_file) for kind \"tls\"")
     if kind == "udp" and "tls" in d:
-        v.err(_join(path, "tls"), "no \"tls\" on a listener of kind \"udp\" (DTLS is not supported)")
+        v.err(join(path, "tls"), "no \"tls\" on a listener of kind \"udp\" (DTLS is not supported)")
     for section in ("udp", "http"):
         if section in d and kind != section:
-            v.err(_join(path, section), f"only on a listener of kind \"{section}\", this one is {kind or 'tcp'!r}")
+            v.err(join(path, section), f"only on a listener of kind \"{section}\", this one is {kind or 'tcp'!r}")
     udp, http = UdpOptions(), HttpOptions()
     if kind == "udp" and "udp" in d:
-        up = _join(path, "udp")
-        ud = v.obj(d["udp"], up)
+        up = join(path, "udp")
+        ud = v.section(d["udp"], up, UDP_KEYS)
         if ud is not None:
-            v.unknown_keys(ud, UDP_KEYS, up)
             idle = v.number(ud, "idle_timeout_seconds", up, minimum=0.01)
             udp = UdpOptions(
                 max_sessions=v.integer(ud, "max_sessions", up) or udp.max_sessions,
                 idle_timeout=udp.idle_timeout if idle is None else idle,
                 queue_datagrams=v.integer(ud, "queue_datagrams", up) or udp.queue_datagrams,
                 max_datagram_size=_at_most(v, v.integer(ud, "max_datagram_size", up, minimum=512), 65535,
-                                           _join(up, "max_datagram_size"), "the largest UDP payload")
+                                           join(up, "max_datagram_size"), "the largest UDP payload")
                 or udp.max_datagram_size,
             )
     if kind == "http" and "http" in d:
-        hp = _join(path, "http")
-        hd = v.obj(d["http"], hp)
+        hp = join(path, "http")
+        hd = v.section(d["http"], hp, HTTP_KEYS)
         if hd is not None:
-            v.unknown_keys(hd, HTTP_KEYS, hp)
             request_timeout = v.number(hd, "request_timeout_seconds", hp, minimum=0.01)
             keepalive = v.number(hd, "keepalive_timeout_seconds", hp, minimum=0.01)
             max_body = v.integer(hd, "max_body_bytes", hp, minimum=0)
@@ -503,47 +359,45 @@ def _listener_kind(v: _Validator, d: dict, path: str, engine_cls: Any, protocol:
     return kind, udp, http
 
 
-def _at_most(v: _Validator, value: int | None, ceiling: int, path: str, what: str) -> int | None:
+def _at_most(v: Validator, value: int | None, ceiling: int, path: str, what: str) -> int | None:
     if value is not None and value > ceiling:
         v.err(path, f"at most {ceiling} ({what}), got {value}")
         return None
     return value
 
 
-def _route(v: _Validator, item: Any, path: str, index: int, engine_cls: Any) -> RouteConfig | None:
-    d = v.obj(item, path)
+def _route(v: Validator, item: Any, path: str, index: int, engine_cls: Any) -> RouteConfig | None:
+    d = v.section(item, path, ROUTE_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, ROUTE_KEYS, path)
     name = v.string(d, "name", path, required=False) or f"route{index}"
     match: dict[str, str] = {}
     if "match" in d:
-        md = v.obj(d["match"], _join(path, "match"))
+        md = v.obj(d["match"], join(path, "match"))
         if md is not None:
             allowed = set(getattr(engine_cls, "match_keys", ())) if engine_cls else set()
             for key, glob in md.items():
                 if engine_cls is not None and key not in allowed:
-                    v.err(_join(_join(path, "match"), key), f"a match key of this protocol ({', '.join(sorted(allowed))})")
+                    v.err(join(join(path, "match"), key), f"a match key of this protocol ({', '.join(sorted(allowed))})")
                 elif not isinstance(glob, str) or not glob:
-                    v.err(_join(_join(path, "match"), key), f"a glob string, got {_kind(glob)}")
+                    v.err(join(join(path, "match"), key), f"a glob string, got {kind_of(glob)}")
                 else:
                     match[key] = glob
     backend = None
     if "backend" not in d:
         v.err(path, "a key 'backend'")
     else:
-        backend = _backend(v, d["backend"], _join(path, "backend"), engine_cls)
+        backend = _backend(v, d["backend"], join(path, "backend"), engine_cls)
     options = d.get("options", {}) if isinstance(d.get("options", {}), dict) else {}
     if backend is None:
         return None
     return RouteConfig(name=name, match=match, backend=backend, options=options)
 
 
-def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendConfig | None:
-    d = v.obj(item, path)
+def _backend(v: Validator, item: Any, path: str, engine_cls: Any) -> BackendConfig | None:
+    d = v.section(item, path, BACKEND_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, BACKEND_KEYS, path)
     addr = v.address(d, "address", path)
     database = v.string(d, "database", path, required=False)
     user = v.string(d, "user", path, required=False)
@@ -552,7 +406,7 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
     if "auth" not in d:
         v.err(path, "a key 'auth' (an object with a \"method\")")
     else:
-        ap = _join(path, "auth")
+        ap = join(path, "auth")
         ad = v.obj(d["auth"], ap)
         if ad is not None:
             method = v.string(ad, "method", ap, choices=methods or None)
@@ -565,14 +419,13 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
                     params = validated if validated is not None else params
                 elif params:
                     for k in params:
-                        v.err(_join(ap, k), f"no key {k!r} for method {method}")
+                        v.err(join(ap, k), f"no key {k!r} for method {method}")
                 auth = AuthConfig(method=method, secret=secret, params=params)
     tls = BackendTLS()
     if "tls" in d:
-        tp = _join(path, "tls")
-        td = v.obj(d["tls"], tp)
+        tp = join(path, "tls")
+        td = v.section(d["tls"], tp, TLS_KEYS)
         if td is not None:
-            v.unknown_keys(td, TLS_KEYS, tp)
             mode = v.string(td, "mode", tp, choices=BACKEND_TLS_MODES) or "disable"
             ca = v.file_path(td, "ca_file", tp, required=mode in ("verify-ca", "verify-full"))
             server_name = v.string(td, "server_name", tp, required=False)
@@ -591,16 +444,15 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
     )
 
 
-def _audit(v: _Validator, item: Any, path: str) -> AuditConfig | None:
+def _audit(v: Validator, item: Any, path: str) -> AuditConfig | None:
 
-    d = v.obj(item, path)
+    d = v.section(item, path, AUDIT_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, AUDIT_KEYS, path)
     sinks: list[SinkConfig] = []
     raw = d.get("sinks", [])
     if not isinstance(raw, list):
-        v.err(_join(path, "sinks"), f"an array of sinks, got {_kind(raw)}")
+        v.err(join(path, "sinks"), f"an array of sinks, got {kind_of(raw)}")
         raw = []
     for i, s in enumerate(raw):
         sink = validate_sink(v, s, f"{path}.sinks[{i}]", i)

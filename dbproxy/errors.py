@@ -132,6 +132,22 @@ class AccessDenied(ProxyError):
         self.reason = reason
 
 
+class AuthFailed(AccessDenied):
+    """A client could not prove who it is.
+
+    ``reason`` is a short code for the audit trail (``token_expired``,
+    ``token_bad_signature``, ``token_revoked``, ``token_wrong_user``,
+    ``token_malformed``, ``scram_no_match``, ``certificate_missing``,
+    ``method_unavailable`` …); ``str(exc)`` adds detail for the log.  Neither
+    ever holds the token.  ``token_id`` is set when a correctly signed token
+    was refused (expired, revoked, other user), for forensics.
+    """
+
+    def __init__(self, message: str, *, reason: str, token_id: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.token_id = token_id
+
+
 class ConfigError(ProxyError):
     """A configuration file is wrong.  Names the file, the JSON path and what was expected."""
 

@@ -27,10 +27,9 @@ class LimitsConfig:
 
 
 def validate_limits(v: Any, raw: Any, path: str = "limits") -> LimitsConfig | None:
-    d = v.obj(raw, path)
+    d = v.section(raw, path, LIMITS_KEYS)
     if d is None:
         return None
-    v.unknown_keys(d, LIMITS_KEYS, path)
     maps = {}
     for key in ("identities", "listeners"):
         sub = d.get(key, {})

@@ -60,10 +60,9 @@ def validate_roles(v: Any, raw: Any, path: str = "roles") -> dict[str, RoleConfi
     out: dict[str, RoleConfig] = {}
     for name, item in (d or {}).items():
         rp = f"{path}.{name}"
-        rd = v.obj(item, rp)
+        rd = v.section(item, rp, ROLE_KEYS)
         if rd is None:
             continue
-        v.unknown_keys(rd, ROLE_KEYS, rp)
         out[name] = RoleConfig(
             name=name,
             routes=glob_list(v, rd, "routes", rp, required=True),

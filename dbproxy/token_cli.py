@@ -22,21 +22,15 @@ import os
 import sys
 from typing import Any
 
-import orjson
 
-from .errors import ConfigError, ConfigErrors
-from .identity import (
-    DEFAULT_FLAVOURS,
-    AuthFailed,
-    TokenAuthority,
-    TokenConfig,
-    TokenKeys,
-    _FileLock,
-    generate_keys,
-    looks_like_token,
-    parse_ttl,
-    validate_identity,
-)
+from .errors import AuthFailed, ConfigError, ConfigErrors
+from .identity.authority import TokenAuthority
+from .identity.config import TokenConfig, validate_identity
+from .identity.files import FileLock
+from .identity.keys import TokenKeys, generate_keys
+from .identity.registry import DEFAULT_FLAVOURS
+from .identity.tokens import looks_like_token, parse_ttl
+from .validate import Validator, read_json
 
 
 def _iso(ts: int) -> str:
@@ -46,16 +40,9 @@ def _iso(ts: int) -> str:
 def load_token_config(path: str) -> tuple[TokenConfig, dict | None]:
     """``identity.token`` and ``roles`` of a config file, validated; raises ConfigErrors."""
     from .roles import validate_roles
-    from .config import _Validator
 
-    v = _Validator(path)
-    try:
-        with open(path, "rb") as f:
-            doc = orjson.loads(f.read())
-    except OSError as exc:
-        raise ConfigErrors([ConfigError(path, "", f"a readable file ({exc.strerror})")]) from None
-    except orjson.JSONDecodeError as exc:
-        raise ConfigErrors([ConfigError(path, "", f"valid JSON ({exc})")]) from None
+    v = Validator(path)
+    doc = read_json(path)
     if not isinstance(doc, dict) or "identity" not in doc:
         raise ConfigErrors([ConfigError(path, "", "an \"identity\" section with \"token\"")])
     identity = validate_identity(v, doc["identity"])
@@ -152,7 +139,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     else:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         note = f"  # revoked {stamp}" + (f" user={subject}" if subject else "")
-        with _FileLock(cfg.revocation_file):
+        with FileLock(cfg.revocation_file):
             fd = os.open(cfg.revocation_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             with os.fdopen(fd, "a", encoding="utf-8") as f:
                 f.write(f"{jti}{note}\n")

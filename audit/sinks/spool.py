@@ -38,6 +38,7 @@ import logging
 import os
 import struct
 import threading
+from typing import Any, Iterator
 
 import attrs
 import crc32c
@@ -284,31 +285,17 @@ class Spool:
 
     def _drop_head(self, nbytes: int) -> tuple[int, int, int]:
         """Advance the cursor over at least *nbytes* of the oldest records (caller holds the lock)."""
-        dropped = 0
-        first = last = 0
+        dropped = freed = first = last = 0
         pos = self.cursor
-        freed = 0
-        while freed < nbytes:
-            size = self._sizes[pos.segment]
-            if pos.offset >= size:
-                nxt = self._next_segment(pos.segment)
-                if nxt is None:
+        if nbytes > 0:
+            for _, length, seq, pos in self._records(pos):
+                freed += HEADER.size + length
+                self._counts[pos.segment] -= 1
+                first = seq if dropped == 0 else first
+                last = seq
+                dropped += 1
+                if freed >= nbytes:
                     break
-                pos = Position(nxt, 0)
-                continue
-            with open(self._path(pos.segment), "rb") as f:
-                f.seek(pos.offset)
-                while freed < nbytes and pos.offset < size:
-                    header = f.read(HEADER.size)
-                    length, _, seq, _ = HEADER.unpack(header)
-                    f.seek(length, os.SEEK_CUR)
-                    rec = HEADER.size + length
-                    pos = Position(pos.segment, pos.offset + rec)
-                    freed += rec
-                    self._counts[pos.segment] -= 1
-                    first = seq if dropped == 0 else first
-                    last = seq
-                    dropped += 1
         if dropped:
             self._set_cursor(pos)
         return dropped, first, last
@@ -318,32 +305,42 @@ class Spool:
         later = [m for m in self._sizes if m > n]
         return min(later) if later else None
 
+    def _records(self, pos: Position) -> Iterator[tuple[Any, int, int, Position]]:
+        """The records from *pos* on, oldest first, across segments (caller holds the lock):
+        (the segment file, positioned at the payload; payload length; seq; position after it).
+        The one walk ``read`` and ``_drop_head`` share; a caller may read the payload or not."""
+        while True:
+            size = self._sizes.get(pos.segment, 0)
+            if pos.offset >= size:
+                nxt = self._next_segment(pos.segment)
+                if nxt is None:
+                    return
+                pos = Position(nxt, 0)
+                continue
+            with open(self._path(pos.segment), "rb") as f:
+                f.seek(pos.offset)
+                while pos.offset < size:
+                    length, _, seq, _ = HEADER.unpack(f.read(HEADER.size))
+                    pos = Position(pos.segment, pos.offset + HEADER.size + length)
+                    yield f, length, seq, pos
+                    f.seek(pos.offset)
+
     def read(self, max_events: int, max_bytes: int) -> list[tuple[int, bytes, Position]]:
         """Undelivered records from the cursor — at least one if any, then up to *max_events* /
         *max_bytes* — as (seq, payload, position after it); ``commit`` takes such a position."""
         with self._lock:
-            pos = self.cursor
             out: list[tuple[int, bytes, Position]] = []
             budget = max_bytes
-            while len(out) < max_events:
-                size = self._sizes.get(pos.segment, 0)
-                if pos.offset >= size:
-                    nxt = self._next_segment(pos.segment)
-                    if nxt is None:
-                        break
-                    pos = Position(nxt, 0)
-                    continue
-                with open(self._path(pos.segment), "rb") as f:
-                    f.seek(pos.offset)
-                    while len(out) < max_events and pos.offset < size:
-                        length, _, seq, _ = HEADER.unpack(f.read(HEADER.size))
-                        rec = HEADER.size + length
-                        if out and rec > budget:
-                            return out
-                        payload = f.read(length)
-                        budget -= rec
-                        pos = Position(pos.segment, pos.offset + rec)
-                        out.append((seq, payload, pos))
+            if max_events <= 0:
+                return out
+            for f, length, seq, pos in self._records(self.cursor):
+                rec = HEADER.size + length
+                if out and rec > budget:
+                    break
+                budget -= rec
+                out.append((seq, f.read(length), pos))
+                if len(out) >= max_events:
+                    break
             return out
 
     def commit(self, pos: Position) -> None:

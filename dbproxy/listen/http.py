@@ -111,7 +111,7 @@ class HTTPRequest:
 
     @property
     def peer_certificate(self) -> dict | None:
-        from ..identity import peer_certificate
+        from ..identity.mtls import peer_certificate
 
         return peer_certificate(self.transport)
 

@@ -28,7 +28,9 @@ import psycopg
 import pytest
 
 from dbproxy.audit.verify import verify_files
-from tests.support import ProxyProcess, read_audit, wait_until
+from tests.support import (
+    ProxyProcess, audit_worker_pids, jsonl_audit, pg_connect, pg_scram_config, read_audit, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,36 +38,12 @@ CLIENTS = 10
 
 
 def config(pg, workdir: Path, **audit_options) -> dict:
-    user, password = pg.users["scram-sha-256"]
-    secret = workdir / "scram.secret"
-    secret.write_text(password + "\n")
-    backend = {"address": f"127.0.0.1:{pg.port}", "database": "app", "user": user,
-               "auth": {"method": "scram-sha-256", "password_file": str(secret)}}
-    audit = {"sinks": [{"type": "jsonl", "path": str(workdir / "audit.jsonl")}], **audit_options}
-    return {"listeners": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:0",
-                           "routes": [{"name": "scram", "backend": backend}]}],
-            "audit": audit, "shutdown_grace_seconds": 2}
+    return pg_scram_config(pg, workdir, jsonl_audit(workdir, **audit_options))
 
-
-def connect(proxy: ProxyProcess):
-    return psycopg.connect(host="127.0.0.1", port=proxy.port(), user="alice", dbname="app", password="unused",
-                           sslmode="disable", connect_timeout=10, autocommit=True)
 
 
 def worker_pids(proxy: ProxyProcess) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if int(fields[1]) == proxy.proc.pid and fields[0] != "Z" and b"dbproxy.audit.worker" in cmd:
-                out.append(int(entry))
-    return out
+    return audit_worker_pids(proxy.proc.pid)
 
 
 class Client(threading.Thread):
@@ -80,7 +58,7 @@ class Client(threading.Thread):
 
     def run(self) -> None:
         try:
-            with connect(self.proxy) as conn:
+            with pg_connect(self.proxy) as conn:
                 i = 0
                 while not self.stop.is_set():
                     sql = f"SELECT {self.n} AS client, {i} AS statement"
@@ -144,7 +122,7 @@ def test_a_worker_killed_under_load_loses_no_answered_statement(pg, tmp_path):
 def test_verify_finds_the_unclean_restart_of_a_killed_proxy(pg, tmp_path):
     first = ProxyProcess(tmp_path, config(pg, tmp_path), name="first").start()
     try:
-        conn = connect(first)
+        conn = pg_connect(first)
         conn.execute("SELECT 'open when the proxy died'")
         wait_until(lambda: "SELECT 'open when the proxy died'" in audited_queries(tmp_path / "audit.jsonl"),
                    timeout=10, what="the query")
@@ -152,7 +130,7 @@ def test_verify_finds_the_unclean_restart_of_a_killed_proxy(pg, tmp_path):
         first.kill()  # SIGKILL: no proxy.stop, no end event for the open session
     second = ProxyProcess(tmp_path, config(pg, tmp_path), name="second").start()
     try:
-        with connect(second) as c:
+        with pg_connect(second) as c:
             c.execute("SELECT 'after'")
         wait_until(lambda: "SELECT 'after'" in audited_queries(tmp_path / "audit.jsonl"), timeout=10, what="after")
     finally:
@@ -170,7 +148,7 @@ def test_with_durability_ack_no_result_reaches_a_client_before_its_audit_record(
     trail = tmp_path / "audit.jsonl"
     try:
         [worker] = worker_pids(proxy)
-        with connect(proxy) as conn:
+        with pg_connect(proxy) as conn:
             assert conn.execute("SELECT 'before'").fetchone() == ("before",)
             assert "SELECT 'before'" in audited_queries(trail)  # durable before the client had it
             # A worker that cannot write: the completion is held, the client waits for it.
@@ -219,7 +197,7 @@ def test_tapped_events_carry_the_time_the_proxy_saw_them(pg, tmp_path):
     trail = tmp_path / "audit.jsonl"
     try:
         [worker] = worker_pids(proxy)
-        conn = connect(proxy)
+        conn = pg_connect(proxy)
         conn.execute("SELECT 'first'")
         wait_until(lambda: "SELECT 'first'" in audited_queries(trail), timeout=10, what="the first query")
         # The worker parses late (stopped), the proxy sees queries, then the session's end.

@@ -35,7 +35,9 @@ import psycopg
 import pytest
 
 from dbproxy.audit.verify import ChainChecker, verify_files
-from tests.support import ROOT, ProxyProcess, peer_missing, read_audit, wait_until
+from tests.support import (
+    ROOT, ProxyProcess, dbproxy_cli, peer_missing, pg_connect, pg_scram_config, read_audit, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -61,27 +63,13 @@ def rsyslog(tmp_path):
 
 
 def proxy_config(pg, workdir: Path, sinks: list[dict]) -> dict:
-    user, password = pg.users["scram-sha-256"]
-    secret = workdir / "scram.secret"
-    secret.write_text(password + "\n")
-    backend = {"address": f"127.0.0.1:{pg.port}", "database": "app", "user": user, "auth": {"method": "scram-sha-256", "password_file": str(secret)}}
-    return {
-        "listeners": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:0", "routes": [{"name": "scram", "backend": backend}]}],
-        # The network sink first: by the time an event is in audit.jsonl it is in the spool too.
-        "audit": {"sinks": [*sinks, {"type": "jsonl", "path": str(workdir / "audit.jsonl"), "fsync": "always"}]},
-        "shutdown_grace_seconds": 2,
-    }
-
-
-def connect(proxy: ProxyProcess, **kw):
-    return psycopg.connect(
-        host="127.0.0.1", port=proxy.port(), user="alice", dbname="app", password="unused", sslmode="disable", connect_timeout=10, autocommit=True, **kw
-    )
+    # The network sink first: by the time an event is in audit.jsonl it is in the spool too.
+    return pg_scram_config(pg, workdir, {"sinks": [*sinks, {"type": "jsonl", "path": str(workdir / "audit.jsonl"), "fsync": "always"}]})
 
 
 def run_sessions(proxy: ProxyProcess, sessions: int, queries: int, *, tag: str = "q", pause: float = 0.0) -> int:
     for s in range(sessions):
-        with connect(proxy) as conn:
+        with pg_connect(proxy) as conn:
             for q in range(queries):
                 conn.execute("SELECT %s::text", (f"{tag}-{s}-{q}",))
                 if pause:
@@ -180,11 +168,6 @@ def syslog_sink(rs, transport: str, workdir: Path, **extra) -> dict:
     return sink
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "dbproxy.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 # --------------------------------------------------------------------------- syslog / rsyslog
 
 
@@ -263,7 +246,7 @@ def test_proxy_sigkill_while_spooling_loses_nothing(pg, rsyslog, tmp_path):
     resumed = expected[len(spooled)]
     assert resumed["seq"] == spooled[-1]["seq"] + 1 and resumed["prev_hash"] == spooled[-1]["hash"]  # the chain runs on
     assert "undelivered events" in second.log_text() and "to replay" in second.log_text()
-    out = cli("audit", "verify", str(tmp_path / "audit.jsonl"))
+    out = dbproxy_cli("audit", "verify", str(tmp_path / "audit.jsonl"))
     # The chain is intact (the second run's stop marker is the one more event); the SIGKILL shows as
     # an unclean restart: the first run has no proxy.stop.
     n = len(expected) + 1
@@ -420,7 +403,7 @@ def test_fail_closed_refuses_sessions_with_a_native_error(pg, receiver, tmp_path
     sink = http_sink(receiver, tmp_path, spool_max_bytes=16 * 1024, on_spool_full="fail_closed")
     proxy = proxy_factory(proxy_config(pg, tmp_path, [sink]))
     told = None
-    with connect(proxy) as conn:
+    with pg_connect(proxy) as conn:
         for i in range(2000):
             try:
                 conn.execute("SELECT %s::text", (f"fill-{i}",))
@@ -430,7 +413,7 @@ def test_fail_closed_refuses_sessions_with_a_native_error(pg, receiver, tmp_path
     assert told is not None, f"the running session was never told:\n{proxy.log_text()[-3000:]}"
     assert "audit unavailable" in str(told)
     with pytest.raises(psycopg.OperationalError, match="audit unavailable"):
-        connect(proxy)
+        pg_connect(proxy)
     fields = raw_startup_error(proxy.port())
     assert fields["S"] == "FATAL" and fields["C"] == "53000" and "audit unavailable" in fields["M"]
     assert "refused: audit unavailable" in proxy.log_text() and "fail_closed" in proxy.log_text()
@@ -439,7 +422,7 @@ def test_fail_closed_refuses_sessions_with_a_native_error(pg, receiver, tmp_path
 
     def accepted_again():
         try:
-            with connect(proxy) as conn:
+            with pg_connect(proxy) as conn:
                 conn.execute("SELECT 'back'")
             return True
         except psycopg.OperationalError:
@@ -506,11 +489,11 @@ def test_cli_verify_tamper_and_tail_follow(pg, tmp_path, proxy_factory):
     assert any("EXECUTE u_scram@app: SELECT $1::text params=[\"cli-1-2\"]" in line for line in lines), lines
     assert sum(" START " in line for line in lines) == 2
     sid = events[0]["sid"]
-    out = cli("audit", "tail", str(path), "--session", sid)
+    out = dbproxy_cli("audit", "tail", str(path), "--session", sid)
     assert out.returncode == 0 and all(sid[:8] in line for line in out.stdout.splitlines())
     assert len(out.stdout.splitlines()) == sum(e["sid"] == sid for e in events)
 
-    out = cli("audit", "verify", str(path))
+    out = dbproxy_cli("audit", "verify", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
     lines_ = path.read_bytes().splitlines(keepends=True)
     victim = 5
@@ -518,6 +501,6 @@ def test_cli_verify_tamper_and_tail_follow(pg, tmp_path, proxy_factory):
     event["db_user"] = "somebody_else"
     lines_[victim - 1] = orjson.dumps(event) + b"\n"
     path.write_bytes(b"".join(lines_))
-    out = cli("audit", "verify", str(path))
+    out = dbproxy_cli("audit", "verify", str(path))
     assert out.returncode == 1
     assert f"{path}:{victim}: hash mismatch at seq {event['seq']}" in out.stdout

@@ -19,51 +19,20 @@ import psycopg
 import pytest
 
 from dbproxy.audit.verify import verify_files
-from tests.support import ProxyProcess, read_audit, wait_until
+from tests.support import (
+    ProxyProcess, audit_worker_pids, jsonl_audit, pg_connect, pg_scram_config, read_audit, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def config(pg, workdir: Path, *, worker: bool | None = None) -> dict:
-    user, password = pg.users["scram-sha-256"]
-    secret = workdir / "scram.secret"
-    secret.write_text(password + "\n")
-    backend = {"address": f"127.0.0.1:{pg.port}", "database": "app", "user": user,
-               "auth": {"method": "scram-sha-256", "password_file": str(secret)}}
-    audit: dict = {"sinks": [{"type": "jsonl", "path": str(workdir / "audit.jsonl")}]}
-    if worker is not None:
-        audit["worker"] = worker
-    return {"listeners": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:0",
-                           "routes": [{"name": "scram", "backend": backend}]}],
-            "audit": audit, "shutdown_grace_seconds": 2}
+    return pg_scram_config(pg, workdir, jsonl_audit(workdir, worker=worker))
 
-
-def connect(proxy: ProxyProcess):
-    return psycopg.connect(host="127.0.0.1", port=proxy.port(), user="alice", dbname="app", password="unused",
-                           sslmode="disable", connect_timeout=10, autocommit=True)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-def cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
 
 
 def workload(proxy: ProxyProcess) -> None:
-    with connect(proxy) as conn:
+    with pg_connect(proxy) as conn:
         conn.execute("CREATE TEMP TABLE t (id int primary key, v text)")
         conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 25) g")
         assert conn.execute("SELECT count(*) FROM t WHERE id > %s", (5,)).fetchone() == (20,)
@@ -86,7 +55,7 @@ def session_events(events: list[dict]) -> list[tuple]:
 def test_the_trail_is_the_same_with_and_without_the_worker(pg, tmp_path, worker):
     proxy = ProxyProcess(tmp_path, config(pg, tmp_path, worker=None if worker else False)).start()
     try:
-        kids = [p for p in children(proxy.proc.pid) if "dbproxy.audit.worker" in cmdline(p)]
+        kids = audit_worker_pids(proxy.proc.pid)
         assert len(kids) == (1 if worker else 0)
         workload(proxy)
         events = read_audit(tmp_path / "audit.jsonl", wait_for=1)
@@ -113,8 +82,8 @@ def test_the_trail_is_the_same_with_and_without_the_worker(pg, tmp_path, worker)
 def test_a_killed_worker_ends_the_running_session_and_a_new_one_takes_over(pg, tmp_path):
     proxy = ProxyProcess(tmp_path, config(pg, tmp_path)).start()
     try:
-        [first] = [p for p in children(proxy.proc.pid) if "dbproxy.audit.worker" in cmdline(p)]
-        with connect(proxy) as conn:
+        [first] = audit_worker_pids(proxy.proc.pid)
+        with pg_connect(proxy) as conn:
             conn.execute("SELECT 1")
             wait_until(lambda: len(read_audit(tmp_path / "audit.jsonl")) >= 4, timeout=10, what="the first events")  # proxy.start, then the session
             os.kill(first, signal.SIGKILL)
@@ -126,14 +95,14 @@ def test_a_killed_worker_ends_the_running_session_and_a_new_one_takes_over(pg, t
             assert told.value.sqlstate == "53000"
 
         def new_worker():
-            kids = [p for p in children(proxy.proc.pid) if "dbproxy.audit.worker" in cmdline(p)]
+            kids = audit_worker_pids(proxy.proc.pid)
             return kids and kids != [first]
 
         wait_until(new_worker, timeout=20, what="a new audit worker")
 
         def audited_again():
             try:
-                with connect(proxy) as conn:
+                with pg_connect(proxy) as conn:
                     conn.execute("SELECT 'after'")
                 return True
             except psycopg.OperationalError:

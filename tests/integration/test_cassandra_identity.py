@@ -26,19 +26,25 @@ import shutil
 import ssl
 import struct
 import subprocess
-import sys
 import uuid
 
 import pytest
 from cassandra import Unauthorized
-from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster, NoHostAvailable
+from cassandra.cluster import NoHostAvailable
 from cassandra.query import BatchStatement, SimpleStatement
 
 from dbproxy.engines.cassandra import protocol as F
-from scripts.peers.cassandra_server import start_cassandra
-from tests.integration.test_cassandra_proxy import RawCql, _backend, _require_install, cluster, refusal
-from tests.support import ROOT, ProxyProcess, peer_missing, read_audit, wait_until
+from tests.integration.test_cassandra_proxy import RawCql, _backend, cluster, node, refusal  # noqa: F401  (node: the module's own Cassandra)
+from tests.support import (
+    ProxyProcess,
+    cassandra_direct,
+    cql_keyspace,
+    dbproxy_cli,
+    peer_missing,
+    read_audit,
+    token_keygen,
+    wait_audit,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,34 +56,18 @@ CORE_VERSIONS = [(4, "lz4"), (5, "lz4")]
 CORE_IDS = [f"v{v}-{c}" for v, c in CORE_VERSIONS]
 
 
-def _cli(*args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "dbproxy.cli", *args], capture_output=True, text=True, env=env, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.strip()
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    _require_install()
-    server = start_cassandra(tmp_path_factory.mktemp("cassandra-ident"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
 def direct(node):
     """A session straight to the node: set-up and checks of what really happened."""
-    c = Cluster([node.host], port=node.port, auth_provider=PlainTextAuthProvider(node.user, node.password),
-                protocol_version=5, connect_timeout=10)
-    session = c.connect()
-    for ks in ("app", "secret"):
-        session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}")
-        session.execute(f"CREATE TABLE IF NOT EXISTS {ks}.kv (k text PRIMARY KEY, v int)")
-        session.execute(f"INSERT INTO {ks}.kv (k, v) VALUES ('seed', 1)")
+    c, session = cassandra_direct(node, *(
+        statement
+        for ks in ("app", "secret")
+        for statement in (cql_keyspace(ks), f"CREATE TABLE IF NOT EXISTS {ks}.kv (k text PRIMARY KEY, v int)",
+                          f"INSERT INTO {ks}.kv (k, v) VALUES ('seed', 1)")
+    ))
     yield session
     c.shutdown()
 
@@ -89,7 +79,7 @@ def idproxy(node, direct, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cqlident")
     ca = make_ca(workdir)
     cert, key = make_cert(workdir, ca, "proxy", sans=["localhost", "127.0.0.1"])
-    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"), "--public-key-file", str(workdir / "token.pub"))
+    token_keygen(workdir)
     secret = workdir / "cassandra.secret"
     secret.write_text(node.password)
     routes = [{"name": "cass", "backend": _backend(node, secret)}]
@@ -123,7 +113,8 @@ def idproxy(node, direct, tmp_path_factory):
     proc.tokens = []
 
     def issue(user: str, roles: str) -> str:
-        token = _cli("token", "issue", "--config", str(proc.config_path), "--user", user, "--roles", roles, "--ttl", "1h")
+        token = dbproxy_cli("token", "issue", "--config", str(proc.config_path), "--user", user, "--roles", roles, "--ttl", "1h",
+                            check=True).stdout.strip()
         proc.tokens.append(token)
         return token
 
@@ -144,14 +135,7 @@ def connect(idproxy, user: str, roles: str, *, version: int = 5, compression: st
 
 
 def events(idproxy, condition, timeout: float = 20.0) -> list[dict]:
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(idproxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(idproxy.audit_path, condition, timeout=timeout)
 
 
 def denials(evs: list[dict], user: str) -> list[dict]:

@@ -48,8 +48,11 @@ from dbproxy.engines.cassandra import segments as S
 from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder
 from dbproxy.sansio import NEED_DATA
 from scripts.peers import free_port
-from scripts.peers.cassandra_server import lib_dir, start_cassandra
-from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
+from scripts.peers.cassandra_server import start_cassandra
+from tests.support import (
+    ProxyProcess, cassandra_direct, cql_keyspace, peer_missing, read_audit, start_cassandra_node, wait_audit,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +71,10 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cassandra"
 # --------------------------------------------------------------------------- fixtures
 
 
-def _require_install() -> None:
-    if not any(lib_dir().glob("cassandra-all-*.jar")):
-        peer_missing(f"no Cassandra jars in {lib_dir()}: run scripts/install/cassandra.sh")
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    _require_install()
-    server = start_cassandra(tmp_path_factory.mktemp("cassandra"))
+    """A Cassandra node per test module (the other Cassandra files import this fixture)."""
+    server = start_cassandra_node(tmp_path_factory, "cassandra")
     yield server
     server.stop()
 
@@ -84,10 +82,7 @@ def node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(node):
     """A session straight to the node (not through the proxy): DDL from "another client"."""
-    c = Cluster([node.host], port=node.port, auth_provider=PlainTextAuthProvider(node.user, node.password),
-                protocol_version=5, connect_timeout=10)
-    session = c.connect()
-    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {KS} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}")
+    c, session = cassandra_direct(node, cql_keyspace(KS))
     yield session
     c.shutdown()
 
@@ -155,14 +150,7 @@ def cluster(port: int, *, user: str | None = "app", password: str = CLIENT_PASSW
 
 def audit_when(proxy, condition, timeout: float = 20.0) -> list[dict]:
     """All events, once ``condition(events)`` holds (the drain task writes asynchronously)."""
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(proxy.audit_path, condition, timeout=timeout)
 
 
 def session_starts(proxy, **match) -> list[dict]:

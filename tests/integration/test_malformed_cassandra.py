@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import struct
 import uuid
-from pathlib import Path
 
 import pytest
-from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster
 
 from dbproxy.engines.cassandra import protocol as F
-from scripts.peers.cassandra_server import lib_dir, start_cassandra
-from tests.integration.test_cassandra_proxy import RawCql
-from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
+from tests.integration.test_cassandra_proxy import RawCql, node  # noqa: F401  (node: the module's own Cassandra)
+from tests.support import (
+    ProxyProcess,
+    cassandra_direct,
+    cql_keyspace,
+    jsonl_audit,
+    password_backend,
+    read_audit,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,21 +37,8 @@ KS = "malformed_ks"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    if not any(lib_dir().glob("cassandra-all-*.jar")):
-        peer_missing(f"no Cassandra jars in {lib_dir()}: run scripts/install/cassandra.sh")
-    server = start_cassandra(tmp_path_factory.mktemp("cassandra"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def direct(node):
-    c = Cluster([node.host], port=node.port, auth_provider=PlainTextAuthProvider(node.user, node.password),
-                protocol_version=5, connect_timeout=10)
-    session = c.connect()
-    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {KS} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}")
-    session.execute(f"CREATE TABLE IF NOT EXISTS {KS}.t (k text, v text, PRIMARY KEY (k, v))")
+    c, session = cassandra_direct(node, cql_keyspace(KS), f"CREATE TABLE IF NOT EXISTS {KS}.t (k text, v text, PRIMARY KEY (k, v))")
     yield session
     c.shutdown()
 
@@ -55,13 +46,8 @@ def direct(node):
 @pytest.fixture(scope="module", params=[True, False], ids=["worker", "in-process"])
 def proxy(request, node, direct, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cql-malformed")
-    secret = workdir / "cassandra.secret"
-    secret.write_text(node.password + "\n")
-    backend = {"address": f"{node.host}:{node.port}", "user": node.user,
-               "auth": {"method": "password", "password_file": str(secret)}}
-    audit: dict = {"sinks": [{"type": "jsonl", "path": str(workdir / "audit.jsonl")}]}
-    if not request.param:
-        audit["worker"] = False
+    backend = password_backend(workdir, f"{node.host}:{node.port}", node.user, node.password, "password")
+    audit = jsonl_audit(workdir, worker=None if request.param else False)
     config = {"listeners": [{"name": "cql", "protocol": "cassandra", "listen": "127.0.0.1:0",
                              "routes": [{"name": "app", "backend": backend}]}], "audit": audit}
     proc = ProxyProcess(workdir, config).start()

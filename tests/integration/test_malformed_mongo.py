@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import struct
 import uuid
-from pathlib import Path
 
 import bson
 import pytest
 
 from tests.integration.test_mongo_proxy import OP_MSG, closed, connect, frame, op_msg, raw_session, recv_reply
-from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
+from tests.support import ProxyProcess, jsonl_audit, password_backend, start_ferret, wait_audit
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +30,7 @@ DB, COLL = "proxytest", "malformed"
 
 @pytest.fixture(scope="module")
 def ferret(tmp_path_factory):
-    from scripts.peers.ferretdb_server import ferretdb_path, start_ferretdb
-
-    try:
-        ferretdb_path()
-    except FileNotFoundError as exc:
-        peer_missing(f"{exc}")
-    server = start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
+    server = start_ferret(tmp_path_factory, "ferretdb")
     yield server
     server.stop()
 
@@ -45,13 +38,8 @@ def ferret(tmp_path_factory):
 @pytest.fixture(scope="module", params=[True, False], ids=["worker", "in-process"])
 def proxy(request, ferret, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mongo-malformed")
-    secret = workdir / "backend.secret"
-    secret.write_text(ferret.password + "\n")
-    backend = {"address": f"127.0.0.1:{ferret.port}", "user": ferret.user,
-               "auth": {"method": "scram-sha-256", "password_file": str(secret)}}
-    audit: dict = {"sinks": [{"type": "jsonl", "path": str(workdir / "audit.jsonl")}]}
-    if not request.param:
-        audit["worker"] = False
+    backend = password_backend(workdir, f"127.0.0.1:{ferret.port}", ferret.user, ferret.password, "scram-sha-256")
+    audit = jsonl_audit(workdir, worker=None if request.param else False)
     config = {"listeners": [{"name": "main", "protocol": "mongo", "listen": "127.0.0.1:0",
                              "options": {"client_auth": "accept"}, "routes": [{"name": "main", "backend": backend}]}],
               "audit": audit}
@@ -109,13 +97,7 @@ def test_malformed_request_is_refused_audited_and_ends_the_session(proxy, ferret
         sid = next((e["sid"] for e in evs if f"before-{tag}" in (e.get("db_query") or "")), None)
         return sid is not None and any(e["event"] == "db.session.end" and e.get("sid") == sid for e in evs)
 
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return over(box)
-
-    wait_until(check, timeout=15, what="the session's end event")
+    box = wait_audit(proxy.audit_path, over, timeout=15, what="the session's end event")
     sid = next(e["sid"] for e in box if f"before-{tag}" in (e.get("db_query") or ""))
     mine = [e for e in box if e.get("sid") == sid]
     [event] = [e for e in mine if e["event"] == "audit.malformed"]

@@ -21,10 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from tests.support import ProxyProcess, read_audit, wait_until
+from tests.support import ProxyProcess, jsonl_audit, pg_connect, pg_scram_config, pg_session, wait_audit
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +31,7 @@ TABLE = "malformed_t"
 
 
 def config(pg, workdir: Path, *, worker: bool) -> dict:
-    user, password = pg.users["scram-sha-256"]
-    secret = workdir / "scram.secret"
-    secret.write_text(password + "\n")
-    backend = {"address": f"127.0.0.1:{pg.port}", "database": "app", "user": user,
-               "auth": {"method": "scram-sha-256", "password_file": str(secret)}}
-    audit: dict = {"sinks": [{"type": "jsonl", "path": str(workdir / "audit.jsonl")}]}
-    if not worker:
-        audit["worker"] = False
-    return {"listeners": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:0",
-                           "routes": [{"name": "scram", "backend": backend}]}],
-            "audit": audit, "shutdown_grace_seconds": 2}
+    return pg_scram_config(pg, workdir, jsonl_audit(workdir, worker=None if worker else False))
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["worker", "in-process"])
@@ -50,15 +39,10 @@ def proxy(request, pg, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("malformed-worker" if request.param else "malformed-inline")
     proc = ProxyProcess(workdir, config(pg, workdir, worker=request.param)).start()
     proc.audit_path = workdir / "audit.jsonl"
-    with connect(proc) as conn:
+    with pg_connect(proc) as conn:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (v text)")
     yield proc
     proc.stop()
-
-
-def connect(proxy):
-    return psycopg.connect(host="127.0.0.1", port=proxy.port(), user="alice", dbname="app", password="unused",
-                           sslmode="disable", connect_timeout=10, autocommit=True)
 
 
 def msg(t: bytes, body: bytes) -> bytes:
@@ -74,15 +58,7 @@ def insert(value: str) -> str:
 
 
 def login(proxy) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
-    params = b"user\0alice\0database\0app\0\0"
-    s.sendall(struct.pack(">ii", 8 + len(params), 196608) + params)
-    buf = b""
-    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
-        chunk = s.recv(65536)
-        assert chunk, "proxy closed during startup"
-        buf += chunk
-    return s
+    return pg_session(proxy.port(), user="alice", database="app")[0]
 
 
 def read_answer(s: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
@@ -120,18 +96,11 @@ CASES = sorted(bad_cases("x"))
 
 
 def audited(proxy, predicate, what: str, timeout: float = 15.0) -> list[dict]:
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return predicate(box)
-
-    wait_until(check, timeout=timeout, what=what)
-    return box
+    return wait_audit(proxy.audit_path, predicate, timeout=timeout, what=what)
 
 
 def rows(proxy, tag: str) -> set[str]:
-    with connect(proxy) as conn:
+    with pg_connect(proxy) as conn:
         return {v for (v,) in conn.execute(f"select v from {TABLE} where v like %s", (f"%-{tag}",))}
 
 
@@ -182,7 +151,7 @@ def sid_of(events: list[dict], tag: str) -> str | None:
 
 def test_other_sessions_keep_working_while_one_sends_malformed_messages(proxy) -> None:
     tag = uuid.uuid4().hex[:12]
-    with connect(proxy) as other:
+    with pg_connect(proxy) as other:
         other.execute(insert(f"other1-{tag}"))
         s = login(proxy)
         s.sendall(query(insert(f"before-{tag}")) + bad_cases(tag)["query-without-nul"])

@@ -15,24 +15,23 @@ Tokens come from ``dbproxy token issue`` run as a subprocess, as an operator wou
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import secrets
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import bson
-import orjson
 import pymongo
 import pytest
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
-from tests.support import ROOT, ProxyProcess, peer_missing, wait_until
+from tests.support import (
+    BAD_TOKEN_CASES, TOKEN_IDENTITY, ProxyProcess, TokenEnv, assert_no_token_secrets, issue_bad_tokens,
+    password_backend, recv_exact, start_ferret, token_keygen, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,55 +39,22 @@ OP_MSG = 2013
 UNAUTHORIZED, AUTHENTICATION_FAILED = 13, 18
 
 
-def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "dbproxy.cli", *args], capture_output=True, text=True, env=env, timeout=60)
-    if check and p.returncode != 0:
-        raise AssertionError(f"dbproxy {' '.join(args[:2])} failed: {p.stderr}")
-    return p
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def ferret(tmp_path_factory):
-    from scripts.peers.ferretdb_server import ferretdb_path, mongosh_path, start_ferretdb
-
-    try:
-        ferretdb_path()
-        mongosh_path()
-    except FileNotFoundError as exc:
-        peer_missing(str(exc))
-    server = start_ferretdb(tmp_path_factory.mktemp("ferret-ident"))
+    server = start_ferret(tmp_path_factory, "ferret-ident", mongosh=True)
     yield server
     server.stop()
 
 
-class Env:
+class Env(TokenEnv):
     def __init__(self, proc: ProxyProcess, workdir: Path, ca: Path, certs: dict, ferret) -> None:
-        self.proc = proc
-        self.workdir = workdir
-        self.config_path = proc.config_path
-        self.audit_path = workdir / "audit.jsonl"
+        super().__init__(proc, workdir)
         self.ca = ca
         self.certs = certs  # name -> combined cert+key PEM (pymongo's tlsCertificateKeyFile)
         self.ferret = ferret
-        self.tokens: list[str] = []  # every token handed out: none may appear in logs
-
-    def issue(self, user: str, roles: str = "", ttl: str = "1h") -> tuple[str, str]:
-        p = _cli("token", "issue", "--config", str(self.config_path), "--user", user, "--roles", roles, "--ttl", ttl)
-        token = p.stdout.strip()
-        assert token.count(".") == 2 and "\n" not in token
-        jti = p.stderr.split("token id ", 1)[1].split()[0]
-        self.tokens.append(token)
-        return token, jti
-
-    def revoke(self, token_or_id: str) -> None:
-        _cli("token", "revoke", "--config", str(self.config_path), token_or_id)
-
-    def port(self, listener: str) -> int:
-        return self.proc.port(listener)
 
     def client(self, listener: str, user: str | None = None, token: str | None = None, *, tls: bool | None = None,
                cert: str | None = None, app: str | None = None, **kw) -> pymongo.MongoClient:
@@ -103,27 +69,6 @@ class Env:
             if cert is not None:
                 kw["tlsCertificateKeyFile"] = str(self.certs[cert])
         return pymongo.MongoClient("127.0.0.1", self.port(listener), **kw)
-
-    def events(self) -> list[dict]:
-        """Complete lines only: the sink may be writing the last one as we read."""
-        try:
-            data = self.audit_path.read_bytes()
-        except FileNotFoundError:
-            return []
-        return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
-
-    def mark(self) -> int:
-        return len(self.events())
-
-    def wait_events(self, condition, timeout: float = 15.0, since: int = 0) -> list[dict]:
-        box: list[dict] = []
-
-        def check():
-            box[:] = self.events()[since:]
-            return condition(box)
-
-        wait_until(check, timeout=timeout, what="audit condition")
-        return box
 
     def direct(self):
         """FerretDB itself, bypassing the proxy (to check what the proxy did not forward)."""
@@ -147,11 +92,8 @@ def env(ferret, tmp_path_factory):
         pem = workdir / f"{name}.pem"
         pem.write_bytes(Path(c).read_bytes() + Path(k).read_bytes())
         certs[name] = pem
-    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"), "--public-key-file", str(workdir / "token.pub"))
-    secret = workdir / "backend.secret"
-    secret.write_text(ferret.password + "\n")
-    route = [{"name": "app", "backend": {"address": f"127.0.0.1:{ferret.port}", "user": ferret.user,
-                                         "auth": {"method": "scram-sha-256", "password_file": str(secret)}}}]
+    token_keygen(workdir)
+    route = [{"name": "app", "backend": password_backend(workdir, f"127.0.0.1:{ferret.port}", ferret.user, ferret.password, "scram-sha-256")}]
     tls = {"cert_file": str(cert), "key_file": str(key)}
 
     def listener(name, **extra):
@@ -159,14 +101,7 @@ def env(ferret, tmp_path_factory):
 
     config = {
         "identity": {
-            "token": {
-                "algorithm": "EdDSA",
-                "key_file": "token.key",
-                "public_key_file": "token.pub",
-                "registry_file": "tokens.json",
-                "revocation_file": "revoked.txt",
-                "leeway_seconds": 0,
-            },
+            "token": TOKEN_IDENTITY,
             "mtls": {"subject": "cn", "users": {"alice": ["writer"], "mallory": []}},
         },
         "roles": {
@@ -221,20 +156,11 @@ def _op_msg(doc: dict, request_id: int) -> bytes:
 
 
 def _recv(sock: socket.socket) -> dict | None:
-    def exact(n: int) -> bytes | None:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return buf
-
-    header = exact(16)
+    header = recv_exact(sock, 16)
     if header is None:
         return None
     length, _rid, _to, opcode = struct.unpack("<iiii", header)
-    body = exact(length - 16)
+    body = recv_exact(sock, length - 16)
     assert opcode == OP_MSG and body is not None
     return bson.decode(body[5:])
 
@@ -334,35 +260,12 @@ def test_token_mongosh(env):
 # --------------------------------------------------------------------------- refused tokens
 
 
-def _tamper(token: str) -> str:
-    head, body, sig = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    claims["roles"] = ["writer", "analyst", "admin"]
-    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    return f"{head}.{forged}.{sig}"
-
-
 @pytest.fixture(scope="module")
 def bad_tokens(env):
-    expired, expired_id = env.issue("alice", "writer", ttl="1s")
-    good, _ = env.issue("alice", "writer")
-    revoked, revoked_id = env.issue("alice", "writer")
-    revoked_by_id, revoked_by_id_id = env.issue("alice", "writer")
-    bobs, bob_id = env.issue("bob", "writer")
-    env.revoke(revoked)
-    env.revoke(revoked_by_id_id)
-    time.sleep(1.2)  # past the expired token's exp (leeway 0)
-    return {
-        "expired": (expired, "token_expired", expired_id),
-        "tampered": (_tamper(good), "token_bad_signature", None),
-        "revoked": (revoked, "token_revoked", revoked_id),
-        "revoked-by-id": (revoked_by_id, "token_revoked", revoked_by_id_id),
-        "other-user": (bobs, "token_wrong_user", bob_id),
-        "not-a-token": ("hunter2-plain-password", "token_malformed", None),
-    }
+    return issue_bad_tokens(env, "writer")
 
 
-CASES = ("expired", "tampered", "revoked", "revoked-by-id", "other-user", "not-a-token")
+CASES = BAD_TOKEN_CASES
 
 
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
@@ -698,14 +601,7 @@ def test_no_token_in_logs_or_audit(env, bad_tokens):
     time.sleep(1.0)
     blob = env.audit_path.read_text() + env.proc.log_text()
     assert len(env.tokens) > 10
-    for token in env.tokens + [t for t, _, _ in bad_tokens.values()]:
-        assert token not in blob
-        if token.count(".") == 2:
-            assert token.split(".")[2] not in blob  # not even the signature
-    registry = json.loads((env.workdir / "tokens.json").read_text())
-    for entry in registry["tokens"].values():
-        for v in entry["scram"].values():
-            assert v["stored_key"] not in blob and v["server_key"] not in blob
+    assert_no_token_secrets(blob, env, bad_tokens)
     assert "hunter2-plain-password" not in blob and env.ferret.password not in blob
     assert "Traceback" not in env.proc.log_text(), env.proc.log_text()[-3000:]
     evs = env.events()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_mongo_proxy import OP_MSG, _require_peers, closed, connect, ferret, raw_session, recv_reply  # noqa: F401
+from tests.integration.test_mongo_proxy import OP_MSG, closed, connect, ferret, raw_session, recv_reply  # noqa: F401
 from tests.integration.test_mongo_proxy import build_config
 from tests.support import ProxyProcess, read_audit, wait_until
 

@@ -33,7 +33,7 @@ import pytest
 from pymongo.errors import OperationFailure, PyMongoError, ServerSelectionTimeoutError
 
 from scripts.peers import free_port
-from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
+from tests.support import ProxyProcess, read_audit, recv_exact, require_ferret, start_ferret, wait_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,22 +47,9 @@ WRONG_BACKEND_PASSWORD = "wrong-backend-pw-" + secrets.token_hex(6)
 # --------------------------------------------------------------------------- fixtures
 
 
-def _require_peers() -> None:
-    from scripts.peers.ferretdb_server import ferretdb_path, mongosh_path
-
-    try:
-        ferretdb_path()
-        mongosh_path()
-    except FileNotFoundError as exc:
-        peer_missing(f"{exc}")
-
-
 @pytest.fixture(scope="module")
 def ferret(tmp_path_factory):
-    _require_peers()
-    from scripts.peers.ferretdb_server import start_ferretdb
-
-    server = start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
+    server = start_ferret(tmp_path_factory, "ferretdb", mongosh=True)
     yield server
     server.stop()
 
@@ -131,14 +118,7 @@ def connect(proxy, listener: str = "main", *, app: str | None = None, **kw) -> p
 
 def audit_when(proxy, condition, timeout: float = 20.0) -> list[dict]:
     """All events once ``condition(events)`` holds (the drain task writes asynchronously)."""
-    box: list[dict] = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(proxy.audit_path, condition, timeout=timeout)
 
 
 def app_sids(events: list[dict], app: str) -> set[str]:
@@ -193,23 +173,13 @@ def op_compressed(message: bytes, compressor: str) -> bytes:
     return frame(OP_COMPRESSED, struct.pack("<iiB", op_code, len(body), cid) + data, request_id, response_to)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
-
-
 def recv_reply(sock: socket.socket) -> tuple[int, int, dict] | None:
     """(opcode, responseTo, document) of one reply; None when the proxy closed the connection."""
-    header = _recv_exact(sock, 16)
+    header = recv_exact(sock, 16)
     if header is None:
         return None
     length, _rid, response_to, opcode = struct.unpack("<iiii", header)
-    body = _recv_exact(sock, length - 16)
+    body = recv_exact(sock, length - 16)
     assert body is not None, "connection closed mid-message"
     if opcode == OP_MSG:
         flags = struct.unpack_from("<I", body)[0]
@@ -491,7 +461,7 @@ def test_listener_tls(proxy):
 
 
 def test_backend_tls_verify_full(tmp_path, proxy_factory):
-    _require_peers()
+    require_ferret(mongosh=True)
     from scripts.peers.ferretdb_server import start_ferretdb
 
     with start_ferretdb(tmp_path / "ferret-tls", tls=True) as srv:

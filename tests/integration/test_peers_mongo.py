@@ -48,6 +48,7 @@ from scripts.peers.ferretdb_server import (
     mongosh_path,
     start_ferretdb,
 )
+from tests.support import recv_exact
 
 pytestmark = pytest.mark.integration
 
@@ -94,23 +95,13 @@ def op_query(doc: dict, request_id: int = 1) -> bytes:
     return _frame(OP_QUERY, body, request_id)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
-
-
 def recv_reply(sock: socket.socket) -> tuple[int, dict] | None:
     """One reply as (opcode, document); None when the server closed the connection."""
-    header = _recv_exact(sock, 16)
+    header = recv_exact(sock, 16)
     if header is None:
         return None
     length, _rid, _rto, opcode = struct.unpack("<iiii", header)
-    body = _recv_exact(sock, length - 16)
+    body = recv_exact(sock, length - 16)
     assert body is not None, "connection closed mid-message"
     if opcode == OP_MSG:
         assert body[4] == 0, "expected a kind-0 section first"

@@ -15,29 +15,21 @@ Tokens come from ``dbproxy token issue`` run as a subprocess, like an operator w
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.support import ROOT, ProxyProcess, read_audit, wait_until
+from tests.support import (
+    BAD_TOKEN_CASES, TOKEN_IDENTITY, ProxyProcess, TokenEnv, assert_no_token_secrets, dbproxy_cli,
+    issue_bad_tokens, token_keygen, wait_until,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "dbproxy.cli", *args], capture_output=True, text=True, env=env, timeout=60)
-    if check and p.returncode != 0:
-        raise AssertionError(f"dbproxy {' '.join(args[:2])} failed: {p.stderr}")
-    return p
 
 
 def _routes(pg) -> list[dict]:
@@ -48,29 +40,14 @@ def _routes(pg) -> list[dict]:
     ]
 
 
-class Env:
+class Env(TokenEnv):
     """The running proxy plus what tests need to talk to it."""
 
-    def __init__(self, proc: ProxyProcess, workdir: Path, config_path: Path, ca: Path, certs: dict, pg) -> None:
-        self.proc = proc
-        self.workdir = workdir
-        self.config_path = config_path
-        self.audit_path = workdir / "audit.jsonl"
+    def __init__(self, proc: ProxyProcess, workdir: Path, ca: Path, certs: dict, pg) -> None:
+        super().__init__(proc, workdir)
         self.ca = ca
         self.certs = certs
         self.pg = pg
-        self.tokens: list[str] = []  # every token handed out: none may appear in logs
-
-    def issue(self, user: str, roles: str = "", ttl: str = "1h") -> tuple[str, str]:
-        p = _cli("token", "issue", "--config", str(self.config_path), "--user", user, "--roles", roles, "--ttl", ttl)
-        token = p.stdout.strip()
-        assert token.count(".") == 2 and "\n" not in token
-        jti = p.stderr.split("token id ", 1)[1].split()[0]
-        self.tokens.append(token)
-        return token, jti
-
-    def port(self, listener: str) -> int:
-        return self.proc.port(listener)
 
     def connect(self, listener: str, user: str, password: str | None, *, dbname: str = "app", sslmode: str = "disable", **kw) -> psycopg.Connection:
         kw.setdefault("connect_timeout", 10)
@@ -87,23 +64,6 @@ class Env:
             env["PGPASSWORD"] = password
         return subprocess.run(["psql", dsn, "-X", "-w", *args], input=input, capture_output=True, text=True, timeout=60, env=env)
 
-    def events(self) -> list[dict]:
-        return read_audit(self.audit_path)
-
-    def mark(self) -> int:
-        """Where the audit trail ends now: ``wait_events(…, since=mark)`` looks only at later events."""
-        return len(self.events())
-
-    def wait_events(self, condition, timeout: float = 15.0, since: int = 0) -> list[dict]:
-        box: list[dict] = []
-
-        def check():
-            box[:] = self.events()[since:]
-            return condition(box)
-
-        wait_until(check, timeout=timeout, what="audit condition")
-        return box
-
 
 @pytest.fixture(scope="module")
 def env(pg, tmp_path_factory):
@@ -115,19 +75,12 @@ def env(pg, tmp_path_factory):
     certs = {name: make_cert(workdir / "clients", ca, name, client=True) for name in ("alice", "mallory")}
     other_ca = make_ca(workdir / "other-ca", name="untrusted CA")
     certs["stranger"] = make_cert(workdir / "other-ca", other_ca, "alice", client=True)
-    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"), "--public-key-file", str(workdir / "token.pub"))
+    token_keygen(workdir)
 
     tls = {"cert_file": str(cert), "key_file": str(key)}
     config = {
         "identity": {
-            "token": {
-                "algorithm": "EdDSA",
-                "key_file": "token.key",
-                "public_key_file": "token.pub",
-                "registry_file": "tokens.json",
-                "revocation_file": "revoked.txt",
-                "leeway_seconds": 0,
-            },
+            "token": TOKEN_IDENTITY,
             "mtls": {"subject": "cn", "users": {"alice": ["writer"], "mallory": []}},
         },
         "roles": {
@@ -148,7 +101,7 @@ def env(pg, tmp_path_factory):
     proc = ProxyProcess(workdir, config, name="proxy")
     assert proc.config_path == config_path
     proc.start()
-    e = Env(proc, workdir, config_path, ca[0], certs, pg)
+    e = Env(proc, workdir, ca[0], certs, pg)
     yield e
     proc.stop()
 
@@ -209,35 +162,12 @@ def test_scram_picks_the_right_one_of_several_tokens(env):
 # --------------------------------------------------------------------------- refused tokens
 
 
-def _tamper(token: str) -> str:
-    head, body, sig = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    claims["roles"] = ["writer", "analyst", "admin"]
-    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    return f"{head}.{forged}.{sig}"
-
-
 @pytest.fixture(scope="module")
 def bad_tokens(env):
-    expired, expired_id = env.issue("alice", "analyst", ttl="1s")
-    good, _ = env.issue("alice", "analyst")
-    revoked, revoked_id = env.issue("alice", "analyst")
-    revoked_by_id, revoked_by_id_id = env.issue("alice", "analyst")
-    bobs, bob_id = env.issue("bob", "analyst")
-    _cli("token", "revoke", "--config", str(env.config_path), revoked)
-    _cli("token", "revoke", "--config", str(env.config_path), revoked_by_id_id)
-    time.sleep(1.2)  # past the expired token's exp (leeway 0)
-    return {
-        "expired": (expired, "token_expired", expired_id),
-        "tampered": (_tamper(good), "token_bad_signature", None),
-        "revoked": (revoked, "token_revoked", revoked_id),
-        "revoked-by-id": (revoked_by_id, "token_revoked", revoked_by_id_id),
-        "other-user": (bobs, "token_wrong_user", bob_id),
-        "not-a-token": ("hunter2-plain-password", "token_malformed", None),
-    }
+    return issue_bad_tokens(env, "analyst")
 
 
-CASES = ("expired", "tampered", "revoked", "revoked-by-id", "other-user", "not-a-token")
+CASES = BAD_TOKEN_CASES
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -275,11 +205,11 @@ def test_revocation_file_is_reread_by_the_running_proxy(env):
     token, jti = env.issue("alice", "analyst")
     with env.connect("tok", "alice", token, sslmode="require") as conn:
         conn.execute("select 1")
-    _cli("token", "revoke", "--config", str(env.config_path), jti)
+    env.revoke(jti)
     for sslmode in ("require", "disable"):  # cleartext and SCRAM
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
             env.connect("tok", "alice", token, sslmode=sslmode)
-    listed = _cli("token", "list", "--config", str(env.config_path), "--all").stdout
+    listed = dbproxy_cli("token", "list", "--config", str(env.config_path), "--all", check=True).stdout
     assert jti not in listed  # its verifiers left the registry too
 
 
@@ -591,14 +521,7 @@ def test_no_token_or_password_in_logs_or_audit(env, bad_tokens):
     env.wait_events(lambda evs: len(evs) > 10)
     blob = env.audit_path.read_text() + env.proc.log_text()
     assert env.tokens
-    for token in env.tokens + [t for t, _, _ in bad_tokens.values()]:
-        assert token not in blob
-        if token.count(".") == 2:
-            assert token.split(".")[2] not in blob  # not even the signature
-    registry = json.loads((env.workdir / "tokens.json").read_text())
-    for entry in registry["tokens"].values():
-        for v in entry["scram"].values():
-            assert v["stored_key"] not in blob and v["server_key"] not in blob
+    assert_no_token_secrets(blob, env, bad_tokens)
     assert "hunter2-plain-password" not in blob
 
 
@@ -609,9 +532,9 @@ def test_anonymous_listener_on_public_address_refuses_to_start(env, pg, tmp_path
     }
     path = tmp_path / "open.json"
     path.write_text(json.dumps(doc))
-    p = _cli("serve", "--config", str(path), check=False)
+    p = dbproxy_cli("serve", "--config", str(path))
     assert p.returncode == 2
     assert "listeners[0].listen" in p.stderr and "i_know_this_is_open" in p.stderr
     doc["listeners"][0]["auth"] = {"methods": ["anonymous"], "i_know_this_is_open": True}
     path.write_text(json.dumps(doc))
-    assert _cli("check-config", str(path), check=False).returncode == 0
+    assert dbproxy_cli("check-config", str(path)).returncode == 0

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from scripts.peers import free_port
-from tests.support import read_audit, wait_until
+from tests.support import pg_session, read_audit, read_until_close, wait_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -117,14 +117,7 @@ def events(proxy, **match):
 
 def audit_when(proxy, condition, timeout=15.0):
     """All events, once ``condition(events)`` holds (the drain task writes asynchronously)."""
-    box = []
-
-    def check():
-        box[:] = read_audit(proxy.audit_path)
-        return condition(box)
-
-    wait_until(check, timeout=timeout, what="audit condition")
-    return box
+    return wait_audit(proxy.audit_path, condition, timeout=timeout)
 
 
 def has_result_tag(tag, count=1):
@@ -408,34 +401,13 @@ def test_wrong_backend_password_gets_28p01(proxy):
 
 def _raw_session(proxy) -> socket.socket:
     """A hand-rolled client: startup for user 'trust', read until ReadyForQuery."""
-    s = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
-    params = b"user\0trust\0database\0app\0\0"
-    s.sendall(struct.pack(">ii", 8 + len(params), 196608) + params)
-    buf = b""
-    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
-        chunk = s.recv(65536)
-        assert chunk, "proxy closed during startup"
-        buf += chunk
-    return s
-
-
-def _read_until_close(s: socket.socket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (ConnectionResetError, socket.timeout):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return pg_session(proxy.port(), user="trust", database="app")[0]
 
 
 def test_garbage_frame_from_client(proxy):
     s = _raw_session(proxy)
     s.sendall(b"Q\x00\x00\x00\x02garbage")  # length 2 < 4: invalid
-    data = _read_until_close(s)
+    data = read_until_close(s)
     assert data[:1] == b"E" and b"08P01" in data and b"invalid message length" in data
     with connect(proxy) as conn:  # everyone else keeps working
         assert conn.execute("select 'ok'").fetchone() == ("ok",)
@@ -444,7 +416,7 @@ def test_garbage_frame_from_client(proxy):
 def test_oversized_frame_from_client(proxy):
     s = _raw_session(proxy)
     s.sendall(b"Q" + struct.pack(">i", 64 * 1024 * 1024) + b"select ")  # listener max is 8 MiB
-    data = _read_until_close(s)
+    data = read_until_close(s)
     assert data[:1] == b"E" and b"54000" in data and b"too large" in data
     with connect(proxy) as conn:
         assert conn.execute("select 'ok'").fetchone() == ("ok",)
@@ -453,7 +425,7 @@ def test_oversized_frame_from_client(proxy):
 def test_garbage_startup_packet(proxy):
     s = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
     s.sendall(b"\x00\x00\x00\x10\x00\x07\x00\x00garbage!")  # protocol 7.0
-    data = _read_until_close(s)
+    data = read_until_close(s)
     assert data[:1] == b"E" and b"unsupported frontend protocol" in data
 
 

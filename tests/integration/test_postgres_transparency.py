@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from tests.integration.test_postgres_proxy import build_config
-from tests.support import read_audit, wait_until
+from tests.support import pg_session, pg_startup, read_audit, read_until_close, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,11 +52,6 @@ def psql(proxy, *args, user=USER, env=None, timeout=60):
     return subprocess.run(["psql", dsn, "-X", "-At", *args], capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def startup_packet(**params: str) -> bytes:
-    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
-    return struct.pack(">ii", 8 + len(body), 196608) + body
-
-
 def frames(data: bytes) -> list[tuple[bytes, bytes]]:
     """(type, body) of each whole backend message in ``data``."""
     out, pos = [], 0
@@ -73,29 +68,8 @@ def error_fields(body: bytes) -> dict[str, str]:
     return {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}
 
 
-def read_until_close(s: socket.socket, timeout: float = 15) -> bytes:
-    s.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (ConnectionResetError, socket.timeout):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def raw_session(proxy, **params) -> tuple[socket.socket, bytes]:
-    s = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
-    s.sendall(startup_packet(user="trust", database="app", **params))
-    buf = b""
-    while not buf.endswith(b"Z\x00\x00\x00\x05I"):
-        chunk = s.recv(65536)
-        assert chunk, f"proxy closed during startup: {buf!r}"
-        buf += chunk
-    return s, buf
+    return pg_session(proxy.port(), user="trust", database="app", **params)
 
 
 def simple_query(s: socket.socket, sql: str) -> list[tuple[bytes, bytes]]:
@@ -248,8 +222,8 @@ def test_role_in_options_refused_natively_and_audited(proxy, member_role, how):
 ])
 def test_identity_settings_refused_with_sqlstate_42501(proxy, params):
     with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as s:
-        s.sendall(startup_packet(user=USER, database="app", **params))
-        data = read_until_close(s)
+        s.sendall(pg_startup(user=USER, database="app", **params))
+        data = read_until_close(s, timeout=15)
     (err,) = [error_fields(body) for t, body in frames(data) if t == b"E"]
     assert err["S"] == "FATAL" and err["C"] == "42501" and err["M"].startswith("permission denied to set parameter")
     assert not [t for t, _ in frames(data) if t == b"R"]  # never authenticated: no session
@@ -267,7 +241,7 @@ def test_read_only_setting_passes_when_no_grant_forbids_it(proxy):
 def test_reset_during_startup_logs_one_line_no_traceback(proxy):
     before = proxy.log_text()
     s = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
-    packet = startup_packet(user=USER, database="app")
+    packet = pg_startup(user=USER, database="app")
     s.sendall(packet[:10])  # a partial StartupMessage: the proxy is waiting for the rest
     time.sleep(0.3)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -291,9 +265,9 @@ def test_handshake_timeout_logged_and_audited(pg, tmp_path, proxy_factory):
     config["listeners"][0]["handshake_timeout_seconds"] = 1
     proxy2 = proxy_factory(config)
     s = socket.create_connection(("127.0.0.1", proxy2.port()), timeout=10)
-    s.sendall(startup_packet(user=USER, database="app")[:6])  # and then nothing
+    s.sendall(pg_startup(user=USER, database="app")[:6])  # and then nothing
     t0 = time.monotonic()
-    read_until_close(s)
+    read_until_close(s, timeout=15)
     assert time.monotonic() - t0 < 5
     s.close()
     evs = wait_until(lambda: [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "db.session.start"], what="audit")
@@ -327,7 +301,7 @@ def test_pg_terminate_backend_gives_exactly_one_fatal(any_mode_proxy):
         (row,) = [body for t, body in simple_query(s, "select pg_backend_pid()") if t == b"D"]
         pid = int(row[6:])
         assert proxy.pg.psql("-c", f"select pg_terminate_backend({pid})").strip() == "t"
-        data = read_until_close(s)
+        data = read_until_close(s, timeout=15)
     finally:
         s.close()
     errors = [error_fields(body) for t, body in frames(data) if t == b"E"]

@@ -211,7 +211,7 @@ def _doc(tmp_path, **extra) -> dict:
 
 
 def _keys(tmp_path) -> dict:
-    from dbproxy.identity import generate_keys
+    from dbproxy.identity.keys import generate_keys
 
     generate_keys("EdDSA", str(tmp_path / "k"), str(tmp_path / "k.pub"))
     return {"token": {"algorithm": "EdDSA", "public_key_file": "k.pub", "key_file": "k", "registry_file": "reg.json", "revocation_file": "rev.txt"}}

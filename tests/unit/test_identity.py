@@ -15,21 +15,14 @@ import time
 import orjson
 import pytest
 
-from dbproxy.identity import (
-    SCRAM_SHA_1,
-    SCRAM_SHA_256,
-    AuthFailed,
-    ClientAuthenticator,
-    MtlsConfig,
-    TokenAuthority,
-    TokenCodec,
-    TokenConfig,
-    TokenKeys,
-    b64url,
-    certificate_subject,
-    generate_keys,
-    parse_ttl,
-)
+from dbproxy.errors import AuthFailed
+from dbproxy.identity.authenticator import ClientAuthenticator
+from dbproxy.identity.authority import TokenAuthority
+from dbproxy.identity.config import MtlsConfig, TokenConfig
+from dbproxy.identity.keys import TokenKeys, b64url, generate_keys
+from dbproxy.identity.mtls import certificate_subject
+from dbproxy.identity.tokens import TokenCodec, parse_ttl
+from dbproxy.scram import SCRAM_SHA_1, SCRAM_SHA_256
 
 NOW = 1_800_000_000
 
@@ -212,7 +205,7 @@ def test_tokens_verifiers_and_registry_signatures_unchanged():
     so tokens and registry files issued before the switch to PyJWT/scramp stay valid."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from dbproxy.identity import RegistryEntry, scram_verifier
+    from dbproxy.identity.registry import RegistryEntry, scram_verifier
     from dbproxy.scram import PLAIN_SHA_256
     from dbproxy.engines.mongo.scram import MONGO_SHA_1
 

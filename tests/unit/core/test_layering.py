@@ -1,7 +1,7 @@
 """Layering: the core knows no engine, no engine reaches into another.
 
-The rule.  The core is every module of the ``dbproxy`` package
-(``dbproxy/*.py``).  It never imports an engine, and it carries no
+The rule.  The core is every module of the ``dbproxy`` package and its
+subpackages (``dbproxy/**/*.py``: ``identity/``, ``listen/``).  It never imports an engine, and it carries no
 protocol's knowledge as branches on a protocol's name (the statement
 lexers live with their engines behind ``dbproxy.statements.Dialect``).
 One place composes the program: ``dbproxy/cli.py``'s ``_registry()``, the
@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
-CORE = sorted((ROOT / "dbproxy").glob("*.py"))
+CORE = sorted((ROOT / "dbproxy").rglob("*.py"))
 ENGINES = sorted(p for p in (ROOT / "engines").iterdir() if p.is_dir() and (p / "__init__.py").exists())
 # The composition root: (file, function) allowed to import the engine registry.
 COMPOSITION_ROOT = ("dbproxy/cli.py", "_registry")
@@ -80,7 +80,7 @@ def test_composition_root_is_lazy_and_single():
 
 
 def test_importing_the_core_loads_no_engine():
-    names = [f"dbproxy.{p.stem}" for p in CORE if p.stem != "__init__"]
+    names = [_module_name(p) for p in CORE if p.stem != "__init__"]
     code = (
         "import importlib, sys\n"
         f"for name in {names!r}:\n"

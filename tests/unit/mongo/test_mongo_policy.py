@@ -21,7 +21,10 @@ from dbproxy.audit import events as ev
 from dbproxy.access import ListenerAccess
 from dbproxy.config import load_config
 from dbproxy.errors import ConfigErrors
-from dbproxy.identity import ClientAuthenticator, MtlsConfig, TokenAuthority, TokenConfig, generate_keys
+from dbproxy.identity.authenticator import ClientAuthenticator
+from dbproxy.identity.authority import TokenAuthority
+from dbproxy.identity.config import MtlsConfig, TokenConfig
+from dbproxy.identity.keys import generate_keys
 from dbproxy.limits import ConnectionLimits, LimitsConfig
 from dbproxy.roles import AccessPolicy, Grant, RoleConfig
 from dbproxy.session import Identity
