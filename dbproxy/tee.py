@@ -164,7 +164,8 @@ class TapPlan:
         the worker's tap needs (JSON values, e.g. a negotiated protocol version or
         compression); tee: the proxy-side class (``Tee`` or a subclass, e.g. one
         that tags its errors for the engine's ``client_error``), built with
-        ``tee.over(decoder, side, tap)``.
+        ``tee.over(decoder, side, tap)`` from each decoder of the ``Wiring``
+        (which must have ``buffer`` and ``max_message_size``).
     """
 
     tap: type
