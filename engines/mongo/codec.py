@@ -19,6 +19,12 @@ MongoDB server ever defined (``wire.KNOWN_OPCODES``) means the peer is not
 speaking this protocol at all (TLS ClientHello, HTTP, a Postgres client on
 the wrong port) and is refused with a hint instead of waiting for a body of
 an arbitrary announced length.
+
+One frame loop: the length checks (below 16, above ``max_message_size``) are
+``FRAMING``'s, the core's ``LengthPrefixed`` (messageLength counts the whole
+message: ``extra=0``), which the audit tee (``tee.py``) and the audit
+worker's tap (``tap.py``) walk too, so every reader refuses a bad header
+with the same error at the same byte.
 """
 
 from __future__ import annotations
@@ -26,13 +32,30 @@ from __future__ import annotations
 import attrs
 
 from dbproxy.buffer import ReceiveBuffer
-from dbproxy.errors import FrameTooLarge, MalformedMessage, RemoteProtocolError
-from dbproxy.sansio import NEED_DATA
+from dbproxy.errors import MalformedMessage, RemoteProtocolError
+from dbproxy.sansio import NEED_DATA, LengthPrefixed
 
 from . import wire
 from .opmsg import verify_op_msg_checksum_raw
 
 _NOT_MONGO_HINT = "this port speaks the MongoDB wire protocol; the client sent something else"
+
+
+def _bad_length(length: int) -> RemoteProtocolError:
+    return RemoteProtocolError(f"messageLength {length} is smaller than the 16-byte header", client_hint=_NOT_MONGO_HINT)
+
+
+#: MsgHeader.messageLength: the first int32 (little-endian), counting the whole message.
+FRAMING = LengthPrefixed(header_size=4, length_format="<i", length_offset=0, extra=0,
+                         min_length=wire.HEADER_SIZE, bad_length=_bad_length)
+
+
+def check_opcode(op_code: int, length: int) -> None:
+    """An opcode no server ever defined: the peer speaks something else (checked before the length
+    limit, so a TLS ClientHello or an HTTP request gets the hint, not "too large")."""
+    if op_code not in wire.KNOWN_OPCODES:
+        raise RemoteProtocolError(f"unknown opCode {op_code} (messageLength {length}): not a MongoDB client",
+                                  client_hint=_NOT_MONGO_HINT)
 
 
 @attrs.define(eq=False)
@@ -55,23 +78,19 @@ class MongoDecoder:
 
     def next_message(self) -> wire.WireMessage | object:
         buf = self.buffer
-        available = len(buf)
-        if available < wire.HEADER_SIZE:
-            if available >= 4 and buf.i32_le() < wire.HEADER_SIZE:
-                self._check_length(buf.i32_le())
+        data, start, end = buf.span()
+        if end - start < wire.HEADER_SIZE:
+            # Only a length below 16 is judged before the whole header is in (it can never be a
+            # message); the size limit waits for the header, so the refused request can be answered.
+            if end - start >= 4 and wire.I32.unpack_from(data, start)[0] < wire.HEADER_SIZE:
+                FRAMING.size_at(data, start, end, self.max_message_size)
             return NEED_DATA
-        length, request_id, response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
-        if length < wire.HEADER_SIZE:
-            # Checked first, as above on a partial header: the error must not depend
-            # on whether the opcode had arrived in the same read.
-            self._check_length(length)
-        if op_code not in wire.KNOWN_OPCODES and not self.allow_unknown_opcodes:
-            raise RemoteProtocolError(
-                f"unknown opCode {op_code} (messageLength {length}): not a MongoDB client",
-                client_hint=_NOT_MONGO_HINT,
-            )
-        self._check_length(length)
-        if available < length:
+        length, request_id, response_to, op_code = wire.HEADER.unpack_from(data, start)
+        # A length below 16 is refused first, as on a partial header: the error must not
+        # depend on whether the opcode arrived in the same read.
+        if length >= wire.HEADER_SIZE and not self.allow_unknown_opcodes:
+            check_opcode(op_code, length)
+        if end - start < FRAMING.size_at(data, start, end, self.max_message_size):
             return NEED_DATA
         if self.verify_checksums and op_code == wire.OP_MSG:
             # Verified before consuming, so a refused message is never part of the consumed span.
@@ -90,12 +109,3 @@ class MongoDecoder:
         """messageLength of the partly received message (None: not yet in); for the buffer budget."""
         buf = self.buffer
         return buf.i32_le() if len(buf) >= 4 else None
-
-    def _check_length(self, length: int) -> None:
-        if length < wire.HEADER_SIZE:
-            raise RemoteProtocolError(
-                f"messageLength {length} is smaller than the 16-byte header",
-                client_hint=_NOT_MONGO_HINT,
-            )
-        if length > self.max_message_size:
-            raise FrameTooLarge(length, self.max_message_size)
