@@ -49,6 +49,7 @@ clients; default all three).  Backend options: ``auth_source``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -56,6 +57,7 @@ from typing import Any
 import attrs
 import trio
 
+from dbproxy.buffer import ReceiveBuffer
 from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout, ProtocolError, ProxyError, UpstreamError
@@ -80,6 +82,8 @@ from .stages import (
     lost_backend_replies,
     protocol_error_reply,
 )
+from .tap import MongoTap
+from .tee import MongoTee, RunGuard, TapCompressed, TapCompressedReply, TeeState, abandon_passive, lost_passive_replies
 
 log = logging.getLogger("dbproxy.mongo")
 
@@ -376,22 +380,47 @@ class MongoEngine(Engine):
             client_auth = self.client_auth.session()
         state = MongoSessionState(auth=client_auth, max_message_size=self.max_message_size, compressors=self.compressors)
         state.details.update({k: v for k, v in extra["facts"].items() if k in ("application_name", "driver")})
-        # The first message goes through the pipeline's stages like every other.
-        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-        decoder.feed(extra["first"].raw)
-        decoder.feed(request.client.decoder.buffer.take_rest())
         if self.access is not None:
             state.gate = MongoAccess(
                 self.access, session, client_auth, route=session.route_name, db_user=session.login,
                 start_fields=request.start_fields, certificate=certificate, certificate_error=certificate_error,
             )
+        client_stage_list, backend_stage_list = client_stages(state, audit), backend_stages(state, audit)
+        tee: TeeState | None = None
+        finished = None
+        if state.gate is None and audit.can_tap:
+            # Nothing here polices commands: the audit observers run in the audit worker over
+            # the frames the tees tap (tee.py); the active messages keep their inline stages.
+            slot = audit.tap_open(MongoTap)
+            tee = TeeState(functools.partial(audit.tap, slot))
+            decoder = AttributingDecoder(MongoTee(ReceiveBuffer(), max_message_size=self.max_message_size,
+                                                  side="client", tee=tee, state=state), "client")
+            inner = backend.decoder.inner
+            backend_decoder = AttributingDecoder(MongoTee(inner.buffer, max_message_size=inner.max_message_size,
+                                                          side="backend", tee=tee, state=state), "backend")
+            client_stage_list[:0] = [RunGuard(), TapCompressed(state, tee)]
+            backend_stage_list[:0] = [RunGuard(), TapCompressedReply(state, tee)]
+            request.extra["tee"] = tee
+
+            def finished() -> None:
+                audit.tap_close(slot)
+        else:
+            decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
+            backend_decoder = backend.decoder
+        # The first message goes through the pipeline's stages like every other.
+        decoder.feed(extra["first"].raw)
+        decoder.feed(request.client.decoder.buffer.take_rest())
+
+        def lost(errmsg: str, code: int = HOST_UNREACHABLE) -> bytes:
+            out = lost_backend_replies(state, audit, errmsg, code=code)
+            return out + lost_passive_replies(tee, errmsg, code) if tee is not None else out
 
         def client_error(exc: ProxyError) -> bytes:
             side = getattr(exc, "mongo_side", None)
             if side == "client":
                 return client_protocol_error_reply(exc)  # type: ignore[arg-type]
             if side == "backend":
-                return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
+                return lost("dbproxy: the backend database sent an invalid message")
             # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
             hint = getattr(exc, "client_hint", None) or str(exc)
             partial = b""
@@ -400,20 +429,24 @@ class MongoEngine(Engine):
                 # answered too, so the driver reports why instead of a closed connection.
                 exc.mongo_header = decoder._header()  # type: ignore[attr-defined]
                 partial = client_protocol_error_reply(exc)
-            return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
+            return partial + lost(f"dbproxy: {hint}", UNKNOWN_ERROR)
 
-        return Wiring(decoder, backend.decoder, client_stages(state, audit), backend_stages(state, audit),
-                      state, client_error)
+        request.extra["lost"] = lost
+        return Wiring(decoder, backend_decoder, client_stage_list, backend_stage_list, state, client_error,
+                      finished=finished)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
         state, audit = wiring.state, session.audit
+        tee = request.extra.get("tee")
         reason = session.details["end_reason"]
-        if reason.startswith("backend") and state.pending:
+        waiting = bool(state.pending or (tee is not None and tee.pending))
+        if reason.startswith("backend") and waiting:
             # The backend went away under waiting requests: answer them in the client's protocol.
-            await send_quietly(request.client.stream,
-                               lost_backend_replies(state, audit, "dbproxy: the connection to the backend database was lost"))
-        elif state.pending:
+            await send_quietly(request.client.stream, request.extra["lost"]("dbproxy: the connection to the backend database was lost"))
+        elif waiting:
             abandon_pending(state, audit, f"no reply: the session ended ({reason})")
+            if tee is not None:
+                abandon_passive(tee, f"no reply: the session ended ({reason})")
         fields = {
             "commands": state.commands,
             "errors": state.errors,
@@ -421,6 +454,10 @@ class MongoEngine(Engine):
             "compressed_requests": state.compressed_requests,
             "client_user": state.auth.user,
         }
+        if tee is not None:
+            # The worker's counts and these (what the proxy audited inline) make the session's:
+            # the worker adds them up in the end event, which closes the tap.
+            tee.note(add={k: fields.pop(k) for k in ("commands", "errors", "compressed_requests")})
         if state.gate is not None:
             fields["denied"] = state.denied
             if not state.gate.established:
