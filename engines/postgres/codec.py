@@ -29,7 +29,7 @@ import attrs
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, RemoteProtocolError
-from dbproxy.sansio import NEED_DATA
+from dbproxy.sansio import NEED_DATA, LengthPrefixed
 
 from .messages import (
     CANCEL_REQUEST_CODE,
@@ -55,13 +55,22 @@ MAX_REFUSAL_LENGTH = 30000
 _MAX_CANCEL_LENGTH = 12 + 256
 
 _II = struct.Struct(">ii")
-_HDR = struct.Struct(">Bi")
 
 
 def _bad_length(length: int, what: str = "message") -> RemoteProtocolError:
     return RemoteProtocolError(
         f"invalid {what} length {length}", client_hint=f"invalid {what} length"
     )
+
+
+def _what(data, pos: int) -> str:
+    return f"message {chr(data[pos])!r}"
+
+
+#: The typed-message frame loop (§55.7: type byte, then an Int32 length that counts itself, not
+#: the type byte; below 4 is garbage), shared by the decoders, the audit tee and the audit worker.
+FRAMES = LengthPrefixed(header_size=5, length_format=">i", length_offset=1, extra=1, min_length=4,
+                        bad_length=_bad_length, what=_what)
 
 
 class _TypedDecoder:
@@ -76,18 +85,10 @@ class _TypedDecoder:
         self.buffer.feed(data)
 
     def _next_typed(self) -> Message | object:
-        buf = self.buffer
-        avail = len(buf)
-        if avail < 5:
+        frame = FRAMES.next_frame(self.buffer, self.max_message_size)
+        if frame is NEED_DATA:
             return NEED_DATA
-        mtype, length = buf.unpack(_HDR)
-        if length < 4:
-            raise _bad_length(length)
-        if length > self.max_message_size:
-            raise FrameTooLarge(length, self.max_message_size, what=f"message {chr(mtype)!r}")
-        if avail <= length:
-            return NEED_DATA
-        return Message(mtype, buf.take(length + 1))
+        return Message(frame[0], frame)
 
     next_message = _next_typed
 
@@ -97,10 +98,7 @@ class _TypedDecoder:
         For the proxy's buffer budget (``dbproxy.buffer.BudgetAccount``): only called
         while a message is incomplete, never on the hot path.
         """
-        buf = self.buffer
-        if len(buf) < 5:
-            return None
-        return 1 + buf.i32_be(1)
+        return FRAMES.announced(self.buffer)
 
 
 class BackendDecoder(_TypedDecoder):

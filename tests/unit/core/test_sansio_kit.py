@@ -18,6 +18,8 @@ SANS_IO_MODULES = [
     "dbproxy.sansio",
     "dbproxy.buffer",
     "dbproxy.errors",
+    "dbproxy.tee",
+    "dbproxy.audit.frametap",
     "dbproxy.engines.postgres.codec",
     "dbproxy.engines.postgres.messages",
     "dbproxy.engines.postgres.startup",
