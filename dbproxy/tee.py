@@ -71,20 +71,6 @@ class FrameSide:
         return data[pos + self.type_offset] if self.type_of is None else self.type_of(data, pos)
 
 
-@attrs.frozen
-class TapPlan:
-    """What tapping a session takes, declared by the engine (``Wiring.tap``).
-
-    tap: the worker-side class (an ``audit.frametap.FrameTap`` subclass, built as
-        ``tap(audit)`` in the audit worker, which learns it from the frame that
-        opens the tap); client / backend: each direction's ``FrameSide``.
-    """
-
-    tap: type
-    client: FrameSide
-    backend: FrameSide
-
-
 class Tee:
     """A direction's decoder in a tapped session: consumes whole frames, yields no messages.
 
@@ -168,6 +154,33 @@ class Tee:
     def announced_length(self) -> int | None:
         """Wire size of the partly received frame (None: header incomplete); for the buffer budget."""
         return self.side.layout.announced(self.buffer)
+
+
+@attrs.frozen
+class TapPlan:
+    """What tapping a session takes, declared by the engine (``Wiring.tap``).
+
+    tap: the worker-side class (an ``audit.frametap.FrameTap`` subclass, built as
+        ``tap(audit, **params)`` in the audit worker, which learns it from the
+        frame that opens the tap); client / backend: each direction's
+        ``FrameSide``; params: what this session learnt before its pipeline that
+        the worker's tap needs (JSON values, e.g. a negotiated protocol version or
+        compression); tee: the proxy-side class (``Tee`` or a subclass, e.g. one
+        that tags its errors for the engine's ``client_error``), built with
+        ``tee.over(decoder, side, tap)``.
+    active_frames: the engine has active stages that act on some frames only (a
+        Mongo hello, SASL, OP_COMPRESSED): its ``tee`` returns those frames as
+        messages and only they go through the observers and active stages on the
+        proxy; every other frame is tapped.  Without it, an active stage means
+        the session runs inline.
+    """
+
+    tap: type
+    client: FrameSide
+    backend: FrameSide
+    params: dict = attrs.field(factory=dict)
+    tee: type = Tee
+    active_frames: bool = False
 
 
 __all__ = ["Check", "FrameSide", "TapPlan", "Tee"]

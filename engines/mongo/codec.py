@@ -29,6 +29,8 @@ with the same error at the same byte.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from dbproxy.buffer import ReceiveBuffer
@@ -45,17 +47,31 @@ def _bad_length(length: int) -> RemoteProtocolError:
     return RemoteProtocolError(f"messageLength {length} is smaller than the 16-byte header", client_hint=_NOT_MONGO_HINT)
 
 
-#: MsgHeader.messageLength: the first int32 (little-endian), counting the whole message.
-FRAMING = LengthPrefixed(header_size=4, length_format="<i", length_offset=0, extra=0,
-                         min_length=wire.HEADER_SIZE, bad_length=_bad_length)
-
-
 def check_opcode(op_code: int, length: int) -> None:
     """An opcode no server ever defined: the peer speaks something else (checked before the length
     limit, so a TLS ClientHello or an HTTP request gets the hint, not "too large")."""
     if op_code not in wire.KNOWN_OPCODES:
         raise RemoteProtocolError(f"unknown opCode {op_code} (messageLength {length}): not a MongoDB client",
                                   client_hint=_NOT_MONGO_HINT)
+
+
+def opcode_at(data: Any, pos: int) -> int:
+    """The checked opCode of the header at ``pos`` (the whole 16-byte header is there)."""
+    length, _request_id, _response_to, op_code = wire.HEADER.unpack_from(data, pos)
+    check_opcode(op_code, length)
+    return op_code
+
+
+def _too_large(data: Any, pos: int) -> str:
+    """What ``FrameTooLarge`` names; a header whose opCode no server defined is garbage instead."""
+    if len(data) - pos >= wire.HEADER_SIZE:
+        opcode_at(data, pos)
+    return "message"
+
+
+#: MsgHeader.messageLength: the first int32 (little-endian), counting the whole message.
+FRAMING = LengthPrefixed(header_size=4, length_format="<i", length_offset=0, extra=0,
+                         min_length=wire.HEADER_SIZE, bad_length=_bad_length, what=_too_large)
 
 
 @attrs.define(eq=False)

@@ -49,19 +49,17 @@ clients; default all three).  Backend options: ``auth_source``,
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any
 
-import attrs
 import trio
 
-from dbproxy.buffer import ReceiveBuffer
 from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout, ProtocolError, ProxyError, UpstreamError
 from dbproxy.flow import Backend, BackendTimeout, Refused, Request, Wiring, send_quietly
+from dbproxy.tee import TapPlan
 from dbproxy.identity import AuthFailed
 from dbproxy.tls import server_context
 
@@ -80,10 +78,10 @@ from .stages import (
     backend_stages,
     client_stages,
     lost_backend_replies,
-    protocol_error_reply,
 )
+from .errors import AttributingDecoder, client_protocol_error_reply
 from .tap import MongoTap
-from .tee import MongoTee, RunGuard, TapCompressed, TapCompressedReply, TeeState, abandon_passive, lost_passive_replies
+from .tee import RunGuard, TapCompressed, TapCompressedReply, TeeState, abandon_passive, lost_passive_replies
 
 log = logging.getLogger("dbproxy.mongo")
 
@@ -97,68 +95,6 @@ UNKNOWN_ERROR = 8
 UNAUTHORIZED = 13
 AUTHENTICATION_FAILED = 18
 NETWORK_TIMEOUT = 89
-
-
-@attrs.frozen
-class _BadHeader:
-    request_id: int
-    op_code: int  # the opcode the request travelled in (originalOpcode for OP_COMPRESSED)
-
-
-class AttributingDecoder:
-    """A ``MongoDecoder`` whose protocol errors say which side sent the bad bytes.
-
-    The pipeline hands every ProtocolError to one ``client_error`` callback;
-    the engine needs to know whether the client broke the protocol (answer
-    that request) or the backend did (answer the client's waiting requests),
-    and the bad message's header, which the decoder leaves unconsumed.
-    """
-
-    def __init__(self, inner: MongoDecoder, side: str) -> None:
-        self.inner = inner
-        self.side = side
-        self.buffer = inner.buffer
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self.inner.feed(data)
-
-    def next_message(self) -> Any:
-        try:
-            return self.inner.next_message()
-        except ProtocolError as exc:
-            exc.mongo_side = self.side  # type: ignore[attr-defined]
-            exc.mongo_header = self._header()  # type: ignore[attr-defined]
-            raise
-
-    def announced_length(self) -> int | None:
-        return self.inner.announced_length()
-
-    def _header(self) -> _BadHeader | None:
-        """The refused request's header — only from bytes the decoder judged, so the
-        answer does not depend on how the stream was split into reads."""
-        buf = self.buffer
-        if len(buf) < wire.HEADER_SIZE:
-            return None
-        length, request_id, _response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
-        if length < wire.HEADER_SIZE or op_code not in REQUEST_OPCODES:
-            # A length below 16 is refused from its first 4 bytes: what follows is no header.
-            return None
-        if op_code == wire.OP_COMPRESSED:
-            # Refused from its 16-byte header alone (FrameTooLarge), before originalOpcode
-            # may have arrived: answer as OP_MSG, the opcode every driver compresses
-            # (hello, the one OP_QUERY of modern drivers, is never compressed).
-            op_code = wire.OP_MSG
-        return _BadHeader(request_id, op_code)
-
-
-def client_protocol_error_reply(exc: ProtocolError) -> bytes:
-    """ok:0 for the request whose header the client decoder could read, else nothing (just close)."""
-    hdr = getattr(exc, "mongo_header", None)
-    if hdr is None:
-        return b""
-    style = wire.OP_QUERY if hdr.op_code == wire.OP_QUERY else wire.OP_MSG
-    request = wire.WireMessage(wire.HEADER_SIZE, hdr.request_id, 0, style, wire.HEADER.pack(16, hdr.request_id, 0, style))
-    return protocol_error_reply(request, exc)
 
 
 def _first_hello(msg: wire.WireMessage, max_size: int) -> dict:
@@ -386,34 +322,23 @@ class MongoEngine(Engine):
                 start_fields=request.start_fields, certificate=certificate, certificate_error=certificate_error,
             )
         client_stage_list, backend_stage_list = client_stages(state, audit), backend_stages(state, audit)
-        tee: TeeState | None = None
-        finished = None
-        if state.gate is None and audit.can_tap:
-            # Nothing here polices commands: the audit observers run in the audit worker over
-            # the frames the tees tap (tee.py); the active messages keep their inline stages.
-            slot = audit.tap_open(MongoTap)
-            tee = TeeState(functools.partial(audit.tap, slot))
-            decoder = AttributingDecoder(MongoTee(ReceiveBuffer(), max_message_size=self.max_message_size,
-                                                  side="client", tee=tee, state=state), "client")
-            inner = backend.decoder.inner
-            backend_decoder = AttributingDecoder(MongoTee(inner.buffer, max_message_size=inner.max_message_size,
-                                                          side="backend", tee=tee, state=state), "backend")
-            client_stage_list[:0] = [RunGuard(), TapCompressed(state, tee)]
-            backend_stage_list[:0] = [RunGuard(), TapCompressedReply(state, tee)]
-            request.extra["tee"] = tee
-
-            def finished() -> None:
-                audit.tap_close(slot)
-        else:
-            decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-            backend_decoder = backend.decoder
+        plan = tees = None
+        if state.gate is None:
+            # Nothing here polices commands: the core may tap this session (dbproxy.flow.assemble).
+            # Its tees (tee.py) tap the passive frames for the audit worker's MongoTap and return
+            # the active ones (hello, SASL, compressed…) to these stages, audit included.
+            tees = request.extra["tee"] = TeeState(state)
+            client_stage_list[:0] = [RunGuard(), TapCompressed(tees)]
+            backend_stage_list[:0] = [RunGuard(), TapCompressedReply(tees)]
+            plan = TapPlan(MongoTap, *tees.sides, tee=tees, active_frames=True)
         # The first message goes through the pipeline's stages like every other.
+        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
         decoder.feed(extra["first"].raw)
         decoder.feed(request.client.decoder.buffer.take_rest())
 
         def lost(errmsg: str, code: int = HOST_UNREACHABLE) -> bytes:
             out = lost_backend_replies(state, audit, errmsg, code=code)
-            return out + lost_passive_replies(tee, errmsg, code) if tee is not None else out
+            return out + lost_passive_replies(tees, errmsg, code) if tees is not None else out
 
         def client_error(exc: ProxyError) -> bytes:
             side = getattr(exc, "mongo_side", None)
@@ -432,14 +357,13 @@ class MongoEngine(Engine):
             return partial + lost(f"dbproxy: {hint}", UNKNOWN_ERROR)
 
         request.extra["lost"] = lost
-        return Wiring(decoder, backend_decoder, client_stage_list, backend_stage_list, state, client_error,
-                      finished=finished)
+        return Wiring(decoder, backend.decoder, client_stage_list, backend_stage_list, state, client_error, tap=plan)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
         state, audit = wiring.state, session.audit
         tee = request.extra.get("tee")
         reason = session.details["end_reason"]
-        waiting = bool(state.pending or (tee is not None and tee.pending))
+        waiting = bool(state.pending or (tee is not None and tee.pending))  # tee.pending: tapped only
         if reason.startswith("backend") and waiting:
             # The backend went away under waiting requests: answer them in the client's protocol.
             await send_quietly(request.client.stream, request.extra["lost"]("dbproxy: the connection to the backend database was lost"))
@@ -454,7 +378,7 @@ class MongoEngine(Engine):
             "compressed_requests": state.compressed_requests,
             "client_user": state.auth.user,
         }
-        if tee is not None:
+        if tee is not None and tee.tapping:
             # The worker's counts and these (what the proxy audited inline) make the session's:
             # the worker adds them up in the end event, which closes the tap.
             tee.note(add={k: fields.pop(k) for k in ("commands", "errors", "compressed_requests")})

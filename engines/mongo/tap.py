@@ -1,108 +1,107 @@
 """Mongo sessions audited through a tap (``audit.link``): the audit worker's side.
 
-``MongoTap`` runs the engine's own audit observers (``stages.audit.CommandAudit``,
-the audit half of ``stages.flow.InFlight``, ``ReplyAudit``) over the frames the
-proxy's tee (``tee.py``) tapped, so a tapped session's trail is the one the
-inline stages write: the same ``session.read_request`` / ``read_reply`` views
-(an OP_COMPRESSED frame is decompressed here, through the same libraries),
-the same renderer, the same cursor table.  Frames are walked by the codec's
-``FRAMING`` (the one frame loop).
+``MongoTap`` (an ``audit.frametap.FrameTap``: the core's loop over the
+codec's ``FRAMING``) runs the engine's own audit observers —
+``stages.audit.CommandAudit``, ``stages.flow.InFlight`` (which only records
+here: a moreToCome request's unacknowledged result, the table replies are
+matched against) and ``ReplyAudit`` — over the frames the proxy's tee
+(``tee.py``) tapped, so a tapped session's trail is the one the inline stages
+write: the same ``session.read_request`` / ``read_reply`` views (an
+OP_COMPRESSED frame is decompressed here, through the same libraries), the
+same renderer, the same cursor table.
 
-Direction 2 carries the proxy's notes (``tee.NOTE``, JSON): ``add`` — the
-proxy's own counts (commands it audited inline: hello, SASL…), added to this
-tap's in the session's end event; ``lost`` / ``abandon`` — the requests still
-waiting were answered ``ok: 0`` by the proxy (the backend went away) or will
-get no reply (the session ended): their results are audited here, where their
-query uids are.
-
-A frame a stage cannot handle (the proxy checked it, so a bug or a check out
-of step with the parser) is audited as ``audit.malformed`` and the tap goes
-on: one frame never ends a session's audit.
+A frame of opCode ``tee.NOTE_OPCODE`` in the client direction is a note from
+the proxy (JSON): ``add`` — the proxy's own counts (what it audited inline:
+hello, SASL…), added to this tap's in the session's end event; ``lost`` /
+``abandon`` — the passive requests still waiting were answered ``ok: 0`` by
+the proxy (the backend went away) or will get no reply (the session ended):
+their results are audited here, where their query uids are.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import orjson
 
-from dbproxy.audit.events import MALFORMED
-from dbproxy.buffer import ReceiveBuffer
-from dbproxy.errors import MalformedMessage, ProtocolError
+from dbproxy.audit.frametap import FrameTap
+from dbproxy.tee import FrameSide
 
 from . import protocol as wire
 from .codec import FRAMING
 from .stages.audit import CommandAudit, ReplyAudit
 from .stages.flow import InFlight
 from .stages.session import MongoSessionState, abandon_pending, lost_backend_replies
+from .tee import NOTE_OPCODE
 
-log = logging.getLogger("dbproxy.mongo.tap")
-
-#: Counts the end event carries; the worker's plus the proxy's (``add`` note).
+#: Counts the end event carries: the worker's plus the proxy's (``add`` note).
 COUNTS = ("commands", "errors", "compressed_requests")
-_NO_LIMIT = (1 << 31) - 1  # the proxy enforced the listener's limit on these frames
 
 
-class MongoTap:
-    """One tapped Mongo session in the audit worker: ``feed(direction, data)``, ``counts()``."""
+def _opcode(data: Any, pos: int) -> int:
+    return wire.I32.unpack_from(data, pos + 12)[0]  # the proxy checked it (a note's is NOTE_OPCODE)
+
+
+_SIDE = FrameSide(FRAMING, interest=frozenset(wire.KNOWN_OPCODES) | {NOTE_OPCODE}, type_of=_opcode)
+
+
+class _Requests:
+    """The client direction's observers, and the proxy's notes."""
+
+    def __init__(self, tap: "MongoTap") -> None:
+        self.tap = tap
+        self.stages = (CommandAudit(tap.state, tap.audit), InFlight(tap.state, tap.audit))
+
+    def handle(self, msg: wire.WireMessage, ctx: Any) -> None:
+        if msg.op_code == NOTE_OPCODE:
+            self.tap.note(orjson.loads(msg.body))
+            return
+        try:
+            for stage in self.stages:
+                stage.handle(msg, ctx)
+        finally:
+            self.tap.state.request_done()
+
+
+class _Replies:
+    def __init__(self, tap: "MongoTap") -> None:
+        self.state = tap.state
+        self.audit = ReplyAudit(tap.state, tap.audit)
+
+    def handle(self, msg: wire.WireMessage, ctx: Any) -> None:
+        try:
+            self.audit.handle(msg, ctx)
+        finally:
+            self.state.reply_done()
+
+
+class MongoTap(FrameTap):
+    """One tapped Mongo session in the audit worker."""
+
+    sides = (_SIDE, _SIDE)
 
     def __init__(self, audit: Any) -> None:
-        self.audit = audit
         # The proxy checked sizes against the listener's limit; decompression here only needs a bound.
         self.state = MongoSessionState(auth=None, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE)
-        self.buffers = (ReceiveBuffer(), ReceiveBuffer())
-        self.requests = (CommandAudit(self.state, audit), InFlight(self.state, audit))
-        self.replies = ReplyAudit(self.state, audit)
+        self.audit = audit
         self.added = dict.fromkeys(COUNTS, 0)
+        super().__init__(audit, (_Requests(self), _Replies(self)))
 
-    def feed(self, direction: int, data: bytes) -> None:
-        if direction > 1:
-            self.note(orjson.loads(data))
-            return
-        buf = self.buffers[direction]
-        buf.feed(data)
-        raw, start, end = buf.span()
-        done = start
-        try:
-            for pos, size in FRAMING.frames(raw, start, end, _NO_LIMIT):
-                frame = bytes(raw[pos:pos + size])
-                done = pos + size
-                length, request_id, response_to, op_code = wire.HEADER.unpack_from(frame)
-                msg = wire.WireMessage(length, request_id, response_to, op_code, frame)
-                try:
-                    if direction == 0:
-                        for stage in self.requests:
-                            stage.handle(msg, None)
-                    else:
-                        self.replies.handle(msg, None)
-                except Exception as exc:  # one frame never ends the session's audit
-                    self._malformed(direction, msg, exc)
-                finally:
-                    self.state.request_done()
-                    self.state.reply_done()
-        finally:
-            buf.skip(done - start)
-            buf.compact()
+    def message(self, direction: int, mtype: int, frame: bytes) -> wire.WireMessage:
+        length, request_id, response_to, op_code = wire.HEADER.unpack_from(frame)
+        return wire.WireMessage(length, request_id, response_to, op_code, frame)
+
+    def describe(self, mtype: int) -> tuple[str, str]:
+        return f"opcode {mtype}", str(mtype)
 
     def note(self, note: dict) -> None:
         st = self.state
-        if "add" in note:
-            for key in COUNTS:
-                self.added[key] += int(note["add"].get(key, 0))
+        for key, n in note.get("add", {}).items():
+            self.added[key] += int(n)
         if "lost" in note:
             lost_backend_replies(st, self.audit, note["lost"], code=note["code"])
         if "abandon" in note:
             abandon_pending(st, self.audit, note["abandon"])
-
-    def _malformed(self, direction: int, msg: wire.WireMessage, exc: Exception) -> None:
-        if not isinstance(exc, MalformedMessage):
-            if not isinstance(exc, ProtocolError):
-                log.exception("audit stage failed on an opcode %d frame of %d bytes", msg.op_code, msg.length)
-            exc = MalformedMessage(f"audit stage failed: {exc.__class__.__name__}: {exc}",
-                                   type_name=f"opcode {msg.op_code}", type_code=msg.op_code, raw=msg.raw)
-        self.audit.emit(MALFORMED, direction="client" if direction == 0 else "backend", success=False,
-                        **exc.audit_fields())
 
     def counts(self) -> dict:
         st = self.state

@@ -52,22 +52,24 @@ import orjson
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.errors import BSONError
 
-from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import MalformedMessage, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA, Verdict, replace
+from dbproxy.tee import Check, FrameSide, Tee
 
 from . import protocol as wire
 from .clientauth import AUTH_COMMANDS
-from .codec import FRAMING, check_opcode
+from .codec import FRAMING, opcode_at
+from .errors import AttributingDecoder
 from .opmsg import verify_op_msg_checksum_raw
 from .stages.handshake import HELLO_COMMANDS
 from .stages.render import render_command
-from .stages.session import PARSE_ERRORS, MongoSessionState, _names, _sequence_counts, malformed, malformed_request
+from .stages.session import PARSE_ERRORS, MongoSessionState, _names, _sequence_counts, malformed
 
 #: Commands the proxy acts on: never passive.
 ACTIVE_COMMANDS = HELLO_COMMANDS | AUTH_COMMANDS
-#: The tap's third direction: a JSON note from the proxy (``tap.MongoTap.note``).
-NOTE = 2
+#: A note from the proxy to the worker's tap (``tap.MongoTap.note``), in the client direction's
+#: stream: a frame of this opCode (0: no MongoDB opcode, so a client's is refused as garbage).
+NOTE_OPCODE = 0
 
 _LENIENT = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _HEADER = wire.HEADER.unpack_from
@@ -101,13 +103,40 @@ def check_request(raw: bytes) -> str:
 
 @attrs.define(eq=False)
 class TeeState:
-    """What the two tees of a session share: passive requests waiting for a reply, and the tap."""
+    """One tapped session's proxy side: its two ``FrameSide``s, the passive requests waiting
+    for a reply, and the taps (set when the core builds the tees with ``over``)."""
 
-    tap: Callable[[int, bytes], Any]  # (direction, bytes): the session's audit tap
+    state: MongoSessionState
     pending: dict = attrs.field(factory=dict)  # requestID (or exhaust reply's requestID) → True
+    sides: tuple = attrs.field(init=False)
+    taps: list = attrs.field(init=False, factory=lambda: [None, None])
+
+    def __attrs_post_init__(self) -> None:
+        self.sides = _sides(self)
+
+    def over(self, decoder: Any, side: FrameSide, tap: Callable[[bytes], Any]) -> AttributingDecoder:
+        """``TapPlan.tee``: the core builds this session's two tees with it (``dbproxy.flow.assemble``)."""
+        inner = decoder.inner
+        self.taps[0 if side is self.sides[0] else 1] = tap
+        return AttributingDecoder(MongoTee(inner.buffer, side, limit=inner.max_message_size, tap=tap), decoder.side)
+
+    @property
+    def tapping(self) -> bool:
+        return self.taps[0] is not None
 
     def note(self, **fields: Any) -> None:
-        self.tap(NOTE, orjson.dumps(fields))
+        """Tell the worker's tap what only the proxy knows, in session order."""
+        tap = self.taps[0]
+        if tap is not None:
+            body = orjson.dumps(fields)
+            tap(wire.HEADER.pack(wire.HEADER_SIZE + len(body), 0, 0, NOTE_OPCODE) + body)
+
+
+class ActiveFrame(Exception):
+    """Raised by a side's check at a frame the proxy's stages act on: the tee stops there."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
 
 
 @attrs.frozen
@@ -122,118 +151,116 @@ class PassedRun:
 KEEP = Verdict()
 
 
-class MongoTee:
-    """The decoder of one direction of a tapped session (``client`` or ``backend``).
+class MongoTee(Tee):
+    """The core ``Tee`` over the codec's ``FRAMING``, returning the active frames as messages.
 
-    Frames with the codec's checks (``FRAMING``, opcode, OP_MSG checksum: the same
-    errors at the same byte as ``MongoDecoder``), taps and consumes passive frames,
-    and returns the first active one as a ``WireMessage`` (after a ``PassedRun`` of
-    the passive frames before it, if any).
+    The side's checks accept a passive frame (it is tapped and consumed) and raise
+    ``ActiveFrame`` at an active one; the core loop then stops with the frames
+    before it consumed and tapped, and this returns a ``PassedRun`` of those (if
+    any), then the active frame as a ``WireMessage``.  The header checks are the
+    codec's: length (``FRAMING``), opcode (``frame_type``; also at a partly
+    received frame's header, as ``MongoDecoder`` refuses garbage before its body
+    arrives) and an OP_MSG checksum.
     """
 
-    __slots__ = ("buffer", "max_message_size", "side", "tee", "state", "_active")
+    __slots__ = ("_active",)
 
-    def __init__(self, buffer: ReceiveBuffer, *, max_message_size: int, side: str, tee: TeeState,
-                 state: MongoSessionState) -> None:
-        self.buffer = buffer
-        self.max_message_size = max_message_size
-        self.side = side
-        self.tee = tee
-        self.state = state
-        self._active = 0  # size of an active frame at the read position, found by the last call
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self.buffer.feed(data)
-
-    def announced_length(self) -> int | None:
-        buf = self.buffer
-        return buf.i32_le() if len(buf) >= 4 else None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active = 0
 
     def next_message(self) -> Any:
-        buf = self.buffer
+        buffer = self.buffer
         size = self._active
         if size:
             self._active = 0
-            return self._message(buf.take(size))
-        data, start, end = buf.span()
-        pos = start
-        limit = self.max_message_size
-        client = self.side == "client"
-        pending = self.tee.pending
-        active = 0
+            return _message(buffer.take(size))
+        data, start, end = buffer.span()
         try:
-            while True:
-                if end - pos < 16:
-                    if end - pos >= 4 and _I32(data, pos)[0] < 16:
-                        FRAMING.size_at(data, pos, end, limit)
-                    break
-                length, request_id, response_to, op_code = _HEADER(data, pos)
-                if length >= 16:
-                    check_opcode(op_code, length)
-                size = FRAMING.size_at(data, pos, end, limit)
-                if end - pos < size:
-                    break
-                if op_code == _OP_MSG:
-                    flags = _U32(data, pos + 16)[0] if size >= 20 else 0
-                    if flags & wire.CHECKSUM_PRESENT:
-                        self._checksum(data, pos, size)
-                    if client:
-                        raw = bytes(data[pos:pos + size])
-                        try:
-                            name = check_request(raw)
-                        except PARSE_ERRORS as exc:
-                            raise malformed(self.state, wire.WireMessage(length, request_id, response_to, op_code, raw), exc) from exc
-                        if name in ACTIVE_COMMANDS:
-                            active = size
-                            break
-                        if not flags & _MORE_TO_COME:
-                            pending[request_id] = True
-                        self.tee.tap(0, raw)
-                        pos += size
-                        continue
-                    if pending.pop(response_to, None):
-                        if flags & _MORE_TO_COME:
-                            pending[request_id] = True  # the next exhaust reply answers this one
-                        self.tee.tap(1, bytes(data[pos:pos + size]))
-                        pos += size
-                        continue
-                elif not client and op_code == wire.OP_REPLY and pending.pop(response_to, None):
-                    self.tee.tap(1, bytes(data[pos:pos + size]))
-                    pos += size
-                    continue
-                active = size
-                break
-        finally:
-            # Also on a refused frame: the frames before it were tapped and are forwarded.
-            if pos != start:
-                buf.skip(pos - start)
-        if not active:
-            return NEED_DATA
-        if pos != start:
-            # Passive frames were consumed in this batch: they go first, as a message of their own.
-            self._active = active
-            return PassedRun(bytes(data[start:pos]))
-        return self._message(buf.take(active))
+            Tee.next_message(self)
+        except ActiveFrame as active:
+            consumed = buffer.position - start
+            if consumed:
+                # Passive frames were consumed in this batch: they go first, as a message of their own.
+                self._active = active.size
+                return PassedRun(bytes(data[start:start + consumed]))
+            return _message(buffer.take(active.size))
+        if len(buffer) >= wire.HEADER_SIZE:  # a partly received frame: refuse garbage now, not after its body
+            opcode_at(*buffer.span()[:2])
+        return NEED_DATA
 
-    @staticmethod
-    def _message(raw: bytes) -> wire.WireMessage:
-        length, request_id, response_to, op_code = _HEADER(raw)
-        return wire.WireMessage(length, request_id, response_to, op_code, raw)
 
-    @staticmethod
-    def _checksum(data: Any, pos: int, size: int) -> None:
-        view = memoryview(data)[pos:pos + size]
+def _message(raw: bytes) -> wire.WireMessage:
+    length, request_id, response_to, op_code = _HEADER(raw)
+    return wire.WireMessage(length, request_id, response_to, op_code, raw)
+
+
+def _checksum(data: Any, pos: int, size: int) -> None:
+    view = memoryview(data)[pos:pos + size]
+    try:
+        verify_op_msg_checksum_raw(view)
+    except RemoteProtocolError as exc:
+        raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",
+                               type_code=_OP_MSG, raw=view, length=size) from None
+    finally:
+        view.release()
+
+
+def _active(data: Any, pos: int, size: int) -> None:
+    raise ActiveFrame(size)
+
+
+def _client_frame(tees: TeeState) -> Check:
+    pending = tees.pending
+
+    def check(data: Any, pos: int, size: int) -> None:
+        flags = _U32(data, pos + 16)[0] if size >= 20 else 0
+        if flags & wire.CHECKSUM_PRESENT:
+            _checksum(data, pos, size)
+        raw = bytes(data[pos:pos + size])
         try:
-            verify_op_msg_checksum_raw(view)
-        except RemoteProtocolError as exc:
-            raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",
-                                   type_code=_OP_MSG, raw=view, length=size) from None
-        finally:
-            view.release()
+            name = check_request(raw)
+        except PARSE_ERRORS as exc:
+            raise malformed(tees.state, _message(raw), exc) from exc
+        if name in ACTIVE_COMMANDS:
+            raise ActiveFrame(size)
+        if not flags & _MORE_TO_COME:
+            pending[_I32(data, pos + 4)[0]] = True
+    return check
+
+
+def _backend_frame(tees: TeeState) -> Check:
+    pending = tees.pending
+
+    def check(data: Any, pos: int, size: int) -> None:
+        op_code = _I32(data, pos + 12)[0]
+        flags = _U32(data, pos + 16)[0] if op_code == _OP_MSG and size >= 20 else 0
+        if flags & wire.CHECKSUM_PRESENT:
+            _checksum(data, pos, size)
+        if not pending.pop(_I32(data, pos + 8)[0], None):
+            raise ActiveFrame(size)
+        if flags & _MORE_TO_COME:
+            pending[_I32(data, pos + 4)[0]] = True  # the next exhaust reply answers this one
+    return check
+
+
+_EVERY = frozenset(wire.KNOWN_OPCODES)
+
+
+def _sides(tees: TeeState) -> tuple[FrameSide, FrameSide]:
+    """This session's two ``FrameSide``s: every opcode is looked at; OP_MSG (client) and OP_MSG /
+    OP_REPLY (backend) may be passive, any other frame is active."""
+    client = FrameSide(FRAMING, interest=_EVERY, type_of=opcode_at,
+                       checks={op: (_client_frame(tees) if op == _OP_MSG else _active) for op in _EVERY})
+    backend_check = _backend_frame(tees)
+    backend = FrameSide(FRAMING, interest=_EVERY, type_of=opcode_at,
+                        checks={op: (backend_check if op in (_OP_MSG, wire.OP_REPLY) else _active) for op in _EVERY})
+    return client, backend
 
 
 class RunGuard:
-    """First stage of each direction: a ``PassedRun`` is forwarded as is, seen by no stage."""
+    """First stage of each direction: a ``PassedRun`` is forwarded as is, seen by no stage
+    (inline, there is none: one type test per message)."""
 
     name = "mongo-tee-run"
 
@@ -242,19 +269,20 @@ class RunGuard:
 
 
 class TapCompressed:
-    """An OP_COMPRESSED request whose inner message is passive: tapped as received, sent on
-    decompressed; any other goes on to the inline stages (which decompress it themselves)."""
+    """Tapped session: an OP_COMPRESSED request whose inner message is passive is tapped as
+    received and sent on decompressed; any other goes on to the inline stages (which decompress
+    it themselves).  Inline: nothing."""
 
     name = "mongo-tee-compressed-request"
 
-    def __init__(self, state: MongoSessionState, tee: TeeState) -> None:
-        self.state = state
+    def __init__(self, tee: TeeState) -> None:
         self.tee = tee
 
     def handle(self, msg: Any, ctx: Any) -> Verdict | None:
-        if msg.op_code != wire.OP_COMPRESSED:
+        tee = self.tee
+        if msg.op_code != wire.OP_COMPRESSED or not tee.tapping:
             return None
-        st = self.state
+        st = tee.state
         try:
             plain = wire.decompress(msg, max_message_size=st.max_message_size)
             if plain.op_code != _OP_MSG or check_request(plain.raw) in ACTIVE_COMMANDS:
@@ -262,30 +290,31 @@ class TapCompressed:
         except PARSE_ERRORS as exc:
             raise malformed(st, msg, exc) from exc
         if not plain.more_to_come:
-            self.tee.pending[msg.request_id] = True
-        self.tee.tap(0, msg.raw)
+            tee.pending[msg.request_id] = True
+        tee.taps[0](msg.raw)
         return replace(plain.raw)
 
 
 class TapCompressedReply:
-    """A compressed reply to a passive request (a backend that compresses anyway): tapped as
-    received, unwrapped for the client as inline (``flow.DecompressedReply``)."""
+    """Tapped session: a compressed reply to a passive request (a backend that compresses
+    anyway) is tapped as received and unwrapped for the client, as ``flow.DecompressedReply``."""
 
     name = "mongo-tee-compressed-reply"
 
-    def __init__(self, state: MongoSessionState, tee: TeeState) -> None:
-        self.state = state
+    def __init__(self, tee: TeeState) -> None:
         self.tee = tee
 
     def handle(self, msg: Any, ctx: Any) -> Verdict | None:
-        pending = self.tee.pending
+        tee = self.tee
+        pending = tee.pending
         if msg.op_code != wire.OP_COMPRESSED or msg.response_to not in pending:
             return None
-        plain = wire.decompress(msg, max_message_size=max(self.state.max_message_size, wire.DEFAULT_MAX_MESSAGE_SIZE))
+        limit = max(tee.state.max_message_size, wire.DEFAULT_MAX_MESSAGE_SIZE)
+        plain = wire.decompress(msg, max_message_size=limit)
         del pending[msg.response_to]
         if plain.more_to_come:
             pending[plain.request_id] = True
-        self.tee.tap(1, msg.raw)
+        tee.taps[1](msg.raw)
         return replace(plain.raw)
 
 
