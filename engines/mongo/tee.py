@@ -49,7 +49,6 @@ from typing import Any, Callable
 import attrs
 import bson
 import orjson
-from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.errors import BSONError
 
 from dbproxy.errors import MalformedMessage, RemoteProtocolError
@@ -71,7 +70,6 @@ ACTIVE_COMMANDS = HELLO_COMMANDS | AUTH_COMMANDS
 #: stream: a frame of this opCode (0: no MongoDB opcode, so a client's is refused as garbage).
 NOTE_OPCODE = 0
 
-_LENIENT = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _HEADER = wire.HEADER.unpack_from
 _U32 = wire.U32.unpack_from
 _I32 = wire.I32.unpack_from
@@ -81,16 +79,29 @@ _MORE_TO_COME = wire.MORE_TO_COME
 
 def check_request(raw: bytes) -> str:
     """The command name of an uncompressed OP_MSG request, once its body is known to be what the
-    audit reads (raises what ``read_request`` / ``render_command`` raise on it, else returns)."""
+    audit reads (raises what ``read_request`` / ``render_command`` raise on it, else returns).
+
+    Fast path (drivers put the body first): one C decode of the body with the default codec
+    options.  Its success means the top level inflates as ``wire.raw_document`` inflates it and
+    the renderer renders it (its own fast path decodes the same way; failing that, its lenient
+    decode succeeds); a body alone in the message with flags 0 needs nothing more, else
+    ``parse_op_msg`` judges the flags and the other sections and the sequences are counted as
+    ``read_request`` counts them.  Anything else is judged by the worker's own functions.
+    """
     end = len(raw)
-    if end > 25 and _U32(raw, 16)[0] == 0 and raw[20] == 0 and _I32(raw, 21)[0] == end - 21:
-        # Flags 0 and one kind-0 section filling the message: parse_op_msg accepts it when the
-        # body is a document; a lenient decode accepts exactly the valid BSON the renderer renders.
-        try:
-            doc = bson.decode(memoryview(raw)[21:], codec_options=_LENIENT)
-        except (BSONError, ValueError, TypeError, OverflowError):
-            doc = None
+    if end > 25 and raw[20] == 0:
+        size = _I32(raw, 21)[0]
+        doc = None
+        if 5 <= size <= end - 21:
+            try:
+                doc = bson.decode(memoryview(raw)[21:21 + size])
+            except (BSONError, ValueError, TypeError, OverflowError):
+                pass
         if doc:
+            if size != end - 21 or _U32(raw, 16)[0]:
+                op = wire.parse_op_msg(raw)
+                if op.sequences_raw:
+                    _sequence_counts(op)
             return next(iter(doc))
     op = wire.parse_op_msg(raw)
     name, _db, _coll = _names(op.body)
