@@ -69,6 +69,19 @@ def _too_large(data: Any, pos: int) -> str:
     return "message"
 
 
+def check_checksum(data: Any, pos: int, size: int) -> None:
+    """The OP_MSG ``data[pos:pos + size]``: if it sets checksumPresent, its CRC-32C must match.
+    It framed, its body is not what was sent: refused as malformed (issue 13 §1)."""
+    view = memoryview(data)[pos:pos + size]
+    try:
+        verify_op_msg_checksum_raw(view)
+    except RemoteProtocolError as exc:
+        raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",
+                               type_code=wire.OP_MSG, raw=view, length=size) from None
+    finally:
+        view.release()
+
+
 #: MsgHeader.messageLength: the first int32 (little-endian), counting the whole message.
 FRAMING = LengthPrefixed(header_size=4, length_format="<i", length_offset=0, extra=0,
                          min_length=wire.HEADER_SIZE, bad_length=_bad_length, what=_too_large)
@@ -110,15 +123,7 @@ class MongoDecoder:
             return NEED_DATA
         if self.verify_checksums and op_code == wire.OP_MSG:
             # Verified before consuming, so a refused message is never part of the consumed span.
-            view = buf.peek(length)
-            try:
-                verify_op_msg_checksum_raw(view)
-            except RemoteProtocolError as exc:
-                # It framed, its body is not what was sent: audited as malformed (issue 13 §1).
-                raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",
-                                       type_code=op_code, raw=view, length=length) from None
-            finally:
-                view.release()
+            check_checksum(data, start, length)
         return wire.WireMessage(length, request_id, response_to, op_code, buf.take(length))
 
     def announced_length(self) -> int | None:

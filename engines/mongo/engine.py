@@ -16,6 +16,10 @@ Session, in order:
   4. The core pipeline runs with ``stages.client_stages`` and
      ``stages.backend_stages``; the first message goes through it like any
      other (it is fed back into a fresh decoder ahead of whatever followed).
+     Without an access gate the wiring offers the core a ``TapPlan``
+     (``tee.py`` / ``tap.py``): the core may then tap the session — passive
+     commands and their replies are audited by the audit worker, hello, SASL
+     and the proxy's other answers stay on these stages.
 
 Identity and access (``services.access`` configured; ``policy.py`` has the
 whole story).  The backend login still happens at connect (a hello must be
@@ -50,7 +54,6 @@ clients; default all three).  Backend options: ``auth_source``,
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import trio
@@ -65,8 +68,9 @@ from dbproxy.tls import server_context
 
 from . import protocol as wire
 from . import scram
-from .backend import HANDSHAKES, open_backend
-from .clientauth import MODES, ClientAuthPolicy, IdentityAuthenticator
+from .backend import open_backend
+from .clientauth import ClientAuthPolicy, IdentityAuthenticator
+from .options import LEGACY_AUTH_OPTIONS, first_hello_facts, validate_listener
 from .codec import MongoDecoder
 from .policy import PENDING, MongoAccess
 from .stages import (
@@ -85,40 +89,12 @@ from .tee import RunGuard, TapCompressed, TapCompressedReply, TeeState, abandon_
 
 log = logging.getLogger("dbproxy.mongo")
 
-LISTENER_OPTIONS = {"client_auth", "client_password_file", "client_password_env", "compressors"}
-#: Options of the listener policies for client credentials, which identity mode replaces.
-LEGACY_AUTH_OPTIONS = ("client_auth", "client_password_file", "client_password_env")
 HANDSHAKE_ONLY_EVENT = "db.session.mongo.handshake_only"
-BACKEND_OPTIONS = {"auth_source", "handshake"}
 
 UNKNOWN_ERROR = 8
 UNAUTHORIZED = 13
 AUTHENTICATION_FAILED = 18
 NETWORK_TIMEOUT = 89
-
-
-def _first_hello(msg: wire.WireMessage, max_size: int) -> dict:
-    """Routing facts from the client's first message (empty when it is not a readable hello)."""
-    try:
-        cmd = wire.inspect_command(msg, max_message_size=max_size)
-    except ProtocolError:
-        return {}
-    if cmd is None or cmd.name not in ("hello", "isMaster", "ismaster"):
-        return {}
-    try:
-        client = cmd.body.get("client")
-        meta = wire.decode_document(client.raw) if client is not None and hasattr(client, "raw") else None
-    except Exception:
-        return {}
-    facts: dict[str, Any] = {"metadata": meta}
-    if isinstance(meta, dict):
-        app = meta.get("application")
-        if isinstance(app, dict) and isinstance(app.get("name"), str):
-            facts["application_name"] = app["name"]
-        driver = meta.get("driver")
-        if isinstance(driver, dict):
-            facts["driver"] = f"{driver.get('name', '')} {driver.get('version', '')}".strip()
-    return facts
 
 
 class MongoEngine(Engine):
@@ -157,55 +133,7 @@ class MongoEngine(Engine):
 
     @classmethod
     def validate_listener(cls, v: Any, d: dict, path: str) -> None:
-        opts = d.get("options")
-        if isinstance(opts, dict):
-            op = f"{path}.options"
-            v.unknown_keys(opts, LISTENER_OPTIONS, op)
-            mode = v.string(opts, "client_auth", op, required=False, choices=MODES) or "accept"
-            if "client_password_file" in opts and "client_password_env" in opts:
-                v.err(op, "only one of \"client_password_file\" or \"client_password_env\"")
-            if "client_password_file" in opts:
-                resolved = v.file_path(opts, "client_password_file", op)
-                if resolved:
-                    # The engine reads the file at use; store it resolved against the config file's folder.
-                    opts["client_password_file"] = resolved
-            if "client_password_env" in opts:
-                name = v.string(opts, "client_password_env", op)
-                if name and name not in os.environ:
-                    v.err(f"{op}.client_password_env", f"environment variable {name} to be set")
-            if mode == "reject" and ("client_password_file" in opts or "client_password_env" in opts):
-                v.err(op, "no client password with client_auth \"reject\" (it is only used to accept client SCRAM)")
-            auth = d.get("auth")
-            methods = auth.get("methods") if isinstance(auth, dict) else None
-            if isinstance(methods, list) and ("token" in methods or "mtls" in methods):
-                for key in LEGACY_AUTH_OPTIONS:
-                    if key in opts:
-                        v.err(f"{op}.{key}", "no listener client_auth options with auth methods token/mtls "
-                                             "(clients then authenticate with dbproxy identities)")
-            if "compressors" in opts:
-                comps = opts["compressors"]
-                if not isinstance(comps, list) or any(c not in SUPPORTED_COMPRESSORS for c in comps):
-                    v.err(f"{op}.compressors", f"an array of {', '.join(SUPPORTED_COMPRESSORS)}, got {comps!r}")
-        routes = d.get("routes")
-        if not isinstance(routes, list):
-            return
-        for i, r in enumerate(routes):
-            b = r.get("backend") if isinstance(r, dict) else None
-            if not isinstance(b, dict):
-                continue
-            bp = f"{path}.routes[{i}].backend"
-            bopts = b.get("options", {})
-            if isinstance(bopts, dict):
-                v.unknown_keys(bopts, BACKEND_OPTIONS, f"{bp}.options")
-                if "auth_source" in bopts:
-                    v.string(bopts, "auth_source", f"{bp}.options")
-                if "handshake" in bopts:
-                    v.string(bopts, "handshake", f"{bp}.options", choices=HANDSHAKES)
-            else:
-                v.err(f"{bp}.options", "an object")
-            auth = b.get("auth")
-            if isinstance(auth, dict) and auth.get("method") in cls.password_methods and not b.get("user"):
-                v.err(bp, f"a \"user\" for auth method {auth.get('method')}")
+        validate_listener(v, d, path, cls.password_methods)
 
     # -- the session flow's hooks (dbproxy.flow) -----------------------------------
     def new_request(self, session: Any, stream: Any) -> Request:
@@ -228,7 +156,7 @@ class MongoEngine(Engine):
             session.details["client_tls"] = True
         request.waiting_for = "client sent no request in time"
         first = await client.receive()
-        facts = _first_hello(first, self.max_message_size)
+        facts = first_hello_facts(first, self.max_message_size)
         app = facts.get("application_name", "")
         for key in ("application_name", "driver"):
             if facts.get(key):

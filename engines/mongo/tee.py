@@ -51,15 +51,13 @@ import bson
 import orjson
 from bson.errors import BSONError
 
-from dbproxy.errors import MalformedMessage, RemoteProtocolError
 from dbproxy.sansio import NEED_DATA, Verdict, replace
 from dbproxy.tee import Check, FrameSide, Tee
 
 from . import protocol as wire
 from .clientauth import AUTH_COMMANDS
-from .codec import FRAMING, opcode_at
+from .codec import FRAMING, check_checksum, opcode_at
 from .errors import AttributingDecoder
-from .opmsg import verify_op_msg_checksum_raw
 from .stages.handshake import HELLO_COMMANDS
 from .stages.render import render_command
 from .stages.session import PARSE_ERRORS, MongoSessionState, _names, _sequence_counts, malformed
@@ -206,17 +204,6 @@ def _message(raw: bytes) -> wire.WireMessage:
     return wire.WireMessage(length, request_id, response_to, op_code, raw)
 
 
-def _checksum(data: Any, pos: int, size: int) -> None:
-    view = memoryview(data)[pos:pos + size]
-    try:
-        verify_op_msg_checksum_raw(view)
-    except RemoteProtocolError as exc:
-        raise MalformedMessage(str(exc), client_hint=exc.client_hint, type_name="OP_MSG",
-                               type_code=_OP_MSG, raw=view, length=size) from None
-    finally:
-        view.release()
-
-
 def _active(data: Any, pos: int, size: int) -> None:
     raise ActiveFrame(size)
 
@@ -227,7 +214,7 @@ def _client_frame(tees: TeeState) -> Check:
     def check(data: Any, pos: int, size: int) -> None:
         flags = _U32(data, pos + 16)[0] if size >= 20 else 0
         if flags & wire.CHECKSUM_PRESENT:
-            _checksum(data, pos, size)
+            check_checksum(data, pos, size)
         raw = bytes(data[pos:pos + size])
         try:
             name = check_request(raw)
@@ -247,7 +234,7 @@ def _backend_frame(tees: TeeState) -> Check:
         op_code = _I32(data, pos + 12)[0]
         flags = _U32(data, pos + 16)[0] if op_code == _OP_MSG and size >= 20 else 0
         if flags & wire.CHECKSUM_PRESENT:
-            _checksum(data, pos, size)
+            check_checksum(data, pos, size)
         if not pending.pop(_I32(data, pos + 8)[0], None):
             raise ActiveFrame(size)
         if flags & _MORE_TO_COME:

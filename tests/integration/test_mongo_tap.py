@@ -21,24 +21,12 @@ import pymongo
 import pytest
 
 from dbproxy.audit.verify import verify_files
-from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
+from tests.integration.test_malformed_mongo import ferret  # noqa: F401  (the module's FerretDB)
+from tests.support import ProxyProcess, read_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
 PASSIVE = ("insert", "find", "getMore", "killCursors", "update", "delete", "count", "noSuchCommandXyz")
-
-
-@pytest.fixture(scope="module")
-def ferret(tmp_path_factory):
-    from scripts.peers.ferretdb_server import ferretdb_path, start_ferretdb
-
-    try:
-        ferretdb_path()
-    except FileNotFoundError as exc:
-        peer_missing(f"{exc}")
-    server = start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
-    yield server
-    server.stop()
 
 
 def config(ferret, workdir: Path, *, worker: bool) -> dict:

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import MalformedMessage
 from dbproxy.sansio import NEED_DATA
 from dbproxy.engines.mongo import protocol as wire
