@@ -198,3 +198,26 @@ def test_the_worker_audits_what_the_tee_tapped_and_the_notes() -> None:
     assert audit.events[1]["document_count"] == 4 and audit.events[2]["affected_records"] == 4
     assert audit.events[3]["errmsg"] == "gone" and audit.events[3]["query_uid"] == audit.events[0]["uid"]
     assert tap.counts() == {"commands": 3, "errors": 1, "compressed_requests": 0}
+
+
+def test_exhaust_replies_stay_passive_and_are_audited_once_each() -> None:
+    """getMore with exhaustAllowed: each reply with moreToCome is answered by the next one
+    (OP_MSG.md), so the tee re-keys its pending request as ``read_reply`` does."""
+    log: list = []
+    t, client, backend, _, backend_taps = tees(log)
+    client.feed(op_msg({"getMore": bson.int64.Int64(9), "collection": "c", "$db": "d"}, 40, flags=wire.EXHAUST_ALLOWED))
+    assert drain(client) == [] and set(t.pending) == {40}
+    batch = {"cursor": {"nextBatch": [{"a": 1}], "id": bson.int64.Int64(9), "ns": "d.c"}, "ok": 1.0}
+    last = {"cursor": {"nextBatch": [], "id": bson.int64.Int64(0), "ns": "d.c"}, "ok": 1.0}
+    replies = [op_msg(batch, 41, response_to=40, flags=wire.MORE_TO_COME), op_msg(batch, 42, response_to=41, flags=wire.MORE_TO_COME),
+               op_msg(last, 43, response_to=42)]
+    for r in replies:
+        backend.feed(r)
+        assert drain(backend) == []
+    assert b"".join(backend_taps) == b"".join(replies) and not t.pending
+    audit = Audit()
+    tap = MongoTap(audit)
+    for direction, data in log:
+        tap.feed(direction, data)
+    results = [e for e in audit.events if e["event"] == "db.session.result"]
+    assert [r["batch_size"] for r in results] == [1, 1, 0] and {r["query_uid"] for r in results} == {audit.events[0]["uid"]}
