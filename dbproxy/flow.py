@@ -187,7 +187,7 @@ def assemble(wiring: Wiring, audit: Any) -> Plumbing:
         return Plumbing(wiring.client_decoder, wiring.backend_decoder,
                         [*wiring.client_observers, *wiring.client_stages],
                         [*wiring.backend_stages, *wiring.backend_observers])
-    slot = audit.tap_open(plan.tap)
+    slot = audit.tap_open(plan.tap, plan.params) if plan.params else audit.tap_open(plan.tap)
     tees = (plan.tee.over(wiring.client_decoder, plan.client, functools.partial(audit.tap, slot, 0)),
             plan.tee.over(wiring.backend_decoder, plan.backend, functools.partial(audit.tap, slot, 1)))
     wiring.tees = tees

@@ -9,13 +9,15 @@ protocol version (StartupMessage) or one of the magic request codes
 GSSENCRequest is a single unframed byte, or an unauthenticated ErrorResponse
 that ``read_refusal`` reads (bounded) for the caller to log, never to show.
 
-Hot path: ``next_message`` reads the type byte and the length straight
-from the buffer (no slice), checks the length, and ``take``s the message; the
-body is never looked at (see ``messages`` for lazy parsers).  A length above
-``max_message_size`` raises ``FrameTooLarge`` as soon as the header is in,
-before the body is buffered.  Unknown type bytes are forwarded (newer
-servers may add messages); lengths below 4 are garbage and raise
-``RemoteProtocolError``.
+Typed messages are framed by ``FRAMES``, a ``dbproxy.sansio.LengthPrefixed``:
+the one frame loop the decoders here, the audit tee of a tapped session
+(``dbproxy.tee.Tee``) and the audit worker (``tap.Tap``) share, so they
+agree on every frame and every error.  ``next_message`` checks the header
+and ``take``s the message; the body is never looked at (see ``messages``
+for lazy parsers).  A length above ``max_message_size`` raises
+``FrameTooLarge`` as soon as the header is in, before the body is buffered.
+Unknown type bytes are forwarded (newer servers may add messages); lengths
+below 4 are garbage and raise ``RemoteProtocolError``.
 
 Start-up packets are capped at 10000 bytes like PostgreSQL
 (MAX_STARTUP_PACKET_LENGTH) and parsed eagerly; they are rare.
