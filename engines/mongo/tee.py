@@ -1,13 +1,14 @@
 """Mongo sessions audited through a tap (``audit.link``): the proxy's side.
 
-When nothing in a session acts on commands (no identity/access gate, so no
-policy), the audit observers (``stages.audit.CommandAudit`` / ``ReplyAudit``)
-run in the audit worker (``tap.MongoTap``) over the frames this tee hands it;
-the proxy only frames, checks and forwards.  Unlike PostgreSQL, a Mongo
-session keeps *active* messages after its handshake — the proxy answers the
-authentication commands, rewrites every hello (and its reply) and sends an
-OP_COMPRESSED request on decompressed (the backend link never negotiates
-compression) — so the tee splits the stream:
+When nothing in a session polices commands (no identity/access gate), the
+engine's wiring offers the core a ``TapPlan`` with ``active_frames``; if the
+core taps (``dbproxy.flow.assemble``), the audit observers
+(``stages.audit.CommandAudit`` / ``ReplyAudit``) run in the audit worker
+(``tap.MongoTap``) over the frames these tees hand it.  Unlike PostgreSQL, a
+Mongo session keeps *active* messages after its handshake — the proxy
+answers the authentication commands, rewrites every hello (and its reply)
+and sends an OP_COMPRESSED request on decompressed (the backend link never
+negotiates compression) — so the tee splits the stream:
 
 * **passive** (almost every message): an uncompressed OP_MSG request whose
   command is neither a hello nor an authentication command, and a reply to
@@ -15,31 +16,34 @@ compression) — so the tee splits the stream:
   pump forwards the chunk as it came (the hot path).
 * **active**: everything else (hello, SASL, OP_QUERY, legacy opcodes,
   OP_COMPRESSED, replies to those).  Returned as a ``WireMessage`` to the
-  session's full inline stages, audit included, as in an untapped session.
-  An OP_COMPRESSED request whose inner message is passive is decompressed by
+  session's stages, audit included, as in an untapped session.  An
+  OP_COMPRESSED request whose inner message is passive is decompressed by
   ``TapCompressed``, tapped *as received* (the worker decompresses it again
   with the same libraries, so the trail names the compressor) and sent on
   decompressed; a compressed reply to a passive request likewise.
 
-Which replies are passive: the tee keeps the request IDs of the passive
-requests waiting for a reply (``TeeState.pending``, re-keyed on an exhaust
-reply's moreToCome as ``session.read_reply`` does); the engine answers them
-``ok: 0`` when the backend goes away.
+``MongoTee`` is the core ``Tee`` (the one frame loop, over the codec's
+``FRAMING``): the sides' checks accept a passive frame and raise
+``ActiveFrame`` at an active one.  Which replies are passive: the tees keep
+the request IDs of the passive requests waiting for a reply
+(``TeeState.pending``, re-keyed on an exhaust reply's moreToCome as
+``session.read_reply`` does); the engine answers them ``ok: 0`` when the
+backend goes away.
 
 Nothing unaudited (issue 13): a passive request is tapped only if the
 worker's stages will read it — ``check_request`` accepts exactly what
-``session.read_request`` + ``CommandAudit`` accept: its fast path (flags 0,
-one body section) is one lenient C decode of the body, which succeeding
-means the renderer succeeds; anything else is judged by the worker's own
-functions.  A request it refuses raises ``MalformedMessage`` before it is
-consumed: the frames before it are tapped and forwarded, it is not, and the
-pipeline audits it and the engine answers ``ok: 0`` as inline.
+``session.read_request`` + ``render_command`` accept (a hypothesis test
+holds them together).  A request it refuses raises ``MalformedMessage``
+before it is consumed: the frames before it are tapped and forwarded, it is
+not, and the pipeline audits it and the engine answers ``ok: 0``, as inline.
 
 The worker's events and the proxy's inline ones go down the one ordered
-link; notes on direction 2 (``NOTE``) tell the worker what only the proxy
-knows: its own command counts (added to the worker's in the end event), and
-that the requests it waits on were lost or abandoned (the worker audits
-their results, as ``session.lost_backend_replies`` / ``abandon_pending``).
+link.  Notes (``TeeState.note``: a frame of the private opcode
+``NOTE_OPCODE`` in the client direction's tap) tell the worker what only the
+proxy knows: its own counts (added to the worker's in the end event), and
+that the passive requests still waiting were answered ``ok: 0`` or will get
+no reply (the worker audits their results, as
+``session.lost_backend_replies`` / ``abandon_pending``).
 """
 
 from __future__ import annotations
