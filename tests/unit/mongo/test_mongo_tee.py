@@ -221,3 +221,55 @@ def test_exhaust_replies_stay_passive_and_are_audited_once_each() -> None:
         tap.feed(direction, data)
     results = [e for e in audit.events if e["event"] == "db.session.result"]
     assert [r["batch_size"] for r in results] == [1, 1, 0] and {r["query_uid"] for r in results} == {audit.events[0]["uid"]}
+
+
+class TapAudit(Audit):
+    """What ``flow.assemble`` needs of a session's audit to tap (``SessionAudit``'s tap methods)."""
+
+    can_tap = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list = []
+        self.tapped: list = []
+
+    def tap_open(self, tap, params=None) -> int:
+        self.opened.append(tap)
+        return 5
+
+    def tap(self, slot: int, direction: int, data: bytes) -> None:
+        self.tapped.append((slot, direction, data))
+
+    def tap_close(self, slot: int) -> None:
+        self.opened.append(("closed", slot))
+
+
+def test_the_core_taps_a_plan_with_active_frames_and_runs_the_stages_on_them() -> None:
+    """``dbproxy.flow.assemble``: active stages keep a session inline unless its plan's tees
+    return the frames those stages act on (``TapPlan.active_frames``, the Mongo plan)."""
+    import attrs
+
+    from dbproxy.flow import Wiring, assemble
+    from dbproxy.tee import TapPlan
+
+    state = MongoSessionState(auth=None, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE)
+    t = TeeState(state)
+    stages = [object()]
+
+    def wiring(plan) -> Wiring:
+        return Wiring(AttributingDecoder(MongoDecoder(), "client"), AttributingDecoder(MongoDecoder(), "backend"),
+                      stages, [], state, lambda exc: b"", tap=plan)
+
+    audit = TapAudit()
+    plan = TapPlan(MongoTap, *t.sides, tee=t, active_frames=True)
+    plumbing = assemble(wiring(plan), audit)
+    assert audit.opened == [MongoTap] and plumbing.client_stages == stages and t.tapping
+    plumbing.client_decoder.feed(FIND + HELLO)
+    assert plumbing.client_decoder.next_message().raw == FIND  # a PassedRun, then the hello for the stages
+    assert plumbing.client_decoder.next_message().raw == HELLO
+    assert audit.tapped == [(5, 0, FIND)]
+    plumbing.close()
+    assert audit.opened[-1] == ("closed", 5)
+    # The same stages with a plan that cannot return frames: inline.
+    inline = assemble(wiring(attrs.evolve(plan, active_frames=False)), TapAudit())
+    assert inline.close is None and type(inline.client_decoder.inner).__name__ == "MongoDecoder"
