@@ -64,8 +64,7 @@ def opcode_at(data: Any, pos: int) -> int:
 
 def _too_large(data: Any, pos: int) -> str:
     """What ``FrameTooLarge`` names; a header whose opCode no server defined is garbage instead."""
-    if len(data) - pos >= wire.HEADER_SIZE:
-        opcode_at(data, pos)
+    opcode_at(data, pos)
     return "message"
 
 
@@ -82,8 +81,22 @@ def check_checksum(data: Any, pos: int, size: int) -> None:
         view.release()
 
 
-#: MsgHeader.messageLength: the first int32 (little-endian), counting the whole message.
-FRAMING = LengthPrefixed(header_size=4, length_format="<i", length_offset=0, extra=0,
+def check_partial(data: Any, pos: int, end: int) -> None:
+    """The frame at ``pos`` is partly received.  A length below 16 is refused as soon as its 4
+    bytes are in (it can never be a message); a header that is all in is judged by its opCode
+    (garbage is refused before its announced body arrives); the size limit waits for the whole
+    header (``FRAMING``), so the refused request can be answered by its requestID."""
+    if end - pos >= 4:
+        length = wire.I32.unpack_from(data, pos)[0]
+        if length < wire.HEADER_SIZE:
+            raise _bad_length(length)
+        if end - pos >= wire.HEADER_SIZE:
+            opcode_at(data, pos)
+
+
+#: MsgHeader.messageLength: the first int32 (little-endian), counting the whole message; a frame
+#: is judged once its whole 16-byte header is in (the opCode tells garbage from "too large").
+FRAMING = LengthPrefixed(header_size=wire.HEADER_SIZE, length_format="<i", length_offset=0, extra=0,
                          min_length=wire.HEADER_SIZE, bad_length=_bad_length, what=_too_large)
 
 
@@ -109,10 +122,7 @@ class MongoDecoder:
         buf = self.buffer
         data, start, end = buf.span()
         if end - start < wire.HEADER_SIZE:
-            # Only a length below 16 is judged before the whole header is in (it can never be a
-            # message); the size limit waits for the header, so the refused request can be answered.
-            if end - start >= 4 and wire.I32.unpack_from(data, start)[0] < wire.HEADER_SIZE:
-                FRAMING.size_at(data, start, end, self.max_message_size)
+            check_partial(data, start, end)
             return NEED_DATA
         length, request_id, response_to, op_code = wire.HEADER.unpack_from(data, start)
         # A length below 16 is refused first, as on a partial header: the error must not

@@ -60,7 +60,7 @@ from dbproxy.tee import Check, FrameSide, Tee
 
 from . import protocol as wire
 from .clientauth import AUTH_COMMANDS
-from .codec import FRAMING, check_checksum, opcode_at
+from .codec import FRAMING, check_checksum, check_partial, opcode_at
 from .errors import AttributingDecoder
 from .stages.handshake import HELLO_COMMANDS
 from .stages.render import render_command
@@ -198,8 +198,8 @@ class MongoTee(Tee):
                 self._active = active.size
                 return PassedRun(bytes(data[start:start + consumed]))
             return _message(buffer.take(active.size))
-        if len(buffer) >= wire.HEADER_SIZE:  # a partly received frame: refuse garbage now, not after its body
-            opcode_at(*buffer.span()[:2])
+        # A partly received frame: judged as the decoder judges it (garbage now, not after its body).
+        check_partial(*buffer.span())
         return NEED_DATA
 
 

@@ -273,3 +273,39 @@ def test_the_core_taps_a_plan_with_active_frames_and_runs_the_stages_on_them() -
     # The same stages with a plan that cannot return frames: inline.
     inline = assemble(wiring(attrs.evolve(plan, active_frames=False)), TapAudit())
     assert inline.close is None and type(inline.client_decoder.inner).__name__ == "MongoDecoder"
+
+
+def _outcome(decoder, chunks: list) -> tuple:
+    """(frames consumed, error) after feeding ``chunks`` one at a time."""
+    consumed = 0
+    for chunk in chunks:
+        decoder.feed(chunk)
+        try:
+            while (m := decoder.next_message()) is not NEED_DATA:
+                consumed += len(m.raw)
+        except Exception as exc:  # the error is what is compared
+            return consumed, (type(exc).__name__, str(exc))
+    return consumed, None
+
+
+BAD_HEADERS = {
+    "short-length": (8).to_bytes(4, "little") + b"\x00" * 12,
+    "too-large": (10**8).to_bytes(4, "little") + (1).to_bytes(4, "little") + b"\x00" * 4 + wire.OP_MSG.to_bytes(4, "little"),
+    "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "tls": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 8,
+    "unknown-opcode": (40).to_bytes(4, "little") + b"\x00" * 8 + (4242).to_bytes(4, "little") + b"\x00" * 24,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+@pytest.mark.parametrize("split", [None, 1, 3, 5, 17])
+def test_the_tee_refuses_a_bad_header_as_the_decoder_does(case: str, split) -> None:
+    """The same error, at the same byte, however the bytes arrive (the one frame loop)."""
+    data = FIND + BAD_HEADERS[case]
+    chunks = [data] if split is None else [data[i:i + split] for i in range(0, len(data), split)]
+    _, client, _, _, _ = tees()
+    decoder = AttributingDecoder(MongoDecoder(max_message_size=1 << 20), "client")
+    client.inner.limit = 1 << 20
+    tee_error = _outcome(client, chunks)[1]
+    decoder_error = _outcome(decoder, chunks)[1]
+    assert tee_error == decoder_error and tee_error is not None
