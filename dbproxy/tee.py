@@ -164,7 +164,9 @@ class TapPlan:
         the worker's tap needs (JSON values, e.g. a negotiated protocol version or
         compression); tee: the proxy-side class (``Tee`` or a subclass, e.g. one
         that tags its errors for the engine's ``client_error``), built with
-        ``tee.over(decoder, side, tap)``.
+        ``tee.over(decoder, side, tap)`` from each decoder of the ``Wiring``
+        (which must have ``buffer`` and ``max_message_size``; a ``tee`` object of the
+        engine's may read them otherwise).
     active_frames: the engine has active stages that act on some frames only (a
         Mongo hello, SASL, OP_COMPRESSED): its ``tee`` returns those frames as
         messages and only they go through the observers and active stages on the
