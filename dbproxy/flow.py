@@ -182,7 +182,8 @@ class Plumbing:
 def assemble(wiring: Wiring, audit: Any) -> Plumbing:
     """Observers inline, or their frames to the audit worker: the core's decision (see ``Wiring``)."""
     plan = wiring.tap
-    if plan is None or wiring.client_stages or wiring.backend_stages or not getattr(audit, "can_tap", False):
+    active = wiring.client_stages or wiring.backend_stages
+    if plan is None or (active and not plan.active_frames) or not getattr(audit, "can_tap", False):
         return Plumbing(wiring.client_decoder, wiring.backend_decoder,
                         [*wiring.client_observers, *wiring.client_stages],
                         [*wiring.backend_stages, *wiring.backend_observers])
@@ -190,7 +191,13 @@ def assemble(wiring: Wiring, audit: Any) -> Plumbing:
     tees = (plan.tee.over(wiring.client_decoder, plan.client, functools.partial(audit.tap, slot, 0)),
             plan.tee.over(wiring.backend_decoder, plan.backend, functools.partial(audit.tap, slot, 1)))
     wiring.tees = tees
-    return Plumbing(tees[0], tees[1], [], [], close=lambda: audit.tap_close(slot))
+    close = functools.partial(audit.tap_close, slot)
+    if plan.active_frames:
+        # The tees return the frames the active stages act on as messages (the rest are tapped):
+        # those go through the observers and stages inline, as in an untapped session.
+        return Plumbing(tees[0], tees[1], [*wiring.client_observers, *wiring.client_stages],
+                        [*wiring.backend_stages, *wiring.backend_observers], close=close)
+    return Plumbing(tees[0], tees[1], [], [], close=close)
 
 
 async def send_quietly(stream: Any, data: bytes) -> None:

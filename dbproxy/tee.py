@@ -165,7 +165,13 @@ class TapPlan:
         compression); tee: the proxy-side class (``Tee`` or a subclass, e.g. one
         that tags its errors for the engine's ``client_error``), built with
         ``tee.over(decoder, side, tap)`` from each decoder of the ``Wiring``
-        (which must have ``buffer`` and ``max_message_size``).
+        (which must have ``buffer`` and ``max_message_size``; a ``tee`` object of the
+        engine's may read them otherwise).
+    active_frames: the engine has active stages that act on some frames only (a
+        Mongo hello, SASL, OP_COMPRESSED): its ``tee`` returns those frames as
+        messages and only they go through the observers and active stages on the
+        proxy; every other frame is tapped.  Without it, an active stage means
+        the session runs inline.
     """
 
     tap: type
@@ -173,6 +179,7 @@ class TapPlan:
     backend: FrameSide
     params: dict = attrs.field(factory=dict)
     tee: type = Tee
+    active_frames: bool = False
 
 
 __all__ = ["Check", "FrameSide", "TapPlan", "Tee"]

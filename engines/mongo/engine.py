@@ -16,6 +16,10 @@ Session, in order:
   4. The core pipeline runs with ``stages.client_stages`` and
      ``stages.backend_stages``; the first message goes through it like any
      other (it is fed back into a fresh decoder ahead of whatever followed).
+     Without an access gate the wiring offers the core a ``TapPlan``
+     (``tee.py`` / ``tap.py``): the core may then tap the session — passive
+     commands and their replies are audited by the audit worker, hello, SASL
+     and the proxy's other answers stay on these stages.
 
 Identity and access (``services.access`` configured; ``policy.py`` has the
 whole story).  The backend login still happens at connect (a hello must be
@@ -50,23 +54,23 @@ clients; default all three).  Backend options: ``auth_source``,
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-import attrs
 import trio
 
 from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout, ProtocolError, ProxyError, UpstreamError
 from dbproxy.flow import Backend, BackendTimeout, Refused, Request, Wiring, send_quietly
+from dbproxy.tee import TapPlan
 from dbproxy.identity import AuthFailed
 from dbproxy.tls import server_context
 
 from . import protocol as wire
 from . import scram
-from .backend import HANDSHAKES, open_backend
-from .clientauth import MODES, ClientAuthPolicy, IdentityAuthenticator
+from .backend import open_backend
+from .clientauth import ClientAuthPolicy, IdentityAuthenticator
+from .options import LEGACY_AUTH_OPTIONS, first_hello_facts, validate_listener
 from .codec import MongoDecoder
 from .policy import PENDING, MongoAccess
 from .stages import (
@@ -78,107 +82,19 @@ from .stages import (
     backend_stages,
     client_stages,
     lost_backend_replies,
-    protocol_error_reply,
 )
+from .errors import AttributingDecoder, client_protocol_error_reply
+from .tap import MongoTap
+from .tee import RunGuard, TapCompressed, TapCompressedReply, TeeState, abandon_passive, lost_passive_replies
 
 log = logging.getLogger("dbproxy.mongo")
 
-LISTENER_OPTIONS = {"client_auth", "client_password_file", "client_password_env", "compressors"}
-#: Options of the listener policies for client credentials, which identity mode replaces.
-LEGACY_AUTH_OPTIONS = ("client_auth", "client_password_file", "client_password_env")
 HANDSHAKE_ONLY_EVENT = "db.session.mongo.handshake_only"
-BACKEND_OPTIONS = {"auth_source", "handshake"}
 
 UNKNOWN_ERROR = 8
 UNAUTHORIZED = 13
 AUTHENTICATION_FAILED = 18
 NETWORK_TIMEOUT = 89
-
-
-@attrs.frozen
-class _BadHeader:
-    request_id: int
-    op_code: int  # the opcode the request travelled in (originalOpcode for OP_COMPRESSED)
-
-
-class AttributingDecoder:
-    """A ``MongoDecoder`` whose protocol errors say which side sent the bad bytes.
-
-    The pipeline hands every ProtocolError to one ``client_error`` callback;
-    the engine needs to know whether the client broke the protocol (answer
-    that request) or the backend did (answer the client's waiting requests),
-    and the bad message's header, which the decoder leaves unconsumed.
-    """
-
-    def __init__(self, inner: MongoDecoder, side: str) -> None:
-        self.inner = inner
-        self.side = side
-        self.buffer = inner.buffer
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self.inner.feed(data)
-
-    def next_message(self) -> Any:
-        try:
-            return self.inner.next_message()
-        except ProtocolError as exc:
-            exc.mongo_side = self.side  # type: ignore[attr-defined]
-            exc.mongo_header = self._header()  # type: ignore[attr-defined]
-            raise
-
-    def announced_length(self) -> int | None:
-        return self.inner.announced_length()
-
-    def _header(self) -> _BadHeader | None:
-        """The refused request's header — only from bytes the decoder judged, so the
-        answer does not depend on how the stream was split into reads."""
-        buf = self.buffer
-        if len(buf) < wire.HEADER_SIZE:
-            return None
-        length, request_id, _response_to, op_code = wire.HEADER.unpack_from(buf.peek(wire.HEADER_SIZE))
-        if length < wire.HEADER_SIZE or op_code not in REQUEST_OPCODES:
-            # A length below 16 is refused from its first 4 bytes: what follows is no header.
-            return None
-        if op_code == wire.OP_COMPRESSED:
-            # Refused from its 16-byte header alone (FrameTooLarge), before originalOpcode
-            # may have arrived: answer as OP_MSG, the opcode every driver compresses
-            # (hello, the one OP_QUERY of modern drivers, is never compressed).
-            op_code = wire.OP_MSG
-        return _BadHeader(request_id, op_code)
-
-
-def client_protocol_error_reply(exc: ProtocolError) -> bytes:
-    """ok:0 for the request whose header the client decoder could read, else nothing (just close)."""
-    hdr = getattr(exc, "mongo_header", None)
-    if hdr is None:
-        return b""
-    style = wire.OP_QUERY if hdr.op_code == wire.OP_QUERY else wire.OP_MSG
-    request = wire.WireMessage(wire.HEADER_SIZE, hdr.request_id, 0, style, wire.HEADER.pack(16, hdr.request_id, 0, style))
-    return protocol_error_reply(request, exc)
-
-
-def _first_hello(msg: wire.WireMessage, max_size: int) -> dict:
-    """Routing facts from the client's first message (empty when it is not a readable hello)."""
-    try:
-        cmd = wire.inspect_command(msg, max_message_size=max_size)
-    except ProtocolError:
-        return {}
-    if cmd is None or cmd.name not in ("hello", "isMaster", "ismaster"):
-        return {}
-    try:
-        client = cmd.body.get("client")
-        meta = wire.decode_document(client.raw) if client is not None and hasattr(client, "raw") else None
-    except Exception:
-        return {}
-    facts: dict[str, Any] = {"metadata": meta}
-    if isinstance(meta, dict):
-        app = meta.get("application")
-        if isinstance(app, dict) and isinstance(app.get("name"), str):
-            facts["application_name"] = app["name"]
-        driver = meta.get("driver")
-        if isinstance(driver, dict):
-            facts["driver"] = f"{driver.get('name', '')} {driver.get('version', '')}".strip()
-    return facts
 
 
 class MongoEngine(Engine):
@@ -217,55 +133,7 @@ class MongoEngine(Engine):
 
     @classmethod
     def validate_listener(cls, v: Any, d: dict, path: str) -> None:
-        opts = d.get("options")
-        if isinstance(opts, dict):
-            op = f"{path}.options"
-            v.unknown_keys(opts, LISTENER_OPTIONS, op)
-            mode = v.string(opts, "client_auth", op, required=False, choices=MODES) or "accept"
-            if "client_password_file" in opts and "client_password_env" in opts:
-                v.err(op, "only one of \"client_password_file\" or \"client_password_env\"")
-            if "client_password_file" in opts:
-                resolved = v.file_path(opts, "client_password_file", op)
-                if resolved:
-                    # The engine reads the file at use; store it resolved against the config file's folder.
-                    opts["client_password_file"] = resolved
-            if "client_password_env" in opts:
-                name = v.string(opts, "client_password_env", op)
-                if name and name not in os.environ:
-                    v.err(f"{op}.client_password_env", f"environment variable {name} to be set")
-            if mode == "reject" and ("client_password_file" in opts or "client_password_env" in opts):
-                v.err(op, "no client password with client_auth \"reject\" (it is only used to accept client SCRAM)")
-            auth = d.get("auth")
-            methods = auth.get("methods") if isinstance(auth, dict) else None
-            if isinstance(methods, list) and ("token" in methods or "mtls" in methods):
-                for key in LEGACY_AUTH_OPTIONS:
-                    if key in opts:
-                        v.err(f"{op}.{key}", "no listener client_auth options with auth methods token/mtls "
-                                             "(clients then authenticate with dbproxy identities)")
-            if "compressors" in opts:
-                comps = opts["compressors"]
-                if not isinstance(comps, list) or any(c not in SUPPORTED_COMPRESSORS for c in comps):
-                    v.err(f"{op}.compressors", f"an array of {', '.join(SUPPORTED_COMPRESSORS)}, got {comps!r}")
-        routes = d.get("routes")
-        if not isinstance(routes, list):
-            return
-        for i, r in enumerate(routes):
-            b = r.get("backend") if isinstance(r, dict) else None
-            if not isinstance(b, dict):
-                continue
-            bp = f"{path}.routes[{i}].backend"
-            bopts = b.get("options", {})
-            if isinstance(bopts, dict):
-                v.unknown_keys(bopts, BACKEND_OPTIONS, f"{bp}.options")
-                if "auth_source" in bopts:
-                    v.string(bopts, "auth_source", f"{bp}.options")
-                if "handshake" in bopts:
-                    v.string(bopts, "handshake", f"{bp}.options", choices=HANDSHAKES)
-            else:
-                v.err(f"{bp}.options", "an object")
-            auth = b.get("auth")
-            if isinstance(auth, dict) and auth.get("method") in cls.password_methods and not b.get("user"):
-                v.err(bp, f"a \"user\" for auth method {auth.get('method')}")
+        validate_listener(v, d, path, cls.password_methods)
 
     # -- the session flow's hooks (dbproxy.flow) -----------------------------------
     def new_request(self, session: Any, stream: Any) -> Request:
@@ -288,7 +156,7 @@ class MongoEngine(Engine):
             session.details["client_tls"] = True
         request.waiting_for = "client sent no request in time"
         first = await client.receive()
-        facts = _first_hello(first, self.max_message_size)
+        facts = first_hello_facts(first, self.max_message_size)
         app = facts.get("application_name", "")
         for key in ("application_name", "driver"):
             if facts.get(key):
@@ -376,22 +244,36 @@ class MongoEngine(Engine):
             client_auth = self.client_auth.session()
         state = MongoSessionState(auth=client_auth, max_message_size=self.max_message_size, compressors=self.compressors)
         state.details.update({k: v for k, v in extra["facts"].items() if k in ("application_name", "driver")})
-        # The first message goes through the pipeline's stages like every other.
-        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
-        decoder.feed(extra["first"].raw)
-        decoder.feed(request.client.decoder.buffer.take_rest())
         if self.access is not None:
             state.gate = MongoAccess(
                 self.access, session, client_auth, route=session.route_name, db_user=session.login,
                 start_fields=request.start_fields, certificate=certificate, certificate_error=certificate_error,
             )
+        client_stage_list, backend_stage_list = client_stages(state, audit), backend_stages(state, audit)
+        plan = tees = None
+        if state.gate is None:
+            # Nothing here polices commands: the core may tap this session (dbproxy.flow.assemble).
+            # Its tees (tee.py) tap the passive frames for the audit worker's MongoTap and return
+            # the active ones (hello, SASL, compressed…) to these stages, audit included.
+            tees = request.extra["tee"] = TeeState(state)
+            client_stage_list[:0] = [RunGuard(), TapCompressed(tees)]
+            backend_stage_list[:0] = [RunGuard(), TapCompressedReply(tees)]
+            plan = TapPlan(MongoTap, *tees.sides, tee=tees, active_frames=True)
+        # The first message goes through the pipeline's stages like every other.
+        decoder = AttributingDecoder(MongoDecoder(max_message_size=self.max_message_size), "client")
+        decoder.feed(extra["first"].raw)
+        decoder.feed(request.client.decoder.buffer.take_rest())
+
+        def lost(errmsg: str, code: int = HOST_UNREACHABLE) -> bytes:
+            out = lost_backend_replies(state, audit, errmsg, code=code)
+            return out + lost_passive_replies(tees, errmsg, code) if tees is not None else out
 
         def client_error(exc: ProxyError) -> bytes:
             side = getattr(exc, "mongo_side", None)
             if side == "client":
                 return client_protocol_error_reply(exc)  # type: ignore[arg-type]
             if side == "backend":
-                return lost_backend_replies(state, audit, "dbproxy: the backend database sent an invalid message")
+                return lost("dbproxy: the backend database sent an invalid message")
             # The session is ended by the proxy itself (e.g. the audit became unavailable, fail-closed).
             hint = getattr(exc, "client_hint", None) or str(exc)
             partial = b""
@@ -400,20 +282,23 @@ class MongoEngine(Engine):
                 # answered too, so the driver reports why instead of a closed connection.
                 exc.mongo_header = decoder._header()  # type: ignore[attr-defined]
                 partial = client_protocol_error_reply(exc)
-            return partial + lost_backend_replies(state, audit, f"dbproxy: {hint}", code=UNKNOWN_ERROR)
+            return partial + lost(f"dbproxy: {hint}", UNKNOWN_ERROR)
 
-        return Wiring(decoder, backend.decoder, client_stages(state, audit), backend_stages(state, audit),
-                      state, client_error)
+        request.extra["lost"] = lost
+        return Wiring(decoder, backend.decoder, client_stage_list, backend_stage_list, state, client_error, tap=plan)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
         state, audit = wiring.state, session.audit
+        tee = request.extra.get("tee")
         reason = session.details["end_reason"]
-        if reason.startswith("backend") and state.pending:
+        waiting = bool(state.pending or (tee is not None and tee.pending))  # tee.pending: tapped only
+        if reason.startswith("backend") and waiting:
             # The backend went away under waiting requests: answer them in the client's protocol.
-            await send_quietly(request.client.stream,
-                               lost_backend_replies(state, audit, "dbproxy: the connection to the backend database was lost"))
-        elif state.pending:
+            await send_quietly(request.client.stream, request.extra["lost"]("dbproxy: the connection to the backend database was lost"))
+        elif waiting:
             abandon_pending(state, audit, f"no reply: the session ended ({reason})")
+            if tee is not None:
+                abandon_passive(tee, f"no reply: the session ended ({reason})")
         fields = {
             "commands": state.commands,
             "errors": state.errors,
@@ -421,6 +306,10 @@ class MongoEngine(Engine):
             "compressed_requests": state.compressed_requests,
             "client_user": state.auth.user,
         }
+        if tee is not None and tee.tapping:
+            # The worker's counts and these (what the proxy audited inline) make the session's:
+            # the worker adds them up in the end event, which closes the tap.
+            tee.note(add={k: fields.pop(k) for k in ("commands", "errors", "compressed_requests")})
         if state.gate is not None:
             fields["denied"] = state.denied
             if not state.gate.established:

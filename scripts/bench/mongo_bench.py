@@ -34,7 +34,12 @@ FerretDB on SQLite is itself slow (hundreds of µs per operation), so on a
 2-core machine the proxy competes with it and the workers for CPU: read the
 ratio together with the CPU column.
 
-Runnable: ``scripts/bench/mongo [--clients 4 --duration 10 --rounds 2 --json out.json]``.
+``--baseline DIR`` adds ``dbproxy-base``, the same proxy config run from another
+checkout (``PYTHONPATH=DIR``), in every round: before/after under the same load.
+CPU is reported for the middleman's processes together and, in brackets, for
+the proxy's own process (its loop; dbproxy's audit worker excluded).
+
+Runnable: ``scripts/bench/mongo [--clients 4 --duration 10 --rounds 2 --json out.json --baseline /work/main]``.
 """
 
 from __future__ import annotations
@@ -58,18 +63,20 @@ TARGETS = ("direct", "relay", "dbproxy")
 SEED_DOCS = 100
 
 
-def _cpu_seconds(pid: int) -> float:
-    """The middleman's CPU: the process and its children (dbproxy's audit worker)."""
-    from scripts.bench.pg_bench import _proc_cpu_seconds
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """The middleman's CPU: (the process and its children — dbproxy's audit worker —, the
+    process alone: the proxy's own loop, which every operation waits on)."""
+    from scripts.bench.pg_bench import _CLK_TCK, _proc_cpu_seconds, _stat_fields
 
-    return _proc_cpu_seconds(pid)
+    fields = _stat_fields(pid)
+    return _proc_cpu_seconds(pid), (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 class Child:
     """A Python child process that prints a line with its port; output goes to a log file."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, pattern: str) -> None:
-        self.name, self.argv, self.workdir = name, argv, workdir
+    def __init__(self, name: str, argv: list[str], workdir: Path, pattern: str, root: Path = ROOT) -> None:
+        self.name, self.argv, self.workdir, self.root = name, argv, workdir, root
         self.pattern = re.compile(pattern)
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -77,7 +84,7 @@ class Child:
 
     def start(self, timeout: float = 30.0) -> "Child":
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.root) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=self.workdir, stdin=subprocess.DEVNULL)
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of direct,relay,dbproxy")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run target dbproxy-base: dbproxy from another checkout (e.g. /work/main), same config")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, audit file)")
     ap.add_argument("--worker", nargs=4, metavar=("URI", "START_AT", "DURATION", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -215,43 +224,70 @@ def main(argv: list[str] | None = None) -> int:
         proxy = Child("dbproxy", [sys.executable, "-m", "dbproxy.cli", "serve", "--config", str(workdir / "dbproxy.json")],
                       workdir, r"dbproxy: \S+ \(mongo\) listening on \S+:(\d+)").start()
         children.append(proxy)
+        audits = {"dbproxy": audit}
+        middle = {"relay": relay, "dbproxy": proxy}
+        if args.baseline:
+            base_dir = workdir / "base"
+            base_dir.mkdir()
+            audits["dbproxy-base"] = base_dir / "audit.jsonl"
+            config["audit"]["sinks"][0]["path"] = str(audits["dbproxy-base"])
+            (base_dir / "dbproxy.json").write_text(json.dumps(config, indent=2))
+            middle["dbproxy-base"] = Child("dbproxy", [sys.executable, "-m", "dbproxy.cli", "serve", "--config",
+                                                       str(base_dir / "dbproxy.json")], base_dir,
+                                           r"dbproxy: \S+ \(mongo\) listening on \S+:(\d+)",
+                                           root=Path(args.baseline).resolve()).start()
+            children.append(middle["dbproxy-base"])
+            if "dbproxy-base" not in targets:
+                targets.append("dbproxy-base")
         uris = {
             "direct": server.uri("admin"),
             "relay": server.uri("admin").replace(f":{server.port}/", f":{relay.port}/"),
-            "dbproxy": f"mongodb://127.0.0.1:{proxy.port}/",
+            **{name: f"mongodb://127.0.0.1:{child.port}/" for name, child in middle.items() if name != "relay"},
         }
-        middle = {"relay": relay, "dbproxy": proxy}
         print(f"FerretDB {server.host}:{server.port}; {args.clients} client processes, {args.duration:.0f} s per run, "
               f"{args.rounds} rounds; seeded {SEED_DOCS} documents", flush=True)
         runs: list[dict] = []
-        audit_offset = 0
+        audit_offsets = dict.fromkeys(audits, 0)
         for rnd in range(1, args.rounds + 1):
             for target in targets:
                 child = middle.get(target)
                 cpu0 = _cpu_seconds(child.proc.pid) if child else None
                 ops, seconds = run_load(uris[target], args.clients, args.duration)
-                cpu = (_cpu_seconds(child.proc.pid) - cpu0) if child else None
+                cpu = own = None
+                if child:
+                    cpu1 = _cpu_seconds(child.proc.pid)
+                    cpu, own = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
                 run = {"target": target, "round": rnd, "ops": ops, "ops_per_s": ops / seconds,
-                       "middle_cpu_s": cpu, "cpu_us_per_op": (cpu / ops * 1e6) if cpu is not None and ops else None}
-                if target == "dbproxy":
+                       "middle_cpu_s": cpu, "cpu_us_per_op": (cpu / ops * 1e6) if cpu is not None and ops else None,
+                       "loop_cpu_us_per_op": (own / ops * 1e6) if own is not None and ops else None}
+                if target in audits:
                     time.sleep(1.0)  # the drain task writes asynchronously
-                    audited, audit_offset = _audit_queries(audit, audit_offset)
+                    audited, audit_offsets[target] = _audit_queries(audits[target], audit_offsets[target])
                     run["audit_queries"] = audited
                     if audited < ops:
                         raise AssertionError(f"audit has {audited} find/insert queries for {ops} operations")
                 runs.append(run)
-                extra = f"  middleman CPU {cpu:.2f} s ({run['cpu_us_per_op']:.0f} µs/op)" if cpu is not None else ""
+                extra = (f"  middleman CPU {cpu:.2f} s ({run['cpu_us_per_op']:.0f} µs/op; "
+                         f"its own loop {run['loop_cpu_us_per_op']:.0f} µs/op)") if cpu is not None else ""
                 aud = f"  audited {run['audit_queries']}" if "audit_queries" in run else ""
                 print(f"round {rnd} {target:8s} {run['ops_per_s']:9.0f} ops/s ({ops} ops){extra}{aud}", flush=True)
         summary: dict[str, dict] = {}
         for target in targets:
             rates = [r["ops_per_s"] for r in runs if r["target"] == target]
             summary[target] = {"best": max(rates), "median": statistics.median(rates)}
-        print("\ntarget      best ops/s   median ops/s")
         for target in targets:
-            print(f"{target:10s} {summary[target]['best']:11.0f} {summary[target]['median']:14.0f}")
+            cpus = [r["cpu_us_per_op"] for r in runs if r["target"] == target and r["cpu_us_per_op"] is not None]
+            loops = [r["loop_cpu_us_per_op"] for r in runs if r["target"] == target and r["loop_cpu_us_per_op"] is not None]
+            if cpus:
+                summary[target].update(cpu_us_per_op=statistics.median(cpus), loop_cpu_us_per_op=statistics.median(loops))
+        print("\ntarget        best ops/s   median ops/s   median CPU µs/op (own loop)")
+        for target in targets:
+            t = summary[target]
+            cpu = f"{t['cpu_us_per_op']:10.0f} ({t['loop_cpu_us_per_op']:.0f})" if "cpu_us_per_op" in t else ""
+            print(f"{target:12s} {t['best']:11.0f} {t['median']:14.0f}   {cpu}")
         ratios = {}
-        for a, b in (("dbproxy", "direct"), ("dbproxy", "relay"), ("relay", "direct")):
+        for a, b in (("dbproxy", "direct"), ("dbproxy", "relay"), ("relay", "direct"), ("dbproxy-base", "relay"),
+                     ("dbproxy", "dbproxy-base")):
             if a in summary and b in summary:
                 ratios[f"{a}/{b}"] = summary[a]["median"] / summary[b]["median"]
                 print(f"ratio {a}/{b} (median): {ratios[f'{a}/{b}']:.2f}")

@@ -51,6 +51,9 @@ SANS_IO_MODULES = [
     "dbproxy.engines.mongo.stages.handshake",
     "dbproxy.engines.mongo.stages.flow",
     "dbproxy.engines.mongo.policy",
+    "dbproxy.engines.mongo.tap",
+    "dbproxy.engines.mongo.tee",
+    "dbproxy.engines.mongo.errors",
 ]
 
 _PROBE = """

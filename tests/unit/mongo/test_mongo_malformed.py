@@ -24,7 +24,7 @@ from bson.datetime_ms import DatetimeMS
 from dbproxy.errors import MalformedMessage
 from dbproxy.engines.mongo import protocol as wire
 from dbproxy.engines.mongo.codec import MongoDecoder
-from dbproxy.engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
+from dbproxy.engines.mongo.errors import AttributingDecoder, client_protocol_error_reply
 from tests.unit.mongo.test_mongo_stages import msg, reply_doc, session
 
 

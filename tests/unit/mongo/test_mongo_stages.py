@@ -28,7 +28,7 @@ from dbproxy.engines.mongo import protocol as wire
 from dbproxy.engines.mongo import scram
 from dbproxy.engines.mongo.clientauth import NO_PASSWORD_MESSAGE, REJECT_MESSAGE, ClientAuthPolicy
 from dbproxy.engines.mongo.codec import MongoDecoder
-from dbproxy.engines.mongo.engine import AttributingDecoder, client_protocol_error_reply
+from dbproxy.engines.mongo.errors import AttributingDecoder, client_protocol_error_reply
 from dbproxy.engines.mongo.stages import (
     CommandAudit,
     ReplyAudit,
