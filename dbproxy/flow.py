@@ -26,6 +26,7 @@ that handles connections itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ from .channel import MessageStream, PeerClosed
 from .errors import AccessDenied, ProtocolError, ProxyError, UpstreamError
 from .pipeline import Pipeline
 from .sansio import identity_encoder
+from .tee import TapPlan, Tee
 
 log = logging.getLogger("dbproxy.flow")
 
@@ -127,8 +129,27 @@ class Backend:
 class Wiring:
     """How the engine's pipeline is put together (``Engine.wiring``).
 
-    ``finished``: called when the pipeline returns or fails (closing an audit
-    tap…), before ``Engine.session_ended``.
+    The engine declares; the core decides (``assemble``).  Per direction:
+    ``client_observers`` / ``backend_observers``: read-only observers (audit
+    stages: ``handle`` always returns None); ``client_stages`` /
+    ``backend_stages``: active stages (policy: they may replace, answer,
+    close) — with any, the session's messages are needed on the proxy.
+    ``client_guards``: active stages that act only on messages a tapped
+    session's tee still hands out (``TapPlan.tee``; CQL's STARTUP after the
+    handshake): they run first, in both modes, and do not keep a session inline.
+    ``tap``: what tapping takes (``dbproxy.tee.TapPlan``), None for an engine
+    that is not tapped.  The core runs the observers inline — client side
+    before the active stages (the attempt is recorded before a policy may
+    refuse it), backend side after them (the audit records what the client
+    gets; a stage that replaces a message shows the observers its
+    replacement) — when there is no ``tap``, when an active stage needs the
+    messages, or when the audit cannot tap (in-process audit); else it puts a
+    ``Tee`` in place of each decoder, runs no stage on the proxy, and the
+    audit worker runs the observers (``tap.tap``) on the tapped frames.
+
+    ``finished``: called when the pipeline returns or fails, before
+    ``Engine.session_ended``.  Set by the core: ``tees`` (the two ``Tee``
+    objects of a tapped session, else None).
     """
 
     client_decoder: Any
@@ -140,6 +161,41 @@ class Wiring:
     to_client_encoder: Callable[[bytes], bytes] = identity_encoder
     to_backend_encoder: Callable[[bytes], bytes] = identity_encoder
     finished: Callable[[], None] | None = None
+    client_guards: list = attrs.field(factory=list)
+    client_observers: list = attrs.field(factory=list)
+    backend_observers: list = attrs.field(factory=list)
+    tap: TapPlan | None = None
+    tees: tuple[Tee, Tee] | None = None
+
+    @property
+    def tapped(self) -> bool:
+        return self.tees is not None
+
+
+@attrs.frozen
+class Plumbing:
+    """What the pipeline runs, as ``assemble`` decided; ``close`` ends a tap (None: not tapped)."""
+
+    client_decoder: Any
+    backend_decoder: Any
+    client_stages: list
+    backend_stages: list
+    close: Callable[[], None] | None = None
+
+
+def assemble(wiring: Wiring, audit: Any) -> Plumbing:
+    """Observers inline, or their frames to the audit worker: the core's decision (see ``Wiring``)."""
+    plan = wiring.tap
+    if plan is None or wiring.client_stages or wiring.backend_stages or not getattr(audit, "can_tap", False):
+        return Plumbing(wiring.client_decoder, wiring.backend_decoder,
+                        [*wiring.client_guards, *wiring.client_observers, *wiring.client_stages],
+                        [*wiring.backend_stages, *wiring.backend_observers])
+    slot = audit.tap_open(plan.tap)
+    tee = plan.tee or Tee.over
+    tees = (tee(wiring.client_decoder, plan.client, functools.partial(audit.tap, slot, 0)),
+            tee(wiring.backend_decoder, plan.backend, functools.partial(audit.tap, slot, 1)))
+    wiring.tees = tees
+    return Plumbing(tees[0], tees[1], list(wiring.client_guards), [], close=lambda: audit.tap_close(slot))
 
 
 async def send_quietly(stream: Any, data: bytes) -> None:
@@ -271,14 +327,15 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
             audit.on_session_start(success=True, **request.start_fields)
         await engine.ready(session, request, backend)
         wiring = engine.wiring(session, request, backend, grant)
+        plumbing = assemble(wiring, audit)
         pipeline = Pipeline(
             session=session,
             client=request.client.stream,
             backend=backend.stream,
-            client_decoder=wiring.client_decoder,
-            backend_decoder=wiring.backend_decoder,
-            client_stages=wiring.client_stages,
-            backend_stages=wiring.backend_stages,
+            client_decoder=plumbing.client_decoder,
+            backend_decoder=plumbing.backend_decoder,
+            client_stages=plumbing.client_stages,
+            backend_stages=plumbing.backend_stages,
             state=wiring.state,
             to_client_encoder=wiring.to_client_encoder,
             to_backend_encoder=wiring.to_backend_encoder,
@@ -289,8 +346,12 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         try:
             await pipeline.run()
         finally:
-            if wiring.finished is not None:
-                wiring.finished()
+            try:
+                if plumbing.close is not None:
+                    plumbing.close()
+            finally:
+                if wiring.finished is not None:
+                    wiring.finished()
         session.details["end_reason"] = pipeline.end_reason or "closed"
         c2b, b2c = pipeline.statistics()
         end_fields = {"bytes_from_client": c2b.bytes_in, "bytes_to_client": b2c.bytes_out}
@@ -307,5 +368,5 @@ def _upstream(engine: Any, request: Request, exc: UpstreamError, session: Any) -
     return engine.upstream_refused(request, exc)
 
 
-__all__ = ["Backend", "BackendTimeout", "CONNECT_TIMEOUT", "Refused", "Request", "Wiring", "refuse_session",
-           "run_session", "send_quietly"]
+__all__ = ["Backend", "BackendTimeout", "CONNECT_TIMEOUT", "Plumbing", "Refused", "Request", "Wiring", "assemble",
+           "refuse_session", "run_session", "send_quietly"]

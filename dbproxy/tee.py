@@ -1,0 +1,179 @@
+"""The audit tee: a session's pumps frame bytes and hand the audit its frames (Netty's tee handler).
+
+When nothing in a session acts on messages (no policy stage, only read-only
+audit observers), decoding every message on the proxy is wasted work: the
+pipeline (``dbproxy.flow``) replaces the direction's decoder by a ``Tee``
+and runs no stage.  The Tee walks the received bytes with the protocol's one
+frame loop (``dbproxy.sansio.LengthPrefixed.frames``), so a bad or oversized
+header ends the session with exactly the error the real decoder raises, at
+the same byte; it builds no message objects and consumes whole frames only,
+so the pump forwards the received chunk as it came (the hot path).  Frames
+whose type the audit reads (``FrameSide.interest``) are handed to ``tap`` —
+once per batch, consecutive frames joined — before the pump sends the batch,
+so a query reaches the audit before its answer can.  Everything else (result
+rows, bulk data, a password) never leaves the proxy.
+
+Bodies the audit will parse are known to parse: before a frame of an
+interest type is consumed, its ``checks`` entry (if any) looks at it in
+place and raises ``MalformedMessage`` for a body the audit's parser would
+refuse.  The frames before it are tapped and forwarded, it is not: the pump
+audits it (``audit.malformed``) and ends the session with the protocol's
+error — what the inline observer does with the same bytes.
+
+The audit worker walks the tapped bytes again with the same loop
+(``dbproxy.audit.frametap.FrameTap``) and runs the engine's observers on
+them.  An engine declares what this takes — per direction a ``FrameSide``,
+and the worker-side class — as a ``TapPlan`` in its ``Wiring``; it never
+decides itself whether its observers run inline or in the worker.
+
+Sans-IO: no trio here (``tests/unit/core/test_sansio_kit.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .buffer import ReceiveBuffer
+from .sansio import NEED_DATA, LengthPrefixed
+
+#: A body check: ``check(data, pos, size)`` over one whole frame ``data[pos:pos + size]``
+#: (its header included); returns None to accept it, raises ``MalformedMessage`` to refuse it.
+Check = Callable[[Any, int, int], None]
+
+
+@attrs.frozen
+class FrameSide:
+    """How one direction's frames are walked, and which of them the audit reads.
+
+    layout: the protocol's ``LengthPrefixed`` (the one frame loop).
+    type_offset: where a frame's type byte sits (PostgreSQL 0, CQL's opcode 4);
+        ``type_of(data, pos)`` instead, for a type that is not one byte (Mongo's
+        int32 opCode).
+    interest: the types the audit observers of this direction act on: only
+        these are tapped, and only these are turned into messages in the worker.
+    checks: per interest type, a ``Check`` accepting exactly the bodies the
+        observer's parser accepts (run before the frame is consumed).
+    watch: types the proxy itself must notice even when untapped (a
+        PostgreSQL Terminate): a consumed frame of one lands in ``Tee.seen``.
+    """
+
+    layout: LengthPrefixed
+    interest: frozenset = frozenset()
+    checks: Mapping[int, Check] = attrs.field(factory=dict)
+    type_offset: int = 0
+    type_of: Callable[[Any, int], int] | None = None
+    watch: frozenset = frozenset()
+
+    def frame_type(self, data: Any, pos: int) -> int:
+        return data[pos + self.type_offset] if self.type_of is None else self.type_of(data, pos)
+
+
+@attrs.frozen
+class TapPlan:
+    """What tapping a session takes, declared by the engine (``Wiring.tap``).
+
+    tap: the worker-side class (an ``audit.frametap.FrameTap`` subclass, built as
+        ``tap(audit)`` in the audit worker, which learns it from the frame that
+        opens the tap); client / backend: each direction's ``FrameSide``.
+    tee: the engine's own tee, ``tee(decoder, side, tap)``, for a framing one
+        length prefix cannot walk (CQL v5 segments); None: ``Tee.over``.  Same
+        contract as ``Tee``; it may hand out a message for the wiring's
+        ``client_guards`` (frames that need an active stage), after its frames
+        consumed before it in the batch (the pump's rebuilt-batch rule).
+    """
+
+    tap: type
+    client: FrameSide
+    backend: FrameSide
+    tee: Callable[[Any, FrameSide, Callable[[bytes], Any]], Any] | None = None
+
+
+class Tee:
+    """A direction's decoder in a tapped session: consumes whole frames, yields no messages.
+
+    ``next_message`` consumes every whole frame in the buffer and returns
+    ``NEED_DATA``; it raises the layout's errors for a bad header and a
+    check's ``MalformedMessage`` for a refused body, after consuming (and
+    tapping) the frames before it.  With no ``tap`` nothing is tapped and no
+    check runs (the checks guard what the audit parses).
+
+    ``frames``: whole frames consumed; ``last_type``: type of the last whole
+    frame (0: none yet; set per batch), e.g. did the backend say why before
+    it closed?; ``seen``: the ``watch`` types consumed so far.
+    """
+
+    __slots__ = ("buffer", "side", "limit", "tap", "frames", "last_type", "seen")
+
+    def __init__(self, buffer: ReceiveBuffer, side: FrameSide, *, limit: int,
+                 tap: Callable[[bytes], Any] | None = None) -> None:
+        self.buffer = buffer
+        self.side = side
+        self.limit = limit
+        self.tap = tap
+        self.frames = 0
+        self.last_type = 0
+        self.seen: set[int] = set()
+
+    @classmethod
+    def over(cls, decoder: Any, side: FrameSide, tap: Callable[[bytes], Any] | None = None) -> "Tee":
+        """A Tee in place of ``decoder``: its buffer (bytes it holds already are framed first) and
+        its ``max_message_size``."""
+        return cls(decoder.buffer, side, limit=decoder.max_message_size, tap=tap)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffer.feed(data)
+
+    def next_message(self) -> Any:
+        buffer = self.buffer
+        data, start, end = buffer.span()
+        side = self.side
+        tap = self.tap
+        interest = side.interest if tap is not None else ()
+        checks = side.checks
+        watch = side.watch
+        offset = side.type_offset
+        type_of = side.type_of
+        done = start  # end of the last frame consumed
+        run = -1  # start of the current run of frames for the tap
+        mtype = last = 0
+        parts: list = []
+        frames = 0
+        try:
+            for pos, size in side.layout.frames(data, start, end, self.limit):
+                mtype = data[pos + offset] if type_of is None else type_of(data, pos)
+                if mtype in interest:
+                    check = checks.get(mtype)
+                    if check is not None:
+                        check(data, pos, size)  # raises MalformedMessage: not consumed, not tapped
+                    if run < 0:
+                        run = pos
+                elif run >= 0:
+                    parts.append(data[run:pos])
+                    run = -1
+                if mtype in watch:
+                    self.seen.add(mtype)
+                done = pos + size
+                last = mtype
+                frames += 1
+        finally:
+            # Also on a refused frame: the frames before it are forwarded, so tapped first.
+            if done != start:
+                buffer.skip(done - start)
+                self.frames += frames
+                self.last_type = last  # per batch, not per frame
+            if run >= 0:
+                parts.append(data[run:done])
+            if parts:
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                tap(payload if type(payload) is bytes else bytes(payload))  # type: ignore[misc]
+        return NEED_DATA
+
+    def announced_length(self) -> int | None:
+        """Wire size of the partly received frame (None: header incomplete); for the buffer budget."""
+        return self.side.layout.announced(self.buffer)
+
+
+__all__ = ["Check", "FrameSide", "TapPlan", "Tee"]
