@@ -12,9 +12,10 @@ where it is raised are the inline ones; the pump forwards the received
 chunk as it came.  What it adds per frame:
 
 - client → backend: a request the audit reads (QUERY, PREPARE, EXECUTE,
-  BATCH, REGISTER) is parsed by the very parser ``RequestAudit`` runs
-  (``observers.REQUEST_PARSERS``) before it can be forwarded; one that does
-  not parse is refused (``Refused``, raised by the guard: ``audit.malformed``,
+  BATCH, REGISTER) is known to parse before it can be forwarded: EXECUTE
+  and QUERY by an in-place walk (``checks.py``), anything that walk does not
+  accept by the very parser ``RequestAudit`` runs
+  (``observers.REQUEST_PARSERS``); one that does not parse is refused (``Refused``, raised by the guard: ``audit.malformed``,
   PROTOCOL_ERROR on its stream), as inline.  Its stream is noted as pending
   (``state.pending``: the requests that get SERVER_ERROR when the backend is
   lost).  STARTUP / AUTH_RESPONSE go to the guard as messages.
@@ -61,6 +62,7 @@ from dbproxy.sansio import NEED_DATA, LengthPrefixed
 from dbproxy.tee import FrameSide, TapPlan
 
 from . import protocol as F
+from .checks import parses
 from .observers import REQUEST_PARSERS, CqlSessionState, RequestAudit, ResponseAudit, malformed_request
 from .prepared import PreparedCache
 
@@ -199,10 +201,11 @@ class CqlTee:
         op = frame.opcode
         parse = REQUEST_PARSERS.get(op)
         if parse is not None:
-            try:
-                parse(frame)
-            except ProtocolError as exc:
-                return Refused(frame, malformed_request(frame, exc))
+            if not parses(frame):  # not certain by the in-place check: the parser decides
+                try:
+                    parse(frame)
+                except ProtocolError as exc:
+                    return Refused(frame, malformed_request(frame, exc))
             self.state.pending[frame.stream] = None
             parts.append(frame.raw)
             return None
