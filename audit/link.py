@@ -198,10 +198,14 @@ class AuditLink:
     def forget_session(self, sid: str) -> None:
         self._put(FORGET, 0, 0, sid.encode())
 
-    def tap_open(self, tap: str, template: dict) -> int:
-        """A tap opens: ``tap`` names its worker-side class (``module:Class``)."""
+    def tap_open(self, tap: str, template: dict, params: dict | None = None) -> int:
+        """A tap opens: ``tap`` names its worker-side class (``module:Class``), built there as
+        ``Class(audit, **params)``."""
         slot = next(self._slots)
-        payload = orjson.dumps({"tap": tap, "template": template})
+        spec = {"tap": tap, "template": template}
+        if params:
+            spec["params"] = params
+        payload = orjson.dumps(spec)
         # Kept until the tap closes: a new worker needs it if the old one acked it and died.
         self._opens[slot] = (self.queued_mark, payload)
         self._put(OPEN, slot, 0, payload)

@@ -642,12 +642,13 @@ class SessionAudit:
     def can_tap(self) -> bool:
         return hasattr(self.recorder, "tap_open")
 
-    def tap_open(self, tap: type) -> int:
+    def tap_open(self, tap: type, params: dict | None = None) -> int:
         """Start auditing this session's protocol frames in the audit worker with the engine's
-        ``tap`` class (``tap(audit)``, ``feed(direction, data)``, ``counts()``), registered
-        with the worker by its import path; returns the tap's slot."""
+        ``tap`` class (``tap(audit, **params)``, ``feed(direction, data)``, ``counts()``), registered
+        with the worker by its import path; ``params``: what the session learnt before its
+        pipeline that the tap needs (JSON values: a negotiated version…).  Returns the tap's slot."""
         self._refresh_template()
-        return self.recorder.tap_open(f"{tap.__module__}:{tap.__qualname__}", self._template)
+        return self.recorder.tap_open(f"{tap.__module__}:{tap.__qualname__}", self._template, params)
 
     def tap(self, slot: int, direction: int, data: bytes) -> None:
         """Forwarded bytes (direction 0: client→backend, 1: backend→client), in forwarding order."""

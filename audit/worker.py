@@ -44,9 +44,10 @@ from .recorder import AuditRecorder, TemplateAudit
 log = logging.getLogger("dbproxy.audit.worker")
 
 def tap_factory(path: str) -> Any:
-    """The tap class an O frame names (``module:Class``, given by the engine that opened it:
-    ``SessionAudit.tap_open(Tap)``): ``Tap(audit)`` with ``feed(direction, data)`` and
-    ``counts() -> dict``.  The worker learns its taps this way — it imports no engine by name."""
+    """The tap class an O frame names (``module:Class``, given by the engine's ``TapPlan``:
+    ``SessionAudit.tap_open(Tap, params)``): ``Tap(audit, **params)`` with ``feed(direction, data)``
+    and ``counts() -> dict`` (``audit.frametap.FrameTap``).  The worker learns its taps this way —
+    it imports no engine by name."""
     factory = _TAP_FACTORIES.get(path)
     if factory is None:
         module, _, name = path.partition(":")
@@ -121,7 +122,7 @@ class Worker:
             spec = orjson.loads(payload)
             template = spec["template"]
             audit = TemplateAudit(self.recorder, template)
-            self.taps[slot] = (tap_factory(spec["tap"])(audit), audit, template.get("sid", ""))
+            self.taps[slot] = (tap_factory(spec["tap"])(audit, **spec.get("params", {})), audit, template.get("sid", ""))
         elif kind == QUIT:
             self.quit = True
         elif kind == CLOSE:

@@ -134,9 +134,9 @@ class Wiring:
     stages: ``handle`` always returns None); ``client_stages`` /
     ``backend_stages``: active stages (policy: they may replace, answer,
     close) — with any, the session's messages are needed on the proxy.
-    ``client_guards``: active stages that act only on messages a tapped
-    session's tee still hands out (``TapPlan.tee``; CQL's STARTUP after the
-    handshake): they run first, in both modes, and do not keep a session inline.
+    ``client_guards``: active stages that act only on the few messages a
+    tapped session's tee still hands out (CQL: STARTUP after the handshake, a
+    refused body); they run first, in both modes, and keep no session inline.
     ``tap``: what tapping takes (``dbproxy.tee.TapPlan``), None for an engine
     that is not tapped.  The core runs the observers inline — client side
     before the active stages (the attempt is recorded before a policy may
@@ -190,10 +190,9 @@ def assemble(wiring: Wiring, audit: Any) -> Plumbing:
         return Plumbing(wiring.client_decoder, wiring.backend_decoder,
                         [*wiring.client_guards, *wiring.client_observers, *wiring.client_stages],
                         [*wiring.backend_stages, *wiring.backend_observers])
-    slot = audit.tap_open(plan.tap)
-    tee = plan.tee or Tee.over
-    tees = (tee(wiring.client_decoder, plan.client, functools.partial(audit.tap, slot, 0)),
-            tee(wiring.backend_decoder, plan.backend, functools.partial(audit.tap, slot, 1)))
+    slot = audit.tap_open(plan.tap, plan.params) if plan.params else audit.tap_open(plan.tap)
+    tees = (plan.tee.over(wiring.client_decoder, plan.client, functools.partial(audit.tap, slot, 0)),
+            plan.tee.over(wiring.backend_decoder, plan.backend, functools.partial(audit.tap, slot, 1)))
     wiring.tees = tees
     return Plumbing(tees[0], tees[1], list(wiring.client_guards), [], close=lambda: audit.tap_close(slot))
 

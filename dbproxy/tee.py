@@ -71,26 +71,6 @@ class FrameSide:
         return data[pos + self.type_offset] if self.type_of is None else self.type_of(data, pos)
 
 
-@attrs.frozen
-class TapPlan:
-    """What tapping a session takes, declared by the engine (``Wiring.tap``).
-
-    tap: the worker-side class (an ``audit.frametap.FrameTap`` subclass, built as
-        ``tap(audit)`` in the audit worker, which learns it from the frame that
-        opens the tap); client / backend: each direction's ``FrameSide``.
-    tee: the engine's own tee, ``tee(decoder, side, tap)``, for a framing one
-        length prefix cannot walk (CQL v5 segments); None: ``Tee.over``.  Same
-        contract as ``Tee``; it may hand out a message for the wiring's
-        ``client_guards`` (frames that need an active stage), after its frames
-        consumed before it in the batch (the pump's rebuilt-batch rule).
-    """
-
-    tap: type
-    client: FrameSide
-    backend: FrameSide
-    tee: Callable[[Any, FrameSide, Callable[[bytes], Any]], Any] | None = None
-
-
 class Tee:
     """A direction's decoder in a tapped session: consumes whole frames, yields no messages.
 
@@ -174,6 +154,27 @@ class Tee:
     def announced_length(self) -> int | None:
         """Wire size of the partly received frame (None: header incomplete); for the buffer budget."""
         return self.side.layout.announced(self.buffer)
+
+
+@attrs.frozen
+class TapPlan:
+    """What tapping a session takes, declared by the engine (``Wiring.tap``).
+
+    tap: the worker-side class (an ``audit.frametap.FrameTap`` subclass, built as
+        ``tap(audit, **params)`` in the audit worker, which learns it from the
+        frame that opens the tap); client / backend: each direction's
+        ``FrameSide``; params: what this session learnt before its pipeline that
+        the worker's tap needs (JSON values, e.g. a negotiated protocol version or
+        compression); tee: the proxy-side class (``Tee`` or a subclass, e.g. one
+        that tags its errors for the engine's ``client_error``), built with
+        ``tee.over(decoder, side, tap)``.
+    """
+
+    tap: type
+    client: FrameSide
+    backend: FrameSide
+    params: dict = attrs.field(factory=dict)
+    tee: type = Tee
 
 
 __all__ = ["Check", "FrameSide", "TapPlan", "Tee"]

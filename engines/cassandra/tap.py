@@ -29,7 +29,7 @@ What goes to the worker is whole frames at the message layer: de-segmented
 and LZ4-decompressed in v5 (the framing is done; the worker never sees a
 segment), as on the wire in v3/v4 (a compressed body stays compressed: the
 worker's ``Frame.body()`` decompresses it with the session's algorithm, which
-its tap class names: ``CqlTap`` / ``CqlTapLz4`` / ``CqlTapSnappy``).  The
+its tap is given: ``TapPlan.params``).  The
 framing switch happens in the handshake, before any tee exists, so a tee's
 framing is fixed for the session; a STARTUP that would switch it later is
 refused by the guard.
@@ -94,6 +94,20 @@ CLIENT_SIDE = FrameSide(FRAME_LAYOUT, interest=RequestAudit.interest, type_offse
 BACKEND_SIDE = FrameSide(FRAME_LAYOUT, interest=ResponseAudit.interest, type_offset=4)
 
 
+class _SessionTees:
+    """``TapPlan.tee`` for one session: ``over(decoder, side, tap)`` builds its ``CqlTee``s (a tee
+    needs the session's state, which a class alone does not carry)."""
+
+    __slots__ = ("cls", "state")
+
+    def __init__(self, cls: type, state: CqlSessionState) -> None:
+        self.cls = cls
+        self.state = state
+
+    def over(self, decoder: Any, side: FrameSide, tap: Callable[[bytes], Any]) -> "CqlTee":
+        return self.cls(decoder, tap, self.state, client=side is CLIENT_SIDE)
+
+
 class Passthrough:
     """Frames a tee consumed in this batch before one that needs a stage: forwarded as they are."""
 
@@ -144,10 +158,10 @@ class CqlTee:
 
     @classmethod
     def plan(cls, state: CqlSessionState, compression: str | None) -> TapPlan:
-        """The session's ``TapPlan``: these tees, and the worker's tap for its compression."""
-        def tee(decoder: Any, side: FrameSide, tap: Callable[[bytes], Any]) -> "CqlTee":
-            return cls(decoder, tap, state, client=side is CLIENT_SIDE)
-        return TapPlan(TAPS[compression], CLIENT_SIDE, BACKEND_SIDE, tee=tee)
+        """The session's ``TapPlan``: tees over this session's state, the worker's ``CqlTap`` with
+        the session's v3/v4 compression (``Frame.body()`` needs it there)."""
+        return TapPlan(CqlTap, CLIENT_SIDE, BACKEND_SIDE, params={"compression": compression} if compression else {},
+                       tee=_SessionTees(cls, state))
 
     @property
     def max_message_size(self) -> int:
@@ -287,12 +301,14 @@ class _TemplateSession:
 
 
 class CqlTap(FrameTap):
-    """One tapped session's audit in the audit worker: frames in, the engine's observers run on them."""
+    """One tapped session's audit in the audit worker: frames in, the engine's observers run on them.
+
+    ``compression``: the session's v3/v4 per-frame compression (``TapPlan.params``)."""
 
     sides = (CLIENT_SIDE, BACKEND_SIDE)
-    compression: str | None = None  # v3/v4 per-frame compression of the session
 
-    def __init__(self, audit: Any) -> None:
+    def __init__(self, audit: Any, compression: str | None = None) -> None:
+        self.compression = compression
         template = audit.template
         self.state = CqlSessionState(backend=template.get("db_uri") or "", prepared=PREPARED,
                                      session=_TemplateSession(audit))
@@ -311,14 +327,3 @@ class CqlTap(FrameTap):
     def counts(self) -> dict:
         st = self.state
         return {"requests": st.requests, "errors": st.errors, "events": st.events}
-
-
-class CqlTapLz4(CqlTap):
-    compression = "lz4"
-
-
-class CqlTapSnappy(CqlTap):
-    compression = "snappy"
-
-
-TAPS = {None: CqlTap, "lz4": CqlTapLz4, "snappy": CqlTapSnappy}

@@ -9,13 +9,15 @@ protocol version (StartupMessage) or one of the magic request codes
 GSSENCRequest is a single unframed byte, or an unauthenticated ErrorResponse
 that ``read_refusal`` reads (bounded) for the caller to log, never to show.
 
-Hot path: ``next_message`` reads the type byte and the length straight
-from the buffer (no slice), checks the length, and ``take``s the message; the
-body is never looked at (see ``messages`` for lazy parsers).  A length above
-``max_message_size`` raises ``FrameTooLarge`` as soon as the header is in,
-before the body is buffered.  Unknown type bytes are forwarded (newer
-servers may add messages); lengths below 4 are garbage and raise
-``RemoteProtocolError``.
+Typed messages are framed by ``FRAMES``, a ``dbproxy.sansio.LengthPrefixed``:
+the one frame loop the decoders here, the audit tee of a tapped session
+(``dbproxy.tee.Tee``) and the audit worker (``tap.Tap``) share, so they
+agree on every frame and every error.  ``next_message`` checks the header
+and ``take``s the message; the body is never looked at (see ``messages``
+for lazy parsers).  A length above ``max_message_size`` raises
+``FrameTooLarge`` as soon as the header is in, before the body is buffered.
+Unknown type bytes are forwarded (newer servers may add messages); lengths
+below 4 are garbage and raise ``RemoteProtocolError``.
 
 Start-up packets are capped at 10000 bytes like PostgreSQL
 (MAX_STARTUP_PACKET_LENGTH) and parsed eagerly; they are rare.
@@ -29,7 +31,7 @@ import attrs
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import FrameTooLarge, RemoteProtocolError
-from dbproxy.sansio import NEED_DATA
+from dbproxy.sansio import NEED_DATA, LengthPrefixed
 
 from .messages import (
     CANCEL_REQUEST_CODE,
@@ -55,13 +57,22 @@ MAX_REFUSAL_LENGTH = 30000
 _MAX_CANCEL_LENGTH = 12 + 256
 
 _II = struct.Struct(">ii")
-_HDR = struct.Struct(">Bi")
 
 
 def _bad_length(length: int, what: str = "message") -> RemoteProtocolError:
     return RemoteProtocolError(
         f"invalid {what} length {length}", client_hint=f"invalid {what} length"
     )
+
+
+def _what(data, pos: int) -> str:
+    return f"message {chr(data[pos])!r}"
+
+
+#: The typed-message frame loop (§55.7: type byte, then an Int32 length that counts itself, not
+#: the type byte; below 4 is garbage), shared by the decoders, the audit tee and the audit worker.
+FRAMES = LengthPrefixed(header_size=5, length_format=">i", length_offset=1, extra=1, min_length=4,
+                        bad_length=_bad_length, what=_what)
 
 
 class _TypedDecoder:
@@ -76,18 +87,10 @@ class _TypedDecoder:
         self.buffer.feed(data)
 
     def _next_typed(self) -> Message | object:
-        buf = self.buffer
-        avail = len(buf)
-        if avail < 5:
+        frame = FRAMES.next_frame(self.buffer, self.max_message_size)
+        if frame is NEED_DATA:
             return NEED_DATA
-        mtype, length = buf.unpack(_HDR)
-        if length < 4:
-            raise _bad_length(length)
-        if length > self.max_message_size:
-            raise FrameTooLarge(length, self.max_message_size, what=f"message {chr(mtype)!r}")
-        if avail <= length:
-            return NEED_DATA
-        return Message(mtype, buf.take(length + 1))
+        return Message(frame[0], frame)
 
     next_message = _next_typed
 
@@ -97,10 +100,7 @@ class _TypedDecoder:
         For the proxy's buffer budget (``dbproxy.buffer.BudgetAccount``): only called
         while a message is incomplete, never on the hot path.
         """
-        buf = self.buffer
-        if len(buf) < 5:
-            return None
-        return 1 + buf.i32_be(1)
+        return FRAMES.announced(self.buffer)
 
 
 class BackendDecoder(_TypedDecoder):

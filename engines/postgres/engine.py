@@ -63,7 +63,7 @@ from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .startup import SettingRefused, backend_settings, setting
 from .policy import BackendPolicy, FrontendPolicy, PolicyState
-from .tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
+from .tap import TAP_PLAN
 from .stages import BackendAudit, FrontendAudit, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
@@ -125,8 +125,8 @@ class CancelMap:
 
 
 class LastBackendMessage:
-    """Backend stage that notes the type of the last message (in-process audit mode;
-    a tapped session's ``Framer`` notes it itself): a backend that said why it is
+    """Backend observer that notes the type of the last message (inline; a tapped
+    session's backend ``Tee`` notes it itself): a backend that said why it is
     closing (a FATAL ErrorResponse, e.g. 57P01 after ``pg_terminate_backend``) is
     not followed by the proxy's own 08006."""
 
@@ -354,45 +354,31 @@ class PostgresEngine(Engine):
 
     def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
         audit = session.audit
-        client = request.client
         state = PgSessionState()
-        policed = grant is not None and grant.has_statement_rules
-        if policed or not audit.can_tap:
-            client_stages: list = [FrontendAudit(state, audit)]
-            backend_stages: list = [BackendAudit(state, audit)]
-            if policed:
-                # After the audit stage (the attempt is recorded), before the backend sees it.
-                policy = PolicyState()
-                client_stages.append(FrontendPolicy(policy, grant, session))
-                backend_stages.insert(0, BackendPolicy(policy, audit_stage=backend_stages[0]))
-            # First: a stage that answers ends the loop for the stages after it.
-            last_backend = LastBackendMessage()
-            backend_stages.insert(0, last_backend)
-            request.extra["last_backend"] = last_backend
-            return Wiring(client.decoder, backend.decoder, client_stages, backend_stages, state, client_error_for)
-        # Nothing here acts on messages: the pumps only frame them and tap the
-        # frames the audit reads; the audit worker parses and audits those (audit.link).
-        slot = audit.tap_open(Tap)
-        client_decoder = Framer(client.decoder.buffer, max_message_size=client.decoder.max_message_size,
-                                tap=functools.partial(audit.tap, slot, 0), interest=FrontendAudit.interest,
-                                checks=FRONTEND_CHECKS)
-        backend_decoder = Framer(backend.decoder.buffer, max_message_size=backend.decoder.max_message_size,
-                                 tap=functools.partial(audit.tap, slot, 1), interest=BackendAudit.interest,
-                                 checks=BACKEND_CHECKS)
-        request.extra["last_backend"] = backend_decoder
-        request.extra["tapped"] = True
-
-        def finished() -> None:
-            audit.tap_close(slot)
-            state.terminated = client_decoder.terminated
-
-        return Wiring(client_decoder, backend_decoder, [], [], state, client_error_for, finished=finished)
+        # Observers: the audit, and the type of the backend's last message (a tapped session's
+        # backend Tee keeps that itself).  The core runs them inline or taps (dbproxy.flow.assemble).
+        last_backend = request.extra["last_backend"] = LastBackendMessage()
+        frontend_audit, backend_audit = FrontendAudit(state, audit), BackendAudit(state, audit)
+        client_stages: list = []
+        backend_stages: list = []
+        if grant is not None and grant.has_statement_rules:
+            # After the audit (the attempt is recorded), before the backend sees it; a rewritten
+            # error is shown to the observers by the policy itself.
+            policy = PolicyState()
+            client_stages.append(FrontendPolicy(policy, grant, session))
+            backend_stages.append(BackendPolicy(policy, observers=(last_backend, backend_audit)))
+        return Wiring(request.client.decoder, backend.decoder, client_stages, backend_stages, state, client_error_for,
+                      client_observers=[frontend_audit], backend_observers=[last_backend, backend_audit],
+                      tap=TAP_PLAN)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring, pipeline: Any) -> dict:
         state = wiring.state
         reason = session.details["end_reason"]
+        last_backend = wiring.tees[1] if wiring.tapped else request.extra["last_backend"]
+        if wiring.tapped and m.FE.TERMINATE in wiring.tees[0].seen:
+            state.terminated = True
         if (not state.terminated and reason.startswith("backend") and pipeline.error is None
-                and request.extra["last_backend"].last_type != m.BE.ERROR_RESPONSE):
+                and last_backend.last_type != m.BE.ERROR_RESPONSE):
             # The backend went away under a live client without saying why (a
             # crash, a lost link): tell the client in its own protocol.  When its
             # last word was an ErrorResponse (FATAL 57P01 after pg_terminate_backend,
@@ -403,6 +389,6 @@ class PostgresEngine(Engine):
                                error_message("08006", "the connection to the backend database was lost"))
         if state.terminated:
             session.details["end_reason"] = "client terminated"
-        if request.extra.get("tapped"):
+        if wiring.tapped:
             return {}  # a tapped session's counts are added by the audit worker
         return {"queries": state.queries, "errors": state.errors}

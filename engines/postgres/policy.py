@@ -235,15 +235,17 @@ class FrontendPolicy:
 class BackendPolicy:
     """Backend → client: turn the marker's syntax error into the 42501 the client should see.
 
-    ``audit_stage`` (the BackendAudit) is shown the rewritten message, so the
-    result event carries 42501 and the policy's message.
+    It runs before the backend's observers (``dbproxy.flow.Wiring``): a message
+    it replaces ends the stage loop, so it shows the ``observers`` (the
+    BackendAudit…) the rewritten message itself, and the result event carries
+    42501 and the policy's message.
     """
 
     name = "pg-policy-backend"
 
-    def __init__(self, state: PolicyState, audit_stage: Any = None) -> None:
+    def __init__(self, state: PolicyState, observers: tuple = ()) -> None:
         self.state = state
-        self.audit_stage = audit_stage
+        self.observers = observers
 
     def handle(self, msg: Any, ctx: Any) -> Any:
         if msg.type != m.BE.ERROR_RESPONSE or not self.state.outstanding:
@@ -254,6 +256,6 @@ class BackendPolicy:
             return None
         raw = m.encode_error("ERROR", "42501", denial.message, hint="your dbproxy roles do not allow this statement")
         rewritten = m.Message(m.BE.ERROR_RESPONSE, raw)
-        if self.audit_stage is not None:
-            self.audit_stage.handle(rewritten, ctx)
+        for observer in self.observers:
+            observer.handle(rewritten, ctx)
         return replace(raw)

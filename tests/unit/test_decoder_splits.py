@@ -26,7 +26,7 @@ concatenate to the returned frames' ``raw`` (a frame split over segments
 included).
 
 Decoders covered: PostgreSQL ``FrontendDecoder`` (start-up and typed phases),
-``BackendDecoder`` (with the SSL/GSSENC answer byte), the tap's ``Framer``
+``BackendDecoder`` (with the SSL/GSSENC answer byte), the tap's ``Tee`` ("framer")
 (which must also agree with the real decoders on the consumed prefix, the
 error and the tapped frames); CQL ``CqlDecoder`` both directions, frames
 (plain, LZ4, Snappy) and v5 segments (plain, LZ4), switching framing where an
@@ -73,8 +73,8 @@ from dbproxy.engines.mongo.codec import MongoDecoder
 from dbproxy.engines.mongo.engine import AttributingDecoder
 from dbproxy.engines.postgres import messages as m
 from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
-from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit
-from dbproxy.engines.postgres.tap import Framer
+from dbproxy.engines.postgres.tap import BACKEND_SIDE, FRONTEND_SIDE
+from dbproxy.tee import Tee
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SPLITS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -281,19 +281,21 @@ def pg_backend(*, answer: str | None = None, limit: int = 1 << 30) -> Spec:
 
 
 def pg_framer(direction: str, *, limit: int = 1 << 30) -> Spec:
-    interest = (FrontendAudit if direction == "fe" else BackendAudit).interest
+    # The tapped side without its body checks: framing alone is compared here (test_tap_malformed has the checks).
+    side = attrs.evolve(FRONTEND_SIDE if direction == "fe" else BACKEND_SIDE, checks={},
+                        watch=FRONTEND_SIDE.watch)
 
     def make():
         state = {"tapped": []}
-        framer = Framer(ReceiveBuffer(), max_message_size=limit, tap=state["tapped"].append, interest=interest)
-        return framer, Framer.next_message, state
+        framer = Tee(ReceiveBuffer(), side, limit=limit, tap=state["tapped"].append)
+        return framer, Tee.next_message, state
 
     def span(dec, span, batch, state):
-        assert not batch  # the Framer yields no messages
+        assert not batch  # the Tee yields no messages
 
     return Spec(
         f"pg framer {direction}", make, pg_key, span,
-        lambda dec, state: (dec.frames, dec.terminated, b"".join(state["tapped"]), len(dec.buffer)),
+        lambda dec, state: (dec.frames, m.FE.TERMINATE in dec.seen, b"".join(state["tapped"]), len(dec.buffer)),
     )
 
 
@@ -325,7 +327,7 @@ def test_pg_captures_every_cut(name: str) -> None:
 def test_pg_framer_agrees_with_decoder(name: str, side: str) -> None:
     data = typed_part(name, side)
     real = pg_frontend(startup=False) if side == "fe" else pg_backend()
-    interest = (FrontendAudit if side == "fe" else BackendAudit).interest
+    interest = (FRONTEND_SIDE if side == "fe" else BACKEND_SIDE).interest
     for chunks in ([data], bytewise(data), cut_at(data, range(13, len(data), 13))):
         want = pump(real, chunks)
         got = pump(pg_framer(side), chunks)
@@ -378,7 +380,7 @@ def test_pg_generated_splits(data) -> None:
 @given(data=st.data(), name=st.sampled_from(PG_CAPTURES), side=st.sampled_from(["fe", "be"]),
        limit=st.sampled_from([1 << 30, 64, 8]))
 def test_pg_corrupted_splits(data, name: str, side: str, limit: int) -> None:
-    """Corrupted captures: same messages, consumed prefix and error for every split; the Framer agrees."""
+    """Corrupted captures: same messages, consumed prefix and error for every split; the Tee agrees."""
     raw = (PG / f"{name}.{side}.bin").read_bytes()
     bad = data.draw(mutations(raw))
     chunks = data.draw(chunks_strategy(bad))

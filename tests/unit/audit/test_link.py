@@ -223,7 +223,7 @@ def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp
 
 
 async def test_a_tap_that_cannot_be_parsed_is_dropped_and_recorded_others_go_on(tmp_path, caplog):
-    # The proxy's Framer never forwards such bytes; a direct tap stands in for a decoder bug.
+    # The proxy's Tee never forwards such bytes; a direct tap stands in for a decoder bug.
     link = AuditLink(write_config(tmp_path))
     async with trio.open_nursery() as nursery:
         await nursery.start(link.run)

@@ -250,14 +250,14 @@ def run_tapped(version: int, compression: str | None, steps: list, template: dic
     audit = session.audit = recorder.session(session)
     state = CqlSessionState(backend=session.backend_addr, prepared=PreparedCache(), session=session, version=version)
     plan = T.CqlTee.plan(state, compression if version < 5 else None)
-    worker_tap = plan.tap(TemplateAudit(recorder, template))
+    worker_tap = plan.tap(TemplateAudit(recorder, template), **plan.params)
     tapped: list[tuple[int, bytes]] = []
 
     def to_worker(direction: int):
         return lambda data: (tapped.append((direction, data)), worker_tap.feed(direction, data))
 
-    tees = (plan.tee(_decoder(CLIENT, version, compression), plan.client, to_worker(CLIENT)),
-            plan.tee(_decoder(BACKEND, version, compression), plan.backend, to_worker(BACKEND)))
+    tees = (plan.tee.over(_decoder(CLIENT, version, compression), plan.client, to_worker(CLIENT)),
+            plan.tee.over(_decoder(BACKEND, version, compression), plan.backend, to_worker(BACKEND)))
     stages = ([SessionGuard(audit, compressor=compression if version < 5 else None)], [])
     forwarded: list[list[bytes]] = [[], []]
     for direction, data in steps:
@@ -403,8 +403,8 @@ def test_malformed_request_refused_before_forwarding(case: str, version: int, co
             stages = [guard, RequestAudit(state, audit)]
         else:
             plan = T.CqlTee.plan(state, compression if version < 5 else None)
-            worker = plan.tap(TemplateAudit(recorder, orjson.loads(orjson.dumps(audit._template))))
-            decoder = plan.tee(decoder, plan.client, lambda data: (tapped.append(data), worker.feed(CLIENT, data)))
+            worker = plan.tap(TemplateAudit(recorder, orjson.loads(orjson.dumps(audit._template))), **plan.params)
+            decoder = plan.tee.over(decoder, plan.client, lambda data: (tapped.append(data), worker.feed(CLIENT, data)))
             stages = [guard]
         decoder.feed(data)
         decoder.buffer.mark()

@@ -20,7 +20,9 @@ from dbproxy.engines.cassandra.segments import encode_segments
 from dbproxy.engines.mongo.codec import MongoDecoder
 from dbproxy.engines.mongo.engine import AttributingDecoder
 from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
-from dbproxy.engines.postgres.tap import Framer
+from dbproxy.engines.postgres.codec import DEFAULT_MAX_MESSAGE_SIZE
+from dbproxy.engines.postgres.tap import FRONTEND_SIDE
+from dbproxy.tee import Tee
 
 PG_QUERY = b"Q" + struct.pack(">i", 4 + 5000) + b"x" * 5000
 MONGO = struct.pack("<iiii", 16 + 5000, 1, 0, 2013) + b"\x00" * 5000
@@ -32,7 +34,7 @@ CQL_V4 = struct.pack(">BBhBi", 4, 0, 3, F.Opcode.QUERY, 5000) + b"\x00" * 5000
     [
         (lambda: FrontendDecoder(startup=False), PG_QUERY, 5),
         (lambda: BackendDecoder(), b"D" + PG_QUERY[1:], 5),
-        (lambda: Framer(ReceiveBuffer()), PG_QUERY, 5),
+        (lambda: Tee(ReceiveBuffer(), FRONTEND_SIDE, limit=DEFAULT_MAX_MESSAGE_SIZE), PG_QUERY, 5),
         (lambda: FrontendDecoder(startup=True), struct.pack(">ii", 9000, 196608) + b"u" * 8992, 4),
         (lambda: MongoDecoder(), MONGO, 4),
         (lambda: AttributingDecoder(MongoDecoder(), "client"), MONGO, 4),

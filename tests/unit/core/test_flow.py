@@ -86,9 +86,10 @@ class LineEngine(Engine):
         await request.client.send(b"OK\n")
 
     def wiring(self, session: Any, request: flow.Request, backend: flow.Backend, grant: Any) -> flow.Wiring:
+        # A read-only observer, no active stage; no TapPlan, so the core runs it inline.
         request.extra = CountLines()
-        return flow.Wiring(request.client.decoder, backend.decoder, [request.extra], [], None,
-                           lambda exc: b"ERR " + str(exc).encode() + b"\n")
+        return flow.Wiring(request.client.decoder, backend.decoder, [], [], None,
+                           lambda exc: b"ERR " + str(exc).encode() + b"\n", client_observers=[request.extra])
 
     async def session_ended(self, session: Any, request: flow.Request, backend: flow.Backend, wiring: Any, pipeline: Any) -> dict:
         return {"lines": request.extra.count}

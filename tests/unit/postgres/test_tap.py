@@ -1,16 +1,17 @@
-"""The Postgres tap (``engines.postgres.tap``) against the real decoders and the inline audit stages.
+"""The Postgres tap (the core ``Tee`` with ``engines.postgres.tap``'s sides; its ``Tap``) against the real
+decoders and the inline audit stages.
 
 Proven here, on the captured streams of tests/data/postgres (``test_pg_codec``'s fixtures) and on
 streams built by hypothesis:
 
-- ``Framer`` frames exactly as ``FrontendDecoder`` / ``BackendDecoder`` do.  Both are fed the same
+- the ``Tee`` ("framer" below) frames exactly as ``FrontendDecoder`` / ``BackendDecoder`` do.  Both are fed the same
   chunks (whole, one byte at a time, random cuts); after every feed + ``next_message`` the bytes the
   Framer consumed (``consumed_since_mark``, what the pump forwards and taps) are exactly the ``raw`` of
   the messages the real decoder returned, the bytes left buffered are the same, and the Framer never
   returns a message.  A bad length (< 4) or an oversized frame raises the same exception class with the
   same message, hint and size/limit, after consuming the same valid prefix; an oversized frame is
   refused from its header alone, before any of its body is in.
-- ``terminated`` turns on only once a whole Terminate ('X') frame has been consumed.
+- ``terminated`` (Terminate in the Tee's ``seen``) turns on only once a whole Terminate ('X') frame has been consumed.
 - ``Tap`` over a session's forwarded bytes (psql simple queries with an error, an empty query and a
   notification; psycopg's extended protocol with binary, text and NULL parameters, a named statement,
   a batch under one Sync and a failed execute; psycopg COPY in/out; and a constructed session with a
@@ -39,7 +40,8 @@ from dbproxy.session import Identity, Session
 from dbproxy.engines.postgres import messages as m
 from dbproxy.engines.postgres.codec import DEFAULT_MAX_MESSAGE_SIZE, BackendDecoder, FrontendDecoder
 from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit, PgSessionState
-from dbproxy.engines.postgres.tap import Framer, Tap
+from dbproxy.engines.postgres.tap import BACKEND_SIDE, FRONTEND_SIDE, Tap
+from dbproxy.tee import Tee
 from tests.unit.postgres.test_pg_codec import CAPTURES, decode_backend, decode_frontend, load
 
 FE, BE = 0, 1  # tap directions: client -> backend, backend -> client
@@ -47,6 +49,15 @@ FE, BE = 0, 1  # tap directions: client -> backend, backend -> client
 
 def pg(t: str | bytes, body: bytes = b"") -> bytes:
     return m.encode_message(t, body)
+
+
+def Framer(buffer: ReceiveBuffer, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, tap=None, side=FRONTEND_SIDE) -> Tee:
+    """The Tee a tapped session's pump uses (``dbproxy.flow.assemble``); frontend side by default."""
+    return Tee(buffer, side, limit=max_message_size, tap=tap)
+
+
+def terminated(framer: Tee) -> bool:
+    return m.FE.TERMINATE in framer.seen
 
 
 # --------------------------------------------------------------------------
@@ -79,13 +90,13 @@ def cut(data: bytes, sizes: list[int]) -> list[bytes]:
     return chunks
 
 
-def compare(chunks: list[bytes], real, framer: Framer) -> tuple[bytes, ProtocolError | None]:
+def compare(chunks: list[bytes], real, framer: Tee) -> tuple[bytes, ProtocolError | None]:
     """Feed both the same chunks as a pump would; check them step by step.
 
     Returns the bytes consumed in all and the error both raised (None if none)."""
     consumed = bytearray()
     messages = 0
-    terminated = False
+    was_terminated = False
     for chunk in chunks:
         real.feed(chunk)
         framer.feed(chunk)
@@ -106,9 +117,9 @@ def compare(chunks: list[bytes], real, framer: Framer) -> tuple[bytes, ProtocolE
         assert len(framer.buffer) == len(real.buffer)
         consumed += step
         messages += len(got)
-        terminated = terminated or any(x.type == m.FE.TERMINATE for x in got)
+        was_terminated = was_terminated or any(x.type == m.FE.TERMINATE for x in got)
         assert framer.frames == messages
-        assert framer.terminated == terminated
+        assert terminated(framer) == was_terminated
         assert type(framer_exc) is type(real_exc)
         if real_exc is not None:
             assert str(framer_exc) == str(real_exc)
@@ -139,7 +150,7 @@ def test_framer_on_captures(name: str, side: str, step: int | None, tail: bytes)
     consumed, exc = compare(cut(data + tail, [step] if step else []), real, framer)
     assert exc is None and consumed == data
     assert len(framer.buffer) == len(tail)
-    assert framer.terminated == (side == "fe" and data.endswith(m.encode_terminate()))
+    assert terminated(framer) == (side == "fe" and data.endswith(m.encode_terminate()))
 
 
 @settings(max_examples=150, deadline=None)
@@ -243,18 +254,18 @@ def test_terminated_only_after_a_whole_terminate_frame() -> None:
     framer = Framer(ReceiveBuffer())
     framer.feed(pg("Q", b"X\0\0\0\x04\0") + b"X\0\0\0")  # an 'X' inside a body, then 4 bytes of one
     assert framer.next_message() is NEED_DATA
-    assert not framer.terminated and framer.frames == 1
+    assert not terminated(framer) and framer.frames == 1
     framer.feed(b"\x04")
     assert framer.next_message() is NEED_DATA
-    assert framer.terminated and framer.frames == 2 and len(framer.buffer) == 0
+    assert terminated(framer) and framer.frames == 2 and len(framer.buffer) == 0
 
     framer = Framer(ReceiveBuffer())  # a Terminate with a body: terminated once its last byte is in
     framer.feed(m.encode_sync() + b"X\0\0\0\x06a")
     framer.next_message()
-    assert not framer.terminated and len(framer.buffer) == 6
+    assert not terminated(framer) and len(framer.buffer) == 6
     framer.feed(b"b")
     framer.next_message()
-    assert framer.terminated
+    assert terminated(framer)
 
 
 @pytest.mark.parametrize("header,error", [(b"X" + struct.pack(">i", 3), RemoteProtocolError),
@@ -264,7 +275,7 @@ def test_a_refused_terminate_header_does_not_terminate(header: bytes, error) -> 
     framer.feed(m.encode_sync() + header)
     with pytest.raises(error):
         framer.next_message()
-    assert not framer.terminated and framer.frames == 1
+    assert not terminated(framer) and framer.frames == 1
 
 
 def test_terminate_before_a_bad_frame_is_consumed_and_noted() -> None:
@@ -273,7 +284,7 @@ def test_terminate_before_a_bad_frame_is_consumed_and_noted() -> None:
     framer.feed(m.encode_terminate() + b"Q" + struct.pack(">i", 2))
     with pytest.raises(RemoteProtocolError):
         framer.next_message()
-    assert framer.terminated and framer.buffer.consumed_since_mark() == m.encode_terminate()
+    assert terminated(framer) and framer.buffer.consumed_since_mark() == m.encode_terminate()
 
 
 def test_terminated_at_the_last_byte_of_a_captured_session() -> None:
@@ -282,7 +293,7 @@ def test_terminated_at_the_last_byte_of_a_captured_session() -> None:
     for i in range(len(data)):
         framer.feed(data[i:i + 1])
         framer.next_message()
-        assert framer.terminated == (i == len(data) - 1)
+        assert terminated(framer) == (i == len(data) - 1)
 
 
 # --------------------------------------------------------------------------
@@ -426,7 +437,7 @@ def run_inline(steps: list[tuple[int, bytes]]) -> tuple[list[dict], PgSessionSta
 
 
 def run_tap(steps: list[tuple[int, bytes]], template: dict, sizes: list[int], through_framer: bool):
-    """The proxy's pumps (a Framer each, as the engine builds them) tap the frames the audit
+    """The proxy's pumps (a Tee each, as ``dbproxy.flow.assemble`` builds them) tap the frames the audit
     stages read; the worker's Tap is fed those.  Without the Framers, the Tap gets every byte
     in the raw cuts (it must then step over the rest itself)."""
     recorder = AuditRecorder(sinks=[])
@@ -436,8 +447,8 @@ def run_tap(steps: list[tuple[int, bytes]], template: dict, sizes: list[int], th
     def sink(direction):
         return lambda data: (tapped.append(data), tap.feed(direction, data))
 
-    framers = (Framer(ReceiveBuffer(), tap=sink(FE), interest=FrontendAudit.interest),
-               Framer(ReceiveBuffer(), tap=sink(BE), interest=BackendAudit.interest))
+    framers = (Framer(ReceiveBuffer(), tap=sink(FE), side=FRONTEND_SIDE),
+               Framer(ReceiveBuffer(), tap=sink(BE), side=BACKEND_SIDE))
     for direction, data in steps:
         for chunk in cut(data, sizes):
             if through_framer:
@@ -457,7 +468,7 @@ def run_tap(steps: list[tuple[int, bytes]], template: dict, sizes: list[int], th
                 assert frame_type not in (ord("D"), ord("d"), ord("p"))
         if through_framer:
             assert len(framers[direction].buffer) == 0  # every step ends on a frame boundary
-    assert framers[FE].terminated == through_framer
+    assert terminated(framers[FE]) == through_framer
     return queued(recorder), tap
 
 
@@ -545,7 +556,7 @@ def test_framer_taps_the_audited_frames_before_a_refused_one() -> None:
     """The frames before a bad one are forwarded, so their audited ones are tapped first;
     frames the stages never read (DataRow here) are not tapped at all."""
     got: list[bytes] = []
-    framer = Framer(ReceiveBuffer(), tap=got.append, interest=BackendAudit.interest)
+    framer = Framer(ReceiveBuffer(), tap=got.append, side=BACKEND_SIDE)
     complete = pg(b"C", b"SELECT 1\0")
     framer.feed(pg(b"D", b"\0\x01\0\0\0\x011") + complete + pg(b"D", b"\0\0") + pg(b"Z", b"I") + b"E\0\0\0\x02")
     with pytest.raises(RemoteProtocolError):

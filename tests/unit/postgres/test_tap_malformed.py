@@ -2,16 +2,16 @@
 
 Proven here:
 
-- The ``Framer``'s body checks (``FRONTEND_CHECKS`` / ``BACKEND_CHECKS``) accept exactly the frames
+- The tapped ``Tee``'s body checks (``FRONTEND_CHECKS`` / ``BACKEND_CHECKS``) accept exactly the frames
   the audit stage's own ``parse_*`` accepts (hypothesis: random bodies, and valid bodies cut short or
   extended), also when the frame sits inside a larger buffer whose following bytes would complete it
   (a Query without its NUL followed by a frame that has one).
-- A Framer with checks refuses the first malformed frame of a stream fed whole, byte by byte, or with
+- A Tee with the checks (a framer, below) refuses the first malformed frame of a stream fed whole, byte by byte, or with
   more frames after it: it raises ``MalformedMessage`` (type, code, length, first 64 bytes), the frames
   before it are consumed and tapped, the bad frame and what follows are neither.
 - The captured sessions of ``test_tap`` pass the checks unchanged.
 - The worker's ``Tap`` never drops a session's audit for one frame: a frame its stage cannot parse
-  (a malformed backend CommandComplete, or bytes that did not come through a Framer) is audited as
+  (a malformed backend CommandComplete, or bytes that did not come through a Tee) is audited as
   ``audit.malformed`` and the next statements are audited as before.
 """
 
@@ -31,7 +31,9 @@ from dbproxy.errors import MalformedMessage
 from dbproxy.sansio import NEED_DATA
 from dbproxy.engines.postgres import messages as m
 from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit
-from dbproxy.engines.postgres.tap import BACKEND_CHECKS, FRONTEND_CHECKS, Framer, Tap
+from dbproxy.engines.postgres.codec import DEFAULT_MAX_MESSAGE_SIZE
+from dbproxy.engines.postgres.tap import BACKEND_CHECKS, BACKEND_SIDE, FRONTEND_CHECKS, FRONTEND_SIDE, Tap
+from dbproxy.tee import Tee
 from tests.unit.postgres.test_tap import SESSIONS, bind, close, execute, parse, pg
 
 PARSERS = {
@@ -103,7 +105,7 @@ def test_checks_agree_with_the_parsers(case, before: bytes, after: bytes) -> Non
     for data in (frame, bytearray(before + frame + after)):
         pos = len(data) - len(frame) - (len(after) if data is not frame else 0)
         try:
-            CHECKS[side][t](data, pos, len(frame) - 1)
+            CHECKS[side][t](data, pos, len(frame))
         except MalformedMessage as exc:
             assert not accepted
             assert exc.length == len(frame) and exc.prefix == frame[:64]
@@ -114,11 +116,11 @@ def test_checks_agree_with_the_parsers(case, before: bytes, after: bytes) -> Non
 def test_a_query_without_nul_is_refused_even_when_the_next_frame_has_one() -> None:
     data = b"Q\x00\x00\x00\x0cselect 1" + m.encode_query("select 2")
     with pytest.raises(MalformedMessage):
-        FRONTEND_CHECKS[m.FE.QUERY](data, 0, 12)
+        FRONTEND_CHECKS[m.FE.QUERY](data, 0, 13)
 
 
 # --------------------------------------------------------------------------
-# The Framer with checks, as the engine builds it.
+# The Tee with the checks, as dbproxy.flow.assemble builds it.
 
 BAD_QUERY = bytes.fromhex("510000000c73656c6563742031")  # the issue's example: 'select 1' without its NUL
 GOOD = m.encode_query("select 1") + parse("", "select $1", (23,)) + bind("", "", (), (b"1",)) + execute("") + m.encode_sync()
@@ -132,14 +134,19 @@ BAD_FRONTEND = {
 }
 
 
-def framer(side: str = "fe") -> tuple[Framer, list[bytes]]:
+def framer(side: str = "fe") -> tuple[Tee, list[bytes]]:
     tapped: list[bytes] = []
-    interest = FrontendAudit.interest if side == "fe" else BackendAudit.interest
-    f = Framer(ReceiveBuffer(), tap=tapped.append, interest=interest, checks=CHECKS[side])
+    f = Tee(ReceiveBuffer(), FRONTEND_SIDE if side == "fe" else BACKEND_SIDE, limit=DEFAULT_MAX_MESSAGE_SIZE,
+            tap=tapped.append)
     return f, tapped
 
 
-def run(f: Framer, chunks: list[bytes]) -> tuple[bytes, MalformedMessage | None]:
+def test_the_sides_check_what_the_stages_read() -> None:
+    assert (FRONTEND_SIDE.checks, BACKEND_SIDE.checks) == (FRONTEND_CHECKS, BACKEND_CHECKS)
+    assert (FRONTEND_SIDE.interest, BACKEND_SIDE.interest) == (FrontendAudit.interest, BackendAudit.interest)
+
+
+def run(f: Tee, chunks: list[bytes]) -> tuple[bytes, MalformedMessage | None]:
     consumed = b""
     for chunk in chunks:
         f.feed(chunk)
@@ -195,8 +202,8 @@ def test_captured_sessions_pass_the_checks(name: str, step: int | None) -> None:
 
 
 def test_framer_without_a_tap_checks_nothing() -> None:
-    """The checks guard what the audit will parse: a Framer that taps nothing has none to run."""
-    f = Framer(ReceiveBuffer(), checks=FRONTEND_CHECKS)
+    """The checks guard what the audit will parse: a Tee that taps nothing has none to run."""
+    f = Tee(ReceiveBuffer(), FRONTEND_SIDE, limit=DEFAULT_MAX_MESSAGE_SIZE)
     consumed, exc = run(f, [BAD_QUERY])
     assert exc is None and consumed == BAD_QUERY
 
@@ -220,7 +227,7 @@ def test_tap_audits_an_unparsable_frame_and_carries_on(step: int | None) -> None
     steps = [
         (0, m.encode_query("select 1")),
         (1, pg("C", b"SELECT 1") + m.encode_ready_for_query()),  # a CommandComplete without its NUL
-        (0, BAD_QUERY),  # bytes that never went through a Framer
+        (0, BAD_QUERY),  # bytes that never went through a Tee
         (0, m.encode_query("insert into t values (2)")),
         (1, m.encode_command_complete("INSERT 0 1") + m.encode_ready_for_query()),
     ]
