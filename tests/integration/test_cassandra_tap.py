@@ -154,6 +154,10 @@ def keyspace(node) -> str:
         session = cluster.connect()
         session.execute(f"CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}")
         session.execute(f"CREATE TABLE {ks}.t (k int PRIMARY KEY, v text)")
+        # Cassandra warns about USE + an unqualified prepared statement the first time it is
+        # prepared only: prepared once here, both runs see the node in the same state.
+        session.set_keyspace(ks)
+        session.prepare("INSERT INTO t (k, v) VALUES (?, ?)")
     finally:
         cluster.shutdown()
     return ks
