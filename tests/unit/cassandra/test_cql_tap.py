@@ -426,3 +426,55 @@ def test_malformed_request_refused_before_forwarding(case: str, version: int, co
     assert inline[1]["message_type"] == F.Opcode(opcode).name and inline[1]["direction"] == "client"
     assert fwd == inline_fwd == [good] and pending == inline_pending == [3]
     assert tapped == [good]  # the refused frame never reached the worker either
+
+
+# --------------------------------------------------------------------------- the engine's wiring
+
+
+class _TapAudit:
+    """A session audit that can tap (as with the audit worker): notes what is opened."""
+
+    can_tap = True
+
+    def __init__(self) -> None:
+        self.opened: list = []
+
+    def tap_open(self, tap, params=None) -> int:
+        self.opened.append((tap, params))
+        return 7
+
+    def tap(self, slot: int, direction: int, data: bytes) -> None:
+        pass
+
+    def tap_close(self, slot: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("policed", [False, True])
+def test_the_core_taps_a_session_without_a_policy_and_keeps_a_policed_one_inline(policed: bool) -> None:
+    from dbproxy.channel import MessageStream
+    from dbproxy.flow import Backend, Request, assemble
+    from dbproxy.roles import Grant
+    from dbproxy.engines.cassandra.clientwire import ClientWire, Hello
+    from tests.unit.cassandra.test_cql_stages import _engine
+
+    session = new_session()
+    session.audit = _TapAudit()
+    client = MessageStream(None, _decoder(CLIENT, 4, "lz4"))
+    hello = Hello(ClientWire(client), version=4, compression="lz4")
+    hello.wire.compression = "lz4"
+    request = Request(client, extra=hello)
+    backend = Backend(None, _decoder(BACKEND, 4, "lz4"), lambda data: data)
+    grant = Grant(roles=("ro",), read_only=True, restricted=True) if policed else None
+    wiring = _engine().wiring(session, request, backend, grant)
+    plumbing = assemble(wiring, session.audit)
+    kinds = [type(s).__name__ for s in plumbing.client_stages]
+    if policed:
+        assert not wiring.tapped and not session.audit.opened
+        assert kinds == ["SessionGuard", "RequestAudit", "CqlPolicy"]
+        assert [type(s).__name__ for s in plumbing.backend_stages] == ["ResponseAudit"]
+    else:
+        assert wiring.tapped and session.audit.opened == [(T.CqlTap, {"compression": "lz4"})]
+        assert kinds == ["SessionGuard"] and plumbing.backend_stages == []
+        assert all(isinstance(d, T.CqlTee) for d in (plumbing.client_decoder, plumbing.backend_decoder))
+        assert plumbing.client_decoder.buffer is client.decoder.buffer  # bytes held already are teed first
