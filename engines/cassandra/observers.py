@@ -60,7 +60,7 @@ from dbproxy.audit import events as ev
 from dbproxy.errors import MalformedMessage, ProtocolError
 
 from . import protocol as F
-from .prepared import PreparedCache, PreparedInfo, parse_prepared_bind_metadata
+from .prepared import PreparedCache, PreparedInfo, learn_prepared
 from .values import consistency_name, error_name, render_values
 
 EV_BATCH = "db.session.cassandra.batch"
@@ -332,11 +332,7 @@ class ResponseAudit:
         elif kind == F.ResultKind.PREPARED:
             fields["prepared_id"] = result.prepared_id.hex()
             if pending.kind == "prepare":
-                try:
-                    types, names = parse_prepared_bind_metadata(msg)
-                except ProtocolError:
-                    types, names = (), ()
-                st.prepared.put(st.backend, result.prepared_id, PreparedInfo(pending.query, pending.keyspace, types, names))
+                learn_prepared(st.prepared, st.backend, msg, result.prepared_id, pending.query, pending.keyspace)
         elif kind == F.ResultKind.SCHEMA_CHANGE:
             sc = result.schema_change
             fields["schema_change"] = {"change_type": sc.change_type, "target": sc.target, "options": list(sc.options)}

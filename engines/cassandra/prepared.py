@@ -15,6 +15,8 @@ import collections
 
 import attrs
 
+from dbproxy.errors import ProtocolError
+
 from . import protocol as F
 
 
@@ -82,3 +84,14 @@ def parse_prepared_bind_metadata(frame: F.Frame) -> tuple[tuple[int, ...], tuple
         names.append(r.string())
         types.append(r.option())
     return tuple(types), tuple(names)
+
+
+def learn_prepared(cache: PreparedCache, backend: str, frame: F.Frame, prepared_id: bytes, query: str,
+                   keyspace: str | None) -> None:
+    """A RESULT Prepared answering a PREPARE of ``query``: its id now stands for it (bind types
+    and names when its metadata parses)."""
+    try:
+        types, names = parse_prepared_bind_metadata(frame)
+    except ProtocolError:
+        types, names = (), ()
+    cache.put(backend, prepared_id, PreparedInfo(query, keyspace, types, names))

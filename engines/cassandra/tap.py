@@ -21,7 +21,10 @@ chunk as it came.  What it adds per frame:
   lost).  STARTUP / AUTH_RESPONSE go to the guard as messages.
 - backend → client: every response frees its stream; a RESULT Set_keyspace
   sets the session's ``db_name`` (the proxy's own events — the session's
-  end — carry it, as inline).  Every response is tapped (``ResponseAudit``
+  end — carry it, as inline), a RESULT Prepared answering a PREPARE goes
+  into the engine's ``PreparedCache`` (the statement policy of a policed
+  session checks an EXECUTE against the CQL its id stands for, wherever it
+  was prepared).  Every response is tapped (``ResponseAudit``
   frees streams on all of them), a RESULT Rows only up to its row count when
   it is large: the rows never leave the proxy.
 
@@ -64,13 +67,17 @@ from dbproxy.tee import FrameSide, TapPlan
 from . import protocol as F
 from .checks import parses
 from .observers import REQUEST_PARSERS, CqlSessionState, RequestAudit, ResponseAudit, malformed_request
-from .prepared import PreparedCache
+from .prepared import PreparedCache, learn_prepared
 
 _STARTUP = F.Opcode.STARTUP
 _AUTH_RESPONSE = F.Opcode.AUTH_RESPONSE
 _RESULT = F.Opcode.RESULT
 _EVENT = F.Opcode.EVENT
+_PREPARE = F.Opcode.PREPARE
 _SET_KEYSPACE = F.ResultKind.SET_KEYSPACE
+_PREPARED = F.ResultKind.PREPARED
+_NOTED = (_SET_KEYSPACE, _PREPARED)
+_UNAUDITED = object()
 _PREFIX_FLAGS = F.FLAG_TRACING | F.FLAG_WARNING | F.FLAG_CUSTOM_PAYLOAD
 _KIND = struct.Struct(">i").unpack_from
 _LENGTH = struct.Struct(">I")
@@ -215,12 +222,16 @@ class CqlTee:
         op = frame.opcode
         parse = REQUEST_PARSERS.get(op)
         if parse is not None:
-            if not parses(frame):  # not certain by the in-place check: the parser decides
+            parsed = None
+            if op == _PREPARE or not parses(frame):  # the parser decides (and a PREPARE's text is kept)
                 try:
-                    parse(frame)
+                    parsed = parse(frame)
                 except ProtocolError as exc:
                     return Refused(frame, malformed_request(frame, exc))
-            self.state.pending[frame.stream] = None
+            # A PREPARE's (text, keyspace): its answer teaches the engine's PreparedCache, which
+            # the statement policy of every session reads (ids prepared here, executed there).
+            self.state.pending[frame.stream] = (
+                (parsed.query, parsed.keyspace or self.state.keyspace) if op == _PREPARE else None)
             parts.append(frame.raw)
             return None
         if op == _STARTUP or op == _AUTH_RESPONSE:
@@ -233,36 +244,40 @@ class CqlTee:
             parts.append(frame.raw)
             return None
         # ``ResponseAudit`` reads a RESULT only when it answers a request it audited.
-        audited = self.state.pending.pop(frame.stream, False) is None
-        parts.append(self._result(frame) if op == _RESULT and audited else frame.raw)
+        pending = self.state.pending.pop(frame.stream, _UNAUDITED)
+        parts.append(frame.raw if op != _RESULT or pending is _UNAUDITED else self._result(frame, pending))
         return None
 
-    def _result(self, frame: F.Frame) -> bytes:
+    def _result(self, frame: F.Frame, prepare: tuple | None) -> bytes:
         raw = frame.raw
         offset = frame.body_offset
         if frame.compressed:
-            if len(raw) <= KIND_PEEK_LIMIT:
-                self._keyspace(frame)
+            if prepare is not None or len(raw) <= KIND_PEEK_LIMIT:
+                self._note(frame, prepare)
             return raw
         if len(raw) - offset > ROWS_CUT:
-            return self._rows_prefix(frame)
-        if frame.flags & _PREFIX_FLAGS or (len(raw) >= offset + 4 and _KIND(raw, offset)[0] == _SET_KEYSPACE):
-            self._keyspace(frame)
+            return self._rows_prefix(frame, prepare)
+        if frame.flags & _PREFIX_FLAGS or (len(raw) >= offset + 4 and _KIND(raw, offset)[0] in _NOTED):
+            self._note(frame, prepare)
         return raw
 
-    def _keyspace(self, frame: F.Frame, result: Any = None) -> None:
-        """A Set_keyspace result moves the session's keyspace (as ``ResponseAudit`` does)."""
+    def _note(self, frame: F.Frame, prepare: tuple | None, result: Any = None) -> None:
+        """What the proxy itself needs of a result (as ``ResponseAudit`` reads it): a Set_keyspace
+        moves the session's keyspace, a Prepared answering a PREPARE teaches the engine's cache."""
         if result is None:
             try:
                 result = F.parse_result(frame)
             except ProtocolError:
                 return  # the worker's observer audits it as unparsed
+        state = self.state
         if result.kind == _SET_KEYSPACE:
-            self.state.keyspace = result.keyspace
-            if self.state.session is not None:
-                self.state.session.db_name = result.keyspace
+            state.keyspace = result.keyspace
+            if state.session is not None:
+                state.session.db_name = result.keyspace
+        elif result.kind == _PREPARED and prepare is not None:
+            learn_prepared(state.prepared, state.backend, frame, result.prepared_id, *prepare)
 
-    def _rows_prefix(self, frame: F.Frame) -> bytes:
+    def _rows_prefix(self, frame: F.Frame, prepare: tuple | None) -> bytes:
         """A large uncompressed RESULT: cut after its row count if it is Rows (all the audit reads
         of it; the header's length says so), else whole."""
         try:
@@ -270,7 +285,7 @@ class CqlTee:
         except ProtocolError:
             return frame.raw
         if result.rows is None:
-            self._keyspace(frame, result)
+            self._note(frame, prepare, result)
             return frame.raw
         raw = frame.raw
         end = frame.body_offset + result.rows.end

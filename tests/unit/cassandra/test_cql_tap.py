@@ -332,7 +332,10 @@ def test_built_session_trail_content() -> None:
     """What the built session's tapped trail says (not just that it equals the inline one)."""
     version, compression, steps = SESSIONS["built_v5_lz4"]
     _, counts, template, _, _ = INLINE["built_v5_lz4"]
-    events, tap, tapped, forwarded, session, _ = run_tapped(version, compression, steps, template)
+    events, tap, tapped, forwarded, session, state = run_tapped(version, compression, steps, template)
+    # The proxy learnt the prepared id too (the statement policy of other sessions reads it).
+    info = state.prepared.get(session.backend_addr, b"\x11" * 16)
+    assert info is not None and (info.query, info.types, info.names) == ("INSERT INTO ks.t (k) VALUES (?)", (9,), ("k",))
     by_uid = {e["uid"]: e for e in events}
     execute = next(e for e in events if e["event"] == "db.session.cassandra.execute")
     assert execute["db_query"] == "INSERT INTO ks.t (k) VALUES (?)" and execute["db_query_parameters"] == ["7"]
