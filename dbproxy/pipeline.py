@@ -39,7 +39,11 @@ Decoder contract (h11's shape):
 A decoder must only advance ``buffer.position`` past whole transport units
 that yield whole messages, so the consumed span always equals the wire bytes
 of the messages it returned.  Every message has ``raw``: its bytes at the
-message layer (what the encoder takes back).
+message layer (what the encoder takes back).  In a tapped session both
+decoders are ``dbproxy.tee.Tee`` objects and there is no stage
+(``dbproxy.flow.assemble`` decides): a Tee consumes whole frames, taps those
+the audit reads and returns no message, so every batch is forwarded as
+received.
 
 Memory: bytes left in a decoder's buffer after a batch (a partly received
 message) are charged to the proxy's ``BufferBudget`` (``dbproxy.buffer``);

@@ -85,7 +85,7 @@ class Tee:
     it closed?; ``seen``: the ``watch`` types consumed so far.
     """
 
-    __slots__ = ("buffer", "side", "limit", "tap", "frames", "last_type", "seen")
+    __slots__ = ("buffer", "side", "limit", "tap", "frames", "last_type", "seen", "_loop")
 
     def __init__(self, buffer: ReceiveBuffer, side: FrameSide, *, limit: int,
                  tap: Callable[[bytes], Any] | None = None) -> None:
@@ -96,6 +96,9 @@ class Tee:
         self.frames = 0
         self.last_type = 0
         self.seen: set[int] = set()
+        # What the loop reads of ``side``, looked up once per session rather than per batch.
+        self._loop = (side.layout.frames, side.interest if tap is not None else frozenset(), side.checks,
+                      side.watch, side.type_offset, side.type_of)
 
     @classmethod
     def over(cls, decoder: Any, side: FrameSide, tap: Callable[[bytes], Any] | None = None) -> "Tee":
@@ -109,20 +112,14 @@ class Tee:
     def next_message(self) -> Any:
         buffer = self.buffer
         data, start, end = buffer.span()
-        side = self.side
-        tap = self.tap
-        interest = side.interest if tap is not None else ()
-        checks = side.checks
-        watch = side.watch
-        offset = side.type_offset
-        type_of = side.type_of
+        frames_of, interest, checks, watch, offset, type_of = self._loop
         done = start  # end of the last frame consumed
         run = -1  # start of the current run of frames for the tap
         mtype = last = 0
         parts: list = []
         frames = 0
         try:
-            for pos, size in side.layout.frames(data, start, end, self.limit):
+            for pos, size in frames_of(data, start, end, self.limit):
                 mtype = data[pos + offset] if type_of is None else type_of(data, pos)
                 if mtype in interest:
                     check = checks.get(mtype)
@@ -142,13 +139,13 @@ class Tee:
             # Also on a refused frame: the frames before it are forwarded, so tapped first.
             if done != start:
                 buffer.skip(done - start)
-                self.frames += frames
                 self.last_type = last  # per batch, not per frame
+                self.frames += frames
             if run >= 0:
                 parts.append(data[run:done])
             if parts:
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
-                tap(payload if type(payload) is bytes else bytes(payload))  # type: ignore[misc]
+                self.tap(payload if type(payload) is bytes else bytes(payload))  # type: ignore[misc]
         return NEED_DATA
 
     def announced_length(self) -> int | None:
@@ -167,7 +164,8 @@ class TapPlan:
         the worker's tap needs (JSON values, e.g. a negotiated protocol version or
         compression); tee: the proxy-side class (``Tee`` or a subclass, e.g. one
         that tags its errors for the engine's ``client_error``), built with
-        ``tee.over(decoder, side, tap)``.
+        ``tee.over(decoder, side, tap)`` from each decoder of the ``Wiring``
+        (which must have ``buffer`` and ``max_message_size``).
     """
 
     tap: type

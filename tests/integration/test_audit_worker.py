@@ -100,6 +100,8 @@ def test_the_trail_is_the_same_with_and_without_the_worker(pg, tmp_path, worker)
     assert ("db.session.result", None, 25, None, True) in got
     assert ("db.session.result", None, None, "42703", False) in got
     assert got[-1][0] == "db.session.end" and got[-1][1] == 4 and got[-1][2] == 1
+    # psycopg's close sends Terminate: noted inline by the audit stage, tapped by the client Tee's watch.
+    assert got[-1][3] == "client terminated"
     queries = [g[1] for g in got if g[0] != "db.session.result" and g[0] != "db.session.end"]
     assert queries == [
         "CREATE TEMP TABLE t (id int primary key, v text)",

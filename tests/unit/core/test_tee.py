@@ -31,7 +31,7 @@ from dbproxy.errors import FrameTooLarge, MalformedMessage, RemoteProtocolError
 from dbproxy.flow import Wiring, assemble
 from dbproxy.sansio import NEED_DATA
 from dbproxy.tee import FrameSide, TapPlan, Tee
-from tests.unit.audit.toytap import BACKEND, CLIENT, D, PLAN, Q, R, TOY, Z, ToyTap, frame
+from tests.unit.audit.toytap import BACKEND, CLIENT, D, PLAN, R, TOY, Z, ToyTap, frame
 
 
 def tee(side: FrameSide = CLIENT, limit: int = 1000, tapped: list | None = None) -> Tee:
