@@ -760,6 +760,17 @@ class TemplateAudit(SessionAudit):
     def _refresh_template(self) -> None:
         pass
 
+    @property
+    def template(self) -> dict:
+        """The session's common fields, as the proxy sent them (and ``update_template`` changed them)."""
+        return self._template
+
+    def update_template(self, **fields: Any) -> None:
+        """A common field the session changed mid-way (a CQL USE's keyspace is ``db_name``): the
+        events after this carry it, as the proxy's own events do."""
+        self._template = {**self._template, **fields}
+        self._template_json = orjson.dumps(self._template)[1:-1]
+
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
         for body in pending:

@@ -134,6 +134,9 @@ class Wiring:
     stages: ``handle`` always returns None); ``client_stages`` /
     ``backend_stages``: active stages (policy: they may replace, answer,
     close) — with any, the session's messages are needed on the proxy.
+    ``client_guards``: active stages that act only on the few messages a
+    tapped session's tee still hands out (CQL: STARTUP after the handshake, a
+    refused body); they run first, in both modes, and keep no session inline.
     ``tap``: what tapping takes (``dbproxy.tee.TapPlan``), None for an engine
     that is not tapped.  The core runs the observers inline — client side
     before the active stages (the attempt is recorded before a policy may
@@ -158,6 +161,7 @@ class Wiring:
     to_client_encoder: Callable[[bytes], bytes] = identity_encoder
     to_backend_encoder: Callable[[bytes], bytes] = identity_encoder
     finished: Callable[[], None] | None = None
+    client_guards: list = attrs.field(factory=list)
     client_observers: list = attrs.field(factory=list)
     backend_observers: list = attrs.field(factory=list)
     tap: TapPlan | None = None
@@ -185,7 +189,7 @@ def assemble(wiring: Wiring, audit: Any) -> Plumbing:
     active = wiring.client_stages or wiring.backend_stages
     if plan is None or (active and not plan.active_frames) or not getattr(audit, "can_tap", False):
         return Plumbing(wiring.client_decoder, wiring.backend_decoder,
-                        [*wiring.client_observers, *wiring.client_stages],
+                        [*wiring.client_guards, *wiring.client_observers, *wiring.client_stages],
                         [*wiring.backend_stages, *wiring.backend_observers])
     slot = audit.tap_open(plan.tap, plan.params) if plan.params else audit.tap_open(plan.tap)
     tees = (plan.tee.over(wiring.client_decoder, plan.client, functools.partial(audit.tap, slot, 0)),
@@ -195,9 +199,10 @@ def assemble(wiring: Wiring, audit: Any) -> Plumbing:
     if plan.active_frames:
         # The tees return the frames the active stages act on as messages (the rest are tapped):
         # those go through the observers and stages inline, as in an untapped session.
-        return Plumbing(tees[0], tees[1], [*wiring.client_observers, *wiring.client_stages],
+        return Plumbing(tees[0], tees[1], [*wiring.client_guards, *wiring.client_observers, *wiring.client_stages],
                         [*wiring.backend_stages, *wiring.backend_observers], close=close)
-    return Plumbing(tees[0], tees[1], [], [], close=close)
+    # Guards run in both modes: here on the few frames the tees hand out (the rest are tapped).
+    return Plumbing(tees[0], tees[1], list(wiring.client_guards), [], close=close)
 
 
 async def send_quietly(stream: Any, data: bytes) -> None:

@@ -178,7 +178,7 @@ class TapPlan:
     client: FrameSide
     backend: FrameSide
     params: dict = attrs.field(factory=dict)
-    tee: type = Tee
+    tee: Any = Tee  # a Tee subclass, or a per-session object with the same over(decoder, side, tap)
     active_frames: bool = False
 
 

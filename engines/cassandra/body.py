@@ -16,7 +16,7 @@ check it).
 from __future__ import annotations
 
 import struct
-from typing import Iterable
+from typing import Any, Iterable
 
 import attrs
 
@@ -49,6 +49,12 @@ UNSET = Unset()
 """A bound value sent as ``not set`` ([value] length -2, v4+)."""
 
 
+_SHORT_FROM = SHORT.unpack_from
+_INT_FROM = INT.unpack_from
+_UINT_FROM = UINT.unpack_from
+_LONG_FROM = LONG.unpack_from
+
+
 def _truncated(what: str) -> CqlProtocolError:
     return CqlProtocolError(f"truncated CQL message body while reading {what}", client_hint="malformed CQL message body")
 
@@ -57,37 +63,52 @@ def _truncated(what: str) -> CqlProtocolError:
 
 
 class Reader:
-    """Bounds-checked reads of the spec's notations (section 3) over a memoryview."""
+    """Bounds-checked reads of the spec's notations (section 3) over a memoryview.
 
-    __slots__ = ("buf", "pos", "version")
+    Fixed-size fields are unpacked in place (``unpack_from``), not through a
+    slice: the audit reads every request and result this way."""
+
+    __slots__ = ("buf", "pos", "version", "end")
 
     def __init__(self, buf: bytes | memoryview, version: int, pos: int = 0) -> None:
         self.buf = memoryview(buf)
         self.pos = pos
         self.version = version
+        self.end = len(self.buf)
 
     def _take(self, n: int, what: str) -> memoryview:
         start = self.pos
         end = start + n
-        if n < 0 or end > len(self.buf):
+        if n < 0 or end > self.end:
             raise _truncated(what)
         self.pos = end
         return self.buf[start:end]
 
+    def _fixed(self, unpack: Any, size: int, what: str) -> int:
+        start = self.pos
+        if start + size > self.end:
+            raise _truncated(what)
+        self.pos = start + size
+        return unpack(self.buf, start)[0]
+
     def byte(self) -> int:
-        return self._take(1, "[byte]")[0]
+        start = self.pos
+        if start >= self.end:
+            raise _truncated("[byte]")
+        self.pos = start + 1
+        return self.buf[start]
 
     def short(self) -> int:
-        return SHORT.unpack(self._take(2, "[short]"))[0]
+        return self._fixed(_SHORT_FROM, 2, "[short]")
 
     def int32(self) -> int:
-        return INT.unpack(self._take(4, "[int]"))[0]
+        return self._fixed(_INT_FROM, 4, "[int]")
 
     def uint32(self) -> int:
-        return UINT.unpack(self._take(4, "[int]"))[0]
+        return self._fixed(_UINT_FROM, 4, "[int]")
 
     def int64(self) -> int:
-        return LONG.unpack(self._take(8, "[long]"))[0]
+        return self._fixed(_LONG_FROM, 8, "[long]")
 
     def flags(self) -> int:
         """Query/batch flags: [byte] before v5, [int] from v5 (v5 spec section 9)."""

@@ -73,7 +73,8 @@ from dbproxy.statements import Refusal, Statement, Token
 
 from . import protocol as F
 from .cql import split_statements
-from .stages import CqlSessionState, PreparedInfo
+from .observers import CqlSessionState
+from .prepared import PreparedInfo
 
 READ_COMMANDS = frozenset({"SELECT", "USE", "DESCRIBE", "LIST"})
 SYSTEM_READABLE = frozenset({"system", "system_schema", "system_virtual_schema", "system_views"})

@@ -143,6 +143,7 @@ class Rows:
     new_metadata_id: bytes | None
     columns: tuple[ColumnSpec, ...]
     row_count: int
+    end: int = 0  # body offset just past the row count: what the audit reads of the result ends here
 
     @property
     def has_more_pages(self) -> bool:
@@ -212,7 +213,7 @@ def parse_result(frame: Frame) -> Result:
         new_id = r.short_bytes() if frame.version >= 5 and flags & RF_METADATA_CHANGED else None
         columns = _read_column_specs(r, flags, count)
         row_count = r.int32()
-        return Result(kind, rows=Rows(flags, count, paging_state, new_id, columns, row_count))
+        return Result(kind, rows=Rows(flags, count, paging_state, new_id, columns, row_count, r.pos))
     if kind == ResultKind.SET_KEYSPACE:
         return Result(kind, keyspace=r.string())
     if kind == ResultKind.PREPARED:

@@ -8,7 +8,10 @@ its own process, both pointing at the node over loopback TCP:
     relay      ``scripts.bench.relay``: accept, connect, two byte pumps — the
                floor cost of any trio proxy
     dbproxy    ``python -m dbproxy.cli serve`` with one Cassandra listener, the
-               proxy's own SASL PLAIN login and a JSONL audit sink
+               proxy's own SASL PLAIN login and a JSONL audit sink; no
+               statement rules, so its sessions are tapped: the proxy frames,
+               checks and tees, the audit worker runs the CQL audit
+               (``engines/cassandra/tap.py``) — its CPU is in ``cpu/kop``
 
 Every target is driven by the same cassandra-driver load at protocol v5 with
 LZ4 segments: ``--concurrency`` requests kept in flight with

@@ -13,10 +13,10 @@ from dbproxy.channel import MessageStream
 from dbproxy.errors import BufferBudgetExceeded, MessageTimeout
 from dbproxy.engines.cassandra import protocol as F
 from dbproxy.engines.cassandra.codec import CqlDecoder
-from dbproxy.engines.cassandra.engine import _ClientWire
-from dbproxy.engines.cassandra.stages import CqlSessionState, PreparedCache, _Pending
+from dbproxy.engines.cassandra.observers import CqlSessionState, _Pending
+from dbproxy.engines.cassandra.prepared import PreparedCache
+from dbproxy.engines.cassandra.clientwire import ClientWire
 
-from .test_cql_stages import _engine
 
 
 def _errors(data: bytes) -> list[tuple[int, int, str]]:
@@ -30,7 +30,7 @@ def _errors(data: bytes) -> list[tuple[int, int, str]]:
 
 
 def _session(partial: bytes):
-    wire = _ClientWire(MessageStream(None, CqlDecoder("client")))
+    wire = ClientWire(MessageStream(None, CqlDecoder("client")))
     wire.version = 4
     wire.channel.decoder.feed(partial)
     state = CqlSessionState(backend="127.0.0.1:9042", prepared=PreparedCache(), version=4)
@@ -46,7 +46,7 @@ def test_budget_refusal_is_overloaded_on_the_partial_frames_stream():
     wire, state = _session(PARTIAL)
     exc = BufferBudgetExceeded(1_000_009, 100, 1 << 20)
     exc.direction = "client"
-    errors = _errors(_engine()._pipeline_error(wire, state, exc))
+    errors = _errors(wire.pipeline_error(state, exc))
     assert errors == [
         (5, F.ErrorCode.OVERLOADED, exc.client_hint),
         (9, F.ErrorCode.SERVER_ERROR, exc.client_hint),
@@ -58,7 +58,7 @@ def test_deadline_is_protocol_error_on_the_partial_frames_stream():
     wire, state = _session(PARTIAL)
     exc = MessageTimeout(60, 109)
     exc.direction = "client"
-    errors = _errors(_engine()._pipeline_error(wire, state, exc))
+    errors = _errors(wire.pipeline_error(state, exc))
     assert errors == [
         (5, F.ErrorCode.PROTOCOL_ERROR, "message not received in time (the proxy waits 60 s for a message to complete)"),
         (9, F.ErrorCode.SERVER_ERROR, exc.client_hint),
@@ -69,4 +69,4 @@ def test_backend_side_bound_answers_the_waiting_requests():
     wire, state = _session(PARTIAL)  # the client's partial frame is not what the proxy refused
     exc = BufferBudgetExceeded(50_000_000, 100, 1 << 20)
     exc.direction = "backend"
-    assert _errors(_engine()._pipeline_error(wire, state, exc)) == [(9, F.ErrorCode.SERVER_ERROR, exc.client_hint)]
+    assert _errors(wire.pipeline_error(state, exc)) == [(9, F.ErrorCode.SERVER_ERROR, exc.client_hint)]

@@ -26,7 +26,9 @@ from dbproxy.engines.cassandra.policy import (
     prepared_id_for,
     vouched,
 )
-from dbproxy.engines.cassandra.stages import CqlSessionState, PreparedCache, PreparedInfo, RequestAudit, ResponseAudit
+from dbproxy.engines.cassandra.observers import CqlSessionState, RequestAudit, ResponseAudit
+from dbproxy.engines.cassandra.prepared import PreparedCache, PreparedInfo
+from dbproxy.engines.cassandra.stages import SessionGuard
 from tests.unit.cassandra.cql_testutil import vector
 from tests.unit.cassandra.test_cql_stages import FakeAudit, _short_bytes, _string, execute_body, request, response
 
@@ -231,7 +233,8 @@ def pipeline(grant: Grant, version: int = 4, compressor: str | None = None, cach
     audit = FakeAudit()
     session = Sess(audit)
     state = CqlSessionState(backend="127.0.0.1:9042", prepared=cache if cache is not None else PreparedCache(), session=session, version=version)
-    stages = [RequestAudit(state, audit, compressor=compressor), CqlPolicy(state, grant, session, audit, compressor=compressor)]
+    stages = [SessionGuard(audit, compressor=compressor), RequestAudit(state, audit),
+              CqlPolicy(state, grant, session, audit, compressor=compressor)]
     return state, audit, stages, ResponseAudit(state, audit)
 
 

@@ -18,15 +18,10 @@ from dbproxy.errors import ConfigErrors, MalformedMessage
 from dbproxy.engines import default_registry
 from dbproxy.engines.cassandra import protocol as F
 from dbproxy.engines.cassandra.auth import ClientAuthFailed, PlainClientAuthenticator
-from dbproxy.engines.cassandra.stages import (
-    CqlSessionState,
-    PreparedCache,
-    PreparedInfo,
-    RequestAudit,
-    ResponseAudit,
-    parse_prepared_bind_metadata,
-    render_value,
-)
+from dbproxy.engines.cassandra.observers import CqlSessionState, RequestAudit, ResponseAudit
+from dbproxy.engines.cassandra.prepared import PreparedCache, PreparedInfo, parse_prepared_bind_metadata
+from dbproxy.engines.cassandra.stages import SessionGuard
+from dbproxy.engines.cassandra.values import render_value
 from tests.unit.cassandra.cql_testutil import vector
 from tests.unit.cassandra.test_cql_real import read_side
 
@@ -237,7 +232,9 @@ def test_batch_children_and_register():
 def test_handshake_messages_after_login_are_refused_not_forwarded(opcode):
     state, audit, req, res = stages(4)
     body = F.startup_body({"CQL_VERSION": "3.0.0"}) if opcode == F.Opcode.STARTUP else F.auth_token_body(b"\x00u\x00secret")
-    verdict = req.handle(request(4, 9, opcode, body), None)
+    frame = request(4, 9, opcode, body)
+    assert req.handle(frame, None) is None  # the audit observer only looks; the guard refuses
+    verdict = SessionGuard(audit).handle(frame, None)
     assert verdict is not None and verdict.replace == () and not verdict.close
     reply = F.Frame(4, 0, 9, F.Opcode.ERROR, verdict.reply)
     assert F.parse_error(reply).code == F.ErrorCode.PROTOCOL_ERROR
