@@ -51,6 +51,8 @@ class BackendConfig:
     auth: AuthConfig
     tls: BackendTLS
     options: dict = attrs.field(factory=dict)
+    # What the engine's ``validate_backend`` made of its own ``backend_keys`` (SSH: login, host_key).
+    extra: dict = attrs.field(factory=dict)
 
     @property
     def address(self) -> str:
@@ -110,6 +112,8 @@ class ListenerConfig:
     kind: str = "tcp"  # one of LISTENER_KINDS
     udp: UdpOptions = UdpOptions()
     http: HttpOptions = HttpOptions()
+    # What the engine's ``validate_listener`` returned for its own ``listener_keys`` (SSH: host_key_file).
+    extra: dict = attrs.field(factory=dict)
 
 
 
@@ -393,12 +397,14 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
     d = v.obj(item, path)
     if d is None:
         return None
-    v.unknown_keys(d, LISTENER_KEYS, path)
     name = v.string(d, "name", path)
     engine_cls = None
     protocol = v.string(d, "protocol", path, choices=tuple(registry.names()))
     if protocol is not None:
         engine_cls = registry.get(protocol)
+    # An engine may own a few top-level listener keys (``listener_keys``, validated by its
+    # ``validate_listener``, whose returned dict becomes ``ListenerConfig.extra``).
+    v.unknown_keys(d, LISTENER_KEYS | set(getattr(engine_cls, "listener_keys", ())), path)
     addr = v.address(d, "listen", path)
     tls = None
     if "tls" in d:
@@ -437,8 +443,9 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
             if rc is not None:
                 routes.append(rc)
     kind, udp, http = _listener_kind(v, d, path, engine_cls, protocol, tls)
+    extra: dict = {}
     if engine_cls is not None and hasattr(engine_cls, "validate_listener"):
-        engine_cls.validate_listener(v, d, path)
+        extra = engine_cls.validate_listener(v, d, path) or {}
     if name is None or protocol is None or addr is None or kind is None:
         return None
     return ListenerConfig(
@@ -454,6 +461,7 @@ def _listener(v: _Validator, item: Any, path: str, registry: Any) -> ListenerCon
         kind=kind,
         udp=udp,
         http=http,
+        extra=extra,
     )
 
 
@@ -543,7 +551,7 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
     d = v.obj(item, path)
     if d is None:
         return None
-    v.unknown_keys(d, BACKEND_KEYS, path)
+    v.unknown_keys(d, BACKEND_KEYS | set(getattr(engine_cls, "backend_keys", ())), path)
     addr = v.address(d, "address", path)
     database = v.string(d, "database", path, required=False)
     user = v.string(d, "user", path, required=False)
@@ -580,6 +588,8 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
             key = v.file_path(td, "key_file", tp, required=cert is not None)
             tls = BackendTLS(mode=mode, ca_file=ca, server_name=server_name, cert_file=cert, key_file=key)
     options = d.get("options", {}) if isinstance(d.get("options", {}), dict) else {}
+    # The engine's own backend keys (``backend_keys``): its ``validate_backend`` returns ``extra``.
+    extra = engine_cls.validate_backend(v, d, path) or {} if hasattr(engine_cls, "validate_backend") else {}
     if addr is None or auth is None:
         return None
     try:
@@ -587,7 +597,7 @@ def _backend(v: _Validator, item: Any, path: str, engine_cls: Any) -> BackendCon
     except ValueError:
         pass  # host names are fine; resolution happens at connect time
     return BackendConfig(
-        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options
+        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options, extra=extra
     )
 
 

@@ -128,7 +128,11 @@ class Wiring:
     """How the engine's pipeline is put together (``Engine.wiring``).
 
     ``finished``: called when the pipeline returns or fails (closing an audit
-    tap…), before ``Engine.session_ended``.
+    tap…), before ``Engine.session_ended``.  ``relay``: an engine whose protocol
+    library owns the transport (SSH: asyncssh multiplexes channels over it) runs
+    the session itself; an object shaped like ``Pipeline`` (``async run()``,
+    ``end_reason``, ``statistics()``) the core runs instead of building one (the
+    decoders, stages and encoders are then unused).
     """
 
     client_decoder: Any
@@ -140,6 +144,7 @@ class Wiring:
     to_client_encoder: Callable[[bytes], bytes] = identity_encoder
     to_backend_encoder: Callable[[bytes], bytes] = identity_encoder
     finished: Callable[[], None] | None = None
+    relay: Any = None
 
 
 async def send_quietly(stream: Any, data: bytes) -> None:
@@ -271,7 +276,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
             audit.on_session_start(success=True, **request.start_fields)
         await engine.ready(session, request, backend)
         wiring = engine.wiring(session, request, backend, grant)
-        pipeline = Pipeline(
+        pipeline = wiring.relay if wiring.relay is not None else Pipeline(
             session=session,
             client=request.client.stream,
             backend=backend.stream,

@@ -1,0 +1,332 @@
+"""SSH through the proxy with the real OpenSSH client and server.
+
+The target is a private OpenSSH sshd (``scripts/peers/sshd.py``) that only
+accepts the proxy's key; the clients are OpenSSH's ``ssh`` and ``sftp`` (the
+token typed by ``SSH_ASKPASS``, as a person's ssh would ask for it), and an
+interactive shell is driven in tmux (send-keys, capture-pane).  Every test
+checks the audit trail the proxy wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_binary
+from tests.support import ROOT, ProxyProcess, read_audit, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "dbproxy.cli", *args], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def _backend(sshd, known_hosts, *, login: bool = True) -> dict:
+    backend = {"address": sshd.address, "auth": {"method": "publickey", "key_file": str(sshd.client_key)},
+               "host_key": {"known_hosts_file": str(known_hosts)}}
+    if login:
+        backend["login"] = sshd.login
+    return backend
+
+
+@pytest.fixture(scope="module")
+def sshproxy(sshd, tmp_path_factory):
+    from scripts.peers.sshd import make_key
+
+    require_binary("ssh")
+    workdir = tmp_path_factory.mktemp("sshproxy")
+    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
+         "--public-key-file", str(workdir / "token.pub"))
+    make_key(workdir / "proxy_host_ed25519", "dbproxy-proxy-host")
+    # A known_hosts that names another key for the target's address: the proxy must refuse it.
+    other = make_key(workdir / "impostor_ed25519", "impostor")
+    kind, blob = Path(f"{other}.pub").read_text().split()[:2]
+    wrong = workdir / "wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
+    config = {
+        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
+        "roles": {
+            "ops": {"routes": ["*"], "databases": ["web-*", "rekeyed-*"], "db_users": [sshd.login]},
+        },
+        "listeners": [{
+            "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0",
+            "host_key_file": "proxy_host_ed25519",
+            "auth": {"methods": ["token"]},
+            "routes": [
+                # No backend login: the session logs in as the login the client named (if a role grants it).
+                {"name": "web", "match": {"target": "web-*"}, "backend": _backend(sshd, sshd.known_hosts, login=False)},
+                {"name": "db", "match": {"target": "db-*"}, "backend": _backend(sshd, sshd.known_hosts)},
+                {"name": "rekeyed", "match": {"target": "rekeyed-*"}, "backend": _backend(sshd, wrong)},
+            ],
+        }],
+        "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
+    }
+    proc = ProxyProcess(workdir, config, name="proxy").start()
+    proc.audit_path = workdir / "audit.jsonl"
+    proc.login = sshd.login
+    # The client knows the proxy's host key (StrictHostKeyChecking=yes below).
+    kind, blob = (workdir / "proxy_host_ed25519.pub").read_text().split()[:2]
+    proc.known_hosts = workdir / "client_known_hosts"
+    proc.known_hosts.write_text(f"[127.0.0.1]:{proc.port()} {kind} {blob}\n")
+    askpass = workdir / "askpass.sh"
+    askpass.write_text('#!/bin/sh\nprintf "%s\\n" "$DBPROXY_TOKEN"\n')
+    askpass.chmod(0o700)
+    proc.askpass = askpass
+    proc.token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "alice", "--roles", "ops",
+                      "--ttl", "1h")
+    yield proc
+    proc.stop()
+
+
+def client_env(proxy, token: str | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(SSH_ASKPASS=str(proxy.askpass), SSH_ASKPASS_REQUIRE="force", DBPROXY_TOKEN=token or proxy.token)
+    env.pop("SSH_AUTH_SOCK", None)
+    return env
+
+
+def ssh_options(proxy) -> list[str]:
+    return ["-F", "/dev/null", "-o", f"UserKnownHostsFile={proxy.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "PubkeyAuthentication=no", "-o", "ConnectTimeout=10", "-o", "NumberOfPasswordPrompts=1"]
+
+
+def ssh(proxy, target: str, *args: str, token: str | None = None, login: str | None = None,
+        extra: tuple = (), timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", *ssh_options(proxy), "-p", str(proxy.port()), *extra, f"{login or proxy.login}@{target}@127.0.0.1",
+         *args],
+        capture_output=True, text=True, env=client_env(proxy, token), stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def events(proxy, condition, timeout: float = 15.0) -> list[dict]:
+    box: list[dict] = []
+
+    def check():
+        box[:] = read_audit(proxy.audit_path)
+        return condition(box)
+
+    wait_until(check, timeout=timeout, what="audit condition")
+    return box
+
+
+def session_events(evs: list[dict], sid: str) -> list[dict]:
+    return [e for e in evs if e.get("sid") == sid]
+
+
+def start_of(evs: list[dict], target: str, success: bool) -> dict:
+    found = [e for e in evs if e["event"] == "ssh.session.start" and e.get("requested_target") == target
+             and e.get("success") is success]
+    assert found, f"no ssh.session.start for {target} success={success}"
+    return found[-1]
+
+
+# --------------------------------------------------------------------------- exec
+
+
+def test_exec_output_and_exit_status_relayed_and_audited(sshproxy):
+    marker = uuid.uuid4().hex
+    command = f"echo hi-{marker}; echo err-{marker} >&2; exit 7"
+    r = ssh(sshproxy, "web-1", command, extra=("-o", "PreferredAuthentications=password"))
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == f"hi-{marker}\n"
+    assert f"err-{marker}" in r.stderr
+
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.end" and any(
+        x.get("command") == command and x.get("sid") == e.get("sid") for x in es) for e in es))
+    (execd,) = [e for e in evs if e["event"] == "ssh.exec" and e.get("command") == command]
+    mine = session_events(evs, execd["sid"])
+    kinds = [e["event"] for e in mine]
+    assert kinds.index("ssh.session.start") < kinds.index("ssh.exec") < kinds.index("ssh.channel.end") \
+        < kinds.index("ssh.session.end")
+    start = mine[kinds.index("ssh.session.start")]
+    assert start["success"] is True
+    assert start["user"] == "alice"
+    assert start["requested_target"] == "web-1" and start["client_auth"] == "password"
+    (end,) = [e for e in mine if e["event"] == "ssh.channel.end"]
+    assert end["exit_status"] == 7 and end["channel_type"] == "exec"
+    text = sshproxy.audit_path.read_text() + sshproxy.log_text()
+    assert sshproxy.token not in text
+
+
+def test_keyboard_interactive_token(sshproxy):
+    """OpenSSH prefers keyboard-interactive: the proxy's one prompt takes the token."""
+    r = ssh(sshproxy, "web-2", "printf %s kbd-ok", extra=("-o", "PreferredAuthentications=keyboard-interactive"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "kbd-ok"
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "web-2"
+                                          for e in es))
+    assert start_of(evs, "web-2", True)["client_auth"] == "keyboard-interactive"
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_wrong_token_refused(sshproxy):
+    r = ssh(sshproxy, "web-3", "echo should-not-run", token="not-a-token")
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout
+    assert "the dbproxy token was not accepted" in r.stderr
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "web-3"
+                                          for e in es))
+    start = start_of(evs, "web-3", False)
+    assert any(e["event"].endswith("access_denied") and e.get("sid") == start["sid"] and e["stage"] == "authenticate"
+               for e in evs)
+    assert not any(e["event"] == "ssh.exec" and e.get("sid") == start["sid"] for e in evs)
+    assert "not-a-token" not in sshproxy.audit_path.read_text()
+
+
+def test_target_not_granted_refused(sshproxy):
+    r = ssh(sshproxy, "db-1", "echo should-not-run")
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout
+    assert "access denied: you may not log in to 'db-1'" in r.stderr
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "db-1"
+                                          for e in es))
+    start = start_of(evs, "db-1", False)
+    assert start["reason"] == "no_role_allows"
+
+
+def test_login_not_granted_refused(sshproxy):
+    r = ssh(sshproxy, "web-1", "echo should-not-run", login="nobody")
+    assert r.returncode == 255
+    assert "access denied: you may not log in to 'web-1' as 'nobody'" in r.stderr
+
+
+def test_bad_user_name_refused(sshproxy):
+    r = subprocess.run(["ssh", *ssh_options(sshproxy), "-p", str(sshproxy.port()), f"{sshproxy.login}@127.0.0.1", "true"],
+                       capture_output=True, text=True, env=client_env(sshproxy), stdin=subprocess.DEVNULL, timeout=30)
+    assert r.returncode == 255
+    assert "LOGIN@TARGET" in r.stderr
+
+
+def test_target_host_key_mismatch_refused(sshproxy):
+    r = ssh(sshproxy, "rekeyed-1", "echo should-not-run")
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout
+    assert "does not match the proxy's known_hosts" in r.stderr
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "rekeyed-1"
+                                          for e in es))
+    start = start_of(evs, "rekeyed-1", False)
+    assert start["reason"] == "target_host_key"
+
+
+def test_port_forwarding_refused_and_audited(sshproxy, sshd):
+    """``ssh -W`` asks for a direct-tcpip channel (what -L and -D use): refused, audited, nothing connected."""
+    r = ssh(sshproxy, "web-4", extra=("-W", f"127.0.0.1:{sshd.port}"))
+    assert r.returncode == 255
+    assert "administratively prohibited" in r.stderr
+    assert "SSH-2.0-OpenSSH" not in r.stdout  # the target's banner never came through
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.forward" for e in es))
+    start = start_of(evs, "web-4", True)
+    (fwd,) = [e for e in evs if e["event"] == "ssh.forward" and e.get("sid") == start["sid"]]
+    assert fwd["request"] == "direct-tcpip" and fwd["verdict"] == "denied"
+    assert fwd["dest_port"] == sshd.port
+
+
+def test_remote_forwarding_refused_and_audited(sshproxy):
+    r = ssh(sshproxy, "web-5", "true", extra=("-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:9"))
+    assert r.returncode == 255
+    assert "remote port forwarding failed" in r.stderr.lower()
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.forward" and e.get("request") == "tcpip-forward"
+                                          for e in es))
+    start = start_of(evs, "web-5", True)
+    assert any(e["event"] == "ssh.forward" and e.get("sid") == start["sid"] and e["verdict"] == "denied" for e in evs)
+
+
+# --------------------------------------------------------------------------- sftp
+
+
+def test_sftp_put_and_get(sshproxy, tmp_path):
+    require_binary("sftp")
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    src = tmp_path / "up.bin"
+    src.write_bytes(payload)
+    remote = tmp_path / "remote.bin"  # the target is this machine: the file lands here
+    back = tmp_path / "down.bin"
+    # Commands on stdin, not ``-b``: batch mode makes sftp run ssh with BatchMode=yes (no password prompt).
+    r = subprocess.run(["sftp", *ssh_options(sshproxy), "-P", str(sshproxy.port()), f"{sshproxy.login}@web-6@127.0.0.1"],
+                       input=f"put {src} {remote}\nget {remote} {back}\nbye\n", capture_output=True, text=True,
+                       env=client_env(sshproxy), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert remote.read_bytes() == payload
+    assert back.read_bytes() == payload
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.subsystem" for e in es))
+    start = start_of(evs, "web-6", True)
+    (sub,) = [e for e in evs if e["event"] == "ssh.subsystem" and e.get("sid") == start["sid"]]
+    assert sub["subsystem"] == "sftp"
+
+
+# --------------------------------------------------------------------------- interactive shell
+
+
+class Tmux:
+    def __init__(self, name: str) -> None:
+        self.socket = f"dbproxy-test-{name}"
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "t")
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not on the screen:\n{screen}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+
+
+def test_interactive_shell_in_tmux(sshproxy):
+    require_binary("tmux")
+    tmux = Tmux(uuid.uuid4().hex[:8])
+    env = client_env(sshproxy)
+    command = " ".join(["env", f"SSH_ASKPASS={env['SSH_ASKPASS']}", "SSH_ASKPASS_REQUIRE=force",
+                        f"DBPROXY_TOKEN={env['DBPROXY_TOKEN']}", "ssh", *ssh_options(sshproxy), "-tt", "-p",
+                        str(sshproxy.port()), f"{sshproxy.login}@web-7@127.0.0.1"])
+    try:
+        tmux.run("new-session", "-d", "-s", "t", "-x", "120", "-y", "40", command)
+        tmux.run("send-keys", "-t", "t", "export PS1='prompt$ '", "Enter")
+        tmux.wait_for("prompt$")
+        tmux.run("send-keys", "-t", "t", "echo $((6*7))-answer", "Enter")
+        tmux.wait_for("42-answer")
+        # The pty size went through, and a resize (window-change, RFC 4254 §6.7) follows.
+        tmux.run("send-keys", "-t", "t", "stty size", "Enter")
+        tmux.wait_for("40 120")
+        tmux.run("resize-window", "-t", "t", "-x", "100", "-y", "30")
+        time.sleep(0.3)
+        tmux.run("send-keys", "-t", "t", "clear; stty size", "Enter")
+        tmux.wait_for("30 100")
+        # Ctrl-C reaches the remote foreground program through the pty.
+        tmux.run("send-keys", "-t", "t", "sleep 30; echo not-interrupted", "Enter")
+        time.sleep(0.5)
+        tmux.run("send-keys", "-t", "t", "C-c", "")
+        tmux.run("send-keys", "-t", "t", "echo after-$((1+1))", "Enter")
+        # Within wait_for's 15 s, so the 30 s sleep was interrupted; its echo never ran.
+        screen = tmux.wait_for("after-2")
+        assert "not-interrupted" not in [line.strip() for line in screen.splitlines()]
+        tmux.run("send-keys", "-t", "t", "exit", "Enter")
+    finally:
+        tmux.kill()
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.shell" for e in es) and any(
+        e["event"] == "ssh.session.end" and e.get("sid") == start_of(es, "web-7", True)["sid"] for e in es))
+    start = start_of(evs, "web-7", True)
+    (shell,) = [e for e in evs if e["event"] == "ssh.shell" and e.get("sid") == start["sid"]]
+    assert shell["pty"] is True and shell["term"]
