@@ -44,6 +44,8 @@ import attrs
 import trio
 import trio_asyncio
 
+from .recording import AsciicastWriter
+
 log = logging.getLogger("dbproxy.ssh")
 
 # asyncssh logs every packet-level step at INFO; the proxy's log is for sessions.
@@ -204,8 +206,11 @@ class Relay:
     ``statistics``): ``run`` returns when either SSH connection ends, and closes the other.
     """
 
-    def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection") -> None:
+    def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection", *,
+                 recording_dir: str | None = None) -> None:
         self.session = session
+        self.recording_dir = recording_dir
+        self.recordings: list[dict] = []
         self.gate = gate
         self.target = target
         self.ended = trio.Event()
@@ -277,6 +282,7 @@ class ChannelRelay(asyncssh.SSHServerSession):
         # the client cannot send more than the window RFC 4254 §5.2 grants it).
         self.early: list[bytes] = []
         self.early_eof = False
+        self.recorder: AsciicastWriter | None = None
 
     # -- requests from the client ----------------------------------------------------------
     def connection_made(self, chan: Any) -> None:
@@ -311,6 +317,19 @@ class ChannelRelay(asyncssh.SSHServerSession):
         return allowed
 
     def session_started(self) -> None:
+        if self.term is not None and self.relay.recording_dir is not None:
+            term_type, (width, height, _, _), _ = self.term
+            path = os.path.join(self.relay.recording_dir, f"{self.relay.session.id}-{self.number}.cast")
+            try:
+                self.recorder = AsciicastWriter(path, width, height, term_type)
+            except OSError as exc:
+                # Nothing unrecorded reaches a target: without its recording the channel does not start.
+                log.error("session %s: cannot write the recording %s: %s", self.relay.session.id, path, exc)
+                self.relay.emit("ssh.channel.error", channel=self.number, channel_type=self.kind,
+                                error=f"recording unavailable: {exc.strerror or exc}")
+                self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
+                self.chan.exit(255)
+                return
         asyncio.ensure_future(self._open_target())
 
     async def _open_target(self) -> None:
@@ -364,6 +383,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
         return True  # half-close: the target's output and exit status still come back
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self.recorder is not None:
+            self.recorder.resize(width, height)
         if self.target_chan is None:
             self.pending_size = (width, height, pixwidth, pixheight)
         else:
@@ -403,6 +424,11 @@ class ChannelRelay(asyncssh.SSHServerSession):
             fields["exit_status"] = self.exit_status
         if self.exit_signal is not None:
             fields["exit_signal"] = self.exit_signal
+        if self.recorder is not None:
+            recorded = self.recorder.close()
+            self.recorder = None
+            fields.update(recorded)
+            self.relay.recordings.append({"channel": self.number, **recorded})
         self.relay.emit("ssh.channel.end", **fields)
         self.relay.channel_closed(self)
 
@@ -410,6 +436,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
     def target_data(self, data: bytes, datatype: Any) -> None:
         self.bytes_out += len(data)
         self.relay.to_client.bytes_out += len(data)
+        if self.recorder is not None:
+            self.recorder.output(data)
         if not self.closed:
             self.chan.write(data, datatype)
 

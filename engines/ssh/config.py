@@ -20,7 +20,8 @@ from typing import Any
 
 import attrs
 
-LISTENER_KEYS = ("host_key_file",)
+LISTENER_KEYS = ("host_key_file", "recording")
+RECORDING_KEYS = {"dir"}
 BACKEND_KEYS = ("login", "host_key")
 HOST_KEY_KEYS = {"known_hosts_file"}
 AUTH_KEYS = {"publickey": {"key_file"}, "password": set()}
@@ -67,6 +68,18 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
             v.err(f"{path}.host_key_file", problem)
         else:
             extra["host_key_file"] = key
+    if "recording" in d:
+        rp = f"{path}.recording"
+        rd = v.obj(d["recording"], rp)
+        if rd is not None:
+            v.unknown_keys(rd, RECORDING_KEYS, rp)
+            folder = v.string(rd, "dir", rp)
+            if folder is not None:
+                resolved = folder if os.path.isabs(folder) else os.path.join(v.base, folder)
+                if not os.path.isdir(resolved) or not os.access(resolved, os.W_OK):
+                    v.err(f"{rp}.dir", f"a writable folder for the recordings, but {resolved} is not one")
+                else:
+                    extra["recording_dir"] = resolved
     if "auth" not in d:
         # Without it the core would make the listener anonymous: an SSH proxy that lets anyone
         # in with its own keys to the targets is never what is meant.

@@ -197,12 +197,17 @@ class SSHEngine(Engine):
         request.extra.accept()
 
     def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
-        relay = Relay(session, request.extra, backend.stream.target)
+        relay = Relay(session, request.extra, backend.stream.target,
+                      recording_dir=self.listener.extra.get("recording_dir"))
         return Wiring(None, None, [], [], None, client_error=lambda exc: b"", relay=relay)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring,
                             pipeline: Any) -> dict:
-        return {"channels": pipeline.channels, "execs": pipeline.execs}
+        fields: dict = {"channels": pipeline.channels, "execs": pipeline.execs}
+        if pipeline.recordings:
+            # In the end event, so the audit's hash chain covers each recording's bytes.
+            fields["recordings"] = pipeline.recordings
+        return fields
 
     def unavailable(self, request: Request, reason: str) -> Refused:
         return Refused(reason, code=DISC_UNAVAILABLE)

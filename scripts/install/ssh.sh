@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the SSH test peers and clients (Debian 12, root): OpenSSH's sshd (the
 # target the proxy logs in to), the real ssh/sftp/scp clients, tmux (drives the
-# interactive tests: send-keys, capture-pane).  The Python side (asyncssh,
+# interactive tests: send-keys, capture-pane), asciinema (reads the recordings back).  The Python side (asyncssh,
 # trio-asyncio) is a dependency of the package (pyproject.toml) and comes with
 # scripts/setup's pip install.
 # Idempotent: packages already present are skipped.  The tests never use the
@@ -9,7 +9,7 @@
 # with its own config, host key and authorized key on a free loopback port.
 set -euo pipefail
 
-PKGS=(openssh-server openssh-client tmux)
+PKGS=(openssh-server openssh-client tmux asciinema)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -9,6 +9,8 @@ checks the audit trail the proxy wrote.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +63,7 @@ def sshproxy(sshd, tmp_path_factory):
         "listeners": [{
             "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0",
             "host_key_file": "proxy_host_ed25519",
+            "recording": {"dir": "recordings"},
             "auth": {"methods": ["token"]},
             "routes": [
                 # No backend login: the session logs in as the login the client named (if a role grants it).
@@ -71,7 +74,9 @@ def sshproxy(sshd, tmp_path_factory):
         }],
         "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
     }
+    (workdir / "recordings").mkdir()
     proc = ProxyProcess(workdir, config, name="proxy").start()
+    proc.recordings = workdir / "recordings"
     proc.audit_path = workdir / "audit.jsonl"
     proc.login = sshd.login
     # The client knows the proxy's host key (StrictHostKeyChecking=yes below).
@@ -330,3 +335,36 @@ def test_interactive_shell_in_tmux(sshproxy):
     start = start_of(evs, "web-7", True)
     (shell,) = [e for e in evs if e["event"] == "ssh.shell" and e.get("sid") == start["sid"]]
     assert shell["pty"] is True and shell["term"]
+
+    # The terminal output was recorded (asciicast v2) and the end event carries its SHA-256.
+    (end,) = [e for e in evs if e["event"] == "ssh.session.end" and e.get("sid") == start["sid"]]
+    (rec,) = end["recordings"]
+    cast = sshproxy.recordings / rec["recording"]
+    data = cast.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == rec["recording_sha256"]
+    assert len(data) == rec["recording_bytes"]
+    lines = data.decode().splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and (header["width"], header["height"]) == (120, 40)
+    events_ = [json.loads(line) for line in lines[1:]]
+    output = "".join(e[2] for e in events_ if e[1] == "o")
+    assert "42-answer" in output and "after-2" in output
+    assert [e[2] for e in events_ if e[1] == "r"] == ["100x30"]
+    assert sshproxy.token not in data.decode()
+    # The real player reads it back (``asciinema cat`` wants a terminal: util-linux ``script`` gives it one).
+    require_binary("asciinema")
+    played = subprocess.run([require_binary("script"), "-qec", f"asciinema cat {cast}", "/dev/null"],
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert played.returncode == 0, played.stderr
+    assert "42-answer" in played.stdout
+
+
+def test_exec_without_pty_is_not_recorded(sshproxy):
+    r = ssh(sshproxy, "web-8", "echo plain")
+    assert r.returncode == 0 and r.stdout == "plain\n"
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.end" and e.get("sid") == start_of(es, "web-8", True)["sid"]
+                                          for e in es))
+    start = start_of(evs, "web-8", True)
+    (end,) = [e for e in evs if e["event"] == "ssh.session.end" and e.get("sid") == start["sid"]]
+    assert "recordings" not in end
+    assert not list(sshproxy.recordings.glob(f"{start['sid']}-*"))
