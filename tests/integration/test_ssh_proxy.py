@@ -55,10 +55,13 @@ def sshproxy(sshd, tmp_path_factory):
     kind, blob = Path(f"{other}.pub").read_text().split()[:2]
     wrong = workdir / "wrong_known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
+    from scripts.peers import free_port
+
+    closed_port = free_port()  # nothing listens there: the target is down
     config = {
         "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
         "roles": {
-            "ops": {"routes": ["*"], "databases": ["web-*", "rekeyed-*"], "db_users": [sshd.login]},
+            "ops": {"routes": ["*"], "databases": ["web-*", "rekeyed-*", "down-*"], "db_users": [sshd.login]},
         },
         "listeners": [{
             "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0",
@@ -70,6 +73,8 @@ def sshproxy(sshd, tmp_path_factory):
                 {"name": "web", "match": {"target": "web-*"}, "backend": _backend(sshd, sshd.known_hosts, login=False)},
                 {"name": "db", "match": {"target": "db-*"}, "backend": _backend(sshd, sshd.known_hosts)},
                 {"name": "rekeyed", "match": {"target": "rekeyed-*"}, "backend": _backend(sshd, wrong)},
+                {"name": "down", "match": {"target": "down-*"},
+                 "backend": {**_backend(sshd, sshd.known_hosts), "address": f"127.0.0.1:{closed_port}"}},
             ],
         }],
         "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
@@ -225,6 +230,40 @@ def test_target_host_key_mismatch_refused(sshproxy):
     assert start["reason"] == "target_host_key"
 
 
+def test_target_down_refused(sshproxy):
+    r = ssh(sshproxy, "down-1", "echo should-not-run")
+    assert r.returncode == 255
+    assert "the target 'down-1' is unreachable" in r.stderr
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "down-1"
+                                          for e in es))
+    assert start_of(evs, "down-1", False)["reason"] == "target_connect"
+
+
+def test_agent_and_x11_forwarding_refused_and_audited(sshproxy, tmp_path):
+    """``ssh -A`` with a running agent and ``ssh -X`` with a DISPLAY: both requests refused and audited; the
+    command still runs, without an agent socket on the target."""
+    agent_sock = tmp_path / "agent.sock"
+    agent = subprocess.run(["ssh-agent", "-a", str(agent_sock)], capture_output=True, text=True, timeout=10)
+    assert agent.returncode == 0, agent.stderr
+    agent_pid = int(agent.stdout.split("SSH_AGENT_PID=")[1].split(";")[0])
+    try:
+        env = client_env(sshproxy)
+        env.update(SSH_AUTH_SOCK=str(agent_sock), DISPLAY="127.0.0.1:93")
+        r = subprocess.run(["ssh", *ssh_options(sshproxy), "-A", "-X", "-p", str(sshproxy.port()),
+                            f"{sshproxy.login}@web-9@127.0.0.1", "echo agent=${SSH_AUTH_SOCK:-none}"],
+                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=30)
+    finally:
+        os.kill(agent_pid, 15)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "agent=none\n"
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.forward" and e.get("request") == "x11" for e in es)
+                 and any(e["event"] == "ssh.forward" and e.get("request") == "auth-agent" for e in es))
+    start = start_of(evs, "web-9", True)
+    refused = {e["request"] for e in evs if e["event"] == "ssh.forward" and e.get("sid") == start["sid"]}
+    assert refused == {"auth-agent", "x11"}
+    assert all(e["verdict"] == "denied" for e in evs if e["event"] == "ssh.forward" and e.get("sid") == start["sid"])
+
+
 def test_port_forwarding_refused_and_audited(sshproxy, sshd):
     """``ssh -W`` asks for a direct-tcpip channel (what -L and -D use): refused, audited, nothing connected."""
     r = ssh(sshproxy, "web-4", extra=("-W", f"127.0.0.1:{sshd.port}"))
@@ -368,3 +407,23 @@ def test_exec_without_pty_is_not_recorded(sshproxy):
     (end,) = [e for e in evs if e["event"] == "ssh.session.end" and e.get("sid") == start["sid"]]
     assert "recordings" not in end
     assert not list(sshproxy.recordings.glob(f"{start['sid']}-*"))
+
+
+def test_concurrent_sessions(sshproxy):
+    """Ten clients at once (each session runs its own asyncio loop inside its trio task)."""
+    procs = [subprocess.Popen(["ssh", *ssh_options(sshproxy), "-p", str(sshproxy.port()),
+                               f"{sshproxy.login}@web-c{i}@127.0.0.1", f"sleep 0.5; echo done-{i}; exit {i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(sshproxy),
+                              stdin=subprocess.DEVNULL) for i in range(10)]
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == i, err
+        assert out == f"done-{i}\n"
+    def sids(es: list[dict]) -> set:
+        return {e["sid"] for e in es if e["event"] == "ssh.session.start" and e["success"]
+                and str(e.get("requested_target")).startswith("web-c")}
+
+    evs = events(sshproxy, lambda es: len(sids(es)) == 10 and sum(
+        1 for e in es if e["event"] == "ssh.session.end" and e.get("sid") in sids(es)) == 10)
+    ends = [e for e in evs if e["event"] == "ssh.channel.end" and e.get("sid") in sids(evs)]
+    assert sorted(e["exit_status"] for e in ends) == list(range(10))
