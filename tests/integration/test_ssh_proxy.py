@@ -129,6 +129,16 @@ def events(proxy, condition, timeout: float = 15.0) -> list[dict]:
     return box
 
 
+def for_target(proxy, target: str, event: str, **match) -> list[dict]:
+    """The trail once the (successful) session to ``target`` has an ``event`` matching ``match``."""
+    def ready(es: list[dict]) -> bool:
+        sids = {e["sid"] for e in es if e["event"] == "ssh.session.start" and e.get("requested_target") == target
+                and e["success"]}
+        return any(e["event"] == event and e.get("sid") in sids and all(e.get(k) == v for k, v in match.items())
+                   for e in es)
+    return events(proxy, ready)
+
+
 def session_events(evs: list[dict], sid: str) -> list[dict]:
     return [e for e in evs if e.get("sid") == sid]
 
@@ -256,8 +266,8 @@ def test_agent_and_x11_forwarding_refused_and_audited(sshproxy, tmp_path):
         os.kill(agent_pid, 15)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "agent=none\n"
-    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.forward" and e.get("request") == "x11" for e in es)
-                 and any(e["event"] == "ssh.forward" and e.get("request") == "auth-agent" for e in es))
+    for_target(sshproxy, "web-9", "ssh.forward", request="x11")
+    evs = for_target(sshproxy, "web-9", "ssh.forward", request="auth-agent")
     start = start_of(evs, "web-9", True)
     refused = {e["request"] for e in evs if e["event"] == "ssh.forward" and e.get("sid") == start["sid"]}
     assert refused == {"auth-agent", "x11"}
@@ -270,7 +280,7 @@ def test_port_forwarding_refused_and_audited(sshproxy, sshd):
     assert r.returncode == 255
     assert "administratively prohibited" in r.stderr
     assert "SSH-2.0-OpenSSH" not in r.stdout  # the target's banner never came through
-    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.forward" for e in es))
+    evs = for_target(sshproxy, "web-4", "ssh.forward")
     start = start_of(evs, "web-4", True)
     (fwd,) = [e for e in evs if e["event"] == "ssh.forward" and e.get("sid") == start["sid"]]
     assert fwd["request"] == "direct-tcpip" and fwd["verdict"] == "denied"
@@ -281,8 +291,7 @@ def test_remote_forwarding_refused_and_audited(sshproxy):
     r = ssh(sshproxy, "web-5", "true", extra=("-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:9"))
     assert r.returncode == 255
     assert "remote port forwarding failed" in r.stderr.lower()
-    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.forward" and e.get("request") == "tcpip-forward"
-                                          for e in es))
+    evs = for_target(sshproxy, "web-5", "ssh.forward", request="tcpip-forward")
     start = start_of(evs, "web-5", True)
     assert any(e["event"] == "ssh.forward" and e.get("sid") == start["sid"] and e["verdict"] == "denied" for e in evs)
 
@@ -304,7 +313,7 @@ def test_sftp_put_and_get(sshproxy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert remote.read_bytes() == payload
     assert back.read_bytes() == payload
-    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.subsystem" for e in es))
+    evs = for_target(sshproxy, "web-6", "ssh.subsystem")
     start = start_of(evs, "web-6", True)
     (sub,) = [e for e in evs if e["event"] == "ssh.subsystem" and e.get("sid") == start["sid"]]
     assert sub["subsystem"] == "sftp"
@@ -369,8 +378,7 @@ def test_interactive_shell_in_tmux(sshproxy):
         tmux.run("send-keys", "-t", "t", "exit", "Enter")
     finally:
         tmux.kill()
-    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.shell" for e in es) and any(
-        e["event"] == "ssh.session.end" and e.get("sid") == start_of(es, "web-7", True)["sid"] for e in es))
+    evs = for_target(sshproxy, "web-7", "ssh.session.end")
     start = start_of(evs, "web-7", True)
     (shell,) = [e for e in evs if e["event"] == "ssh.shell" and e.get("sid") == start["sid"]]
     assert shell["pty"] is True and shell["term"]
@@ -401,8 +409,7 @@ def test_interactive_shell_in_tmux(sshproxy):
 def test_exec_without_pty_is_not_recorded(sshproxy):
     r = ssh(sshproxy, "web-8", "echo plain")
     assert r.returncode == 0 and r.stdout == "plain\n"
-    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.end" and e.get("sid") == start_of(es, "web-8", True)["sid"]
-                                          for e in es))
+    evs = for_target(sshproxy, "web-8", "ssh.session.end")
     start = start_of(evs, "web-8", True)
     (end,) = [e for e in evs if e["event"] == "ssh.session.end" and e.get("sid") == start["sid"]]
     assert "recordings" not in end
