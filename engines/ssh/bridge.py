@@ -44,6 +44,10 @@ import attrs
 import trio
 import trio_asyncio
 
+from dbproxy.access import audit_denial
+from dbproxy.errors import AccessDenied
+
+from .policy import denied_exec
 from .recording import AsciicastWriter
 
 log = logging.getLogger("dbproxy.ssh")
@@ -53,6 +57,9 @@ logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 # After the session ends, how long the channels' close callbacks may take to run.
 CHANNEL_CLOSE_GRACE = 2.0
+
+# The exit status of an exec the policy refused (the shell's "found but cannot execute").
+EXIT_REFUSED = 126
 
 KBDINT_PROMPT = "Password (dbproxy token): "
 
@@ -207,8 +214,9 @@ class Relay:
     """
 
     def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection", *,
-                 recording_dir: str | None = None) -> None:
+                 recording_dir: str | None = None, grant: Any = None) -> None:
         self.session = session
+        self.grant = grant
         self.recording_dir = recording_dir
         self.recordings: list[dict] = []
         self.gate = gate
@@ -283,6 +291,7 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.early: list[bytes] = []
         self.early_eof = False
         self.recorder: AsciicastWriter | None = None
+        self.denied: str | None = None  # why the policy refused this channel's exec
 
     # -- requests from the client ----------------------------------------------------------
     def connection_made(self, chan: Any) -> None:
@@ -305,6 +314,16 @@ class ChannelRelay(asyncssh.SSHServerSession):
     def exec_requested(self, command: str) -> bool:
         self.kind, self.command = "exec", command
         self.relay.execs += 1
+        refused = denied_exec(self.relay.grant, command)
+        if refused is not None:
+            # Refused before the target sees it; the client is told why on stderr (session_started).
+            piece, pattern = refused
+            self.denied = f"command refused by policy: {piece!r} matches the deny pattern {pattern!r}"
+            self.relay.emit("ssh.exec", channel=self.number, command=command, pty=self.term is not None,
+                            success=False, denied_command=piece, denied_pattern=pattern)
+            audit_denial(self.relay.session, AccessDenied(self.denied, reason="command_denied"), stage="exec",
+                         command=command, pattern=pattern)
+            return True
         # Audited before the target is asked to run it (the request goes out in session_started).
         self.relay.emit("ssh.exec", channel=self.number, command=command, pty=self.term is not None)
         return True
@@ -317,6 +336,10 @@ class ChannelRelay(asyncssh.SSHServerSession):
         return allowed
 
     def session_started(self) -> None:
+        if self.denied is not None:
+            self.chan.write_stderr(f"dbproxy: {self.denied}\r\n".encode())
+            self.chan.exit(EXIT_REFUSED)
+            return
         if self.term is not None and self.relay.recording_dir is not None:
             term_type, (width, height, _, _), _ = self.term
             path = os.path.join(self.relay.recording_dir, f"{self.relay.session.id}-{self.number}.cast")

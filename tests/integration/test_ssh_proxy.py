@@ -62,6 +62,8 @@ def sshproxy(sshd, tmp_path_factory):
         "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
         "roles": {
             "ops": {"routes": ["*"], "databases": ["web-*", "rekeyed-*", "down-*"], "db_users": [sshd.login]},
+            "guarded": {"routes": ["*"], "databases": ["web-*"], "db_users": [sshd.login],
+                        "deny_commands": ["rm", "shutdown*"]},
         },
         "listeners": [{
             "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0",
@@ -94,6 +96,8 @@ def sshproxy(sshd, tmp_path_factory):
     proc.askpass = askpass
     proc.token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "alice", "--roles", "ops",
                       "--ttl", "1h")
+    proc.guarded_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "bob", "--roles",
+                              "guarded", "--ttl", "1h")
     yield proc
     proc.stop()
 
@@ -434,3 +438,30 @@ def test_concurrent_sessions(sshproxy):
         1 for e in es if e["event"] == "ssh.session.end" and e.get("sid") in sids(es)) == 10)
     ends = [e for e in evs if e["event"] == "ssh.channel.end" and e.get("sid") in sids(evs)]
     assert sorted(e["exit_status"] for e in ends) == list(range(10))
+
+
+# --------------------------------------------------------------------------- exec policy
+
+
+@pytest.mark.parametrize("template", ["rm -f {canary}", "echo first; rm -f {canary}"])
+def test_exec_denied_by_role_pattern(sshproxy, tmp_path, template):
+    canary = tmp_path / "canary"
+    canary.write_text("still here")
+    command = template.format(canary=canary)
+    r = ssh(sshproxy, "web-p", command, token=sshproxy.guarded_token)
+    assert r.returncode == 126
+    assert "command refused by policy" in r.stderr and "'rm'" in r.stderr
+    assert r.stdout == ""  # not even the harmless first part ran: the line never reached the target
+    assert canary.read_text() == "still here"
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.exec" and e.get("command") == command for e in es)
+                 and any(e["event"].endswith("access_denied") and e.get("command") == command for e in es))
+    (execd,) = [e for e in evs if e["event"] == "ssh.exec" and e.get("command") == command]
+    assert execd["success"] is False and execd["denied_pattern"] == "rm"
+    (denial,) = [e for e in evs if e["event"].endswith("access_denied") and e.get("command") == command]
+    assert denial["stage"] == "exec" and denial["reason"] == "command_denied" and denial["sid"] == execd["sid"]
+
+
+def test_exec_allowed_with_deny_patterns(sshproxy):
+    r = ssh(sshproxy, "web-p", "echo allowed; echo rm", token=sshproxy.guarded_token)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "allowed\nrm\n"
