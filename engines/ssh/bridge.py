@@ -307,6 +307,14 @@ class ChannelRelay(asyncssh.SSHServerSession):
 
     def shell_requested(self) -> bool:
         self.kind = "shell"
+        if getattr(self.relay.grant, "deny_commands", ()):
+            # Command lines typed in a shell are not checked yet: a role with deny patterns gets no
+            # shell rather than an unpoliced one.
+            self.denied = "interactive shells are not available to roles with deny_commands (not policed yet)"
+            self.relay.emit("ssh.shell", channel=self.number, pty=self.term is not None,
+                            term=self.term[0] if self.term else None, success=False, reason="shell_not_policed")
+            audit_denial(self.relay.session, AccessDenied(self.denied, reason="shell_not_policed"), stage="shell")
+            return True
         self.relay.emit("ssh.shell", channel=self.number, pty=self.term is not None,
                         term=self.term[0] if self.term else None)
         return True

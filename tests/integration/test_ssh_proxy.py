@@ -465,3 +465,16 @@ def test_exec_allowed_with_deny_patterns(sshproxy):
     r = ssh(sshproxy, "web-p", "echo allowed; echo rm", token=sshproxy.guarded_token)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "allowed\nrm\n"
+
+
+def test_shell_refused_to_a_role_with_deny_patterns(sshproxy):
+    """Shell command lines are not policed yet: a role with deny patterns gets no shell (audited)."""
+    r = ssh(sshproxy, "web-q", token=sshproxy.guarded_token, extra=("-T",))
+    assert r.returncode == 126
+    assert "interactive shells are not available" in r.stderr
+    evs = for_target(sshproxy, "web-q", "ssh.shell")
+    start = start_of(evs, "web-q", True)
+    (shell,) = [e for e in evs if e["event"] == "ssh.shell" and e.get("sid") == start["sid"]]
+    assert shell["success"] is False
+    assert any(e["event"].endswith("access_denied") and e.get("sid") == start["sid"] and e["stage"] == "shell"
+               for e in evs)
