@@ -478,3 +478,39 @@ def test_shell_refused_to_a_role_with_deny_patterns(sshproxy):
     assert shell["success"] is False
     assert any(e["event"].endswith("access_denied") and e.get("sid") == start["sid"] and e["stage"] == "shell"
                for e in evs)
+
+
+# --------------------------------------------------------------------------- a client that never authenticates
+
+
+def test_handshake_timeout_closes_and_audits(sshd, proxy_factory, tmp_path):
+    """A client that opens SSH but never authenticates is cut off at the listener's handshake timeout."""
+    import socket
+
+    from scripts.peers.sshd import make_key
+
+    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(tmp_path / "token.key"),
+         "--public-key-file", str(tmp_path / "token.pub"))
+    make_key(tmp_path / "hk")
+    proxy = proxy_factory({
+        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
+        "listeners": [{"name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0", "host_key_file": "hk",
+                       "auth": {"methods": ["token"]}, "handshake_timeout_seconds": 1,
+                       "routes": [{"backend": _backend(sshd, sshd.known_hosts)}]}],
+        "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
+    }, workdir=tmp_path)
+    with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as s:
+        s.sendall(b"SSH-2.0-silent_client\r\n")  # then nothing: no key exchange, no authentication
+        started = time.monotonic()
+        received = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        waited = time.monotonic() - started
+    assert received.startswith(b"SSH-2.0-dbproxy")
+    assert waited < 6, waited
+    evs = read_audit(tmp_path / "audit.jsonl", wait_for=2)
+    (start,) = [e for e in evs if e["event"] == "ssh.session.start"]
+    assert start["success"] is False and start["error"] == "client SSH handshake timed out"
