@@ -28,7 +28,10 @@ side's send window is full).  What the audit wants to know is emitted from
 those callbacks *before* the request is forwarded (an exec command before
 the target sees it).  Forwarding requests — ``direct-tcpip`` (``-L``,
 ``-D``), ``tcpip-forward`` (``-R``), their Unix-socket variants, agent and
-X11 — are refused and audited.
+X11 — are refused and audited.  An exec line a role's deny patterns refuse
+(``policy``) and a shell for such a role never reach the target: the channel
+is answered locally (stderr, exit status 126).  Pty channels are recorded
+(``recording``) when the listener says where.
 """
 
 from __future__ import annotations

@@ -26,9 +26,11 @@ since asyncssh owns the client's byte stream).
 
 Audit: ``ssh.session.start``/``ssh.session.end`` (the engine's
 ``event_family``), ``ssh.shell``, ``ssh.exec`` (the command line, before the
-target runs it), ``ssh.subsystem``, ``ssh.channel.end`` (exit status or
-signal, bytes), ``ssh.forward`` (refused forwarding, agent and X11
-requests).  The token never enters the trail or the log.
+target runs it, or refused by the role's deny patterns), ``ssh.subsystem``,
+``ssh.channel.end`` (exit status or signal, bytes, the recording's SHA-256),
+``ssh.forward`` (refused forwarding, agent and X11 requests); the session
+end lists the recordings, so the audit chain covers them.  The token never
+enters the trail, the log or a recording.
 """
 
 from __future__ import annotations
