@@ -37,6 +37,7 @@ is answered locally (stderr, exit status 126).  Pty channels are recorded
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
 import socket
@@ -217,8 +218,9 @@ class Relay:
     """
 
     def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection", *,
-                 recording_dir: str | None = None, grant: Any = None) -> None:
+                 recording_dir: str | None = None, grant: Any = None, env_allow: tuple = ()) -> None:
         self.session = session
+        self.env_allow = env_allow
         self.grant = grant
         self.recording_dir = recording_dir
         self.recordings: list[dict] = []
@@ -373,6 +375,9 @@ class ChannelRelay(asyncssh.SSHServerSession):
             kwargs.update(term_type=term_type, term_size=term_size, term_modes=term_modes)
         else:
             kwargs["request_pty"] = False
+        env = self._allowed_environment()
+        if env:
+            kwargs["env"] = env
         if self.kind == "exec":
             kwargs["command"] = self.command
         elif self.kind == "subsystem":
@@ -400,6 +405,19 @@ class ChannelRelay(asyncssh.SSHServerSession):
         if self.early_eof:
             chan.write_eof()
         self.chan.resume_reading()
+
+    def _allowed_environment(self) -> dict:
+        """The client's environment requests the listener's ``env_allow`` globs pass (audited by name only:
+        values may be secrets)."""
+        sent = self.chan.get_environment_bytes()
+        if not sent:
+            return {}
+        allowed = {k: v for k, v in sent.items()
+                   if any(fnmatch.fnmatchcase(k.decode("utf-8", "replace"), g) for g in self.relay.env_allow)}
+        self.relay.emit("ssh.env", channel=self.number,
+                        forwarded=sorted(k.decode("utf-8", "replace") for k in allowed),
+                        dropped=sorted(k.decode("utf-8", "replace") for k in sent if k not in allowed))
+        return allowed
 
     def data_received(self, data: bytes, datatype: Any) -> None:
         self.bytes_in += len(data)

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-LISTENER_KEYS = ("host_key_file", "recording")
+LISTENER_KEYS = ("host_key_file", "recording", "env_allow")
 RECORDING_KEYS = {"dir"}
 BACKEND_KEYS = ("login", "host_key")
 HOST_KEY_KEYS = {"known_hosts_file"}
@@ -80,6 +80,14 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
                     v.err(f"{rp}.dir", f"a writable folder for the recordings, but {resolved} is not one")
                 else:
                     extra["recording_dir"] = resolved
+    if "env_allow" in d:
+        # Environment variables the client sends (RFC 4254 §6.4) that reach the target: globs on the
+        # name; none by default (LD_PRELOAD, BASH_ENV… change what the target runs).
+        globs = d["env_allow"]
+        if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
+            v.err(f"{path}.env_allow", "an array of non-empty name globs (e.g. [\"LANG\", \"LC_*\"])")
+        else:
+            extra["env_allow"] = tuple(globs)
     if "auth" not in d:
         # Without it the core would make the listener anonymous: an SSH proxy that lets anyone
         # in with its own keys to the targets is never what is meant.

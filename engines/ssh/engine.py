@@ -200,7 +200,8 @@ class SSHEngine(Engine):
 
     def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
         relay = Relay(session, request.extra, backend.stream.target,
-                      recording_dir=self.listener.extra.get("recording_dir"), grant=grant)
+                      recording_dir=self.listener.extra.get("recording_dir"), grant=grant,
+                      env_allow=self.listener.extra.get("env_allow", ()))
         return Wiring(None, None, [], [], None, client_error=lambda exc: b"", relay=relay)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring,

@@ -69,6 +69,7 @@ def sshproxy(sshd, tmp_path_factory):
             "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0",
             "host_key_file": "proxy_host_ed25519",
             "recording": {"dir": "recordings"},
+            "env_allow": ["LANG", "LC_DBPROXY_OK*"],
             "auth": {"methods": ["token"]},
             "routes": [
                 # No backend login: the session logs in as the login the client named (if a role grants it).
@@ -514,3 +515,20 @@ def test_handshake_timeout_closes_and_audits(sshd, proxy_factory, tmp_path):
     evs = read_audit(tmp_path / "audit.jsonl", wait_for=2)
     (start,) = [e for e in evs if e["event"] == "ssh.session.start"]
     assert start["success"] is False and start["error"] == "client SSH handshake timed out"
+
+
+def test_environment_by_allow_list(sshproxy):
+    """Only variables the listener's env_allow names reach the target (sshd accepts LANG and LC_* itself)."""
+    env = client_env(sshproxy)
+    env.update(LC_DBPROXY_OK_1="yes", LC_DBPROXY_NO="secret-value")
+    r = subprocess.run(["ssh", *ssh_options(sshproxy), "-o", "SendEnv=LC_DBPROXY_OK_1 LC_DBPROXY_NO", "-p",
+                        str(sshproxy.port()), f"{sshproxy.login}@web-e@127.0.0.1",
+                        "echo ok=${LC_DBPROXY_OK_1:-unset} no=${LC_DBPROXY_NO:-unset}"],
+                       capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ok=yes no=unset\n"
+    evs = for_target(sshproxy, "web-e", "ssh.env")
+    start = start_of(evs, "web-e", True)
+    (sent,) = [e for e in evs if e["event"] == "ssh.env" and e.get("sid") == start["sid"]]
+    assert sent["forwarded"] == ["LC_DBPROXY_OK_1"] and sent["dropped"] == ["LC_DBPROXY_NO"]
+    assert "secret-value" not in sshproxy.audit_path.read_text()

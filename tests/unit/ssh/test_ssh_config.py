@@ -116,6 +116,9 @@ def mutate(fn) -> dict:
      'listeners[0].routes[0].backend.user: the key "login"'),
     (lambda lc: lc["routes"][0]["backend"].update(login=""), "listeners[0].routes[0].backend.login: a non-empty string"),
     (lambda lc: lc.update(bogus=1), "listeners[0].bogus: no key 'bogus'"),
+    (lambda lc: lc.update(env_allow="LANG"), "listeners[0].env_allow: an array of non-empty name globs"),
+    (lambda lc: lc.update(recording={"dir": "nowhere"}), "listeners[0].recording.dir: a writable folder"),
+    (lambda lc: lc.update(recording={"dir": ".", "input": True}), "listeners[0].recording.input: no key 'input'"),
 ])
 def test_mistakes_are_named(files, change, expected):
     errors = errors_for(files, mutate(change))
