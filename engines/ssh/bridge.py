@@ -49,10 +49,11 @@ import trio
 import trio_asyncio
 
 from dbproxy.access import audit_denial
-from dbproxy.errors import AccessDenied
+from dbproxy.errors import AccessDenied, ProtocolError
 
 from .policy import denied_exec
 from .recording import AsciicastWriter
+from .sftp import SftpAudit
 
 log = logging.getLogger("dbproxy.ssh")
 
@@ -297,6 +298,7 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.early_eof = False
         self.recorder: AsciicastWriter | None = None
         self.denied: str | None = None  # why the policy refused this channel's exec
+        self.sftp: SftpAudit | None = None
 
     # -- requests from the client ----------------------------------------------------------
     def connection_made(self, chan: Any) -> None:
@@ -346,6 +348,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.kind, self.subsystem = "subsystem", subsystem
         self.relay.emit("ssh.subsystem", channel=self.number, subsystem=subsystem, success=allowed,
                         **({} if allowed else {"reason": "only the sftp subsystem is relayed"}))
+        if allowed:
+            self.sftp = SftpAudit(self.relay.emit, self.number)
         return allowed
 
     def session_started(self) -> None:
@@ -406,6 +410,21 @@ class ChannelRelay(asyncssh.SSHServerSession):
             chan.write_eof()
         self.chan.resume_reading()
 
+    def _observe(self, feed: Any, data: bytes, side: str) -> bool:
+        """Let the SFTP audit read ``data``; False (and the channel closed, unforwarded) when it cannot."""
+        try:
+            feed(data)
+        except ProtocolError as exc:
+            log.info("session %s: channel %d: unreadable SFTP from the %s: %s", self.relay.session.id, self.number,
+                     side, exc)
+            self.relay.emit("audit.malformed", channel=self.number, subsystem="sftp", side=side, error=str(exc))
+            self.sftp = None
+            self.chan.close()
+            if self.target_chan is not None:
+                self.target_chan.close()
+            return False
+        return True
+
     def _allowed_environment(self) -> dict:
         """The client's environment requests the listener's ``env_allow`` globs pass (audited by name only:
         values may be secrets)."""
@@ -422,6 +441,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
     def data_received(self, data: bytes, datatype: Any) -> None:
         self.bytes_in += len(data)
         self.relay.from_client.bytes_in += len(data)
+        if self.sftp is not None and not self._observe(self.sftp.from_client, data, "client"):
+            return
         if self.target_chan is None:
             self.early.append(data)
         else:
@@ -476,6 +497,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
             fields["exit_status"] = self.exit_status
         if self.exit_signal is not None:
             fields["exit_signal"] = self.exit_signal
+        if self.sftp is not None:
+            self.sftp.close()
         if self.recorder is not None:
             recorded = self.recorder.close()
             self.recorder = None
@@ -490,6 +513,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.relay.to_client.bytes_out += len(data)
         if self.recorder is not None:
             self.recorder.output(data)
+        if self.sftp is not None and not self._observe(self.sftp.from_server, data, "target"):
+            return
         if not self.closed:
             self.chan.write(data, datatype)
 

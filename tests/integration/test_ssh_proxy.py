@@ -322,6 +322,19 @@ def test_sftp_put_and_get(sshproxy, tmp_path):
     start = start_of(evs, "web-6", True)
     (sub,) = [e for e in evs if e["event"] == "ssh.subsystem" and e.get("sid") == start["sid"]]
     assert sub["subsystem"] == "sftp"
+    # Per file: the open audited, then on close the bytes and the SHA-256 of what went each way.
+    evs = for_target(sshproxy, "web-6", "ssh.session.end")
+    mine = [e for e in evs if e.get("sid") == start["sid"]]
+    opens = [e for e in mine if e["event"] == "ssh.sftp" and e["operation"] == "open"]
+    assert [(e["path"], e["mode"]) for e in opens] == [(str(remote), "write"), (str(remote), "read")]
+    upload, download = [e for e in mine if e["event"] == "ssh.sftp.file"]
+    digest = hashlib.sha256(payload).hexdigest()
+    assert (upload["path"], upload["mode"], upload["bytes_written"], upload["sha256_written"]) == \
+        (str(remote), "write", len(payload), digest)
+    assert (download["path"], download["mode"], download["bytes_read"], download["sha256_read"]) == \
+        (str(remote), "read", len(payload), digest)
+    kinds = [e["event"] for e in mine]
+    assert kinds.index("ssh.sftp") < kinds.index("ssh.sftp.file") < kinds.index("ssh.channel.end")
 
 
 # --------------------------------------------------------------------------- interactive shell
