@@ -545,3 +545,36 @@ def test_environment_by_allow_list(sshproxy):
     (sent,) = [e for e in evs if e["event"] == "ssh.env" and e.get("sid") == start["sid"]]
     assert sent["forwarded"] == ["LC_DBPROXY_OK_1"] and sent["dropped"] == ["LC_DBPROXY_NO"]
     assert "secret-value" not in sshproxy.audit_path.read_text()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["scp-over-sftp", "scp-legacy"])
+def test_scp_both_ways(sshproxy, tmp_path, legacy):
+    """OpenSSH 9's scp speaks SFTP; ``-O`` is the legacy protocol (an exec of ``scp -t``/``scp -f``)."""
+    require_binary("scp")
+    payload = os.urandom(1024 * 1024 + 3)
+    src, remote, back = tmp_path / "src.bin", tmp_path / "remote.bin", tmp_path / "back.bin"
+    src.write_bytes(payload)
+    target = f"web-s{int(legacy)}"
+    base = ["scp", *ssh_options(sshproxy), "-P", str(sshproxy.port()), *(["-O"] if legacy else [])]
+    where = f"{sshproxy.login}@{target}@127.0.0.1:{remote}"
+    for args in ([str(src), where], [where, str(back)]):
+        r = subprocess.run([*base, *args], capture_output=True, text=True, env=client_env(sshproxy),
+                           stdin=subprocess.DEVNULL, timeout=60)
+        assert r.returncode == 0, r.stderr
+    assert remote.read_bytes() == payload and back.read_bytes() == payload
+    def sessions(es: list[dict]) -> set:
+        return {e["sid"] for e in es if e["event"] == "ssh.session.start" and e.get("requested_target") == target}
+
+    evs = events(sshproxy, lambda es: sum(1 for e in es if e["event"] == "ssh.session.end"
+                                          and e.get("sid") in sessions(es)) == 2)
+    sids = sessions(evs)
+    mine = [e for e in evs if e.get("sid") in sids]
+    if legacy:
+        commands = [e["command"] for e in mine if e["event"] == "ssh.exec"]
+        assert any(c.startswith("scp") and "-t" in c and str(remote) in c for c in commands), commands
+        assert any(c.startswith("scp") and "-f" in c and str(remote) in c for c in commands), commands
+    else:
+        digest = hashlib.sha256(payload).hexdigest()
+        files = [e for e in mine if e["event"] == "ssh.sftp.file"]
+        assert {(e["mode"], e.get("sha256_written") or e.get("sha256_read")) for e in files} == \
+            {("write", digest), ("read", digest)}
