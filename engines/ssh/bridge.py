@@ -650,6 +650,7 @@ async def serve_client(stream: Any, gate: ClientGate, host_key: Any, *, login_ti
             server_version="dbproxy",
         )
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+        sock.close()  # our duplicate descriptor (a no-op once asyncio's transport closed it)
         log.info("ssh connection from %s ended before the session: %s", gate.session.client_addr, exc)
         gate.closed.set()
         gate.attempted.set()
