@@ -179,8 +179,9 @@ class ListenerAccess:
     def methods(self) -> tuple[str, ...]:
         return self.auth.methods
 
-    def authorize(self, identity: Identity, *, route: str | None, database: str | None, db_user: str | None) -> Grant:
-        return self.policy.authorize(identity, route=route, database=database, db_user=db_user)
+    def authorize(self, identity: Identity, *, route: str | None, database: str | None, db_user: str | None,
+                  family: str = "database") -> Grant:
+        return self.policy.authorize(identity, route=route, database=database, db_user=db_user, family=family)
 
     def admit(self, session: Any) -> None:
         self.limits.admit(session)

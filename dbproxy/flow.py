@@ -248,7 +248,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         if engine.access is not None and not engine.identifies_in_band:
             try:
                 grant = engine.access.authorize(session.identity, route=route.name, database=session.target,
-                                                db_user=session.login)
+                                                db_user=session.login, family=engine.family)
                 engine.access.admit(session)
             except AccessDenied as exc:
                 refused = engine.denied(session, request, exc)

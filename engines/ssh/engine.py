@@ -10,8 +10,9 @@ inside its trio task.  The core's flow maps onto SSH's connection protocol:
     identify    the secret is a proxy token, checked by the core's identity
                 code (``ClientAuthenticator.verify_token``); it is dropped then
     route       match keys ``target`` and ``login``
-    authorize   roles grant targets (``databases`` globs) and logins
-                (``db_users`` globs), deny by default
+    authorize   roles grant targets (``targets`` globs) and logins
+                (``logins`` globs), deny by default (the core's ``roles``,
+                family ``terminal``: ``databases``/``db_users`` grant no SSH)
     connect     the proxy's own login to the target: the route's key or
                 password, the target's host key verified against the route's
                 known_hosts

@@ -61,9 +61,11 @@ def sshproxy(sshd, tmp_path_factory):
     config = {
         "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
         "roles": {
-            "ops": {"routes": ["*"], "databases": ["web-*", "rekeyed-*", "down-*"], "db_users": [sshd.login]},
-            "guarded": {"routes": ["*"], "databases": ["web-*"], "db_users": [sshd.login],
+            "ops": {"routes": ["*"], "targets": ["web-*", "rekeyed-*", "down-*"], "logins": [sshd.login]},
+            "guarded": {"routes": ["*"], "targets": ["web-*"], "logins": [sshd.login],
                         "deny_commands": ["rm", "shutdown*"]},
+            # Database keys grant databases only: this role reaches no SSH target.
+            "dbonly": {"routes": ["*"], "databases": ["*"], "db_users": ["*"]},
         },
         "listeners": [{
             "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0",
@@ -97,6 +99,8 @@ def sshproxy(sshd, tmp_path_factory):
     proc.askpass = askpass
     proc.token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "alice", "--roles", "ops",
                       "--ttl", "1h")
+    proc.dbonly_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "carol", "--roles", "dbonly",
+                             "--ttl", "1h")
     proc.guarded_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "bob", "--roles",
                               "guarded", "--ttl", "1h")
     yield proc
@@ -219,6 +223,17 @@ def test_target_not_granted_refused(sshproxy):
                                           for e in es))
     start = start_of(evs, "db-1", False)
     assert start["reason"] == "no_role_allows"
+
+
+def test_database_role_grants_no_terminal(sshproxy):
+    """A role granting every database and database user (``databases``/``db_users``) reaches no SSH target."""
+    r = ssh(sshproxy, "web-1", "echo should-not-run", token=sshproxy.dbonly_token)
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout
+    assert "access denied: you may not log in to 'web-1'" in r.stderr
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("user") == "carol" for e in es))
+    (start,) = [e for e in evs if e["event"] == "ssh.session.start" and e.get("user") == "carol"]
+    assert start["success"] is False and start["reason"] == "no_role_allows"
 
 
 def test_login_not_granted_refused(sshproxy):

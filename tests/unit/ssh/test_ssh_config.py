@@ -37,7 +37,7 @@ def doc() -> dict:
     """The config shape of issue 15 (with the token method this foundation supports)."""
     return {
         "identity": {"token": {"algorithm": "HS256", "key_file": "token.key"}},
-        "roles": {"web": {"routes": ["*"], "databases": ["web-*"], "db_users": ["deploy"]}},
+        "roles": {"web": {"routes": ["*"], "targets": ["web-*"], "logins": ["deploy"]}},
         "listeners": [{
             "name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:2222",
             "host_key_file": "host_ed25519",
