@@ -224,7 +224,8 @@ def build_access(config: Any) -> AccessControl | None:
 
 
 def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields: Any) -> dict | None:
-    """Emit ``db.session.access_denied`` (success false) with the reason; never secrets."""
+    """Emit ``db.session.access_denied`` (``<family>.session.access_denied`` for other event families)
+    (success false) with the reason; never secrets."""
     from dbproxy.audit import events as ev
 
     if session.audit is None:
@@ -237,4 +238,5 @@ def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields:
     else:
         reason, error = exc, exc
     error = fields.pop("error", error)
-    return session.audit.emit(ev.ACCESS_DENIED, success=False, stage=stage, reason=reason, error=error, **fields)
+    kind = ev.access_denied_event(getattr(session, "event_family", "db"))
+    return session.audit.emit(kind, success=False, stage=stage, reason=reason, error=error, **fields)

@@ -189,8 +189,8 @@ class SSHEngine(Engine):
                 "connect": f"the target {session.target!r} is unreachable",
             }
             raise UpstreamError(str(exc), kind=exc.kind, client_hint=hints[exc.kind]) from None
-        return Backend(stream=_TargetStream(target), decoder=None,
-                       start_fields={"target_host": backend.address, "login": session.login})
+        # The target, login and address are in every ssh.* event already (the audit's session fields).
+        return Backend(stream=_TargetStream(target), decoder=None)
 
     def upstream_refused(self, request: Request, exc: UpstreamError) -> Refused:
         return Refused(str(exc), client_message=exc.client_hint, code=DISC_BY_APPLICATION,

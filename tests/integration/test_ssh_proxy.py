@@ -89,6 +89,7 @@ def sshproxy(sshd, tmp_path_factory):
     proc.recordings = workdir / "recordings"
     proc.audit_path = workdir / "audit.jsonl"
     proc.login = sshd.login
+    proc.target_addr = sshd.address
     # The client knows the proxy's host key (StrictHostKeyChecking=yes below).
     kind, blob = (workdir / "proxy_host_ed25519.pub").read_text().split()[:2]
     proc.known_hosts = workdir / "client_known_hosts"
@@ -183,6 +184,11 @@ def test_exec_output_and_exit_status_relayed_and_audited(sshproxy):
     assert start["requested_target"] == "web-1" and start["client_auth"] == "password"
     (end,) = [e for e in mine if e["event"] == "ssh.channel.end"]
     assert end["exit_status"] == 7 and end["channel_type"] == "exec"
+    # ssh.* events carry the terminal's fields, none of the database ones.
+    for e in mine:
+        assert not {"db_protocol", "db_name", "db_user", "db_uri"} & set(e), e
+        assert (e["protocol"], e["target"], e["login"], e["target_addr"]) == ("ssh", "web-1", sshproxy.login,
+                                                                             sshproxy.target_addr), e
     text = sshproxy.audit_path.read_text() + sshproxy.log_text()
     assert sshproxy.token not in text
 
@@ -208,8 +214,9 @@ def test_wrong_token_refused(sshproxy):
     evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "web-3"
                                           for e in es))
     start = start_of(evs, "web-3", False)
-    assert any(e["event"].endswith("access_denied") and e.get("sid") == start["sid"] and e["stage"] == "authenticate"
-               for e in evs)
+    (denial,) = [e for e in evs if e["event"].endswith("access_denied") and e.get("sid") == start["sid"]]
+    assert denial["event"] == "ssh.session.access_denied" and denial["stage"] == "authenticate"
+    assert denial["reason"] == "token_malformed" and "db_name" not in denial
     assert not any(e["event"] == "ssh.exec" and e.get("sid") == start["sid"] for e in evs)
     assert "not-a-token" not in sshproxy.audit_path.read_text()
 
