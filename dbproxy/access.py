@@ -42,7 +42,7 @@ from .roles import AccessPolicy, Grant, glob_list, validate_roles
 from .session import Identity
 
 
-CLIENT_AUTH_METHODS = ("token", "mtls", "anonymous")
+CLIENT_AUTH_METHODS = ("token", "mtls", "publickey", "anonymous")
 
 
 @attrs.frozen
@@ -81,6 +81,8 @@ def _listener_auth(v: Any, listener_raw: dict, path: str, lc: Any, engine_cls: A
                 methods.append("token")
             if identity.mtls is not None and has_client_ca and "mtls" in supported:
                 methods.append("mtls")
+            if identity.publickey is not None and "publickey" in supported:
+                methods.append("publickey")
             if not methods:
                 v.err(path, f"a key \"auth\": identity is configured, but no method of it applies to this {lc.protocol} listener "
                             f"(it supports {', '.join(supported)}; say {{\"methods\": [\"anonymous\"]}} to leave it open)")
@@ -108,6 +110,8 @@ def _listener_auth(v: Any, listener_raw: dict, path: str, lc: Any, engine_cls: A
                 methods.append(m)
         if "token" in methods and (identity is None or identity.token is None):
             v.err(ap, "identity.token to be configured for method \"token\"")
+        if "publickey" in methods and (identity is None or identity.publickey is None):
+            v.err(ap, "identity.publickey to be configured for method \"publickey\" (users' keys and/or a user CA)")
         if "mtls" in methods:
             if identity is None or identity.mtls is None:
                 v.err(ap, "identity.mtls to be configured for method \"mtls\"")
@@ -152,6 +156,11 @@ def validate_access(v: Any, root: dict, listeners: list[tuple[int, dict, Any]], 
             for r in granted:
                 if roles is None or r not in roles:
                     v.err(f"identity.mtls.users.{pattern}", f"roles defined in \"roles\", {r!r} is not")
+    if identity is not None and identity.publickey is not None:
+        for user, granted, _ in identity.publickey.users:
+            for r in granted:
+                if roles is None or r not in roles:
+                    v.err(f"identity.publickey.users.{user}.roles", f"roles defined in \"roles\", {r!r} is not")
     names = {lc.name for _, _, lc in listeners}
     if limits is not None:
         for name in limits.listeners:
@@ -206,6 +215,7 @@ class AccessControl:
                 authority=self.authority,
                 mtls=identity.mtls if identity is not None else None,
                 anonymous_roles=la.anonymous_roles,
+                publickey=identity.publickey if identity is not None else None,
             )
             self._listeners[lc.name] = ListenerAccess(lc.name, auth, self.policy, self.limits)
 

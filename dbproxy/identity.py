@@ -130,12 +130,28 @@ class MtlsConfig:
 
 
 @attrs.frozen
+class PublicKeyConfig:
+    """``identity.publickey``: SSH public keys and OpenSSH user certificates tied to identities.
+
+    ``users``: (user, roles, authorized_keys_file or None) — a key in the user's file proves the
+    user; ``user_ca_file``: the public key of a user CA whose certificates name the user as a
+    principal (the engine that speaks the key format — SSH — checks keys and signatures).
+    """
+
+    users: tuple[tuple[str, tuple[str, ...], str | None], ...] = ()
+    user_ca_file: str | None = None
+
+
+@attrs.frozen
 class IdentityConfig:
     token: TokenConfig | None = None
     mtls: MtlsConfig | None = None
+    publickey: PublicKeyConfig | None = None
 
 
-IDENTITY_KEYS = {"token", "mtls"}
+IDENTITY_KEYS = {"token", "mtls", "publickey"}
+PUBLICKEY_KEYS = {"users", "user_ca_file"}
+PUBLICKEY_USER_KEYS = {"roles", "authorized_keys_file"}
 TOKEN_KEYS = {"algorithm", "key_file", "public_key_file", "registry_file", "revocation_file", "issuer", "max_ttl_seconds", "leeway_seconds"}
 MTLS_KEYS = {"subject", "users"}
 
@@ -151,9 +167,69 @@ def validate_identity(v: Any, raw: Any, path: str = "identity") -> IdentityConfi
         token = _validate_token(v, d["token"], f"{path}.token")
     if "mtls" in d:
         mtls = _validate_mtls(v, d["mtls"], f"{path}.mtls")
-    if "token" not in d and "mtls" not in d:
-        v.err(path, "\"token\" and/or \"mtls\"")
-    return IdentityConfig(token=token, mtls=mtls)
+    publickey = _validate_publickey(v, d["publickey"], f"{path}.publickey") if "publickey" in d else None
+    if not {"token", "mtls", "publickey"} & set(d):
+        v.err(path, "\"token\", \"mtls\" and/or \"publickey\"")
+    return IdentityConfig(token=token, mtls=mtls, publickey=publickey)
+
+
+def _public_keys_problem(asyncssh: Any, path: str) -> str | None:
+    """None when every line of *path* is a plain OpenSSH public key (``TYPE BASE64 [COMMENT]``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line.strip()) for n, line in enumerate(f, 1)]
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"a file of OpenSSH public keys, but {path} could not be read: {exc}"
+    found = False
+    for n, line in lines:
+        if not line or line.startswith("#"):
+            continue
+        try:
+            asyncssh.import_public_key(line)
+        except (ValueError, asyncssh.KeyImportError) as exc:
+            # authorized_keys options (from=, command=…) would not be enforced: not accepted.
+            return f"one OpenSSH public key per line (TYPE BASE64 [COMMENT], no options), but {path} line {n} is not: {exc}"
+        found = True
+    return None if found else f"at least one OpenSSH public key, but {path} has none"
+
+
+def _validate_publickey(v: Any, raw: Any, path: str) -> PublicKeyConfig | None:
+    """Files are read with asyncssh (imported on use), so a key it cannot parse is a config error."""
+    d = v.obj(raw, path)
+    if d is None:
+        return None
+    v.unknown_keys(d, PUBLICKEY_KEYS, path)
+    import asyncssh
+
+    users: list[tuple[str, tuple[str, ...], str | None]] = []
+    ud = v.obj(d.get("users", {}), f"{path}.users", "an object of user name → {\"roles\", \"authorized_keys_file\"}")
+    for user, item in (ud or {}).items():
+        up = f"{path}.users.{user}"
+        entry = v.obj(item, up)
+        if entry is None:
+            continue
+        v.unknown_keys(entry, PUBLICKEY_USER_KEYS, up)
+        roles = entry.get("roles")
+        if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
+            v.err(f"{up}.roles" if "roles" in entry else up, "a key \"roles\": an array of role names")
+            continue
+        keys = v.file_path(entry, "authorized_keys_file", up, required=False)
+        if keys is not None:
+            problem = _public_keys_problem(asyncssh, keys)
+            if problem:
+                v.err(f"{up}.authorized_keys_file", problem)
+                continue
+        users.append((user, tuple(roles), keys))
+    ca = v.file_path(d, "user_ca_file", path, required=False)
+    if ca is not None:
+        try:
+            asyncssh.read_public_key(ca)
+        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+            v.err(f"{path}.user_ca_file", f"an OpenSSH public key (the user CA's .pub), but {ca} could not be read: {exc}")
+            ca = None
+    if not any(keys for _, _, keys in users) and "user_ca_file" not in d:
+        v.err(path, "\"users\" with an \"authorized_keys_file\" and/or a \"user_ca_file\"")
+    return PublicKeyConfig(users=tuple(users), user_ca_file=ca)
 
 
 def _validate_token(v: Any, raw: Any, path: str) -> TokenConfig | None:
@@ -870,10 +946,13 @@ class ClientAuthenticator:
     - ``anonymous()`` → the listener's anonymous Identity
     """
 
-    def __init__(self, methods: tuple[str, ...], *, authority: TokenAuthority | None, mtls: MtlsConfig | None, anonymous_roles: tuple[str, ...] = ()) -> None:
+    def __init__(self, methods: tuple[str, ...], *, authority: TokenAuthority | None, mtls: MtlsConfig | None, anonymous_roles: tuple[str, ...] = (),
+                 publickey: PublicKeyConfig | None = None) -> None:
         self.methods = methods
         self.authority = authority
         self.mtls = mtls
+        # The keys and user CA an engine that speaks SSH checks (``"publickey" in methods``).
+        self.publickey = publickey if "publickey" in methods else None
         self.anonymous_roles = anonymous_roles
 
     @property

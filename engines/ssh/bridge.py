@@ -75,12 +75,70 @@ DISC_BY_APPLICATION = asyncssh.DISC_BY_APPLICATION
 
 @attrs.define(eq=False)
 class AuthAttempt:
-    """One user-authentication request (RFC 4252 §8 password / RFC 4256 keyboard-interactive)."""
+    """One user-authentication request (RFC 4252 §8 password / RFC 4256 keyboard-interactive, or
+    §7 publickey with its signature verified — ``key`` is then the registered key it matched)."""
 
     username: str
     secret: str | None  # dropped by the engine as soon as it is checked
     method: str
     answer: Any  # asyncio.Future[bool] asyncssh awaits
+    key: "KeyMatch | None" = None
+
+
+@attrs.frozen
+class KeyMatch:
+    """Who a client key proves to be: ``method`` ``publickey`` (a registered key) or ``certificate``
+    (an OpenSSH user certificate of the configured CA naming ``user`` as a principal)."""
+
+    user: str
+    roles: tuple[str, ...]
+    method: str
+    fingerprint: str
+    key_id: str | None = None  # a certificate's key id (the CA's name for it)
+
+
+class ClientKeys:
+    """``identity.publickey`` read with asyncssh: registered keys → user, and the user CA."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.roles: dict[str, tuple[str, ...]] = {}
+        self.keys: dict[bytes, str] = {}
+        for user, roles, path in cfg.users:
+            self.roles[user] = roles
+            if path is not None:
+                with open(path, encoding="utf-8") as f:  # plain key lines (the config validated them)
+                    for line in f:
+                        line = line.strip()
+                        if line and not line.startswith("#"):
+                            self.keys[asyncssh.import_public_key(line).public_data] = user
+        self.ca = asyncssh.read_public_key(cfg.user_ca_file).public_data if cfg.user_ca_file else None
+
+    def lookup(self, key_data: bytes) -> KeyMatch | None:
+        """The identity a key (or certificate) blob from a publickey request proves, before its signature."""
+        from asyncssh.public_key import decode_ssh_certificate, decode_ssh_public_key
+
+        try:
+            cert = decode_ssh_certificate(key_data)
+        except asyncssh.KeyImportError:
+            cert = None
+        if cert is not None:
+            if cert.is_x509_chain or self.ca is None or cert.signing_key.public_data != self.ca:
+                return None
+            if "force-command" in cert.options:
+                return None  # the proxy would not enforce it: refuse rather than silently widen the certificate
+            # The first principal that is a configured user (none: the certificate proves nobody here).
+            user = next((p for p in cert.principals if p in self.roles), None)
+            if user is None:
+                return None
+            return KeyMatch(user, self.roles[user], "certificate", cert.key.get_fingerprint(), key_id=cert._key_id)
+        try:
+            key = decode_ssh_public_key(key_data)
+        except asyncssh.KeyImportError:
+            return None
+        user = self.keys.get(key.public_data)
+        if user is None:
+            return None
+        return KeyMatch(user, self.roles[user], "publickey", key.get_fingerprint())
 
 
 @attrs.define(eq=False)
@@ -92,8 +150,9 @@ class Counters:
 class ClientGate(asyncssh.SSHServer):
     """The client side of one SSH connection: its authentication, its channel and forwarding requests."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, client_keys: ClientKeys | None = None) -> None:
         self.session = session
+        self.client_keys = client_keys
         self.conn: asyncssh.SSHServerConnection | None = None
         self.attempt: AuthAttempt | None = None
         self.attempted = trio.Event()
@@ -110,6 +169,25 @@ class ClientGate(asyncssh.SSHServer):
         # connection methods; refusing there (and auditing) keeps its own handling of the reply.
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
         conn.attach_x11_listener = self._refuse_x11  # type: ignore[method-assign]
+        if self.client_keys is not None:
+            verify = conn.validate_public_key
+
+            async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+                # RFC 4252 §7: a query (no signature) is answered from the registry; a signed request
+                # is checked by asyncssh (signature over the session id, certificate validity and
+                # source-address) and only then becomes the connection's one authentication attempt.
+                match = self.client_keys.lookup(key_data)  # type: ignore[union-attr]
+                if match is None:
+                    return False
+                if not msg:
+                    return True
+                # A certificate's principal is the identity, not the LOGIN@TARGET user name.
+                if not await verify(match.user if match.method == "certificate" else username, key_data, msg, signature):
+                    return False
+                answer = self._attempt(username, None, "publickey", key=match)
+                return bool(await answer) if answer is not False else False
+
+            conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close_reason = f"client connection lost: {exc}" if exc else "client closed the connection"
@@ -123,7 +201,14 @@ class ClientGate(asyncssh.SSHServer):
         return True  # every client must authenticate
 
     def public_key_auth_supported(self) -> bool:
-        return False
+        return self.client_keys is not None
+
+    # asyncssh's own checks, called from ``verify`` above once the registry matched the key.
+    def validate_public_key(self, username: str, key: Any) -> bool:
+        return self.client_keys is not None and self.client_keys.keys.get(key.public_data) is not None
+
+    def validate_ca_key(self, username: str, key: Any) -> bool:
+        return self.client_keys is not None and key.public_data == self.client_keys.ca
 
     def password_auth_supported(self) -> bool:
         return True
@@ -142,12 +227,12 @@ class ClientGate(asyncssh.SSHServer):
             return False
         return self._attempt(username, responses[0], "keyboard-interactive")
 
-    def _attempt(self, username: str, secret: str, method: str) -> Any:
+    def _attempt(self, username: str, secret: str | None, method: str, key: KeyMatch | None = None) -> Any:
         if self.attempt is not None or self.refused:
             # One identification per connection: the first attempt decides (a refusal disconnects).
             return False
         answer = asyncio.get_event_loop().create_future()
-        self.attempt = AuthAttempt(username, secret, method, answer)
+        self.attempt = AuthAttempt(username, secret, method, answer, key)
         self.attempted.set()
         return answer
 

@@ -8,7 +8,11 @@ inside its trio task.  The core's flow maps onto SSH's connection protocol:
                 (password, or keyboard-interactive with one prompt) — its user
                 name is ``LOGIN@TARGET``
     identify    the secret is a proxy token, checked by the core's identity
-                code (``ClientAuthenticator.verify_token``); it is dropped then
+                code (``ClientAuthenticator.verify_token``); it is dropped then.
+                Or a public key registered to an identity, or an OpenSSH user
+                certificate of the configured user CA whose principal names
+                the identity (``identity.publickey``): asyncssh checks the
+                signature and the certificate, ``bridge.ClientKeys`` says whose
     route       match keys ``target`` and ``login``
     authorize   roles grant targets (``targets`` globs) and logins
                 (``logins`` globs), deny by default (the core's ``roles``,
@@ -47,10 +51,11 @@ from dbproxy.engine import Engine
 from dbproxy.errors import AccessDenied, ProxyError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring, run_session
 from dbproxy.limits import TooManyConnections
+from dbproxy.session import Identity
 
 from . import config as sshconfig
-from .bridge import DISC_BY_APPLICATION, DISC_REFUSED, DISC_UNAVAILABLE, ClientGate, Relay, TargetConnection, \
-    TargetError, serve_client
+from .bridge import DISC_BY_APPLICATION, DISC_REFUSED, DISC_UNAVAILABLE, ClientGate, ClientKeys, Relay, \
+    TargetConnection, TargetError, serve_client
 
 log = logging.getLogger("dbproxy.ssh")
 
@@ -65,7 +70,7 @@ class SSHEngine(Engine):
     match_keys = ("target", "login")
     auth_methods = ("publickey", "password")
     password_methods = ("password",)
-    client_auth_methods = ("token",)
+    client_auth_methods = ("token", "publickey")
     listener_keys = sshconfig.LISTENER_KEYS
     backend_keys = sshconfig.BACKEND_KEYS
     # SSH's own packet limit is the implementation's (asyncssh: 256 KiB); the core's buffers are unused.
@@ -81,13 +86,16 @@ class SSHEngine(Engine):
 
         self.host_key = asyncssh.read_private_key(listener.extra["host_key_file"])
         self._gates: dict[str, ClientGate] = {}
+        # Client keys and the user CA (identity.publickey), when the listener accepts them.
+        cfg = self.access.auth.publickey if self.access is not None else None
+        self.client_keys = ClientKeys(cfg) if cfg is not None else None
 
     # -- connection ---------------------------------------------------------------------
     async def handle_connection(self, session: Any, stream: Any) -> None:
         session.family = self.family
         async with trio_asyncio.open_loop():
             async with trio.open_nursery() as nursery:
-                gate = ClientGate(session)
+                gate = ClientGate(session, self.client_keys)
                 self._gates[session.id] = gate
                 nursery.start_soon(self._serve, stream, gate)
                 try:
@@ -106,7 +114,7 @@ class SSHEngine(Engine):
     async def refuse(self, session: Any, stream: Any, reason: str) -> None:
         async with trio_asyncio.open_loop():
             async with trio.open_nursery() as nursery:
-                gate = ClientGate(session)
+                gate = ClientGate(session, self.client_keys)
                 self._gates[session.id] = gate
                 nursery.start_soon(self._serve, stream, gate)
                 try:
@@ -144,6 +152,14 @@ class SSHEngine(Engine):
         gate: ClientGate = request.extra
         attempt = gate.attempt
         secret, attempt.secret = attempt.secret, None  # checked once, then forgotten
+        if attempt.key is not None:
+            # A registered key or a CA-signed certificate: asyncssh verified the signature (and the
+            # certificate's validity); the registry said whose it is.
+            key = attempt.key
+            session.identity = Identity(user=key.user, roles=key.roles, method=key.method)
+            request.start_fields.update(identity_method=key.method, client_key=key.fingerprint,
+                                        **({"certificate_key_id": key.key_id} if key.key_id is not None else {}))
+            return
         if self.access is None or not self.access.auth.token:
             raise Refused(f"listener {self.listener.name}: token authentication is not configured",
                           client_message="the proxy cannot authenticate you (no token authentication configured)",

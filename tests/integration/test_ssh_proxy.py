@@ -58,8 +58,15 @@ def sshproxy(sshd, tmp_path_factory):
     from scripts.peers import free_port
 
     closed_port = free_port()  # nothing listens there: the target is down
+    # Client keys: erin's key is registered to her; dave has a certificate of the user CA naming him.
+    make_key(workdir / "erin_ed25519", "erin")
+    make_key(workdir / "stranger_ed25519", "stranger")
+    make_key(workdir / "user_ca", "dbproxy-user-ca")
     config = {
-        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
+        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"},
+                     "publickey": {"users": {"erin": {"roles": ["ops"], "authorized_keys_file": "erin_ed25519.pub"},
+                                             "dave": {"roles": ["ops"]}},
+                                   "user_ca_file": "user_ca.pub"}},
         "roles": {
             "ops": {"routes": ["*"], "targets": ["web-*", "rekeyed-*", "down-*"], "logins": [sshd.login]},
             "guarded": {"routes": ["*"], "targets": ["web-*"], "logins": [sshd.login],
@@ -72,7 +79,7 @@ def sshproxy(sshd, tmp_path_factory):
             "host_key_file": "proxy_host_ed25519",
             "recording": {"dir": "recordings"},
             "env_allow": ["LANG", "LC_DBPROXY_OK*"],
-            "auth": {"methods": ["token"]},
+            "auth": {"methods": ["token", "publickey"]},
             "routes": [
                 # No backend login: the session logs in as the login the client named (if a role grants it).
                 {"name": "web", "match": {"target": "web-*"}, "backend": _backend(sshd, sshd.known_hosts, login=False)},
@@ -89,6 +96,7 @@ def sshproxy(sshd, tmp_path_factory):
     proc.recordings = workdir / "recordings"
     proc.audit_path = workdir / "audit.jsonl"
     proc.login = sshd.login
+    proc.workdir = workdir
     proc.target_addr = sshd.address
     # The client knows the proxy's host key (StrictHostKeyChecking=yes below).
     kind, blob = (workdir / "proxy_host_ed25519.pub").read_text().split()[:2]
@@ -115,9 +123,30 @@ def client_env(proxy, token: str | None = None) -> dict:
     return env
 
 
-def ssh_options(proxy) -> list[str]:
+def ssh_options(proxy, *, key=None) -> list[str]:
+    """OpenSSH options: the token by SSH_ASKPASS, or (``key``) only that key (and its ``-cert.pub``)."""
+    auth = ["-o", "PubkeyAuthentication=no"] if key is None else [
+        "-o", "PubkeyAuthentication=yes", "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey",
+        "-o", "BatchMode=yes", "-i", str(key)]
     return ["-F", "/dev/null", "-o", f"UserKnownHostsFile={proxy.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "PubkeyAuthentication=no", "-o", "ConnectTimeout=10", "-o", "NumberOfPasswordPrompts=1"]
+            *auth, "-o", "ConnectTimeout=10", "-o", "NumberOfPasswordPrompts=1"]
+
+
+def key_ssh(proxy, target: str, key, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("SSH_AUTH_SOCK", None)
+    return subprocess.run(["ssh", *ssh_options(proxy, key=key), "-p", str(proxy.port()), f"{proxy.login}@{target}@127.0.0.1",
+                           *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=30)
+
+
+def sign_user_key(proxy, name: str, principal: str, validity: str, *options: str) -> Path:
+    """A fresh key with an OpenSSH user certificate of the proxy's user CA (``ssh-keygen -s``)."""
+    from scripts.peers.sshd import make_key
+
+    key = make_key(proxy.workdir / name, name)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(proxy.workdir / "user_ca"), "-I", f"{name}-id", "-n", principal,
+                    "-V", validity, *options, f"{key}.pub"], check=True, capture_output=True, timeout=10)
+    return key
 
 
 def ssh(proxy, target: str, *args: str, token: str | None = None, login: str | None = None,
@@ -201,6 +230,49 @@ def test_keyboard_interactive_token(sshproxy):
     evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "web-2"
                                           for e in es))
     assert start_of(evs, "web-2", True)["client_auth"] == "keyboard-interactive"
+
+
+# --------------------------------------------------------------------------- client keys and certificates
+
+
+def test_registered_public_key_is_an_identity(sshproxy):
+    r = key_ssh(sshproxy, "web-k1", sshproxy.workdir / "erin_ed25519", "echo key-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "key-ok\n"
+    evs = for_target(sshproxy, "web-k1", "ssh.session.end")
+    start = start_of(evs, "web-k1", True)
+    assert (start["user"], start["auth_method"], start["client_auth"]) == ("erin", "publickey", "publickey")
+    pub = subprocess.run(["ssh-keygen", "-lf", str(sshproxy.workdir / "erin_ed25519.pub")], capture_output=True,
+                         text=True, check=True).stdout.split()[1]
+    assert start["client_key"] == pub
+
+
+def test_unregistered_public_key_refused(sshproxy):
+    r = key_ssh(sshproxy, "web-k2", sshproxy.workdir / "stranger_ed25519", "echo should-not-run")
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout and "Permission denied" in r.stderr
+
+
+def test_user_certificate_is_an_identity(sshproxy):
+    key = sign_user_key(sshproxy, "dave_cert", "dave", "-5m:+10m")
+    r = key_ssh(sshproxy, "web-k3", key, "echo cert-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "cert-ok\n"
+    evs = for_target(sshproxy, "web-k3", "ssh.session.end")
+    start = start_of(evs, "web-k3", True)
+    assert (start["user"], start["auth_method"], start["certificate_key_id"]) == ("dave", "certificate", "dave_cert-id")
+
+
+@pytest.mark.parametrize("principal, validity, options", [
+    ("dave", "-20m:-10m", ()),  # expired
+    ("mallory", "-5m:+10m", ()),  # a principal that is no configured identity
+    ("dave", "-5m:+10m", ("-O", "force-command=true")),  # an option the proxy would not enforce
+], ids=["expired", "unknown-principal", "force-command"])
+def test_bad_user_certificates_refused(sshproxy, principal, validity, options):
+    key = sign_user_key(sshproxy, f"bad_{uuid.uuid4().hex[:6]}", principal, validity, *options)
+    r = key_ssh(sshproxy, "web-k4", key, "echo should-not-run")
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout and "Permission denied" in r.stderr
 
 
 # --------------------------------------------------------------------------- refusals

@@ -154,3 +154,71 @@ def test_bad_user_name(name):
     with pytest.raises(BadUserName) as info:
         parse_user(name)
     assert "LOGIN@TARGET" in str(info.value) or "spaces or control" in str(info.value)
+
+
+# --------------------------------------------------------------------------- client keys (identity.publickey)
+
+
+def publickey_doc(files) -> dict:
+    keygen(files / "alice_ed25519")
+    keygen(files / "user_ca")
+    d = doc()
+    d["identity"]["publickey"] = {"users": {"alice": {"roles": ["web"], "authorized_keys_file": "alice_ed25519.pub"},
+                                            "bob": {"roles": ["web"]}},
+                                  "user_ca_file": "user_ca.pub"}
+    d["listeners"][0]["auth"] = {"methods": ["token", "publickey"]}  # the issue's shape
+    return d
+
+
+def test_issue_auth_methods_load(files):
+    cfg = load(files, publickey_doc(files))
+    assert cfg.listeners[0].auth.methods == ("token", "publickey")
+    pk = cfg.identity.publickey
+    assert pk.users == (("alice", ("web",), str(files / "alice_ed25519.pub")), ("bob", ("web",), None))
+    assert pk.user_ca_file == str(files / "user_ca.pub")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["identity"].pop("publickey"), 'listeners[0].auth: identity.publickey to be configured for method "publickey"'),
+    (lambda d: d["identity"]["publickey"]["users"]["alice"].update(authorized_keys_file="host_ed25519"),
+     "identity.publickey.users.alice.authorized_keys_file: one OpenSSH public key per line"),
+    (lambda d: d["identity"]["publickey"]["users"]["alice"].update(roles=["nope"]),
+     "identity.publickey.users.alice.roles: roles defined in \"roles\", 'nope' is not"),
+    (lambda d: d["identity"]["publickey"]["users"]["bob"].pop("roles"),
+     'identity.publickey.users.bob: a key "roles"'),
+    (lambda d: d["identity"]["publickey"].update(user_ca_file="known_hosts"),
+     "identity.publickey.user_ca_file: an OpenSSH public key"),
+    (lambda d: d["identity"].update(publickey={"users": {"bob": {"roles": ["web"]}}}),
+     'identity.publickey: "users" with an "authorized_keys_file" and/or a "user_ca_file"'),
+    (lambda d: d["listeners"].append({"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:5433",
+                                      "auth": {"methods": ["publickey"]},
+                                      "routes": [{"backend": {"address": "127.0.0.1:5432", "auth": {"method": "trust"}}}]}),
+     "listeners[1].auth.methods[0]: a method the postgres engine supports"),
+])
+def test_publickey_mistakes_are_named(files, change, expected):
+    d = publickey_doc(files)
+    change(d)
+    errors = errors_for(files, d)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_client_keys_match_keys_and_certificates(files):
+    """``ClientKeys.lookup`` on the blobs an SSH client sends: a registered key, a certificate of the CA naming a
+    configured user (and not one naming nobody, nor a key of no one)."""
+    import asyncssh
+
+    from dbproxy.engines.ssh.bridge import ClientKeys
+
+    cfg = load(files, publickey_doc(files)).identity.publickey
+    keys = ClientKeys(cfg)
+    alice = asyncssh.read_public_key(str(files / "alice_ed25519.pub"))
+    assert keys.lookup(alice.public_data).user == "alice"
+    ca = asyncssh.read_private_key(str(files / "user_ca"))
+    someone = asyncssh.generate_private_key("ssh-ed25519")
+    assert keys.lookup(someone.convert_to_public().public_data) is None
+    cert = ca.generate_user_certificate(someone, "bob-key", principals=["bob"])
+    match = keys.lookup(cert.public_data)
+    assert (match.user, match.method, match.key_id) == ("bob", "certificate", "bob-key")
+    assert keys.lookup(ca.generate_user_certificate(someone, "x", principals=["eve"]).public_data) is None
+    other_ca = asyncssh.generate_private_key("ssh-ed25519")
+    assert keys.lookup(other_ca.generate_user_certificate(someone, "x", principals=["bob"]).public_data) is None
