@@ -682,13 +682,14 @@ class TargetConnection:
         self.relay: Relay | None = None
 
     async def open(self, host: str, port: int, login: str, *, known_hosts: str, key_file: str | None,
-                   password: str | None) -> None:
+                   password: str | None, certificate: tuple | None = None) -> None:
+        keys = [key_file] if key_file else [certificate] if certificate else None
         options: dict = dict(
             username=login,
             known_hosts=known_hosts,
             # Only the route's credential: no agent, no ~/.ssh keys or config of the proxy's user.
-            agent_path=None, client_keys=[key_file] if key_file else None, password=password,
-            config=None, ignore_encrypted=True, preferred_auth="publickey" if key_file else "password,keyboard-interactive",
+            agent_path=None, client_keys=keys, password=password,
+            config=None, ignore_encrypted=True, preferred_auth="publickey" if keys else "password,keyboard-interactive",
             client_factory=lambda: _TargetClient(self),
         )
         try:
@@ -712,6 +713,24 @@ class TargetConnection:
             self.conn.close()
             with trio.move_on_after(2):
                 await trio_asyncio.aio_as_trio(self.conn.wait_closed)()
+
+
+def session_certificate(ca_key: Any, session: Any, validity: int) -> tuple:
+    """A fresh key pair and an OpenSSH user certificate (PROTOCOL.certkeys) for one session's login.
+
+    Principal: the login (the target's sshd checks it against the user name); key id: the proxy,
+    the identity and the session id, so the target's own log names who came through the proxy;
+    valid from a minute ago (clock skew) for ``validity`` seconds; no agent or X11 forwarding.
+    """
+    import time
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    now = int(time.time())
+    cert = ca_key.generate_user_certificate(
+        key, f"dbproxy:{session.identity.user}:{session.id}", principals=[session.login],
+        valid_after=now - 60, valid_before=now + validity,
+        permit_agent_forwarding=False, permit_x11_forwarding=False, permit_user_rc=False)
+    return key, cert
 
 
 # -------------------------------------------------------------------------- the client

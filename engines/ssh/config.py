@@ -2,8 +2,9 @@
 
 Strategy: the core's validator (``dbproxy.config``) calls the engine class's
 hooks for the keys it owns — listener ``host_key_file``; backend ``login`` and
-``host_key.known_hosts_file``; backend ``auth`` ``publickey`` (``key_file``) or
-``password`` (``password_file`` / ``password_env``, checked by the core) —
+``host_key.known_hosts_file``; backend ``auth`` ``publickey`` (``key_file``),
+``password`` (``password_file`` / ``password_env``, checked by the core) or
+``certificate`` (``ca_key_file``, ``validity_seconds``) —
 and every problem is reported with the file, JSON path and expectation, like
 the rest of the config.  Key files are parsed here (asyncssh's own reader), so
 an unreadable or encrypted key is a config error, not a failed session.
@@ -24,7 +25,10 @@ LISTENER_KEYS = ("host_key_file", "recording", "env_allow")
 RECORDING_KEYS = {"dir"}
 BACKEND_KEYS = ("login", "host_key")
 HOST_KEY_KEYS = {"known_hosts_file"}
-AUTH_KEYS = {"publickey": {"key_file"}, "password": set()}
+AUTH_KEYS = {"publickey": {"key_file"}, "password": set(), "certificate": {"ca_key_file", "validity_seconds"}}
+# A per-session certificate is valid this long by default (it only has to outlive the login).
+DEFAULT_CERT_VALIDITY = 300
+MAX_CERT_VALIDITY = 24 * 3600
 
 
 class BadUserName(ValueError):
@@ -111,6 +115,24 @@ def validate_auth(v: Any, method: str, ad: dict, path: str) -> dict:
         for k in ("password_file", "password_env"):
             if k in ad:
                 v.err(f"{path}.{k}", "no password for method publickey (the key file is the credential)")
+    if method == "certificate":
+        # The proxy's user CA: it signs a short-lived certificate for each session (the target's
+        # sshd trusts the CA with TrustedUserCAKeys; the certificate's principal is the login).
+        key = v.file_path(ad, "ca_key_file", path)
+        if key is not None:
+            problem = _private_key_problem(key)
+            if problem:
+                v.err(f"{path}.ca_key_file", problem)
+            else:
+                params["ca_key_file"] = key
+        validity = v.integer(ad, "validity_seconds", path, minimum=30)
+        if validity is not None and validity > MAX_CERT_VALIDITY:
+            v.err(f"{path}.validity_seconds", f"at most {MAX_CERT_VALIDITY} seconds (a per-session certificate), got {validity}")
+            validity = None
+        params["validity_seconds"] = validity or DEFAULT_CERT_VALIDITY
+        for k in ("password_file", "password_env"):
+            if k in ad:
+                v.err(f"{path}.{k}", "no password for method certificate (the CA key signs the credential)")
     return params
 
 

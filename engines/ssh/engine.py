@@ -18,8 +18,10 @@ inside its trio task.  The core's flow maps onto SSH's connection protocol:
                 (``logins`` globs), deny by default (the core's ``roles``,
                 family ``terminal``: ``databases``/``db_users`` grant no SSH)
     connect     the proxy's own login to the target: the route's key or
-                password, the target's host key verified against the route's
-                known_hosts
+                password, or a fresh key with a short-lived OpenSSH user
+                certificate the route's CA signs for this session (principal:
+                the login; key id: proxy, identity and session id); the
+                target's host key verified against the route's known_hosts
     ready       only now does the client's authentication succeed
     relay       channels relayed by asyncssh callbacks (``bridge.Relay``)
 
@@ -55,7 +57,7 @@ from dbproxy.session import Identity
 
 from . import config as sshconfig
 from .bridge import DISC_BY_APPLICATION, DISC_REFUSED, DISC_UNAVAILABLE, ClientGate, ClientKeys, Relay, \
-    TargetConnection, TargetError, serve_client
+    TargetConnection, TargetError, serve_client, session_certificate
 
 log = logging.getLogger("dbproxy.ssh")
 
@@ -68,7 +70,7 @@ class SSHEngine(Engine):
     family = "terminal"
     event_family = "ssh"
     match_keys = ("target", "login")
-    auth_methods = ("publickey", "password")
+    auth_methods = ("publickey", "password", "certificate")
     password_methods = ("password",)
     client_auth_methods = ("token", "publickey")
     listener_keys = sshconfig.LISTENER_KEYS
@@ -86,6 +88,7 @@ class SSHEngine(Engine):
 
         self.host_key = asyncssh.read_private_key(listener.extra["host_key_file"])
         self._gates: dict[str, ClientGate] = {}
+        self._ca_keys: dict[str, Any] = {}  # route CA keys (method certificate), read once
         # Client keys and the user CA (identity.publickey), when the listener accepts them.
         cfg = self.access.auth.publickey if self.access is not None else None
         self.client_keys = ClientKeys(cfg) if cfg is not None else None
@@ -196,6 +199,9 @@ class SSHEngine(Engine):
                 known_hosts=backend.extra["known_hosts_file"],
                 key_file=auth.params.get("key_file") if auth.method == "publickey" else None,
                 password=auth.secret.reveal() if auth.method == "password" and auth.secret is not None else None,
+                certificate=session_certificate(self._ca_key(auth.params["ca_key_file"]), session,
+                                                auth.params["validity_seconds"])
+                if auth.method == "certificate" else None,
             )
         except TargetError as exc:
             hints = {
@@ -207,6 +213,14 @@ class SSHEngine(Engine):
             raise UpstreamError(str(exc), kind=exc.kind, client_hint=hints[exc.kind]) from None
         # The target, login and address are in every ssh.* event already (the audit's session fields).
         return Backend(stream=_TargetStream(target), decoder=None)
+
+    def _ca_key(self, path: str) -> Any:
+        key = self._ca_keys.get(path)
+        if key is None:
+            import asyncssh
+
+            key = self._ca_keys[path] = asyncssh.read_private_key(path)
+        return key
 
     def upstream_refused(self, request: Request, exc: UpstreamError) -> Refused:
         return Refused(str(exc), client_message=exc.client_hint, code=DISC_BY_APPLICATION,

@@ -7,6 +7,8 @@ own (never /etc/ssh) under a directory the caller owns:
   (``known_hosts``: what the proxy verifies the target against);
 - one client key pair (``client_key``) authorized for ``login`` — the user
   running the tests (root on CI) — the credential only the proxy holds;
+- a user CA (``user_ca``, private key) whose certificates sshd accepts
+  (``TrustedUserCAKeys``; the certificate's principal must be the login);
 - ``UsePAM no`` (Debian's PAM stack wants a real login session),
   ``StrictModes no`` (pytest's temporary folders are not 0700 all the way
   up), public-key authentication only, the sftp subsystem, TCP forwarding
@@ -62,6 +64,7 @@ class Sshd:
     host_key: Path
     client_key: Path
     known_hosts: Path
+    user_ca: Path | None = None  # a user CA's private key; sshd trusts its certificates (TrustedUserCAKeys)
     host: str = "127.0.0.1"
     _proc: subprocess.Popen | None = None
 
@@ -104,13 +107,14 @@ class Sshd:
                 "known_hosts": str(self.known_hosts), "dir": str(self.dir)}
 
 
-def _config(dir: Path, port: int, host_key: Path, authorized: Path, login: str) -> str:
+def _config(dir: Path, port: int, host_key: Path, authorized: Path, login: str, user_ca: Path) -> str:
     sftp = next((p for p in SFTP_SERVER_CANDIDATES if os.path.exists(p)), "internal-sftp")
     return "\n".join([
         f"ListenAddress 127.0.0.1:{port}",
         f"HostKey {host_key}",
         f"PidFile {dir / 'sshd.pid'}",
         f"AuthorizedKeysFile {authorized}",
+        f"TrustedUserCAKeys {user_ca}.pub",
         "UsePAM no",
         "StrictModes no",
         "PubkeyAuthentication yes",
@@ -140,6 +144,7 @@ def start_sshd(base_dir: str | Path, *, port: int | None = None) -> Sshd:
     login = pwd.getpwuid(os.geteuid()).pw_name
     host_key = make_key(dir / "host_ed25519", "dbproxy-test-host")
     client_key = make_key(dir / "client_ed25519", "dbproxy-proxy-credential")
+    user_ca = make_key(dir / "user_ca", "dbproxy-test-user-ca")
     authorized = dir / "authorized_keys"
     authorized.write_text((dir / "client_ed25519.pub").read_text())
     os.chmod(authorized, 0o600)
@@ -148,9 +153,9 @@ def start_sshd(base_dir: str | Path, *, port: int | None = None) -> Sshd:
         known_hosts = dir / "known_hosts"
         pub = (dir / "host_ed25519.pub").read_text().split()
         known_hosts.write_text(f"[127.0.0.1]:{chosen} {pub[0]} {pub[1]}\n")
-        (dir / "sshd_config").write_text(_config(dir, chosen, host_key, authorized, login))
+        (dir / "sshd_config").write_text(_config(dir, chosen, host_key, authorized, login, user_ca))
         server = Sshd(dir=dir, port=chosen, login=login, host_key=host_key, client_key=client_key,
-                      known_hosts=known_hosts)
+                      known_hosts=known_hosts, user_ca=user_ca)
         try:
             return server.start()
         except RuntimeError:

@@ -62,13 +62,14 @@ def sshproxy(sshd, tmp_path_factory):
     make_key(workdir / "erin_ed25519", "erin")
     make_key(workdir / "stranger_ed25519", "stranger")
     make_key(workdir / "user_ca", "dbproxy-user-ca")
+    make_key(workdir / "untrusted_ca", "a CA the target does not trust")
     config = {
         "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"},
                      "publickey": {"users": {"erin": {"roles": ["ops"], "authorized_keys_file": "erin_ed25519.pub"},
                                              "dave": {"roles": ["ops"]}},
                                    "user_ca_file": "user_ca.pub"}},
         "roles": {
-            "ops": {"routes": ["*"], "targets": ["web-*", "rekeyed-*", "down-*"], "logins": [sshd.login]},
+            "ops": {"routes": ["*"], "targets": ["web-*", "rekeyed-*", "down-*", "cert-*"], "logins": [sshd.login]},
             "guarded": {"routes": ["*"], "targets": ["web-*"], "logins": [sshd.login],
                         "deny_commands": ["rm", "shutdown*"]},
             # Database keys grant databases only: this role reaches no SSH target.
@@ -85,6 +86,13 @@ def sshproxy(sshd, tmp_path_factory):
                 {"name": "web", "match": {"target": "web-*"}, "backend": _backend(sshd, sshd.known_hosts, login=False)},
                 {"name": "db", "match": {"target": "db-*"}, "backend": _backend(sshd, sshd.known_hosts)},
                 {"name": "rekeyed", "match": {"target": "rekeyed-*"}, "backend": _backend(sshd, wrong)},
+                # The proxy signs a per-session certificate with a CA the target trusts (or, here, does not).
+                {"name": "cert-untrusted", "match": {"target": "cert-untrusted-*"},
+                 "backend": {**_backend(sshd, sshd.known_hosts),
+                             "auth": {"method": "certificate", "ca_key_file": "untrusted_ca"}}},
+                {"name": "cert", "match": {"target": "cert-*"},
+                 "backend": {**_backend(sshd, sshd.known_hosts),
+                             "auth": {"method": "certificate", "ca_key_file": str(sshd.user_ca), "validity_seconds": 120}}},
                 {"name": "down", "match": {"target": "down-*"},
                  "backend": {**_backend(sshd, sshd.known_hosts), "address": f"127.0.0.1:{closed_port}"}},
             ],
@@ -96,6 +104,7 @@ def sshproxy(sshd, tmp_path_factory):
     proc.recordings = workdir / "recordings"
     proc.audit_path = workdir / "audit.jsonl"
     proc.login = sshd.login
+    proc.sshd = sshd
     proc.workdir = workdir
     proc.target_addr = sshd.address
     # The client knows the proxy's host key (StrictHostKeyChecking=yes below).
@@ -273,6 +282,30 @@ def test_bad_user_certificates_refused(sshproxy, principal, validity, options):
     r = key_ssh(sshproxy, "web-k4", key, "echo should-not-run")
     assert r.returncode == 255
     assert "should-not-run" not in r.stdout and "Permission denied" in r.stderr
+
+
+# --------------------------------------------------------------------------- target auth: certificate
+
+
+def test_target_login_with_a_per_session_certificate(sshproxy):
+    """The route's auth is ``certificate``: the target's sshd (TrustedUserCAKeys) accepts the proxy's
+    short-lived certificate and logs its key id, which names the identity and the session."""
+    r = ssh(sshproxy, "cert-1", "echo cert-target-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "cert-target-ok\n"
+    evs = for_target(sshproxy, "cert-1", "ssh.session.end")
+    start = start_of(evs, "cert-1", True)
+    wait_until(lambda: f'Accepted certificate ID "dbproxy:alice:{start["sid"]}"' in sshproxy.sshd.log_text(),
+               timeout=10, what="sshd accepting the certificate with the session's key id")
+
+
+def test_target_refuses_a_certificate_of_an_untrusted_ca(sshproxy):
+    r = ssh(sshproxy, "cert-untrusted-1", "echo should-not-run")
+    assert r.returncode == 255
+    assert "the target 'cert-untrusted-1' refused the proxy's login" in r.stderr
+    evs = events(sshproxy, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "cert-untrusted-1"
+                                          for e in es))
+    assert start_of(evs, "cert-untrusted-1", False)["reason"] == "target_auth"
 
 
 # --------------------------------------------------------------------------- refusals

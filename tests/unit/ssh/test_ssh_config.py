@@ -87,6 +87,14 @@ def test_password_backend_loads(files):
     assert backend.auth.method == "password" and backend.auth.secret.reveal() == "s3cret"
 
 
+def test_certificate_backend_loads(files):
+    d = doc()
+    d["listeners"][0]["routes"][0]["backend"]["auth"] = {"method": "certificate", "ca_key_file": "deploy_ed25519"}
+    auth = load(files, d).listeners[0].routes[0].backend.auth
+    assert auth.method == "certificate"
+    assert auth.params == {"ca_key_file": str(files / "deploy_ed25519"), "validity_seconds": 300}
+
+
 def mutate(fn) -> dict:
     d = copy.deepcopy(doc())
     fn(d["listeners"][0])
@@ -109,7 +117,17 @@ def mutate(fn) -> dict:
     (lambda lc: lc["routes"][0]["backend"]["auth"].update(key_file="known_hosts"),
      "listeners[0].routes[0].backend.auth.key_file: an unencrypted OpenSSH private key"),
     (lambda lc: lc["routes"][0]["backend"]["auth"].update(method="gssapi"),
-     "listeners[0].routes[0].backend.auth.method: one of publickey, password"),
+     "listeners[0].routes[0].backend.auth.method: one of publickey, password, certificate"),
+    (lambda lc: lc["routes"][0]["backend"].update(auth={"method": "certificate"}),
+     "listeners[0].routes[0].backend.auth: a key 'ca_key_file'"),
+    (lambda lc: lc["routes"][0]["backend"].update(auth={"method": "certificate", "ca_key_file": "known_hosts"}),
+     "listeners[0].routes[0].backend.auth.ca_key_file: an unencrypted OpenSSH private key"),
+    (lambda lc: lc["routes"][0]["backend"].update(auth={"method": "certificate", "ca_key_file": "deploy_ed25519",
+                                                        "validity_seconds": 90000}),
+     "listeners[0].routes[0].backend.auth.validity_seconds: at most 86400 seconds"),
+    (lambda lc: lc["routes"][0]["backend"].update(auth={"method": "certificate", "ca_key_file": "deploy_ed25519",
+                                                        "key_file": "deploy_ed25519"}),
+     "listeners[0].routes[0].backend.auth.key_file: no key 'key_file' for method certificate"),
     (lambda lc: lc["routes"][0]["backend"].update(auth={"method": "password"}),
      'listeners[0].routes[0].backend.auth: "password_file" or "password_env"'),
     (lambda lc: lc["routes"][0]["backend"].update(user="deploy"),
