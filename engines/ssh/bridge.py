@@ -304,8 +304,10 @@ class Relay:
     """
 
     def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection", *,
-                 recording_dir: str | None = None, grant: Any = None, env_allow: tuple = ()) -> None:
+                 recording_dir: str | None = None, grant: Any = None, env_allow: tuple = (),
+                 idle_timeout: float | None = None) -> None:
         self.session = session
+        self.idle_timeout = idle_timeout
         self.env_allow = env_allow
         self.grant = grant
         self.recording_dir = recording_dir
@@ -334,7 +336,11 @@ class Relay:
     async def run(self) -> None:
         if self.gate.closed.is_set():
             self.client_gone()
-        await self.ended.wait()
+        async with trio.open_nursery() as nursery:
+            if self.idle_timeout:
+                nursery.start_soon(self._watch_idle, self.idle_timeout)
+            await self.ended.wait()
+            nursery.cancel_scope.cancel()
         # Whichever side ended, the other goes too (its channels with it).
         if not self.gate.closed.is_set() and self.gate.conn is not None:
             self.gate.conn.close()
@@ -344,6 +350,34 @@ class Relay:
         if self.open_channels:
             with trio.move_on_after(CHANNEL_CLOSE_GRACE):
                 await self.channels_done.wait()
+
+    def _traffic(self) -> int:
+        return self.from_client.bytes_in + self.to_client.bytes_out
+
+    async def _watch_idle(self, limit: float) -> None:
+        """End the session after ``limit`` seconds without channel data either way.
+
+        Polls the byte counters the callbacks keep anyway (nothing added per chunk); the
+        granularity is a tenth of the limit.
+        """
+        seen, since = self._traffic(), trio.current_time()
+        while True:
+            await trio.sleep(min(max(limit / 10, 0.1), 5.0))
+            now, total = trio.current_time(), self._traffic()
+            if total != seen:
+                seen, since = total, now
+            elif now - since >= limit:
+                break
+        message = f"idle timeout: no traffic for {limit:g}s, the proxy closed the session"
+        log.info("session %s: %s", self.session.id, message)
+        self.end_reason = message
+        # asyncssh closes the channels before it sends the disconnect, and OpenSSH exits on the
+        # channel's close without printing the disconnect: say it on each channel's stderr first.
+        for pair in list(self.open_channels):
+            if not pair.closed and pair.chan is not None:
+                pair.chan.write_stderr(f"\r\ndbproxy: {message}\r\n".encode())
+        self.gate.refuse(message, DISC_BY_APPLICATION)
+        self.ended.set()
 
     def channel_closed(self, pair: "ChannelRelay") -> None:
         self.open_channels.discard(pair)
@@ -736,7 +770,8 @@ def session_certificate(ca_key: Any, session: Any, validity: int) -> tuple:
 # -------------------------------------------------------------------------- the client
 
 
-async def serve_client(stream: Any, gate: ClientGate, host_key: Any, *, login_timeout: float) -> None:
+async def serve_client(stream: Any, gate: ClientGate, host_key: Any, *, login_timeout: float,
+                       keepalive_interval: float = 0, keepalive_count_max: int = 3) -> None:
     """Run asyncssh's server side on the accepted client ``stream`` until the connection ends.
 
     A duplicate of the socket's descriptor goes to asyncio's transport; the core still owns
@@ -750,7 +785,8 @@ async def serve_client(stream: Any, gate: ClientGate, host_key: Any, *, login_ti
             server_host_keys=[host_key],
             # Forwarding is refused (and audited) by the gate; these keep asyncssh from offering it.
             agent_forwarding=False, x11_forwarding=False, allow_pty=True,
-            login_timeout=login_timeout, keepalive_interval=0,
+            login_timeout=login_timeout, keepalive_interval=keepalive_interval,
+            keepalive_count_max=keepalive_count_max,
             server_version="dbproxy",
         )
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:

@@ -21,7 +21,8 @@ from typing import Any
 
 import attrs
 
-LISTENER_KEYS = ("host_key_file", "recording", "env_allow")
+LISTENER_KEYS = ("host_key_file", "recording", "env_allow", "keepalive_seconds", "keepalive_count_max",
+                 "idle_timeout_seconds")
 RECORDING_KEYS = {"dir"}
 BACKEND_KEYS = ("login", "host_key")
 HOST_KEY_KEYS = {"known_hosts_file"}
@@ -92,6 +93,21 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
             v.err(f"{path}.env_allow", "an array of non-empty name globs (e.g. [\"LANG\", \"LC_*\"])")
         else:
             extra["env_allow"] = tuple(globs)
+    # Keepalives (the proxy asks the client, RFC 4254 §4 global request "keepalive@openssh.com"):
+    # a client that stops answering ``keepalive_count_max`` in a row is disconnected.
+    keepalive = v.number(d, "keepalive_seconds", path, minimum=0.1)
+    if keepalive is not None:
+        extra["keepalive_seconds"] = keepalive
+    count = v.integer(d, "keepalive_count_max", path, minimum=1)
+    if count is not None:
+        if keepalive is None:
+            v.err(f"{path}.keepalive_count_max", 'a "keepalive_seconds" too (no keepalives are sent without it)')
+        extra["keepalive_count_max"] = count
+    # Idle timeout: no channel data either way for this long closes the session (keepalives and
+    # other SSH-level messages do not count as activity).
+    idle = v.number(d, "idle_timeout_seconds", path, minimum=1.0)
+    if idle is not None:
+        extra["idle_timeout_seconds"] = idle
     if "auth" not in d:
         # Without it the core would make the listener anonymous: an SSH proxy that lets anyone
         # in with its own keys to the targets is never what is meant.

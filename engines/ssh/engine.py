@@ -112,7 +112,10 @@ class SSHEngine(Engine):
                     nursery.cancel_scope.cancel()
 
     async def _serve(self, stream: Any, gate: ClientGate) -> None:
-        await serve_client(stream, gate, self.host_key, login_timeout=self.handshake_timeout * 2)
+        extra = self.listener.extra
+        await serve_client(stream, gate, self.host_key, login_timeout=self.handshake_timeout * 2,
+                           keepalive_interval=extra.get("keepalive_seconds", 0),
+                           keepalive_count_max=extra.get("keepalive_count_max", 3))
 
     async def refuse(self, session: Any, stream: Any, reason: str) -> None:
         async with trio_asyncio.open_loop():
@@ -232,7 +235,8 @@ class SSHEngine(Engine):
     def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
         relay = Relay(session, request.extra, backend.stream.target,
                       recording_dir=self.listener.extra.get("recording_dir"), grant=grant,
-                      env_allow=self.listener.extra.get("env_allow", ()))
+                      env_allow=self.listener.extra.get("env_allow", ()),
+                      idle_timeout=self.listener.extra.get("idle_timeout_seconds"))
         return Wiring(None, None, [], [], None, client_error=lambda exc: b"", relay=relay)
 
     async def session_ended(self, session: Any, request: Request, backend: Backend, wiring: Wiring,

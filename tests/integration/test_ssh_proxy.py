@@ -705,3 +705,156 @@ def test_scp_both_ways(sshproxy, tmp_path, legacy):
         files = [e for e in mine if e["event"] == "ssh.sftp.file"]
         assert {(e["mode"], e.get("sha256_written") or e.get("sha256_read")) for e in files} == \
             {("write", digest), ("read", digest)}
+
+
+# --------------------------------------------------------------------------- idle timeout, keepalives, limits, tokens
+
+
+class ListenerView:
+    """One listener of a multi-listener proxy, shaped like the ``sshproxy`` fixture for the helpers above."""
+
+    def __init__(self, proc, name: str) -> None:
+        self._proc, self._name = proc, name
+
+    def port(self) -> int:
+        return self._proc.port(self._name)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._proc, attr)
+
+
+@pytest.fixture(scope="module")
+def timeoutproxy(sshd, tmp_path_factory):
+    """Listeners ``idle`` (idle_timeout_seconds 1.5) and ``ka`` (keepalives every second, two missed
+    answers close); one session at a time for frank; tokens checked without leeway; a revocation file."""
+    from scripts.peers.sshd import make_key
+
+    require_binary("ssh")
+    workdir = tmp_path_factory.mktemp("sshtimeouts")
+    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
+         "--public-key-file", str(workdir / "token.pub"))
+    make_key(workdir / "hk", "dbproxy-proxy-host")
+    route = [{"match": {"target": "web-*"}, "backend": _backend(sshd, sshd.known_hosts)}]
+    config = {
+        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub",
+                               "leeway_seconds": 0, "revocation_file": "revoked.txt"}},
+        "roles": {"ops": {"routes": ["*"], "targets": ["web-*"], "logins": [sshd.login]}},
+        "limits": {"identities": {"frank": 1}},
+        "listeners": [
+            {"name": "idle", "protocol": "ssh", "listen": "127.0.0.1:0", "host_key_file": "hk",
+             "auth": {"methods": ["token"]}, "idle_timeout_seconds": 1.5, "routes": route},
+            {"name": "ka", "protocol": "ssh", "listen": "127.0.0.1:0", "host_key_file": "hk",
+             "auth": {"methods": ["token"]}, "keepalive_seconds": 1, "keepalive_count_max": 2, "routes": route},
+        ],
+        "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
+    }
+    proc = ProxyProcess(workdir, config, name="proxy").start()
+    proc.audit_path = workdir / "audit.jsonl"
+    proc.login = sshd.login
+    kind, blob = (workdir / "hk.pub").read_text().split()[:2]
+    proc.known_hosts = workdir / "client_known_hosts"
+    proc.known_hosts.write_text("".join(f"[127.0.0.1]:{proc.port(n)} {kind} {blob}\n" for n in ("idle", "ka")))
+    askpass = workdir / "askpass.sh"
+    askpass.write_text('#!/bin/sh\nprintf "%s\\n" "$DBPROXY_TOKEN"\n')
+    askpass.chmod(0o700)
+    proc.askpass = askpass
+
+    def issue(user: str, ttl: str = "1h") -> str:
+        return _cli("token", "issue", "--config", str(proc.config_path), "--user", user, "--roles", "ops", "--ttl", ttl)
+
+    proc.issue = issue
+    proc.token = issue("alice")
+    yield proc
+    proc.stop()
+
+
+def test_idle_timeout_closes_a_quiet_session(timeoutproxy):
+    idle = ListenerView(timeoutproxy, "idle")
+    started = time.monotonic()
+    r = ssh(idle, "web-idle", "sleep 20; echo not-reached")
+    assert time.monotonic() - started < 12
+    assert r.returncode == 255
+    assert "not-reached" not in r.stdout and "idle timeout: no traffic for 1.5s" in r.stderr
+    evs = for_target(idle, "web-idle", "ssh.session.end")
+    start = start_of(evs, "web-idle", True)
+    (end,) = [e for e in evs if e["event"] == "ssh.session.end" and e["sid"] == start["sid"]]
+    assert end["reason"].startswith("idle timeout")
+
+
+def test_idle_timeout_spares_a_session_with_traffic(timeoutproxy):
+    r = ssh(ListenerView(timeoutproxy, "idle"), "web-busy", "for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.5; done")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(i) for i in range(1, 9)]
+
+
+def test_keepalive_drops_an_unresponsive_client(timeoutproxy):
+    """A stopped client (SIGSTOP: its TCP still acknowledges, its SSH answers nothing) is disconnected after
+    two unanswered keepalives, long before its command would end."""
+    import signal
+
+    ka = ListenerView(timeoutproxy, "ka")
+    client = subprocess.Popen(["ssh", *ssh_options(ka), "-p", str(ka.port()), f"{ka.login}@web-ka@127.0.0.1",
+                               "sleep 60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env(ka),
+                              stdin=subprocess.DEVNULL)
+    try:
+        for_target(ka, "web-ka", "ssh.exec")
+        client.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        evs = for_target(ka, "web-ka", "ssh.session.end")
+        assert time.monotonic() - stopped < 15
+    finally:
+        client.kill()
+        client.send_signal(signal.SIGCONT)
+        client.wait(10)
+    start = start_of(evs, "web-ka", True)
+    (end,) = [e for e in evs if e["event"] == "ssh.session.end" and e["sid"] == start["sid"]]
+    assert end["reason"] == "client connection lost: Client not responding to keepalive", end
+
+
+def test_per_identity_session_limit(timeoutproxy):
+    ka = ListenerView(timeoutproxy, "ka")
+    token = timeoutproxy.issue("frank")
+    first = subprocess.Popen(["ssh", *ssh_options(ka), "-p", str(ka.port()), f"{ka.login}@web-lim1@127.0.0.1",
+                              "sleep 4; echo first-done"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=client_env(ka, token), stdin=subprocess.DEVNULL)
+    try:
+        for_target(ka, "web-lim1", "ssh.exec")
+        second = ssh(ka, "web-lim2", "echo should-not-run", token=token)
+        assert second.returncode == 255
+        assert "should-not-run" not in second.stdout and "the limit per identity" in second.stderr
+        out, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and out == "first-done\n", err
+    evs = events(ka, lambda es: any(e["event"] == "ssh.session.start" and e.get("requested_target") == "web-lim2"
+                                    for e in es))
+    assert start_of(evs, "web-lim2", False)["reason"] == "too_many_connections_identity"
+    # The slot is free again once the first session ended.
+    assert ssh(ka, "web-lim3", "echo third", token=token).stdout == "third\n"
+
+
+def test_expired_token_refused(timeoutproxy):
+    token = timeoutproxy.issue("grace", ttl="1s")
+    time.sleep(2.1)
+    r = ssh(ListenerView(timeoutproxy, "ka"), "web-exp", "echo should-not-run", token=token)
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout and "the dbproxy token was not accepted" in r.stderr
+    evs = events(timeoutproxy, lambda es: any(e["event"] == "ssh.session.access_denied" and e.get("requested_target") == "web-exp"
+                                              for e in es))
+    (denial,) = [e for e in evs if e["event"] == "ssh.session.access_denied" and e.get("requested_target") == "web-exp"]
+    assert denial["reason"] == "token_expired" and denial["stage"] == "authenticate"
+
+
+def test_revoked_token_refused(timeoutproxy):
+    ka = ListenerView(timeoutproxy, "ka")
+    token = timeoutproxy.issue("henry")
+    assert ssh(ka, "web-rev1", "echo before").stdout == "before\n"  # alice's token, to warm up
+    assert ssh(ka, "web-rev1", "echo henry-ok", token=token).stdout == "henry-ok\n"
+    _cli("token", "revoke", "--config", str(timeoutproxy.config_path), token)
+    r = ssh(ka, "web-rev2", "echo should-not-run", token=token)
+    assert r.returncode == 255
+    assert "should-not-run" not in r.stdout and "the dbproxy token was not accepted" in r.stderr
+    evs = events(timeoutproxy, lambda es: any(e["event"] == "ssh.session.access_denied" and e.get("requested_target") == "web-rev2"
+                                              for e in es))
+    (denial,) = [e for e in evs if e["event"] == "ssh.session.access_denied" and e.get("requested_target") == "web-rev2"]
+    assert denial["reason"] == "token_revoked" and denial["attempted_token_id"]

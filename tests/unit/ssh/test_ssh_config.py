@@ -87,6 +87,13 @@ def test_password_backend_loads(files):
     assert backend.auth.method == "password" and backend.auth.secret.reveal() == "s3cret"
 
 
+def test_keepalive_and_idle_load(files):
+    d = doc()
+    d["listeners"][0].update(keepalive_seconds=15, keepalive_count_max=4, idle_timeout_seconds=600)
+    extra = load(files, d).listeners[0].extra
+    assert (extra["keepalive_seconds"], extra["keepalive_count_max"], extra["idle_timeout_seconds"]) == (15, 4, 600)
+
+
 def test_certificate_backend_loads(files):
     d = doc()
     d["listeners"][0]["routes"][0]["backend"]["auth"] = {"method": "certificate", "ca_key_file": "deploy_ed25519"}
@@ -134,6 +141,9 @@ def mutate(fn) -> dict:
      'listeners[0].routes[0].backend.user: the key "login"'),
     (lambda lc: lc["routes"][0]["backend"].update(login=""), "listeners[0].routes[0].backend.login: a non-empty string"),
     (lambda lc: lc.update(bogus=1), "listeners[0].bogus: no key 'bogus'"),
+    (lambda lc: lc.update(keepalive_count_max=3), 'listeners[0].keepalive_count_max: a "keepalive_seconds" too'),
+    (lambda lc: lc.update(keepalive_seconds=0), "listeners[0].keepalive_seconds: a number >= 0.1"),
+    (lambda lc: lc.update(idle_timeout_seconds=0.5), "listeners[0].idle_timeout_seconds: a number >= 1.0"),
     (lambda lc: lc.update(env_allow="LANG"), "listeners[0].env_allow: an array of non-empty name globs"),
     (lambda lc: lc.update(recording={"dir": "nowhere"}), "listeners[0].recording.dir: a writable folder"),
     (lambda lc: lc.update(recording={"dir": ".", "input": True}), "listeners[0].recording.input: no key 'input'"),
