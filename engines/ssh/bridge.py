@@ -259,15 +259,52 @@ class ClientGate(asyncssh.SSHServer):
         chan = self.conn.create_server_channel(encoding=None)  # type: ignore[union-attr]
         return chan, ChannelRelay(self.relay)
 
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
-        self._forward_refused("direct-tcpip", dest_host=dest_host, dest_port=dest_port,
-                              orig_host=orig_host, orig_port=orig_port)
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                        "port forwarding is not allowed through this proxy")
+    def _forwarding_allowed(self, kind: str) -> bool:
+        grant = self.relay.grant if self.relay is not None else None
+        return grant is not None and grant.allows_forwarding(kind)
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        self._forward_refused("tcpip-forward", listen_host=listen_host, listen_port=listen_port)
-        return False
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        # direct-tcpip (RFC 4254 §7.2): ssh -L, -D (SOCKS: one channel per connection) and -W.
+        fields = dict(dest_host=dest_host, dest_port=dest_port, orig_host=orig_host, orig_port=orig_port)
+        if not self._forwarding_allowed("local"):
+            self._forward_refused("direct-tcpip", **fields)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "port forwarding is not allowed through this proxy")
+        self._forward_allowed("direct-tcpip", **fields)
+        # asyncssh opens the same channel on the target connection and pairs the two (SSHForwarder):
+        # the connection to dest starts from the target, as if the client were logged in there.
+        return self.relay.target.conn  # type: ignore[union-attr]
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        # tcpip-forward (RFC 4254 §7.1): ssh -R — the target listens, its connections come back to
+        # the client as forwarded-tcpip channels.
+        if not self._forwarding_allowed("remote"):
+            self._forward_refused("tcpip-forward", listen_host=listen_host, listen_port=listen_port)
+            return False
+        return self._listen_on_target(listen_host, listen_port)
+
+    async def _listen_on_target(self, listen_host: str, listen_port: int) -> Any:
+        from asyncssh.forward import SSHForwarder
+
+        bound: list[int] = [listen_port]
+
+        async def tunnel(orig_host: str, orig_port: int) -> Any:
+            if self.session.audit is not None:
+                self.session.audit.emit("ssh.forward.connection", request="tcpip-forward", listen_host=listen_host,
+                                        listen_port=bound[0], orig_host=orig_host, orig_port=orig_port)
+            _, peer = await self.conn.create_connection(  # type: ignore[union-attr]
+                SSHForwarder, listen_host, bound[0], orig_host, orig_port)
+            return SSHForwarder(peer)
+
+        try:
+            listener = await self.relay.target.conn.create_server(tunnel, listen_host, listen_port)  # type: ignore[union-attr]
+        except asyncssh.Error as exc:
+            self._forward_refused("tcpip-forward", listen_host=listen_host, listen_port=listen_port,
+                                  reason=f"the target refused to listen: {getattr(exc, 'reason', exc)}")
+            return False
+        bound[0] = listener.get_port() or listen_port
+        self._forward_allowed("tcpip-forward", listen_host=listen_host, listen_port=listen_port, bound_port=bound[0])
+        return listener
 
     def unix_connection_requested(self, dest_path: str) -> Any:
         self._forward_refused("direct-streamlocal", dest_path=dest_path)
@@ -288,9 +325,15 @@ class ClientGate(asyncssh.SSHServer):
 
     def _forward_refused(self, request: str, **fields: Any) -> None:
         log.info("session %s: %s refused", self.session.id, request)
+        fields.setdefault("reason", "forwarding is not allowed by default" if request in ("auth-agent", "x11")
+                          or "streamlocal" in request else "no role of this session allows this forwarding")
         if self.session.audit is not None:
-            self.session.audit.emit("ssh.forward", request=request, verdict="denied", success=False,
-                                    reason="forwarding is not allowed by default", **fields)
+            self.session.audit.emit("ssh.forward", request=request, verdict="denied", success=False, **fields)
+
+    def _forward_allowed(self, request: str, **fields: Any) -> None:
+        log.info("session %s: %s allowed", self.session.id, request)
+        if self.session.audit is not None:
+            self.session.audit.emit("ssh.forward", request=request, verdict="allowed", success=True, **fields)
 
 
 # -------------------------------------------------------------------------- the relay

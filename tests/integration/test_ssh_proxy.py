@@ -72,6 +72,8 @@ def sshproxy(sshd, tmp_path_factory):
             "ops": {"routes": ["*"], "targets": ["web-*", "rekeyed-*", "down-*", "cert-*"], "logins": [sshd.login]},
             "guarded": {"routes": ["*"], "targets": ["web-*"], "logins": [sshd.login],
                         "deny_commands": ["rm", "shutdown*"]},
+            "forwarder": {"routes": ["*"], "targets": ["web-*"], "logins": [sshd.login],
+                          "port_forwarding": ["local", "remote"]},
             # Database keys grant databases only: this role reaches no SSH target.
             "dbonly": {"routes": ["*"], "databases": ["*"], "db_users": ["*"]},
         },
@@ -117,6 +119,8 @@ def sshproxy(sshd, tmp_path_factory):
     proc.askpass = askpass
     proc.token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "alice", "--roles", "ops",
                       "--ttl", "1h")
+    proc.forward_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "ivan", "--roles",
+                              "forwarder", "--ttl", "1h")
     proc.dbonly_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "carol", "--roles", "dbonly",
                              "--ttl", "1h")
     proc.guarded_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "bob", "--roles",
@@ -858,3 +862,129 @@ def test_revoked_token_refused(timeoutproxy):
                                               for e in es))
     (denial,) = [e for e in evs if e["event"] == "ssh.session.access_denied" and e.get("requested_target") == "web-rev2"]
     assert denial["reason"] == "token_revoked" and denial["attempted_token_id"]
+
+
+# --------------------------------------------------------------------------- port forwarding
+
+
+@pytest.fixture
+def echo_server():
+    """A tiny TCP echo service on a loopback port (the forwarded connections' far end)."""
+    import socket
+    import socketserver
+    import threading
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            while True:
+                data = self.request.recv(65536)
+                if not data:
+                    return
+                self.request.sendall(data)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _echo_through(port: int, payload: bytes, timeout: float = 15.0) -> bytes:
+    """Connect to ``port`` (retrying while the forward comes up), send ``payload``, read it back."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                if got:
+                    return got
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing came back through port {port}")
+        time.sleep(0.2)
+
+
+def _forwarding_ssh(proxy, target: str, token: str, *spec: str) -> subprocess.Popen:
+    return subprocess.Popen(["ssh", *ssh_options(proxy), "-N", "-o", "ExitOnForwardFailure=yes", *spec, "-p",
+                             str(proxy.port()), f"{proxy.login}@{target}@127.0.0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(proxy, token),
+                            stdin=subprocess.DEVNULL)
+
+
+def test_local_forwarding_allowed_by_role(sshproxy, echo_server):
+    """``ssh -L`` for a role with port_forwarding local: the target connects to the echo service."""
+    from scripts.peers import free_port
+
+    local = free_port()
+    client = _forwarding_ssh(sshproxy, "web-fl", sshproxy.forward_token, "-L", f"{local}:127.0.0.1:{echo_server}")
+    try:
+        payload = os.urandom(200_000)
+        assert _echo_through(local, payload) == payload
+    finally:
+        client.terminate()
+        client.wait(10)
+    evs = for_target(sshproxy, "web-fl", "ssh.forward")
+    start = start_of(evs, "web-fl", True)
+    (fwd,) = [e for e in evs if e["event"] == "ssh.forward" and e["sid"] == start["sid"]][:1]
+    assert (fwd["request"], fwd["verdict"], fwd["dest_host"], fwd["dest_port"]) == \
+        ("direct-tcpip", "allowed", "127.0.0.1", echo_server)
+
+
+def test_local_forwarding_refused_by_default(sshproxy, echo_server):
+    """The ops role names no port_forwarding: ``ssh -W`` (direct-tcpip) is refused and audited."""
+    r = subprocess.run(["ssh", *ssh_options(sshproxy), "-W", f"127.0.0.1:{echo_server}", "-p", str(sshproxy.port()),
+                        f"{sshproxy.login}@web-fr@127.0.0.1"], input="hello\n", capture_output=True, text=True,
+                       env=client_env(sshproxy), timeout=30)
+    assert r.returncode == 255 and "hello" not in r.stdout
+    assert "administratively prohibited" in r.stderr
+    evs = for_target(sshproxy, "web-fr", "ssh.forward")
+    start = start_of(evs, "web-fr", True)
+    (fwd,) = [e for e in evs if e["event"] == "ssh.forward" and e["sid"] == start["sid"]]
+    assert (fwd["request"], fwd["verdict"], fwd["dest_port"]) == ("direct-tcpip", "denied", echo_server)
+
+
+def test_remote_forwarding_allowed_by_role(sshproxy, echo_server):
+    """``ssh -R``: the target (sshd) listens; connections to it reach the client's echo service."""
+    from scripts.peers import free_port
+
+    remote = free_port()
+    client = _forwarding_ssh(sshproxy, "web-fR", sshproxy.forward_token, "-R", f"{remote}:127.0.0.1:{echo_server}")
+    try:
+        assert _echo_through(remote, b"through the target and back") == b"through the target and back"
+    finally:
+        client.terminate()
+        client.wait(10)
+    evs = for_target(sshproxy, "web-fR", "ssh.forward.connection")
+    start = start_of(evs, "web-fR", True)
+    mine = [e for e in evs if e.get("sid") == start["sid"]]
+    (fwd,) = [e for e in mine if e["event"] == "ssh.forward"]
+    assert (fwd["request"], fwd["verdict"], fwd["listen_port"], fwd["bound_port"]) == \
+        ("tcpip-forward", "allowed", remote, remote)
+    assert any(e["event"] == "ssh.forward.connection" and e["listen_port"] == remote for e in mine)
+
+
+def test_remote_forwarding_refused_by_default(sshproxy, echo_server):
+    from scripts.peers import free_port
+
+    remote = free_port()
+    client = _forwarding_ssh(sshproxy, "web-fRr", None, "-R", f"{remote}:127.0.0.1:{echo_server}")
+    try:
+        out, err = client.communicate(timeout=30)
+    finally:
+        client.kill()
+    assert client.returncode == 255
+    assert f"remote port forwarding failed for listen port {remote}" in err
+    evs = for_target(sshproxy, "web-fRr", "ssh.forward")
+    start = start_of(evs, "web-fRr", True)
+    (fwd,) = [e for e in evs if e["event"] == "ssh.forward" and e["sid"] == start["sid"]]
+    assert (fwd["request"], fwd["verdict"], fwd["listen_port"]) == ("tcpip-forward", "denied", remote)
