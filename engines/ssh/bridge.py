@@ -26,9 +26,14 @@ breaks, exit status / signal, EOF — entirely in asyncssh's callbacks (no
 task per chunk; flow control by pausing the other side's reading when a
 side's send window is full).  What the audit wants to know is emitted from
 those callbacks *before* the request is forwarded (an exec command before
-the target sees it).  Forwarding requests — ``direct-tcpip`` (``-L``,
-``-D``), ``tcpip-forward`` (``-R``), their Unix-socket variants, agent and
-X11 — are refused and audited.  An exec line a role's deny patterns refuse
+the target sees it).  Forwarding requests are audited with their verdict:
+``direct-tcpip`` (``-L``, ``-D``, ``-W``) and ``tcpip-forward`` (``-R``)
+are relayed through the target connection when a granting role's
+``port_forwarding`` allows them (asyncssh's ``SSHForwarder`` pairs the
+channels), refused otherwise; Unix-socket variants, agent and X11 always.
+Client keys and certificates (``ClientKeys``) are matched before asyncssh
+checks the signature; only a verified request becomes the connection's one
+authentication attempt.  An exec line a role's deny patterns refuse
 (``policy``) and a shell for such a role never reach the target: the channel
 is answered locally (stderr, exit status 126).  Pty channels are recorded
 (``recording``) when the listener says where.
