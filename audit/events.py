@@ -32,6 +32,11 @@ def session_end_event(family: str) -> str:
     return SESSION_END if family == "db" else f"{family}.session.end"
 
 
+def access_denied_event(family: str) -> str:
+    """A refusal's event per family (``db`` → ``db.session.access_denied``, ``ssh`` → ``ssh.session.access_denied``)."""
+    return ACCESS_DENIED if family == "db" else f"{family}.session.access_denied"
+
+
 def is_session_start(kind: object) -> bool:
     return isinstance(kind, str) and kind.endswith(".session.start")
 

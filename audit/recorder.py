@@ -570,13 +570,17 @@ class SessionAudit:
             "user": ident.user,
             "roles": list(ident.roles),
             "auth_method": ident.method,
-            "db_protocol": s.protocol,
-            "listener": s.listener,
-            "db_name": s.db_name,
-            "db_user": s.db_user,
-            "db_uri": s.backend_addr,
-            "addr.remote": s.client_addr,
         }
+        family = getattr(s, "event_family", "db")
+        if family == "db":
+            # Teleport's database field names (a SIEM parsing db.* events needs no new mapping).
+            template.update({"db_protocol": s.protocol, "listener": s.listener, "db_name": s.db_name,
+                             "db_user": s.db_user, "db_uri": s.backend_addr})
+        else:
+            # Other families (ssh.*) carry no database fields: the same facts under neutral names.
+            template.update({"protocol": s.protocol, "listener": s.listener, "target": s.target,
+                             "login": s.login, "target_addr": s.backend_addr})
+        template["addr.remote"] = s.client_addr
         if ident.token_id:
             template["token_id"] = ident.token_id
         if s.route_name:

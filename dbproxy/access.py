@@ -44,7 +44,7 @@ from .roles import AccessPolicy, Grant, glob_list, validate_roles
 from .session import Identity
 
 
-CLIENT_AUTH_METHODS = ("token", "mtls", "anonymous")
+CLIENT_AUTH_METHODS = ("token", "mtls", "publickey", "anonymous")
 
 
 @attrs.frozen
@@ -83,6 +83,8 @@ def _listener_auth(v: Any, listener_raw: dict, path: str, lc: Any, engine_cls: A
                 methods.append("token")
             if identity.mtls is not None and has_client_ca and "mtls" in supported:
                 methods.append("mtls")
+            if identity.publickey is not None and "publickey" in supported:
+                methods.append("publickey")
             if not methods:
                 v.err(path, f"a key \"auth\": identity is configured, but no method of it applies to this {lc.protocol} listener "
                             f"(it supports {', '.join(supported)}; say {{\"methods\": [\"anonymous\"]}} to leave it open)")
@@ -109,6 +111,8 @@ def _listener_auth(v: Any, listener_raw: dict, path: str, lc: Any, engine_cls: A
                 methods.append(m)
         if "token" in methods and (identity is None or identity.token is None):
             v.err(ap, "identity.token to be configured for method \"token\"")
+        if "publickey" in methods and (identity is None or identity.publickey is None):
+            v.err(ap, "identity.publickey to be configured for method \"publickey\" (users' keys and/or a user CA)")
         if "mtls" in methods:
             if identity is None or identity.mtls is None:
                 v.err(ap, "identity.mtls to be configured for method \"mtls\"")
@@ -153,6 +157,11 @@ def validate_access(v: Any, root: dict, listeners: list[tuple[int, dict, Any]], 
             for r in granted:
                 if roles is None or r not in roles:
                     v.err(f"identity.mtls.users.{pattern}", f"roles defined in \"roles\", {r!r} is not")
+    if identity is not None and identity.publickey is not None:
+        for user, granted, _ in identity.publickey.users:
+            for r in granted:
+                if roles is None or r not in roles:
+                    v.err(f"identity.publickey.users.{user}.roles", f"roles defined in \"roles\", {r!r} is not")
     names = {lc.name for _, _, lc in listeners}
     if limits is not None:
         for name in limits.listeners:
@@ -180,8 +189,9 @@ class ListenerAccess:
     def methods(self) -> tuple[str, ...]:
         return self.auth.methods
 
-    def authorize(self, identity: Identity, *, route: str | None, database: str | None, db_user: str | None) -> Grant:
-        return self.policy.authorize(identity, route=route, database=database, db_user=db_user)
+    def authorize(self, identity: Identity, *, route: str | None, database: str | None, db_user: str | None,
+                  family: str = "database") -> Grant:
+        return self.policy.authorize(identity, route=route, database=database, db_user=db_user, family=family)
 
     def admit(self, session: Any) -> None:
         self.limits.admit(session)
@@ -206,6 +216,7 @@ class AccessControl:
                 authority=self.authority,
                 mtls=identity.mtls if identity is not None else None,
                 anonymous_roles=la.anonymous_roles,
+                publickey=identity.publickey if identity is not None else None,
             )
             self._listeners[lc.name] = ListenerAccess(lc.name, auth, self.policy, self.limits)
 
@@ -224,7 +235,8 @@ def build_access(config: Any) -> AccessControl | None:
 
 
 def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields: Any) -> dict | None:
-    """Emit ``db.session.access_denied`` (success false) with the reason; never secrets."""
+    """Emit ``db.session.access_denied`` (``<family>.session.access_denied`` for other event families)
+    (success false) with the reason; never secrets."""
     from dbproxy.audit import events as ev
 
     if session.audit is None:
@@ -237,4 +249,5 @@ def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields:
     else:
         reason, error = exc, exc
     error = fields.pop("error", error)
-    return session.audit.emit(ev.ACCESS_DENIED, success=False, stage=stage, reason=reason, error=error, **fields)
+    kind = ev.access_denied_event(getattr(session, "event_family", "db"))
+    return session.audit.emit(kind, success=False, stage=stage, reason=reason, error=error, **fields)

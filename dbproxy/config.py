@@ -52,6 +52,8 @@ class BackendConfig:
     auth: AuthConfig
     tls: BackendTLS
     options: dict = attrs.field(factory=dict)
+    # What the engine's ``validate_backend`` made of its own ``backend_keys`` (SSH: login, host_key).
+    extra: dict = attrs.field(factory=dict)
 
     @property
     def address(self) -> str:
@@ -111,6 +113,8 @@ class ListenerConfig:
     kind: str = "tcp"  # one of LISTENER_KINDS
     udp: UdpOptions = UdpOptions()
     http: HttpOptions = HttpOptions()
+    # What the engine's ``validate_listener`` returned for its own ``listener_keys`` (SSH: host_key_file).
+    extra: dict = attrs.field(factory=dict)
 
 
 
@@ -250,7 +254,7 @@ def _buffers(v: Validator, item: Any, path: str) -> BuffersConfig | None:
 
 
 def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConfig | None:
-    d = v.section(item, path, LISTENER_KEYS)
+    d = v.obj(item, path)  # its keys are checked once the engine (and its own keys) is known
     if d is None:
         return None
     name = v.string(d, "name", path)
@@ -258,6 +262,9 @@ def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConf
     protocol = v.string(d, "protocol", path, choices=tuple(registry.names()))
     if protocol is not None:
         engine_cls = registry.get(protocol)
+    # An engine may own a few top-level listener keys (``listener_keys``, validated by its
+    # ``validate_listener``, whose returned dict becomes ``ListenerConfig.extra``).
+    v.unknown_keys(d, LISTENER_KEYS | set(getattr(engine_cls, "listener_keys", ())), path)
     addr = v.address(d, "listen", path)
     tls = None
     if "tls" in d:
@@ -295,8 +302,9 @@ def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConf
             if rc is not None:
                 routes.append(rc)
     kind, udp, http = _listener_kind(v, d, path, engine_cls, protocol, tls)
+    extra: dict = {}
     if engine_cls is not None and hasattr(engine_cls, "validate_listener"):
-        engine_cls.validate_listener(v, d, path)
+        extra = engine_cls.validate_listener(v, d, path) or {}
     if name is None or protocol is None or addr is None or kind is None:
         return None
     return ListenerConfig(
@@ -312,6 +320,7 @@ def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConf
         kind=kind,
         udp=udp,
         http=http,
+        extra=extra,
     )
 
 
@@ -395,7 +404,7 @@ def _route(v: Validator, item: Any, path: str, index: int, engine_cls: Any) -> R
 
 
 def _backend(v: Validator, item: Any, path: str, engine_cls: Any) -> BackendConfig | None:
-    d = v.section(item, path, BACKEND_KEYS)
+    d = v.section(item, path, BACKEND_KEYS | set(getattr(engine_cls, "backend_keys", ())))
     if d is None:
         return None
     addr = v.address(d, "address", path)
@@ -433,6 +442,8 @@ def _backend(v: Validator, item: Any, path: str, engine_cls: Any) -> BackendConf
             key = v.file_path(td, "key_file", tp, required=cert is not None)
             tls = BackendTLS(mode=mode, ca_file=ca, server_name=server_name, cert_file=cert, key_file=key)
     options = d.get("options", {}) if isinstance(d.get("options", {}), dict) else {}
+    # The engine's own backend keys (``backend_keys``): its ``validate_backend`` returns ``extra``.
+    extra = engine_cls.validate_backend(v, d, path) or {} if hasattr(engine_cls, "validate_backend") else {}
     if addr is None or auth is None:
         return None
     try:
@@ -440,7 +451,7 @@ def _backend(v: Validator, item: Any, path: str, engine_cls: Any) -> BackendConf
     except ValueError:
         pass  # host names are fine; resolution happens at connect time
     return BackendConfig(
-        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options
+        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options, extra=extra
     )
 
 

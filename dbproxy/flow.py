@@ -150,6 +150,12 @@ class Wiring:
     ``finished``: called when the pipeline returns or fails, before
     ``Engine.session_ended``.  Set by the core: ``tees`` (the two ``Tee``
     objects of a tapped session, else None).
+
+    ``relay``: an engine whose protocol
+    library owns the transport (SSH: asyncssh multiplexes channels over it) runs
+    the session itself; an object shaped like ``Pipeline`` (``async run()``,
+    ``end_reason``, ``statistics()``) the core runs instead of building one (the
+    decoders, stages and encoders are then unused).
     """
 
     client_decoder: Any
@@ -166,6 +172,7 @@ class Wiring:
     backend_observers: list = attrs.field(factory=list)
     tap: TapPlan | None = None
     tees: tuple[Tee, Tee] | None = None
+    relay: Any = None
 
     @property
     def tapped(self) -> bool:
@@ -306,7 +313,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         if engine.access is not None and not engine.identifies_in_band:
             try:
                 grant = engine.access.authorize(session.identity, route=route.name, database=session.target,
-                                                db_user=session.login)
+                                                db_user=session.login, family=engine.family)
                 engine.access.admit(session)
             except AccessDenied as exc:
                 refused = engine.denied(session, request, exc)
@@ -335,7 +342,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         await engine.ready(session, request, backend)
         wiring = engine.wiring(session, request, backend, grant)
         plumbing = assemble(wiring, audit)
-        pipeline = Pipeline(
+        pipeline = wiring.relay if wiring.relay is not None else Pipeline(
             session=session,
             client=request.client.stream,
             backend=backend.stream,

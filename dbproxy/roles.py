@@ -2,7 +2,13 @@
 
 Strategy.  Deny by default.  Roles in the config (root ``roles``) name the
 routes, database names and database users they allow (globs) and may be
-``read_only`` or deny command patterns.  An identity's roles come from its
+``read_only`` or deny command patterns.  Terminal sessions (the ``terminal``
+family: SSH) are granted by their own keys, ``targets`` (hosts) and
+``logins`` (accounts on them), never by ``databases``/``db_users``: a role
+grants databases, terminals or both, and one that names neither kind is a
+config error.  ``port_forwarding`` (``"local"``: direct-tcpip, i.e. ``ssh
+-L``/``-D``/``-W``; ``"remote"``: tcpip-forward, ``ssh -R``) is off unless a
+granting role names it.  An identity's roles come from its
 token or its certificate mapping; the roles that match a connection's
 (route, database, database user) are its *granting* roles, and they form one
 ``Grant`` for the session:
@@ -30,7 +36,10 @@ from .errors import AccessDenied
 from .session import Identity
 from .statements import Dialect, Refusal
 
-ROLE_KEYS = {"routes", "databases", "db_users", "read_only", "deny_commands"}
+ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding"}
+FORWARDING_KINDS = ("local", "remote")
+# Which pair of role keys grants a session of each family (what it reaches, as whom).
+FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins")}
 
 
 @attrs.frozen
@@ -41,6 +50,15 @@ class RoleConfig:
     db_users: tuple[str, ...]
     read_only: bool = False
     deny_commands: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    logins: tuple[str, ...] = ()
+    port_forwarding: tuple[str, ...] = ()
+
+    def grants(self, family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(what, as whom) globs this role grants for a session family (empty: none)."""
+        if family == "terminal":
+            return self.targets, self.logins
+        return self.databases, self.db_users
 
 
 def glob_list(v: Any, d: dict, key: str, path: str, *, required: bool) -> tuple[str, ...]:
@@ -63,13 +81,28 @@ def validate_roles(v: Any, raw: Any, path: str = "roles") -> dict[str, RoleConfi
         rd = v.section(item, rp, ROLE_KEYS)
         if rd is None:
             continue
+        present = [pair for pair in FAMILY_KEYS.values() if any(k in rd for k in pair)]
+        if not present:
+            v.err(rp, 'what the role grants: "databases" and "db_users" (database sessions) and/or "targets" and '
+                      '"logins" (terminal sessions), arrays of globs')
+        grants: dict[str, tuple[str, ...]] = {}
+        for pair in present:
+            for key in pair:  # a pair is all or nothing: half a grant is a mistake, not a wildcard
+                grants[key] = glob_list(v, rd, key, rp, required=True)
+        forwarding = glob_list(v, rd, "port_forwarding", rp, required=False)
+        for i, kind in enumerate(forwarding):
+            if kind not in FORWARDING_KINDS:
+                v.err(f"{rp}.port_forwarding[{i}]", f"one of {', '.join(FORWARDING_KINDS)}, got {kind!r}")
         out[name] = RoleConfig(
             name=name,
             routes=glob_list(v, rd, "routes", rp, required=True),
-            databases=glob_list(v, rd, "databases", rp, required=True),
-            db_users=glob_list(v, rd, "db_users", rp, required=True),
+            databases=grants.get("databases", ()),
+            db_users=grants.get("db_users", ()),
+            targets=grants.get("targets", ()),
+            logins=grants.get("logins", ()),
             read_only=v.boolean(rd, "read_only", rp),
             deny_commands=glob_list(v, rd, "deny_commands", rp, required=False),
+            port_forwarding=tuple(k for k in forwarding if k in FORWARDING_KINDS),
         )
     return out
 
@@ -93,6 +126,12 @@ class Grant:
     deny_commands: tuple[str, ...] = ()
     databases: tuple[str, ...] = ("*",)
     restricted: bool = False  # RBAC applies (False: a legacy/unrestricted session)
+    # Terminal sessions: the forwarding kinds some granting role allows (``FORWARDING_KINDS``).
+    port_forwarding: tuple[str, ...] = ()
+
+    def allows_forwarding(self, kind: str) -> bool:
+        """Deny by default: an unrestricted session (no RBAC configured) forwards nothing either."""
+        return kind in self.port_forwarding
 
     def denied_command(self, command: str) -> str | None:
         """The deny pattern ``command`` matches, or None."""
@@ -145,8 +184,12 @@ class AccessPolicy:
         self.roles = roles or {}
         self.enforced = enforced
 
-    def authorize(self, identity: Identity, *, route: str | None, database: str | None, db_user: str | None) -> Grant:
-        """The session's Grant, or AccessDenied.  ``database=None`` defers the database check to ``Grant.allows_database``."""
+    def authorize(self, identity: Identity, *, route: str | None, database: str | None, db_user: str | None,
+                  family: str = "database") -> Grant:
+        """The session's Grant, or AccessDenied.  ``database=None`` defers the database check to ``Grant.allows_database``.
+
+        ``family``: a terminal session's ``database``/``db_user`` are its target and login, checked
+        against the roles' ``targets``/``logins`` (a role naming none grants no terminal)."""
         if not self.enforced:
             return UNRESTRICTED
         granting = []
@@ -156,25 +199,32 @@ class AccessPolicy:
                 continue
             if not _matches(route, role.routes):
                 continue
-            if database is not None and not _matches(database, role.databases):
+            targets, logins = role.grants(family)
+            if not targets:
                 continue
-            if db_user is not None and not _matches(db_user, role.db_users):
+            if database is not None and not _matches(database, targets):
+                continue
+            if db_user is not None and not _matches(db_user, logins):
                 continue
             granting.append(role)
         if not granting:
-            what = f"route {route!r}" + (f", database {database!r}" if database is not None else "") + (f", database user {db_user!r}" if db_user is not None else "")
+            names = ("target", "login") if family == "terminal" else ("database", "database user")
+            what = f"route {route!r}" + (f", {names[0]} {database!r}" if database is not None else "") + (f", {names[1]} {db_user!r}" if db_user is not None else "")
             roles = ", ".join(identity.roles) or "none"
             raise AccessDenied(f"no role of {identity.user!r} (roles: {roles}) allows {what}", reason="no_role_allows")
         deny: list[str] = []
         databases: list[str] = []
+        forwarding: list[str] = []
         for r in granting:
             deny.extend(p for p in r.deny_commands if p not in deny)
-            databases.extend(g for g in r.databases if g not in databases)
+            databases.extend(g for g in r.grants(family)[0] if g not in databases)
+            forwarding.extend(k for k in r.port_forwarding if k not in forwarding)
         return Grant(
             roles=tuple(r.name for r in granting),
             read_only=all(r.read_only for r in granting),
             deny_commands=tuple(deny),
             databases=tuple(databases),
             restricted=True,
+            port_forwarding=tuple(forwarding),
         )
 

@@ -14,9 +14,11 @@ def default_registry() -> EngineRegistry:
     from .cassandra.engine import CassandraEngine
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
+    from .ssh.engine import SSHEngine
 
     registry = EngineRegistry()
     registry.register("postgres", PostgresEngine)
     registry.register("mongo", MongoEngine)
     registry.register("cassandra", CassandraEngine)
+    registry.register("ssh", SSHEngine)
     return registry

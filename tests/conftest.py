@@ -24,6 +24,20 @@ def pg(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH sshd on a loopback port: its own host key, one authorized key for the test user."""
+    from scripts.peers.sshd import sshd_bin, start_sshd
+
+    try:
+        sshd_bin()
+    except FileNotFoundError as exc:
+        peer_missing(f"{exc}")
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def proxy_factory(tmp_path):
     """Start real ``dbproxy serve`` processes; all are stopped at teardown."""

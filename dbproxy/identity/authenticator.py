@@ -15,6 +15,7 @@ from ..scram import SCRAM_SHA_256
 from ..session import Identity
 from .authority import ScramTokenServer, TokenAuthority
 from .config import MtlsConfig
+from .publickey import PublicKeyConfig
 from .mtls import certificate_subject, peer_certificate
 
 
@@ -27,10 +28,13 @@ class ClientAuthenticator:
     - ``anonymous()`` → the listener's anonymous Identity
     """
 
-    def __init__(self, methods: tuple[str, ...], *, authority: TokenAuthority | None, mtls: MtlsConfig | None, anonymous_roles: tuple[str, ...] = ()) -> None:
+    def __init__(self, methods: tuple[str, ...], *, authority: TokenAuthority | None, mtls: MtlsConfig | None, anonymous_roles: tuple[str, ...] = (),
+                 publickey: PublicKeyConfig | None = None) -> None:
         self.methods = methods
         self.authority = authority
         self.mtls = mtls
+        # The keys and user CA an engine that speaks SSH checks (``"publickey" in methods``).
+        self.publickey = publickey if "publickey" in methods else None
         self.anonymous_roles = anonymous_roles
 
     @property

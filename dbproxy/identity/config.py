@@ -14,6 +14,8 @@ from typing import Any
 
 import attrs
 
+from .publickey import PublicKeyConfig, validate_publickey
+
 ALGORITHMS = ("EdDSA", "HS256")
 DEFAULT_MAX_TTL = 24 * 3600
 DEFAULT_LEEWAY = 30
@@ -48,9 +50,10 @@ class MtlsConfig:
 class IdentityConfig:
     token: TokenConfig | None = None
     mtls: MtlsConfig | None = None
+    publickey: PublicKeyConfig | None = None
 
 
-IDENTITY_KEYS = {"token", "mtls"}
+IDENTITY_KEYS = {"token", "mtls", "publickey"}
 TOKEN_KEYS = {"algorithm", "key_file", "public_key_file", "registry_file", "revocation_file", "issuer", "max_ttl_seconds", "leeway_seconds"}
 MTLS_KEYS = {"subject", "users"}
 
@@ -65,9 +68,10 @@ def validate_identity(v: Any, raw: Any, path: str = "identity") -> IdentityConfi
         token = _validate_token(v, d["token"], f"{path}.token")
     if "mtls" in d:
         mtls = _validate_mtls(v, d["mtls"], f"{path}.mtls")
-    if "token" not in d and "mtls" not in d:
-        v.err(path, "\"token\" and/or \"mtls\"")
-    return IdentityConfig(token=token, mtls=mtls)
+    publickey = validate_publickey(v, d["publickey"], f"{path}.publickey") if "publickey" in d else None
+    if not {"token", "mtls", "publickey"} & set(d):
+        v.err(path, "\"token\", \"mtls\" and/or \"publickey\"")
+    return IdentityConfig(token=token, mtls=mtls, publickey=publickey)
 
 
 def _validate_token(v: Any, raw: Any, path: str) -> TokenConfig | None:

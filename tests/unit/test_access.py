@@ -263,7 +263,7 @@ def test_identity_defaults_listener_to_token(tmp_path):
 
 CONFIG_CASES = [
     ("token without identity", lambda d, t: d["listeners"][0].update(auth={"methods": ["token"]}), 'listeners[0].auth: identity.token to be configured'),
-    ("unknown method", lambda d, t: d["listeners"][0].update(auth={"methods": ["password"]}), "listeners[0].auth.methods[0]: one of token, mtls, anonymous"),
+    ("unknown method", lambda d, t: d["listeners"][0].update(auth={"methods": ["password"]}), "listeners[0].auth.methods[0]: one of token, mtls, publickey, anonymous"),
     ("empty methods", lambda d, t: d["listeners"][0].update(auth={"methods": []}), 'listeners[0].auth: a key "methods"'),
     ("duplicate method", lambda d, t: d["listeners"][0].update(auth={"methods": ["anonymous", "anonymous"]}), "listed twice"),
     ("unknown auth key", lambda d, t: d["listeners"][0].update(auth={"methods": ["anonymous"], "open": True}), "listeners[0].auth.open: no key 'open'"),
@@ -278,7 +278,7 @@ CONFIG_CASES = [
     ("hs256 key missing", lambda d, t: d.update(identity={"token": {"algorithm": "HS256"}}), "identity.token: a key 'key_file'"),
     ("bad algorithm", lambda d, t: d.update(identity={"token": {"algorithm": "RS256"}}), "identity.token.algorithm: one of EdDSA, HS256"),
     ("eddsa needs public key", lambda d, t: d.update(identity={"token": {"algorithm": "EdDSA", "key_file": "k"}}), "identity.token: a key 'public_key_file'"),
-    ("empty identity", lambda d, t: d.update(identity={}), 'identity: "token" and/or "mtls"'),
+    ("empty identity", lambda d, t: d.update(identity={}), 'identity: "token", "mtls" and/or "publickey"'),
     ("anonymous without roles under RBAC", lambda d, t: d.update(roles={}), 'listeners[0]: "anonymous_roles" for an anonymous-only listener'),
     ("mtls role undefined", lambda d, t: d.update(identity={"mtls": {"users": {"alice": ["ghost"]}}}, roles={}), "identity.mtls.users.alice: roles defined"),
 ]

@@ -323,3 +323,24 @@ def test_across_rotated_files(tmp_path) -> None:
     write(second, lines[4:5] + lines[6:])
     error = verify_files([str(first), str(second)]).error
     assert (error.file, error.line) == (str(first), 5) and "expected seq 5, found 6" in error.reason
+
+
+def test_family_fields():
+    """``db`` sessions keep Teleport's field and event names; another family (``ssh``) carries none of them."""
+    from dbproxy.access import audit_denial
+    from dbproxy.errors import AccessDenied
+
+    recorder = AuditRecorder(sinks=[])
+    for family, protocol in (("db", "postgres"), ("ssh", "ssh")):
+        s = Session(listener="l", protocol=protocol, client_addr="127.0.0.1:5000")
+        s.event_family = family
+        s.identity = Identity(user="bob", roles=("ops",), method="token")
+        s.target, s.login, s.backend_addr = "web-1", "deploy", "10.0.0.5:22"
+        s.audit = recorder.session(s)
+        audit_denial(s, AccessDenied("no", reason="no_role_allows"), stage="connect")
+    db, ssh = [orjson.loads(b) for b in recorder._queue]
+    assert db["event"] == "db.session.access_denied" and db["code"] == "TDB10W"
+    assert (db["db_protocol"], db["db_name"], db["db_user"], db["db_uri"]) == ("postgres", "web-1", "deploy", "10.0.0.5:22")
+    assert ssh["event"] == "ssh.session.access_denied"
+    assert not {"db_protocol", "db_name", "db_user", "db_uri"} & set(ssh)
+    assert (ssh["protocol"], ssh["target"], ssh["login"], ssh["target_addr"]) == ("ssh", "web-1", "deploy", "10.0.0.5:22")

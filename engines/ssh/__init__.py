@@ -1,0 +1,1 @@
+"""SSH: terminal sessions through the proxy (asyncssh on both sides, behind ``bridge``)."""
