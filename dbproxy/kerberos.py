@@ -217,6 +217,46 @@ def maybe_credential_cache(config: Any) -> CredentialCache | None:
 INSTALL_HINT = "pip install 'dbproxy[kerberos]'"
 
 
+GSSAPI_KEYS = frozenset({"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "renew_margin_seconds"})
+
+
+def validate_gssapi(v: Any, ad: dict, path: str, keys: set, *, extra_keys: dict | None = None) -> dict:
+    """A backend ``auth`` object of method ``gssapi``, for any engine: the shared Kerberos keys
+    (``GSSAPI_KEYS``) plus the engine's own (``extra_keys``: key → allowed values); ``keys`` are
+    the object's keys besides method/password ones.  Returns the engine's auth params."""
+    extra_keys = extra_keys or {}
+    allowed = GSSAPI_KEYS | set(extra_keys)
+    params: dict = {}
+    check_gssapi_installed(v, path)
+    for k in sorted(set(keys) - allowed):
+        v.err(f"{path}.{k}", f"a gssapi key ({', '.join(sorted(allowed))})")
+    if "keytab_file" in ad and "ccache" in ad:
+        v.err(path, "only one of \"keytab_file\" or \"ccache\"")
+    if "keytab_file" not in ad and "ccache" not in ad:
+        v.err(path, "\"keytab_file\" or \"ccache\" for method gssapi")
+    for key in ("principal", "service", "host", "ccache"):
+        if key in ad:
+            val = v.string(ad, key, path)
+            if val:
+                params[key] = val
+    for key in ("keytab_file", "krb5_config"):
+        if key in ad:
+            f = v.file_path(ad, key, path)
+            if f:
+                params[key] = f
+    check_krb5_config(v, path, params.get("krb5_config"))
+    for key, choices in extra_keys.items():
+        if key in ad:
+            val = v.string(ad, key, path, choices=choices)
+            if val:
+                params[key] = val
+    if "renew_margin_seconds" in ad:
+        val = v.number(ad, "renew_margin_seconds", path)
+        if val is not None:
+            params["renew_margin_seconds"] = val
+    return params
+
+
 def check_gssapi_installed(v: Any, path: str) -> None:
     """Config validation: a route with backend auth ``gssapi`` needs the optional ``gssapi``
     package; say so at ``check-config`` / start-up, not at the first session."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from dbproxy.kerberos import GSSAPI_KEYS
+
 CLIENT_AUTH_MODES = ("password", "none")
 LISTENER_OPTIONS = frozenset({"client_auth", "expected_user"})
 ROUTE_OPTIONS = frozenset({"expected_user"})
-GSSAPI_KEYS = frozenset({"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "renew_margin_seconds"})
 
 
 def validate_auth(v: Any, method: str, ad: dict, path: str) -> dict:

@@ -43,8 +43,6 @@ from __future__ import annotations
 import functools
 
 import logging
-import os
-import struct
 from typing import Any
 
 import trio
@@ -52,92 +50,23 @@ import trio
 from dbproxy.access import TooManyConnections
 from dbproxy.channel import MessageStream
 from dbproxy.engine import Engine
-from dbproxy.errors import AccessDenied, FrameTooLarge, ProtocolError, ProxyError, UpstreamError
+from dbproxy.errors import AccessDenied, ProtocolError, ProxyError, UpstreamError
 from dbproxy.flow import CONNECT_TIMEOUT, Backend, Refused, Request, Wiring, send_quietly
-from dbproxy.kerberos import check_gssapi_installed, check_krb5_config
+from dbproxy.kerberos import validate_gssapi
 from dbproxy.tls import server_context
 
 from . import messages as m
 from .backend import make_backend_read_only, open_backend, send_cancel
+from .cancel import CancelMap
+from .clientwire import client_error_for, error_message
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
 from .startup import SettingRefused, backend_settings, setting
 from .policy import BackendPolicy, FrontendPolicy, PolicyState
 from .tap import TAP_PLAN
-from .stages import BackendAudit, FrontendAudit, PgSessionState
+from .stages import BackendAudit, FrontendAudit, LastBackendMessage, PgSessionState
 
 log = logging.getLogger("dbproxy.postgres")
-
-
-def error_message(sqlstate: str, message: str, *, severity: str = "FATAL", detail: str | None = None, hint: str | None = None) -> bytes:
-    return m.encode_error(severity, sqlstate, message, detail=detail, hint=hint)
-
-
-def client_error_for(exc: ProxyError) -> bytes:
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate is not None and not isinstance(exc, UpstreamError):
-        # e.g. AuditUnavailable (53000): the session ends with its own SQLSTATE.
-        return error_message(sqlstate, getattr(exc, "client_hint", str(exc)))
-    if isinstance(exc, FrameTooLarge):
-        return error_message("54000", exc.client_hint)
-    if isinstance(exc, ProtocolError):
-        return error_message("08P01", f"protocol violation: {exc.client_hint}")
-    if isinstance(exc, UpstreamError):
-        return error_message(getattr(exc, "sqlstate", None) or "08006", exc.client_hint)
-    return error_message("XX000", str(exc))
-
-
-class CancelMap:
-    """Client-visible (pid, secret) → (route, backend key).  Shared by every Postgres listener.
-
-    The client is given the backend's *real* pid — ``PQbackendPID`` must equal
-    ``pg_backend_pid()`` and the pid of NotificationResponse, and a pool's
-    ``pg_terminate_backend(pid)`` must reach its own session — with a secret of
-    the proxy's own (random; the backend's secret never leaves the proxy).  A
-    CancelRequest (§55.2.7) is honoured only when both the pid and the proxy's
-    secret match, so knowing a pid (it is visible in ``pg_stat_activity``) is
-    not enough to cancel anyone's query.  Two backends on different hosts may
-    share a pid: the map is keyed by (pid, secret), and the secret is drawn
-    again until the pair is unique.
-    """
-
-    def __init__(self) -> None:
-        self._map: dict[tuple[int, bytes], tuple[Any, m.BackendKeyData]] = {}
-
-    def issue(self, route: Any, backend_key: m.BackendKeyData | None) -> tuple[int, bytes]:
-        while True:
-            if backend_key is not None:
-                pid = backend_key.pid
-            else:  # a backend that sent no BackendKeyData: nothing to cancel, any pid will do
-                pid = (struct.unpack(">I", os.urandom(4))[0] & 0x7FFFFFFF) or 1
-            secret = os.urandom(4)
-            if (pid, secret) not in self._map:
-                break
-        if backend_key is not None:
-            self._map[(pid, secret)] = (route, backend_key)
-        return pid, secret
-
-    def lookup(self, pid: int, secret: bytes) -> tuple[Any, m.BackendKeyData] | None:
-        return self._map.get((pid, secret))
-
-    def release(self, pid: int, secret: bytes) -> None:
-        self._map.pop((pid, secret), None)
-
-
-class LastBackendMessage:
-    """Backend observer that notes the type of the last message (inline; a tapped
-    session's backend ``Tee`` notes it itself): a backend that said why it is
-    closing (a FATAL ErrorResponse, e.g. 57P01 after ``pg_terminate_backend``) is
-    not followed by the proxy's own 08006."""
-
-    __slots__ = ("last_type",)
-    name = "pg-last-backend-message"
-
-    def __init__(self) -> None:
-        self.last_type = 0
-
-    def handle(self, msg: Any, ctx: Any) -> None:
-        self.last_type = msg.type
 
 
 class PostgresEngine(Engine):
@@ -150,8 +79,6 @@ class PostgresEngine(Engine):
     max_message_size_limit_source = "MaxAllocSize, 1 GiB - 1"
     client_auth_methods = ("token", "mtls", "anonymous")
 
-    GSSAPI_KEYS = {"principal", "keytab_file", "ccache", "service", "host", "krb5_config", "gssencmode", "renew_margin_seconds"}
-
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)
         self.ssl_context = server_context(listener.tls) if listener.tls else None
@@ -159,39 +86,12 @@ class PostgresEngine(Engine):
 
     @classmethod
     def validate_auth(cls, v: Any, method: str, ad: dict, path: str) -> dict:
-        params: dict = {}
         extra = {k for k in ad if k not in {"method", "password_file", "password_env"}}
-        if method != "gssapi":
-            for k in sorted(extra):
-                v.err(f"{path}.{k}", f"no key {k!r} for method {method}")
-            return params
-        check_gssapi_installed(v, path)
-        for k in sorted(extra - cls.GSSAPI_KEYS):
-            v.err(f"{path}.{k}", f"a gssapi key ({', '.join(sorted(cls.GSSAPI_KEYS))})")
-        if "keytab_file" in ad and "ccache" in ad:
-            v.err(path, "only one of \"keytab_file\" or \"ccache\"")
-        if "keytab_file" not in ad and "ccache" not in ad:
-            v.err(path, "\"keytab_file\" or \"ccache\" for method gssapi")
-        for key in ("principal", "service", "host", "ccache"):
-            if key in ad:
-                val = v.string(ad, key, path)
-                if val:
-                    params[key] = val
-        for key in ("keytab_file", "krb5_config"):
-            if key in ad:
-                f = v.file_path(ad, key, path)
-                if f:
-                    params[key] = f
-        check_krb5_config(v, path, params.get("krb5_config"))
-        if "gssencmode" in ad:
-            val = v.string(ad, "gssencmode", path, choices=("disable", "prefer", "require"))
-            if val:
-                params["gssencmode"] = val
-        if "renew_margin_seconds" in ad:
-            val = v.number(ad, "renew_margin_seconds", path)
-            if val is not None:
-                params["renew_margin_seconds"] = val
-        return params
+        if method == "gssapi":
+            return validate_gssapi(v, ad, path, extra, extra_keys={"gssencmode": ("disable", "prefer", "require")})
+        for k in sorted(extra):
+            v.err(f"{path}.{k}", f"no key {k!r} for method {method}")
+        return {}
 
     # -- the session flow's hooks (dbproxy.flow) ---------------------------------
     def new_request(self, session: Any, stream: Any) -> Request:

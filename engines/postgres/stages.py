@@ -227,3 +227,19 @@ class BackendAudit:
                 if p.kind in ("sync", "query", "function"):
                     break
         return None
+
+
+class LastBackendMessage:
+    """Backend observer that notes the type of the last message (inline; a tapped
+    session's backend ``Tee`` notes it itself): a backend that said why it is
+    closing (a FATAL ErrorResponse, e.g. 57P01 after ``pg_terminate_backend``) is
+    not followed by the proxy's own 08006."""
+
+    __slots__ = ("last_type",)
+    name = "pg-last-backend-message"
+
+    def __init__(self) -> None:
+        self.last_type = 0
+
+    def handle(self, msg: Any, ctx: Any) -> None:
+        self.last_type = msg.type

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dbproxy.engines.postgres.engine import CancelMap
+from dbproxy.engines.postgres.cancel import CancelMap
 from dbproxy.engines.postgres.messages import BackendKeyData
 
 

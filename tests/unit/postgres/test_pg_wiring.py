@@ -31,7 +31,8 @@ from dbproxy.session import Identity, Session
 from dbproxy.tee import Tee
 from dbproxy.engines.postgres import messages as m
 from dbproxy.engines.postgres.codec import BackendDecoder, FrontendDecoder
-from dbproxy.engines.postgres.engine import LastBackendMessage, PostgresEngine
+from dbproxy.engines.postgres.engine import PostgresEngine
+from dbproxy.engines.postgres.stages import LastBackendMessage
 from dbproxy.engines.postgres.policy import BackendPolicy, FrontendPolicy
 from dbproxy.engines.postgres.stages import BackendAudit, FrontendAudit
 from dbproxy.engines.postgres.tap import TAP_PLAN, Tap
