@@ -51,7 +51,10 @@ import trio_asyncio
 from dbproxy.access import audit_denial
 from dbproxy.errors import AccessDenied, ProtocolError
 
-from .policy import denied_exec
+from dbproxy.terminal.linepolicy import LinePolicy
+from dbproxy.terminal.observer import ShellObserver, Step
+
+from .policy import denied_exec, simple_commands
 from .recording import AsciicastWriter
 from .sftp import SftpAudit
 
@@ -219,7 +222,9 @@ class Relay:
     """
 
     def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection", *,
-                 recording_dir: str | None = None, grant: Any = None, env_allow: tuple = ()) -> None:
+                 recording_dir: str | None = None, grant: Any = None, env_allow: tuple = (),
+                 recording_input: bool = False) -> None:
+        self.recording_input = recording_input
         self.session = session
         self.env_allow = env_allow
         self.grant = grant
@@ -299,6 +304,9 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.recorder: AsciicastWriter | None = None
         self.denied: str | None = None  # why the policy refused this channel's exec
         self.sftp: SftpAudit | None = None
+        self.observer: ShellObserver | None = None  # pty channels: commands observed and policed (terminal.*)
+        self.input_recorder: AsciicastWriter | None = None
+        self._echo_timer: Any = None
 
     # -- requests from the client ----------------------------------------------------------
     def connection_made(self, chan: Any) -> None:
@@ -314,10 +322,10 @@ class ChannelRelay(asyncssh.SSHServerSession):
 
     def shell_requested(self) -> bool:
         self.kind = "shell"
-        if getattr(self.relay.grant, "deny_commands", ()):
-            # Command lines typed in a shell are not checked yet: a role with deny patterns gets no
-            # shell rather than an unpoliced one.
-            self.denied = "interactive shells are not available to roles with deny_commands (not policed yet)"
+        if getattr(self.relay.grant, "deny_commands", ()) and self.term is None:
+            # Lines are policed on the terminal (echo, Enter); a shell without a pty reads a script from
+            # stdin, which nothing checks: a role with deny patterns gets no such shell.
+            self.denied = "a shell without a terminal is not available to roles with deny_commands (use ssh -t)"
             self.relay.emit("ssh.shell", channel=self.number, pty=self.term is not None,
                             term=self.term[0] if self.term else None, success=False, reason="shell_not_policed")
             audit_denial(self.relay.session, AccessDenied(self.denied, reason="shell_not_policed"), stage="shell")
@@ -370,6 +378,19 @@ class ChannelRelay(asyncssh.SSHServerSession):
                 self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
                 self.chan.exit(255)
                 return
+            if self.relay.recording_input:
+                try:
+                    self.input_recorder = AsciicastWriter(path[: -len(".cast")] + ".input.cast", width, height,
+                                                          term_type, started=self.recorder.started, kind="i")
+                except OSError as exc:
+                    log.error("session %s: cannot write the input recording: %s", self.relay.session.id, exc)
+                    self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
+                    self.chan.exit(255)
+                    return
+        if self.term is not None:
+            # Every pty channel (a shell, or an exec such as ``ssh -t host bash``) is line-observed.
+            _, (width, height, _, _), _ = self.term
+            self.observer = ShellObserver(width, height, check=LinePolicy(self.relay.grant, simple_commands))
         asyncio.ensure_future(self._open_target())
 
     async def _open_target(self) -> None:
@@ -443,10 +464,61 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.relay.from_client.bytes_in += len(data)
         if self.sftp is not None and not self._observe(self.sftp.from_client, data, "client"):
             return
+        if self.observer is not None:
+            self._apply(self.observer.input(data))
+            return
+        self._to_target(data)
+
+    def _to_target(self, data: bytes) -> None:
         if self.target_chan is None:
             self.early.append(data)
         else:
             self.target_chan.write(data)
+
+    # -- the terminal observer (dbproxy.terminal.observer): commands audited and policed on Enter --------
+    def _apply(self, step: Step) -> None:
+        for line in step.lines:
+            self._line_event(line)
+        for line, output_bytes in step.finished:
+            self.relay.emit("ssh.shell.command.end", channel=self.number, seq=line.seq, command=line.text,
+                            output_bytes=output_bytes)
+        if step.forward:
+            self._to_target(bytes(step.forward))
+        if step.to_client and not self.closed:
+            self.chan.write(bytes(step.to_client))
+        if step.record and self.input_recorder is not None:
+            self.input_recorder.output(bytes(step.record))
+        if self.observer is not None and self.observer.waiting and self._echo_timer is None:
+            self._echo_timer = asyncio.get_event_loop().call_later(self.observer.echo_wait, self._echo_timeout)
+        elif self._echo_timer is not None and (self.observer is None or not self.observer.waiting):
+            self._echo_timer.cancel()
+            self._echo_timer = None
+
+    def _echo_timeout(self) -> None:
+        self._echo_timer = None
+        if self.observer is not None and self.observer.waiting and not self.closed:
+            self._apply(self.observer.resume(timed_out=True))
+
+    def _line_event(self, line: Any) -> None:
+        fields: dict = {"channel": self.number, "seq": line.seq}
+        if self.recorder is not None:
+            fields.update(recording=os.path.basename(self.recorder.path), recording_offset=self.recorder.elapsed(),
+                          recording_byte_offset=self.recorder.size)
+        if not line.echoed:
+            # Typed while the terminal did not echo (a password prompt): its text goes nowhere.
+            if line.denied is not None:
+                fields.update(success=False, denied_pattern=line.denied[1])
+            self.relay.emit("ssh.shell.hidden_input", bytes=line.typed_bytes, **fields)
+        else:
+            fields.update(command=line.text, observed=True, source=line.source)
+            if line.denied is not None:
+                fields.update(success=False, denied_command=line.denied[0], denied_pattern=line.denied[1])
+            self.relay.emit("ssh.shell.command", **fields)
+        if line.denied is not None:
+            reason = f"command refused by policy: deny pattern {line.denied[1]!r}"
+            extra = {"command": line.text} if line.echoed else {}
+            audit_denial(self.relay.session, AccessDenied(reason, reason="command_denied"), stage="shell",
+                         pattern=line.denied[1], **extra)
 
     def eof_received(self) -> bool:
         if self.target_chan is not None:
@@ -458,6 +530,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         if self.recorder is not None:
             self.recorder.resize(width, height)
+        if self.observer is not None:
+            self.observer.resize(width, height)
         if self.target_chan is None:
             self.pending_size = (width, height, pixwidth, pixheight)
         else:
@@ -499,11 +573,22 @@ class ChannelRelay(asyncssh.SSHServerSession):
             fields["exit_signal"] = self.exit_signal
         if self.sftp is not None:
             self.sftp.close()
+        if self.observer is not None:
+            if self._echo_timer is not None:
+                self._echo_timer.cancel()
+                self._echo_timer = None
+            self._apply(self.observer.close())
+            self.observer = None
         if self.recorder is not None:
             recorded = self.recorder.close()
             self.recorder = None
             fields.update(recorded)
             self.relay.recordings.append({"channel": self.number, **recorded})
+        if self.input_recorder is not None:
+            recorded = self.input_recorder.close()
+            self.input_recorder = None
+            fields.update({f"input_{k}": v for k, v in recorded.items()})
+            self.relay.recordings.append({"channel": self.number, "input": True, **recorded})
         self.relay.emit("ssh.channel.end", **fields)
         self.relay.channel_closed(self)
 
@@ -517,6 +602,10 @@ class ChannelRelay(asyncssh.SSHServerSession):
             return
         if not self.closed:
             self.chan.write(data, datatype)
+        if self.observer is not None:
+            self.observer.output(data)
+            if self.observer.waiting:  # an Enter waits for this echo
+                self._apply(self.observer.resume())
 
     def target_eof(self) -> None:
         if not self.closed:
