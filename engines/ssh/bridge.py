@@ -325,7 +325,7 @@ class ChannelRelay(asyncssh.SSHServerSession):
         if getattr(self.relay.grant, "deny_commands", ()) and self.term is None:
             # Lines are policed on the terminal (echo, Enter); a shell without a pty reads a script from
             # stdin, which nothing checks: a role with deny patterns gets no such shell.
-            self.denied = "a shell without a terminal is not available to roles with deny_commands (use ssh -t)"
+            self.denied = "interactive shells are not available without a terminal to roles with deny_commands (use ssh -t)"
             self.relay.emit("ssh.shell", channel=self.number, pty=self.term is not None,
                             term=self.term[0] if self.term else None, success=False, reason="shell_not_policed")
             audit_denial(self.relay.session, AccessDenied(self.denied, reason="shell_not_policed"), stage="shell")
