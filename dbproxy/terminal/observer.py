@@ -176,11 +176,13 @@ class ShellObserver:
         self._edited = False
         self._start: tuple[int, int, int] | None = None  # (row, col, scroll count) at the first keystroke
         self._started = False
+        self._line_output_start = self.output_bytes
         self._output_since_enter = False
         self._output_after_key = True
 
     def _begin_line(self) -> None:
         self._started = True
+        self._line_output_start = self.output_bytes  # the previous command's output ends here
         if self._output_since_enter:
             self._flush()
             c = self.screen.cursor
@@ -334,13 +336,14 @@ class ShellObserver:
             step.forward += enter
             if echoed:
                 # A hidden line (a password for the running command) does not end that command's output.
-                self._finish(step)
+                self._finish(step, self._line_output_start)
                 self._open = line
                 step.record += self._raw + enter
         self._reset_line()
         return denied is not None
 
-    def _finish(self, step: Step) -> None:
+    def _finish(self, step: Step, until: int | None = None) -> None:
         if self._open is not None:
-            step.finished.append((self._open, self.output_bytes - self._open.output_start))
+            end = self.output_bytes if until is None else until
+            step.finished.append((self._open, end - self._open.output_start))
             self._open = None

@@ -477,11 +477,11 @@ class ChannelRelay(asyncssh.SSHServerSession):
 
     # -- the terminal observer (dbproxy.terminal.observer): commands audited and policed on Enter --------
     def _apply(self, step: Step) -> None:
+        for line, output_bytes in step.finished:  # the previous command's output ends where the next begins
+            self.relay.emit("ssh.shell.command.end", channel=self.number, line=line.seq, command=line.text,
+                            output_bytes=output_bytes)
         for line in step.lines:
             self._line_event(line)
-        for line, output_bytes in step.finished:
-            self.relay.emit("ssh.shell.command.end", channel=self.number, seq=line.seq, command=line.text,
-                            output_bytes=output_bytes)
         if step.forward:
             self._to_target(bytes(step.forward))
         if step.to_client and not self.closed:
@@ -500,7 +500,7 @@ class ChannelRelay(asyncssh.SSHServerSession):
             self._apply(self.observer.resume(timed_out=True))
 
     def _line_event(self, line: Any) -> None:
-        fields: dict = {"channel": self.number, "seq": line.seq}
+        fields: dict = {"channel": self.number, "line": line.seq}
         if self.recorder is not None:
             fields.update(recording=os.path.basename(self.recorder.path), recording_offset=self.recorder.elapsed(),
                           recording_byte_offset=self.recorder.size)
