@@ -53,6 +53,12 @@ from scripts.peers.sshd import make_key, start_sshd  # noqa: E402
 from tests.support import ProxyProcess  # noqa: E402
 
 
+def _cpu(pid: int) -> float:
+    """User+system CPU seconds of ``pid`` and its reaped children (/proc/PID/stat fields 14-17)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def _size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper().rstrip("B")
@@ -200,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for r in range(args.rounds):
                 for target in ("direct", "proxy"):
+                    cpu0 = _cpu(setup.proxy.proc.pid)
                     t = getattr(setup, test)(target)
+                    cpu = _cpu(setup.proxy.proc.pid) - cpu0
                     results["runs"].setdefault(test, {}).setdefault(target, []).append(t)
-                    print(f"{test:5} {target:6} round {r + 1}: {size / t / 1e6:8.1f} MB/s ({t:.2f} s)", flush=True)
+                    if target == "proxy":
+                        results["runs"].setdefault(f"{test}_proxy_cpu_s", []).append(cpu)
+                    print(f"{test:5} {target:6} round {r + 1}: {size / t / 1e6:8.1f} MB/s ({t:.2f} s)"
+                          + (f", proxy CPU {cpu:.2f} s = {cpu / size * 1e9:.1f} ns/byte" if target == "proxy" else ""),
+                          flush=True)
         if "keystroke" in tests:
             for target in ("direct", "proxy"):
                 samples = setup.keystrokes(target, args.keys)
@@ -214,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             if test in results["runs"]:
                 best = {t: size / min(v) / 1e6 for t, v in results["runs"][test].items()}
                 summary[test] = {"direct_MBps": round(best["direct"], 1), "proxy_MBps": round(best["proxy"], 1),
-                                 "ratio": round(best["proxy"] / best["direct"], 3)}
+                                 "ratio": round(best["proxy"] / best["direct"], 3),
+                                 "proxy_cpu_ns_per_byte": round(min(results["runs"][f"{test}_proxy_cpu_s"]) / size * 1e9, 2)}
         if "keystroke" in results["runs"]:
             k = {t: statistics.median(v) * 1e3 for t, v in results["runs"]["keystroke"].items()}
             summary["keystroke"] = {"direct_ms": round(k["direct"], 3), "proxy_ms": round(k["proxy"], 3),
