@@ -29,9 +29,12 @@ those callbacks *before* the request is forwarded (an exec command before
 the target sees it).  Forwarding requests — ``direct-tcpip`` (``-L``,
 ``-D``), ``tcpip-forward`` (``-R``), their Unix-socket variants, agent and
 X11 — are refused and audited.  An exec line a role's deny patterns refuse
-(``policy``) and a shell for such a role never reach the target: the channel
-is answered locally (stderr, exit status 126).  Pty channels are recorded
-(``recording``) when the listener says where.
+(``policy``) and a pty-less shell for such a role never reach the target: the
+channel is answered locally (stderr, exit status 126).  Pty channels are
+recorded (``recording``) when the listener says where, and the client's
+keystrokes on them go through the core's terminal observer
+(``dbproxy.terminal.observer``) before they are forwarded: each line is
+audited and checked against the deny patterns when Enter is pressed.
 """
 
 from __future__ import annotations
