@@ -34,9 +34,12 @@ channels), refused otherwise; Unix-socket variants, agent and X11 always.
 Client keys and certificates (``ClientKeys``) are matched before asyncssh
 checks the signature; only a verified request becomes the connection's one
 authentication attempt.  An exec line a role's deny patterns refuse
-(``policy``) and a shell for such a role never reach the target: the channel
-is answered locally (stderr, exit status 126).  Pty channels are recorded
-(``recording``) when the listener says where.
+(``policy``) and a pty-less shell for such a role never reach the target: the
+channel is answered locally (stderr, exit status 126).  Pty channels are
+recorded (``recording``) when the listener says where, and the client's
+keystrokes on them go through the core's terminal observer
+(``dbproxy.terminal.observer``) before they are forwarded: each line is
+audited and checked against the deny patterns when Enter is pressed.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ import trio_asyncio
 from dbproxy.access import audit_denial
 from dbproxy.errors import AccessDenied, ProtocolError
 
-from .policy import denied_exec
+from dbproxy.terminal.linepolicy import LinePolicy
+from dbproxy.terminal.observer import ShellObserver, Step
+
+from .policy import denied_exec, simple_commands
 from .recording import AsciicastWriter
 from .sftp import SftpAudit
 
@@ -72,6 +78,25 @@ CHANNEL_CLOSE_GRACE = 2.0
 EXIT_REFUSED = 126
 
 KBDINT_PROMPT = "Password (dbproxy token): "
+
+# Channel flow control (RFC 4254 §5.2) on both legs: the window the proxy grants each sender and the
+# largest data packet it accepts.  asyncssh's defaults are 2 MiB / 32 KiB; OpenSSH's sshd reads its
+# pipes 32 KiB at a time whatever we accept, so the packet size matters little — a larger window lets
+# more be in flight while the proxy's loop is busy with the other leg.  scripts/bench/ssh measures it
+# (DBPROXY_SSH_WINDOW / DBPROXY_SSH_PACKET override these for an A/B run).
+CHANNEL_WINDOW = int(os.environ.get("DBPROXY_SSH_WINDOW", 8 * 1024 * 1024))
+CHANNEL_PACKET = int(os.environ.get("DBPROXY_SSH_PACKET", 32768))
+
+# Ciphers: the proxy decrypts and re-encrypts every byte, in asyncssh on pyca/cryptography.  There
+# chacha20-poly1305 (OpenSSH's first choice) is the slowest: per 32 KiB packet, measured on this
+# machine, 95 MB/s against 328 MB/s for AES-GCM (aes128-ctr + umac-64-etm about half of AES-GCM).
+# So AES-GCM first on the target leg (we are the client there: our order wins, RFC 4253 §7.1), and
+# the client leg offers no chacha20 — the client's order wins there, and OpenSSH then picks
+# aes128-ctr (it lists CTR before GCM).  The rest are asyncssh's defaults.
+_GCM = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+_REST = [a.decode() for a in asyncssh.encryption.get_default_encryption_algs() if a.decode() not in _GCM]
+TARGET_CIPHERS = _GCM + _REST
+CLIENT_CIPHERS = _GCM + [a for a in _REST if not a.startswith("chacha20")]
 
 DISC_REFUSED = asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
 DISC_UNAVAILABLE = asyncssh.DISC_SERVICE_NOT_AVAILABLE
@@ -261,7 +286,8 @@ class ClientGate(asyncssh.SSHServer):
     def session_requested(self) -> Any:
         if not self.authorized or self.relay is None:
             return False
-        chan = self.conn.create_server_channel(encoding=None)  # type: ignore[union-attr]
+        chan = self.conn.create_server_channel(encoding=None, window=CHANNEL_WINDOW,  # type: ignore[union-attr]
+                                               max_pktsize=CHANNEL_PACKET)
         return chan, ChannelRelay(self.relay)
 
     def _forwarding_allowed(self, kind: str) -> bool:
@@ -353,7 +379,8 @@ class Relay:
 
     def __init__(self, session: Any, gate: ClientGate, target: "TargetConnection", *,
                  recording_dir: str | None = None, grant: Any = None, env_allow: tuple = (),
-                 idle_timeout: float | None = None) -> None:
+                 idle_timeout: float | None = None, recording_input: bool = False) -> None:
+        self.recording_input = recording_input
         self.session = session
         self.idle_timeout = idle_timeout
         self.env_allow = env_allow
@@ -466,6 +493,9 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.recorder: AsciicastWriter | None = None
         self.denied: str | None = None  # why the policy refused this channel's exec
         self.sftp: SftpAudit | None = None
+        self.observer: ShellObserver | None = None  # pty channels: commands observed and policed (terminal.*)
+        self.input_recorder: AsciicastWriter | None = None
+        self._echo_timer: Any = None
 
     # -- requests from the client ----------------------------------------------------------
     def connection_made(self, chan: Any) -> None:
@@ -481,10 +511,10 @@ class ChannelRelay(asyncssh.SSHServerSession):
 
     def shell_requested(self) -> bool:
         self.kind = "shell"
-        if getattr(self.relay.grant, "deny_commands", ()):
-            # Command lines typed in a shell are not checked yet: a role with deny patterns gets no
-            # shell rather than an unpoliced one.
-            self.denied = "interactive shells are not available to roles with deny_commands (not policed yet)"
+        if getattr(self.relay.grant, "deny_commands", ()) and self.term is None:
+            # Lines are policed on the terminal (echo, Enter); a shell without a pty reads a script from
+            # stdin, which nothing checks: a role with deny patterns gets no such shell.
+            self.denied = "interactive shells are not available without a terminal to roles with deny_commands (use ssh -t)"
             self.relay.emit("ssh.shell", channel=self.number, pty=self.term is not None,
                             term=self.term[0] if self.term else None, success=False, reason="shell_not_policed")
             audit_denial(self.relay.session, AccessDenied(self.denied, reason="shell_not_policed"), stage="shell")
@@ -537,10 +567,23 @@ class ChannelRelay(asyncssh.SSHServerSession):
                 self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
                 self.chan.exit(255)
                 return
+            if self.relay.recording_input:
+                try:
+                    self.input_recorder = AsciicastWriter(path[: -len(".cast")] + ".input.cast", width, height,
+                                                          term_type, started=self.recorder.started, kind="i")
+                except OSError as exc:
+                    log.error("session %s: cannot write the input recording: %s", self.relay.session.id, exc)
+                    self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
+                    self.chan.exit(255)
+                    return
+        if self.term is not None:
+            # Every pty channel (a shell, or an exec such as ``ssh -t host bash``) is line-observed.
+            _, (width, height, _, _), _ = self.term
+            self.observer = ShellObserver(width, height, check=LinePolicy(self.relay.grant, simple_commands))
         asyncio.ensure_future(self._open_target())
 
     async def _open_target(self) -> None:
-        kwargs: dict = {"encoding": None}
+        kwargs: dict = {"encoding": None, "window": CHANNEL_WINDOW, "max_pktsize": CHANNEL_PACKET}
         if self.term is not None:
             term_type, term_size, term_modes = self.term
             kwargs.update(term_type=term_type, term_size=term_size, term_modes=term_modes)
@@ -610,10 +653,61 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.relay.from_client.bytes_in += len(data)
         if self.sftp is not None and not self._observe(self.sftp.from_client, data, "client"):
             return
+        if self.observer is not None:
+            self._apply(self.observer.input(data))
+            return
+        self._to_target(data)
+
+    def _to_target(self, data: bytes) -> None:
         if self.target_chan is None:
             self.early.append(data)
         else:
             self.target_chan.write(data)
+
+    # -- the terminal observer (dbproxy.terminal.observer): commands audited and policed on Enter --------
+    def _apply(self, step: Step) -> None:
+        for line, output_bytes in step.finished:  # the previous command's output ends where the next begins
+            self.relay.emit("ssh.shell.command.end", channel=self.number, line=line.seq, command=line.text,
+                            output_bytes=output_bytes)
+        for line in step.lines:
+            self._line_event(line)
+        if step.forward:
+            self._to_target(bytes(step.forward))
+        if step.to_client and not self.closed:
+            self.chan.write(bytes(step.to_client))
+        if step.record and self.input_recorder is not None:
+            self.input_recorder.output(bytes(step.record))
+        if self.observer is not None and self.observer.waiting and self._echo_timer is None:
+            self._echo_timer = asyncio.get_event_loop().call_later(self.observer.echo_wait, self._echo_timeout)
+        elif self._echo_timer is not None and (self.observer is None or not self.observer.waiting):
+            self._echo_timer.cancel()
+            self._echo_timer = None
+
+    def _echo_timeout(self) -> None:
+        self._echo_timer = None
+        if self.observer is not None and self.observer.waiting and not self.closed:
+            self._apply(self.observer.resume(timed_out=True))
+
+    def _line_event(self, line: Any) -> None:
+        fields: dict = {"channel": self.number, "line": line.seq}
+        if self.recorder is not None:
+            fields.update(recording=os.path.basename(self.recorder.path), recording_offset=self.recorder.elapsed(),
+                          recording_byte_offset=self.recorder.size)
+        if not line.echoed:
+            # Typed while the terminal did not echo (a password prompt): its text goes nowhere.
+            if line.denied is not None:
+                fields.update(success=False, denied_pattern=line.denied[1])
+            self.relay.emit("ssh.shell.hidden_input", bytes=line.typed_bytes, **fields)
+        else:
+            fields.update(command=line.text, observed=True, source=line.source)
+            if line.denied is not None:
+                fields.update(success=False, denied_command=line.denied[0], denied_pattern=line.denied[1])
+            self.relay.emit("ssh.shell.command", **fields)
+        if line.denied is not None:
+            reason = f"command refused by policy: deny pattern {line.denied[1]!r}"
+            extra = {"command": line.text} if line.echoed else {}
+            audit_denial(self.relay.session, AccessDenied(reason, reason="command_denied"), stage="shell",
+                         pattern=line.denied[1], **extra)
 
     def eof_received(self) -> bool:
         if self.target_chan is not None:
@@ -625,6 +719,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         if self.recorder is not None:
             self.recorder.resize(width, height)
+        if self.observer is not None:
+            self.observer.resize(width, height)
         if self.target_chan is None:
             self.pending_size = (width, height, pixwidth, pixheight)
         else:
@@ -666,11 +762,22 @@ class ChannelRelay(asyncssh.SSHServerSession):
             fields["exit_signal"] = self.exit_signal
         if self.sftp is not None:
             self.sftp.close()
+        if self.observer is not None:
+            if self._echo_timer is not None:
+                self._echo_timer.cancel()
+                self._echo_timer = None
+            self._apply(self.observer.close())
+            self.observer = None
         if self.recorder is not None:
             recorded = self.recorder.close()
             self.recorder = None
             fields.update(recorded)
             self.relay.recordings.append({"channel": self.number, **recorded})
+        if self.input_recorder is not None:
+            recorded = self.input_recorder.close()
+            self.input_recorder = None
+            fields.update({f"input_{k}": v for k, v in recorded.items()})
+            self.relay.recordings.append({"channel": self.number, "input": True, **recorded})
         self.relay.emit("ssh.channel.end", **fields)
         self.relay.channel_closed(self)
 
@@ -684,6 +791,10 @@ class ChannelRelay(asyncssh.SSHServerSession):
             return
         if not self.closed:
             self.chan.write(data, datatype)
+        if self.observer is not None:
+            self.observer.output(data)
+            if self.observer.waiting:  # an Enter waits for this echo
+                self._apply(self.observer.resume())
 
     def target_eof(self) -> None:
         if not self.closed:
@@ -772,7 +883,7 @@ class TargetConnection:
             # Only the route's credential: no agent, no ~/.ssh keys or config of the proxy's user.
             agent_path=None, client_keys=keys, password=password,
             config=None, ignore_encrypted=True, preferred_auth="publickey" if keys else "password,keyboard-interactive",
-            client_factory=lambda: _TargetClient(self),
+            client_factory=lambda: _TargetClient(self), encryption_algs=TARGET_CIPHERS,
         )
         try:
             self.conn = await trio_asyncio.aio_as_trio(asyncssh.connect)(host, port, **options)
@@ -834,7 +945,7 @@ async def serve_client(stream: Any, gate: ClientGate, host_key: Any, *, login_ti
             # Forwarding is refused (and audited) by the gate; these keep asyncssh from offering it.
             agent_forwarding=False, x11_forwarding=False, allow_pty=True,
             login_timeout=login_timeout, keepalive_interval=keepalive_interval,
-            keepalive_count_max=keepalive_count_max,
+            keepalive_count_max=keepalive_count_max, encryption_algs=CLIENT_CIPHERS,
             server_version="dbproxy",
         )
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:

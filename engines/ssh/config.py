@@ -23,7 +23,7 @@ import attrs
 
 LISTENER_KEYS = ("host_key_file", "recording", "env_allow", "keepalive_seconds", "keepalive_count_max",
                  "idle_timeout_seconds")
-RECORDING_KEYS = {"dir"}
+RECORDING_KEYS = {"dir", "input"}
 BACKEND_KEYS = ("login", "host_key")
 HOST_KEY_KEYS = {"known_hosts_file"}
 AUTH_KEYS = {"publickey": {"key_file"}, "password": set(), "certificate": {"ca_key_file", "validity_seconds"}}
@@ -85,6 +85,8 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
                     v.err(f"{rp}.dir", f"a writable folder for the recordings, but {resolved} is not one")
                 else:
                     extra["recording_dir"] = resolved
+            # Keystrokes in a second asciicast file; off by default (see dbproxy/terminal/observer.py).
+            extra["recording_input"] = v.boolean(rd, "input", rp)
     if "env_allow" in d:
         # Environment variables the client sends (RFC 4254 §6.4) that reach the target: globs on the
         # name; none by default (LD_PRELOAD, BASH_ENV… change what the target runs).

@@ -235,6 +235,7 @@ class SSHEngine(Engine):
     def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:
         relay = Relay(session, request.extra, backend.stream.target,
                       recording_dir=self.listener.extra.get("recording_dir"), grant=grant,
+                      recording_input=self.listener.extra.get("recording_input", False),
                       env_allow=self.listener.extra.get("env_allow", ()),
                       idle_timeout=self.listener.extra.get("idle_timeout_seconds"))
         return Wiring(None, None, [], [], None, client_error=lambda exc: b"", relay=relay)

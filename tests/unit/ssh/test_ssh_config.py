@@ -146,7 +146,8 @@ def mutate(fn) -> dict:
     (lambda lc: lc.update(idle_timeout_seconds=0.5), "listeners[0].idle_timeout_seconds: a number >= 1.0"),
     (lambda lc: lc.update(env_allow="LANG"), "listeners[0].env_allow: an array of non-empty name globs"),
     (lambda lc: lc.update(recording={"dir": "nowhere"}), "listeners[0].recording.dir: a writable folder"),
-    (lambda lc: lc.update(recording={"dir": ".", "input": True}), "listeners[0].recording.input: no key 'input'"),
+    (lambda lc: lc.update(recording={"dir": ".", "input": "yes"}), "listeners[0].recording.input: true or false"),
+    (lambda lc: lc.update(recording={"dir": ".", "keys": True}), "listeners[0].recording.keys: no key 'keys'"),
 ])
 def test_mistakes_are_named(files, change, expected):
     errors = errors_for(files, mutate(change))

@@ -1,0 +1,34 @@
+"""Line policy for interactive terminals: a role's deny patterns on each submitted command line.
+
+Strategy: the observer (``observer.py``) calls ``check(line)`` when Enter is
+pressed, for the line as the screen shows it and as it was typed; a paste of
+several lines is split at each Enter and every line is checked before it is
+submitted.  ``LinePolicy`` splits a line into the simple commands a shell
+would run (the engine's splitter, e.g. ``engines/ssh/policy.simple_commands``)
+and matches each with the grant's ``denied_command``.  Engine-agnostic: the
+splitter and the grant are handed in.  No trio, no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+class LinePolicy:
+    def __init__(self, grant: Any, split: Callable[[str], list[str]]) -> None:
+        self.grant = grant
+        self.split = split
+
+    @property
+    def active(self) -> bool:
+        return bool(getattr(self.grant, "deny_commands", ()))
+
+    def __call__(self, line: str) -> tuple[str, str] | None:
+        """(refused piece, deny pattern) for the first piece of ``line`` the grant denies, else None."""
+        if not self.active:
+            return None
+        for piece in self.split(line):
+            pattern = self.grant.denied_command(piece)
+            if pattern is not None:
+                return piece, pattern
+        return None
