@@ -348,7 +348,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
         if getattr(self.relay.grant, "deny_commands", ()) and self.term is None:
             # Lines are policed on the terminal (echo, Enter); a shell without a pty reads a script from
             # stdin, which nothing checks: a role with deny patterns gets no such shell.
-            self.denied = "interactive shells are not available without a terminal to roles with deny_commands (use ssh -t)"
+            self.denied = ("interactive shells are not available without a terminal to roles with deny_commands "
+                           "(use ssh -t)")
             self.relay.emit("ssh.shell", channel=self.number, pty=self.term is not None,
                             term=self.term[0] if self.term else None, success=False, reason="shell_not_policed")
             audit_denial(self.relay.session, AccessDenied(self.denied, reason="shell_not_policed"), stage="shell")
@@ -716,7 +717,8 @@ class TargetConnection:
             # Only the route's credential: no agent, no ~/.ssh keys or config of the proxy's user.
             agent_path=None, client_keys=[key_file] if key_file else None, password=password,
             config=None, ignore_encrypted=True, preferred_auth="publickey" if key_file else "password,keyboard-interactive",
-            client_factory=lambda: _TargetClient(self), encryption_algs=TARGET_CIPHERS,
+            client_factory=lambda: _TargetClient(self),
+            encryption_algs=TARGET_CIPHERS,
         )
         try:
             self.conn = await trio_asyncio.aio_as_trio(asyncssh.connect)(host, port, **options)
@@ -758,7 +760,8 @@ async def serve_client(stream: Any, gate: ClientGate, host_key: Any, *, login_ti
             server_host_keys=[host_key],
             # Forwarding is refused (and audited) by the gate; these keep asyncssh from offering it.
             agent_forwarding=False, x11_forwarding=False, allow_pty=True,
-            login_timeout=login_timeout, keepalive_interval=0, encryption_algs=CLIENT_CIPHERS,
+            login_timeout=login_timeout, keepalive_interval=0,
+            encryption_algs=CLIENT_CIPHERS,
             server_version="dbproxy",
         )
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:

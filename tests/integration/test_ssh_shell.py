@@ -80,8 +80,8 @@ def open_shell(proxy, target: str, token: str | None = None) -> Tmux:
                         str(proxy.port()), f"{proxy.login}@{target}@127.0.0.1"])
     tmux.run("new-session", "-d", "-s", "t", "-x", "100", "-y", "30", command)
     # A fixed prompt, and no bracketed paste (readline would hold a pasted block until one more Enter).
-    tmux.run("send-keys", "-t", "t", "bind 'set enable-bracketed-paste off'; export PS1='prompt$ '; echo ready-$((1+1))",
-             "Enter")
+    tmux.run("send-keys", "-t", "t",
+             "bind 'set enable-bracketed-paste off'; export PS1='prompt$ '; echo ready-$((1+1))", "Enter")
     tmux.wait_for("\nready-2")
     time.sleep(0.3)  # the prompt after it: what is typed next starts on the screen after the prompt
     return tmux
