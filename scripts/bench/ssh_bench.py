@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = {t: size / min(v) / 1e6 for t, v in results["runs"][test].items()}
                 summary[test] = {"direct_MBps": round(best["direct"], 1), "proxy_MBps": round(best["proxy"], 1),
                                  "ratio": round(best["proxy"] / best["direct"], 3),
-                                 "proxy_cpu_ns_per_byte": round(min(results["runs"][f"{test}_proxy_cpu_s"]) / size * 1e9, 2)}
+                                 "proxy_cpu_ns_per_byte":
+                                     round(min(results["runs"][f"{test}_proxy_cpu_s"]) / size * 1e9, 2)}
         if "keystroke" in results["runs"]:
             k = {t: statistics.median(v) * 1e3 for t, v in results["runs"]["keystroke"].items()}
             summary["keystroke"] = {"direct_ms": round(k["direct"], 3), "proxy_ms": round(k["proxy"], 3),

@@ -613,7 +613,7 @@ def test_exec_allowed_with_deny_patterns(sshproxy):
 
 
 def test_shell_refused_to_a_role_with_deny_patterns(sshproxy):
-    """Shell command lines are not policed yet: a role with deny patterns gets no shell (audited)."""
+    """A shell without a pty (a script on stdin: no terminal to police) is refused to a role with deny patterns."""
     r = ssh(sshproxy, "web-q", token=sshproxy.guarded_token, extra=("-T",))
     assert r.returncode == 126
     assert "interactive shells are not available" in r.stderr

@@ -80,8 +80,8 @@ def open_shell(proxy, target: str, token: str | None = None) -> Tmux:
                         str(proxy.port()), f"{proxy.login}@{target}@127.0.0.1"])
     tmux.run("new-session", "-d", "-s", "t", "-x", "100", "-y", "30", command)
     # A fixed prompt, and no bracketed paste (readline would hold a pasted block until one more Enter).
-    tmux.run("send-keys", "-t", "t", "bind 'set enable-bracketed-paste off'; export PS1='prompt$ '; echo ready-$((1+1))",
-             "Enter")
+    tmux.run("send-keys", "-t", "t",
+             "bind 'set enable-bracketed-paste off'; export PS1='prompt$ '; echo ready-$((1+1))", "Enter")
     tmux.wait_for("\nready-2")
     time.sleep(0.3)  # the prompt after it: what is typed next starts on the screen after the prompt
     return tmux
@@ -250,3 +250,33 @@ def test_recording_replays_to_what_the_client_saw(shellproxy):
     p = subprocess.run([sys.executable, "-m", "dbproxy.cli", "replay", "--seek", "1e9", str(cast)],
                        capture_output=True, text=True, env=env, timeout=10)
     assert p.returncode == 0 and "24 80" in p.stdout
+
+
+def test_full_screen_editor_is_not_line_policed(shellproxy, tmp_path):
+    """In vi (alternate screen) the keys are text, not commands: a line reading ``rm -f …`` is typed, not refused."""
+    require_binary("vi")
+    note = tmp_path / "note.txt"
+    tmux = open_shell(shellproxy, "web-vi", token=shellproxy.guarded_token)
+    try:
+        tmux.run("send-keys", "-t", "t", f"vi -u NONE -N {note}", "Enter")
+        tmux.wait_for("~")
+        tmux.run("send-keys", "-t", "t", "-l", "i")
+        time.sleep(0.3)
+        tmux.run("send-keys", "-t", "t", "-l", "first line")
+        tmux.run("send-keys", "-t", "t", "Enter")
+        tmux.run("send-keys", "-t", "t", "-l", "rm -f /etc/important")
+        tmux.run("send-keys", "-t", "t", "Enter")
+        tmux.run("send-keys", "-t", "t", "Escape")
+        time.sleep(0.3)
+        tmux.run("send-keys", "-t", "t", "-l", ":wq")
+        tmux.run("send-keys", "-t", "t", "Enter")
+        tmux.wait_for("prompt$", timeout=10)
+        assert "command refused" not in tmux.screen()
+        tmux.run("send-keys", "-t", "t", "exit", "Enter")
+        start, mine = session_of(shellproxy, "web-vi")
+    finally:
+        tmux.kill()
+    assert note.read_text().splitlines()[:2] == ["first line", "rm -f /etc/important"]
+    assert not any(e["event"].endswith("access_denied") for e in mine)
+    commands = [e["command"] for e in mine if e["event"] == "ssh.shell.command"]
+    assert f"vi -u NONE -N {note}" in commands and "rm -f /etc/important" not in commands

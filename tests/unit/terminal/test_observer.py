@@ -161,3 +161,14 @@ def test_wrapped_long_line_is_joined():
     cmd = b"echo " + b"a" * 30
     s1, s2 = type_line(o, cmd)
     assert s2.lines[0].text == cmd.decode() and s2.lines[0].source == "screen"
+
+
+def test_hidden_line_still_checked_as_typed_and_its_text_kept_out():
+    """``stty -echo`` then a denied command: refused, and the event has no text (it might be a secret)."""
+    o = shell(LinePolicy(Grant("rm"), split))
+    step = o.input(b"rm -rf /srv\r")
+    assert o.waiting
+    step = o.resume(timed_out=True)
+    (line,) = step.lines
+    assert line.text is None and not line.echoed and line.denied == ("rm -rf /srv", "rm")
+    assert bytes(step.forward) == b"\x03" and b"/srv" not in step.to_client

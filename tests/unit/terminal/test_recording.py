@@ -35,7 +35,8 @@ def test_input_file_uses_the_input_code(tmp_path):
 
 def test_final_screen_follows_cursor_moves_and_resizes():
     header = {"version": 2, "width": 10, "height": 3}
-    events = [(0.1, "o", "abc\r\ndef"), (0.2, "o", "\x1b[1;2HX"), (0.3, "r", "12x3"), (0.4, "o", "\x1b[3;1H0123456789ab")]
+    events = [(0.1, "o", "abc\r\ndef"), (0.2, "o", "\x1b[1;2HX"), (0.3, "r", "12x3"),
+              (0.4, "o", "\x1b[3;1H0123456789ab")]
     assert screen_text(header, events) == ["aXc", "def", "0123456789ab"]
     assert screen_text(header, events, until=0.15) == ["abc", "def"]
 
