@@ -69,6 +69,14 @@ def _proc_cpu_seconds(pid: int) -> float:
     return tree_cpu_seconds(pid)
 
 
+def _own_cpu_seconds(pid: int) -> float:
+    """The process alone (dbproxy's proxy loop, without its audit worker)."""
+    from scripts.bench.pg_bench import _CLK_TCK, _stat_fields
+
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def _machine_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
@@ -265,6 +273,7 @@ class Run:
     p99_ms: float
     cpu_per_kop: float | None
     machine_idle: float
+    proxy_cpu_per_kop: float | None = None
     audited: int | None = None
 
 
@@ -346,10 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(1.0)  # let the warm-up's events reach the file first
                     marks_before = _count_marks(audit_path) if target == "dbproxy" and audit_path else 0
                     cpu0 = _proc_cpu_seconds(pids[target]) if target in pids else None
+                    own0 = _own_cpu_seconds(pids[target]) if target in pids else None
                     idle0, total0 = _machine_times()
                     result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency)
                     idle1, total1 = _machine_times()
                     cpu = (_proc_cpu_seconds(pids[target]) - cpu0) if cpu0 is not None else None
+                    own = (_own_cpu_seconds(pids[target]) - own0) if own0 is not None else None
                     audited = None
                     if target == "dbproxy" and audit_path:
                         time.sleep(1.0)  # the drain task writes asynchronously
@@ -357,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                     run = Run(target, workload_name, rnd, round(result.rate, 1), result.ops, result.errors,
                               round(result.percentile(0.5), 2), round(result.percentile(0.99), 2),
                               round(cpu / result.ops * 1000, 3) if cpu is not None and result.ops else None,
-                              round((idle1 - idle0) / max(1, total1 - total0), 3), audited)
+                              round((idle1 - idle0) / max(1, total1 - total0), 3),
+                              round(own / result.ops * 1000, 3) if own is not None and result.ops else None, audited)
                     runs.append(run)
                     extra = f"  cpu/kop {run.cpu_per_kop:.3f}s" if run.cpu_per_kop is not None else ""
+                    if target == "dbproxy" and run.proxy_cpu_per_kop is not None:
+                        extra += f" (proxy loop {run.proxy_cpu_per_kop:.3f}s)"
                     if audited is not None:
                         extra += f"  audited {audited} (ops {result.ops}, errors {result.errors})"
                     print(f"round {rnd} {workload_name:6s} {target:8s} {run.rate:9.0f} ops/s  p50 {run.p50_ms:6.2f} ms  "
