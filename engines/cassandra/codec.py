@@ -61,7 +61,18 @@ from .frames import (
     parse_envelope_header,
     parse_header,
 )
-from .segments import decode_segment, encode_segments, header_size, parse_header_fields
+from .segments import (
+    COMPRESSED_HEADER,
+    CRC24_SEEN,
+    CRC24_SIZE,
+    CRC32_SIZE,
+    PAYLOAD_MASK,
+    UNCOMPRESSED_HEADER,
+    decode_segment,
+    encode_segments,
+    header_size,
+    parse_header_fields,
+)
 
 Framing = Literal["frames", "segments"]
 _COMPRESSIONS = (None, "lz4", "snappy")
@@ -236,20 +247,47 @@ class CqlDecoder:
         return header, total
 
     def _next_from_segments(self) -> tuple | object:
+        # One self-contained segment per round, every step inline (this runs for each
+        # segment of a v5 session, in both directions): header CRC24 (remembered),
+        # payload CRC32 over a view, LZ4, the frames.  Any check that fails is redone by
+        # ``segments``' own function, which raises its error.
         buf = self.buffer
+        compressed = self._compression == "lz4"
+        n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
+        hsize = n + CRC24_SIZE
+        crcs = CRC24_SEEN
         while True:
             if self._split_scanned:
                 return self._continue_split()
-            peeked = self._peek_segment(0)
-            if peeked is None:
+            available = len(buf)
+            if available < hsize:
                 return NEED_DATA
-            (length, uncompressed, self_contained, hsize), total = peeked
+            # Copies (here and of whole segments below): an exception's traceback must
+            # never pin a memoryview of the receive buffer, or the next feed() fails.
+            head = bytes(buf.peek(hsize))
+            value = int.from_bytes(head[:n], "little")
+            crc = crcs.get(value | n << 48)
+            if crc is None or crc != int.from_bytes(head[n:], "little"):
+                length, uncompressed, self_contained, _ = parse_header_fields(head, compressed)  # raises if bad
+            else:
+                length = value & PAYLOAD_MASK
+                if compressed:
+                    uncompressed = (value >> 17) & PAYLOAD_MASK
+                    self_contained = (value >> 34) & 1
+                else:
+                    uncompressed = 0
+                    self_contained = (value >> 17) & 1
+            total = hsize + length + CRC32_SIZE
+            if available < total:
+                return NEED_DATA
             if not self_contained:
                 return self._continue_split()
             payload = decode_segment(bytes(buf.peek(total)), hsize, length, uncompressed)
             frames = self._split_payload(payload)
             buf.skip(total)
             if frames:
+                if len(frames) == 1:
+                    return frames[0]
                 self._queue.extend(frames)
                 return self._queue.popleft()
             # An empty self-contained segment carries nothing: consume it and read on.
@@ -279,7 +317,10 @@ class CqlDecoder:
                     stream=stream,
                     version=version,
                 )
-            frames.append((version, flags, stream, opcode, bytes(view[pos:stop]), HEADER_SIZE, None))
+            # The frame's own bytes (a copy: a view would pin the decompressed payload or the
+            # segment); a frame that is the whole (decompressed, so already copied) payload as is.
+            raw = payload if stop == end and not pos and type(payload) is bytes else bytes(view[pos:stop])
+            frames.append((version, flags, stream, opcode, raw, HEADER_SIZE, None))
             pos = stop
         return frames
 

@@ -44,7 +44,7 @@ CRC24_INIT = 0x875060
 CRC24_POLY = 0x1974F0B
 CRC32_INIT = zlib.crc32(b"\xfa\x2d\x55\xca")
 
-_PAYLOAD_MASK = 0x1FFFF
+PAYLOAD_MASK = 0x1FFFF
 _FRAME_LENGTH = struct.Struct(">I")
 _FRAME_HEADER = 9
 
@@ -76,18 +76,18 @@ def crc24(value: int, nbytes: int) -> int:
 
 #: crc24 of the header values seen: a connection's segments repeat a few sizes, so the
 #: five table steps per segment become one dict look-up (bounded: cleared when full).
-_CRC24_SEEN: dict[int, int] = {}
-_CRC24_SEEN_MAX = 4096
+CRC24_SEEN: dict[int, int] = {}
+CRC24_SEEN_MAX = 4096
 
 
 def crc24_of_header(value: int, nbytes: int) -> int:
     """``crc24(value, nbytes)``, remembered (the hot path of every segment header)."""
     key = value | (nbytes << 48)
-    crc = _CRC24_SEEN.get(key)
+    crc = CRC24_SEEN.get(key)
     if crc is None:
-        if len(_CRC24_SEEN) >= _CRC24_SEEN_MAX:
-            _CRC24_SEEN.clear()
-        crc = _CRC24_SEEN[key] = crc24(value, nbytes)
+        if len(CRC24_SEEN) >= CRC24_SEEN_MAX:
+            CRC24_SEEN.clear()
+        crc = CRC24_SEEN[key] = crc24(value, nbytes)
     return crc
 
 
@@ -134,8 +134,8 @@ def parse_header_fields(data: bytes | bytearray | memoryview, compressed: bool) 
     if read_crc != computed:
         raise _crc_error("header", read_crc, computed)
     if compressed:
-        return value & _PAYLOAD_MASK, (value >> 17) & _PAYLOAD_MASK, bool((value >> 34) & 1), n + CRC24_SIZE
-    return value & _PAYLOAD_MASK, 0, bool((value >> 17) & 1), n + CRC24_SIZE
+        return value & PAYLOAD_MASK, (value >> 17) & PAYLOAD_MASK, bool((value >> 34) & 1), n + CRC24_SIZE
+    return value & PAYLOAD_MASK, 0, bool((value >> 17) & 1), n + CRC24_SIZE
 
 
 def decode_payload(segment: bytes | bytearray | memoryview, header: SegmentHeader) -> bytes | memoryview:

@@ -71,9 +71,9 @@ def test_remembered_crc24_is_crc24(nbytes, value):
 
 
 def test_remembered_crc24_table_is_bounded():
-    for value in range(S._CRC24_SEEN_MAX + 10):
+    for value in range(S.CRC24_SEEN_MAX + 10):
         assert S.crc24_of_header(value, 5) == S.crc24(value, 5)
-    assert len(S._CRC24_SEEN) <= S._CRC24_SEEN_MAX
+    assert len(S.CRC24_SEEN) <= S.CRC24_SEEN_MAX
 
 
 @settings(max_examples=300, deadline=None)
