@@ -264,7 +264,7 @@ class CqlDecoder:
                 return NEED_DATA
             # Copies (here and of whole segments below): an exception's traceback must
             # never pin a memoryview of the receive buffer, or the next feed() fails.
-            head = bytes(buf.peek(hsize))
+            head = buf.copy(hsize)
             value = int.from_bytes(head[:n], "little")
             crc = crcs.get(value | n << 48)
             if crc is None or crc != int.from_bytes(head[n:], "little"):
@@ -282,7 +282,7 @@ class CqlDecoder:
                 return NEED_DATA
             if not self_contained:
                 return self._continue_split()
-            payload = decode_segment(bytes(buf.peek(total)), hsize, length, uncompressed)
+            payload = decode_segment(buf.copy(total), hsize, length, uncompressed)
             frames = self._split_payload(payload)
             buf.skip(total)
             if frames:
