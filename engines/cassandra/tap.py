@@ -9,7 +9,11 @@ Proxy side — ``CqlTee``: drives the direction's own ``CqlDecoder`` (its one
 frame loop: the header checks, the size limit, v5 segments with their CRCs
 and LZ4, all exactly as inline), so the framing, every error and the byte
 where it is raised are the inline ones; the pump forwards the received
-chunk as it came.  What it adds per frame:
+chunk as it came.  It reads the decoder's envelopes (``next_envelope``: a
+frame's fields as a tuple) and builds a ``Frame`` only for a frame it must
+read (a request for its parser, a frame for the guard, a result it notes),
+so the hot path is the segment pass and a few tuple reads per frame.  What
+it adds per frame:
 
 - client → backend: a request the audit reads (QUERY, PREPARE, EXECUTE,
   BATCH, REGISTER) is known to parse before it can be forwarded: EXECUTE
