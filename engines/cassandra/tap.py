@@ -87,6 +87,8 @@ _FIRST_SEGMENT_VERSION = F.FIRST_SEGMENT_VERSION
 _PREFIX_FLAGS = F.FLAG_TRACING | F.FLAG_WARNING | F.FLAG_CUSTOM_PAYLOAD
 _KIND = struct.Struct(">i").unpack_from
 _LENGTH = struct.Struct(">I")
+_FIRST_FLAGS_STREAM = struct.Struct(">BBh").unpack_from  # native protocol §2: version, flags, stream
+_VERSION_MASK = F.VERSION_MASK
 
 #: A RESULT Rows whose body is larger is tapped only up to its row count (``Rows.end``).
 ROWS_CUT = 16 * 1024
@@ -339,8 +341,8 @@ class CqlTap(FrameTap):
         super().__init__(audit, (RequestAudit(self.state, audit), ResponseAudit(self.state, audit)))
 
     def message(self, direction: int, mtype: int, frame: bytes) -> F.Frame:
-        return F.Frame(frame[0] & F.VERSION_MASK, frame[1], int.from_bytes(frame[2:4], "big", signed=True), mtype, frame,
-                       F.HEADER_SIZE, self.compression)
+        first, flags, stream = _FIRST_FLAGS_STREAM(frame)
+        return F.Frame(first & _VERSION_MASK, flags, stream, mtype, frame, F.HEADER_SIZE, self.compression)
 
     def describe(self, mtype: int) -> tuple[str, str]:
         try:

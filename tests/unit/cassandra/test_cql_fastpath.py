@@ -108,3 +108,17 @@ def test_next_envelope_is_next_message(bodies, compress):
             assert envelope is NEED_DATA
             break
         assert F.Frame(*envelope) == frame
+
+
+@given(value=st.integers(-(2**15), 2**16) | st.none())
+def test_consistency_name_is_the_enum_name(value):
+    from dbproxy.engines.cassandra.values import consistency_name
+
+    if value is None:
+        expected = None
+    else:
+        try:
+            expected = F.Consistency(value).name
+        except ValueError:
+            expected = str(value)
+    assert consistency_name(value) == expected
