@@ -68,6 +68,13 @@ class ReceiveBuffer:
         start = self._pos + offset
         return memoryview(self._data)[start:start + n]
 
+    def copy(self, n: int, offset: int = 0) -> bytes | bytearray:
+        """A copy of ``n`` bytes at ``offset`` past the read position (caller checks length): one
+        slice, no view — for a decoder that keeps or checks them where an exception's traceback
+        may hold them (a view would pin the buffer and make the next ``feed`` fail)."""
+        start = self._pos + offset
+        return self._data[start:start + n]
+
     def peek_byte(self, offset: int = 0) -> int:
         return self._data[self._pos + offset]
 

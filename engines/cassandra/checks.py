@@ -130,8 +130,12 @@ _NEEDS_PARSER = F.FLAG_COMPRESSION | F.FLAG_CUSTOM_PAYLOAD
 
 def parses(frame: F.Frame) -> bool:
     """True when the request's body certainly parses (no parser run); False: ask the parser."""
-    check = CHECKS.get(frame.opcode)
-    if check is None or frame.flags & _NEEDS_PARSER:
+    return envelope_parses(frame.opcode, frame.flags, frame.raw, frame.body_offset, frame.version)
+
+
+def envelope_parses(opcode: int, flags: int, raw: bytes, body_offset: int, version: int) -> bool:
+    """``parses`` over a frame's fields (``CqlDecoder.next_envelope``): no ``Frame`` needed."""
+    check = CHECKS.get(opcode)
+    if check is None or flags & _NEEDS_PARSER:
         return False
-    raw = frame.raw
-    return check(raw, frame.body_offset, len(raw), frame.version)
+    return check(raw, body_offset, len(raw), version)

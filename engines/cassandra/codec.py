@@ -43,7 +43,13 @@ from dbproxy.errors import LocalProtocolError
 from dbproxy.sansio import NEED_DATA, identity_encoder
 
 from .frames import (
+    BETA_VERSIONS,
     DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER,
+    REQUEST_OPCODES,
+    RESPONSE_BIT,
+    RESPONSE_OPCODES,
+    SUPPORTED_VERSIONS,
     FIRST_SEGMENT_VERSION,
     HEADER_SIZE,
     VERSION_MASK,
@@ -55,10 +61,30 @@ from .frames import (
     parse_envelope_header,
     parse_header,
 )
-from .segments import SegmentHeader, decode_payload, encode_segments, header_size, parse_segment_header
+from .segments import (
+    COMPRESSED_HEADER,
+    CRC24_SEEN,
+    CRC24_SIZE,
+    CRC32_SIZE,
+    PAYLOAD_MASK,
+    UNCOMPRESSED_HEADER,
+    decode_segment,
+    encode_segments,
+    header_size,
+    parse_header_fields,
+)
 
 Framing = Literal["frames", "segments"]
 _COMPRESSIONS = (None, "lz4", "snappy")
+
+#: ``first byte << 8 | opcode`` of the headers ``check_header`` passes without looking at the
+#: flags (every supported non-beta version, the opcode's own direction): one set look-up
+#: for the frames inside segments; anything else goes through ``check_header`` itself.
+_GOOD_REQUEST_HEADERS = frozenset(v << 8 | op for v in SUPPORTED_VERSIONS if v not in BETA_VERSIONS
+                                  for op in REQUEST_OPCODES)
+_GOOD_RESPONSE_HEADERS = frozenset((v | RESPONSE_BIT) << 8 | op for v in SUPPORTED_VERSIONS if v not in BETA_VERSIONS
+                                   for op in RESPONSE_OPCODES)
+_UNPACK_HEADER = HEADER.unpack_from
 
 
 def peek_version(buffer: ReceiveBuffer) -> int | None:
@@ -96,7 +122,9 @@ class CqlDecoder:
         self._from_client = direction == "client"
         self._framing: Framing = "frames"
         self._compression: str | None = None
-        self._queue: collections.deque[Frame] = collections.deque()
+        # Envelopes: ``Frame``'s fields as a tuple (``next_envelope``).
+        self._queue: collections.deque[tuple] = collections.deque()
+        self._good_headers = _GOOD_REQUEST_HEADERS if self._from_client else _GOOD_RESPONSE_HEADERS
         # Scan state of a frame split over non-self-contained segments.
         self._split_scanned = 0
         self._split_parts: list[bytes | memoryview] = []
@@ -138,6 +166,13 @@ class CqlDecoder:
         self.buffer.feed(data)
 
     def next_message(self) -> Frame | object:
+        envelope = self.next_envelope()
+        return envelope if envelope is NEED_DATA else Frame(*envelope)
+
+    def next_envelope(self) -> tuple | object:
+        """``next_message`` without the ``Frame``: its fields as a tuple ``(version, flags, stream,
+        opcode, raw, body_offset, compression)`` (``Frame(*envelope)`` is the frame).  For a
+        caller that builds frames only for the few it reads (``tap.CqlTee``)."""
         if self._queue:
             return self._queue.popleft()
         if self._framing == "frames":
@@ -171,7 +206,7 @@ class CqlDecoder:
         if length > self.max_message_size:
             raise frame_too_large(length, self.max_message_size, stream=stream, version=version)
 
-    def _next_frame(self) -> Frame | object:
+    def _next_frame(self) -> tuple | object:
         buf = self.buffer
         available = len(buf)
         if not available:
@@ -185,7 +220,7 @@ class CqlDecoder:
         if available < size + length:
             return NEED_DATA
         compression = self._compression if version < FIRST_SEGMENT_VERSION else None
-        return Frame(version, flags, stream, opcode, buf.take(size + length), size, compression)
+        return version, flags, stream, opcode, buf.take(size + length), size, compression
 
     # --- 'segments' -------------------------------------------------------------
 
@@ -195,8 +230,9 @@ class CqlDecoder:
         self._split_have = 0
         self._split_need = -1
 
-    def _peek_segment(self, offset: int) -> tuple[SegmentHeader, int] | None:
-        """Decode the whole segment at ``offset`` past the read position, without consuming."""
+    def _peek_segment(self, offset: int) -> tuple[tuple[int, int, bool, int], int] | None:
+        """The header fields (``segments.parse_header_fields``) and size of the whole segment at
+        ``offset`` past the read position, once it is all in; nothing is consumed."""
         buf = self.buffer
         compressed = self._compression == "lz4"
         hsize = header_size(compressed)
@@ -204,45 +240,75 @@ class CqlDecoder:
             return None
         # Copies (here and of whole segments below): an exception's traceback must
         # never pin a memoryview of the receive buffer, or the next feed() fails.
-        header = parse_segment_header(bytes(buf.peek(hsize, offset)), compressed)
-        total = header.total_size
+        header = parse_header_fields(bytes(buf.peek(hsize, offset)), compressed)
+        total = header[3] + header[0] + 4  # header + CRC24, payload, CRC32
         if len(buf) - offset < total:
             return None
         return header, total
 
-    def _next_from_segments(self) -> Frame | object:
+    def _next_from_segments(self) -> tuple | object:
+        # One self-contained segment per round, every step inline (this runs for each
+        # segment of a v5 session, in both directions): header CRC24 (remembered),
+        # payload CRC32 over a view, LZ4, the frames.  Any check that fails is redone by
+        # ``segments``' own function, which raises its error.
         buf = self.buffer
+        compressed = self._compression == "lz4"
+        n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
+        hsize = n + CRC24_SIZE
+        crcs = CRC24_SEEN
         while True:
             if self._split_scanned:
                 return self._continue_split()
-            peeked = self._peek_segment(0)
-            if peeked is None:
+            available = len(buf)
+            if available < hsize:
                 return NEED_DATA
-            header, total = peeked
-            if not header.self_contained:
+            # Copies (here and of whole segments below): an exception's traceback must
+            # never pin a memoryview of the receive buffer, or the next feed() fails.
+            head = buf.copy(hsize)
+            value = int.from_bytes(head[:n], "little")
+            crc = crcs.get(value | n << 48)
+            if crc is None or crc != int.from_bytes(head[n:], "little"):
+                length, uncompressed, self_contained, _ = parse_header_fields(head, compressed)  # raises if bad
+            else:
+                length = value & PAYLOAD_MASK
+                if compressed:
+                    uncompressed = (value >> 17) & PAYLOAD_MASK
+                    self_contained = (value >> 34) & 1
+                else:
+                    uncompressed = 0
+                    self_contained = (value >> 17) & 1
+            total = hsize + length + CRC32_SIZE
+            if available < total:
+                return NEED_DATA
+            if not self_contained:
                 return self._continue_split()
-            payload = decode_payload(bytes(buf.peek(total)), header)
+            payload = decode_segment(buf.copy(total), hsize, length, uncompressed)
             frames = self._split_payload(payload)
             buf.skip(total)
             if frames:
+                if len(frames) == 1:
+                    return frames[0]
                 self._queue.extend(frames)
                 return self._queue.popleft()
             # An empty self-contained segment carries nothing: consume it and read on.
 
-    def _split_payload(self, payload: bytes | memoryview) -> list[Frame]:
+    def _split_payload(self, payload: bytes | memoryview) -> list[tuple]:
         view = memoryview(payload)
         end = len(view)
         pos = 0
         frames = []
+        good = self._good_headers
+        limit = self.max_message_size
         while pos < end:
             if end - pos < HEADER_SIZE:
                 raise CqlProtocolError(
                     "partial CQL frame header at the end of a self-contained segment",
                     client_hint="malformed CQL segment",
                 )
-            first = view[pos]
-            version, flags, stream, opcode, length = parse_envelope_header(view[pos:pos + HEADER_SIZE])
-            self._check_header(first, version, flags, stream, opcode, length)
+            first, flags, stream, opcode, length = _UNPACK_HEADER(view, pos)
+            version = first & VERSION_MASK
+            if first << 8 | opcode not in good or length > limit:  # else check_header passes it
+                self._check_header(first, version, flags, stream, opcode, length)
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 raise CqlProtocolError(
@@ -251,23 +317,26 @@ class CqlDecoder:
                     stream=stream,
                     version=version,
                 )
-            frames.append(Frame(version, flags, stream, opcode, bytes(view[pos:stop]), HEADER_SIZE, None))
+            # The frame's own bytes (a copy: a view would pin the decompressed payload or the
+            # segment); a frame that is the whole (decompressed, so already copied) payload as is.
+            raw = payload if stop == end and not pos and type(payload) is bytes else bytes(view[pos:stop])
+            frames.append((version, flags, stream, opcode, raw, HEADER_SIZE, None))
             pos = stop
         return frames
 
-    def _continue_split(self) -> Frame | object:
+    def _continue_split(self) -> tuple | object:
         buf = self.buffer
         while True:
             peeked = self._peek_segment(self._split_scanned)
             if peeked is None:
                 return NEED_DATA
-            header, total = peeked
-            if header.self_contained:
+            (length, uncompressed, self_contained, hsize), total = peeked
+            if self_contained:
                 raise CqlProtocolError(
                     "self-contained CQL segment inside a frame split over segments",
                     client_hint="malformed CQL segment sequence",
                 )
-            part = decode_payload(bytes(buf.peek(total, self._split_scanned)), header)
+            part = decode_segment(bytes(buf.peek(total, self._split_scanned)), hsize, length, uncompressed)
             self._split_scanned += total
             self._split_parts.append(part)
             self._split_have += len(part)
@@ -290,7 +359,7 @@ class CqlDecoder:
             )
         version, flags, stream, opcode, _ = parse_envelope_header(raw)
         buf.skip(consumed)
-        return Frame(version, flags, stream, opcode, raw, HEADER_SIZE, None)
+        return version, flags, stream, opcode, raw, HEADER_SIZE, None
 
 
 # --- encoders --------------------------------------------------------------------------

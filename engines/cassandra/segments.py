@@ -44,7 +44,7 @@ CRC24_INIT = 0x875060
 CRC24_POLY = 0x1974F0B
 CRC32_INIT = zlib.crc32(b"\xfa\x2d\x55\xca")
 
-_PAYLOAD_MASK = 0x1FFFF
+PAYLOAD_MASK = 0x1FFFF
 _FRAME_LENGTH = struct.Struct(">I")
 _FRAME_HEADER = 9
 
@@ -71,6 +71,23 @@ def crc24(value: int, nbytes: int) -> int:
     for _ in range(nbytes):
         crc = ((crc << 8) & 0xFFFFFF) ^ table[((crc >> 16) ^ value) & 0xFF]
         value >>= 8
+    return crc
+
+
+#: crc24 of the header values seen: a connection's segments repeat a few sizes, so the
+#: five table steps per segment become one dict look-up (bounded: cleared when full).
+CRC24_SEEN: dict[int, int] = {}
+CRC24_SEEN_MAX = 4096
+
+
+def crc24_of_header(value: int, nbytes: int) -> int:
+    """``crc24(value, nbytes)``, remembered (the hot path of every segment header)."""
+    key = value | (nbytes << 48)
+    crc = CRC24_SEEN.get(key)
+    if crc is None:
+        if len(CRC24_SEEN) >= CRC24_SEEN_MAX:
+            CRC24_SEEN.clear()
+        crc = CRC24_SEEN[key] = crc24(value, nbytes)
     return crc
 
 
@@ -104,19 +121,21 @@ def _crc_error(what: str, read: int, computed: int) -> RemoteProtocolError:
 def parse_segment_header(data: bytes | bytearray | memoryview, compressed: bool) -> SegmentHeader:
     """Parse and CRC-check a segment header; ``data`` holds at least ``header_size(compressed)`` bytes."""
     n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
+    return SegmentHeader(*parse_header_fields(data, compressed))
+
+
+def parse_header_fields(data: bytes | bytearray | memoryview, compressed: bool) -> tuple[int, int, bool, int]:
+    """``parse_segment_header`` as a tuple ``(payload_length, uncompressed_length, self_contained,
+    header_size)``: the decoder's hot path builds no object per segment."""
+    n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
     value = int.from_bytes(data[:n], "little")
     read_crc = int.from_bytes(data[n:n + CRC24_SIZE], "little")
-    computed = crc24(value, n)
+    computed = crc24_of_header(value, n)
     if read_crc != computed:
         raise _crc_error("header", read_crc, computed)
-    length = value & _PAYLOAD_MASK
     if compressed:
-        uncompressed = (value >> 17) & _PAYLOAD_MASK
-        self_contained = bool((value >> 34) & 1)
-    else:
-        uncompressed = 0
-        self_contained = bool((value >> 17) & 1)
-    return SegmentHeader(length, uncompressed, self_contained, n + CRC24_SIZE)
+        return value & PAYLOAD_MASK, (value >> 17) & PAYLOAD_MASK, bool((value >> 34) & 1), n + CRC24_SIZE
+    return value & PAYLOAD_MASK, 0, bool((value >> 17) & 1), n + CRC24_SIZE
 
 
 def decode_payload(segment: bytes | bytearray | memoryview, header: SegmentHeader) -> bytes | memoryview:
@@ -124,23 +143,28 @@ def decode_payload(segment: bytes | bytearray | memoryview, header: SegmentHeade
 
     An uncompressed payload comes back as a view into ``segment`` (no copy).
     """
+    return decode_segment(segment, header.header_size, header.payload_length, header.uncompressed_length)
+
+
+def decode_segment(segment: bytes | bytearray | memoryview, start: int, length: int,
+                   uncompressed_length: int) -> bytes | memoryview:
+    """``decode_payload`` over the header's fields (``parse_header_fields``)."""
     view = memoryview(segment)
-    start = header.header_size
-    end = start + header.payload_length
+    end = start + length
     payload = view[start:end]
     read_crc = int.from_bytes(view[end:end + CRC32_SIZE], "little")
-    computed = crc32(payload)
+    computed = zlib.crc32(payload, CRC32_INIT) & 0xFFFFFFFF
     if read_crc != computed:
         raise _crc_error("payload", read_crc, computed)
-    if not header.uncompressed_length:
+    if not uncompressed_length:
         return payload
     try:
-        out = lz4.block.decompress(payload, uncompressed_size=header.uncompressed_length)
+        out = lz4.block.decompress(payload, uncompressed_size=uncompressed_length)
     except lz4.block.LZ4BlockError as exc:
         raise RemoteProtocolError(
             f"CQL segment LZ4 payload is corrupt: {exc}", client_hint="corrupt compressed CQL segment"
         ) from None
-    if len(out) != header.uncompressed_length:
+    if len(out) != uncompressed_length:
         raise RemoteProtocolError(
             "CQL segment uncompressed length mismatch", client_hint="corrupt compressed CQL segment"
         )

@@ -9,7 +9,11 @@ Proxy side — ``CqlTee``: drives the direction's own ``CqlDecoder`` (its one
 frame loop: the header checks, the size limit, v5 segments with their CRCs
 and LZ4, all exactly as inline), so the framing, every error and the byte
 where it is raised are the inline ones; the pump forwards the received
-chunk as it came.  What it adds per frame:
+chunk as it came.  It reads the decoder's envelopes (``next_envelope``: a
+frame's fields as a tuple) and builds a ``Frame`` only for a frame it must
+read (a request for its parser, a frame for the guard, a result it notes),
+so the hot path is the segment pass and a few tuple reads per frame.  What
+it adds per frame:
 
 - client → backend: a request the audit reads (QUERY, PREPARE, EXECUTE,
   BATCH, REGISTER) is known to parse before it can be forwarded: EXECUTE
@@ -65,7 +69,7 @@ from dbproxy.sansio import NEED_DATA, LengthPrefixed
 from dbproxy.tee import FrameSide, TapPlan
 
 from . import protocol as F
-from .checks import parses
+from .checks import envelope_parses
 from .observers import REQUEST_PARSERS, CqlSessionState, RequestAudit, ResponseAudit, malformed_request
 from .prepared import PreparedCache, learn_prepared
 
@@ -78,9 +82,13 @@ _SET_KEYSPACE = F.ResultKind.SET_KEYSPACE
 _PREPARED = F.ResultKind.PREPARED
 _NOTED = (_SET_KEYSPACE, _PREPARED)
 _UNAUDITED = object()
+_COMPRESSED = F.FLAG_COMPRESSION
+_FIRST_SEGMENT_VERSION = F.FIRST_SEGMENT_VERSION
 _PREFIX_FLAGS = F.FLAG_TRACING | F.FLAG_WARNING | F.FLAG_CUSTOM_PAYLOAD
 _KIND = struct.Struct(">i").unpack_from
 _LENGTH = struct.Struct(">I")
+_FIRST_FLAGS_STREAM = struct.Struct(">BBh").unpack_from  # native protocol §2: version, flags, stream
+_VERSION_MASK = F.VERSION_MASK
 
 #: A RESULT Rows whose body is larger is tapped only up to its row count (``Rows.end``).
 ROWS_CUT = 16 * 1024
@@ -184,27 +192,29 @@ class CqlTee:
         out = self._out
         if out:
             return out.popleft()
-        next_frame = self.decoder.next_message
+        next_envelope = self.decoder.next_envelope
         consumed = self._consumed
         parts = self._parts
         handle = self._request if self.client else self._response
         try:
             while True:
-                frame = next_frame()
-                if frame is NEED_DATA:
+                # An envelope: the frame's fields as a tuple (``Frame(*envelope)``); a Frame is
+                # built only for the few frames the proxy reads (a parse, a stage, a result it notes).
+                envelope = next_envelope()
+                if envelope is NEED_DATA:
                     self._slow = False
                     consumed.clear()
                     return NEED_DATA
                 self.frames += 1
-                self.last_type = frame.opcode
-                special = handle(frame, parts)
+                self.last_type = envelope[3]
+                special = handle(envelope, parts)
                 if special is None and not self._slow:
-                    consumed.append(frame.raw)
+                    consumed.append(envelope[4])
                     continue
                 # A frame for a stage (or any frame after one, in this batch): the frames
                 # consumed before it go first, as one message, so a rebuilt batch has them.
                 self._slow = True
-                message = frame if special is None else special
+                message = F.Frame(*envelope) if special is None else special
                 if consumed:
                     out.append(message)
                     message = Passthrough(b"".join(consumed))
@@ -218,47 +228,48 @@ class CqlTee:
                 parts.clear()
 
     # -- per frame --------------------------------------------------------------------------
-    def _request(self, frame: F.Frame, parts: list) -> Any:
-        op = frame.opcode
+    def _request(self, envelope: tuple, parts: list) -> Any:
+        version, flags, stream, op, raw, offset, _ = envelope
         parse = REQUEST_PARSERS.get(op)
         if parse is not None:
             parsed = None
-            if op == _PREPARE or not parses(frame):  # the parser decides (and a PREPARE's text is kept)
+            # The parser decides (and a PREPARE's text is kept) where the in-place walk does not.
+            if op == _PREPARE or not envelope_parses(op, flags, raw, offset, version):
+                frame = F.Frame(*envelope)
                 try:
                     parsed = parse(frame)
                 except ProtocolError as exc:
                     return Refused(frame, malformed_request(frame, exc))
             # A PREPARE's (text, keyspace): its answer teaches the engine's PreparedCache, which
             # the statement policy of every session reads (ids prepared here, executed there).
-            self.state.pending[frame.stream] = (
+            self.state.pending[stream] = (
                 (parsed.query, parsed.keyspace or self.state.keyspace) if op == _PREPARE else None)
-            parts.append(frame.raw)
+            parts.append(raw)
             return None
         if op == _STARTUP or op == _AUTH_RESPONSE:
-            return frame
+            return F.Frame(*envelope)
         return None
 
-    def _response(self, frame: F.Frame, parts: list) -> None:
-        op = frame.opcode
+    def _response(self, envelope: tuple, parts: list) -> None:
+        op = envelope[3]
         if op == _EVENT:
-            parts.append(frame.raw)
+            parts.append(envelope[4])
             return None
         # ``ResponseAudit`` reads a RESULT only when it answers a request it audited.
-        pending = self.state.pending.pop(frame.stream, _UNAUDITED)
-        parts.append(frame.raw if op != _RESULT or pending is _UNAUDITED else self._result(frame, pending))
+        pending = self.state.pending.pop(envelope[2], _UNAUDITED)
+        parts.append(envelope[4] if op != _RESULT or pending is _UNAUDITED else self._result(envelope, pending))
         return None
 
-    def _result(self, frame: F.Frame, prepare: tuple | None) -> bytes:
-        raw = frame.raw
-        offset = frame.body_offset
-        if frame.compressed:
+    def _result(self, envelope: tuple, prepare: tuple | None) -> bytes:
+        version, flags, _, _, raw, offset, _ = envelope
+        if flags & _COMPRESSED and version < _FIRST_SEGMENT_VERSION:  # ``Frame.compressed``
             if prepare is not None or len(raw) <= KIND_PEEK_LIMIT:
-                self._note(frame, prepare)
+                self._note(F.Frame(*envelope), prepare)
             return raw
         if len(raw) - offset > ROWS_CUT:
-            return self._rows_prefix(frame, prepare)
-        if frame.flags & _PREFIX_FLAGS or (len(raw) >= offset + 4 and _KIND(raw, offset)[0] in _NOTED):
-            self._note(frame, prepare)
+            return self._rows_prefix(F.Frame(*envelope), prepare)
+        if flags & _PREFIX_FLAGS or (len(raw) >= offset + 4 and _KIND(raw, offset)[0] in _NOTED):
+            self._note(F.Frame(*envelope), prepare)
         return raw
 
     def _note(self, frame: F.Frame, prepare: tuple | None, result: Any = None) -> None:
@@ -330,8 +341,8 @@ class CqlTap(FrameTap):
         super().__init__(audit, (RequestAudit(self.state, audit), ResponseAudit(self.state, audit)))
 
     def message(self, direction: int, mtype: int, frame: bytes) -> F.Frame:
-        return F.Frame(frame[0] & F.VERSION_MASK, frame[1], int.from_bytes(frame[2:4], "big", signed=True), mtype, frame,
-                       F.HEADER_SIZE, self.compression)
+        first, flags, stream = _FIRST_FLAGS_STREAM(frame)
+        return F.Frame(first & _VERSION_MASK, flags, stream, mtype, frame, F.HEADER_SIZE, self.compression)
 
     def describe(self, mtype: int) -> tuple[str, str]:
         try:

@@ -23,13 +23,15 @@ if TYPE_CHECKING:
     from .prepared import PreparedInfo
 
 
+#: Names by value: a dict look-up per audited request instead of an enum construction.
+_CONSISTENCY_NAMES = {c.value: c.name for c in F.Consistency}
+
+
 def consistency_name(value: int | None) -> str | None:
     if value is None:
         return None
-    try:
-        return F.Consistency(value).name
-    except ValueError:
-        return str(value)
+    name = _CONSISTENCY_NAMES.get(value)
+    return name if name is not None else str(value)
 
 
 def error_name(code: int) -> str:

@@ -32,6 +32,11 @@ on a small machine it competes with Cassandra and the proxy for the same
 cores (the machine's idle share is printed), so read the ratios, not the
 absolute numbers.
 
+``--baseline DIR`` adds ``dbproxy-base``: the same proxy from another checkout
+(``PYTHONPATH=DIR``) in every round, before/after under the same load.  CPU is
+printed for the middleman's processes together (``cpu/kop``) and, for the
+proxies, for the proxy's own process (``proxy loop``: its audit worker excluded).
+
 Runnable: ``scripts/bench/cql [--duration 10 --concurrency 64 --rounds 2 --workloads select,insert --json out.json]``.
 """
 
@@ -69,6 +74,14 @@ def _proc_cpu_seconds(pid: int) -> float:
     return tree_cpu_seconds(pid)
 
 
+def _own_cpu_seconds(pid: int) -> float:
+    """The process alone (dbproxy's proxy loop, without its audit worker)."""
+    from scripts.bench.pg_bench import _CLK_TCK, _stat_fields
+
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def _machine_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
@@ -78,7 +91,9 @@ def _machine_times() -> tuple[int, int]:
 class Child:
     """A Python child that prints a 'listening on HOST:PORT' line; output goes to a log."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, pattern: str, stop_signal: int = signal.SIGTERM) -> None:
+    def __init__(self, name: str, argv: list[str], workdir: Path, pattern: str, stop_signal: int = signal.SIGTERM,
+                 root: Path = ROOT) -> None:
+        self.root = root
         self.name = name
         self.argv = argv
         self.workdir = workdir
@@ -89,7 +104,7 @@ class Child:
         self.port = 0
 
     def start(self, timeout: float = 30.0) -> "Child":
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(self.root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
                                          stdin=subprocess.DEVNULL)
@@ -126,7 +141,10 @@ def start_relay(workdir: Path, host: str, port: int) -> Child:
                  r"relay listening on \S+:(\d+)", stop_signal=signal.SIGINT).start()
 
 
-def start_dbproxy(workdir: Path, host: str, port: int, user: str, password: str) -> tuple[Child, Path]:
+def start_dbproxy(workdir: Path, host: str, port: int, user: str, password: str, *, name: str = "dbproxy",
+                  root: Path = ROOT) -> tuple[Child, Path]:
+    workdir = workdir / name
+    workdir.mkdir(exist_ok=True)
     secret = workdir / "backend.secret"
     secret.write_text(password + "\n")
     os.chmod(secret, 0o600)
@@ -143,8 +161,8 @@ def start_dbproxy(workdir: Path, host: str, port: int, user: str, password: str)
     }
     path = workdir / "dbproxy.json"
     path.write_text(json.dumps(config, indent=2))
-    child = Child("dbproxy", [sys.executable, "-m", "dbproxy.cli", "serve", "--config", str(path)], workdir,
-                  r"dbproxy: \S+ \(cassandra\) listening on \S+:(\d+)").start()
+    child = Child(name, [sys.executable, "-m", "dbproxy.cli", "serve", "--config", str(path)], workdir,
+                  r"dbproxy: \S+ \(cassandra\) listening on \S+:(\d+)", root=root).start()
     return child, audit
 
 
@@ -265,6 +283,7 @@ class Run:
     p99_ms: float
     cpu_per_kop: float | None
     machine_idle: float
+    proxy_cpu_per_kop: float | None = None
     audited: int | None = None
 
 
@@ -289,14 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user", default="cassandra")
     ap.add_argument("--password", default="cassandra")
     ap.add_argument("--json", help="write the runs and the summary here")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="add dbproxy-base: the same proxy run from another checkout (PYTHONPATH=DIR), every round")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     targets = [t for t in args.targets.split(",") if t]
+    if args.baseline:
+        targets.append("dbproxy-base")
     for w in workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}")
     for t in targets:
-        if t not in TARGETS:
+        if t not in TARGETS and t != "dbproxy-base":
             ap.error(f"unknown target {t!r}")
 
     import logging
@@ -321,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         ports = {"direct": port}
         pids: dict[str, int] = {}
         audit_path = None
+        audit_paths: dict[str, Path] = {}
         if "relay" in targets:
             relay = start_relay(workdir, host, port)
             children.append(relay)
@@ -329,8 +353,16 @@ def main(argv: list[str] | None = None) -> int:
             proxy, audit_path = start_dbproxy(workdir, host, port, args.user, args.password)
             children.append(proxy)
             ports["dbproxy"], pids["dbproxy"] = proxy.port, proxy.pid
+            audit_paths["dbproxy"] = audit_path
+        if args.baseline:
+            base, audit_paths["dbproxy-base"] = start_dbproxy(workdir, host, port, args.user, args.password,
+                                                              name="dbproxy-base", root=Path(args.baseline).resolve())
+            children.append(base)
+            ports["dbproxy-base"], pids["dbproxy-base"] = base.port, base.pid
 
-        sessions = {t: connect(ports[t], args.user if t != "dbproxy" else "bench", args.password if t != "dbproxy" else "ignored")
+        proxied = ("dbproxy", "dbproxy-base")
+        sessions = {t: connect(ports[t], args.user if t not in proxied else "bench",
+                               args.password if t not in proxied else "ignored")
                     for t in targets}
         runs: list[Run] = []
         print(f"v5 + LZ4, concurrency {args.concurrency}, {args.duration:.0f}s per run, {args.rounds} round(s), "
@@ -342,27 +374,33 @@ def main(argv: list[str] | None = None) -> int:
                     wl = Workload(workload_name, session, args.keys)
                     if args.warmup:
                         run_load(session, wl.statement, wl.params, args.warmup, args.concurrency)
-                    if target == "dbproxy" and audit_path:
+                    audit_path = audit_paths.get(target)
+                    if audit_path:
                         time.sleep(1.0)  # let the warm-up's events reach the file first
-                    marks_before = _count_marks(audit_path) if target == "dbproxy" and audit_path else 0
+                    marks_before = _count_marks(audit_path) if audit_path else 0
                     cpu0 = _proc_cpu_seconds(pids[target]) if target in pids else None
+                    own0 = _own_cpu_seconds(pids[target]) if target in pids else None
                     idle0, total0 = _machine_times()
                     result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency)
                     idle1, total1 = _machine_times()
                     cpu = (_proc_cpu_seconds(pids[target]) - cpu0) if cpu0 is not None else None
+                    own = (_own_cpu_seconds(pids[target]) - own0) if own0 is not None else None
                     audited = None
-                    if target == "dbproxy" and audit_path:
+                    if audit_path:
                         time.sleep(1.0)  # the drain task writes asynchronously
                         audited = _count_marks(audit_path) - marks_before
                     run = Run(target, workload_name, rnd, round(result.rate, 1), result.ops, result.errors,
                               round(result.percentile(0.5), 2), round(result.percentile(0.99), 2),
                               round(cpu / result.ops * 1000, 3) if cpu is not None and result.ops else None,
-                              round((idle1 - idle0) / max(1, total1 - total0), 3), audited)
+                              round((idle1 - idle0) / max(1, total1 - total0), 3),
+                              round(own / result.ops * 1000, 3) if own is not None and result.ops else None, audited)
                     runs.append(run)
                     extra = f"  cpu/kop {run.cpu_per_kop:.3f}s" if run.cpu_per_kop is not None else ""
+                    if target in proxied and run.proxy_cpu_per_kop is not None:
+                        extra += f" (proxy loop {run.proxy_cpu_per_kop:.3f}s)"
                     if audited is not None:
                         extra += f"  audited {audited} (ops {result.ops}, errors {result.errors})"
-                    print(f"round {rnd} {workload_name:6s} {target:8s} {run.rate:9.0f} ops/s  p50 {run.p50_ms:6.2f} ms  "
+                    print(f"round {rnd} {workload_name:6s} {target:12s} {run.rate:9.0f} ops/s  p50 {run.p50_ms:6.2f} ms  "
                           f"p99 {run.p99_ms:7.2f} ms  idle {run.machine_idle:.0%}{extra}", flush=True)
         for cluster, _ in sessions.values():
             cluster.shutdown()
@@ -384,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = best["dbproxy"] / best["relay"]
                 summary[workload_name]["dbproxy/relay"] = round(ratio, 3)
                 print(f"  {workload_name:6s} dbproxy/relay  = {ratio:.2f}")
+            if "dbproxy-base" in best and "relay" in best:
+                ratio = best["dbproxy-base"] / best["relay"]
+                summary[workload_name]["dbproxy-base/relay"] = round(ratio, 3)
+                print(f"  {workload_name:6s} dbproxy-base/relay = {ratio:.2f}")
         audited_runs = [r for r in runs if r.audited is not None]
         if audited_runs:
             ok = all(r.audited >= r.ops for r in audited_runs)
