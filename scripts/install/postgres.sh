@@ -5,23 +5,10 @@
 # private instances on free loopback ports.
 set -euo pipefail
 
-PKGS=(postgresql-15 postgresql-contrib krb5-kdc krb5-admin-server krb5-user
-      libkrb5-dev pgbouncer)
-
-missing=()
-for p in "${PKGS[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$p")
-    fi
-done
-
-if ((${#missing[@]})); then
-    echo "postgres.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # krb5-config asks for a default realm; the peers never read /etc/krb5.conf.
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+. "$(dirname "$0")/apt.sh"
+# krb5-config asks for a default realm (debconf, non-interactive: the default); the peers never read /etc/krb5.conf.
+apt_ensure postgres.sh postgresql-15 postgresql-contrib krb5-kdc krb5-admin-server krb5-user \
+    libkrb5-dev pgbouncer
 
 PY=${PYTHON:-python3}
 # gssapi builds from source against libkrb5-dev (krb5-config), ~50 s.

@@ -6,21 +6,8 @@
 # a private rsyslogd with its own config on free loopback ports.
 set -euo pipefail
 
-PKGS=(rsyslog rsyslog-gnutls)
-
-missing=()
-for p in "${PKGS[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$p")
-    fi
-done
-
-if ((${#missing[@]})); then
-    echo "rsyslog.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # Installing rsyslog removes syslog-ng if present (they conflict): fine on a test machine.
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+. "$(dirname "$0")/apt.sh"
+# Installing rsyslog removes syslog-ng if present (they conflict): fine on a test machine.
+apt_ensure rsyslog.sh rsyslog rsyslog-gnutls
 
 echo "rsyslog.sh: ok"

@@ -9,21 +9,7 @@
 # with its own config, host key and authorized key on a free loopback port.
 set -euo pipefail
 
-PKGS=(openssh-server openssh-client tmux asciinema)
-
-missing=()
-for p in "${PKGS[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$p")
-    fi
-done
-
-if ((${#missing[@]})); then
-    echo "ssh.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # policy-rc.d: on a machine with an init system, do not start Debian's sshd on port 22.
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+. "$(dirname "$0")/apt.sh"
+apt_ensure ssh.sh openssh-server openssh-client tmux asciinema
 
 echo "ssh.sh: ok"
