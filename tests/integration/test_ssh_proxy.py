@@ -109,14 +109,7 @@ def sshproxy(sshd, tmp_path_factory):
     proc.sshd = sshd
     proc.workdir = workdir
     proc.target_addr = sshd.address
-    # The client knows the proxy's host key (StrictHostKeyChecking=yes below).
-    kind, blob = (workdir / "proxy_host_ed25519.pub").read_text().split()[:2]
-    proc.known_hosts = workdir / "client_known_hosts"
-    proc.known_hosts.write_text(f"[127.0.0.1]:{proc.port()} {kind} {blob}\n")
-    askpass = workdir / "askpass.sh"
-    askpass.write_text('#!/bin/sh\nprintf "%s\\n" "$DBPROXY_TOKEN"\n')
-    askpass.chmod(0o700)
-    proc.askpass = askpass
+    prepare_client(proc, workdir)
     proc.token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "alice", "--roles", "ops",
                       "--ttl", "1h")
     proc.forward_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "ivan", "--roles",
@@ -127,6 +120,18 @@ def sshproxy(sshd, tmp_path_factory):
                               "guarded", "--ttl", "1h")
     yield proc
     proc.stop()
+
+
+def prepare_client(proc, workdir) -> None:
+    """What the real ssh client needs: the proxy's host key in its known_hosts
+    (StrictHostKeyChecking=yes) and an askpass program that types $DBPROXY_TOKEN."""
+    kind, blob = (workdir / "proxy_host_ed25519.pub").read_text().split()[:2]
+    proc.known_hosts = workdir / "client_known_hosts"
+    proc.known_hosts.write_text(f"[127.0.0.1]:{proc.port()} {kind} {blob}\n")
+    askpass = workdir / "askpass.sh"
+    askpass.write_text('#!/bin/sh\nprintf "%s\\n" "$DBPROXY_TOKEN"\n')
+    askpass.chmod(0o700)
+    proc.askpass = askpass
 
 
 def client_env(proxy, token: str | None = None) -> dict:

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tests.conftest import require_binary
-from tests.integration.test_ssh_proxy import (Tmux, _backend, _cli, client_env, events, session_events,
+from tests.integration.test_ssh_proxy import (Tmux, _backend, _cli, client_env, events, prepare_client, session_events,
                                               ssh_options, start_of)
 from tests.support import ROOT, ProxyProcess
 
@@ -57,13 +57,7 @@ def shellproxy(sshd, tmp_path_factory):
     proc.recordings = workdir / "recordings"
     proc.audit_path = workdir / "audit.jsonl"
     proc.login = sshd.login
-    kind, blob = (workdir / "proxy_host_ed25519.pub").read_text().split()[:2]
-    proc.known_hosts = workdir / "client_known_hosts"
-    proc.known_hosts.write_text(f"[127.0.0.1]:{proc.port()} {kind} {blob}\n")
-    askpass = workdir / "askpass.sh"
-    askpass.write_text('#!/bin/sh\nprintf "%s\\n" "$DBPROXY_TOKEN"\n')
-    askpass.chmod(0o700)
-    proc.askpass = askpass
+    prepare_client(proc, workdir)
     proc.token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "alice", "--roles", "ops",
                       "--ttl", "1h")
     proc.guarded_token = _cli("token", "issue", "--config", str(proc.config_path), "--user", "bob", "--roles",
