@@ -127,6 +127,9 @@ def _config(dir: Path, port: int, host_key: Path, authorized: Path, login: str, 
         "PrintMotd no",
         "PrintLastLog no",
         "UseDNS no",
+        # Every session through the proxy is a new connection from one address: sshd's default
+        # MaxStartups (10:30:100) drops some of 50 sessions starting at once (test_ssh_scale.py).
+        "MaxStartups 200",
         "LogLevel VERBOSE",
         "AcceptEnv LANG LC_*",
         f"Subsystem sftp {sftp}",
