@@ -434,7 +434,9 @@ class AuditRecorder:
                 at += 7
                 sid = body[at:body.index(b'"', at)]
                 n = counts.get(sid, 0) + 1
-                if _is_end(body):
+                # ``_is_end(body)`` inline (one call less per event)
+                close = body.find(b'"', 10)
+                if close > 0 and body[close - 12:close + 1] == _END_NAME and body.startswith(b'{"event":"'):
                     counts.pop(sid, None)
                     if touched is not None:
                         touched[sid] = 0
@@ -527,6 +529,10 @@ _code_of = ev.CODES.get
 _new_event_id = ev.new_event_id
 _now_iso = ev.now_iso
 _dumps = orjson.dumps
+# ``emit`` formats event ids inline (``ev.new_event_id``'s very format, on the same shared
+# counter): one Python call less per event on the audit worker's hot path.
+_ID_PREFIX = ev._ID_PREFIX
+_id_counter = ev._id_counter
 
 
 # Put in a session's pending list to make its pipeline call ``flush`` (it only does when
@@ -542,7 +548,11 @@ class SessionAudit:
     __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_template_json",
                  "_key", "halted", "_end_slot", "__weakref__")
 
-    _clock = staticmethod(_now_iso)  # an event's ``time``: now (TemplateAudit: when the proxy saw the bytes)
+    # An event's ``time``: None is now (TemplateAudit: when the proxy saw the bytes, an attribute
+    # rather than a method so ``emit`` makes one call less per event).
+    when = None
+    # The common fields follow a live session (False: given once, ``TemplateAudit``).
+    _live_template = True
 
     def __init__(self, recorder: AuditRecorder, session: Any) -> None:
         self.recorder = recorder
@@ -592,8 +602,10 @@ class SessionAudit:
     def emit(self, kind: str, **fields: Any) -> dict:
         """Record one event; returns its own fields (``event``, ``code``, ``uid``, ``time`` and
         ``fields``) — the session's common fields are in the trail, not in the dict."""
-        self._refresh_template()
-        event = {"event": kind, "code": _code_of(kind, ""), "uid": _new_event_id(), "time": self._clock()}
+        if self._live_template:
+            self._refresh_template()
+        event = {"event": kind, "code": _code_of(kind, ""), "uid": f"{_ID_PREFIX}{next(_id_counter):016x}",
+                 "time": _now_iso(self.when)}
         if fields:
             event.update(fields)
             if not fields.keys().isdisjoint(self._template):
@@ -706,7 +718,7 @@ class SessionAudit:
         self._end_slot = 0
         self._refresh_template()
         event = {"event": kind, "code": _code_of(kind, ""), "uid": _new_event_id(),
-                 "time": self._clock(), **fields}
+                 "time": _now_iso(self.when), **fields}
         body = b"%b,%b}" % (_dumps(event)[:-1], self._template_json)
         if self._pending or not self.recorder.submit_nowait(body, slot):
             self._pending.append((slot, body))
@@ -751,15 +763,13 @@ class TemplateAudit(SessionAudit):
     ends anything (the proxy's own sessions are told by the proxy)."""
 
     __slots__ = ("when",)
+    _live_template = False
 
     def __init__(self, recorder: AuditRecorder, template: dict) -> None:
         super().__init__(recorder, None)
         self._template = template
         self._template_json = orjson.dumps(template)[1:-1]
         self.when: float | None = None  # the proxy's time for the bytes being fed (``audit.link`` T frames)
-
-    def _clock(self) -> str:
-        return _now_iso(self.when)
 
     def _refresh_template(self) -> None:
         pass
