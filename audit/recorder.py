@@ -591,6 +591,9 @@ class SessionAudit:
             template.update({"protocol": s.protocol, "listener": s.listener, "target": s.target,
                              "login": s.login, "target_addr": s.backend_addr})
         template["addr.remote"] = s.client_addr
+        balancer = getattr(s, "balancer_addr", None)
+        if balancer is not None:
+            template["addr.load_balancer"] = balancer
         if ident.token_id:
             template["token_id"] = ident.token_id
         if s.route_name:

@@ -89,6 +89,25 @@ class UdpOptions:
 
 
 @attrs.frozen
+class ProxyProtocolOptions:
+    """``"proxy_protocol"``: connections from ``trusted`` networks (a load balancer) must open with a
+    PROXY protocol v1/v2 header naming the real client (dbproxy.proxyproto); others are served as
+    they come, their own address standing."""
+
+    trusted: tuple = ()  # ipaddress networks
+    timeout: float = 5.0  # seconds for the header to arrive
+
+    def trusts(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.trusted)
+
+
+@attrs.frozen
 class HttpOptions:
     """``"http"`` on a listener of kind http (dbproxy.listen.http)."""
 
@@ -113,6 +132,7 @@ class ListenerConfig:
     kind: str = "tcp"  # one of LISTENER_KINDS
     udp: UdpOptions = UdpOptions()
     http: HttpOptions = HttpOptions()
+    proxy_protocol: ProxyProtocolOptions | None = None
     # What the engine's ``validate_listener`` returned for its own ``listener_keys`` (SSH: host_key_file).
     extra: dict = attrs.field(factory=dict)
 
@@ -160,7 +180,8 @@ class Config:
 TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers"}
 LISTENER_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
 LISTENER_KEYS = {"name", "protocol", "kind", "listen", "tls", "routes", "max_message_size", "options", "auth",
-                 "handshake_timeout_seconds", "udp", "http"}
+                 "handshake_timeout_seconds", "udp", "http", "proxy_protocol"}
+PROXY_PROTOCOL_KEYS = {"trusted", "timeout_seconds"}
 UDP_KEYS = {"max_sessions", "idle_timeout_seconds", "queue_datagrams", "max_datagram_size"}
 HTTP_KEYS = {"max_body_bytes", "max_header_bytes", "request_timeout_seconds", "keepalive_timeout_seconds"}
 ROUTE_KEYS = {"name", "match", "backend", "options"}
@@ -302,6 +323,7 @@ def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConf
             if rc is not None:
                 routes.append(rc)
     kind, udp, http = _listener_kind(v, d, path, engine_cls, protocol, tls)
+    proxy_protocol = _proxy_protocol(v, d, path, kind) if "proxy_protocol" in d else None
     extra: dict = {}
     if engine_cls is not None and hasattr(engine_cls, "validate_listener"):
         extra = engine_cls.validate_listener(v, d, path) or {}
@@ -320,8 +342,40 @@ def _listener(v: Validator, item: Any, path: str, registry: Any) -> ListenerConf
         kind=kind,
         udp=udp,
         http=http,
+        proxy_protocol=proxy_protocol,
         extra=extra,
     )
+
+
+def _proxy_protocol(v: Validator, d: dict, path: str, kind: str | None) -> ProxyProtocolOptions | None:
+    pp = join(path, "proxy_protocol")
+    section = v.section(d["proxy_protocol"], pp, PROXY_PROTOCOL_KEYS)
+    if section is None:
+        return None
+    if kind == "udp":
+        v.err(pp, "no \"proxy_protocol\" on a listener of kind \"udp\" (PROXY headers are for stream listeners)")
+        return None
+    trusted_raw = section.get("trusted")
+    tp = join(pp, "trusted")
+    if "trusted" not in section:
+        # Trusting everyone would let any client write its own address into the audit trail.
+        v.err(pp, "a key 'trusted': the load balancers' networks (CIDR, e.g. \"10.0.0.0/24\")")
+        return None
+    if not isinstance(trusted_raw, list) or not trusted_raw:
+        v.err(tp, f"a non-empty array of networks in CIDR form, got {kind_of(trusted_raw)}")
+        return None
+    networks = []
+    for i, item in enumerate(trusted_raw):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str) else None)
+        except ValueError:
+            networks.append(None)
+        if networks[-1] is None:
+            v.err(f"{tp}[{i}]", f"an IP network in CIDR form (\"10.0.0.0/24\", \"::1/128\"), got {item!r}")
+    timeout = v.number(section, "timeout_seconds", pp, minimum=0.01)
+    if any(n is None for n in networks):
+        return None
+    return ProxyProtocolOptions(trusted=tuple(networks), timeout=5.0 if timeout is None else timeout)
 
 
 def _listener_kind(v: Validator, d: dict, path: str, engine_cls: Any, protocol: str | None,

@@ -33,7 +33,9 @@ from .config import Config
 from .engine import EngineRegistry, Services
 from .errors import ProxyError
 from .listen import bound_address, open_listener, serve_listener
+from .listen.proxied import peer_host, read_proxy_header
 from .net import peer_address
+from .proxyproto import ProxyProtocolError
 from .session import Session
 
 log = logging.getLogger("dbproxy.server")
@@ -175,6 +177,20 @@ class ProxyServer:
         # comes back through handle_client, the one session accounting for all kinds.
         await serve_listener(lc, engine, self.services, opened, self.handle_client, sessions)
 
+    async def _proxy_header(self, session: Session, stream: Any, pp: Any) -> bool:
+        """A trusted load balancer names the real client first (PROXY protocol v1/v2): the trail
+        shows the client, with the balancer beside it.  False: no valid header (audited, closed)."""
+        try:
+            header = await read_proxy_header(stream, pp.timeout)
+        except ProxyProtocolError as exc:
+            log.warning("session %s from %s (a trusted load balancer): %s", session.id, session.client_addr, exc)
+            session.details["end_reason"] = f"PROXY protocol: {exc}"
+            session.audit.on_session_start(success=False, error=f"PROXY protocol: {exc}")
+            return False
+        if header.client_addr is not None:  # LOCAL (a health check) keeps the connection's own address
+            session.balancer_addr, session.client_addr = session.client_addr, header.client_addr
+        return True
+
     async def handle_client(self, engine: Any, lc: Any, stream: trio.abc.Stream) -> None:
         session = Session(listener=lc.name, protocol=lc.protocol, client_addr=peer_address(stream))
         # The engine's kind of session and the family its session events are named after
@@ -185,6 +201,9 @@ class ProxyServer:
         self.sessions[session.id] = session
         started = time.monotonic()
         try:
+            pp = lc.proxy_protocol
+            if pp is not None and pp.trusts(peer_host(stream) or "") and not await self._proxy_header(session, stream, pp):
+                return
             if not self.recorder.accepting:  # fail_closed: an audit sink can take no more events
                 log.warning("session %s from %s refused: audit unavailable", session.id, session.client_addr)
                 if hasattr(engine, "refuse"):

@@ -43,6 +43,8 @@ class Session:
     protocol: str
     client_addr: str
     family: str = "database"
+    # The load balancer the connection came through when a PROXY protocol header named the client.
+    balancer_addr: str | None = None
     # Prefix of the session start/end events: Teleport's ``db`` for databases; an engine of
     # another family names its own (``ssh`` → ``ssh.session.start``/``ssh.session.end``).
     event_family: str = "db"

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 SANS_IO_MODULES = [
     "dbproxy.sansio",
+    "dbproxy.proxyproto",
     "dbproxy.buffer",
     "dbproxy.errors",
     "dbproxy.tee",
