@@ -95,7 +95,7 @@ def _events(lines: Iterator[bytes]) -> Iterator[dict | str]:
 
 def read_existing(path: str, match: Callable[[dict], bool], last: int | None) -> tuple[list[str], int]:
     """Formatted matching events of *path* (the last *last* of them, or all), and the offset read to."""
-    from .verify import open_trail
+    from .chain import open_trail
 
     out: list[str] = []
     with open_trail(path) as f:

@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     level = argv[1] if len(argv) > 1 else "INFO"
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dbproxy.logs import configure_from_env
+
+    configure_from_env(level=level, process="audit-worker")  # the proxy's format and module levels
     trio.run(serve, argv[0])
     return 0
 

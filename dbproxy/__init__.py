@@ -17,6 +17,25 @@ import os
 import sys
 
 __version__ = "0.1.0"
+__all__ = ["Config", "Running", "audit", "serve"]
+
+
+def __getattr__(name):
+    # The Python API (dbproxy/api.py), loaded on first use: ``import dbproxy`` stays cheap and
+    # trio-free for the sans-IO codecs (tests/unit/core/test_sansio_kit.py).
+    if name in ("serve", "Running"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "Config":
+        from .config import Config
+
+        return Config
+    if name == "audit":  # ``import dbproxy; dbproxy.audit.read(...)`` (audit/reader.py)
+        import importlib
+
+        return importlib.import_module(f"{__name__}.audit")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)

@@ -4,7 +4,7 @@
 be given too, in any order, ``.gz`` included) and prints the first break as
 ``FILE:LINE: reason``; with the chain intact, it reports gaps: sessions with
 missing events (``session_seq``), sessions cut off without an end, unclean
-restarts (see ``audit.verify``).  Exit status: 0 the chain holds and no
+restarts (see ``audit.chain``).  Exit status: 0 the chain holds and no
 gaps, 1 it breaks, 2 a file cannot be read, 3 gaps.
 
 ``tail`` prints events one per line, human-readably; ``--follow`` keeps
@@ -18,7 +18,7 @@ import sys
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dbproxy.audit.verify import verify_files
+    from dbproxy.audit.chain import verify_files
 
     result = verify_files(args.files)
     if result.error is not None:

@@ -8,17 +8,19 @@ import logging
 import signal
 import sys
 
+from typing import Any
+
 import trio
 
 from .config import load_config
 from .errors import ConfigErrors
+from .logs import LOG_FORMATS, configure, parse_levels
+from .registry import default_registry
 
 log = logging.getLogger("dbproxy")
 
 
 def _registry():
-    from dbproxy.engines import default_registry
-
     return default_registry()
 
 
@@ -44,8 +46,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
         print("refusing to start: fix the configuration (dbproxy check-config)", file=sys.stderr)
         return 2
+    _configure_logging(args, config.logging)
     trio.run(_serve_main, config, registry)
     return 0
+
+
+def _configure_logging(args: argparse.Namespace, from_config: Any = None) -> None:
+    """The config's ``"logging"`` section, with ``--log-format`` / ``--log-level`` winning where given."""
+    fmt, level, levels = "text", "INFO", {}
+    if from_config is not None:
+        fmt, level, levels = from_config.format, from_config.level, dict(from_config.levels)
+    fmt = args.log_format or fmt
+    if args.log_level:
+        root, modules = parse_levels(args.log_level)
+        level = root or level
+        levels.update(modules)
+    configure(level=level, fmt=fmt, levels=levels)
 
 
 async def _serve_main(config, registry) -> None:
@@ -81,7 +97,10 @@ async def _serve_main(config, registry) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dbproxy", description="Privileged-access database proxy")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, metavar="LEVELS",
+                        help="INFO (default), or per module too: INFO,dbproxy.engines.ssh=DEBUG,asyncssh=WARNING")
+    parser.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                        help="text (default) or json: one JSON object per line, the session id on each")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the listeners of a config file")
     p.add_argument("--config", required=True)
@@ -99,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         mod.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _configure_logging(args)
+    except ValueError as exc:
+        parser.error(f"--log-level: {exc}")
     return args.func(args)
 
 

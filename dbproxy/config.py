@@ -163,6 +163,15 @@ class BuffersConfig:
 
 
 @attrs.frozen
+class LoggingConfig:
+    """``"logging"``: the operational log (dbproxy.logs); the command line's flags override it."""
+
+    format: str = "text"  # text | json
+    level: str = "INFO"
+    levels: dict = attrs.field(factory=dict)  # logger name -> level
+
+
+@attrs.frozen
 class Config:
     file: str
     listeners: tuple[ListenerConfig, ...]
@@ -173,11 +182,23 @@ class Config:
     roles: dict | None = None
     limits: Any = None
     buffers: BuffersConfig = BuffersConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @classmethod
+    def load(cls, path: str, registry: Any = None) -> "Config":
+        """Read and validate the config file at ``path`` for ``registry``'s engines (default: every
+        engine this install has); raises ``ConfigErrors`` listing every problem."""
+        if registry is None:
+            from .registry import default_registry  # the composition root that names the engines
+
+            registry = default_registry()
+        return load_config(path, registry)
 
 
 # --------------------------------------------------------------------------- validation
 
-TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers"}
+TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers", "logging"}
+LOGGING_KEYS = {"format", "level", "levels"}
 LISTENER_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
 LISTENER_KEYS = {"name", "protocol", "kind", "listen", "tls", "routes", "max_message_size", "options", "auth",
                  "handshake_timeout_seconds", "udp", "http", "proxy_protocol"}
@@ -244,6 +265,7 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
     audit = _audit(v, root.get("audit", {}), "audit")
     grace = v.number(root, "shutdown_grace_seconds", "")
     buffers = _buffers(v, root["buffers"], "buffers") if "buffers" in root else BuffersConfig()
+    logging_config = _logging(v, root["logging"], "logging") if "logging" in root else LoggingConfig()
     return Config(
         file=v.file,
         listeners=tuple(listeners),
@@ -253,7 +275,29 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
         roles=roles,
         limits=limits,
         buffers=buffers or BuffersConfig(),
+        logging=logging_config or LoggingConfig(),
     )
+
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _logging(v: Validator, item: Any, path: str) -> LoggingConfig | None:
+    d = v.section(item, path, LOGGING_KEYS)
+    if d is None:
+        return None
+    fmt = v.string(d, "format", path, required=False, choices=("text", "json")) or "text"
+    level = v.string(d, "level", path, required=False, choices=LOG_LEVELS) or "INFO"
+    levels: dict = {}
+    if "levels" in d:
+        lp = join(path, "levels")
+        raw = v.obj(d["levels"], lp, "an object of logger name -> level")
+        for name, lvl in (raw or {}).items():
+            if lvl not in LOG_LEVELS:
+                v.err(f"{lp}[{name!r}]", f"one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
+            else:
+                levels[name] = lvl
+    return LoggingConfig(format=fmt, level=level, levels=levels)
 
 
 BUFFERS_KEYS = {"budget_bytes", "message_timeout_seconds"}

@@ -34,6 +34,7 @@ from .engine import EngineRegistry, Services
 from .errors import ProxyError
 from .listen import bound_address, open_listener, serve_listener
 from .listen.proxied import peer_host, read_proxy_header
+from .logs import SESSION
 from .net import peer_address
 from .proxyproto import ProxyProtocolError
 from .session import Session
@@ -193,6 +194,7 @@ class ProxyServer:
 
     async def handle_client(self, engine: Any, lc: Any, stream: trio.abc.Stream) -> None:
         session = Session(listener=lc.name, protocol=lc.protocol, client_addr=peer_address(stream))
+        SESSION.set(session.id)  # every log line of this connection's tasks carries it (dbproxy.logs)
         # The engine's kind of session and the family its session events are named after
         # (``db.session.start`` …, ``ssh.session.start`` …), known before any event.
         session.family = getattr(engine, "family", session.family)

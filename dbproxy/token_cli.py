@@ -77,7 +77,7 @@ def _load(args: argparse.Namespace, *, need_signing: bool) -> tuple[TokenConfig,
 def scram_flavours() -> tuple:
     """The SCRAM verifiers ``issue`` records: the core's SCRAM-SHA-256 and what the engines declare
     (``Engine.scram_flavours``, e.g. Mongo's SCRAM-SHA-1 digest); the core knows no protocol's digest."""
-    from .cli import _registry
+    from .registry import default_registry as _registry
 
     registry = _registry()
     flavours = list(DEFAULT_FLAVOURS)

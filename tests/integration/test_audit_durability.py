@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from tests.support import (
     ProxyProcess, audit_worker_pids, jsonl_audit, pg_connect, pg_scram_config, read_audit, wait_until,
 )

@@ -34,7 +34,7 @@ import orjson
 import psycopg
 import pytest
 
-from dbproxy.audit.verify import ChainChecker, verify_files
+from dbproxy.audit.chain import ChainChecker, verify_files
 from tests.support import (
     ROOT, ProxyProcess, dbproxy_cli, peer_missing, pg_connect, pg_scram_config, read_audit, wait_until,
 )

@@ -24,7 +24,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster
 from cassandra.query import BatchStatement, SimpleStatement
 
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from scripts.peers.cassandra_server import lib_dir, start_cassandra
 from tests.support import ProxyProcess, peer_missing, read_audit, wait_until
 

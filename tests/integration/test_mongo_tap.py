@@ -20,7 +20,7 @@ from pathlib import Path
 import pymongo
 import pytest
 
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from tests.integration.test_malformed_mongo import ferret  # noqa: F401  (the module's FerretDB)
 from tests.support import ProxyProcess, read_audit, wait_until
 

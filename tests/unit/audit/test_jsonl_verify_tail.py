@@ -19,7 +19,7 @@ from dbproxy.audit import events as ev
 from dbproxy.audit.recorder import AuditRecorder
 from dbproxy.audit.sinks.jsonl import JsonlSink
 from dbproxy.audit.tail import describe, follow, matcher
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from dbproxy.cli import main as cli
 from dbproxy.session import Identity, Session
 

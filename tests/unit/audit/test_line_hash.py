@@ -1,4 +1,4 @@
-"""The audit hash chain byte by byte: ``recorder.line_hash``, ``AuditRecorder._stamp`` and ``audit.verify``.
+"""The audit hash chain byte by byte: ``recorder.line_hash``, ``AuditRecorder._stamp`` and ``audit.chain``.
 
 Proven here: the recorder stamps each event body into one line ``{…body…,"seq":N,"prev_hash":P,"hash":H}``
 where H is SHA-256 over the line as written up to ``,"hash"`` (closed with ``}``), P the previous line's H
@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from dbproxy.audit.recorder import GENESIS_HASH, AuditRecorder, chain_hash, line_hash
-from dbproxy.audit.verify import ChainChecker, verify_files
+from dbproxy.audit.chain import ChainChecker, verify_files
 from dbproxy.session import Identity, Session
 
 QUERIES = [

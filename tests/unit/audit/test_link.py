@@ -25,7 +25,7 @@ import trio
 
 from dbproxy.audit.link import EVENT, FRAME, AuditLink
 from dbproxy.audit.recorder import AuditUnavailable
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from dbproxy.session import Session
 from dbproxy.engines.postgres.tap import Tap as PgTap
 from tests.support import read_audit

@@ -17,7 +17,7 @@ from dbproxy.audit import events as ev
 from dbproxy.audit.recorder import AuditRecorder, AuditUnavailable
 from dbproxy.audit.sinks.jsonl import JsonlSink
 from dbproxy.audit.sinks.spooled import DeliveryFailed, SpooledSink
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from dbproxy.session import Session
 
 

@@ -16,7 +16,7 @@ import orjson
 
 from dbproxy.audit import events as ev
 from dbproxy.audit.recorder import GENESIS_HASH, AuditRecorder
-from dbproxy.audit.verify import verify_files
+from dbproxy.audit.chain import verify_files
 from dbproxy.cli import main as cli
 
 

@@ -4,8 +4,8 @@ The rule.  The core is every module of the ``dbproxy`` package and its
 subpackages (``dbproxy/**/*.py``: ``identity/``, ``listen/``).  It never imports an engine, and it carries no
 protocol's knowledge as branches on a protocol's name (the statement
 lexers live with their engines behind ``dbproxy.statements.Dialect``).
-One place composes the program: ``dbproxy/cli.py``'s ``_registry()``, the
-entry point, imports ``engines.default_registry`` lazily, inside that
+One place composes the program: ``dbproxy/registry.py``'s ``default_registry()``
+(used by the command line, ``dbproxy.serve`` and ``dbproxy.Config.load``) imports ``engines.default_registry`` lazily, inside that
 function — so importing any core module, the CLI included, loads no
 engine, and the registry that names the engines is built once, in
 ``engines/__init__.py``.  An engine imports the core and its own modules,
@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 CORE = sorted((ROOT / "dbproxy").rglob("*.py"))
 ENGINES = sorted(p for p in (ROOT / "engines").iterdir() if p.is_dir() and (p / "__init__.py").exists())
 # The composition root: (file, function) allowed to import the engine registry.
-COMPOSITION_ROOT = ("dbproxy/cli.py", "_registry")
+COMPOSITION_ROOT = ("dbproxy/registry.py", "default_registry")
 PROTOCOL_NAMES = {"postgres", "postgresql", "sql", "cassandra", "cql", "mongo", "mongodb"}
 
 
