@@ -57,6 +57,7 @@ MALFORMED = "audit.malformed"
 # A proxy process starts / stops cleanly (``dbproxy audit verify`` finds unclean restarts with them).
 PROXY_START = "proxy.start"
 PROXY_STOP = "proxy.stop"
+PROXY_RELOAD = "proxy.reload"
 
 # Teleport's event codes for the events it has; ours extend the series.
 CODES = {
@@ -72,6 +73,7 @@ CODES = {
     MALFORMED: "TAU01W",
     PROXY_START: "TAU02I",
     PROXY_STOP: "TAU03I",
+    PROXY_RELOAD: "TAU04I",
 }
 
 MAX_QUERY_CHARS = 16 * 1024

@@ -203,11 +203,15 @@ class ListenerAccess:
 class AccessControl:
     """``services.access``: one per proxy process."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, *, limits: ConnectionLimits | None = None) -> None:
         identity = config.identity
         self.authority = TokenAuthority(identity.token) if identity is not None and identity.token is not None else None
         self.policy = AccessPolicy(config.roles, enforced=identity is not None or config.roles is not None)
-        self.limits = ConnectionLimits(config.limits)
+        if limits is None:
+            limits = ConnectionLimits(config.limits)
+        else:  # a reload: the live counts go on, under the new limits
+            limits.reconfigure(config.limits)
+        self.limits = limits
         self._listeners: dict[str, ListenerAccess] = {}
         for lc in config.listeners:
             la = lc.auth or ListenerAuth(methods=("anonymous",), explicit=False)
@@ -227,11 +231,12 @@ class AccessControl:
         self.limits.release(session)
 
 
-def build_access(config: Any) -> AccessControl | None:
-    """None when the config says nothing about identity, roles or limits (every listener anonymous, unrestricted)."""
+def build_access(config: Any, *, limits: ConnectionLimits | None = None) -> AccessControl | None:
+    """None when the config says nothing about identity, roles or limits (every listener anonymous,
+    unrestricted).  ``limits``: the running ``ConnectionLimits`` a reload carries over."""
     if config.identity is None and config.roles is None and config.limits is None:
         return None
-    return AccessControl(config)
+    return AccessControl(config, limits=limits)
 
 
 def audit_denial(session: Any, exc: AccessDenied | str, *, stage: str, **fields: Any) -> dict | None:

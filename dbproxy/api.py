@@ -46,6 +46,11 @@ class Running:
     def stop(self) -> None:
         self._server.stop()
 
+    async def reload(self) -> bool:
+        """Re-read the config file (as SIGHUP does for ``dbproxy serve``); False: refused, the
+        running config stays (the reasons are logged and audited)."""
+        return await self._server.reload()
+
 
 async def serve(config: Config | str | os.PathLike, *, registry: Any = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

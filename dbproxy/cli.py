@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import logging
 import signal
 import sys
@@ -47,8 +49,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("refusing to start: fix the configuration (dbproxy check-config)", file=sys.stderr)
         return 2
     _configure_logging(args, config.logging)
-    trio.run(_serve_main, config, registry)
+    if args.pid_file:
+        with open(args.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        trio.run(_serve_main, config, registry)
+    finally:
+        if args.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pid_file)
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the file as ``serve`` would (a bad file is refused here, with every error), then
+    SIGHUP the proxy; the proxy checks again and keeps its running config on any problem."""
+    if cmd_check_config(argparse.Namespace(file=args.config)) != 0:
+        print("not reloading: the running proxy keeps its config", file=sys.stderr)
+        return 2
+    if args.pid_file:
+        try:
+            pids = [int(open(args.pid_file).read().split()[0])]
+        except (OSError, ValueError, IndexError) as exc:
+            print(f"error: {args.pid_file}: no process id ({exc})", file=sys.stderr)
+            return 2
+    else:
+        pids = _serving(args.config)
+        if not pids:
+            print(f"error: no running 'dbproxy serve --config {args.config}' found (give --pid-file)", file=sys.stderr)
+            return 2
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            print(f"error: process {pid}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"dbproxy: reload signalled to process {pid}")
+    return 0
+
+
+def _serving(config_file: str) -> list[int]:
+    """Process ids of ``dbproxy serve`` processes started with ``config_file`` (from /proc)."""
+    target = os.path.realpath(config_file)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if "serve" not in argv or "--config" not in argv or not any("dbproxy" in a for a in argv):
+            continue
+        i = argv.index("--config")
+        if i + 1 < len(argv) and os.path.realpath(os.path.join(cwd, argv[i + 1])) == target:
+            found.append(int(entry))
+    return found
 
 
 def _configure_logging(args: argparse.Namespace, from_config: Any = None) -> None:
@@ -72,10 +130,14 @@ async def _serve_main(config, registry) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 task_status.started()
                 count = 0
                 async for signum in signals:
+                    if signum == signal.SIGHUP:  # dbproxy reload: new sessions get the re-read config
+                        log.info("received SIGHUP: reloading %s", config.file)
+                        await server.reload()
+                        continue
                     count += 1
                     if count == 1:
                         log.info("received %s: graceful shutdown (grace %.1fs)", signal.Signals(signum).name, config.shutdown_grace)
@@ -105,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the listeners of a config file")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_serve)
+    p.add_argument("--pid-file", default=None, help="write the process id here (for dbproxy reload --pid-file)")
+    p = sub.add_parser("reload", help="validate a config file, then make the running proxy re-read it (SIGHUP)")
+    p.add_argument("--config", required=True, help="the config file the proxy was started with")
+    p.add_argument("--pid-file", default=None, help="the running proxy's --pid-file (default: find "
+                   "the 'dbproxy serve' processes of --config)")
+    p.set_defaults(func=cmd_reload)
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)

@@ -62,6 +62,10 @@ class ConnectionLimits:
         self.by_identity: dict[str, int] = {}
         self._admitted: dict[str, tuple[str, str]] = {}
 
+    def reconfigure(self, cfg: LimitsConfig | None) -> None:
+        """New limits (a reload): sessions already admitted stay counted against them."""
+        self.cfg = cfg or LimitsConfig()
+
     def admit(self, session: Any) -> None:
         if session.id in self._admitted:
             return

@@ -29,10 +29,10 @@ from dbproxy.audit.recorder import AUDIT_UNAVAILABLE, BATCH_DELAY, AuditRecorder
 from dbproxy.audit.sinks import build_sink
 
 from .buffer import BufferBudget
-from .config import Config
+from .config import Config, ListenerConfig
 from .engine import EngineRegistry, Services
 from .errors import ProxyError
-from .listen import bound_address, open_listener, serve_listener
+from .listen import bound_address, make_entry, open_listener, serve_listener
 from .listen.proxied import peer_host, read_proxy_header
 from .logs import SESSION
 from .net import peer_address
@@ -104,6 +104,13 @@ class ProxyServer:
         self.bound: list[BoundListener] = []
         self._stop = trio.Event()
         self._accept_scope: trio.CancelScope | None = None
+        # What a new connection on each listener gets: (entry, ListenerConfig) of the current
+        # config generation; a reload swaps it, running sessions keep the objects they started with.
+        self._live: dict[str, tuple[Any, ListenerConfig]] = {}
+        self._accepting: dict[str, trio.CancelScope] = {}
+        self._nurseries: tuple[trio.Nursery, trio.Nursery, trio.Nursery] | None = None  # accept, sessions, background
+        self._reload_lock = trio.Lock()
+        self.reloads = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -116,6 +123,7 @@ class ProxyServer:
         self.services.access = build_access(self.config)
         for lc in self.config.listeners:
             self.engines[lc.name] = self.registry.get(lc.protocol)(lc, self.services)
+            self._live[lc.name] = (make_entry(self.engines[lc.name], lc, self.services), lc)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._make_engines()
@@ -130,7 +138,7 @@ class ProxyServer:
                     # here: it outlives any one session, never the server.
                     if self.services.credentials is not None:
                         self.services.credentials.attach(background)
-                    await self._serve_sessions(task_status=task_status)
+                    await self._serve_sessions(background, task_status=task_status)
                     background.cancel_scope.cancel()
                 self._marker(ev.PROXY_STOP, reason="stopped")
             finally:
@@ -156,27 +164,160 @@ class ProxyServer:
         if not self.recorder.submit_nowait(body):
             log.error("audit: no room for the %s event", kind)
 
-    async def _serve_sessions(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_sessions(self, background: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accept:
+                self._nurseries = (accept, sessions, background)
                 for lc in self.config.listeners:
-                    opened = await open_listener(lc)
-                    for sock in opened:
-                        host, port = bound_address(sock)
-                        self.bound.append(BoundListener(lc.name, lc.protocol, host, port, lc.kind))
-                        log.info("listener %s (%s, %s) on %s:%d", lc.name, lc.protocol, lc.kind, host, port)
-                    engine = self.engines[lc.name]
-                    accept.start_soon(self._serve, engine, lc, opened, sessions)
+                    await self._open(lc)
                 task_status.started(list(self.bound))
                 await self._stop.wait()
                 log.info("stopping: no new connections; %d sessions running", len(self.sessions))
-                accept.cancel_scope.cancel()
+                async with self._reload_lock:  # no reload half-applied while the listeners close
+                    accept.cancel_scope.cancel()
             sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
 
-    async def _serve(self, engine: Any, lc: Any, opened: list, sessions: trio.Nursery) -> None:
+    async def _open(self, lc: ListenerConfig) -> None:
+        self._start(lc, await open_listener(lc))
+
+    def _start(self, lc: ListenerConfig, opened: list) -> None:
+        """Accept on ``lc``'s bound sockets, in its own cancel scope (a reload may close it alone)."""
+        accept, sessions, _ = self._nurseries
+        for sock in opened:
+            host, port = bound_address(sock)
+            self.bound.append(BoundListener(lc.name, lc.protocol, host, port, lc.kind))
+            log.info("listener %s (%s, %s) on %s:%d", lc.name, lc.protocol, lc.kind, host, port)
+        scope, done = trio.CancelScope(), trio.Event()
+        self._accepting[lc.name] = (scope, done)
+        accept.start_soon(self._serve, self.engines[lc.name], lc, opened, sessions, scope, done)
+
+    def _close(self, name: str) -> trio.Event | None:
+        """Stop accepting on a listener; its running sessions go on.  The returned event is set
+        once its sockets are closed."""
+        self.bound = [b for b in self.bound if b.name != name]
+        found = self._accepting.pop(name, None)
+        if found is None:
+            return None
+        scope, done = found
+        scope.cancel()
+        return done
+
+    async def _serve(self, engine: Any, lc: Any, opened: list, sessions: trio.Nursery, scope: trio.CancelScope,
+                     done: trio.Event) -> None:
         # The listener's kind decides what the engine is handed; every connection (or UDP peer)
-        # comes back through handle_client, the one session accounting for all kinds.
-        await serve_listener(lc, engine, self.services, opened, self.handle_client, sessions)
+        # comes back through handle_client, the one session accounting for all kinds — with the
+        # engine and listener config current when it arrives (a reload may have swapped them).
+        async def current(_entry: Any, _lc: Any, transport: Any) -> None:
+            entry, live_lc = self._live[lc.name]
+            await self.handle_client(entry, live_lc, transport)
+
+        try:
+            with scope:
+                await serve_listener(lc, engine, self.services, opened, current, sessions)
+        finally:
+            done.set()
+
+    async def reload(self) -> bool:
+        """Re-read the config file: new sessions use the new config, running sessions keep theirs.
+
+        Listeners are matched by name.  One whose address, kind and socket options are unchanged
+        keeps its socket (no connection is refused meanwhile) and its next connections get the
+        new engine; a listener moved elsewhere is opened at the new address before the old one
+        closes; a removed one stops accepting.  An invalid file changes nothing: the old config
+        stays, every problem is logged, and the refusal is audited (``proxy.reload``).  The
+        ``audit`` section is not reloaded (the worker reads it when it starts; a restart applies
+        it), nor ``buffers``.  Connection limits count across the reload.
+        """
+        async with self._reload_lock:
+            if self._nurseries is None or self._stop.is_set():
+                return False
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        from .access import build_access
+        from .config import load_config
+        from .errors import ConfigErrors
+        from .kerberos import maybe_credential_cache
+
+        try:
+            new = load_config(self.config.file, self.registry)
+        except (ConfigErrors, OSError) as exc:
+            errors = getattr(exc, "errors", None) or [exc]
+            for err in errors:
+                log.error("reload refused, the running config stays: %s", err)
+            # Paths only in the trail (an error's text may quote a value from the file).
+            self._marker(ev.PROXY_RELOAD, success=False,
+                         error=f"{len(errors)} config error(s)",
+                         error_paths=[getattr(e, "path", "") for e in errors][:50])
+            return False
+        old = {lc.name: lc for lc in self.config.listeners}
+        # Bind every new address first: if one cannot be bound, nothing has changed yet.
+        fresh: dict[str, list] = {}
+        for lc in new.listeners:
+            before = old.get(lc.name)
+            if before is not None and (_same_socket(before, lc) or (before.host, before.port) == (lc.host, lc.port)):
+                continue  # kept, or re-bound at the same address once the old socket is closed
+            try:
+                fresh[lc.name] = await open_listener(lc)
+            except OSError as exc:
+                for opened in fresh.values():
+                    for sock in opened:
+                        if hasattr(sock, "aclose"):
+                            await trio.aclose_forcefully(sock)
+                        else:
+                            sock.close()
+                log.error("reload refused, the running config stays: listener %s cannot listen on %s:%d: %s",
+                          lc.name, lc.host, lc.port, exc.strerror or exc)
+                self._marker(ev.PROXY_RELOAD, success=False, error=f"listener {lc.name}: {exc.strerror or exc}")
+                return False
+        services = Services(recorder=self.recorder, buffers=self.services.buffers, extras=self.services.extras)
+        services.credentials = maybe_credential_cache(new)
+        limits = self.services.access.limits if self.services.access is not None else None
+        services.access = build_access(new, limits=limits)
+        engines = {lc.name: self.registry.get(lc.protocol)(lc, services) for lc in new.listeners}
+        background = self._nurseries[2]
+        if services.credentials is not None:
+            services.credentials.attach(background)
+        added, removed, changed, kept = [], [], [], []
+        for lc in new.listeners:
+            self._live[lc.name] = (make_entry(engines[lc.name], lc, services), lc)
+        self.engines.update(engines)
+        for name in [n for n in old if n not in engines]:
+            self._close(name)
+            self._live.pop(name, None)
+            self.engines.pop(name, None)
+            removed.append(name)
+        for lc in new.listeners:
+            before = old.get(lc.name)
+            if before is None:
+                self._start(lc, fresh[lc.name])
+                added.append(lc.name)
+            elif _same_socket(before, lc):
+                (kept if before == lc else changed).append(lc.name)
+            elif lc.name in fresh:  # moved: the new address is already listening
+                self._close(lc.name)
+                self._start(lc, fresh[lc.name])
+                changed.append(lc.name)
+            else:  # same address, another kind: the old socket must be closed first
+                closed = self._close(lc.name)
+                if closed is not None:
+                    await closed.wait()
+                try:
+                    await self._open(lc)
+                except OSError as exc:
+                    log.error("reload: listener %s could not listen again on %s:%d: %s", lc.name, lc.host, lc.port,
+                              exc.strerror or exc)
+                    removed.append(lc.name)
+                    continue
+                changed.append(lc.name)
+        if new.audit != self.config.audit:
+            log.warning("reload: the audit section changed; it applies when the proxy restarts")
+        self.config, self.services = new, services
+        self.reloads += 1
+        log.info("reloaded %s: %d listener(s) added, %d removed, %d changed, %d unchanged",
+                 new.file, len(added), len(removed), len(changed), len(kept))
+        self._marker(ev.PROXY_RELOAD, success=True, added=added, removed=removed, changed=changed)
+        return True
 
     async def _proxy_header(self, session: Session, stream: Any, pp: Any) -> bool:
         """A trusted load balancer names the real client first (PROXY protocol v1/v2): the trail
@@ -228,8 +369,9 @@ class ProxyServer:
             log.exception("session %s failed", session.id)
         finally:
             self.sessions.pop(session.id, None)
-            if self.services.access is not None:
-                self.services.access.release(session)  # the connection-limit slot, if the engine admitted it
+            access = getattr(engine, "services", self.services).access  # the generation that admitted it
+            if access is not None:
+                access.release(session)  # the connection-limit slot, if the engine admitted it
             with trio.CancelScope(shield=True):
                 if session.started:
                     session.audit.on_session_end(
@@ -244,3 +386,9 @@ class ProxyServer:
                 with trio.move_on_after(LINGER_SECONDS):
                     await _linger(stream)
                 await trio.aclose_forcefully(stream)
+
+
+def _same_socket(a: ListenerConfig, b: ListenerConfig) -> bool:
+    """Whether a reloaded listener can keep its socket: same address and kind, and for UDP the
+    same datagram options (the socket's demultiplexer is built with them)."""
+    return (a.host, a.port, a.kind, a.protocol) == (b.host, b.port, b.kind, b.protocol) and (a.kind != "udp" or a.udp == b.udp)
