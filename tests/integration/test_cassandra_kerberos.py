@@ -99,6 +99,7 @@ def direct(knode):
         "CREATE ROLE IF NOT EXISTS nologin WITH LOGIN = false",
         "GRANT SELECT ON krb.kv TO dbproxy",
         "GRANT MODIFY ON krb.kv TO dbproxy",
+        "GRANT SELECT ON system_views.clients TO dbproxy",  # the node's own view of who is connected
     )
     yield session
     c.shutdown()
