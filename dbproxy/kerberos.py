@@ -354,10 +354,6 @@ class GssInitiator:
                 client_hint=CLIENT_HINT,
             ) from None
 
-    @property
-    def initiator_name(self) -> str:
-        return str(self._ctx.initiator_name)
-
     def wrap(self, data: bytes, confidential: bool = True) -> bytes:
         return self._ctx.wrap(data, confidential).message
 

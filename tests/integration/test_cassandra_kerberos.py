@@ -20,6 +20,8 @@ Routes of the shared proxy (listener "cql"; a client picks one by user name):
   norole           principal "norole": the KDC knows it, Cassandra has no role for it
   nologin          principal "nologin": its role exists with LOGIN = false
   kdc-down         its own keytab copy (a fresh credential) while the KDC is stopped
+  authz-self       authorization_id = the principal itself (accepted by the node)
+  authz-other      authorization_id "cassandra" (the node refuses: dbproxy may not act as it)
 """
 
 from __future__ import annotations
@@ -170,6 +172,8 @@ def proxy(realm, knode, direct, tmp_path_factory):
         gss_route("nologin", realm, knode, principal=realm.principal("nologin"),
                   keytab_file=str(realm.keytab("nologin", d / "nologin.keytab"))),
         gss_route("kdc-down", realm, knode, keytab_file=str(down_kt)),
+        gss_route("authz-self", realm, knode, authorization_id=realm.proxy_principal),
+        gss_route("authz-other", realm, knode, authorization_id="cassandra"),
         gss_route("app", realm, knode, match="*"),
     ]
     proc = start_proxy(d, [
@@ -358,8 +362,27 @@ def test_driver_lands_as_the_proxy_principals_role(proxy, realm, direct, version
     sid = ev["sid"]
     wait_until(lambda: any(e.get("sid") == sid and e["event"] == "db.session.query" and e.get("db_query") == "LIST ROLES"
                            for e in read_audit(proxy.audit_path)), what="LIST ROLES audited")
+    wait_until(lambda: any(e.get("sid") == sid and e["event"] == "db.session.end" for e in read_audit(proxy.audit_path)),
+               what="session end audited")
     blob = proxy.audit_path.read_text() + proxy.log_text()
     assert CLIENT_PASSWORD not in blob
+
+
+def test_authorization_id_reaches_the_node(proxy, realm):
+    """The authzid travels in the wrapped security-layer answer (RFC 4752 3.1): the node's SASL server
+    reads it — the principal itself is accepted, another role refused by the node."""
+    c = cluster(proxy.port("cql"), user="authz-self")
+    try:
+        assert role_and_grants(c.connect()) == (["dbproxy"], False)
+    finally:
+        c.shutdown()
+    frames = refusal_frames(proxy.port("cql"), "authz-other")
+    assert [F.Opcode(f.opcode).name for f in frames] == ["SUPPORTED", "AUTHENTICATE", "ERROR"]
+    err = F.parse_error(frames[-1])
+    assert err.code == F.ErrorCode.AUTH_ERROR
+    assert f"{realm.proxy_principal} is not authorized to connect as cassandra" in err.message, err.message
+    ev = wait_starts(proxy, requested_user="authz-other", success=False)[-1]
+    assert ev["backend_error_code"] == F.ErrorCode.AUTH_ERROR and "not authorized to connect as cassandra" in ev["error"]
 
 
 @pytest.mark.parametrize("version", [4, 5])
