@@ -37,6 +37,7 @@ client password is never forwarded, stored or logged.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import attrs
@@ -46,11 +47,14 @@ from dbproxy.errors import ProxyError, UpstreamError
 
 from .requests import sasl_plain_token
 
+log = logging.getLogger("dbproxy.cassandra")
+
 PASSWORD_AUTHENTICATOR = "org.apache.cassandra.auth.PasswordAuthenticator"
 DSE_AUTHENTICATOR = "com.datastax.bdp.cassandra.auth.DseAuthenticator"
 # Kerberos authenticators in the field that expect the first GSS token in the first AUTH_RESPONSE.
 INSTACLUSTR_KERBEROS_AUTHENTICATOR = "com.instaclustr.cassandra.auth.KerberosAuthenticator"
 DSE_KERBEROS_AUTHENTICATOR = "com.datastax.bdp.cassandra.auth.KerberosAuthenticator"
+KERBEROS_AUTHENTICATORS = frozenset({INSTACLUSTR_KERBEROS_AUTHENTICATOR, DSE_KERBEROS_AUTHENTICATOR, DSE_AUTHENTICATOR})
 GSSAPI_DEFAULT_SERVICE = "cassandra"  # the service principal cassandra/<host>@REALM (Instaclustr's default)
 
 
@@ -155,6 +159,10 @@ class GssapiAuthenticator:
             # DSE negotiates the mechanism first, then challenges with GSSAPI-START.
             self._dse = True
             return b"GSSAPI"
+        if authenticator_class not in KERBEROS_AUTHENTICATORS:
+            # A plugin of its own: the first GSS token at once is what every known one expects.
+            log.info("backend %s announces %s: starting SASL GSSAPI with the first context token",
+                     self.route.backend.address, authenticator_class)
         return await self._start()
 
     async def evaluate_challenge(self, challenge: bytes | None) -> bytes | None:

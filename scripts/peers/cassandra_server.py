@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -53,8 +54,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import hashlib
 
 import attrs
 

@@ -152,6 +152,22 @@ public class KerberosAuthenticator extends PasswordAuthenticator
         }
     }
 
+    /** The messages of an exception and its causes: the JDK's GSSAPI server wraps its refusal of an
+     *  authorization id ("x is not authorized to connect as y") in "Problem with callback handler". */
+    static String describe(Throwable e)
+    {
+        StringBuilder out = new StringBuilder();
+        for (Throwable t = e; t != null; t = t.getCause())
+        {
+            String m = t.getMessage();
+            if (m != null && out.indexOf(m) < 0)
+                out.append(out.length() > 0 ? ": " : "").append(m);
+            if (t.getCause() == t)
+                break;
+        }
+        return out.length() > 0 ? out.toString() : e.getClass().getName();
+    }
+
     static String shortName(String principal)
     {
         int end = principal.length();
@@ -210,15 +226,15 @@ public class KerberosAuthenticator extends PasswordAuthenticator
             catch (PrivilegedActionException e)
             {
                 Throwable cause = e.getCause();
-                throw new AuthenticationException("Kerberos authentication failed: " + cause.getMessage(), cause);
+                throw new AuthenticationException("Kerberos authentication failed: " + describe(cause), cause);
             }
             catch (LoginException e)
             {
-                throw new AuthenticationException("Kerberos service login failed: " + e.getMessage(), e);
+                throw new AuthenticationException("Kerberos service login failed: " + describe(e), e);
             }
             catch (SaslException e)
             {
-                throw new AuthenticationException("Kerberos authentication failed: " + e.getMessage(), e);
+                throw new AuthenticationException("Kerberos authentication failed: " + describe(e), e);
             }
         }
 
