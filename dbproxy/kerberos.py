@@ -17,8 +17,12 @@ GSS credential handle picks up a newer ticket.
 A security context is engine-neutral: ``GssInitiator`` steps tokens (the
 first step fetches a service ticket — a KDC round trip — so steps run in a
 thread too), then offers ``wrap``/``unwrap`` for GSS-encrypted links.  The
-Postgres engine uses it for AuthenticationGSS and GSSENC; the Cassandra SASL
-GSSAPI mechanism can use the same object.
+Postgres engine uses it for AuthenticationGSS and GSSENC.  ``SaslGssapi``
+runs the SASL "GSSAPI" mechanism of RFC 4752 over one (the context tokens,
+then the security-layer exchange: unwrap the server's 4 octets, answer
+"no security layer" wrapped): what protocols that carry SASL (Cassandra's
+AUTH_RESPONSE/AUTH_CHALLENGE, Mongo's saslStart) need; the layer bytes are
+the sans-IO ``sasl_gssapi_layer_reply``.
 
 Errors: every GSS failure becomes ``UpstreamError(kind="auth")`` whose
 message carries the Kerberos detail (for the log and the audit event) and
@@ -317,13 +321,16 @@ def _describe(exc: BaseException) -> str:
 class GssInitiator:
     """A client-side GSS security context toward one service."""
 
-    def __init__(self, creds: Any, service: str, host: str, *, mutual: bool = True, confidential: bool = False) -> None:
+    def __init__(self, creds: Any, service: str, host: str, *, mutual: bool = True, confidential: bool = False,
+                 integrity: bool = False) -> None:
         gssapi = _gssapi()
         self.target = f"{service}@{host}"
         flags = gssapi.RequirementFlag.mutual_authentication if mutual else 0
         flags |= gssapi.RequirementFlag.out_of_sequence_detection
         if confidential:
             flags |= gssapi.RequirementFlag.confidentiality | gssapi.RequirementFlag.integrity
+        elif integrity:  # wrap/unwrap without confidentiality (the SASL GSSAPI layer exchange)
+            flags |= gssapi.RequirementFlag.integrity
         self._ctx = gssapi.SecurityContext(
             name=gssapi.Name(self.target, gssapi.NameType.hostbased_service),
             creds=creds,
@@ -347,11 +354,93 @@ class GssInitiator:
                 client_hint=CLIENT_HINT,
             ) from None
 
-    def wrap(self, data: bytes) -> bytes:
-        return self._ctx.wrap(data, True).message
+    def wrap(self, data: bytes, confidential: bool = True) -> bytes:
+        return self._ctx.wrap(data, confidential).message
 
     def unwrap(self, data: bytes) -> bytes:
         return self._ctx.unwrap(data).message
 
     def max_wrap_input(self, output_limit: int) -> int:
         return self._ctx.get_wrap_size_limit(output_limit, True)
+
+
+# --------------------------------------------------------------------------- SASL GSSAPI (RFC 4752)
+
+SASL_LAYER_NONE = 0x01  # RFC 4752 3.3: the security layer bit-mask
+SASL_LAYER_INTEGRITY = 0x02
+SASL_LAYER_CONFIDENTIALITY = 0x04
+
+
+class SaslLayerError(ValueError):
+    """The server's security-layer offer (RFC 4752 3.1) is not one the proxy can accept."""
+
+
+def sasl_gssapi_layer_reply(offer: bytes, authzid: str = "") -> bytes:
+    """The cleartext of the client's last SASL GSSAPI message, from the server's unwrapped offer.
+
+    RFC 4752 3.1: the offer is exactly 4 octets — a bit-mask of the security
+    layers the server supports, then the largest message it can receive (3
+    octets, network order).  The answer is the selected layer, the client's
+    largest message (0: no layer), then the authorization identity in UTF-8
+    with no terminating NUL; the caller wraps it with conf_flag FALSE.
+
+    The proxy selects "no security layer" (CQL and the other protocols it
+    relays have none of their own; TLS protects the link).  RFC 4752 also has
+    the client check that the size is 0 when the server offers no layer;
+    the JDK's GSSAPI server (com.sun.security.sasl.gsskerb, behind Cassandra
+    Kerberos authenticators) sends its receive-buffer size (65536) anyway —
+    seen against Cassandra 5.0.9 on JDK 17 — so the size is ignored: it only
+    matters for a layer, and none is selected.
+    """
+    if len(offer) != 4:
+        raise SaslLayerError(f"the server's security-layer offer is {len(offer)} octets, RFC 4752 3.1 requires 4")
+    mask = offer[0]
+    if not mask & SASL_LAYER_NONE:
+        raise SaslLayerError(
+            f"the server requires a SASL security layer (offer bit-mask {mask:#04x}); the proxy supports only"
+            " \"no security layer\" (RFC 4752 3.3)"
+        )
+    return bytes((SASL_LAYER_NONE, 0, 0, 0)) + authzid.encode("utf-8")
+
+
+class SaslGssapi:
+    """The client side of SASL GSSAPI (RFC 4752 3.1) over a ``GssInitiator``.
+
+    ``initial()`` is the first context token; ``respond(challenge)`` answers
+    each server challenge: context tokens until the context completes (an
+    empty response when completing produced no token), then the wrapped
+    security-layer answer to the server's wrapped offer.  ``done`` once that
+    answer is out: only then is the server authenticated (its offer passed
+    GSS_Unwrap under the established context).  ``authzid`` empty lets the
+    server derive the authorization identity from the principal.
+    """
+
+    def __init__(self, initiator: GssInitiator, authzid: str = "") -> None:
+        self.initiator = initiator
+        self.authzid = authzid
+        self.done = False
+
+    async def initial(self) -> bytes:
+        token = await self.initiator.step(None)
+        return token or b""
+
+    async def respond(self, challenge: bytes | None) -> bytes:
+        if self.done:
+            raise self._error("the server sent another challenge after the SASL GSSAPI exchange had ended")
+        if not self.initiator.complete:
+            token = await self.initiator.step(challenge or b"")
+            return token or b""
+        if not challenge:
+            raise self._error("the server sent an empty challenge where RFC 4752 3.1 expects its wrapped security-layer offer")
+        try:
+            offer = self.initiator.unwrap(challenge)
+            reply = self.initiator.wrap(sasl_gssapi_layer_reply(offer, self.authzid), confidential=False)
+        except SaslLayerError as exc:
+            raise self._error(str(exc)) from None
+        except Exception as exc:  # a GSSError: the offer was not wrapped under this context
+            raise self._error(f"the server's security-layer offer failed GSS_Unwrap: {_describe(exc)}") from None
+        self.done = True
+        return reply
+
+    def _error(self, detail: str) -> UpstreamError:
+        return UpstreamError(f"Kerberos: SASL GSSAPI with {self.initiator.target}: {detail}", kind="auth", client_hint=CLIENT_HINT)

@@ -10,11 +10,20 @@ Backend (``BackendAuthenticator``): the proxy logs in with the *route's*
 credential.  ``initial_response(authenticator_class)`` gives the first token,
 ``evaluate_challenge(token)`` answers each AUTH_CHALLENGE, ``on_success``
 sees AUTH_SUCCESS's token.  The steps are ``async`` so a mechanism that needs
-a worker thread (SASL GSSAPI through ``dbproxy.kerberos.GssInitiator``) slots
-in without changing the engine.  Today: ``PlainAuthenticator`` (SASL PLAIN,
-what Cassandra's PasswordAuthenticator speaks; DSE's DseAuthenticator first
-wants the mechanism name and a ``PLAIN-START`` challenge, handled too).
-``gssapi`` is reserved: the config validator refuses it until it is written.
+a worker thread (SASL GSSAPI) slots in without changing the engine.
+``PlainAuthenticator`` (SASL PLAIN, what Cassandra's PasswordAuthenticator
+speaks; DSE's DseAuthenticator first wants the mechanism name and a
+``PLAIN-START`` challenge, handled too).  ``GssapiAuthenticator`` (method
+``gssapi``): SASL GSSAPI of RFC 4752 with the proxy's own Kerberos credential
+(``dbproxy.kerberos``: one credential per principal/keytab shared by all
+sessions, renewed in the background; the context and the security-layer
+exchange in ``SaslGssapi``).  The authenticator classes seen in the field:
+the Instaclustr plugin (``com.instaclustr.cassandra.auth.KerberosAuthenticator``)
+and DSE's older ``com.datastax.bdp.cassandra.auth.KerberosAuthenticator`` take
+the first GSS token at once; DSE's unified ``DseAuthenticator`` first wants
+the mechanism name ``GSSAPI`` and answers ``GSSAPI-START``; any other class
+gets the GSS token at once too, except PasswordAuthenticator (PLAIN only),
+refused with a clear error.
 
 Client (``ClientAuthenticator``): what the proxy does with the client's
 AUTH_RESPONSE; the engine only calls ``step``.  ``PlainClientAuthenticator``
@@ -28,6 +37,7 @@ client password is never forwarded, stored or logged.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import attrs
@@ -37,8 +47,15 @@ from dbproxy.errors import ProxyError, UpstreamError
 
 from .requests import sasl_plain_token
 
+log = logging.getLogger("dbproxy.cassandra")
+
 PASSWORD_AUTHENTICATOR = "org.apache.cassandra.auth.PasswordAuthenticator"
 DSE_AUTHENTICATOR = "com.datastax.bdp.cassandra.auth.DseAuthenticator"
+# Kerberos authenticators in the field that expect the first GSS token in the first AUTH_RESPONSE.
+INSTACLUSTR_KERBEROS_AUTHENTICATOR = "com.instaclustr.cassandra.auth.KerberosAuthenticator"
+DSE_KERBEROS_AUTHENTICATOR = "com.datastax.bdp.cassandra.auth.KerberosAuthenticator"
+KERBEROS_AUTHENTICATORS = frozenset({INSTACLUSTR_KERBEROS_AUTHENTICATOR, DSE_KERBEROS_AUTHENTICATOR, DSE_AUTHENTICATOR})
+GSSAPI_DEFAULT_SERVICE = "cassandra"  # the service principal cassandra/<host>@REALM (Instaclustr's default)
 
 
 # --------------------------------------------------------------------------- backend
@@ -96,6 +113,77 @@ class PlainAuthenticator:
         return None
 
 
+class GssapiAuthenticator:
+    """SASL GSSAPI (RFC 4752) as the route's Kerberos principal.
+
+    The credential comes from the process-wide ``CredentialCache`` (acquired
+    once from the keytab/ccache for all sessions, renewed before expiry); the
+    service ticket for ``service@host`` is fetched by the first context step.
+    The backend is authenticated only when the security-layer offer has been
+    unwrapped, so an AUTH_SUCCESS before that is refused.
+    """
+
+    mechanism = "GSSAPI"
+
+    def __init__(self, route: RouteConfig, credentials: Any) -> None:
+        self.route = route
+        self.credentials = credentials
+        params = route.backend.auth.params
+        self.service = params.get("service", GSSAPI_DEFAULT_SERVICE)
+        self.host = params.get("host") or route.backend.host
+        self.authzid = params.get("authorization_id", "")
+        self._dse = False
+        self._sasl: Any = None
+        self.principal: str | None = None
+
+    async def _start(self) -> bytes:
+        from dbproxy.kerberos import CLIENT_HINT, GssInitiator, SaslGssapi
+
+        if self.credentials is None:
+            raise UpstreamError("no Kerberos credential cache configured", kind="auth", client_hint=CLIENT_HINT)
+        creds = await self.credentials.for_auth(self.route.backend.auth.params).get()
+        # RFC 4752 3.1: mutual authentication, and integrity for the layer exchange's GSS_Wrap/Unwrap.
+        initiator = GssInitiator(creds, self.service, self.host, mutual=True, integrity=True)
+        self.principal = str(creds.name)
+        self._sasl = SaslGssapi(initiator, self.authzid)
+        return await self._sasl.initial()
+
+    async def initial_response(self, authenticator_class: str) -> bytes | None:
+        if authenticator_class == PASSWORD_AUTHENTICATOR:
+            raise _auth_error(
+                f"backend {self.route.backend.address} authenticates with {authenticator_class} (SASL PLAIN only),"
+                " but the route's backend.auth.method is gssapi: the node needs a Kerberos authenticator",
+                "the backend database does not offer Kerberos authentication",
+            )
+        if authenticator_class == DSE_AUTHENTICATOR:
+            # DSE negotiates the mechanism first, then challenges with GSSAPI-START.
+            self._dse = True
+            return b"GSSAPI"
+        if authenticator_class not in KERBEROS_AUTHENTICATORS:
+            # A plugin of its own: the first GSS token at once is what every known one expects.
+            log.info("backend %s announces %s: starting SASL GSSAPI with the first context token",
+                     self.route.backend.address, authenticator_class)
+        return await self._start()
+
+    async def evaluate_challenge(self, challenge: bytes | None) -> bytes | None:
+        if self._sasl is None:
+            if self._dse and challenge == b"GSSAPI-START":
+                return await self._start()
+            raise _auth_error(
+                f"backend answered the SASL mechanism name GSSAPI with {challenge!r}, not GSSAPI-START",
+                "the backend database does not offer Kerberos authentication",
+            )
+        return await self._sasl.respond(challenge)
+
+    def on_success(self, token: bytes | None) -> None:
+        if self._sasl is None or not self._sasl.done:
+            raise _auth_error(
+                f"backend {self.route.backend.address} reported AUTH_SUCCESS before the SASL GSSAPI exchange"
+                " completed: the server did not prove its identity (RFC 4752 3.1)",
+                "the backend database did not complete Kerberos mutual authentication",
+            )
+
+
 def backend_authenticator(route: RouteConfig, credentials: Any = None) -> BackendAuthenticator | None:
     """The authenticator for a route's ``backend.auth.method`` (None for ``none``)."""
     auth = route.backend.auth
@@ -103,8 +191,8 @@ def backend_authenticator(route: RouteConfig, credentials: Any = None) -> Backen
         return None
     if auth.method == "password":
         return PlainAuthenticator(route.backend.user or "", auth.secret)
-    # "gssapi" is refused by the config validator; a GSSAPI step built on
-    # dbproxy.kerberos.GssInitiator (wrapped in a thread) belongs here.
+    if auth.method == "gssapi":
+        return GssapiAuthenticator(route, credentials)
     raise _auth_error(f"backend auth method {auth.method!r} is not supported by the cassandra engine")
 
 

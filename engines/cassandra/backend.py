@@ -91,6 +91,7 @@ class BackendLink:
     tls: bool
     mechanism: str  # "none" when the backend sent READY, else the SASL mechanism used
     authenticator_class: str | None
+    principal: str | None = None  # the Kerberos principal the proxy logged in as (method gssapi)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -192,7 +193,8 @@ async def _login(
             answer = await channel.receive()
             if answer.opcode == F.Opcode.AUTH_SUCCESS:
                 authenticator.on_success(F.parse_auth_token(answer))
-                return BackendLink(stream, decoder, encoder, tls, authenticator.mechanism, authenticator_class)
+                return BackendLink(stream, decoder, encoder, tls, authenticator.mechanism, authenticator_class,
+                                   getattr(authenticator, "principal", None))
             if answer.opcode == F.Opcode.AUTH_CHALLENGE:
                 token = await authenticator.evaluate_challenge(F.parse_auth_token(answer))
                 continue

@@ -16,7 +16,12 @@ OPTIONS, STARTUP, the client's credentials).
              AUTH_SUCCESS (or READY) as from a real node.
 
 A failed handshake answers in CQL before closing: AUTH_ERROR (0x0100) for
-refused credentials, no route or a wrong user; the backend's own
+refused credentials, no route or a wrong user (after SUPPORTED and
+AUTHENTICATE: drivers report a clean authentication error), for a failed
+login of the proxy's own (a Kerberos failure — KDC down, stale keytab,
+unknown service principal — shows the client only that the proxy could not
+authenticate, the detail goes to the audit; a backend refusing the proxy's
+principal or password is relayed with its message); the backend's own
 PROTOCOL_ERROR relayed verbatim (an unsupported version must reach the
 driver as is); SERVER_ERROR (0x0000) when the backend is unreachable, fails
 TLS or breaks the protocol.  Every refusal is audited as a failed session
@@ -153,12 +158,15 @@ class CassandraEngine(Engine):
             max_message_size=max(self.max_message_size, F.DEFAULT_MAX_MESSAGE_SIZE),
             credentials=self.services.credentials,
         )
-        return Backend(link.stream, link.decoder, link.encoder, link=link, start_fields={
+        fields = {
             "backend_tls": link.tls,
             "backend_auth": route.backend.auth.method,
             "backend_auth_mechanism": link.mechanism,
             "backend_authenticator": link.authenticator_class,
-        })
+        }
+        if link.principal is not None:
+            fields["backend_principal"] = link.principal
+        return Backend(link.stream, link.decoder, link.encoder, link=link, start_fields=fields)
 
     async def ready(self, session: Any, request: Request, backend: Backend) -> None:
         hello = request.extra

@@ -4,15 +4,20 @@ Listener options: ``client_auth`` (``password``: the client's SASL PLAIN user
 name is taken, its password dropped; ``none``) and ``expected_user`` (a
 glob); route options: ``expected_user``.  A backend has no ``database``
 (clients choose keyspaces), a ``password`` backend needs a ``user``, a
-``tls`` object needs a ``mode``; SASL GSSAPI toward Cassandra is reserved.
-Every mistake names its JSON path (``dbproxy.config``'s validator).
+``tls`` object needs a ``mode``.  A ``gssapi`` backend (SASL GSSAPI, RFC
+4752) takes the shared Kerberos keys (``dbproxy.kerberos.validate_gssapi``:
+principal, keytab_file or ccache, service — default ``cassandra`` —, host,
+krb5_config, renew_margin_seconds) plus ``authorization_id`` (the SASL
+authorization identity, for authenticators that let a principal act as
+another role; default none: the node maps the principal).  Every mistake
+names its JSON path (``dbproxy.config``'s validator).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dbproxy.kerberos import GSSAPI_KEYS
+from dbproxy.kerberos import validate_gssapi
 
 CLIENT_AUTH_MODES = ("password", "none")
 LISTENER_OPTIONS = frozenset({"client_auth", "expected_user"})
@@ -22,11 +27,9 @@ ROUTE_OPTIONS = frozenset({"expected_user"})
 def validate_auth(v: Any, method: str, ad: dict, path: str) -> dict:
     extra = sorted(k for k in ad if k not in {"method", "password_file", "password_env"})
     if method == "gssapi":
-        for k in extra:
-            if k not in GSSAPI_KEYS:
-                v.err(f"{path}.{k}", f"a gssapi key ({', '.join(sorted(GSSAPI_KEYS))})")
-        v.err(f"{path}.method", "\"password\" or \"none\": SASL GSSAPI toward Cassandra is reserved, not supported yet")
-        return {}
+        if "password_file" in ad or "password_env" in ad:
+            v.err(path, "no password for method gssapi (the proxy proves itself with its Kerberos principal)")
+        return validate_gssapi(v, ad, path, set(extra), extra_keys={"authorization_id": None})
     for k in extra:
         v.err(f"{path}.{k}", f"no key {k!r} for method {method}")
     if method == "none" and ("password_file" in ad or "password_env" in ad):

@@ -20,6 +20,17 @@ ports and data (commit log replay after a kill).  ``ssl=True`` makes the native
 port TLS-only, with a throwaway CA and a server certificate for 127.0.0.1 /
 localhost in PEM files (``PEMBasedSslContextFactory``, new in 5.0).
 
+``kerberos=realm`` (a ``scripts.peers.kdc.KdcRealm``) starts the node with
+the Kerberos test authenticator (``cassandra-krb-auth/``, test
+infrastructure: Apache Cassandra ships none), built by the install step into
+``krb_auth_dir()`` and put on the classpath: principal
+``cassandra/localhost@REALM`` with its own keytab, the realm's krb5.conf for
+the JVM.  It is a PasswordAuthenticator that also speaks SASL GSSAPI, so the
+cassandra/cassandra readiness probe and DDL helpers keep working; a GSSAPI
+principal logs in as the role of its short name (``dbproxy@REALM`` →
+``dbproxy``).  The class name it announces in AUTHENTICATE is the content of
+``announce_file`` when that exists (re-read per connection).
+
 Run ``python -m scripts.peers.cassandra_server [BASE_DIR] [--ssl]`` to start
 one by hand: it prints its connection info as JSON and runs until Ctrl-C.
 """
@@ -29,6 +40,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +58,10 @@ from pathlib import Path
 import attrs
 
 PEER_DIR = Path(__file__).resolve().parent / "cassandra"
+KRB_AUTH_SRC = Path(__file__).resolve().parent / "cassandra-krb-auth"
+KRB_AUTH_CLASS = "dbproxy.peers.cassandra.KerberosAuthenticator"
 DEFAULT_LIB_DIR = Path.home() / ".cache" / "dbproxy" / "cassandra" / "lib"
+DEFAULT_KRB_DIR = Path.home() / ".cache" / "dbproxy" / "cassandra" / "krb-auth"
 START_TIMEOUT = 180.0
 STOP_TIMEOUT = 60.0
 HOST = "127.0.0.1"
@@ -56,6 +71,32 @@ _running: set[CassandraServer] = set()
 
 def lib_dir() -> Path:
     return Path(os.environ.get("DBPROXY_CASSANDRA_LIB") or DEFAULT_LIB_DIR)
+
+
+def krb_auth_dir() -> Path:
+    return Path(os.environ.get("DBPROXY_CASSANDRA_KRB") or DEFAULT_KRB_DIR)
+
+
+def krb_auth_stamp() -> str:
+    """sha256 of the authenticator's sources, the recipe of scripts/install/cassandra.sh:
+    ``find … | LC_ALL=C sort | xargs sha256sum | sha256sum``."""
+    files = sorted(
+        "./" + str(p.relative_to(KRB_AUTH_SRC)) for p in KRB_AUTH_SRC.rglob("*")
+        if p.is_file() and (p.name == "pom.xml" or p.suffix == ".java") and "target" not in p.relative_to(KRB_AUTH_SRC).parts
+    )
+    listing = "".join(f"{hashlib.sha256((KRB_AUTH_SRC / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def krb_auth_jar() -> Path:
+    """The built Kerberos test authenticator; CassandraStartError when missing or stale."""
+    jar = krb_auth_dir() / "cassandra-krb-auth.jar"
+    stamp = krb_auth_dir() / "stamp"
+    if not jar.exists():
+        raise CassandraStartError(f"no {jar}: run scripts/install/cassandra.sh")
+    if not stamp.exists() or stamp.read_text().strip() != krb_auth_stamp():
+        raise CassandraStartError(f"{jar} is older than scripts/peers/cassandra-krb-auth: run scripts/install/cassandra.sh")
+    return jar
 
 
 def free_port() -> int:
@@ -91,6 +132,9 @@ class CassandraServer:
     ca_file: Path | None = None
     release_version: str | None = None
     start_seconds: float | None = None
+    kerberos: object = None  # scripts.peers.kdc.KdcRealm: the Kerberos test authenticator
+    krb_principal: str | None = None
+    krb_keytab: Path | None = None
     _proc: subprocess.Popen | None = None
     _stdout: object = None
 
@@ -101,6 +145,11 @@ class CassandraServer:
     @property
     def stdout_file(self) -> Path:
         return self.base_dir / "logs" / "stdout.log"
+
+    @property
+    def announce_file(self) -> Path:
+        """Its content, when it exists, is the class name announced in AUTHENTICATE (kerberos nodes)."""
+        return self.base_dir / "announce.txt"
 
     @property
     def pid(self) -> int | None:
@@ -149,6 +198,7 @@ class CassandraServer:
         config = self.base_dir / "cassandra.yaml"
         config.write_text(
             template.substitute(
+                authenticator=KRB_AUTH_CLASS if self.kerberos is not None else "PasswordAuthenticator",
                 base_dir=self.base_dir,
                 native_port=self.port,
                 storage_port=self.storage_port,
@@ -183,6 +233,17 @@ class CassandraServer:
                 f"no cassandra-all jar in {lib}: run scripts/install/cassandra.sh"
             )
         logs = self.base_dir / "logs"
+        krb: list[str] = []
+        if self.kerberos is not None:
+            jars.append(krb_auth_jar())
+            self._kerberos_keytab()
+            krb = [
+                f"-Djava.security.krb5.conf={self.base_dir / 'krb5.conf'}",
+                f"-Ddbproxy.krb.principal={self.krb_principal}",
+                f"-Ddbproxy.krb.keytab={self.krb_keytab}",
+                f"-Ddbproxy.krb.announce_file={self.announce_file}",
+                # The JDK's own replay cache is in memory; nothing to configure.
+            ]
         return [
             shutil.which("java") or "java",
             "-Xms512m",
@@ -202,10 +263,19 @@ class CassandraServer:
             f"-Dcassandra.triggers_dir={self.base_dir / 'triggers'}",
             f"-XX:HeapDumpPath={self.base_dir}",
             f"-XX:ErrorFile={logs}/hs_err_%p.log",
+            *krb,
             "-cp",
             os.pathsep.join(str(j) for j in jars),
             "org.apache.cassandra.service.CassandraDaemon",
         ]
+
+    def _kerberos_keytab(self) -> None:
+        """Principal cassandra/localhost@REALM and its keytab, exported once (a restart keeps the key)."""
+        realm = self.kerberos
+        shutil.copy(realm.krb5_conf, self.base_dir / "krb5.conf")
+        if self.krb_keytab is None:
+            self.krb_principal = realm.add_principal("cassandra/localhost", exist_ok=True)
+            self.krb_keytab = realm.keytab(self.krb_principal, self.base_dir / "cassandra.keytab")
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -323,12 +393,13 @@ class CassandraServer:
         self.stop()
 
 
-def start_cassandra(base_dir: str | os.PathLike, *, ssl: bool = False) -> CassandraServer:
+def start_cassandra(base_dir: str | os.PathLike, *, ssl: bool = False, kerberos: object = None) -> CassandraServer:
     """Start a node whose files all live under ``base_dir``; blocks until a
-    cassandra/cassandra login works."""
+    cassandra/cassandra login works.  ``kerberos``: a ``KdcRealm`` — the node
+    runs the Kerberos test authenticator for that realm."""
     base = Path(base_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
-    return CassandraServer(base_dir=base, ssl=ssl).start()
+    return CassandraServer(base_dir=base, ssl=ssl, kerberos=kerberos).start()
 
 
 def make_test_certs() -> dict[str, bytes]:
