@@ -45,6 +45,10 @@ class ProxyProtocolError(ValueError):
     """The bytes are not a valid PROXY protocol header."""
 
 
+class ClosedBeforeHeader(ProxyProtocolError):
+    """The connection closed before sending a byte: a balancer's TCP health check, not an error."""
+
+
 @attrs.frozen
 class ProxyHeader:
     version: int

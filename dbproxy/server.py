@@ -36,7 +36,7 @@ from .listen import bound_address, make_entry, open_listener, serve_listener
 from .listen.proxied import peer_host, read_proxy_header
 from .logs import SESSION
 from .net import peer_address
-from .proxyproto import ProxyProtocolError
+from .proxyproto import ClosedBeforeHeader, ProxyProtocolError
 from .session import Session
 
 log = logging.getLogger("dbproxy.server")
@@ -324,6 +324,12 @@ class ProxyServer:
         shows the client, with the balancer beside it.  False: no valid header (audited, closed)."""
         try:
             header = await read_proxy_header(stream, pp.timeout)
+        except ClosedBeforeHeader:
+            # Connect and close without a byte: a balancer's TCP health check (HAProxy "check"
+            # without check-send-proxy), every few seconds — not worth an audit event.
+            log.debug("session %s from %s: closed before any byte (a health check)", session.id, session.client_addr)
+            session.details["end_reason"] = "health check"
+            return False
         except ProxyProtocolError as exc:
             log.warning("session %s from %s (a trusted load balancer): %s", session.id, session.client_addr, exc)
             session.details["end_reason"] = f"PROXY protocol: {exc}"

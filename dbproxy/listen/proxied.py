@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ..proxyproto import V1_MAX, V2_MAX_PAYLOAD, ProxyHeader, ProxyProtocolError, parse
+from ..proxyproto import V1_MAX, V2_MAX_PAYLOAD, ClosedBeforeHeader, ProxyHeader, ProxyProtocolError, parse
 from ..sansio import NEED_DATA
 
 _PEEK = max(16 + V2_MAX_PAYLOAD, V1_MAX)
@@ -46,7 +46,7 @@ async def read_proxy_header(stream: Any, timeout: float) -> ProxyHeader:
             while True:
                 data = await sock.recv(_PEEK, _socket.MSG_PEEK)
                 if not data:
-                    raise ProxyProtocolError("the connection closed before its PROXY protocol header")
+                    raise ClosedBeforeHeader("the connection closed before its PROXY protocol header")
                 header = parse(data)
                 if header is not NEED_DATA:
                     break

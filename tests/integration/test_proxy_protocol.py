@@ -150,8 +150,6 @@ def test_trusted_balancer_without_a_header_is_refused_and_audited(stack):
         except (ConnectionResetError, socket.timeout):
             pass
     assert reply == b""
-    # (HAProxy's own start-up probes, which connect and close at once, are in the trail too:
-    # "the connection closed before its PROXY protocol header".)
     failed = wait_until(lambda: [e for e in _starts(stack) if e["success"] is False and "does not start with a "
                                  "PROXY protocol header" in (e.get("error") or "")], what="the refused start")
     assert failed[-1]["addr.remote"].startswith(f"{BALANCER}:")
@@ -160,6 +158,20 @@ def test_trusted_balancer_without_a_header_is_refused_and_audited(stack):
     # Everyone else keeps being served.
     with pg_connect(_Via(stack.lb.ports["pg_v2"])) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
+
+
+def test_health_checks_leave_no_audit_event(stack):
+    """A TCP connect-and-close from the balancer (HAProxy's "check", and its start-up probes here)
+    is a health check: no failed session start in the trail for it, every few seconds."""
+    before = len(_starts(stack))
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind((BALANCER, 0))
+            s.connect(("127.0.0.1", stack.port("pg")))
+    with pg_connect(_Via(stack.lb.ports["pg_v2"])) as conn:  # a real session after them, for ordering
+        conn.execute("select 1")
+    starts = wait_until(lambda: _starts(stack)[before:] or None, what="the session's start")
+    assert [e["success"] for e in starts] == [True], starts
 
 
 def test_trusted_balancer_silent_past_the_timeout_is_closed(stack):
