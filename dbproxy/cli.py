@@ -157,8 +157,8 @@ async def _serve_main(config, registry) -> None:
     log.info("stopped")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dbproxy", description="Privileged-access database proxy")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbproxy", description="Privileged-access proxy")
     parser.add_argument("--log-level", default=None, metavar="LEVELS",
                         help="INFO (default), or per module too: INFO,dbproxy.engines.ssh=DEBUG,asyncssh=WARNING")
     parser.add_argument("--log-format", default=None, choices=LOG_FORMATS,
@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue
         mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         _configure_logging(args)

@@ -45,6 +45,8 @@ class Frontend:
     server: str  # HOST:PORT
     proxy_protocol: str = "v2"  # v1, v2 or none
     source: str = "127.0.0.2"  # the address HAProxy connects from
+    # More servers behind the same frontend (round robin, with health checks): ``server`` first.
+    more_servers: tuple[str, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -94,7 +96,17 @@ def _config(frontends: list[Frontend], ports: dict) -> str:
     ]
     for fe in frontends:
         lines += [f"frontend fe_{fe.name}", f"    bind 127.0.0.1:{ports[fe.name]}", f"    default_backend be_{fe.name}", "",
-                  f"backend be_{fe.name}", f"    server s1 {fe.server}{SEND[fe.proxy_protocol]} source {fe.source}", ""]
+                  f"backend be_{fe.name}"]
+        servers = (fe.server, *fe.more_servers)
+        # Several servers: round robin, TCP health checks every 300 ms, and a connection refused by
+        # a dead server tried again on another (redispatch) — the HA layout of docs/deploy.md.
+        check = ""
+        if len(servers) > 1:
+            lines += ["    balance roundrobin", "    option redispatch", "    retries 2"]
+            check = " check inter 300ms fall 1 rise 2"
+        for i, server in enumerate(servers, 1):
+            lines.append(f"    server s{i} {server}{SEND[fe.proxy_protocol]} source {fe.source}{check}")
+        lines.append("")
     return "\n".join(lines)
 
 
