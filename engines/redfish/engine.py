@@ -64,6 +64,10 @@ log = logging.getLogger("dbproxy.redfish")
 CONNECT_TIMEOUT = 15.0
 # How long the BMC may take to answer one request's head (a slow action: a BMC may take a while).
 BMC_RESPONSE_TIMEOUT = 120.0
+# DSP0266 §13.3.1: the service root and the OData documents are readable without authentication
+# (clients read the root first to learn where the session service is).  Relayed without credentials.
+PUBLIC_PATHS = frozenset(("/redfish", "/redfish/", "/redfish/v1", "/redfish/v1/", "/redfish/v1/odata",
+                          "/redfish/v1/$metadata"))
 # Bodies up to this size are held so a request can be sent again after a new BMC session (session login).
 MAX_REPLAY_BODY = 64 * 1024
 
@@ -126,6 +130,9 @@ class RedfishEngine(Engine):
             state = self._conns[session.id] = _Conn()
         state.requests += 1
         rid = state.requests
+        if request.method in ("GET", "HEAD") and request.path in PUBLIC_PATHS and \
+                codec.client_credentials(request.headers) is None:
+            return await self._public(session, request, state, rid)
         identity = self._identify(session, request, state, rid)
         if isinstance(identity, HTTPResponse):
             return identity
@@ -142,6 +149,30 @@ class RedfishEngine(Engine):
                 return self._refuse(session, state, request, rid, 421, "target_changed",
                                     f"this connection reaches BMC {state.target!r}, not {target!r}: open a new one")
         return await self._relay(session, request, state, rid)
+
+    async def _public(self, session: Any, request: Any, state: _Conn, rid: int) -> HTTPResponse:
+        """An unauthenticated read of the service root: relayed to the BMC without any credential."""
+        target = state.target or self._target(request)
+        route = state.route or (self.select_route({"target": target}) if target else None)
+        if route is None:
+            return redfish_error(404, f"no BMC {target!r} behind this proxy" if target else "no BMC named")
+        bmc = state.bmc or BmcConnection(route.backend.host, route.backend.port, route.backend.tls)
+        if state.route is None:
+            state.target, state.route, state.bmc = target, route, bmc
+            session.target, session.route_name, session.backend_addr = target, route.name, route.backend.address
+        session.audit.emit("bmc.redfish.request", request_id=rid, method=request.method, path=request.path,
+                           verdict="allowed", reason="public", authenticated=False)
+        started = time.monotonic()
+        try:
+            with trio.fail_after(BMC_RESPONSE_TIMEOUT):
+                exchange = await bmc.request(request.method, request.target,
+                                             codec.client_request_headers(request.headers, bmc.authority), None)
+        except trio.TooSlowError:
+            await bmc.aclose()
+            return self._bmc_failed(session, state, rid, 504, "the BMC did not answer in time", "bmc_timeout", started)
+        except BmcError as exc:
+            return self._bmc_failed(session, state, rid, 502, f"{exc.client_hint} ({target})", str(exc), started)
+        return await self._respond(session, state, request, rid, exchange, started)
 
     # -- identify, route, authorize, connect (the first request) -------------------------------
     def _identify(self, session: Any, request: Any, state: _Conn, rid: int) -> Identity | HTTPResponse:
@@ -213,15 +244,18 @@ class RedfishEngine(Engine):
             state.policy = Policy.from_grant(grant.policy("redfish"))
         else:
             state.policy = Policy.from_grant(None)
+        if state.route is not None and state.route is not route:
+            await state.bmc.aclose()
+            state.bmc = None
         state.target, state.route = target, route
         backend = route.backend
-        state.bmc = BmcConnection(backend.host, backend.port, backend.tls)
+        state.bmc = state.bmc or BmcConnection(backend.host, backend.port, backend.tls)
         state.login = self._login(route)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 if state.login.method == "session":
                     await state.login.ensure(state.bmc)
-                else:
+                elif state.bmc.stream is None:
                     await state.bmc._open()
         except trio.TooSlowError:
             await state.bmc.aclose()
