@@ -30,9 +30,8 @@ import base64
 import re
 from typing import Any
 
+import attrs
 import orjson
-
-from dbproxy.listen import HTTPResponse
 
 # An action's body is parsed to check its parameters; Redfish action bodies are a few hundred bytes.
 MAX_ACTION_BODY = 64 * 1024
@@ -65,8 +64,17 @@ MESSAGE_IDS = {
 _SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
 
 
+@attrs.frozen
+class ErrorResponse:
+    """A response the proxy makes itself (the engine hands it to the core as an ``HTTPResponse``)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
 def redfish_error(status: int, message: str, *, code: str | None = None, resolution: str | None = None,
-                  headers: tuple[tuple[str, str], ...] = ()) -> HTTPResponse:
+                  headers: tuple[tuple[str, str], ...] = ()) -> ErrorResponse:
     """A Redfish error response (DSP0266 §9.7) with the Base registry id for ``status``."""
     code = code or MESSAGE_IDS.get(status, "Base.1.0.GeneralError")
     info: dict[str, Any] = {"@odata.type": "#Message.v1_1_1.Message", "MessageId": code, "Message": message,
@@ -78,8 +86,8 @@ def redfish_error(status: int, message: str, *, code: str | None = None, resolut
     if status == 401:
         # RFC 9110 §11.6.1: a 401 names a scheme; the proxy's (its tokens), never the BMC's.
         extra = (*extra, ("www-authenticate", 'Basic realm="dbproxy", charset="UTF-8"'))
-    return HTTPResponse(status, (("content-type", "application/json; charset=utf-8"),
-                                 ("odata-version", "4.0"), *extra), orjson.dumps(body))
+    return ErrorResponse(status, (("content-type", "application/json; charset=utf-8"),
+                                  ("odata-version", "4.0"), *extra), orjson.dumps(body))
 
 
 def client_credentials(headers: tuple[tuple[str, str], ...]) -> tuple[str, str | None, str] | None:

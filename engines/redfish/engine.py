@@ -55,10 +55,14 @@ from dbproxy.session import Identity
 
 from . import codec, config as rfconfig
 from .backend import BmcConnection, BmcError, BmcLogin, Exchange
-from .codec import redfish_error
 from .policy import BadPath, Policy, action_of, normalize_path
 
 log = logging.getLogger("dbproxy.redfish")
+
+
+def redfish_error(status: int, message: str, **kw: Any) -> HTTPResponse:
+    err = codec.redfish_error(status, message, **kw)
+    return HTTPResponse(err.status, err.headers, err.body)
 
 # The proxy's login to the BMC at a session's start (connect, TLS, a Redfish session).
 CONNECT_TIMEOUT = 15.0
