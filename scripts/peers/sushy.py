@@ -138,6 +138,13 @@ class Sushy:
         assert status == 200, body
         return body["PowerState"]
 
+    def issued_tokens(self) -> list[str]:
+        """Every Redfish session token the emulator handed out (to the proxy)."""
+        try:
+            return (self.dir / "issued-tokens").read_text().split()
+        except FileNotFoundError:
+            return []
+
     def sessions(self) -> list[str]:
         status, _, body = self.request("GET", SESSIONS)
         assert status == 200, body
@@ -185,10 +192,11 @@ def start_sushy(base_dir: str | Path, *, port: int | None = None, username: str 
 class SessionService:
     """WSGI middleware: Redfish sessions (DSP0266 §13.3.4) in front of sushy-tools' emulator."""
 
-    def __init__(self, basic_app, flask_app, auth_file: str) -> None:
+    def __init__(self, basic_app, flask_app, auth_file: str, issued: Path | None = None) -> None:
         self.basic_app = basic_app  # the emulator behind its Basic-auth middleware
         self.flask_app = flask_app  # the emulator itself (for requests a session authenticated)
         self.auth_file = auth_file
+        self.issued = issued  # every session token handed out, one a line (a test checks none leaks)
         self.sessions: dict[str, tuple[str, str]] = {}  # id → (token, user)
         self.lock = threading.Lock()
 
@@ -245,6 +253,9 @@ class SessionService:
             sid, tok = secrets.token_hex(4), secrets.token_hex(16)
             with self.lock:
                 self.sessions[sid] = (tok, user)
+                if self.issued is not None:
+                    with open(self.issued, "a") as f:
+                        f.write(tok + "\n")
             uri = f"{SESSIONS}/{sid}"
             return self._json(start_response, "201 Created", {"@odata.id": uri, "Id": sid, "UserName": user},
                               [("X-Auth-Token", tok), ("Location", uri)])
@@ -284,16 +295,15 @@ class SessionService:
 
 def serve(dir: Path, port: int) -> None:
     from sushy_tools.emulator import main as emulator
-    from werkzeug.serving import WSGIRequestHandler
 
-    # Keep-alive toward the proxy, as a BMC's web server does (werkzeug's default is one request per connection).
-    WSGIRequestHandler.protocol_version = "HTTP/1.1"
+    # Note: werkzeug's server answers every request with "Connection: close" (its serving.py: keep-alive
+    # is not handled by http.server), so the proxy opens a new BMC connection per request here.
 
     app = emulator.app
     app.configure(config_file=str(dir / "emulator.conf"))
     app.config["SUSHY_EMULATOR_FAKE_DRIVER"] = True
     basic = app.wsgi_app  # RedfishAuthMiddleware(flask's wsgi_app)
-    app.wsgi_app = SessionService(basic, basic.app, str(dir / "htpasswd"))
+    app.wsgi_app = SessionService(basic, basic.app, str(dir / "htpasswd"), dir / "issued-tokens")
     app.run(host="127.0.0.1", port=port, threaded=True)
 
 

@@ -60,6 +60,11 @@ def rf(bmc, tmp_path_factory):
     cert, key = make_cert(workdir / "pki", ca, "proxy", sans=("*.bmc.test", "localhost", "127.0.0.1"))
     down_port = free_port()  # nothing listens there: that BMC is down
 
+    from scripts.peers.sushy import start_sushy
+
+    # A second emulator, for the test that takes its BMC down mid-session.
+    doomed = start_sushy(workdir / "doomed")
+
     def backend(method: str, address: str = bmc.address) -> dict:
         return {"address": address, "auth": {"method": method, "username": bmc.username,
                                              "password_file": str(bmc.password_file)}}
@@ -70,7 +75,7 @@ def rf(bmc, tmp_path_factory):
                                "registry_file": "tokens.json", "revocation_file": "revoked.txt",
                                "leeway_seconds": 0}},
         "roles": {
-            "reader": {"routes": ["*"], "bmcs": ["bmc-*"], "redfish": [READ_RULE]},
+            "reader": {"routes": ["*"], "bmcs": ["bmc-*", "gone-*"], "redfish": [READ_RULE]},
             "operator": {"routes": ["*"], "bmcs": ["bmc-*"], "redfish": [
                 READ_RULE,
                 {"methods": ["PATCH"], "paths": ["/redfish/v1/Systems/*"]},
@@ -86,6 +91,9 @@ def rf(bmc, tmp_path_factory):
                  {"name": "basic", "match": {"target": "bmc-b*"}, "backend": backend("basic")},
                  {"name": "down", "match": {"target": "bmc-down"},
                   "backend": backend("basic", f"127.0.0.1:{down_port}")},
+                 {"name": "doomed", "match": {"target": "gone-*"},
+                  "backend": {"address": doomed.address, "auth": {
+                      "method": "basic", "username": doomed.username, "password_file": str(doomed.password_file)}}},
              ]},
             {"name": "one", "protocol": "redfish", "kind": "http", "listen": "127.0.0.1:0", "target": "bmc-s9",
              "tls": {"cert_file": str(cert), "key_file": str(key)}, "auth": {"methods": ["token"]},
@@ -97,6 +105,7 @@ def rf(bmc, tmp_path_factory):
     proc.ca = str(ca[0])
     proc.audit_path = workdir / "audit.jsonl"
     proc.bmc = bmc
+    proc.doomed = doomed
     proc.tokens = {}
     for user, role in (("olga", "operator"), ("rita", "reader"), ("oscar", "other")):
         p = dbproxy_cli("token", "issue", "--config", str(proc.config_path), "--user", user, "--roles", role,
@@ -105,15 +114,7 @@ def rf(bmc, tmp_path_factory):
     proc.seen: list[str] = []  # everything a client received: no BMC secret may be in it
     yield proc
     proc.stop()
-    blob = "\n".join(proc.seen) + proc.audit_path.read_text() + proc.log_text()
-    _assert_no_bmc_secret(blob, bmc)
-
-
-def _assert_no_bmc_secret(blob: str, bmc) -> None:
-    assert bmc.password not in blob
-    basic = base64.b64encode(f"{bmc.username}:{bmc.password}".encode()).decode()
-    assert basic not in blob
-    assert "x-auth-token" not in blob.lower()
+    doomed.stop()
 
 
 def curl(rf, *args: str, host: str = "bmc-s1", token: str | None = None, role: str = "operator",
@@ -356,3 +357,67 @@ def test_bmc_session_recreated_after_it_was_deleted_behind_the_proxys_back(rf, b
     assert len(after) == 1 and after[0] not in before
     assert not any(k in headers for k in ("x-auth-token", "set-cookie"))
     assert bmc.address not in json.dumps(body)
+
+
+def test_bmc_going_down_mid_session_is_502_and_audited(rf):
+    port = rf.port("rf")
+    ctx = ssl.create_default_context(cafile=rf.ca)
+    ctx.check_hostname = False
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    headers = {"Host": "gone-1.bmc.test", "Authorization": f"Bearer {rf.tokens['reader']}"}
+    conn.request("GET", "/redfish/v1/Systems", headers=headers)
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    resp.read()
+    rf.doomed.stop()
+    conn.request("GET", "/redfish/v1/Systems", headers=headers)
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 502
+    _is_redfish_error(body, "Base.1.0.ServiceTemporarilyUnavailable")
+    failed = wait_event(rf, lambda e: e["event"] == "bmc.redfish.response" and e["target"] == "gone-1"
+                        and e["status"] == 502)
+    assert failed["success"] is False and failed["request_id"] == 2
+    assert rf.doomed.address not in body["error"]["message"]
+
+
+def test_chunked_patch_streams_to_a_basic_auth_bmc(rf, bmc):
+    # A body of unknown length (chunked) on the Basic route is streamed to the BMC, not held.
+    _, _, system = bmc.request("GET", SYSTEM_PATH)
+    wanted = "Off" if system.get("IndicatorLED") != "Off" else "Lit"
+    status, _, body = curl(rf, "-X", "PATCH", "-H", "Content-Type: application/json", "-H",
+                           "Transfer-Encoding: chunked", "-d", json.dumps({"IndicatorLED": wanted}),
+                           f"URL{SYSTEM_PATH}", host="bmc-b2", role="operator")
+    assert status in (200, 204), body
+    assert bmc.request("GET", SYSTEM_PATH)[2].get("IndicatorLED") == wanted
+
+
+def test_head_then_get_on_one_connection(rf):
+    out = subprocess.run(["curl", "-sS", "--cacert", rf.ca, "--connect-to", f"::127.0.0.1:{rf.port('rf')}",
+                          "-H", f"Authorization: Bearer {rf.tokens['reader']}", "-I", "-w", "%{num_connects}\n",
+                          f"https://bmc-s4.bmc.test:{rf.port('rf')}{SYSTEM_PATH}", "--next",
+                          "--cacert", rf.ca, "--connect-to", f"::127.0.0.1:{rf.port('rf')}", "-H", f"Authorization: Bearer {rf.tokens['reader']}", "-w", "\n%{num_connects}",
+                          f"https://bmc-s4.bmc.test:{rf.port('rf')}{SYSTEM_PATH}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rf.seen.append(out.stdout)
+    assert out.stdout.startswith("HTTP/1.1 200")
+    assert out.stdout.rstrip().endswith("\n0")  # the GET reused the HEAD's connection
+    assert f'"Id": "{SYSTEM}"' in out.stdout or f'"Id":"{SYSTEM}"' in out.stdout
+
+
+def test_no_bmc_secret_reached_a_client_the_audit_or_the_log(rf, bmc):
+    """Last in the file: everything the clients above received, the audit trail and the proxy's log."""
+    tokens = bmc.issued_tokens()
+    assert tokens, "the proxy logged in to the BMC with Redfish sessions"
+    wait_event(rf, lambda e: e["event"] == "bmc.redfish.session.end")
+    blob = "\n".join(rf.seen) + rf.audit_path.read_text() + rf.log_text()
+    assert rf.seen  # what the clients of the tests before this one received
+    assert bmc.password not in blob
+    assert base64.b64encode(f"{bmc.username}:{bmc.password}".encode()).decode() not in blob
+    for token in tokens:
+        assert token not in blob
+    assert "x-auth-token" not in blob.lower() and "set-cookie" not in blob.lower()
+    for token in rf.tokens.values():
+        assert token not in rf.audit_path.read_text() and token.split(".")[2] not in rf.log_text()
