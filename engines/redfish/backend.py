@@ -201,6 +201,10 @@ class BmcConnection:
                            client_hint="the connection to the BMC was lost") from None
         except h11.ProtocolError as exc:
             await self.aclose()
+            if reused and not got_bytes:
+                # h11 reports the BMC's close before any response byte as a protocol error (the peer
+                # closed in SEND_RESPONSE): on a kept-alive connection that is the idle close race.
+                raise _Stale() from None
             raise BmcError(f"BMC {self.authority} sent a malformed response: {exc}", kind="protocol",
                            client_hint="the BMC sent a malformed response") from None
 

@@ -91,6 +91,12 @@ def rf(bmc, tmp_path_factory):
                  {"name": "basic", "match": {"target": "bmc-b*"}, "backend": backend("basic")},
                  {"name": "down", "match": {"target": "bmc-down"},
                   "backend": backend("basic", f"127.0.0.1:{down_port}")},
+                 {"name": "wrong-basic", "match": {"target": "bmc-wrongb"},
+                  "backend": {**backend("basic"), "auth": {"method": "basic", "username": bmc.username,
+                                                           "password_env": "WRONG_BMC_PASSWORD"}}},
+                 {"name": "wrong-session", "match": {"target": "bmc-wrongs"},
+                  "backend": {**backend("session"), "auth": {"method": "session", "username": bmc.username,
+                                                             "password_env": "WRONG_BMC_PASSWORD"}}},
                  {"name": "doomed", "match": {"target": "gone-*"},
                   "backend": {"address": doomed.address, "auth": {
                       "method": "basic", "username": doomed.username, "password_file": str(doomed.password_file)}}},
@@ -101,7 +107,7 @@ def rf(bmc, tmp_path_factory):
         ],
         "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
     }
-    proc = ProxyProcess(workdir, config).start()
+    proc = ProxyProcess(workdir, config, env={"WRONG_BMC_PASSWORD": "not-the-bmc-password"}).start()
     proc.ca = str(ca[0])
     proc.audit_path = workdir / "audit.jsonl"
     proc.bmc = bmc
@@ -337,6 +343,21 @@ def test_bmc_down_is_502_and_audited(rf, bmc):
     _is_redfish_error(body, "Base.1.0.ServiceTemporarilyUnavailable")
     start = wait_event(rf, lambda e: e["event"] == "bmc.redfish.session.start" and e.get("target") == "bmc-down")
     assert start["success"] is False and start["reason"] == "bmc_connect"
+
+
+def test_bmc_refusing_the_proxys_login_is_502_not_401(rf):
+    # The client's token is good; the BMC refuses the proxy's own credential: a 502 (the client cannot fix
+    # it by logging in again), and the BMC's WWW-Authenticate challenge does not reach the client.
+    for host, where in (("bmc-wrongb", "bmc.redfish.response"), ("bmc-wrongs", "bmc.redfish.session.start")):
+        status, headers, body = curl(rf, "URL/redfish/v1/Systems", host=host, role="reader")
+        assert status == 502, (host, body)
+        _is_redfish_error(body, "Base.1.0.ServiceTemporarilyUnavailable")
+        assert "the BMC refused the proxy's login" in body["error"]["message"]
+        assert "www-authenticate" not in headers
+        event = wait_event(rf, lambda e: e["event"] == where and e["target"] == host)
+        assert event["success"] is False
+    start = wait_event(rf, lambda e: e["event"] == "bmc.redfish.session.start" and e["target"] == "bmc-wrongs")
+    assert start["reason"] == "bmc_auth" and "Incorrect username or password" in start["error"]
 
 
 # --------------------------------------------------------------------------- the proxy's BMC session
