@@ -288,6 +288,7 @@ def test_patch_allowed_and_refused_by_role(rf, bmc):
 
 
 def test_bmc_sessions_and_accounts_are_refused(rf, bmc):
+    assert curl(rf, "URL/redfish/v1/Systems")[0] == 200  # the proxy's own BMC session exists from here
     sessions_before = bmc.sessions()
     status, _, body = curl(rf, "-X", "POST", "-H", "Content-Type: application/json", "-d",
                            json.dumps({"UserName": bmc.username, "Password": "guess"}),
@@ -298,7 +299,11 @@ def test_bmc_sessions_and_accounts_are_refused(rf, bmc):
                  "/redfish/v1/Systems/../SessionService", "/redfish/v1/%2e%2e/AccountService"):
         status, _, body = curl(rf, "--path-as-is", f"URL{path}", role="operator")
         assert status in (400, 403), (path, body)
+    # $expand would inline the linked sessions and accounts into a resource the rules allow.
+    status, _, body = curl(rf, "-g", "URL/redfish/v1?$expand=*($levels=2)", role="operator")
+    assert status == 400 and body["error"]["code"] == "Base.1.0.QueryNotSupported"
     assert bmc.sessions() == sessions_before
+    wait_event(rf, lambda e: e["event"] == "bmc.redfish.request" and e.get("reason") == "query_not_allowed")
     wait_event(rf, lambda e: e["event"] == "bmc.redfish.request" and e.get("reason") == "bad_path")
     reasons = {e["reason"] for e in events(rf, "bmc.redfish.request") if e["verdict"] == "denied"}
     assert {"protected_resource", "bad_path"} <= reasons
@@ -325,6 +330,29 @@ def test_wrong_missing_and_expired_tokens_get_401(rf):
     assert status == 401
     for token in (expired, forged):
         assert token not in rf.audit_path.read_text()
+
+
+def test_token_revoked_mid_connection_is_401_on_the_next_request(rf):
+    token = dbproxy_cli("token", "issue", "--config", str(rf.config_path), "--user", "rita", "--roles", "reader",
+                        "--ttl", "1h", check=True).stdout.strip()
+    ctx = ssl.create_default_context(cafile=rf.ca)
+    ctx.check_hostname = False
+    conn = http.client.HTTPSConnection("127.0.0.1", rf.port("rf"), context=ctx, timeout=30)
+    headers = {"Host": "bmc-s5.bmc.test", "Authorization": f"Bearer {token}"}
+    conn.request("GET", "/redfish/v1/Systems", headers=headers)
+    first = conn.getresponse()
+    assert first.status == 200
+    first.read()
+    dbproxy_cli("token", "revoke", "--config", str(rf.config_path), token, check=True)
+    conn.request("GET", "/redfish/v1/Systems", headers=headers)
+    second = conn.getresponse()
+    body = json.loads(second.read())
+    conn.close()
+    assert second.status == 401
+    _is_redfish_error(body, "Base.1.0.NoValidSession")
+    denied = wait_event(rf, lambda e: e["event"] == "bmc.redfish.request" and e["target"] == "bmc-s5"
+                        and e["verdict"] == "denied")
+    assert denied["reason"] == "token_revoked" and denied["request_id"] == 2 and denied["status"] == 401
 
 
 def test_role_without_the_bmc_and_unknown_bmc(rf):
