@@ -226,6 +226,10 @@ def test_sushy_client_reads_and_resets_power(rf, bmc):
                        auth=sushy_auth.BasicAuth(username="olga", password=rf.tokens["operator"]))
     system = root.get_system(SYSTEM_PATH)
     assert system.identity == SYSTEM
+    # sushy's default auth tries a Redfish session first: the proxy refuses it (403), sushy falls back to Basic.
+    default = sushy.Sushy(f"https://localhost:{port}/redfish/v1", verify=rf.ca, username="olga",
+                          password=rf.tokens["operator"])
+    assert default.get_system(SYSTEM_PATH).identity == SYSTEM
     before = bmc.power_state()
     wanted = "Off" if before == "On" else "On"
     reset = sushy.RESET_GRACEFUL_SHUTDOWN if before == "On" else sushy.RESET_ON
