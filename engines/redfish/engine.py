@@ -134,8 +134,8 @@ class RedfishEngine(Engine):
             state = self._conns[session.id] = _Conn()
         state.requests += 1
         rid = state.requests
-        if request.method in ("GET", "HEAD") and request.path in PUBLIC_PATHS and \
-                codec.client_credentials(request.headers) is None:
+        if request.method in ("GET", "HEAD") and request.target in PUBLIC_PATHS and \
+                codec.client_credentials(request.headers) is None:  # no query: nothing to $expand
             return await self._public(session, request, state, rid)
         identity = self._identify(session, request, state, rid)
         if isinstance(identity, HTTPResponse):
