@@ -30,6 +30,7 @@ Config (validated here, called from ``dbproxy.config``): root ``roles``,
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -143,6 +144,16 @@ def _listener_auth(v: Any, listener_raw: dict, path: str, lc: Any, engine_cls: A
     return auth
 
 
+def engine_role_keys(registry: Any) -> dict:
+    """Role keys engines own (``redfish``: Redfish rules) → their validators (``validate_role_key``)."""
+    keys: dict = {}
+    for name in registry.names() if registry is not None else ():
+        cls = registry.get(name)
+        for key in getattr(cls, "role_keys", ()):
+            keys[key] = functools.partial(cls.validate_role_key, key)
+    return keys
+
+
 def validate_access(v: Any, root: dict, listeners: list[tuple[int, dict, Any]], registry: Any) -> tuple[Any, Any, Any, dict]:
     """Validate ``identity``, ``roles``, ``limits`` and every listener's ``auth``.
 
@@ -150,7 +161,7 @@ def validate_access(v: Any, root: dict, listeners: list[tuple[int, dict, Any]], 
     validated.  Returns (identity, roles or None, limits, {listener: ListenerAuth}).
     """
     identity = validate_identity(v, root["identity"]) if "identity" in root else None
-    roles = validate_roles(v, root["roles"]) if "roles" in root else None
+    roles = validate_roles(v, root["roles"], engine_keys=engine_role_keys(registry)) if "roles" in root else None
     limits = validate_limits(v, root["limits"]) if "limits" in root else None
     if identity is not None and identity.mtls is not None:
         for pattern, granted in identity.mtls.users:

@@ -16,7 +16,8 @@ the core's ``trio.SSLStream``: ``getpeercert()`` gives the client
 certificate), ``handle_datagram_session(session, channel)`` for udp (a
 ``DatagramSession``; optional ``datagram_session_key(data, peer)``), and
 ``handle_http_request(session, request) -> HTTPResponse`` for http (optional
-``render_http_error(status, message)``).  The core runs every kind through
+``render_http_error(status, message)`` and ``async http_connection_closed(session)``, called when
+the client's connection ends: state kept per connection, such as a backend connection).  The core runs every kind through
 the same session accounting (``ProxyServer.handle_client``).
 
 Engines also declare what their routes may say (``match_keys``,

@@ -8,7 +8,12 @@ family: SSH) are granted by their own keys, ``targets`` (hosts) and
 grants databases, terminals or both, and one that names neither kind is a
 config error.  ``port_forwarding`` (``"local"``: direct-tcpip, i.e. ``ssh
 -L``/``-D``/``-W``; ``"remote"``: tcpip-forward, ``ssh -R``) is off unless a
-granting role names it.  An identity's roles come from its
+granting role names it.  BMC sessions (the ``bmc`` family: Redfish, IPMI) are
+granted by ``bmcs`` (globs on the BMC targets) and what may be done there by
+a protocol's own key (``redfish``: rules on method, path and action),
+declared and validated by its engine (``role_keys`` / ``validate_role_key``,
+handed in by ``dbproxy.access``); a granting role's value of such a key
+reaches the engine through ``Grant.policy(key)``.  An identity's roles come from its
 token or its certificate mapping; the roles that match a connection's
 (route, database, database user) are its *granting* roles, and they form one
 ``Grant`` for the session:
@@ -36,10 +41,11 @@ from .errors import AccessDenied
 from .session import Identity
 from .statements import Dialect, Refusal
 
-ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding"}
+ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding",
+             "bmcs"}
 FORWARDING_KINDS = ("local", "remote")
 # Which pair of role keys grants a session of each family (what it reaches, as whom).
-FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins")}
+FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins"), "bmc": ("bmcs",)}
 
 
 @attrs.frozen
@@ -53,11 +59,16 @@ class RoleConfig:
     targets: tuple[str, ...] = ()
     logins: tuple[str, ...] = ()
     port_forwarding: tuple[str, ...] = ()
+    bmcs: tuple[str, ...] = ()
+    # Engine-owned keys (``redfish``): (key, what the engine's validator made of it).
+    policies: tuple[tuple[str, Any], ...] = ()
 
     def grants(self, family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(what, as whom) globs this role grants for a session family (empty: none)."""
         if family == "terminal":
             return self.targets, self.logins
+        if family == "bmc":
+            return self.bmcs, ()  # the BMC login is the proxy's: nothing to grant "as whom"
         return self.databases, self.db_users
 
 
@@ -73,18 +84,28 @@ def glob_list(v: Any, d: dict, key: str, path: str, *, required: bool) -> tuple[
     return tuple(value)
 
 
-def validate_roles(v: Any, raw: Any, path: str = "roles") -> dict[str, RoleConfig]:
+def validate_roles(v: Any, raw: Any, path: str = "roles", engine_keys: dict | None = None) -> dict[str, RoleConfig]:
+    """``engine_keys``: role key → ``validate(v, value, path)`` of the engines that own one (``redfish``)."""
+    engine_keys = engine_keys or {}
     d = v.obj(raw, path, "an object of role name → role")
     out: dict[str, RoleConfig] = {}
     for name, item in (d or {}).items():
         rp = f"{path}.{name}"
-        rd = v.section(item, rp, ROLE_KEYS)
+        rd = v.section(item, rp, ROLE_KEYS | set(engine_keys))
         if rd is None:
             continue
         present = [pair for pair in FAMILY_KEYS.values() if any(k in rd for k in pair)]
         if not present:
             v.err(rp, 'what the role grants: "databases" and "db_users" (database sessions) and/or "targets" and '
-                      '"logins" (terminal sessions), arrays of globs')
+                      '"logins" (terminal sessions) and/or "bmcs" (BMC sessions), arrays of globs')
+        policies = []
+        for key, validate in engine_keys.items():
+            if key in rd:
+                if "bmcs" not in rd:
+                    v.err(rp, f'a key "bmcs" (the BMC targets the role\'s "{key}" rules apply to)')
+                value = validate(v, rd[key], f"{rp}.{key}")
+                if value is not None:
+                    policies.append((key, value))
         grants: dict[str, tuple[str, ...]] = {}
         for pair in present:
             for key in pair:  # a pair is all or nothing: half a grant is a mistake, not a wildcard
@@ -103,6 +124,8 @@ def validate_roles(v: Any, raw: Any, path: str = "roles") -> dict[str, RoleConfi
             read_only=v.boolean(rd, "read_only", rp),
             deny_commands=glob_list(v, rd, "deny_commands", rp, required=False),
             port_forwarding=tuple(k for k in forwarding if k in FORWARDING_KINDS),
+            bmcs=grants.get("bmcs", ()),
+            policies=tuple(policies),
         )
     return out
 
@@ -128,6 +151,18 @@ class Grant:
     restricted: bool = False  # RBAC applies (False: a legacy/unrestricted session)
     # Terminal sessions: the forwarding kinds some granting role allows (``FORWARDING_KINDS``).
     port_forwarding: tuple[str, ...] = ()
+    # Engine-owned role keys of the granting roles: (key, (one value per granting role that has it)).
+    policies: tuple[tuple[str, tuple], ...] = ()
+
+    def policy(self, key: str) -> tuple | None:
+        """The granting roles' values of an engine-owned role key (``redfish``), one per role that
+        names it; None for an unrestricted session (no RBAC configured)."""
+        if not self.restricted:
+            return None
+        for name, values in self.policies:
+            if name == key:
+                return values
+        return ()
 
     def allows_forwarding(self, kind: str) -> bool:
         """Deny by default: an unrestricted session (no RBAC configured) forwards nothing either."""
@@ -208,14 +243,17 @@ class AccessPolicy:
                 continue
             granting.append(role)
         if not granting:
-            names = ("target", "login") if family == "terminal" else ("database", "database user")
+            names = {"terminal": ("target", "login"), "bmc": ("BMC", "login")}.get(family, ("database", "database user"))
             what = f"route {route!r}" + (f", {names[0]} {database!r}" if database is not None else "") + (f", {names[1]} {db_user!r}" if db_user is not None else "")
             roles = ", ".join(identity.roles) or "none"
             raise AccessDenied(f"no role of {identity.user!r} (roles: {roles}) allows {what}", reason="no_role_allows")
         deny: list[str] = []
         databases: list[str] = []
         forwarding: list[str] = []
+        policies: dict[str, list] = {}
         for r in granting:
+            for key, value in r.policies:
+                policies.setdefault(key, []).append(value)
             deny.extend(p for p in r.deny_commands if p not in deny)
             databases.extend(g for g in r.grants(family)[0] if g not in databases)
             forwarding.extend(k for k in r.port_forwarding if k not in forwarding)
@@ -226,5 +264,6 @@ class AccessPolicy:
             databases=tuple(databases),
             restricted=True,
             port_forwarding=tuple(forwarding),
+            policies=tuple((k, tuple(vals)) for k, vals in policies.items()),
         )
 

@@ -39,6 +39,8 @@ def _iso(ts: int) -> str:
 
 def load_token_config(path: str) -> tuple[TokenConfig, dict | None]:
     """``identity.token`` and ``roles`` of a config file, validated; raises ConfigErrors."""
+    from .access import engine_role_keys
+    from .cli import _registry
     from .roles import validate_roles
 
     v = Validator(path)
@@ -46,7 +48,7 @@ def load_token_config(path: str) -> tuple[TokenConfig, dict | None]:
     if not isinstance(doc, dict) or "identity" not in doc:
         raise ConfigErrors([ConfigError(path, "", "an \"identity\" section with \"token\"")])
     identity = validate_identity(v, doc["identity"])
-    roles = validate_roles(v, doc["roles"]) if "roles" in doc else None
+    roles = validate_roles(v, doc["roles"], engine_keys=engine_role_keys(_registry())) if "roles" in doc else None
     if not v.errors and (identity is None or identity.token is None):
         v.err("identity", "a key \"token\"")
     if v.errors:

@@ -14,6 +14,7 @@ def default_registry() -> EngineRegistry:
     from .cassandra.engine import CassandraEngine
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
+    from .redfish.engine import RedfishEngine
     from .ssh.engine import SSHEngine
 
     registry = EngineRegistry()
@@ -21,4 +22,5 @@ def default_registry() -> EngineRegistry:
     registry.register("mongo", MongoEngine)
     registry.register("cassandra", CassandraEngine)
     registry.register("ssh", SSHEngine)
+    registry.register("redfish", RedfishEngine)
     return registry

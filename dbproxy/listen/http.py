@@ -271,6 +271,12 @@ async def serve_http(engine: Any, session: Any, stream: Any, options: Any, *, bu
         if conn.account is not None:
             conn.account.release()
         session.details.setdefault("end_fields", {})["http_requests"] = requests
+        closed = getattr(engine, "http_connection_closed", None)
+        if closed is not None:
+            # The engine's per-connection state (a backend connection it keeps alive) ends with
+            # the client's connection, also when the session is being cancelled.
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await closed(session)
 
 
 async def _call_handler(engine: Any, session: Any, request: HTTPRequest, render: Any) -> HTTPResponse:

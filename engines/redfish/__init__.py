@@ -1,0 +1,1 @@
+"""Redfish: an HTTPS reverse proxy in front of BMCs (docs/redfish.md)."""
