@@ -12,7 +12,7 @@ from typing import Any
 from .configtypes import SecretRef, SinkConfig
 from .validate import join
 
-SINK_TYPES = ("jsonl", "syslog", "http")
+SINK_TYPES = ("jsonl", "syslog", "http", "postgres")
 # Keys allowed directly under "audit" in a config file.
 AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
 
@@ -34,6 +34,7 @@ SYSLOG_KEYS = {
     "address", "transport", "facility", "app_name", "hostname", "format", "sd_id", "utf8_bom",
     "confirm_timeout_seconds", "connect_timeout_seconds",
 } | TLS_KEYS
+POSTGRES_KEYS = {"dsn_file", "dsn_env", "table", "chain", "connect_timeout_seconds"}
 HTTP_KEYS = {
     "url", "format", "token_file", "token_env", "gzip", "headers", "timeout_seconds",
     "index", "source", "sourcetype", "host",
@@ -59,6 +60,9 @@ def validate_sink(v: Any, item: Any, path: str, index: int) -> SinkConfig | None
     if stype == "syslog":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | SYSLOG_KEYS, path)
         params = _syslog(v, d, path)
+    elif stype == "postgres":
+        v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | POSTGRES_KEYS, path)
+        params = _postgres(v, d, path)
     else:
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | HTTP_KEYS, path)
         params = _http(v, d, path)
@@ -188,3 +192,38 @@ def _http(v: Any, d: dict, path: str) -> dict:
     return params
 
 
+def _postgres(v: Any, d: dict, path: str) -> dict:
+    """The PostgreSQL table sink (audit/sinks/postgres.py): a DSN from a file or the environment
+    (it may carry a password), a table name, the chain's name."""
+    params: dict = {}
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        v.err(join(path, "type"), "a sink whose library is installed: \"postgres\" needs psycopg "
+                                  "(pip install 'dbproxy[audit-postgres]')")
+    if ("dsn_file" in d) == ("dsn_env" in d):
+        v.err(path, "one of \"dsn_file\" or \"dsn_env\" (the libpq connection string; it may hold a password)")
+    elif "dsn_file" in d:
+        f = v.file_path(d, "dsn_file", path)
+        if f is not None:
+            params["dsn"] = SecretRef(file=f)
+    else:
+        env = v.string(d, "dsn_env", path)
+        if env is not None:
+            if env not in os.environ:
+                v.err(join(path, "dsn_env"), f"environment variable {env} to be set")
+            params["dsn"] = SecretRef(env=env)
+    table = v.string(d, "table", path, required=False)
+    if table is not None:
+        from dbproxy.audit.sinks.postgres import TABLE_NAME
+
+        if not TABLE_NAME.match(table):
+            v.err(join(path, "table"), f"a table name (letters, digits, _; optionally schema.table), got {table!r}")
+        params["table"] = table
+    chain = v.string(d, "chain", path, required=False)
+    if chain is not None:
+        params["chain"] = chain
+    timeout = v.number(d, "connect_timeout_seconds", path, minimum=1.0)
+    if timeout is not None:
+        params["connect_timeout"] = timeout
+    return params

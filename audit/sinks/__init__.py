@@ -8,7 +8,9 @@ Any number of sinks at once; each gets every event, in ``seq`` order:
     {"type": "http",   "url": "https://splunk:8088/services/collector/event", "format": "hec",
      "token_file": "hec.token", "spool_dir": "/var/lib/dbproxy/spool/hec"}
 
-Network sinks (syslog, http) all take the spool keys: ``spool_dir``
+    {"type": "postgres", "dsn_file": "audit-db.dsn", "table": "dbproxy_audit", "spool_dir": "/var/lib/dbproxy/spool/pg"}
+
+Network sinks (syslog, http, postgres) all take the spool keys: ``spool_dir``
 (required), ``spool_max_bytes``, ``on_spool_full`` (``fail_closed`` |
 ``drop_oldest``), ``batch_max_events``, ``batch_max_bytes``,
 ``retry_initial_seconds``, ``retry_max_seconds``, ``shutdown_flush_seconds``,
@@ -80,4 +82,9 @@ def build_sink(cfg: SinkConfig):
             **extra,
             **_spool_kw(cfg),
         )
+    if cfg.type == "postgres":
+        from .postgres import PostgresSink
+
+        extra = {k: p[k] for k in ("table", "chain", "connect_timeout") if k in p}
+        return PostgresSink(dsn=p["dsn"], **extra, **_spool_kw(cfg))
     raise ValueError(f"unknown sink type {cfg.type!r}")

@@ -1,0 +1,118 @@
+"""PostgreSQL table sink: the audit trail as rows, batched with COPY, behind the disk spool.
+
+Each event becomes one row of ``table``::
+
+    chain     text         which proxy's hash chain (config ``chain``, default the host name)
+    seq       bigint       the chain's sequence number      } primary key (chain, seq)
+    time      timestamptz  the event's time
+    event     text         its type (db.session.query, ssh.exec, …)
+    sid       text         the session id, if any
+    usr       text         the proxy identity, if any
+    prev_hash text, hash text   the chain fields
+    line      text         the event's JSON line exactly as stamped (the bytes ``hash`` covers:
+                           ``dbproxy audit verify`` works on ``SELECT line … ORDER BY seq``)
+    body      jsonb        the same event, queryable (``body->>'db_query'``)
+
+Strategy: the spooled base writes each batch to the disk spool first and
+delivers from it in order (outages, restarts); ``deliver`` runs one
+transaction per batch in a worker thread (psycopg is synchronous there, the
+audit worker's trio loop never blocks): ``COPY`` into a temporary table,
+then ``INSERT … ON CONFLICT (chain, seq) DO NOTHING`` — a batch re-sent
+after a lost commit acknowledgement, or replayed by a restarted audit
+worker, lands once.  The table is created if missing.  The DSN (it may hold
+a password) comes from a file or an environment variable and is never
+logged; TLS is libpq's (``sslmode``/``sslrootcert`` in the DSN).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from typing import Any
+
+import orjson
+import trio
+
+from .spooled import DeliveryFailed, SpooledSink
+
+log = logging.getLogger("dbproxy.audit.postgres")
+
+TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+COLUMNS = ("chain", "seq", "time", "event", "sid", "usr", "prev_hash", "hash", "line", "body")
+
+
+class PostgresSink(SpooledSink):
+    kind = "postgres"
+
+    def __init__(self, *, dsn: Any, table: str = "dbproxy_audit", chain: str | None = None,
+                 connect_timeout: float = 10.0, **spool: Any) -> None:
+        super().__init__(**spool)
+        if not TABLE_NAME.match(table):
+            raise ValueError(f"table {table!r}: a table name, optionally schema-qualified")
+        self._dsn = dsn  # a SecretRef: read when connecting, never kept in logs
+        self.table = table
+        self.chain = chain or socket.gethostname()
+        self.connect_timeout = connect_timeout
+        self._conn: Any = None
+        self._limiter = trio.CapacityLimiter(1)  # one thread at a time uses the connection
+
+    # -- the connection (in the worker thread) -------------------------------------------
+    def _connect(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self._dsn.reveal(), connect_timeout=max(1, int(self.connect_timeout)),
+                               application_name="dbproxy-audit")
+        with conn.transaction():
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table} ("
+                "chain text NOT NULL, seq bigint NOT NULL, time timestamptz, event text NOT NULL, sid text, "
+                "usr text, prev_hash text NOT NULL, hash text NOT NULL, line text NOT NULL, body jsonb NOT NULL, "
+                "PRIMARY KEY (chain, seq))")
+        return conn
+
+    def _deliver_sync(self, rows: list[tuple]) -> None:
+        import psycopg
+
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            conn = self._conn
+            with conn.transaction():
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS dbproxy_audit_in "
+                             f"(LIKE {self.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                with conn.cursor() as cur:
+                    with cur.copy(f"COPY dbproxy_audit_in ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    cur.execute(f"INSERT INTO {self.table} SELECT * FROM dbproxy_audit_in "
+                                "ON CONFLICT (chain, seq) DO NOTHING")
+        except psycopg.Error as exc:
+            self._close_sync()
+            # psycopg's messages name host, port and database, never the password.
+            raise DeliveryFailed(f"PostgreSQL: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        except OSError as exc:
+            self._close_sync()
+            raise DeliveryFailed(f"PostgreSQL: {exc.strerror or exc}") from None
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a broken connection may fail to close; it is dropped either way
+                pass
+
+    # -- the spooled sink's interface ----------------------------------------------------
+    def _row(self, payload: bytes) -> tuple:
+        event = orjson.loads(payload)
+        text = payload.decode("utf-8")
+        return (self.chain, event["seq"], event.get("time"), event.get("event", ""), event.get("sid"),
+                event.get("user"), event["prev_hash"], event["hash"], text, text)
+
+    async def deliver(self, payloads: list[bytes]) -> None:
+        rows = [self._row(p) for p in payloads]
+        await trio.to_thread.run_sync(self._deliver_sync, rows, limiter=self._limiter)
+
+    async def disconnect(self) -> None:
+        await trio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
