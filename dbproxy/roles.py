@@ -8,7 +8,8 @@ family: SSH) are granted by their own keys, ``targets`` (hosts) and
 grants databases, terminals or both, and one that names neither kind is a
 config error.  ``port_forwarding`` (``"local"``: direct-tcpip, i.e. ``ssh
 -L``/``-D``/``-W``; ``"remote"``: tcpip-forward, ``ssh -R``) is off unless a
-granting role names it.  An identity's roles come from its
+granting role names it.  ``scopes`` (names, not globs) are what command
+templates ask of a caller (``dbproxy.commands``).  An identity's roles come from its
 token or its certificate mapping; the roles that match a connection's
 (route, database, database user) are its *granting* roles, and they form one
 ``Grant`` for the session:
@@ -36,7 +37,8 @@ from .errors import AccessDenied
 from .session import Identity
 from .statements import Dialect, Refusal
 
-ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding"}
+ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding",
+             "scopes"}
 FORWARDING_KINDS = ("local", "remote")
 # Which pair of role keys grants a session of each family (what it reaches, as whom).
 FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins")}
@@ -53,6 +55,8 @@ class RoleConfig:
     targets: tuple[str, ...] = ()
     logins: tuple[str, ...] = ()
     port_forwarding: tuple[str, ...] = ()
+    # Command templates (dbproxy.commands): a template runs only for a caller whose roles carry all its scopes.
+    scopes: tuple[str, ...] = ()
 
     def grants(self, family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(what, as whom) globs this role grants for a session family (empty: none)."""
@@ -103,6 +107,7 @@ def validate_roles(v: Any, raw: Any, path: str = "roles") -> dict[str, RoleConfi
             read_only=v.boolean(rd, "read_only", rp),
             deny_commands=glob_list(v, rd, "deny_commands", rp, required=False),
             port_forwarding=tuple(k for k in forwarding if k in FORWARDING_KINDS),
+            scopes=glob_list(v, rd, "scopes", rp, required=False),
         )
     return out
 

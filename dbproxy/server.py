@@ -96,6 +96,8 @@ class ProxyServer:
             recorder=self.recorder,
             buffers=BufferBudget(config.buffers.budget_bytes, message_timeout=config.buffers.message_timeout),
         )
+        # Engines that need the whole config (the command API reads the JSONL trail's path).
+        self.services.extras["config"] = config
         self.engines = {}
         self.sessions: dict[str, Session] = {}
         self.bound: list[BoundListener] = []
@@ -127,6 +129,10 @@ class ProxyServer:
                     # here: it outlives any one session, never the server.
                     if self.services.credentials is not None:
                         self.services.credentials.attach(background)
+                    # Engines with work that outlives a connection (the command API's jobs).
+                    for engine in self.engines.values():
+                        if hasattr(engine, "attach"):
+                            engine.attach(background)
                     await self._serve_sessions(task_status=task_status)
                     background.cancel_scope.cancel()
                 self._marker(ev.PROXY_STOP, reason="stopped")

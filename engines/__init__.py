@@ -14,6 +14,7 @@ def default_registry() -> EngineRegistry:
     from .cassandra.engine import CassandraEngine
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
+    from .ssh.commands import SSHCommandsEngine
     from .ssh.engine import SSHEngine
 
     registry = EngineRegistry()
@@ -21,4 +22,6 @@ def default_registry() -> EngineRegistry:
     registry.register("mongo", MongoEngine)
     registry.register("cassandra", CassandraEngine)
     registry.register("ssh", SSHEngine)
+    # The command-template API (dbproxy.commands) running its templates over SSH.
+    registry.register("ssh-commands", SSHCommandsEngine)
     return registry
