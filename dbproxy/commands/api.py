@@ -70,7 +70,8 @@ COMMANDS_KEYS = {"max_jobs_per_caller", "max_commands_per_target", "job_retentio
 DEFAULT_AUDIT_SCOPE = "audit.read"
 DEFAULT_RETENTION = 3600.0
 DEFAULT_MAX_TARGETS = 64
-MAX_JOBS_KEPT = 10_000
+# Finished jobs kept at most (each holds its output, up to the template's output limit per target).
+MAX_JOBS_KEPT = 1000
 # After its timeout, how long a run may take to kill the remote command and close.
 KILL_GRACE = 5.0
 

@@ -44,6 +44,8 @@ log = logging.getLogger("dbproxy.ssh.commands")
 
 # After a stop, how long the signal, channel close and disconnect may take.
 STOP_GRACE = 3.0
+# A run stopped before the target's shell reported its pid waits this long for it.
+PID_WAIT = 1.0
 
 
 PID_MARK = b"dbproxy-pid:"
@@ -59,6 +61,7 @@ class _Exec(asyncssh.SSHClientSession):
         self.run = run
         self.done = done
         self.pid: int | None = None
+        self.pid_known = trio.Event()
         self._preamble: bytearray | None = bytearray()
 
     def data_received(self, data: bytes, datatype: Any) -> None:
@@ -73,6 +76,7 @@ class _Exec(asyncssh.SSHClientSession):
             line, _, rest = bytes(self._preamble).partition(b"\n")
             if line.startswith(PID_MARK) and line[len(PID_MARK):].isdigit():
                 self.pid = int(line[len(PID_MARK):])
+                self.pid_known.set()
                 self._preamble = None
                 self.run.output("stderr", rest)
                 return
@@ -170,8 +174,12 @@ class SSHCommandsEngine(CommandsEngine):
             chan.send_signal("KILL")
         except Exception as exc:  # a channel already closing: the group kill below still applies
             log.debug("signal to %s failed: %s", run.target, exc)
+        if handler.pid is None and not handler.done.is_set():
+            # Stopped right after the start: the pid line is the shell's first output, on its way.
+            with trio.move_on_after(PID_WAIT):
+                await handler.pid_known.wait()
         if handler.pid is None:
-            # Stopped before the shell said who it is: closing the channel is all there is.
+            # The shell never said who it is (it is gone, or stopped before it began): closing is all there is.
             session.audit.emit("command.kill", job_id=run.job.id, reason=run.stop_reason or "timeout", pid=None)
             return
         line = f"kill -KILL -- -{handler.pid}"

@@ -25,7 +25,8 @@ from tests.support import ROOT, ProxyProcess, read_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
-SLEEP_MARK = "347.25"  # an unusual duration: pgrep finds exactly our sleep on the target
+# An unusual duration, new each run: pgrep finds exactly this run's sleep on the target.
+SLEEP_MARK = f"{uuid.uuid4().int % 900_000 + 100_000}.25"
 
 
 def _cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -109,8 +110,17 @@ def api(sshd, tmp_path_factory):
         }],
         "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
     }
+    # The same API over HTTPS (the core's TLS on the http listener).
+    from scripts.peers.certs import make_ca, make_cert
+
+    ca = make_ca(workdir / "pki")
+    cert, key = make_cert(workdir / "pki", ca, "localhost")
+    config["listeners"].append({**config["listeners"][0], "name": "api-tls",
+                                "tls": {"cert_file": str(cert), "key_file": str(key)}})
     proc = ProxyProcess(workdir, config, name="proxy").start()
-    proc.url = f"http://127.0.0.1:{proc.port()}"
+    proc.url = f"http://127.0.0.1:{proc.port('api')}"
+    proc.tls_url = f"https://localhost:{proc.port('api-tls')}"
+    proc.ca_file = str(ca[0])
     proc.audit_path = workdir / "audit.jsonl"
     proc.files = files
     proc.workdir = workdir
@@ -167,7 +177,8 @@ def job_events(api, job_id: str, count: int) -> list[dict]:
 
 
 def sleeping(mark: str) -> bool:
-    return subprocess.run(["pgrep", "-f", f"sleep {mark}"], capture_output=True).returncode == 0
+    # Anchored: the target's shell line holds "sleep MARK" too until it execs the command.
+    return subprocess.run(["pgrep", "-f", f"^sleep {mark}$"], capture_output=True).returncode == 0
 
 
 # ------------------------------------------------------------------------------------ the server
@@ -418,8 +429,7 @@ def test_output_limit(api):
     run = r.json()["targets"][0]
     assert run["status"] == "output_limit" and run["output_truncated"] is True
     assert run["stdout_bytes"] == 1000 and run["stdout"].startswith("dbproxy-flood\n")
-    wait_until(lambda: subprocess.run(["pgrep", "-f", "yes dbproxy-flood"], capture_output=True).returncode != 0,
-               timeout=5, what="yes to be killed")
+    assert subprocess.run(["pgrep", "-f", "^yes dbproxy-flood$"], capture_output=True).returncode != 0
 
 
 def test_cancel_kills_and_stream_shows_output(api):
@@ -437,7 +447,9 @@ def test_cancel_kills_and_stream_shows_output(api):
                 lines.append(json.loads(line))
     assert cancelled.json()["status"] == "cancelled"
     assert lines[-1]["event"] == "end" and lines[-1]["job"]["targets"][0]["status"] == "cancelled"
-    wait_until(lambda: not sleeping(mark), timeout=5, what="the remote sleep to be killed")
+    assert not sleeping(mark), "the remote sleep outlived the cancel"
+    kill = [e for e in job_events(api, job_id, 3) if e["event"] == "command.kill"][0]
+    assert kill["reason"] == "cancelled" and kill["pid"] is not None
 
 
 def test_stream_output_while_running_with_curl(api):
@@ -528,6 +540,23 @@ def test_cli_run_streams_and_exits_with_the_status(api):
     p = _cli("run", "echo-word", "--url", api.url, "--target", "web-1", "--target", "web-2", "--param", "word=x",
              env=env)
     assert sorted(p.stdout.splitlines()) == ["[web-1] [x]", "[web-2] [x]"]
+
+
+def test_https_with_curl_httpx_and_the_cli(api):
+    code, doc = curl_json(curl(api, "--cacert", api.ca_file, f"{api.tls_url}/healthz", token=""))
+    assert code == 200 and doc["status"] == "ok"
+    import ssl
+
+    with httpx.Client(base_url=api.tls_url, verify=ssl.create_default_context(cafile=api.ca_file), timeout=30,
+                      headers={"authorization": f"Bearer {api.token}"}) as c:
+        r = c.post("/execute", json={"template": "echo-word", "targets": ["web-1"], "params": {"word": "tls"},
+                                     "wait": True})
+    assert r.status_code == 200 and r.json()["targets"][0]["stdout"] == "[tls]\n"
+    p = _cli("run", "echo-word", "--url", api.tls_url, "--cacert", api.ca_file, "--target", "web-1",
+             "--param", "word=tls_cli", env={"DBPROXY_TOKEN": api.token})
+    assert p.stdout == "[tls_cli]\n"
+    # Without the CA the client refuses the proxy's certificate.
+    assert subprocess.run(["curl", "-sS", f"{api.tls_url}/healthz"], capture_output=True).returncode != 0
 
 
 def test_audit_chain_verifies(api):
