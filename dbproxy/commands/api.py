@@ -66,7 +66,7 @@ log = logging.getLogger("dbproxy.commands")
 
 LISTENER_KEYS = ("templates", "commands")
 COMMANDS_KEYS = {"max_jobs_per_caller", "max_commands_per_target", "job_retention_seconds", "max_targets",
-                 "audit_scope", "audit_log_file"}
+                 "audit_scope", "audit_log_file", "recording_dir"}
 DEFAULT_AUDIT_SCOPE = "audit.read"
 DEFAULT_RETENTION = 3600.0
 DEFAULT_MAX_TARGETS = 64
@@ -101,6 +101,15 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
     extra["job_retention_seconds"] = DEFAULT_RETENTION if retention is None else retention
     extra["audit_scope"] = v.string(cd, "audit_scope", cp, required=False) or DEFAULT_AUDIT_SCOPE
     extra["audit_log_file"] = v.file_path(cd, "audit_log_file", cp, required=False, must_exist=False)
+    folder = v.string(cd, "recording_dir", cp, required=False)
+    if folder is not None:
+        import os
+
+        resolved = folder if os.path.isabs(folder) else os.path.join(v.base, folder)
+        if not os.path.isdir(resolved) or not os.access(resolved, os.W_OK):
+            v.err(f"{cp}.recording_dir", f"a writable folder for the recordings, but {resolved} is not one")
+        else:
+            extra["recording_dir"] = resolved
     if "auth" not in d:
         # Never an anonymous command runner: the caller's identity decides every scope.
         v.err(path, 'a key "auth": {"methods": ["token"]} (API callers present a proxy token as a bearer token)')
@@ -384,6 +393,23 @@ class CommandsEngine(Engine):
         return HTTPResponse.json(200, page)
 
     # -- jobs --------------------------------------------------------------------------------
+    def _open_recording(self, run: TargetRun, session: Session) -> dict:
+        """The run's output recording (asciicast v2, as an SSH exec or shell channel's), when configured."""
+        folder = self.listener.extra.get("recording_dir")
+        if folder is None:
+            return {}
+        import os
+
+        from ..terminal.recording import AsciicastWriter
+
+        path = os.path.join(folder, f"{session.id}.cast")
+        try:
+            run.recorder = AsciicastWriter(path, 80, 24, None)
+        except OSError as exc:
+            # Nothing unrecorded reaches a target: without its recording the run does not start.
+            raise RecordingUnavailable(f"recording unavailable: {exc.strerror or exc}") from None
+        return {"recording": os.path.basename(path)}
+
     async def _run_job(self, job: Job, routes: list) -> None:
         try:
             async with trio.open_nursery() as nursery:
@@ -406,8 +432,9 @@ class CommandsEngine(Engine):
         try:
             # Before anything reaches the target: what will run there, exactly.
             run.command_line = self.command_line(job)
+            recording = self._open_recording(run, session)
             audit.emit("command.start", command=run.command_line, argv=job.template.argv_for(job.params),
-                       env=[k for k, _ in job.template.env_for(job.params)], **common)
+                       env=[k for k, _ in job.template.env_for(job.params)], **recording, **common)
             await audit.flush()
             run.status = "running"
             run.started = time.monotonic()
@@ -430,6 +457,9 @@ class CommandsEngine(Engine):
                     run.status = "succeeded"
                 else:
                     run.status = "failed"
+        except RecordingUnavailable as exc:
+            run.status, run.error = "error", str(exc)
+            log.error("job %s: target %s: %s", job.id, run.target, exc)
         except Exception as exc:
             run.status, run.error = "error", f"internal error: {exc.__class__.__name__}"
             log.exception("job %s: target %s failed", job.id, run.target)
@@ -443,6 +473,9 @@ class CommandsEngine(Engine):
                       "exit_signal": run.exit_signal, "duration_ms": run.duration_ms,
                       "stdout_bytes": len(run.stdout), "stderr_bytes": len(run.stderr),
                       "output_truncated": run.truncated, **run.digests(), **common}
+            if run.recorder is not None:
+                # In the end event, so the audit's hash chain covers the recording's bytes.
+                fields.update(run.recorder.close())
             if run.error:
                 fields["error"] = run.error
             audit.emit("command.execute", **fields)
@@ -451,6 +484,10 @@ class CommandsEngine(Engine):
                 with trio.move_on_after(5):
                     await audit.flush()
                 audit.forget()
+
+
+class RecordingUnavailable(Exception):
+    pass
 
 
 def _first_jsonl(services: Any) -> str | None:

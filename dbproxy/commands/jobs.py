@@ -57,6 +57,7 @@ class TargetRun:
     scope: trio.CancelScope | None = None
     session_id: str | None = None
     command_line: str = ""
+    recorder: Any = None  # dbproxy.terminal.recording.AsciicastWriter when the listener records
 
     def output(self, stream: str, data: bytes) -> None:
         """Output from the target (called by the runner as it arrives)."""
@@ -68,6 +69,8 @@ class TargetRun:
             self.truncated = True
         if data:
             (self.stderr if stream == "stderr" else self.stdout).extend(data)
+            if self.recorder is not None:
+                self.recorder.output(data)  # what a terminal would show: both streams, in arrival order
             self.job.log.append((self.target, stream, bytes(data)))
             self.job.notify()
         if self.truncated:

@@ -83,6 +83,7 @@ def api(sshd, tmp_path_factory):
     files.mkdir()
     (files / "alpha.txt").write_text("line one\nline two\nline three\n")
     (files / ".hidden").write_text("")
+    (workdir / "recordings").mkdir()
     _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
          "--public-key-file", str(workdir / "token.pub"))
     backend = {"address": sshd.address, "login": sshd.login,
@@ -100,7 +101,7 @@ def api(sshd, tmp_path_factory):
         "listeners": [{
             "name": "api", "protocol": "ssh-commands", "kind": "http", "listen": "127.0.0.1:0",
             "auth": {"methods": ["token"]},
-            "commands": {"max_jobs_per_caller": 3, "max_commands_per_target": 2},
+            "commands": {"max_jobs_per_caller": 3, "max_commands_per_target": 2, "recording_dir": "recordings"},
             "templates": _templates(files),
             "routes": [
                 {"name": "web", "match": {"target": "web-*"}, "backend": backend},
@@ -401,6 +402,20 @@ def test_execute_with_curl_and_audit(api):
     assert end["exit_status"] == 0 and end["success"] is True
     assert end["stdout_sha256"] == run["stdout_sha256"] and end["duration_ms"] > 0
     assert api.token not in api.audit_path.read_text()
+
+
+def test_output_recorded_and_covered_by_the_chain(api):
+    r = execute(api, "head-lines", {"file": str(api.files / "alpha.txt"), "n": 3})
+    job_id = r.json()["job_id"]
+    end = [e for e in job_events(api, job_id, 2) if e["event"] == "command.execute"][0]
+    start = [e for e in job_events(api, job_id, 2) if e["event"] == "command.start"][0]
+    cast = api.workdir / "recordings" / end["recording"]
+    assert start["recording"] == end["recording"] == f"{end['sid']}.cast"
+    data = cast.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == end["recording_sha256"] and len(data) == end["recording_bytes"]
+    lines = [json.loads(x) for x in data.splitlines()]
+    assert lines[0]["version"] == 2
+    assert "".join(x[2] for x in lines[1:] if x[1] == "o") == "line one\nline two\nline three\n"
 
 
 def test_target_down(api):
