@@ -32,8 +32,10 @@ and for each target some role must grant the target and the login as for an
 SSH session (``targets``/``logins``, ``AccessPolicy.authorize`` with family
 ``terminal``); the template's own ``targets`` globs must match too.
 
-Jobs run in a nursery the server hands the engine (``attach``), so they
-outlive the request that started them and end with the server.  Each target
+Jobs run in a nursery under the one the server hands the engine
+(``attach``), so they outlive the request that started them; when the
+server stops, every run still going is stopped like a cancel (its remote
+command killed) before the nursery closes.  Each target
 of a job is audited as a session of its own (event family ``command``):
 ``command.start`` (template, validated parameters, the exact command line,
 target, login) is handed to the audit before the proxy connects to the
@@ -154,7 +156,34 @@ class CommandsEngine(Engine):
 
     # -- the server's background nursery (jobs outlive requests) --------------------------------
     def attach(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+        nursery.start_soon(self._host_jobs)
+
+    async def _host_jobs(self) -> None:
+        """Own the jobs' nursery until the server stops; then stop every run (its remote command is
+        killed) and give them ``KILL_GRACE`` before cutting them off.
+
+        The jobs' nursery is shielded: the server's cancellation must not reach a run before it
+        was stopped in order — its runner's event loop has to live to send the kill."""
+        stopping = trio.Event()
+
+        async def jobs_nursery(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as jobs:
+                    self._nursery = jobs
+                    task_status.started()
+                    await stopping.wait()
+                    self._nursery = None
+                    for job in self.jobs.values():
+                        if not job.done.is_set():
+                            job.cancel()
+                    jobs.cancel_scope.deadline = trio.current_time() + KILL_GRACE
+
+        async with trio.open_nursery() as host:
+            await host.start(jobs_nursery)
+            try:
+                await trio.sleep_forever()
+            finally:
+                stopping.set()
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def handle_http_request(self, session: Any, request: Any) -> HTTPResponse:
@@ -322,6 +351,8 @@ class CommandsEngine(Engine):
             plans.append((t, route, login))
         if self._nursery is None:
             return _error(503, "the proxy is not running jobs (starting or stopping)")
+        if not self.services.recorder.accepting:
+            return _error(503, "audit unavailable: no command runs unaudited")
         try:
             self.limits.admit(identity.user, targets)
         except LimitExceeded as exc:
@@ -436,6 +467,10 @@ class CommandsEngine(Engine):
             audit.emit("command.start", command=run.command_line, argv=job.template.argv_for(job.params),
                        env=[k for k, _ in job.template.env_for(job.params)], **recording, **common)
             await audit.flush()
+            if hasattr(audit, "wait_durable"):  # "durability": "ack": on disk before the target sees it
+                await audit.wait_durable()
+            if not self.services.recorder.accepting:  # a fail-closed sink can take no more
+                raise RecordingUnavailable("audit unavailable: the command was not run")
             run.status = "running"
             run.started = time.monotonic()
             job.notify()
@@ -487,7 +522,7 @@ class CommandsEngine(Engine):
 
 
 class RecordingUnavailable(Exception):
-    pass
+    """The run cannot be recorded or audited: it does not start."""
 
 
 def _first_jsonl(services: Any) -> str | None:
