@@ -590,4 +590,5 @@ def test_server_stop_kills_running_commands(api):
     assert not sleeping(mark), "the remote command outlived the proxy"
     evs = [e for e in read_audit(api.audit_path) if e.get("job_id") == job_id]
     assert [e["event"] for e in evs] == ["command.start", "command.kill", "command.execute"]
+    assert evs[1]["reason"] == "cancelled" and evs[1]["pid"] is not None  # stopped, not timed out
     assert evs[-1]["status"] == "cancelled"
