@@ -219,7 +219,7 @@ def test_commands_lists_what_the_caller_may_run(api):
 def test_no_token_is_401_with_bearer_challenge(api):
     p = curl(api, "-i", f"{api.url}/commands", token="")
     assert "401" in p.stdout.splitlines()[0]
-    assert "www-authenticate: Bearer" in p.stdout.lower().replace("www-authenticate: bearer", "www-authenticate: Bearer")
+    assert 'www-authenticate: bearer realm="dbproxy"' in p.stdout.lower()
 
 
 def test_expired_token_is_refused_and_audited(api):
