@@ -12,7 +12,7 @@ from typing import Any
 from .configtypes import SecretRef, SinkConfig
 from .validate import join
 
-SINK_TYPES = ("jsonl", "syslog", "http", "postgres")
+SINK_TYPES = ("jsonl", "syslog", "http", "pg_table")
 # Keys allowed directly under "audit" in a config file.
 AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
 
@@ -60,7 +60,7 @@ def validate_sink(v: Any, item: Any, path: str, index: int) -> SinkConfig | None
     if stype == "syslog":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | SYSLOG_KEYS, path)
         params = _syslog(v, d, path)
-    elif stype == "postgres":
+    elif stype == "pg_table":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | POSTGRES_KEYS, path)
         params = _postgres(v, d, path)
     else:
@@ -199,7 +199,7 @@ def _postgres(v: Any, d: dict, path: str) -> dict:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        v.err(join(path, "type"), "a sink whose library is installed: \"postgres\" needs psycopg "
+        v.err(join(path, "type"), "a sink whose library is installed: \"pg_table\" needs psycopg "
                                   "(pip install 'dbproxy[audit-postgres]')")
     if ("dsn_file" in d) == ("dsn_env" in d):
         v.err(path, "one of \"dsn_file\" or \"dsn_env\" (the libpq connection string; it may hold a password)")

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
     # Subcommand groups live beside the code they drive.
-    for module in ("dbproxy.audit_cli", "dbproxy.token_cli", "dbproxy.replay_cli"):
+    for module in ("dbproxy.audit_cli", "dbproxy.token_cli", "dbproxy.replay_cli", "dbproxy.run_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

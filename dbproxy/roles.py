@@ -13,7 +13,9 @@ granted by ``bmcs`` (globs on the BMC targets) and what may be done there by
 a protocol's own key (``redfish``: rules on method, path and action),
 declared and validated by its engine (``role_keys`` / ``validate_role_key``,
 handed in by ``dbproxy.access``); a granting role's value of such a key
-reaches the engine through ``Grant.policy(key)``.  An identity's roles come from its
+reaches the engine through ``Grant.policy(key)``.  ``scopes`` (names, not
+globs) are what command templates ask of a caller (``dbproxy.commands``).
+An identity's roles come from its
 token or its certificate mapping; the roles that match a connection's
 (route, database, database user) are its *granting* roles, and they form one
 ``Grant`` for the session:
@@ -42,7 +44,7 @@ from .session import Identity
 from .statements import Dialect, Refusal
 
 ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding",
-             "bmcs"}
+             "bmcs", "scopes"}
 FORWARDING_KINDS = ("local", "remote")
 # Which pair of role keys grants a session of each family (what it reaches, as whom).
 FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins"), "bmc": ("bmcs",)}
@@ -62,6 +64,8 @@ class RoleConfig:
     bmcs: tuple[str, ...] = ()
     # Engine-owned keys (``redfish``): (key, what the engine's validator made of it).
     policies: tuple[tuple[str, Any], ...] = ()
+    # Command templates (dbproxy.commands): a template runs only for a caller whose roles carry all its scopes.
+    scopes: tuple[str, ...] = ()
 
     def grants(self, family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(what, as whom) globs this role grants for a session family (empty: none)."""
@@ -126,6 +130,7 @@ def validate_roles(v: Any, raw: Any, path: str = "roles", engine_keys: dict | No
             port_forwarding=tuple(k for k in forwarding if k in FORWARDING_KINDS),
             bmcs=grants.get("bmcs", ()),
             policies=tuple(policies),
+            scopes=glob_list(v, rd, "scopes", rp, required=False),
         )
     return out
 

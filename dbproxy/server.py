@@ -99,6 +99,8 @@ class ProxyServer:
             recorder=self.recorder,
             buffers=BufferBudget(config.buffers.budget_bytes, message_timeout=config.buffers.message_timeout),
         )
+        # Engines that need the whole config (the command API reads the JSONL trail's path).
+        self.services.extras["config"] = config
         self.engines = {}
         self.sessions: dict[str, Session] = {}
         self.bound: list[BoundListener] = []
@@ -138,6 +140,10 @@ class ProxyServer:
                     # here: it outlives any one session, never the server.
                     if self.services.credentials is not None:
                         self.services.credentials.attach(background)
+                    # Engines with work that outlives a connection (the command API's jobs).
+                    for engine in self.engines.values():
+                        if hasattr(engine, "attach"):
+                            engine.attach(background)
                     await self._serve_sessions(background, task_status=task_status)
                     background.cancel_scope.cancel()
                 self._marker(ev.PROXY_STOP, reason="stopped")
@@ -278,6 +284,9 @@ class ProxyServer:
         background = self._nurseries[2]
         if services.credentials is not None:
             services.credentials.attach(background)
+        for engine in engines.values():
+            if hasattr(engine, "attach"):
+                engine.attach(background)
         added, removed, changed, kept = [], [], [], []
         for lc in new.listeners:
             self._live[lc.name] = (make_entry(engines[lc.name], lc, services), lc)

@@ -15,6 +15,7 @@ def default_registry() -> EngineRegistry:
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
     from .redfish.engine import RedfishEngine
+    from .ssh.commands import SSHCommandsEngine
     from .ssh.engine import SSHEngine
 
     registry = EngineRegistry()
@@ -23,4 +24,6 @@ def default_registry() -> EngineRegistry:
     registry.register("cassandra", CassandraEngine)
     registry.register("ssh", SSHEngine)
     registry.register("redfish", RedfishEngine)
+    # The command-template API (dbproxy.commands) running its templates over SSH.
+    registry.register("ssh-commands", SSHCommandsEngine)
     return registry

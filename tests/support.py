@@ -69,7 +69,7 @@ class ProxyProcess:
             text = self.log_text()
             found = dict(
                 (m.group(1), int(m.group(2)))
-                for m in re.finditer(r"dbproxy: (\S+) \(\w+\) listening on [\d.:\[\]a-f]+:(\d+)", text)
+                for m in re.finditer(r"dbproxy: (\S+) \([\w-]+\) listening on [\d.:\[\]a-f]+:(\d+)", text)
             )
             if len(found) >= expected:
                 self.ports = found

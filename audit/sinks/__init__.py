@@ -8,9 +8,9 @@ Any number of sinks at once; each gets every event, in ``seq`` order:
     {"type": "http",   "url": "https://splunk:8088/services/collector/event", "format": "hec",
      "token_file": "hec.token", "spool_dir": "/var/lib/dbproxy/spool/hec"}
 
-    {"type": "postgres", "dsn_file": "audit-db.dsn", "table": "dbproxy_audit", "spool_dir": "/var/lib/dbproxy/spool/pg"}
+    {"type": "pg_table", "dsn_file": "audit-db.dsn", "table": "dbproxy_audit", "spool_dir": "/var/lib/dbproxy/spool/pg"}
 
-Network sinks (syslog, http, postgres) all take the spool keys: ``spool_dir``
+Network sinks (syslog, http, pg_table) all take the spool keys: ``spool_dir``
 (required), ``spool_max_bytes``, ``on_spool_full`` (``fail_closed`` |
 ``drop_oldest``), ``batch_max_events``, ``batch_max_bytes``,
 ``retry_initial_seconds``, ``retry_max_seconds``, ``shutdown_flush_seconds``,
@@ -82,7 +82,7 @@ def build_sink(cfg: SinkConfig):
             **extra,
             **_spool_kw(cfg),
         )
-    if cfg.type == "postgres":
+    if cfg.type == "pg_table":
         from .postgres import PostgresSink
 
         extra = {k: p[k] for k in ("table", "chain", "connect_timeout") if k in p}

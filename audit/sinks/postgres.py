@@ -1,4 +1,4 @@
-"""PostgreSQL table sink: the audit trail as rows, batched with COPY, behind the disk spool.
+"""PostgreSQL table sink (``"type": "pg_table"``): the audit trail as rows, batched with COPY, behind the disk spool.
 
 Each event becomes one row of ``table``::
 

@@ -46,7 +46,7 @@ def test_trail_lands_in_a_table_and_verifies(pg, auditdb, tmp_path):
     dsn.write_text(auditdb.dsn(user, password) + "\n")
     config = pg_scram_config(pg, tmp_path, {"sinks": [
         {"type": "jsonl", "path": str(tmp_path / "audit.jsonl")},
-        {"type": "postgres", "dsn_file": str(dsn), "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
+        {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
          "retry_initial_seconds": 0.1, "retry_max_seconds": 0.5},
     ]})
     proxy = ProxyProcess(tmp_path, config).start()
@@ -97,7 +97,7 @@ def test_config_errors_name_the_path(tmp_path):
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"audit": {"sinks": [
-        {"type": "postgres", "table": "x; drop table y", "spool_dir": str(tmp_path / "s")}]}}))
+        {"type": "pg_table", "table": "x; drop table y", "spool_dir": str(tmp_path / "s")}]}}))
     with pytest.raises(ConfigErrors) as info:
         load_audit_config(str(path))
     got = [f"{e.path}: {e.expected}" for e in info.value.errors]
