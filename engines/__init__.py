@@ -15,10 +15,12 @@ def default_registry() -> EngineRegistry:
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
     from .ssh.engine import SSHEngine
+    from .telnet.engine import TelnetEngine
 
     registry = EngineRegistry()
     registry.register("postgres", PostgresEngine)
     registry.register("mongo", MongoEngine)
     registry.register("cassandra", CassandraEngine)
     registry.register("ssh", SSHEngine)
+    registry.register("telnet", TelnetEngine)
     return registry
