@@ -249,9 +249,16 @@ class ShellObserver:
                     self._typed.pop()
                 if self._typed:
                     self._typed.pop()
-            elif b in (0x15, 0x03):  # kill line / interrupt: the line is gone
+            elif b == 0x15:  # kill line: the line is gone, the prompt stays where it was
                 self._typed.clear()
                 self._edited = False
+            elif b == 0x03:
+                # Interrupt: the shell (or the program running) draws "^C" and a new prompt below, so
+                # the next line starts wherever the cursor is at its first key, not here.
+                self._reset_line()
+                self._output_after_key = False
+                i += 1
+                continue
             elif b < 0x20:
                 self._edited = True  # Tab completion, Ctrl-W, Ctrl-R…: only the screen knows
             else:

@@ -117,7 +117,9 @@ class ClientLeg(Leg):
             elif event.option == tn.TTYPE:
                 parsed = tn.parse_ttype(event.payload)
                 if parsed is not None and parsed[0] == "is" and parsed[1] and self.term is None:
-                    self.term = parsed[1]
+                    # RFC 1091: names are case-insensitive, sent in upper case by custom (telnet sends
+                    # XTERM); the terminfo name the target and the recording's TERM mean is lower case.
+                    self.term = parsed[1].lower()
         return b""
 
     async def read_line(self, editor: LineEditor) -> bytes:
@@ -193,6 +195,7 @@ class TelnetEngine(Engine):
     async def handshake(self, session: Any, request: Request) -> bool:
         client: ClientLeg = request.extra
         proto = client.proto
+        _oob_inline(client.stream)
         # RFC 857/858: the proxy echoes and the client sends each key (so the token is never echoed);
         # RFC 1073/1091: the window and the terminal type, passed on to the target.
         proto.request_local(tn.ECHO, True)
@@ -258,6 +261,7 @@ class TelnetEngine(Engine):
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {backend.address}: {exc.strerror or exc}", kind="connect",
                                 client_hint=f"the target {session.target!r} is unreachable") from None
+        _oob_inline(stream)
         target = TargetLeg(stream, client)
         dialogue = TargetLogin(backend.extra["prompts"], session.login)
         auth = backend.auth
@@ -336,3 +340,14 @@ class TelnetEngine(Engine):
             message = getattr(exc, "client_hint", None) or str(exc)
         return TelnetProtocol.encode_data(f"\r\ndbproxy: {message}\r\n".encode("utf-8", "replace"))
 
+
+def _oob_inline(stream: Any) -> None:
+    """Telnet's Synch (RFC 854 p. 8: ``IAC DM`` sent as TCP urgent data, telnetd sends it after an
+    interrupt): read inline, so the IAC DM stays in the stream where the codec parses it (without
+    SO_OOBINLINE the kernel pulls one of its bytes out of band and leaves a stray byte in the data)."""
+    import socket
+
+    try:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    except (AttributeError, OSError):
+        pass  # not a socket (a test's memory stream)

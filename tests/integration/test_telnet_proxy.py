@@ -385,7 +385,8 @@ def test_expired_and_revoked_tokens_refused(tproxy):
             c.close()
     evs = events(tproxy, lambda es: {"host-exp", "host-rev"} <= {e.get("requested_target") for e in es
                                                                   if e["event"] == "telnet.session.access_denied"})
-    reasons = {e["requested_target"]: e["reason"] for e in evs if e["event"] == "telnet.session.access_denied"}
+    reasons = {e["requested_target"]: e["reason"] for e in evs if e["event"] == "telnet.session.access_denied"
+               and e["stage"] == "authenticate"}
     assert reasons["host-exp"] == "token_expired" and reasons["host-rev"] == "token_revoked"
 
 
