@@ -63,7 +63,12 @@ def tproxy(telnetd, tmp_path_factory):
             "guarded": {"routes": ["*"], "targets": ["host-*"], "logins": [telnetd.login],
                         "deny_commands": ["rm", "shutdown*"]},
         },
+        "limits": {"identities": {"frank": 1}},
         "listeners": [{
+            "name": "idle", "protocol": "telnet", "listen": "127.0.0.1:0", "auth": {"methods": ["token"]},
+            "idle_timeout_seconds": 1.5,
+            "routes": [{"name": "hosts", "match": {"target": "host-*"}, "backend": backend}],
+        }, {
             "name": "telnet", "protocol": "telnet", "listen": "127.0.0.1:0",
             "recording": {"dir": "recordings", "input": True},
             "auth": {"methods": ["token"]},
@@ -79,6 +84,7 @@ def tproxy(telnetd, tmp_path_factory):
     }
     (workdir / "recordings").mkdir()
     proc = ProxyProcess(workdir, config, name="proxy").start()
+    proc.port = lambda name="telnet": proc.ports[name]
     proc.recordings = workdir / "recordings"
     proc.audit_path = workdir / "audit.jsonl"
     proc.telnetd = telnetd
@@ -431,3 +437,48 @@ def test_scripted_session_window_and_terminal_type(tproxy):
         c.close()
     start, mine = session_of(tproxy, "host-script")
     assert start["term"] == "vt220"
+
+
+def test_idle_timeout_closes_a_quiet_session(tproxy):
+    c = ScriptedTelnet(tproxy.port("idle"))
+    try:
+        c.login("deploy@host-idle", tproxy.token)
+        c.expect(b"$ ")
+        c.send("sleep 20; echo not-reached\r")
+        started = time.monotonic()
+        text = c.until_closed()
+        assert time.monotonic() - started < 10
+    finally:
+        c.close()
+    assert b"dbproxy: idle timeout: no traffic for 1.5s" in text and b"\nnot-reached" not in text
+    start, mine = session_of(tproxy, "host-idle")
+    (end,) = [e for e in mine if e["event"] == "telnet.session.end"]
+    assert end["reason"].startswith("idle timeout")
+
+
+def test_per_identity_session_limit(tproxy):
+    token = tproxy.issue("frank")
+    first = ScriptedTelnet(tproxy.port())
+    try:
+        first.login("deploy@host-lim1", token)
+        first.expect(b"$ ")
+        second = ScriptedTelnet(tproxy.port())
+        try:
+            second.login("deploy@host-lim2", token)
+            assert b"the limit per identity" in second.until_closed()
+        finally:
+            second.close()
+        first.send("echo first-$((2+3))\r")
+        first.expect(b"first-5")
+        first.send("exit\r")
+        first.until_closed()
+    finally:
+        first.close()
+    start, _ = session_of(tproxy, "host-lim2", event="telnet.session.start")
+    assert start["success"] is False and start["reason"] == "too_many_connections_identity"
+    third = ScriptedTelnet(tproxy.port())  # the slot is free again
+    try:
+        third.login("deploy@host-lim3", token)
+        third.expect(b"$ ")
+    finally:
+        third.close()
