@@ -100,9 +100,9 @@ class Leg:
 class ClientLeg(Leg):
     """The proxy as a Telnet server to the client."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, max_subnegotiation: int = tn.DEFAULT_MAX_SUBNEGOTIATION) -> None:
         super().__init__(stream, TelnetProtocol(accept_local={tn.ECHO, tn.SGA}, accept_remote={tn.NAWS, tn.TTYPE},
-                                                enter=True))
+                                                enter=True, max_subnegotiation=max_subnegotiation))
         self.secret: str | None = None
 
     def note(self, event: Any) -> bytes:
@@ -179,6 +179,7 @@ class TelnetEngine(Engine):
     client_auth_methods = ("token",)
     listener_keys = tnconfig.LISTENER_KEYS
     backend_keys = tnconfig.BACKEND_KEYS
+    # Telnet data is a stream: the one bounded unit is a subnegotiation (``max_message_size`` caps it).
     default_max_message_size = tn.DEFAULT_MAX_SUBNEGOTIATION
 
     validate_listener = staticmethod(tnconfig.validate_listener)
@@ -189,7 +190,7 @@ class TelnetEngine(Engine):
     def new_request(self, session: Any, stream: Any) -> Request:
         # The engine reads the client's bytes itself (the codec is per leg): the MessageStream is the
         # flow's handle on the stream.
-        return Request(MessageStream(stream, None), extra=ClientLeg(stream),
+        return Request(MessageStream(stream, None), extra=ClientLeg(stream, self.max_message_size),
                        waiting_for="client Telnet login timed out")
 
     async def handshake(self, session: Any, request: Request) -> bool:
@@ -222,6 +223,10 @@ class TelnetEngine(Engine):
             session.details.setdefault("end_reason", str(exc))
             return False
         client.secret = secret.decode("utf-8", "replace").strip()
+        # What the client said along with its Enter (its terminal type, its window) counts for the target login.
+        for event in client.pending:
+            if not isinstance(event, Data):
+                await client.send(client.note(event))
         if client.term:
             request.start_fields["term"] = client.term
         return True
