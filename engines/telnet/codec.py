@@ -63,6 +63,8 @@ DEFAULT_MAX_SUBNEGOTIATION = 4096
 _IAC = b"\xff"
 _SPECIAL = re.compile(rb"[\r\xff]")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+_CR_NUL = re.compile(rb"\r\x00")
+_ENTER = re.compile(rb"\r[\x00\n]")
 
 
 @attrs.frozen
@@ -224,18 +226,25 @@ class TelnetProtocol:
         while i < n:
             st = self._state
             if st == _DATA:
-                m = _SPECIAL.search(buf, i)
-                if m is None:
-                    events.append(Data(buf[i:] if i else buf))
-                    return
-                j = m.start()
-                if buf[j] == CR:
-                    events.append(Data(buf[i:j + 1]))
-                    self._state = _CR
+                # Data runs to the next IAC; newlines are normalized in one C-level pass per run (a
+                # terminal's output has one CR per line: no Python work per line).
+                j = buf.find(_IAC, i)
+                end = n if j < 0 else j
+                if end > i:
+                    run = buf[i:end] if (i or end != n) else buf
+                    if b"\r" in run:
+                        cr_at_end = run[-1] == CR
+                        run = (_ENTER if self.enter else _CR_NUL).sub(b"\r", run)
+                    else:
+                        cr_at_end = False
+                    events.append(Data(run))
                 else:
-                    if j > i:
-                        events.append(Data(buf[i:j]))
-                    self._state = _IAC_S
+                    cr_at_end = False
+                if j < 0:
+                    if cr_at_end:
+                        self._state = _CR  # the byte after it (NUL, or a client's LF) may come in the next chunk
+                    return
+                self._state = _IAC_S
                 i = j + 1
             elif st == _CR:
                 b = buf[i]
