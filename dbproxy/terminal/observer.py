@@ -323,6 +323,11 @@ class ShellObserver:
             text, source = observed, "screen"
             if not self._edited and typed.startswith(observed) and len(typed) > len(observed):
                 text, source = typed, "typed"
+            elif not self._edited and typed and observed.endswith(typed) and len(observed) > len(typed):
+                # Typed before the prompt was drawn (its first key landed at the start of an empty row,
+                # the prompt came after it): keys without editing are drawn as typed, so what the row
+                # holds before them is the target's, not the command's.
+                text = typed
         denied = None
         if self.check is not None:
             candidates = [t for t in (text if echoed else None, typed if not self._edited else None) if t]

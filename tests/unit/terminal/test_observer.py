@@ -185,3 +185,14 @@ def test_ctrl_c_at_a_running_command_starts_the_next_line_after_the_new_prompt()
     _, step = type_line(o, b"echo after")
     (line,) = step.lines
     assert line.text == "echo after" and line.source == "screen"
+
+
+def test_line_typed_before_the_prompt_is_drawn_is_not_prefixed_with_it():
+    """A paste lands while the previous command's output ended but its prompt is not drawn yet."""
+    o = shell()
+    type_line(o, b"echo one")
+    o.output(b"\r\none\r\n")  # the prompt comes in a later chunk
+    o.input(b"echo two")
+    o.output(b"prompt$ echo two")
+    (line,) = o.input(b"\r").lines
+    assert line.text == "echo two" and line.echoed
