@@ -215,13 +215,14 @@ class TelnetRelay:
                     out += TelnetProtocol.encode_command(event.code)
             if plain:
                 out = bytearray(raw)  # type: ignore[arg-type]
+            # Recorded (and observed) before it is sent: a cancellation inside the send (the client went
+            # away) must not leave bytes the client saw out of the recording.
+            step = self.terminal.output(bytes(shown)) if shown else None
             if out:
                 self.to_client.bytes_out += len(out)
                 await client.send(bytes(out))
-            if shown:
-                step = self.terminal.output(bytes(shown))
-                if step is not None:
-                    await self._apply(step)
+            if step is not None:
+                await self._apply(step)
             data = await target.receive_raw()
             if not data:
                 self.end_reason = self.end_reason or "target closed the connection"
