@@ -265,6 +265,9 @@ def test_resize_reaches_the_target_and_ctrl_c_interrupts(tproxy):
         tmux.run("send-keys", "-t", "t", "Enter")
         screen = tmux.wait_for("after-2", timeout=10)  # long before sleep 100 ends
         assert "not-interrupted" not in [line.strip() for line in screen.splitlines()]
+        # telnetd answers the interrupt with a Synch (IAC DM as TCP urgent data): read inline, parsed, no
+        # stray byte reaches the client's screen or the recording.
+        assert "\ufffd" not in screen
         tmux.run("send-keys", "-t", "t", "-l", "exit")
         tmux.run("send-keys", "-t", "t", "Enter")
         start, mine = session_of(tproxy, "host-b")
@@ -272,6 +275,9 @@ def test_resize_reaches_the_target_and_ctrl_c_interrupts(tproxy):
         tmux.kill()
     commands = [e["command"] for e in mine if e["event"] == "telnet.shell.command"]
     assert "sleep 100; echo not-interrupted" in commands and "echo after-$((1+1))" in commands
+    (end,) = [e for e in mine if e["event"] == "telnet.session.end"]
+    (output,) = [r for r in end["recordings"] if not r.get("input")]
+    assert "\ufffd" not in (tproxy.recordings / output["recording"]).read_text()
 
 
 def test_shell_line_policy_refuses_typed_and_pasted_lines(tproxy, tmp_path):
