@@ -61,11 +61,10 @@ from .relay import TelnetRelay
 log = logging.getLogger("dbproxy.telnet")
 
 RECEIVE_SIZE = 65536
-DEFAULT_TERM = None  # unknown until the client says (RFC 1091); the target then picks its own default
 
 
 class Leg:
-    """One Telnet connection the proxy is an end of: its stream, its codec, the window and terminal type.
+    """One Telnet connection the proxy is an end of: its stream and its codec.
 
     Sends are serialized (both pumps and the echo timer may send to the same leg)."""
 
@@ -73,9 +72,6 @@ class Leg:
         self.stream = stream
         self.proto = proto
         self.lock = trio.Lock()
-        self.width = 0
-        self.height = 0
-        self.term: str | None = DEFAULT_TERM
         self.pending: list = []  # events already decoded, not yet handled (type-ahead)
 
     async def send(self, data: bytes) -> None:
@@ -104,6 +100,10 @@ class ClientLeg(Leg):
         super().__init__(stream, TelnetProtocol(accept_local={tn.ECHO, tn.SGA}, accept_remote={tn.NAWS, tn.TTYPE},
                                                 enter=True, max_subnegotiation=max_subnegotiation))
         self.secret: str | None = None
+        # What the client told (RFC 1073, RFC 1091); 0 / None until it does (the target then uses its default).
+        self.width = 0
+        self.height = 0
+        self.term: str | None = None
 
     def note(self, event: Any) -> bytes:
         """Window size and terminal type from the client's subnegotiations; what to ask next."""
