@@ -85,6 +85,11 @@ class TerminalAudit:
         return self.observer is not None and self.observer.waiting
 
     @property
+    def wait_started(self) -> float:
+        """When the waiting Enter began waiting (``time.monotonic``, the observer's clock)."""
+        return self.observer.wait_started if self.observer is not None else 0.0
+
+    @property
     def echo_wait(self) -> float:
         return self.observer.echo_wait if self.observer is not None else 0.0
 

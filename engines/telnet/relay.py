@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import attrs
@@ -74,6 +75,11 @@ class TelnetRelay:
         self._nursery: Any = None
         self._timer_armed = False
         self._last_traffic = 0.0
+        # The observer's steps are applied (sent) in the order it made them: a step is made and sent
+        # under this lock (fair, FIFO), whichever task made it — the client pump, the target pump, the
+        # echo timer.  Otherwise a refusal decided by the timer could reach the target before the Enter
+        # of the line before it, still waiting behind a send to the client.
+        self._order = trio.Lock()
 
     def statistics(self) -> tuple[Counters, Counters]:
         return self.from_client, self.to_client
@@ -164,9 +170,11 @@ class TelnetRelay:
 
     async def _keys(self, keys: bytearray) -> None:
         if keys:
-            await self._apply(self.terminal.input(bytes(keys)))
+            async with self._order:
+                await self._apply(self.terminal.input(bytes(keys)))
 
     async def _apply(self, step: Step) -> None:
+        """Send what a step decided (the caller holds ``_order``)."""
         if step.forward:
             await self.target.send(TelnetProtocol.encode_data(bytes(step.forward)))
         if step.to_client:
@@ -178,16 +186,20 @@ class TelnetRelay:
             self._nursery.start_soon(self._echo_timer)
 
     async def _echo_timer(self) -> None:
-        """An Enter waits for the echo of the keys before it: decided without it after ``echo_wait``."""
-        started = trio.current_time()
-        while self.terminal.waiting:
-            waited = trio.current_time() - started
-            if waited >= self.terminal.echo_wait:
-                self._timer_armed = False
-                await self._apply(self.terminal.resume(timed_out=True))
-                return
-            await trio.sleep(self.terminal.echo_wait - waited)
-        self._timer_armed = False
+        """An Enter waits for the echo of the keys before it: decided without it ``echo_wait`` after it began
+        waiting (the observer's clock), unless output settled it first."""
+        try:
+            while self.terminal.waiting:
+                left = self.terminal.wait_started + self.terminal.echo_wait - time.monotonic()
+                if left <= 0:
+                    async with self._order:
+                        if self.terminal.waiting and time.monotonic() >= self.terminal.wait_started + \
+                                self.terminal.echo_wait:
+                            await self._apply(self.terminal.resume(timed_out=True))
+                    continue
+                await trio.sleep(left)
+        finally:
+            self._timer_armed = False
 
     # -- target → client ------------------------------------------------------------------
     async def _target_side(self) -> None:
@@ -215,14 +227,15 @@ class TelnetRelay:
                     out += TelnetProtocol.encode_command(event.code)
             if plain:
                 out = bytearray(raw)  # type: ignore[arg-type]
-            # Recorded (and observed) before it is sent: a cancellation inside the send (the client went
-            # away) must not leave bytes the client saw out of the recording.
-            step = self.terminal.output(bytes(shown)) if shown else None
-            if out:
-                self.to_client.bytes_out += len(out)
-                await client.send(bytes(out))
-            if step is not None:
-                await self._apply(step)
+            async with self._order:
+                # Recorded (and observed) before it is sent: a cancellation inside the send (the client
+                # went away) must not leave bytes the client saw out of the recording.
+                step = self.terminal.output(bytes(shown)) if shown else None
+                if out:
+                    self.to_client.bytes_out += len(out)
+                    await client.send(bytes(out))
+                if step is not None:
+                    await self._apply(step)
             data = await target.receive_raw()
             if not data:
                 self.end_reason = self.end_reason or "target closed the connection"
