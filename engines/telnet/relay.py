@@ -223,8 +223,11 @@ class TelnetRelay:
                         await target.send(target.answer(event))
                 elif isinstance(event, Subnegotiation):
                     await target.send(target.answer(event))
-                elif isinstance(event, Command) and event.code in (tn.DM, tn.BRK, tn.AYT):
+                elif isinstance(event, Command) and event.code in (tn.BRK, tn.AYT):
                     out += TelnetProtocol.encode_command(event.code)
+                # The target's Synch (IAC DM after an interrupt, RFC 854 p. 8) is not passed on: a client
+                # takes it as "discard the output buffered so far", which would also discard the proxy's
+                # own words just sent (a policy refusal answered by the target's ^C).
             if plain:
                 out = bytearray(raw)  # type: ignore[arg-type]
             async with self._order:
