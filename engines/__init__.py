@@ -17,6 +17,7 @@ def default_registry() -> EngineRegistry:
     from .redfish.engine import RedfishEngine
     from .ssh.commands import SSHCommandsEngine
     from .ssh.engine import SSHEngine
+    from .telnet.engine import TelnetEngine
 
     registry = EngineRegistry()
     registry.register("postgres", PostgresEngine)
@@ -24,6 +25,7 @@ def default_registry() -> EngineRegistry:
     registry.register("cassandra", CassandraEngine)
     registry.register("ssh", SSHEngine)
     registry.register("redfish", RedfishEngine)
+    registry.register("telnet", TelnetEngine)
     # The command-template API (dbproxy.commands) running its templates over SSH.
     registry.register("ssh-commands", SSHCommandsEngine)
     return registry

@@ -4,13 +4,14 @@ Strategy: the observer (``observer.py``) calls ``check(line)`` when Enter is
 pressed, for the line as the screen shows it and as it was typed; a paste of
 several lines is split at each Enter and every line is checked before it is
 submitted.  ``LinePolicy`` splits a line into the simple commands a shell
-would run (the engine's splitter, e.g. ``engines/ssh/policy.simple_commands``)
+would run (the engine's splitter, normally ``simple_commands`` below)
 and matches each with the grant's ``denied_command``.  Engine-agnostic: the
 splitter and the grant are handed in.  No trio, no I/O.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 
@@ -32,3 +33,30 @@ class LinePolicy:
             if pattern is not None:
                 return piece, pattern
         return None
+
+
+# The shell splitter both terminal engines use (SSH exec policy, SSH and Telnet line policy): at ``;``, ``&``,
+# ``|``, newlines, inside ``$(…)`` and backquotes; leading ``VAR=value`` and ``sudo``/``env``/… stripped.
+_SEPARATORS = re.compile(r"\$\(|`|\)|;|&&?|\|\|?|\n")
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*\s+")
+_PREFIXES = ("sudo ", "env ", "exec ", "command ", "nohup ", "time ")
+
+
+def simple_commands(line: str) -> list[str]:
+    """The pieces of ``line`` a shell would run as separate commands (best effort: see engines/ssh/policy.py
+    and docs/ssh.md for what this reading cannot see)."""
+    pieces = []
+    for piece in _SEPARATORS.split(line):
+        piece = piece.strip().lstrip("({!").strip()
+        changed = True
+        while changed and piece:
+            changed = False
+            m = _ASSIGNMENT.match(piece)
+            if m:
+                piece, changed = piece[m.end():].lstrip(), True
+            for prefix in _PREFIXES:
+                if piece.startswith(prefix):
+                    piece, changed = piece[len(prefix):].lstrip(), True
+        if piece:
+            pieces.append(piece)
+    return pieces

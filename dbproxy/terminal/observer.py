@@ -249,9 +249,16 @@ class ShellObserver:
                     self._typed.pop()
                 if self._typed:
                     self._typed.pop()
-            elif b in (0x15, 0x03):  # kill line / interrupt: the line is gone
+            elif b == 0x15:  # kill line: the line is gone, the prompt stays where it was
                 self._typed.clear()
                 self._edited = False
+            elif b == 0x03:
+                # Interrupt: the shell (or the program running) draws "^C" and a new prompt below, so
+                # the next line starts wherever the cursor is at its first key, not here.
+                self._reset_line()
+                self._output_after_key = False
+                i += 1
+                continue
             elif b < 0x20:
                 self._edited = True  # Tab completion, Ctrl-W, Ctrl-R…: only the screen knows
             else:
@@ -316,6 +323,11 @@ class ShellObserver:
             text, source = observed, "screen"
             if not self._edited and typed.startswith(observed) and len(typed) > len(observed):
                 text, source = typed, "typed"
+            elif not self._edited and typed and observed.endswith(typed) and len(observed) > len(typed):
+                # Typed before the prompt was drawn (its first key landed at the start of an empty row,
+                # the prompt came after it): keys without editing are drawn as typed, so what the row
+                # holds before them is the target's, not the command's.
+                text = typed
         denied = None
         if self.check is not None:
             candidates = [t for t in (text if echoed else None, typed if not self._edited else None) if t]

@@ -36,9 +36,9 @@ checks the signature; only a verified request becomes the connection's one
 authentication attempt.  An exec line a role's deny patterns refuse
 (``policy``) and a pty-less shell for such a role never reach the target: the
 channel is answered locally (stderr, exit status 126).  Pty channels are
-recorded (``recording``) when the listener says where, and the client's
-keystrokes on them go through the core's terminal observer
-(``dbproxy.terminal.observer``) before they are forwarded: each line is
+recorded when the listener says where, and the client's
+keystrokes on them go through the core's terminal layer
+(``dbproxy.terminal.audit``: observer, recording) before they are forwarded: each line is
 audited and checked against the deny patterns when Enter is pressed.
 """
 
@@ -59,11 +59,10 @@ import trio_asyncio
 from dbproxy.access import audit_denial
 from dbproxy.errors import AccessDenied, ProtocolError
 
-from dbproxy.terminal.linepolicy import LinePolicy
-from dbproxy.terminal.observer import ShellObserver, Step
+from dbproxy.terminal.audit import TerminalAudit
+from dbproxy.terminal.observer import Step
 
 from .policy import denied_exec, simple_commands
-from .recording import AsciicastWriter
 from .sftp import SftpAudit
 
 log = logging.getLogger("dbproxy.ssh")
@@ -490,11 +489,10 @@ class ChannelRelay(asyncssh.SSHServerSession):
         # the client cannot send more than the window RFC 4254 §5.2 grants it).
         self.early: list[bytes] = []
         self.early_eof = False
-        self.recorder: AsciicastWriter | None = None
         self.denied: str | None = None  # why the policy refused this channel's exec
         self.sftp: SftpAudit | None = None
-        self.observer: ShellObserver | None = None  # pty channels: commands observed and policed (terminal.*)
-        self.input_recorder: AsciicastWriter | None = None
+        # pty channels: recorded, commands observed, audited and policed (dbproxy.terminal.audit)
+        self.terminal: TerminalAudit | None = None
         self._echo_timer: Any = None
 
     # -- requests from the client ----------------------------------------------------------
@@ -555,11 +553,17 @@ class ChannelRelay(asyncssh.SSHServerSession):
             self.chan.write_stderr(f"dbproxy: {self.denied}\r\n".encode())
             self.chan.exit(EXIT_REFUSED)
             return
-        if self.term is not None and self.relay.recording_dir is not None:
+        if self.term is not None:
+            # Every pty channel (a shell, or an exec such as ``ssh -t host bash``) is recorded (when the
+            # listener says where) and line-observed.
             term_type, (width, height, _, _), _ = self.term
-            path = os.path.join(self.relay.recording_dir, f"{self.relay.session.id}-{self.number}.cast")
+            path = (os.path.join(self.relay.recording_dir, f"{self.relay.session.id}-{self.number}.cast")
+                    if self.relay.recording_dir is not None else None)
             try:
-                self.recorder = AsciicastWriter(path, width, height, term_type)
+                self.terminal = TerminalAudit(self.relay.session, self.relay.emit, "ssh", width=width, height=height,
+                                              term=term_type, grant=self.relay.grant, split=simple_commands,
+                                              recording_path=path, recording_input=self.relay.recording_input,
+                                              fields={"channel": self.number})
             except OSError as exc:
                 # Nothing unrecorded reaches a target: without its recording the channel does not start.
                 log.error("session %s: cannot write the recording %s: %s", self.relay.session.id, path, exc)
@@ -568,19 +572,6 @@ class ChannelRelay(asyncssh.SSHServerSession):
                 self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
                 self.chan.exit(255)
                 return
-            if self.relay.recording_input:
-                try:
-                    self.input_recorder = AsciicastWriter(path[: -len(".cast")] + ".input.cast", width, height,
-                                                          term_type, started=self.recorder.started, kind="i")
-                except OSError as exc:
-                    log.error("session %s: cannot write the input recording: %s", self.relay.session.id, exc)
-                    self.chan.write_stderr(b"dbproxy: the session cannot be recorded; refusing it\r\n")
-                    self.chan.exit(255)
-                    return
-        if self.term is not None:
-            # Every pty channel (a shell, or an exec such as ``ssh -t host bash``) is line-observed.
-            _, (width, height, _, _), _ = self.term
-            self.observer = ShellObserver(width, height, check=LinePolicy(self.relay.grant, simple_commands))
         asyncio.ensure_future(self._open_target())
 
     async def _open_target(self) -> None:
@@ -654,8 +645,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
         self.relay.from_client.bytes_in += len(data)
         if self.sftp is not None and not self._observe(self.sftp.from_client, data, "client"):
             return
-        if self.observer is not None:
-            self._apply(self.observer.input(data))
+        if self.terminal is not None:
+            self._apply(self.terminal.input(data))
             return
         self._to_target(data)
 
@@ -665,50 +656,26 @@ class ChannelRelay(asyncssh.SSHServerSession):
         else:
             self.target_chan.write(data)
 
-    # -- the terminal observer (dbproxy.terminal.observer): commands audited and policed on Enter --------
+    # -- the terminal (dbproxy.terminal.audit): commands audited and policed on Enter ----------------------
     def _apply(self, step: Step) -> None:
-        for line, output_bytes in step.finished:  # the previous command's output ends where the next begins
-            self.relay.emit("ssh.shell.command.end", channel=self.number, line=line.seq, command=line.text,
-                            output_bytes=output_bytes)
-        for line in step.lines:
-            self._line_event(line)
+        """Do what the terminal decided (its lines are audited already): forward, tell the client, and keep
+        a timer while an Enter waits for its echo."""
         if step.forward:
             self._to_target(bytes(step.forward))
         if step.to_client and not self.closed:
             self.chan.write(bytes(step.to_client))
-        if step.record and self.input_recorder is not None:
-            self.input_recorder.output(bytes(step.record))
-        if self.observer is not None and self.observer.waiting and self._echo_timer is None:
-            self._echo_timer = asyncio.get_event_loop().call_later(self.observer.echo_wait, self._echo_timeout)
-        elif self._echo_timer is not None and (self.observer is None or not self.observer.waiting):
+        waiting = self.terminal is not None and self.terminal.waiting
+        if waiting and self._echo_timer is None:
+            self._echo_timer = asyncio.get_event_loop().call_later(self.terminal.echo_wait,  # type: ignore[union-attr]
+                                                                   self._echo_timeout)
+        elif self._echo_timer is not None and not waiting:
             self._echo_timer.cancel()
             self._echo_timer = None
 
     def _echo_timeout(self) -> None:
         self._echo_timer = None
-        if self.observer is not None and self.observer.waiting and not self.closed:
-            self._apply(self.observer.resume(timed_out=True))
-
-    def _line_event(self, line: Any) -> None:
-        fields: dict = {"channel": self.number, "line": line.seq}
-        if self.recorder is not None:
-            fields.update(recording=os.path.basename(self.recorder.path), recording_offset=self.recorder.elapsed(),
-                          recording_byte_offset=self.recorder.size)
-        if not line.echoed:
-            # Typed while the terminal did not echo (a password prompt): its text goes nowhere.
-            if line.denied is not None:
-                fields.update(success=False, denied_pattern=line.denied[1])
-            self.relay.emit("ssh.shell.hidden_input", bytes=line.typed_bytes, **fields)
-        else:
-            fields.update(command=line.text, observed=True, source=line.source)
-            if line.denied is not None:
-                fields.update(success=False, denied_command=line.denied[0], denied_pattern=line.denied[1])
-            self.relay.emit("ssh.shell.command", **fields)
-        if line.denied is not None:
-            reason = f"command refused by policy: deny pattern {line.denied[1]!r}"
-            extra = {"command": line.text} if line.echoed else {}
-            audit_denial(self.relay.session, AccessDenied(reason, reason="command_denied"), stage="shell",
-                         pattern=line.denied[1], **extra)
+        if self.terminal is not None and self.terminal.waiting and not self.closed:
+            self._apply(self.terminal.resume(timed_out=True))
 
     def eof_received(self) -> bool:
         if self.target_chan is not None:
@@ -718,10 +685,8 @@ class ChannelRelay(asyncssh.SSHServerSession):
         return True  # half-close: the target's output and exit status still come back
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
-        if self.recorder is not None:
-            self.recorder.resize(width, height)
-        if self.observer is not None:
-            self.observer.resize(width, height)
+        if self.terminal is not None:
+            self.terminal.resize(width, height)
         if self.target_chan is None:
             self.pending_size = (width, height, pixwidth, pixheight)
         else:
@@ -763,22 +728,14 @@ class ChannelRelay(asyncssh.SSHServerSession):
             fields["exit_signal"] = self.exit_signal
         if self.sftp is not None:
             self.sftp.close()
-        if self.observer is not None:
+        if self.terminal is not None:
             if self._echo_timer is not None:
                 self._echo_timer.cancel()
                 self._echo_timer = None
-            self._apply(self.observer.close())
-            self.observer = None
-        if self.recorder is not None:
-            recorded = self.recorder.close()
-            self.recorder = None
+            recorded, recordings = self.terminal.close()
+            self.terminal = None
             fields.update(recorded)
-            self.relay.recordings.append({"channel": self.number, **recorded})
-        if self.input_recorder is not None:
-            recorded = self.input_recorder.close()
-            self.input_recorder = None
-            fields.update({f"input_{k}": v for k, v in recorded.items()})
-            self.relay.recordings.append({"channel": self.number, "input": True, **recorded})
+            self.relay.recordings += recordings
         self.relay.emit("ssh.channel.end", **fields)
         self.relay.channel_closed(self)
 
@@ -786,16 +743,14 @@ class ChannelRelay(asyncssh.SSHServerSession):
     def target_data(self, data: bytes, datatype: Any) -> None:
         self.bytes_out += len(data)
         self.relay.to_client.bytes_out += len(data)
-        if self.recorder is not None:
-            self.recorder.output(data)
         if self.sftp is not None and not self._observe(self.sftp.from_server, data, "target"):
             return
         if not self.closed:
             self.chan.write(data, datatype)
-        if self.observer is not None:
-            self.observer.output(data)
-            if self.observer.waiting:  # an Enter waits for this echo
-                self._apply(self.observer.resume())
+        if self.terminal is not None:
+            step = self.terminal.output(data)  # recorded, observed; an Enter waiting for this echo goes on
+            if step is not None:
+                self._apply(step)
 
     def target_eof(self) -> None:
         if not self.closed:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import attrs
+from dbproxy.terminal.config import BadUserName, UserName, parse_login_target, validate_idle_timeout, \
+    validate_recording
 
 LISTENER_KEYS = ("host_key_file", "recording", "env_allow", "keepalive_seconds", "keepalive_count_max",
                  "idle_timeout_seconds")
-RECORDING_KEYS = {"dir", "input"}
 BACKEND_KEYS = ("login", "host_key")
 HOST_KEY_KEYS = {"known_hosts_file"}
 AUTH_KEYS = {"publickey": {"key_file"}, "password": set(), "certificate": {"ca_key_file", "validity_seconds"}}
@@ -32,24 +32,9 @@ DEFAULT_CERT_VALIDITY = 300
 MAX_CERT_VALIDITY = 24 * 3600
 
 
-class BadUserName(ValueError):
-    """The SSH user name is not ``LOGIN@TARGET``; the message is what the client is told."""
-
-
-@attrs.frozen
-class UserName:
-    login: str
-    target: str
-
-
 def parse_user(name: str) -> UserName:
-    """``LOGIN@TARGET`` → (login, target); split at the last ``@``."""
-    login, sep, target = name.rpartition("@")
-    if not sep or not login or not target:
-        raise BadUserName(f"the SSH user name must be LOGIN@TARGET (e.g. deploy@web-1), got {name!r}")
-    if any(c.isspace() or ord(c) < 32 for c in name):
-        raise BadUserName("the SSH user name may not contain spaces or control characters")
-    return UserName(login=login, target=target)
+    """``LOGIN@TARGET`` → (login, target); split at the last ``@`` (``dbproxy.terminal.config``)."""
+    return parse_login_target(name, "SSH user name")
 
 
 def _private_key_problem(path: str) -> str | None:
@@ -73,20 +58,7 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
             v.err(f"{path}.host_key_file", problem)
         else:
             extra["host_key_file"] = key
-    if "recording" in d:
-        rp = f"{path}.recording"
-        rd = v.obj(d["recording"], rp)
-        if rd is not None:
-            v.unknown_keys(rd, RECORDING_KEYS, rp)
-            folder = v.string(rd, "dir", rp)
-            if folder is not None:
-                resolved = folder if os.path.isabs(folder) else os.path.join(v.base, folder)
-                if not os.path.isdir(resolved) or not os.access(resolved, os.W_OK):
-                    v.err(f"{rp}.dir", f"a writable folder for the recordings, but {resolved} is not one")
-                else:
-                    extra["recording_dir"] = resolved
-            # Keystrokes in a second asciicast file; off by default (see dbproxy/terminal/observer.py).
-            extra["recording_input"] = v.boolean(rd, "input", rp)
+    validate_recording(v, d, path, extra)
     if "env_allow" in d:
         # Environment variables the client sends (RFC 4254 §6.4) that reach the target: globs on the
         # name; none by default (LD_PRELOAD, BASH_ENV… change what the target runs).
@@ -107,9 +79,7 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
         extra["keepalive_count_max"] = count
     # Idle timeout: no channel data either way for this long closes the session (keepalives and
     # other SSH-level messages do not count as activity).
-    idle = v.number(d, "idle_timeout_seconds", path, minimum=1.0)
-    if idle is not None:
-        extra["idle_timeout_seconds"] = idle
+    validate_idle_timeout(v, d, path, extra)
     if "auth" not in d:
         # Without it the core would make the listener anonymous: an SSH proxy that lets anyone
         # in with its own keys to the targets is never what is meant.

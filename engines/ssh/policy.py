@@ -19,31 +19,12 @@ the control that holds.  No trio, no I/O.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-_SEPARATORS = re.compile(r"\$\(|`|\)|;|&&?|\|\|?|\n")
-_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*\s+")
-_PREFIXES = ("sudo ", "env ", "exec ", "command ", "nohup ", "time ")
+# The splitter is the terminal engines' (Telnet's line policy uses it too): dbproxy/terminal/linepolicy.py.
+from dbproxy.terminal.linepolicy import simple_commands
 
-
-def simple_commands(line: str) -> list[str]:
-    """The pieces of ``line`` a shell would run as separate commands (best effort, see the module docstring)."""
-    pieces = []
-    for piece in _SEPARATORS.split(line):
-        piece = piece.strip().lstrip("({!").strip()
-        changed = True
-        while changed and piece:
-            changed = False
-            m = _ASSIGNMENT.match(piece)
-            if m:
-                piece, changed = piece[m.end():].lstrip(), True
-            for prefix in _PREFIXES:
-                if piece.startswith(prefix):
-                    piece, changed = piece[len(prefix):].lstrip(), True
-        if piece:
-            pieces.append(piece)
-    return pieces
+__all__ = ["denied_exec", "simple_commands"]
 
 
 def denied_exec(grant: Any, line: str) -> tuple[str, str] | None:

@@ -172,3 +172,27 @@ def test_hidden_line_still_checked_as_typed_and_its_text_kept_out():
     (line,) = step.lines
     assert line.text is None and not line.echoed and line.denied == ("rm -rf /srv", "rm")
     assert bytes(step.forward) == b"\x03" and b"/srv" not in step.to_client
+
+
+def test_ctrl_c_at_a_running_command_starts_the_next_line_after_the_new_prompt():
+    """Ctrl-C while ``sleep`` runs: the shell draws ``^C`` and a new prompt; the next line is read from there."""
+    o = shell()
+    type_line(o, b"sleep 100")
+    o.output(b"\r\n")
+    step = o.input(b"\x03")
+    assert bytes(step.forward) == b"\x03" and not step.lines
+    o.output(b"^C\r\nprompt$ ")
+    _, step = type_line(o, b"echo after")
+    (line,) = step.lines
+    assert line.text == "echo after" and line.source == "screen"
+
+
+def test_line_typed_before_the_prompt_is_drawn_is_not_prefixed_with_it():
+    """A paste lands while the previous command's output ended but its prompt is not drawn yet."""
+    o = shell()
+    type_line(o, b"echo one")
+    o.output(b"\r\none\r\n")  # the prompt comes in a later chunk
+    o.input(b"echo two")
+    o.output(b"prompt$ echo two")
+    (line,) = o.input(b"\r").lines
+    assert line.text == "echo two" and line.echoed
