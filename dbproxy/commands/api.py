@@ -61,7 +61,7 @@ from ..listen.http import HTTPError, HTTPResponse
 from ..session import Session
 from .auditlog import QueryError, parse_query, read_page
 from .jobs import FINISHED, Job, LimitExceeded, Limits, TargetRun, new_job_id
-from .openapi import docs_page, document
+from .openapi import DOCS_CSP, docs_page, document
 from .templates import ParamError, Template, validate_templates
 
 log = logging.getLogger("dbproxy.commands")
@@ -194,7 +194,8 @@ class CommandsEngine(Engine):
         if path == "/openapi.json":
             return _only(method, "GET") or HTTPResponse(200, (("content-type", "application/json"),), self._document())
         if path == "/docs":
-            return _only(method, "GET") or HTTPResponse(200, (("content-type", "text/html; charset=utf-8"),),
+            return _only(method, "GET") or HTTPResponse(200, (("content-type", "text/html; charset=utf-8"),
+                                                              ("content-security-policy", DOCS_CSP)),
                                                         docs_page(orjson.loads(self._document())))
         routes = {"/commands": ("GET", self._commands), "/execute": ("POST", self._execute),
                   "/audit/logs": ("GET", self._audit_logs)}

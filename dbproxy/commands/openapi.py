@@ -6,13 +6,63 @@ are added to the ``ExecuteRequest`` schema's ``template`` enum and described
 under ``x-templates`` (their parameter schemas), so a client generator sees
 what it may ask for.  ``/docs`` is one self-contained HTML page rendered from
 the document — no script or stylesheet from elsewhere: a privileged-access
-proxy should not make an operator's browser load third-party JavaScript.
+proxy should not make an operator's browser load third-party JavaScript.  It
+is interactive through one inline script of our own (``TRY_SCRIPT``), pinned
+by its SHA-256 in the page's Content-Security-Policy (``DOCS_CSP``: no other
+script runs, requests go only to this origin): a "try it" form per template
+(token, targets, parameters → ``POST /execute`` with ``wait``) and one for
+``GET`` requests (``/commands``, ``/jobs/{id}``, ``/audit/logs?…``).  The
+token stays in the page's memory; nothing is stored.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 from typing import Any
+
+# The page's one script: builds each request from a form and shows the answer.  ``request`` is
+# pure (form values in, fetch arguments out) so tests run it under Node without a browser.
+TRY_SCRIPT = r"""
+function request(kind, v) {
+  const headers = {"Authorization": "Bearer " + v.token.trim()};
+  if (kind === "get") {
+    if (!/^\/(commands|jobs\/[A-Za-z0-9_-]+|audit\/logs)(\?.*)?$/.test(v.path)) throw new Error("GET /commands, /jobs/ID or /audit/logs?...");
+    return {url: v.path, init: {method: "GET", headers: headers}};
+  }
+  const params = {};
+  for (const [name, raw] of Object.entries(v.params)) {
+    if (raw === "") continue;
+    const type = v.types[name];
+    params[name] = type === "integer" ? Number(raw) : type === "boolean" ? raw === "true" : raw;
+  }
+  const targets = v.targets.split(",").map(t => t.trim()).filter(t => t);
+  headers["Content-Type"] = "application/json";
+  return {url: "/execute", init: {method: "POST", headers: headers,
+          body: JSON.stringify({template: v.template, targets: targets, params: params, wait: true})}};
+}
+async function send(form, kind) {
+  const out = form.querySelector("pre");
+  const token = document.getElementById("token").value;
+  const v = {token: token, template: form.dataset.template, targets: form.elements.targets ? form.elements.targets.value : "",
+             path: form.elements.path ? form.elements.path.value : "", params: {}, types: {}};
+  for (const el of form.querySelectorAll("[data-param]")) { v.params[el.name] = el.value; v.types[el.name] = el.dataset.type; }
+  try {
+    const r = request(kind, v);
+    const answer = await fetch(r.url, r.init);
+    out.textContent = answer.status + "\n" + JSON.stringify(await answer.json(), null, 2);
+  } catch (e) { out.textContent = String(e); }
+}
+if (typeof document !== "undefined") {
+  for (const form of document.querySelectorAll("form[data-kind]")) {
+    form.addEventListener("submit", e => { e.preventDefault(); send(form, form.dataset.kind); });
+  }
+}
+if (typeof module !== "undefined") module.exports = {request};
+"""
+DOCS_CSP = ("default-src 'none'; style-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; "
+            "script-src 'sha256-" + base64.b64encode(hashlib.sha256(TRY_SCRIPT.encode()).digest()).decode() + "'")
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -147,13 +197,23 @@ def docs_page(doc: dict) -> bytes:
     for name, t in doc.get("x-templates", {}).items():
         params = "".join(f"<li><code>{e(p)}</code>: <code>{e(_schema_text(s))}</code></li>"
                          for p, s in t["params"]["properties"].items())
+        fields = "".join(
+            f"<label>{e(p)} <input name=\"{e(p)}\" data-param data-type=\"{e(str(s.get('type', 'string')))}\" "
+            f"placeholder=\"{e(str(s.get('default', '')))}\"></label> " for p, s in t["params"]["properties"].items())
         templates.append(f"<h3>{e(name)}</h3><p>{e(t['description'])}</p><p>targets: {e(', '.join(t['targets']))}; "
-                         f"scopes: {e(', '.join(t['scopes']))}; timeout {t['timeout_seconds']:g} s</p><ul>{params}</ul>")
+                         f"scopes: {e(', '.join(t['scopes']))}; timeout {t['timeout_seconds']:g} s</p><ul>{params}</ul>"
+                         f"<form data-kind=\"execute\" data-template=\"{e(name)}\"><label>targets "
+                         f"<input name=\"targets\" placeholder=\"web-1, web-2\"></label> {fields}"
+                         f"<button>Run {e(name)}</button><pre></pre></form>")
     body = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{e(doc['info']['title'])}</title></head><body>"
             f"<h1>{e(doc['info']['title'])} {e(doc['info']['version'])}</h1><p>{e(doc['info']['description'])}</p>"
             f"<p>The machine-readable document: <a href=\"/openapi.json\">/openapi.json</a>.</p>"
+            f"<p><label>Bearer token (kept in this page only) <input id=\"token\" type=\"password\" size=\"60\"></label></p>"
             f"<h2>Endpoints</h2><table border=\"1\" cellpadding=\"4\"><tr><th>request</th><th>what</th>"
-            f"<th>responses</th></tr>{''.join(rows)}</table><h2>Templates</h2>{''.join(templates)}</body></html>")
+            f"<th>responses</th></tr>{''.join(rows)}</table>"
+            f"<form data-kind=\"get\"><label>GET <input name=\"path\" size=\"50\" value=\"/commands\"></label> "
+            f"<button>Send</button><pre></pre></form>"
+            f"<h2>Templates</h2>{''.join(templates)}<script>{TRY_SCRIPT}</script></body></html>")
     return body.encode("utf-8")
 
 

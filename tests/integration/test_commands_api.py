@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -201,7 +202,38 @@ def test_openapi_document_validates_and_docs_page(api):
     assert "echo-word" in doc["components"]["schemas"]["ExecuteRequest"]["properties"]["template"]["enum"]
     assert {"/commands", "/execute", "/jobs/{id}", "/jobs/{id}/cancel", "/audit/logs", "/healthz"} <= set(doc["paths"])
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "/execute" in page.text and "echo-word" in page.text and "<script" not in page.text
+    assert "/execute" in page.text and "echo-word" in page.text
+    # Interactive, with our one inline script only: the CSP pins its hash, requests stay on this origin.
+    import base64
+    import hashlib
+    import re
+
+    scripts = re.findall(r"<script>(.*?)</script>", page.text, re.S)
+    assert len(scripts) == 1 and "<script src" not in page.text and "<link" not in page.text
+    csp = page.headers["content-security-policy"]
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp and "connect-src 'self'" in csp and "default-src 'none'" in csp
+    assert 'data-kind="execute" data-template="echo-word"' in page.text and 'data-kind="get"' in page.text
+    # The page's request builder, run by Node: the form values become exactly the API's request.
+    node = shutil.which("node")
+    assert node, "node (Debian nodejs) runs the page's script"
+    harness = scripts[0] + """
+const r = request("execute", {token: " T0K ", template: "echo-word", targets: "web-1, web-2,", path: "",
+                              params: {word: "hi", count: "3", loud: "true", empty: ""},
+                              types: {word: "string", count: "integer", loud: "boolean", empty: "string"}});
+const g = request("get", {token: "T", path: "/audit/logs?user=alice", params: {}, types: {}});
+let bad = null; try { request("get", {token: "T", path: "https://elsewhere/x", params: {}, types: {}}); } catch (e) { bad = String(e); }
+console.log(JSON.stringify({r, g, bad}));
+"""
+    out = subprocess.run([node, "-e", harness], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["r"]["url"] == "/execute" and got["r"]["init"]["method"] == "POST"
+    assert got["r"]["init"]["headers"]["Authorization"] == "Bearer T0K"
+    assert json.loads(got["r"]["init"]["body"]) == {"template": "echo-word", "targets": ["web-1", "web-2"],
+                                                    "params": {"word": "hi", "count": 3, "loud": True}, "wait": True}
+    assert got["g"]["url"] == "/audit/logs?user=alice" and got["g"]["init"]["method"] == "GET"
+    assert got["bad"] and "GET /commands" in got["bad"]
 
 
 def test_commands_lists_what_the_caller_may_run(api):
