@@ -100,17 +100,20 @@ CLIENT_CIPHERS = _GCM + [a for a in _REST if not a.startswith("chacha20")]
 
 # A batch of SSH packets to one peer is handed to the socket at most this large at a time.
 COALESCE_LIMIT = 256 * 1024
+# DBPROXY_SSH_COALESCE=0 writes each packet as asyncssh makes it (for an A/B run of scripts/bench/ssh).
 _COALESCE = os.environ.get("DBPROXY_SSH_COALESCE", "1") != "0"
 
 
 def coalesce_writes(conn: Any) -> None:
-    """Hand ``conn``'s outgoing packets to its socket in one write per loop turn, not one per packet.
+    """Hand ``conn``'s outgoing packets to its socket in one write per received chunk, not one per packet.
 
-    asyncssh writes every packet to the transport as it is made, and sends an SSH_MSG_IGNORE
-    before each one; with TCP_NODELAY each becomes its own ``send()`` and TCP segment.  Relaying a
-    256 KiB read from one peer makes ~8 data packets (+8 ignores, + window adjusts) for the
-    other: joined here and written once when the loop comes round (``call_soon``, FIFO: before
-    an ``abort`` asyncssh schedules after them), or at once past ``COALESCE_LIMIT``.
+    asyncssh writes every packet to the transport as it makes it, and an SSH_MSG_IGNORE before
+    each one; with TCP_NODELAY each becomes its own ``send()`` and TCP segment.  Relaying one
+    256 KiB read from a peer makes ~8 data packets (+8 ignores, + window adjusts) for the other.
+    Here they are joined and written once: when the ``data_received`` of either connection of
+    the session that caused them returns (so an echoed keystroke waits for no extra loop turn),
+    else (packets made by a timer or a task) when the loop comes round (``call_soon``, FIFO:
+    before an ``abort`` asyncssh schedules after them), or at once past ``COALESCE_LIMIT``.
     """
     transport = conn._transport
     if not _COALESCE or transport is None:
@@ -141,7 +144,23 @@ def coalesce_writes(conn: Any) -> None:
         if size >= COALESCE_LIMIT:
             flush()
 
+    # The flushes of the connections on this loop (one loop per session: its client and target
+    # connections), kept on the loop so they go with it.
+    flushes = getattr(loop, "_dbproxy_ssh_flushes", None)
+    if flushes is None:
+        flushes = loop._dbproxy_ssh_flushes = []  # type: ignore[attr-defined]
+    flushes.append(flush)
+    receive = conn.data_received
+
+    def data_received(data: bytes, datatype: Any = None) -> None:
+        try:
+            receive(data, datatype)
+        finally:
+            for f in flushes:
+                f()
+
     conn._send = send
+    conn.data_received = data_received
 
 
 DISC_REFUSED = asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
