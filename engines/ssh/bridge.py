@@ -24,7 +24,8 @@ relayed to a channel of the same kind on the target by ``ChannelRelay`` /
 ``TargetSide`` — pty request with its modes, window changes, signals,
 breaks, exit status / signal, EOF — entirely in asyncssh's callbacks (no
 task per chunk; flow control by pausing the other side's reading when a
-side's send window is full).  What the audit wants to know is emitted from
+side's send window is full; the packets one received chunk makes for the
+other connection go to its socket in one write, ``coalesce_writes``).  What the audit wants to know is emitted from
 those callbacks *before* the request is forwarded (an exec command before
 the target sees it).  Forwarding requests are audited with their verdict:
 ``direct-tcpip`` (``-L``, ``-D``, ``-W``) and ``tcpip-forward`` (``-R``)
