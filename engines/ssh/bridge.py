@@ -25,9 +25,9 @@ relayed to a channel of the same kind on the target by ``ChannelRelay`` /
 breaks, exit status / signal, EOF — entirely in asyncssh's callbacks (no
 task per chunk; flow control by pausing the other side's reading when a
 side's send window is full; the packets one received chunk makes for the
-other connection go to its socket in one write, ``coalesce_writes``).  What the audit wants to know is emitted from
-those callbacks *before* the request is forwarded (an exec command before
-the target sees it).  Forwarding requests are audited with their verdict:
+other connection go to its socket in one write, ``coalesce_writes``).  What
+the audit wants to know is emitted from those callbacks *before* the request
+is forwarded (an exec command before the target sees it).  Forwarding requests are audited with their verdict:
 ``direct-tcpip`` (``-L``, ``-D``, ``-W``) and ``tcpip-forward`` (``-R``)
 are relayed through the target connection when a granting role's
 ``port_forwarding`` allows them (asyncssh's ``SSHForwarder`` pairs the
@@ -138,6 +138,8 @@ def coalesce_writes(conn: Any) -> None:
 
     def send(data: bytes) -> None:
         nonlocal size
+        if conn._transport is None:  # as asyncssh's own _send: nothing goes out after a forced close
+            return
         if not pending:
             loop.call_soon(flush)
         pending.append(data)
