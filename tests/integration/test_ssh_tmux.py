@@ -33,7 +33,7 @@ from tests.integration.test_ssh_shell import open_shell, session_of, shellproxy 
 
 pytestmark = pytest.mark.integration
 
-ROWS, COLS = 30, 100  # open_shell's tmux window
+ROWS = 30  # open_shell's tmux window is 100x30
 
 
 def test_vi_full_screen_edit_and_write(shellproxy, tmp_path):  # noqa: F811
