@@ -24,9 +24,10 @@ relayed to a channel of the same kind on the target by ``ChannelRelay`` /
 ``TargetSide`` — pty request with its modes, window changes, signals,
 breaks, exit status / signal, EOF — entirely in asyncssh's callbacks (no
 task per chunk; flow control by pausing the other side's reading when a
-side's send window is full).  What the audit wants to know is emitted from
-those callbacks *before* the request is forwarded (an exec command before
-the target sees it).  Forwarding requests are audited with their verdict:
+side's send window is full; the packets one received chunk makes for the
+other connection go to its socket in one write, ``coalesce_writes``).  What
+the audit wants to know is emitted from those callbacks *before* the request
+is forwarded (an exec command before the target sees it).  Forwarding requests are audited with their verdict:
 ``direct-tcpip`` (``-L``, ``-D``, ``-W``) and ``tcpip-forward`` (``-R``)
 are relayed through the target connection when a granting role's
 ``port_forwarding`` allows them (asyncssh's ``SSHForwarder`` pairs the
@@ -96,6 +97,73 @@ _GCM = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 _REST = [a.decode() for a in asyncssh.encryption.get_default_encryption_algs() if a.decode() not in _GCM]
 TARGET_CIPHERS = _GCM + _REST
 CLIENT_CIPHERS = _GCM + [a for a in _REST if not a.startswith("chacha20")]
+
+# A batch of SSH packets to one peer is handed to the socket at most this large at a time.
+COALESCE_LIMIT = 256 * 1024
+# DBPROXY_SSH_COALESCE=0 writes each packet as asyncssh makes it (for an A/B run of scripts/bench/ssh).
+_COALESCE = os.environ.get("DBPROXY_SSH_COALESCE", "1") != "0"
+
+
+def coalesce_writes(conn: Any) -> None:
+    """Hand ``conn``'s outgoing packets to its socket in one write per received chunk, not one per packet.
+
+    asyncssh writes every packet to the transport as it makes it, and an SSH_MSG_IGNORE before
+    each one; with TCP_NODELAY each becomes its own ``send()`` and TCP segment.  Relaying one
+    256 KiB read from a peer makes ~8 data packets (+8 ignores, + window adjusts) for the other.
+    Here they are joined and written once: when the ``data_received`` of either connection of
+    the session that caused them returns (so an echoed keystroke waits for no extra loop turn),
+    else (packets made by a timer or a task) when the loop comes round (``call_soon``, FIFO:
+    before an ``abort`` asyncssh schedules after them), or at once past ``COALESCE_LIMIT``.
+    """
+    transport = conn._transport
+    if not _COALESCE or transport is None:
+        return
+    loop = asyncio.get_event_loop()
+    pending: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        size = 0
+        if not transport.is_closing():
+            try:
+                transport.write(data)
+            except ConnectionError:  # as asyncssh's own _send: the peer is gone, connection_lost follows
+                pass
+
+    def send(data: bytes) -> None:
+        nonlocal size
+        if conn._transport is None:  # as asyncssh's own _send: nothing goes out after a forced close
+            return
+        if not pending:
+            loop.call_soon(flush)
+        pending.append(data)
+        size += len(data)
+        if size >= COALESCE_LIMIT:
+            flush()
+
+    # The flushes of the connections on this loop (one loop per session: its client and target
+    # connections), kept on the loop so they go with it.
+    flushes = getattr(loop, "_dbproxy_ssh_flushes", None)
+    if flushes is None:
+        flushes = loop._dbproxy_ssh_flushes = []  # type: ignore[attr-defined]
+    flushes.append(flush)
+    receive = conn.data_received
+
+    def data_received(data: bytes, datatype: Any = None) -> None:
+        try:
+            receive(data, datatype)
+        finally:
+            for f in flushes:
+                f()
+
+    conn._send = send
+    conn.data_received = data_received
+
 
 DISC_REFUSED = asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
 DISC_UNAVAILABLE = asyncssh.DISC_SERVICE_NOT_AVAILABLE
@@ -194,6 +262,7 @@ class ClientGate(asyncssh.SSHServer):
     # -- connection ------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        coalesce_writes(conn)
         # Agent and X11 requests arrive on a session channel and asyncssh decides them in these two
         # connection methods; refusing there (and auditing) keeps its own handling of the reply.
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
@@ -809,6 +878,9 @@ class TargetSide(asyncssh.SSHClientSession):
 class _TargetClient(asyncssh.SSHClient):
     def __init__(self, holder: "TargetConnection") -> None:
         self.holder = holder
+
+    def connection_made(self, conn: Any) -> None:
+        coalesce_writes(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.holder.relay is not None:

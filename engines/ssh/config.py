@@ -51,13 +51,7 @@ def _private_key_problem(path: str) -> str | None:
 def validate_listener(v: Any, d: dict, path: str) -> dict:
     """``host_key_file`` (the proxy's own host key) and an ``auth`` naming the token method."""
     extra: dict = {}
-    key = v.file_path(d, "host_key_file", path)
-    if key is not None:
-        problem = _private_key_problem(key)
-        if problem:
-            v.err(f"{path}.host_key_file", problem)
-        else:
-            extra["host_key_file"] = key
+    _key_file(v, d, "host_key_file", path, extra)
     validate_recording(v, d, path, extra)
     if "env_allow" in d:
         # Environment variables the client sends (RFC 4254 §6.4) that reach the target: globs on the
@@ -87,40 +81,43 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
     return extra
 
 
+def _key_file(v: Any, ad: dict, key: str, path: str, params: dict) -> None:
+    """``ad[key]``, a private key file asyncssh reads, into ``params[key]``; else a config error at its path."""
+    found = v.file_path(ad, key, path)
+    if found is None:
+        return
+    problem = _private_key_problem(found)
+    if problem:
+        v.err(f"{path}.{key}", problem)
+    else:
+        params[key] = found
+
+
+def _no_password(v: Any, ad: dict, path: str, method: str, why: str) -> None:
+    """A key-based method takes no password: each password key given is an error naming ``why``."""
+    for k in ("password_file", "password_env"):
+        if k in ad:
+            v.err(f"{path}.{k}", f"no password for method {method} ({why})")
+
+
 def validate_auth(v: Any, method: str, ad: dict, path: str) -> dict:
     params: dict = {}
     allowed = AUTH_KEYS.get(method, set())
     for k in sorted(k for k in ad if k not in {"method", "password_file", "password_env"} | allowed):
         v.err(f"{path}.{k}", f"no key {k!r} for method {method}" + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""))
     if method == "publickey":
-        key = v.file_path(ad, "key_file", path)
-        if key is not None:
-            problem = _private_key_problem(key)
-            if problem:
-                v.err(f"{path}.key_file", problem)
-            else:
-                params["key_file"] = key
-        for k in ("password_file", "password_env"):
-            if k in ad:
-                v.err(f"{path}.{k}", "no password for method publickey (the key file is the credential)")
+        _key_file(v, ad, "key_file", path, params)
+        _no_password(v, ad, path, "publickey", "the key file is the credential")
     if method == "certificate":
         # The proxy's user CA: it signs a short-lived certificate for each session (the target's
         # sshd trusts the CA with TrustedUserCAKeys; the certificate's principal is the login).
-        key = v.file_path(ad, "ca_key_file", path)
-        if key is not None:
-            problem = _private_key_problem(key)
-            if problem:
-                v.err(f"{path}.ca_key_file", problem)
-            else:
-                params["ca_key_file"] = key
+        _key_file(v, ad, "ca_key_file", path, params)
         validity = v.integer(ad, "validity_seconds", path, minimum=30)
         if validity is not None and validity > MAX_CERT_VALIDITY:
             v.err(f"{path}.validity_seconds", f"at most {MAX_CERT_VALIDITY} seconds (a per-session certificate), got {validity}")
             validity = None
         params["validity_seconds"] = validity or DEFAULT_CERT_VALIDITY
-        for k in ("password_file", "password_env"):
-            if k in ad:
-                v.err(f"{path}.{k}", "no password for method certificate (the CA key signs the credential)")
+        _no_password(v, ad, path, "certificate", "the CA key signs the credential")
     return params
 
 

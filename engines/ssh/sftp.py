@@ -20,6 +20,14 @@ directions of a relayed ``sftp`` channel and never changes a byte:
 
 A packet that cannot be parsed raises ``ProtocolError``: the engine then
 closes the channel without forwarding it ("nothing unaudited").
+
+The bulk of a transfer passes without being buffered: a ``DATA`` or
+``WRITE`` packet is held only up to its header (13 bytes, plus the handle
+and offset for ``WRITE``); its payload is then fed to the file's SHA-256
+straight from the received chunks as they go by.  Other packets (small:
+requests, handles, statuses, names) are held whole until complete.  So what
+the observer keeps per direction is at most one header or one small packet,
+whatever the size of the transfer.
 """
 
 from __future__ import annotations
@@ -30,9 +38,8 @@ from typing import Any, Callable
 
 import attrs
 
-from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import RemoteProtocolError
-from dbproxy.sansio import NEED_DATA, LengthPrefixed
+from dbproxy.sansio import LengthPrefixed
 
 # OpenSSH's sftp-server refuses packets above 256 KiB (SFTP_MAX_MSG_LENGTH); room for the header.
 MAX_PACKET = 256 * 1024 + 1024
@@ -90,13 +97,14 @@ class _Transfer:
     sequential: bool = True
     sha256: Any = attrs.field(factory=hashlib.sha256)
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, size: int) -> bool:
+        """``size`` bytes at ``offset`` are coming; True while they extend a sequential transfer
+        (the caller then hashes them)."""
         if offset != self.next_offset:
             self.sequential = False
-        self.bytes += len(data)
-        self.next_offset = offset + len(data)
-        if self.sequential:
-            self.sha256.update(data)
+        self.bytes += size
+        self.next_offset = offset + size
+        return self.sequential
 
     def fields(self, prefix: str) -> dict:
         return {f"bytes_{prefix}": self.bytes,
@@ -116,14 +124,72 @@ def _mode(pflags: int) -> str:
     return "read-write" if r and w else "write" if w else "read"
 
 
+def _truncated() -> int:
+    raise RemoteProtocolError("truncated SFTP packet", client_hint="malformed SFTP packet")
+
+
+class _Direction:
+    """One direction's packet reader: small packets whole, one bulk kind (``DATA`` / ``WRITE``) streamed.
+
+    ``head`` holds the packet being read until it is complete, or for the bulk kind until
+    ``header(head, size)`` (→ header length, transfer, bytes to hash) knows where the payload starts;
+    the rest of that packet (``left`` bytes, of which the first ``hash_left`` are the file's data)
+    goes from each chunk to the transfer's SHA-256 without being kept.
+    """
+
+    __slots__ = ("bulk", "header", "packet", "head", "want", "left", "hash_left", "transfer")
+
+    def __init__(self, bulk: int, header: Callable, packet: Callable) -> None:
+        self.bulk, self.header, self.packet = bulk, header, packet
+        self.head = bytearray()
+        self.want = 5  # length + type: enough to tell a bulk packet from the rest
+        self.left = self.hash_left = 0
+        self.transfer: _Transfer | None = None
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        head = self.head
+        while pos < end:
+            if self.left:
+                n = min(self.left, end - pos)
+                h = min(self.hash_left, n)
+                if h:
+                    self.transfer.sha256.update(view[pos:pos + h])  # type: ignore[union-attr]
+                    self.hash_left -= h
+                self.left -= n
+                pos += n
+                continue
+            n = min(self.want - len(head), end - pos)
+            head += view[pos:pos + n]
+            pos += n
+            # The length is checked (too short, too long: raises) as soon as its 4 bytes are in.
+            size = FRAMES.size_at(head, 0, len(head), MAX_PACKET)
+            if len(head) < self.want:
+                continue
+            if head[4] != self.bulk:
+                if self.want < size:  # the whole packet next
+                    self.want = size
+                    continue
+                self.packet(bytes(head))
+            else:
+                start, transfer, hashed = self.header(head, size)
+                if start > len(head):  # the header is longer than first thought (a WRITE's handle)
+                    self.want = start
+                    continue
+                self.left, self.hash_left, self.transfer = size - start, hashed, transfer
+            head.clear()
+            self.want = 5
+
+
 class SftpAudit:
     """Observes one sftp channel; ``emit(kind, **fields)`` writes the audit events."""
 
     def __init__(self, emit: Callable[..., Any], channel: int) -> None:
         self.emit = emit
         self.channel = channel
-        self._up = ReceiveBuffer()
-        self._down = ReceiveBuffer()
+        self._up = _Direction(WRITE, self._write_header, self._client_packet)
+        self._down = _Direction(DATA, self._data_header, self._server_packet)
         self._opens: dict[int, tuple[str, str]] = {}  # request id -> (path, mode)
         self._reads: dict[int, tuple[bytes, int]] = {}  # request id -> (handle, offset)
         self._files: dict[bytes, _File] = {}
@@ -131,8 +197,21 @@ class SftpAudit:
     # -- client → server ----------------------------------------------------------------
     def from_client(self, data: bytes) -> None:
         self._up.feed(data)
-        while (frame := FRAMES.next_frame(self._up, MAX_PACKET)) is not NEED_DATA:
-            self._client_packet(frame)
+
+    def _write_header(self, head: bytearray, size: int) -> tuple[int, _Transfer | None, int]:
+        """A ``WRITE`` (§6.4) up to its data's length: (header length, the file's transfer or None,
+        data length); 0 while ``head`` is too short to say."""
+        if len(head) < 13:
+            return 13 if size >= 13 else _truncated(), None, 0
+        end = 13 + _U32.unpack_from(head, 9)[0] + 12
+        if end > size:
+            raise RemoteProtocolError("truncated SFTP packet", client_hint="malformed SFTP packet")
+        if len(head) < end:
+            return end, None, 0
+        handle = bytes(head[13:end - 12])
+        offset, length = _U64.unpack_from(head, end - 12)[0], _U32.unpack_from(head, end - 4)[0]
+        f = self._files.get(handle)
+        return end, (f.written if f is not None else None), self._bulk(offset, length, size - end, f and f.written)
 
     def _client_packet(self, frame: bytes) -> None:
         kind = frame[4]
@@ -141,12 +220,7 @@ class SftpAudit:
         r = _Reader(frame)
         r.pos = 5
         rid = r.u32()
-        if kind == WRITE:
-            handle, offset, data = r.string(), r.u64(), r.string()
-            f = self._files.get(handle)
-            if f is not None:
-                f.written.add(offset, data)
-        elif kind == READ:
+        if kind == READ:
             handle, offset = r.string(), r.u64()
             if handle in self._files:
                 self._reads[rid] = (handle, offset)
@@ -176,12 +250,30 @@ class SftpAudit:
     # -- server → client ----------------------------------------------------------------
     def from_server(self, data: bytes) -> None:
         self._down.feed(data)
-        while (frame := FRAMES.next_frame(self._down, MAX_PACKET)) is not NEED_DATA:
-            self._server_packet(frame)
+
+    def _data_header(self, head: bytearray, size: int) -> tuple[int, _Transfer | None, int]:
+        """A ``DATA`` (§7) up to its data's length: as ``_write_header``; it answers the ``READ`` of
+        the same request id."""
+        if len(head) < 13:
+            return 13 if size >= 13 else _truncated(), None, 0
+        rid, length = _U32.unpack_from(head, 5)[0], _U32.unpack_from(head, 9)[0]
+        read = self._reads.pop(rid, None)
+        f = self._files.get(read[0]) if read is not None else None
+        return 13, (f.read if f is not None else None), self._bulk(read[1] if read else 0, length, size - 13,
+                                                                    f and f.read)
+
+    @staticmethod
+    def _bulk(offset: int, length: int, room: int, transfer: _Transfer | None) -> int:
+        """How many of the payload's bytes go to the hash (``length`` must fit the packet)."""
+        if length > room:
+            raise RemoteProtocolError("truncated SFTP string", client_hint="malformed SFTP packet")
+        if transfer is None:
+            return 0
+        return length if transfer.add(offset, length) else 0
 
     def _server_packet(self, frame: bytes) -> None:
         kind = frame[4]
-        if kind not in (HANDLE, DATA, STATUS):
+        if kind not in (HANDLE, STATUS):
             return
         r = _Reader(frame)
         r.pos = 5
@@ -190,13 +282,6 @@ class SftpAudit:
             opened = self._opens.pop(rid, None)
             if opened is not None:
                 self._files[r.string()] = _File(*opened)
-        elif kind == DATA:
-            read = self._reads.pop(rid, None)
-            if read is not None:
-                handle, offset = read
-                f = self._files.get(handle)
-                if f is not None:
-                    f.read.add(offset, r.string())
         else:
             self._reads.pop(rid, None)  # EOF or an error answering a READ
             opened = self._opens.pop(rid, None)

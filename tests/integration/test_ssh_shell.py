@@ -253,7 +253,9 @@ def test_full_screen_editor_is_not_line_policed(shellproxy, tmp_path):
     tmux = open_shell(shellproxy, "web-vi", token=shellproxy.guarded_token)
     try:
         tmux.run("send-keys", "-t", "t", f"vi -u NONE -N {note}", "Enter")
-        tmux.wait_for("~")
+        # vi's status line for a new file ("~" alone would match the shell's first prompt, root@host:~#,
+        # and keys typed before vi takes the terminal are shell type-ahead, policed as such).
+        tmux.wait_for("[New")
         tmux.run("send-keys", "-t", "t", "-l", "i")
         time.sleep(0.3)
         tmux.run("send-keys", "-t", "t", "-l", "first line")

@@ -109,3 +109,52 @@ def test_malformed_packets_raise():
         s.SftpAudit(lambda kind, **f: None, channel=1).from_client(struct.pack(">IB", s.MAX_PACKET + 1, s.WRITE))
     with pytest.raises(ProtocolError):
         s.SftpAudit(lambda kind, **f: None, channel=1).from_client(struct.pack(">I", 0))
+
+
+def _download(size: int, block: int = 32768) -> tuple[list[bytes], list[bytes], bytes]:
+    """An OpenSSH-like download of ``size`` bytes: READ requests and DATA answers of ``block`` bytes
+    (the last item of the answers: all of them joined, the stream the server sends)."""
+    body = bytes(range(256)) * (size // 256)
+    up = [UP[5]]
+    down = [DOWN[2]]
+    for n, at in enumerate(range(0, size, block)):
+        up.append(packet(s.READ, rid(100 + n) + string(b"H2") + struct.pack(">QI", at, block)))
+        down.append(packet(s.DATA, rid(100 + n) + string(body[at:at + block])))
+    up.append(packet(s.CLOSE, rid(99) + string(b"H2")))
+    return up, [*down, b"".join(down[1:])], body
+
+
+def _feed_interleaved(audit, up: list[bytes], down: list[bytes], cut: int) -> None:
+    """Requests then answers, each direction's bytes re-cut into ``cut``-byte chunks (SSH channel
+    packets do not follow SFTP packet boundaries)."""
+    audit.from_client(up[0])
+    audit.from_server(down[0])
+    stream = down[-1]
+    for i, req in enumerate(up[1:-1]):
+        audit.from_client(req)
+        if i % 64 == 63 or i == len(up) - 3:  # the client keeps many reads in flight
+            end = min((i + 1) * len(down[1]), len(stream))
+            start = (i // 64) * 64 * len(down[1])
+            for at in range(start, end, cut):
+                audit.from_server(stream[at:min(at + cut, end)])
+    audit.from_client(up[-1])
+
+
+@pytest.mark.parametrize("cut", [32768, 32768 + 9, 4093])
+def test_transfer_hashed_as_it_passes_memory_stays_small(cut):
+    """However the stream is cut, the hash is the file's, and what the observer holds stays small
+    (the payload is hashed from the chunks, not buffered) however much went by."""
+    import tracemalloc
+
+    up, down, body = _download(8 * 1024 * 1024)
+    events: list[tuple] = []
+    audit = s.SftpAudit(lambda kind, **f: events.append((kind, f)), channel=1)
+    tracemalloc.start()
+    try:
+        _feed_interleaved(audit, up, down, cut)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    (fields,) = [f for kind, f in events if kind == "ssh.sftp.file"]
+    assert fields["bytes_read"] == len(body) and fields["sha256_read"] == hashlib.sha256(body).hexdigest()
+    assert peak < 1024 * 1024, f"the observer held {peak} bytes for an 8 MiB transfer"
