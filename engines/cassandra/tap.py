@@ -72,6 +72,7 @@ from . import protocol as F
 from .checks import envelope_parses
 from .observers import REQUEST_PARSERS, CqlSessionState, RequestAudit, ResponseAudit, malformed_request
 from .prepared import PreparedCache, learn_prepared
+from .tapfast import FastCqlAudit
 
 _STARTUP = F.Opcode.STARTUP
 _AUTH_RESPONSE = F.Opcode.AUTH_RESPONSE
@@ -339,6 +340,9 @@ class CqlTap(FrameTap):
         self.state = CqlSessionState(backend=template.get("db_uri") or "", prepared=PREPARED,
                                      session=_TemplateSession(audit))
         super().__init__(audit, (RequestAudit(self.state, audit), ResponseAudit(self.state, audit)))
+        # EXECUTE and RESULT Void/Rows in place (``tapfast``); anything else, the observers.
+        fast = FastCqlAudit(self.state, audit)
+        self.fast = (fast.request, fast.response)
 
     def message(self, direction: int, mtype: int, frame: bytes) -> F.Frame:
         first, flags, stream = _FIRST_FLAGS_STREAM(frame)
