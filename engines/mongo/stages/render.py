@@ -312,6 +312,40 @@ def cursor_summary(cursor: RawBSONDocument) -> tuple[Any, Any, int | None]:
     return cursor.get("id"), cursor.get("ns"), len(batch) if isinstance(batch, list) else None
 
 
+def _decoded_cursor_summary(cursor: dict) -> tuple[Any, Any, int | None]:
+    """``cursor_summary`` of a cursor decoded whole (``summarize_small_reply``): the same three values."""
+    batch = cursor.get("firstBatch", cursor.get("nextBatch"))
+    return cursor.get("id"), cursor.get("ns"), len(batch) if isinstance(batch, list) else None
+
+
+#: An OP_MSG reply up to this size is decoded whole, in C, for its summary (``summarize_small_reply``).
+SMALL_REPLY = 16 * 1024
+_U32 = struct.Struct("<I")
+
+
+def summarize_small_reply(msg: wire.WireMessage) -> dict[str, Any] | None:
+    """``summarize_reply(*reply_document(msg))`` of a small OP_MSG reply whose body comes first, from
+    one ``bson.decode`` of the body instead of a raw top level, its inflation and the cursor's raw
+    walk (a driver's everyday reply: a few hundred bytes).  A full decode that succeeds reads every
+    value the raw path reads, with the same types; None — a larger reply, another layout, or a body
+    the full decode refuses (the raw path may still read its top level) — means: take the general
+    path, which decides."""
+    raw = msg.raw
+    end = len(raw)
+    if msg.op_code != wire.OP_MSG or end > SMALL_REPLY or end < 26 or raw[20] != 0:
+        return None
+    if _U32.unpack_from(raw, 16)[0] & wire.CHECKSUM_PRESENT:
+        end -= 4
+    size = _I32.unpack_from(raw, 21)[0]
+    if size < 5 or 21 + size > end:
+        return None
+    try:
+        doc = bson.decode(memoryview(raw)[21:21 + size])
+    except Exception:
+        return None
+    return summarize_reply(doc)
+
+
 def reply_document(msg: wire.WireMessage) -> tuple[RawBSONDocument, wire.OpReply | None]:
     """The body of a reply (OP_MSG kind-0, or OP_REPLY's first document)."""
     if msg.op_code == wire.OP_MSG:
@@ -364,8 +398,8 @@ def summarize_reply(doc: Mapping[str, Any], op_reply: wire.OpReply | None = None
     if isinstance(wce, Mapping):
         out["write_concern_error"] = ev.truncate(str(wce.get("errmsg", "")), 2048)
     cursor = doc.get("cursor")
-    if isinstance(cursor, RawBSONDocument):
-        cid, ns, batch = cursor_summary(cursor)
+    if isinstance(cursor, RawBSONDocument) or type(cursor) is dict:
+        cid, ns, batch = cursor_summary(cursor) if type(cursor) is not dict else _decoded_cursor_summary(cursor)
         out["cursor_id"] = int(cid) if isinstance(cid, int) else cid
         out["batch_size"] = batch
         if isinstance(ns, str):
