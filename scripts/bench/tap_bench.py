@@ -14,6 +14,8 @@ the ones the end-to-end benchmarks produce, built here —
                  (pymongo's ``find_one``) + its reply (one small document)
     mongo insert OP_MSG ``insert`` with a document sequence of one document
                  + ``{n: 1, ok: 1}``
+    pg select    pgbench -S -M simple: a Query + RowDescription, DataRow,
+                 CommandComplete, ReadyForQuery
 
 — fed to the engine's tap class (``CqlTap`` / ``MongoTap``) over a real
 ``TemplateAudit`` + ``AuditRecorder`` + ``JsonlSink`` (written in the loop,
@@ -55,7 +57,7 @@ TEMPLATE = {
     "addr.remote": "127.0.0.1:53412",
     "route": "bench",
 }
-WORKLOADS = ("cql-select", "cql-insert", "mongo-find", "mongo-insert")
+WORKLOADS = ("cql-select", "cql-insert", "mongo-find", "mongo-insert", "pg-select")
 CLIENT, BACKEND = 0, 1
 
 
@@ -152,10 +154,33 @@ def mongo_session(workload: str, pairs: int):
     return T.MongoTap, {}, [], steps, b'"db.session.query"'
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg(mtype: bytes, body: bytes) -> bytes:
+    return mtype + struct.pack(">i", 4 + len(body)) + body
+
+
+def pg_session(workload: str, pairs: int):
+    """pgbench -S -M simple: Query, then RowDescription, DataRow, CommandComplete, ReadyForQuery."""
+    from dbproxy.engines.postgres import tap as T
+
+    steps = []
+    row_description = _pg(b"T", struct.pack(">h", 1) + b"abalance\x00" + struct.pack(">ihihih", 16384, 3, 23, 4, -1, 0))
+    for n in range(pairs):
+        query = _pg(b"Q", f"SELECT abalance FROM pgbench_accounts WHERE aid = {n * 7 + 1};".encode() + b"\x00")
+        answer = (row_description + _pg(b"D", struct.pack(">hi", 1, 1) + b"0") + _pg(b"C", b"SELECT 1\x00")
+                  + _pg(b"Z", b"I"))
+        steps.append((query, answer))
+    return T.Tap, {}, [], steps, b'"db.session.query"'
+
+
 # --------------------------------------------------------------------------- run
 
 
 def build(workload: str, pairs: int):
+    if workload.startswith("pg"):
+        return pg_session(workload, pairs)
     return cql_session(workload, pairs) if workload.startswith("cql") else mongo_session(workload, pairs)
 
 
@@ -166,7 +191,7 @@ def run(workload: str, samples: int, pairs: int, batch: int, profile: int) -> tu
         sink = JsonlSink(path=path, fsync="never")
         recorder = AuditRecorder([sink], capacity=10_000_000)
         recorder.track_changes()
-        template = dict(TEMPLATE, db_protocol="cassandra" if workload.startswith("cql") else "mongodb")
+        template = dict(TEMPLATE, db_protocol={"cql": "cassandra", "mon": "mongodb", "pg-": "postgres"}[workload[:3]])
         audit = TemplateAudit(recorder, template)
         tap = tap_cls(audit, **params)
         for direction, data in setup:

@@ -129,6 +129,12 @@ class ReplyAudit:
         except PARSE_ERRORS as exc:
             # Forwarded all the same: the client's driver judges the reply; the audit says it was unreadable.
             summary = {"ok": 0, "errmsg": f"unreadable reply: {exc}"}
+        self.record(pending, summary)
+        return None
+
+    def record(self, pending: Pending, summary: dict) -> None:
+        """The result of the audited request ``pending``, from its reply's ``summary``."""
+        st = self.state
         ok = bool(summary.get("ok")) and "write_errors" not in summary and "write_concern_error" not in summary
         if not ok:
             st.errors += 1
@@ -142,7 +148,6 @@ class ReplyAudit:
             fields["affected_records"] = summary.get("nModified", summary["n"])
         fields.update(summary)
         self.audit.on_result(success=ok, query_uid=pending.uid, **fields)
-        return None
 
     def _cursors(self, pending: Pending, summary: dict) -> None:
         st = self.state

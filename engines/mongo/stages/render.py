@@ -203,6 +203,22 @@ def _json_default(value: Any) -> Any:
     return _render(value, _Budget(MAX_STRING_CHARS * 4), REDACT_ALWAYS)
 
 
+def fast_renderable(raw: bytes, name: str) -> bool:
+    """Does ``render_command`` take its fast path for this body (``raw``: its bytes)?"""
+    return len(raw) <= FAST_RENDER_MAX and name not in AUTH_COMMANDS and _REDACT_MARKERS.search(raw) is None
+
+
+def render_decoded(doc: dict, sequences: dict[str, int] | None = None) -> str:
+    """The fast path's text of a command ``bson.decode``d whole (raises ``TypeError`` / ``ValueError``
+    / ``orjson.JSONEncodeError`` where the careful walk must decide)."""
+    if sequences:
+        for ident, count in sequences.items():
+            doc[ident] = f"<{count} documents in a document sequence>"
+    return ev.truncate(
+        orjson.dumps(doc, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode("utf-8")
+    )
+
+
 def render_command(body: Mapping[str, Any], name: str, sequences: dict[str, int] | None = None) -> str:
     """The command document as audit text: JSON, bounded, credentials redacted.
 
@@ -213,20 +229,9 @@ def render_command(body: Mapping[str, Any], name: str, sequences: dict[str, int]
     hold a password take the bounded, redacting walk.
     """
     raw = body.raw if isinstance(body, RawBSONDocument) else None
-    if (
-        raw is not None
-        and len(raw) <= FAST_RENDER_MAX
-        and name not in AUTH_COMMANDS
-        and _REDACT_MARKERS.search(raw) is None
-    ):
+    if raw is not None and fast_renderable(raw, name):
         try:
-            doc = bson.decode(raw)
-            if sequences:
-                for ident, count in sequences.items():
-                    doc[ident] = f"<{count} documents in a document sequence>"
-            return ev.truncate(
-                orjson.dumps(doc, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode("utf-8")
-            )
+            return render_decoded(bson.decode(raw), sequences)
         except (BSONError, TypeError, ValueError, orjson.JSONEncodeError):
             pass  # the careful walk below says what it can
     redact = REDACT_AUTH if name in AUTH_COMMANDS else REDACT_ALWAYS
