@@ -53,7 +53,9 @@ Worker side — ``CqlTap`` (``audit.frametap.FrameTap``): the same frame loop
 over the tapped bytes, the engine's ``Frame`` and its observers, with a
 ``PreparedCache`` of the worker's own (prepared ids are learnt from the
 PREPAREs and RESULTs it audits, exactly as the inline one from those the
-proxy sees).  A keyspace change moves ``db_name`` in the worker's template
+proxy sees).  EXECUTE and RESULT Void/Rows — a driver's load — are audited
+in place first (``tapfast.py``: the same events, no ``Frame`` or parsed
+records); whatever that declines goes to the observers.  A keyspace change moves ``db_name`` in the worker's template
 for the session's later events.
 """
 

@@ -29,6 +29,7 @@ from typing import Any
 from dbproxy.audit import events as ev
 
 from . import protocol as F
+from .checks import _string_end  # the [string] walk the in-place request checks use (valid UTF-8, or -1)
 from .observers import EV_EXECUTE, EVENT_CODES, _Pending
 from .values import consistency_name, render_values
 
@@ -66,18 +67,14 @@ _KNOWN_LIMIT = 4096
 _SIMPLE_TYPES_END = 0x0020  # [option] ids below 0x20 but 0 (custom) are one [short], no parameters (§4.2.5.2)
 
 
-def _string_end(d: Any, p: int, end: int) -> int:
-    """End of the valid UTF-8 [string] at ``p``, or -1 (the observer's parser decodes it)."""
-    if p + 2 > end:
-        return -1
-    q = p + 2 + _H(d, p)[0]
-    if q > end:
-        return -1
-    try:
-        str(d[p + 2:q], "utf-8")
-    except UnicodeDecodeError:
-        return -1
-    return q
+def _plain(d: Any, pos: int, opcode: int, prefix: int) -> int:
+    """The version of the frame at ``pos`` if it is ``opcode`` with no body prefix (``prefix``: the
+    header flags that announce one) and no v3/v4 compressed body; else 0."""
+    flags = d[pos + 1]
+    version = d[pos] & _VERSION_MASK
+    if d[pos + 4] != opcode or flags & prefix or (flags & _COMPRESSION and version < _FIRST_SEGMENT_VERSION):
+        return 0
+    return version
 
 
 class FastCqlAudit:
@@ -94,10 +91,8 @@ class FastCqlAudit:
 
     def request(self, d: Any, pos: int, size: int) -> bool:
         """An EXECUTE (§4.1.6): <id>[short bytes], v5 <result_metadata_id>[short bytes], <query_parameters>."""
-        if d[pos + 4] != _EXECUTE:
-            return False
-        version = d[pos] & _VERSION_MASK
-        if d[pos + 1] & _REQUEST_PREFIX or (d[pos + 1] & _COMPRESSION and version < _FIRST_SEGMENT_VERSION):
+        version = _plain(d, pos, _EXECUTE, _REQUEST_PREFIX)
+        if not version:
             return False
         end = pos + size
         p = pos + 9
@@ -215,10 +210,8 @@ class FastCqlAudit:
 
     def response(self, d: Any, pos: int, size: int) -> bool:
         """A RESULT Void or Rows (§4.2.5.1, §4.2.5.2) answering an audited request."""
-        if d[pos + 4] != _RESULT:
-            return False
-        version = d[pos] & _VERSION_MASK
-        if d[pos + 1] & _RESPONSE_PREFIX or (d[pos + 1] & _COMPRESSION and version < _FIRST_SEGMENT_VERSION):
+        version = _plain(d, pos, _RESULT, _RESPONSE_PREFIX)
+        if not version:
             return False
         end = pos + size
         p = pos + 9

@@ -8,7 +8,10 @@ matched against) and ``ReplyAudit`` — over the frames the proxy's tee
 (``tee.py``) tapped, so a tapped session's trail is the one the inline stages
 write: the same ``session.read_request`` / ``read_reply`` views (an
 OP_COMPRESSED frame is decompressed here, through the same libraries), the
-same renderer, the same cursor table.
+same renderer, the same cursor table.  Plain OP_MSG commands and small
+replies — a driver's everyday traffic — are audited in place first
+(``tapfast.py``: the same events from one ``bson.decode``); whatever that
+declines goes to the observers.
 
 A frame of opCode ``tee.NOTE_OPCODE`` in the client direction is a note from
 the proxy (JSON): ``add`` — the proxy's own counts (what it audited inline:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import struct
 
-import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbproxy.audit.recorder import AuditRecorder, TemplateAudit
 from dbproxy.engines.cassandra import protocol as F
 from dbproxy.engines.cassandra import tap as T
+from tests.unit.audit.fastpath import same_trail as compare, trail
+from tests.unit.cassandra.test_cql_stages import prepared_result
 
 TEMPLATE = {"sid": "s-1", "user": "alice", "db_protocol": "cassandra", "db_name": "ks", "db_uri": "127.0.0.1:9"}
 QID = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -46,54 +46,18 @@ def frame(version: int, stream: int, opcode: int, body: bytes, *, response: bool
 def prepare_pair(version: int, cql: str, types: list[int]) -> list[tuple[int, bytes]]:
     """A PREPARE and its RESULT Prepared (bind markers of ``types``): teaches the tap QID."""
     prepare = struct.pack(">i", len(cql)) + cql.encode() + (struct.pack(">I", 0) if version >= 5 else b"")
-    result = struct.pack(">i", F.ResultKind.PREPARED) + _short_bytes(QID)
-    if version >= 5:
-        result += _short_bytes(b"m" * 8)
-    result += struct.pack(">ii", F.RF_GLOBAL_TABLES_SPEC, len(types))
-    if version >= 4:
-        result += struct.pack(">iH", 1, 0)
-    result += _string("ks") + _string("t")
-    for i, type_id in enumerate(types):
-        result += _string(f"c{i}") + struct.pack(">H", type_id)
-    result += struct.pack(">ii", F.RF_NO_METADATA, 0)
+    result = prepared_result(version, QID, [(f"c{i}", type_id) for i, type_id in enumerate(types)])
     return [(CLIENT, frame(version, 1, F.Opcode.PREPARE, prepare, response=False)),
             (BACKEND, frame(version, 1, F.Opcode.RESULT, result, response=True))]
 
 
 def run(steps: list[tuple[int, bytes]], *, fast: bool) -> tuple[list[dict], dict, int]:
-    recorder = AuditRecorder([], capacity=1_000_000)
-    tap = T.CqlTap(TemplateAudit(recorder, dict(TEMPLATE)))
-    hits = [0]
-    if fast:
-        def counted(fn):
-            def wrapper(d, pos, size):
-                taken = fn(d, pos, size)
-                hits[0] += bool(taken)
-                return taken
-            return wrapper
-        tap.fast = tuple(counted(fn) for fn in tap.fast)
-    else:
-        tap.fast = (None, None)
-    for direction, data in steps:
-        tap.feed(direction, data)
-    events = [orjson.loads(body) for body in recorder._queue]
-    index = {e["uid"]: i for i, e in enumerate(events)}
-    out = []
-    for e in events:
-        e = {k: v for k, v in e.items() if k not in ("uid", "time")}
-        if e.get("query_uid") is not None:
-            e["query_uid"] = index.get(e["query_uid"], "?")
-        out.append(e)
-    return out, tap.counts(), hits[0]
+    return trail(T.CqlTap, TEMPLATE, steps, fast=fast)
 
 
 def same_trail(steps: list[tuple[int, bytes]]) -> int:
     """Both taps' trails, compared with their key order; returns the fast path's hits."""
-    fast_events, fast_counts, hits = run(steps, fast=True)
-    slow_events, slow_counts, _ = run(steps, fast=False)
-    assert [list(e.items()) for e in fast_events] == [list(e.items()) for e in slow_events]
-    assert fast_counts == slow_counts
-    return hits
+    return compare(T.CqlTap, TEMPLATE, steps)
 
 
 # --------------------------------------------------------------------------- generated frames

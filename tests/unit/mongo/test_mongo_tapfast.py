@@ -20,55 +20,25 @@ from __future__ import annotations
 import struct
 
 import bson
-import orjson
 from bson.int64 import Int64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbproxy.audit.recorder import AuditRecorder, TemplateAudit
 from dbproxy.engines.mongo import protocol as wire
 from dbproxy.engines.mongo.tap import MongoTap
+from tests.unit.audit.fastpath import same_trail as compare, trail
 
 TEMPLATE = {"sid": "s-1", "user": "alice", "db_protocol": "mongodb", "db_name": "d", "db_uri": "127.0.0.1:9"}
 CLIENT, BACKEND = 0, 1
 
 
 def run(steps: list[tuple[int, bytes]], *, fast: bool) -> tuple[list[dict], dict, int]:
-    recorder = AuditRecorder([], capacity=1_000_000)
-    tap = MongoTap(TemplateAudit(recorder, dict(TEMPLATE)))
-    hits = [0]
-    if fast:
-        def counted(fn):
-            def wrapper(d, pos, size):
-                taken = fn(d, pos, size)
-                hits[0] += bool(taken)
-                return taken
-            return wrapper
-        tap.fast = tuple(counted(fn) for fn in tap.fast)
-    else:
-        tap.fast = (None, None)
-    for direction, data in steps:
-        tap.feed(direction, data)
-    events = [orjson.loads(body) for body in recorder._queue]
-    index = {e["uid"]: i for i, e in enumerate(events)}
-    out = []
-    for e in events:
-        e = {k: v for k, v in e.items() if k not in ("uid", "time")}
-        for key in ("query_uid", "cursor_query_uid"):
-            if e.get(key) is not None:
-                e[key] = index.get(e[key], "?")
-        if e.get("cursor_query_uids"):
-            e["cursor_query_uids"] = [index.get(u, "?") for u in e["cursor_query_uids"]]
-        out.append(e)
-    return out, tap.counts(), hits[0]
+    return trail(MongoTap, TEMPLATE, steps, fast=fast)
 
 
 def same_trail(steps: list[tuple[int, bytes]]) -> int:
-    fast_events, fast_counts, hits = run(steps, fast=True)
-    slow_events, slow_counts, _ = run(steps, fast=False)
-    assert [list(e.items()) for e in fast_events] == [list(e.items()) for e in slow_events]
-    assert fast_counts == slow_counts
-    return hits
+    """Both taps' trails, compared with their key order; returns the fast path's hits."""
+    return compare(MongoTap, TEMPLATE, steps)
 
 
 def op_msg(doc: dict | bytes, request_id: int, *, response_to: int = 0, flags: int = 0, sequences: dict | None = None,
