@@ -26,6 +26,17 @@ machine — some samples run undisturbed), and optionally a cProfile.
 
     python scripts/bench/tap_bench.py                       # every workload
     python scripts/bench/tap_bench.py --workloads cql-select --profile 25
+    python scripts/bench/tap_bench.py --worker 300 --batch 1  # the real worker process, 300 writes/s
+
+``--worker RATE``: instead, the real audit worker process (``python -m
+dbproxy.audit.worker``, a JSONL sink) is fed over its stdin as the proxy's
+link feeds it — an O frame opening the tap, then T frames, requests and
+answers in alternate writes, ``RATE`` writes a second, ``--batch`` pairs per
+write — for ``--seconds``; reported: the worker's CPU (``/proc``, user+sys)
+per pair.  It shows what the in-process figures leave out: the worker's
+cost per wake-up (trio's loop, the pipe read, the recorder's batch and
+write, acks), which dominates when a slow load hands over a frame or two
+per write.
 """
 
 from __future__ import annotations
@@ -228,6 +239,59 @@ def run(workload: str, samples: int, pairs: int, batch: int, profile: int) -> tu
     return best * 1e6, audited
 
 
+def worker_rate(workload: str, rate: float, seconds: float, batch: int) -> tuple[float, int]:
+    """CPU per pair of the real worker process fed ``rate`` writes a second (see the docstring)."""
+    import json
+    import subprocess
+
+    from dbproxy.audit.link import CLOSE, OPEN, QUIT, TAP
+    from dbproxy.audit.link import FRAME as LINK_FRAME
+
+    tap_cls, params, setup, steps, _ = build(workload, 4096)
+
+    def frame(kind: int, direction: int, payload: bytes) -> bytes:
+        return LINK_FRAME.pack(kind, len(payload), 1, direction, time.time()) + payload
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "worker.json")
+        with open(config, "w") as f:
+            json.dump({"listeners": [], "audit": {"sinks": [{"type": "jsonl", "path": os.path.join(tmp, "a.jsonl")}]}}, f)
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-m", "dbproxy.audit.worker", config, "WARNING"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, cwd=root)
+        try:
+            proc.stdout.readline()  # {"ready": true, ...}
+            out = proc.stdin.fileno()
+            template = dict(TEMPLATE, db_protocol={"cql": "cassandra", "mon": "mongodb", "pg-": "postgres"}[workload[:3]])
+            spec = {"tap": f"{tap_cls.__module__}:{tap_cls.__qualname__}", "template": template, "params": params}
+            os.write(out, frame(OPEN, 0, json.dumps(spec).encode()))
+            for direction, data in setup:
+                os.write(out, frame(TAP, direction, data))
+            time.sleep(0.5)
+
+            def cpu() -> float:
+                with open(f"/proc/{proc.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+            start_cpu, start, pairs = cpu(), time.monotonic(), 0
+            while time.monotonic() - start < seconds:
+                chunk = [steps[(pairs + k) % len(steps)] for k in range(batch)]
+                os.write(out, frame(TAP, CLIENT, b"".join(r for r, _ in chunk)))
+                time.sleep(1 / rate)
+                os.write(out, frame(TAP, BACKEND, b"".join(a for _, a in chunk)))
+                time.sleep(1 / rate)
+                pairs += batch
+            time.sleep(0.3)  # the last batch's write and ack
+            used = cpu() - start_cpu
+            os.write(out, frame(CLOSE, 0, b"") + frame(QUIT, 0, b""))
+        finally:
+            proc.stdin.close()
+            proc.wait(30)
+    return used / pairs * 1e6, pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -235,7 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=512, help="request/answer pairs per sample")
     ap.add_argument("--batch", type=int, default=16, help="pairs per feed")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile the last sample, print top N")
+    ap.add_argument("--worker", type=float, default=0, metavar="RATE",
+                    help="instead: the real worker process fed RATE writes/s (--batch pairs each)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="with --worker: how long")
     args = ap.parse_args(argv)
+    if args.worker:
+        for workload in args.workloads.split(","):
+            us, pairs = worker_rate(workload, args.worker, args.seconds, args.batch)
+            print(f"{workload:13s} worker process: {us:7.1f} µs CPU per request+answer  "
+                  f"({pairs} pairs, {args.worker:.0f} writes/s, {args.batch} per write)")
+        return 0
     for workload in args.workloads.split(","):
         if workload not in WORKLOADS:
             ap.error(f"unknown workload {workload!r}")
