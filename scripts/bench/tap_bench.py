@@ -55,19 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from dbproxy.audit.recorder import AuditRecorder, TemplateAudit  # noqa: E402
 from dbproxy.audit.sinks.jsonl import JsonlSink  # noqa: E402
 
-TEMPLATE = {
-    "sid": "7f3c2a1e-4b5d-4c6e-8f90-a1b2c3d4e5f6",
-    "user": "alice@example.com",
-    "roles": ["dba", "readers"],
-    "auth_method": "token",
-    "db_protocol": "cassandra",
-    "listener": "bench",
-    "db_name": "bench",
-    "db_user": "cassandra",
-    "db_uri": "127.0.0.1:9042",
-    "addr.remote": "127.0.0.1:53412",
-    "route": "bench",
-}
+from scripts.bench.audit_bench import TEMPLATE  # noqa: E402  (a CQL session's common fields)
 WORKLOADS = ("cql-select", "cql-insert", "mongo-find", "mongo-insert", "pg-select")
 CLIENT, BACKEND = 0, 1
 
