@@ -16,7 +16,12 @@ then drops that session's tap (``audit.tap_failed``).
 
 An engine subclasses it in its own package — ``sides`` (the two
 ``FrameSide`` objects its ``TapPlan`` declares), ``message``, ``describe``,
-``counts`` — and names the subclass in its ``TapPlan``; the worker learns it
+``counts`` — and names the subclass in its ``TapPlan``;  optionally ``fast``:
+per direction, ``fast(data, pos, size) -> bool`` that audits the frame at
+``data[pos:pos + size]`` in place (no copy, no message object) when it is a
+common, simple case and returns False to leave it to the observer — it must
+write exactly what the observer would (the frames a session carries by the
+thousand: CQL's EXECUTE and RESULT); the worker learns it
 from the frame that opens the tap (``audit.worker.tap_factory``) and
 imports no engine by name.  Sans-IO: no trio.
 """
@@ -47,6 +52,8 @@ class FrameTap:
 
     #: (client→backend, backend→client): the same ``FrameSide`` objects as the engine's ``TapPlan``.
     sides: tuple[FrameSide, FrameSide]
+    #: (client→backend, backend→client): ``fast(data, pos, size) -> bool`` or None (see the module docstring).
+    fast: tuple[Any, Any] = (None, None)
 
     def __init__(self, audit: Any, observers: tuple[Any, Any]) -> None:
         self.audit = audit
@@ -72,19 +79,22 @@ class FrameTap:
         interest = side.interest
         handle = self.observers[direction].handle
         message = self.message
+        fast = self.fast[direction]
+        type_of = side.type_of
+        type_offset = side.type_offset
         buffer.feed(data)
         raw, start, end = buffer.span()
         done = start
         try:
             # The proxy enforced the session's size limit: the worker takes what it was given.
             for pos, size in side.layout.frames(raw, start, end, sys.maxsize):
-                mtype = side.frame_type(raw, pos)
+                mtype = raw[pos + type_offset] if type_of is None else type_of(raw, pos)
                 if mtype in interest:
-                    frame = bytes(raw[pos:pos + size])
                     try:
-                        handle(message(direction, mtype, frame), None)
+                        if fast is None or not fast(raw, pos, size):
+                            handle(message(direction, mtype, bytes(raw[pos:pos + size])), None)
                     except Exception as exc:  # one frame never ends the session's audit
-                        self._malformed(direction, mtype, frame, exc)
+                        self._malformed(direction, mtype, bytes(raw[pos:pos + size]), exc)
                 done = pos + size
         finally:
             buffer.skip(done - start)

@@ -53,7 +53,9 @@ Worker side — ``CqlTap`` (``audit.frametap.FrameTap``): the same frame loop
 over the tapped bytes, the engine's ``Frame`` and its observers, with a
 ``PreparedCache`` of the worker's own (prepared ids are learnt from the
 PREPAREs and RESULTs it audits, exactly as the inline one from those the
-proxy sees).  A keyspace change moves ``db_name`` in the worker's template
+proxy sees).  EXECUTE and RESULT Void/Rows — a driver's load — are audited
+in place first (``tapfast.py``: the same events, no ``Frame`` or parsed
+records); whatever that declines goes to the observers.  A keyspace change moves ``db_name`` in the worker's template
 for the session's later events.
 """
 
@@ -72,6 +74,7 @@ from . import protocol as F
 from .checks import envelope_parses
 from .observers import REQUEST_PARSERS, CqlSessionState, RequestAudit, ResponseAudit, malformed_request
 from .prepared import PreparedCache, learn_prepared
+from .tapfast import FastCqlAudit
 
 _STARTUP = F.Opcode.STARTUP
 _AUTH_RESPONSE = F.Opcode.AUTH_RESPONSE
@@ -339,6 +342,9 @@ class CqlTap(FrameTap):
         self.state = CqlSessionState(backend=template.get("db_uri") or "", prepared=PREPARED,
                                      session=_TemplateSession(audit))
         super().__init__(audit, (RequestAudit(self.state, audit), ResponseAudit(self.state, audit)))
+        # EXECUTE and RESULT Void/Rows in place (``tapfast``); anything else, the observers.
+        fast = FastCqlAudit(self.state, audit)
+        self.fast = (fast.request, fast.response)
 
     def message(self, direction: int, mtype: int, frame: bytes) -> F.Frame:
         first, flags, stream = _FIRST_FLAGS_STREAM(frame)

@@ -8,7 +8,10 @@ matched against) and ``ReplyAudit`` — over the frames the proxy's tee
 (``tee.py``) tapped, so a tapped session's trail is the one the inline stages
 write: the same ``session.read_request`` / ``read_reply`` views (an
 OP_COMPRESSED frame is decompressed here, through the same libraries), the
-same renderer, the same cursor table.
+same renderer, the same cursor table.  Plain OP_MSG commands and small
+replies — a driver's everyday traffic — are audited in place first
+(``tapfast.py``: the same events from one ``bson.decode``); whatever that
+declines goes to the observers.
 
 A frame of opCode ``tee.NOTE_OPCODE`` in the client direction is a note from
 the proxy (JSON): ``add`` — the proxy's own counts (what it audited inline:
@@ -32,6 +35,7 @@ from .codec import FRAMING
 from .stages.audit import CommandAudit, ReplyAudit
 from .stages.flow import InFlight
 from .stages.session import MongoSessionState, abandon_pending, lost_backend_replies
+from .tapfast import FastMongoAudit
 from .tee import NOTE_OPCODE
 
 #: Counts the end event carries: the worker's plus the proxy's (``add`` note).
@@ -85,7 +89,11 @@ class MongoTap(FrameTap):
         self.state = MongoSessionState(auth=None, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE)
         self.audit = audit
         self.added = dict.fromkeys(COUNTS, 0)
-        super().__init__(audit, (_Requests(self), _Replies(self)))
+        replies = _Replies(self)
+        super().__init__(audit, (_Requests(self), replies))
+        # Plain OP_MSG commands and small replies in place (``tapfast``); anything else, the observers.
+        fast = FastMongoAudit(self.state, audit, replies.audit)
+        self.fast = (fast.request, fast.response)
 
     def message(self, direction: int, mtype: int, frame: bytes) -> wire.WireMessage:
         length, request_id, response_to, op_code = wire.HEADER.unpack_from(frame)

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..clientauth import AUTH_COMMANDS
-from .render import render_command, summarize_reply
+from .render import render_command, summarize_reply, summarize_small_reply
 from .session import PARSE_ERRORS, CursorOrigin, MongoSessionState, Pending, Request, malformed
 
 
@@ -122,11 +122,19 @@ class ReplyAudit:
         if pending is None or not pending.audited:
             return None
         try:
-            doc, op_reply = rep.document()
-            summary = summarize_reply(doc, op_reply)
+            summary = summarize_small_reply(rep.plain)
+            if summary is None:
+                doc, op_reply = rep.document()
+                summary = summarize_reply(doc, op_reply)
         except PARSE_ERRORS as exc:
             # Forwarded all the same: the client's driver judges the reply; the audit says it was unreadable.
             summary = {"ok": 0, "errmsg": f"unreadable reply: {exc}"}
+        self.record(pending, summary)
+        return None
+
+    def record(self, pending: Pending, summary: dict) -> None:
+        """The result of the audited request ``pending``, from its reply's ``summary``."""
+        st = self.state
         ok = bool(summary.get("ok")) and "write_errors" not in summary and "write_concern_error" not in summary
         if not ok:
             st.errors += 1
@@ -140,7 +148,6 @@ class ReplyAudit:
             fields["affected_records"] = summary.get("nModified", summary["n"])
         fields.update(summary)
         self.audit.on_result(success=ok, query_uid=pending.uid, **fields)
-        return None
 
     def _cursors(self, pending: Pending, summary: dict) -> None:
         st = self.state

@@ -22,7 +22,8 @@ import datetime as _dt
 import re
 import struct
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping  # not typing's alias: its isinstance check costs ~10x as much
+from typing import Any
 
 import bson
 import orjson
@@ -184,7 +185,38 @@ FAST_RENDER_MAX = ev.MAX_QUERY_CHARS
 
 
 def _json_default(value: Any) -> Any:
+    # The BSON types every driver's command carries (``lsid``'s UUID, ``$clusterTime``'s
+    # Timestamp and signature hash) by exact type, as ``_render`` renders them; others walk it.
+    t = type(value)
+    if t is Binary:
+        subtype = value.subtype
+        if (subtype == 4 or subtype == 3) and len(value) == 16:
+            h = value.hex()
+            return {"$uuid": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"}
+        return {"$binary": {"subType": f"{subtype:02x}", "length": len(value)}}
+    if t is bytes:  # bson decodes binary subtype 0 as bytes
+        return {"$binary": {"subType": "00", "length": len(value)}}
+    if t is Timestamp:
+        return {"$timestamp": {"t": value.time, "i": value.inc}}
+    if t is ObjectId:
+        return {"$oid": str(value)}
     return _render(value, _Budget(MAX_STRING_CHARS * 4), REDACT_ALWAYS)
+
+
+def fast_renderable(raw: bytes, name: str) -> bool:
+    """Does ``render_command`` take its fast path for this body (``raw``: its bytes)?"""
+    return len(raw) <= FAST_RENDER_MAX and name not in AUTH_COMMANDS and _REDACT_MARKERS.search(raw) is None
+
+
+def render_decoded(doc: dict, sequences: dict[str, int] | None = None) -> str:
+    """The fast path's text of a command ``bson.decode``d whole (raises ``TypeError`` / ``ValueError``
+    / ``orjson.JSONEncodeError`` where the careful walk must decide)."""
+    if sequences:
+        for ident, count in sequences.items():
+            doc[ident] = f"<{count} documents in a document sequence>"
+    return ev.truncate(
+        orjson.dumps(doc, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode("utf-8")
+    )
 
 
 def render_command(body: Mapping[str, Any], name: str, sequences: dict[str, int] | None = None) -> str:
@@ -197,20 +229,9 @@ def render_command(body: Mapping[str, Any], name: str, sequences: dict[str, int]
     hold a password take the bounded, redacting walk.
     """
     raw = body.raw if isinstance(body, RawBSONDocument) else None
-    if (
-        raw is not None
-        and len(raw) <= FAST_RENDER_MAX
-        and name not in AUTH_COMMANDS
-        and _REDACT_MARKERS.search(raw) is None
-    ):
+    if raw is not None and fast_renderable(raw, name):
         try:
-            doc = bson.decode(raw)
-            if sequences:
-                for ident, count in sequences.items():
-                    doc[ident] = f"<{count} documents in a document sequence>"
-            return ev.truncate(
-                orjson.dumps(doc, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode("utf-8")
-            )
+            return render_decoded(bson.decode(raw), sequences)
         except (BSONError, TypeError, ValueError, orjson.JSONEncodeError):
             pass  # the careful walk below says what it can
     redact = REDACT_AUTH if name in AUTH_COMMANDS else REDACT_ALWAYS
@@ -296,6 +317,40 @@ def cursor_summary(cursor: RawBSONDocument) -> tuple[Any, Any, int | None]:
     return cursor.get("id"), cursor.get("ns"), len(batch) if isinstance(batch, list) else None
 
 
+def _decoded_cursor_summary(cursor: dict) -> tuple[Any, Any, int | None]:
+    """``cursor_summary`` of a cursor decoded whole (``summarize_small_reply``): the same three values."""
+    batch = cursor.get("firstBatch", cursor.get("nextBatch"))
+    return cursor.get("id"), cursor.get("ns"), len(batch) if isinstance(batch, list) else None
+
+
+#: An OP_MSG reply up to this size is decoded whole, in C, for its summary (``summarize_small_reply``).
+SMALL_REPLY = 16 * 1024
+_U32 = struct.Struct("<I")
+
+
+def summarize_small_reply(msg: wire.WireMessage) -> dict[str, Any] | None:
+    """``summarize_reply(*reply_document(msg))`` of a small OP_MSG reply whose body comes first, from
+    one ``bson.decode`` of the body instead of a raw top level, its inflation and the cursor's raw
+    walk (a driver's everyday reply: a few hundred bytes).  A full decode that succeeds reads every
+    value the raw path reads, with the same types; None — a larger reply, another layout, or a body
+    the full decode refuses (the raw path may still read its top level) — means: take the general
+    path, which decides."""
+    raw = msg.raw
+    end = len(raw)
+    if msg.op_code != wire.OP_MSG or end > SMALL_REPLY or end < 26 or raw[20] != 0:
+        return None
+    if _U32.unpack_from(raw, 16)[0] & wire.CHECKSUM_PRESENT:
+        end -= 4
+    size = _I32.unpack_from(raw, 21)[0]
+    if size < 5 or 21 + size > end:
+        return None
+    try:
+        doc = bson.decode(memoryview(raw)[21:21 + size])
+    except Exception:
+        return None
+    return summarize_reply(doc)
+
+
 def reply_document(msg: wire.WireMessage) -> tuple[RawBSONDocument, wire.OpReply | None]:
     """The body of a reply (OP_MSG kind-0, or OP_REPLY's first document)."""
     if msg.op_code == wire.OP_MSG:
@@ -348,8 +403,8 @@ def summarize_reply(doc: Mapping[str, Any], op_reply: wire.OpReply | None = None
     if isinstance(wce, Mapping):
         out["write_concern_error"] = ev.truncate(str(wce.get("errmsg", "")), 2048)
     cursor = doc.get("cursor")
-    if isinstance(cursor, RawBSONDocument):
-        cid, ns, batch = cursor_summary(cursor)
+    if isinstance(cursor, RawBSONDocument) or type(cursor) is dict:
+        cid, ns, batch = cursor_summary(cursor) if type(cursor) is not dict else _decoded_cursor_summary(cursor)
         out["cursor_id"] = int(cid) if isinstance(cid, int) else cid
         out["batch_size"] = batch
         if isinstance(ns, str):
