@@ -12,7 +12,7 @@ from typing import Any
 from .configtypes import SecretRef, SinkConfig
 from .validate import join
 
-SINK_TYPES = ("jsonl", "syslog", "http", "pg_table")
+SINK_TYPES = ("jsonl", "syslog", "http", "pg_table", "kafka")
 # Keys allowed directly under "audit" in a config file.
 AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
 
@@ -35,6 +35,7 @@ SYSLOG_KEYS = {
     "confirm_timeout_seconds", "connect_timeout_seconds",
 } | TLS_KEYS
 POSTGRES_KEYS = {"dsn_file", "dsn_env", "table", "chain", "connect_timeout_seconds"}
+KAFKA_KEYS = {"bootstrap_servers", "topic", "key", "chain", "compression", "delivery_timeout_seconds"}
 HTTP_KEYS = {
     "url", "format", "token_file", "token_env", "gzip", "headers", "timeout_seconds",
     "index", "source", "sourcetype", "host",
@@ -63,6 +64,9 @@ def validate_sink(v: Any, item: Any, path: str, index: int) -> SinkConfig | None
     elif stype == "pg_table":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | POSTGRES_KEYS, path)
         params = _postgres(v, d, path)
+    elif stype == "kafka":
+        v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | KAFKA_KEYS, path)
+        params = _kafka(v, d, path)
     else:
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | HTTP_KEYS, path)
         params = _http(v, d, path)
@@ -227,3 +231,44 @@ def _postgres(v: Any, d: dict, path: str) -> dict:
     if timeout is not None:
         params["connect_timeout"] = timeout
     return params
+
+
+def _kafka(v: Any, d: dict, path: str) -> dict:
+    """The Kafka sink (audit/sinks/kafka.py): the cluster's bootstrap servers, a topic, the record key."""
+    from dbproxy.audit.sinks.kafka import COMPRESSION, KEYS
+
+    params: dict = {}
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        v.err(join(path, "type"), "a sink whose library is installed: \"kafka\" needs confluent-kafka "
+                                  "(pip install 'dbproxy[audit-kafka]')")
+    servers = d.get("bootstrap_servers")
+    if isinstance(servers, str):
+        servers = [s.strip() for s in servers.split(",")]
+    if servers is None:
+        v.err(join(path, "bootstrap_servers"), "the cluster's \"host:port\" list (a string, comma-separated, or an array)")
+    elif not isinstance(servers, list) or not servers or not all(isinstance(s, str) and _host_port(s) for s in servers):
+        v.err(join(path, "bootstrap_servers"), f"\"host:port\" entries with a port 1-65535, got {d.get('bootstrap_servers')!r}")
+    else:
+        params["bootstrap_servers"] = ",".join(servers)
+    topic = v.string(d, "topic", path)
+    if topic is not None:
+        # Kafka's own rule (Topic.validate): 1-249 of [a-zA-Z0-9._-], not "." or "..".
+        if not (0 < len(topic) <= 249 and all(c.isascii() and (c.isalnum() or c in "._-") for c in topic)) or topic in (".", ".."):
+            v.err(join(path, "topic"), f"a Kafka topic name (1-249 of letters, digits, '.', '_', '-'), got {topic!r}")
+        params["topic"] = topic
+    params["key"] = v.string(d, "key", path, required=False, choices=KEYS) or "chain"
+    chain = v.string(d, "chain", path, required=False)
+    if chain is not None:
+        params["chain"] = chain
+    params["compression"] = v.string(d, "compression", path, required=False, choices=COMPRESSION) or "none"
+    timeout = v.number(d, "delivery_timeout_seconds", path, minimum=1.0)
+    if timeout is not None:
+        params["delivery_timeout"] = timeout
+    return params
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535)
