@@ -35,7 +35,10 @@ SYSLOG_KEYS = {
     "confirm_timeout_seconds", "connect_timeout_seconds",
 } | TLS_KEYS
 POSTGRES_KEYS = {"dsn_file", "dsn_env", "table", "chain", "connect_timeout_seconds"}
-KAFKA_KEYS = {"bootstrap_servers", "topic", "key", "chain", "compression", "delivery_timeout_seconds"}
+KAFKA_KEYS = {
+    "bootstrap_servers", "topic", "key", "chain", "compression", "delivery_timeout_seconds", "security_protocol",
+    "ca_file", "cert_file", "key_file", "sasl_mechanism", "sasl_username", "sasl_password_file", "sasl_password_env",
+}
 HTTP_KEYS = {
     "url", "format", "token_file", "token_env", "gzip", "headers", "timeout_seconds",
     "index", "source", "sourcetype", "host",
@@ -235,7 +238,7 @@ def _postgres(v: Any, d: dict, path: str) -> dict:
 
 def _kafka(v: Any, d: dict, path: str) -> dict:
     """The Kafka sink (audit/sinks/kafka.py): the cluster's bootstrap servers, a topic, the record key."""
-    from dbproxy.audit.sinks.kafka import COMPRESSION, KEYS
+    from dbproxy.audit.sinks.kafka import COMPRESSION, KEYS, SASL_MECHANISMS, SECURITY_PROTOCOLS
 
     params: dict = {}
     try:
@@ -266,6 +269,35 @@ def _kafka(v: Any, d: dict, path: str) -> dict:
     timeout = v.number(d, "delivery_timeout_seconds", path, minimum=1.0)
     if timeout is not None:
         params["delivery_timeout"] = timeout
+    protocol = v.string(d, "security_protocol", path, required=False, choices=SECURITY_PROTOCOLS) or "PLAINTEXT"
+    params["security_protocol"] = protocol
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key in d:
+            if not protocol.endswith("SSL"):
+                v.err(join(path, key), f"no TLS keys with security_protocol {protocol!r} (SSL or SASL_SSL)")
+            f = v.file_path(d, key, path)
+            if f is not None:
+                params[key] = f
+    if ("cert_file" in d) != ("key_file" in d):
+        v.err(path, "both \"cert_file\" and \"key_file\" (a client certificate) or neither")
+    sasl_keys = [k for k in ("sasl_mechanism", "sasl_username", "sasl_password_file", "sasl_password_env") if k in d]
+    if protocol.startswith("SASL_"):
+        params["sasl_mechanism"] = v.string(d, "sasl_mechanism", path, choices=SASL_MECHANISMS)
+        params["sasl_username"] = v.string(d, "sasl_username", path)
+        if ("sasl_password_file" in d) == ("sasl_password_env" in d):
+            v.err(path, f"one of \"sasl_password_file\" or \"sasl_password_env\" with security_protocol {protocol!r}")
+        elif "sasl_password_file" in d:
+            f = v.file_path(d, "sasl_password_file", path)
+            if f is not None:
+                params["sasl_password"] = SecretRef(file=f)
+        else:
+            env = v.string(d, "sasl_password_env", path)
+            if env is not None:
+                if env not in os.environ:
+                    v.err(join(path, "sasl_password_env"), f"environment variable {env} to be set")
+                params["sasl_password"] = SecretRef(env=env)
+    elif sasl_keys:
+        v.err(join(path, sasl_keys[0]), f"no SASL keys with security_protocol {protocol!r} (SASL_PLAINTEXT or SASL_SSL)")
     return params
 
 

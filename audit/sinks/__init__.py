@@ -91,6 +91,7 @@ def build_sink(cfg: SinkConfig):
     if cfg.type == "kafka":
         from .kafka import KafkaSink
 
-        extra = {k: p[k] for k in ("key", "chain", "compression", "delivery_timeout") if k in p}
+        extra = {k: p[k] for k in ("key", "chain", "compression", "delivery_timeout", "security_protocol", "ca_file", "cert_file",
+                                   "key_file", "sasl_mechanism", "sasl_username", "sasl_password") if k in p}
         return KafkaSink(bootstrap_servers=p["bootstrap_servers"], topic=p["topic"], **extra, **_spool_kw(cfg))
     raise ValueError(f"unknown sink type {cfg.type!r}")

@@ -24,10 +24,10 @@ records that did land (``DeliveryFailed.delivered``), so the spool commits
 those and retries the rest after its backoff.  ``delivery_timeout_seconds``
 (librdkafka ``message.timeout.ms``) bounds how long a record may wait for the
 cluster: during an outage the batch fails after that long, and the spool
-retries.  The producer is kept across failed batches (librdkafka reconnects
-by itself); it is replaced only when it reports a fatal error or still holds
-records after the flush — records of unknown fate that must not be delivered
-behind the spool's back later.
+retries.  The producer lives as long as batches succeed; a failed batch
+drops it (purging anything still queued: records of unknown fate must not
+be delivered behind the spool's back later), and the retry makes a new one —
+which also picks up a rotated SASL password or a changed DNS name.
 
 At-least-once: a record the broker stored whose acknowledgement was lost (a
 timeout during an outage, a proxy crash between the flush and the spool's
@@ -36,6 +36,13 @@ twice**.  Never out of order within a key, never missing.  Consumers drop
 duplicates by ``seq`` (per chain) — the ``seq``/``prev_hash``/``hash`` fields
 make each line self-identifying; ``dbproxy audit verify`` reports a duplicate
 as a chain break.
+
+TLS and SASL (``security_protocol`` ``SSL`` / ``SASL_PLAINTEXT`` / ``SASL_SSL``):
+``ca_file`` (else the system's CAs), ``cert_file``/``key_file`` for a client
+certificate, the broker's host name checked against its certificate;
+``sasl_mechanism`` ``PLAIN`` / ``SCRAM-SHA-256`` / ``SCRAM-SHA-512`` with
+``sasl_username`` and the password from ``sasl_password_file`` or
+``sasl_password_env`` — read when the producer is made, never logged.
 
 librdkafka's own log lines (connection refused every backoff during an outage,
 …) go to the ``dbproxy.audit.kafka.client`` logger at DEBUG: the sink reports
@@ -57,6 +64,8 @@ log = logging.getLogger("dbproxy.audit.kafka")
 
 KEYS = ("chain", "sid", "none")
 COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class _ClientLog:
@@ -73,12 +82,21 @@ class KafkaSink(SpooledSink):
     kind = "kafka"
 
     def __init__(self, *, bootstrap_servers: str, topic: str, key: str = "chain", chain: str | None = None,
-                 compression: str = "none", delivery_timeout: float = 30.0, **spool: Any) -> None:
+                 compression: str = "none", delivery_timeout: float = 30.0, security_protocol: str = "PLAINTEXT",
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                 sasl_mechanism: str | None = None, sasl_username: str | None = None, sasl_password: Any = None,
+                 **spool: Any) -> None:
         super().__init__(**spool)
         if key not in KEYS:
             raise ValueError(f"key must be one of {KEYS}")
         if compression not in COMPRESSION:
             raise ValueError(f"compression must be one of {COMPRESSION}")
+        if security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}")
+        self.security_protocol = security_protocol
+        self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
+        self.sasl_mechanism, self.sasl_username = sasl_mechanism, sasl_username
+        self._sasl_password = sasl_password  # a SecretRef: read when the producer is made, never logged
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.key = key
@@ -89,8 +107,9 @@ class KafkaSink(SpooledSink):
         self._limiter = trio.CapacityLimiter(1)  # one thread at a time drives the producer
 
     def producer_config(self) -> dict:
+        """librdkafka's settings (with the SASL password: pass to the Producer only, never log)."""
         timeout_ms = int(self.delivery_timeout * 1000)
-        return {
+        conf = {
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": "dbproxy-audit",
             "enable.idempotence": True,
@@ -102,7 +121,17 @@ class KafkaSink(SpooledSink):
             "linger.ms": 5,
             "compression.type": self.compression,
             "logger": _ClientLog(),
+            "security.protocol": self.security_protocol,
         }
+        for key, value in (("ssl.ca.location", self.ca_file), ("ssl.certificate.location", self.cert_file),
+                           ("ssl.key.location", self.key_file)):
+            if value is not None:
+                conf[key] = value
+        if self.security_protocol.startswith("SASL_"):
+            conf["sasl.mechanisms"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self._sasl_password.reveal() if self._sasl_password is not None else ""
+        return conf
 
     # -- the producer (in the worker thread) ---------------------------------------------
     def _deliver_sync(self, records: list[tuple[bytes, bytes | None, list]]) -> None:
@@ -136,21 +165,16 @@ class KafkaSink(SpooledSink):
                 break
         # Reports for every record produced arrive by message.timeout.ms; the margin covers the
         # last in-flight request.
-        left = producer.flush(self.delivery_timeout + 5.0)
+        producer.flush(self.delivery_timeout + 5.0)
         delivered = 0
         while delivered < len(reports) and reports[delivered] is True:
             delivered += 1
-        if left or any(r is not None and r is not True and r.fatal() for r in reports):
-            # Records of unknown fate, or a producer that cannot go on: never let it deliver
-            # them later behind the spool's back (the retry sends them again).
-            self._drop_producer()
         if delivered == len(records):
             return
+        self._drop_producer()
         first = reports[delivered]
         if first is None:
             why = refused or f"no delivery report within {self.delivery_timeout + 5.0:g} s"
-        elif first is True:  # pragma: no cover - the loop above stops at the first non-success
-            why = "out-of-order report"
         else:
             why = first.str()
         raise DeliveryFailed(f"Kafka topic {self.topic}: {why}", delivered=delivered)
@@ -180,11 +204,4 @@ class KafkaSink(SpooledSink):
         await trio.to_thread.run_sync(self._deliver_sync, records, limiter=self._limiter)
 
     async def disconnect(self) -> None:
-        # Called after every failed batch: the producer stays (librdkafka reconnects on its own,
-        # and its idempotence state is what keeps its internal retries free of duplicates);
-        # _deliver_sync drops it when it is unusable.
-        pass
-
-    async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._drop_producer, limiter=self._limiter)
-        await super().aclose()

@@ -22,7 +22,13 @@ registered with its controller.
 ports and data (no second format: the meta.properties written by the first
 one stays).
 
-Run ``python -m scripts.peers.kafka_server [BASE_DIR]`` to start one by hand:
+``sasl_ssl=True`` adds a SASL_SSL listener (``sasl_port``): TLS with a
+throwaway CA and a server certificate for 127.0.0.1/localhost as a PEM
+keystore (``ssl.keystore.type=PEM``, Kafka ≥ 2.7), SASL PLAIN with the users
+of ``sasl_users`` in the listener's JAAS config (``user_<name>="<password>"``,
+Kafka's PlainLoginModule).  Inter-broker traffic stays on PLAINTEXT.
+
+Run ``python -m scripts.peers.kafka_server [BASE_DIR] [--sasl-ssl]`` to start one by hand:
 it prints its connection info as JSON and runs until Ctrl-C.
 """
 
@@ -86,6 +92,10 @@ class KafkaServer:
     port: int = attrs.field(factory=free_port)
     controller_port: int = attrs.field(factory=free_port)
     cluster_id: str = attrs.field(factory=random_cluster_id)
+    sasl_ssl: bool = False
+    sasl_port: int = attrs.field(factory=free_port)
+    sasl_users: dict = attrs.field(factory=lambda: {"audit": "audit-secret-" + uuid.uuid4().hex[:8]})
+    ca_file: Path | None = None
     start_seconds: float | None = None
     _proc: subprocess.Popen | None = None
     _stdout: object = None
@@ -109,6 +119,8 @@ class KafkaServer:
     def info(self) -> dict:
         return {
             "bootstrap_servers": self.bootstrap_servers,
+            "sasl_bootstrap_servers": self.sasl_bootstrap_servers if self.sasl_ssl else None,
+            "ca_file": str(self.ca_file) if self.ca_file else None,
             "controller_port": self.controller_port,
             "cluster_id": self.cluster_id,
             "base_dir": str(self.base_dir),
@@ -119,19 +131,48 @@ class KafkaServer:
 
     # -- configuration -------------------------------------------------------
 
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.sasl_port}"
+
+    def _sasl_ssl_lines(self) -> list[str]:
+        from scripts.peers.cassandra_server import make_test_certs
+
+        tls = self.base_dir / "tls"
+        keystore, self.ca_file = tls / "server-keystore.pem", tls / "ca.pem"
+        if not keystore.exists():
+            tls.mkdir(parents=True, exist_ok=True)
+            pems = make_test_certs()
+            self.ca_file.write_bytes(pems["ca_cert"])
+            keystore.write_bytes(pems["server_key"] + pems["server_cert"] + pems["ca_cert"])
+        users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+        return [
+            "sasl.enabled.mechanisms=PLAIN",
+            "listener.name.sasl_ssl.ssl.keystore.type=PEM",
+            f"listener.name.sasl_ssl.ssl.keystore.location={keystore}",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule "
+            f"required {users};",
+        ]
+
     def _write_config(self) -> Path:
         (self.base_dir / "logs").mkdir(parents=True, exist_ok=True)
         config = self.base_dir / "server.properties"
+        listeners = [f"PLAINTEXT://{self.host}:{self.port}"]
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if self.sasl_ssl:
+            listeners.append(f"SASL_SSL://{self.host}:{self.sasl_port}")
+            protocols += ",SASL_SSL:SASL_SSL"
         config.write_text("\n".join([
             "process.roles=broker,controller",
             f"node.id={NODE_ID}",
             # A static quorum of one voter (this node): formatted without --standalone.
             f"controller.quorum.voters={NODE_ID}@{self.host}:{self.controller_port}",
-            f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
+            f"listeners={','.join(listeners)},CONTROLLER://{self.host}:{self.controller_port}",
+            f"advertised.listeners={','.join(listeners)}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"listener.security.protocol.map={protocols}",
+            *(self._sasl_ssl_lines() if self.sasl_ssl else []),
             f"log.dirs={self.data_dir}",
             f"metadata.log.dir={self.base_dir / 'metadata'}",
             "num.partitions=1",
@@ -285,11 +326,12 @@ class KafkaServer:
         self.stop()
 
 
-def start_kafka(base_dir: str | os.PathLike) -> KafkaServer:
-    """Start a node whose files all live under ``base_dir``; blocks until its metadata names it."""
+def start_kafka(base_dir: str | os.PathLike, *, sasl_ssl: bool = False) -> KafkaServer:
+    """Start a node whose files all live under ``base_dir``; blocks until its metadata names it.
+    ``sasl_ssl``: also a SASL_SSL listener (PLAIN users ``sasl_users``, CA in ``ca_file``)."""
     base = Path(base_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
-    return KafkaServer(base_dir=base).start()
+    return KafkaServer(base_dir=base, sasl_ssl=sasl_ssl).start()
 
 
 @atexit.register
@@ -300,13 +342,15 @@ def _kill_leftovers() -> None:
 
 
 def main(argv: list[str]) -> int:
+    sasl_ssl = "--sasl-ssl" in argv
+    argv = [a for a in argv if a != "--sasl-ssl"]
     if argv:
         base_dir = Path(argv[0])
         cleanup = None
     else:
         cleanup = tempfile.TemporaryDirectory(prefix="dbproxy-kafka-")
         base_dir = Path(cleanup.name)
-    server = start_kafka(base_dir)
+    server = start_kafka(base_dir, sasl_ssl=sasl_ssl)
     print(json.dumps(server.info()), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

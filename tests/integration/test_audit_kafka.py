@@ -133,3 +133,58 @@ def test_config_errors_name_the_path(tmp_path):
     assert any(g.startswith("audit.sinks[0].topic: a Kafka topic name") for g in got), got
     assert "audit.sinks[0].key: one of chain, sid, none, got 'user'" in got, got
     assert all(str(path) in str(e) for e in info.value.errors), [str(e) for e in info.value.errors]
+
+
+@pytest.fixture
+def kafka_sasl_ssl(tmp_path):
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        peer_missing("confluent-kafka (pip install -e '.[test]')")
+    from scripts.peers.kafka_server import installed, lib_dir, start_kafka
+
+    if not installed():
+        peer_missing(f"no Kafka jars in {lib_dir()}: run scripts/install/kafka.sh")
+    server = start_kafka(tmp_path / "kafka", sasl_ssl=True)
+    yield server
+    server.stop()
+
+
+def test_sasl_ssl_with_a_password_fixed_while_the_spool_waits(pg, kafka_sasl_ssl, tmp_path):
+    """TLS (the broker's certificate checked against the test CA) and SASL PLAIN: a wrong password
+    fails delivery, the events wait in the spool; the password file fixed, the next retry's new
+    producer reads it and every event arrives.  The password is never in the proxy's log."""
+    kafka = kafka_sasl_ssl
+    kafka.create_topic(TOPIC)
+    ((user, password),) = kafka.sasl_users.items()
+    secret = tmp_path / "kafka.password"
+    secret.write_text("wrong-" + password + "\n")
+    config = pg_scram_config(pg, tmp_path, {"sinks": [
+        {"type": "jsonl", "path": str(tmp_path / "audit.jsonl")},
+        {"type": "kafka", "name": "events", "bootstrap_servers": kafka.sasl_bootstrap_servers, "topic": TOPIC,
+         "security_protocol": "SASL_SSL", "ca_file": str(kafka.ca_file), "sasl_mechanism": "PLAIN",
+         "sasl_username": user, "sasl_password_file": str(secret),
+         "chain": "test-chain", "spool_dir": str(tmp_path / "spool"), "delivery_timeout_seconds": 2,
+         "retry_initial_seconds": 0.1, "retry_max_seconds": 1},
+    ]})
+    proxy = ProxyProcess(tmp_path, config).start()
+    try:
+        with pg_connect(proxy) as conn:
+            conn.execute("select 1")
+        wait_until(lambda: "audit sink events: delivery failed" in proxy.log_text(), timeout=30,
+                   what="the sink's delivery failure with the wrong password")
+        assert _high_watermark(kafka) == 0
+        secret.write_text(password + "\n")
+        with pg_connect(proxy) as conn:
+            conn.execute("select 'after'")
+        trail = wait_until(lambda: (lambda t: t if t[-1]["event"] == "db.session.end" and len(t) > 4 else None)(
+            read_audit(tmp_path / "audit.jsonl")), what="the last session's end")
+        records = _consume(kafka, len(trail))
+    finally:
+        proxy.stop()
+    lines = {}
+    for msg in records:
+        lines.setdefault(json.loads(msg.value())["seq"], msg.value().decode())
+    jsonl_lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert [lines[s] for s in range(1, len(trail) + 1)] == jsonl_lines[:len(trail)]
+    assert password not in proxy.log_text() and password not in (tmp_path / "audit.jsonl").read_text()

@@ -91,3 +91,42 @@ def test_record_keeps_the_line_and_keys_it(tmp_path):
     # Events outside a session keep the chain's key with key "sid".
     assert by_sid._record(orjson.dumps({"seq": 1, "event": "audit.start"}))[1] == b"proxy-a"
     assert _sink(tmp_path, key="none")._record(line)[1] is None
+
+
+def test_sasl_ssl_config(tmp_path, monkeypatch):
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "pw").write_text("s3cr3t-pw\n")
+    _, load = _load(tmp_path, {"type": "kafka", "bootstrap_servers": "k1:9093", "topic": "t", "spool_dir": "spool",
+                               "security_protocol": "SASL_SSL", "ca_file": "ca.pem", "sasl_mechanism": "SCRAM-SHA-512",
+                               "sasl_username": "audit", "sasl_password_file": "pw"})
+    (cfg,) = load().sinks
+    assert "s3cr3t" not in repr(cfg)
+    conf = build_sink(cfg).producer_config()
+    assert (conf["security.protocol"], conf["ssl.ca.location"], conf["sasl.mechanisms"], conf["sasl.username"],
+            conf["sasl.password"]) == ("SASL_SSL", str(tmp_path / "ca.pem"), "SCRAM-SHA-512", "audit", "s3cr3t-pw")
+    monkeypatch.setenv("KAFKA_PW", "env-pw")
+    _, load = _load(tmp_path, {"type": "kafka", "bootstrap_servers": "k1:9093", "topic": "t", "spool_dir": "spool2",
+                               "security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                               "sasl_username": "audit", "sasl_password_env": "KAFKA_PW"})
+    conf = build_sink(load().sinks[0]).producer_config()
+    assert conf["sasl.password"] == "env-pw" and "ssl.ca.location" not in conf
+
+
+@pytest.mark.parametrize("sink, expected", [
+    ({"security_protocol": "TLS"}, "audit.sinks[0].security_protocol: "),
+    ({"ca_file": "ca.pem"}, "audit.sinks[0].ca_file: no TLS keys with security_protocol 'PLAINTEXT'"),
+    ({"sasl_username": "a"}, "audit.sinks[0].sasl_username: no SASL keys with security_protocol 'PLAINTEXT'"),
+    ({"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI", "sasl_username": "a", "sasl_password_file": "ca.pem"},
+     "audit.sinks[0].sasl_mechanism: "),
+    ({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_password_file": "ca.pem"},
+     "audit.sinks[0]: a key 'sasl_username'"),
+    ({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "a"},
+     "audit.sinks[0]: one of \"sasl_password_file\" or \"sasl_password_env\""),
+    ({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "a", "sasl_password_env": "NO_SUCH_VAR_X"},
+     "audit.sinks[0].sasl_password_env: environment variable NO_SUCH_VAR_X"),
+    ({"security_protocol": "SSL", "cert_file": "ca.pem"}, "audit.sinks[0]: both \"cert_file\" and \"key_file\""),
+])
+def test_security_mistakes_are_named(tmp_path, sink, expected):
+    (tmp_path / "ca.pem").write_text("x")
+    got = errors_of(tmp_path, {"type": "kafka", "bootstrap_servers": "k1:9092", "topic": "t", "spool_dir": "s", **sink})
+    assert any(g.startswith(expected) for g in got), got
