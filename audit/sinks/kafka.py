@@ -104,6 +104,7 @@ class KafkaSink(SpooledSink):
         self.compression = compression
         self.delivery_timeout = delivery_timeout
         self._producer: Any = None
+        self._client_errors: list[str] = []  # librdkafka's errors during the current batch (why it failed)
         self._limiter = trio.CapacityLimiter(1)  # one thread at a time drives the producer
 
     def producer_config(self) -> dict:
@@ -121,6 +122,7 @@ class KafkaSink(SpooledSink):
             "linger.ms": 5,
             "compression.type": self.compression,
             "logger": _ClientLog(),
+            "error_cb": self._client_error,
             "security.protocol": self.security_protocol,
         }
         for key, value in (("ssl.ca.location", self.ca_file), ("ssl.certificate.location", self.cert_file),
@@ -134,6 +136,10 @@ class KafkaSink(SpooledSink):
         return conf
 
     # -- the producer (in the worker thread) ---------------------------------------------
+    def _client_error(self, err: Any) -> None:
+        # Served from poll/flush in the worker thread: connection refused, SASL authentication
+        # failed, TLS handshake errors — the cause behind a "Message timed out" report.
+        self._client_errors.append(err.str())
     def _deliver_sync(self, records: list[tuple[bytes, bytes | None, list]]) -> None:
         from confluent_kafka import KafkaException, Producer
 
@@ -144,6 +150,7 @@ class KafkaSink(SpooledSink):
                 raise DeliveryFailed(f"Kafka: {exc.args[0].str() if exc.args else exc}") from None
         producer = self._producer
         reports: list[Any] = [None] * len(records)
+        self._client_errors.clear()
 
         def report(i: int):
             def on_delivery(err: Any, _msg: Any) -> None:
@@ -177,6 +184,8 @@ class KafkaSink(SpooledSink):
             why = refused or f"no delivery report within {self.delivery_timeout + 5.0:g} s"
         else:
             why = first.str()
+        if self._client_errors:
+            why += f" ({self._client_errors[-1]})"
         raise DeliveryFailed(f"Kafka topic {self.topic}: {why}", delivered=delivered)
 
     def _drop_producer(self) -> None:

@@ -174,6 +174,7 @@ def test_sasl_ssl_with_a_password_fixed_while_the_spool_waits(pg, kafka_sasl_ssl
         wait_until(lambda: "audit sink events: delivery failed" in proxy.log_text(), timeout=30,
                    what="the sink's delivery failure with the wrong password")
         assert _high_watermark(kafka) == 0
+        assert "Authentication failed" in proxy.log_text()  # the cause, from librdkafka's error callback
         secret.write_text(password + "\n")
         with pg_connect(proxy) as conn:
             conn.execute("select 'after'")
