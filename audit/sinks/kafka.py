@@ -104,7 +104,7 @@ class KafkaSink(SpooledSink):
         self.compression = compression
         self.delivery_timeout = delivery_timeout
         self._producer: Any = None
-        self._client_errors: list[str] = []  # librdkafka's errors during the current batch (why it failed)
+        self._client_error_text: str | None = None  # librdkafka's last error during the current batch
         self._limiter = trio.CapacityLimiter(1)  # one thread at a time drives the producer
 
     def producer_config(self) -> dict:
@@ -139,7 +139,8 @@ class KafkaSink(SpooledSink):
     def _client_error(self, err: Any) -> None:
         # Served from poll/flush in the worker thread: connection refused, SASL authentication
         # failed, TLS handshake errors — the cause behind a "Message timed out" report.
-        self._client_errors.append(err.str())
+        self._client_error_text = err.str()
+
     def _deliver_sync(self, records: list[tuple[bytes, bytes | None, list]]) -> None:
         from confluent_kafka import KafkaException, Producer
 
@@ -150,7 +151,7 @@ class KafkaSink(SpooledSink):
                 raise DeliveryFailed(f"Kafka: {exc.args[0].str() if exc.args else exc}") from None
         producer = self._producer
         reports: list[Any] = [None] * len(records)
-        self._client_errors.clear()
+        self._client_error_text = None
 
         def report(i: int):
             def on_delivery(err: Any, _msg: Any) -> None:
@@ -184,8 +185,8 @@ class KafkaSink(SpooledSink):
             why = refused or f"no delivery report within {self.delivery_timeout + 5.0:g} s"
         else:
             why = first.str()
-        if self._client_errors:
-            why += f" ({self._client_errors[-1]})"
+        if self._client_error_text:
+            why += f" ({self._client_error_text})"
         raise DeliveryFailed(f"Kafka topic {self.topic}: {why}", delivered=delivered)
 
     def _drop_producer(self) -> None:
