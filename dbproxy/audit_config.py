@@ -12,7 +12,7 @@ from typing import Any
 from .configtypes import SecretRef, SinkConfig
 from .validate import join
 
-SINK_TYPES = ("jsonl", "syslog", "http", "pg_table")
+SINK_TYPES = ("jsonl", "syslog", "http", "pg_table", "kafka")
 # Keys allowed directly under "audit" in a config file.
 AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
 
@@ -35,6 +35,10 @@ SYSLOG_KEYS = {
     "confirm_timeout_seconds", "connect_timeout_seconds",
 } | TLS_KEYS
 POSTGRES_KEYS = {"dsn_file", "dsn_env", "table", "chain", "connect_timeout_seconds"}
+KAFKA_KEYS = {
+    "bootstrap_servers", "topic", "key", "chain", "compression", "delivery_timeout_seconds", "security_protocol",
+    "ca_file", "cert_file", "key_file", "sasl_mechanism", "sasl_username", "sasl_password_file", "sasl_password_env",
+}
 HTTP_KEYS = {
     "url", "format", "token_file", "token_env", "gzip", "headers", "timeout_seconds",
     "index", "source", "sourcetype", "host",
@@ -63,6 +67,9 @@ def validate_sink(v: Any, item: Any, path: str, index: int) -> SinkConfig | None
     elif stype == "pg_table":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | POSTGRES_KEYS, path)
         params = _postgres(v, d, path)
+    elif stype == "kafka":
+        v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | KAFKA_KEYS, path)
+        params = _kafka(v, d, path)
     else:
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | HTTP_KEYS, path)
         params = _http(v, d, path)
@@ -227,3 +234,73 @@ def _postgres(v: Any, d: dict, path: str) -> dict:
     if timeout is not None:
         params["connect_timeout"] = timeout
     return params
+
+
+def _kafka(v: Any, d: dict, path: str) -> dict:
+    """The Kafka sink (audit/sinks/kafka.py): the cluster's bootstrap servers, a topic, the record key."""
+    from dbproxy.audit.sinks.kafka import COMPRESSION, KEYS, SASL_MECHANISMS, SECURITY_PROTOCOLS
+
+    params: dict = {}
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        v.err(join(path, "type"), "a sink whose library is installed: \"kafka\" needs confluent-kafka "
+                                  "(pip install 'dbproxy[audit-kafka]')")
+    servers = d.get("bootstrap_servers")
+    if isinstance(servers, str):
+        servers = [s.strip() for s in servers.split(",")]
+    if servers is None:
+        v.err(join(path, "bootstrap_servers"), "the cluster's \"host:port\" list (a string, comma-separated, or an array)")
+    elif not isinstance(servers, list) or not servers or not all(isinstance(s, str) and _host_port(s) for s in servers):
+        v.err(join(path, "bootstrap_servers"), f"\"host:port\" entries with a port 1-65535, got {d.get('bootstrap_servers')!r}")
+    else:
+        params["bootstrap_servers"] = ",".join(servers)
+    topic = v.string(d, "topic", path)
+    if topic is not None:
+        # Kafka's own rule (Topic.validate): 1-249 of [a-zA-Z0-9._-], not "." or "..".
+        if not (0 < len(topic) <= 249 and all(c.isascii() and (c.isalnum() or c in "._-") for c in topic)) or topic in (".", ".."):
+            v.err(join(path, "topic"), f"a Kafka topic name (1-249 of letters, digits, '.', '_', '-'), got {topic!r}")
+        params["topic"] = topic
+    params["key"] = v.string(d, "key", path, required=False, choices=KEYS) or "chain"
+    chain = v.string(d, "chain", path, required=False)
+    if chain is not None:
+        params["chain"] = chain
+    params["compression"] = v.string(d, "compression", path, required=False, choices=COMPRESSION) or "none"
+    timeout = v.number(d, "delivery_timeout_seconds", path, minimum=1.0)
+    if timeout is not None:
+        params["delivery_timeout"] = timeout
+    protocol = v.string(d, "security_protocol", path, required=False, choices=SECURITY_PROTOCOLS) or "PLAINTEXT"
+    params["security_protocol"] = protocol
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key in d:
+            if not protocol.endswith("SSL"):
+                v.err(join(path, key), f"no TLS keys with security_protocol {protocol!r} (SSL or SASL_SSL)")
+            f = v.file_path(d, key, path)
+            if f is not None:
+                params[key] = f
+    if ("cert_file" in d) != ("key_file" in d):
+        v.err(path, "both \"cert_file\" and \"key_file\" (a client certificate) or neither")
+    sasl_keys = [k for k in ("sasl_mechanism", "sasl_username", "sasl_password_file", "sasl_password_env") if k in d]
+    if protocol.startswith("SASL_"):
+        params["sasl_mechanism"] = v.string(d, "sasl_mechanism", path, choices=SASL_MECHANISMS)
+        params["sasl_username"] = v.string(d, "sasl_username", path)
+        if ("sasl_password_file" in d) == ("sasl_password_env" in d):
+            v.err(path, f"one of \"sasl_password_file\" or \"sasl_password_env\" with security_protocol {protocol!r}")
+        elif "sasl_password_file" in d:
+            f = v.file_path(d, "sasl_password_file", path)
+            if f is not None:
+                params["sasl_password"] = SecretRef(file=f)
+        else:
+            env = v.string(d, "sasl_password_env", path)
+            if env is not None:
+                if env not in os.environ:
+                    v.err(join(path, "sasl_password_env"), f"environment variable {env} to be set")
+                params["sasl_password"] = SecretRef(env=env)
+    elif sasl_keys:
+        v.err(join(path, sasl_keys[0]), f"no SASL keys with security_protocol {protocol!r} (SASL_PLAINTEXT or SASL_SSL)")
+    return params
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535)

@@ -9,8 +9,9 @@ Any number of sinks at once; each gets every event, in ``seq`` order:
      "token_file": "hec.token", "spool_dir": "/var/lib/dbproxy/spool/hec"}
 
     {"type": "pg_table", "dsn_file": "audit-db.dsn", "table": "dbproxy_audit", "spool_dir": "/var/lib/dbproxy/spool/pg"}
+    {"type": "kafka", "bootstrap_servers": "kafka1:9092", "topic": "dbproxy-audit", "spool_dir": "/var/lib/dbproxy/spool/kafka"}
 
-Network sinks (syslog, http, pg_table) all take the spool keys: ``spool_dir``
+Network sinks (syslog, http, pg_table, kafka) all take the spool keys: ``spool_dir``
 (required), ``spool_max_bytes``, ``on_spool_full`` (``fail_closed`` |
 ``drop_oldest``), ``batch_max_events``, ``batch_max_bytes``,
 ``retry_initial_seconds``, ``retry_max_seconds``, ``shutdown_flush_seconds``,
@@ -87,4 +88,10 @@ def build_sink(cfg: SinkConfig):
 
         extra = {k: p[k] for k in ("table", "chain", "connect_timeout") if k in p}
         return PostgresSink(dsn=p["dsn"], **extra, **_spool_kw(cfg))
+    if cfg.type == "kafka":
+        from .kafka import KafkaSink
+
+        extra = {k: p[k] for k in ("key", "chain", "compression", "delivery_timeout", "security_protocol", "ca_file", "cert_file",
+                                   "key_file", "sasl_mechanism", "sasl_username", "sasl_password") if k in p}
+        return KafkaSink(bootstrap_servers=p["bootstrap_servers"], topic=p["topic"], **extra, **_spool_kw(cfg))
     raise ValueError(f"unknown sink type {cfg.type!r}")

@@ -213,7 +213,10 @@ class SpooledSink:
                     if self.batch_linger:
                         await trio.sleep(self.batch_linger)  # let a batch gather behind the first event
                     continue
-                self._idle = trio.Event()
+                if self._idle.is_set():
+                    # Replace only a set event: a wait_idle() that began during the previous batch is
+                    # waiting on the unset one, which must be the one set when the spool runs dry.
+                    self._idle = trio.Event()
                 try:
                     await self.deliver([payload for _, payload, _ in records])
                 except Exception as exc:  # noqa: BLE001 - a sender bug must not take the recorder down

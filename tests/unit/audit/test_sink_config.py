@@ -75,7 +75,7 @@ def test_mistakes_are_named(tmp_path):
             {"type": "syslog", "address": "nohost", "transport": "tcp", "ca_file": "missing.pem"},
             {"type": "http", "url": "ftp://x", "format": "hec", "on_spool_full": "panic", "spool_dir": "s", "gzip": "yes"},
             {"type": "jsonl", "path": "a.jsonl", "fsync": "sometimes", "rotate_bytes": 10},
-            {"type": "kafka"},
+            {"type": "kinesis"},
             {"type": "syslog", "address": "h:1", "spool_dir": "s", "facility": "mail2", "bogus": 1},
         ],
     )

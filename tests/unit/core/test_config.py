@@ -102,7 +102,7 @@ CASES = [
     ("verify needs ca", lambda d: _set(d, ["listeners", 0, "routes", 0, "backend", "tls", "mode"], "verify-full"), "listeners[0].routes[0].backend.tls: a key 'ca_file'"),
     ("listener tls files", lambda d: _set(d, ["listeners", 0, "tls"], {"cert_file": "/nope.crt", "key_file": "/nope.key"}), "listeners[0].tls.cert_file: a readable file"),
     ("max message size", lambda d: _set(d, ["listeners", 0, "max_message_size"], 10), "listeners[0].max_message_size: an integer >= 1024"),
-    ("sink type", lambda d: _set(d, ["audit", "sinks", 0, "type"], "kafka"), "audit.sinks[0].type: one of"),
+    ("sink type", lambda d: _set(d, ["audit", "sinks", 0, "type"], "kinesis"), "audit.sinks[0].type: one of"),
     ("grace", lambda d: {**d, "shutdown_grace_seconds": -1}, "shutdown_grace_seconds: a number >= 0.0"),
     ("duplicate names", lambda d: {**d, "listeners": d["listeners"] * 2}, "listeners[1].name: a unique listener name"),
 ]

@@ -1,0 +1,217 @@
+"""Apache Kafka sink (``"type": "kafka"``): each event's exact stamped line as one record of a topic, behind the disk spool.
+
+    {"type": "kafka", "bootstrap_servers": "kafka1:9092,kafka2:9092", "topic": "dbproxy-audit",
+     "key": "chain", "spool_dir": "/var/lib/dbproxy/spool/kafka"}
+
+Record value: the event's JSON line exactly as the recorder stamped it (the
+bytes its ``hash`` covers, without the newline), so a consumer's lines verify
+with ``dbproxy audit verify`` like the JSONL file.  Record key (``key``):
+``chain`` (default: the chain's name, config ``chain``, default the host name —
+one key, so the whole chain lands in one partition in ``seq`` order), ``sid``
+(the session id, the chain name for events outside a session: a session's
+events stay in order within their partition, sessions spread over
+partitions), or ``none``.  A ``seq`` header carries the event's sequence
+number in decimal.
+
+Strategy: the spooled base writes each batch to the disk spool first and
+delivers from it in order (outages, restarts).  ``deliver`` runs in a worker
+thread (confluent-kafka/librdkafka is synchronous there; the audit worker's
+trio loop never blocks) on one persistent *idempotent* producer
+(``enable.idempotence=true``, ``acks=all``: librdkafka's own retries neither
+reorder nor duplicate): it produces the batch, ``flush``es, and reads every
+delivery report.  Any failed report fails the batch with the count of leading
+records that did land (``DeliveryFailed.delivered``), so the spool commits
+those and retries the rest after its backoff.  ``delivery_timeout_seconds``
+(librdkafka ``message.timeout.ms``) bounds how long a record may wait for the
+cluster: during an outage the batch fails after that long, and the spool
+retries.  The producer lives as long as batches succeed; a failed batch
+drops it (purging anything still queued: records of unknown fate must not
+be delivered behind the spool's back later), and the retry makes a new one —
+which also picks up a rotated SASL password or a changed DNS name.
+
+At-least-once: a record the broker stored whose acknowledgement was lost (a
+timeout during an outage, a proxy crash between the flush and the spool's
+commit) is produced again by the retry, so **a consumer can see an event
+twice**.  Never out of order within a key, never missing.  Consumers drop
+duplicates by ``seq`` (per chain) — the ``seq``/``prev_hash``/``hash`` fields
+make each line self-identifying; ``dbproxy audit verify`` reports a duplicate
+as a chain break.
+
+TLS and SASL (``security_protocol`` ``SSL`` / ``SASL_PLAINTEXT`` / ``SASL_SSL``):
+``ca_file`` (else the system's CAs), ``cert_file``/``key_file`` for a client
+certificate, the broker's host name checked against its certificate;
+``sasl_mechanism`` ``PLAIN`` / ``SCRAM-SHA-256`` / ``SCRAM-SHA-512`` with
+``sasl_username`` and the password from ``sasl_password_file`` or
+``sasl_password_env`` — read when the producer is made, never logged.
+
+librdkafka's own log lines (connection refused every backoff during an outage,
+…) go to the ``dbproxy.audit.kafka.client`` logger at DEBUG: the sink reports
+failures once itself, as every spooled sink does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import orjson
+import trio
+
+from .spooled import DeliveryFailed, SpooledSink
+
+log = logging.getLogger("dbproxy.audit.kafka")
+
+KEYS = ("chain", "sid", "none")
+COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class _ClientLog:
+    """librdkafka's log callback target (confluent-kafka calls ``log(level, fmt, *args)``),
+    every line at DEBUG: during an outage it logs each reconnect attempt as an error."""
+
+    _log = logging.getLogger("dbproxy.audit.kafka.client")
+
+    def log(self, level: int, msg: str, *args: Any, **kw: Any) -> None:
+        self._log.debug(msg, *args)
+
+
+class KafkaSink(SpooledSink):
+    kind = "kafka"
+
+    def __init__(self, *, bootstrap_servers: str, topic: str, key: str = "chain", chain: str | None = None,
+                 compression: str = "none", delivery_timeout: float = 30.0, security_protocol: str = "PLAINTEXT",
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                 sasl_mechanism: str | None = None, sasl_username: str | None = None, sasl_password: Any = None,
+                 **spool: Any) -> None:
+        super().__init__(**spool)
+        if key not in KEYS:
+            raise ValueError(f"key must be one of {KEYS}")
+        if compression not in COMPRESSION:
+            raise ValueError(f"compression must be one of {COMPRESSION}")
+        if security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}")
+        self.security_protocol = security_protocol
+        self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
+        self.sasl_mechanism, self.sasl_username = sasl_mechanism, sasl_username
+        self._sasl_password = sasl_password  # a SecretRef: read when the producer is made, never logged
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.key = key
+        self.chain = chain or socket.gethostname()
+        self.compression = compression
+        self.delivery_timeout = delivery_timeout
+        self._producer: Any = None
+        self._client_error_text: str | None = None  # librdkafka's last error during the current batch
+        self._limiter = trio.CapacityLimiter(1)  # one thread at a time drives the producer
+
+    def producer_config(self) -> dict:
+        """librdkafka's settings (with the SASL password: pass to the Producer only, never log)."""
+        timeout_ms = int(self.delivery_timeout * 1000)
+        conf = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": "dbproxy-audit",
+            "enable.idempotence": True,
+            "acks": "all",
+            # How long a record may wait for the cluster before its report says it failed: the
+            # flush below returns by then, and the spool retries.
+            "message.timeout.ms": timeout_ms,
+            "request.timeout.ms": min(timeout_ms, 30000),
+            "linger.ms": 5,
+            "compression.type": self.compression,
+            "logger": _ClientLog(),
+            "error_cb": self._client_error,
+            "security.protocol": self.security_protocol,
+        }
+        for key, value in (("ssl.ca.location", self.ca_file), ("ssl.certificate.location", self.cert_file),
+                           ("ssl.key.location", self.key_file)):
+            if value is not None:
+                conf[key] = value
+        if self.security_protocol.startswith("SASL_"):
+            conf["sasl.mechanisms"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self._sasl_password.reveal() if self._sasl_password is not None else ""
+        return conf
+
+    # -- the producer (in the worker thread) ---------------------------------------------
+    def _client_error(self, err: Any) -> None:
+        # Served from poll/flush in the worker thread: connection refused, SASL authentication
+        # failed, TLS handshake errors — the cause behind a "Message timed out" report.
+        self._client_error_text = err.str()
+
+    def _deliver_sync(self, records: list[tuple[bytes, bytes | None, list]]) -> None:
+        from confluent_kafka import KafkaException, Producer
+
+        if self._producer is None:
+            try:
+                self._producer = Producer(self.producer_config())
+            except KafkaException as exc:
+                raise DeliveryFailed(f"Kafka: {exc.args[0].str() if exc.args else exc}") from None
+        producer = self._producer
+        reports: list[Any] = [None] * len(records)
+        self._client_error_text = None
+
+        def report(i: int):
+            def on_delivery(err: Any, _msg: Any) -> None:
+                reports[i] = err if err is not None else True
+            return on_delivery
+
+        refused: str | None = None
+        for i, (value, key, headers) in enumerate(records):
+            while True:
+                try:
+                    producer.produce(self.topic, value, key=key, headers=headers, on_delivery=report(i))
+                    break
+                except BufferError:  # librdkafka's local queue is full: serve reports, then try again
+                    producer.poll(0.1)
+                except KafkaException as exc:  # refused locally (e.g. larger than message.max.bytes)
+                    refused = exc.args[0].str() if exc.args else str(exc)
+                    break
+            if refused is not None:
+                break
+        # Reports for every record produced arrive by message.timeout.ms; the margin covers the
+        # last in-flight request.
+        producer.flush(self.delivery_timeout + 5.0)
+        delivered = 0
+        while delivered < len(reports) and reports[delivered] is True:
+            delivered += 1
+        if delivered == len(records):
+            return
+        self._drop_producer()
+        first = reports[delivered]
+        if first is None:
+            why = refused or f"no delivery report within {self.delivery_timeout + 5.0:g} s"
+        else:
+            why = first.str()
+        if self._client_error_text:
+            why += f" ({self._client_error_text})"
+        raise DeliveryFailed(f"Kafka topic {self.topic}: {why}", delivered=delivered)
+
+    def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.purge()
+                producer.flush(0)
+            except Exception:  # a broken producer may fail to purge; it is dropped either way
+                pass
+
+    # -- the spooled sink's interface ----------------------------------------------------
+    def _record(self, payload: bytes) -> tuple[bytes, bytes | None, list]:
+        event = orjson.loads(payload)
+        if self.key == "chain":
+            key = self.chain.encode()
+        elif self.key == "sid":
+            key = (event.get("sid") or self.chain).encode()
+        else:
+            key = None
+        return payload, key, [("seq", str(event["seq"]).encode())]
+
+    async def deliver(self, payloads: list[bytes]) -> None:
+        records = [self._record(p) for p in payloads]
+        await trio.to_thread.run_sync(self._deliver_sync, records, limiter=self._limiter)
+
+    async def disconnect(self) -> None:
+        await trio.to_thread.run_sync(self._drop_producer, limiter=self._limiter)
