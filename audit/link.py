@@ -133,6 +133,10 @@ class AuditLink:
     _accepting: bool = False
     _done: Any = None
     pid: int | None = None
+    worker_up: bool = False  # a worker said ready and has not exited (dbproxy.metrics, /readyz)
+    # The worker's own statistics (its recorder's queue, its sinks' spools and lag), as it last
+    # reported them ({"stats": ...} every STATS_INTERVAL seconds).
+    worker_stats: dict = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._room = trio.lowlevel.ParkingLot()
@@ -217,6 +221,11 @@ class AuditLink:
         """Close a tap with no end event to come (``SessionAudit`` closes it with its end event)."""
         self._closes.append((self.queued_mark, slot))
         self._put(CLOSE, slot, 0, b"")
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest write to the worker it has not acked (0: everything acked)."""
+        unacked = self._unacked
+        return max(0.0, trio.current_time() - unacked[0][3]) if unacked else 0.0
 
     def statistics(self) -> RecorderStatistics:
         return RecorderStatistics(
@@ -335,6 +344,7 @@ class AuditLink:
             log.warning("audit worker (pid %s): handing it %d frames its predecessor had not acked",
                         proc.pid, len(self._out) // 2)
         self._set_accepting(bool(hello.get("accepting", True)), "")
+        self.worker_up = True
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_frames, proc.stdin, prefix)
@@ -346,7 +356,10 @@ class AuditLink:
                     self._on_ack(message)
                 if "accepting" in message:
                     self._set_accepting(bool(message["accepting"]), "a fail_closed sink can take no more events")
+                if "stats" in message:
+                    self.worker_stats = message["stats"]
             nursery.cancel_scope.cancel()
+        self.worker_up = False
         with trio.CancelScope(shield=True):
             await proc.wait()
         return self._closed and not self._out and proc.returncode == 0
@@ -378,7 +391,8 @@ class AuditLink:
                 self._out = []
                 size = sum(len(p) for p in parts[1::2]) + _HEADER * (len(parts) // 2)
                 # Kept until acked: if this worker dies first, the next one gets them again.
-                self._unacked.append([self._next_send, parts, size])
+                # (The write's time: the audit lag is the age of the oldest unacked write.)
+                self._unacked.append([self._next_send, parts, size, trio.current_time()])
                 self._next_send += len(parts) // 2
                 await stdin.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -234,7 +234,17 @@ async def serve(config_file: str) -> None:
             # while no events flow is noticed by looking again every REPORT_POLL seconds.
             nonlocal wake
             said = recorder.accepting
+            stats_said: dict = {}
+            stats_due = 0.0
             while True:
+                if trio.current_time() >= stats_due:
+                    # What the proxy's /metrics shows of this process: its queue, its sinks'
+                    # spools and delivery lag (one short line a second, only when it changed).
+                    stats_due = trio.current_time() + STATS_INTERVAL
+                    stats = worker_statistics(recorder)
+                    if stats != stats_said:
+                        stats_said = stats
+                        await worker.say({"stats": stats})
                 with trio.move_on_after(REPORT_POLL):
                     await wake.wait()
                 wake = trio.Event()
@@ -258,6 +268,16 @@ async def serve(config_file: str) -> None:
 
 
 REPORT_POLL = 0.25
+STATS_INTERVAL = 1.0  # seconds between the worker's statistics reports to the proxy (dbproxy.metrics)
+
+
+def worker_statistics(recorder: AuditRecorder) -> dict:
+    """The worker's recorder and sinks, as JSON for the link (``AuditLink.worker_stats``)."""
+    import attrs
+
+    s = recorder.statistics()
+    return {"queued": s.queued, "written": s.written, "sink_failures": s.sink_failures, "last_seq": s.last_seq,
+            "accepting": s.accepting, "sinks": [attrs.asdict(sink) for sink in s.sinks]}
 ACK_DELAY = 0.02  # seconds acks gather under durability "async"
 SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 

@@ -5,6 +5,7 @@ Nursery tree (everything has an owner, nothing outlives ``run``):
     run
     ├── audit drain task (recorder.run)           — outlives sessions, closes last
     │                                               (with ``audit.worker``: the link to the audit worker process)
+    ├── admin listener (config "admin": /metrics, /healthz, /readyz; dbproxy.admin)
     └── sessions nursery                          — one task per client connection / datagram peer
         └── accept nursery                        — one task per listener (dbproxy.listen: tcp, tls, udp, http)
 
@@ -35,6 +36,7 @@ from .errors import ProxyError
 from .listen import bound_address, open_listener, serve_listener
 from .listen.proxied import peer_host, read_proxy_header
 from .logs import SESSION
+from .metrics import ProxyMetrics
 from .net import peer_address
 from .proxyproto import ProxyProtocolError
 from .session import Session
@@ -99,9 +101,14 @@ class ProxyServer:
             recorder=self.recorder,
             buffers=BufferBudget(config.buffers.budget_bytes, message_timeout=config.buffers.message_timeout),
         )
+        # Per server (not prometheus-client's global registry): in-process servers keep their own.
+        self.metrics = ProxyMetrics(self)
+        self.services.metrics = self.metrics
         self.engines = {}
         self.sessions: dict[str, Session] = {}
         self.bound: list[BoundListener] = []
+        self.listening = False  # every listener bound, accepting
+        self.admin_address: tuple[str, int] | None = None
         self._stop = trio.Event()
         self._accept_scope: trio.CancelScope | None = None
 
@@ -130,6 +137,11 @@ class ProxyServer:
                     # here: it outlives any one session, never the server.
                     if self.services.credentials is not None:
                         self.services.credentials.attach(background)
+                    if self.config.admin is not None:
+                        from .admin import serve_admin
+
+                        self.admin_address = await background.start(
+                            serve_admin, self, self.config.admin.host, self.config.admin.port)
                     await self._serve_sessions(task_status=task_status)
                     background.cancel_scope.cancel()
                 self._marker(ev.PROXY_STOP, reason="stopped")
@@ -167,8 +179,10 @@ class ProxyServer:
                         log.info("listener %s (%s, %s) on %s:%d", lc.name, lc.protocol, lc.kind, host, port)
                     engine = self.engines[lc.name]
                     accept.start_soon(self._serve, engine, lc, opened, sessions)
+                self.listening = True
                 task_status.started(list(self.bound))
                 await self._stop.wait()
+                self.listening = False
                 log.info("stopping: no new connections; %d sessions running", len(self.sessions))
                 accept.cancel_scope.cancel()
             sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
@@ -202,11 +216,16 @@ class ProxyServer:
         session.audit = self.recorder.session(session)
         self.sessions[session.id] = session
         started = time.monotonic()
+        outcome = "abandoned"  # unless it starts, is refused or fails
         try:
             pp = lc.proxy_protocol
             if pp is not None and pp.trusts(peer_host(stream) or "") and not await self._proxy_header(session, stream, pp):
+                outcome = "refused"
+                self.metrics.error(session, "proxy_protocol")
                 return
             if not self.recorder.accepting:  # fail_closed: an audit sink can take no more events
+                outcome = "refused"
+                self.metrics.error(session, "audit_unavailable")
                 log.warning("session %s from %s refused: audit unavailable", session.id, session.client_addr)
                 if hasattr(engine, "refuse"):
                     with trio.move_on_after(10):
@@ -226,8 +245,13 @@ class ProxyServer:
         except Exception as exc:  # a bug in one session must not take the listener down
             session.details.setdefault("end_reason", f"internal error: {exc.__class__.__name__}")
             log.exception("session %s failed", session.id)
+            outcome = "failed"
+            self.metrics.error(session, "internal", exc.__class__.__name__)
         finally:
             self.sessions.pop(session.id, None)
+            if outcome != "failed":
+                outcome = "completed" if session.started else "refused" if session.details.get("refused") else outcome
+            self.metrics.session_closed(session, outcome)
             if self.services.access is not None:
                 self.services.access.release(session)  # the connection-limit slot, if the engine admitted it
             with trio.CancelScope(shield=True):
