@@ -252,7 +252,9 @@ async def serve(config_file: str) -> None:
                 now = recorder.accepting
                 if now != said:
                     said = now
-                    await worker.say({"accepting": now})
+                    # With the statistics that say why (which sink is blocked), for /readyz.
+                    stats_said = worker_statistics(recorder)
+                    await worker.say({"accepting": now, "stats": stats_said})
 
         nursery.start_soon(report)
         nursery.start_soon(worker.send_acks)

@@ -398,7 +398,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         session.details["end_reason"] = pipeline.end_reason or "closed"
         c2b, b2c = pipeline.statistics()
         if metrics is not None:
-            metrics.traffic(session, (c2b, b2c))
+            metrics.traffic(session, pipeline)
             error = getattr(pipeline, "error", None)
             if error is not None:  # the session ended on an error (rendered to the client by the pipeline)
                 metrics.error(session, "session", getattr(error, "sqlstate", None) or error.__class__.__name__)

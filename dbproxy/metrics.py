@@ -70,13 +70,13 @@ class ProxyMetrics:
         """The session's pipeline runs: its live counts are read at scrape time."""
         self.live[session.id] = pipeline
 
-    def traffic(self, session: Any, statistics: tuple) -> None:
-        """The pipeline's end-of-session statistics (``(c2b, b2c)`` ``PumpStatistics``)."""
+    def traffic(self, session: Any, pipeline: Any) -> None:
+        """The session's pipeline ended: its totals join the ended sessions'."""
         self.live.pop(session.id, None)
-        for direction, stats in zip(DIRECTIONS, statistics):
+        for direction, (nbytes, messages) in zip(DIRECTIONS, pipeline_counts(pipeline)):
             key = (session.protocol, session.listener, direction)
-            self.ended_bytes[key] = self.ended_bytes.get(key, 0) + stats.bytes_in
-            self.ended_messages[key] = self.ended_messages.get(key, 0) + stats.messages
+            self.ended_bytes[key] = self.ended_bytes.get(key, 0) + nbytes
+            self.ended_messages[key] = self.ended_messages.get(key, 0) + messages
 
     def backend_login(self, session: Any, seconds: float, ok: bool) -> None:
         self.login.labels(session.protocol, session.listener, "ok" if ok else "failed").observe(seconds)
@@ -88,10 +88,20 @@ class ProxyMetrics:
         pipeline = self.live.pop(session.id, None)
         if pipeline is not None:  # the flow did not get to its end statistics (connection lost)
             try:
-                self.traffic(session, pipeline.statistics())
+                self.traffic(session, pipeline)
             except Exception:
                 pass
         self.sessions.labels(session.protocol, session.listener, outcome).inc()
+
+
+def pipeline_counts(pipeline: Any) -> list[tuple[int, int]]:
+    """(bytes received, messages) per direction, from what the pumps count already.  A tapped
+    session's pumps decode no messages: its tees count the frames they walked (``Tee.frames``)."""
+    out = []
+    for stats, pump in zip(pipeline.statistics(), (getattr(pipeline, "c2b", None), getattr(pipeline, "b2c", None))):
+        frames = getattr(getattr(pump, "decoder", None), "frames", 0)
+        out.append((stats.bytes_in, stats.messages + (frames if type(frames) is int else 0)))
+    return out
 
 
 def audit_state(recorder: Any) -> dict:
@@ -197,13 +207,13 @@ class _Collector:
             if session is None:
                 continue
             try:
-                live = pipeline.statistics()
+                live = pipeline_counts(pipeline)
             except Exception:
                 continue
-            for direction, stats in zip(DIRECTIONS, live):
+            for direction, (n, count) in zip(DIRECTIONS, live):
                 key = (session.protocol, session.listener, direction)
-                nbytes[key] = nbytes.get(key, 0) + stats.bytes_in
-                messages[key] = messages.get(key, 0) + stats.messages
+                nbytes[key] = nbytes.get(key, 0) + n
+                messages[key] = messages.get(key, 0) + count
         b = CounterMetricFamily("dbproxy_bytes", "Bytes the proxy received in each direction (client_to_backend: "
                                 "from clients; backend_to_client: from backends)", labels=["protocol", "listener", "direction"])
         for key, n in nbytes.items():
