@@ -37,7 +37,10 @@ yet acked, ``submit_nowait`` refuses (the session holds the event and its
 pump waits in ``flush``) and ``tap`` reports congestion (the pump waits after
 its send).  When the worker cannot write (fail_closed sink full) it says so
 on its stdout (``{"accepting": false}``); the link then refuses new sessions
-and ends running ones, like the in-process recorder.
+and ends running ones, like the in-process recorder.  The worker also
+reports its statistics (``{"stats": ...}``: its queue, its sinks' spools and
+delivery lag) once a second when they changed; the link keeps the last
+(``worker_stats``) for the proxy's metrics (``dbproxy.metrics``).
 
 Acks and replay: every frame queued gets a number (``queued_mark``).  The
 worker says ``{"ack": K, "seqs": {...}}`` once every event its first K input

@@ -6,7 +6,9 @@ frames from stdin in order, hands event bodies to its ``AuditRecorder``
 section), and runs taps — the engine's decoders and audit stages over a
 session's tapped frames (the ``Tap`` class each O frame names).  Says ``{"ready": true, ...}`` on
 stdout once the sinks run and the chain is recovered, and
-``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
+``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers, and
+``{"stats": ...}`` (``worker_statistics``: its queue, its sinks' spools and
+delivery lag) once a second when they changed, for the proxy's /metrics.
 
 A tap's counts (queries, errors) are added to that session's
 ``db.session.end`` event, which the proxy sends in the tap's slot: it closes
