@@ -97,6 +97,19 @@ _HEADER = FRAME.size
 _time = time.time
 
 
+@attrs.frozen
+class LinkStatistics:
+    """The link's side of the audit, for the proxy's metrics: frames kept for the worker."""
+
+    worker_up: bool
+    worker_starts: int
+    queued_frames: int  # not yet written to the worker
+    unacked_frames: int  # queued or written, not yet acked (written by every sink)
+    queued_bytes: int  # what the capacity counts: queued or not acked
+    lag_seconds: float  # age of the oldest write the worker has not acked (0: all acked)
+    replayed: int
+
+
 @attrs.define(eq=False)
 class AuditLink:
     """Implements what sessions and the server use of an ``AuditRecorder``
@@ -225,15 +238,21 @@ class AuditLink:
         self._closes.append((self.queued_mark, slot))
         self._put(CLOSE, slot, 0, b"")
 
-    def lag_seconds(self) -> float:
-        """Age of the oldest write to the worker it has not acked (0: everything acked)."""
-        unacked = self._unacked
-        return max(0.0, trio.current_time() - unacked[0][3]) if unacked else 0.0
-
     def statistics(self) -> RecorderStatistics:
+        """The worker's recorder as it last reported (``worker_stats``; sinks as dicts), with this side's queue."""
+        worker = self.worker_stats
         return RecorderStatistics(
-            submitted=self.submitted, written=0, sink_failures=0, queued=len(self._out) // 2,
-            last_seq=self.last_seq, accepting=self._accepting,
+            submitted=self.submitted, written=worker.get("written", 0), sink_failures=worker.get("sink_failures", 0),
+            queued=len(self._out) // 2, last_seq=self.last_seq, accepting=self._accepting,
+            sinks=tuple(worker.get("sinks", ())),
+        )
+
+    def link_statistics(self) -> LinkStatistics:
+        unacked = self._unacked
+        return LinkStatistics(
+            worker_up=self.worker_up, worker_starts=self.worker_starts, queued_frames=len(self._out) // 2,
+            unacked_frames=self.queued_mark - self.durable_mark, queued_bytes=self._out_bytes,
+            lag_seconds=max(0.0, trio.current_time() - unacked[0][3]) if unacked else 0.0, replayed=self.replayed,
         )
 
     # -- acks ---------------------------------------------------------------------------

@@ -106,26 +106,26 @@ def pipeline_counts(pipeline: Any) -> list[tuple[int, int]]:
 
 def audit_state(recorder: Any) -> dict:
     """What the audit side knows now, from an ``AuditLink`` (worker) or an in-process ``AuditRecorder``."""
-    link = hasattr(recorder, "durable_mark") and hasattr(recorder, "worker_starts")
-    if link:
-        worker = getattr(recorder, "worker_stats", None) or {}
+    stats = recorder.statistics()
+    link_statistics = getattr(recorder, "link_statistics", None)
+    if link_statistics is not None:
+        link = link_statistics()
         return {
             "worker": True,
-            "worker_up": bool(getattr(recorder, "worker_up", False)),
-            "worker_starts": recorder.worker_starts,
-            "accepting": bool(recorder.accepting),
-            "queued_frames": len(recorder._out) // 2,
-            "unacked_frames": recorder.queued_mark - recorder.durable_mark,
-            "queued_bytes": recorder._out_bytes,
-            "lag_seconds": recorder.lag_seconds(),
-            "replayed": recorder.replayed,
-            "submitted": recorder.submitted,
-            "worker_queued": worker.get("queued", 0),
-            "written": worker.get("written", 0),
-            "sink_failures": worker.get("sink_failures", 0),
-            "sinks": worker.get("sinks", []),
+            "worker_up": link.worker_up,
+            "worker_starts": link.worker_starts,
+            "accepting": bool(stats.accepting),
+            "queued_frames": link.queued_frames,
+            "unacked_frames": link.unacked_frames,
+            "queued_bytes": link.queued_bytes,
+            "lag_seconds": link.lag_seconds,
+            "replayed": link.replayed,
+            "submitted": stats.submitted,
+            "worker_queued": (getattr(recorder, "worker_stats", None) or {}).get("queued", 0),
+            "written": stats.written,
+            "sink_failures": stats.sink_failures,
+            "sinks": [sink_dict(s) for s in stats.sinks],
         }
-    stats = recorder.statistics()
     return {
         "worker": False,
         "worker_up": True,
@@ -147,7 +147,7 @@ def sink_dict(stats: Any) -> dict:
 
 def readiness(server: Any) -> tuple[bool, str]:
     """Ready: serving and the audit accepts sessions (not failing closed, its worker up)."""
-    if server._stop.is_set():
+    if server.stopping:
         return False, "stopping: no new sessions"
     if not server.listening:
         return False, "listeners not bound yet"

@@ -115,6 +115,10 @@ class ProxyServer:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def _make_engines(self) -> None:
         from .access import build_access
         from .kerberos import maybe_credential_cache

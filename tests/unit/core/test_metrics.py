@@ -21,6 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from dbproxy import flow
+from dbproxy.audit.sinks.spooled import DeliveryFailed, SpooledSink
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.channel import MessageStream
 from dbproxy.config import load_config
@@ -291,32 +292,26 @@ async def test_healthz_readyz_and_unknown_paths(tmp_path: Path) -> None:
         await finish(nursery, proxy.server)
 
 
-class FullSpoolSink:
-    """Stands for a network sink whose spool is full under fail_closed (``blocked``); the spooled
-    sinks' own blocking is tested in tests/unit/audit and, end to end, in the integration test."""
+class DownSink(SpooledSink):
+    """A spooled network sink (the real spool, fail_closed) whose SIEM is down while ``down``;
+    its delivery is the test's — the real HTTP sink and SIEM are in tests/integration/test_metrics_pg.py."""
 
-    name = "siem"
+    def __init__(self, spool_dir: str) -> None:
+        super().__init__(name="siem", spool_dir=spool_dir, spool_max_bytes=16 * 1024, on_full="fail_closed",
+                         retry_initial_seconds=0.01, retry_max_seconds=0.05, shutdown_flush_seconds=0.5)
+        self.down = True
+        self.got = 0
 
-    def __init__(self) -> None:
-        self.blocked = False
-        self.events: list = []
-
-    async def write_batch(self, batch: list) -> None:
-        self.events.extend(batch)
-
-    async def aclose(self) -> None:
-        pass
-
-    def statistics(self) -> dict:
-        return {"name": self.name, "delivered": 0, "pending_events": 7, "pending_bytes": 4096,
-                "spool_max_bytes": 16384, "overflow": 0, "dropped": 0, "blocked": self.blocked, "failing": True,
-                "behind_seconds": 2.5}
+    async def deliver(self, payloads: list) -> None:
+        if self.down:
+            raise DeliveryFailed("the SIEM is down")
+        self.got += len(payloads)
 
 
 async def test_readyz_fails_while_the_audit_fails_closed_and_recovers(tmp_path: Path) -> None:
-    from dbproxy.audit.recorder import AuditRecorder
+    from dbproxy.audit.recorder import AuditRecorder, serialize
 
-    sink = FullSpoolSink()
+    sink = DownSink(str(tmp_path / "spool"))
     async with trio.open_nursery() as nursery:
         echo_port = await nursery.start(echo_server)
         path = tmp_path / "proxy.json"
@@ -325,7 +320,12 @@ async def test_readyz_fails_while_the_audit_fails_closed_and_recovers(tmp_path: 
         await nursery.start(server.run)
         admin = server.admin_address
         assert (await http_get(admin, "/readyz"))[0] == 200
-        sink.blocked = True
+        for i in range(100):  # events the SIEM does not take fill the 16 KiB spool
+            if not server.recorder.accepting:
+                break
+            assert server.recorder.submit_nowait(serialize({"event": "test.fill", "i": i, "pad": "x" * 1000}))
+            await trio.sleep(0.01)
+        assert not server.recorder.accepting
         status, headers, body = await http_get(admin, "/readyz")
         assert status == 503 and headers["content-type"] == "application/json"
         assert orjson.loads(body) == {"ready": False,
@@ -333,9 +333,11 @@ async def test_readyz_fails_while_the_audit_fails_closed_and_recovers(tmp_path: 
         samples = await scrape(admin)
         assert value(samples, "dbproxy_audit_accepting") == 0
         assert value(samples, "dbproxy_audit_sink_blocked", sink="siem") == 1
-        assert value(samples, "dbproxy_audit_sink_spool_bytes", sink="siem") == 4096
-        assert value(samples, "dbproxy_audit_sink_spool_max_bytes", sink="siem") == 16384
-        assert value(samples, "dbproxy_audit_sink_delivery_lag_seconds", sink="siem") == 2.5
+        assert value(samples, "dbproxy_audit_sink_failing", sink="siem") == 1
+        assert value(samples, "dbproxy_audit_sink_spool_bytes", sink="siem") == sink.spool.pending_bytes > 0
+        assert value(samples, "dbproxy_audit_sink_spool_max_bytes", sink="siem") == 16 * 1024
+        assert value(samples, "dbproxy_audit_sink_overflow_events", sink="siem") > 0
+        assert value(samples, "dbproxy_audit_sink_delivery_lag_seconds", sink="siem") > 0
         # A session now is refused (audit unavailable) and counted as such.
         assert await session(server.bound[0].port, b"HELLO alice\n") == b"ERR " + \
             b"audit unavailable: the audit trail cannot be written, so the proxy accepts no sessions\n"
@@ -345,9 +347,14 @@ async def test_readyz_fails_while_the_audit_fails_closed_and_recovers(tmp_path: 
         assert value(samples, "dbproxy_sessions_total", outcome="refused", **LINE) == 1
         # Healthy all along: the process runs and its listeners are bound.
         assert (await http_get(admin, "/healthz"))[0] == 200
-        sink.blocked = False
+        sink.down = False  # the SIEM is back: the spool drains
+        await wait_until(lambda: server.recorder.accepting and not sink.spool.pending_events)
         status, _, body = await http_get(admin, "/readyz")
         assert (status, orjson.loads(body)["ready"]) == (200, True)
+        samples = await scrape(admin)
+        assert value(samples, "dbproxy_audit_sink_blocked", sink="siem") == 0
+        assert value(samples, "dbproxy_audit_sink_delivery_lag_seconds", sink="siem") == 0
+        assert value(samples, "dbproxy_audit_sink_delivered_total", sink="siem") == sink.got > 0
         await finish(nursery, server)
 
 
