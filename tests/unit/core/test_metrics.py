@@ -402,3 +402,22 @@ def test_admin_config_errors_name_file_path_and_expectation(tmp_path: Path, admi
         load_config(str(path), registry())
     [error] = info.value.errors
     assert (error.file, error.path, error.expected) == (str(path), where, expected)
+
+
+async def test_the_python_api_names_the_admin_address(tmp_path: Path) -> None:
+    import functools
+
+    import dbproxy
+
+    async with trio.open_nursery() as nursery:
+        echo_port = await nursery.start(echo_server)
+        path = tmp_path / "proxy.json"
+        path.write_text(json.dumps(config(tmp_path, echo_port)))
+        running = await nursery.start(functools.partial(dbproxy.serve, str(path), registry=registry()))
+        host, port = running.admin_address
+        assert host == "127.0.0.1" and port > 0
+        status, _, body = await http_get((host, port), "/healthz")
+        assert status == 200 and orjson.loads(body)["listeners"][0]["name"] == "lines"
+        running.stop()
+        await wait_until(lambda: not running._server.listening)
+        nursery.cancel_scope.cancel()
