@@ -37,6 +37,7 @@ import signal
 import sys
 from typing import Any
 
+import attrs
 import orjson
 import trio
 
@@ -273,17 +274,15 @@ async def serve(config_file: str) -> None:
 
 REPORT_POLL = 0.25
 STATS_INTERVAL = 1.0  # seconds between the worker's statistics reports to the proxy (dbproxy.metrics)
+ACK_DELAY = 0.02  # seconds acks gather under durability "async"
+SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 
 
 def worker_statistics(recorder: AuditRecorder) -> dict:
     """The worker's recorder and sinks, as JSON for the link (``AuditLink.worker_stats``)."""
-    import attrs
-
     s = recorder.statistics()
     return {"queued": s.queued, "written": s.written, "sink_failures": s.sink_failures, "last_seq": s.last_seq,
             "accepting": s.accepting, "sinks": [attrs.asdict(sink) for sink in s.sinks]}
-ACK_DELAY = 0.02  # seconds acks gather under durability "async"
-SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 
 
 async def _build_sinks(configs: Any) -> list:
