@@ -37,7 +37,10 @@ yet acked, ``submit_nowait`` refuses (the session holds the event and its
 pump waits in ``flush``) and ``tap`` reports congestion (the pump waits after
 its send).  When the worker cannot write (fail_closed sink full) it says so
 on its stdout (``{"accepting": false}``); the link then refuses new sessions
-and ends running ones, like the in-process recorder.
+and ends running ones, like the in-process recorder.  The worker also
+reports its statistics (``{"stats": ...}``: its queue, its sinks' spools and
+delivery lag) once a second when they changed; the link keeps the last
+(``worker_stats``) for the proxy's metrics (``dbproxy.metrics``).
 
 Acks and replay: every frame queued gets a number (``queued_mark``).  The
 worker says ``{"ack": K, "seqs": {...}}`` once every event its first K input
@@ -94,6 +97,19 @@ _HEADER = FRAME.size
 _time = time.time
 
 
+@attrs.frozen
+class LinkStatistics:
+    """The link's side of the audit, for the proxy's metrics: frames kept for the worker."""
+
+    worker_up: bool
+    worker_starts: int
+    queued_frames: int  # not yet written to the worker
+    unacked_frames: int  # queued or written, not yet acked (written by every sink)
+    queued_bytes: int  # what the capacity counts: queued or not acked
+    lag_seconds: float  # age of the oldest write the worker has not acked (0: all acked)
+    replayed: int
+
+
 @attrs.define(eq=False)
 class AuditLink:
     """Implements what sessions and the server use of an ``AuditRecorder``
@@ -133,6 +149,10 @@ class AuditLink:
     _accepting: bool = False
     _done: Any = None
     pid: int | None = None
+    worker_up: bool = False  # a worker said ready and has not exited (dbproxy.metrics, /readyz)
+    # The worker's own statistics (its recorder's queue, its sinks' spools and lag), as it last
+    # reported them ({"stats": ...} every STATS_INTERVAL seconds).
+    worker_stats: dict = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._room = trio.lowlevel.ParkingLot()
@@ -219,9 +239,20 @@ class AuditLink:
         self._put(CLOSE, slot, 0, b"")
 
     def statistics(self) -> RecorderStatistics:
+        """The worker's recorder as it last reported (``worker_stats``; sinks as dicts), with this side's queue."""
+        worker = self.worker_stats
         return RecorderStatistics(
-            submitted=self.submitted, written=0, sink_failures=0, queued=len(self._out) // 2,
-            last_seq=self.last_seq, accepting=self._accepting,
+            submitted=self.submitted, written=worker.get("written", 0), sink_failures=worker.get("sink_failures", 0),
+            queued=len(self._out) // 2, last_seq=self.last_seq, accepting=self._accepting,
+            sinks=tuple(worker.get("sinks", ())),
+        )
+
+    def link_statistics(self) -> LinkStatistics:
+        unacked = self._unacked
+        return LinkStatistics(
+            worker_up=self.worker_up, worker_starts=self.worker_starts, queued_frames=len(self._out) // 2,
+            unacked_frames=self.queued_mark - self.durable_mark, queued_bytes=self._out_bytes,
+            lag_seconds=max(0.0, trio.current_time() - unacked[0][3]) if unacked else 0.0, replayed=self.replayed,
         )
 
     # -- acks ---------------------------------------------------------------------------
@@ -335,6 +366,7 @@ class AuditLink:
             log.warning("audit worker (pid %s): handing it %d frames its predecessor had not acked",
                         proc.pid, len(self._out) // 2)
         self._set_accepting(bool(hello.get("accepting", True)), "")
+        self.worker_up = True
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_frames, proc.stdin, prefix)
@@ -346,7 +378,10 @@ class AuditLink:
                     self._on_ack(message)
                 if "accepting" in message:
                     self._set_accepting(bool(message["accepting"]), "a fail_closed sink can take no more events")
+                if "stats" in message:
+                    self.worker_stats = message["stats"]
             nursery.cancel_scope.cancel()
+        self.worker_up = False
         with trio.CancelScope(shield=True):
             await proc.wait()
         return self._closed and not self._out and proc.returncode == 0
@@ -378,7 +413,8 @@ class AuditLink:
                 self._out = []
                 size = sum(len(p) for p in parts[1::2]) + _HEADER * (len(parts) // 2)
                 # Kept until acked: if this worker dies first, the next one gets them again.
-                self._unacked.append([self._next_send, parts, size])
+                # (The write's time: the audit lag is the age of the oldest unacked write.)
+                self._unacked.append([self._next_send, parts, size, trio.current_time()])
                 self._next_send += len(parts) // 2
                 await stdin.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -6,7 +6,9 @@ frames from stdin in order, hands event bodies to its ``AuditRecorder``
 section), and runs taps — the engine's decoders and audit stages over a
 session's tapped frames (the ``Tap`` class each O frame names).  Says ``{"ready": true, ...}`` on
 stdout once the sinks run and the chain is recovered, and
-``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers.
+``{"accepting": ...}`` whenever a fail_closed sink blocks or recovers, and
+``{"stats": ...}`` (``worker_statistics``: its queue, its sinks' spools and
+delivery lag) once a second when they changed, for the proxy's /metrics.
 
 A tap's counts (queries, errors) are added to that session's
 ``db.session.end`` event, which the proxy sends in the tap's slot: it closes
@@ -35,6 +37,7 @@ import signal
 import sys
 from typing import Any
 
+import attrs
 import orjson
 import trio
 
@@ -234,7 +237,17 @@ async def serve(config_file: str) -> None:
             # while no events flow is noticed by looking again every REPORT_POLL seconds.
             nonlocal wake
             said = recorder.accepting
+            stats_said: dict = {}
+            stats_due = 0.0
             while True:
+                if trio.current_time() >= stats_due:
+                    # What the proxy's /metrics shows of this process: its queue, its sinks'
+                    # spools and delivery lag (one short line a second, only when it changed).
+                    stats_due = trio.current_time() + STATS_INTERVAL
+                    stats = worker_statistics(recorder)
+                    if stats != stats_said:
+                        stats_said = stats
+                        await worker.say({"stats": stats})
                 with trio.move_on_after(REPORT_POLL):
                     await wake.wait()
                 wake = trio.Event()
@@ -242,7 +255,9 @@ async def serve(config_file: str) -> None:
                 now = recorder.accepting
                 if now != said:
                     said = now
-                    await worker.say({"accepting": now})
+                    # With the statistics that say why (which sink is blocked), for /readyz.
+                    stats_said = worker_statistics(recorder)
+                    await worker.say({"accepting": now, "stats": stats_said})
 
         nursery.start_soon(report)
         nursery.start_soon(worker.send_acks)
@@ -258,8 +273,16 @@ async def serve(config_file: str) -> None:
 
 
 REPORT_POLL = 0.25
+STATS_INTERVAL = 1.0  # seconds between the worker's statistics reports to the proxy (dbproxy.metrics)
 ACK_DELAY = 0.02  # seconds acks gather under durability "async"
 SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
+
+
+def worker_statistics(recorder: AuditRecorder) -> dict:
+    """The worker's recorder and sinks, as JSON for the link (``AuditLink.worker_stats``)."""
+    s = recorder.statistics()
+    return {"queued": s.queued, "written": s.written, "sink_failures": s.sink_failures, "last_seq": s.last_seq,
+            "accepting": s.accepting, "sinks": [attrs.asdict(sink) for sink in s.sinks]}
 
 
 async def _build_sinks(configs: Any) -> list:

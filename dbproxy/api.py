@@ -43,6 +43,11 @@ class Running:
                 return b.port
         raise KeyError(f"no listener named {name!r} (listeners: {', '.join(b.name for b in self.listeners)})")
 
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The admin listener's bound (host, port) (/metrics, /healthz, /readyz); None without ``"admin"``."""
+        return self._server.admin_address
+
     def stop(self) -> None:
         self._server.stop()
 

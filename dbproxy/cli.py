@@ -153,6 +153,9 @@ async def _serve_main(config, registry) -> None:
                 for b in bound:
                     kind = "" if b.kind == "tcp" else f" ({b.kind})"
                     print(f"dbproxy: {b.name} ({b.protocol}) listening on {b.host}:{b.port}{kind}", flush=True)
+                if server.admin_address is not None:
+                    host, port = server.admin_address
+                    print(f"dbproxy: admin listening on {host}:{port} (/metrics, /healthz, /readyz)", flush=True)
         nursery.cancel_scope.cancel()
     log.info("stopped")
 

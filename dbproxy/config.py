@@ -172,6 +172,14 @@ class LoggingConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    """``"admin"``: the admin listener (/metrics, /healthz, /readyz; dbproxy.admin), loopback by default."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+@attrs.frozen
 class Config:
     file: str
     listeners: tuple[ListenerConfig, ...]
@@ -183,6 +191,7 @@ class Config:
     limits: Any = None
     buffers: BuffersConfig = BuffersConfig()
     logging: LoggingConfig = LoggingConfig()
+    admin: AdminConfig | None = None  # None: no admin listener
 
     @classmethod
     def load(cls, path: str, registry: Any = None) -> "Config":
@@ -197,7 +206,9 @@ class Config:
 
 # --------------------------------------------------------------------------- validation
 
-TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers", "logging"}
+TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers", "logging",
+            "admin"}
+ADMIN_KEYS = {"listen"}
 LOGGING_KEYS = {"format", "level", "levels"}
 LISTENER_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
 LISTENER_KEYS = {"name", "protocol", "kind", "listen", "tls", "routes", "max_message_size", "options", "auth",
@@ -266,6 +277,7 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
     grace = v.number(root, "shutdown_grace_seconds", "")
     buffers = _buffers(v, root["buffers"], "buffers") if "buffers" in root else BuffersConfig()
     logging_config = _logging(v, root["logging"], "logging") if "logging" in root else LoggingConfig()
+    admin = _admin(v, root["admin"], "admin", listeners) if "admin" in root else None
     return Config(
         file=v.file,
         listeners=tuple(listeners),
@@ -276,7 +288,26 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
         limits=limits,
         buffers=buffers or BuffersConfig(),
         logging=logging_config or LoggingConfig(),
+        admin=admin,
     )
+
+
+def _admin(v: Validator, item: Any, path: str, listeners: list) -> AdminConfig | None:
+    d = v.section(item, path, ADMIN_KEYS)
+    if d is None:
+        return None
+    if "listen" not in d:
+        return AdminConfig()
+    addr = v.address(d, "listen", path)
+    if addr is None:
+        return None
+    host, port = addr
+    for lc in listeners:
+        wildcard = {"0.0.0.0", "::", ""}
+        if port and lc.port == port and (lc.host == host or lc.host in wildcard or host in wildcard):
+            v.err(join(path, "listen"), f"an address no listener uses, {host}:{port} is listener {lc.name!r}'s")
+            break
+    return AdminConfig(host=host, port=port)
 
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")

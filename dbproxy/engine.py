@@ -56,6 +56,7 @@ class Services:
     # dbproxy.buffer.BufferBudget: engines pass it to client MessageStreams and the Pipeline
     # (None: unbounded, e.g. unit tests of other things).
     buffers: Any = None
+    metrics: Any = None  # dbproxy.metrics.ProxyMetrics of the server (None: no server, e.g. unit tests)
     extras: dict = attrs.field(factory=dict)
 
 

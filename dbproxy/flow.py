@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any, Callable
 
 import attrs
@@ -48,6 +49,18 @@ CONNECT_TIMEOUT = 15.0
 SEND_QUIETLY_SECONDS = 5.0
 
 _LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _metrics(engine: Any) -> Any:
+    """The server's ``dbproxy.metrics.ProxyMetrics`` (None: an engine run without a server, e.g. unit tests).
+    Called a few times per session, never per message."""
+    return getattr(getattr(engine, "services", None), "metrics", None)
+
+
+def _count_error(engine: Any, session: Any, kind: str, code: Any = None) -> None:
+    metrics = _metrics(engine)
+    if metrics is not None:
+        metrics.error(session, kind, code)
 
 
 class Refused(ProxyError):
@@ -231,6 +244,7 @@ async def _handshake(engine: Any, session: Any, stream: Any) -> Request | None:
             if not await engine.handshake(session, request):
                 return None
     except trio.TooSlowError:
+        _count_error(engine, session, "handshake_timeout")
         engine.handshake_timed_out(session, request.waiting_for)
         return None
     except PeerClosed:
@@ -241,6 +255,7 @@ async def _handshake(engine: Any, session: Any, stream: Any) -> Request | None:
         return None
     except ProtocolError as exc:
         log.info("session %s: client protocol error during its handshake: %s", session.id, exc)
+        _count_error(engine, session, "client_protocol")
         session.details.setdefault("end_reason", f"client protocol error: {exc}")
         await send_quietly(request.client.stream, engine.render_error(request, exc))
         return None
@@ -260,6 +275,9 @@ async def refuse_session(engine: Any, session: Any, stream: Any, reason: str) ->
 
 async def _refuse(engine: Any, session: Any, request: Request, refused: Refused) -> None:
     log.info("session %s: %s", session.id, refused.cause or refused)
+    session.details["refused"] = True  # the session's outcome (dbproxy.metrics)
+    kind = getattr(refused, "kind", None) or ("access_denied" if refused.cause is not None else "refused")
+    _count_error(engine, session, kind, refused.code)
     fields = request.start_fields
     if refused.cause is not None and refused.stage is not None:
         audit_denial(session, refused.cause, stage=refused.stage, **refused.denial_fields, **fields)
@@ -282,6 +300,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         with trio.fail_after(engine.handshake_timeout):
             await engine.identify(session, request)
     except trio.TooSlowError:
+        _count_error(engine, session, "handshake_timeout")
         engine.handshake_timed_out(session, request.waiting_for, **request.start_fields)
         return
     except PeerClosed:
@@ -290,6 +309,7 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         return
     except ProtocolError as exc:
         log.info("session %s: client protocol error during authentication: %s", session.id, exc)
+        _count_error(engine, session, "client_protocol")
         await send_quietly(request.client.stream, engine.render_error(request, exc))
         return
     except Refused as refused:
@@ -321,9 +341,13 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
                 raise refused from None
             request.start_fields["granted_roles"] = list(grant.roles)
         # connect the backend with the route's credential
+        metrics = _metrics(engine)
+        began = time.monotonic()
+        login_ok = False
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 backend = await engine.connect_backend(session, request, route, grant)
+            login_ok = True
         except trio.TooSlowError:
             raise _upstream(engine, request, BackendTimeout(
                 f"backend {route.backend.address} did not complete login within {CONNECT_TIMEOUT:.0f}s",
@@ -332,6 +356,9 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
             ), session) from None
         except UpstreamError as exc:
             raise _upstream(engine, request, exc, session) from None
+        finally:
+            if metrics is not None:  # the login's latency, failed logins apart (outcome "failed")
+                metrics.backend_login(session, time.monotonic() - began, login_ok)
     except Refused as refused:
         await _refuse(engine, session, request, refused)
         return
@@ -357,6 +384,8 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
             flush_audit=audit.flush,
             buffers=engine.services.buffers,
         )
+        if metrics is not None:
+            metrics.running(session, pipeline)  # its live byte counts, read at scrape time
         try:
             await pipeline.run()
         finally:
@@ -368,6 +397,11 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
                     wiring.finished()
         session.details["end_reason"] = pipeline.end_reason or "closed"
         c2b, b2c = pipeline.statistics()
+        if metrics is not None:
+            metrics.traffic(session, pipeline)
+            error = getattr(pipeline, "error", None)
+            if error is not None:  # the session ended on an error (rendered to the client by the pipeline)
+                metrics.error(session, "session", getattr(error, "sqlstate", None) or error.__class__.__name__)
         end_fields = {"bytes_from_client": c2b.bytes_in, "bytes_to_client": b2c.bytes_out}
         end_fields.update(await engine.session_ended(session, request, backend, wiring, pipeline))
         session.details["end_fields"] = end_fields
@@ -379,7 +413,9 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
 
 def _upstream(engine: Any, request: Request, exc: UpstreamError, session: Any) -> Refused:
     log.warning("session %s: %s", session.id, exc)
-    return engine.upstream_refused(request, exc)
+    refused = engine.upstream_refused(request, exc)
+    refused.kind = "backend_timeout" if isinstance(exc, BackendTimeout) else "backend"  # dbproxy.metrics
+    return refused
 
 
 __all__ = ["Backend", "BackendTimeout", "CONNECT_TIMEOUT", "Plumbing", "Refused", "Request", "Wiring", "assemble",

@@ -5,6 +5,7 @@ Nursery tree (everything has an owner, nothing outlives ``run``):
     run
     ├── audit drain task (recorder.run)           — outlives sessions, closes last
     │                                               (with ``audit.worker``: the link to the audit worker process)
+    ├── admin listener (config "admin": /metrics, /healthz, /readyz; dbproxy.admin)
     └── sessions nursery                          — one task per client connection / datagram peer
         └── accept nursery                        — one task per listener (dbproxy.listen: tcp, tls, udp, http)
 
@@ -35,6 +36,7 @@ from .errors import ProxyError
 from .listen import bound_address, make_entry, open_listener, serve_listener
 from .listen.proxied import peer_host, read_proxy_header
 from .logs import SESSION
+from .metrics import ProxyMetrics
 from .net import peer_address
 from .proxyproto import ClosedBeforeHeader, ProxyProtocolError
 from .session import Session
@@ -101,9 +103,14 @@ class ProxyServer:
         )
         # Engines that need the whole config (the command API reads the JSONL trail's path).
         self.services.extras["config"] = config
+        # Per server (not prometheus-client's global registry): in-process servers keep their own.
+        self.metrics = ProxyMetrics(self)
+        self.services.metrics = self.metrics
         self.engines = {}
         self.sessions: dict[str, Session] = {}
         self.bound: list[BoundListener] = []
+        self.listening = False  # every listener bound, accepting
+        self.admin_address: tuple[str, int] | None = None
         self._stop = trio.Event()
         self._accept_scope: trio.CancelScope | None = None
         # What a new connection on each listener gets: (entry, ListenerConfig) of the current
@@ -116,6 +123,10 @@ class ProxyServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def _make_engines(self) -> None:
         from .access import build_access
@@ -144,6 +155,11 @@ class ProxyServer:
                     for engine in self.engines.values():
                         if hasattr(engine, "attach"):
                             engine.attach(background)
+                    if self.config.admin is not None:
+                        from .admin import serve_admin
+
+                        self.admin_address = await background.start(
+                            serve_admin, self, self.config.admin.host, self.config.admin.port)
                     await self._serve_sessions(background, task_status=task_status)
                     background.cancel_scope.cancel()
                 self._marker(ev.PROXY_STOP, reason="stopped")
@@ -176,8 +192,10 @@ class ProxyServer:
                 self._nurseries = (accept, sessions, background)
                 for lc in self.config.listeners:
                     await self._open(lc)
+                self.listening = True
                 task_status.started(list(self.bound))
                 await self._stop.wait()
+                self.listening = False
                 log.info("stopping: no new connections; %d sessions running", len(self.sessions))
                 async with self._reload_lock:  # no reload half-applied while the listeners close
                     accept.cancel_scope.cancel()
@@ -276,7 +294,8 @@ class ProxyServer:
                           lc.name, lc.host, lc.port, exc.strerror or exc)
                 self._marker(ev.PROXY_RELOAD, success=False, error=f"listener {lc.name}: {exc.strerror or exc}")
                 return False
-        services = Services(recorder=self.recorder, buffers=self.services.buffers, extras=self.services.extras)
+        services = Services(recorder=self.recorder, buffers=self.services.buffers, extras=self.services.extras,
+                            metrics=self.metrics)
         services.credentials = maybe_credential_cache(new)
         limits = self.services.access.limits if self.services.access is not None else None
         services.access = build_access(new, limits=limits)
@@ -358,11 +377,17 @@ class ProxyServer:
         session.audit = self.recorder.session(session)
         self.sessions[session.id] = session
         started = time.monotonic()
+        outcome = "abandoned"  # unless it starts, is refused or fails
         try:
             pp = lc.proxy_protocol
             if pp is not None and pp.trusts(peer_host(stream) or "") and not await self._proxy_header(session, stream, pp):
+                if session.details.get("end_reason") != "health check":  # a balancer's check is no refusal
+                    outcome = "refused"
+                    self.metrics.error(session, "proxy_protocol")
                 return
             if not self.recorder.accepting:  # fail_closed: an audit sink can take no more events
+                outcome = "refused"
+                self.metrics.error(session, "audit_unavailable")
                 log.warning("session %s from %s refused: audit unavailable", session.id, session.client_addr)
                 if hasattr(engine, "refuse"):
                     with trio.move_on_after(10):
@@ -382,8 +407,13 @@ class ProxyServer:
         except Exception as exc:  # a bug in one session must not take the listener down
             session.details.setdefault("end_reason", f"internal error: {exc.__class__.__name__}")
             log.exception("session %s failed", session.id)
+            outcome = "failed"
+            self.metrics.error(session, "internal", exc.__class__.__name__)
         finally:
             self.sessions.pop(session.id, None)
+            if outcome != "failed":
+                outcome = "completed" if session.started else "refused" if session.details.get("refused") else outcome
+            self.metrics.session_closed(session, outcome)
             access = getattr(engine, "services", self.services).access  # the generation that admitted it
             if access is not None:
                 access.release(session)  # the connection-limit slot, if the engine admitted it

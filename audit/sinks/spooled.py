@@ -79,6 +79,10 @@ class SinkStatistics:
     dropped: int
     blocked: bool
     failing: bool
+    spool_max_bytes: int = 0
+    # Seconds the sink has had undelivered events without catching up (0: nothing pending):
+    # an upper bound of the oldest pending event's age (the delivery lag).
+    behind_seconds: float = 0.0
 
 
 class SpooledSink:
@@ -119,6 +123,7 @@ class SpooledSink:
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._overflow_lock = trio.Lock()  # the drain task and the sender both move overflow to disk
+        self._behind_since: float | None = None  # trio time the sender last went from caught up to behind
 
     # -- subclass interface ------------------------------------------------------
     def encode(self, event: dict, line: bytes | None = None) -> bytes:
@@ -146,6 +151,8 @@ class SpooledSink:
         else:
             self._overflow.extend(records)
             await self._move_overflow()
+        if self._behind_since is None:
+            self._behind_since = trio.current_time()
         self._wakeup.set()
 
     async def _move_overflow(self) -> None:
@@ -192,8 +199,11 @@ class SpooledSink:
 
     def statistics(self) -> SinkStatistics:
         s = self.spool.statistics()
+        since = self._behind_since
+        behind = 0.0 if since is None or not (s.pending_events or self._overflow) else trio.current_time() - since
         return SinkStatistics(
-            self.name, self.delivered, s.pending_events, s.pending_bytes, len(self._overflow), s.dropped, self.blocked, self.failing
+            self.name, self.delivered, s.pending_events, s.pending_bytes, len(self._overflow), s.dropped, self.blocked,
+            self.failing, s.max_bytes, round(behind, 3),
         )
 
     # -- the sender task -----------------------------------------------------------
@@ -208,6 +218,7 @@ class SpooledSink:
                     if self._overflow:
                         await self._move_overflow()
                         continue
+                    self._behind_since = None  # caught up
                     self._idle.set()
                     await self._wakeup.wait()
                     if self.batch_linger:
