@@ -100,7 +100,9 @@ def pipeline_counts(pipeline: Any) -> list[tuple[int, int]]:
     out = []
     for stats, pump in zip(pipeline.statistics(), (getattr(pipeline, "c2b", None), getattr(pipeline, "b2c", None))):
         frames = getattr(getattr(pump, "decoder", None), "frames", 0)
-        out.append((stats.bytes_in, stats.messages + (frames if type(frames) is int else 0)))
+        # A relay that owns its transport (SSH, Telnet) counts bytes, not messages.
+        messages = getattr(stats, "messages", 0)
+        out.append((stats.bytes_in, messages + (frames if type(frames) is int else 0)))
     return out
 
 

@@ -421,3 +421,17 @@ async def test_the_python_api_names_the_admin_address(tmp_path: Path) -> None:
         running.stop()
         await wait_until(lambda: not running._server.listening)
         nursery.cancel_scope.cancel()
+
+
+def test_relays_that_count_bytes_only_are_counted():
+    """SSH and Telnet hand the core a relay whose statistics count bytes, not messages: their
+    sessions' totals are counted, and the session's own end (its recordings' hashes) is not disturbed."""
+    from types import SimpleNamespace
+
+    from dbproxy.metrics import pipeline_counts
+
+    class Relay:
+        def statistics(self):
+            return SimpleNamespace(bytes_in=10, bytes_out=12), SimpleNamespace(bytes_in=7, bytes_out=7)
+
+    assert pipeline_counts(Relay()) == [(10, 0), (7, 0)]
