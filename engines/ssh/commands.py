@@ -38,7 +38,8 @@ import trio_asyncio
 from dbproxy.commands.api import CommandsEngine, TargetUnavailable
 
 from . import config as sshconfig
-from .bridge import TargetConnection, TargetError, session_certificate
+from .bridge import TargetConnection
+from .target import TargetError, TargetLogins, hint
 
 log = logging.getLogger("dbproxy.ssh.commands")
 
@@ -106,16 +107,10 @@ class SSHCommandsEngine(CommandsEngine):
 
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)
-        self._ca_keys: dict[str, Any] = {}
+        self._logins = TargetLogins()
 
     def command_line(self, job: Any) -> str:
         return PID_PREFIX + job.command
-
-    def _ca_key(self, path: str) -> Any:
-        key = self._ca_keys.get(path)
-        if key is None:
-            key = self._ca_keys[path] = asyncssh.read_private_key(path)
-        return key
 
     async def execute(self, run: Any, route: Any, session: Any) -> None:
         backend = route.backend
@@ -130,23 +125,11 @@ class SSHCommandsEngine(CommandsEngine):
             raise unavailable
 
     async def _connect_and_run(self, run: Any, backend: Any, auth: Any, session: Any) -> TargetUnavailable | None:
-        target = TargetConnection()
         try:
-            await target.open(
-                backend.host, backend.port, run.login,
-                known_hosts=backend.extra["known_hosts_file"],
-                key_file=auth.params.get("key_file") if auth.method == "publickey" else None,
-                password=auth.secret.reveal() if auth.method == "password" and auth.secret is not None else None,
-                certificate=session_certificate(self._ca_key(auth.params["ca_key_file"]), session,
-                                                auth.params["validity_seconds"])
-                if auth.method == "certificate" else None,
-            )
+            target = await self._logins.open(backend, run.login, session)
         except TargetError as exc:
-            hints = {"host_key": f"the host key of target {run.target!r} does not match the proxy's known_hosts",
-                     "auth": f"the target {run.target!r} refused the proxy's login as {run.login!r}",
-                     "connect": f"the target {run.target!r} is unreachable"}
             # Raised outside the loop's nursery, which would wrap it in an ExceptionGroup.
-            return TargetUnavailable(str(exc), kind=exc.kind, hint=hints[exc.kind])
+            return TargetUnavailable(str(exc), kind=exc.kind, hint=hint(exc.kind, run.target, run.login))
         try:
             await self._exec(target, run, session)
         finally:

@@ -49,15 +49,15 @@ import trio
 import trio_asyncio
 
 from dbproxy.channel import MessageStream
-from dbproxy.engine import Engine
-from dbproxy.errors import AccessDenied, ProxyError, UpstreamError
+from dbproxy.errors import ProxyError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring, run_session
-from dbproxy.limits import TooManyConnections
 from dbproxy.session import Identity
+from dbproxy.terminal.engine import TerminalEngine
 
 from . import config as sshconfig
 from .bridge import DISC_BY_APPLICATION, DISC_REFUSED, DISC_UNAVAILABLE, ClientGate, ClientKeys, Relay, \
-    TargetConnection, TargetError, serve_client, session_certificate
+    TargetConnection, serve_client
+from .target import TargetError, TargetLogins, hint
 
 log = logging.getLogger("dbproxy.ssh")
 
@@ -65,10 +65,11 @@ log = logging.getLogger("dbproxy.ssh")
 CLOSE_GRACE = 2.0
 
 
-class SSHEngine(Engine):
+class SSHEngine(TerminalEngine):
     protocol = "ssh"
-    family = "terminal"
     event_family = "ssh"
+    refusal = {"code": DISC_REFUSED}  # SSH disconnect reason codes (RFC 4253 §11.1)
+    unconfigured_refusal = {"code": DISC_UNAVAILABLE}
     match_keys = ("target", "login")
     auth_methods = ("publickey", "password", "certificate")
     password_methods = ("password",)
@@ -88,7 +89,7 @@ class SSHEngine(Engine):
 
         self.host_key = asyncssh.read_private_key(listener.extra["host_key_file"])
         self._gates: dict[str, ClientGate] = {}
-        self._ca_keys: dict[str, Any] = {}  # route CA keys (method certificate), read once
+        self._logins = TargetLogins()  # the proxy's login to targets; route CA keys read once
         # Client keys and the user CA (identity.publickey), when the listener accepts them.
         cfg = self.access.auth.publickey if self.access is not None else None
         self.client_keys = ClientKeys(cfg) if cfg is not None else None
@@ -166,64 +167,15 @@ class SSHEngine(Engine):
             request.start_fields.update(identity_method=key.method, client_key=key.fingerprint,
                                         **({"certificate_key_id": key.key_id} if key.key_id is not None else {}))
             return
-        if self.access is None or not self.access.auth.token:
-            raise Refused(f"listener {self.listener.name}: token authentication is not configured",
-                          client_message="the proxy cannot authenticate you (no token authentication configured)",
-                          code=DISC_UNAVAILABLE)
-        try:
-            session.identity = self.access.auth.verify_token(None, secret or "")
-        except AccessDenied as exc:
-            raise Refused(str(exc), client_message="authentication failed: the dbproxy token was not accepted",
-                          code=DISC_REFUSED, fields={"reason": exc.reason}, cause=exc, stage="authenticate") from None
-        request.start_fields["identity_method"] = session.identity.method
-
-    def check_route(self, session: Any, request: Request, route: Any) -> None:
-        # The account on the target: the route's login, else the one the client asked for.
-        session.login = route.backend.extra.get("login") or request.login
-        session.details["requested_login"] = request.login
-
-    def no_route(self, request: Request) -> Refused:
-        return Refused(f"no route for target {request.target!r} and login {request.login!r} on listener "
-                       f"{self.listener.name}", code=DISC_REFUSED)
-
-    def denied(self, session: Any, request: Request, exc: AccessDenied) -> Refused:
-        if isinstance(exc, TooManyConnections):
-            return Refused(str(exc), code=DISC_REFUSED)
-        return Refused(str(exc), client_message=f"access denied: you may not log in to {session.target!r} as "
-                                                f"{session.login!r}", code=DISC_REFUSED)
+        self.identify_by_token(session, request, secret)
 
     async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
-        backend = route.backend
-        auth = backend.auth
-        target = TargetConnection()
         try:
-            await target.open(
-                backend.host, backend.port, session.login,
-                known_hosts=backend.extra["known_hosts_file"],
-                key_file=auth.params.get("key_file") if auth.method == "publickey" else None,
-                password=auth.secret.reveal() if auth.method == "password" and auth.secret is not None else None,
-                certificate=session_certificate(self._ca_key(auth.params["ca_key_file"]), session,
-                                                auth.params["validity_seconds"])
-                if auth.method == "certificate" else None,
-            )
+            target = await self._logins.open(route.backend, session.login, session)
         except TargetError as exc:
-            hints = {
-                "host_key": f"the host key of target {session.target!r} does not match the proxy's known_hosts: "
-                            "refusing to connect (possible man-in-the-middle, or the host was re-keyed)",
-                "auth": f"the target {session.target!r} refused the proxy's login as {session.login!r}",
-                "connect": f"the target {session.target!r} is unreachable",
-            }
-            raise UpstreamError(str(exc), kind=exc.kind, client_hint=hints[exc.kind]) from None
+            raise UpstreamError(str(exc), kind=exc.kind, client_hint=hint(exc.kind, session.target, session.login)) from None
         # The target, login and address are in every ssh.* event already (the audit's session fields).
         return Backend(stream=_TargetStream(target), decoder=None)
-
-    def _ca_key(self, path: str) -> Any:
-        key = self._ca_keys.get(path)
-        if key is None:
-            import asyncssh
-
-            key = self._ca_keys[path] = asyncssh.read_private_key(path)
-        return key
 
     def upstream_refused(self, request: Request, exc: UpstreamError) -> Refused:
         return Refused(str(exc), client_message=exc.client_hint, code=DISC_BY_APPLICATION,

@@ -46,10 +46,9 @@ from typing import Any
 import trio
 
 from dbproxy.channel import MessageStream, PeerClosed
-from dbproxy.engine import Engine
-from dbproxy.errors import AccessDenied, ProxyError, RemoteProtocolError, UpstreamError
+from dbproxy.errors import ProxyError, RemoteProtocolError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring
-from dbproxy.limits import TooManyConnections
+from dbproxy.terminal.engine import TerminalEngine
 from dbproxy.terminal.config import BadUserName, parse_login_target
 
 from . import codec as tn
@@ -169,9 +168,8 @@ class TargetLeg(Leg):
         return TelnetProtocol.encode_subnegotiation(tn.NAWS, tn.naws_payload(self.client.width, self.client.height))
 
 
-class TelnetEngine(Engine):
+class TelnetEngine(TerminalEngine):
     protocol = "telnet"
-    family = "terminal"
     event_family = "telnet"
     match_keys = ("target", "login")
     auth_methods = ("password",)
@@ -234,29 +232,7 @@ class TelnetEngine(Engine):
     async def identify(self, session: Any, request: Request) -> None:
         client: ClientLeg = request.extra
         secret, client.secret = client.secret, None  # checked once, then forgotten
-        if self.access is None or not self.access.auth.token:
-            raise Refused(f"listener {self.listener.name}: token authentication is not configured",
-                          client_message="the proxy cannot authenticate you (no token authentication configured)")
-        try:
-            session.identity = self.access.auth.verify_token(None, secret or "")
-        except AccessDenied as exc:
-            raise Refused(str(exc), client_message="authentication failed: the dbproxy token was not accepted",
-                          fields={"reason": exc.reason}, cause=exc, stage="authenticate") from None
-        request.start_fields["identity_method"] = session.identity.method
-
-    def check_route(self, session: Any, request: Request, route: Any) -> None:
-        session.login = route.backend.extra.get("login") or request.login
-        session.details["requested_login"] = request.login
-
-    def no_route(self, request: Request) -> Refused:
-        return Refused(f"no route for target {request.target!r} and login {request.login!r} on listener "
-                       f"{self.listener.name}")
-
-    def denied(self, session: Any, request: Request, exc: AccessDenied) -> Refused:
-        if isinstance(exc, TooManyConnections):
-            return Refused(str(exc))
-        return Refused(str(exc), client_message=f"access denied: you may not log in to {session.target!r} as "
-                                                f"{session.login!r}")
+        self.identify_by_token(session, request, secret)
 
     async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
         backend = route.backend
