@@ -398,10 +398,13 @@ async def run_session(engine: Any, session: Any, stream: Any) -> None:
         session.details["end_reason"] = pipeline.end_reason or "closed"
         c2b, b2c = pipeline.statistics()
         if metrics is not None:
-            metrics.traffic(session, pipeline)
-            error = getattr(pipeline, "error", None)
-            if error is not None:  # the session ended on an error (rendered to the client by the pipeline)
-                metrics.error(session, "session", getattr(error, "sqlstate", None) or error.__class__.__name__)
+            try:  # counting must never cost a session its end event
+                metrics.traffic(session, pipeline)
+                error = getattr(pipeline, "error", None)
+                if error is not None:  # the session ended on an error (rendered to the client by the pipeline)
+                    metrics.error(session, "session", getattr(error, "sqlstate", None) or error.__class__.__name__)
+            except Exception:
+                log.exception("session %s: metrics", session.id)
         end_fields = {"bytes_from_client": c2b.bytes_in, "bytes_to_client": b2c.bytes_out}
         end_fields.update(await engine.session_ended(session, request, backend, wiring, pipeline))
         session.details["end_fields"] = end_fields
