@@ -5,10 +5,11 @@ Any number of sinks at once; each gets every event, in ``seq`` order:
     {"type": "jsonl",  "path": "audit.jsonl", "fsync": "interval", "rotate_bytes": 104857600, "gzip": true}
     {"type": "syslog", "address": "siem:6514", "transport": "tls", "ca_file": "ca.pem",
      "spool_dir": "/var/lib/dbproxy/spool/siem", "on_spool_full": "fail_closed"}
+    {"type": "relp",   "address": "siem:2514", "window": 1024, "spool_dir": "/var/lib/dbproxy/spool/relp"}
     {"type": "http",   "url": "https://splunk:8088/services/collector/event", "format": "hec",
      "token_file": "hec.token", "spool_dir": "/var/lib/dbproxy/spool/hec"}
 
-Network sinks (syslog, http) all take the spool keys: ``spool_dir``
+Network sinks (syslog, relp, http) all take the spool keys: ``spool_dir``
 (required), ``spool_max_bytes``, ``on_spool_full`` (``fail_closed`` |
 ``drop_oldest``), ``batch_max_events``, ``batch_max_bytes``,
 ``retry_initial_seconds``, ``retry_max_seconds``, ``shutdown_flush_seconds``,
@@ -53,12 +54,30 @@ def build_sink(cfg: SinkConfig):
             extra["confirm_timeout"] = p["confirm_timeout_seconds"]
         if "connect_timeout_seconds" in p:
             extra["connect_timeout"] = p["connect_timeout_seconds"]
+        if "confirm" in p:
+            extra["confirm"] = p["confirm"]
         return SyslogSink(
             host=p["host"],
             port=p["port"],
             transport=p["transport"],
             formatter=Rfc5424Formatter(**fmt),
             ssl_context=_tls_context(p) if p["transport"] == "tls" else None,
+            server_name=p.get("server_name"),
+            **extra,
+            **_spool_kw(cfg),
+        )
+    if cfg.type == "relp":
+        from .relp import RelpSink
+        from .syslog import Rfc5424Formatter
+
+        fmt = {k: p[k] for k in ("facility", "app_name", "hostname", "sd_id", "utf8_bom") if k in p}
+        fmt["body"] = p.get("body", "json")
+        extra = {key: p[name] for key, name in (("window", "window"), ("ack_timeout", "ack_timeout_seconds"), ("connect_timeout", "connect_timeout_seconds")) if name in p}
+        return RelpSink(
+            host=p["host"],
+            port=p["port"],
+            formatter=Rfc5424Formatter(**fmt),
+            ssl_context=_tls_context(p) if p.get("tls") else None,
             server_name=p.get("server_name"),
             **extra,
             **_spool_kw(cfg),

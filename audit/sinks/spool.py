@@ -325,15 +325,18 @@ class Spool:
                     yield f, length, seq, pos
                     f.seek(pos.offset)
 
-    def read(self, max_events: int, max_bytes: int) -> list[tuple[int, bytes, Position]]:
+    def read(self, max_events: int, max_bytes: int, after: Position | None = None) -> list[tuple[int, bytes, Position]]:
         """Undelivered records from the cursor — at least one if any, then up to *max_events* /
-        *max_bytes* — as (seq, payload, position after it); ``commit`` takes such a position."""
+        *max_bytes* — as (seq, payload, position after it); ``commit`` takes such a position.
+        ``after``: start there instead (a pipelining sender reads past batches still in flight);
+        never before the cursor, which drop-oldest may have moved past it."""
         with self._lock:
             out: list[tuple[int, bytes, Position]] = []
             budget = max_bytes
             if max_events <= 0:
                 return out
-            for f, length, seq, pos in self._records(self.cursor):
+            start = self.cursor if after is None or after < self.cursor else after
+            for f, length, seq, pos in self._records(start):
                 rec = HEADER.size + length
                 if out and rec > budget:
                     break

@@ -79,12 +79,16 @@ class SinkStatistics:
     dropped: int
     blocked: bool
     failing: bool
+    in_flight: int = 0  # batches sent and not yet confirmed (pipelined sinks)
 
 
 class SpooledSink:
-    """Subclasses set ``kind`` and implement ``encode(event) -> bytes`` and ``deliver(payloads)``."""
+    """Subclasses set ``kind`` and implement ``encode(event) -> bytes`` and either
+    ``deliver(payloads)`` (one batch at a time) or, with ``pipelined`` true,
+    ``submit``/``confirm`` (several batches in flight, see ``_run_pipelined``)."""
 
     kind = "network"
+    pipelined = False
 
     def __init__(
         self,
@@ -119,6 +123,9 @@ class SpooledSink:
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._overflow_lock = trio.Lock()  # the drain task and the sender both move overflow to disk
+        self.max_in_flight = 1  # pipelined sinks: batches submitted and not yet confirmed
+        self._in_flight = 0
+        self._backoff = retry_initial_seconds
 
     # -- subclass interface ------------------------------------------------------
     def encode(self, event: dict, line: bytes | None = None) -> bytes:
@@ -127,6 +134,17 @@ class SpooledSink:
         return line.rstrip(b"\n") if line is not None else orjson.dumps(event)
 
     async def deliver(self, payloads: list[bytes]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def submit(self, payloads: list[bytes], nursery: trio.Nursery) -> Any:  # pragma: no cover - interface
+        """Pipelined sinks: put the batch on its way, in spool order, and return a ticket for
+        ``confirm``; may wait for room in the sink's window.  Tasks it starts go in *nursery*
+        (cancelled when a delivery fails)."""
+        raise NotImplementedError
+
+    async def confirm(self, ticket: Any) -> None:  # pragma: no cover - interface
+        """Pipelined sinks: return once the receiver has taken the batch; else raise
+        ``DeliveryFailed`` (``delivered`` = its leading records that did get through)."""
         raise NotImplementedError
 
     async def disconnect(self) -> None:
@@ -193,14 +211,17 @@ class SpooledSink:
     def statistics(self) -> SinkStatistics:
         s = self.spool.statistics()
         return SinkStatistics(
-            self.name, self.delivered, s.pending_events, s.pending_bytes, len(self._overflow), s.dropped, self.blocked, self.failing
+            self.name, self.delivered, s.pending_events, s.pending_bytes, len(self._overflow), s.dropped, self.blocked, self.failing,
+            self._in_flight,
         )
 
     # -- the sender task -----------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        backoff = self.retry_initial
+        self._backoff = self.retry_initial
         try:
+            if self.pipelined:
+                await self._run_pipelined()
             while True:
                 self._wakeup = trio.Event()
                 records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes)
@@ -213,42 +234,107 @@ class SpooledSink:
                     if self.batch_linger:
                         await trio.sleep(self.batch_linger)  # let a batch gather behind the first event
                     continue
-                self._idle = trio.Event()
+                if self._idle.is_set():  # not a fresh one wait_idle may be waiting on
+                    self._idle = trio.Event()
                 try:
                     await self.deliver([payload for _, payload, _ in records])
                 except Exception as exc:  # noqa: BLE001 - a sender bug must not take the recorder down
-                    if not isinstance(exc, DeliveryFailed):
-                        log.exception("audit sink %s: unexpected error while delivering", self.name)
-                        exc = DeliveryFailed(f"internal error: {exc.__class__.__name__}")
-                    await self.disconnect()
-                    if exc.delivered:
-                        await trio.to_thread.run_sync(self.spool.commit, records[exc.delivered - 1][2])
-                        self.delivered += exc.delivered
-                    if not self.failing:
-                        log.warning(
-                            "audit sink %s: delivery failed (%s); %d events kept in the spool, retrying",
-                            self.name,
-                            exc,
-                            self.spool.pending_events,
-                        )
-                    else:
-                        log.debug("audit sink %s: still failing: %s", self.name, exc)
-                    self.failing = True
-                    delay = backoff if exc.retry_after is None else min(max(exc.retry_after, backoff), self.retry_max)
-                    await trio.sleep(delay * random.uniform(0.8, 1.2))
-                    backoff = min(backoff * 2, self.retry_max)
+                    await self._failed(exc, records)
                     continue
-                if self.failing:
-                    log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
-                    self.failing = False
-                backoff = self.retry_initial
-                await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
-                self.delivered += len(records)
-                if self._overflow:
-                    await self._move_overflow()
+                await self._committed(records)
         finally:
             with trio.CancelScope(shield=True):
                 await self.disconnect()
+
+    async def _committed(self, records: list) -> None:
+        if self.failing:
+            log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
+            self.failing = False
+        self._backoff = self.retry_initial
+        await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
+        self.delivered += len(records)
+        if self._overflow:
+            await self._move_overflow()
+
+    async def _failed(self, exc: Exception, records: list | None) -> None:
+        """After a failed delivery: commit what did get through, log, back off (exponential, jittered)."""
+        if not isinstance(exc, DeliveryFailed):
+            log.exception("audit sink %s: unexpected error while delivering", self.name, exc_info=exc)
+            exc = DeliveryFailed(f"internal error: {exc.__class__.__name__}")
+        await self.disconnect()
+        if exc.delivered and records:
+            await trio.to_thread.run_sync(self.spool.commit, records[exc.delivered - 1][2])
+            self.delivered += exc.delivered
+        if not self.failing:
+            log.warning(
+                "audit sink %s: delivery failed (%s); %d events kept in the spool, retrying",
+                self.name,
+                exc,
+                self.spool.pending_events,
+            )
+        else:
+            log.debug("audit sink %s: still failing: %s", self.name, exc)
+        self.failing = True
+        delay = self._backoff if exc.retry_after is None else min(max(exc.retry_after, self._backoff), self.retry_max)
+        await trio.sleep(delay * random.uniform(0.8, 1.2))
+        self._backoff = min(self._backoff * 2, self.retry_max)
+
+    # -- the pipelined sender -------------------------------------------------------
+    async def _run_pipelined(self) -> None:
+        """Several batches in flight: a reader submits batches in spool order (``submit``, which
+        waits for room in the sink's window), a committer confirms them in the same order and
+        moves the spool cursor.  A failure anywhere ends the attempt: everything unconfirmed is
+        read again from the cursor and re-sent after the backoff (at-least-once)."""
+        while True:
+            failure: list[tuple[Exception, list | None]] = []
+            self._in_flight = 0
+            send, receive = trio.open_memory_channel(max(0, self.max_in_flight - 1))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipeline_committer, receive, failure, nursery.cancel_scope)
+                try:
+                    await self._pipeline_reader(send, nursery)
+                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                    failure.append((exc, None))
+                    nursery.cancel_scope.cancel()
+            if failure:
+                await self._failed(*failure[0])
+
+    async def _pipeline_reader(self, send: Any, nursery: trio.Nursery) -> None:
+        after = None
+        async with send:
+            while True:
+                self._wakeup = trio.Event()
+                records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes, after)
+                if not records:
+                    if self._overflow:
+                        await self._move_overflow()
+                        continue
+                    if self._in_flight == 0:
+                        self._idle.set()
+                    await self._wakeup.wait()
+                    if self.batch_linger:
+                        await trio.sleep(self.batch_linger)
+                    continue
+                if self._idle.is_set():  # not a fresh one wait_idle may be waiting on
+                    self._idle = trio.Event()
+                ticket = await self.submit([payload for _, payload, _ in records], nursery)
+                self._in_flight += 1
+                after = records[-1][2]
+                await send.send((ticket, records))
+
+    async def _pipeline_committer(self, receive: Any, failure: list, scope: trio.CancelScope) -> None:
+        async with receive:
+            async for ticket, records in receive:
+                try:
+                    await self.confirm(ticket)
+                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                    failure.append((exc, records))
+                    scope.cancel()
+                    return
+                self._in_flight -= 1
+                await self._committed(records)
+                if self._in_flight == 0:
+                    self._wakeup.set()  # the reader may be waiting with nothing left to confirm: idle now
 
     async def wait_idle(self) -> None:
         """Until everything written so far is delivered (used for a graceful shutdown)."""
