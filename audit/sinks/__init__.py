@@ -86,7 +86,7 @@ def build_sink(cfg: SinkConfig):
         from .http import HttpSink
 
         https = p["url"].startswith("https://")
-        extra = {"timeout_seconds": p["timeout_seconds"]} if "timeout_seconds" in p else {}
+        extra = {k: p[k] for k in ("timeout_seconds", "max_in_flight") if k in p}
         return HttpSink(
             url=p["url"],
             format=p["format"],
