@@ -205,8 +205,9 @@ class Rsyslog:
         return {"dir": str(self.dir), "ca_file": str(self.ca_file), **{f"{k}_address": self.address(k) for k in self.ports}}
 
 
-def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None) -> Rsyslog:
-    """Write a config under *base_dir* and start rsyslogd on free loopback ports."""
+def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None, ports: dict[str, int] | None = None) -> Rsyslog:
+    """Write a config under *base_dir* and start rsyslogd on free loopback ports (or on *ports*:
+    a test that pointed a sink at a port nobody listened on brings the receiver up there)."""
     rsyslogd_bin()
     d = Path(base_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -216,10 +217,12 @@ def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None) 
         ca = make_ca(certs)
     cert, key = make_cert(certs, ca, "localhost", sans=["localhost", "127.0.0.1"])
     last_error: Exception | None = None
+    wanted = dict(ports or {})
     for _ in range(3):
         ports = {"tcp": free_port(), "tls": free_port(), "udp": free_port_tcp_udp()}
         if relp_available():
             ports["relp"] = free_port()
+        ports.update(wanted)
         server = Rsyslog(dir=d, ports=ports, ca_file=Path(ca[0]))
         server.conf_file.write_text(_config(d, ports, cert, key, Path(ca[0])))
         try:
