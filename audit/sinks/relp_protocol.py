@@ -30,6 +30,7 @@ DATALEN above ``max_data`` before buffering the data.  No trio here.
 from __future__ import annotations
 
 import collections
+import re
 
 import attrs
 
@@ -41,6 +42,7 @@ MAX_DIGITS = 9
 MAX_COMMAND = 32
 DEFAULT_MAX_DATA = 128 * 1024 * 1024
 OFFERS = b"relp_version=0\nrelp_software=dbproxy\ncommands=syslog"
+_HEADER = re.compile(rb"([0-9]{1,9}) ([A-Za-z]{1,32}) ([0-9]{1,9})[ \n]")
 
 
 @attrs.frozen
@@ -61,6 +63,9 @@ class Response:
     @property
     def ok(self) -> bool:
         return self.code == 200
+
+
+_OK = Response(200, "OK")
 
 
 def encode_frame(txnr: int, command: str, data: bytes = b"") -> bytes:
@@ -121,6 +126,25 @@ class RelpDecoder:
     def next_frame(self) -> Frame | object:
         buf = self._buf
         start = self._pos
+        # Fast path: a well-formed header, matched in C; anything else goes the checking way below.
+        m = _HEADER.match(buf, start)
+        if m is not None:
+            datalen = int(m[3])
+            if datalen > self.max_data:
+                raise FrameTooLarge(datalen, self.max_data, what="RELP frame data")
+            i = m.end()
+            if datalen == 0:
+                if buf[i - 1] != 0x0A:
+                    raise RemoteProtocolError("RELP frame with DATALEN 0 not followed by its LF trailer")
+                return self._take(i, int(m[1]), m[2], b"")
+            if buf[i - 1] != 0x20:
+                raise RemoteProtocolError("RELP DATALEN not followed by SP")
+            end = i + datalen + 1
+            if len(buf) < end:
+                return NEED_DATA
+            if buf[end - 1] != 0x0A:
+                raise RemoteProtocolError(f"RELP frame trailer is {bytes(buf[end - 1:end])!r}, not LF (DATALEN {datalen} wrong?)")
+            return self._take(end, int(m[1]), m[2], bytes(buf[i : end - 1]))
         got = self._field(start, "TXNR", MAX_DIGITS, True)
         if got is None:
             return NEED_DATA
@@ -154,11 +178,17 @@ class RelpDecoder:
             if buf[end - 1] != 0x0A:
                 raise RemoteProtocolError(f"RELP frame trailer is {bytes(buf[end - 1:end])!r}, not LF (DATALEN {datalen} wrong?)")
             data = bytes(buf[i + 1 : end - 1])
+        return self._take(end, int(txnr_b), command_b, data)
+
+    def _take(self, end: int, txnr: int, command: bytes, data: bytes) -> Frame:
         self._pos = end
-        if self._pos > 65536 and self._pos * 2 > len(buf):
-            del buf[: self._pos]
+        if self._pos == len(self._buf):
+            self._buf.clear()
             self._pos = 0
-        return Frame(int(txnr_b), command_b.decode("ascii"), data)
+        elif self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        return Frame(txnr, command.decode("ascii"), data)
 
     next_message = next_frame
 
@@ -220,7 +250,8 @@ class RelpClient:
             command = self._pending.pop(frame.txnr, None)
             if command is None:
                 raise RemoteProtocolError(f"RELP rsp for txnr {frame.txnr}, which has no command outstanding")
-            rsp = parse_response(frame.data)
+            # The common answer, without building a Response for each of thousands a second.
+            rsp = _OK if frame.data == b"200 OK" else parse_response(frame.data)
             if not rsp.ok:
                 raise RemoteProtocolError(f"RELP server refused {command} (txnr {frame.txnr}): {rsp.code} {rsp.text}")
             if command == "open":

@@ -50,6 +50,7 @@ lost without a trace — use it only where that is acceptable.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import socket
 import ssl
@@ -82,12 +83,16 @@ UDP_MAX = 65507
 CONFIRM_MODES = ("close", "none")
 
 
+# Memoised: the header fields and SD-NAMEs are a handful of distinct strings (host, app, event
+# codes, field names), and cleaning them char by char per event cost more than the rest of format().
+@functools.lru_cache(maxsize=4096)
 def _printusascii(text: str, limit: int) -> str:
     """RFC 5424 §6 header fields: PRINTUSASCII (33-126) only, at most *limit* characters."""
     out = "".join(c if 33 <= ord(c) <= 126 else "_" for c in text)[:limit]
     return out or NILVALUE
 
 
+@functools.lru_cache(maxsize=4096)
 def sd_name(text: str) -> str:
     """SD-NAME (§6.3.3): 1-32 PRINTUSASCII except '=', SP, ']' and '"'."""
     out = "".join(c if 33 <= ord(c) <= 126 and c not in '="]' else "_" for c in text)[:32]
@@ -95,6 +100,8 @@ def sd_name(text: str) -> str:
 
 
 def sd_escape(value: str) -> str:
+    if "\\" not in value and '"' not in value and "]" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
