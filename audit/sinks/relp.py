@@ -64,13 +64,15 @@ class RelpSink(SpooledSink):
         formatter: Rfc5424Formatter | None = None,
         ssl_context: ssl.SSLContext | None = None,
         server_name: str | None = None,
-        window: int = 1024,
+        window: int = 4096,
         connect_timeout: float = 10.0,
         ack_timeout: float = 30.0,
         **spool_kw: Any,
     ) -> None:
-        spool_kw.setdefault("batch_max_events", 256)
-        spool_kw.setdefault("batch_max_bytes", 256 * 1024)
+        # Big batches: each costs a spool read and a cursor commit (fsync) in the worker, while
+        # the window, not the batch, decides how much is on the wire.
+        spool_kw.setdefault("batch_max_events", 1000)
+        spool_kw.setdefault("batch_max_bytes", 1024 * 1024)
         super().__init__(**spool_kw)
         self.host = host
         self.port = port

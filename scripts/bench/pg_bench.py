@@ -364,7 +364,9 @@ def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, A
 
     if kind == "relp" and not relp_available():
         raise SystemExit("--sink relp needs rsyslog's imrelp: run scripts/install/rsyslog.sh")
-    rs = start_rsyslog(base / "rsyslog")
+    # rsyslog's usual in-memory queue (acknowledges on enqueue, as a production relay with a
+    # disk-assisted queue does), not the tests' Direct queue that writes before acknowledging.
+    rs = start_rsyslog(base / "rsyslog", relp_queue="LinkedList")
     if kind == "relp":
         sink = {"type": "relp", "name": "bench-relp", "address": rs.address("relp"), **spool}
         return sink, LineCounter(rs.file("relp")), rs

@@ -87,7 +87,7 @@ template(name="siem" type="list" option.jsonf="on") {
 """
 
 
-def _config(dir: Path, ports: dict[str, int], cert: Path, key: Path, ca: Path) -> str:
+def _config(dir: Path, ports: dict[str, int], cert: Path, key: Path, ca: Path, relp_queue: str = "Direct") -> str:
     parts = [
         f'global(workDirectory="{dir / "work"}" maxMessageSize="{MAX_MESSAGE_SIZE}"',
         f'       defaultNetstreamDriverCAFile="{ca}"',
@@ -101,7 +101,7 @@ def _config(dir: Path, ports: dict[str, int], cert: Path, key: Path, ca: Path) -
     if "relp" in ports:
         parts.insert(-1, 'module(load="imrelp")')
     for name in ports:
-        queue = ' queue.type="Direct"' if name == "relp" else ""
+        queue = f' queue.type="{relp_queue}"' if name == "relp" else ""
         parts.append(
             f'ruleset(name="{name}"{queue}) {{ action(type="omfile" file="{dir / (name + ".jsonl")}" template="siem" '
             f'flushOnTXEnd="on" asyncWriting="off") }}'
@@ -205,9 +205,13 @@ class Rsyslog:
         return {"dir": str(self.dir), "ca_file": str(self.ca_file), **{f"{k}_address": self.address(k) for k in self.ports}}
 
 
-def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None, ports: dict[str, int] | None = None) -> Rsyslog:
+def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None, ports: dict[str, int] | None = None,
+                  relp_queue: str = "Direct") -> Rsyslog:
     """Write a config under *base_dir* and start rsyslogd on free loopback ports (or on *ports*:
-    a test that pointed a sink at a port nobody listened on brings the receiver up there)."""
+    a test that pointed a sink at a port nobody listened on brings the receiver up there).
+    ``relp_queue``: the RELP ruleset's queue type; ``Direct`` acknowledges only written
+    messages, ``LinkedList`` (rsyslog's usual in-memory queue) on enqueue, as a production
+    SIEM relay would (with a disk-assisted queue) — the benchmark uses that."""
     rsyslogd_bin()
     d = Path(base_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,7 @@ def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None, 
             ports["relp"] = free_port()
         ports.update(wanted)
         server = Rsyslog(dir=d, ports=ports, ca_file=Path(ca[0]))
-        server.conf_file.write_text(_config(d, ports, cert, key, Path(ca[0])))
+        server.conf_file.write_text(_config(d, ports, cert, key, Path(ca[0]), relp_queue))
         try:
             server.start()
             return server
