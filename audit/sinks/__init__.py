@@ -77,8 +77,6 @@ def build_sink(cfg: SinkConfig):
             host=p["host"],
             port=p["port"],
             formatter=Rfc5424Formatter(**fmt),
-            ssl_context=_tls_context(p) if p.get("tls") else None,
-            server_name=p.get("server_name"),
             **extra,
             **_spool_kw(cfg),
         )

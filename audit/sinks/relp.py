@@ -15,6 +15,10 @@ the usual backoff.  Frames the server took but whose ``200`` was lost arrive
 twice: RELP is at-least-once, and the event's ``seq`` (in the SD and in the
 JSON body) lets a reader drop the repeats.
 
+TLS: ``ssl_context`` wraps the connection in TLS, but imrelp's TLS (librelp
+over GnuTLS) refused the handshake with the test CA's certificates in the
+time this was written, so it is untested and the config does not offer it.
+
 What a ``200`` means is the receiver's business: rsyslog answers once the
 message is in its queue; a ruleset with ``queue.type="Direct"`` answers only
 after the actions ran (the test peer does that, so an acknowledged event is
