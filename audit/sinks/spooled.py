@@ -37,6 +37,7 @@ from .spool import Dropped, Spool
 log = logging.getLogger("dbproxy.audit.sink")
 
 ON_FULL = ("fail_closed", "drop_oldest")
+COMMIT_EVERY = 0.2  # seconds: pipelined sinks commit confirmed batches together at least this often
 
 
 class DeliveryFailed(Exception):
@@ -246,13 +247,14 @@ class SpooledSink:
             with trio.CancelScope(shield=True):
                 await self.disconnect()
 
-    async def _committed(self, records: list) -> None:
+    async def _committed(self, records: list, count: int | None = None) -> None:
+        """*records* (the last batch of *count* events) are delivered: move the cursor past them."""
         if self.failing:
             log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
             self.failing = False
         self._backoff = self.retry_initial
         await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
-        self.delivered += len(records)
+        self.delivered += len(records) if count is None else count
         if self._overflow:
             await self._move_overflow()
 
@@ -323,16 +325,30 @@ class SpooledSink:
                 await send.send((ticket, records))
 
     async def _pipeline_committer(self, receive: Any, failure: list, scope: trio.CancelScope) -> None:
+        # A commit is a cursor write with two fsyncs: at thousands of events a second, one per batch
+        # would fall behind the acknowledgements and the spool would fill with delivered events.
+        # So confirmed batches are committed together: when nothing more is waiting to be
+        # confirmed, or COMMIT_EVERY seconds after the last commit.
+        confirmed: list | None = None
+        count = 0
+        last_commit = trio.current_time()
         async with receive:
             async for ticket, records in receive:
                 try:
                     await self.confirm(ticket)
                 except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                    if confirmed is not None:
+                        with trio.CancelScope(shield=True):
+                            await self._committed(confirmed, count)
                     failure.append((exc, records))
                     scope.cancel()
                     return
                 self._in_flight -= 1
-                await self._committed(records)
+                confirmed, count = records, count + len(records)
+                now = trio.current_time()
+                if receive.statistics().current_buffer_used == 0 or now - last_commit >= COMMIT_EVERY:
+                    await self._committed(confirmed, count)
+                    confirmed, count, last_commit = None, 0, now
                 if self._in_flight == 0:
                     self._wakeup.set()  # the reader may be waiting with nothing left to confirm: idle now
 
