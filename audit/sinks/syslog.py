@@ -201,7 +201,11 @@ class SyslogSink(SpooledSink):
         self.server_name = server_name or host
         self.confirm_timeout = confirm_timeout
         self.connect_timeout = connect_timeout
-        self.confirm = confirm
+        self.confirm_mode = confirm
+        # Streaming: through the pipelined sender, so spool reads overlap the sends and the
+        # cursor commits (fsyncs) are coalesced; "delivered" is "in the kernel's send buffer".
+        self.pipelined = confirm == "none" and transport != "udp"
+        self.max_in_flight = 16
         self._stream: Any = None
         self._raw: socket.socket | None = None
         self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO] | None = None
@@ -265,7 +269,7 @@ class SyslogSink(SpooledSink):
         if self.transport == "udp":
             await self._deliver_udp(payloads)
             return
-        if self.confirm == "none":
+        if self.confirm_mode == "none":
             await self._deliver_streaming(payloads)
             return
         await self._connect()
@@ -295,6 +299,12 @@ class SyslogSink(SpooledSink):
             return False
         except OSError:
             return True
+
+    async def submit(self, payloads: list[bytes], nursery: Any) -> None:
+        await self._deliver_streaming(payloads)
+
+    async def confirm(self, ticket: Any) -> None:
+        """Nothing to wait for: RFC 6587 has no acknowledgement (see the module doc)."""
 
     async def _deliver_streaming(self, payloads: list[bytes]) -> None:
         """``confirm: "none"``: the batch onto the kept connection; delivered once the kernel took it."""

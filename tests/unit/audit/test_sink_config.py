@@ -127,10 +127,10 @@ def test_relp_sink_and_shipping_options(tmp_path):
     relp, syslog, http = (build_sink(s) for s in cfg.audit.sinks)
     assert isinstance(relp, RelpSink) and (relp.host, relp.port, relp.window, relp.ack_timeout) == ("127.0.0.1", 2514, 512, 5)
     assert relp.formatter.facility == 19 and relp.ssl_context is None and relp.name == "rs"
-    assert isinstance(syslog, SyslogSink) and syslog.confirm == "none"
+    assert isinstance(syslog, SyslogSink) and syslog.confirm_mode == "none"
     assert isinstance(http, HttpSink) and http.max_in_flight == 4
     default = build_sink(load_config(config_with(tmp_path, [{"type": "syslog", "address": "h:514", "spool_dir": "s2"}]), default_registry()).audit.sinks[0])
-    assert default.confirm == "close"  # per-batch connections stay the default: the only confirmed mode
+    assert default.confirm_mode == "close"  # per-batch connections stay the default: the only confirmed mode
     (tmp_path / "ca.pem").write_text("not checked here")
     errs = "\n".join(
         errors_of(
