@@ -10,6 +10,15 @@ records after an exponential backoff with jitter — so events reach the SIEM
 in ``seq`` order, after a SIEM outage and after a proxy restart alike (the
 spool on disk is replayed first, because it *is* the queue).
 
+Pipelined sinks (``pipelined = True``: RELP, syslog with ``confirm: "none"``,
+HTTP) keep several batches in flight instead: a reader task reads past the
+batches not yet confirmed and ``submit``s them in order, a committer task
+``confirm``s them in the same order and commits the cursor — coalesced, when
+nothing more awaits confirmation or every ``COMMIT_EVERY`` seconds, because
+a commit is two fsyncs and one per batch fell behind the acknowledgements.
+A failure ends the attempt; after the backoff everything unconfirmed is read
+again from the cursor and re-sent (at-least-once; repeats carry their ``seq``).
+
 When the spool is full the sink follows its ``on_full`` policy:
 
 * ``fail_closed`` — append the prefix that fits and keep the rest in memory
