@@ -6,7 +6,8 @@ Strategy (a write-ahead log in the Kafka/journald shape, kept small):
   directory.  A record is a 48-byte header — payload length (u32), CRC-32C
   (u32) over the rest, the event's ``seq`` (u64) and ``hash`` (32 raw bytes)
   — then the payload: the exact bytes the sink will put on the wire for that
-  event.  Each ``append`` is one ``write`` plus ``fdatasync``: once
+  event.  Each ``append`` is one ``write`` plus ``fdatasync`` (outside the
+  lock, so reads and commits do not wait for the disk): once
   ``write_batch`` returns, the batch survives SIGKILL and power loss.
 * The **cursor** (``cursor.json``: segment, offset) marks everything before
   it as delivered.  The sender reads from the cursor, delivers, then
@@ -211,14 +212,17 @@ class Spool:
         last = max(self._sizes)
         if self._sizes[last] >= self.segment_bytes:
             last += 1
+            os.fdatasync(self._append_file.fileno())  # the caller syncs only the newest segment
             self._append_file.close()
             self._append_file = open(self._path(last), "ab", buffering=0)
             _fsync_dir(self.directory)
             self._sizes[last] = 0
             self._counts[last] = 0
         data = b"".join(encode_record(seq, h, payload) for seq, h, payload in records)
+        # Not synced here: the caller fdatasyncs after releasing the lock, so the sender's reads
+        # and commits do not queue behind the disk (only the drain task appends, one batch at a
+        # time, and it returns only after the sync).
         self._append_file.write(data)
-        os.fdatasync(self._append_file.fileno())
         self._sizes[last] += len(data)
         self._counts[last] += len(records)
         seq, h, _ = records[-1]
@@ -241,7 +245,10 @@ class Spool:
                 n += 1
             if n:
                 self._write(records[:n])
-            return n
+            f = self._append_file
+        if n:
+            os.fdatasync(f.fileno())
+        return n
 
     def append_dropping(self, records: list[tuple[int, str, bytes]]) -> Dropped | None:
         """Append all of *records*, first dropping the oldest undelivered ones as needed to stay bounded."""
@@ -266,10 +273,12 @@ class Spool:
                     dropped_last = last_seq if dropped_last is None else max(last_seq, dropped_last)
             if records:
                 self._write(records)
-            if not count:
-                return None
-            self.dropped += count
-            return Dropped(count, dropped_first, dropped_last)
+            f = self._append_file
+            if count:
+                self.dropped += count
+        if records:
+            os.fdatasync(f.fileno())
+        return Dropped(count, dropped_first, dropped_last) if count else None
 
     def make_room(self, nbytes: int) -> Dropped | None:
         """Drop the oldest undelivered records until *nbytes* more fit (drop-oldest)."""
