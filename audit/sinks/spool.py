@@ -106,6 +106,7 @@ class Spool:
         self.segment_bytes = segment_bytes or max(64 * 1024, min(16 * 1024 * 1024, max_bytes // 8))
         self.dropped = 0
         self._lock = threading.Lock()
+        self._cursor_lock = threading.Lock()  # the cursor file's writers (commit writes it outside _lock)
         os.makedirs(directory, exist_ok=True)
         self._lock_fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -356,7 +357,11 @@ class Spool:
             return out
 
     def commit(self, pos: Position) -> None:
-        """Mark everything before *pos* delivered (never moves the cursor backwards)."""
+        """Mark everything before *pos* delivered (never moves the cursor backwards).
+
+        The cursor moves in memory under the lock; its file is written and fsync'd outside it
+        (under ``_cursor_lock``), so appends and reads do not wait for those two fsyncs; segments
+        are deleted only once a persisted cursor is past them."""
         with self._lock:
             if pos <= self.cursor:
                 return  # drop_oldest already moved past it
@@ -368,7 +373,12 @@ class Spool:
                 if cur.segment >= pos.segment or nxt is None:
                     break
                 cur = Position(nxt, 0)
-            self._set_cursor(pos)
+            self.cursor = self._skip_delivered(pos)
+        with self._cursor_lock:
+            persisted = self.cursor  # the newest in memory (it only grows), perhaps past *pos*
+            self._write_cursor(persisted)
+        with self._lock:
+            self._delete_before(persisted.segment)
 
     def _count_between(self, n: int, start: int, end: int) -> int:
         if end <= start:
@@ -383,11 +393,15 @@ class Spool:
             count += 1
         return count
 
-    def _set_cursor(self, pos: Position) -> None:
+    def _skip_delivered(self, pos: Position) -> Position:
         newest = max(self._sizes)
         # A fully delivered segment that is not the newest is done with.
         while pos.segment < newest and pos.offset >= self._sizes[pos.segment]:
             pos = Position(self._next_segment(pos.segment), 0)
+        return pos
+
+    def _write_cursor(self, pos: Position) -> None:
+        """Replace the cursor file atomically (caller holds ``_cursor_lock``)."""
         tmp = os.path.join(self.directory, CURSOR + ".tmp")
         with open(tmp, "wb") as f:
             f.write(orjson.dumps({"segment": pos.segment, "offset": pos.offset}))
@@ -395,14 +409,24 @@ class Spool:
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.directory, CURSOR))
         _fsync_dir(self.directory)
-        self.cursor = pos
-        for n in [n for n in self._sizes if n < pos.segment]:
+
+    def _delete_before(self, segment: int) -> None:
+        """Delete the segments wholly behind a persisted cursor (caller holds the lock)."""
+        for n in [n for n in self._sizes if n < segment]:
             try:
                 os.unlink(self._path(n))
             except FileNotFoundError:
                 pass
             del self._sizes[n]
             del self._counts[n]
+
+    def _set_cursor(self, pos: Position) -> None:
+        """Move and persist the cursor at once (caller holds the lock: drop-oldest)."""
+        pos = self._skip_delivered(pos)
+        self.cursor = max(pos, self.cursor)
+        with self._cursor_lock:
+            self._write_cursor(self.cursor)
+        self._delete_before(self.cursor.segment)
 
     def close(self) -> None:
         with self._lock:
