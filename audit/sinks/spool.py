@@ -339,20 +339,50 @@ class Spool:
         """Undelivered records from the cursor — at least one if any, then up to *max_events* /
         *max_bytes* — as (seq, payload, position after it); ``commit`` takes such a position.
         ``after``: start there instead (a pipelining sender reads past batches still in flight);
-        never before the cursor, which drop-oldest may have moved past it."""
+        never before the cursor, which drop-oldest may have moved past it.
+
+        One ``read`` call per segment, parsed in memory: this runs in a worker thread, and a
+        call per record would give up the GIL a thousand times a batch — each time waiting up
+        to the switch interval behind the audit worker's busy event loop."""
         with self._lock:
             out: list[tuple[int, bytes, Position]] = []
             budget = max_bytes
             if max_events <= 0:
                 return out
-            start = self.cursor if after is None or after < self.cursor else after
-            for f, length, seq, pos in self._records(start):
-                rec = HEADER.size + length
-                if out and rec > budget:
-                    break
-                budget -= rec
-                out.append((seq, f.read(length), pos))
-                if len(out) >= max_events:
+            pos = self.cursor if after is None or after < self.cursor else after
+            while len(out) < max_events:
+                size = self._sizes.get(pos.segment, 0)
+                if pos.offset >= size:
+                    nxt = self._next_segment(pos.segment)
+                    if nxt is None:
+                        break
+                    pos = Position(nxt, 0)
+                    continue
+                with open(self._path(pos.segment), "rb") as f:
+                    f.seek(pos.offset)
+                    chunk = f.read(min(size - pos.offset, max(budget, 0) + HEADER.size))
+                    off = 0
+                    full = False
+                    while len(out) < max_events and off + HEADER.size <= len(chunk):
+                        length, _, seq, _ = HEADER.unpack_from(chunk, off)
+                        rec = HEADER.size + length
+                        if out and rec > budget:
+                            full = True
+                            break
+                        if off + rec > len(chunk):
+                            if out:
+                                full = True
+                                break
+                            # The first record, larger than the budget: read it whole.
+                            f.seek(pos.offset + off + HEADER.size)
+                            payload = f.read(length)
+                        else:
+                            payload = chunk[off + HEADER.size : off + rec]
+                        off += rec
+                        budget -= rec
+                        out.append((seq, payload, Position(pos.segment, pos.offset + off)))
+                pos = Position(pos.segment, pos.offset + off)
+                if full or budget <= 0 or (off == 0 and pos.offset < size):
                     break
             return out
 
