@@ -1,4 +1,4 @@
-"""Validation of the config's ``audit`` section: the sinks (jsonl, syslog, http) and
+"""Validation of the config's ``audit`` section: the sinks (jsonl, syslog, relp, http) and
 their spools, each problem named by file, JSON path and expectation (see
 ``dbproxy.validate``, whose ``Validator`` these functions take as ``v``).  Building the
 sinks from the result is ``audit.sinks.build_sink``'s job.
@@ -12,7 +12,7 @@ from typing import Any
 from .configtypes import SecretRef, SinkConfig
 from .validate import join
 
-SINK_TYPES = ("jsonl", "syslog", "http", "pg_table", "kafka")
+SINK_TYPES = ("jsonl", "syslog", "relp", "http", "pg_table", "kafka")
 # Keys allowed directly under "audit" in a config file.
 AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
 
@@ -32,8 +32,14 @@ SPOOL_KEYS = {
 TLS_KEYS = {"ca_file", "server_name", "cert_file", "key_file"}
 SYSLOG_KEYS = {
     "address", "transport", "facility", "app_name", "hostname", "format", "sd_id", "utf8_bom",
-    "confirm_timeout_seconds", "connect_timeout_seconds",
+    "confirm_timeout_seconds", "connect_timeout_seconds", "confirm",
 } | TLS_KEYS
+# No TLS yet: the client side exists (RelpSink(ssl_context=...)) but has not been checked
+# against imrelp's TLS (librelp/GnuTLS), so the config does not offer it.
+RELP_KEYS = {
+    "address", "facility", "app_name", "hostname", "format", "sd_id", "utf8_bom",
+    "window", "ack_timeout_seconds", "connect_timeout_seconds",
+}
 POSTGRES_KEYS = {"dsn_file", "dsn_env", "table", "chain", "connect_timeout_seconds"}
 KAFKA_KEYS = {
     "bootstrap_servers", "topic", "key", "chain", "compression", "delivery_timeout_seconds", "security_protocol",
@@ -41,7 +47,7 @@ KAFKA_KEYS = {
 }
 HTTP_KEYS = {
     "url", "format", "token_file", "token_env", "gzip", "headers", "timeout_seconds",
-    "index", "source", "sourcetype", "host",
+    "index", "source", "sourcetype", "host", "max_in_flight",
 } | TLS_KEYS
 
 
@@ -64,6 +70,9 @@ def validate_sink(v: Any, item: Any, path: str, index: int) -> SinkConfig | None
     if stype == "syslog":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | SYSLOG_KEYS, path)
         params = _syslog(v, d, path)
+    elif stype == "relp":
+        v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | RELP_KEYS, path)
+        params = _relp(v, d, path)
     elif stype == "pg_table":
         v.unknown_keys(d, COMMON_KEYS | SPOOL_KEYS | POSTGRES_KEYS, path)
         params = _postgres(v, d, path)
@@ -139,6 +148,31 @@ def _syslog(v: Any, d: dict, path: str) -> dict:
     if transport != "tls" and tls:
         v.err(path, f"no TLS keys ({', '.join(sorted(tls))}) with transport {transport!r}")
     params.update(tls)
+    confirm = v.string(d, "confirm", path, required=False, choices=("close", "none"))
+    if confirm is not None:
+        if transport == "udp":
+            v.err(join(path, "confirm"), "no \"confirm\" with transport \"udp\" (datagrams are never confirmed)")
+        params["confirm"] = confirm
+    _message_format(v, d, path, params)
+    _bounded(params, v.number, d, path, (("confirm_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)))
+    return params
+
+
+def _relp(v: Any, d: dict, path: str) -> dict:
+    params: dict = {}
+    addr = v.address(d, "address", path)
+    if addr is not None:
+        params["host"], params["port"] = addr
+    _message_format(v, d, path, params)
+    _bounded(params, v.integer, d, path, (("window", 1),))
+    if params.get("window", 0) > 65536:
+        v.err(join(path, "window"), f"at most 65536 unacknowledged frames, got {params['window']}")
+    _bounded(params, v.number, d, path, (("ack_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)))
+    return params
+
+
+def _message_format(v: Any, d: dict, path: str, params: dict) -> None:
+    """The RFC 5424 message keys syslog and relp share."""
     if "facility" in d:
         from dbproxy.audit.sinks.syslog import FACILITIES
 
@@ -155,8 +189,6 @@ def _syslog(v: Any, d: dict, path: str) -> dict:
             params[key] = value
     params["body"] = v.string(d, "format", path, required=False, choices=("json", "structured")) or "json"
     params["utf8_bom"] = v.boolean(d, "utf8_bom", path)
-    _bounded(params, v.number, d, path, (("confirm_timeout_seconds", 0.1), ("connect_timeout_seconds", 0.1)))
-    return params
 
 
 def _http(v: Any, d: dict, path: str) -> dict:
@@ -193,6 +225,9 @@ def _http(v: Any, d: dict, path: str) -> dict:
     value = v.number(d, "timeout_seconds", path, minimum=0.1)
     if value is not None:
         params["timeout_seconds"] = value
+    _bounded(params, v.integer, d, path, (("max_in_flight", 1),))
+    if params.get("max_in_flight", 0) > 64:
+        v.err(join(path, "max_in_flight"), f"at most 64 concurrent requests, got {params['max_in_flight']}")
     hec = {k: d[k] for k in ("index", "source", "sourcetype", "host") if v.string(d, k, path, required=False)}
     if hec:
         params["hec_fields"] = hec

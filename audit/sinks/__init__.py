@@ -5,13 +5,14 @@ Any number of sinks at once; each gets every event, in ``seq`` order:
     {"type": "jsonl",  "path": "audit.jsonl", "fsync": "interval", "rotate_bytes": 104857600, "gzip": true}
     {"type": "syslog", "address": "siem:6514", "transport": "tls", "ca_file": "ca.pem",
      "spool_dir": "/var/lib/dbproxy/spool/siem", "on_spool_full": "fail_closed"}
+    {"type": "relp",   "address": "siem:2514", "window": 1024, "spool_dir": "/var/lib/dbproxy/spool/relp"}
     {"type": "http",   "url": "https://splunk:8088/services/collector/event", "format": "hec",
      "token_file": "hec.token", "spool_dir": "/var/lib/dbproxy/spool/hec"}
 
     {"type": "pg_table", "dsn_file": "audit-db.dsn", "table": "dbproxy_audit", "spool_dir": "/var/lib/dbproxy/spool/pg"}
     {"type": "kafka", "bootstrap_servers": "kafka1:9092", "topic": "dbproxy-audit", "spool_dir": "/var/lib/dbproxy/spool/kafka"}
 
-Network sinks (syslog, http, pg_table, kafka) all take the spool keys: ``spool_dir``
+Network sinks (syslog, relp, http, pg_table, kafka) all take the spool keys: ``spool_dir``
 (required), ``spool_max_bytes``, ``on_spool_full`` (``fail_closed`` |
 ``drop_oldest``), ``batch_max_events``, ``batch_max_bytes``,
 ``retry_initial_seconds``, ``retry_max_seconds``, ``shutdown_flush_seconds``,
@@ -56,6 +57,8 @@ def build_sink(cfg: SinkConfig):
             extra["confirm_timeout"] = p["confirm_timeout_seconds"]
         if "connect_timeout_seconds" in p:
             extra["connect_timeout"] = p["connect_timeout_seconds"]
+        if "confirm" in p:
+            extra["confirm"] = p["confirm"]
         return SyslogSink(
             host=p["host"],
             port=p["port"],
@@ -66,11 +69,25 @@ def build_sink(cfg: SinkConfig):
             **extra,
             **_spool_kw(cfg),
         )
+    if cfg.type == "relp":
+        from .relp import RelpSink
+        from .syslog import Rfc5424Formatter
+
+        fmt = {k: p[k] for k in ("facility", "app_name", "hostname", "sd_id", "utf8_bom") if k in p}
+        fmt["body"] = p.get("body", "json")
+        extra = {key: p[name] for key, name in (("window", "window"), ("ack_timeout", "ack_timeout_seconds"), ("connect_timeout", "connect_timeout_seconds")) if name in p}
+        return RelpSink(
+            host=p["host"],
+            port=p["port"],
+            formatter=Rfc5424Formatter(**fmt),
+            **extra,
+            **_spool_kw(cfg),
+        )
     if cfg.type == "http":
         from .http import HttpSink
 
         https = p["url"].startswith("https://")
-        extra = {"timeout_seconds": p["timeout_seconds"]} if "timeout_seconds" in p else {}
+        extra = {k: p[k] for k in ("timeout_seconds", "max_in_flight") if k in p}
         return HttpSink(
             url=p["url"],
             format=p["format"],

@@ -12,8 +12,15 @@ newlines, as both receivers accept):
 
 The body is gzip-compressed (``Content-Encoding: gzip``) unless ``gzip`` is
 false.  HTTP/1.1 is spoken with h11 (sans-IO) over a trio stream, TLS
-verified against ``ca_file`` or the system store; the connection is kept
-alive between batches.  2xx commits the batch; 408, 429 and 5xx — and any
+verified against ``ca_file`` or the system store.  Connections are kept
+alive between batches, and up to ``max_in_flight`` batches are posted at
+once, each on its own kept-alive connection from a small pool (the spooled
+base's pipelined sender: batches are read from the spool in order and the
+spool cursor moves in order, only as every earlier batch is confirmed).
+With ``max_in_flight`` 1 (the default) batches arrive in ``seq`` order; with
+more, a receiver may get a later batch before an earlier one (each event
+carries its ``seq``), and after a failure the batches behind the failed one
+are posted again, so a receiver may see those twice.  2xx commits the batch; 408, 429 and 5xx — and any
 connection error — are retried by the spooled base with exponential backoff
 (honouring ``Retry-After``); 413 splits the batch in halves; any other 4xx
 is a configuration problem (bad token, wrong URL): logged as an error and
@@ -65,9 +72,11 @@ class HttpSink(SpooledSink):
         server_name: str | None = None,
         timeout_seconds: float = 10.0,
         hec_fields: dict[str, str] | None = None,
+        max_in_flight: int = 1,
         **spool_kw: Any,
     ) -> None:
         super().__init__(**spool_kw)
+        self.max_in_flight = max_in_flight
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -89,8 +98,9 @@ class HttpSink(SpooledSink):
         fields.setdefault("source", "dbproxy")
         fields.setdefault("sourcetype", "dbproxy:audit")
         self.hec_fields = fields
-        self._stream: Any = None
-        self._conn: h11.Connection | None = None
+        self._pool: list[_Connection] = []  # idle kept-alive connections
+        self._busy: set[_Connection] = set()
+        self._slots: trio.Semaphore | None = None
 
     def encode(self, event: dict, line: bytes | None = None) -> bytes:
         raw = line.rstrip(b"\n") if line is not None else orjson.dumps(event)
@@ -100,22 +110,25 @@ class HttpSink(SpooledSink):
             return b'%b,"event":%b}' % (envelope[:-1], raw)
         return raw
 
-    # -- connection ----------------------------------------------------------------
-    async def _connect(self) -> None:
+    # -- connections ---------------------------------------------------------------
+    async def _connect(self) -> "_Connection":
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-            if self.scheme == "https":
-                stream = trio.SSLStream(stream, self.ssl_context, server_hostname=self.server_name, https_compatible=True)
-                await stream.do_handshake()
+            with trio.fail_after(self.timeout):
+                stream = await trio.open_tcp_stream(self.host, self.port)
+                if self.scheme == "https":
+                    stream = trio.SSLStream(stream, self.ssl_context, server_hostname=self.server_name, https_compatible=True)
+                    await stream.do_handshake()
+        except trio.TooSlowError:
+            raise DeliveryFailed(f"connect to {self.host}:{self.port} timed out") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise DeliveryFailed(f"connect to {self.host}:{self.port}: {reason(exc)}") from None
-        self._stream = stream
-        self._conn = h11.Connection(h11.CLIENT)
+        return _Connection(stream, h11.Connection(h11.CLIENT))
 
     async def disconnect(self) -> None:
-        stream, self._stream, self._conn = self._stream, None, None
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
+        conns, self._pool = self._pool + list(self._busy), []
+        self._busy.clear()
+        for conn in conns:
+            await trio.aclose_forcefully(conn.stream)
 
     def _headers(self, body: bytes) -> list[tuple[str, str]]:
         headers = [
@@ -133,6 +146,30 @@ class HttpSink(SpooledSink):
         return headers
 
     # -- delivery --------------------------------------------------------------------
+    pipelined = True
+
+    async def submit(self, payloads: list[bytes], nursery: trio.Nursery) -> Any:
+        if self._slots is None:
+            self._slots = trio.Semaphore(self.max_in_flight)
+        await self._slots.acquire()
+        ticket = _Ticket()
+        nursery.start_soon(self._post_task, payloads, ticket)
+        return ticket
+
+    async def _post_task(self, payloads: list[bytes], ticket: "_Ticket") -> None:
+        try:
+            await self.deliver(payloads)
+        except Exception as exc:  # noqa: BLE001 - handed to confirm, which reports it like any failure
+            ticket.error = exc
+        finally:
+            self._slots.release()
+            ticket.done.set()
+
+    async def confirm(self, ticket: Any) -> None:
+        await ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+
     async def deliver(self, payloads: list[bytes]) -> None:
         body = b"\n".join(payloads) + b"\n"
         if self.gzip:
@@ -157,24 +194,33 @@ class HttpSink(SpooledSink):
 
     async def _post(self, body: bytes) -> tuple[int, str, float | None, str]:
         for attempt in (1, 2):
-            fresh = self._conn is None
-            if fresh:
-                await self._connect()
+            fresh = not self._pool
+            conn = self._pool.pop() if self._pool else await self._connect()
+            self._busy.add(conn)
+            keep = False
             try:
                 with trio.fail_after(self.timeout):
-                    return await self._exchange(body)
+                    result, keep = await self._exchange(conn, body)
+                    return result
             except trio.TooSlowError:
                 raise DeliveryFailed(f"no answer from {self.url} within {self.timeout:.0f}s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError) as exc:
-                await self.disconnect()
                 # A kept-alive connection the server closed meanwhile: one retry on a fresh one.
                 if fresh or attempt == 2:
                     raise DeliveryFailed(f"POST {self.url}: {reason(exc)}") from None
+            finally:
+                self._busy.discard(conn)
+                if keep:
+                    self._pool.append(conn)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(conn.stream)
         raise AssertionError("unreachable")
 
-    async def _exchange(self, body: bytes) -> tuple[int, str, float | None, str]:
-        conn = self._conn
-        stream = self._stream
+    async def _exchange(self, c: "_Connection", body: bytes) -> tuple[tuple[int, str, float | None, str], bool]:
+        """One request/response; returns the answer and whether the connection can be reused."""
+        conn = c.h11
+        stream = c.stream
         data = conn.send(h11.Request(method="POST", target=self.target, headers=self._headers(body)))
         data += conn.send(h11.Data(data=body))
         data += conn.send(h11.EndOfMessage())
@@ -208,9 +254,24 @@ class HttpSink(SpooledSink):
                     retry_after = float(value)
                 except ValueError:
                     pass
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        keep = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        if keep:
             conn.start_next_cycle()
-        else:
-            await self.disconnect()
         text = b"".join(chunks).decode("utf-8", "replace").strip()
-        return response.status_code, response.reason.decode("latin-1"), retry_after, text
+        return (response.status_code, response.reason.decode("latin-1"), retry_after, text), keep
+
+
+class _Connection:
+    __slots__ = ("stream", "h11")
+
+    def __init__(self, stream: Any, conn: h11.Connection) -> None:
+        self.stream = stream
+        self.h11 = conn
+
+
+class _Ticket:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None

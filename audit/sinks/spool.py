@@ -6,7 +6,8 @@ Strategy (a write-ahead log in the Kafka/journald shape, kept small):
   directory.  A record is a 48-byte header — payload length (u32), CRC-32C
   (u32) over the rest, the event's ``seq`` (u64) and ``hash`` (32 raw bytes)
   — then the payload: the exact bytes the sink will put on the wire for that
-  event.  Each ``append`` is one ``write`` plus ``fdatasync``: once
+  event.  Each ``append`` is one ``write`` plus ``fdatasync`` (outside the
+  lock, so reads and commits do not wait for the disk): once
   ``write_batch`` returns, the batch survives SIGKILL and power loss.
 * The **cursor** (``cursor.json``: segment, offset) marks everything before
   it as delivered.  The sender reads from the cursor, delivers, then
@@ -105,6 +106,7 @@ class Spool:
         self.segment_bytes = segment_bytes or max(64 * 1024, min(16 * 1024 * 1024, max_bytes // 8))
         self.dropped = 0
         self._lock = threading.Lock()
+        self._cursor_lock = threading.Lock()  # the cursor file's writers (commit writes it outside _lock)
         os.makedirs(directory, exist_ok=True)
         self._lock_fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -211,14 +213,17 @@ class Spool:
         last = max(self._sizes)
         if self._sizes[last] >= self.segment_bytes:
             last += 1
+            os.fdatasync(self._append_file.fileno())  # the caller syncs only the newest segment
             self._append_file.close()
             self._append_file = open(self._path(last), "ab", buffering=0)
             _fsync_dir(self.directory)
             self._sizes[last] = 0
             self._counts[last] = 0
         data = b"".join(encode_record(seq, h, payload) for seq, h, payload in records)
+        # Not synced here: the caller fdatasyncs after releasing the lock, so the sender's reads
+        # and commits do not queue behind the disk (only the drain task appends, one batch at a
+        # time, and it returns only after the sync).
         self._append_file.write(data)
-        os.fdatasync(self._append_file.fileno())
         self._sizes[last] += len(data)
         self._counts[last] += len(records)
         seq, h, _ = records[-1]
@@ -241,7 +246,10 @@ class Spool:
                 n += 1
             if n:
                 self._write(records[:n])
-            return n
+            f = self._append_file
+        if n:
+            os.fdatasync(f.fileno())
+        return n
 
     def append_dropping(self, records: list[tuple[int, str, bytes]]) -> Dropped | None:
         """Append all of *records*, first dropping the oldest undelivered ones as needed to stay bounded."""
@@ -266,10 +274,12 @@ class Spool:
                     dropped_last = last_seq if dropped_last is None else max(last_seq, dropped_last)
             if records:
                 self._write(records)
-            if not count:
-                return None
-            self.dropped += count
-            return Dropped(count, dropped_first, dropped_last)
+            f = self._append_file
+            if count:
+                self.dropped += count
+        if records:
+            os.fdatasync(f.fileno())
+        return Dropped(count, dropped_first, dropped_last) if count else None
 
     def make_room(self, nbytes: int) -> Dropped | None:
         """Drop the oldest undelivered records until *nbytes* more fit (drop-oldest)."""
@@ -325,26 +335,63 @@ class Spool:
                     yield f, length, seq, pos
                     f.seek(pos.offset)
 
-    def read(self, max_events: int, max_bytes: int) -> list[tuple[int, bytes, Position]]:
+    def read(self, max_events: int, max_bytes: int, after: Position | None = None) -> list[tuple[int, bytes, Position]]:
         """Undelivered records from the cursor — at least one if any, then up to *max_events* /
-        *max_bytes* — as (seq, payload, position after it); ``commit`` takes such a position."""
+        *max_bytes* — as (seq, payload, position after it); ``commit`` takes such a position.
+        ``after``: start there instead (a pipelining sender reads past batches still in flight);
+        never before the cursor, which drop-oldest may have moved past it.
+
+        One ``read`` call per segment, parsed in memory: this runs in a worker thread, and a
+        call per record would give up the GIL a thousand times a batch — each time waiting up
+        to the switch interval behind the audit worker's busy event loop."""
         with self._lock:
             out: list[tuple[int, bytes, Position]] = []
             budget = max_bytes
             if max_events <= 0:
                 return out
-            for f, length, seq, pos in self._records(self.cursor):
-                rec = HEADER.size + length
-                if out and rec > budget:
-                    break
-                budget -= rec
-                out.append((seq, f.read(length), pos))
-                if len(out) >= max_events:
+            pos = self.cursor if after is None or after < self.cursor else after
+            while len(out) < max_events:
+                size = self._sizes.get(pos.segment, 0)
+                if pos.offset >= size:
+                    nxt = self._next_segment(pos.segment)
+                    if nxt is None:
+                        break
+                    pos = Position(nxt, 0)
+                    continue
+                with open(self._path(pos.segment), "rb") as f:
+                    f.seek(pos.offset)
+                    chunk = f.read(min(size - pos.offset, max(budget, 0) + HEADER.size))
+                    off = 0
+                    full = False
+                    while len(out) < max_events and off + HEADER.size <= len(chunk):
+                        length, _, seq, _ = HEADER.unpack_from(chunk, off)
+                        rec = HEADER.size + length
+                        if out and rec > budget:
+                            full = True
+                            break
+                        if off + rec > len(chunk):
+                            if out:
+                                full = True
+                                break
+                            # The first record, larger than the budget: read it whole.
+                            f.seek(pos.offset + off + HEADER.size)
+                            payload = f.read(length)
+                        else:
+                            payload = chunk[off + HEADER.size : off + rec]
+                        off += rec
+                        budget -= rec
+                        out.append((seq, payload, Position(pos.segment, pos.offset + off)))
+                pos = Position(pos.segment, pos.offset + off)
+                if full or budget <= 0 or (off == 0 and pos.offset < size):
                     break
             return out
 
     def commit(self, pos: Position) -> None:
-        """Mark everything before *pos* delivered (never moves the cursor backwards)."""
+        """Mark everything before *pos* delivered (never moves the cursor backwards).
+
+        The cursor moves in memory under the lock; its file is written and fsync'd outside it
+        (under ``_cursor_lock``), so appends and reads do not wait for those two fsyncs; segments
+        are deleted only once a persisted cursor is past them."""
         with self._lock:
             if pos <= self.cursor:
                 return  # drop_oldest already moved past it
@@ -356,7 +403,12 @@ class Spool:
                 if cur.segment >= pos.segment or nxt is None:
                     break
                 cur = Position(nxt, 0)
-            self._set_cursor(pos)
+            self.cursor = self._skip_delivered(pos)
+        with self._cursor_lock:
+            persisted = self.cursor  # the newest in memory (it only grows), perhaps past *pos*
+            self._write_cursor(persisted)
+        with self._lock:
+            self._delete_before(persisted.segment)
 
     def _count_between(self, n: int, start: int, end: int) -> int:
         if end <= start:
@@ -371,11 +423,15 @@ class Spool:
             count += 1
         return count
 
-    def _set_cursor(self, pos: Position) -> None:
+    def _skip_delivered(self, pos: Position) -> Position:
         newest = max(self._sizes)
         # A fully delivered segment that is not the newest is done with.
         while pos.segment < newest and pos.offset >= self._sizes[pos.segment]:
             pos = Position(self._next_segment(pos.segment), 0)
+        return pos
+
+    def _write_cursor(self, pos: Position) -> None:
+        """Replace the cursor file atomically (caller holds ``_cursor_lock``)."""
         tmp = os.path.join(self.directory, CURSOR + ".tmp")
         with open(tmp, "wb") as f:
             f.write(orjson.dumps({"segment": pos.segment, "offset": pos.offset}))
@@ -383,14 +439,24 @@ class Spool:
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.directory, CURSOR))
         _fsync_dir(self.directory)
-        self.cursor = pos
-        for n in [n for n in self._sizes if n < pos.segment]:
+
+    def _delete_before(self, segment: int) -> None:
+        """Delete the segments wholly behind a persisted cursor (caller holds the lock)."""
+        for n in [n for n in self._sizes if n < segment]:
             try:
                 os.unlink(self._path(n))
             except FileNotFoundError:
                 pass
             del self._sizes[n]
             del self._counts[n]
+
+    def _set_cursor(self, pos: Position) -> None:
+        """Move and persist the cursor at once (caller holds the lock: drop-oldest)."""
+        pos = self._skip_delivered(pos)
+        self.cursor = max(pos, self.cursor)
+        with self._cursor_lock:
+            self._write_cursor(self.cursor)
+        self._delete_before(self.cursor.segment)
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,15 @@ records after an exponential backoff with jitter — so events reach the SIEM
 in ``seq`` order, after a SIEM outage and after a proxy restart alike (the
 spool on disk is replayed first, because it *is* the queue).
 
+Pipelined sinks (``pipelined = True``: RELP, syslog with ``confirm: "none"``,
+HTTP) keep several batches in flight instead: a reader task reads past the
+batches not yet confirmed and ``submit``s them in order, a committer task
+``confirm``s them in the same order and commits the cursor — coalesced, when
+nothing more awaits confirmation or every ``COMMIT_EVERY`` seconds, because
+a commit is two fsyncs and one per batch fell behind the acknowledgements.
+A failure ends the attempt; after the backoff everything unconfirmed is read
+again from the cursor and re-sent (at-least-once; repeats carry their ``seq``).
+
 When the spool is full the sink follows its ``on_full`` policy:
 
 * ``fail_closed`` — append the prefix that fits and keep the rest in memory
@@ -37,6 +46,7 @@ from .spool import Dropped, Spool
 log = logging.getLogger("dbproxy.audit.sink")
 
 ON_FULL = ("fail_closed", "drop_oldest")
+COMMIT_EVERY = 0.2  # seconds: pipelined sinks commit confirmed batches together at least this often
 
 
 class DeliveryFailed(Exception):
@@ -83,12 +93,16 @@ class SinkStatistics:
     # Seconds the sink has had undelivered events without catching up (0: nothing pending):
     # an upper bound of the oldest pending event's age (the delivery lag).
     behind_seconds: float = 0.0
+    in_flight: int = 0  # batches sent and not yet confirmed (pipelined sinks)
 
 
 class SpooledSink:
-    """Subclasses set ``kind`` and implement ``encode(event) -> bytes`` and ``deliver(payloads)``."""
+    """Subclasses set ``kind`` and implement ``encode(event) -> bytes`` and either
+    ``deliver(payloads)`` (one batch at a time) or, with ``pipelined`` true,
+    ``submit``/``confirm`` (several batches in flight, see ``_run_pipelined``)."""
 
     kind = "network"
+    pipelined = False
 
     def __init__(
         self,
@@ -124,6 +138,9 @@ class SpooledSink:
         self._idle = trio.Event()
         self._overflow_lock = trio.Lock()  # the drain task and the sender both move overflow to disk
         self._behind_since: float | None = None  # trio time the sender last went from caught up to behind
+        self.max_in_flight = 1  # pipelined sinks: batches submitted and not yet confirmed
+        self._in_flight = 0
+        self._backoff = retry_initial_seconds
 
     # -- subclass interface ------------------------------------------------------
     def encode(self, event: dict, line: bytes | None = None) -> bytes:
@@ -132,6 +149,17 @@ class SpooledSink:
         return line.rstrip(b"\n") if line is not None else orjson.dumps(event)
 
     async def deliver(self, payloads: list[bytes]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def submit(self, payloads: list[bytes], nursery: trio.Nursery) -> Any:  # pragma: no cover - interface
+        """Pipelined sinks: put the batch on its way, in spool order, and return a ticket for
+        ``confirm``; may wait for room in the sink's window.  Tasks it starts go in *nursery*
+        (cancelled when a delivery fails)."""
+        raise NotImplementedError
+
+    async def confirm(self, ticket: Any) -> None:  # pragma: no cover - interface
+        """Pipelined sinks: return once the receiver has taken the batch; else raise
+        ``DeliveryFailed`` (``delivered`` = its leading records that did get through)."""
         raise NotImplementedError
 
     async def disconnect(self) -> None:
@@ -203,14 +231,16 @@ class SpooledSink:
         behind = 0.0 if since is None or not (s.pending_events or self._overflow) else trio.current_time() - since
         return SinkStatistics(
             self.name, self.delivered, s.pending_events, s.pending_bytes, len(self._overflow), s.dropped, self.blocked,
-            self.failing, s.max_bytes, round(behind, 3),
+            self.failing, s.max_bytes, round(behind, 3), self._in_flight,
         )
 
     # -- the sender task -----------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        backoff = self.retry_initial
+        self._backoff = self.retry_initial
         try:
+            if self.pipelined:
+                await self._run_pipelined()
             while True:
                 self._wakeup = trio.Event()
                 records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes)
@@ -231,38 +261,118 @@ class SpooledSink:
                 try:
                     await self.deliver([payload for _, payload, _ in records])
                 except Exception as exc:  # noqa: BLE001 - a sender bug must not take the recorder down
-                    if not isinstance(exc, DeliveryFailed):
-                        log.exception("audit sink %s: unexpected error while delivering", self.name)
-                        exc = DeliveryFailed(f"internal error: {exc.__class__.__name__}")
-                    await self.disconnect()
-                    if exc.delivered:
-                        await trio.to_thread.run_sync(self.spool.commit, records[exc.delivered - 1][2])
-                        self.delivered += exc.delivered
-                    if not self.failing:
-                        log.warning(
-                            "audit sink %s: delivery failed (%s); %d events kept in the spool, retrying",
-                            self.name,
-                            exc,
-                            self.spool.pending_events,
-                        )
-                    else:
-                        log.debug("audit sink %s: still failing: %s", self.name, exc)
-                    self.failing = True
-                    delay = backoff if exc.retry_after is None else min(max(exc.retry_after, backoff), self.retry_max)
-                    await trio.sleep(delay * random.uniform(0.8, 1.2))
-                    backoff = min(backoff * 2, self.retry_max)
+                    await self._failed(exc, records)
                     continue
-                if self.failing:
-                    log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
-                    self.failing = False
-                backoff = self.retry_initial
-                await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
-                self.delivered += len(records)
-                if self._overflow:
-                    await self._move_overflow()
+                await self._committed(records)
         finally:
             with trio.CancelScope(shield=True):
                 await self.disconnect()
+
+    async def _committed(self, records: list, count: int | None = None) -> None:
+        """*records* (the last batch of *count* events) are delivered: move the cursor past them."""
+        if self.failing:
+            log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
+            self.failing = False
+        self._backoff = self.retry_initial
+        await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
+        self.delivered += len(records) if count is None else count
+        if self._overflow:
+            await self._move_overflow()
+
+    async def _failed(self, exc: Exception, records: list | None) -> None:
+        """After a failed delivery: commit what did get through, log, back off (exponential, jittered)."""
+        if not isinstance(exc, DeliveryFailed):
+            log.exception("audit sink %s: unexpected error while delivering", self.name, exc_info=exc)
+            exc = DeliveryFailed(f"internal error: {exc.__class__.__name__}")
+        await self.disconnect()
+        if exc.delivered and records:
+            await trio.to_thread.run_sync(self.spool.commit, records[exc.delivered - 1][2])
+            self.delivered += exc.delivered
+        if not self.failing:
+            log.warning(
+                "audit sink %s: delivery failed (%s); %d events kept in the spool, retrying",
+                self.name,
+                exc,
+                self.spool.pending_events,
+            )
+        else:
+            log.debug("audit sink %s: still failing: %s", self.name, exc)
+        self.failing = True
+        delay = self._backoff if exc.retry_after is None else min(max(exc.retry_after, self._backoff), self.retry_max)
+        await trio.sleep(delay * random.uniform(0.8, 1.2))
+        self._backoff = min(self._backoff * 2, self.retry_max)
+
+    # -- the pipelined sender -------------------------------------------------------
+    async def _run_pipelined(self) -> None:
+        """Several batches in flight: a reader submits batches in spool order (``submit``, which
+        waits for room in the sink's window), a committer confirms them in the same order and
+        moves the spool cursor.  A failure anywhere ends the attempt: everything unconfirmed is
+        read again from the cursor and re-sent after the backoff (at-least-once)."""
+        while True:
+            failure: list[tuple[Exception, list | None]] = []
+            self._in_flight = 0
+            send, receive = trio.open_memory_channel(max(0, self.max_in_flight - 1))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipeline_committer, receive, failure, nursery.cancel_scope)
+                try:
+                    await self._pipeline_reader(send, nursery)
+                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                    failure.append((exc, None))
+                    nursery.cancel_scope.cancel()
+            if failure:
+                await self._failed(*failure[0])
+
+    async def _pipeline_reader(self, send: Any, nursery: trio.Nursery) -> None:
+        after = None
+        async with send:
+            while True:
+                self._wakeup = trio.Event()
+                records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes, after)
+                if not records:
+                    if self._overflow:
+                        await self._move_overflow()
+                        continue
+                    if self._in_flight == 0:
+                        self._behind_since = None  # caught up
+                        self._idle.set()
+                    await self._wakeup.wait()
+                    if self.batch_linger:
+                        await trio.sleep(self.batch_linger)
+                    continue
+                if self._idle.is_set():  # not a fresh one wait_idle may be waiting on
+                    self._idle = trio.Event()
+                ticket = await self.submit([payload for _, payload, _ in records], nursery)
+                self._in_flight += 1
+                after = records[-1][2]
+                await send.send((ticket, records))
+
+    async def _pipeline_committer(self, receive: Any, failure: list, scope: trio.CancelScope) -> None:
+        # A commit is a cursor write with two fsyncs: at thousands of events a second, one per batch
+        # would fall behind the acknowledgements and the spool would fill with delivered events.
+        # So confirmed batches are committed together: when nothing more is waiting to be
+        # confirmed, or COMMIT_EVERY seconds after the last commit.
+        confirmed: list | None = None
+        count = 0
+        last_commit = trio.current_time()
+        async with receive:
+            async for ticket, records in receive:
+                try:
+                    await self.confirm(ticket)
+                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                    if confirmed is not None:
+                        with trio.CancelScope(shield=True):
+                            await self._committed(confirmed, count)
+                    failure.append((exc, records))
+                    scope.cancel()
+                    return
+                self._in_flight -= 1
+                confirmed, count = records, count + len(records)
+                now = trio.current_time()
+                if receive.statistics().current_buffer_used == 0 or now - last_commit >= COMMIT_EVERY:
+                    await self._committed(confirmed, count)
+                    confirmed, count, last_commit = None, 0, now
+                if self._in_flight == 0:
+                    self._wakeup.set()  # the reader may be waiting with nothing left to confirm: idle now
 
     async def wait_idle(self) -> None:
         """Until everything written so far is delivered (used for a graceful shutdown)."""

@@ -32,6 +32,17 @@ have been, and the batch is sent again.  Checked against rsyslog stopped
 with SIGTERM mid-stream: every event arrives exactly once.  The price is a
 connect (and TLS handshake) per batch, amortised by batching.
 
+The price of that receipt is a connect (and TLS handshake) per batch.  With
+``confirm: "none"`` the sink instead keeps one connection open and streams
+batch after batch over it, committing a batch once the kernel has taken it:
+far cheaper, but RFC 6587 has no acknowledgement, so events written just
+before the receiver goes away (or while it is going away) can be lost
+without any sign.  That mode suits a local relay that is itself reliable;
+for acknowledged delivery at the proxy's peak rate use the ``relp`` sink
+(``audit/sinks/relp.py``), which pipelines over one connection and is told
+which messages arrived.  A connection the receiver closed is noticed before
+the next batch (a zero-byte peek) and replaced.
+
 UDP has no such check: a datagram sent just before the receiver went away is
 lost without a trace — use it only where that is acceptable.
 """
@@ -39,6 +50,7 @@ lost without a trace — use it only where that is acceptable.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import socket
 import ssl
@@ -68,14 +80,19 @@ DEFAULT_SD_ID = "dbproxy@32473"
 INDEX_FIELDS = ("seq", "uid", "event", "sid", "user")
 UTF8_BOM = b"\xef\xbb\xbf"
 UDP_MAX = 65507
+CONFIRM_MODES = ("close", "none")
 
 
+# Memoised: the header fields and SD-NAMEs are a handful of distinct strings (host, app, event
+# codes, field names), and cleaning them char by char per event cost more than the rest of format().
+@functools.lru_cache(maxsize=4096)
 def _printusascii(text: str, limit: int) -> str:
     """RFC 5424 §6 header fields: PRINTUSASCII (33-126) only, at most *limit* characters."""
     out = "".join(c if 33 <= ord(c) <= 126 else "_" for c in text)[:limit]
     return out or NILVALUE
 
 
+@functools.lru_cache(maxsize=4096)
 def sd_name(text: str) -> str:
     """SD-NAME (§6.3.3): 1-32 PRINTUSASCII except '=', SP, ']' and '"'."""
     out = "".join(c if 33 <= ord(c) <= 126 and c not in '="]' else "_" for c in text)[:32]
@@ -83,6 +100,8 @@ def sd_name(text: str) -> str:
 
 
 def sd_escape(value: str) -> str:
+    if "\\" not in value and '"' not in value and "]" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
@@ -166,8 +185,11 @@ class SyslogSink(SpooledSink):
         server_name: str | None = None,
         confirm_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        confirm: str = "close",
         **spool_kw: Any,
     ) -> None:
+        if confirm not in CONFIRM_MODES:
+            raise ValueError(f"confirm must be one of {CONFIRM_MODES}")
         spool_kw.setdefault("batch_max_bytes", 256 * 1024)
         spool_kw.setdefault("batch_linger_seconds", 0.02)
         super().__init__(**spool_kw)
@@ -179,6 +201,11 @@ class SyslogSink(SpooledSink):
         self.server_name = server_name or host
         self.confirm_timeout = confirm_timeout
         self.connect_timeout = connect_timeout
+        self.confirm_mode = confirm
+        # Streaming: through the pipelined sender, so spool reads overlap the sends and the
+        # cursor commits (fsyncs) are coalesced; "delivered" is "in the kernel's send buffer".
+        self.pipelined = confirm == "none" and transport != "udp"
+        self.max_in_flight = 16
         self._stream: Any = None
         self._raw: socket.socket | None = None
         self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO] | None = None
@@ -242,6 +269,9 @@ class SyslogSink(SpooledSink):
         if self.transport == "udp":
             await self._deliver_udp(payloads)
             return
+        if self.confirm_mode == "none":
+            await self._deliver_streaming(payloads)
+            return
         await self._connect()
         try:
             data = b"".join(octet_frame(p) for p in payloads)
@@ -260,6 +290,37 @@ class SyslogSink(SpooledSink):
             await self._confirm()
         finally:
             await self.disconnect()
+
+    def _peer_closed(self) -> bool:
+        """Did the receiver close (or reset) our kept connection since the last batch?"""
+        try:
+            return self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    async def submit(self, payloads: list[bytes], nursery: Any) -> None:
+        await self._deliver_streaming(payloads)
+
+    async def confirm(self, ticket: Any) -> None:
+        """Nothing to wait for: RFC 6587 has no acknowledgement (see the module doc)."""
+
+    async def _deliver_streaming(self, payloads: list[bytes]) -> None:
+        """``confirm: "none"``: the batch onto the kept connection; delivered once the kernel took it."""
+        if self._stream is not None and self._peer_closed():
+            await self.disconnect()
+        if self._stream is None:
+            await self._connect()
+        data = b"".join(octet_frame(p) for p in payloads)
+        if self._tls is not None:
+            tls, outgoing = self._tls
+            tls.write(data)
+            data = outgoing.read()
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise DeliveryFailed(f"send to {self.host}:{self.port}: {reason(exc)}") from None
 
     async def _confirm(self) -> None:
         """Half-close and wait for the receiver to close after reading everything (see the module doc)."""

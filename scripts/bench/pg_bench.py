@@ -36,6 +36,19 @@ transactions pgbench reports (one Query or Execute per ``-S`` transaction;
 pgbench's in-flight queries at the deadline count in the audit but not in
 pgbench's total, so audit ≥ transactions by at most the client count).
 
+``--sink relp|syslog|syslog-close|http`` adds a network audit sink to the
+dbproxy target (in front of the JSONL file, the proxy's ground truth): RELP
+or syslog over TCP to a private real rsyslog (``scripts.peers.rsyslog``:
+``syslog`` is the kept connection, ``confirm: "none"``; ``syslog-close`` the
+connection per batch that confirms by half-close), or HTTP NDJSON to a local
+receiver (a threaded ``http.server`` in this process, counting events;
+``--http-in-flight`` batches at once).  Every second of each run we sample
+the events the proxy recorded (JSONL lines), the events the receiver has
+(rsyslog's output file lines / the receiver's count) and the sink's spool
+backlog (bytes behind the cursor), and report delivered/recorded during the
+run (≥ 1.0: the sink keeps up), the spool's peak and its last-quarter trend,
+and how long the backlog took to drain after pgbench stopped.
+
 ``--profile py-spy`` (``pip install py-spy``) or ``--profile cprofile`` adds
 one run of ``--profile-target`` (dbproxy or the relay, to compare) under a
 profiler after the measured rounds and prints the top functions by own and
@@ -62,6 +75,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -190,7 +204,7 @@ def start_relay(workdir: Path, pg: PgServer, *, name: str = "relay", wrap: list[
 
 
 def proxy_config(workdir: Path, pg: PgServer, user: str, password: str, *,
-                 name: str = "dbproxy", durability: str | None = None) -> tuple[Path, Path]:
+                 name: str = "dbproxy", durability: str | None = None, sink: dict | None = None) -> tuple[Path, Path]:
     """Write the dbproxy config (and the backend password file); return (config, audit file)."""
     secret = workdir / "backend.secret"
     secret.write_text(password + "\n")
@@ -216,6 +230,8 @@ def proxy_config(workdir: Path, pg: PgServer, user: str, password: str, *,
     }
     if durability is not None:
         config["audit"]["durability"] = durability
+    if sink is not None:
+        config["audit"]["sinks"].insert(0, sink)
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(config, indent=2))
     return path, audit
@@ -229,6 +245,163 @@ def start_dbproxy(workdir: Path, config: Path, *, name: str = "dbproxy", wrap: l
         workdir,
         r"dbproxy: \S+ \(postgres\) listening on \S+:(\d+)",
     ).start()
+
+
+# --------------------------------------------------------------------------- network audit sinks
+
+
+class LineCounter:
+    """Newlines appended to a file since the start (rsyslog's output, the JSONL trail), read incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.lines = 0
+
+    def count(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                while chunk := f.read(8 << 20):
+                    self.lines += chunk.count(b"\n")
+                    self.offset += len(chunk)
+        except FileNotFoundError:
+            pass
+        return self.lines
+
+
+class HttpCounter:
+    """The HTTP sink's receiver: answers 200 to every POST and counts the NDJSON events in it."""
+
+    def __init__(self) -> None:
+        import gzip
+        import http.server
+        import threading
+
+        self.events = 0
+        self.requests = 0
+        self.lock = threading.Lock()
+        counter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                n = body.count(b"\n")
+                with counter.lock:
+                    counter.events += n
+                    counter.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self) -> int:
+        return self.events
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def spool_pending_bytes(spool: Path) -> int:
+    """Bytes of spooled records behind the cursor (audit/sinks/spool.py's layout)."""
+    try:
+        cursor = json.loads((spool / "cursor.json").read_bytes())
+    except (FileNotFoundError, ValueError):
+        cursor = {"segment": 0, "offset": 0}
+    total = 0
+    try:
+        names = os.listdir(spool)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith("seg-") and name.endswith(".spool"):
+            n = int(name[4:-6])
+            try:
+                size = os.path.getsize(spool / name)
+            except FileNotFoundError:
+                continue
+            if n > cursor["segment"]:
+                total += size
+            elif n == cursor["segment"]:
+                total += max(0, size - cursor["offset"])
+    return total
+
+
+@attrs.define(eq=False)
+class Delivery:
+    """Watches one network sink: recorded (JSONL lines) vs received (at the SIEM) vs spooled."""
+
+    kind: str
+    recorded: LineCounter
+    received: Any  # .count() -> int
+    spool: Path
+    receiver: Any = None  # rsyslog or HttpCounter, stopped at the end
+
+    def sample(self) -> tuple[float, int, int, int]:
+        return time.monotonic(), self.recorded.count(), self.received.count(), spool_pending_bytes(self.spool)
+
+
+def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, Any, Any]:
+    """(the sink's config, a receiver with count(), the object to stop)."""
+    spool = {"spool_dir": str(base / f"spool-{kind}")}
+    if kind == "http":
+        receiver = HttpCounter()
+        sink = {"type": "http", "name": "bench-http", "url": f"http://127.0.0.1:{receiver.port}/ingest", "format": "ndjson",
+                "max_in_flight": args.http_in_flight, **spool}
+        return sink, receiver, receiver
+    from scripts.peers.rsyslog import relp_available, start_rsyslog
+
+    if kind == "relp" and not relp_available():
+        raise SystemExit("--sink relp needs rsyslog's imrelp: run scripts/install/rsyslog.sh")
+    # rsyslog's usual in-memory queue (acknowledges on enqueue, as a production relay with a
+    # disk-assisted queue does), not the tests' Direct queue that writes before acknowledging.
+    rs = start_rsyslog(base / "rsyslog", relp_queue="LinkedList")
+    if kind == "relp":
+        sink = {"type": "relp", "name": "bench-relp", "address": rs.address("relp"), **spool}
+        return sink, LineCounter(rs.file("relp")), rs
+    confirm = "close" if kind == "syslog-close" else "none"
+    sink = {"type": "syslog", "name": f"bench-{kind}", "address": rs.address("tcp"), "transport": "tcp", "confirm": confirm, **spool}
+    return sink, LineCounter(rs.file("tcp")), rs
+
+
+def watch_delivery(delivery: Delivery, stop: Any, samples: list) -> None:
+    while not stop.wait(1.0):
+        samples.append(delivery.sample())
+
+
+def delivery_report(samples: list, after: list, drained_s: float | None) -> dict:
+    """Rates over the run; the spool's peak and whether it still grew in the run's last quarter."""
+    (t0, rec0, got0, _), (t1, rec1, got1, _) = samples[0], samples[-1]
+    recorded, delivered = rec1 - rec0, got1 - got0
+    pend = [s[3] for s in samples]
+    q = max(1, len(samples) * 3 // 4)
+    tail = samples[q - 1 :]
+    slope = (tail[-1][3] - tail[0][3]) / max(1e-9, tail[-1][0] - tail[0][0]) if len(tail) > 1 else 0.0
+    return {
+        "seconds": round(t1 - t0, 1),
+        "recorded": recorded,
+        "delivered": delivered,
+        "event_rate": recorded / max(1e-9, t1 - t0),
+        "delivery_rate": delivered / max(1e-9, t1 - t0),
+        "ratio": delivered / recorded if recorded else None,
+        "spool_peak_bytes": max(pend),
+        "spool_end_bytes": pend[-1],
+        "spool_last_quarter_bytes_per_s": slope,
+        "drain_after_s": drained_s,
+        "lag_events_end": rec1 - got1,
+        "after": after,
+    }
 
 
 # --------------------------------------------------------------------------- pgbench
@@ -246,6 +419,7 @@ class Run:
     machine_idle: float  # share of all CPUs idle during the run
     wall_s: float
     audit_queries: int | None = None
+    delivery: dict | None = None  # --sink: see delivery_report
 
     @property
     def cpu_us_per_txn(self) -> float | None:
@@ -339,15 +513,39 @@ class AuditCounter:
 
 
 def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, user: str, password: str,
-               args: argparse.Namespace, audit: AuditCounter | None = None) -> Run:
+               args: argparse.Namespace, audit: AuditCounter | None = None, delivery: Delivery | None = None) -> Run:
+    import threading
+
     cpu0 = _proc_cpu_seconds(pid) if pid else None
     idle0, total0 = _machine_times()
+    samples: list = []
+    stop = threading.Event()
+    watcher = None
+    if delivery is not None:
+        samples.append(delivery.sample())
+        watcher = threading.Thread(target=watch_delivery, args=(delivery, stop, samples), daemon=True)
+        watcher.start()
     t0 = time.monotonic()
     tps, txns, lat, conn, _ = pgbench(pg, port, user, password, args, args.duration)
     wall = time.monotonic() - t0
     idle1, total1 = _machine_times()
     cpu = _proc_cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
     run = Run(target, rnd, tps, txns, lat, conn, cpu, (idle1 - idle0) / max(1, total1 - total0), wall)
+    if watcher is not None:
+        stop.set()
+        watcher.join()
+        samples.append(delivery.sample())
+        # After the load: until the SIEM has everything the proxy recorded (or 120 s).
+        after, drained = [], None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            s = delivery.sample()
+            after.append(s)
+            if s[2] >= s[1] and s[3] == 0:
+                drained = s[0] - samples[-1][0]
+                break
+            time.sleep(0.25)
+        run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained)
     if audit is not None:
         run.audit_queries = audit.settle(txns)
     return run
@@ -523,6 +721,18 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         got = ratios["dbproxy/relay-lean"]["median"]
         p(f"        dbproxy/relay-lean >= {args.target:.2f}: {'MET' if got >= args.target else 'NOT MET'} ({got:.3f}, median;"
           " against a relay moving bytes dbproxy's way)")
+    for r in runs:
+        d = r.delivery
+        if d is None:
+            continue
+        p()
+        p(f"sink {args.sink} ({r.target} #{r.round}): {d['recorded']} events recorded in {d['seconds']} s "
+          f"({d['event_rate']:.0f}/s), {d['delivered']} delivered ({d['delivery_rate']:.0f}/s): "
+          f"delivery/event rate {d['ratio']:.3f}" if d["ratio"] is not None else f"sink {args.sink}: no events")
+        trend = d["spool_last_quarter_bytes_per_s"]
+        p(f"  spool: peak {d['spool_peak_bytes'] / 1e6:.2f} MB, at the end {d['spool_end_bytes'] / 1e6:.2f} MB, "
+          f"last quarter {trend / 1e3:+.1f} kB/s; lag at the end {d['lag_events_end']} events; "
+          + (f"drained {d['drain_after_s']:.1f} s after the load" if d["drain_after_s"] is not None else "NOT drained within 120 s"))
     if audit:
         p()
     for name, a in (audit or {}).items():
@@ -578,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dbproxy-module", default="dbproxy.cli",
                     help="entry module run as 'python -m MOD serve --config FILE' (A/B a patched build; PYTHONPATH is passed on)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, audit file, configs)")
+    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http"],
+                    help="add this network audit sink to the dbproxy target and measure its delivery")
+    ap.add_argument("--http-in-flight", type=int, default=4, help="--sink http: the sink's max_in_flight")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
@@ -609,8 +822,13 @@ def main(argv: list[str] | None = None) -> int:
             ports["relay-lean"] = (lean_relay.port, lean_relay.pid)
         counters: dict[str, AuditCounter] = {}
         config = None
+        delivery = None
+        if args.sink:
+            sink, received, receiver = start_sink(args.sink, base, args)
         if "dbproxy" in targets:
-            config, audit_path = proxy_config(base, pg, user, password)
+            config, audit_path = proxy_config(base, pg, user, password, sink=sink if args.sink else None)
+            if args.sink:
+                delivery = Delivery(args.sink, LineCounter(audit_path), received, Path(sink["spool_dir"]), receiver)
             proxy = start_dbproxy(base, config, module=args.dbproxy_module)
             ports["dbproxy"] = (proxy.port, proxy.pid)
             counters["dbproxy"] = AuditCounter(audit_path, AUDIT_EVENT[args.protocol])
@@ -627,9 +845,12 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             for target in targets:
                 port, pid = ports[target]
-                run = run_target(target, rnd, port, pid, pg, user, password, args, counters.get(target))
+                run = run_target(target, rnd, port, pid, pg, user, password, args, counters.get(target),
+                                 delivery if target == "dbproxy" else None)
                 runs.append(run)
                 extra = f", audit {run.audit_queries} queries" if run.audit_queries is not None else ""
+                if run.delivery and run.delivery["ratio"] is not None:
+                    extra += f", sink delivery/event {run.delivery['ratio']:.3f}"
                 print(f"round {rnd} {target:<10} {run.tps:10.1f} tps{extra}", file=sys.stderr, flush=True)
 
         audit = {}
@@ -684,6 +905,8 @@ def main(argv: list[str] | None = None) -> int:
         for child in (proxy, proxy_ack, relay, lean_relay):
             if child is not None:
                 child.stop()
+        if args.sink and "receiver" in locals():
+            receiver.stop()
         if bouncer is not None:
             bouncer.stop()
         if pg is not None:

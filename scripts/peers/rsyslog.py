@@ -9,6 +9,10 @@ config of our own (never /etc/rsyslog.conf) under a directory the caller owns:
            throwaway CA of ``certs.py``; clients verify it, rsyslog asks no
            client cert (``authMode="anon"``)
     udp  — imudp (RFC 5426: one message per datagram)
+    relp — imrelp (rsyslog-relp), plain TCP; its ruleset runs with
+           ``queue.type="Direct"``, so rsyslog answers a RELP frame ``200``
+           only after omfile wrote it: an acknowledged event is in the file,
+           even if rsyslog is SIGKILLed right after (``kill()``)
 
 Every message received on listener X is written by ``omfile`` to ``X.jsonl``
 as one JSON object per line (rsyslog's ``option.jsonf`` template), holding
@@ -42,7 +46,7 @@ import attrs
 from scripts.peers import free_port, free_port_tcp_udp, wait_for_interrupt, wait_for_tcp
 from scripts.peers.certs import make_ca, make_cert
 
-__all__ = ["Rsyslog", "start_rsyslog", "rsyslogd_bin"]
+__all__ = ["Rsyslog", "start_rsyslog", "rsyslogd_bin", "relp_available"]
 
 LISTENERS = ("tcp", "tls", "udp")
 MAX_MESSAGE_SIZE = "256k"
@@ -55,8 +59,16 @@ def rsyslogd_bin() -> str:
     return found
 
 
+MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/rsyslog", "/usr/lib/rsyslog", "/usr/lib/aarch64-linux-gnu/rsyslog")
+
+
 def gtls_available() -> bool:
-    return any(Path(d, "lmnsd_gtls.so").exists() for d in ("/usr/lib/x86_64-linux-gnu/rsyslog", "/usr/lib/rsyslog", "/usr/lib/aarch64-linux-gnu/rsyslog"))
+    return any(Path(d, "lmnsd_gtls.so").exists() for d in MODULE_DIRS)
+
+
+def relp_available() -> bool:
+    """imrelp comes in its own Debian package, rsyslog-relp."""
+    return any(Path(d, "imrelp.so").exists() for d in MODULE_DIRS)
 
 
 _TEMPLATE = """
@@ -75,7 +87,7 @@ template(name="siem" type="list" option.jsonf="on") {
 """
 
 
-def _config(dir: Path, ports: dict[str, int], cert: Path, key: Path, ca: Path) -> str:
+def _config(dir: Path, ports: dict[str, int], cert: Path, key: Path, ca: Path, relp_queue: str = "Direct") -> str:
     parts = [
         f'global(workDirectory="{dir / "work"}" maxMessageSize="{MAX_MESSAGE_SIZE}"',
         f'       defaultNetstreamDriverCAFile="{ca}"',
@@ -86,11 +98,16 @@ def _config(dir: Path, ports: dict[str, int], cert: Path, key: Path, ca: Path) -
         'module(load="imudp")',
         _TEMPLATE,
     ]
-    for name in LISTENERS:
+    if "relp" in ports:
+        parts.insert(-1, 'module(load="imrelp")')
+    for name in ports:
+        queue = f' queue.type="{relp_queue}"' if name == "relp" else ""
         parts.append(
-            f'ruleset(name="{name}") {{ action(type="omfile" file="{dir / (name + ".jsonl")}" template="siem" '
+            f'ruleset(name="{name}"{queue}) {{ action(type="omfile" file="{dir / (name + ".jsonl")}" template="siem" '
             f'flushOnTXEnd="on" asyncWriting="off") }}'
         )
+    if "relp" in ports:
+        parts.append(f'input(type="imrelp" port="{ports["relp"]}" address="127.0.0.1" ruleset="relp" name="relp" maxDataSize="{MAX_MESSAGE_SIZE}")')
     parts.append(f'input(type="imtcp" port="{ports["tcp"]}" address="127.0.0.1" ruleset="tcp" name="tcp")')
     parts.append(
         f'input(type="imtcp" port="{ports["tls"]}" address="127.0.0.1" ruleset="tls" name="tls" '
@@ -145,6 +162,8 @@ class Rsyslog:
         try:
             wait_for_tcp(self.host, self.ports["tcp"], timeout=timeout, proc=self._proc)
             wait_for_tcp(self.host, self.ports["tls"], timeout=timeout, proc=self._proc)
+            if "relp" in self.ports:
+                wait_for_tcp(self.host, self.ports["relp"], timeout=timeout, proc=self._proc)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"rsyslogd did not start ({exc}):\n{self.log_text()}") from None
@@ -163,6 +182,13 @@ class Rsyslog:
 
     close = stop
 
+    def kill(self) -> None:
+        """SIGKILL: no draining; only what rsyslog already wrote survives."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     def received(self, listener: str) -> list[dict]:
         """Every message rsyslog wrote for *listener* so far, as parsed by rsyslog."""
         out = []
@@ -176,11 +202,16 @@ class Rsyslog:
         return out
 
     def info(self) -> dict:
-        return {"dir": str(self.dir), "ca_file": str(self.ca_file), **{f"{k}_address": self.address(k) for k in LISTENERS}}
+        return {"dir": str(self.dir), "ca_file": str(self.ca_file), **{f"{k}_address": self.address(k) for k in self.ports}}
 
 
-def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None) -> Rsyslog:
-    """Write a config under *base_dir* and start rsyslogd on free loopback ports."""
+def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None, ports: dict[str, int] | None = None,
+                  relp_queue: str = "Direct") -> Rsyslog:
+    """Write a config under *base_dir* and start rsyslogd on free loopback ports (or on *ports*:
+    a test that pointed a sink at a port nobody listened on brings the receiver up there).
+    ``relp_queue``: the RELP ruleset's queue type; ``Direct`` acknowledges only written
+    messages, ``LinkedList`` (rsyslog's usual in-memory queue) on enqueue, as a production
+    SIEM relay would (with a disk-assisted queue) — the benchmark uses that."""
     rsyslogd_bin()
     d = Path(base_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -190,10 +221,14 @@ def start_rsyslog(base_dir: str | Path, *, ca: tuple[Path, Path] | None = None) 
         ca = make_ca(certs)
     cert, key = make_cert(certs, ca, "localhost", sans=["localhost", "127.0.0.1"])
     last_error: Exception | None = None
+    wanted = dict(ports or {})
     for _ in range(3):
         ports = {"tcp": free_port(), "tls": free_port(), "udp": free_port_tcp_udp()}
+        if relp_available():
+            ports["relp"] = free_port()
+        ports.update(wanted)
         server = Rsyslog(dir=d, ports=ports, ca_file=Path(ca[0]))
-        server.conf_file.write_text(_config(d, ports, cert, key, Path(ca[0])))
+        server.conf_file.write_text(_config(d, ports, cert, key, Path(ca[0]), relp_queue))
         try:
             server.start()
             return server

@@ -198,6 +198,24 @@ def test_syslog_rsyslog_outage_mid_stream_exactly_once(pg, rsyslog, tmp_path, pr
     assert verify_files([str(tmp_path / "audit.jsonl")]).ok
 
 
+def test_syslog_confirm_none_streams_over_one_kept_connection(pg, rsyslog, tmp_path, proxy_factory):
+    """``confirm: "none"``: no connection per batch; rsyslog still gets every event once, in order,
+    and a connection rsyslog closed (restart while idle) is noticed and replaced."""
+    proxy = proxy_factory(proxy_config(pg, tmp_path, [syslog_sink(rsyslog, "tcp", tmp_path, confirm="none")]))
+    run_sessions(proxy, 3, 6, tag="keep", pause=0.02)
+    expected = settled_trail(tmp_path, 3)
+    received = wait_siem(rsyslog, "tcp", len(expected))
+    assert_exactly_once_in_order(received, expected, siem_raws(rsyslog, "tcp"))
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{rsyslog.ports['tcp']} )"], capture_output=True, text=True, check=True)
+    assert len(out.stdout.strip().splitlines()) == 1, out.stdout  # the one kept connection, idle now
+    rsyslog.stop()  # graceful, while idle: rsyslog closes the kept connection
+    rsyslog.start()
+    run_sessions(proxy, 2, 4, tag="after", pause=0.02)
+    expected = settled_trail(tmp_path, 5)
+    received = wait_siem(rsyslog, "tcp", len(expected))
+    assert_exactly_once_in_order(received, expected, siem_raws(rsyslog, "tcp"))
+
+
 def test_syslog_udp_structured_data_parsed_by_rsyslog(pg, rsyslog, tmp_path, proxy_factory):
     proxy = proxy_factory(proxy_config(pg, tmp_path, [syslog_sink(rsyslog, "udp", tmp_path, format="structured", facility="local5", app_name="pam-proxy")]))
     run_sessions(proxy, 2, 3, tag="udp", pause=0.01)

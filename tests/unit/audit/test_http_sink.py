@@ -10,6 +10,7 @@ import gzip
 import http.server
 import logging
 import threading
+import time
 
 import orjson
 import pytest
@@ -117,3 +118,49 @@ async def test_refused_token_is_logged_and_retried_never_dropped(tmp_path, make_
     assert [w["event"]["seq"] for w in r.delivered()] == [1, 2, 3, 4, 5]
     assert any("refused the batch (HTTP 403" in rec.getMessage() for rec in caplog.records)
     assert all("right" not in rec.getMessage() and "wrong" not in rec.getMessage() for rec in caplog.records)
+
+
+def _slow_counting(delay, fail_first=0):
+    """A decide() that holds each request *delay* s and records how many overlap; the first
+    *fail_first* requests get 503."""
+    state = {"now": 0, "max": 0, "seen": 0}
+    lock = threading.Lock()
+
+    def decide(handler, evs):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+            state["seen"] += 1
+            fail = state["seen"] <= fail_first
+        time.sleep(delay)
+        with lock:
+            state["now"] -= 1
+        return 503 if fail else 200
+
+    return decide, state
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+async def test_concurrent_batches_on_kept_alive_connections(tmp_path, make_receiver, in_flight):
+    decide, state = _slow_counting(0.1)
+    r = make_receiver(decide)
+    sink = HttpSink(url=r.url, format="ndjson", name="h", spool_dir=str(tmp_path), batch_max_events=10, max_in_flight=in_flight)
+    await run_sink(sink, [events(200)], lambda: sink.statistics().pending_events == 0, timeout=30)
+    got = r.delivered()
+    assert sorted(e["seq"] for e in got) == list(range(1, 201)) and len(got) == 200  # each once
+    assert state["max"] == in_flight  # that many requests at once, never more
+    assert len(r.connections) == in_flight  # each connection kept alive and reused
+    if in_flight == 1:
+        assert [e["seq"] for e in got] == list(range(1, 201))  # one at a time: in order
+
+
+async def test_a_failed_batch_among_concurrent_ones_is_resent_nothing_lost(tmp_path, make_receiver):
+    decide, state = _slow_counting(0.05, fail_first=1)
+    r = make_receiver(decide)
+    sink = HttpSink(url=r.url, format="ndjson", name="h", spool_dir=str(tmp_path), batch_max_events=10, max_in_flight=4,
+                    retry_initial_seconds=0.01)
+    await run_sink(sink, [events(100)], lambda: sink.statistics().pending_events == 0, timeout=30)
+    seqs = [e["seq"] for e in r.delivered()]
+    assert set(seqs) == set(range(1, 101))  # the failed batch (and any behind it) sent again
+    assert [r_["status"] for r_ in r.requests].count(503) == 1
+    assert sink.delivered >= 100 and sink.statistics().in_flight == 0

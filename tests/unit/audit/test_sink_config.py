@@ -89,7 +89,7 @@ def test_mistakes_are_named(tmp_path):
     assert "audit.sinks[1].gzip: true or false" in text
     assert "audit.sinks[2].fsync: one of always, interval, never" in text
     assert "audit.sinks[2].rotate_bytes: an integer >= 1024" in text
-    assert "audit.sinks[3].type: one of jsonl, syslog, http" in text
+    assert "audit.sinks[3].type: one of jsonl, syslog, relp, http" in text
     assert "audit.sinks[4].facility: a facility name" in text
     assert "audit.sinks[4].bogus: no key 'bogus'" in text
 
@@ -107,3 +107,50 @@ def test_audit_worker_switch(tmp_path):
     with pytest.raises(ConfigErrors) as info:
         load_config(path, default_registry())
     assert [f"{e.path}: {e.expected}" for e in info.value.errors] == ["audit.worker: true or false, got a string"]
+
+
+def test_relp_sink_and_shipping_options(tmp_path):
+    """``relp`` (address, window, ack timeout), syslog's ``confirm`` and http's ``max_in_flight``."""
+    from dbproxy.audit.sinks.relp import RelpSink
+
+    cfg = load_config(
+        config_with(
+            tmp_path,
+            [
+                {"type": "relp", "name": "rs", "address": "127.0.0.1:2514", "window": 512, "ack_timeout_seconds": 5,
+                 "facility": "local3", "spool_dir": "spool/relp"},
+                {"type": "syslog", "address": "127.0.0.1:514", "confirm": "none", "spool_dir": "spool/sys"},
+                {"type": "http", "url": "http://127.0.0.1:8088/", "format": "ndjson", "max_in_flight": 4, "spool_dir": "spool/h"},
+            ],
+        ),
+        default_registry(),
+    )
+    relp, syslog, http = (build_sink(s) for s in cfg.audit.sinks)
+    assert isinstance(relp, RelpSink) and (relp.host, relp.port, relp.window, relp.ack_timeout) == ("127.0.0.1", 2514, 512, 5)
+    assert relp.formatter.facility == 19 and relp.ssl_context is None and relp.name == "rs"
+    assert isinstance(syslog, SyslogSink) and syslog.confirm_mode == "none"
+    assert isinstance(http, HttpSink) and http.max_in_flight == 4
+    default = build_sink(load_config(config_with(tmp_path, [{"type": "syslog", "address": "h:514", "spool_dir": "s2"}]), default_registry()).audit.sinks[0])
+    assert default.confirm_mode == "close"  # per-batch connections stay the default: the only confirmed mode
+    (tmp_path / "ca.pem").write_text("not checked here")
+    errs = "\n".join(
+        errors_of(
+            tmp_path,
+            [
+                {"type": "relp", "address": "h:1", "spool_dir": "s", "window": 0, "transport": "tcp"},
+                {"type": "relp", "address": "h:1", "spool_dir": "s", "ca_file": "ca.pem", "window": 100000},
+                {"type": "syslog", "address": "h:1", "spool_dir": "s", "transport": "udp", "confirm": "none"},
+                {"type": "syslog", "address": "h:1", "spool_dir": "s", "confirm": "ack"},
+                {"type": "http", "url": "http://h/", "format": "ndjson", "spool_dir": "s", "max_in_flight": 100},
+                {"type": "relp", "spool_dir": "s"},
+            ],
+        )
+    )
+    assert "audit.sinks[0].window: an integer >= 1" in errs
+    assert "audit.sinks[0].transport: no key 'transport'" in errs
+    assert "audit.sinks[1].ca_file: no key 'ca_file'" in errs  # RELP over TLS: not offered yet
+    assert "audit.sinks[1].window: at most 65536" in errs
+    assert "audit.sinks[2].confirm: no \"confirm\" with transport \"udp\"" in errs
+    assert "audit.sinks[3].confirm: one of close, none" in errs
+    assert "audit.sinks[4].max_in_flight: at most 64" in errs
+    assert "audit.sinks[5]: a key 'address'" in errs
