@@ -612,20 +612,6 @@ def test_audit_chain_verifies(api):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_server_stop_kills_running_commands(api):
-    """Last in this file: it stops the module's proxy."""
-    mark = "6" + SLEEP_MARK
-    job_id = execute(api, "pause", {"seconds": mark}, wait=False).json()["job_id"]
-    wait_until(lambda: sleeping(mark), timeout=10, what="the remote sleep to start")
-    time.sleep(0.5)  # the pid line has reached the proxy
-    assert api.stop() == 0
-    assert not sleeping(mark), "the remote command outlived the proxy"
-    evs = [e for e in read_audit(api.audit_path) if e.get("job_id") == job_id]
-    assert [e["event"] for e in evs] == ["command.start", "command.kill", "command.execute"]
-    assert evs[1]["reason"] == "cancelled" and evs[1]["pid"] is not None  # stopped, not timed out
-    assert evs[-1]["status"] == "cancelled"
-
-
 def test_a_reload_keeps_running_jobs_visible_and_cancellable(api):
     """SIGHUP re-reads the config: a job started before it is still seen and cancelled through the
     new generation of the API (its remote command killed), and new jobs run."""
@@ -647,3 +633,18 @@ def test_a_reload_keeps_running_jobs_visible_and_cancellable(api):
     wait_until(lambda: not sleeping(mark), timeout=10, what="the remote sleep killed")
     after = execute(api, "echo-text", {"text": "after-reload"})
     assert after.json()["status"] == "succeeded", after.text
+
+
+def test_server_stop_kills_running_commands(api):
+    """Last in this file: it stops the module's proxy."""
+    mark = "6" + SLEEP_MARK
+    job_id = execute(api, "pause", {"seconds": mark}, wait=False).json()["job_id"]
+    wait_until(lambda: sleeping(mark), timeout=10, what="the remote sleep to start")
+    time.sleep(0.5)  # the pid line has reached the proxy
+    assert api.stop() == 0
+    assert not sleeping(mark), "the remote command outlived the proxy"
+    evs = [e for e in read_audit(api.audit_path) if e.get("job_id") == job_id]
+    assert [e["event"] for e in evs] == ["command.start", "command.kill", "command.execute"]
+    assert evs[1]["reason"] == "cancelled" and evs[1]["pid"] is not None  # stopped, not timed out
+    assert evs[-1]["status"] == "cancelled"
+
