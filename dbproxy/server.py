@@ -300,6 +300,12 @@ class ProxyServer:
         limits = self.services.access.limits if self.services.access is not None else None
         services.access = build_access(new, limits=limits)
         engines = {lc.name: self.registry.get(lc.protocol)(lc, services) for lc in new.listeners}
+        for name, engine in engines.items():
+            before = self.engines.get(name)
+            # State that outlives a connection (the command API's jobs) carries over to the new
+            # generation of the same engine, so a reload does not forget running work.
+            if before is not None and type(before) is type(engine) and hasattr(engine, "adopt"):
+                engine.adopt(before)
         background = self._nurseries[2]
         if services.credentials is not None:
             services.credentials.attach(background)

@@ -154,6 +154,14 @@ class CommandsEngine(Engine):
         """The exact string the target is asked to run (a protocol may wrap the template's line)."""
         return job.command
 
+    def adopt(self, previous: "CommandsEngine") -> None:
+        """A reload: the jobs the previous generation runs or remembers stay visible (``GET`` /
+        ``cancel``) and keep counting against the limits, which take the new config's values.  Its
+        running jobs stay in its own nursery until they end."""
+        self.jobs = previous.jobs
+        previous.limits.per_caller, previous.limits.per_target = self.limits.per_caller, self.limits.per_target
+        self.limits = previous.limits
+
     # -- the server's background nursery (jobs outlive requests) --------------------------------
     def attach(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._host_jobs)

@@ -612,6 +612,29 @@ def test_audit_chain_verifies(api):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_a_reload_keeps_running_jobs_visible_and_cancellable(api):
+    """SIGHUP re-reads the config: a job started before it is still seen and cancelled through the
+    new generation of the API (its remote command killed), and new jobs run."""
+    import signal as _signal
+
+    mark = "9" + SLEEP_MARK
+    r = execute(api, "pause", {"seconds": mark}, wait=False)
+    job_id = r.json()["job_id"]
+    wait_until(lambda: sleeping(mark), timeout=10, what="the remote sleep to start")
+    reloads = len([e for e in read_audit(api.audit_path) if e["event"] == "proxy.reload"])
+    api.proc.send_signal(_signal.SIGHUP)
+    wait_until(lambda: len([e for e in read_audit(api.audit_path) if e["event"] == "proxy.reload"
+                            and e["success"]]) > reloads, what="the reload")
+    with client(api) as c:
+        seen = c.get(f"/jobs/{job_id}")
+        assert seen.status_code == 200 and seen.json()["status"] == "running", seen.text
+        cancelled = c.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.json()["status"] == "cancelled"
+    wait_until(lambda: not sleeping(mark), timeout=10, what="the remote sleep killed")
+    after = execute(api, "echo-text", {"text": "after-reload"})
+    assert after.json()["status"] == "succeeded", after.text
+
+
 def test_server_stop_kills_running_commands(api):
     """Last in this file: it stops the module's proxy."""
     mark = "6" + SLEEP_MARK
@@ -624,3 +647,4 @@ def test_server_stop_kills_running_commands(api):
     assert [e["event"] for e in evs] == ["command.start", "command.kill", "command.execute"]
     assert evs[1]["reason"] == "cancelled" and evs[1]["pid"] is not None  # stopped, not timed out
     assert evs[-1]["status"] == "cancelled"
+
