@@ -3,7 +3,9 @@
 Each module starts a private instance of a real server under a directory the
 caller owns, on a free loopback port, and returns an object with its
 connection info and ``stop()``.  This package only holds the small helpers
-they share (stdlib only, so importing it is cheap).
+they share (stdlib only, so importing it is cheap); ``process.PeerProcess``
+is the process life they share (spawn under a log, stop, kill, log tail,
+leftovers killed at exit).
 """
 
 from __future__ import annotations

@@ -37,25 +37,22 @@ one by hand: it prints its connection info as JSON and runs until Ctrl-C.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import datetime
 import hashlib
-import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import ssl as ssl_module
 import string
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import attrs
+
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 PEER_DIR = Path(__file__).resolve().parent / "cassandra"
 KRB_AUTH_SRC = Path(__file__).resolve().parent / "cassandra-krb-auth"
@@ -66,7 +63,6 @@ START_TIMEOUT = 180.0
 STOP_TIMEOUT = 60.0
 HOST = "127.0.0.1"
 
-_running: set[CassandraServer] = set()
 
 
 def lib_dir() -> Path:
@@ -120,7 +116,7 @@ class CassandraStartError(RuntimeError):
 
 
 @attrs.define(eq=False)
-class CassandraServer:
+class CassandraServer(PeerProcess):
     base_dir: Path
     ssl: bool = False
     host: str = HOST
@@ -136,7 +132,8 @@ class CassandraServer:
     krb_principal: str | None = None
     krb_keytab: Path | None = None
     _proc: subprocess.Popen | None = None
-    _stdout: object = None
+    _stop_timeout = STOP_TIMEOUT
+    _log_files = ("stdout_file", "log_file")
 
     @property
     def log_file(self) -> Path:
@@ -150,10 +147,6 @@ class CassandraServer:
     def announce_file(self) -> Path:
         """Its content, when it exists, is the class name announced in AUTHENTICATE (kerberos nodes)."""
         return self.base_dir / "announce.txt"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def info(self) -> dict:
         return {
@@ -285,16 +278,7 @@ class CassandraServer:
         config = self._write_config()
         command = self._command(config)
         began = time.monotonic()
-        self._stdout = open(self.stdout_file, "ab")
-        self._proc = subprocess.Popen(
-            command,
-            cwd=self.base_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _running.add(self)
+        self._spawn(command, log=self.stdout_file, cwd=self.base_dir, new_session=True)
         try:
             self._wait_ready(began + timeout)
         except BaseException:
@@ -346,51 +330,6 @@ class CassandraServer:
         finally:
             cluster.shutdown()
             quiet.setLevel(level)
-
-    def wait(self) -> int:
-        """Block until the JVM exits (on its own or by another hand)."""
-        return self._proc.wait()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM (Cassandra's shutdown hook drains), SIGKILL if it hangs."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL: the backend dies mid-session, as in a crash."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._stdout is not None:
-            self._stdout.close()
-            self._stdout = None
-        _running.discard(self)
-
-    def log_tail(self, lines: int = 40) -> str:
-        parts = []
-        for path in (self.stdout_file, self.log_file):
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {path} (last {len(tail)} lines)\n" + "\n".join(tail))
-        return "\n".join(parts)
-
-    def __enter__(self) -> CassandraServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def start_cassandra(base_dir: str | os.PathLike, *, ssl: bool = False, kerberos: object = None) -> CassandraServer:
@@ -472,34 +411,12 @@ def make_test_certs() -> dict[str, bytes]:
     }
 
 
-@atexit.register
-def _kill_leftovers() -> None:
-    # A test run that dies must not leave a 1 GiB JVM behind.
-    for server in list(_running):
-        server.kill()
-
 
 def main(argv: list[str]) -> int:
     use_ssl = "--ssl" in argv
     args = [a for a in argv if a != "--ssl"]
-    if args:
-        base_dir = Path(args[0])
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="dbproxy-cassandra-")
-        base_dir = Path(cleanup.name)
-    server = start_cassandra(base_dir, ssl=use_ssl)
-    print(json.dumps(server.info()), flush=True)
-    # SIGTERM ends the wait like Ctrl-C does, through the finally below.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            server.wait()
-    finally:
-        server.stop()
-        if cleanup is not None:
-            cleanup.cleanup()
-    return 0
+    return run_in_foreground(lambda base: start_cassandra(base, ssl=use_ssl), args[0] if args else None,
+                             prefix="dbproxy-cassandra-")
 
 
 if __name__ == "__main__":

@@ -39,16 +39,11 @@ JSON and runs until Ctrl-C.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -56,6 +51,7 @@ from pathlib import Path
 import attrs
 
 from scripts.peers import free_port
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 __all__ = [
     "FerretServer",
@@ -70,8 +66,6 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 ADMIN_DB = "admin"
-
-_running: set[FerretServer] = set()
 
 
 class FerretStartError(RuntimeError):
@@ -99,7 +93,7 @@ def mongosh_path() -> Path:
 
 
 @attrs.define(eq=False)
-class FerretServer:
+class FerretServer(PeerProcess):
     base_dir: Path
     auth: bool = True
     tls: bool = False
@@ -115,7 +109,8 @@ class FerretServer:
     client_key: Path | None = None
     start_seconds: float | None = None
     _proc: subprocess.Popen | None = None
-    _log: object = None
+    _stop_timeout = STOP_TIMEOUT
+    _log_files = ("log_file",)
 
     @property
     def data_dir(self) -> Path:
@@ -124,10 +119,6 @@ class FerretServer:
     @property
     def log_file(self) -> Path:
         return self.base_dir / "ferretdb.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def uri(
         self,
@@ -254,17 +245,7 @@ class FerretServer:
         if self.auth:
             env["FERRETDB_SETUP_PASSWORD"] = self.password
         began = time.monotonic()
-        self._log = open(self.log_file, "ab")
-        self._proc = subprocess.Popen(
-            self._command(),
-            cwd=self.base_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _running.add(self)
+        self._spawn(self._command(), log=self.log_file, env=env, cwd=self.base_dir, new_session=True)
         try:
             self._wait_ready(began + timeout)
         except BaseException:
@@ -298,49 +279,6 @@ class FerretServer:
             f"(last error: {last_error!r})\n" + self.log_tail()
         )
 
-    def wait(self) -> int:
-        """Block until the process exits."""
-        return self._proc.wait()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM (FerretDB closes its listeners and SQLite cleanly), SIGKILL if it hangs."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL: the backend dies mid-session, as in a crash."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _running.discard(self)
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_file.exists():
-            return ""
-        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- {self.log_file} (last {len(tail)} lines)\n" + "\n".join(tail)
-
-    def __enter__(self) -> FerretServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
 
 def start_ferretdb(
     base_dir: str | os.PathLike,
@@ -366,11 +304,6 @@ def _optional(fn):
         return None
 
 
-@atexit.register
-def _kill_leftovers() -> None:
-    for server in list(_running):
-        server.kill()
-
 
 def main(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
@@ -382,25 +315,9 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if args:
-        base_dir = Path(args[0])
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="dbproxy-ferretdb-")
-        base_dir = Path(cleanup.name)
-    server = start_ferretdb(
-        base_dir, auth="--no-auth" not in flags, tls="--tls" in flags, mtls="--mtls" in flags
-    )
-    print(json.dumps(server.info(), indent=2), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            server.wait()
-    finally:
-        server.stop()
-        if cleanup is not None:
-            cleanup.cleanup()
-    return 0
+    return run_in_foreground(
+        lambda base: start_ferretdb(base, auth="--no-auth" not in flags, tls="--tls" in flags, mtls="--mtls" in flags),
+        args[0] if args else None, prefix="dbproxy-ferretdb-", indent=2)
 
 
 if __name__ == "__main__":

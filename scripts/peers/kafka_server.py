@@ -34,22 +34,19 @@ it prints its connection info as JSON and runs until Ctrl-C.
 
 from __future__ import annotations
 
-import atexit
 import base64
-import contextlib
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import attrs
+
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 PEER_DIR = Path(__file__).resolve().parent / "kafka"
 DEFAULT_LIB_DIR = Path.home() / ".cache" / "dbproxy" / "kafka" / "lib"
@@ -58,7 +55,6 @@ STOP_TIMEOUT = 60.0
 HOST = "127.0.0.1"
 NODE_ID = 1
 
-_running: set[KafkaServer] = set()
 
 
 def lib_dir() -> Path:
@@ -86,7 +82,7 @@ class KafkaStartError(RuntimeError):
 
 
 @attrs.define(eq=False)
-class KafkaServer:
+class KafkaServer(PeerProcess):
     base_dir: Path
     host: str = HOST
     port: int = attrs.field(factory=free_port)
@@ -98,7 +94,8 @@ class KafkaServer:
     ca_file: Path | None = None
     start_seconds: float | None = None
     _proc: subprocess.Popen | None = None
-    _stdout: object = None
+    _stop_timeout = STOP_TIMEOUT
+    _log_files = ("stdout_file",)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -111,10 +108,6 @@ class KafkaServer:
     @property
     def stdout_file(self) -> Path:
         return self.base_dir / "logs" / "stdout.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def info(self) -> dict:
         return {
@@ -232,16 +225,7 @@ class KafkaServer:
         config = self._write_config()
         began = time.monotonic()
         self._format(config)
-        self._stdout = open(self.stdout_file, "ab")
-        self._proc = subprocess.Popen(
-            self._java("kafka.Kafka", str(config)),
-            cwd=self.base_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _running.add(self)
+        self._spawn(self._java("kafka.Kafka", str(config)), log=self.stdout_file, cwd=self.base_dir, new_session=True)
         try:
             self._wait_ready(began + timeout)
         except BaseException:
@@ -282,49 +266,6 @@ class KafkaServer:
                                       operation_timeout=timeout, request_timeout=timeout)
         futures[name].result(timeout)
 
-    def wait(self) -> int:
-        """Block until the JVM exits (on its own or by another hand)."""
-        return self._proc.wait()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM (the broker's controlled shutdown), SIGKILL if it hangs."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL: the broker dies as in a crash (its page-cache writes survive: same machine)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._stdout is not None:
-            self._stdout.close()
-            self._stdout = None
-        _running.discard(self)
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.stdout_file.exists():
-            return ""
-        tail = self.stdout_file.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- {self.stdout_file} (last {len(tail)} lines)\n" + "\n".join(tail)
-
-    def __enter__(self) -> KafkaServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
 
 def start_kafka(base_dir: str | os.PathLike, *, sasl_ssl: bool = False) -> KafkaServer:
     """Start a node whose files all live under ``base_dir``; blocks until its metadata names it.
@@ -334,33 +275,12 @@ def start_kafka(base_dir: str | os.PathLike, *, sasl_ssl: bool = False) -> Kafka
     return KafkaServer(base_dir=base, sasl_ssl=sasl_ssl).start()
 
 
-@atexit.register
-def _kill_leftovers() -> None:
-    # A test run that dies must not leave a JVM behind.
-    for server in list(_running):
-        server.kill()
-
 
 def main(argv: list[str]) -> int:
     sasl_ssl = "--sasl-ssl" in argv
     argv = [a for a in argv if a != "--sasl-ssl"]
-    if argv:
-        base_dir = Path(argv[0])
-        cleanup = None
-    else:
-        cleanup = tempfile.TemporaryDirectory(prefix="dbproxy-kafka-")
-        base_dir = Path(cleanup.name)
-    server = start_kafka(base_dir, sasl_ssl=sasl_ssl)
-    print(json.dumps(server.info()), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            server.wait()
-    finally:
-        server.stop()
-        if cleanup is not None:
-            cleanup.cleanup()
-    return 0
+    return run_in_foreground(lambda base: start_kafka(base, sasl_ssl=sasl_ssl), argv[0] if argv else None,
+                             prefix="dbproxy-kafka-")
 
 
 if __name__ == "__main__":

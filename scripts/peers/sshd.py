@@ -36,6 +36,7 @@ from pathlib import Path
 import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers.process import PeerProcess
 
 __all__ = ["Sshd", "sshd_bin", "start_sshd", "make_key"]
 
@@ -57,7 +58,7 @@ def make_key(path: Path, comment: str = "dbproxy-test") -> Path:
 
 
 @attrs.define(eq=False)
-class Sshd:
+class Sshd(PeerProcess):
     dir: Path
     port: int
     login: str
@@ -76,31 +77,13 @@ class Sshd:
     def log_file(self) -> Path:
         return self.dir / "sshd.log"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def start(self, timeout: float = 10.0) -> "Sshd":
-        log = open(self.log_file, "ab")
-        self._proc = subprocess.Popen([sshd_bin(), "-D", "-e", "-f", str(self.dir / "sshd_config")],
-                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        self._spawn([sshd_bin(), "-D", "-e", "-f", str(self.dir / "sshd_config")], log=self.log_file)
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
         except Exception as exc:
             raise RuntimeError(f"sshd did not start: {exc}\n{self.log_text()}") from None
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
 
     def info(self) -> dict:
         return {"host": self.host, "port": self.port, "login": self.login, "client_key": str(self.client_key),

@@ -41,6 +41,7 @@ from pathlib import Path
 import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers.process import PeerProcess
 
 __all__ = ["Sushy", "start_sushy", "SYSTEM_UUID"]
 
@@ -50,7 +51,7 @@ SESSIONS = "/redfish/v1/SessionService/Sessions"
 
 
 @attrs.define(eq=False)
-class Sushy:
+class Sushy(PeerProcess):
     dir: Path
     port: int
     username: str
@@ -74,37 +75,16 @@ class Sushy:
     def log_file(self) -> Path:
         return self.dir / "sushy.log"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def start(self, timeout: float = 30.0) -> "Sushy":
-        log = open(self.log_file, "ab")
         env = dict(os.environ, TMPDIR=str(self.dir / "tmp"),
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self._proc = subprocess.Popen([sys.executable, "-m", "scripts.peers.sushy", "serve", str(self.dir),
-                                       str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env, cwd=str(self.dir))
-        log.close()
+        self._spawn([sys.executable, "-m", "scripts.peers.sushy", "serve", str(self.dir), str(self.port)],
+                    log=self.log_file, env=env, cwd=self.dir)
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
         except Exception as exc:
             raise RuntimeError(f"sushy-emulator did not start: {exc}\n{self.log_text()}") from None
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def info(self) -> dict:
         return {"url": self.url, "username": self.username, "password_file": str(self.password_file),

@@ -35,6 +35,7 @@ from pathlib import Path
 import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers.process import PeerProcess
 
 __all__ = ["Telnetd", "TEST_USER", "telnetd_bin", "start_telnetd", "ensure_user"]
 
@@ -63,13 +64,14 @@ def ensure_user(name: str, password: str) -> None:
 
 
 @attrs.define(eq=False)
-class Telnetd:
+class Telnetd(PeerProcess):
     dir: Path
     port: int
     login: str
     password: str
     host: str = "127.0.0.1"
     _proc: subprocess.Popen | None = None
+    _stop_signal_group = True  # the loop and the telnetd/login/shells it started
 
     @property
     def address(self) -> str:
@@ -79,37 +81,16 @@ class Telnetd:
     def log_file(self) -> Path:
         return self.dir / "telnetd.log"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def start(self, timeout: float = 10.0) -> "Telnetd":
-        log = open(self.log_file, "ab")
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self._proc = subprocess.Popen([sys.executable, "-m", "scripts.peers.telnetd", "--serve", self.host,
-                                       str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env, cwd=root, start_new_session=True)
-        log.close()
+        self._spawn([sys.executable, "-m", "scripts.peers.telnetd", "--serve", self.host, str(self.port)],
+                    log=self.log_file, env=env, cwd=root, new_session=True)
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
         except Exception as exc:
             raise RuntimeError(f"telnetd accept loop did not start: {exc}\n{self.log_text()}") from None
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)  # the loop and the telnetd/login/shells it started
-            except ProcessLookupError:
-                pass
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
 
     def info(self) -> dict:
         return {"host": self.host, "port": self.port, "login": self.login, "password": self.password,
