@@ -274,8 +274,10 @@ class SpooledSink:
             log.warning("audit sink %s: delivering again; replaying %d spooled events", self.name, self.spool.pending_events)
             self.failing = False
         self._backoff = self.retry_initial
-        await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
+        # Counted before the cursor moves: once the spool shows nothing pending, the count
+        # (and /metrics' delivered total) already includes this batch.
         self.delivered += len(records) if count is None else count
+        await trio.to_thread.run_sync(self.spool.commit, records[-1][2])
         if self._overflow:
             await self._move_overflow()
 
