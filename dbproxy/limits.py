@@ -154,7 +154,7 @@ class SharedCounts:
 
 def _shared_counts() -> SharedCounts | None:
     """This process's view of the supervisor's shared counts; None with one process."""
-    from .workers import current
+    from .workerctx import current
 
     ctx = current()
     if ctx is None:

@@ -40,7 +40,7 @@ from .metrics import ProxyMetrics
 from .net import peer_address
 from .proxyproto import ClosedBeforeHeader, ProxyProtocolError
 from .session import Session
-from .workers import current as current_worker
+from .workerctx import current as current_worker
 
 log = logging.getLogger("dbproxy.server")
 

@@ -54,38 +54,7 @@ RESTART_DELAY = 1.0  # seconds before a process that died is started again
 READY_TIMEOUT = 60.0
 
 
-@attrs.define(eq=False)
-class WorkerContext:
-    """What a proxy process under a supervisor knows of its place (``current()``)."""
-
-    index: int
-    count: int
-    state_dir: str
-    counts: Any = None  # dbproxy.limits.SharedCounts, opened on first use
-
-    @property
-    def audit_socket(self) -> str:
-        return audit_socket(self.state_dir)
-
-    @property
-    def limits_file(self) -> str:
-        return limits_file(self.state_dir)
-
-
-def audit_socket(state_dir: str) -> str:
-    return os.path.join(state_dir, "audit.sock")
-
-
-def limits_file(state_dir: str) -> str:
-    return os.path.join(state_dir, "limits")
-
-
-_current: WorkerContext | None = None
-
-
-def current() -> WorkerContext | None:
-    """This process's place among the supervisor's; None when it is the only proxy process."""
-    return _current
+from .workerctx import WorkerContext, audit_socket, current, limits_file  # noqa: F401  (current: the API)
 
 
 # --------------------------------------------------------------------------- the proxy process
@@ -93,8 +62,9 @@ def current() -> WorkerContext | None:
 
 def worker_main(argv: list[str]) -> int:
     """``python -m dbproxy.workers worker CONFIG INDEX COUNT STATE_DIR`` (started by the supervisor)."""
-    global _current
     from dbproxy.audit import recorder as audit_recorder
+
+    from . import workerctx
 
     from .config import load_config
     from .errors import ConfigErrors
@@ -102,7 +72,7 @@ def worker_main(argv: list[str]) -> int:
     from .registry import default_registry
 
     config_file, index, count, state_dir = argv[0], int(argv[1]), int(argv[2]), argv[3]
-    _current = WorkerContext(index, count, state_dir)
+    workerctx.set_current(WorkerContext(index, count, state_dir))
     audit_recorder.PROXY_WORKER = index
     # Ctrl-C reaches the whole process group: the supervisor decides (it sends SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -125,7 +95,7 @@ async def _serve_worker(config: Any, registry: Any) -> None:
     from .server import ProxyServer
     from .siblings import Siblings
 
-    ctx = _current
+    ctx = current()
     server = ProxyServer(config, registry)
     siblings = Siblings(ctx.state_dir, ctx.index, ctx.count)
     server.services.extras["siblings"] = siblings  # engines route by it (postgres: cancel requests)
@@ -496,7 +466,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as ``-m``, this file is ``__main__``; the server reads ``current()`` of ``dbproxy.workers``.
-    from dbproxy.workers import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())
