@@ -34,8 +34,8 @@ from pathlib import Path
 
 import orjson
 
-from scripts.bench.pg_bench import (AUDIT_EVENT, AuditCounter, ChildProcess, pgbench, pgbench_init, proxy_config,
-                                    run_target)
+from scripts.bench.pg_bench import (AUDIT_EVENT, AuditCounter, ChildProcess, _descendants, _stat_fields, pgbench,
+                                    pgbench_init, proxy_config, run_target)
 from scripts.peers import free_port
 from scripts.peers.postgres import start_postgres
 
@@ -49,6 +49,21 @@ def _spread(audit: Path) -> dict[int, int]:
                 event = orjson.loads(line)
                 counts[event.get("proxy_worker", 0)] = counts.get(event.get("proxy_worker", 0), 0) + 1
     return dict(sorted(counts.items()))
+
+
+def _audit_worker_cpu(pid: int) -> float:
+    """CPU seconds of the proxy's audit worker (one per proxy, whatever the number of workers):
+    the one serial part, so what bounds the scaling."""
+    for child in _descendants(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"dbproxy.audit.worker" not in f.read():
+                    continue
+            fields = _stat_fields(child)
+        except OSError:
+            continue
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     pg = None
     proxies: dict[int, tuple] = {}
     runs = []
+    audit_cpu: dict[int, float] = {}  # id(run) -> the audit worker's CPU seconds during it
     try:
         pg = start_postgres(base, ssl=False)
         user, password = pg.users["scram-sha-256"]
@@ -90,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         pgbench(pg, pg.port, user, password, args, 3)  # warm the server's caches
         for rnd in range(1, args.rounds + 1):
             for n, (child, counter, _) in proxies.items():
+                audit0 = _audit_worker_cpu(child.pid)
                 run = run_target(f"workers={n}", rnd, child.port, child.pid, pg, user, password, args, counter)
+                audit_cpu[id(run)] = _audit_worker_cpu(child.pid) - audit0
                 runs.append(run)
-                print(f"round {rnd} workers={n:<3} {run.tps:10.1f} tps  proxy CPU {run.middle_cpu_s:.1f}s  "
-                      f"machine idle {run.machine_idle:.0%}  audit {run.audit_queries} queries",
-                      file=sys.stderr, flush=True)
+                print(f"round {rnd} workers={n:<3} {run.tps:10.1f} tps  proxy CPU {run.middle_cpu_s:.1f}s "
+                      f"(audit worker {audit_cpu[id(run)]:.1f}s)  machine idle {run.machine_idle:.0%}  "
+                      f"audit {run.audit_queries} queries", file=sys.stderr, flush=True)
         summary = {}
         for n, (child, counter, audit) in proxies.items():
             mine = [r for r in runs if r.target == f"workers={n}"]
@@ -102,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[n] = {
                 "best_tps": max(r.tps for r in mine), "median_tps": statistics.median(r.tps for r in mine),
                 "cpu_us_per_txn": statistics.median(r.cpu_us_per_txn for r in mine),
+                "audit_worker_us_per_txn": statistics.median(audit_cpu[id(r)] / r.transactions * 1e6 for r in mine),
                 "machine_idle": statistics.median(r.machine_idle for r in mine),
                 "audit_ok": counter.total >= txns, "sessions_by_process": _spread(audit),
             }
@@ -113,10 +132,17 @@ def main(argv: list[str] | None = None) -> int:
               f"(and whatever else runs here: load average {os.getloadavg()[0]:.1f})")
         for n, s in summary.items():
             print(f"  workers={n:<3} best {s['best_tps']:10.1f} tps  median {s['median_tps']:10.1f} tps  "
-                  f"proxy {s['cpu_us_per_txn']:.0f} µs CPU/txn  machine idle {s['machine_idle']:.0%}  "
+                  f"proxy {s['cpu_us_per_txn']:.0f} µs CPU/txn (audit worker {s['audit_worker_us_per_txn']:.0f})  "
+                  f"machine idle {s['machine_idle']:.0%}  "
                   f"sessions by process {s['sessions_by_process']}  audit {'ok' if s['audit_ok'] else 'SHORT'}")
         ratio = summary[args.workers]["best_tps"] / summary[1]["best_tps"]
         print(f"  ratio workers={args.workers}/workers=1 (best): {ratio:.2f}")
+        s1 = summary[1]
+        per_process = s1["cpu_us_per_txn"] - s1["audit_worker_us_per_txn"]
+        print(f"  a larger machine (a core per proxy process and one for the audit worker, PostgreSQL elsewhere): "
+              f"a proxy process costs {per_process:.0f} µs CPU per transaction, the one audit worker "
+              f"{s1['audit_worker_us_per_txn']:.0f} µs; N processes should give about N × {1e6 / per_process:,.0f} tps "
+              f"until the audit worker's core is full at about {1e6 / max(1.0, s1['audit_worker_us_per_txn']):,.0f} tps")
         if summary[1]["machine_idle"] < 0.15:
             print(f"  note: with one proxy process the machine was {1 - summary[1]['machine_idle']:.0%} busy: "
                   f"a second process has no idle core here, so this ratio says little about a larger machine")

@@ -159,3 +159,26 @@ def test_hub_acks_each_link_with_counters_up_to_its_own_checkpoint():
     # Changes after b's last checkpoint wait for b's next one.
     hub.on_checkpoint([_mark(12, a, {b"sb": 4})])
     assert b._seqs == {b"sa": 1, b"sb": 3} and b._pending == {b"sb": 4}
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_listeners_share_a_port_with_reuse_port(kind):
+    """Each proxy process binds the same listener address (SO_REUSEPORT); without it the second fails."""
+    import trio
+
+    from dbproxy.config import ListenerConfig
+    from dbproxy.listen import bound_address, open_listener
+
+    async def main() -> None:
+        first = await open_listener(ListenerConfig(name="a", protocol="x", host="127.0.0.1", port=0, tls=None, routes=(), kind=kind),
+                                    reuse_port=True)
+        port = bound_address(first[0])[1]
+        lc = ListenerConfig(name="a", protocol="x", host="127.0.0.1", port=port, tls=None, routes=(), kind=kind)
+        second = await open_listener(lc, reuse_port=True)
+        assert bound_address(second[0]) == ("127.0.0.1", port)
+        with pytest.raises(OSError):
+            await open_listener(lc)
+        for sock in first + second:
+            (sock.socket if hasattr(sock, "socket") else sock).close()
+
+    trio.run(main)
