@@ -58,6 +58,11 @@ MALFORMED = "audit.malformed"
 PROXY_START = "proxy.start"
 PROXY_STOP = "proxy.stop"
 PROXY_RELOAD = "proxy.reload"
+# ``"workers": N`` (dbproxy.workers): the supervisor writes ``proxy.start``/``proxy.stop`` for the run;
+# each proxy process its own start/stop, and the supervisor the exit of one that died (restarted).
+PROXY_WORKER_START = "proxy.worker.start"
+PROXY_WORKER_STOP = "proxy.worker.stop"
+PROXY_WORKER_EXIT = "proxy.worker.exit"
 
 # Teleport's event codes for the events it has; ours extend the series.
 CODES = {
@@ -74,6 +79,9 @@ CODES = {
     PROXY_START: "TAU02I",
     PROXY_STOP: "TAU03I",
     PROXY_RELOAD: "TAU04I",
+    PROXY_WORKER_START: "TAU10I",
+    PROXY_WORKER_STOP: "TAU11I",
+    PROXY_WORKER_EXIT: "TAU12W",
 }
 
 MAX_QUERY_CHARS = 16 * 1024

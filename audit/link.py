@@ -60,6 +60,15 @@ is unknown to the new worker (an Execute of it is audited as ``<unknown
 portal …>``), and the end event's ``queries``/``errors`` count only the
 frames the new worker parsed.
 
+Several proxy processes (``"workers": N``, ``dbproxy.workers``): the
+supervisor's link starts the one worker with ``listen`` (a Unix socket path,
+``--listen``), and each proxy process's link has ``connect`` (that path)
+instead of a process of its own: the same frames, acks and replay over the
+socket.  When the connection ends the worker died (the supervisor's link
+starts a new one): the link connects again and replays what was not acked,
+as above.  Acks then carry every link's changed counters: a link keeps those
+of its own sessions (``_own``).
+
 Durability "ack": sessions are ``DurableSessionAudit``s, which note the
 number of the newest frame they queued; a backend→client pump waits
 (``wait_durable``) until ``durable_mark`` passes it before sending.
@@ -123,6 +132,10 @@ class AuditLink:
     # Seconds frames gather before a write to the worker; 0 under durability "ack" (sessions wait
     # for acks: frames gather while the worker writes and syncs the previous batch).
     link_delay: float = LINK_DELAY
+    # ``"workers": N``: the supervisor's link starts the worker listening on this Unix socket ...
+    listen: str | None = None
+    # ... and each proxy process's link connects to it instead of starting a worker.
+    connect: str | None = None
     submitted: int = 0
     worker_starts: int = 0
     last_seq: int = 0
@@ -148,6 +161,7 @@ class AuditLink:
     _closed: bool = False
     _accepting: bool = False
     _done: Any = None
+    _connect_tries: int = 0
     pid: int | None = None
     worker_up: bool = False  # a worker said ready and has not exited (dbproxy.metrics, /readyz)
     # The worker's own statistics (its recorder's queue, its sinks' spools and lag), as it last
@@ -261,6 +275,8 @@ class AuditLink:
         seqs = message.get("seqs")
         if seqs:
             counters = self._counters
+            if self.connect is not None:
+                seqs = self._own(seqs)
             for sid, n in seqs.items():
                 if n:
                     counters[sid] = n
@@ -295,6 +311,11 @@ class AuditLink:
         if self._acked:
             self._acked.unpark_all()
 
+    def _own(self, seqs: dict) -> dict:
+        """The counters of this process's sessions (a shared worker's acks carry every link's)."""
+        mine = {audit.session.id for audit in list(self._live)}
+        return {sid: n for sid, n in seqs.items() if sid in mine or sid in self._counters}
+
     def _replay_prefix(self) -> list:
         """For a new worker: the session counters, the O frames of open taps it has not
         seen again (acked by a dead worker), then every frame not acked goes again."""
@@ -318,12 +339,20 @@ class AuditLink:
         failures_while_closing = 0
         try:
             while True:
-                proc = await trio.lowlevel.open_process(
-                    [self.python, "-m", "dbproxy.audit.worker", os.path.abspath(self.config_file),
-                     logging.getLevelName(logging.getLogger().getEffectiveLevel())],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
+                if self.connect is not None:
+                    proc = await self._connect(task_status)
+                    if proc is None:
+                        continue
+                    if proc is False:
+                        return
+                else:
+                    proc = await trio.lowlevel.open_process(
+                        [self.python, "-m", "dbproxy.audit.worker", os.path.abspath(self.config_file),
+                         logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                         *(("--listen", self.listen) if self.listen else ())],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                    )
                 self.pid = proc.pid
                 self.worker_starts += 1
                 clean = await self._serve_worker(proc, task_status)
@@ -336,7 +365,10 @@ class AuditLink:
                         log.error("audit worker keeps failing while the proxy stops: %d frames not written",
                                   len(self._out) // 2 + sum(len(c[1]) // 2 for c in self._unacked))
                         return
-                log.error("audit worker (pid %s) died with status %s; starting a new one", proc.pid, proc.returncode)
+                if self.connect is not None:
+                    log.error("the shared audit worker's link ended; connecting again")
+                else:
+                    log.error("audit worker (pid %s) died with status %s; starting a new one", proc.pid, proc.returncode)
                 self._set_accepting(False, "the audit worker died")
                 await trio.sleep(RESTART_DELAY)
         finally:
@@ -344,6 +376,26 @@ class AuditLink:
             self._room.unpark_all()
             self._done.set()
             self._acked.unpark_all()
+
+    async def _connect(self, task_status: Any) -> Any:
+        """The shared audit worker's socket (``connect``); None after a failed try (retried).  The
+        first connection may wait for the supervisor's worker to start."""
+        try:
+            stream = await trio.open_unix_socket(self.connect)
+        except OSError as exc:
+            if task_status is not trio.TASK_STATUS_IGNORED and self.worker_starts == 0:
+                self._connect_tries += 1
+                if self._connect_tries * 0.1 > READY_TIMEOUT:
+                    raise RuntimeError(f"the audit worker's socket {self.connect}: {exc}") from None
+                await trio.sleep(0.1)
+                return None
+            log.warning("audit worker socket %s: %s; trying again", self.connect, exc.strerror or exc)
+            if self._closed:
+                log.error("the audit worker is gone while the proxy stops: %d frames not written", len(self._out) // 2)
+                return False
+            await trio.sleep(RESTART_DELAY / 4)
+            return None
+        return _Connection(stream)
 
     async def _serve_worker(self, proc: trio.Process, task_status: Any) -> bool:
         """Run one worker until it exits; True when it exited because the link closed."""
@@ -432,6 +484,39 @@ class AuditLink:
             wake.set()
         self._room.unpark_all()
         await self._done.wait()
+
+
+class _SendSide:
+    """A socket link's sending half: ``aclose`` half-closes, so the worker's answers still come."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        try:
+            await self.stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+class _Connection:
+    """A connection to the shared audit worker, shaped like the worker process ``run`` starts."""
+
+    pid = None
+    returncode = 0
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stdout = stream
+        self.stdin = _SendSide(stream)
+
+    async def wait(self) -> None:
+        await trio.aclose_forcefully(self.stdout)
+
+    def kill(self) -> None:
+        self.stdout.socket.close()
 
 
 class _LineReader:

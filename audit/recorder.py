@@ -231,10 +231,10 @@ class AuditRecorder:
         drop its ``session_seq`` counter once its events are stamped."""
         self._queue.append(Forget(sid.encode()))
 
-    def checkpoint(self, frames: int) -> None:
+    def checkpoint(self, frames: int, owner: Any = None) -> None:
         """Queue a marker behind every event submitted so far (the audit worker's input position
-        ``frames``); once the batch that carries it is written, ``on_checkpoint`` gets it."""
-        self._queue.append(Checkpoint(frames))
+        ``frames`` on ``owner``'s link); once the batch that carries it is written, ``on_checkpoint`` gets it."""
+        self._queue.append(Checkpoint(frames, owner))
         waiting = self._drain_waiting
         if waiting is not None:
             self._drain_waiting = None
@@ -480,11 +480,12 @@ class Checkpoint:
     """A marker in the recorder's queue (not an event): the audit worker's input position
     ``frames``; ``seqs`` gets the ``session_seq`` counters changed since the previous one."""
 
-    __slots__ = ("frames", "seqs")
+    __slots__ = ("frames", "seqs", "owner")
 
-    def __init__(self, frames: int) -> None:
+    def __init__(self, frames: int, owner: Any = None) -> None:
         self.frames = frames
         self.seqs: dict = {}
+        self.owner = owner  # the link whose input position this is (the audit worker serves several)
 
 
 class Forget:
@@ -542,6 +543,11 @@ _UNAVAILABLE = b'{"event":"<audit unavailable marker>"}'
 _CONGESTED = b'{"event":"<audit link congested marker>"}'
 
 
+# The index of this proxy process under a supervisor (``"workers": N``, dbproxy.workers), named in
+# every session's events; None with one process.
+PROXY_WORKER: int | None = None
+
+
 class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
@@ -591,6 +597,8 @@ class SessionAudit:
             template.update({"protocol": s.protocol, "listener": s.listener, "target": s.target,
                              "login": s.login, "target_addr": s.backend_addr})
         template["addr.remote"] = s.client_addr
+        if PROXY_WORKER is not None:  # ``"workers": N``: which proxy process holds the session
+            template["proxy_worker"] = PROXY_WORKER
         balancer = getattr(s, "balancer_addr", None)
         if balancer is not None:
             template["addr.load_balancer"] = balancer

@@ -23,6 +23,19 @@ committed append; with ``"durability": "ack"`` also fdatasync'd), the frames
 are acked with the ``session_seq`` counters as of that point.  The proxy
 keeps unacked frames and hands them to the next worker if this one dies.
 
+Several proxy processes, one chain (``"workers": N``, ``dbproxy.workers``):
+with ``--listen PATH`` the worker also accepts links on a Unix socket, each
+speaking exactly what stdin speaks (its own frame count, taps and acks; the
+``ready`` line first).  Every link's events go into the one recorder, so
+they are stamped into one chain in the order they arrive; ``session_seq``
+stays per session (session ids are random, unique across processes).  A
+checkpoint names its link (``Checkpoint.owner``); the ``session_seq``
+counters changed before it are handed to every link (``Hub``) and each
+proxy keeps those of its own sessions.  ``accepting`` and ``stats`` go to
+every link.  A socket link that ends without ``Q`` is a proxy process that
+died: its taps are closed, the others go on.  Stdin stays the supervisor's
+link: its end ends the worker.
+
 The worker ignores SIGINT/SIGTERM (a terminal's Ctrl-C reaches the whole
 process group): the proxy stops it by closing its stdin, after which it
 writes everything queued, closes its sinks and exits 0.
@@ -30,6 +43,7 @@ writes everything queued, closes its sinks and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -60,8 +74,45 @@ def tap_factory(path: str) -> Any:
 
 _TAP_FACTORIES: dict[str, Any] = {}
 
+class Hub:
+    """The links of one audit worker (stdin, and with ``--listen`` the proxy processes' sockets):
+    routes each written checkpoint to its link, and what concerns every link to each."""
+
+    def __init__(self, recorder: AuditRecorder) -> None:
+        self.recorder = recorder
+        self.links: list[Worker] = []
+        recorder.on_checkpoint = self.on_checkpoint
+        recorder.track_changes()
+
+    def add(self, out: Any) -> "Worker":
+        worker = Worker(self.recorder, out, hub=self)
+        self.links.append(worker)
+        return worker
+
+    def remove(self, worker: "Worker") -> None:
+        if worker in self.links:
+            self.links.remove(worker)
+
+    def on_checkpoint(self, marks: list) -> None:
+        links = self.links
+        for mark in marks:
+            owner = mark.owner
+            if len(links) > 1:
+                # Counters changed before this mark may be another link's sessions: every link
+                # gets them with its own next ack (never ahead of that ack's input position).
+                for other in links:
+                    if other is not owner:
+                        other._pending.update(mark.seqs)
+            if owner is not None:
+                owner.take_mark(mark)
+
+    async def say_all(self, message: dict) -> None:
+        for worker in list(self.links):
+            await worker.say(message)
+
+
 class Worker:
-    def __init__(self, recorder: AuditRecorder, out: Any) -> None:
+    def __init__(self, recorder: AuditRecorder, out: Any, hub: Hub | None = None) -> None:
         self.recorder = recorder
         self.out = out
         self.taps: dict[int, tuple[Any, TemplateAudit, str]] = {}
@@ -74,8 +125,19 @@ class Worker:
         self._ack_wake = trio.Event()
         self._say_lock = trio.Lock()
         self.ack_delay = ACK_DELAY  # 0 under durability "ack": sessions wait for each ack
-        recorder.on_checkpoint = self.on_checkpoint
-        recorder.track_changes()
+        self._pending: dict = {}  # counters changed before other links' checkpoints, since our last
+        if hub is None:
+            recorder.on_checkpoint = self.on_checkpoint
+            recorder.track_changes()
+
+    def take_mark(self, mark: Any) -> None:
+        """One of this link's checkpoints is written (``Hub``): what changed before it goes with the ack."""
+        if self._pending:
+            self._seqs.update(self._pending)
+            self._pending = {}
+        self._seqs.update(mark.seqs)
+        self.acked = mark.frames
+        self._ack_wake.set()
 
     def on_checkpoint(self, marks: list) -> None:
         """The recorder wrote a batch: the checkpoints it passed are durable input positions."""
@@ -198,10 +260,60 @@ class Worker:
                         await self.handle(kind, slot, direction, payload)
             del buf[:pos]
             # Every event these frames produced is queued: once written, they are acked.
-            recorder.checkpoint(self.frames)
+            recorder.checkpoint(self.frames, self)
 
 
-async def serve(config_file: str) -> None:
+async def close_taps(worker: Worker) -> None:
+    """A link ended: flush what its open taps parsed (their sessions end without an end event)."""
+    for slot in list(worker.taps):
+        await worker._close_tap(slot, None)
+
+
+async def serve_links(hub: Hub, path: str, hello: Any, ack_delay: float, *,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept proxy processes' links on the Unix socket ``path`` (``"workers": N``)."""
+    import socket as socket_module
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)  # only the proxy's own user may feed its audit trail
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        worker = hub.add(stream)
+        worker.ack_delay = ack_delay
+        try:
+            async with trio.open_nursery() as nursery:
+                await worker.say(hello())
+                nursery.start_soon(worker.send_acks)
+                try:
+                    await worker.read(stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                if not worker.quit:
+                    log.warning("audit worker: a proxy process's link ended without a goodbye (the process died); "
+                                "its open taps are closed, the other links go on")
+                await close_taps(worker)
+                if worker.quit:
+                    # A clean goodbye: the proxy process waits until what it sent is written.
+                    with trio.move_on_after(30):
+                        while worker.acked < worker.frames:
+                            await trio.sleep(0.005)
+                        await worker.say({"ack": worker.acked, "seqs": {}})
+                nursery.cancel_scope.cancel()
+        finally:
+            hub.remove(worker)
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        await trio.serve_listeners(serve_one, [listener], handler_nursery=nursery)
+
+
+async def serve(config_file: str, listen: str | None = None) -> None:
     from dbproxy.config import load_audit_config
 
     os.environ.setdefault("DBPROXY_PID", str(os.getppid()))  # sinks name the proxy, not the worker
@@ -225,12 +337,19 @@ async def serve(config_file: str) -> None:
     recorder = AuditRecorder(sinks, capacity=audit_config.queue_size, on_accepting_change=on_change)
     if audit_config.durability == "ack":
         recorder.batch_delay = 0.0  # sessions wait for the acks: a batch gathers during the previous fsync
-    worker = Worker(recorder, stdout)
+    hub = Hub(recorder)
+    worker = hub.add(stdout)
     if audit_config.durability == "ack":
         worker.ack_delay = 0.0
+
+    def hello() -> dict:
+        return {"ready": True, "last_seq": recorder.last_seq, "accepting": recorder.accepting, "pid": os.getpid()}
+
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
-        await worker.say({"ready": True, "last_seq": recorder.last_seq, "accepting": recorder.accepting, "pid": os.getpid()})
+        if listen:
+            await nursery.start(serve_links, hub, listen, hello, worker.ack_delay)
+        await worker.say(hello())
 
         async def report() -> None:
             # Changes seen by the drain task come at once; a blocked sink that recovers
@@ -247,7 +366,7 @@ async def serve(config_file: str) -> None:
                     stats = worker_statistics(recorder)
                     if stats != stats_said:
                         stats_said = stats
-                        await worker.say({"stats": stats})
+                        await hub.say_all({"stats": stats})
                 with trio.move_on_after(REPORT_POLL):
                     await wake.wait()
                 wake = trio.Event()
@@ -257,7 +376,7 @@ async def serve(config_file: str) -> None:
                     said = now
                     # With the statistics that say why (which sink is blocked), for /readyz.
                     stats_said = worker_statistics(recorder)
-                    await worker.say({"accepting": now, "stats": stats_said})
+                    await hub.say_all({"accepting": now, "stats": stats_said})
 
         nursery.start_soon(report)
         nursery.start_soon(worker.send_acks)
@@ -317,11 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    listen = None
+    if "--listen" in argv:  # ``"workers": N``: the proxy processes link in on this Unix socket
+        i = argv.index("--listen")
+        listen = argv[i + 1]
+        del argv[i:i + 2]
     level = argv[1] if len(argv) > 1 else "INFO"
     from dbproxy.logs import configure_from_env
 
     configure_from_env(level=level, process="audit-worker")  # the proxy's format and module levels
-    trio.run(serve, argv[0])
+    trio.run(serve, argv[0], listen)
     return 0
 
 

@@ -69,13 +69,15 @@ class AdminHandler:
         return HTTPResponse.json(404, {"error": {"code": 404, "message": f"no {path} here: /metrics, /healthz, /readyz"}})
 
 
-async def serve_admin(server: Any, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the admin endpoints until cancelled; ``task_status.started((host, port))`` once bound."""
+async def serve_admin(server: Any, host: str, port: int, *, handler: Any = None,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the admin endpoints until cancelled; ``task_status.started((host, port))`` once bound.
+    ``handler``: another set of endpoints (the supervisor's over every process, dbproxy.workers)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     address = (sockname[0], sockname[1])
     log.info("admin listener (/metrics, /healthz, /readyz) on %s:%d", *address)
-    handler = AdminHandler(server)
+    handler = handler or AdminHandler(server)
     counter = 0
 
     async def serve_one(stream: trio.SocketStream) -> None:

@@ -61,7 +61,8 @@ async def serve(config: Config | str | os.PathLike, *, registry: Any = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the proxy of ``config`` (a ``Config`` or a config file's path) until ``stop()`` or
     cancellation; ``task_status.started(Running)`` once every listener is bound.  Raises
-    ``dbproxy.errors.ConfigErrors`` for an invalid file, before binding anything."""
+    ``dbproxy.errors.ConfigErrors`` for an invalid file, before binding anything.  In-process the
+    proxy is this one process: ``"workers"`` applies to ``dbproxy serve`` (dbproxy.workers)."""
     if registry is None:
         from .registry import default_registry  # the composition root that names the engines
 

@@ -53,7 +53,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with open(args.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
     try:
-        trio.run(_serve_main, config, registry)
+        if config.workers > 1:  # a supervisor of N proxy processes (dbproxy.workers)
+            from .workers import supervise
+
+            trio.run(supervise, config, registry)
+        else:
+            trio.run(_serve_main, config, registry)
     finally:
         if args.pid_file:
             with contextlib.suppress(OSError):

@@ -192,6 +192,8 @@ class Config:
     buffers: BuffersConfig = BuffersConfig()
     logging: LoggingConfig = LoggingConfig()
     admin: AdminConfig | None = None  # None: no admin listener
+    # Proxy processes on the same ports (SO_REUSEPORT) under one supervisor (dbproxy.workers); 1: one process.
+    workers: int = 1
 
     @classmethod
     def load(cls, path: str, registry: Any = None) -> "Config":
@@ -207,7 +209,7 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers", "logging",
-            "admin"}
+            "admin", "workers"}
 ADMIN_KEYS = {"listen"}
 LOGGING_KEYS = {"format", "level", "levels"}
 LISTENER_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
@@ -278,6 +280,7 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
     buffers = _buffers(v, root["buffers"], "buffers") if "buffers" in root else BuffersConfig()
     logging_config = _logging(v, root["logging"], "logging") if "logging" in root else LoggingConfig()
     admin = _admin(v, root["admin"], "admin", listeners) if "admin" in root else None
+    workers = _workers(v, root, validated, audit)
     return Config(
         file=v.file,
         listeners=tuple(listeners),
@@ -289,7 +292,24 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
         buffers=buffers or BuffersConfig(),
         logging=logging_config or LoggingConfig(),
         admin=admin,
+        workers=workers,
     )
+
+
+def _workers(v: Validator, root: dict, validated: list, audit: Any) -> int:
+    """``"workers": N`` (dbproxy.workers): N processes share the listeners' ports, so each port must be
+    fixed (port 0 would give each process its own), and one audit chain needs the audit worker."""
+    n = v.integer(root, "workers", "", minimum=1)
+    if n is None or n == 1:
+        return 1
+    for i, _, lc in validated:
+        if not lc.port:
+            v.err(f"listeners[{i}].listen", f"a fixed port with \"workers\": {n} (every process binds the same "
+                  f"port; port 0 would give each its own)")
+    if audit is not None and not audit.worker:
+        v.err("audit.worker", f"true with \"workers\": {n} (the processes share one audit chain, written "
+              f"by the audit worker)")
+    return n
 
 
 def _admin(v: Validator, item: Any, path: str, listeners: list) -> AdminConfig | None:

@@ -40,6 +40,7 @@ from .metrics import ProxyMetrics
 from .net import peer_address
 from .proxyproto import ClosedBeforeHeader, ProxyProtocolError
 from .session import Session
+from .workerctx import current as current_worker
 
 log = logging.getLogger("dbproxy.server")
 
@@ -81,12 +82,16 @@ class ProxyServer:
     def __init__(self, config: Config, registry: EngineRegistry, *, recorder: AuditRecorder | None = None) -> None:
         self.config = config
         self.registry = registry
+        # One of N proxy processes under a supervisor (``"workers": N``, dbproxy.workers); None: the only one.
+        self.worker = current_worker()
         if recorder is None:
             durable = config.audit.durability == "ack"
             if config.audit.worker and os.path.isfile(config.file):
                 # The trail is written by the audit worker process (it re-reads the
-                # config file for its sinks); sessions only hand bytes over.
-                recorder = AuditLink(config.file, durable_sessions=durable, link_delay=0.0 if durable else LINK_DELAY)
+                # config file for its sinks); sessions only hand bytes over.  Under a supervisor
+                # every process links to the supervisor's one worker (one chain).
+                recorder = AuditLink(config.file, durable_sessions=durable, link_delay=0.0 if durable else LINK_DELAY,
+                                     connect=self.worker.audit_socket if self.worker is not None else None)
             else:
                 sinks = [build_sink(s) for s in config.audit.sinks]
                 if durable:  # one fdatasync per batch (group commit), as the audit worker does
@@ -144,7 +149,10 @@ class ProxyServer:
             await audit_nursery.start(self.recorder.run)
             # A marker per run: ``dbproxy audit verify`` tells a clean stop (``proxy.stop``)
             # from a crash (a ``proxy.start`` with no stop before it).
-            self._marker(ev.PROXY_START, durability=self.config.audit.durability, **self._previous_run())
+            if self.worker is None:
+                self._marker(ev.PROXY_START, durability=self.config.audit.durability, **self._previous_run())
+            else:  # the supervisor marks the run; this is one of its processes
+                self._marker(ev.PROXY_WORKER_START, worker=self.worker.index, workers=self.worker.count)
             try:
                 async with trio.open_nursery() as background:
                     # Work shared by sessions (Kerberos acquisition and renewal) lives
@@ -155,14 +163,17 @@ class ProxyServer:
                     for engine in self.engines.values():
                         if hasattr(engine, "attach"):
                             engine.attach(background)
-                    if self.config.admin is not None:
+                    if self.config.admin is not None and self.worker is None:  # else the supervisor's
                         from .admin import serve_admin
 
                         self.admin_address = await background.start(
                             serve_admin, self, self.config.admin.host, self.config.admin.port)
                     await self._serve_sessions(background, task_status=task_status)
                     background.cancel_scope.cancel()
-                self._marker(ev.PROXY_STOP, reason="stopped")
+                if self.worker is None:
+                    self._marker(ev.PROXY_STOP, reason="stopped")
+                else:
+                    self._marker(ev.PROXY_WORKER_STOP, worker=self.worker.index, reason="stopped")
             finally:
                 with trio.CancelScope(shield=True):
                     await self.recorder.aclose()
@@ -202,7 +213,7 @@ class ProxyServer:
             sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
 
     async def _open(self, lc: ListenerConfig) -> None:
-        self._start(lc, await open_listener(lc))
+        self._start(lc, await open_listener(lc, reuse_port=self.worker is not None))
 
     def _start(self, lc: ListenerConfig, opened: list) -> None:
         """Accept on ``lc``'s bound sockets, in its own cancel scope (a reload may close it alone)."""
@@ -282,7 +293,7 @@ class ProxyServer:
             if before is not None and (_same_socket(before, lc) or (before.host, before.port) == (lc.host, lc.port)):
                 continue  # kept, or re-bound at the same address once the old socket is closed
             try:
-                fresh[lc.name] = await open_listener(lc)
+                fresh[lc.name] = await open_listener(lc, reuse_port=self.worker is not None)
             except OSError as exc:
                 for opened in fresh.values():
                     for sock in opened:

@@ -159,11 +159,44 @@ def make_entry(engine: Any, lc: ListenerConfig, services: Any) -> Any:
     raise ValueError(f"unknown listener kind {lc.kind!r}")
 
 
-async def open_listener(lc: ListenerConfig) -> list[Any]:
-    """Open a listener's sockets: trio SocketListeners for stream kinds, one bound UDP socket for udp."""
+async def open_listener(lc: ListenerConfig, *, reuse_port: bool = False) -> list[Any]:
+    """Open a listener's sockets: trio SocketListeners for stream kinds, one bound UDP socket for udp.
+
+    ``reuse_port`` (``"workers": N``, dbproxy.workers): SO_REUSEPORT, so every proxy process binds
+    the same port and the kernel spreads connections (TCP) and peers (UDP, by source address)
+    over them."""
     if lc.kind == "udp":
-        return [await open_udp_socket(lc.host, lc.port)]
+        return [await open_udp_socket(lc.host, lc.port, reuse_port=reuse_port)]
+    if reuse_port:
+        return await _open_reuseport_listeners(lc.host, lc.port)
     return await trio.open_tcp_listeners(lc.port, host=lc.host)
+
+
+async def _open_reuseport_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` with SO_REUSEPORT set before bind."""
+    import socket as socket_module
+
+    infos = await trio.socket.getaddrinfo(host, port, type=socket_module.SOCK_STREAM, flags=socket_module.AI_PASSIVE)
+    listeners = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+                sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
+                if family == socket_module.AF_INET6:
+                    sock.setsockopt(socket_module.IPPROTO_IPV6, socket_module.IPV6_V6ONLY, 1)
+                await sock.bind(addr)
+                sock.listen(4096)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def bound_address(opened: Any) -> tuple[str, int]:

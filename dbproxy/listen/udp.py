@@ -250,12 +250,15 @@ class DatagramListener:
             self.sock.close()
 
 
-async def open_udp_socket(host: str, port: int) -> trio.socket.SocketType:
-    """A bound UDP socket for ``host:port`` (port 0: the kernel picks)."""
+async def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> trio.socket.SocketType:
+    """A bound UDP socket for ``host:port`` (port 0: the kernel picks); ``reuse_port``: SO_REUSEPORT
+    (several proxy processes; the kernel keeps each peer on one of them)."""
     infos = await trio.socket.getaddrinfo(host, port, type=socket_module.SOCK_DGRAM, flags=socket_module.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]
     sock = trio.socket.socket(family, type_, proto)
     try:
+        if reuse_port:
+            sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
         await sock.bind(addr)
     except BaseException:
         sock.close()

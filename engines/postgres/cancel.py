@@ -1,4 +1,12 @@
-"""Cancel keys: the (pid, secret) a client is given and the backend key it stands for."""
+"""Cancel keys: the (pid, secret) a client is given and the backend key it stands for.
+
+With several proxy processes (``"workers": N``) each has its own map; the
+kernel may hand a CancelRequest (a new connection, §55.2.7) to any of them,
+so one that does not know the key asks its siblings through the core's
+routing channel (``dbproxy.siblings``, under ``SIBLING_CANCEL``) and the one
+holding the session delivers it.  The key the client sees is unchanged (the
+backend's real pid, 4 random bytes of secret): no process index in it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,20 @@ import struct
 from typing import Any
 
 from . import messages as m
+
+
+# ``"workers": N`` (dbproxy.siblings): the name a CancelRequest is routed under to the proxy
+# process that holds the session (the key: pid and secret, as the client sent them).
+SIBLING_CANCEL = "postgres.cancel"
+_PID = struct.Struct(">I")
+
+
+def cancel_key_bytes(pid: int, secret: bytes) -> bytes:
+    return _PID.pack(pid & 0xFFFFFFFF) + secret
+
+
+def parse_cancel_key(key: bytes) -> tuple[int, bytes]:
+    return _PID.unpack_from(key)[0], key[4:]
 
 
 class CancelMap:

@@ -57,7 +57,7 @@ from dbproxy.tls import server_context
 
 from . import messages as m
 from .backend import make_backend_read_only, open_backend, send_cancel
-from .cancel import CancelMap
+from .cancel import SIBLING_CANCEL, CancelMap, cancel_key_bytes, parse_cancel_key
 from .clientwire import client_error_for, error_message
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, FrontendDecoder
 from .clientauth import ClientAuthError, authenticate
@@ -83,6 +83,11 @@ class PostgresEngine(Engine):
         super().__init__(listener, services)
         self.ssl_context = server_context(listener.tls) if listener.tls else None
         self.cancels: CancelMap = services.extras.setdefault("postgres.cancel_map", CancelMap())
+        # ``"workers": N``: a CancelRequest may reach a process that does not hold the session;
+        # its siblings are asked (dbproxy.siblings), and this one answers for its own sessions.
+        self.siblings = services.extras.get("siblings")
+        if self.siblings is not None:
+            self.siblings.register(SIBLING_CANCEL, self._cancel_for_sibling)
 
     @classmethod
     def validate_auth(cls, v: Any, method: str, ad: dict, path: str) -> dict:
@@ -151,17 +156,34 @@ class PostgresEngine(Engine):
                 return msg
 
     async def _forward_cancel(self, req: m.CancelRequest) -> None:
-        found = self.cancels.lookup(req.pid, req.secret)
-        if found is None:
-            log.info("cancel request for an unknown key (pid %d): ignored", req.pid)
+        if await self._cancel_here(req.pid, req.secret):
             return
+        if self.siblings is not None:
+            answer = await self.siblings.route(SIBLING_CANCEL, cancel_key_bytes(req.pid, req.secret))
+            if answer is not None:
+                log.info("cancel request (pid %d): routed to the proxy process holding the session", req.pid)
+                return
+        log.info("cancel request for an unknown key (pid %d): ignored", req.pid)
+
+    async def _cancel_for_sibling(self, key: bytes) -> bytes | None:
+        """A sibling process received a CancelRequest: deliver it if the session is ours."""
+        pid, secret = parse_cancel_key(key)
+        return b"" if await self._cancel_here(pid, secret, routed=True) else None
+
+    async def _cancel_here(self, pid: int, secret: bytes, *, routed: bool = False) -> bool:
+        """Deliver a CancelRequest for a session this process holds; False: not one of ours."""
+        found = self.cancels.lookup(pid, secret)
+        if found is None:
+            return False
         route, key = found
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 await send_cancel(route, key)
-            log.info("cancel request delivered to backend %s pid %d", route.backend.address, key.pid)
+            log.info("cancel request%s delivered to backend %s pid %d", " (from a sibling process)" if routed else "",
+                     route.backend.address, key.pid)
         except (ProxyError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
             log.warning("cancel request to backend %s failed: %s", route.backend.address, exc)
+        return True
 
     async def identify(self, session: Any, request: Request) -> None:
         """With identity configured, the client proves who it is (``clientauth``)."""

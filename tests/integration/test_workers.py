@@ -1,0 +1,267 @@
+"""``"workers": 2``: two proxy processes on the same port under ``dbproxy serve``, real PostgreSQL.
+
+The kernel spreads connections over the SO_REUSEPORT sockets by a hash of the
+addresses, so each test opens several connections (each from a new source
+port) until both processes served some; which process held a session is in
+its audit events (``proxy_worker``).  The cancel test loops until a
+CancelRequest landed on the process that does not hold the session (the log
+says it was routed), and every cancel must have worked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dbproxy.audit.chain import verify_files
+from scripts.peers import free_port
+from tests.support import (ProxyProcess, child_pids, cmdline, dbproxy_cli, password_backend, read_audit, wait_audit,
+                           wait_until)
+
+pytestmark = pytest.mark.integration
+
+
+def _config(pg, workdir, port: int, **extra) -> dict:
+    user, password = pg.users["scram-sha-256"]
+    backend = password_backend(workdir, f"127.0.0.1:{pg.port}", user, password, "scram-sha-256", database="app")
+    return {"workers": 2,
+            "listeners": [{"name": "pg", "protocol": "postgres", "listen": f"127.0.0.1:{port}",
+                           "routes": [{"name": "scram", "backend": backend}]}],
+            "audit": {"sinks": [{"type": "jsonl", "path": str(workdir / "audit.jsonl")}]},
+            "shutdown_grace_seconds": 2, **extra}
+
+
+def _connect(port: int, **kw):
+    return psycopg.connect(host="127.0.0.1", port=port, user="alice", dbname="app", password="unused",
+                           sslmode="disable", connect_timeout=10, autocommit=True, **kw)
+
+
+def _workers(proxy) -> dict[int, int]:
+    """The proxy processes under the supervisor: index -> pid."""
+    found = {}
+    for pid in child_pids(proxy.proc.pid):
+        try:
+            argv = cmdline(pid).split()
+        except OSError:
+            continue
+        if "dbproxy.workers" in argv and "worker" in argv:
+            found[int(argv[argv.index("worker") + 2])] = pid
+    return found
+
+
+def _starts(proxy) -> list[dict]:
+    return [e for e in read_audit(proxy.workdir / "audit.jsonl") if e["event"] == "db.session.start"]
+
+
+def _served_by(proxy, conn) -> int:
+    """Which process holds ``conn``'s session: its start event names the client's port."""
+    port = conn.pgconn.socket and __import__("socket").socket(fileno=os.dup(conn.pgconn.socket)).getsockname()[1]
+    found = wait_until(lambda: [e for e in _starts(proxy) if e["addr.remote"].endswith(f":{port}")] or None,
+                       what=f"the session start of client port {port}")
+    return found[-1]["proxy_worker"]
+
+
+def _start(workdir, config: dict) -> ProxyProcess:
+    """Start ``dbproxy serve`` (four processes to import: slow on a loaded machine); none left behind."""
+    p = ProxyProcess(workdir, config)
+    try:
+        return p.start(timeout=90)
+    except BaseException:
+        p.kill()
+        raise
+
+
+@pytest.fixture
+def proxy(pg, tmp_path):
+    port = free_port()
+    p = _start(tmp_path, _config(pg, tmp_path, port))
+    p.workdir, p.listen_port = tmp_path, port
+    yield p
+    p.stop()
+
+
+def _spread(proxy, n: int = 16) -> tuple[list, dict[int, list]]:
+    """``n`` held connections, by the process that serves each (both, or the test cannot say anything)."""
+    conns = [_connect(proxy.listen_port) for _ in range(n)]
+    by_worker: dict[int, list] = {}
+    for conn in conns:
+        by_worker.setdefault(_served_by(proxy, conn), []).append(conn)
+    assert set(by_worker) == {0, 1}, f"the kernel gave every connection to one process: {by_worker.keys()}"
+    return conns, by_worker
+
+
+def test_two_processes_share_the_port_and_one_audit_chain(proxy, pg):
+    assert len(_workers(proxy)) == 2
+    conns, by_worker = _spread(proxy)
+    for conn in conns:
+        assert conn.execute("select 41 + 1").fetchone() == (42,)
+        conn.close()
+    assert proxy.stop() == 0
+    assert _workers(proxy) == {}
+    events = read_audit(proxy.workdir / "audit.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds.count("proxy.start") == 1 and kinds[0] == "proxy.start" and events[0]["workers"] == 2
+    assert kinds[-1] == "proxy.stop"
+    assert sorted(e["worker"] for e in events if e["event"] == "proxy.worker.start") == [0, 1]
+    assert sorted(e["worker"] for e in events if e["event"] == "proxy.worker.stop") == [0, 1]
+    queries = [e for e in events if e["event"] == "db.session.query" and e["db_query"] == "select 41 + 1"]
+    assert {e["proxy_worker"] for e in queries} == {0, 1} and len(queries) == 16
+    # One chain, every session complete (session_seq per session), both processes' events in it.
+    result = verify_files([str(proxy.workdir / "audit.jsonl")])
+    assert result.ok, result
+    assert not result.gaps, result.gaps
+    assert len({e["sid"] for e in queries}) == 16
+
+
+def _cancel_in_time(conn) -> float:
+    timer = threading.Timer(0.3, conn.cancel)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("select pg_sleep(20)")
+    timer.join()
+    return time.monotonic() - t0
+
+
+def test_cancel_reaches_the_process_holding_the_session(proxy):
+    """A CancelRequest is a new connection: the kernel may hand it to the other process, which must
+    route it to the one holding the session (its log says so) — every cancel lands within seconds."""
+    conns, by_worker = _spread(proxy, 8)
+    routed = 0
+    for attempt in range(40):
+        conn = conns[attempt % len(conns)]
+        elapsed = _cancel_in_time(conn)
+        assert elapsed < 5, f"cancel {attempt} took {elapsed:.1f}s (it did not reach the backend)"
+        assert conn.execute("select 'still usable'").fetchone() == ("still usable",)
+        routed = proxy.log_text().count("routed to the proxy process holding the session")
+        if routed >= 2 and attempt >= 7:
+            break
+    assert routed >= 1, "no cancel landed on the other process in 40 tries"
+    assert proxy.log_text().count("(from a sibling process) delivered to backend") == routed
+    for conn in conns:
+        conn.close()
+
+
+def test_connection_limit_holds_across_processes(pg, tmp_path):
+    """A listener limit of 3 with two processes admits exactly 3 sessions in all."""
+    port = free_port()
+    proxy = _start(tmp_path, _config(pg, tmp_path, port, limits={"listeners": {"pg": 3}}))
+    proxy.workdir = tmp_path
+    try:
+        held = [_connect(port) for _ in range(3)]
+        refused = 0
+        for _ in range(10):  # new source ports: both processes get some of these
+            try:
+                _connect(port).close()
+            except psycopg.OperationalError as exc:
+                assert "53300" in str(exc) or "too many" in str(exc).lower(), exc
+                refused += 1
+        assert refused == 10
+        denied = wait_audit(tmp_path / "audit.jsonl",
+                            lambda evs: len([e for e in evs if e["event"] == "db.session.access_denied"]) >= 10 or None,
+                            what="the refusals")
+        workers = {e["proxy_worker"] for e in denied if e["event"] == "db.session.access_denied"}
+        holders = {e["proxy_worker"] for e in _starts(proxy)}
+        assert workers | holders == {0, 1}, (workers, holders)  # both processes took part
+        held.pop().close()
+        # The slot is free again, on whichever process the next connection lands.
+        conn = wait_until(lambda: _try_connect(port), timeout=10, what="the freed slot")
+        conn.close()
+        for conn in held:
+            conn.close()
+    finally:
+        proxy.stop()
+
+
+def _try_connect(port: int):
+    try:
+        return _connect(port)
+    except psycopg.OperationalError:
+        return None
+
+
+def test_a_killed_process_is_restarted_and_the_other_keeps_serving(proxy):
+    conns, by_worker = _spread(proxy, 8)
+    before = _workers(proxy)
+    os.kill(before[1], signal.SIGKILL)
+    # Process 0's sessions go on; process 1's are gone with it.
+    for conn in by_worker[0]:
+        assert conn.execute("select 1").fetchone() == (1,)
+    for conn in by_worker[1]:
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+    # Meanwhile new connections are served (by process 0, or the new process 1).
+    for _ in range(6):
+        with _connect(proxy.listen_port) as conn:
+            assert conn.execute("select 2").fetchone() == (2,)
+    exits = wait_audit(proxy.workdir / "audit.jsonl",
+                       lambda evs: [e for e in evs if e["event"] == "proxy.worker.exit"] or None,
+                       what="the proxy.worker.exit event")
+    exit_event = [e for e in exits if e["event"] == "proxy.worker.exit"][0]
+    assert exit_event["worker"] == 1 and exit_event["worker_pid"] == before[1] and exit_event["status"] == -9
+    after = wait_until(lambda: (lambda w: w if len(w) == 2 and w[1] != before[1] else None)(_workers(proxy)),
+                       what="process 1 started again")
+    assert after[0] == before[0]
+    wait_audit(proxy.workdir / "audit.jsonl",
+               lambda evs: len([e for e in evs if e["event"] == "proxy.worker.start" and e["worker"] == 1]) >= 2 or None,
+               what="the new process 1's start")
+    conns2, _ = _spread(proxy, 12)  # both serve again
+    for conn in conns + conns2:
+        conn.close()
+    assert proxy.stop() == 0
+    result = verify_files([str(proxy.workdir / "audit.jsonl")])
+    assert result.chain_ok, result
+    # The killed process's sessions show as cut off, nothing else.
+    assert all("no end event" in g for g in result.gaps), result.gaps
+    assert len(result.gaps) == len(by_worker[1])
+
+
+def test_reload_reaches_every_process_and_sigterm_stops_all(proxy, pg):
+    doc = json.loads(proxy.config_path.read_text())
+    user, password = pg.users["md5"]
+    doc["listeners"][0]["routes"][0]["backend"] = password_backend(
+        proxy.workdir, f"127.0.0.1:{pg.port}", user, password, "md5", database="app")
+    proxy.config_path.write_text(json.dumps(doc))
+    r = dbproxy_cli("reload", "--config", str(proxy.config_path))
+    assert r.returncode == 0, r.stderr
+    assert f"reload signalled to process {proxy.proc.pid}" in r.stdout and r.stdout.count("signalled") == 1
+    reloads = wait_audit(proxy.workdir / "audit.jsonl",
+                         lambda evs: (lambda r: r if len(r) == 2 else None)([e for e in evs if e["event"] == "proxy.reload"]),
+                         what="a proxy.reload of each process")
+    assert all(e["success"] for e in reloads if e["event"] == "proxy.reload")
+    conns, by_worker = _spread(proxy, 12)
+    for conn in conns:
+        assert conn.execute("select current_user").fetchone() == (user,)
+        conn.close()
+    workers = list(_workers(proxy).values())
+    assert proxy.stop(signal.SIGTERM) == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_admin_metrics_cover_every_process(pg, tmp_path):
+    port, admin = free_port(), free_port()
+    proxy = _start(tmp_path, _config(pg, tmp_path, port, admin={"listen": f"127.0.0.1:{admin}"}))
+    proxy.workdir, proxy.listen_port = tmp_path, port
+    try:
+        conns, by_worker = _spread(proxy, 10)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}  # the text format parses
+        running = {s.labels["worker"]: s.value for s in families["dbproxy_sessions_active"].samples
+                   if s.labels["state"] == "running" and s.labels["listener"] == "pg"}
+        assert running == {str(i): float(len(held)) for i, held in by_worker.items()}
+        assert text.count("# TYPE dbproxy_sessions_active gauge") == 1
+        ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10).read())
+        assert ready == {"ready": True, "reason": "ready"}
+        for conn in conns:
+            conn.close()
+    finally:
+        proxy.stop()
