@@ -1,0 +1,235 @@
+"""A real RDP server (Debian's xrdp 0.9.21) as the target of the RDP tests, and the xfreerdp client.
+
+Strategy: ``xrdp -n -c DIR/xrdp.ini`` in the foreground (our child, its own
+process group) on a free loopback port, with a private config derived from
+the package's ``/etc/xrdp/xrdp.ini``: its own TLS certificate and key (RSA,
+made with openssl), its own log file, no syslog.  xrdp forks one child per
+connection (``fork=true``); ``stop()`` ends the group.
+
+Credentials.  xrdp 0.9 offers TLS and Standard RDP Security, not CredSSP
+(NLA): it checks a login *after* the RDP connection is up, by asking
+``xrdp-sesman`` (PAM).  So ``xfreerdp /auth-only`` — which stops once the
+connection sequence completes, before xrdp has asked sesman — exits 0
+whatever the password (checked by hand: 0 with the right password and with a
+wrong one); what it proves is that the whole sequence (X.224, TLS, MCS,
+licensing, capabilities) went through.  Whether a password was accepted is
+seen by running xfreerdp fully (under Xvfb) and reading xrdp's log: ``login
+successful for user U`` or ``login failed for user U`` (``Xrdp.wait_login``).
+For that, ``with_sesman=True`` also runs ``xrdp-sesman -n -c DIR/sesman.ini``
+with a private config whose X servers are ``/bin/false``: PAM checks the
+password, then the desktop session fails to start at once (nothing of a
+desktop is needed).  xrdp finds sesman on the port of the *installed*
+``/etc/xrdp/sesman.ini`` (compiled in: ``XRDP_CFG_PATH``), so there is one
+sesman per machine, on that port (3350); the tests that need it start one.
+
+The account: a local user ``dbprdp`` (no login shell, a home for sesman's
+``.Xauthority``) with a random password set each time (``chpasswd``) —
+idempotent, root only.
+
+Runnable: ``python -m scripts.peers.xrdp [DIR]`` prints the connection info
+as JSON and waits for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+
+from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+
+__all__ = ["Xrdp", "TEST_USER", "ensure_user", "start_xrdp", "xfreerdp", "xrdp_bin"]
+
+TEST_USER = "dbprdp"
+SYSTEM_SESMAN_INI = Path("/etc/xrdp/sesman.ini")
+
+
+def xrdp_bin() -> str:
+    for name in ("xrdp", "xrdp-sesman", "xfreerdp", "xvfb-run", "openssl"):
+        if shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:" + os.environ.get("PATH", "")) is None:
+            raise FileNotFoundError(f"{name} not found: run scripts/install/rdp.sh (xrdp, freerdp2-x11, xvfb)")
+    return shutil.which("xrdp", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))  # type: ignore[return-value]
+
+
+def ensure_user(name: str, password: str) -> None:
+    """The local account ``name`` exists (no login shell, a home) with ``password``; idempotent, root."""
+    if os.geteuid() != 0:
+        raise PermissionError("the xrdp peer creates a local user: run as root")
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", name], check=True,
+                       capture_output=True)
+    subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True, capture_output=True)
+
+
+def sesman_port() -> int:
+    """The port xrdp looks for sesman on (the installed sesman.ini's ListenPort)."""
+    try:
+        text = SYSTEM_SESMAN_INI.read_text()
+    except FileNotFoundError:
+        return 3350
+    m = re.search(r"^ListenPort=(\d+)", text, re.M)
+    return int(m.group(1)) if m else 3350
+
+
+def _ini(source: Path, replace: dict[str, str]) -> str:
+    """``source`` with each ``key=`` line of ``replace`` rewritten (xrdp's ini files repeat keys,
+    ``param=``, which configparser would refuse: a line edit keeps them)."""
+    out = []
+    for line in source.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith((";", "#")) and key in replace:
+            value = replace[key]
+            if value is None:
+                continue
+            line = f"{key}={value}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@attrs.define(eq=False)
+class Xrdp:
+    dir: Path
+    port: int
+    login: str
+    password: str
+    host: str = "127.0.0.1"
+    with_sesman: bool = False
+    _proc: subprocess.Popen | None = None
+    _sesman: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "xrdp.log"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _configure(self) -> None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+                        "-subj", "/CN=localhost", "-keyout", str(self.dir / "key.pem"),
+                        "-out", str(self.dir / "cert.pem")], check=True, capture_output=True)
+        (self.dir / "xrdp.ini").write_text(_ini(Path("/etc/xrdp/xrdp.ini"), {
+            "port": f"tcp://{self.host}:{self.port}",
+            "certificate": str(self.dir / "cert.pem"),
+            "key_file": str(self.dir / "key.pem"),
+            "fork": "true",
+            "LogFile": str(self.log_file),
+            "EnableSyslog": "false",
+        }))
+        # The X servers sesman would start: /bin/false, so a login that PAM accepted ends there.
+        sesman = _ini(SYSTEM_SESMAN_INI, {"LogFile": str(self.dir / "sesman.log"), "EnableSyslog": "false"})
+        sesman = sesman.replace("param=/usr/lib/xorg/Xorg", "param=/bin/false").replace("param=Xvnc", "param=/bin/false")
+        (self.dir / "sesman.ini").write_text(sesman)
+
+    def start(self, timeout: float = 15.0) -> "Xrdp":
+        self._configure()
+        log = open(self.dir / "xrdp.out", "ab")
+        self._proc = subprocess.Popen([xrdp_bin(), "-n", "-c", str(self.dir / "xrdp.ini")], stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
+                                      start_new_session=True)
+        if self.with_sesman:
+            self._sesman = subprocess.Popen(["xrdp-sesman", "-n", "-c", str(self.dir / "sesman.ini")], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
+                                            start_new_session=True)
+        log.close()
+        try:
+            wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
+            if self._sesman is not None:
+                wait_for_tcp("localhost", sesman_port(), timeout=timeout, proc=self._sesman)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"xrdp did not start: {exc}\n{self.log_text()}") from None
+        return self
+
+    def stop(self) -> None:
+        for proc in (self._proc, self._sesman):
+            if proc is None or proc.poll() is not None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # xrdp and its per-connection children
+            except ProcessLookupError:
+                continue
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def wait_login(self, user: str, since: int = 0, timeout: float = 30.0) -> str:
+        """``"successful"`` or ``"failed"``: xrdp's verdict on ``user``'s login (after ``since``
+        bytes of its log), once sesman answered."""
+        pattern = re.compile(rf"login (successful|failed) for user {re.escape(user)}\b")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pattern.search(self.log_text()[since:])
+            if m:
+                return m.group(1)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"xrdp logged no login verdict for {user} in {timeout}s:\n{self.log_text()[since:]}")
+            time.sleep(0.1)
+
+    def info(self) -> dict:
+        return {"host": self.host, "port": self.port, "login": self.login, "password": self.password,
+                "dir": str(self.dir)}
+
+
+def xfreerdp(address: str, *args: str, timeout: float = 60.0, auth_only: bool = True) -> subprocess.CompletedProcess:
+    """xfreerdp against ``address`` (HOST:PORT) under a private Xvfb (it is an X client even with
+    ``/auth-only``); ``/cert:ignore`` since the test server's certificate is self-signed."""
+    command = ["xvfb-run", "-a", "xfreerdp", f"/v:{address}", "/cert:ignore", *args]
+    if auth_only:
+        command.append("/auth-only")
+    return subprocess.run(["timeout", str(timeout), *command], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+
+
+def start_xrdp(base_dir: str | Path, *, user: str = TEST_USER, with_sesman: bool = False) -> Xrdp:
+    """The test user (with a fresh random password) and a running xrdp under *base_dir* on a free port."""
+    xrdp_bin()
+    base = Path(base_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    dir = Path(tempfile.mkdtemp(prefix="xrdp-", dir=base))
+    password = "Rp-" + secrets.token_urlsafe(12)
+    ensure_user(user, password)
+    last: Exception | None = None
+    for _ in range(5):
+        server = Xrdp(dir=dir, port=free_port(), login=user, password=password, with_sesman=with_sesman)
+        try:
+            return server.start()
+        except RuntimeError as exc:  # the port was taken meanwhile: another one
+            last = exc
+    raise RuntimeError(f"xrdp did not start: {last}")
+
+
+def _main(argv: list[str]) -> int:
+    server = start_xrdp(argv[0] if argv else tempfile.mkdtemp(prefix="xrdp-peer-"), with_sesman=True)
+    print(json.dumps(server.info()), flush=True)
+    try:
+        wait_for_interrupt()
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
