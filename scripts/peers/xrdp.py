@@ -49,14 +49,15 @@ import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
 
-__all__ = ["Xrdp", "TEST_USER", "ensure_user", "start_xrdp", "xfreerdp", "xrdp_bin"]
+__all__ = ["Xrdp", "Xvfb", "TEST_USER", "ensure_user", "start_xrdp", "start_xvfb", "xfreerdp", "xfreerdp_command",
+           "xrdp_bin"]
 
 TEST_USER = "dbprdp"
 SYSTEM_SESMAN_INI = Path("/etc/xrdp/sesman.ini")
 
 
 def xrdp_bin() -> str:
-    for name in ("xrdp", "xrdp-sesman", "xfreerdp", "xvfb-run", "openssl"):
+    for name in ("xrdp", "xrdp-sesman", "xfreerdp", "Xvfb", "openssl"):
         if shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:" + os.environ.get("PATH", "")) is None:
             raise FileNotFoundError(f"{name} not found: run scripts/install/rdp.sh (xrdp, freerdp2-x11, xvfb)")
     return shutil.which("xrdp", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))  # type: ignore[return-value]
@@ -84,17 +85,20 @@ def sesman_port() -> int:
     return int(m.group(1)) if m else 3350
 
 
-def _ini(source: Path, replace: dict[str, str]) -> str:
-    """``source`` with each ``key=`` line of ``replace`` rewritten (xrdp's ini files repeat keys,
-    ``param=``, which configparser would refuse: a line edit keeps them)."""
+def _ini(source: Path, replace: dict[str, dict[str, str]]) -> str:
+    """``source`` with the ``key=`` lines of ``replace[section]`` rewritten in that section only
+    (xrdp's ini files repeat keys — ``param=``, a module's ``port=-1`` — which configparser would
+    refuse: a line edit keeps them)."""
     out = []
+    section = ""
     for line in source.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
         key = line.split("=", 1)[0].strip()
-        if "=" in line and not line.lstrip().startswith((";", "#")) and key in replace:
-            value = replace[key]
-            if value is None:
-                continue
-            line = f"{key}={value}"
+        keys = replace.get(section, {})
+        if "=" in line and not stripped.startswith((";", "#")) and key in keys:
+            line = f"{key}={keys[key]}"
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -129,15 +133,13 @@ class Xrdp:
                         "-subj", "/CN=localhost", "-keyout", str(self.dir / "key.pem"),
                         "-out", str(self.dir / "cert.pem")], check=True, capture_output=True)
         (self.dir / "xrdp.ini").write_text(_ini(Path("/etc/xrdp/xrdp.ini"), {
-            "port": f"tcp://{self.host}:{self.port}",
-            "certificate": str(self.dir / "cert.pem"),
-            "key_file": str(self.dir / "key.pem"),
-            "fork": "true",
-            "LogFile": str(self.log_file),
-            "EnableSyslog": "false",
+            "Globals": {"port": f"tcp://{self.host}:{self.port}", "certificate": str(self.dir / "cert.pem"),
+                        "key_file": str(self.dir / "key.pem"), "fork": "true"},
+            "Logging": {"LogFile": str(self.log_file), "EnableSyslog": "false"},
         }))
         # The X servers sesman would start: /bin/false, so a login that PAM accepted ends there.
-        sesman = _ini(SYSTEM_SESMAN_INI, {"LogFile": str(self.dir / "sesman.log"), "EnableSyslog": "false"})
+        sesman = _ini(SYSTEM_SESMAN_INI, {"Logging": {"LogFile": str(self.dir / "sesman.log"), "EnableSyslog": "false"},
+                                          "ChansrvLogging": {"EnableSyslog": "false"}})
         sesman = sesman.replace("param=/usr/lib/xorg/Xorg", "param=/bin/false").replace("param=Xvnc", "param=/bin/false")
         (self.dir / "sesman.ini").write_text(sesman)
 
@@ -193,14 +195,58 @@ class Xrdp:
                 "dir": str(self.dir)}
 
 
-def xfreerdp(address: str, *args: str, timeout: float = 60.0, auth_only: bool = True) -> subprocess.CompletedProcess:
-    """xfreerdp against ``address`` (HOST:PORT) under a private Xvfb (it is an X client even with
-    ``/auth-only``); ``/cert:ignore`` since the test server's certificate is self-signed."""
-    command = ["xvfb-run", "-a", "xfreerdp", f"/v:{address}", "/cert:ignore", *args]
+@attrs.define(eq=False)
+class Xvfb:
+    """One Xvfb for many xfreerdp runs (``xvfb-run -a`` per client races for display numbers when
+    clients start together)."""
+
+    display: str
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_xvfb(first: int = 140, tries: int = 40) -> Xvfb:
+    """Xvfb on the first free display number from ``first`` (its lock file and socket absent)."""
+    for n in range(first, first + tries):
+        if Path(f"/tmp/.X{n}-lock").exists() or Path(f"/tmp/.X11-unix/X{n}").exists():
+            continue
+        proc = subprocess.Popen(["Xvfb", f":{n}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            if Path(f"/tmp/.X11-unix/X{n}").exists():
+                return Xvfb(display=f":{n}", proc=proc)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    raise RuntimeError(f"no Xvfb display could start in :{first}..:{first + tries - 1}")
+
+
+def xfreerdp_command(address: str, *args: str, auth_only: bool = True) -> list[str]:
+    """The xfreerdp command line against ``address`` (HOST:PORT); ``/cert:ignore`` since the test
+    server's certificate is self-signed."""
+    command = ["xfreerdp", f"/v:{address}", "/cert:ignore", *args]
     if auth_only:
         command.append("/auth-only")
-    return subprocess.run(["timeout", str(timeout), *command], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
+    return command
+
+
+def xfreerdp(address: str, *args: str, display: str, timeout: float = 60.0,
+             auth_only: bool = True) -> subprocess.CompletedProcess:
+    """Run xfreerdp to its end (``/auth-only`` by default) on X display ``display``: it is an X
+    client even when it never draws."""
+    return subprocess.run(["timeout", str(timeout), *xfreerdp_command(address, *args, auth_only=auth_only)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, DISPLAY=display))
 
 
 def start_xrdp(base_dir: str | Path, *, user: str = TEST_USER, with_sesman: bool = False) -> Xrdp:
