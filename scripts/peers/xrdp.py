@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,28 @@ def _ini(source: Path, replace: dict[str, dict[str, str]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _sesman_listening() -> bool:
+    """Is anything on sesman's port?  sesman (xrdp's own bind code) turns ``ListenAddress=127.0.0.1``
+    into ``[::1]`` — or ``[::ffff:127.0.0.1]`` when ``[::1]`` is taken — so both are tried."""
+    for host in ("::1", "127.0.0.1"):
+        try:
+            socket.create_connection((host, sesman_port()), timeout=1).close()
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def _wait_for_sesman(timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not _sesman_listening():
+        if proc.poll() is not None:
+            raise RuntimeError(f"xrdp-sesman exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"xrdp-sesman is not listening on port {sesman_port()} after {timeout}s")
+        time.sleep(0.05)
+
+
 @attrs.define(eq=False)
 class Xrdp:
     dir: Path
@@ -131,7 +154,8 @@ class Xrdp:
     def _configure(self) -> None:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
                         "-subj", "/CN=localhost", "-keyout", str(self.dir / "key.pem"),
-                        "-out", str(self.dir / "cert.pem")], check=True, capture_output=True)
+                        "-out", str(self.dir / "cert.pem")], check=True, capture_output=True,
+                       stdin=subprocess.DEVNULL)
         (self.dir / "xrdp.ini").write_text(_ini(Path("/etc/xrdp/xrdp.ini"), {
             "Globals": {"port": f"tcp://{self.host}:{self.port}", "certificate": str(self.dir / "cert.pem"),
                         "key_file": str(self.dir / "key.pem"), "fork": "true"},
@@ -150,6 +174,10 @@ class Xrdp:
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
                                       start_new_session=True)
         if self.with_sesman:
+            if _sesman_listening():
+                self.stop()
+                raise RuntimeError(f"port {sesman_port()} (xrdp's sesman port, from {SYSTEM_SESMAN_INI}) is taken: "
+                                   "another xrdp-sesman running? (there can be one per machine)")
             self._sesman = subprocess.Popen(["xrdp-sesman", "-n", "-c", str(self.dir / "sesman.ini")], stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
                                             start_new_session=True)
@@ -157,7 +185,7 @@ class Xrdp:
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
             if self._sesman is not None:
-                wait_for_tcp("localhost", sesman_port(), timeout=timeout, proc=self._sesman)
+                _wait_for_sesman(timeout, self._sesman)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"xrdp did not start: {exc}\n{self.log_text()}") from None
@@ -174,8 +202,14 @@ class Xrdp:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
+                pass
+            try:
+                # What outlived the TERM: sesman's per-session children wait for an X server
+                # that never came, and ignore it.
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
     def wait_login(self, user: str, since: int = 0, timeout: float = 30.0) -> str:
         """``"successful"`` or ``"failed"``: xrdp's verdict on ``user``'s login (after ``since``

@@ -51,8 +51,48 @@ def display():
     xvfb.stop()
 
 
+class Capture:
+    """A TCP listener that records the first bytes each connection sends and closes it: where the
+    proxy's forwarded Connection Request is read byte for byte (xrdp does not log what it got).
+    Not a fake RDP server: the session it ends is not under test."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while len(data) < 4 or len(data) < int.from_bytes(data[2:4], "big"):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                except OSError:
+                    pass
+                self.received.append(data)
+
+
 @pytest.fixture(scope="module")
-def rproxy(xrdp, tmp_path_factory):
+def capture():
+    c = Capture()
+    yield c
+    c.sock.close()
+
+
+@pytest.fixture(scope="module")
+def rproxy(xrdp, capture, tmp_path_factory):
     from scripts.peers import free_port
 
     workdir = tmp_path_factory.mktemp("rdpproxy")
@@ -65,10 +105,12 @@ def rproxy(xrdp, tmp_path_factory):
             "name": "rdp", "protocol": "rdp", "listen": "127.0.0.1:0",
             "auth": {"methods": ["anonymous"], "anonymous_roles": ["desk"]},
             "routes": [
-                {"name": "web", "match": {"target": "web*"}, "backend": backend},
+                {"name": "web", "match": {"target": "web[0-9]*"}, "backend": backend},
                 {"name": "db", "match": {"target": "db*"}, "backend": backend},
                 {"name": "down", "match": {"target": "down*"},
                  "backend": {**backend, "address": f"127.0.0.1:{free_port()}"}},
+                {"name": "capture", "match": {"target": "webcapture"},
+                 "backend": {**backend, "address": f"127.0.0.1:{capture.port}"}},
                 # A client that names no target: this route (the session's target is its name).
                 {"name": "web-default", "backend": backend},
             ],
@@ -169,18 +211,43 @@ def test_routing_token_names_the_target(xrdp, rproxy, display):
     assert "announced_user" not in end
 
 
+def test_forwarded_request_without_the_proxys_token(rproxy, capture, display):
+    """What the target receives: the client's Connection Request as sent, minus the routing token
+    that named the target to the proxy (it means nothing to the server)."""
+    from dbproxy.engines.rdp import x224
+
+    since = len(read_audit(rproxy.audit_path))
+    r = _run(rproxy.address, "/u:someone", "/p:x", "/load-balance-info:dbproxy:webcapture", display=display)
+    assert r.returncode != 0  # the capture point hangs up after the request
+    events = wait_audit(rproxy.audit_path, lambda ev: _of(ev, "desktop.session.start", "webcapture"), since=since)
+    (start,) = _of(events, "desktop.session.start", "webcapture")
+    assert start["success"] is False and start["reason"] == "target_closed"
+    (forwarded,) = capture.received
+    cr = x224.parse_connection_request(forwarded)
+    assert cr.token is None
+    assert cr.negotiation == x224.parse_connection_request((DATA / "cr_token.bin").read_bytes()).negotiation
+    # And a request with a cookie goes as received, byte for byte.
+    with socket.create_connection(("127.0.0.1", rproxy.port("rdp")), timeout=10) as s:
+        s.sendall(x224.encode_connection_request(cr, b"dbproxy:webcapture"))
+        assert _read_until_close(s) == x224.encode_disconnect_request()
+    wait_until = time.monotonic() + 10
+    while len(capture.received) < 2 and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    assert capture.received[1] == forwarded
+
+
 def test_refused_target_audited_and_never_reached(xrdp, rproxy, display):
     before = _xrdp_connections(xrdp)
     since = len(read_audit(rproxy.audit_path))
     r = _run(rproxy.address, f"/u:{xrdp.login}", f"/p:{xrdp.password}", "/load-balance-info:dbproxy:db9",
              display=display)
     assert r.returncode != 0
-    events = wait_audit(rproxy.audit_path, lambda ev: _sessions(ev, "desktop.session.start"), since=since)
-    (denied,) = _sessions(events, "desktop.session.access_denied")
-    assert denied["success"] is False and denied["reason"] == "no_role_allows" and denied["target"] == "db9"
-    (start,) = _sessions(events, "desktop.session.start")
+    events = wait_audit(rproxy.audit_path, lambda ev: _of(ev, "desktop.session.start", "db9"), since=since)
+    (denied,) = _of(events, "desktop.session.access_denied", "db9")
+    assert denied["success"] is False and denied["reason"] == "no_role_allows"
+    (start,) = _of(events, "desktop.session.start", "db9")
     assert start["success"] is False and "db9" in start["error"]
-    assert not _sessions(events, "desktop.session.end")
+    assert not _of(events, "desktop.session.end", "db9")
     assert _xrdp_connections(xrdp) == before  # nothing reached the target
 
 
@@ -199,8 +266,8 @@ def test_backend_down(rproxy, display):
     since = len(read_audit(rproxy.audit_path))
     r = _run(rproxy.address, "/u:someone", "/p:x", "/load-balance-info:dbproxy:down1", display=display)
     assert r.returncode != 0
-    events = wait_audit(rproxy.audit_path, lambda ev: _down(ev), since=since)
-    (start,) = _down(events)
+    events = wait_audit(rproxy.audit_path, lambda ev: _of(ev, "desktop.session.start", "down1"), since=since)
+    (start,) = _of(events, "desktop.session.start", "down1")
     assert start["success"] is False and start["reason"] == "target_connect"
     assert "could not connect to backend" in start["error"] and start["target"] == "down1"
 
@@ -221,8 +288,9 @@ def _client_hello() -> bytes:
     return outgoing.read()
 
 
-def _down(events: list[dict]) -> list[dict]:
-    return [e for e in _sessions(events, "desktop.session.start") if e.get("target") == "down1"]
+def _of(events: list[dict], kind: str, target: str) -> list[dict]:
+    """The events of ``kind`` for ``target`` (an earlier test's session may still be ending)."""
+    return [e for e in _sessions(events, kind) if e.get("target") == target]
 
 
 def _read_until_close(s: socket.socket) -> bytes:
