@@ -85,7 +85,6 @@ class RdpRequest:
 
     request: x224.ConnectionRequest | None = None
     forward: bytes = b""  # the bytes sent to the server: the request (maybe rewritten) and any bytes after it
-    malformed: bool = False
 
 
 @attrs.define(eq=False)
@@ -124,9 +123,8 @@ class RDPEngine(Engine):
         try:
             cr = await request.client.receive()
         except x224.X224Error as exc:
-            state.malformed = True
             raise Refused(f"malformed X.224 Connection Request: {exc}", fields={"reason": "malformed_x224"}) from None
-        state.request = cr
+        state.request = cr  # from here on, a refusal is answered in X.224 (``render_error``)
         fields = request.start_fields
         fields["requested_protocols"] = x224.protocol_names(cr.requested_protocols)
         if cr.negotiation is None:
@@ -140,7 +138,6 @@ class RDPEngine(Engine):
         if cr.token is not None and cr.token.startswith(TOKEN_PREFIX):
             name = cr.token[len(TOKEN_PREFIX):].decode("latin-1")
             if not _TARGET.fullmatch(name):
-                state.malformed = True
                 raise Refused(f"routing token names no valid target: {name[:64]!r} (expected dbproxy:NAME, NAME of "
                               "letters, digits, '.', '_', '-')", fields={"reason": "bad_target"})
             target = name
@@ -233,6 +230,6 @@ class RDPEngine(Engine):
         """A refusal: an X.224 Disconnect Request in place of the Connection Confirm; nothing for
         bytes that were not a Connection Request (the connection just closes)."""
         state = request.extra
-        if state is None or state.malformed or state.request is None:
+        if state is None or state.request is None:
             return b""
         return x224.encode_disconnect_request(state.request.src_ref)

@@ -262,6 +262,24 @@ def test_refusal_answer_is_an_x224_disconnect(rproxy):
     assert reply == x224.encode_disconnect_request()
 
 
+def test_bad_target_name_refused(xrdp, rproxy):
+    """A routing token that names no valid target: a well-formed request, refused in X.224, audited."""
+    from dbproxy.engines.rdp import x224
+
+    before = _xrdp_connections(xrdp)
+    since = len(read_audit(rproxy.audit_path))
+    cr = x224.parse_connection_request((DATA / "cr_token.bin").read_bytes())
+    with socket.create_connection(("127.0.0.1", rproxy.port("rdp")), timeout=10) as s:
+        s.sendall(x224.encode_connection_request(cr, b"dbproxy:web1 rm -rf"))
+        assert _read_until_close(s) == x224.encode_disconnect_request()
+    events = wait_audit(rproxy.audit_path,
+                        lambda ev: [e for e in _sessions(ev, "desktop.session.start") if e.get("reason") == "bad_target"],
+                        since=since)
+    (start,) = [e for e in _sessions(events, "desktop.session.start") if e.get("reason") == "bad_target"]
+    assert start["success"] is False and "routing token names no valid target" in start["error"]
+    assert _xrdp_connections(xrdp) == before
+
+
 def test_backend_down(rproxy, display):
     since = len(read_audit(rproxy.audit_path))
     r = _run(rproxy.address, "/u:someone", "/p:x", "/load-balance-info:dbproxy:down1", display=display)
