@@ -4,7 +4,9 @@ Strategy: ``xrdp -n -c DIR/xrdp.ini`` in the foreground (our child, its own
 process group) on a free loopback port, with a private config derived from
 the package's ``/etc/xrdp/xrdp.ini``: its own TLS certificate and key (RSA,
 made with openssl), its own log file, no syslog.  xrdp forks one child per
-connection (``fork=true``); ``stop()`` ends the group.
+connection (``fork=true``); ``stop()`` ends the group.  In the foreground
+(``-n``) neither xrdp nor sesman writes a pid file: the ``Popen`` objects are
+the handles (so several xrdp instances can run side by side).
 
 Credentials.  xrdp 0.9 offers TLS and Standard RDP Security, not CredSSP
 (NLA): it checks a login *after* the RDP connection is up, by asking
