@@ -242,6 +242,7 @@ def test_refused_target_audited_and_never_reached(xrdp, rproxy, display):
     r = _run(rproxy.address, f"/u:{xrdp.login}", f"/p:{xrdp.password}", "/load-balance-info:dbproxy:db9",
              display=display)
     assert r.returncode != 0
+    assert "expected X224_TPDU_CONNECTION_CONFIRM" in r.stderr, r.stderr[-2000:]
     events = wait_audit(rproxy.audit_path, lambda ev: _of(ev, "desktop.session.start", "db9"), since=since)
     (denied,) = _of(events, "desktop.session.access_denied", "db9")
     assert denied["success"] is False and denied["reason"] == "no_role_allows"
@@ -284,6 +285,8 @@ def test_backend_down(rproxy, display):
     since = len(read_audit(rproxy.audit_path))
     r = _run(rproxy.address, "/u:someone", "/p:x", "/load-balance-info:dbproxy:down1", display=display)
     assert r.returncode != 0
+    # The proxy's X.224 Disconnect Request where the Connection Confirm belongs (not a bare close).
+    assert "expected X224_TPDU_CONNECTION_CONFIRM" in r.stderr, r.stderr[-2000:]
     events = wait_audit(rproxy.audit_path, lambda ev: _of(ev, "desktop.session.start", "down1"), since=since)
     (start,) = _of(events, "desktop.session.start", "down1")
     assert start["success"] is False and start["reason"] == "target_connect"
