@@ -14,6 +14,7 @@ def default_registry() -> EngineRegistry:
     from .cassandra.engine import CassandraEngine
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
+    from .rdp.engine import RDPEngine
     from .redfish.engine import RedfishEngine
     from .ssh.commands import SSHCommandsEngine
     from .ssh.engine import SSHEngine
@@ -26,6 +27,7 @@ def default_registry() -> EngineRegistry:
     registry.register("ssh", SSHEngine)
     registry.register("redfish", RedfishEngine)
     registry.register("telnet", TelnetEngine)
+    registry.register("rdp", RDPEngine)
     # The command-template API (dbproxy.commands) running its templates over SSH.
     registry.register("ssh-commands", SSHCommandsEngine)
     return registry

@@ -76,6 +76,9 @@ SANS_IO_MODULES = [
     "dbproxy.engines.mongo.tap",
     "dbproxy.engines.mongo.tee",
     "dbproxy.engines.mongo.errors",
+    "dbproxy.engines.rdp.x224",
+    "dbproxy.engines.rdp.relay",
+    "dbproxy.engines.rdp.config",
 ]
 
 _PROBE = """
