@@ -205,6 +205,8 @@ class ServerMessage:
     text: bytes = b""
     # ServerCutText sent with a negative length (ExtendedClipboard): ``text`` is then flags + data.
     extended: bool = False
+    # For an update: the pixel format its PIXELs are in (the one in force at its first byte).
+    pixel_format: PixelFormat | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def encodings(self) -> set[int]:
@@ -309,7 +311,8 @@ class ServerStream:
                     break
             yield off
             raw = self._finish(off)
-            return ServerMessage("update", 0, raw, [Rect._framed(*s[:5], raw, s[5], s[6]) for s in spans])
+            return ServerMessage("update", 0, raw, [Rect._framed(*s[:5], raw, s[5], s[6]) for s in spans],
+                                 pixel_format=pf)
         if t == 1:  # SetColourMapEntries §7.6.2
             yield 6
             (count,) = struct.unpack_from(">H", buf, self._start + 4)
