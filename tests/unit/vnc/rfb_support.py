@@ -192,7 +192,7 @@ def vnc_auth_response(challenge: bytes, password: str) -> bytes:
     from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
     key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
-    enc = Cipher(TripleDES(key), modes.ECB()).encryptor()
+    enc = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # K1 = K2 = K3: single DES
     return enc.update(challenge) + enc.finalize()
 
 
