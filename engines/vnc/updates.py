@@ -51,7 +51,12 @@ __all__ = [
 
 
 class RfbError(RemoteProtocolError):
-    """The RFB stream broke the protocol or used something we cannot frame (an unknown encoding)."""
+    """The RFB stream broke the protocol or used something we cannot frame (an unknown encoding).
+
+    Raised by ``ServerStream.feed`` with ``messages``: the whole messages that feed completed
+    before the error."""
+
+    messages: list = []
 
 
 # Encoding numbers (RFC 6143 §7.7, §7.8; the community registry in rfbproto.rst).
@@ -245,6 +250,8 @@ class ServerStream:
         return len(self._buf) - self._start
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ServerMessage]:
+        """The messages ``data`` completed.  RfbError (with ``.messages``, the ones completed before
+        it) when the stream cannot be framed further; every later call raises it again."""
         if self._failed is not None:
             raise self._failed
         buf = self._buf
@@ -272,6 +279,8 @@ class ServerStream:
                 else:
                     break  # waiting for more bytes
         except RfbError as exc:
+            # The whole messages before the error stay usable (a relay forwards them, then closes).
+            exc.messages = out  # type: ignore[attr-defined]
             self._failed = exc
             raise
         # Compact once per feed, never inside a message parse (offsets are message-relative anyway).

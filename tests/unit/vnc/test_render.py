@@ -361,3 +361,40 @@ def test_pixel_codec_scales_narrow_channels() -> None:
     c = PixelCodec(PixelFormat(8, 8, False, True, 7, 7, 3, 0, 3, 6))
     assert c.rgb_of_value(0xFF) == bytes((255, 255, 255))
     assert c.rgb_of_value(0b01_010_100) == bytes((4 * 255 // 7, 2 * 255 // 7, 1 * 255 // 3))
+
+
+# -- fuzz: whatever a (corrupt) recording holds, rendering fails only with RenderError ------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dbproxy.engines.vnc.updates import RfbError  # noqa: E402
+
+ENCODINGS = [0, 1, 2, 4, 5, 6, 7, 16, -260, -223, -308, 50, -239]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pfi=st.integers(0, 3), x=st.integers(0, 40), y=st.integers(0, 40), w=st.integers(0, 40), h=st.integers(0, 40),
+       enc=st.sampled_from(ENCODINGS), payload=st.binary(max_size=300), prefix=st.sampled_from([b"", b"\x80", b"\x90",
+                                                                                              b"\x40\x01\x01", b"\x40\x02"]))
+def test_fuzz_render_raises_only_render_errors(pfi, x, y, w, h, enc, payload, prefix) -> None:
+    pf = [PF32, PF32BE, PF16, PF8MAP][pfi]
+    fb = Framebuffer(32, 32, pf)
+    if enc in (6, 16):  # give the zlib-based ones a valid length prefix over random or compressed data
+        body = zlib.compress(payload) if prefix else payload
+        payload = struct.pack(">I", len(body)) + body
+    elif enc in (7, -260):
+        payload = prefix + payload
+    # Zeros behind: whatever the random bytes announce gets completed (a zero byte after the
+    # update is an empty FramebufferUpdate), so the rect is always framed and drawn.
+    msg = struct.pack(">BxHHHHHi", 0, 1, x, y, w, h, enc) + payload + bytes(8000)
+    try:
+        msgs = ServerStream(pf).feed(msg)
+    except RfbError as exc:  # trailing random bytes: keep the update framed before them
+        msgs = exc.messages
+    for m in msgs:
+        try:
+            fb.apply(m)
+        except RenderError:
+            pass
+    assert fb.image().size == (fb.width, fb.height)

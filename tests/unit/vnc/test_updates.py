@@ -325,6 +325,7 @@ def test_unknown_encoding_names_it(enc: int, name: str) -> None:
     with pytest.raises(RfbError) as info:
         s.feed(msg)
     assert f"unsupported {name} rectangle" in str(info.value)
+    assert info.value.messages == []
     with pytest.raises(RfbError):  # the stream stays failed: nothing after it can be framed
         s.feed(b"\x02")
 
@@ -344,6 +345,17 @@ def test_protocol_errors(msg: bytes, match: str) -> None:
     with pytest.raises(RfbError, match=match):
         for i in range(len(msg)):
             s.feed(msg[i:i + 1])
+
+
+def test_messages_before_an_error_come_with_it() -> None:
+    good = update((0, 0, 1, 1, 0, bytes(4)))
+    s = ServerStream(PF32)
+    with pytest.raises(RfbError) as info:
+        s.feed(good + b"\x02" + b"\x07")
+    assert [m.raw for m in info.value.messages] == [good, b"\x02"]
+    with pytest.raises(RfbError) as again:
+        s.feed(b"\x02")
+    assert again.value is info.value
 
 
 def test_max_message_is_checked_before_buffering() -> None:
