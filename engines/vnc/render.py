@@ -524,6 +524,7 @@ class DesktopReplay:
         self._client_ok = True
         self.warnings: list[str] = []
         self.encodings: dict[int, int] = {}
+        self._failed_changed = False
 
     def _client_bytes(self, data: bytes) -> None:
         if not self._client_ok:
@@ -549,11 +550,12 @@ class DesktopReplay:
     def _server_bytes(self, data: bytes) -> bool:
         """Apply; True when an update changed the screen."""
         changed = False
+        failed: RfbError | None = None
         try:
             msgs = self.stream.feed(data)
         except RfbError as exc:
             self.warnings.append(f"server stream: {exc}; the replay stops here")
-            raise
+            msgs, failed = exc.messages, exc  # draw what came before the error
         for m in msgs:
             if m.kind == "update":
                 for r in m.rects:
@@ -566,6 +568,9 @@ class DesktopReplay:
                 changed = True
             else:
                 self.fb.apply(m)
+        if failed is not None:
+            self._failed_changed = changed
+            raise failed
         return changed
 
     def frames(self, *, every: float | None = None, until: float | None = None) -> Iterator[tuple[float, Image.Image]]:
@@ -587,6 +592,8 @@ class DesktopReplay:
             try:
                 changed = self._server_bytes(data)
             except RfbError:
+                if self._failed_changed:
+                    pending = t
                 break
             if not changed:
                 continue

@@ -217,3 +217,20 @@ def test_replay_last_frame_equals_the_screen(tmp_path: Path, kind: str) -> None:
     quantised = [p for p in pngs
                  if 0 < max(hi for _, hi in ImageChops.difference(p.crop(top), last.crop(top)).getextrema()) <= 8]
     assert quantised, "no 16 bpp frame"
+
+
+def test_unframeable_stream_keeps_what_came_before(tmp_path: Path, capsys) -> None:
+    """An encoding nobody can frame (zlibhex) after a good update in the same chunk: the good
+    update is drawn, the replay stops there with a warning naming the encoding."""
+    stem = "tigervnc-zrle"
+    meta = FIXTURES[stem]
+    stream = (DATA / f"{stem}.rfb").read_bytes()
+    bad = struct.pack(">BxHHHHHi", 0, 1, 0, 0, 16, 16, 8) + bytes(40)
+    path = tmp_path / "bad.vncrec"
+    rec = DesktopRecorder(str(path), width=meta["width"], height=meta["height"],
+                          pixel_format=bytes.fromhex(meta["pixel_format"]), name="bad")
+    rec.server(stream + bad)  # one chunk: the good updates and the bad one together
+    rec.close()
+    assert run(str(path), "--last", str(tmp_path / "last.png")) == 0
+    assert "unsupported zlibhex (8) rectangle" in capsys.readouterr().err
+    assert flat_equal(Image.open(tmp_path / "last.png"), Image.open(DATA / f"{stem}.png"))
