@@ -89,7 +89,7 @@ class DesktopRecorder:
         if self._file is None or not data:
             return
         now = time.monotonic()
-        ms = min(int((now - self.started) * 1000), 0xFFFFFFFF)
+        ms = min(round((now - self.started) * 1000), 0xFFFFFFFF)
         self._write(self._z.compress(_REC.pack(kind, ms, len(data))))
         self._write(self._z.compress(data))
         if now - self._last_flush >= FLUSH_SECONDS:

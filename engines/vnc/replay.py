@@ -67,7 +67,7 @@ def replay(args: Any) -> int:
         if t < seek:
             continue
         if png_dir is not None:
-            img.save(os.path.join(png_dir, f"{n:06d}-{int(t * 1000):09d}.png"))
+            img.save(os.path.join(png_dir, f"{n:06d}-{round(t * 1000):09d}.png"))
         if out is not None:
             frames.append((t, img))
         n += 1

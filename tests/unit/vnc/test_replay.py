@@ -234,3 +234,31 @@ def test_unframeable_stream_keeps_what_came_before(tmp_path: Path, capsys) -> No
     assert run(str(path), "--last", str(tmp_path / "last.png")) == 0
     assert "unsupported zlibhex (8) rectangle" in capsys.readouterr().err
     assert flat_equal(Image.open(tmp_path / "last.png"), Image.open(DATA / f"{stem}.png"))
+
+
+def test_every_until_and_seek(tmp_path: Path, monkeypatch) -> None:
+    """Frames on the session's clock: updates at 0.0, 0.1, 0.2, 1.0 and 2.5 s, each painting a
+    4x1 screen one colour; --every 500 keeps the latest of each half second, --until stops, --seek drops."""
+    from dbproxy.engines.vnc import recording as R
+
+    clock = [100.0]
+    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "clock.vncrec"
+    rec = DesktopRecorder(str(path), width=4, height=1, pixel_format=PixelFormat().encode(), name="clock")
+    colours = {0.0: 10, 0.1: 20, 0.2: 30, 1.0: 40, 2.5: 50}
+    for t, v in colours.items():
+        clock[0] = 100.0 + t
+        rec.server(struct.pack(">BxHHHHHi", 0, 1, 0, 0, 4, 1, 0) + bytes((v, v, v, 0)) * 4)
+    rec.close()
+
+    def frames(*argv: str) -> list[tuple[int, int]]:
+        d = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        assert run(str(path), "--png-dir", str(d), *argv) == 0
+        return [(int(p.stem.split("-")[1]), Image.open(p).getpixel((0, 0))[0]) for p in sorted(d.iterdir())]
+
+    assert frames() == [(0, 10), (100, 20), (200, 30), (1000, 40), (2500, 50)]
+    assert frames("--every", "500") == [(0, 10), (200, 30), (1000, 40), (2500, 50)]
+    assert frames("--until", "1.5") == [(0, 10), (100, 20), (200, 30), (1000, 40)]
+    assert frames("--seek", "0.15") == [(200, 30), (1000, 40), (2500, 50)]
+    assert run(str(path), "--last", str(tmp_path / "at.png"), "--until", "0.15") == 0
+    assert Image.open(tmp_path / "at.png").getpixel((0, 0))[0] == 20
