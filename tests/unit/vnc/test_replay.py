@@ -262,3 +262,15 @@ def test_every_until_and_seek(tmp_path: Path, monkeypatch) -> None:
     assert frames("--seek", "0.15") == [(200, 30), (1000, 40), (2500, 50)]
     assert run(str(path), "--last", str(tmp_path / "at.png"), "--until", "0.15") == 0
     assert Image.open(tmp_path / "at.png").getpixel((0, 0))[0] == 20
+
+
+def test_asciicast_files_still_replay_as_terminals(tmp_path: Path, capsys) -> None:
+    """The desktop dispatch leaves terminal recordings to the asciicast reader (no engine is asked)."""
+    from dbproxy.terminal.recording import AsciicastWriter
+
+    cast = tmp_path / "t.cast"
+    w = AsciicastWriter(str(cast), 20, 3, "xterm")
+    w.output(b"hello desk\r\n")
+    w.close()
+    assert replay_cli.cmd_replay(parse("--text", str(cast)), registry=EngineRegistry()) == 0
+    assert "hello desk" in capsys.readouterr().out
