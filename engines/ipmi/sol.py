@@ -76,6 +76,7 @@ CC_CANNOT_ACTIVATE_WITHOUT_ENCRYPTION = 0x84
 CC_INSUFFICIENT_PRIVILEGE = 0xD4
 CC_INVALID_DATA_FIELD = 0xCC
 CC_REQUEST_LENGTH_INVALID = 0xC7
+CC_UNSPECIFIED = 0xFF
 
 
 class SolError(RemoteProtocolError):
@@ -231,10 +232,10 @@ class SolEndpoint:
     def send(self, data: bytes = b"", *, now: float, flags: int = 0) -> list[SolPacket]:
         """Queue characters (and operation/status ``flags`` for the next packet); the packets to send now.
 
-        Raises ``SolError`` when ``data`` exceeds :meth:`room` — callers size what they
-        accept from the other leg by it, so this is a bug of theirs, not of a peer.
+        :meth:`room` is what callers size their acceptance by; a little more is taken (keys an
+        observer held back and released), but past twice ``max_buffer`` this raises ``SolError``.
         """
-        if len(data) > self.room():
+        if len(self._out) + len(data) > 2 * self.max_buffer:
             raise SolError(f"SOL send buffer full ({len(self._out)} of {self.max_buffer} characters held)")
         self._out += data
         self._out_flags |= flags
@@ -392,7 +393,9 @@ class SolRelay:
         return cls(SolEndpoint("bmc", client_chunk, retry_interval, max_retries, max_buffer),
                    SolEndpoint("console", bmc_chunk, retry_interval, max_retries, max_buffer))
 
-    def from_client(self, packet: SolPacket, *, now: float) -> RelayStep:
+    def from_client(self, packet: SolPacket, *, now: float, forward: bool = True) -> RelayStep:
+        """``forward=False``: the characters are only returned (``input``) — the caller passes
+        them through its terminal observer and sends what it releases with ``bmc.send``."""
         with _leg("client"):
             got = self.client.receive(packet, now=now, room=self.bmc.room())
         ops = got.flags & _RELAYED_OPERATIONS
@@ -401,7 +404,8 @@ class SolRelay:
         if ops & SolOperation.FLUSH_INBOUND:
             self.bmc.flush_outbound()
         with _leg("bmc"):
-            to_bmc = self.bmc.send(got.data, now=now, flags=ops) if (got.data or ops) else []
+            data = got.data if forward else b""
+            to_bmc = self.bmc.send(data, now=now, flags=ops) if (data or ops) else []
         return RelayStep(to_client=tuple(got.send), to_bmc=tuple(to_bmc), input=got.data, client_flags=got.flags)
 
     def from_bmc(self, packet: SolPacket, *, now: float) -> RelayStep:

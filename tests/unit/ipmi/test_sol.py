@@ -201,12 +201,14 @@ def test_ack_claiming_more_than_sent_is_an_error():
         e.receive(SolPacket(ack_seq=p.seq, accepted=3), now=0)
 
 
-def test_send_beyond_room_is_refused():
+def test_send_beyond_room_is_bounded():
     e = SolEndpoint(max_buffer=4, max_chunk=1)
     e.send(b"abcd", now=0)                       # one in flight, three held
     assert e.room() == 1
+    e.send(b"xyzab", now=0)                      # room is advisory up to twice max_buffer
+    assert e.room() == 0
     with pytest.raises(SolError, match="buffer full"):
-        e.send(b"xy", now=0)
+        e.send(b"c", now=0)
 
 
 def test_status_only_packet_reports_its_bits():
@@ -395,3 +397,10 @@ def test_sol_module_is_sans_io():
     import sys
     code = "import sys, dbproxy.engines.ipmi.sol; assert 'trio' not in sys.modules, 'trio loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_relay_without_forward_leaves_the_characters_to_the_caller():
+    r = SolRelay.create()
+    step = r.from_client(SolPacket(seq=1, data=b"ab"), now=0, forward=False)
+    assert step.input == b"ab" and step.to_bmc == ()
+    assert step.to_client == (SolPacket(ack_seq=1, accepted=2),)
