@@ -571,3 +571,12 @@ def describe_flags(flags: int, *, from_bmc: bool) -> list[str]:
     """Names of the set bits (for the audit), in the direction's vocabulary."""
     kind: Iterable[enum.IntFlag] = SolStatus if from_bmc else SolOperation
     return [f.name.lower() for f in kind if f & flags and f.name]
+
+
+def attach(ipmi_session: object) -> object:
+    """The IPMI engine's SOL hook (``engines/ipmi/engine.py`` calls it per established session).
+
+    Imported lazily: this module stays sans-IO; the trio side is ``sol_session``."""
+    from .sol_session import attach as _attach
+
+    return _attach(ipmi_session)

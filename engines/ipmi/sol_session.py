@@ -324,3 +324,73 @@ class SolSession:
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
         self._wake.set()
+
+
+# -- the engine hook ------------------------------------------------------------------------------
+
+NETFN_APP = sol.NETFN_APP
+
+
+def attach(ipmi: Any) -> SolSession:
+    """Register SOL on one established IPMI session (``engines/ipmi/engine.py``'s hook: called
+    after RAKP 3 succeeded, with ``ipmi.bmc`` logged in and ``ipmi.nursery`` running).
+
+    - payload type 01h from the client → ``from_client``; from the BMC → ``from_bmc``;
+    - Activate / Deactivate Payload (already allowed by the role and audited as
+      ``bmc.ipmi.command``) are relayed here so the answers can be read and rewritten;
+    - ``run`` (the retransmit timer) in the session's nursery; ``close`` when it ends, its
+      recordings into the session's end event.
+    """
+    extra = ipmi.engine.listener.extra
+    listener = getattr(ipmi.channel, "listener", None)
+    port = listener.sock.getsockname()[1] if listener is not None else 623
+
+    async def send_client(raw: bytes) -> None:
+        await ipmi.send_to_client(sol.PAYLOAD_TYPE_SOL, raw)
+
+    async def send_bmc(raw: bytes) -> None:
+        await ipmi.bmc.send_payload(sol.PAYLOAD_TYPE_SOL, raw)
+
+    async def failed(reason: str) -> None:
+        # The SOL activation is over; the IPMI session goes on (ipmitool's keepalive decides).
+        # A BMC that stopped answering SOL still holds the payload active: free it, best effort.
+        if reason.startswith("client") and ipmi.bmc is not None:
+            with trio.move_on_after(3):
+                try:
+                    await ipmi.bmc.request(NETFN_APP, sol.CMD_DEACTIVATE_PAYLOAD, solx.deactivate_request())
+                except Exception as exc:  # noqa: BLE001 - best effort; the reason is already audited
+                    log.info("session %s: SOL deactivation at the BMC failed: %s", ipmi.session.id, exc)
+
+    solx = SolSession(ipmi.session, send_client=send_client, send_bmc=send_bmc, listener_port=port,
+                      recording_dir=extra.get("recording_dir"), recording_input=extra.get("recording_input", False),
+                      on_failure=failed)
+
+    async def activate(req: Any) -> Any:
+        cc = solx.check_activate(req.data)
+        if cc is not None:
+            return req.response(cc, b"")
+        bmc_resp = await ipmi.bmc.request(req.netfn, req.cmd, req.data, rs_lun=req.rs_lun)
+        answer = await solx.activated(req.data, bytes((bmc_resp.cc,)) + bmc_resp.data)
+        if solx.pending_bmc_deactivate:
+            solx.pending_bmc_deactivate = False
+            with trio.move_on_after(3):
+                await ipmi.bmc.request(NETFN_APP, sol.CMD_DEACTIVATE_PAYLOAD, solx.deactivate_request())
+        return req.response(answer[0], answer[1:])
+
+    async def deactivate(req: Any) -> Any:
+        bmc_resp = await ipmi.bmc.request(req.netfn, req.cmd, req.data, rs_lun=req.rs_lun)
+        answer = await solx.deactivated(req.data, bytes((bmc_resp.cc,)) + bmc_resp.data)
+        return req.response(answer[0], answer[1:])
+
+    async def closing() -> dict | None:
+        await solx.close("session closed")
+        return {"recordings": list(solx.recordings)} if solx.recordings else None
+
+    ipmi.payload_handlers[sol.PAYLOAD_TYPE_SOL] = solx.from_client
+    ipmi.bmc.payload_handlers[sol.PAYLOAD_TYPE_SOL] = solx.from_bmc
+    ipmi.command_hooks[(NETFN_APP, sol.CMD_ACTIVATE_PAYLOAD)] = activate
+    ipmi.command_hooks[(NETFN_APP, sol.CMD_DEACTIVATE_PAYLOAD)] = deactivate
+    ipmi.on_close.append(closing)
+    ipmi.nursery.start_soon(solx.run)
+    ipmi.sol = solx
+    return solx
