@@ -1,1 +1,1 @@
-"""IPMI v2.0 / RMCP+ engine (BMC family); Serial-over-LAN in ``sol``."""
+"""IPMI v2.0 / RMCP+ engine (see engine.py)."""
