@@ -5,7 +5,8 @@ Listener: ``kind`` must be ``udp`` (RMCP+ is UDP, port 623 by convention);
 code of ``dbproxy token issue --ipmi`` (which needs
 ``identity.token.registry_file``: the codes file sits next to it).
 Optional ``cipher_suites``: the suites offered to clients (default
-``[3, 17]``).
+``[3, 17]``); ``recording``: ``{"dir": …, "input": false}`` — where
+Serial-over-LAN consoles are recorded (asciicast, as terminals are).
 
 Backend: ``address`` (host:port of the BMC's RMCP+ port), ``auth``:
 ``{"method": "rakp", "username": …, "password_file" | "password_env": …}``
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from dbproxy.terminal.config import validate_recording
+
 from . import commands
 from .rakp import MAX_USERNAME, PRIV_ADMIN, PRIV_OPERATOR, PRIV_USER, SUITES
 
-LISTENER_KEYS = ("cipher_suites",)
+LISTENER_KEYS = ("cipher_suites", "recording")
 BACKEND_KEYS = ("cipher_suite", "privilege")
 PRIVILEGES = {"user": PRIV_USER, "operator": PRIV_OPERATOR, "administrator": PRIV_ADMIN}
 
@@ -43,6 +46,8 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
               '"dbproxy token issue --ipmi")')
     if d.get("kind") != "udp":
         v.err(f"{path}.kind", 'kind "udp" (IPMI v2.0 / RMCP+ is UDP)')
+    # Serial-over-LAN consoles are recorded like terminals (sol_session.py): {"dir": …, "input": bool}.
+    validate_recording(v, d, path, extra)
     return extra
 
 

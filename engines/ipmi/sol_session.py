@@ -60,6 +60,10 @@ Send = Callable[[bytes], Awaitable[Any]]
 # most the one-byte accepted character count allows.  The BMC's own sizes apply on its leg.
 PROXY_PAYLOAD_SIZE = sol.HEADER_SIZE + sol.MAX_CHARACTERS
 
+# Ends that are nobody's failure (the others: a leg unresponsive, a protocol error, the BMC lost).
+_CLEAN_ENDS = frozenset({"deactivated by the client", "deactivated by the BMC", "session closed",
+                         "client closed the session"})
+
 
 class SolSession:
     def __init__(self, session: Any, *, send_client: Send, send_bmc: Send, listener_port: int,
@@ -314,7 +318,7 @@ class SolSession:
             self.terminal = None
             fields.update(recorded)
             self.recordings += recordings
-        fields["success"] = reason in ("deactivated by the client", "session closed", "deactivated by the BMC")
+        fields["success"] = reason in _CLEAN_ENDS
         self.emit("bmc.ipmi.sol.end", **fields)
         if notify:
             # §15.9 status 10h: the payload is being deactivated (ipmitool: "SOL inactive").
@@ -383,7 +387,8 @@ def attach(ipmi: Any) -> SolSession:
         return req.response(answer[0], answer[1:])
 
     async def closing() -> dict | None:
-        await solx.close("session closed")
+        # The IPMI session's own end reason ("client closed the session", "BMC connection lost: …").
+        await solx.close(ipmi.session.details.get("end_reason") or "session closed")
         return {"recordings": list(solx.recordings)} if solx.recordings else None
 
     ipmi.payload_handlers[sol.PAYLOAD_TYPE_SOL] = solx.from_client
