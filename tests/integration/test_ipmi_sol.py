@@ -11,8 +11,9 @@ the SOL activation with a reason.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -97,24 +98,48 @@ def proxy_config(sim, recordings) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def sol_env(tmp_path_factory):
+def make_env(base):
+    """ipmi_sim with its serial console, and a proxy in front of it; stop with ``stop_env``."""
     require_peers()
-    base = tmp_path_factory.mktemp("sol")
     sim, console = start_bmc(base)
     workdir = base / "proxy"
     workdir.mkdir()
     recordings = workdir / "recordings"
     recordings.mkdir()
     token_keygen(workdir)
-    proc = ProxyProcess(workdir, proxy_config(sim, recordings)).start()
+    try:
+        proc = ProxyProcess(workdir, proxy_config(sim, recordings)).start()
+    except Exception:
+        sim.stop()
+        console.stop()
+        raise
     proc.audit_path = workdir / "audit.jsonl"
     proc.recordings = recordings
     proc.sim, proc.console = sim, console
-    yield proc
+    return proc
+
+
+def stop_env(proc) -> None:
     proc.stop()
-    sim.stop()
-    console.stop()
+    proc.sim.stop()
+    proc.console.stop()
+
+
+@pytest.fixture(scope="module")
+def sol_env(tmp_path_factory):
+    proc = make_env(tmp_path_factory.mktemp("sol"))
+    yield proc
+    stop_env(proc)
+
+
+@pytest.fixture
+def own_env(tmp_path):
+    """A BMC of the test's own: the test breaks it."""
+    proc = make_env(tmp_path)
+    yield proc
+    if proc.sim.running():
+        os.kill(proc.sim._proc.pid, signal.SIGCONT)    # a hung (SIGSTOPped) ipmi_sim cannot terminate
+    stop_env(proc)
 
 
 def issue(proc, user: str, role: str) -> str:
@@ -236,40 +261,72 @@ def test_role_without_sol_is_refused(sol_env):
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode != 0
     assert "Insufficient privilege level" in p.stderr, p.stderr
-    refused = wait_event(proc, user, "bmc.ipmi.command")
-    assert refused["command"] == "sol.activate_payload" and refused["refused"] is True
     wait_event(proc, user, "bmc.ipmi.session.end")
+    [refused] = [e for e in audit(proc, user) if e["event"] == "bmc.ipmi.command"
+                 and e["command"] == "sol.activate_payload"]
+    assert refused["refused"] is True and refused["completion_code"] == 0xD4
     assert not [e for e in audit(proc, user) if e["event"].startswith("bmc.ipmi.sol.")]
 
 
-def test_bmc_going_away_ends_the_sol_session_with_a_reason(tmp_path):
-    require_peers()
-    sim, console = start_bmc(tmp_path)
-    workdir = tmp_path / "proxy"
-    workdir.mkdir()
-    recordings = workdir / "recordings"
-    recordings.mkdir()
-    token_keygen(workdir)
-    proc = ProxyProcess(workdir, proxy_config(sim, recordings)).start()
-    proc.audit_path = workdir / "audit.jsonl"
-    proc.recordings = recordings
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_bmc_going_away_ends_the_sol_session_with_a_reason(own_env, how):
+    """killed: ipmi_sim exits (its port answers ICMP unreachable: the IPMI session ends, SOL with it);
+    hung: ipmi_sim stopped with SIGSTOP (nothing answers at all): the SOL leg toward the BMC
+    retransmits the typed line and gives up — ``bmc_unresponsive``."""
+    proc, sim = own_env, own_env.sim
     user = "bruno"
     tmux = open_sol(proc, user)
     try:
         tmux.wait_for("[SOL Session operational")
         tmux.keys("echo before-the-bmc-dies", "Enter")
         tmux.wait_for("before-the-bmc-dies", count=2)
-        sim.stop()
+        if how == "killed":
+            sim.stop()
+        else:
+            os.kill(sim._proc.pid, signal.SIGSTOP)
         tmux.keys("echo after-the-bmc-died", "Enter")
         end = wait_event(proc, user, "bmc.ipmi.sol.end", timeout=30)
     finally:
         tmux.kill()
-        proc.stop()
-        console.stop()
     assert end["success"] is False
-    assert end["reason"] == "bmc_unresponsive" or end["reason"].startswith("BMC connection lost"), end
-    path = recordings / end["recording"]
+    if how == "killed":
+        assert end["reason"].startswith("BMC connection lost"), end
+    else:
+        assert end["reason"] == "bmc_unresponsive", end
+        assert end["retransmits"] >= 5 and "not acknowledged" in end["error"]
+    path = proc.recordings / end["recording"]
     assert end["recording_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     _, events = read_cast(str(path))
     assert "before-the-bmc-dies" in "".join(text for _, kind, text in events if kind == "o")
-    assert json.dumps(end)  # plain JSON, as the sinks write it
+
+
+def test_serial_console_going_away_keeps_the_session_up(own_env):
+    """The serial side hangs up mid-session.  ipmi_sim does not tell the console: it ACKs and drops
+    what is typed (and, OpenIPMI 2.0.33, its reconnect timer is the SOL retransmit timer, which our
+    ACK of the last output stops — it stays disconnected).  There is nothing in the protocol for the
+    proxy to end on: the SOL session stays up, no ``bmc.ipmi.sol.end`` is written until the client
+    deactivates, and what was typed into the void is in neither the console's log nor any output."""
+    proc, console = own_env, own_env.console
+    user = "hanna"
+    tmux = open_sol(proc, user)
+    try:
+        tmux.wait_for("[SOL Session operational")
+        tmux.keys("hangup", "Enter")
+        tmux.wait_for("hanging up")
+        wait_until(lambda: console.events()[-1].get("event") == "disconnect", timeout=10, what="the hangup")
+        tmux.keys("echo into-the-void", "Enter")
+        time.sleep(2.5)                                    # longer than the proxy's retry interval
+        assert "into-the-void" not in tmux.screen()       # no echo: nobody at the serial port
+        assert not [e for e in audit(proc, user) if e["event"] == "bmc.ipmi.sol.end"]
+        tmux.keys("Enter")
+        tmux.keys("~.", literal=True)
+        tmux.wait_for("IPMITOOL-EXIT=0")
+    finally:
+        tmux.kill()
+    end = wait_event(proc, user, "bmc.ipmi.sol.end")
+    assert end["reason"] == "deactivated by the client" and end["success"] is True
+    assert end["retransmits"] == 0                         # ipmi_sim ACKed what it dropped
+    assert "echo into-the-void" not in console.lines()
+    _, events = read_cast(str(proc.recordings / end["recording"]))
+    shown = "".join(text for _, kind, text in events if kind == "o")
+    assert "hanging up" in shown and "into-the-void" not in shown
