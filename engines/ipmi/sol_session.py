@@ -357,8 +357,9 @@ def attach(ipmi: Any) -> SolSession:
 
     async def failed(reason: str) -> None:
         # The SOL activation is over; the IPMI session goes on (ipmitool's keepalive decides).
-        # A BMC that stopped answering SOL still holds the payload active: free it, best effort.
-        if reason.startswith("client") and ipmi.bmc is not None:
+        # The BMC still holds the payload active (the client went silent or broke the protocol):
+        # free it, best effort.  A BMC that stopped answering is not asked.
+        if reason != "bmc_unresponsive" and ipmi.bmc is not None:
             with trio.move_on_after(3):
                 try:
                     await ipmi.bmc.request(NETFN_APP, sol.CMD_DEACTIVATE_PAYLOAD, solx.deactivate_request())
