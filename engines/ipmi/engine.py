@@ -268,7 +268,15 @@ class IpmiSession:
                 except HandshakeFailed as exc:
                     await self._handshake_failed(pkt.payload_type, exc)
         if scope.cancelled_caught:
-            if self.code is not None or hs.username:
+            if self.code is not None:
+                # RAKP 2 went out keyed with the code and no RAKP 3 came: ipmitool checks RAKP 2 with the
+                # password it was given and, when that is not the code, gives up without a word (§13.22
+                # would have it send RAKP 3 with status 0Fh) — the usual trace of a wrong code.
+                self.session.details["end_reason"] = "client RMCP+ handshake timed out"
+                self._refused_start(f"no RAKP 3 within {self.engine.handshake_timeout:g}s after RAKP 2 (a client "
+                                    f"holding another code than the one issued gives up there)", "no_rakp3",
+                                    status=STATUS_INVALID_INTEGRITY_CHECK, stage="authenticate")
+            elif hs.suite is not None:
                 self.engine.handshake_timed_out(self.session, "client RMCP+ handshake timed out",
                                                 **self._start_fields())
             raise _Ended

@@ -59,7 +59,7 @@ def ipmi(bmc, tmp_path_factory):
         },
         "listeners": [
             {"name": "ipmi", "protocol": "ipmi", "kind": "udp", "listen": "127.0.0.1:0",
-             "auth": {"methods": ["token"]},
+             "auth": {"methods": ["token"]}, "handshake_timeout_seconds": 3,
              "routes": [
                  {"name": "down", "match": {"target": "bmc-down"}, "backend": backend(f"127.0.0.1:{down_port}")},
                  {"name": "wrong", "match": {"target": "bmc-wrong"},
@@ -138,3 +138,143 @@ def test_power_status_on_off_change_the_simulator(ipmi, suite):
     ends = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == user,
                        "session ends", count=4)
     assert len(ends) == 4 and all(e["reason"] == "client closed the session" for e in ends), ends
+
+
+def test_refused_command_by_role_is_d4_and_audited(ipmi):
+    bmc = ipmi.bmc
+    bmc.set_power(False)
+    before = len(bmc.actions())
+    p = ipmitool(ipmi, "rita", issue(ipmi, "rita", "reader"), "chassis", "power", "on")
+    assert p.returncode != 0
+    assert "Insufficient privilege level" in p.stderr, p.stderr  # ipmitool's text for completion code D4h
+    assert bmc.power_state() == "off" and bmc.actions()[before:] == []
+    refused = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.command" and e.get("user") == "rita"
+                          and e["command"] == "chassis.power_on", "the refused command")
+    (e,) = refused
+    assert e["refused"] is True and e["completion_code"] == 0xD4 and e["netfn"] == 0 and e["cmd"] == 2
+    assert e["data"] == "01" and e["reason"] == "not_allowed_by_role"
+    # what the role allows still works in the same kind of session
+    p = ipmitool(ipmi, "rita", issue(ipmi, "rita", "reader"), "chassis", "power", "status")
+    assert p.returncode == 0 and "Chassis Power is off" in p.stdout, p.stderr
+
+
+def test_used_expired_and_wrong_codes_are_refused(ipmi):
+    code = issue(ipmi, "uma")
+    assert ipmitool(ipmi, "uma", code, "chassis", "power", "status").returncode == 0
+    # ipmitool prints the RAKP status codes with -v
+    p = ipmitool(ipmi, "uma", code, "-v", "chassis", "power", "status")  # the same code again
+    assert p.returncode != 0 and "unauthorized name" in p.stderr, p.stderr
+    # a wrong code for a name with an outstanding one: RAKP 2 is keyed with the real code, so ipmitool's
+    # check of it fails and ipmitool gives up without a RAKP 3; the proxy audits that at its handshake
+    # timeout, and the code stays good (nobody proved holding it)
+    good = issue(ipmi, "wanda")
+    p = ipmitool(ipmi, "wanda", "W" * 20, "-v", "chassis", "power", "status")
+    assert p.returncode != 0 and "RAKP 2 HMAC is invalid" in p.stderr, p.stderr
+    assert ipmitool(ipmi, "wanda", good, "chassis", "power", "status").returncode == 0
+    # an expired code
+    short = issue(ipmi, "ella", "operator", "bmc-1", "--ttl", "1s")
+    time.sleep(1.5)
+    p = ipmitool(ipmi, "ella", short, "-v", "chassis", "power", "status")
+    assert p.returncode != 0 and "unauthorized name" in p.stderr, p.stderr
+    fails = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and not e.get("success")
+                        and e.get("ipmi_user") in ("uma", "wanda", "ella"), "refused starts", count=3, timeout=20)
+    by_user = {e["ipmi_user"]: e for e in fails}
+    assert by_user["uma"]["reason"] == "unknown_or_used_code" and by_user["uma"]["rakp_status"] == 0x0D
+    assert by_user["ella"]["reason"] == "unknown_or_used_code"
+    assert by_user["wanda"]["reason"] == "no_rakp3" and "RAKP 3" in by_user["wanda"]["error"]
+    denials = [e for e in events(ipmi) if e["event"] == "bmc.ipmi.session.access_denied"
+               and e.get("ipmi_user") in ("uma", "wanda")]
+    assert {e["stage"] for e in denials} == {"authenticate"}
+
+
+def test_target_not_granted_is_refused(ipmi):
+    p = ipmitool(ipmi, "otto", issue(ipmi, "otto", "other", "bmc-1"), "-v", "chassis", "power", "status")
+    assert p.returncode != 0 and "unauthorized role" in p.stderr, p.stderr
+    (e,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("ipmi_user") == "otto",
+                       "the refused start")
+    assert e["success"] is False and e["rakp_status"] == 0x0A
+
+
+def test_bmc_down_or_refusing_the_proxy(ipmi):
+    p = ipmitool(ipmi, "dora", issue(ipmi, "dora", "operator", "bmc-down"), "-v", "chassis", "power", "status")
+    assert p.returncode != 0 and "insufficient resources" in p.stderr, p.stderr
+    p = ipmitool(ipmi, "will", issue(ipmi, "will", "operator", "bmc-wrong"), "-v", "chassis", "power", "status")
+    assert p.returncode != 0 and "insufficient resources" in p.stderr, p.stderr
+    starts = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("ipmi_user")
+                         in ("dora", "will"), "refused starts", count=2)
+    by_user = {e["ipmi_user"]: e for e in starts}
+    assert by_user["dora"]["success"] is False and by_user["dora"]["reason"] == "bmc_connect"
+    assert "unreachable" in by_user["dora"]["error"]
+    assert by_user["will"]["reason"] == "bmc_auth" and "refused the proxy's login" in by_user["will"]["error"]
+
+
+def test_malformed_datagrams_do_not_disturb_a_running_session(ipmi):
+    code = issue(ipmi, "mallory")
+    shell = subprocess.Popen(["ipmitool", "-I", "lanplus", "-C", "17", "-H", "127.0.0.1", "-p", str(ipmi.port("ipmi")),
+                              "-U", "mallory", "-P", code, "shell"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        shell.stdin.write("chassis power status\n")
+        shell.stdin.flush()
+        (start,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("user") == "mallory",
+                               "the session start")
+        # Garbage from other sockets: not RMCP, bad versions, truncated headers, a forged packet of some
+        # session with a random AuthCode, an RMCP+ packet with a huge length field, an ASF ping.
+        port = ipmi.port("ipmi")
+        junk = [b"", b"\x00", b"hello", b"\x06\x00\xff\x07", b"\x06\x00\xff\x07\x06\xc0" + os.urandom(40),
+                b"\x06\x00\xff\x07\x06\x00\x00\x00\x00\x00\x01\x00\x00\x00\xff\xff", os.urandom(300),
+                b"\x06\x00\xff\x07\x00" + bytes(9) + b"\x09", b"\x06\x00\xff\x06\x00\x00\x11\xbe\x80\x09\x00\x00"]
+        for _ in range(3):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for j in junk:
+                    s.sendto(j, ("127.0.0.1", port))
+        time.sleep(0.5)
+        shell.stdin.write("chassis power status\nexit\n")
+        shell.stdin.flush()
+        out, err = shell.communicate(timeout=30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    assert shell.returncode == 0, err
+    assert out.count("Chassis Power is") == 2, out + err
+    (end,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == "mallory",
+                         "the session end")
+    assert end["reason"] == "client closed the session" and end["malformed"] == 0 and end["replayed"] == 0
+    assert sum(e["event"] == "bmc.ipmi.command" and e.get("sid") == start["sid"] and
+               e["command"] == "chassis.power_status" for e in events(ipmi)) == 2
+    assert ipmi.proc.poll() is None
+
+
+def test_twenty_concurrent_sessions(ipmi):
+    users = [f"c{i:02d}" for i in range(20)]
+    codes: dict[str, str] = {}
+
+    def issue_some(chunk):
+        for u in chunk:
+            codes[u] = issue(ipmi, u, "reader")
+
+    threads = [threading.Thread(target=issue_some, args=(users[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    procs = {u: subprocess.Popen(["ipmitool", "-I", "lanplus", "-C", "3" if i % 2 else "17", "-H", "127.0.0.1",
+                                  "-p", str(ipmi.port("ipmi")), "-U", u, "-P", codes[u], "-N", "2", "-R", "5",
+                                  "chassis", "power", "status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+             for i, u in enumerate(users)}
+    results = {u: p.communicate(timeout=120) for u, p in procs.items()}
+    failed = {u: r for u, r in results.items() if procs[u].returncode != 0 or "Chassis Power is" not in r[0]}
+    assert not failed, failed
+    ends = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") in users,
+                       "20 session ends", count=20, timeout=30)
+    assert {e["user"] for e in ends} == set(users)
+    assert len({e["sid"] for e in ends}) == 20
+
+
+def test_no_code_or_bmc_password_in_audit_or_logs(ipmi):
+    blob = ipmi.audit_path.read_text() + ipmi.log_text()
+    assert ipmi.codes
+    for code in ipmi.codes:
+        assert code not in blob
+    assert ipmi.bmc.password not in blob
