@@ -278,3 +278,94 @@ def test_no_code_or_bmc_password_in_audit_or_logs(ipmi):
     for code in ipmi.codes:
         assert code not in blob
     assert ipmi.bmc.password not in blob
+
+
+# A hand-built console (the engine's own console role, engines/ipmi/console.py, pointed at the proxy):
+# ipmitool cannot be made to lose an answer and send a request again, replay a datagram, or send a RAKP 3
+# that does not match RAKP 2 — faults a real client produces only on a bad network or with a bad password.
+
+
+def test_retransmitted_request_runs_once_replays_and_garbage_are_dropped(ipmi):
+    import trio
+
+    from dbproxy.engines.ipmi import rmcp
+    from dbproxy.engines.ipmi.console import BmcSession
+    from dbproxy.engines.ipmi.rakp import SUITE_17
+
+    bmc = ipmi.bmc
+    bmc.set_power(False)
+    before = len(bmc.actions())
+    code = issue(ipmi, "rex")
+    answers: dict = {}
+
+    async def main():
+        s = BmcSession("127.0.0.1", ipmi.port("ipmi"), SUITE_17, b"rex", code.encode())
+        await s.open()
+        await s.set_privilege(4)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run)
+            send, receive = trio.open_memory_channel(10)
+            # Chassis Control "power up" with rqSeq 40, sent twice: the second is a retransmission (the same
+            # rqSeq, netFn, command and data under a new session sequence number, as ipmitool resends)
+            s._waiting[40] = send
+            power_on = rmcp.Request(0x00, 0x02, b"\x01", rq_seq=40).encode()
+            await s._send(s.seal(rmcp.PT_IPMI, power_on))
+            answers["first"] = await receive.receive()
+            await s._send(s.seal(rmcp.PT_IPMI, power_on))
+            answers["again"] = await receive.receive()
+            # the very same datagram twice (same session sequence number): the copy is a replay, dropped
+            s._waiting[41] = send
+            wire = s.seal(rmcp.PT_IPMI, rmcp.Request(0x00, 0x01, b"", rq_seq=41).encode())
+            await s._send(wire)
+            answers["status"] = await receive.receive()
+            await s._send(wire)
+            with trio.move_on_after(1.5):
+                answers["replayed"] = await receive.receive()
+            # garbage and a forged packet from the session's own address
+            await s._send(b"garbage")
+            forged = bytearray(s.seal(rmcp.PT_IPMI, rmcp.Request(0x00, 0x02, b"\x00", rq_seq=42).encode()))
+            forged[-1] ^= 1  # a wrong AuthCode: a power off nobody may run
+            await s._send(bytes(forged))
+            answers["after"] = await s.request(0x00, 0x01)
+            nursery.cancel_scope.cancel()
+        await s.close()
+
+    trio.run(main)
+    assert answers["first"].cc == 0 and answers["again"] == answers["first"]
+    assert bmc.actions()[before:] == ["power 1"]  # the BMC ran it once
+    assert answers["status"].cc == 0 and answers["status"].data[0] & 1 == 1  # power is on
+    assert "replayed" not in answers
+    assert answers["after"].cc == 0 and bmc.power_state() == "on"
+    (end,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == "rex",
+                         "the session end")
+    assert end["retransmits"] == 1 and end["replayed"] == 1 and end["malformed"] == 2, end
+    cmds = [e for e in events(ipmi) if e["event"] == "bmc.ipmi.command" and e.get("user") == "rex"]
+    assert [e["command"] for e in cmds] == ["chassis.power_on", "chassis.power_status", "chassis.power_status"]
+
+
+def test_rakp3_with_a_wrong_code_gets_invalid_integrity_check(ipmi):
+    from dbproxy.engines.ipmi import rakp, rmcp
+
+    good = issue(ipmi, "fred")
+    con = rakp.ConsoleHandshake(rakp.SUITE_3, b"fred", b"W" * 20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", ipmi.port("ipmi")))
+
+        def exchange(payload_type, payload):
+            s.send(rmcp.packet20_clear(payload_type, payload))
+            return rmcp.parse(s.recv(1024)).payload
+
+        rakp1 = con.rakp1(exchange(rmcp.PT_OPEN_SESSION_REQUEST, con.open_session_request()))
+        rakp2 = rakp.Rakp2.decode(exchange(rmcp.PT_RAKP1, rakp1))
+        assert rakp2.status == 0
+        # not checking RAKP 2 (it would fail: another password), answer with an HMAC of the wrong code
+        forged = rakp.Rakp3(2, 0, con.bmc_sid, rakp.rakp3_auth_code(
+            rakp.SUITE_3, rakp.kuid(b"W" * 20), rakp2.bmc_random, con.console_sid, con.role, b"fred")).encode()
+        rakp4 = rakp.Rakp4.decode(exchange(rmcp.PT_RAKP3, forged))
+    assert rakp4.status == rakp.STATUS_INVALID_INTEGRITY_CHECK
+    (e,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("ipmi_user") == "fred",
+                       "the refused start")
+    assert e["success"] is False and e["reason"] == "wrong_code" and e["rakp_status"] == 0x0F
+    # the code was not consumed by the failed attempt
+    assert ipmitool(ipmi, "fred", good, "chassis", "power", "status").returncode == 0
