@@ -369,3 +369,38 @@ def test_rakp3_with_a_wrong_code_gets_invalid_integrity_check(ipmi):
     assert e["success"] is False and e["reason"] == "wrong_code" and e["rakp_status"] == 0x0F
     # the code was not consumed by the failed attempt
     assert ipmitool(ipmi, "fred", good, "chassis", "power", "status").returncode == 0
+
+
+def test_bmc_hung_mid_session_gets_timeout_then_recovers(ipmi):
+    """ipmi_sim stopped (SIGSTOP) under a running session: the proxy retries its request to the BMC (1 s, 3
+    more times), answers C3h (timeout) and audits it; once the BMC runs again, the same session goes on."""
+    import signal
+
+    bmc = ipmi.bmc
+    code = issue(ipmi, "hank")
+    shell = subprocess.Popen(["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(ipmi.port("ipmi")),
+                              "-U", "hank", "-P", code, "-N", "3", "-R", "3", "shell"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        shell.stdin.write("chassis power status\n")
+        shell.stdin.flush()
+        wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.response" and e.get("user") == "hank", "a first answer")
+        os.kill(bmc._proc.pid, signal.SIGSTOP)
+        try:
+            shell.stdin.write("chassis power status\n")
+            shell.stdin.flush()
+            (timeout,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.response" and e.get("user") == "hank"
+                                     and e["completion_code"] == 0xC3, "the timed-out request", timeout=20)
+        finally:
+            os.kill(bmc._proc.pid, signal.SIGCONT)
+        shell.stdin.write("chassis power status\nexit\n")
+        shell.stdin.flush()
+        out, err = shell.communicate(timeout=60)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    assert timeout["success"] is False and "did not answer" in timeout["error"]
+    assert timeout["command"] == "chassis.power_status"
+    assert out.count("Chassis Power is") == 2, out + err
+    (end,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == "hank", "the end")
+    assert end["bmc_timeouts"] == 1 and end["bmc_retransmits"] >= 3 and end["reason"] == "client closed the session"
