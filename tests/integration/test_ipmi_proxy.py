@@ -41,7 +41,17 @@ def bmc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ipmi(bmc, tmp_path_factory):
+def doomed(bmc, tmp_path_factory):
+    """A second simulator, for the test that takes its BMC down mid-session."""
+    from scripts.peers.ipmi_sim import start_ipmi_sim
+
+    sim = start_ipmi_sim(tmp_path_factory.mktemp("doomed"))
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def ipmi(bmc, doomed, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ipmiproxy")
     token_keygen(workdir)
     down_port = free_port_tcp_udp()  # nothing listens there: that BMC is down
@@ -65,6 +75,10 @@ def ipmi(bmc, tmp_path_factory):
                  {"name": "wrong", "match": {"target": "bmc-wrong"},
                   "backend": {**backend(), "auth": {"method": "rakp", "username": bmc.username,
                                                     "password_env": "WRONG_BMC_PASSWORD"}}},
+                 {"name": "doomed", "match": {"target": "bmc-doomed"},
+                  "backend": {**backend(doomed.address),
+                              "auth": {"method": "rakp", "username": doomed.username,
+                                       "password_file": str(doomed.password_file)}}},
                  {"name": "sim", "match": {"target": "bmc-*"}, "backend": backend()},
              ]},
         ],
@@ -73,6 +87,7 @@ def ipmi(bmc, tmp_path_factory):
     proc = ProxyProcess(workdir, config, env={"WRONG_BMC_PASSWORD": "not-the-password"}).start()
     proc.audit_path = workdir / "audit.jsonl"
     proc.bmc = bmc
+    proc.doomed = doomed
     proc.codes: list[str] = []  # every code handed out: none may appear in logs or the audit
     yield proc
     proc.stop()
@@ -384,7 +399,8 @@ def test_bmc_hung_mid_session_gets_timeout_then_recovers(ipmi):
     try:
         shell.stdin.write("chassis power status\n")
         shell.stdin.flush()
-        wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.response" and e.get("user") == "hank", "a first answer")
+        wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.response" and e.get("user") == "hank"
+                    and e["command"] == "chassis.power_status", "a first answer")
         os.kill(bmc._proc.pid, signal.SIGSTOP)
         try:
             shell.stdin.write("chassis power status\n")
@@ -404,3 +420,32 @@ def test_bmc_hung_mid_session_gets_timeout_then_recovers(ipmi):
     assert out.count("Chassis Power is") == 2, out + err
     (end,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == "hank", "the end")
     assert end["bmc_timeouts"] == 1 and end["bmc_retransmits"] >= 3 and end["reason"] == "client closed the session"
+
+
+def test_bmc_gone_mid_session(ipmi):
+    """The BMC process ends under a running session: the request in flight is answered CEh ("response
+    could not be provided"), the session ends, and the audit says why."""
+    doomed = ipmi.doomed
+    code = issue(ipmi, "gina", "operator", "bmc-doomed")
+    shell = subprocess.Popen(["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(ipmi.port("ipmi")),
+                              "-U", "gina", "-P", code, "shell"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        shell.stdin.write("chassis power status\n")
+        shell.stdin.flush()
+        wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.response" and e.get("user") == "gina"
+                    and e["command"] == "chassis.power_status", "a first answer")
+        doomed.stop()
+        shell.stdin.write("chassis power status\nexit\n")
+        shell.stdin.flush()
+        out, err = shell.communicate(timeout=60)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    assert out.count("Chassis Power is") == 1, out + err
+    assert "Command response could not be provided" in err  # ipmitool's text for CEh
+    (end,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == "gina", "the end")
+    assert end["reason"].startswith("BMC connection lost") and "unreachable" in end["reason"], end
+    failed = [e for e in events(ipmi) if e["event"] == "bmc.ipmi.response" and e.get("user") == "gina"
+              and not e["success"] and e["command"] == "chassis.power_status"]
+    assert [e["completion_code"] for e in failed] == [0xCE]
