@@ -72,6 +72,7 @@ class BmcSession:
         self.dropped = 0
         self.retransmits = 0
         self.closed = False
+        self.failed: BmcError | None = None  # set when the reader found the BMC gone
 
     @property
     def authority(self) -> str:
@@ -189,9 +190,16 @@ class BmcSession:
         return attrs.evolve(pkt, payload=payload, encrypted=False)
 
     async def run(self) -> None:
-        """Read the BMC's datagrams until cancelled; raises BmcError when the BMC is gone."""
+        """Read the BMC's datagrams until cancelled; raises BmcError when the BMC is gone (and every
+        waiting ``request`` raises it too)."""
         while True:
-            data = await self._recv()
+            try:
+                data = await self._recv()
+            except BmcError as exc:
+                self.failed = exc
+                for waiter in self._waiting.values():
+                    waiter.close()
+                raise
             pkt = self._open_inbound(data)
             if pkt is None:
                 continue
@@ -222,6 +230,8 @@ class BmcSession:
 
     async def request(self, netfn: int, cmd: int, data: bytes = b"", *, rs_lun: int = 0) -> Response:
         """One request to the BMC (``run()`` must be reading); retried on timeout, ``BmcTimeout`` at the end."""
+        if self.failed is not None:
+            raise self.failed
         rq_seq = self.next_rq_seq()
         message = Request(netfn, cmd, data, rq_seq, rs_lun=rs_lun).encode()
         send, receive = trio.open_memory_channel[Response](4)
@@ -233,7 +243,11 @@ class BmcSession:
                 await self._send(self.seal(rmcp.PT_IPMI, message))
                 with trio.move_on_after(self.try_timeout):
                     while True:
-                        resp = await receive.receive()
+                        try:
+                            resp = await receive.receive()
+                        except trio.EndOfChannel:  # the reader found the BMC gone
+                            raise BmcError(str(self.failed), kind="connect",
+                                           client_hint="the BMC is unreachable") from None
                         if resp.cmd == cmd and resp.netfn == netfn | 1:
                             return resp
             raise BmcTimeout(f"BMC {self.authority} did not answer netFn {netfn:#04x} cmd {cmd:#04x} "

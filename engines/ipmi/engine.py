@@ -71,7 +71,7 @@ from dbproxy.onetime import CodeStore, codes_path
 from dbproxy.session import Identity
 
 from . import commands, config as ipmiconfig, rmcp
-from .commands import (CC_INSUFFICIENT_PRIVILEGE, CC_INVALID_COMMAND, CC_OK, CC_TIMEOUT, CMD_CLOSE_SESSION,
+from .commands import (CC_CANNOT_RESPOND, CC_INSUFFICIENT_PRIVILEGE, CC_INVALID_COMMAND, CC_OK, CC_TIMEOUT, CMD_CLOSE_SESSION,
                        CMD_GET_CHANNEL_AUTH_CAPS, CMD_SET_SESSION_PRIVILEGE, NETFN_APP, Policy)
 from .console import BmcError, BmcSession, BmcTimeout
 from .rakp import (PRIV_NAMES, STATUS_INVALID_INTEGRITY_CHECK, STATUS_NAMES, STATUS_NO_RESOURCES,
@@ -229,7 +229,8 @@ class IpmiSession:
         except BmcError as exc:
             log.warning("session %s: %s", self.session.id, exc)
             self.session.details["end_reason"] = f"BMC connection lost: {exc}"
-            self.nursery.cancel_scope.cancel()
+            if not self.bmc._waiting:  # else the waiting request answers the client and ends the session
+                self.nursery.cancel_scope.cancel()
 
     # -- handshake: presence, Open Session, RAKP 1–4 ---------------------------------------
     async def _handshake(self) -> None:
@@ -268,7 +269,15 @@ class IpmiSession:
                 except HandshakeFailed as exc:
                     await self._handshake_failed(pkt.payload_type, exc)
         if scope.cancelled_caught:
-            if self.code is not None or hs.username:
+            if self.code is not None:
+                # RAKP 2 went out keyed with the code and no RAKP 3 came: ipmitool checks RAKP 2 with the
+                # password it was given and, when that is not the code, gives up without a word (§13.22
+                # would have it send RAKP 3 with status 0Fh) — the usual trace of a wrong code.
+                self.session.details["end_reason"] = "client RMCP+ handshake timed out"
+                self._refused_start(f"no RAKP 3 within {self.engine.handshake_timeout:g}s after RAKP 2 (a client "
+                                    f"holding another code than the one issued gives up there)", "no_rakp3",
+                                    status=STATUS_INVALID_INTEGRITY_CHECK, stage="authenticate")
+            elif hs.suite is not None:
                 self.engine.handshake_timed_out(self.session, "client RMCP+ handshake timed out",
                                                 **self._start_fields())
             raise _Ended
@@ -516,6 +525,14 @@ class IpmiSession:
                             duration_ms=round((time.monotonic() - started) * 1000, 3))
             self._last = (ident, await self.respond(req, CC_TIMEOUT))
             return
+        except BmcError as exc:
+            # The BMC went away (e.g. ICMP port unreachable): tell the client, end the session.
+            self.audit.emit("bmc.ipmi.response", netfn=req.netfn, cmd=req.cmd, command=name, success=False,
+                            completion_code=CC_CANNOT_RESPOND, error=str(exc),
+                            duration_ms=round((time.monotonic() - started) * 1000, 3))
+            await self.respond(req, CC_CANNOT_RESPOND)
+            self.session.details["end_reason"] = f"BMC connection lost: {exc}"
+            raise _Ended from None
         self.audit.emit("bmc.ipmi.response", netfn=req.netfn, cmd=req.cmd, command=name, success=resp.cc == CC_OK,
                         completion_code=resp.cc, data_length=len(resp.data),
                         duration_ms=round((time.monotonic() - started) * 1000, 3))
