@@ -46,7 +46,7 @@ SOL hook (``README-sol.md``): ``IpmiSession.payload_handlers[0x01]`` gets
 the client's SOL payloads, ``IpmiSession.bmc.payload_handlers[0x01]`` the
 BMC's, and ``IpmiSession.command_hooks[(netfn, cmd)]`` sees allowed
 Activate/Deactivate Payload requests before they are relayed.  An
-``engines/ipmi/sol.py`` with ``attach(ipmi_session)`` is called for every
+``engines/ipmi/sol_session.py`` with ``attach(ipmi_session)`` is called for every
 established session.
 
 Audit (``event_family`` ``bmc.ipmi``): ``bmc.ipmi.session.start`` / ``.end``
@@ -88,12 +88,12 @@ CONNECT_TIMEOUT = 10.0
 
 
 def _sol_attach() -> Callable[["IpmiSession"], Any] | None:
-    """The SOL layer's ``attach`` (``engines/ipmi/sol.py``), when it is there."""
+    """The SOL layer's ``attach`` (``engines/ipmi/sol_session.py``; ``sol.py`` is its sans-IO codec)."""
     try:
-        from . import sol  # type: ignore[attr-defined]
+        from . import sol_session  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return getattr(sol, "attach", None)
+    return getattr(sol_session, "attach", None)
 
 
 class IpmiEngine(Engine):

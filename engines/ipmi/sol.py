@@ -572,11 +572,3 @@ def describe_flags(flags: int, *, from_bmc: bool) -> list[str]:
     kind: Iterable[enum.IntFlag] = SolStatus if from_bmc else SolOperation
     return [f.name.lower() for f in kind if f & flags and f.name]
 
-
-def attach(ipmi_session: object) -> object:
-    """The IPMI engine's SOL hook (``engines/ipmi/engine.py`` calls it per established session).
-
-    Imported lazily: this module stays sans-IO; the trio side is ``sol_session``."""
-    from .sol_session import attach as _attach
-
-    return _attach(ipmi_session)
