@@ -291,9 +291,18 @@ class SolSession:
         log.info("session %s: SOL ended: %s: %s", self.session.id, reason, exc)
         await self._end(reason, notify=leg != "client" or not isinstance(exc, SolRetriesExhausted), error=str(exc))
         if self.on_failure is not None:
-            result = self.on_failure(reason)
-            if hasattr(result, "__await__"):
-                await result
+            # In a task of its own: it may ask the BMC something, and the caller may be the BMC
+            # reader itself (``from_bmc``), which has to be free to read the answer.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._call_failure, reason)
+            else:
+                await self._call_failure(reason)
+
+    async def _call_failure(self, reason: str) -> None:
+        assert self.on_failure is not None
+        result = self.on_failure(reason)
+        if hasattr(result, "__await__"):
+            await result
 
     # -- the end ------------------------------------------------------------------------------
     async def close(self, reason: str) -> None:

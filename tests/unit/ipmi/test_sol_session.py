@@ -210,3 +210,19 @@ async def test_bmc_refusal_is_passed_on_and_audited(tmp_path):
     assert not sol.active
     assert session.audit.one("bmc.ipmi.sol.refused")["completion_code"] == 0x80
     assert sol.check_activate(b"\x01") == s.CC_REQUEST_LENGTH_INVALID
+
+
+async def test_malformed_client_packet_ends_the_sol_and_frees_the_payload_at_the_bmc(tmp_path):
+    failures = []
+    async with trio.open_nursery() as n:
+        sol, session, client, bmc, _ = await start(tmp_path, n, on_failure=failures.append)
+        await sol.from_client(b"\x00\x00\x00")                  # shorter than the SOL header
+        await trio.sleep(0.05)
+        assert not sol.active
+        await sol.from_client(SolPacket(seq=1, data=b"late").encode())   # dropped: nothing active
+        n.cancel_scope.cancel()
+    end = session.audit.one("bmc.ipmi.sol.end")
+    assert end["reason"] == "client_protocol_error" and "shorter" in end["error"]
+    assert failures == ["client_protocol_error"]
+    assert client.flags & s.SolStatus.DEACTIVATING
+    assert bytes(bmc.received) == b""
