@@ -129,7 +129,7 @@ class SolPacket:
     ack_seq: int = 0
     accepted: int = 0
     flags: int = 0
-    data: bytes = b""
+    data: bytes = attrs.field(default=b"", repr=lambda d: f"<{len(d)} characters>")  # typed text stays out of logs
 
     @classmethod
     def decode(cls, raw: bytes | bytearray | memoryview) -> "SolPacket":
@@ -154,7 +154,9 @@ class SolPacket:
     def encode(self) -> bytes:
         if not (0 <= self.seq <= SEQ_MAX and 0 <= self.ack_seq <= SEQ_MAX and 0 <= self.accepted <= 255
                 and 0 <= self.flags <= 255 and len(self.data) <= MAX_CHARACTERS):
-            raise SolError(f"SOL packet field out of range: {self!r}")
+            # Never the characters themselves: they are what someone typed.
+            raise SolError(f"SOL packet field out of range (seq {self.seq}, ack {self.ack_seq}, accepted "
+                           f"{self.accepted}, flags {self.flags}, {len(self.data)} characters)")
         if self.seq == 0 and self.data:
             raise SolError("an ACK-only SOL packet cannot carry characters")
         return bytes((self.seq, self.ack_seq, self.accepted, self.flags)) + self.data
