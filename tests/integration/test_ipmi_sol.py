@@ -150,14 +150,14 @@ def issue(proc, user: str, role: str) -> str:
     return code
 
 
-def ipmitool_args(proc, user: str, code: str, *args: str) -> list[str]:
-    return ["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(proc.port("ipmi")), "-U", user,
+def ipmitool_args(proc, user: str, code: str, *args: str, suite: int = 3) -> list[str]:
+    return ["ipmitool", "-I", "lanplus", "-C", str(suite), "-H", "127.0.0.1", "-p", str(proc.port("ipmi")), "-U", user,
             "-P", code, "-N", "1", "-R", "3", *args]
 
 
-def open_sol(proc, user: str, role: str = "console") -> Tmux:
+def open_sol(proc, user: str, role: str = "console", suite: int = 3) -> Tmux:
     tmux = Tmux()
-    cmd = " ".join(ipmitool_args(proc, user, issue(proc, user, role), "sol", "activate")) + \
+    cmd = " ".join(ipmitool_args(proc, user, issue(proc, user, role), "sol", "activate", suite=suite)) + \
         "; echo IPMITOOL-EXIT=$?; sleep 120"
     tmux.run("new-session", "-d", "-s", "t", "-x", "120", "-y", "40", cmd)
     return tmux
@@ -230,6 +230,27 @@ def test_typed_text_comes_back_and_is_recorded(sol_env):
         assert b"hunter2" not in f.read_bytes(), f
     commands_audited = [e["command"] for e in audit(proc, user) if e["event"] == "bmc.ipmi.command"]
     assert "sol.activate_payload" in commands_audited and "sol.deactivate_payload" in commands_audited
+
+
+def test_sol_over_cipher_suite_17(sol_env):
+    """HMAC-SHA256 and AES-CBC-128 toward the client (suite 17), suite 3 toward ipmi_sim: the SOL
+    packets are re-sealed per leg."""
+    proc = sol_env
+    user = "sieben"
+    tmux = open_sol(proc, user, suite=17)
+    try:
+        tmux.wait_for("[SOL Session operational")
+        tmux.keys("echo suite-seventeen", "Enter")
+        tmux.wait_for("suite-seventeen", count=2)
+        tmux.keys("Enter")
+        tmux.keys("~.", literal=True)
+        tmux.wait_for("IPMITOOL-EXIT=0")
+    finally:
+        tmux.kill()
+    start = wait_event(proc, user, "bmc.ipmi.session.start")
+    assert start["cipher_suite"] == 17
+    end = wait_event(proc, user, "bmc.ipmi.sol.end")
+    assert end["reason"] == "deactivated by the client" and end["bytes_in"] == len("echo suite-seventeen\r\r")  # and the Enter before ~.
 
 
 def test_multi_packet_output_arrives_whole(sol_env):
