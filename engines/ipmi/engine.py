@@ -305,10 +305,14 @@ class IpmiSession:
         msg = hs.rakp1(payload)
         name = msg.username.decode("utf-8", "replace")
         store = self.engine.codes()
-        code = store.lookup(CODE_KIND, name) if store is not None and msg.username else None
+        reason = "no_codes_file" if store is None else "unknown_or_used_code"
+        try:
+            code = store.lookup(CODE_KIND, name) if store is not None and msg.username else None
+        except OSError as exc:  # fail closed: a code the proxy cannot read is no code
+            log.error("session %s: cannot read the IPMI codes file: %s", self.session.id, exc)
+            code, reason = None, "codes_file_unreadable"
         if code is None:
             await self.send_raw(rmcp.packet20_clear(rmcp.PT_RAKP2, hs.rakp2(None)))
-            reason = "no_codes_file" if store is None else "unknown_or_used_code"
             self._refused_start(f"RAKP 1: no outstanding IPMI code for user name {name!r} (unknown, used or "
                                 f"expired)", reason, status=STATUS_UNAUTHORIZED_NAME, stage="authenticate")
             raise _Ended
