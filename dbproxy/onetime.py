@@ -30,7 +30,6 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from typing import Any
 
 import attrs
 import orjson

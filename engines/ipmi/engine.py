@@ -62,6 +62,7 @@ import struct
 import time
 from typing import Any, Awaitable, Callable
 
+import attrs
 import trio
 
 from dbproxy.access import audit_denial
@@ -71,7 +72,7 @@ from dbproxy.onetime import CodeStore, codes_path
 from dbproxy.session import Identity
 
 from . import commands, config as ipmiconfig, rmcp
-from .commands import (CC_CANNOT_RESPOND, CC_INSUFFICIENT_PRIVILEGE, CC_INVALID_COMMAND, CC_OK, CC_TIMEOUT, CMD_CLOSE_SESSION,
+from .commands import (CC_CANNOT_RESPOND, CC_INSUFFICIENT_PRIVILEGE, CC_OK, CC_TIMEOUT, CMD_CLOSE_SESSION,
                        CMD_GET_CHANNEL_AUTH_CAPS, CMD_SET_SESSION_PRIVILEGE, NETFN_APP, Policy)
 from .console import BmcError, BmcSession, BmcTimeout
 from .rakp import (PRIV_NAMES, STATUS_INVALID_INTEGRITY_CHECK, STATUS_NAMES, STATUS_NO_RESOURCES,
@@ -305,10 +306,14 @@ class IpmiSession:
         msg = hs.rakp1(payload)
         name = msg.username.decode("utf-8", "replace")
         store = self.engine.codes()
-        code = store.lookup(CODE_KIND, name) if store is not None and msg.username else None
+        reason = "no_codes_file" if store is None else "unknown_or_used_code"
+        try:
+            code = store.lookup(CODE_KIND, name) if store is not None and msg.username else None
+        except OSError as exc:  # fail closed: a code the proxy cannot read is no code
+            log.error("session %s: cannot read the IPMI codes file: %s", self.session.id, exc)
+            code, reason = None, "codes_file_unreadable"
         if code is None:
             await self.send_raw(rmcp.packet20_clear(rmcp.PT_RAKP2, hs.rakp2(None)))
-            reason = "no_codes_file" if store is None else "unknown_or_used_code"
             self._refused_start(f"RAKP 1: no outstanding IPMI code for user name {name!r} (unknown, used or "
                                 f"expired)", reason, status=STATUS_UNAUTHORIZED_NAME, stage="authenticate")
             raise _Ended
@@ -450,8 +455,6 @@ class IpmiSession:
         if not self.window.accept(pkt.seq):
             self.counts["replayed"] += 1
             return None
-        import attrs
-
         return attrs.evolve(pkt, payload=payload, encrypted=False, authenticated=True)
 
     async def _relay(self) -> None:
@@ -566,4 +569,4 @@ class IpmiSession:
         raise _Ended
 
 
-__all__ = ["IpmiEngine", "IpmiSession", "CC_INVALID_COMMAND"]
+__all__ = ["IpmiEngine", "IpmiSession"]

@@ -148,7 +148,7 @@ def test_power_status_on_off_change_the_simulator(ipmi, suite):
     assert all(e["cipher_suite"] == suite and e["target"] == "bmc-1" and e["privilege"] == "administrator"
                for e in starts), starts
     cmds = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.command" and e.get("user") == user
-                       and e["command"].startswith("chassis.power_o"), "power commands")
+                       and e["command"].startswith("chassis.power_o"), "power commands", count=2)
     assert [(e["command"], e["refused"]) for e in cmds] == [("chassis.power_on", False), ("chassis.power_off", False)]
     ends = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.end" and e.get("user") == user,
                        "session ends", count=4)
