@@ -222,6 +222,11 @@ class SolSession:
             await self.send_bmc(p.encode())
         for p in step.to_client:
             await self.send_client(p.encode())
+        if step.client_flags:
+            # A serial BREAK can be a Magic SysRq on the host: the operations the client asked for
+            # are audited (the characters are not: they go through the observer below).
+            self.emit("bmc.ipmi.sol.operation", instance=self.instance,
+                      operations=sol.describe_flags(step.client_flags, from_bmc=False))
         if step.input:
             self.bytes_in += len(step.input)
             await self._terminal_step(self.terminal.input(step.input), now)

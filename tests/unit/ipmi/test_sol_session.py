@@ -226,3 +226,14 @@ async def test_malformed_client_packet_ends_the_sol_and_frees_the_payload_at_the
     assert failures == ["client_protocol_error"]
     assert client.flags & s.SolStatus.DEACTIVATING
     assert bytes(bmc.received) == b""
+
+
+async def test_a_serial_break_is_relayed_and_audited(tmp_path):
+    async with trio.open_nursery() as n:
+        sol, session, client, bmc, _ = await start(tmp_path, n)
+        await client.to_proxy(client.ep.send(now=trio.current_time(), flags=s.SolOperation.BREAK))
+        await settle(sol, client, bmc)
+        assert bmc.flags & s.SolOperation.BREAK
+        await sol.close("session closed")
+        n.cancel_scope.cancel()
+    assert session.audit.one("bmc.ipmi.sol.operation")["operations"] == ["break"]
