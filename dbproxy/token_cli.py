@@ -94,15 +94,17 @@ def cmd_issue(args: argparse.Namespace) -> int:
         return loaded
     cfg, roles, authority = loaded
     try:
-        ttl = parse_ttl(args.ttl)
+        ttl = parse_ttl(args.ttl or "8h")
     except ValueError as exc:
         return _fail(str(exc))
     if ttl > cfg.max_ttl:
-        return _fail(f"--ttl {args.ttl} is longer than identity.token.max_ttl_seconds ({cfg.max_ttl}s)")
+        return _fail(f"--ttl {args.ttl or '8h'} is longer than identity.token.max_ttl_seconds ({cfg.max_ttl}s)")
     role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
     unknown = [r for r in role_names if roles is None or r not in roles]
     if unknown:
         return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
+    if args.code:
+        return _issue_code(args, cfg, authority, role_names)
     token, claims = authority.codec.issue(args.user, role_names, ttl)
     if authority.registry is not None:
         authority.registry.add(claims, token, revoked=authority.revocations.get())
@@ -112,6 +114,47 @@ def cmd_issue(args: argparse.Namespace) -> int:
         + ("" if authority.registry is not None else " — no registry_file: SCRAM logins (Postgres without TLS, Mongo SCRAM) will not work"),
         file=sys.stderr,
     )
+    return 0
+
+
+def onetime_kinds() -> dict:
+    """The single-use code kinds the engines accept (``Engine.onetime_codes``: kind → length, ttl, max_name)."""
+    from .registry import default_registry as _registry
+
+    registry = _registry()
+    kinds: dict = {}
+    for protocol in registry.names():
+        kinds.update(getattr(registry.get(protocol), "onetime_codes", {}))
+    return kinds
+
+
+def _issue_code(args: argparse.Namespace, cfg: TokenConfig, authority: TokenAuthority, role_names: list) -> int:
+    """``issue --code KIND`` (``--ipmi``): a single-use code for an engine whose protocol cannot carry a
+    token (``dbproxy.onetime``); printed on stdout, recorded next to the registry."""
+    from .onetime import CodeStore, codes_path
+
+    spec = onetime_kinds().get(args.code)
+    if spec is None:
+        return _fail(f"no engine accepts single-use codes of kind {args.code!r}")
+    if not cfg.registry_file:
+        return _fail("identity.token.registry_file is not configured: single-use codes are kept next to it")
+    if not args.target:
+        return _fail(f"--target is required with --{args.code} (the code reaches one target)")
+    name = args.login or args.user
+    if len(name.encode()) > spec.get("max_name", 255):
+        return _fail(f"the login name {name!r} is longer than {spec['max_name']} bytes: pass --login NAME")
+    ttl = spec.get("ttl", 300)
+    if args.ttl:
+        try:
+            ttl = min(parse_ttl(args.ttl), ttl)
+        except ValueError as exc:
+            return _fail(str(exc))
+    store = CodeStore(codes_path(cfg.registry_file), authority.keys)
+    code = store.issue(args.code, name, args.user, tuple(role_names), args.target, ttl, length=spec.get("length", 20))
+    print(code.secret.decode(), flush=True)
+    print(f"single-use {args.code} code {code.id} for {args.user!r} (login name {name!r}, roles: "
+          f"{', '.join(code.roles) or 'none'}, target {args.target!r}) expires {_iso(code.exp)}; a new code for "
+          f"the same login name replaces this one", file=sys.stderr)
     return 0
 
 
@@ -190,7 +233,14 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--config", required=True)
     q.add_argument("--user", required=True)
     q.add_argument("--roles", default="", help="comma-separated role names from the config")
-    q.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m, 8h, 1d (at most identity.token.max_ttl_seconds)")
+    q.add_argument("--ttl", default=None, help="lifetime, e.g. 30m, 8h, 1d (default 8h, at most "
+                   "identity.token.max_ttl_seconds; a code's at most its engine's, e.g. 5m)")
+    q.add_argument("--code", metavar="KIND", help="issue a single-use code of an engine instead of a token "
+                   "(the engines' kinds, e.g. ipmi); needs --target")
+    q.add_argument("--ipmi", dest="code", action="store_const", const="ipmi",
+                   help="a single-use IPMI password (20 characters): the same as --code ipmi")
+    q.add_argument("--target", help="with --code: the one target the code reaches (the route's match key)")
+    q.add_argument("--login", help="with --code: the login name the client presents (default: --user)")
     q.set_defaults(func=cmd_issue)
 
     q = tsub.add_parser("revoke", help="revoke a token (by the token or its id)")

@@ -12,6 +12,7 @@ from dbproxy.engine import EngineRegistry
 
 def default_registry() -> EngineRegistry:
     from .cassandra.engine import CassandraEngine
+    from .ipmi.engine import IpmiEngine
     from .mongo.engine import MongoEngine
     from .postgres.engine import PostgresEngine
     from .rdp.engine import RDPEngine
@@ -28,6 +29,7 @@ def default_registry() -> EngineRegistry:
     registry.register("redfish", RedfishEngine)
     registry.register("telnet", TelnetEngine)
     registry.register("rdp", RDPEngine)
+    registry.register("ipmi", IpmiEngine)
     # The command-template API (dbproxy.commands) running its templates over SSH.
     registry.register("ssh-commands", SSHCommandsEngine)
     return registry

@@ -1,0 +1,1 @@
+"""IPMI v2.0 / RMCP+ engine (see engine.py)."""
