@@ -28,7 +28,8 @@ session, and the session flow's steps happen inside its handshake:
 
 Requests the proxy answers itself: Set Session Privilege Level (at most the
 level the client opened its session with), Close Session (ends the dbproxy
-session), Get Channel Authentication Capabilities.  A refused request gets
+session), Get Channel Authentication Capabilities and Get Channel Cipher
+Suites (the proxy's own suites, session-less too).  A refused request gets
 completion code D4h (insufficient privilege) from the proxy, audited as
 ``bmc.ipmi.command`` with ``refused: true``; a BMC that does not answer
 after the retries → C3h (timeout) to the client.  Retransmissions: a
@@ -73,7 +74,8 @@ from dbproxy.session import Identity
 
 from . import commands, config as ipmiconfig, rmcp
 from .commands import (CC_CANNOT_RESPOND, CC_INSUFFICIENT_PRIVILEGE, CC_OK, CC_TIMEOUT, CMD_CLOSE_SESSION,
-                       CMD_GET_CHANNEL_AUTH_CAPS, CMD_SET_SESSION_PRIVILEGE, NETFN_APP, Policy)
+                       CMD_GET_CHANNEL_AUTH_CAPS, CMD_GET_CHANNEL_CIPHER_SUITES, CMD_SET_SESSION_PRIVILEGE, NETFN_APP,
+                       Policy)
 from .console import BmcError, BmcSession, BmcTimeout
 from .rakp import (PRIV_NAMES, STATUS_INVALID_INTEGRITY_CHECK, STATUS_NAMES, STATUS_NO_RESOURCES,
                    STATUS_UNAUTHORIZED_NAME, STATUS_UNAUTHORIZED_ROLE, SUITES, BmcHandshake, HandshakeFailed)
@@ -263,6 +265,8 @@ class IpmiSession:
                     elif pkt.payload_type == rmcp.PT_RAKP3:
                         if await self._rakp3(pkt.payload):
                             return
+                    elif pkt.payload_type == rmcp.PT_IPMI:
+                        await self._session_less(pkt, v2=True)
                     else:
                         self._malformed(f"payload type {pkt.payload_type:#04x} before the session exists")
                 except IpmiError as exc:
@@ -283,16 +287,30 @@ class IpmiSession:
                                                 **self._start_fields())
             raise _Ended
 
-    async def _session_less(self, pkt: rmcp.Packet15) -> None:
+    async def _session_less(self, pkt: Any, *, v2: bool = False) -> None:
+        """A request outside any session (IPMI v1.5 framing, or RMCP+ unauthenticated with session id 0,
+        §13.14): only the two questions a console asks before Open Session are answered."""
         try:
-            req = Request.decode(pkt.message)
+            req = Request.decode(pkt.payload if v2 else pkt.message)
         except IpmiError as exc:
             self._malformed(exc)
             return
-        if (req.netfn, req.cmd) != (NETFN_APP, CMD_GET_CHANNEL_AUTH_CAPS):
+        if (req.netfn, req.cmd) == (NETFN_APP, CMD_GET_CHANNEL_AUTH_CAPS):
+            resp = req.response(CC_OK, self._auth_caps(req)).encode()
+        elif (req.netfn, req.cmd) == (NETFN_APP, CMD_GET_CHANNEL_CIPHER_SUITES):
+            resp = req.response(CC_OK, self._cipher_suites(req)).encode()
+        else:
             self._malformed(f"session-less request netFn {req.netfn:#04x} cmd {req.cmd:#04x}")
             return
-        await self.send_raw(rmcp.packet15(req.response(CC_OK, self._auth_caps(req)).encode()))
+        await self.send_raw(rmcp.packet20_clear(rmcp.PT_IPMI, resp) if v2 else rmcp.packet15(resp))
+
+    def _cipher_suites(self, req: Request) -> bytes:
+        """Get Channel Cipher Suites (§22.15): the proxy's own suites, so a console without ``-C``
+        picks one (ipmitool 1.8.19 asks, then prefers 17); 16 bytes of records per list index."""
+        records = b"".join(bytes((0xC0, s.id, s.auth, 0x40 | s.integrity.number, 0x80 | s.confidentiality))
+                           for s in (SUITES[i] for i in self.handshake.suites))
+        index = req.data[2] & 0x3F if len(req.data) >= 3 else 0
+        return bytes((0x01,)) + records[16 * index:16 * index + 16]
 
     @staticmethod
     def _auth_caps(req: Request) -> bytes:
@@ -502,7 +520,7 @@ class IpmiSession:
         if req.data:
             fields["data"] = commands.data_summary(req.data)
         if req.netfn == NETFN_APP and req.cmd in (CMD_SET_SESSION_PRIVILEGE, CMD_CLOSE_SESSION,
-                                                   CMD_GET_CHANNEL_AUTH_CAPS):
+                                                   CMD_GET_CHANNEL_AUTH_CAPS, CMD_GET_CHANNEL_CIPHER_SUITES):
             await self._local(req, fields, ident)
             return
         self.counts["commands"] += 1
@@ -546,6 +564,9 @@ class IpmiSession:
     async def _local(self, req: Request, fields: dict, ident: tuple) -> None:
         if req.cmd == CMD_GET_CHANNEL_AUTH_CAPS:
             self._last = (ident, await self.respond(req, CC_OK, self._auth_caps(req)))
+            return
+        if req.cmd == CMD_GET_CHANNEL_CIPHER_SUITES:
+            self._last = (ident, await self.respond(req, CC_OK, self._cipher_suites(req)))
             return
         if req.cmd == CMD_SET_SESSION_PRIVILEGE:
             wanted = req.data[0] & 0x0F if req.data else 0

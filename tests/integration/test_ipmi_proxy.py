@@ -449,3 +449,18 @@ def test_bmc_gone_mid_session(ipmi):
     failed = [e for e in events(ipmi) if e["event"] == "bmc.ipmi.response" and e.get("user") == "gina"
               and not e["success"] and e["command"] == "chassis.power_status"]
     assert [e["completion_code"] for e in failed] == [0xCE]
+
+
+def test_ipmitool_without_a_cipher_suite_asks_and_gets_17(ipmi):
+    """Without -C, ipmitool asks for the channel's cipher suites first (Get Channel Cipher Suites,
+    session-less); the proxy lists its own (3 and 17) and ipmitool takes 17 — no stall on a dropped question."""
+    code = issue(ipmi, "nico")
+    started = time.monotonic()
+    p = subprocess.run(["ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(ipmi.port("ipmi")), "-U", "nico",
+                        "-P", code, "chassis", "power", "status"], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert p.returncode == 0 and "Chassis Power is" in p.stdout, p.stderr
+    assert "Unable to Get Channel Cipher Suites" not in p.stderr and elapsed < 8, (elapsed, p.stderr)
+    (e,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("user") == "nico",
+                       "the session start")
+    assert e["cipher_suite"] == 17
