@@ -12,8 +12,9 @@ session, and the session flow's steps happen inside its handshake:
                 name (``dbproxy token issue --ipmi``, ``dbproxy.onetime``) and
                 keys RAKP 2 with it — no code: status "unauthorized name"
     identify    RAKP 3's HMAC proves the client holds the code (else RAKP 4
-                "invalid integrity check value"); the code is consumed then
-                (a second use finds nothing: "unauthorized name")
+                "invalid integrity check value"); the code is consumed once the
+                session below exists (a second use finds nothing: "unauthorized
+                name"; a refused or failed start leaves it for another try)
     route       match key ``target``: the code's target
     authorize   roles grant BMCs (``bmcs``) and commands (``ipmi``,
                 ``commands.py``); the connection limits apply
@@ -238,54 +239,58 @@ class IpmiSession:
     # -- handshake: presence, Open Session, RAKP 1–4 ---------------------------------------
     async def _handshake(self) -> None:
         hs = self.handshake
+        # The client's handshake timeout bounds waiting for the client; the proxy's own login to the BMC
+        # (inside RAKP 3's handling) has its own, CONNECT_TIMEOUT.
         deadline = trio.current_time() + self.engine.handshake_timeout
-        with trio.move_on_at(deadline) as scope:
-            while True:
+        while True:
+            data = None
+            with trio.move_on_at(deadline):
                 data = await self.channel.receive()
-                try:
-                    pkt = rmcp.parse(data)
-                except IpmiError as exc:
-                    self._malformed(exc)
-                    continue
-                if isinstance(pkt, rmcp.AsfPing):
-                    await self.send_raw(rmcp.asf_pong(pkt.tag))
-                    continue
-                if isinstance(pkt, rmcp.Packet15):
-                    await self._session_less(pkt)
-                    continue
-                if pkt.authenticated or pkt.session_id != 0:
-                    self._malformed("an authenticated packet before the session exists")
-                    continue
-                try:
-                    if pkt.payload_type == rmcp.PT_OPEN_SESSION_REQUEST:
-                        await self.send_raw(rmcp.packet20_clear(rmcp.PT_OPEN_SESSION_RESPONSE,
-                                                                hs.open_session(pkt.payload)))
-                    elif pkt.payload_type == rmcp.PT_RAKP1:
-                        await self._rakp1(pkt.payload)
-                    elif pkt.payload_type == rmcp.PT_RAKP3:
-                        if await self._rakp3(pkt.payload):
-                            return
-                    elif pkt.payload_type == rmcp.PT_IPMI:
-                        await self._session_less(pkt, v2=True)
-                    else:
-                        self._malformed(f"payload type {pkt.payload_type:#04x} before the session exists")
-                except IpmiError as exc:
-                    self._malformed(exc)
-                except HandshakeFailed as exc:
-                    await self._handshake_failed(pkt.payload_type, exc)
-        if scope.cancelled_caught:
-            if self.code is not None:
-                # RAKP 2 went out keyed with the code and no RAKP 3 came: ipmitool checks RAKP 2 with the
-                # password it was given and, when that is not the code, gives up without a word (§13.22
-                # would have it send RAKP 3 with status 0Fh) — the usual trace of a wrong code.
-                self.session.details["end_reason"] = "client RMCP+ handshake timed out"
-                self._refused_start(f"no RAKP 3 within {self.engine.handshake_timeout:g}s after RAKP 2 (a client "
-                                    f"holding another code than the one issued gives up there)", "no_rakp3",
-                                    status=STATUS_INVALID_INTEGRITY_CHECK, stage="authenticate")
-            elif hs.suite is not None:
-                self.engine.handshake_timed_out(self.session, "client RMCP+ handshake timed out",
-                                                **self._start_fields())
-            raise _Ended
+            if data is None:
+                break
+            try:
+                pkt = rmcp.parse(data)
+            except IpmiError as exc:
+                self._malformed(exc)
+                continue
+            if isinstance(pkt, rmcp.AsfPing):
+                await self.send_raw(rmcp.asf_pong(pkt.tag))
+                continue
+            if isinstance(pkt, rmcp.Packet15):
+                await self._session_less(pkt)
+                continue
+            if pkt.authenticated or pkt.session_id != 0:
+                self._malformed("an authenticated packet before the session exists")
+                continue
+            try:
+                if pkt.payload_type == rmcp.PT_OPEN_SESSION_REQUEST:
+                    await self.send_raw(rmcp.packet20_clear(rmcp.PT_OPEN_SESSION_RESPONSE,
+                                                            hs.open_session(pkt.payload)))
+                elif pkt.payload_type == rmcp.PT_RAKP1:
+                    await self._rakp1(pkt.payload)
+                elif pkt.payload_type == rmcp.PT_RAKP3:
+                    if await self._rakp3(pkt.payload):
+                        return
+                elif pkt.payload_type == rmcp.PT_IPMI:
+                    await self._session_less(pkt, v2=True)
+                else:
+                    self._malformed(f"payload type {pkt.payload_type:#04x} before the session exists")
+            except IpmiError as exc:
+                self._malformed(exc)
+            except HandshakeFailed as exc:
+                await self._handshake_failed(pkt.payload_type, exc)
+        if self.code is not None:
+            # RAKP 2 went out keyed with the code and no RAKP 3 came: ipmitool checks RAKP 2 with the
+            # password it was given and, when that is not the code, gives up without a word (§13.22
+            # would have it send RAKP 3 with status 0Fh) — the usual trace of a wrong code.
+            self.session.details["end_reason"] = "client RMCP+ handshake timed out"
+            self._refused_start(f"no RAKP 3 within {self.engine.handshake_timeout:g}s after RAKP 2 (a client "
+                                f"holding another code than the one issued gives up there)", "no_rakp3",
+                                status=STATUS_INVALID_INTEGRITY_CHECK, stage="authenticate")
+        elif hs.suite is not None:
+            self.engine.handshake_timed_out(self.session, "client RMCP+ handshake timed out",
+                                            **self._start_fields())
+        raise _Ended
 
     async def _session_less(self, pkt: Any, *, v2: bool = False) -> None:
         """A request outside any session (IPMI v1.5 framing, or RMCP+ unauthenticated with session id 0,
@@ -346,6 +351,11 @@ class IpmiSession:
             return False
         hs.rakp3(payload)  # raises HandshakeFailed (wrong code) before anything is consumed
         code = self.code
+        identity = Identity(user=code.user, roles=code.roles, method="ipmi_code", token_id=code.id)
+        self.session.identity = identity
+        await self._start(identity)
+        # The code is spent once the session exists: a refusal by role or a BMC that is down or refuses
+        # the proxy leaves it usable for another try (nobody but its holder can pass RAKP 3 with it).
         store = self.engine.codes()
         try:
             consumed = store.consume(code)
@@ -353,11 +363,11 @@ class IpmiSession:
             log.error("session %s: cannot consume the IPMI code: %s", self.session.id, exc)
             consumed = False
         if not consumed:
-            await self._reject(STATUS_UNAUTHORIZED_NAME, "the IPMI code was used by another session",
-                               "code_already_used", stage="authenticate")
-        identity = Identity(user=code.user, roles=code.roles, method="ipmi_code", token_id=code.id)
-        self.session.identity = identity
-        await self._start(identity)
+            with trio.move_on_after(2):
+                await self.bmc.close()
+            self.bmc = None
+            await self._reject(STATUS_UNAUTHORIZED_NAME, "the IPMI code was used by another session (or "
+                               "could not be marked used)", "code_already_used", stage="authenticate")
         self.rakp4 = hs.rakp4()
         self.keys = hs.keys
         self.privilege = hs.privilege

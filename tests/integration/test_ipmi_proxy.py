@@ -464,3 +464,25 @@ def test_ipmitool_without_a_cipher_suite_asks_and_gets_17(ipmi):
     (e,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("user") == "nico",
                        "the session start")
     assert e["cipher_suite"] == 17
+
+
+def test_bmc_hung_at_login(ipmi):
+    """ipmi_sim stopped before the session: the proxy's login to it times out after its retries, the client
+    gets RAKP 4 "insufficient resources" and the audit says the BMC did not answer."""
+    import signal
+
+    bmc = ipmi.bmc
+    code = issue(ipmi, "lena")
+    os.kill(bmc._proc.pid, signal.SIGSTOP)
+    try:
+        p = ipmitool(ipmi, "lena", code, "-v", "chassis", "power", "status")
+        starts = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("ipmi_user") == "lena",
+                             "the refused start")
+    finally:
+        os.kill(bmc._proc.pid, signal.SIGCONT)
+    # ipmitool gives up waiting for RAKP 4 (the proxy waits for the BMC longer than ipmitool for RAKP 4)
+    assert p.returncode != 0 and "Unable to establish IPMI v2" in p.stderr, p.stderr
+    assert all(e["success"] is False and e["reason"] == "bmc_timeout" and "did not answer" in e["error"]
+               for e in starts), starts
+    # the code was not spent by the failed start: it works once the BMC answers again
+    assert ipmitool(ipmi, "lena", code, "chassis", "power", "status").returncode == 0
