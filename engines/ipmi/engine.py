@@ -12,8 +12,9 @@ session, and the session flow's steps happen inside its handshake:
                 name (``dbproxy token issue --ipmi``, ``dbproxy.onetime``) and
                 keys RAKP 2 with it — no code: status "unauthorized name"
     identify    RAKP 3's HMAC proves the client holds the code (else RAKP 4
-                "invalid integrity check value"); the code is consumed then
-                (a second use finds nothing: "unauthorized name")
+                "invalid integrity check value"); the code is consumed once the
+                session below exists (a second use finds nothing: "unauthorized
+                name"; a refused or failed start leaves it for another try)
     route       match key ``target``: the code's target
     authorize   roles grant BMCs (``bmcs``) and commands (``ipmi``,
                 ``commands.py``); the connection limits apply
@@ -28,7 +29,8 @@ session, and the session flow's steps happen inside its handshake:
 
 Requests the proxy answers itself: Set Session Privilege Level (at most the
 level the client opened its session with), Close Session (ends the dbproxy
-session), Get Channel Authentication Capabilities.  A refused request gets
+session), Get Channel Authentication Capabilities and Get Channel Cipher
+Suites (the proxy's own suites, session-less too).  A refused request gets
 completion code D4h (insufficient privilege) from the proxy, audited as
 ``bmc.ipmi.command`` with ``refused: true``; a BMC that does not answer
 after the retries → C3h (timeout) to the client.  Retransmissions: a
@@ -73,7 +75,8 @@ from dbproxy.session import Identity
 
 from . import commands, config as ipmiconfig, rmcp
 from .commands import (CC_CANNOT_RESPOND, CC_INSUFFICIENT_PRIVILEGE, CC_OK, CC_TIMEOUT, CMD_CLOSE_SESSION,
-                       CMD_GET_CHANNEL_AUTH_CAPS, CMD_SET_SESSION_PRIVILEGE, NETFN_APP, Policy)
+                       CMD_GET_CHANNEL_AUTH_CAPS, CMD_GET_CHANNEL_CIPHER_SUITES, CMD_SET_SESSION_PRIVILEGE, NETFN_APP,
+                       Policy)
 from .console import BmcError, BmcSession, BmcTimeout
 from .rakp import (PRIV_NAMES, STATUS_INVALID_INTEGRITY_CHECK, STATUS_NAMES, STATUS_NO_RESOURCES,
                    STATUS_UNAUTHORIZED_NAME, STATUS_UNAUTHORIZED_ROLE, SUITES, BmcHandshake, HandshakeFailed)
@@ -236,63 +239,83 @@ class IpmiSession:
     # -- handshake: presence, Open Session, RAKP 1–4 ---------------------------------------
     async def _handshake(self) -> None:
         hs = self.handshake
+        # The client's handshake timeout bounds waiting for the client; the proxy's own login to the BMC
+        # (inside RAKP 3's handling) has its own, CONNECT_TIMEOUT.
         deadline = trio.current_time() + self.engine.handshake_timeout
-        with trio.move_on_at(deadline) as scope:
-            while True:
+        while True:
+            data = None
+            with trio.move_on_at(deadline):
                 data = await self.channel.receive()
-                try:
-                    pkt = rmcp.parse(data)
-                except IpmiError as exc:
-                    self._malformed(exc)
-                    continue
-                if isinstance(pkt, rmcp.AsfPing):
-                    await self.send_raw(rmcp.asf_pong(pkt.tag))
-                    continue
-                if isinstance(pkt, rmcp.Packet15):
-                    await self._session_less(pkt)
-                    continue
-                if pkt.authenticated or pkt.session_id != 0:
-                    self._malformed("an authenticated packet before the session exists")
-                    continue
-                try:
-                    if pkt.payload_type == rmcp.PT_OPEN_SESSION_REQUEST:
-                        await self.send_raw(rmcp.packet20_clear(rmcp.PT_OPEN_SESSION_RESPONSE,
-                                                                hs.open_session(pkt.payload)))
-                    elif pkt.payload_type == rmcp.PT_RAKP1:
-                        await self._rakp1(pkt.payload)
-                    elif pkt.payload_type == rmcp.PT_RAKP3:
-                        if await self._rakp3(pkt.payload):
-                            return
-                    else:
-                        self._malformed(f"payload type {pkt.payload_type:#04x} before the session exists")
-                except IpmiError as exc:
-                    self._malformed(exc)
-                except HandshakeFailed as exc:
-                    await self._handshake_failed(pkt.payload_type, exc)
-        if scope.cancelled_caught:
-            if self.code is not None:
-                # RAKP 2 went out keyed with the code and no RAKP 3 came: ipmitool checks RAKP 2 with the
-                # password it was given and, when that is not the code, gives up without a word (§13.22
-                # would have it send RAKP 3 with status 0Fh) — the usual trace of a wrong code.
-                self.session.details["end_reason"] = "client RMCP+ handshake timed out"
-                self._refused_start(f"no RAKP 3 within {self.engine.handshake_timeout:g}s after RAKP 2 (a client "
-                                    f"holding another code than the one issued gives up there)", "no_rakp3",
-                                    status=STATUS_INVALID_INTEGRITY_CHECK, stage="authenticate")
-            elif hs.suite is not None:
-                self.engine.handshake_timed_out(self.session, "client RMCP+ handshake timed out",
-                                                **self._start_fields())
-            raise _Ended
+            if data is None:
+                break
+            try:
+                pkt = rmcp.parse(data)
+            except IpmiError as exc:
+                self._malformed(exc)
+                continue
+            if isinstance(pkt, rmcp.AsfPing):
+                await self.send_raw(rmcp.asf_pong(pkt.tag))
+                continue
+            if isinstance(pkt, rmcp.Packet15):
+                await self._session_less(pkt)
+                continue
+            if pkt.authenticated or pkt.session_id != 0:
+                self._malformed("an authenticated packet before the session exists")
+                continue
+            try:
+                if pkt.payload_type == rmcp.PT_OPEN_SESSION_REQUEST:
+                    await self.send_raw(rmcp.packet20_clear(rmcp.PT_OPEN_SESSION_RESPONSE,
+                                                            hs.open_session(pkt.payload)))
+                elif pkt.payload_type == rmcp.PT_RAKP1:
+                    await self._rakp1(pkt.payload)
+                elif pkt.payload_type == rmcp.PT_RAKP3:
+                    if await self._rakp3(pkt.payload):
+                        return
+                elif pkt.payload_type == rmcp.PT_IPMI:
+                    await self._session_less(pkt, v2=True)
+                else:
+                    self._malformed(f"payload type {pkt.payload_type:#04x} before the session exists")
+            except IpmiError as exc:
+                self._malformed(exc)
+            except HandshakeFailed as exc:
+                await self._handshake_failed(pkt.payload_type, exc)
+        if self.code is not None:
+            # RAKP 2 went out keyed with the code and no RAKP 3 came: ipmitool checks RAKP 2 with the
+            # password it was given and, when that is not the code, gives up without a word (§13.22
+            # would have it send RAKP 3 with status 0Fh) — the usual trace of a wrong code.
+            self.session.details["end_reason"] = "client RMCP+ handshake timed out"
+            self._refused_start(f"no RAKP 3 within {self.engine.handshake_timeout:g}s after RAKP 2 (a client "
+                                f"holding another code than the one issued gives up there)", "no_rakp3",
+                                status=STATUS_INVALID_INTEGRITY_CHECK, stage="authenticate")
+        elif hs.suite is not None:
+            self.engine.handshake_timed_out(self.session, "client RMCP+ handshake timed out",
+                                            **self._start_fields())
+        raise _Ended
 
-    async def _session_less(self, pkt: rmcp.Packet15) -> None:
+    async def _session_less(self, pkt: Any, *, v2: bool = False) -> None:
+        """A request outside any session (IPMI v1.5 framing, or RMCP+ unauthenticated with session id 0,
+        §13.14): only the two questions a console asks before Open Session are answered."""
         try:
-            req = Request.decode(pkt.message)
+            req = Request.decode(pkt.payload if v2 else pkt.message)
         except IpmiError as exc:
             self._malformed(exc)
             return
-        if (req.netfn, req.cmd) != (NETFN_APP, CMD_GET_CHANNEL_AUTH_CAPS):
+        if (req.netfn, req.cmd) == (NETFN_APP, CMD_GET_CHANNEL_AUTH_CAPS):
+            resp = req.response(CC_OK, self._auth_caps(req)).encode()
+        elif (req.netfn, req.cmd) == (NETFN_APP, CMD_GET_CHANNEL_CIPHER_SUITES):
+            resp = req.response(CC_OK, self._cipher_suites(req)).encode()
+        else:
             self._malformed(f"session-less request netFn {req.netfn:#04x} cmd {req.cmd:#04x}")
             return
-        await self.send_raw(rmcp.packet15(req.response(CC_OK, self._auth_caps(req)).encode()))
+        await self.send_raw(rmcp.packet20_clear(rmcp.PT_IPMI, resp) if v2 else rmcp.packet15(resp))
+
+    def _cipher_suites(self, req: Request) -> bytes:
+        """Get Channel Cipher Suites (§22.15): the proxy's own suites, so a console without ``-C``
+        picks one (ipmitool 1.8.19 asks, then prefers 17); 16 bytes of records per list index."""
+        records = b"".join(bytes((0xC0, s.id, s.auth, 0x40 | s.integrity.number, 0x80 | s.confidentiality))
+                           for s in (SUITES[i] for i in self.handshake.suites))
+        index = req.data[2] & 0x3F if len(req.data) >= 3 else 0
+        return bytes((0x01,)) + records[16 * index:16 * index + 16]
 
     @staticmethod
     def _auth_caps(req: Request) -> bytes:
@@ -328,6 +351,11 @@ class IpmiSession:
             return False
         hs.rakp3(payload)  # raises HandshakeFailed (wrong code) before anything is consumed
         code = self.code
+        identity = Identity(user=code.user, roles=code.roles, method="ipmi_code", token_id=code.id)
+        self.session.identity = identity
+        await self._start(identity)
+        # The code is spent once the session exists: a refusal by role or a BMC that is down or refuses
+        # the proxy leaves it usable for another try (nobody but its holder can pass RAKP 3 with it).
         store = self.engine.codes()
         try:
             consumed = store.consume(code)
@@ -335,11 +363,11 @@ class IpmiSession:
             log.error("session %s: cannot consume the IPMI code: %s", self.session.id, exc)
             consumed = False
         if not consumed:
-            await self._reject(STATUS_UNAUTHORIZED_NAME, "the IPMI code was used by another session",
-                               "code_already_used", stage="authenticate")
-        identity = Identity(user=code.user, roles=code.roles, method="ipmi_code", token_id=code.id)
-        self.session.identity = identity
-        await self._start(identity)
+            with trio.move_on_after(2):
+                await self.bmc.close()
+            self.bmc = None
+            await self._reject(STATUS_UNAUTHORIZED_NAME, "the IPMI code was used by another session (or "
+                               "could not be marked used)", "code_already_used", stage="authenticate")
         self.rakp4 = hs.rakp4()
         self.keys = hs.keys
         self.privilege = hs.privilege
@@ -502,7 +530,7 @@ class IpmiSession:
         if req.data:
             fields["data"] = commands.data_summary(req.data)
         if req.netfn == NETFN_APP and req.cmd in (CMD_SET_SESSION_PRIVILEGE, CMD_CLOSE_SESSION,
-                                                   CMD_GET_CHANNEL_AUTH_CAPS):
+                                                   CMD_GET_CHANNEL_AUTH_CAPS, CMD_GET_CHANNEL_CIPHER_SUITES):
             await self._local(req, fields, ident)
             return
         self.counts["commands"] += 1
@@ -546,6 +574,9 @@ class IpmiSession:
     async def _local(self, req: Request, fields: dict, ident: tuple) -> None:
         if req.cmd == CMD_GET_CHANNEL_AUTH_CAPS:
             self._last = (ident, await self.respond(req, CC_OK, self._auth_caps(req)))
+            return
+        if req.cmd == CMD_GET_CHANNEL_CIPHER_SUITES:
+            self._last = (ident, await self.respond(req, CC_OK, self._cipher_suites(req)))
             return
         if req.cmd == CMD_SET_SESSION_PRIVILEGE:
             wanted = req.data[0] & 0x0F if req.data else 0

@@ -258,6 +258,8 @@ def test_malformed_datagrams_do_not_disturb_a_running_session(ipmi):
     assert sum(e["event"] == "bmc.ipmi.command" and e.get("sid") == start["sid"] and
                e["command"] == "chassis.power_status" for e in events(ipmi)) == 2
     assert ipmi.proc.poll() is None
+    # every junk datagram was dropped by the engine, none crashed the session it started
+    assert "Traceback" not in ipmi.log_text()
 
 
 def test_twenty_concurrent_sessions(ipmi):
@@ -449,3 +451,40 @@ def test_bmc_gone_mid_session(ipmi):
     failed = [e for e in events(ipmi) if e["event"] == "bmc.ipmi.response" and e.get("user") == "gina"
               and not e["success"] and e["command"] == "chassis.power_status"]
     assert [e["completion_code"] for e in failed] == [0xCE]
+
+
+def test_ipmitool_without_a_cipher_suite_asks_and_gets_17(ipmi):
+    """Without -C, ipmitool asks for the channel's cipher suites first (Get Channel Cipher Suites,
+    session-less); the proxy lists its own (3 and 17) and ipmitool takes 17 — no stall on a dropped question."""
+    code = issue(ipmi, "nico")
+    started = time.monotonic()
+    p = subprocess.run(["ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(ipmi.port("ipmi")), "-U", "nico",
+                        "-P", code, "chassis", "power", "status"], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert p.returncode == 0 and "Chassis Power is" in p.stdout, p.stderr
+    assert "Unable to Get Channel Cipher Suites" not in p.stderr and elapsed < 8, (elapsed, p.stderr)
+    (e,) = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("user") == "nico",
+                       "the session start")
+    assert e["cipher_suite"] == 17
+
+
+def test_bmc_hung_at_login(ipmi):
+    """ipmi_sim stopped before the session: the proxy's login to it times out after its retries, the client
+    gets RAKP 4 "insufficient resources" and the audit says the BMC did not answer."""
+    import signal
+
+    bmc = ipmi.bmc
+    code = issue(ipmi, "lena")
+    os.kill(bmc._proc.pid, signal.SIGSTOP)
+    try:
+        p = ipmitool(ipmi, "lena", code, "-v", "chassis", "power", "status")
+        starts = wait_events(ipmi, lambda e: e["event"] == "bmc.ipmi.session.start" and e.get("ipmi_user") == "lena",
+                             "the refused start")
+    finally:
+        os.kill(bmc._proc.pid, signal.SIGCONT)
+    # ipmitool gives up waiting for RAKP 4 (the proxy waits for the BMC longer than ipmitool for RAKP 4)
+    assert p.returncode != 0 and "Unable to establish IPMI v2" in p.stderr, p.stderr
+    assert all(e["success"] is False and e["reason"] == "bmc_timeout" and "did not answer" in e["error"]
+               for e in starts), starts
+    # the code was not spent by the failed start: it works once the BMC answers again
+    assert ipmitool(ipmi, "lena", code, "chassis", "power", "status").returncode == 0
