@@ -99,6 +99,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if ttl > cfg.max_ttl:
         return _fail(f"--ttl {args.ttl} is longer than identity.token.max_ttl_seconds ({cfg.max_ttl}s)")
+    if args.node is not None:
+        return _issue_node(args, authority, ttl)
     role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
     unknown = [r for r in role_names if roles is None or r not in roles]
     if unknown:
@@ -112,6 +114,21 @@ def cmd_issue(args: argparse.Namespace) -> int:
         + ("" if authority.registry is not None else " — no registry_file: SCRAM logins (Postgres without TLS, Mongo SCRAM) will not work"),
         file=sys.stderr,
     )
+    return 0
+
+
+def _issue_node(args: argparse.Namespace, authority: TokenAuthority, ttl: int) -> int:
+    """A node token (dbproxy.agent.tokens): an agent serving NODE presents it; no user login accepts it."""
+    from .agent.config import NODE_NAME
+    from .agent.tokens import NodeTokens
+
+    if not NODE_NAME.match(args.node):
+        return _fail(f"--node: letters, digits, '.', '_', '-' (at most 63), got {args.node!r}")
+    if args.roles:
+        return _fail("--roles is for user tokens; a node token carries none")
+    token, claims = NodeTokens(authority).issue(args.node, ttl)
+    print(token, flush=True)
+    print(f"node token id {claims.jti} for node {claims.sub!r} expires {_iso(claims.exp)}", file=sys.stderr)
     return 0
 
 
@@ -186,9 +203,11 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("token", help="issue, revoke and list login tokens")
     tsub = p.add_subparsers(dest="token_command", required=True)
 
-    q = tsub.add_parser("issue", help="sign a token for a user (printed on stdout)")
+    q = tsub.add_parser("issue", help="sign a token for a user, or for an agent's node (printed on stdout)")
     q.add_argument("--config", required=True)
-    q.add_argument("--user", required=True)
+    who = q.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user")
+    who.add_argument("--node", help="a node token for `dbproxy agent --name NODE` (not a login token)")
     q.add_argument("--roles", default="", help="comma-separated role names from the config")
     q.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m, 8h, 1d (at most identity.token.max_ttl_seconds)")
     q.set_defaults(func=cmd_issue)

@@ -100,6 +100,7 @@ class LinkStream(trio.abc.HalfCloseableStream):
         self.bytes_out = 0
         self.opened_at = time.time()
         self.session_id: str | None = None  # proxy side: the session it serves (status API, audit)
+        self.on_close: Callable[["LinkStream"], None] | None = None  # proxy side: the stream's close event
 
     # -- fed by the link's reader ------------------------------------------------------------
     def _data(self, data: bytes) -> None:
@@ -192,6 +193,11 @@ class LinkStream(trio.abc.HalfCloseableStream):
         self.closed = True
         self._lot.unpark_all()
         self.link._forget(self)
+        if self.on_close is not None:
+            try:
+                self.on_close(self)
+            except Exception:  # an audit hiccup must not break the closing session
+                log.exception("stream %d: close callback", self.stream_id)
         await trio.lowlevel.checkpoint()
         if self.link.alive:
             with trio.move_on_after(5) as scope:
