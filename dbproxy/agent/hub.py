@@ -131,13 +131,15 @@ class AgentHub:
 
     async def _hold(self, agent: ConnectedAgent, rest: bytes) -> None:
         agent.link._initial = rest  # what came after the hello belongs to HTTP/2
-        self.nodes.setdefault(agent.node, []).append(agent)
-        log.info("agent %d for node %r connected from %s (version %s)", agent.id, agent.node, agent.address,
-                 agent.version)
-        self.emit(AGENT_CONNECT, node=agent.node, agent_id=agent.id, agent_addr=agent.address,
-                  agent_version=agent.version, token_id=agent.token_id)
         try:
-            await agent.link.run()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.link.run)
+                # Dialable from now on (the link's tasks run).
+                self.nodes.setdefault(agent.node, []).append(agent)
+                log.info("agent %d for node %r connected from %s (version %s)", agent.id, agent.node, agent.address,
+                         agent.version)
+                self.emit(AGENT_CONNECT, node=agent.node, agent_id=agent.id, agent_addr=agent.address,
+                          agent_version=agent.version, token_id=agent.token_id)
         finally:
             agents = self.nodes.get(agent.node, [])
             if agent in agents:
@@ -154,7 +156,7 @@ class AgentHub:
 
     # -- dialling ------------------------------------------------------------------------------------
     def pick(self, node: str) -> ConnectedAgent | None:
-        live = [a for a in self.nodes.get(node, ()) if a.link.alive and a.link._started.is_set()]
+        live = [a for a in self.nodes.get(node, ()) if a.link.alive]
         return min(live, key=lambda a: len(a.link.streams)) if live else None
 
     async def dial(self, node: str, host: str, port: int) -> LinkStream:
