@@ -356,6 +356,12 @@ class H2Link:
         await self._flush()
 
     # -- I/O -----------------------------------------------------------------------------------
+    def _kick(self) -> None:
+        """Have the writer send what h2 queued; no task switch when nothing is (h2 has no public
+        "bytes pending": data_to_send() drains; h2 is pinned to 4.x in pyproject)."""
+        if self.conn._data_to_send:
+            self._dirty.set()
+
     async def _flush(self) -> None:
         async with self._send_lock:
             data = self.conn.data_to_send()
@@ -444,7 +450,7 @@ class H2Link:
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.lost_reason = f"the peer closed the link (GOAWAY {_code(event.error_code)})"
                 go_on = False
-        self._dirty.set()  # acks, WINDOW_UPDATE, a 405: the writer sends them (an empty flush is cheap)
+        self._kick()  # acks, WINDOW_UPDATE, a 405: the writer sends them
         return go_on
 
     def _ended(self, stream_id: int) -> None:
@@ -480,7 +486,7 @@ class H2Link:
         if not self.alive or not size:
             return
         self.conn.acknowledge_received_data(size, stream_id)
-        self._dirty.set()
+        self._kick()  # h2 queues a WINDOW_UPDATE only once half a window was taken
 
     def _forget(self, stream: LinkStream) -> None:
         """A stream's user is done with it: reset it unless both sides ended, return its credit."""
@@ -496,7 +502,7 @@ class H2Link:
                 self.conn.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 pass
-        self._dirty.set()
+        self._kick()
 
     def statistics(self) -> dict:
         return {"streams": len(self.streams), "streams_opened": self.streams_opened, "bytes_in": self.bytes_in,
