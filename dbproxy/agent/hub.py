@@ -174,7 +174,7 @@ class AgentHub:
             try:
                 stream = await agent.link.open_stream(host, port)
             except StreamRefused as exc:
-                what = "refused by the agent" if exc.status == 403 else "unreachable from the agent"
+                what = {403: "refused by the agent", 503: "the agent is busy"}.get(exc.status, "unreachable from the agent")
                 raise UpstreamError(
                     f"cannot reach {target} through node {node!r}: {what} ({exc.status} {exc.reason})",
                     kind="connect",

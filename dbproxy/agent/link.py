@@ -322,12 +322,18 @@ class H2Link:
         if not self.alive:
             raise LinkLost(self.lost_reason or "link closed")
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        stream_id = self.conn.get_next_available_stream_id()
+        try:
+            stream_id = self.conn.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            raise LinkLost("the link used up its stream ids (a new link is needed)") from None
         stream = LinkStream(self, stream_id, authority)
         self.streams[stream_id] = stream
         self.streams_opened += 1
         try:
-            self.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
+            try:
+                self.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
+            except h2.exceptions.TooManyStreamsError:
+                raise StreamRefused(503, "the agent's limit of concurrent streams is reached") from None
             await self._flush()
             await stream.responded.wait()
         except BaseException:
