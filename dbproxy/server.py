@@ -361,6 +361,8 @@ class ProxyServer:
                 changed.append(lc.name)
         if new.audit != self.config.audit:
             log.warning("reload: the audit section changed; it applies when the proxy restarts")
+        if new.agents != self.config.agents:
+            log.warning("reload: the agents section changed; it applies when the proxy restarts")
         self.config, self.services = new, services
         self.reloads += 1
         log.info("reloaded %s: %d listener(s) added, %d removed, %d changed, %d unchanged",

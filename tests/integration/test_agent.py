@@ -55,7 +55,8 @@ class Site:
 
     def start_agent(self, *, token: Path | None = None, allow: list[str] | None = None, wait: bool = True,
                     name: str = NODE) -> subprocess.Popen:
-        allow = allow if allow is not None else [f"127.0.0.1:{self.pg.port}", f"127.0.0.1:{self.sshd.port}"]
+        allow = allow if allow is not None else [f"127.0.0.1:{self.pg.port}", f"127.0.0.1:{self.sshd.port}",
+                                                 f"127.0.0.1:{self.telnetd.port}"]
         log = open(self.workdir / f"agent-{len(self.agents)}.log", "wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = [sys.executable, "-m", "dbproxy.cli", "agent", "--proxy", f"{self.ns.host_addr}:{self.agents_port}",
@@ -115,18 +116,20 @@ def site(tmp_path_factory):
     from scripts.peers.netns import create_namespace
     from scripts.peers.postgres import pg_bindir, start_postgres
     from scripts.peers.sshd import sshd_bin, start_sshd
+    from scripts.peers.telnetd import start_telnetd, telnetd_bin
 
     require_binary("psql")
     require_binary("ssh")
     try:
         pg_bindir()
         sshd_bin()
+        telnetd_bin()
     except Exception as exc:
         peer_missing(str(exc))
     _require_namespaces()
     workdir = tmp_path_factory.mktemp("agent")
     ns = create_namespace()
-    pg = sshd = proxy = site = None
+    pg = sshd = telnetd = proxy = site = None
     try:
         # The targets: started inside the namespace, listening on its loopback only.
         pg = ns.call(start_postgres, workdir / "pg")
@@ -135,6 +138,8 @@ def site(tmp_path_factory):
         ns.call(pg.kill)
         ns.call(pg.start)
         sshd = ns.call(start_sshd, workdir / "sshd")
+        telnetd = ns.call(start_telnetd, workdir / "telnetd")
+        (workdir / "telnet.secret").write_text(telnetd.password + "\n")
         token_keygen(workdir)
         ca = make_ca(workdir / "tls")
         cert, key = make_cert(workdir / "tls", ca, "dbproxy", sans=[ns.host_addr])
@@ -150,7 +155,7 @@ def site(tmp_path_factory):
         make_key(workdir / "proxy_host_ed25519", "dbproxy-proxy-host")
         config = {
             "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
-            "roles": {"ops": {"routes": ["*"], "targets": ["*"], "logins": [sshd.login]},
+            "roles": {"ops": {"routes": ["*"], "targets": ["*"], "logins": [sshd.login, telnetd.login]},
                       "db": {"routes": ["*"], "databases": ["*"], "db_users": ["*"]}},
             "agents": {"listen": f"{ns.host_addr}:0", "tls": {"cert_file": str(cert), "key_file": str(key)},
                        "heartbeat_seconds": 1, "heartbeat_timeout_seconds": 4},
@@ -170,6 +175,10 @@ def site(tmp_path_factory):
                              "backend": {"address": sshd.address, "via": f"agent:{NODE}", "login": sshd.login,
                                          "auth": {"method": "publickey", "key_file": str(sshd.client_key)},
                                          "host_key": {"known_hosts_file": str(sshd.known_hosts)}}}]},
+                {"name": "telnet", "protocol": "telnet", "listen": "127.0.0.1:0", "auth": {"methods": ["token"]},
+                 "routes": [{"name": "hosts", "match": {"target": "host-*", "login": "deploy"},
+                             "backend": {"address": telnetd.address, "via": f"agent:{NODE}", "login": telnetd.login,
+                                         "auth": {"method": "password", "password_file": "telnet.secret"}}}]},
             ],
             "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
             "shutdown_grace_seconds": 2,
@@ -178,6 +187,7 @@ def site(tmp_path_factory):
         wait_until(lambda: "agents" in _ports(proxy), timeout=20, what="the agents listener")
         proxy.ports.update(_ports(proxy))
         site = Site(ns, pg, sshd, proxy, workdir)
+        site.telnetd = telnetd
         site.ca = ca[0]
         site.admin = ("127.0.0.1", admin_port)
         yield site
@@ -191,6 +201,8 @@ def site(tmp_path_factory):
             proxy.stop()
         if sshd is not None:
             sshd.stop()
+        if telnetd is not None:
+            telnetd.stop()
         if pg is not None:
             pg.stop()
         ns.delete()
@@ -268,6 +280,26 @@ def test_ssh_through_the_agent(site, agent):
     assert lines[1] == "1"  # the shell runs in the namespace: it sees only its own veth end
     wait_until(lambda: any(e["event"] == "agent.stream.close" and e["target"] == site.sshd.address
                            for e in site.events()), timeout=15, what="ssh stream close")
+
+
+def test_telnet_through_the_agent(site, agent):
+    from tests.integration.test_telnet_proxy import ScriptedTelnet
+
+    token = dbproxy_cli("token", "issue", "--config", str(site.proxy.config_path), "--user", "alice", "--roles", "ops",
+                        "--ttl", "1h", check=True).stdout.strip()
+    c = ScriptedTelnet(site.proxy.ports["telnet"])
+    try:
+        c.login("deploy@host-1", token)
+        c.expect(b"$ ")
+        c.send("echo via-$((40+2)); grep -c dbpa /proc/net/dev\r")
+        c.expect(b"via-42")
+        c.expect(b"\n1\r")  # the shell is in the namespace: only its own veth end
+        c.send("exit\r")
+        c.until_closed()
+    finally:
+        c.close()
+    wait_until(lambda: any(e["event"] == "agent.stream.close" and e["target"] == site.telnetd.address
+                           for e in site.events()), timeout=15, what="telnet stream close")
 
 
 # --------------------------------------------------------------------------- refusals
