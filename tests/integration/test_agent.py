@@ -57,7 +57,8 @@ class Site:
                     name: str = NODE) -> subprocess.Popen:
         allow = allow if allow is not None else [f"127.0.0.1:{self.pg.port}", f"127.0.0.1:{self.sshd.port}",
                                                  f"127.0.0.1:{self.telnetd.port}"]
-        log = open(self.workdir / f"agent-{len(self.agents)}.log", "wb")
+        self.started = getattr(self, "started", 0) + 1
+        log = open(self.workdir / f"agent-{self.started}.log", "wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = [sys.executable, "-m", "dbproxy.cli", "agent", "--proxy", f"{self.ns.host_addr}:{self.agents_port}",
                 "--name", name, "--token-file", str(token or self.token()), "--ca-file", str(self.ca),
