@@ -371,8 +371,23 @@ class H2Link:
     async def _flush(self) -> None:
         async with self._send_lock:
             data = self.conn.data_to_send()
-            if data:
-                await self.transport.send_all(data)
+            if not data:
+                return
+            if not self.alive:
+                raise LinkLost(self.lost_reason or "link closed")
+            # Shielded: senders are session tasks, and a session may be cancelled at any time; a
+            # TLS write cut in the middle leaves the TLS stream unusable (trio.SSLStream), which
+            # would break every other stream of the link.  Bounded instead: a peer that takes
+            # nothing for heartbeat_timeout is gone.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.heartbeat_timeout) as scope:
+                    await self.transport.send_all(data)
+            if scope.cancelled_caught:
+                self.lost_reason = f"the peer took no data for {self.heartbeat_timeout:g}s"
+                self._lose(self.lost_reason)
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()
+                raise LinkLost(self.lost_reason)
 
     async def _writer(self) -> None:
         """Writes what the reader produced (acks, WINDOW_UPDATE): the reader never waits on a write."""

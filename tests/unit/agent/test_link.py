@@ -215,3 +215,67 @@ async def _quietly(fn) -> None:
         await fn()
     except LinkLost:
         pass
+
+
+class FragileStream(trio.abc.Stream):
+    """Like trio.SSLStream: a send_all cancelled half-way leaves the stream broken for good."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.broken = False
+
+    async def send_all(self, data) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError("broken by an earlier cancelled send_all")
+        view = memoryview(data)
+        try:
+            for i in range(0, len(view), 16384):
+                await self.inner.send_all(view[i:i + 16384])
+                await trio.sleep(0)
+        except trio.Cancelled:
+            self.broken = True
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        if self.broken:
+            raise trio.BrokenResourceError("broken by an earlier cancelled send_all")
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_cancelled_sender_does_not_break_the_link() -> None:
+    """A session cancelled in the middle of a write (its client left) must not cut a TLS record in
+    half: every other stream of the link lives on."""
+    proxy_side, agent_side = trio.testing.memory_stream_pair()
+    fragile = FragileStream(proxy_side)
+    proxy = H2Link(fragile, client=True)
+    agent = H2Link(agent_side, client=False, handler=echo_or_refuse)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await nursery.start(proxy.run)
+        with trio.fail_after(10):
+            leaving = await proxy.open_stream("echo", 1)
+            staying = await proxy.open_stream("echo", 2)
+            with trio.CancelScope() as scope:
+                nursery.start_soon(_cancel_soon, scope)
+                await leaving.send_all(b"x" * 1_000_000)
+            assert scope.cancel_called
+            await leaving.aclose()
+            assert not fragile.broken and proxy.alive
+            await staying.send_all(b"still here")
+            got = b""
+            while len(got) < 10:
+                got += await staying.receive_some()
+            assert got == b"still here"
+        nursery.cancel_scope.cancel()
+
+
+async def _cancel_soon(scope: trio.CancelScope) -> None:
+    await trio.sleep(0)
+    await trio.sleep(0)
+    scope.cancel()
