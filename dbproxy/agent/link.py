@@ -141,6 +141,10 @@ class LinkStream(trio.abc.HalfCloseableStream):
         return bytes(take) if isinstance(take, memoryview) else take
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send within the stream's window (waiting for credit).  Like TCP, a stream whose peer or
+        link is gone reports it on ``receive_some`` (``LinkLost``); here what cannot be delivered is
+        dropped — so a proxy session learns of a lost agent on its backend side, whichever of its
+        pumps touched the stream first, and tells its client so in the client's protocol."""
         if self.closed:
             raise trio.ClosedResourceError("stream closed")
         if self.local_ended:
@@ -149,12 +153,13 @@ class LinkStream(trio.abc.HalfCloseableStream):
         link = self.link
         while view:
             if self.reset is not None:
-                raise LinkLost(self.reset)
+                break
             conn = link.conn
             try:
                 window = min(conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size)
             except h2.exceptions.StreamClosedError:
-                raise LinkLost(self.reset or "stream closed by the peer") from None
+                self._gone("stream closed by the peer")
+                break
             if window <= 0:
                 await link._credit.park()  # a WINDOW_UPDATE, new SETTINGS, a reset or the link's end
                 continue
@@ -162,13 +167,22 @@ class LinkStream(trio.abc.HalfCloseableStream):
             try:
                 conn.send_data(self.stream_id, chunk.tobytes())
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                raise LinkLost(self.reset or f"stream closed: {exc}") from None
+                self._gone(f"stream closed: {exc}")
+                break
             view = view[window:]
             self.bytes_out += len(chunk)
             link.bytes_out += len(chunk)
-            await link._flush()
-        if not data:
-            await trio.lowlevel.checkpoint()
+            try:
+                await link._flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                link._broken(exc)
+                break
+        await trio.lowlevel.checkpoint()
+
+    def _gone(self, reason: str) -> None:
+        if self.reset is None:
+            self.reset = reason
+        self._wake()
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -285,6 +299,14 @@ class H2Link:
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
 
+    def _broken(self, exc: BaseException) -> None:
+        """A write to the transport failed: the link is over (its tasks are cancelled)."""
+        if not isinstance(exc, LinkLost):
+            self.lost_reason = self.lost_reason or f"link broken: {exc.__class__.__name__}: {exc}".rstrip(": ")
+        self._lose(self.lost_reason or str(exc))
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     def _lose(self, reason: str) -> None:
         if not self.alive:
             return
@@ -334,7 +356,11 @@ class H2Link:
                 self.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
             except h2.exceptions.TooManyStreamsError:
                 raise StreamRefused(503, "the agent's limit of concurrent streams is reached") from None
-            await self._flush()
+            try:
+                await self._flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._broken(exc)
+                raise LinkLost(self.lost_reason or "link broken") from None
             await stream.responded.wait()
         except BaseException:
             await stream.aclose()
