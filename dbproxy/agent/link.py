@@ -30,6 +30,7 @@ most the window h2 allows, and wait for WINDOW_UPDATE otherwise.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -86,7 +87,7 @@ class LinkStream(trio.abc.HalfCloseableStream):
         self.link = link
         self.stream_id = stream_id
         self.authority = authority
-        self._chunks: list[bytes] = []
+        self._chunks: collections.deque[bytes] = collections.deque()
         self._offset = 0  # into _chunks[0]
         self._buffered = 0
         self._lot = trio.lowlevel.ParkingLot()  # receivers waiting for data/eof
@@ -133,7 +134,7 @@ class LinkStream(trio.abc.HalfCloseableStream):
         take = head[self._offset:self._offset + limit]
         self._offset += len(take)
         if self._offset >= len(head):
-            self._chunks.pop(0)
+            self._chunks.popleft()
             self._offset = 0
         self._buffered -= len(take)
         # Credit back only what the consumer took (RFC 9113 §6.9): a stalled reader stops its sender.
@@ -198,7 +199,10 @@ class LinkStream(trio.abc.HalfCloseableStream):
             self.link.conn.end_stream(self.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        await self.link._flush()
+        try:
+            await self.link._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.link._broken(exc)  # reported on receive_some, as for send_all
 
     async def aclose(self) -> None:
         if self.closed:
@@ -218,7 +222,7 @@ class LinkStream(trio.abc.HalfCloseableStream):
                 scope.shield = True
                 try:
                     await self.link._flush()
-                except trio.BrokenResourceError:
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
     def __repr__(self) -> str:
