@@ -16,6 +16,11 @@ not client sessions: they are neither audited nor counted.
   503 with ``{"ready": false, "reason": …}`` while the audit fails closed (a
   fail_closed sink's spool is full), the audit worker is down, or the server
   is stopping — a load balancer then sends clients elsewhere.
+- ``/api/nodes``: the connected outbound agents per node (address, version,
+  last heartbeat, round trip, open streams, bytes; ``dbproxy.agent.hub``);
+  ``/api/connections``: every open stream through them (node, target,
+  session id, bytes each way).  Both ``{"nodes": []}`` / ``{"connections": []}``
+  when the proxy serves no agents.
 """
 
 from __future__ import annotations
@@ -66,7 +71,13 @@ class AdminHandler:
         if path == "/readyz":
             ok, reason = readiness(self.server)
             return HTTPResponse.json(200 if ok else 503, {"ready": ok, "reason": reason})
-        return HTTPResponse.json(404, {"error": {"code": 404, "message": f"no {path} here: /metrics, /healthz, /readyz"}})
+        if path in ("/api/nodes", "/api/connections"):
+            hub = getattr(self.server, "agents", None)
+            if hub is None:
+                return HTTPResponse.json(200, {path.rsplit("/", 1)[1]: []})
+            return HTTPResponse.json(200, hub.status() if path == "/api/nodes" else hub.connections())
+        return HTTPResponse.json(404, {"error": {"code": 404, "message": f"no {path} here: /metrics, /healthz, /readyz, "
+                                                 "/api/nodes, /api/connections"}})
 
 
 async def serve_admin(server: Any, host: str, port: int, *, handler: Any = None,

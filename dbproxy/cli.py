@@ -161,6 +161,9 @@ async def _serve_main(config, registry) -> None:
                 if server.admin_address is not None:
                     host, port = server.admin_address
                     print(f"dbproxy: admin listening on {host}:{port} (/metrics, /healthz, /readyz)", flush=True)
+                if server.agents is not None and server.agents.address is not None:
+                    host, port = server.agents.address
+                    print(f"dbproxy: agents (agent-links) listening on {host}:{port}", flush=True)
         nursery.cancel_scope.cancel()
     log.info("stopped")
 
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
     # Subcommand groups live beside the code they drive.
-    for module in ("dbproxy.audit_cli", "dbproxy.token_cli", "dbproxy.replay_cli", "dbproxy.run_cli"):
+    for module in ("dbproxy.audit_cli", "dbproxy.token_cli", "dbproxy.replay_cli", "dbproxy.run_cli", "dbproxy.agent.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -54,6 +54,8 @@ class BackendConfig:
     options: dict = attrs.field(factory=dict)
     # What the engine's ``validate_backend`` made of its own ``backend_keys`` (SSH: login, host_key).
     extra: dict = attrs.field(factory=dict)
+    # ``"agent:NODE"``: dialled through an agent of that node (dbproxy.agent); None: directly.
+    via: str | None = None
 
     @property
     def address(self) -> str:
@@ -194,6 +196,7 @@ class Config:
     admin: AdminConfig | None = None  # None: no admin listener
     # Proxy processes on the same ports (SO_REUSEPORT) under one supervisor (dbproxy.workers); 1: one process.
     workers: int = 1
+    agents: Any = None  # dbproxy.agent.config.AgentsConfig: where agents dial in (None: no agents)
 
     @classmethod
     def load(cls, path: str, registry: Any = None) -> "Config":
@@ -209,7 +212,7 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 TOP_KEYS = {"listeners", "audit", "shutdown_grace_seconds", "identity", "roles", "limits", "buffers", "logging",
-            "admin", "workers"}
+            "admin", "workers", "agents"}
 ADMIN_KEYS = {"listen"}
 LOGGING_KEYS = {"format", "level", "levels"}
 LISTENER_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
@@ -219,7 +222,7 @@ PROXY_PROTOCOL_KEYS = {"trusted", "timeout_seconds"}
 UDP_KEYS = {"max_sessions", "idle_timeout_seconds", "queue_datagrams", "max_datagram_size"}
 HTTP_KEYS = {"max_body_bytes", "max_header_bytes", "request_timeout_seconds", "keepalive_timeout_seconds"}
 ROUTE_KEYS = {"name", "match", "backend", "options"}
-BACKEND_KEYS = {"address", "database", "user", "auth", "tls", "options"}
+BACKEND_KEYS = {"address", "database", "user", "auth", "tls", "options", "via"}
 TLS_KEYS = {"mode", "ca_file", "server_name", "cert_file", "key_file"}
 
 
@@ -281,6 +284,7 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
     logging_config = _logging(v, root["logging"], "logging") if "logging" in root else LoggingConfig()
     admin = _admin(v, root["admin"], "admin", listeners) if "admin" in root else None
     workers = _workers(v, root, validated, audit)
+    agents = _agents(v, root, validated, identity)
     return Config(
         file=v.file,
         listeners=tuple(listeners),
@@ -293,6 +297,7 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
         logging=logging_config or LoggingConfig(),
         admin=admin,
         workers=workers,
+        agents=agents,
     )
 
 
@@ -310,6 +315,22 @@ def _workers(v: Validator, root: dict, validated: list, audit: Any) -> int:
         v.err("audit.worker", f"true with \"workers\": {n} (the processes share one audit chain, written "
               f"by the audit worker)")
     return n
+
+
+def _agents(v: Validator, root: dict, validated: list, identity: Any) -> Any:
+    """The ``agents`` section, and every backend ``via`` an agent needs it (dbproxy.agent.config)."""
+    from .agent.config import validate_agents
+
+    agents = validate_agents(v, root["agents"], "agents") if "agents" in root else None
+    if "agents" in root and getattr(identity, "token", None) is None:
+        v.err("agents", "an \"identity.token\" section too: agents authenticate with node tokens it signs")
+    if "agents" not in root:
+        for i, _item, lc in validated:
+            for j, route in enumerate(lc.routes):
+                if route.backend.via is not None:
+                    v.err(f"listeners[{i}].routes[{j}].backend.via",
+                          "an \"agents\" section (where agents dial in) for a backend reached through an agent")
+    return agents
 
 
 def _admin(v: Validator, item: Any, path: str, listeners: list) -> AdminConfig | None:
@@ -553,6 +574,8 @@ def _route(v: Validator, item: Any, path: str, index: int, engine_cls: Any) -> R
 
 
 def _backend(v: Validator, item: Any, path: str, engine_cls: Any) -> BackendConfig | None:
+    from .agent.config import validate_via
+
     d = v.section(item, path, BACKEND_KEYS | set(getattr(engine_cls, "backend_keys", ())))
     if d is None:
         return None
@@ -600,7 +623,8 @@ def _backend(v: Validator, item: Any, path: str, engine_cls: Any) -> BackendConf
     except ValueError:
         pass  # host names are fine; resolution happens at connect time
     return BackendConfig(
-        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options, extra=extra
+        host=addr[0], port=addr[1], database=database, user=user, auth=auth, tls=tls, options=options, extra=extra,
+        via=validate_via(v, d, path),
     )
 
 

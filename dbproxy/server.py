@@ -6,6 +6,7 @@ Nursery tree (everything has an owner, nothing outlives ``run``):
     ├── audit drain task (recorder.run)           — outlives sessions, closes last
     │                                               (with ``audit.worker``: the link to the audit worker process)
     ├── admin listener (config "admin": /metrics, /healthz, /readyz; dbproxy.admin)
+    ├── agents listener (config "agents": outbound agents' links; dbproxy.agent.hub)
     └── sessions nursery                          — one task per client connection / datagram peer
         └── accept nursery                        — one task per listener (dbproxy.listen: tcp, tls, udp, http)
 
@@ -37,7 +38,7 @@ from .listen import bound_address, make_entry, open_listener, serve_listener
 from .listen.proxied import peer_host, read_proxy_header
 from .logs import SESSION
 from .metrics import ProxyMetrics
-from .net import peer_address
+from .net import AGENTS, peer_address
 from .proxyproto import ClosedBeforeHeader, ProxyProtocolError
 from .session import Session
 from .workerctx import current as current_worker
@@ -116,6 +117,7 @@ class ProxyServer:
         self.bound: list[BoundListener] = []
         self.listening = False  # every listener bound, accepting
         self.admin_address: tuple[str, int] | None = None
+        self.agents = self._agent_hub(config)  # dbproxy.agent.hub.AgentHub, None without an "agents" section
         self._stop = trio.Event()
         self._accept_scope: trio.CancelScope | None = None
         # What a new connection on each listener gets: (entry, ListenerConfig) of the current
@@ -125,6 +127,15 @@ class ProxyServer:
         self._nurseries: tuple[trio.Nursery, trio.Nursery, trio.Nursery] | None = None  # accept, sessions, background
         self._reload_lock = trio.Lock()
         self.reloads = 0
+
+    def _agent_hub(self, config: Config) -> Any:
+        if config.agents is None:
+            return None
+        from .agent.hub import AgentHub
+        from .agent.tokens import NodeTokens
+        from .identity.authority import TokenAuthority
+
+        return AgentHub(config.agents, NodeTokens(TokenAuthority(config.identity.token)), emit=self._marker)
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,6 +179,10 @@ class ProxyServer:
 
                         self.admin_address = await background.start(
                             serve_admin, self, self.config.admin.host, self.config.admin.port)
+                    if self.agents is not None:
+                        # Every session task inherits it: dbproxy.net.connect_backend dials through it.
+                        AGENTS.set(self.agents)
+                        await background.start(self.agents.serve)
                     await self._serve_sessions(background, task_status=task_status)
                     background.cancel_scope.cancel()
                 if self.worker is None:
@@ -357,6 +372,8 @@ class ProxyServer:
                 changed.append(lc.name)
         if new.audit != self.config.audit:
             log.warning("reload: the audit section changed; it applies when the proxy restarts")
+        if new.agents != self.config.agents:
+            log.warning("reload: the agents section changed; it applies when the proxy restarts")
         self.config, self.services = new, services
         self.reloads += 1
         log.info("reloaded %s: %d listener(s) added, %d removed, %d changed, %d unchanged",

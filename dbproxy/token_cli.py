@@ -99,6 +99,10 @@ def cmd_issue(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if ttl > cfg.max_ttl:
         return _fail(f"--ttl {args.ttl or '8h'} is longer than identity.token.max_ttl_seconds ({cfg.max_ttl}s)")
+    if args.node is not None:
+        if args.code:
+            return _fail("--node issues an agent's node token; --code/--ipmi a user's single-use code: one of them")
+        return _issue_node(args, authority, ttl)
     role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
     unknown = [r for r in role_names if roles is None or r not in roles]
     if unknown:
@@ -155,6 +159,21 @@ def _issue_code(args: argparse.Namespace, cfg: TokenConfig, authority: TokenAuth
     print(f"single-use {args.code} code {code.id} for {args.user!r} (login name {name!r}, roles: "
           f"{', '.join(code.roles) or 'none'}, target {args.target!r}) expires {_iso(code.exp)}; a new code for "
           f"the same login name replaces this one", file=sys.stderr)
+    return 0
+
+
+def _issue_node(args: argparse.Namespace, authority: TokenAuthority, ttl: int) -> int:
+    """A node token (dbproxy.agent.tokens): an agent serving NODE presents it; no user login accepts it."""
+    from .agent.config import NODE_NAME
+    from .agent.tokens import NodeTokens
+
+    if not NODE_NAME.match(args.node):
+        return _fail(f"--node: letters, digits, '.', '_', '-' (at most 63), got {args.node!r}")
+    if args.roles:
+        return _fail("--roles is for user tokens; a node token carries none")
+    token, claims = NodeTokens(authority).issue(args.node, ttl)
+    print(token, flush=True)
+    print(f"node token id {claims.jti} for node {claims.sub!r} expires {_iso(claims.exp)}", file=sys.stderr)
     return 0
 
 
@@ -229,9 +248,11 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("token", help="issue, revoke and list login tokens")
     tsub = p.add_subparsers(dest="token_command", required=True)
 
-    q = tsub.add_parser("issue", help="sign a token for a user (printed on stdout)")
+    q = tsub.add_parser("issue", help="sign a token for a user, or for an agent's node (printed on stdout)")
     q.add_argument("--config", required=True)
-    q.add_argument("--user", required=True)
+    who = q.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user")
+    who.add_argument("--node", help="a node token for `dbproxy agent --name NODE` (not a login token)")
     q.add_argument("--roles", default="", help="comma-separated role names from the config")
     q.add_argument("--ttl", default=None, help="lifetime, e.g. 30m, 8h, 1d (default 8h, at most "
                    "identity.token.max_ttl_seconds; a code's at most its engine's, e.g. 5m)")

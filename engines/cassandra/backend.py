@@ -133,7 +133,7 @@ async def open_backend(
 ) -> BackendLink:
     """Connect and log in; raises ``UpstreamError`` (``BackendRefused`` for a CQL ERROR)."""
     b = route.backend
-    stream: trio.abc.Stream = await connect_backend(b.host, b.port)
+    stream: trio.abc.Stream = await connect_backend(b.host, b.port, via=b.via)
     try:
         tls = False
         if b.tls.mode != "disable":

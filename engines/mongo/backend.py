@@ -93,7 +93,7 @@ async def open_backend(
     route: RouteConfig, *, client_metadata: dict | None = None, max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE
 ) -> BackendLink:
     b = route.backend
-    stream: Any = await connect_backend(b.host, b.port)
+    stream: Any = await connect_backend(b.host, b.port, via=b.via)
     try:
         tls = b.tls.mode != "disable"
         if tls:

@@ -107,7 +107,7 @@ async def open_backend(
     gssencmode = b.auth.params.get("gssencmode", "disable") if b.auth.method == "gssapi" else "disable"
 
     async def attempt(gssencmode: str) -> BackendLink:
-        stream = await connect_backend(b.host, b.port)
+        stream = await connect_backend(b.host, b.port, via=b.via)
         try:
             return await _login(stream, route, settings, user, database, max_message_size, credentials, read_only, gssencmode)
         except BaseException:
@@ -354,7 +354,7 @@ async def _gss_initiator(route: RouteConfig, credentials: Any, *, confidential: 
 async def send_cancel(route: RouteConfig, key: m.BackendKeyData) -> None:
     """Deliver a CancelRequest for ``key`` to the route's backend (TLS first when the route uses it)."""
     b = route.backend
-    stream = await connect_backend(b.host, b.port)
+    stream = await connect_backend(b.host, b.port, via=b.via)
     try:
         if b.tls.mode != "disable":
             decoder = BackendDecoder()

@@ -34,6 +34,7 @@ import orjson
 import trio
 
 from dbproxy.errors import UpstreamError
+from dbproxy.net import connect_backend
 from dbproxy.tls import client_context
 
 log = logging.getLogger("dbproxy.redfish")
@@ -94,6 +95,7 @@ class BmcConnection:
     h11: h11.Connection | None = None
     requests: int = 0
     reused: bool = False
+    via: str | None = None  # "agent:NODE": dialled through an agent (dbproxy.net)
 
     @property
     def authority(self) -> str:
@@ -102,10 +104,10 @@ class BmcConnection:
     async def _open(self) -> None:
         await self.aclose()
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-        except OSError as exc:
+            stream = await connect_backend(self.host, self.port, via=self.via)
+        except UpstreamError as exc:
             raise BmcError(f"BMC {self.authority} unreachable: {exc}", kind="connect",
-                           client_hint="the BMC is unreachable") from None
+                           client_hint="the BMC is unreachable" if self.via is None else exc.client_hint) from None
         if self.tls.mode != "disable":
             ctx = self.ssl_context or client_context(self.tls)
             stream = trio.SSLStream(stream, ctx, server_hostname=self.tls.server_name or self.host,

@@ -160,7 +160,7 @@ class RedfishEngine(Engine):
         route = state.route or (self.select_route({"target": target}) if target else None)
         if route is None:
             return redfish_error(404, f"no BMC {target!r} behind this proxy" if target else "no BMC named")
-        bmc = state.bmc or BmcConnection(route.backend.host, route.backend.port, route.backend.tls)
+        bmc = state.bmc or BmcConnection(route.backend.host, route.backend.port, route.backend.tls, via=route.backend.via)
         if state.route is None:
             state.target, state.route, state.bmc = target, route, bmc
             session.target, session.route_name, session.backend_addr = target, route.name, route.backend.address
@@ -253,7 +253,7 @@ class RedfishEngine(Engine):
             state.bmc = None
         state.target, state.route = target, route
         backend = route.backend
-        state.bmc = state.bmc or BmcConnection(backend.host, backend.port, backend.tls)
+        state.bmc = state.bmc or BmcConnection(backend.host, backend.port, backend.tls, via=backend.via)
         state.login = self._login(route)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):

@@ -903,8 +903,12 @@ class TargetConnection:
         self.relay: Relay | None = None
 
     async def open(self, host: str, port: int, login: str, *, known_hosts: str, key_file: str | None,
-                   password: str | None, certificate: tuple | None = None) -> None:
+                   password: str | None, certificate: tuple | None = None, via: str | None = None,
+                   nursery: trio.Nursery | None = None) -> None:
+        """``via``: dial through an agent (dbproxy.net); asyncssh then runs over one end of a socket
+        pair whose other end a task in ``nursery`` (the session's) splices to the agent's stream."""
         keys = [key_file] if key_file else [certificate] if certificate else None
+        sock = await _dial_via(host, port, via, nursery) if via is not None else None
         options: dict = dict(
             username=login,
             known_hosts=known_hosts,
@@ -913,6 +917,8 @@ class TargetConnection:
             config=None, ignore_encrypted=True, preferred_auth="publickey" if keys else "password,keyboard-interactive",
             client_factory=lambda: _TargetClient(self), encryption_algs=TARGET_CIPHERS,
         )
+        if sock is not None:
+            options["sock"] = sock  # host and port still name the target for known_hosts
         try:
             self.conn = await trio_asyncio.aio_as_trio(asyncssh.connect)(host, port, **options)
         except asyncssh.HostKeyNotVerifiable as exc:
@@ -934,6 +940,27 @@ class TargetConnection:
             self.conn.close()
             with trio.move_on_after(2):
                 await trio_asyncio.aio_as_trio(self.conn.wait_closed)()
+
+
+async def _dial_via(host: str, port: int, via: str, nursery: trio.Nursery | None) -> socket.socket:
+    from dbproxy.agent.client import splice
+    from dbproxy.net import connect_backend
+
+    if nursery is None:
+        raise TargetError(f"{host}:{port} is reached via {via}, which this command path does not support", "connect")
+    stream = await connect_backend(host, port, via=via)  # UpstreamError: the agent's own hint
+    ours, theirs = socket.socketpair()
+    local = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+
+    async def bridge() -> None:
+        try:
+            await splice(stream, local)
+        finally:
+            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(local)
+
+    nursery.start_soon(bridge)
+    return theirs
 
 
 def session_certificate(ca_key: Any, session: Any, validity: int) -> tuple:

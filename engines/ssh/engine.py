@@ -89,6 +89,7 @@ class SSHEngine(TerminalEngine):
 
         self.host_key = asyncssh.read_private_key(listener.extra["host_key_file"])
         self._gates: dict[str, ClientGate] = {}
+        self._nurseries: dict[str, trio.Nursery] = {}  # per session: tasks bridging a target reached via an agent
         self._logins = TargetLogins()  # the proxy's login to targets; route CA keys read once
         # Client keys and the user CA (identity.publickey), when the listener accepts them.
         cfg = self.access.auth.publickey if self.access is not None else None
@@ -101,11 +102,13 @@ class SSHEngine(TerminalEngine):
             async with trio.open_nursery() as nursery:
                 gate = ClientGate(session, self.client_keys)
                 self._gates[session.id] = gate
+                self._nurseries[session.id] = nursery
                 nursery.start_soon(self._serve, stream, gate)
                 try:
                     await run_session(self, session, stream)
                 finally:
                     self._gates.pop(session.id, None)
+                    self._nurseries.pop(session.id, None)
                     if not gate.closed.is_set() and gate.conn is not None:
                         gate.conn.close()
                     with trio.move_on_after(CLOSE_GRACE):
@@ -171,7 +174,7 @@ class SSHEngine(TerminalEngine):
 
     async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
         try:
-            target = await self._logins.open(route.backend, session.login, session)
+            target = await self._logins.open(route.backend, session.login, session, self._nurseries.get(session.id))
         except TargetError as exc:
             raise UpstreamError(str(exc), kind=exc.kind, client_hint=hint(exc.kind, session.target, session.login)) from None
         # The target, login and address are in every ssh.* event already (the audit's session fields).

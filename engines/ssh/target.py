@@ -39,8 +39,9 @@ class TargetLogins:
             key = self._ca_keys[path] = asyncssh.read_private_key(path)
         return key
 
-    async def open(self, backend: Any, login: str, session: Any) -> TargetConnection:
-        """An authenticated connection to the route's target as ``login``; raises ``TargetError``."""
+    async def open(self, backend: Any, login: str, session: Any, nursery: Any = None) -> TargetConnection:
+        """An authenticated connection to the route's target as ``login``; raises ``TargetError``
+        (``UpstreamError`` when an agent cannot reach it: ``via``, bridged by a task in ``nursery``)."""
         auth = backend.auth
         target = TargetConnection()
         await target.open(
@@ -51,5 +52,6 @@ class TargetLogins:
             certificate=session_certificate(self.ca_key(auth.params["ca_key_file"]), session,
                                             auth.params["validity_seconds"])
             if auth.method == "certificate" else None,
+            via=getattr(backend, "via", None), nursery=nursery,
         )
         return target

@@ -48,6 +48,7 @@ import trio
 from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.errors import ProxyError, RemoteProtocolError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring
+from dbproxy.net import connect_backend
 from dbproxy.terminal.engine import TerminalEngine
 from dbproxy.terminal.config import BadUserName, parse_login_target
 
@@ -238,9 +239,11 @@ class TelnetEngine(TerminalEngine):
         backend = route.backend
         client: ClientLeg = request.extra
         try:
-            stream = await trio.open_tcp_stream(backend.host, backend.port)
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to {backend.address}: {exc.strerror or exc}", kind="connect",
+            stream = await connect_backend(backend.host, backend.port, via=backend.via)
+        except UpstreamError as exc:
+            if backend.via is not None:
+                raise  # the agent's own hint (no agent connected, not on its allow-list…)
+            raise UpstreamError(str(exc), kind="connect",
                                 client_hint=f"the target {session.target!r} is unreachable") from None
         _oob_inline(stream)
         target = TargetLeg(stream, client)
