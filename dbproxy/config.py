@@ -285,6 +285,9 @@ def _validate(v: Validator, doc: Any, registry: Any) -> Config | None:
     admin = _admin(v, root["admin"], "admin", listeners) if "admin" in root else None
     workers = _workers(v, root, validated, audit)
     agents = _agents(v, root, validated, identity)
+    if agents is not None and workers > 1:
+        # An agent's link lands on one process, and only that process could dial through it.
+        v.err("workers", f"1 with an \"agents\" section (agents link to one process), got {workers}")
     return Config(
         file=v.file,
         listeners=tuple(listeners),

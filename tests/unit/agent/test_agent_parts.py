@@ -149,6 +149,7 @@ def test_agents_and_via_load(tmp_path):
     (lambda d: d["agents"].update(heartbeat_seconds=5, heartbeat_timeout_seconds=5),
      "agents.heartbeat_timeout_seconds: more than heartbeat_seconds"),
     (lambda d: d["agents"].update(port=1), "agents.port: no key 'port' here"),
+    (lambda d: d.update(workers=2), "workers: 1 with an \"agents\" section"),
 ])
 def test_config_errors(tmp_path, change, expected):
     doc = _doc(tmp_path)
