@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +33,7 @@ from pathlib import Path
 import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers.accounts import ensure_account
 from scripts.peers.process import PeerProcess
 
 __all__ = ["Telnetd", "TEST_USER", "telnetd_bin", "start_telnetd", "ensure_user"]
@@ -49,18 +48,10 @@ def telnetd_bin() -> str:
     return found
 
 
-def ensure_user(name: str, password: str) -> None:
-    """The local account ``name`` exists with a bash shell and ``password`` (idempotent; needs root)."""
-    if os.geteuid() != 0:
-        raise PermissionError("the telnetd peer creates a local user: run as root")
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True, capture_output=True)
-    subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True, capture_output=True)
-    # A quiet, fixed environment for the tests: no MOTD/last-login noise is needed, but a known prompt is.
-    home = Path(pwd.getpwnam(name).pw_dir)
-    (home / ".hushlogin").touch()
+def ensure_user(name: str) -> str:
+    """The local account ``name`` with a bash shell; returns its password (scripts.peers.accounts).
+    A quiet, fixed environment for the tests: no MOTD/last-login noise, a known prompt."""
+    return ensure_account(name, shell="/bin/bash", prefix="Tp-", quiet_login=True)
 
 
 @attrs.define(eq=False)
@@ -116,13 +107,12 @@ def serve(host: str, port: int) -> None:
 
 
 def start_telnetd(base_dir: str | Path, *, port: int | None = None, user: str = TEST_USER) -> Telnetd:
-    """The test user (with a fresh random password) and a running telnetd under *base_dir* on a free port."""
+    """The test user (this machine's password for it) and a running telnetd under *base_dir* on a free port."""
     telnetd_bin()
     base = Path(base_dir)
     base.mkdir(parents=True, exist_ok=True)
     dir = Path(tempfile.mkdtemp(prefix="telnetd-", dir=base))
-    password = "Tp-" + secrets.token_urlsafe(12)
-    ensure_user(user, password)
+    password = ensure_user(user)
     for _ in range(5):
         chosen = port or free_port()
         server = Telnetd(dir=dir, port=chosen, login=user, password=password)

@@ -25,8 +25,8 @@ desktop is needed).  xrdp finds sesman on the port of the *installed*
 sesman per machine, on that port (3350); the tests that need it start one.
 
 The account: a local user ``dbprdp`` (no login shell, a home for sesman's
-``.Xauthority``) with a random password set each time (``chpasswd``) —
-idempotent, root only.
+``.Xauthority``) with this machine's random password for it
+(``scripts.peers.accounts``) — idempotent, root only.
 
 Runnable: ``python -m scripts.peers.xrdp [DIR]`` prints the connection info
 as JSON and waits for Ctrl-C.
@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -51,6 +49,7 @@ from pathlib import Path
 import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers.accounts import ensure_account
 
 __all__ = ["Xrdp", "Xvfb", "TEST_USER", "ensure_user", "start_xrdp", "start_xvfb", "xfreerdp", "xfreerdp_command",
            "xrdp_bin"]
@@ -66,16 +65,9 @@ def xrdp_bin() -> str:
     return shutil.which("xrdp", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))  # type: ignore[return-value]
 
 
-def ensure_user(name: str, password: str) -> None:
-    """The local account ``name`` exists (no login shell, a home) with ``password``; idempotent, root."""
-    if os.geteuid() != 0:
-        raise PermissionError("the xrdp peer creates a local user: run as root")
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", name], check=True,
-                       capture_output=True)
-    subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True, capture_output=True)
+def ensure_user(name: str) -> str:
+    """The local account ``name`` (no login shell, a home); returns its password (scripts.peers.accounts)."""
+    return ensure_account(name, shell="/usr/sbin/nologin", prefix="Rp-")
 
 
 def sesman_port() -> int:
@@ -291,8 +283,7 @@ def start_xrdp(base_dir: str | Path, *, user: str = TEST_USER, with_sesman: bool
     base = Path(base_dir)
     base.mkdir(parents=True, exist_ok=True)
     dir = Path(tempfile.mkdtemp(prefix="xrdp-", dir=base))
-    password = "Rp-" + secrets.token_urlsafe(12)
-    ensure_user(user, password)
+    password = ensure_user(user)
     last: Exception | None = None
     for _ in range(5):
         server = Xrdp(dir=dir, port=free_port(), login=user, password=password, with_sesman=with_sesman)
