@@ -9,7 +9,9 @@ grants databases, terminals or both, and one that names neither kind is a
 config error.  ``port_forwarding`` (``"local"``: direct-tcpip, i.e. ``ssh
 -L``/``-D``/``-W``; ``"remote"``: tcpip-forward, ``ssh -R``) is off unless a
 granting role names it.  BMC sessions (the ``bmc`` family: Redfish, IPMI) are
-granted by ``bmcs`` (globs on the BMC targets) and what may be done there by
+granted by ``bmcs`` (globs on the BMC targets), desktop sessions (the
+``desktop`` family: VNC) by ``desktops`` (globs on the desktop targets; a
+terminal role's ``targets`` never grant a screen), and what may be done there by
 a protocol's own key (``redfish``: rules on method, path and action),
 declared and validated by its engine (``role_keys`` / ``validate_role_key``,
 handed in by ``dbproxy.access``); a granting role's value of such a key
@@ -44,10 +46,11 @@ from .session import Identity
 from .statements import Dialect, Refusal
 
 ROLE_KEYS = {"routes", "databases", "db_users", "targets", "logins", "read_only", "deny_commands", "port_forwarding",
-             "bmcs", "scopes"}
+             "bmcs", "desktops", "scopes"}
 FORWARDING_KINDS = ("local", "remote")
 # Which pair of role keys grants a session of each family (what it reaches, as whom).
-FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins"), "bmc": ("bmcs",)}
+FAMILY_KEYS = {"database": ("databases", "db_users"), "terminal": ("targets", "logins"), "bmc": ("bmcs",),
+               "desktop": ("desktops",)}
 
 
 @attrs.frozen
@@ -62,6 +65,7 @@ class RoleConfig:
     logins: tuple[str, ...] = ()
     port_forwarding: tuple[str, ...] = ()
     bmcs: tuple[str, ...] = ()
+    desktops: tuple[str, ...] = ()
     # Engine-owned keys (``redfish``): (key, what the engine's validator made of it).
     policies: tuple[tuple[str, Any], ...] = ()
     # Command templates (dbproxy.commands): a template runs only for a caller whose roles carry all its scopes.
@@ -73,6 +77,8 @@ class RoleConfig:
             return self.targets, self.logins
         if family == "bmc":
             return self.bmcs, ()  # the BMC login is the proxy's: nothing to grant "as whom"
+        if family == "desktop":
+            return self.desktops, ()  # so is the desktop's
         return self.databases, self.db_users
 
 
@@ -101,12 +107,14 @@ def validate_roles(v: Any, raw: Any, path: str = "roles", engine_keys: dict | No
         present = [pair for pair in FAMILY_KEYS.values() if any(k in rd for k in pair)]
         if not present:
             v.err(rp, 'what the role grants: "databases" and "db_users" (database sessions) and/or "targets" and '
-                      '"logins" (terminal sessions) and/or "bmcs" (BMC sessions), arrays of globs')
+                      '"logins" (terminal sessions) and/or "bmcs" (BMC sessions) and/or "desktops" (desktop '
+                      'sessions), arrays of globs')
         policies = []
         for key, validate in engine_keys.items():
             if key in rd:
-                if "bmcs" not in rd:
-                    v.err(rp, f'a key "bmcs" (the BMC targets the role\'s "{key}" rules apply to)')
+                requires = getattr(validate, "requires", "bmcs")
+                if requires not in rd:
+                    v.err(rp, f'a key "{requires}" (the targets the role\'s "{key}" rules apply to)')
                 value = validate(v, rd[key], f"{rp}.{key}")
                 if value is not None:
                     policies.append((key, value))
@@ -129,6 +137,7 @@ def validate_roles(v: Any, raw: Any, path: str = "roles", engine_keys: dict | No
             deny_commands=glob_list(v, rd, "deny_commands", rp, required=False),
             port_forwarding=tuple(k for k in forwarding if k in FORWARDING_KINDS),
             bmcs=grants.get("bmcs", ()),
+            desktops=grants.get("desktops", ()),
             policies=tuple(policies),
             scopes=glob_list(v, rd, "scopes", rp, required=False),
         )
@@ -248,7 +257,7 @@ class AccessPolicy:
                 continue
             granting.append(role)
         if not granting:
-            names = {"terminal": ("target", "login"), "bmc": ("BMC", "login")}.get(family, ("database", "database user"))
+            names = {"terminal": ("target", "login"), "bmc": ("BMC", "login"), "desktop": ("desktop", "login")}.get(family, ("database", "database user"))
             what = f"route {route!r}" + (f", {names[0]} {database!r}" if database is not None else "") + (f", {names[1]} {db_user!r}" if db_user is not None else "")
             roles = ", ".join(identity.roles) or "none"
             raise AccessDenied(f"no role of {identity.user!r} (roles: {roles}) allows {what}", reason="no_role_allows")

@@ -2,6 +2,7 @@
 
     dbproxy token keygen --algorithm EdDSA --key-file token.key --public-key-file token.pub
     dbproxy token issue  --config proxy.json --user alice --roles analyst --ttl 8h
+    dbproxy token issue  --config proxy.json --user alice --roles ops --code --target desk-1   (alias --vnc)
     dbproxy token revoke --config proxy.json TOKEN_OR_ID
     dbproxy token list   --config proxy.json
 
@@ -11,7 +12,12 @@ prints the token — and nothing else — on stdout, and records its SCRAM
 verifiers in ``identity.token.registry_file`` when one is configured (see
 ``dbproxy.identity``); ``revoke`` appends the token id to
 ``identity.token.revocation_file`` (the proxy re-reads it on change) and
-drops the token's verifiers from the registry.  Nothing here logs a token.
+drops the token's verifiers from the registry.  ``issue --code`` (alias
+``--vnc``) prints a one-time code instead of a token: 8 characters for one
+login to ``--target`` within ``--ttl`` (default 60 s), for clients that can
+only send a short password (classic VNC authentication); it is recorded in
+``identity.token.codes_file`` (``dbproxy.identity.codes``), which the
+running proxy reads.  Nothing here logs a token or a code.
 """
 
 from __future__ import annotations
@@ -93,8 +99,12 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     cfg, roles, authority = loaded
+    if args.code:
+        return _issue_code(args, cfg, roles, authority)
+    if args.target:
+        return _fail("--target is for one-time codes (--code / --vnc); a token reaches what its roles grant")
     try:
-        ttl = parse_ttl(args.ttl)
+        ttl = parse_ttl(args.ttl or "8h")
     except ValueError as exc:
         return _fail(str(exc))
     if ttl > cfg.max_ttl:
@@ -112,6 +122,30 @@ def cmd_issue(args: argparse.Namespace) -> int:
         + ("" if authority.registry is not None else " — no registry_file: SCRAM logins (Postgres without TLS, Mongo SCRAM) will not work"),
         file=sys.stderr,
     )
+    return 0
+
+
+def _issue_code(args: argparse.Namespace, cfg: TokenConfig, roles: dict | None, authority: TokenAuthority) -> int:
+    from .identity.codes import DEFAULT_CODE_TTL, MAX_CODE_TTL
+
+    if authority.codes is None:
+        return _fail("identity.token.codes_file is not configured: nowhere to record one-time codes")
+    if not args.target:
+        return _fail("--code needs --target (the one target the code logs in to)")
+    try:
+        ttl = parse_ttl(args.ttl) if args.ttl else DEFAULT_CODE_TTL
+    except ValueError as exc:
+        return _fail(str(exc))
+    if ttl > MAX_CODE_TTL:
+        return _fail(f"--ttl {args.ttl}: a one-time code lives at most {MAX_CODE_TTL}s")
+    role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
+    unknown = [r for r in role_names if roles is None or r not in roles]
+    if unknown:
+        return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
+    entry = authority.codes.issue(args.user, tuple(role_names), args.target, ttl)
+    print(entry.code, flush=True)
+    print(f"one-time code {entry.id} for {entry.user!r} (roles: {', '.join(entry.roles) or 'none'}) to "
+          f"{entry.target!r}, single use, expires {_iso(entry.exp)}", file=sys.stderr)
     return 0
 
 
@@ -190,7 +224,11 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--config", required=True)
     q.add_argument("--user", required=True)
     q.add_argument("--roles", default="", help="comma-separated role names from the config")
-    q.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m, 8h, 1d (at most identity.token.max_ttl_seconds)")
+    q.add_argument("--ttl", default=None, help="lifetime, e.g. 30m, 8h, 1d (at most identity.token.max_ttl_seconds; "
+                   "default 8h, or 60s for --code)")
+    q.add_argument("--code", "--vnc", dest="code", action="store_true",
+                   help="a one-time 8-character code for one login to --target (classic VNC authentication)")
+    q.add_argument("--target", default=None, help="with --code: the target the code logs in to")
     q.set_defaults(func=cmd_issue)
 
     q = tsub.add_parser("revoke", help="revoke a token (by the token or its id)")

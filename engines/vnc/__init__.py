@@ -1,0 +1,1 @@
+"""VNC (RFB) desktop sessions through the proxy."""

@@ -1,0 +1,186 @@
+"""Real VNC desktops for the tests: TigerVNC's Xtigervnc, or x11vnc on Xvfb, each with an xterm.
+
+Strategy: one supervisor shell per desktop, started in its own session
+(``stop()`` ends its process group), runs the X server and an xterm on it.
+X servers keep a lock file and a socket under ``/tmp`` by display number:
+when ``unshare --mount`` works (root, as here and on CI) the supervisor gets
+a private ``/tmp`` (a bind mount of the desktop's own folder), so desktops
+of parallel test runs never meet there; the display number is random as
+well (the abstract X socket is per network namespace).  The VNC port is on
+loopback (``-localhost``), with VNC authentication and a random password in
+a VNC password file (``vncpasswd -f``); only the proxy is given it.
+
+The xterm shows a known line (``READY_TEXT``) and runs ``cat > typed.txt``:
+what a viewer types there lands in the desktop folder's ``typed.txt``
+(``typed()``), one line per Enter.  ``flavour``: ``"tigervnc"`` (Xtigervnc,
+RFB 3.8, also VeNCrypt if asked) or ``"x11vnc"`` (Xvfb + x11vnc).
+
+Runnable: ``python -m scripts.peers.vnc [DIR] [tigervnc|x11vnc]`` prints the
+connection info as JSON and waits for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import attrs
+
+from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+
+__all__ = ["Desktop", "start_desktop", "vnc_binaries", "READY_TEXT"]
+
+READY_TEXT = "VNC-PEER-READY"
+GEOMETRY = (640, 400)
+
+
+def vnc_binaries(flavour: str = "tigervnc") -> dict:
+    names = {"tigervnc": ("Xtigervnc", "xterm", "vncpasswd"), "x11vnc": ("Xvfb", "x11vnc", "xterm", "vncpasswd")}
+    found = {}
+    for name in names[flavour]:
+        path = shutil.which(name)
+        if path is None:
+            raise FileNotFoundError(f"{name} not found: run scripts/install/vnc.sh")
+        found[name] = path
+    return found
+
+
+def _private_tmp_works() -> bool:
+    try:
+        done = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs none /mnt 2>/dev/null || "
+                               "mount --bind / /mnt"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@attrs.define(eq=False)
+class Desktop:
+    dir: Path
+    port: int
+    password: str
+    display: int
+    flavour: str = "tigervnc"
+    host: str = "127.0.0.1"
+    _proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "desktop.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.dir / "passwd"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def typed(self) -> str:
+        """What was typed into the xterm (lines ended with Enter)."""
+        try:
+            return (self.dir / "typed.txt").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _script(self, private_tmp: bool) -> str:
+        # Paths relative to the supervisor's folder (its cwd, inherited by every child): once /tmp is
+        # the private bind mount, a desktop folder under the real /tmp is out of sight by its path.
+        d = "."
+        n = self.display
+        w, h = GEOMETRY
+        lines = ["set -e"]
+        if private_tmp:
+            lines.append("mkdir -p tmp && mount --bind tmp /tmp && mkdir -m 1777 -p /tmp/.X11-unix")
+        if self.flavour == "tigervnc":
+            lines.append(f"Xtigervnc :{n} -rfbport {self.port} -localhost -SecurityTypes VncAuth "
+                         f"-PasswordFile {d}/passwd -geometry {w}x{h} -depth 24 -AlwaysShared -AcceptSetDesktopSize=0 "
+                         f"-nolisten tcp & X=$!")
+        else:
+            lines.append(f"Xvfb :{n} -screen 0 {w}x{h}x24 -nolisten tcp & X=$!")
+        lines.append(f"for i in $(seq 200); do [ -e /tmp/.X11-unix/X{n} ] && break; sleep 0.05; done")
+        lines.append(f"[ -e /tmp/.X11-unix/X{n} ] || {{ echo 'X server did not start'; exit 1; }}")
+        if self.flavour == "x11vnc":
+            lines.append(f"x11vnc -display :{n} -rfbport {self.port} -localhost -rfbauth {d}/passwd -forever -shared "
+                         f"-norc -quiet -nopw -noxdamage & V=$!")
+        # A fixed font and no cursor blink: two screenshots of the same state are the same pixels.
+        lines.append(f"DISPLAY=:{n} xterm -geometry 80x20+0+0 -fn fixed -bg white -fg black +bc -xrm "
+                     f"'XTerm*cursorBlink: false' -e sh -c 'echo {READY_TEXT}; exec cat > {d}/typed.txt' &")
+        lines.append("wait $X")
+        return "\n".join(lines)
+
+    def start(self, private_tmp: bool, timeout: float = 20.0) -> "Desktop":
+        done = subprocess.run(["vncpasswd", "-f"], input=self.password.encode(), capture_output=True, check=True)
+        self.password_file.write_bytes(done.stdout)
+        os.chmod(self.password_file, 0o600)
+        script = self._script(private_tmp)
+        argv = ["unshare", "--mount", "sh", "-c", script] if private_tmp else ["sh", "-c", script]
+        log = open(self.log_file, "ab")
+        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      cwd=str(self.dir), start_new_session=True)
+        log.close()
+        try:
+            wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"{self.flavour} desktop did not start: {exc}\n{self.log_text()}") from None
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+
+    def info(self) -> dict:
+        return {"host": self.host, "port": self.port, "password": self.password, "display": self.display,
+                "flavour": self.flavour, "dir": str(self.dir)}
+
+
+def start_desktop(base_dir: str | Path, flavour: str = "tigervnc") -> Desktop:
+    """A desktop with an xterm under *base_dir*, on a free loopback port, with a fresh random password."""
+    vnc_binaries(flavour)
+    base = Path(base_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    private_tmp = _private_tmp_works()
+    last = None
+    for _ in range(5):
+        d = Path(tempfile.mkdtemp(prefix=f"{flavour}-", dir=base))
+        # VNC passwords are 8 bytes at most (RFC 6143 §7.2.2).
+        desktop = Desktop(dir=d, port=free_port(), password=secrets.token_urlsafe(6)[:8],
+                          display=random.randrange(100, 3000), flavour=flavour)
+        try:
+            return desktop.start(private_tmp)
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"{flavour}: no desktop after 5 tries: {last}")
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="dbproxy-vnc-"))
+    peer = start_desktop(target, sys.argv[2] if len(sys.argv) > 2 else "tigervnc")
+    print(json.dumps(peer.info(), indent=2), flush=True)
+    try:
+        wait_for_interrupt()
+    finally:
+        peer.stop()
