@@ -439,7 +439,6 @@ class VNCEngine(Engine):
         state = DesktopState(session, DesktopPolicy.from_grant(grant), recorder=recorder,
                              record_input=extra.get("recording_input", False), audit_keys=extra.get("audit_keys", False),
                              on_pixel_format=getattr(server_decoder, "set_pixel_format", None))
-        request.extra.state = state
         return Wiring(client_decoder, server_decoder, [ClientStage(state)], [ServerStage(state)], state,
                       client_error=lambda exc: b"")
 

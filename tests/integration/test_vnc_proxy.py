@@ -1,0 +1,351 @@
+"""VNC through the proxy: real desktops (Xtigervnc, x11vnc on Xvfb, each with an xterm), real viewers.
+
+The desktops come from ``scripts/peers/vnc.py`` (VNC authentication with a
+random password only the proxy holds).  The scripted viewer is vncdotool
+(connect, screenshot, keys, pointer, clipboard), logging in to the proxy with
+a one-time code from the real ``dbproxy token issue --vnc``; VeNCrypt with a
+token is TigerVNC's ``vncviewer`` under Xvfb, captured with ImageMagick's
+``import``.  Raw sockets speak RFB (``engines/vnc/rfb.py``) where the test
+must read the failure reason a viewer would only print.  Every test checks
+the audit trail the proxy wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support import ProxyProcess, dbproxy_cli, peer_missing, read_audit, wait_audit, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return dbproxy_cli(*args, check=True)
+
+
+@pytest.fixture(scope="module")
+def desktop(tmp_path_factory):
+    from scripts.peers.vnc import start_desktop, vnc_binaries
+
+    try:
+        vnc_binaries("tigervnc")
+    except FileNotFoundError as exc:
+        peer_missing(str(exc))
+    d = start_desktop(tmp_path_factory.mktemp("tigervnc"))
+    time.sleep(1.0)  # the xterm draws its first line
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def x11desktop(tmp_path_factory):
+    from scripts.peers.vnc import start_desktop, vnc_binaries
+
+    try:
+        vnc_binaries("x11vnc")
+    except FileNotFoundError as exc:
+        peer_missing(str(exc))
+    d = start_desktop(tmp_path_factory.mktemp("x11vnc"), "x11vnc")
+    time.sleep(1.0)
+    yield d
+    d.stop()
+
+
+class Env:
+    def __init__(self, proc: ProxyProcess, workdir) -> None:
+        self.proc = proc
+        self.workdir = workdir
+        self.audit_path = workdir / "audit.jsonl"
+
+    @property
+    def port(self) -> int:
+        return self.proc.port("vnc")
+
+    def code(self, user: str, roles: str, target: str, ttl: str | None = None) -> str:
+        args = ["token", "issue", "--config", str(self.proc.config_path), "--user", user, "--roles", roles, "--vnc",
+                "--target", target]
+        if ttl:
+            args += ["--ttl", ttl]
+        code = _cli(*args).stdout.strip()
+        assert len(code) == 8, code
+        return code
+
+    def token(self, user: str, roles: str) -> str:
+        return _cli("token", "issue", "--config", str(self.proc.config_path), "--user", user, "--roles", roles,
+                    "--ttl", "1h").stdout.strip()
+
+    def events(self) -> list[dict]:
+        return read_audit(self.audit_path)
+
+    def mark(self) -> int:
+        return len(self.events())
+
+    def wait(self, condition, since: int = 0, timeout: float = 20.0) -> list[dict]:
+        return wait_audit(self.audit_path, condition, timeout=timeout, since=since)
+
+
+@pytest.fixture(scope="module")
+def env(desktop, x11desktop, tmp_path_factory):
+    from scripts.peers import free_port
+    from scripts.peers.certs import make_ca, make_cert
+
+    workdir = tmp_path_factory.mktemp("vncproxy")
+    _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
+         "--public-key-file", str(workdir / "token.pub"))
+    ca = make_ca(workdir / "ca")
+    cert, key = make_cert(workdir / "ca", ca, "dbproxy-vnc")
+    (workdir / "desk.secret").write_text(desktop.password + "\n")
+    (workdir / "x11.secret").write_text(x11desktop.password + "\n")
+    (workdir / "wrong.secret").write_text("wrongpw\n")
+    (workdir / "recordings").mkdir()
+    backend = {"address": desktop.address, "auth": {"method": "vnc", "password_file": "desk.secret"}}
+    config = {
+        "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub",
+                               "revocation_file": "revoked.txt", "codes_file": "codes.json"}},
+        "roles": {
+            "ops": {"routes": ["*"], "desktops": ["desk-*", "x11-*"],
+                    "desktop": {"clipboard": {"to_server": True, "to_client": True}}},
+            "noclip": {"routes": ["*"], "desktops": ["desk-*"]},
+            "viewer": {"routes": ["*"], "desktops": ["desk-*"], "desktop": {"view_only": True}},
+            "ssh-only": {"routes": ["*"], "targets": ["desk-*"], "logins": ["*"]},
+        },
+        "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
+        "listeners": [{
+            "name": "vnc", "protocol": "vnc", "listen": "127.0.0.1:0",
+            "tls": {"cert_file": str(cert), "key_file": str(key)},
+            "auth": {"methods": ["token"]},
+            "audit_keys": True,
+            "routes": [
+                {"name": "desk", "match": {"target": "desk-1"}, "backend": backend},
+                {"name": "x11", "match": {"target": "x11-1"},
+                 "backend": {"address": x11desktop.address,
+                             "auth": {"method": "vnc", "password_file": "x11.secret"}}},
+                {"name": "wrongpw", "match": {"target": "desk-wrongpw"},
+                 "backend": {**backend, "auth": {"method": "vnc", "password_file": "wrong.secret"}}},
+                {"name": "down", "match": {"target": "desk-down"},
+                 "backend": {**backend, "address": f"127.0.0.1:{free_port()}"}},
+            ],
+        }],
+    }
+    proc = ProxyProcess(workdir, config).start()
+    yield Env(proc, workdir)
+    proc.stop()
+    assert desktop.password not in proc.log_text()
+
+
+# -- viewers -------------------------------------------------------------------------------------
+class Viewer:
+    """vncdotool's threaded client, closed on exit."""
+
+    def __init__(self, port: int, password: str, timeout: float = 15.0) -> None:
+        from vncdotool import api
+
+        self.client = api.connect(f"127.0.0.1::{port}", password=password, timeout=timeout)
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.client.disconnect()
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vncdotool_reactor():
+    yield
+    try:
+        from vncdotool import api
+
+        api.shutdown()
+    except Exception:
+        pass
+
+
+def _screenshot(port: int, password: str, path) -> "object":
+    from PIL import Image
+
+    with Viewer(port, password) as v:
+        v.refreshScreen()
+        v.captureScreen(str(path))
+    return Image.open(path).convert("RGB")
+
+
+def _same(a, b) -> bool:
+    from PIL import ImageChops
+
+    return a.size == b.size and ImageChops.difference(a, b).getbbox() is None
+
+
+# -- RFB by hand, for the failure reasons --------------------------------------------------------
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def _vnc_login(port: int, password: str) -> tuple[bool, str]:
+    """RFB 3.8 with VNC authentication: (accepted, failure reason)."""
+    from dbproxy.engines.vnc import rfb
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        assert _recv(s, 12) == b"RFB 003.008\n"
+        s.sendall(b"RFB 003.008\n")
+        n = _recv(s, 1)[0]
+        types = _recv(s, n)
+        assert rfb.SEC_VNC in types, types
+        s.sendall(bytes([rfb.SEC_VNC]))
+        challenge = _recv(s, 16)
+        s.sendall(rfb.vnc_response(password.encode(), challenge))
+        status = int.from_bytes(_recv(s, 4), "big")
+        if status == 0:
+            return True, ""
+        n = int.from_bytes(_recv(s, 4), "big")
+        return False, _recv(s, n).decode()
+
+
+# -- the tests -----------------------------------------------------------------------------------
+def test_screenshot_through_the_proxy_equals_direct(env, desktop, tmp_path):
+    since = env.mark()
+    direct = _screenshot(desktop.port, desktop.password, tmp_path / "direct.png")
+    code = env.code("alice", "ops", "desk-1")
+    proxied = _screenshot(env.port, code, tmp_path / "proxied.png")
+    assert _same(direct, proxied), "the screen through the proxy differs from the screen seen directly"
+    events = env.wait(lambda evs: any(e["event"] == "desktop.session.end" for e in evs), since=since)
+    start = next(e for e in events if e["event"] == "desktop.session.start")
+    assert start["success"] is True and start["width"] == direct.size[0] and start["height"] == direct.size[1]
+    assert start["user"] == "alice" and start["identity_method"] == "one_time_code"
+    assert start["backend_security"] == "VNC" and start["client_security"] == "VNC"
+    end = next(e for e in events if e["event"] == "desktop.session.end")
+    assert end["encodings"], end  # what vncdotool asked for
+    assert code not in env.audit_path.read_text() and desktop.password not in env.audit_path.read_text()
+
+
+def test_x11vnc_desktop_through_the_proxy(env, x11desktop, tmp_path):
+    direct = _screenshot(x11desktop.port, x11desktop.password, tmp_path / "direct.png")
+    proxied = _screenshot(env.port, env.code("alice", "ops", "x11-1"), tmp_path / "proxied.png")
+    assert _same(direct, proxied)
+
+
+def test_typed_keys_reach_the_xterm_and_are_audited(env, desktop):
+    since = env.mark()
+    word = f"typed{os.getpid()}"
+    with Viewer(env.port, env.code("alice", "ops", "desk-1")) as v:
+        v.mouseMove(100, 100)
+        v.mousePress(1)  # a click on the xterm (focus follows the pointer there)
+        for ch in word:
+            v.keyPress(ch)
+        v.keyPress("enter")
+    wait_until(lambda: word in desktop.typed(), what="the typed line in the xterm's output file")
+    events = env.wait(lambda evs: any(e["event"] == "desktop.keys" and word in e.get("text", "") for e in evs),
+                      since=since)
+    assert any(e["event"] == "desktop.keys" for e in events)
+
+
+def test_view_only_blocks_input(env, desktop):
+    since = env.mark()
+    word = f"blocked{os.getpid()}"
+    with Viewer(env.port, env.code("victor", "viewer", "desk-1")) as v:
+        for ch in word:
+            v.keyPress(ch)
+        v.keyPress("enter")
+        v.mouseMove(10, 10)
+    events = env.wait(lambda evs: any(e["event"] == "desktop.session.end" for e in evs), since=since)
+    time.sleep(0.5)
+    assert word not in desktop.typed()
+    refused = [e for e in events if e["event"] == "desktop.input.refused"]
+    assert len(refused) == 1, refused  # audited once, the rest counted
+    end = next(e for e in events if e["event"] == "desktop.session.end")
+    assert end["input_dropped"] >= 2 * (len(word) + 1)
+    assert any(e["event"] == "desktop.session.access_denied" and e["reason"] == "view_only" for e in events)
+
+
+def test_clipboard_to_server_allowed_and_refused(env, desktop):
+    since = env.mark()
+    text = f"clip-{os.getpid()}-allowed"
+    with Viewer(env.port, env.code("alice", "ops", "desk-1")) as v:
+        v.paste(text)
+        v.pause(0.3)
+    events = env.wait(lambda evs: any(e["event"] == "desktop.clipboard" for e in evs), since=since)
+    clip = next(e for e in events if e["event"] == "desktop.clipboard")
+    import hashlib
+
+    assert clip["success"] is True and clip["direction"] == "to_server" and clip["bytes"] == len(text)
+    assert clip["sha256"] == hashlib.sha256(text.encode()).hexdigest() and clip["preview"] == text
+    since = env.mark()
+    with Viewer(env.port, env.code("nora", "noclip", "desk-1")) as v:
+        v.paste("secret-clip")
+        v.pause(0.3)
+    events = env.wait(lambda evs: any(e["event"] == "desktop.session.end" for e in evs), since=since)
+    clip = next(e for e in events if e["event"] == "desktop.clipboard")
+    assert clip["success"] is False
+    assert any(e["event"] == "desktop.session.access_denied" and e["reason"] == "clipboard_denied" for e in events)
+
+
+def test_wrong_and_reused_code(env):
+    since = env.mark()
+    ok, reason = _vnc_login(env.port, "nocode99")
+    assert not ok and "one-time code was not accepted" in reason
+    code = env.code("alice", "ops", "desk-1")
+    ok, _ = _vnc_login(env.port, code)
+    assert ok
+    ok, reason = _vnc_login(env.port, code)
+    assert not ok and "one-time code was not accepted" in reason
+    events = env.wait(lambda evs: sum(e["event"] == "desktop.session.start" and not e["success"] for e in evs) >= 2,
+                      since=since)
+    reasons = [e.get("reason") for e in events if e["event"] == "desktop.session.start" and not e["success"]]
+    assert reasons == ["code_unknown", "code_reused"], reasons
+    assert code not in env.audit_path.read_text()
+
+
+def test_role_without_desktops_is_refused(env):
+    since = env.mark()
+    ok, reason = _vnc_login(env.port, env.code("sam", "ssh-only", "desk-1"))
+    assert not ok and "access denied" in reason
+    env.wait(lambda evs: any(e["event"] == "desktop.session.access_denied" for e in evs), since=since)
+
+
+def test_wrong_backend_password_and_server_down(env):
+    since = env.mark()
+    ok, reason = _vnc_login(env.port, env.code("alice", "ops", "desk-wrongpw"))
+    assert not ok and "refused the proxy's login" in reason, reason
+    ok, reason = _vnc_login(env.port, env.code("alice", "ops", "desk-down"))
+    assert not ok and "unreachable" in reason, reason
+    events = env.wait(lambda evs: sum(e["event"] == "desktop.session.start" and not e["success"] for e in evs) >= 2,
+                      since=since)
+    reasons = [e.get("reason") for e in events if e["event"] == "desktop.session.start" and not e["success"]]
+    assert reasons == ["desktop_auth", "desktop_connect"], reasons
+
+
+def test_ten_concurrent_viewers(env, desktop, tmp_path):
+    direct = _screenshot(desktop.port, desktop.password, tmp_path / "direct.png")
+    codes = [env.code(f"user{i}", "ops", "desk-1") for i in range(10)]
+    results: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        try:
+            results[i] = _screenshot(env.port, codes[i], tmp_path / f"v{i}.png")
+        except Exception as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 10
+    for i, img in results.items():
+        assert not isinstance(img, Exception), f"viewer {i}: {img!r}"
+        assert _same(direct, img), f"viewer {i} saw another screen"
