@@ -51,6 +51,7 @@ class CodeEntry:
     iat: int
     exp: int
     signature: bytes = attrs.field(repr=False, default=b"")
+    used: bool = False  # used up (kept until it expires, so a second use is told apart from a wrong code)
 
     def signed_bytes(self) -> bytes:
         body = {"id": self.id, "code": self.code, "user": self.user, "roles": list(self.roles), "target": self.target,
@@ -79,7 +80,7 @@ class OneTimeCodes:
         for cid, e in (doc.get("codes") or {}).items():
             try:
                 entry = CodeEntry(cid, e["code"], e["user"], tuple(e["roles"]), e["target"], int(e["iat"]),
-                                  int(e["exp"]), b64url_decode(e["sig"]))
+                                  int(e["exp"]), b64url_decode(e["sig"]), bool(e.get("used")))
             except (KeyError, TypeError, ValueError):
                 log.warning("codes file %s: entry %s is malformed: ignored", self.path, str(cid)[:32])
                 continue
@@ -89,15 +90,14 @@ class OneTimeCodes:
             out[cid] = entry
         return out
 
-    def pending(self, *, now: float | None = None) -> list[CodeEntry]:
-        """The codes not yet used nor expired (signature checked)."""
-        now = time.time() if now is None else now
+    def pending(self) -> list[CodeEntry]:
+        """The codes in the file (signature checked), used and expired ones included: the caller
+        tells a code used up or expired apart from a wrong one (``issue`` prunes expired entries)."""
         try:
-            entries = self._file.get()
+            return list(self._file.get().values())
         except OSError as exc:
             log.error("codes file %s unreadable (%s): no code logins", self.path, exc.strerror or exc)
             return []
-        return [e for e in entries.values() if now < e.exp]
 
     def _read_doc(self) -> dict:
         try:
@@ -125,11 +125,15 @@ class OneTimeCodes:
             atomic_write(self.path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
         return entry
 
-    def consume(self, entry_id: str) -> bool:
-        """Use a code up: True when it was still there (this login is the one that used it)."""
+    def consume(self, entry_id: str, *, now: float | None = None) -> bool:
+        """Use a code up: True when it was there and unused (this login is the one that used it).
+        The entry stays, marked used, until it expires and ``issue`` prunes it."""
+        now = time.time() if now is None else now
         with FileLock(self.path):
             doc = self._read_doc()
-            found = doc["codes"].pop(entry_id, None) is not None
-            if found:
-                atomic_write(self.path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-        return found
+            entry = doc["codes"].get(entry_id)
+            if entry is None or entry.get("used"):
+                return False
+            entry["used"] = int(now)
+            atomic_write(self.path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        return True

@@ -55,6 +55,7 @@ import logging
 import os
 import secrets
 import ssl
+import time
 from typing import Any
 
 import attrs
@@ -261,17 +262,15 @@ class VNCEngine(Engine):
     def _identify_by_code(self, session: Any, request: Request, side: ClientSide) -> None:
         codes = self._authority.codes
         response, side.response = side.response, b""
-        import time
-
         now = time.time()
-        for entry in codes.pending(now=now - 3600):  # expired ones too: "expired" is a better answer
+        for entry in codes.pending():  # used and expired ones too: a better answer than "wrong"
             if not hmac.compare_digest(rfb.vnc_response(entry.code.encode(), side.challenge), response):
                 continue
             request.target = entry.target
             request.start_fields["code_id"] = entry.id
             if entry.exp <= now:
                 self._code_refused(request, f"one-time code {entry.id} of {entry.user!r} expired", "code_expired")
-            if entry.id in self._used_codes or not codes.consume(entry.id):
+            if entry.used or entry.id in self._used_codes or not codes.consume(entry.id, now=now):
                 self._code_refused(request, f"one-time code {entry.id} of {entry.user!r} was already used",
                                    "code_reused")
             self._used_codes.add(entry.id)

@@ -107,9 +107,11 @@ class Desktop:
         if private_tmp:
             lines.append("mkdir -p tmp && mount --bind tmp /tmp && mkdir -m 1777 -p /tmp/.X11-unix")
         if self.flavour == "tigervnc":
+            # -BlacklistThreshold: Xtigervnc blocks an address after a few failed logins; the proxy is one
+            # address for every viewer, and a test of a wrong backend password would lock the others out.
             lines.append(f"Xtigervnc :{n} -rfbport {self.port} -localhost -SecurityTypes VncAuth "
                          f"-PasswordFile {d}/passwd -geometry {w}x{h} -depth 24 -AlwaysShared -AcceptSetDesktopSize=0 "
-                         f"-nolisten tcp & X=$!")
+                         f"-BlacklistThreshold=1000000 -nolisten tcp & X=$!")
         else:
             lines.append(f"Xvfb :{n} -screen 0 {w}x{h}x24 -nolisten tcp & X=$!")
         lines.append(f"for i in $(seq 200); do [ -e /tmp/.X11-unix/X{n} ] && break; sleep 0.05; done")
