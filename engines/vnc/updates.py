@@ -1,0 +1,468 @@
+"""RFB server→client message framing (RFC 6143 §7.6, encodings §7.7, plus the common extensions).
+
+Strategy: frame, don't decode.  A relay needs each server message's exact
+bytes (``ServerMessage.raw``) and, for an update, where each rectangle's
+payload lies; only a renderer (``render.py``) needs pixels.  So the framer
+reads just the bytes that decide a length — a rectangle header, a subrect
+count, a Hextile tile's subencoding mask, a ZRLE/zlib u32 length, a Tight
+compression-control byte and compact length — and skips the rest by
+arithmetic.  Raw, ZRLE and Tight payloads are never looked at; a Raw rect of
+any size costs a header read.
+
+The framer is resumable at every byte: a message is parsed by a generator
+that yields "I need the first N bytes of this message" and is resumed when
+they have arrived (``feed`` may cut the stream anywhere, as TCP does).  Byte
+offsets inside a message are relative to its first byte, so compacting the
+buffer (between feeds) never disturbs a parse in progress.  Each message's
+``raw`` is copied out once; a rectangle's ``payload`` is a lazy slice of it.
+
+Formats whose sizes depend on the pixel format (PIXEL = bits-per-pixel / 8
+bytes, Tight's TPIXEL) use the format in force when the message began;
+``set_pixel_format`` (the client's SetPixelFormat, §7.5.1) applies from the
+next message — clients send it when no update is outstanding.
+
+Covered: FramebufferUpdate with Raw (0), CopyRect (1), RRE (2), CoRRE (4),
+Hextile (5), zlib (6), Tight (7), ZRLE (16), H.264 (50), TightPNG (-260) and
+the pseudo-encodings DesktopSize (-223), LastRect (-224), PointerPos (-232),
+Cursor (-239), XCursor (-240), QEMU pointer-motion/extended-key/audio
+(-257/-258/-259), QEMU LED state (-261), DesktopName (-307),
+ExtendedDesktopSize (-308), CursorWithAlpha (-314, Raw only);
+SetColourMapEntries (1), Bell (2), ServerCutText (3, also the
+ExtendedClipboard form with a negative length), EndOfContinuousUpdates
+(150), ServerFence (248), xvp (250) and gii (253) server messages.  Anything
+else raises ``RfbError`` naming it: the stream cannot be framed past an
+unknown encoding, so the engine must close the session with that reason.
+
+Sans-IO: no trio, no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Generator
+from typing import Any
+
+from dbproxy.errors import RemoteProtocolError
+
+__all__ = [
+    "ENCODING_NAMES", "PixelFormat", "Rect", "RfbError", "ServerMessage", "ServerStream", "encoding_name",
+]
+
+
+class RfbError(RemoteProtocolError):
+    """The RFB stream broke the protocol or used something we cannot frame (an unknown encoding)."""
+
+
+# Encoding numbers (RFC 6143 §7.7, §7.8; the community registry in rfbproto.rst).
+RAW, COPYRECT, RRE, CORRE, HEXTILE, ZLIB, TIGHT, ZLIBHEX, TRLE, ZRLE, ZYWRLE, H264 = 0, 1, 2, 4, 5, 6, 7, 8, 15, 16, 17, 50
+TIGHT_PNG = -260
+DESKTOP_SIZE, LAST_RECT, POINTER_POS, CURSOR, XCURSOR = -223, -224, -232, -239, -240
+QEMU_POINTER_MOTION, QEMU_EXTENDED_KEY, QEMU_AUDIO, QEMU_LED_STATE = -257, -258, -259, -261
+DESKTOP_NAME, EXTENDED_DESKTOP_SIZE, XVP, FENCE, CONTINUOUS_UPDATES, CURSOR_WITH_ALPHA = -307, -308, -309, -312, -313, -314
+EXTENDED_CLIPBOARD = -1063131698  # 0xC0A1E5CE as S32
+
+ENCODING_NAMES: dict[int, str] = {
+    RAW: "Raw", COPYRECT: "CopyRect", RRE: "RRE", CORRE: "CoRRE", HEXTILE: "Hextile", ZLIB: "zlib",
+    TIGHT: "Tight", ZLIBHEX: "zlibhex", TRLE: "TRLE", ZRLE: "ZRLE", ZYWRLE: "ZYWRLE", H264: "Open H.264",
+    TIGHT_PNG: "TightPNG", DESKTOP_SIZE: "DesktopSize", LAST_RECT: "LastRect", POINTER_POS: "PointerPos",
+    CURSOR: "Cursor", XCURSOR: "XCursor", QEMU_POINTER_MOTION: "QEMU Pointer Motion Change",
+    QEMU_EXTENDED_KEY: "QEMU Extended Key Event", QEMU_AUDIO: "QEMU Audio", QEMU_LED_STATE: "QEMU LED State",
+    DESKTOP_NAME: "DesktopName", EXTENDED_DESKTOP_SIZE: "ExtendedDesktopSize", XVP: "xvp", FENCE: "Fence",
+    CONTINUOUS_UPDATES: "ContinuousUpdates", CURSOR_WITH_ALPHA: "CursorWithAlpha",
+    EXTENDED_CLIPBOARD: "ExtendedClipboard", -305: "gii", -306: "popa",
+}
+
+
+def encoding_name(encoding: int) -> str:
+    """``"Hextile (5)"``; unregistered numbers by range (JPEG quality, compression level) or as-is."""
+    name = ENCODING_NAMES.get(encoding)
+    if name is None:
+        if -32 <= encoding <= -23:
+            name = "JPEG quality level"
+        elif -256 <= encoding <= -247:
+            name = "compression level"
+        elif -768 <= encoding <= -763:
+            name = "JPEG fine-grained quality level"
+        elif -512 <= encoding <= -412:
+            name = "JPEG subsampling level"
+        elif 0x574D5600 <= encoding <= 0x574D56FF:
+            name = "VMware"
+        else:
+            return f"encoding {encoding}"
+    return f"{name} ({encoding})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelFormat:
+    """PIXEL_FORMAT (RFC 6143 §7.4): 16 bytes in ServerInit and SetPixelFormat."""
+
+    bits_per_pixel: int = 32
+    depth: int = 24
+    big_endian: bool = False
+    true_colour: bool = True
+    red_max: int = 255
+    green_max: int = 255
+    blue_max: int = 255
+    red_shift: int = 16
+    green_shift: int = 8
+    blue_shift: int = 0
+
+    _STRUCT = struct.Struct(">BBBBHHHBBB3x")
+
+    @classmethod
+    def parse(cls, b16: bytes | bytearray | memoryview) -> "PixelFormat":
+        if len(b16) != 16:
+            raise RfbError(f"PIXEL_FORMAT is 16 bytes, got {len(b16)}")
+        bpp, depth, be, tc, rm, gm, bm, rs, gs, bs = cls._STRUCT.unpack(bytes(b16))
+        if bpp not in (8, 16, 32):
+            # §7.4: bits-per-pixel is 8, 16 or 32; anything else cannot be framed.
+            raise RfbError(f"PIXEL_FORMAT bits-per-pixel must be 8, 16 or 32, got {bpp}")
+        return cls(bpp, depth, bool(be), bool(tc), rm, gm, bm, rs, gs, bs)
+
+    def encode(self) -> bytes:
+        return self._STRUCT.pack(self.bits_per_pixel, self.depth, int(self.big_endian), int(self.true_colour),
+                                 self.red_max, self.green_max, self.blue_max,
+                                 self.red_shift, self.green_shift, self.blue_shift)
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return self.bits_per_pixel // 8
+
+    @property
+    def tpixel_size(self) -> int:
+        """Tight's TPIXEL: 3 bytes (R, G, B) for 32 bpp true colour of depth 24 with 8-bit channels."""
+        if (self.true_colour and self.bits_per_pixel == 32 and self.depth == 24
+                and self.red_max == self.green_max == self.blue_max == 255):
+            return 3
+        return self.bytes_per_pixel
+
+    @property
+    def cpixel_size(self) -> int:
+        """ZRLE's CPIXEL (§7.7.6): 3 bytes for 32 bpp true colour of depth <= 24 whose channels fit
+        in the low or the high three bytes; else a PIXEL."""
+        if self.true_colour and self.bits_per_pixel == 32 and self.depth <= 24:
+            top = max((self.red_max << self.red_shift), (self.green_max << self.green_shift),
+                      (self.blue_max << self.blue_shift))
+            low = min(self.red_shift, self.green_shift, self.blue_shift)
+            if top < (1 << 24) or low >= 8:
+                return 3
+        return self.bytes_per_pixel
+
+
+class Rect:
+    """One rectangle of a FramebufferUpdate: header fields and its encoded payload (bytes after the
+    12-byte header).  Framed rects hold a span of the message's ``raw``; ``payload`` slices it on
+    first use, so a relay that never looks costs nothing."""
+
+    __slots__ = ("x", "y", "w", "h", "encoding", "_src", "_a", "_b", "_payload")
+
+    def __init__(self, x: int, y: int, w: int, h: int, encoding: int, payload: bytes = b"") -> None:
+        self.x, self.y, self.w, self.h, self.encoding = x, y, w, h, encoding
+        self._payload: bytes | None = bytes(payload)
+        self._src = b""
+        self._a = self._b = 0
+
+    @classmethod
+    def _framed(cls, x: int, y: int, w: int, h: int, encoding: int, src: bytes, a: int, b: int) -> "Rect":
+        r = cls.__new__(cls)
+        r.x, r.y, r.w, r.h, r.encoding = x, y, w, h, encoding
+        r._src, r._a, r._b, r._payload = src, a, b, None
+        return r
+
+    @property
+    def payload(self) -> bytes:
+        if self._payload is None:
+            self._payload = self._src[self._a:self._b]
+        return self._payload
+
+    @property
+    def payload_size(self) -> int:
+        return self._b - self._a if self._payload is None else len(self._payload)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rect):
+            return NotImplemented
+        return ((self.x, self.y, self.w, self.h, self.encoding) == (other.x, other.y, other.w, other.h, other.encoding)
+                and self.payload == other.payload)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Rect(x={self.x}, y={self.y}, w={self.w}, h={self.h}, encoding={encoding_name(self.encoding)}, "
+                f"payload={self.payload_size} bytes)")
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class ServerMessage:
+    """One server→client message.  ``kind``: "update", "colormap", "bell", "cut_text" or "other";
+    ``type`` is the message-type byte; ``raw`` its exact bytes on the wire."""
+
+    kind: str
+    type: int
+    raw: bytes
+    rects: list[Rect] = dataclasses.field(default_factory=list)
+    text: bytes = b""
+    # ServerCutText sent with a negative length (ExtendedClipboard): ``text`` is then flags + data.
+    extended: bool = False
+
+    @property
+    def encodings(self) -> set[int]:
+        return {r.encoding for r in self.rects}
+
+
+_Parse = Generator[int, None, Any]
+_RECT = struct.Struct(">HHHHi")
+
+
+class ServerStream:
+    """Frames the server→client byte stream into ``ServerMessage`` s; ``feed`` takes any split.
+
+    ``max_message`` bounds one message's size (checked before its bytes are buffered): a Raw
+    full-screen update of a 4K desktop is 33 MB, the default allows 8 of those.
+    """
+
+    DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
+
+    def __init__(self, pixel_format: PixelFormat, *, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.pixel_format = pixel_format
+        self.max_message = max_message
+        self._buf = bytearray()
+        self._start = 0  # offset in _buf of the message being parsed
+        self._parser: _Parse | None = None
+        self._need = 0  # bytes of the current message (from _start) the parser waits for
+        self._failed: RfbError | None = None
+
+    def set_pixel_format(self, pf: PixelFormat) -> None:
+        """The client's SetPixelFormat: applies to messages that begin after this call."""
+        self.pixel_format = pf
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned in a message."""
+        return len(self._buf) - self._start
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[ServerMessage]:
+        if self._failed is not None:
+            raise self._failed
+        buf = self._buf
+        if data:
+            buf += data
+        out: list[ServerMessage] = []
+        try:
+            while True:
+                avail = len(buf) - self._start
+                if self._parser is None:
+                    if avail < 1:
+                        break
+                    self._parser = self._message()
+                    self._need = 0  # a fresh generator starts with send(None)
+                while self._need <= avail:
+                    try:
+                        self._need = self._parser.send(None)
+                    except StopIteration as stop:
+                        out.append(stop.value)
+                        self._parser = None
+                        break
+                    if self._need > self.max_message:
+                        raise RfbError(f"server message of at least {self._need} bytes exceeds the maximum of "
+                                       f"{self.max_message} bytes")
+                else:
+                    break  # waiting for more bytes
+        except RfbError as exc:
+            self._failed = exc
+            raise
+        # Compact once per feed, never inside a message parse (offsets are message-relative anyway).
+        if self._start:
+            del buf[:self._start]
+            self._start = 0
+        return out
+
+    # -- parsing ------------------------------------------------------------------------------
+
+    def _finish(self, size: int) -> bytes:
+        s = self._start
+        with memoryview(self._buf) as mv:  # one copy; the view is released before the buffer resizes
+            raw = bytes(mv[s:s + size])
+        self._start = s + size
+        return raw
+
+    def _message(self) -> _Parse:
+        buf = self._buf
+        pf = self.pixel_format
+        t = buf[self._start]
+        if t == 0:  # FramebufferUpdate §7.6.1
+            yield 4
+            (n,) = struct.unpack_from(">H", buf, self._start + 2)
+            off = 4
+            spans: list[tuple[int, int, int, int, int, int, int]] = []
+            i = 0
+            while i < n:
+                i += 1
+                yield off + 12
+                x, y, w, h, enc = _RECT.unpack_from(buf, self._start + off)
+                off += 12
+                a = off
+                off = yield from self._rect(pf, enc, w, h, off)
+                spans.append((x, y, w, h, enc, a, off))
+                if enc == LAST_RECT:  # LastRect (§7.8.3 of rfbproto): the update ends here, whatever the count
+                    break
+            yield off
+            raw = self._finish(off)
+            return ServerMessage("update", 0, raw, [Rect._framed(*s[:5], raw, s[5], s[6]) for s in spans])
+        if t == 1:  # SetColourMapEntries §7.6.2
+            yield 6
+            (count,) = struct.unpack_from(">H", buf, self._start + 4)
+            size = 6 + 6 * count
+            yield size
+            return ServerMessage("colormap", 1, self._finish(size))
+        if t == 2:  # Bell §7.6.3
+            return ServerMessage("bell", 2, self._finish(1))
+        if t == 3:  # ServerCutText §7.6.4; a negative length is the ExtendedClipboard form
+            yield 8
+            (length,) = struct.unpack_from(">i", buf, self._start + 4)
+            extended = length < 0
+            size = 8 + abs(length)
+            yield size
+            raw = self._finish(size)
+            return ServerMessage("cut_text", 3, raw, text=raw[8:], extended=extended)
+        if t == 150:  # EndOfContinuousUpdates (rfbproto): type byte only
+            return ServerMessage("other", t, self._finish(1))
+        if t == 248:  # ServerFence (rfbproto): type, 3 padding, U32 flags, U8 length, payload (<= 64)
+            yield 9
+            length = buf[self._start + 8]
+            if length > 64:
+                raise RfbError(f"ServerFence payload of {length} bytes (the maximum is 64)")
+            yield 9 + length
+            return ServerMessage("other", t, self._finish(9 + length))
+        if t == 250:  # xvp server message: type, padding, version, code
+            yield 4
+            return ServerMessage("other", t, self._finish(4))
+        if t == 253:  # gii server message: type, endian-and-sub-type, EU16 length, body
+            yield 4
+            order = "big" if buf[self._start + 1] & 0x80 else "little"
+            length = int.from_bytes(buf[self._start + 2:self._start + 4], order)
+            yield 4 + length
+            return ServerMessage("other", t, self._finish(4 + length))
+        raise RfbError(f"unknown server message type {t}")
+
+    def _u32(self, off: int) -> int:
+        return int.from_bytes(self._buf[self._start + off:self._start + off + 4], "big")
+
+    def _rect(self, pf: PixelFormat, enc: int, w: int, h: int, off: int) -> _Parse:
+        """Skip one rectangle's payload starting at ``off``; returns the offset after it."""
+        bpp = pf.bytes_per_pixel
+        if enc == RAW:
+            return off + w * h * bpp
+        if enc == COPYRECT:
+            return off + 4
+        if enc == RRE or enc == CORRE:
+            yield off + 4
+            n = self._u32(off)
+            return off + 4 + bpp + n * (bpp + (8 if enc == RRE else 4))
+        if enc == HEXTILE:
+            return (yield from self._hextile(bpp, w, h, off))
+        if enc in (ZRLE, ZLIB):
+            yield off + 4
+            return off + 4 + self._u32(off)
+        if enc == TIGHT or enc == TIGHT_PNG:
+            return (yield from self._tight(pf, enc, w, h, off))
+        if enc == H264:  # U32 length, U32 flags, data
+            yield off + 4
+            return off + 8 + self._u32(off)
+        if enc in (DESKTOP_SIZE, LAST_RECT, POINTER_POS, QEMU_POINTER_MOTION, QEMU_EXTENDED_KEY, QEMU_AUDIO):
+            return off
+        if enc == CURSOR:  # pixels, then a 1-bit mask with rows padded to bytes
+            return off + w * h * bpp + ((w + 7) // 8) * h
+        if enc == XCURSOR:  # fore/back RGB, then bitmap and mask (nothing at all for an empty cursor)
+            return off + (6 + 2 * ((w + 7) // 8) * h if w * h else 0)
+        if enc == QEMU_LED_STATE:
+            return off + 1
+        if enc == DESKTOP_NAME:
+            yield off + 4
+            return off + 4 + self._u32(off)
+        if enc == EXTENDED_DESKTOP_SIZE:  # U8 number-of-screens, 3 padding, 16 bytes per SCREEN
+            yield off + 1
+            return off + 4 + 16 * self._buf[self._start + off]
+        if enc == CURSOR_WITH_ALPHA:  # S32 encoding of the RGBA pixels; servers send them Raw
+            yield off + 4
+            (inner,) = struct.unpack_from(">i", self._buf, self._start + off)
+            if inner != RAW:
+                raise RfbError(f"CursorWithAlpha pixels in {encoding_name(inner)} are not supported (only Raw)")
+            return off + 4 + w * h * 4
+        raise RfbError(f"unsupported {encoding_name(enc)} rectangle in a FramebufferUpdate: cannot frame the "
+                       "server stream past it")
+
+    def _hextile(self, bpp: int, w: int, h: int, off: int) -> _Parse:
+        """Hextile (§7.7.4): walk the 16x16 tiles; each starts with a subencoding mask."""
+        buf = self._buf
+        for ty in range(0, h, 16):
+            th = min(16, h - ty)
+            for tx in range(0, w, 16):
+                tw = min(16, w - tx)
+                yield off + 1
+                sub = buf[self._start + off]
+                off += 1
+                if sub & 1:  # Raw: the other bits do not matter
+                    off += tw * th * bpp
+                    continue
+                if sub & 2:  # BackgroundSpecified
+                    off += bpp
+                if sub & 4:  # ForegroundSpecified
+                    off += bpp
+                if sub & 8:  # AnySubrects
+                    yield off + 1
+                    n = buf[self._start + off]
+                    off += 1 + n * ((bpp + 2) if sub & 16 else 2)
+        return off
+
+    def _compact_len(self, off: int) -> _Parse:
+        """Tight's compact length: 1-3 bytes, 7 bits each, the third byte 8 bits. Returns (length, offset after)."""
+        buf = self._buf
+        yield off + 1
+        b = buf[self._start + off]
+        length = b & 0x7F
+        if b & 0x80:
+            yield off + 2
+            b = buf[self._start + off + 1]
+            length |= (b & 0x7F) << 7
+            if b & 0x80:
+                yield off + 3
+                length |= buf[self._start + off + 2] << 14
+                return length, off + 3
+            return length, off + 2
+        return length, off + 1
+
+    def _tight(self, pf: PixelFormat, enc: int, w: int, h: int, off: int) -> _Parse:
+        """Tight (rfbproto "Tight Encoding"): compression-control byte, then fill / JPEG / PNG / basic."""
+        yield off + 1
+        ctl = self._buf[self._start + off]
+        off += 1
+        kind = ctl >> 4
+        tpx = pf.tpixel_size
+        if kind == 8:  # FillCompression: one TPIXEL
+            return off + tpx
+        if kind == 9 or (kind == 10 and enc == TIGHT_PNG):  # JPEG / PNG: compact length + data
+            length, off = yield from self._compact_len(off)
+            return off + length
+        if kind > 7:
+            raise RfbError(f"Tight compression control 0x{ctl:02x} is not valid ({encoding_name(enc)})")
+        # BasicCompression: bits 4-5 zlib stream, bit 6 a filter-id follows.
+        filt = 0
+        if ctl & 0x40:
+            yield off + 1
+            filt = self._buf[self._start + off]
+            off += 1
+        if filt == 0 or filt == 2:  # copy / gradient: TPIXELs
+            size = w * h * tpx
+        elif filt == 1:  # palette: U8 colours-1, the palette, then 1-bit (2 colours) or 8-bit indices
+            yield off + 1
+            colours = self._buf[self._start + off] + 1
+            off += 1 + colours * tpx
+            size = ((w + 7) // 8) * h if colours == 2 else w * h
+        else:
+            raise RfbError(f"Tight filter {filt} is not valid (0 copy, 1 palette, 2 gradient)")
+        if size < 12:  # sent uncompressed below 12 bytes
+            return off + size
+        length, off = yield from self._compact_len(off)
+        return off + length
