@@ -71,6 +71,7 @@ from dbproxy.tls import client_context, server_context
 
 from . import config as vncconfig
 from . import rfb
+from .server import ServerDecoder
 from .stages import ClientStage, DesktopPolicy, DesktopState, ServerStage
 
 log = logging.getLogger("dbproxy.vnc")
@@ -425,7 +426,7 @@ class VNCEngine(Engine):
         extra = self.listener.extra
         client_decoder = rfb.ClientMessageDecoder(self.max_message_size)
         client_decoder.feed(request.client.decoder.buffer.take_rest())  # what the viewer sent after ClientInit
-        server_decoder = _server_decoder(init.pixel_format)
+        server_decoder = ServerDecoder(init.pixel_format)
         if link.leftover:
             server_decoder.feed(link.leftover)
         recorder = None
@@ -437,7 +438,7 @@ class VNCEngine(Engine):
                                        height=init.height, pixel_format=init.pixel_format, name=init.name)
         state = DesktopState(session, DesktopPolicy.from_grant(grant), recorder=recorder,
                              record_input=extra.get("recording_input", False), audit_keys=extra.get("audit_keys", False),
-                             on_pixel_format=getattr(server_decoder, "set_pixel_format", None))
+                             on_pixel_format=server_decoder.set_pixel_format)
         return Wiring(client_decoder, server_decoder, [ClientStage(state)], [ServerStage(state)], state,
                       client_error=lambda exc: b"")
 
@@ -447,8 +448,7 @@ class VNCEngine(Engine):
         fields = state.end_fields()
         if state.recorder is not None:
             # In the end event, so the audit's hash chain covers the recording's bytes.
-            fields["recording"] = os.path.basename(state.recorder.path) if hasattr(state.recorder, "path") else None
-            fields["recording_sha256"] = state.recorder.close()
+            fields.update(state.recorder.fields())
             state.recorder = None
         return fields
 
@@ -502,36 +502,3 @@ def _anonymous_tls_context() -> ssl.SSLContext:
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers("aNULL:!eNULL:@SECLEVEL=0")
     return ctx
-
-
-def _server_decoder(pixel_format: bytes) -> Any:
-    try:
-        from .server import ServerDecoder
-
-        return ServerDecoder(pixel_format)
-    except ImportError:  # updates.py not merged yet: relay the server's bytes as they come
-        return RawDecoder()
-
-
-class RawChunk:
-    kind = "other"
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
-
-class RawDecoder:
-    """Every received chunk as one message: no boundaries (used when the server-side framer is absent)."""
-
-    def __init__(self) -> None:
-        self.buffer = ReceiveBuffer()
-
-    def feed(self, data: bytes) -> None:
-        self.buffer.feed(data)
-
-    def next_message(self) -> Any:
-        if not self.buffer:
-            from dbproxy.sansio import NEED_DATA
-
-            return NEED_DATA
-        return RawChunk(self.buffer.take_rest())

@@ -97,6 +97,15 @@ class Desktop:
         except FileNotFoundError:
             return ""
 
+    def set_clipboard(self, text: str) -> None:
+        """An X client on the desktop (the xterm, told by OSC 52) takes the CLIPBOARD selection with
+        ``text``: the VNC server then sends it to its viewers (ServerCutText)."""
+        import base64
+
+        tty = (self.dir / "tty.txt").read_text().strip()
+        with open(tty, "wb") as f:
+            f.write(b"\x1b]52;c;" + base64.b64encode(text.encode()) + b"\x07")
+
     def _script(self, private_tmp: bool) -> str:
         # Paths relative to the supervisor's folder (its cwd, inherited by every child): once /tmp is
         # the private bind mount, a desktop folder under the real /tmp is out of sight by its path.
@@ -119,9 +128,11 @@ class Desktop:
         if self.flavour == "x11vnc":
             lines.append(f"x11vnc -display :{n} -rfbport {self.port} -localhost -rfbauth {d}/passwd -forever -shared "
                          f"-norc -quiet -nopw -noxdamage & V=$!")
-        # A fixed font and no cursor blink: two screenshots of the same state are the same pixels.
+        # A fixed font and no cursor blink: two screenshots of the same state are the same pixels.  OSC 52
+        # (set the selection) allowed, for ``set_clipboard``; the terminal's name in tty.txt.
         lines.append(f"DISPLAY=:{n} xterm -geometry 80x20+0+0 -fn fixed -bg white -fg black +bc -xrm "
-                     f"'XTerm*cursorBlink: false' -e sh -c 'echo {READY_TEXT}; exec cat > {d}/typed.txt' &")
+                     f"'XTerm*cursorBlink: false' -xrm 'XTerm*disallowedWindowOps: 20,21,SetXprop' "
+                     f"-e sh -c 'tty > {d}/tty.txt; echo {READY_TEXT}; exec cat > {d}/typed.txt' &")
         lines.append("wait $X")
         return "\n".join(lines)
 

@@ -12,8 +12,8 @@ the audit trail the proxy wrote.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -122,6 +122,7 @@ def env(desktop, x11desktop, tmp_path_factory):
             "tls": {"cert_file": str(cert), "key_file": str(key)},
             "auth": {"methods": ["token"]},
             "audit_keys": True,
+            "recording": {"dir": "recordings"},
             "routes": [
                 {"name": "desk", "match": {"target": "desk-1"}, "backend": backend},
                 {"name": "x11", "match": {"target": "x11-1"},
@@ -198,9 +199,14 @@ def _recv(sock: socket.socket, n: int) -> bytes:
 
 def _vnc_login(port: int, password: str) -> tuple[bool, str]:
     """RFB 3.8 with VNC authentication: (accepted, failure reason)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        return _rfb_login(s, password)
+
+
+def _rfb_login(s: socket.socket, password: str) -> tuple[bool, str]:
     from dbproxy.engines.vnc import rfb
 
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+    if True:
         assert _recv(s, 12) == b"RFB 003.008\n"
         s.sendall(b"RFB 003.008\n")
         n = _recv(s, 1)[0]
@@ -230,6 +236,13 @@ def test_screenshot_through_the_proxy_equals_direct(env, desktop, tmp_path):
     assert start["backend_security"] == "VNC" and start["client_security"] == "VNC"
     end = next(e for e in events if e["event"] == "desktop.session.end")
     assert end["encodings"], end  # what vncdotool asked for
+    # The recording's SHA-256 closes the end event (the audit chain covers it); it holds what was shown.
+    from dbproxy.engines.vnc.recording import read_recording
+
+    path = env.workdir / "recordings" / end["recording"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == end["recording_sha256"]
+    rec = read_recording(str(path))
+    assert (rec.width, rec.height) == direct.size
     assert code not in env.audit_path.read_text() and desktop.password not in env.audit_path.read_text()
 
 
@@ -280,8 +293,6 @@ def test_clipboard_to_server_allowed_and_refused(env, desktop):
         v.pause(0.3)
     events = env.wait(lambda evs: any(e["event"] == "desktop.clipboard" for e in evs), since=since)
     clip = next(e for e in events if e["event"] == "desktop.clipboard")
-    import hashlib
-
     assert clip["success"] is True and clip["direction"] == "to_server" and clip["bytes"] == len(text)
     assert clip["sha256"] == hashlib.sha256(text.encode()).hexdigest() and clip["preview"] == text
     since = env.mark()
@@ -292,6 +303,57 @@ def test_clipboard_to_server_allowed_and_refused(env, desktop):
     clip = next(e for e in events if e["event"] == "desktop.clipboard")
     assert clip["success"] is False
     assert any(e["event"] == "desktop.session.access_denied" and e["reason"] == "clipboard_denied" for e in events)
+
+
+class RawViewer:
+    """A viewer on a raw socket that logs in, asks for updates and keeps every byte the proxy sends."""
+
+    def __init__(self, port: int, password: str) -> None:
+        from dbproxy.engines.vnc import rfb
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        ok, reason = _rfb_login(self.sock, password)
+        assert ok, reason
+        self.sock.sendall(b"\x01")  # ClientInit, shared
+        init = _recv(self.sock, 24)
+        _recv(self.sock, int.from_bytes(init[20:24], "big"))
+        self.sock.sendall(rfb.encode_set_encodings((0,)) + rfb.encode_update_request(False, 0, 0, 16, 16))
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+                self.received += data
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("roles,allowed", [("ops", True), ("noclip", False)])
+def test_clipboard_to_client_allowed_and_refused(env, desktop, roles, allowed):
+    """An X client on the desktop takes the clipboard; the desktop sends it to the viewer (ServerCutText)."""
+    text = f"to-client-{os.getpid()}-{roles}"
+    since = env.mark()
+    watcher = RawViewer(env.port, env.code("wanda", roles, "desk-1"))
+    try:
+        time.sleep(0.5)
+        desktop.set_clipboard(text)
+        events = env.wait(lambda evs: any(e["event"] == "desktop.clipboard" and e["direction"] == "to_client"
+                                          for e in evs), since=since)
+        time.sleep(0.5)
+    finally:
+        watcher.close()
+    clip = next(e for e in events if e["event"] == "desktop.clipboard" and e["direction"] == "to_client")
+    assert clip["success"] is allowed and clip["bytes"] == len(text)
+    assert (text.encode() in watcher.received) is allowed
 
 
 def test_wrong_and_reused_code(env):
