@@ -141,6 +141,10 @@ class VNCEngine(Engine):
     def __init__(self, listener: Any, services: Any) -> None:
         super().__init__(listener, services)
         self.ssl_context = server_context(listener.tls) if listener.tls else None
+        if self.ssl_context is not None:
+            # No TLS 1.3 session tickets: TigerVNC's viewer (1.12, GnuTLS 3.7) stalls on the tickets OpenSSL
+            # sends after the handshake and never reads the SecurityResult; a VNC session never resumes.
+            self.ssl_context.num_tickets = 0
         self._used_codes: set[str] = set()
 
     # -- what the proxy offers -----------------------------------------------------------------

@@ -36,7 +36,7 @@ import attrs
 
 from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
 
-__all__ = ["Desktop", "start_desktop", "vnc_binaries", "READY_TEXT"]
+__all__ = ["Desktop", "start_desktop", "vnc_binaries", "READY_TEXT", "tigervnc_viewer_screenshot"]
 
 READY_TEXT = "VNC-PEER-READY"
 GEOMETRY = (640, 400)
@@ -168,6 +168,54 @@ class Desktop:
     def info(self) -> dict:
         return {"host": self.host, "port": self.port, "password": self.password, "display": self.display,
                 "flavour": self.flavour, "dir": str(self.dir)}
+
+
+def tigervnc_viewer_screenshot(workdir: str | Path, server: str, *, args: tuple[str, ...] = (),
+                               files: dict | None = None, env: dict | None = None, settle: float = 4.0,
+                               timeout: float = 40.0) -> tuple[bytes | None, str]:
+    """Run TigerVNC's ``vncviewer`` against ``server`` (``HOST::PORT``) on a private Xvfb, wait ``settle``
+    seconds, and capture that X screen with ImageMagick's ``import -window root``: (PNG bytes or None,
+    the viewer's log).
+
+    ``files`` (name → bytes) are written to the viewer's folder and ``args`` name them relatively (the
+    private /tmp hides absolute paths under /tmp); ``env`` carries what the viewer reads
+    non-interactively (``VNC_USERNAME`` / ``VNC_PASSWORD`` for VeNCrypt Plain).  The viewer's window
+    sits at the top left of a screen larger than the desktop (no window manager)."""
+    work = Path(tempfile.mkdtemp(prefix="viewer-", dir=workdir))
+    for name, data in (files or {}).items():
+        (work / name).write_bytes(data)
+    n = random.randrange(3000, 6000)
+    private = _private_tmp_works()
+    viewer = " ".join(_q(a) for a in ("vncviewer", server, *args))
+    script = "\n".join([
+        "mkdir -p tmp && mount --bind tmp /tmp && mkdir -m 1777 -p /tmp/.X11-unix" if private else ":",
+        f"Xvfb :{n} -screen 0 1024x768x24 -nolisten tcp > xvfb.log 2>&1 & X=$!",
+        f"for i in $(seq 200); do [ -e /tmp/.X11-unix/X{n} ] && break; sleep 0.05; done",
+        f"DISPLAY=:{n} {viewer} > viewer.log 2>&1 < /dev/null & V=$!",
+        f"sleep {settle}",
+        f"DISPLAY=:{n} import -window root shot.png",
+        "kill $V $X 2>/dev/null",
+    ])
+    argv = ["unshare", "--mount", "sh", "-c", script] if private else ["sh", "-c", script]
+    proc = subprocess.Popen(argv, cwd=str(work), env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.wait(timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the viewer and Xvfb, whatever happened
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    shot = work / "shot.png"
+    log = (work / "viewer.log").read_text(errors="replace") if (work / "viewer.log").exists() else ""
+    return (shot.read_bytes() if shot.exists() else None), log
+
+
+def _q(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 def start_desktop(base_dir: str | Path, flavour: str = "tigervnc") -> Desktop:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -411,3 +412,64 @@ def test_ten_concurrent_viewers(env, desktop, tmp_path):
     for i, img in results.items():
         assert not isinstance(img, Exception), f"viewer {i}: {img!r}"
         assert _same(direct, img), f"viewer {i} saw another screen"
+
+
+def test_vencrypt_x509plain_with_a_token_in_tigervnc_viewer(env, desktop, tmp_path):
+    """TigerVNC's viewer: VeNCrypt X509Plain (TLS with the listener's certificate, checked against the
+    test CA; user name TARGET, the proxy token as password); its screen equals the same viewer's
+    screen seen directly (VNC authentication with the desktop's password)."""
+    from PIL import Image
+    import io
+    from scripts.peers.vnc import tigervnc_viewer_screenshot
+
+    if shutil.which("vncviewer") is None or shutil.which("import") is None:
+        peer_missing("vncviewer / import: run scripts/install/vnc.sh")
+    pw = subprocess.run(["vncpasswd", "-f"], input=desktop.password.encode(), capture_output=True,
+                        check=True).stdout
+    direct, log = tigervnc_viewer_screenshot(tmp_path, f"127.0.0.1::{desktop.port}", args=("-passwd", "pw"),
+                                             files={"pw": pw}, settle=7)
+    assert direct is not None, log
+    since = env.mark()
+    token = env.token("alice", "ops")
+    ca = (env.workdir / "ca" / "ca.crt").read_bytes()
+    proxied, log = tigervnc_viewer_screenshot(
+        tmp_path, f"127.0.0.1::{env.port}", args=("-SecurityTypes", "X509Plain", "-X509CA", "ca.crt"),
+        files={"ca.crt": ca}, env={"VNC_USERNAME": "desk-1", "VNC_PASSWORD": token}, settle=7)
+    assert proxied is not None, log
+    assert "X509Plain" in log, log
+    a = Image.open(io.BytesIO(direct)).convert("RGB")
+    b = Image.open(io.BytesIO(proxied)).convert("RGB")
+    assert _same(a, b), "TigerVNC's viewer shows another screen through the proxy"
+    events = env.wait(lambda evs: any(e["event"] == "desktop.session.start" for e in evs), since=since)
+    start = next(e for e in events if e["event"] == "desktop.session.start")
+    assert start["success"] is True and start["client_security"] == "VeNCrypt X509Plain"
+    assert start["identity_method"] == "token" and start["user"] == "alice"
+    assert token not in env.audit_path.read_text() and token not in env.proc.log_text()
+
+
+def test_vencrypt_with_a_wrong_token_gets_the_reason(env, tmp_path):
+    import ssl
+
+    from dbproxy.engines.vnc import rfb
+
+    since = env.mark()
+    with socket.create_connection(("127.0.0.1", env.port), timeout=20) as s:
+        assert _recv(s, 12) == b"RFB 003.008\n"
+        s.sendall(b"RFB 003.008\n")
+        types = _recv(s, _recv(s, 1)[0])
+        assert rfb.SEC_VENCRYPT in types
+        s.sendall(bytes([rfb.SEC_VENCRYPT]))
+        assert _recv(s, 2) == b"\x00\x02"
+        s.sendall(b"\x00\x02")
+        assert _recv(s, 1) == b"\x00"
+        subs = _recv(s, 4 * _recv(s, 1)[0])
+        assert subs == rfb.encode_u32(rfb.VENCRYPT_X509PLAIN)
+        s.sendall(subs)
+        assert _recv(s, 1) == b"\x01"
+        ctx = ssl.create_default_context(cafile=str(env.workdir / "ca" / "ca.crt"))
+        with ctx.wrap_socket(s, server_hostname="localhost") as t:
+            t.sendall(rfb.encode_plain("desk-1", "not-a-token"))
+            assert _recv(t, 4) == b"\x00\x00\x00\x01"
+            reason = _recv(t, int.from_bytes(_recv(t, 4), "big")).decode()
+    assert "token was not accepted" in reason, reason
+    env.wait(lambda evs: any(e["event"] == "desktop.session.start" and not e["success"] for e in evs), since=since)
