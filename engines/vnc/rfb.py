@@ -109,16 +109,12 @@ def parse_version(buf: ReceiveBuffer) -> Any:
 def negotiate(offered: tuple[int, int]) -> tuple[int, int]:
     """The version the proxy speaks with a peer that offered ``offered`` (3.3, 3.7 or 3.8).
 
-    RFC 6143 §7.1.1: other minor numbers (Apple's 3.889, UltraVNC's 3.4/3.6/3.14…) are to be
-    read as 3.3, and anything above 3.8 as 3.8."""
-    major, minor = offered
-    if major != 3:
-        return RFB_38 if major > 3 else RFB_33
-    if minor >= 8:
-        return RFB_38
-    if minor == 7:
-        return RFB_37
-    return RFB_33
+    RFC 6143 §7.1.1: other numbers (Apple's 3.889, UltraVNC's 3.4/3.6/3.14…) do not implement the
+    3.7/3.8 handshakes and are to be read as 3.3; a later major version gets the newest the proxy
+    speaks, 3.8."""
+    if offered in (RFB_37, RFB_38):
+        return offered
+    return RFB_38 if offered[0] > 3 else RFB_33
 
 
 # -- small readers -------------------------------------------------------------------------
