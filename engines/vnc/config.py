@@ -51,8 +51,6 @@ def validate_listener(v: Any, d: dict, path: str) -> dict:
     if "auth" not in d:
         v.err(path, 'a key "auth": {"methods": ["token"]} (VNC viewers prove who they are with a proxy token '
                     'over VeNCrypt, or with a one-time code)')
-    if d.get("kind", "tcp") != "tcp":
-        v.err(f"{path}.kind", 'kind "tcp" (VNC negotiates its own TLS inside RFB: give the listener a "tls" section)')
     return extra
 
 
