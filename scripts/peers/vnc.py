@@ -69,6 +69,9 @@ class Desktop:
     password: str
     display: int
     flavour: str = "tigervnc"
+    # Xtigervnc's -SecurityTypes (e.g. "TLSVnc", "X509Vnc": VeNCrypt; X509 needs cert files in the folder
+    # as server.crt / server.key)
+    security: str = "VncAuth"
     host: str = "127.0.0.1"
     _proc: subprocess.Popen | None = None
 
@@ -115,10 +118,11 @@ class Desktop:
         lines = ["set -e"]
         if private_tmp:
             lines.append("mkdir -p tmp && mount --bind tmp /tmp && mkdir -m 1777 -p /tmp/.X11-unix")
+        x509 = "-X509Cert server.crt -X509Key server.key " if "X509" in self.security else ""
         if self.flavour == "tigervnc":
             # -BlacklistThreshold: Xtigervnc blocks an address after a few failed logins; the proxy is one
             # address for every viewer, and a test of a wrong backend password would lock the others out.
-            lines.append(f"Xtigervnc :{n} -rfbport {self.port} -localhost -SecurityTypes VncAuth "
+            lines.append(f"Xtigervnc :{n} -rfbport {self.port} -localhost -SecurityTypes {self.security} {x509}"
                          f"-PasswordFile {d}/passwd -geometry {w}x{h} -depth 24 -AlwaysShared -AcceptSetDesktopSize=0 "
                          f"-BlacklistThreshold=1000000 -nolisten tcp & X=$!")
         else:
@@ -218,8 +222,11 @@ def _q(text: str) -> str:
     return shlex.quote(text)
 
 
-def start_desktop(base_dir: str | Path, flavour: str = "tigervnc") -> Desktop:
-    """A desktop with an xterm under *base_dir*, on a free loopback port, with a fresh random password."""
+def start_desktop(base_dir: str | Path, flavour: str = "tigervnc", *, security: str = "VncAuth",
+                  cert: tuple[Path, Path] | None = None) -> Desktop:
+    """A desktop with an xterm under *base_dir*, on a free loopback port, with a fresh random password.
+
+    ``security``: Xtigervnc's security types; ``cert``: (certificate, key) files for the X509 ones."""
     vnc_binaries(flavour)
     base = Path(base_dir)
     base.mkdir(parents=True, exist_ok=True)
@@ -229,7 +236,10 @@ def start_desktop(base_dir: str | Path, flavour: str = "tigervnc") -> Desktop:
         d = Path(tempfile.mkdtemp(prefix=f"{flavour}-", dir=base))
         # VNC passwords are 8 bytes at most (RFC 6143 §7.2.2).
         desktop = Desktop(dir=d, port=free_port(), password=secrets.token_urlsafe(6)[:8],
-                          display=random.randrange(100, 3000), flavour=flavour)
+                          display=random.randrange(100, 3000), flavour=flavour, security=security)
+        if cert is not None:
+            shutil.copyfile(cert[0], d / "server.crt")
+            shutil.copyfile(cert[1], d / "server.key")
         try:
             return desktop.start(private_tmp)
         except RuntimeError as exc:

@@ -59,6 +59,33 @@ def x11desktop(tmp_path_factory):
     d.stop()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from scripts.peers.certs import make_ca, make_cert
+
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d)
+    return {"ca": ca[0], "proxy": make_cert(d / "proxy", ca, "dbproxy-vnc"),
+            "desktop": make_cert(d / "desktop", ca, "desktop")}
+
+
+@pytest.fixture(scope="module")
+def vencrypt_desktops(tmp_path_factory, pki):
+    """Xtigervnc offering only VeNCrypt: TLSVnc (anonymous TLS) and X509Vnc (its certificate, from the test CA)."""
+    from scripts.peers.vnc import start_desktop, vnc_binaries
+
+    try:
+        vnc_binaries("tigervnc")
+    except FileNotFoundError as exc:
+        peer_missing(str(exc))
+    tls = start_desktop(tmp_path_factory.mktemp("tlsvnc"), security="TLSVnc")
+    x509 = start_desktop(tmp_path_factory.mktemp("x509vnc"), security="X509Vnc", cert=pki["desktop"])
+    time.sleep(1.0)
+    yield {"tls": tls, "x509": x509}
+    tls.stop()
+    x509.stop()
+
+
 class Env:
     def __init__(self, proc: ProxyProcess, workdir) -> None:
         self.proc = proc
@@ -93,15 +120,17 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(desktop, x11desktop, tmp_path_factory):
+def env(desktop, x11desktop, vencrypt_desktops, pki, tmp_path_factory):
     from scripts.peers import free_port
-    from scripts.peers.certs import make_ca, make_cert
 
     workdir = tmp_path_factory.mktemp("vncproxy")
     _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
          "--public-key-file", str(workdir / "token.pub"))
-    ca = make_ca(workdir / "ca")
-    cert, key = make_cert(workdir / "ca", ca, "dbproxy-vnc")
+    (workdir / "ca").mkdir()
+    shutil.copyfile(pki["ca"], workdir / "ca" / "ca.crt")
+    cert, key = pki["proxy"]
+    for name in ("tls", "x509"):
+        (workdir / f"{name}.secret").write_text(vencrypt_desktops[name].password + "\n")
     (workdir / "desk.secret").write_text(desktop.password + "\n")
     (workdir / "x11.secret").write_text(x11desktop.password + "\n")
     (workdir / "wrong.secret").write_text("wrongpw\n")
@@ -129,6 +158,13 @@ def env(desktop, x11desktop, tmp_path_factory):
                 {"name": "x11", "match": {"target": "x11-1"},
                  "backend": {"address": x11desktop.address,
                              "auth": {"method": "vnc", "password_file": "x11.secret"}}},
+                {"name": "tlsvnc", "match": {"target": "desk-tlsvnc"},
+                 "backend": {"address": vencrypt_desktops["tls"].address,
+                             "auth": {"method": "vnc", "password_file": "tls.secret"}}},
+                {"name": "x509vnc", "match": {"target": "desk-x509vnc"},
+                 "backend": {"address": vencrypt_desktops["x509"].address,
+                             "tls": {"mode": "verify-full", "ca_file": str(pki["ca"]), "server_name": "localhost"},
+                             "auth": {"method": "vnc", "password_file": "x509.secret"}}},
                 {"name": "wrongpw", "match": {"target": "desk-wrongpw"},
                  "backend": {**backend, "auth": {"method": "vnc", "password_file": "wrong.secret"}}},
                 {"name": "down", "match": {"target": "desk-down"},
@@ -245,6 +281,20 @@ def test_screenshot_through_the_proxy_equals_direct(env, desktop, tmp_path):
     rec = read_recording(str(path))
     assert (rec.width, rec.height) == direct.size
     assert code not in env.audit_path.read_text() and desktop.password not in env.audit_path.read_text()
+
+
+@pytest.mark.parametrize("name,security", [("tls", "VeNCrypt TLSVnc"), ("x509", "VeNCrypt X509Vnc")])
+def test_backend_login_over_vencrypt(env, vencrypt_desktops, name, security, tmp_path):
+    """The desktop offers only VeNCrypt: the proxy logs in over its TLS (anonymous, or the desktop's
+    certificate checked against the route's CA) with VNC authentication inside."""
+    d = vencrypt_desktops[name]
+    since = env.mark()
+    proxied = _screenshot(env.port, env.code("alice", "ops", f"desk-{name}vnc"), tmp_path / "proxied.png")
+    assert proxied.size == (640, 400)
+    events = env.wait(lambda evs: any(e["event"] == "desktop.session.start" for e in evs), since=since)
+    start = next(e for e in events if e["event"] == "desktop.session.start")
+    assert start["success"] is True and start["backend_security"] == security, start
+    assert d.password not in env.audit_path.read_text()
 
 
 def test_x11vnc_desktop_through_the_proxy(env, x11desktop, tmp_path):
