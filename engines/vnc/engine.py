@@ -62,7 +62,7 @@ import attrs
 import trio
 
 from dbproxy.buffer import ReceiveBuffer
-from dbproxy.channel import MessageStream
+from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
 from dbproxy.errors import AccessDenied, AuthFailed, ProtocolError, ProxyError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring
@@ -324,9 +324,7 @@ class VNCEngine(Engine):
             raise UpstreamError(f"the connection to {backend.address} was lost during the login: {exc}",
                                 kind="connect", client_hint=f"{where} closed the connection during the login") \
                 from None
-        except Exception as exc:  # PeerClosed
-            if exc.__class__.__name__ != "PeerClosed":
-                raise
+        except PeerClosed:
             raise UpstreamError(f"the desktop {backend.address} closed the connection during the login",
                                 kind="closed", client_hint=f"{where} closed the connection during the login") \
                 from None
@@ -421,7 +419,10 @@ class VNCEngine(Engine):
         ms = request.client
         await ms.stream.send_all(rfb.encode_security_result(side.version, True))
         side.phase = "done"
-        await _read(ms, rfb.parse_u8)  # ClientInit: the proxy already asked the desktop for a shared session
+        try:
+            await _read(ms, rfb.parse_u8)  # ClientInit: the proxy already asked the desktop for a shared session
+        except PeerClosed:
+            raise ConnectionResetError("the viewer closed before its ClientInit") from None
         await ms.stream.send_all(backend.link.server_init.raw)
 
     def wiring(self, session: Any, request: Request, backend: Backend, grant: Any) -> Wiring:

@@ -107,7 +107,8 @@ class Desktop:
 
         tty = (self.dir / "tty.txt").read_text().strip()
         with open(tty, "wb") as f:
-            f.write(b"\x1b]52;c;" + base64.b64encode(text.encode()) + b"\x07")
+            # PRIMARY and CLIPBOARD both: the VNC server sends PRIMARY when it has an owner (SendPrimary).
+            f.write(b"\x1b]52;pc;" + base64.b64encode(text.encode()) + b"\x07")
 
     def _script(self, private_tmp: bool) -> str:
         # Paths relative to the supervisor's folder (its cwd, inherited by every child): once /tmp is
