@@ -156,9 +156,11 @@ def test_clipboard_policy_and_key_text():
 
 def test_keys_not_audited_by_default():
     session = _Session()
-    stage = ClientStage(DesktopState(session, DesktopPolicy()))
-    for m in _msgs(*(rfb.encode_key_event(True, ord(c)) for c in "pw\r")):
+    state = DesktopState(session, DesktopPolicy())
+    stage = ClientStage(state)
+    for m in _msgs(*(rfb.encode_key_event(True, k) for k in (ord("p"), ord("w"), 0xFF0D))):
         assert stage.handle(m, None) is None
+    state.end_fields()
     assert not [k for k, _ in session.audit.events if k == "desktop.keys"]
 
 
