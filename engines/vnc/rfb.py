@@ -380,6 +380,10 @@ QEMU_AUDIO = 1
 CLIENT_MESSAGE_NAMES = {0: "SetPixelFormat", 2: "SetEncodings", 3: "FramebufferUpdateRequest", 4: "KeyEvent",
                         5: "PointerEvent", 6: "ClientCutText", 150: "EnableContinuousUpdates", 248: "ClientFence",
                         250: "xvp", 251: "SetDesktopSize", 253: "gii", 255: "QEMU"}
+# ClientFence flags (rfbproto "ClientFence"): a request whose answer comes after the next message.
+FENCE_REQUEST = 0x80000000
+FENCE_SYNC_NEXT = 4
+FENCE_SYNC_REQUEST = FENCE_REQUEST | FENCE_SYNC_NEXT
 # The client's input: what view-only drops.
 INPUT_TYPES = frozenset((KEY_EVENT, POINTER_EVENT))
 
@@ -433,6 +437,9 @@ class ClientMessage:
 
     def pixel_format(self) -> bytes:
         return self.raw[4:20]
+
+    def fence_flags(self) -> int:
+        return _U32.unpack_from(self.raw, 4)[0]
 
 
 def encode_key_event(down: bool, keysym: int) -> bytes:

@@ -72,7 +72,8 @@ class DesktopState:
     recorder: Any = None
     record_input: bool = False
     audit_keys: bool = False
-    on_pixel_format: Callable[[bytes], None] | None = None
+    on_pixel_format: Callable[..., None] | None = None
+    sync_fence: bool = False  # the previous client message was a ClientFence with Request|SyncNext
     encodings: list | None = None
     input_dropped: int = 0
     clipboard_to_server: int = 0
@@ -153,7 +154,9 @@ class ClientStage:
         elif t == rfb.SET_ENCODINGS:
             state.encodings = list(msg.encodings())
         elif t == rfb.SET_PIXEL_FORMAT and state.on_pixel_format is not None:
-            state.on_pixel_format(msg.pixel_format())
+            # After a SyncNext fence the server switches where it answers that fence (server.py).
+            state.on_pixel_format(msg.pixel_format(), after_fence=state.sync_fence)
+        state.sync_fence = t == rfb.CLIENT_FENCE and msg.fence_flags() & rfb.FENCE_SYNC_REQUEST == rfb.FENCE_SYNC_REQUEST
         if state.recorder is not None:
             state.recorder.client(msg.raw)
         return None
