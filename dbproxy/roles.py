@@ -257,7 +257,8 @@ class AccessPolicy:
                 continue
             granting.append(role)
         if not granting:
-            names = {"terminal": ("target", "login"), "bmc": ("BMC", "login"), "desktop": ("desktop", "login")}.get(family, ("database", "database user"))
+            names = {"terminal": ("target", "login"), "bmc": ("BMC", "login"),
+                     "desktop": ("desktop", "login")}.get(family, ("database", "database user"))
             what = f"route {route!r}" + (f", {names[0]} {database!r}" if database is not None else "") + (f", {names[1]} {db_user!r}" if db_user is not None else "")
             roles = ", ".join(identity.roles) or "none"
             raise AccessDenied(f"no role of {identity.user!r} (roles: {roles}) allows {what}", reason="no_role_allows")

@@ -442,7 +442,8 @@ class VNCEngine(Engine):
             recorder = DesktopRecorder(os.path.join(folder, f"{session.id}.vncrec"), width=init.width,
                                        height=init.height, pixel_format=init.pixel_format, name=init.name)
         state = DesktopState(session, DesktopPolicy.from_grant(grant), recorder=recorder,
-                             record_input=extra.get("recording_input", False), audit_keys=extra.get("audit_keys", False),
+                             record_input=extra.get("recording_input", False),
+                             audit_keys=extra.get("audit_keys", False),
                              on_pixel_format=server_decoder.set_pixel_format)
         return Wiring(client_decoder, server_decoder, [ClientStage(state)], [ServerStage(state)], state,
                       client_error=lambda exc: b"")

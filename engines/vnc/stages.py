@@ -156,7 +156,8 @@ class ClientStage:
         elif t == rfb.SET_PIXEL_FORMAT and state.on_pixel_format is not None:
             # After a SyncNext fence the server switches where it answers that fence (server.py).
             state.on_pixel_format(msg.pixel_format(), after_fence=state.sync_fence)
-        state.sync_fence = t == rfb.CLIENT_FENCE and msg.fence_flags() & rfb.FENCE_SYNC_REQUEST == rfb.FENCE_SYNC_REQUEST
+        sync = rfb.FENCE_SYNC_REQUEST
+        state.sync_fence = t == rfb.CLIENT_FENCE and msg.fence_flags() & sync == sync
         if state.recorder is not None:
             state.recorder.client(msg.raw)
         return None

@@ -160,7 +160,8 @@ def test_version_and_security_encodings():
         got, _ = _parse_all(failure, [rfb.parse_security_types(version)], list(range(1, len(failure))))
         assert got[0].failed and got[0].reason == "no entry"
     result = rfb.encode_security_result(rfb.RFB_38, False, "bad code")
-    assert _parse_all(result, [rfb.parse_security_result(rfb.RFB_38)], [2, 5])[0][0] == rfb.SecurityResult(False, "bad code")
+    parsed = _parse_all(result, [rfb.parse_security_result(rfb.RFB_38)], [2, 5])[0][0]
+    assert parsed == rfb.SecurityResult(False, "bad code")
     assert rfb.encode_security_result(rfb.RFB_37, False, "ignored") == b"\x00\x00\x00\x01"  # no reason before 3.8
 
 

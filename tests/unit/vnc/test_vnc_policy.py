@@ -51,7 +51,8 @@ def _errors(tmp_path, d) -> str:
 
 ROLES = {
     "ops": {"routes": ["*"], "desktops": ["desk-*"], "desktop": {"clipboard": {"to_server": True}}},
-    "watch": {"routes": ["*"], "desktops": ["desk-*"], "desktop": {"view_only": True, "clipboard": {"to_client": True}}},
+    "watch": {"routes": ["*"], "desktops": ["desk-*"],
+              "desktop": {"view_only": True, "clipboard": {"to_client": True}}},
     "plain": {"routes": ["*"], "desktops": ["desk-*"]},
     "ssh": {"routes": ["*"], "targets": ["desk-*"], "logins": ["*"]},
 }
