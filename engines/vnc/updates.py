@@ -51,7 +51,12 @@ __all__ = [
 
 
 class RfbError(RemoteProtocolError):
-    """The RFB stream broke the protocol or used something we cannot frame (an unknown encoding)."""
+    """The RFB stream broke the protocol or used something we cannot frame (an unknown encoding).
+
+    Raised by ``ServerStream.feed`` with ``messages``: the whole messages that feed completed
+    before the error."""
+
+    messages: list = []
 
 
 # Encoding numbers (RFC 6143 §7.7, §7.8; the community registry in rfbproto.rst).
@@ -205,6 +210,8 @@ class ServerMessage:
     text: bytes = b""
     # ServerCutText sent with a negative length (ExtendedClipboard): ``text`` is then flags + data.
     extended: bool = False
+    # For an update: the pixel format its PIXELs are in (the one in force at its first byte).
+    pixel_format: PixelFormat | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def encodings(self) -> set[int]:
@@ -243,6 +250,8 @@ class ServerStream:
         return len(self._buf) - self._start
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ServerMessage]:
+        """The messages ``data`` completed.  RfbError (with ``.messages``, the ones completed before
+        it) when the stream cannot be framed further; every later call raises it again."""
         if self._failed is not None:
             raise self._failed
         buf = self._buf
@@ -270,6 +279,8 @@ class ServerStream:
                 else:
                     break  # waiting for more bytes
         except RfbError as exc:
+            # The whole messages before the error stay usable (a relay forwards them, then closes).
+            exc.messages = out  # type: ignore[attr-defined]
             self._failed = exc
             raise
         # Compact once per feed, never inside a message parse (offsets are message-relative anyway).
@@ -309,7 +320,8 @@ class ServerStream:
                     break
             yield off
             raw = self._finish(off)
-            return ServerMessage("update", 0, raw, [Rect._framed(*s[:5], raw, s[5], s[6]) for s in spans])
+            return ServerMessage("update", 0, raw, [Rect._framed(*s[:5], raw, s[5], s[6]) for s in spans],
+                                 pixel_format=pf)
         if t == 1:  # SetColourMapEntries §7.6.2
             yield 6
             (count,) = struct.unpack_from(">H", buf, self._start + 4)

@@ -147,10 +147,22 @@ class VncServer:
         time.sleep(0.5)
 
     def screenshot(self, path: Path) -> None:
-        """vncdotool's own screenshot of the screen (its own connection, Raw pixels)."""
-        subprocess.run(["vncdo", "-s", f"127.0.0.1::{self.port}",
-                        *(["-p", self.password] if self.password else []), "capture", str(path)],
+        """vncdotool's own screenshot of the screen (its own connection, Raw pixels).
+
+        Captured twice in one session, the second kept: vncdotool 1.4.2 takes the first rect it
+        receives as the whole screen and places it at 0,0 (``updateRectangle``: ``if not
+        self.screen: self.screen = update``), so when a server's first rect is not at the
+        origin (Xtigervnc's often is not) that area stays black in the first capture; the
+        second capture repaints a screen of the right size."""
+        first = path.with_name(path.stem + ".first.png")
+        subprocess.run(["vncdo", "-s", f"127.0.0.1::{self.port}", *(["-p", self.password] if self.password else []),
+                        "capture", str(first), "capture", str(path)],
                        check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first.unlink()
+
+    def x_screenshot(self, path: Path) -> None:
+        """The X server's own pixels (ImageMagick ``import``): no VNC involved."""
+        subprocess.run(["import", "-window", "root", str(path)], env=self.env, check=True, timeout=60)
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -180,7 +192,7 @@ def vnc_auth_response(challenge: bytes, password: str) -> bytes:
     from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
     key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
-    enc = Cipher(TripleDES(key), modes.ECB()).encryptor()
+    enc = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # K1 = K2 = K3: single DES
     return enc.update(challenge) + enc.finalize()
 
 
@@ -230,12 +242,21 @@ class RfbCapture:
         self.send(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, self.width, self.height))
 
     def read_update(self, timeout: float = 20.0) -> list:
-        """Receive until one FramebufferUpdate is complete; returns the messages read (all kinds)."""
+        """Receive until one FramebufferUpdate is complete; returns the messages read (all kinds).
+        TimeoutError when none began within ``timeout`` (a message begun is waited for)."""
         deadline = time.monotonic() + timeout
         got: list = []
         while not any(m.kind == "update" for m in got):
-            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            chunk = self.sock.recv(65536)
+            left = deadline - time.monotonic()
+            if left <= 0 and self.stream.buffered == 0:
+                raise TimeoutError("no update")
+            self.sock.settimeout(max(0.05, left) if self.stream.buffered == 0 else 20)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                if self.stream.buffered:
+                    raise
+                raise TimeoutError("no update") from None
             if not chunk:
                 raise ConnectionError("VNC server closed the connection")
             self.log.append(("s", chunk))
@@ -254,7 +275,7 @@ PSEUDO = [-223, -224, -308]  # DesktopSize, LastRect, ExtendedDesktopSize: what 
 PF16 = PixelFormat(16, 16, False, True, 31, 63, 31, 11, 5, 0)
 PF8 = PixelFormat(8, 8, False, True, 7, 7, 3, 0, 3, 6)  # BGR233
 CASES = [
-    ("tigervnc", "raw", [0], None),
+    ("tigervnc", "raw-cursor", [0, -239, -232], None),  # with Cursor and PointerPos pseudo-rects
     ("tigervnc", "hextile", [5, 1], None),
     ("tigervnc", "rre", [2], None),
     ("tigervnc", "zrle", [16], None),
@@ -271,7 +292,7 @@ CASES = [
 ]
 
 
-def capture_case(server: VncServer, encodings: list[int], pf: PixelFormat | None, *, cursor: bool = False) -> dict:
+def capture_case(server: VncServer, encodings: list[int], pf: PixelFormat | None) -> dict:
     """Full update, then a popup window appears and an incremental update carries only it (small
     areas of few colours: Tight palettes, ZRLE palette/RLE tiles, Hextile subrects), then it goes."""
     c = RfbCapture(server.port)
@@ -279,7 +300,7 @@ def capture_case(server: VncServer, encodings: list[int], pf: PixelFormat | None
     try:
         if pf is not None:
             c.set_pixel_format(pf)
-        c.set_encodings(encodings + PSEUDO + ([-239] if cursor else []))
+        c.set_encodings(encodings + PSEUDO)
         # A server may answer first with pseudo-rects only (TigerVNC sends ExtendedDesktopSize
         # alone); ask again, incrementally (the region stays requested), until pixels come.
         for i in range(5):
@@ -287,8 +308,14 @@ def capture_case(server: VncServer, encodings: list[int], pf: PixelFormat | None
             if any(r.encoding >= 0 for m in c.read_update() for r in m.rects):
                 break
         popup = server.popup()
-        c.request(incremental=True)
-        c.read_update()
+        # Incremental updates until the server has nothing more to send for a second (x11vnc
+        # polls the screen and may send the new window in several updates).
+        while True:
+            c.request(incremental=True)
+            try:
+                c.read_update(timeout=1.0)
+            except TimeoutError:
+                break
         shot = server.workdir / "shot.png"
         server.screenshot(shot)
         return {"width": c.width, "height": c.height, "server_pixel_format": c.server_pf_bytes.hex(),

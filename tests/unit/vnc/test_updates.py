@@ -93,7 +93,7 @@ def summary(msgs: list[ServerMessage]) -> list:
 # -- captured streams of real servers ----------------------------------------------------------
 
 EXPECTED_ENCODINGS = {
-    "tigervnc-raw": {0}, "tigervnc-hextile": {5}, "tigervnc-hextile-8bpp": {5}, "tigervnc-rre": {2},
+    "tigervnc-raw-cursor": {0}, "tigervnc-hextile": {5}, "tigervnc-hextile-8bpp": {5}, "tigervnc-rre": {2},
     "tigervnc-zrle": {16}, "tigervnc-zrle-16bpp": {16}, "tigervnc-tight": {7}, "tigervnc-tight-jpeg": {7},
     "tigervnc-tight-16bpp": {7}, "x11vnc-raw": {0}, "x11vnc-corre": {4}, "x11vnc-zlib": {6}, "x11vnc-tight": {7},
     "x11vnc-hextile": {5},
@@ -128,6 +128,13 @@ def test_captured_stream_random_chunks(stem: str, data) -> None:
     pf, stream = fixture(stem)
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=60))
     assert summary(feed_chunks(pf, stream, cuts)) == summary(ServerStream(pf).feed(stream))
+
+
+def test_cursor_capture_has_cursor_rects() -> None:
+    """Xtigervnc sent the cursor shape (Cursor pseudo-encoding: pixels + bitmask) when asked."""
+    pf, stream = fixture("tigervnc-raw-cursor")
+    cursors = [r for m in ServerStream(pf).feed(stream) for r in m.rects if r.encoding == -239]
+    assert cursors and all(r.payload_size == r.w * r.h * 4 + (r.w + 7) // 8 * r.h for r in cursors)
 
 
 def test_tight_jpeg_capture_is_jpeg() -> None:
@@ -318,6 +325,7 @@ def test_unknown_encoding_names_it(enc: int, name: str) -> None:
     with pytest.raises(RfbError) as info:
         s.feed(msg)
     assert f"unsupported {name} rectangle" in str(info.value)
+    assert info.value.messages == []
     with pytest.raises(RfbError):  # the stream stays failed: nothing after it can be framed
         s.feed(b"\x02")
 
@@ -337,6 +345,17 @@ def test_protocol_errors(msg: bytes, match: str) -> None:
     with pytest.raises(RfbError, match=match):
         for i in range(len(msg)):
             s.feed(msg[i:i + 1])
+
+
+def test_messages_before_an_error_come_with_it() -> None:
+    good = update((0, 0, 1, 1, 0, bytes(4)))
+    s = ServerStream(PF32)
+    with pytest.raises(RfbError) as info:
+        s.feed(good + b"\x02" + b"\x07")
+    assert [m.raw for m in info.value.messages] == [good, b"\x02"]
+    with pytest.raises(RfbError) as again:
+        s.feed(b"\x02")
+    assert again.value is info.value
 
 
 def test_max_message_is_checked_before_buffering() -> None:
