@@ -297,6 +297,15 @@ def test_screenshot_through_the_proxy_equals_direct(env, desktop, tmp_path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == end["recording_sha256"]
     rec = read_recording(str(path))
     assert (rec.width, rec.height) == direct.size
+    # `dbproxy replay --last` renders the recording's final screen: the screen the viewer saw (vncdotool
+    # draws the pointer's cursor into its screenshot, the recording keeps the cursor apart: at most
+    # the cursor's box differs).
+    from PIL import Image, ImageChops
+
+    _cli("replay", str(path), "--last", str(tmp_path / "last.png"))
+    last = Image.open(tmp_path / "last.png").convert("RGB")
+    box = ImageChops.difference(last, proxied).getbbox()
+    assert last.size == proxied.size and (box is None or (box[2] - box[0] <= 32 and box[3] - box[1] <= 32)), box
     assert code not in env.audit_path.read_text() and desktop.password not in env.audit_path.read_text()
 
 
