@@ -151,6 +151,8 @@ def engine_role_keys(registry: Any) -> dict:
         cls = registry.get(name)
         for key in getattr(cls, "role_keys", ()):
             keys[key] = functools.partial(cls.validate_role_key, key)
+            # The family key a role naming this key must also name (its targets): "bmcs" unless the engine says.
+            keys[key].requires = getattr(cls, "role_key_requires", "bmcs")
     return keys
 
 

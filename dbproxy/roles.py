@@ -9,7 +9,9 @@ grants databases, terminals or both, and one that names neither kind is a
 config error.  ``port_forwarding`` (``"local"``: direct-tcpip, i.e. ``ssh
 -L``/``-D``/``-W``; ``"remote"``: tcpip-forward, ``ssh -R``) is off unless a
 granting role names it.  BMC sessions (the ``bmc`` family: Redfish, IPMI) are
-granted by ``bmcs`` (globs on the BMC targets) and what may be done there by
+granted by ``bmcs`` (globs on the BMC targets), desktop sessions (the
+``desktop`` family: VNC) by ``desktops`` (globs on the desktop targets; a
+terminal role's ``targets`` never grant a screen), and what may be done there by
 a protocol's own key (``redfish``: rules on method, path and action),
 declared and validated by its engine (``role_keys`` / ``validate_role_key``,
 handed in by ``dbproxy.access``); a granting role's value of such a key
@@ -79,7 +81,7 @@ class RoleConfig:
         if family == "bmc":
             return self.bmcs, ()  # the BMC login is the proxy's: nothing to grant "as whom"
         if family == "desktop":
-            return self.desktops, ()
+            return self.desktops, ()  # so is the desktop's
         return self.databases, self.db_users
 
 
@@ -108,13 +110,14 @@ def validate_roles(v: Any, raw: Any, path: str = "roles", engine_keys: dict | No
         present = [pair for pair in FAMILY_KEYS.values() if any(k in rd for k in pair)]
         if not present:
             v.err(rp, 'what the role grants: "databases" and "db_users" (database sessions) and/or "targets" and '
-                      '"logins" (terminal sessions) and/or "bmcs" (BMC sessions) and/or "desktops" (desktop sessions), '
-                      'arrays of globs')
+                      '"logins" (terminal sessions) and/or "bmcs" (BMC sessions) and/or "desktops" (desktop '
+                      'sessions), arrays of globs')
         policies = []
         for key, validate in engine_keys.items():
             if key in rd:
-                if "bmcs" not in rd:
-                    v.err(rp, f'a key "bmcs" (the BMC targets the role\'s "{key}" rules apply to)')
+                requires = getattr(validate, "requires", "bmcs")
+                if requires not in rd:
+                    v.err(rp, f'a key "{requires}" (the targets the role\'s "{key}" rules apply to)')
                 value = validate(v, rd[key], f"{rp}.{key}")
                 if value is not None:
                     policies.append((key, value))

@@ -2,6 +2,8 @@
 
     dbproxy token keygen --algorithm EdDSA --key-file token.key --public-key-file token.pub
     dbproxy token issue  --config proxy.json --user alice --roles analyst --ttl 8h
+    dbproxy token issue  --config proxy.json --user alice --roles ops --vnc --target desk-1    (--code vnc)
+    dbproxy token issue  --config proxy.json --user alice --roles ops --ipmi --target bmc-1    (--code ipmi)
     dbproxy token revoke --config proxy.json TOKEN_OR_ID
     dbproxy token list   --config proxy.json
 
@@ -11,7 +13,12 @@ prints the token — and nothing else — on stdout, and records its SCRAM
 verifiers in ``identity.token.registry_file`` when one is configured (see
 ``dbproxy.identity``); ``revoke`` appends the token id to
 ``identity.token.revocation_file`` (the proxy re-reads it on change) and
-drops the token's verifiers from the registry.  Nothing here logs a token.
+drops the token's verifiers from the registry.  ``issue --code KIND``
+prints a single-use code instead of a token, for clients that can only send
+a short password: ``--vnc`` 8 characters for classic VNC authentication
+(``identity.token.codes_file``, ``dbproxy.identity.codes``), ``--ipmi`` a
+20-character IPMI password (next to the registry, ``dbproxy.onetime``); the
+running proxy reads them.  Nothing here logs a token or a code.
 """
 
 from __future__ import annotations
@@ -93,6 +100,11 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     cfg, roles, authority = loaded
+    if args.code == "vnc":
+        return _issue_vnc_code(args, cfg, roles, authority)
+    if args.target and not args.code:
+        return _fail("--target is for single-use codes (--code KIND, --ipmi, --vnc); a token reaches what its roles "
+                     "grant")
     try:
         ttl = parse_ttl(args.ttl or "8h")
     except ValueError as exc:
@@ -177,6 +189,30 @@ def _issue_node(args: argparse.Namespace, authority: TokenAuthority, ttl: int) -
     return 0
 
 
+def _issue_vnc_code(args: argparse.Namespace, cfg: TokenConfig, roles: dict | None, authority: TokenAuthority) -> int:
+    from .identity.codes import DEFAULT_CODE_TTL, MAX_CODE_TTL
+
+    if authority.codes is None:
+        return _fail("identity.token.codes_file is not configured: nowhere to record one-time codes")
+    if not args.target:
+        return _fail("--code needs --target (the one target the code logs in to)")
+    try:
+        ttl = parse_ttl(args.ttl) if args.ttl else DEFAULT_CODE_TTL
+    except ValueError as exc:
+        return _fail(str(exc))
+    if ttl > MAX_CODE_TTL:
+        return _fail(f"--ttl {args.ttl}: a one-time code lives at most {MAX_CODE_TTL}s")
+    role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
+    unknown = [r for r in role_names if roles is None or r not in roles]
+    if unknown:
+        return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
+    entry = authority.codes.issue(args.user, tuple(role_names), args.target, ttl)
+    print(entry.code, flush=True)
+    print(f"one-time code {entry.id} for {entry.user!r} (roles: {', '.join(entry.roles) or 'none'}) to "
+          f"{entry.target!r}, single use, expires {_iso(entry.exp)}", file=sys.stderr)
+    return 0
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     loaded = _load(args, need_signing=False)
     if isinstance(loaded, int):
@@ -255,11 +291,13 @@ def add_parser(sub: Any) -> None:
     who.add_argument("--node", help="a node token for `dbproxy agent --name NODE` (not a login token)")
     q.add_argument("--roles", default="", help="comma-separated role names from the config")
     q.add_argument("--ttl", default=None, help="lifetime, e.g. 30m, 8h, 1d (default 8h, at most "
-                   "identity.token.max_ttl_seconds; a code's at most its engine's, e.g. 5m)")
+                   "identity.token.max_ttl_seconds; a code's: its engine's, e.g. 60s for --vnc, 5m for --ipmi)")
     q.add_argument("--code", metavar="KIND", help="issue a single-use code of an engine instead of a token "
-                   "(the engines' kinds, e.g. ipmi); needs --target")
+                   "(the engines' kinds: ipmi, vnc); needs --target")
     q.add_argument("--ipmi", dest="code", action="store_const", const="ipmi",
                    help="a single-use IPMI password (20 characters): the same as --code ipmi")
+    q.add_argument("--vnc", dest="code", action="store_const", const="vnc",
+                   help="a one-time 8-character code for classic VNC authentication: the same as --code vnc")
     q.add_argument("--target", help="with --code: the one target the code reaches (the route's match key)")
     q.add_argument("--login", help="with --code: the login name the client presents (default: --user)")
     q.set_defaults(func=cmd_issue)

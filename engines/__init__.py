@@ -20,6 +20,7 @@ def default_registry() -> EngineRegistry:
     from .ssh.commands import SSHCommandsEngine
     from .ssh.engine import SSHEngine
     from .telnet.engine import TelnetEngine
+    from .vnc.engine import VNCEngine
 
     registry = EngineRegistry()
     registry.register("postgres", PostgresEngine)
@@ -30,6 +31,7 @@ def default_registry() -> EngineRegistry:
     registry.register("telnet", TelnetEngine)
     registry.register("rdp", RDPEngine)
     registry.register("ipmi", IpmiEngine)
+    registry.register("vnc", VNCEngine)
     # The command-template API (dbproxy.commands) running its templates over SSH.
     registry.register("ssh-commands", SSHCommandsEngine)
     return registry

@@ -29,6 +29,8 @@ class TokenConfig:
     registry_file: str | None
     revocation_file: str | None
     issuer: str = "dbproxy"
+    # One-time login codes (``dbproxy.identity.codes``: ``token issue --code``), None: none issued.
+    codes_file: str | None = None
     max_ttl: int = DEFAULT_MAX_TTL
     leeway: int = DEFAULT_LEEWAY
 
@@ -54,7 +56,8 @@ class IdentityConfig:
 
 
 IDENTITY_KEYS = {"token", "mtls", "publickey"}
-TOKEN_KEYS = {"algorithm", "key_file", "public_key_file", "registry_file", "revocation_file", "issuer", "max_ttl_seconds", "leeway_seconds"}
+TOKEN_KEYS = {"algorithm", "key_file", "public_key_file", "registry_file", "revocation_file", "issuer", "max_ttl_seconds", "leeway_seconds",
+              "codes_file"}
 MTLS_KEYS = {"subject", "users"}
 
 
@@ -97,6 +100,7 @@ def _validate_token(v: Any, raw: Any, path: str) -> TokenConfig | None:
             v.err(f"{path}.key_file", f"a key file others cannot read ({key_file} is world-accessible: chmod 600)")
     registry = v.file_path(d, "registry_file", path, required=False, must_exist=False)
     revocation = v.file_path(d, "revocation_file", path, required=False, must_exist=False)
+    codes = v.file_path(d, "codes_file", path, required=False, must_exist=False)
     issuer = v.string(d, "issuer", path, required=False) or "dbproxy"
     max_ttl = v.integer(d, "max_ttl_seconds", path, minimum=1) or DEFAULT_MAX_TTL
     leeway = v.integer(d, "leeway_seconds", path, minimum=0)
@@ -111,6 +115,7 @@ def _validate_token(v: Any, raw: Any, path: str) -> TokenConfig | None:
         issuer=issuer,
         max_ttl=max_ttl,
         leeway=DEFAULT_LEEWAY if leeway is None else leeway,
+        codes_file=codes,
     )
 
 
