@@ -1,13 +1,13 @@
 """The demo: real servers behind one dbproxy config, a token already issued, the client lines to use.
 
 Default: a private PostgreSQL and FerretDB (Mongo wire) behind the proxy.
-``--all`` adds Apache Cassandra 5.0, OpenSSH sshd and a Redfish BMC emulator
-(slower to start).  The proxy holds every backend credential; the person at
+``--all`` adds Apache Cassandra 5.0, OpenSSH sshd, a Redfish BMC emulator and
+a VNC desktop (Xtigervnc; slower to start).  The proxy holds every backend credential; the person at
 the client types only a proxy token, issued here for the demo user ``alice``
 (role ``demo``: every target), and every session lands in ``audit.jsonl``.
 
 ``--smoke`` runs each printed client line once (psql, mongosh, cqlsh, ssh,
-curl), checks its output, then stops: the demo's own test
+curl, a scripted VNC viewer with a one-time code), checks its output, then stops: the demo's own test
 (tests/integration/test_demo.py).
 """
 
@@ -29,6 +29,23 @@ from scripts.peers.postgres import start_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "alice"
+
+
+# --smoke's VNC viewer: connect through the proxy with the one-time code, take a screenshot.
+VNC_SMOKE = """
+import sys
+from vncdotool import api
+port, code, path = sys.argv[1:]
+client = api.connect(f"127.0.0.1::{port}", password=code, timeout=30)
+try:
+    client.refreshScreen()
+    client.captureScreen(path)
+finally:
+    client.disconnect()
+    api.shutdown()
+from PIL import Image
+print("vnc-ok", Image.open(path).size)
+"""
 
 
 def _interrupt(signum, frame):
@@ -126,13 +143,23 @@ class Demo:
             "routes": [{"name": "bmcs", "match": {"target": "bmc-*"}, "backend": {
                 "address": bmc.address, "auth": {"method": "session", "username": bmc.username,
                                                  "password_file": str(bmc.password_file)}}}]})
+        print("demo: starting a VNC desktop (Xtigervnc with an xterm)", flush=True)
+        from scripts.peers.vnc import start_desktop
+
+        desk = start_desktop(w / "vnc")
+        self.stops.append(desk.stop)
+        self.listeners.append({
+            "name": "vnc", "protocol": "vnc", "listen": "127.0.0.1:0", "tls": self.tls,
+            "auth": {"methods": ["token"]}, "recording": {"dir": str(w / "recordings")},
+            "routes": [{"name": "desks", "match": {"target": "desk-*"}, "backend": {
+                "address": desk.address, "auth": {"method": "vnc", "password_file": _secret(w, "vnc", desk.password)}}}]})
 
     # -- the proxy ----------------------------------------------------------------------
     def config(self) -> dict:
         w = self.workdir
         roles = {"routes": ["*"], "databases": ["*"], "db_users": ["*"]}
         if self.everything:
-            roles.update({"targets": ["web-*"], "logins": [self.sshd.login], "bmcs": ["bmc-*"],
+            roles.update({"targets": ["web-*"], "logins": [self.sshd.login], "bmcs": ["bmc-*"], "desktops": ["desk-*"],
                           "redfish": [{"methods": ["GET", "HEAD"], "paths": ["/redfish/v1", "/redfish/v1/*"]},
                                       {"actions": {"ComputerSystem.Reset": {"ResetType": ["On", "GracefulShutdown",
                                                                                            "GracefulRestart"]}},
@@ -140,7 +167,8 @@ class Demo:
         return {
             "identity": {"token": {"algorithm": "EdDSA", "key_file": str(w / "token.key"),
                                    "public_key_file": str(w / "token.pub"), "registry_file": str(w / "tokens.json"),
-                                   "revocation_file": str(w / "revoked.txt"), "max_ttl_seconds": 43200}},
+                                   "revocation_file": str(w / "revoked.txt"), "codes_file": str(w / "codes.json"),
+                                   "max_ttl_seconds": 43200}},
             "roles": {"demo": roles},
             "listeners": self.listeners,
             "audit": {"sinks": [{"type": "jsonl", "path": str(w / "audit.jsonl")}]},
@@ -192,6 +220,11 @@ class Demo:
             self.lines["curl"] = (f"curl --cacert {ca} --resolve bmc-1.demo.test:{ports['redfish']}:127.0.0.1 "
                                   f"-H \"Authorization: Bearer $DBPROXY_TOKEN\" "
                                   f"https://bmc-1.demo.test:{ports['redfish']}/redfish/v1/Systems")
+            self.lines["vncviewer"] = (f"vncviewer -SecurityTypes X509Plain -X509CA {ca} 127.0.0.1::{ports['vnc']}"
+                                       f"   # user name desk-1, password: the token")
+            self.lines["vncviewer (one-time code)"] = (
+                f"vncviewer 127.0.0.1::{ports['vnc']}   # password: $(python -m dbproxy.cli token issue --config "
+                f"{self.config_path} --user {USER} --roles demo --vnc --target desk-1)")
         self.ports = ports
 
     def show(self) -> None:
@@ -235,6 +268,12 @@ class Demo:
             runs["curl"] = (["curl", "-sS", "--cacert", ca, "--resolve", f"bmc-1.demo.test:{p['redfish']}:127.0.0.1",
                              "-H", f"Authorization: Bearer {t}", f"https://bmc-1.demo.test:{p['redfish']}/redfish/v1/Systems"],
                             dict(os.environ), "Members@odata.count")
+            # A scripted viewer (vncdotool: classic VNC authentication) with a one-time code.
+            code = _cli("token", "issue", "--config", str(self.config_path), "--user", USER, "--roles", "demo",
+                        "--vnc", "--target", "desk-1", env=self.env)
+            shot = self.workdir / "vnc-smoke.png"
+            runs["vncviewer"] = ([sys.executable, "-c", VNC_SMOKE, str(p["vnc"]), code, str(shot)], dict(self.env),
+                                 "vnc-ok")
         failed = 0
         for name, (argv, env, expected) in runs.items():
             try:
@@ -256,7 +295,7 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--all", action="store_true", help="also Cassandra, sshd and a Redfish BMC (slower)")
+    parser.add_argument("--all", action="store_true", help="also Cassandra, sshd, a Redfish BMC and a VNC desktop (slower)")
     parser.add_argument("--smoke", action="store_true", help="run each client line once, check it, stop")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)

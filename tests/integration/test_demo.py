@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("flags, protocols", [
     ((), {"postgres", "mongo"}),
-    (("--all",), {"postgres", "mongo", "cassandra", "ssh", "redfish"}),
+    (("--all",), {"postgres", "mongo", "cassandra", "ssh", "redfish", "vnc"}),
 ])
 def test_demo_client_lines_work(tmp_path, flags, protocols):
     import os
