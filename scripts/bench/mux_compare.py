@@ -11,7 +11,9 @@ the child's CPU time (``time.process_time``: both ends, all threads) is the whol
 Both get the same per-stream credit (``STREAM_WINDOW``, 4 MiB): the SSH channel window is set
 to it; SSH keeps asyncssh's default 32 KiB packets (``--ssh-pktsize`` to change), h2 the
 link's 1 MiB frames.  Ciphers: TLS as negotiated (TLS 1.3 AES-256-GCM here), SSH pinned to
-``aes256-gcm@openssh.com`` so both use the same AEAD.
+``aes256-gcm@openssh.com`` so both use the same AEAD.  A third option, ``h2-plain``, is the
+same link without TLS: it splits h2's own cost from the encryption wrapper's (``trio.SSLStream``).
+Rounds are interleaved (h2, ssh, h2-plain, h2, …) and each figure is the best of them.
 
 Measured per option, proxy → agent direction:
   1. bulk: one stream carries ``--bulk-mb`` MB to a reader that counts it; MB/s, CPU s/MB;
@@ -22,7 +24,7 @@ Measured per option, proxy → agent direction:
      the stalled stream's sender got accepted before and after (bounded = flow control holds;
      growing = buffering without bound).
 
-Runnable: ``scripts/bench/mux [--bulk-mb 200 --iso-mb 100 --seconds 3 --streams 50 --json out.json]``.
+Runnable: ``scripts/bench/mux [--bulk-mb 200 --iso-mb 100 --seconds 3 --streams 50 --rounds 2 --json out.json]``.
 """
 
 from __future__ import annotations
