@@ -178,8 +178,11 @@ def _issue_code(args: argparse.Namespace, cfg: TokenConfig, authority: TokenAuth
         if ttl > spec["max_ttl"]:
             return _fail(f"--ttl {args.ttl}: a single-use {args.code} code lives at most {spec['max_ttl']}s")
     store = CodeStore(path, authority.keys)
-    code = store.issue(args.code, name, args.user, tuple(role_names), args.target, ttl, length=spec["length"],
-                       alphabet=spec["alphabet"])
+    try:
+        code = store.issue(args.code, name, args.user, tuple(role_names), args.target, ttl, length=spec["length"],
+                           alphabet=spec["alphabet"])
+    except ValueError as exc:  # not a codes file (or an older format): say which file, leave it alone
+        return _fail(f"{path}: {exc}")
     print(code.secret.decode(), flush=True)
     login = (f"login name {name!r}, " if name else "")
     print(f"single-use {args.code} code {code.id} for {args.user!r} ({login}roles: {', '.join(code.roles) or 'none'}, "
