@@ -14,11 +14,13 @@ verifiers in ``identity.token.registry_file`` when one is configured (see
 ``dbproxy.identity``); ``revoke`` appends the token id to
 ``identity.token.revocation_file`` (the proxy re-reads it on change) and
 drops the token's verifiers from the registry.  ``issue --code KIND``
-prints a single-use code instead of a token, for clients that can only send
-a short password: ``--vnc`` 8 characters for classic VNC authentication
-(``identity.token.codes_file``, ``dbproxy.identity.codes``), ``--ipmi`` a
-20-character IPMI password (next to the registry, ``dbproxy.onetime``); the
-running proxy reads them.  Nothing here logs a token or a code.
+(aliases ``--vnc``, ``--ipmi``) prints a single-use code instead of a
+token, for clients that can only send a short password, in the form its
+engine declares (``Engine.onetime_codes``: e.g. 8 characters for classic
+VNC authentication, a 20-character IPMI password); it is recorded in the
+codes file (``identity.token.codes_file``, default next to the registry:
+``dbproxy.onetime``), which the running proxy reads.  Nothing here logs a
+token or a code.
 """
 
 from __future__ import annotations
@@ -100,11 +102,17 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     cfg, roles, authority = loaded
-    if args.code == "vnc":
-        return _issue_vnc_code(args, cfg, roles, authority)
     if args.target and not args.code:
         return _fail("--target is for single-use codes (--code KIND, --ipmi, --vnc); a token reaches what its roles "
                      "grant")
+    if args.node is not None and args.code:
+        return _fail("--node issues an agent's node token; --code/--ipmi/--vnc a user's single-use code: one of them")
+    role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles and args.node is None else []
+    unknown = [r for r in role_names if roles is None or r not in roles]
+    if unknown:
+        return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
+    if args.code:
+        return _issue_code(args, cfg, authority, role_names)
     try:
         ttl = parse_ttl(args.ttl or "8h")
     except ValueError as exc:
@@ -112,15 +120,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if ttl > cfg.max_ttl:
         return _fail(f"--ttl {args.ttl or '8h'} is longer than identity.token.max_ttl_seconds ({cfg.max_ttl}s)")
     if args.node is not None:
-        if args.code:
-            return _fail("--node issues an agent's node token; --code/--ipmi a user's single-use code: one of them")
         return _issue_node(args, authority, ttl)
-    role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
-    unknown = [r for r in role_names if roles is None or r not in roles]
-    if unknown:
-        return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
-    if args.code:
-        return _issue_code(args, cfg, authority, role_names)
     token, claims = authority.codec.issue(args.user, role_names, ttl)
     if authority.registry is not None:
         authority.registry.add(claims, token, revoked=authority.revocations.get())
@@ -134,43 +134,60 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def onetime_kinds() -> dict:
-    """The single-use code kinds the engines accept (``Engine.onetime_codes``: kind → length, ttl, max_name)."""
+    """The single-use code kinds the engines accept (``Engine.onetime_codes``), defaults filled in
+    (``dbproxy.onetime.kind_spec``)."""
+    from .onetime import kind_spec
     from .registry import default_registry as _registry
 
     registry = _registry()
     kinds: dict = {}
     for protocol in registry.names():
-        kinds.update(getattr(registry.get(protocol), "onetime_codes", {}))
+        for kind, spec in getattr(registry.get(protocol), "onetime_codes", {}).items():
+            kinds[kind] = kind_spec(spec)
     return kinds
 
 
 def _issue_code(args: argparse.Namespace, cfg: TokenConfig, authority: TokenAuthority, role_names: list) -> int:
-    """``issue --code KIND`` (``--ipmi``): a single-use code for an engine whose protocol cannot carry a
-    token (``dbproxy.onetime``); printed on stdout, recorded next to the registry."""
-    from .onetime import CodeStore, codes_path
+    """``issue --code KIND`` (``--ipmi``, ``--vnc``): a single-use code for an engine whose protocol cannot
+    carry a token (``dbproxy.onetime``), in the form the engine declares; only the code goes to stdout."""
+    from .onetime import NO_CODES_FILE, CodeStore, codes_path
 
     spec = onetime_kinds().get(args.code)
     if spec is None:
-        return _fail(f"no engine accepts single-use codes of kind {args.code!r}")
-    if not cfg.registry_file:
-        return _fail("identity.token.registry_file is not configured: single-use codes are kept next to it")
+        return _fail(f"no engine accepts single-use codes of kind {args.code!r} (kinds: "
+                     f"{', '.join(sorted(onetime_kinds())) or 'none'})")
+    path = codes_path(cfg)
+    if path is None:
+        return _fail(NO_CODES_FILE)
     if not args.target:
-        return _fail(f"--target is required with --{args.code} (the code reaches one target)")
-    name = args.login or args.user
-    if len(name.encode()) > spec.get("max_name", 255):
-        return _fail(f"the login name {name!r} is longer than {spec['max_name']} bytes: pass --login NAME")
-    ttl = spec.get("ttl", 300)
+        return _fail(f"--target is required with --code {args.code} (the code reaches one target)")
+    if spec["max_name"] == 0:
+        if args.login:
+            return _fail(f"--login: a {args.code} code is bound to no login name (the protocol carries none)")
+        name = ""
+    else:
+        name = args.login or args.user
+        if len(name.encode()) > spec["max_name"]:
+            return _fail(f"the login name {name!r} is longer than {spec['max_name']} bytes: pass --login NAME")
+    ttl = spec["ttl"]
     if args.ttl:
         try:
-            ttl = min(parse_ttl(args.ttl), ttl)
+            ttl = parse_ttl(args.ttl)
         except ValueError as exc:
             return _fail(str(exc))
-    store = CodeStore(codes_path(cfg.registry_file), authority.keys)
-    code = store.issue(args.code, name, args.user, tuple(role_names), args.target, ttl, length=spec.get("length", 20))
+        if ttl > spec["max_ttl"]:
+            return _fail(f"--ttl {args.ttl}: a single-use {args.code} code lives at most {spec['max_ttl']}s")
+    store = CodeStore(path, authority.keys)
+    try:
+        code = store.issue(args.code, name, args.user, tuple(role_names), args.target, ttl, length=spec["length"],
+                           alphabet=spec["alphabet"])
+    except ValueError as exc:  # not a codes file (or an older format): say which file, leave it alone
+        return _fail(f"{path}: {exc}")
     print(code.secret.decode(), flush=True)
-    print(f"single-use {args.code} code {code.id} for {args.user!r} (login name {name!r}, roles: "
-          f"{', '.join(code.roles) or 'none'}, target {args.target!r}) expires {_iso(code.exp)}; a new code for "
-          f"the same login name replaces this one", file=sys.stderr)
+    login = (f"login name {name!r}, " if name else "")
+    print(f"single-use {args.code} code {code.id} for {args.user!r} ({login}roles: {', '.join(code.roles) or 'none'}, "
+          f"target {args.target!r}) expires {_iso(code.exp)}"
+          + ("; a new code for the same login name replaces this one" if name else ""), file=sys.stderr)
     return 0
 
 
@@ -186,30 +203,6 @@ def _issue_node(args: argparse.Namespace, authority: TokenAuthority, ttl: int) -
     token, claims = NodeTokens(authority).issue(args.node, ttl)
     print(token, flush=True)
     print(f"node token id {claims.jti} for node {claims.sub!r} expires {_iso(claims.exp)}", file=sys.stderr)
-    return 0
-
-
-def _issue_vnc_code(args: argparse.Namespace, cfg: TokenConfig, roles: dict | None, authority: TokenAuthority) -> int:
-    from .identity.codes import DEFAULT_CODE_TTL, MAX_CODE_TTL
-
-    if authority.codes is None:
-        return _fail("identity.token.codes_file is not configured: nowhere to record one-time codes")
-    if not args.target:
-        return _fail("--code needs --target (the one target the code logs in to)")
-    try:
-        ttl = parse_ttl(args.ttl) if args.ttl else DEFAULT_CODE_TTL
-    except ValueError as exc:
-        return _fail(str(exc))
-    if ttl > MAX_CODE_TTL:
-        return _fail(f"--ttl {args.ttl}: a one-time code lives at most {MAX_CODE_TTL}s")
-    role_names = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else []
-    unknown = [r for r in role_names if roles is None or r not in roles]
-    if unknown:
-        return _fail(f"role(s) not defined in the config's \"roles\": {', '.join(unknown)}")
-    entry = authority.codes.issue(args.user, tuple(role_names), args.target, ttl)
-    print(entry.code, flush=True)
-    print(f"one-time code {entry.id} for {entry.user!r} (roles: {', '.join(entry.roles) or 'none'}) to "
-          f"{entry.target!r}, single use, expires {_iso(entry.exp)}", file=sys.stderr)
     return 0
 
 

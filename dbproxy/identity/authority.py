@@ -22,7 +22,6 @@ from .. import scram
 from ..errors import AuthFailed
 from ..scram import SCRAM_SHA_256, ScramFlavour
 from ..session import Identity
-from .codes import OneTimeCodes
 from .config import TokenConfig
 from .files import WatchedFile, parse_revocations
 from .keys import TokenKeys
@@ -40,8 +39,6 @@ class TokenAuthority:
         self.codec = TokenCodec(self.keys, issuer=cfg.issuer, leeway=cfg.leeway)
         self.revocations = WatchedFile(cfg.revocation_file, parse_revocations, frozenset())
         self.registry = TokenRegistry(cfg.registry_file, self.keys, flavours) if cfg.registry_file else None
-        # One-time codes for clients that can only send a short password (classic VNC authentication).
-        self.codes = OneTimeCodes(cfg.codes_file, self.keys) if cfg.codes_file else None
         # PostgreSQL-style mock authentication: a fake but stable salt for unknown users.
         self._mock_key = secrets.token_bytes(32)
 

@@ -29,7 +29,7 @@ class TokenConfig:
     registry_file: str | None
     revocation_file: str | None
     issuer: str = "dbproxy"
-    # One-time login codes (``dbproxy.identity.codes``: ``token issue --code``), None: none issued.
+    # Single-use login codes (``dbproxy.onetime``: ``token issue --code``); None: ``<registry_file>.codes``.
     codes_file: str | None = None
     max_ttl: int = DEFAULT_MAX_TTL
     leeway: int = DEFAULT_LEEWAY

@@ -2,8 +2,9 @@
 
 Listener: ``kind`` must be ``udp`` (RMCP+ is UDP, port 623 by convention);
 ``auth`` ``{"methods": ["token"]}`` — clients log in with the single-use
-code of ``dbproxy token issue --ipmi`` (which needs
-``identity.token.registry_file``: the codes file sits next to it).
+code of ``dbproxy token issue --ipmi`` (kept in
+``identity.token.codes_file``, by default next to ``registry_file``: one of
+them must be set).
 Optional ``cipher_suites``: the suites offered to clients (default
 ``[3, 17]``); ``recording``: ``{"dir": …, "input": false}`` — where
 Serial-over-LAN consoles are recorded (asciicast, as terminals are).

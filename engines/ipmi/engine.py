@@ -70,7 +70,7 @@ import trio
 from dbproxy.access import audit_denial
 from dbproxy.engine import Engine
 from dbproxy.errors import AccessDenied
-from dbproxy.onetime import CodeStore, codes_path
+from dbproxy.onetime import NO_CODES_FILE, CodeStore, store_for
 from dbproxy.session import Identity
 
 from . import commands, config as ipmiconfig, rmcp
@@ -113,7 +113,7 @@ class IpmiEngine(Engine):
     backend_keys = ipmiconfig.BACKEND_KEYS
     role_keys = ("ipmi",)
     # Single-use login codes this engine accepts (``dbproxy token issue --ipmi``): kind → length, lifetime, name.
-    onetime_codes = {CODE_KIND: {"length": CODE_LENGTH, "ttl": CODE_TTL, "max_name": 16}}
+    onetime_codes = {CODE_KIND: {"length": CODE_LENGTH, "ttl": CODE_TTL, "max_ttl": CODE_TTL, "max_name": 16}}
 
     validate_listener = staticmethod(ipmiconfig.validate_listener)
     validate_auth = staticmethod(ipmiconfig.validate_auth)
@@ -128,10 +128,8 @@ class IpmiEngine(Engine):
         self.sol_attach = _sol_attach()
 
     def codes(self) -> CodeStore | None:
-        if self._codes is None and self.access is not None:
-            authority = getattr(self.access.auth, "authority", None)
-            if authority is not None and authority.cfg.registry_file and self.access.auth.token:
-                self._codes = CodeStore(codes_path(authority.cfg.registry_file), authority.keys)
+        if self._codes is None and self.access is not None and self.access.auth.token:
+            self._codes = store_for(getattr(self.access.auth, "authority", None))
         return self._codes
 
     async def handle_datagram_session(self, session: Any, channel: Any) -> None:
@@ -337,8 +335,9 @@ class IpmiSession:
             code, reason = None, "codes_file_unreadable"
         if code is None:
             await self.send_raw(rmcp.packet20_clear(rmcp.PT_RAKP2, hs.rakp2(None)))
-            self._refused_start(f"RAKP 1: no outstanding IPMI code for user name {name!r} (unknown, used or "
-                                f"expired)", reason, status=STATUS_UNAUTHORIZED_NAME, stage="authenticate")
+            error = (f"RAKP 1: no IPMI code can be looked up: {NO_CODES_FILE}" if store is None else
+                     f"RAKP 1: no outstanding IPMI code for user name {name!r} (unknown, used or expired)")
+            self._refused_start(error, reason, status=STATUS_UNAUTHORIZED_NAME, stage="authenticate")
             raise _Ended
         self.code = code
         await self.send_raw(rmcp.packet20_clear(rmcp.PT_RAKP2, hs.rakp2(code.secret)))

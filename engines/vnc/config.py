@@ -4,8 +4,9 @@ Listener (kind ``tcp``):
 
 - ``auth`` (required): clients prove who they are with a proxy token
   (VeNCrypt X509Plain: TLS with the listener's ``tls`` certificate, then the
-  token as password) or with a one-time code (classic VNC authentication;
-  ``identity.token.codes_file`` must be set);
+  token as password) or with a single-use code (classic VNC authentication;
+  the codes file is ``identity.token.codes_file``, or next to
+  ``registry_file`` by default: one of them must be set);
 - ``tls`` (the core's listener section): the certificate VeNCrypt's TLS
   presents; without it VeNCrypt is not offered;
 - ``target`` (optional): the one desktop this listener reaches (a VeNCrypt

@@ -13,13 +13,17 @@ server decoder framing the desktop's (``server.ServerDecoder`` over
                 the listener has a certificate — version 0.2, subtype
                 X509Plain, TLS with the listener's certificate, then Plain
                 (user name ``TARGET`` or ``USER@TARGET``, the proxy token as
-                password) — and VNC authentication (2) when one-time codes
-                are configured: a random challenge, the viewer's answer
+                password) — and VNC authentication (2) when the token
+                config has a codes file (``identity.token.codes_file``, or
+                ``registry_file`` for the default next to it): a random
+                challenge, the viewer's answer
     identify    the token (``verify_token``; a user named must be the
-                token's), or the answer checked against each pending
-                one-time code (``dbproxy.identity.codes``): a match is used
-                up at once; a code already used, expired or unknown is
-                refused
+                token's), or the answer checked against each of the
+                ``vnc`` kind's single-use codes (``dbproxy.onetime``: the
+                protocol names no user, so no lookup by name): a match is
+                used up at once; a code already used (``code_reused``),
+                expired (``code_expired``) or matching none
+                (``code_unknown``) is refused
     route       match key ``target`` (the code's target, the VeNCrypt user
                 name's, or the listener's ``target``)
     authorize   roles' ``desktops`` globs (family ``desktop``) and their
@@ -56,7 +60,7 @@ import os
 import secrets
 import ssl
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -66,6 +70,7 @@ from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
 from dbproxy.errors import AccessDenied, AuthFailed, ProtocolError, ProxyError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring
+from dbproxy.onetime import NO_CODES_FILE, CodeStore, store_for
 from dbproxy.session import Identity
 from dbproxy.tls import client_context, server_context
 
@@ -77,6 +82,15 @@ from .stages import ClientStage, DesktopPolicy, DesktopState, ServerStage
 log = logging.getLogger("dbproxy.vnc")
 
 _LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+# Single-use codes for classic VNC authentication (``dbproxy token issue --vnc``): the DES key is the
+# password's first 8 bytes (RFC 6143 §7.2.2), so a code is 8 characters, read off a screen and typed into a
+# viewer's password box — no 0/O, 1/l/I.
+CODE_KIND = "vnc"
+CODE_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+CODE_LENGTH = 8
+CODE_TTL = 60
+CODE_MAX_TTL = 3600
 
 
 class _Reader:
@@ -132,6 +146,9 @@ class VNCEngine(Engine):
     role_key_requires = "desktops"
     # A client message's one unbounded part is a clipboard text (``max_message_size`` caps it).
     default_max_message_size = rfb.DEFAULT_MAX_CUT_TEXT
+    # Single-use login codes (``dbproxy.onetime``); max_name 0: VNC authentication carries no user name.
+    onetime_codes = {CODE_KIND: {"length": CODE_LENGTH, "alphabet": CODE_ALPHABET, "ttl": CODE_TTL,
+                                 "max_ttl": CODE_MAX_TTL, "max_name": 0}}
 
     validate_listener = staticmethod(vncconfig.validate_listener)
     validate_auth = staticmethod(vncconfig.validate_auth)
@@ -145,13 +162,19 @@ class VNCEngine(Engine):
             # No TLS 1.3 session tickets: TigerVNC's viewer (1.12, GnuTLS 3.7) stalls on the tickets OpenSSL
             # sends after the handshake and never reads the SecurityResult; a VNC session never resumes.
             self.ssl_context.num_tickets = 0
-        self._used_codes: set[str] = set()
+        self._code_store: CodeStore | None = None
 
     # -- what the proxy offers -----------------------------------------------------------------
     @property
     def _authority(self) -> Any:
         auth = self.access.auth if self.access is not None else None
         return auth.authority if auth is not None and auth.token else None
+
+    def _codes(self) -> CodeStore | None:
+        """The codes file's store (one per listener: it remembers what this process used), None without one."""
+        if self._code_store is None:
+            self._code_store = store_for(self._authority)
+        return self._code_store
 
     def _offered(self) -> tuple[int, ...]:
         authority = self._authority
@@ -160,7 +183,7 @@ class VNCEngine(Engine):
         types = []
         if self.ssl_context is not None:
             types.append(rfb.SEC_VENCRYPT)
-        if authority.codes is not None:
+        if self._codes() is not None:
             types.append(rfb.SEC_VNC)
         return tuple(types)
 
@@ -180,13 +203,13 @@ class VNCEngine(Engine):
         offered = self._offered()
         if not offered:
             raise Refused(f"listener {self.listener.name}: no way for a viewer to authenticate (token authentication "
-                          "with a tls certificate for VeNCrypt, or identity.token.codes_file for one-time codes)",
+                          f"with a tls certificate for VeNCrypt; single-use codes: {NO_CODES_FILE})",
                           client_message="the proxy cannot authenticate you (no authentication configured)")
         if side.version == rfb.RFB_33:
             # RFC 6143 §7.1.2: in 3.3 the server picks the type.
             if rfb.SEC_VNC not in offered:
-                raise Refused("an RFB 3.3 viewer can only use VNC authentication, and no one-time codes are "
-                              "configured", client_message="this proxy needs a viewer that speaks RFB 3.7 or later "
+                raise Refused(f"an RFB 3.3 viewer can only use VNC authentication: {NO_CODES_FILE}",
+                              client_message="this proxy needs a viewer that speaks RFB 3.7 or later "
                                                            "with VeNCrypt")
             chosen = rfb.SEC_VNC
             await ms.stream.send_all(rfb.encode_security_types(side.version, (chosen,)))
@@ -265,26 +288,35 @@ class VNCEngine(Engine):
                           fields={"reason": exc.reason}, cause=exc, stage="authenticate") from None
 
     def _identify_by_code(self, session: Any, request: Request, side: ClientSide) -> None:
-        codes = self._authority.codes
+        store = self._codes()
         response, side.response = side.response, b""
         now = time.time()
-        for entry in codes.pending():  # used and expired ones too: a better answer than "wrong"
-            if not hmac.compare_digest(rfb.vnc_response(entry.code.encode(), side.challenge), response):
+        try:
+            codes = store.entries(CODE_KIND)  # used and expired ones too: a better answer than "wrong"
+        except OSError as exc:  # fail closed: a code the proxy cannot read is no code
+            self._code_refused(request, f"the codes file is unreadable ({exc.strerror or exc})",
+                               "codes_file_unreadable")
+        for code in codes:
+            if not hmac.compare_digest(rfb.vnc_response(code.secret, side.challenge), response):
                 continue
-            request.target = entry.target
-            request.start_fields["code_id"] = entry.id
-            if entry.exp <= now:
-                self._code_refused(request, f"one-time code {entry.id} of {entry.user!r} expired", "code_expired")
-            if entry.used or entry.id in self._used_codes or not codes.consume(entry.id, now=now):
-                self._code_refused(request, f"one-time code {entry.id} of {entry.user!r} was already used",
+            request.target = code.target
+            request.start_fields["code_id"] = code.id
+            if code.exp <= now:
+                self._code_refused(request, f"one-time code {code.id} of {code.user!r} expired", "code_expired")
+            try:
+                fresh = not code.used and store.consume(code, now=now)
+            except OSError as exc:  # a code that cannot be marked used must not work
+                self._code_refused(request, f"one-time code {code.id} could not be marked used "
+                                   f"({exc.strerror or exc})", "codes_file_unwritable")
+            if not fresh:
+                self._code_refused(request, f"one-time code {code.id} of {code.user!r} was already used",
                                    "code_reused")
-            self._used_codes.add(entry.id)
-            session.identity = Identity(user=entry.user, roles=entry.roles, method="one_time_code")
+            session.identity = Identity(user=code.user, roles=code.roles, method="one_time_code")
             return
         self._code_refused(request, "no pending one-time code matches the viewer's answer", "code_unknown")
 
     @staticmethod
-    def _code_refused(request: Request, error: str, reason: str) -> None:
+    def _code_refused(request: Request, error: str, reason: str) -> NoReturn:
         exc = AuthFailed(error, reason=reason)
         raise Refused(error, client_message="authentication failed: the one-time code was not accepted (wrong, "
                                             "expired or already used; issue a new one with dbproxy token issue --vnc)",

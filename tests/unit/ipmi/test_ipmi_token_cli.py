@@ -7,7 +7,7 @@ import json
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from dbproxy.cli import main
-from dbproxy.onetime import CodeStore, codes_path
+from dbproxy.onetime import CodeStore
 from dbproxy.identity.keys import TokenKeys
 
 
@@ -34,7 +34,7 @@ def test_issue_prints_only_the_code_and_records_it(tmp_path, capsys):
     assert len(code) == 20 and code.isalnum() and out == code + "\n"
     assert code not in err and "login name 'alice'" in err
     keys = TokenKeys("EdDSA", public_key=load_pem_public_key((tmp_path / "k.pub").read_bytes()))
-    found = CodeStore(codes_path(str(tmp_path / "reg.json")), keys).lookup("ipmi", "alice")
+    found = CodeStore(str(tmp_path / "reg.json.codes"), keys).lookup("ipmi", "alice")
     assert found.secret.decode() == code and found.roles == ("op",) and found.target == "bmc-1"
     assert found.exp - found.iat == 300
 
@@ -48,7 +48,10 @@ def test_issue_refusals(tmp_path, capsys):
     assert "longer than 16 bytes" in capsys.readouterr().err
     assert main(["token", "issue", "--config", config, "--code", "nope", "--user", "alice", "--target", "x"]) == 2
     assert "no engine accepts single-use codes of kind 'nope'" in capsys.readouterr().err
+    assert main(["token", "issue", "--config", config, "--ipmi", "--user", "alice", "--target", "bmc-1",
+                 "--ttl", "10m"]) == 2
+    assert "lives at most 300s" in capsys.readouterr().err
     (tmp_path / "noreg").mkdir()
     config = _config(tmp_path / "noreg", registry=False)
     assert main(["token", "issue", "--config", config, "--ipmi", "--user", "alice", "--target", "bmc-1"]) == 2
-    assert "registry_file is not configured" in capsys.readouterr().err
+    assert "neither identity.token.codes_file nor identity.token.registry_file" in capsys.readouterr().err

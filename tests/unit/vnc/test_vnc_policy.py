@@ -3,8 +3,8 @@
 Config mistakes name the file, JSON path and expectation; roles grant desktops by ``desktops``
 only (a terminal role's ``targets`` grant no screen); the ``desktop`` policy combines across
 granting roles (view-only only if every role is; clipboard per direction if any role allows);
-the client stage drops input under view-only (audited once) and refused clipboard; one-time codes
-are signed, single use, and told apart when reused."""
+the client stage drops input under view-only (audited once) and refused clipboard; ``token issue
+--vnc`` makes the engine's 8-character code (the store itself: tests/unit/core/test_onetime.py)."""
 
 from __future__ import annotations
 
@@ -165,24 +165,36 @@ def test_keys_not_audited_by_default():
     assert not [k for k, _ in session.audit.events if k == "desktop.keys"]
 
 
-def test_one_time_codes_single_use_and_signed(tmp_path):
-    from dbproxy.identity.codes import ALPHABET, OneTimeCodes
-    from dbproxy.identity.keys import TokenKeys
+def test_token_issue_vnc_prints_only_an_8_character_code(tmp_path, capsys):
+    """``dbproxy token issue --vnc`` (the one code path of dbproxy/token_cli.py, the ``vnc`` kind the engine
+    declares): only the code on stdout, recorded in identity.token.codes_file without a login name."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    keys = TokenKeys("HS256", secret=b"s" * 32)
-    codes = OneTimeCodes(str(tmp_path / "codes.json"), keys)
-    entry = codes.issue("alice", ("ops",), "desk-1", ttl=60, now=1000)
-    assert len(entry.code) == 8 and set(entry.code) <= set(ALPHABET)
-    (seen,) = codes.pending()
-    assert seen.code == entry.code and not seen.used and seen.target == "desk-1"
-    assert codes.consume(entry.id, now=1001) is True
-    assert codes.consume(entry.id, now=1002) is False  # a second use
-    (seen,) = codes.pending()
-    assert seen.used
-    # another key's file is not believed (whoever can write the file cannot grant themselves roles)
-    other = OneTimeCodes(str(tmp_path / "codes.json"), TokenKeys("HS256", secret=b"t" * 32))
-    assert other.pending() == []
-    # expired entries are pruned by the next issue
-    codes.issue("bob", (), "desk-2", ttl=60, now=2000)
-    assert [e.user for e in codes.pending()] == ["bob"]
-    assert entry.code not in repr(entry)
+    from dbproxy.cli import main
+    from dbproxy.engines.vnc.engine import CODE_ALPHABET
+    from dbproxy.identity.keys import TokenKeys
+    from dbproxy.onetime import CodeStore
+
+    main(["token", "keygen", "--algorithm", "EdDSA", "--key-file", str(tmp_path / "k"),
+          "--public-key-file", str(tmp_path / "k.pub")])
+    token = {"algorithm": "EdDSA", "key_file": str(tmp_path / "k"), "public_key_file": str(tmp_path / "k.pub"),
+             "codes_file": str(tmp_path / "codes.json")}
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"identity": {"token": token}, "roles": {"ops": {"routes": ["*"], "desktops": ["*"]}},
+                                  "listeners": []}))
+    capsys.readouterr()
+    issue = ["token", "issue", "--config", str(config), "--user", "alice", "--roles", "ops", "--target", "desk-1"]
+    assert main(issue + ["--vnc"]) == 0
+    out, err = capsys.readouterr()
+    code = out.strip()
+    assert out == code + "\n" and len(code) == 8 and set(code) <= set(CODE_ALPHABET) and code not in err
+    keys = TokenKeys("EdDSA", public_key=load_pem_public_key((tmp_path / "k.pub").read_bytes()))
+    (entry,) = CodeStore(str(tmp_path / "codes.json"), keys).entries("vnc")
+    assert entry.secret.decode() == code and entry.name == "" and entry.roles == ("ops",)
+    assert entry.target == "desk-1" and entry.exp - entry.iat == 60 and not entry.used
+    assert main(issue + ["--code", "vnc", "--ttl", "1h"]) == 0  # the longest a vnc code may live
+    capsys.readouterr()
+    assert main(issue + ["--vnc", "--ttl", "2h"]) == 2
+    assert "lives at most 3600s" in capsys.readouterr().err
+    assert main(issue + ["--vnc", "--login", "bob"]) == 2
+    assert "bound to no login name" in capsys.readouterr().err
