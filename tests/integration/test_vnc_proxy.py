@@ -481,7 +481,8 @@ def test_wrong_backend_password_and_server_down(env):
 
 def test_ten_concurrent_viewers(env, desktop, tmp_path):
     direct = _screenshot(desktop.port, desktop.password, tmp_path / "direct.png")
-    codes = [env.code(f"user{i}", "ops", "desk-1") for i in range(10)]
+    # Ten CLI runs may take longer than a code's default minute on a loaded machine: ten minutes each.
+    codes = [env.code(f"user{i}", "ops", "desk-1", ttl="10m") for i in range(10)]
     results: dict[int, object] = {}
 
     def one(i: int) -> None:
