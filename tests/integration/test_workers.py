@@ -45,6 +45,15 @@ def _connect(port: int, **kw):
                            sslmode="disable", connect_timeout=10, autocommit=True, **kw)
 
 
+def _dead(pid: int) -> bool:
+    """Exited (a zombie holds no sockets any more) or reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _workers(proxy) -> dict[int, int]:
     """The proxy processes under the supervisor: index -> pid."""
     found = {}
@@ -199,13 +208,16 @@ def test_a_killed_process_is_restarted_and_the_other_keeps_serving(proxy):
     for conn in by_worker[1]:
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 1")
-    # Meanwhile new connections are served (by process 0, or the new process 1).
+    # Meanwhile new connections are served (by process 0, or the new process 1) — once process 1 is
+    # gone: until the kernel has closed its listening socket, a connection it queued is reset with it
+    # (SO_REUSEPORT spreads connections over every socket of the group; a client may see that race).
+    wait_until(lambda: _dead(before[1]), what=f"process 1 (pid {before[1]}) gone")
     for _ in range(6):
         with _connect(proxy.listen_port) as conn:
             assert conn.execute("select 2").fetchone() == (2,)
     exits = wait_audit(proxy.workdir / "audit.jsonl",
                        lambda evs: [e for e in evs if e["event"] == "proxy.worker.exit"] or None,
-                       what="the proxy.worker.exit event")
+                       timeout=60, what="the proxy.worker.exit event")
     exit_event = [e for e in exits if e["event"] == "proxy.worker.exit"][0]
     assert exit_event["worker"] == 1 and exit_event["worker_pid"] == before[1] and exit_event["status"] == -9
     after = wait_until(lambda: (lambda w: w if len(w) == 2 and w[1] != before[1] else None)(_workers(proxy)),
