@@ -24,7 +24,8 @@ maps onto it:
                 the client named none: a route without ``match`` takes it);
                 the session's target is that name, else the route's name
     authorize   roles' ``desktops`` globs on the target (family ``desktop``)
-    connect     TCP to the route's address (``dbproxy.net.connect_backend``),
+    connect     TCP to the route's address (``dbproxy.net.connect_backend``:
+                through an agent when the route says ``via``),
                 the Connection Request forwarded as received — without the
                 proxy's routing token when the client used one — and the
                 server's Connection Confirm read (RDP_NEG_RSP: the selected
@@ -168,7 +169,7 @@ class RDPEngine(Engine):
     async def connect_backend(self, session: Any, request: Request, route: Any, grant: Any) -> Backend:
         state: RdpRequest = request.extra
         address = route.backend.address
-        stream = await connect_backend(route.backend.host, route.backend.port)
+        stream = await connect_backend(route.backend.host, route.backend.port, via=route.backend.via)
         ok = False
         try:
             await stream.send_all(state.forward)

@@ -28,10 +28,11 @@ server decoder framing the desktop's (``server.ServerDecoder`` over
                 name's, or the listener's ``target``)
     authorize   roles' ``desktops`` globs (family ``desktop``) and their
                 ``desktop`` policy (view-only, clipboard per direction)
-    connect     TCP to the desktop, its version, its security types: VNC
-                authentication with the route's password (or VeNCrypt
-                TLSVnc/X509Vnc), VeNCrypt Plain over TLS, or None, as the
-                route's ``auth.method`` says; ClientInit (shared: other
+    connect     TCP to the desktop (``dbproxy.net.connect_backend``: through
+                an agent when the route says ``via``), its version, its
+                security types: VNC authentication with the route's password
+                (or VeNCrypt TLSVnc/X509Vnc), VeNCrypt Plain over TLS, or
+                None, as the route's ``auth.method`` says; ClientInit (shared: other
                 viewers of that desktop stay connected); its ServerInit
     ready       SecurityResult OK to the viewer, its ClientInit, the
                 desktop's ServerInit
@@ -70,6 +71,7 @@ from dbproxy.channel import MessageStream, PeerClosed
 from dbproxy.engine import Engine
 from dbproxy.errors import AccessDenied, AuthFailed, ProtocolError, ProxyError, UpstreamError
 from dbproxy.flow import Backend, Refused, Request, Wiring
+from dbproxy.net import connect_backend
 from dbproxy.onetime import NO_CODES_FILE, CodeStore, store_for
 from dbproxy.session import Identity
 from dbproxy.tls import client_context, server_context
@@ -340,10 +342,13 @@ class VNCEngine(Engine):
         backend = route.backend
         where = f"the desktop {session.target!r}"
         try:
-            stream = await trio.open_tcp_stream(backend.host, backend.port)
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to {backend.address}: {exc.strerror or exc}", kind="connect",
-                                client_hint=f"{where} is unreachable") from None
+            # The one dial (``dbproxy.net``): direct, or through an agent when the route says ``via``.
+            stream = await connect_backend(backend.host, backend.port, via=backend.via)
+        except UpstreamError as exc:
+            # The viewer's reason stays the engine's; through an agent, the agent's own hint (no agent of
+            # the node connected, not on its allow-list…) says why.
+            hint = f"{where} is unreachable" + (f" ({exc.client_hint})" if backend.via is not None else "")
+            raise UpstreamError(str(exc), kind="connect", client_hint=hint) from None
         ms = MessageStream(stream, _Reader(), budget=self.services.buffers)
         ok = False
         try:

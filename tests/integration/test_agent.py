@@ -1,12 +1,13 @@
 """The outbound agent with real isolation: targets the proxy cannot reach, reached through an agent.
 
 A network namespace ``dbp-agent-<random>`` (``scripts/peers/netns.py``) holds
-a real PostgreSQL and a real sshd listening on the namespace's own loopback
-only, and the agent (``dbproxy agent``, a real process inside the namespace);
+a real PostgreSQL, sshd, telnetd, an Xtigervnc desktop and xrdp, listening on
+the namespace's own loopback only, and the agent (``dbproxy agent``, a real process inside the namespace);
 a veth pair joins it to the root namespace, where the proxy runs.  The agent
 dials the proxy's agents listener over the veth (TLS, the proxy's
 certificate checked against a CA file); the proxy cannot reach the targets
-itself (asserted).  Clients are the real psql, psycopg and ssh.
+itself (asserted).  Clients are the real psql, psycopg, ssh, vncdotool and
+xfreerdp.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Site:
     def start_agent(self, *, token: Path | None = None, allow: list[str] | None = None, wait: bool = True,
                     name: str = NODE) -> subprocess.Popen:
         allow = allow if allow is not None else [f"127.0.0.1:{self.pg.port}", f"127.0.0.1:{self.sshd.port}",
-                                                 f"127.0.0.1:{self.telnetd.port}"]
+                                                 f"127.0.0.1:{self.telnetd.port}", self.desktop.address,
+                                                 self.xrdp.address]
         self.started = getattr(self, "started", 0) + 1
         log = open(self.workdir / f"agent-{self.started}.log", "wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -118,6 +120,8 @@ def site(tmp_path_factory):
     from scripts.peers.postgres import pg_bindir, start_postgres
     from scripts.peers.sshd import sshd_bin, start_sshd
     from scripts.peers.telnetd import start_telnetd, telnetd_bin
+    from scripts.peers.vnc import start_desktop, vnc_binaries
+    from scripts.peers.xrdp import start_xrdp, xrdp_bin
 
     require_binary("psql")
     require_binary("ssh")
@@ -125,12 +129,14 @@ def site(tmp_path_factory):
         pg_bindir()
         sshd_bin()
         telnetd_bin()
+        vnc_binaries("tigervnc")
+        xrdp_bin()
     except Exception as exc:
         peer_missing(str(exc))
     _require_namespaces()
     workdir = tmp_path_factory.mktemp("agent")
     ns = create_namespace()
-    pg = sshd = telnetd = proxy = site = None
+    pg = sshd = telnetd = desktop = xrdp = proxy = site = None
     try:
         # The targets: started inside the namespace, listening on its loopback only.
         pg = ns.call(start_postgres, workdir / "pg")
@@ -141,7 +147,16 @@ def site(tmp_path_factory):
         sshd = ns.call(start_sshd, workdir / "sshd")
         telnetd = ns.call(start_telnetd, workdir / "telnetd")
         (workdir / "telnet.secret").write_text(telnetd.password + "\n")
+        # The desktops: Xtigervnc (its private /tmp by unshare works inside the namespace: the supervisor
+        # inherits the namespace thread's network namespace) and xrdp (no sesman: /auth-only needs none).
+        desktop = ns.call(start_desktop, workdir / "vnc")
+        (workdir / "desk.secret").write_text(desktop.password + "\n")
+        xrdp = ns.call(start_xrdp, workdir / "xrdp")
         token_keygen(workdir)
+        config_token = {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub",
+                        "codes_file": "codes.json"}  # VNC one-time codes
+        allowed = {pg.port, sshd.port, telnetd.port, desktop.port, xrdp.port}
+        not_allowed = next(p for p in range(desktop.port + 1, desktop.port + 100) if p not in allowed)
         ca = make_ca(workdir / "tls")
         cert, key = make_cert(workdir / "tls", ca, "dbproxy", sans=[ns.host_addr])
         from scripts.peers import free_port
@@ -155,8 +170,9 @@ def site(tmp_path_factory):
 
         make_key(workdir / "proxy_host_ed25519", "dbproxy-proxy-host")
         config = {
-            "identity": {"token": {"algorithm": "EdDSA", "key_file": "token.key", "public_key_file": "token.pub"}},
+            "identity": {"token": config_token},
             "roles": {"ops": {"routes": ["*"], "targets": ["*"], "logins": [sshd.login, telnetd.login]},
+                      "desk": {"routes": ["*"], "desktops": ["*"]},
                       "db": {"routes": ["*"], "databases": ["*"], "db_users": ["*"]}},
             "agents": {"listen": f"{ns.host_addr}:0", "tls": {"cert_file": str(cert), "key_file": str(key)},
                        "heartbeat_seconds": 1, "heartbeat_timeout_seconds": 4},
@@ -180,6 +196,18 @@ def site(tmp_path_factory):
                  "routes": [{"name": "hosts", "match": {"target": "host-*", "login": "deploy"},
                              "backend": {"address": telnetd.address, "via": f"agent:{NODE}", "login": telnetd.login,
                                          "auth": {"method": "password", "password_file": "telnet.secret"}}}]},
+                {"name": "vnc", "protocol": "vnc", "listen": "127.0.0.1:0", "auth": {"methods": ["token"]},
+                 "routes": [
+                     {"name": "desk", "match": {"target": "desk-1"},
+                      "backend": {"address": desktop.address, "via": f"agent:{NODE}",
+                                  "auth": {"method": "vnc", "password_file": "desk.secret"}}},
+                     {"name": "desk-forbidden", "match": {"target": "desk-forbidden"},
+                      "backend": {"address": f"127.0.0.1:{not_allowed}", "via": f"agent:{NODE}",
+                                  "auth": {"method": "vnc", "password_file": "desk.secret"}}}]},
+                {"name": "rdp", "protocol": "rdp", "listen": "127.0.0.1:0",
+                 "auth": {"methods": ["anonymous"], "anonymous_roles": ["desk"]},
+                 "routes": [{"name": "win", "backend": {"address": xrdp.address, "via": f"agent:{NODE}",
+                                                        "auth": {"method": "passthrough"}}}]},
             ],
             "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
             "shutdown_grace_seconds": 2,
@@ -189,6 +217,7 @@ def site(tmp_path_factory):
         proxy.ports.update(_ports(proxy))
         site = Site(ns, pg, sshd, proxy, workdir)
         site.telnetd = telnetd
+        site.desktop, site.xrdp = desktop, xrdp
         site.ca = ca[0]
         site.admin = ("127.0.0.1", admin_port)
         yield site
@@ -204,6 +233,10 @@ def site(tmp_path_factory):
             sshd.stop()
         if telnetd is not None:
             telnetd.stop()
+        if desktop is not None:
+            desktop.stop()
+        if xrdp is not None:
+            xrdp.stop()
         if pg is not None:
             pg.stop()
         ns.delete()
@@ -228,7 +261,7 @@ def agent(site):
 
 def test_proxy_cannot_reach_the_targets_directly(site):
     for host in ("127.0.0.1", site.ns.ns_addr):
-        for port in (site.pg.port, site.sshd.port):
+        for port in (site.pg.port, site.sshd.port, site.desktop.port, site.xrdp.port):
             with pytest.raises(OSError):
                 socket.create_connection((host, port), timeout=3).close()
     # …and with no agent linked, the route's client gets a native error naming the node.
@@ -301,6 +334,91 @@ def test_telnet_through_the_agent(site, agent):
         c.close()
     wait_until(lambda: any(e["event"] == "agent.stream.close" and e["target"] == site.telnetd.address
                            for e in site.events()), timeout=15, what="telnet stream close")
+
+
+# A vncdotool screenshot in a process of its own (a Twisted reactor cannot restart: this module's process
+# keeps none running for test_vnc_proxy.py), the password from the environment rather than the command line.
+_VNC_SHOT = """
+import os, sys
+from vncdotool import api
+c = api.connect(sys.argv[1], password=os.environ["DBP_VNC_SECRET"], timeout=30)
+c.refreshScreen()
+c.captureScreen(sys.argv[2])
+c.disconnect()
+api.shutdown()
+"""
+
+
+def _vnc_screenshot(run, port: int, secret: str, path: Path):
+    from PIL import Image
+
+    p = run([sys.executable, "-c", _VNC_SHOT, f"127.0.0.1::{port}", str(path)], capture_output=True, text=True,
+            timeout=90, env=dict(os.environ, DBP_VNC_SECRET=secret))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return Image.open(path).convert("RGB")
+
+
+def _vnc_code(site, user: str, target: str) -> str:
+    return dbproxy_cli("token", "issue", "--config", str(site.proxy.config_path), "--user", user, "--roles", "desk",
+                       "--vnc", "--target", target, check=True).stdout.strip()
+
+
+def test_vnc_screenshot_through_the_agent(site, agent, tmp_path):
+    """vncdotool through the proxy and the agent sees the very screen a viewer inside the namespace sees."""
+    from PIL import ImageChops
+
+    since = len(site.events())
+    inside = _vnc_screenshot(site.ns.run, site.desktop.port, site.desktop.password, tmp_path / "inside.png")
+    proxied = _vnc_screenshot(subprocess.run, site.proxy.ports["vnc"], _vnc_code(site, "vera", "desk-1"),
+                              tmp_path / "proxied.png")
+    assert proxied.size == inside.size == (640, 400)
+    assert ImageChops.difference(inside, proxied).getbbox() is None, "the screen through the agent differs"
+    events = wait_until(lambda: [e for e in site.events()[since:] if e["event"] == "agent.stream.close"
+                                 and e["target"] == site.desktop.address], timeout=15, what="the desktop's stream close")
+    close = events[-1]
+    assert close["node"] == NODE and close["bytes_from_target"] > 640 * 400  # the screen came through the agent
+    evs = site.events()[since:]
+    start = next(e for e in evs if e["event"] == "desktop.session.start" and e.get("user") == "vera")
+    end = next(e for e in evs if e["event"] == "desktop.session.end" and e.get("user") == "vera")
+    assert start["success"] is True and (start["width"], start["height"]) == (640, 400)
+    assert start["target_addr"] == site.desktop.address and start["backend_security"] == "VNC"
+    assert start["sid"] == end["sid"] == close["session_id"]
+    assert any(e["event"] == "agent.stream.open" and e["stream_id"] == close["stream_id"]
+               and e["session_id"] == start["sid"] for e in evs)
+    assert site.desktop.password not in site.audit_path.read_text()
+
+
+def test_vnc_refusals_through_the_agent_keep_the_rfb_reason(site, agent):
+    from tests.integration.test_vnc_proxy import _vnc_login
+
+    ok, reason = _vnc_login(site.proxy.ports["vnc"], _vnc_code(site, "vera", "desk-forbidden"))
+    assert not ok and reason.startswith("dbproxy: the desktop 'desk-forbidden' is unreachable (") and \
+        "is not on the allow-list of this agent" in reason, reason
+    site.stop_agents()
+    ok, reason = _vnc_login(site.proxy.ports["vnc"], _vnc_code(site, "vera", "desk-1"))
+    assert not ok and f"no agent of node '{NODE}' is connected" in reason and "unreachable" in reason, reason
+
+
+def test_rdp_auth_only_through_the_agent(site, agent):
+    """xfreerdp /auth-only through the proxy and the agent: the whole RDP connection sequence (X.224, TLS,
+    MCS, licensing, capabilities) with xrdp inside the namespace."""
+    from scripts.peers.xrdp import TEST_USER, start_xvfb, xfreerdp
+
+    since = len(site.events())
+    xvfb = start_xvfb()
+    try:
+        r = xfreerdp(f"127.0.0.1:{site.proxy.ports['rdp']}", f"/u:{TEST_USER}", "/p:unchecked", display=xvfb.display)
+    finally:
+        xvfb.stop()
+    assert r.returncode == 0 and "Authentication only, exit status 0" in r.stderr, r.stderr[-2000:]
+    events = wait_until(lambda: [e for e in site.events()[since:] if e["event"] == "agent.stream.close"
+                                 and e["target"] == site.xrdp.address], timeout=15, what="the xrdp stream close")
+    close = events[-1]
+    assert close["node"] == NODE and close["bytes_to_target"] > 1000 and close["bytes_from_target"] > 1000
+    evs = site.events()[since:]
+    start = next(e for e in evs if e["event"] == "desktop.session.start" and e.get("protocol") == "rdp")
+    assert start["success"] is True and start["selected_protocol"] == "SSL" and start["sid"] == close["session_id"]
+    assert "TLS connection established" in site.xrdp.log_text()
 
 
 # --------------------------------------------------------------------------- refusals
