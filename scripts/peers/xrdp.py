@@ -143,7 +143,7 @@ class Xrdp(PeerProcess):
     _sesman: _Sesman | None = None
     _stop_signal_group = True  # xrdp and its per-connection children
     _kill_group_after_stop = True
-    _log_files = ("log_file", "out_file", "sesman_log_file")  # log_text: xrdp's own log (wait_login reads it)
+    _log_files = ("log_file", "out_file")  # log_text: xrdp's own log (wait_login reads it)
 
     @property
     def address(self) -> str:
@@ -158,10 +158,6 @@ class Xrdp(PeerProcess):
         """xrdp's and sesman's stdout and stderr."""
         return self.dir / "xrdp.out"
 
-    @property
-    def sesman_log_file(self) -> Path:
-        return self.dir / "sesman.log"
-
     def _configure(self) -> None:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
                         "-subj", "/CN=localhost", "-keyout", str(self.dir / "key.pem"),
@@ -173,7 +169,7 @@ class Xrdp(PeerProcess):
             "Logging": {"LogFile": str(self.log_file), "EnableSyslog": "false"},
         }))
         # The X servers sesman would start: /bin/false, so a login that PAM accepted ends there.
-        sesman = _ini(SYSTEM_SESMAN_INI, {"Logging": {"LogFile": str(self.sesman_log_file), "EnableSyslog": "false"},
+        sesman = _ini(SYSTEM_SESMAN_INI, {"Logging": {"LogFile": str(self.dir / "sesman.log"), "EnableSyslog": "false"},
                                           "ChansrvLogging": {"EnableSyslog": "false"}})
         sesman = sesman.replace("param=/usr/lib/xorg/Xorg", "param=/bin/false").replace("param=Xvnc", "param=/bin/false")
         (self.dir / "sesman.ini").write_text(sesman)
