@@ -17,14 +17,14 @@ Strategy: ``start_ipmi_sim(dir)`` writes, in a fresh directory of its own,
 
 and runs ``ipmi_sim -c lan.conf -f sim.emu -s state -n`` (no stdio console).
 ipmi_sim of OpenIPMI 2.0.33 speaks cipher suites 0–3 (RAKP-HMAC-SHA1) but not
-17: the proxy talks suite 3 to it whatever the client uses.  ``stop()``
-terminates it.  Runnable: ``python -m scripts.peers.ipmi_sim [DIR]`` prints
-the connection info as JSON and waits for Ctrl-C.
+17: the proxy talks suite 3 to it whatever the client uses.  Its process
+life (``stop()`` terminates it) is ``scripts.peers.process.PeerProcess``.
+Runnable: ``python -m scripts.peers.ipmi_sim [DIR]`` prints the connection
+info as JSON and waits for Ctrl-C.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import attrs
 
-from scripts.peers import free_port_tcp_udp, wait_for_interrupt
+from scripts.peers import free_port_tcp_udp
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 __all__ = ["IpmiSim", "start_ipmi_sim"]
 
@@ -72,7 +73,7 @@ esac
 
 
 @attrs.define(eq=False)
-class IpmiSim:
+class IpmiSim(PeerProcess):
     dir: Path
     port: int
     username: str
@@ -92,12 +93,6 @@ class IpmiSim:
     @property
     def log_file(self) -> Path:
         return self.dir / "ipmi_sim.log"
-
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def write_config(self) -> None:
         d = self.dir
@@ -132,11 +127,8 @@ class IpmiSim:
         exe = shutil.which("ipmi_sim")
         if exe is None:
             raise RuntimeError("ipmi_sim not installed (scripts/install/ipmi.sh)")
-        log = open(self.log_file, "ab")
-        self._proc = subprocess.Popen([exe, "-c", str(self.dir / "lan.conf"), "-f", str(self.dir / "sim.emu"),
-                                       "-s", str(self.dir / "state"), "-n"], stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=str(self.dir))
-        log.close()
+        self._spawn([exe, "-c", str(self.dir / "lan.conf"), "-f", str(self.dir / "sim.emu"), "-s", str(self.dir / "state"),
+                     "-n"], log=self.log_file, cwd=self.dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -158,18 +150,6 @@ class IpmiSim:
             except OSError:
                 return False
         return len(data) >= 12 and data[8] == 0x40
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     # -- the tests' view of the BMC ------------------------------------------------------------
     def power_state(self) -> str:
@@ -215,16 +195,5 @@ def start_ipmi_sim(base_dir: str | Path, *, port: int | None = None, username: s
     raise RuntimeError("ipmi_sim: no free port after 5 tries")
 
 
-def main(argv: list[str]) -> int:
-    base = Path(argv[1]) if len(argv) > 1 else Path(tempfile.mkdtemp(prefix="ipmisim-"))
-    sim = start_ipmi_sim(base)
-    print(json.dumps(sim.info()), flush=True)
-    try:
-        wait_for_interrupt()
-    finally:
-        sim.stop()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run_in_foreground(start_ipmi_sim, sys.argv[1] if len(sys.argv) > 1 else None, prefix="ipmisim-"))

@@ -1,12 +1,13 @@
 """The life of a peer's server process, written once for every peer.
 
 Each peer (``cassandra_server``, ``kafka_server``, ``ferretdb_server``,
-``sshd``, ``telnetd``, ``sushy`` …) knows how to configure and probe its own
-server; starting it under a log file, stopping it gently then firmly, killing
-it as in a crash and reading its log's tail are the same everywhere and live
-here.  A run that dies (an interrupted pytest, a failed fixture) must not
-leave a JVM or a daemon behind: every process started here is killed at
-interpreter exit if it still runs.
+``sshd``, ``telnetd``, ``sushy``, ``ipmi_sim``, ``serial_console``, ``vnc``,
+``xrdp`` …) knows how to configure and probe its own server; starting it
+under a log file, stopping it gently then firmly, killing it as in a crash
+and reading its log's tail are the same everywhere and live here.  A run
+that dies (an interrupted pytest, a failed fixture) must not leave a JVM or a
+daemon behind: every process started here is killed at interpreter exit if
+it still runs.
 """
 
 from __future__ import annotations
@@ -33,17 +34,23 @@ class PeerProcess:
     The class keeps its ``subprocess.Popen`` in ``_proc`` (an attrs field on the
     peer classes) and names its log with ``log_file``.  ``_stop_signal_group``:
     the process leads its own session and its children die with it (a
-    supervisor that forks servers, like the telnetd accept loop)."""
+    supervisor that forks servers, like the telnetd accept loop, or a shell
+    running an X server and its clients, like the VNC desktops).
+    ``_kill_group_after_stop``: some of those children ignore SIGTERM and
+    outlive the leader (xrdp-sesman's per-session children wait for an X
+    server that never comes), so once the leader is gone ``stop`` sends
+    SIGKILL to what is left of its group."""
 
     _proc: subprocess.Popen | None
     _stop_timeout: float = 10.0
     _stop_signal_group: bool = False
+    _kill_group_after_stop: bool = False  # only with _stop_signal_group
     _log_files: tuple[str, ...] = ("log_file",)  # attributes naming the files log_tail reads
 
-    def _spawn(self, argv: Sequence[str], *, log: Path, env: dict | None = None, cwd: Any = None,
+    def _spawn(self, argv: Sequence[str], *, log: Path | None, env: dict | None = None, cwd: Any = None,
                new_session: bool = False) -> subprocess.Popen:
-        """Start *argv* with stdout and stderr appended to *log*, no stdin."""
-        with open(log, "ab") as out:
+        """Start *argv* with stdout and stderr appended to *log* (None: discarded), no stdin."""
+        with open(os.devnull if log is None else log, "ab") as out:
             self._proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, cwd=None if cwd is None else str(cwd),
                                           start_new_session=new_session)
@@ -81,6 +88,9 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self._proc.wait()
+            else:
+                if self._kill_group_after_stop:
+                    self._signal(signal.SIGKILL)  # the group outlives its leader while a member is alive
         self._reaped()
 
     def kill(self) -> None:
@@ -95,6 +105,8 @@ class PeerProcess:
         _running.discard(self)
 
     def log_text(self) -> str:
+        if not self._log_files:
+            return ""
         path = getattr(self, self._log_files[0])
         try:
             return Path(path).read_text(errors="replace")

@@ -21,8 +21,11 @@ in the peer's directory — ``{"event": "connect"}``, ``{"line": TEXT}`` per
 completed line, ``{"event": "disconnect"}`` — so a test can check what
 reached the host.  Single-threaded (``selectors``), stdlib only.
 
-Runnable: ``python -m scripts.peers.serial_console [DIR]`` prints its address
-and log path as JSON and waits for Ctrl-C.
+The program runs as our child (``--serve``), its stderr in
+``serial_console.err``; its process life is
+``scripts.peers.process.PeerProcess``.  Runnable: ``python -m
+scripts.peers.serial_console [DIR]`` prints its address and log path as JSON
+and waits for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from pathlib import Path
 
 import attrs
 
-from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers import free_port, wait_for_tcp
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 __all__ = ["SerialConsole", "start_serial_console", "HOSTNAME", "PROMPT"]
 
@@ -52,11 +56,12 @@ IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 
 
 @attrs.define(eq=False)
-class SerialConsole:
+class SerialConsole(PeerProcess):
     dir: Path
     port: int
     host: str = "127.0.0.1"
     _proc: subprocess.Popen | None = None
+    _log_files = ("stderr_file", "log_file")  # log_text: the program's own output
 
     @property
     def address(self) -> str:
@@ -64,7 +69,12 @@ class SerialConsole:
 
     @property
     def log_file(self) -> Path:
+        """What reached the host, one JSON object per line (``events()``)."""
         return self.dir / "console.log"
+
+    @property
+    def stderr_file(self) -> Path:
+        return self.dir / "serial_console.err"
 
     def events(self) -> list[dict]:
         try:
@@ -83,26 +93,14 @@ class SerialConsole:
     def start(self, timeout: float = 10.0) -> "SerialConsole":
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        err = open(self.dir / "serial_console.err", "ab")
-        self._proc = subprocess.Popen([sys.executable, "-m", "scripts.peers.serial_console", "--serve", self.host,
-                                       str(self.port), str(self.log_file)], stdout=err, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env, cwd=root, start_new_session=True)
-        err.close()
+        self._spawn([sys.executable, "-m", "scripts.peers.serial_console", "--serve", self.host, str(self.port),
+                     str(self.log_file)], log=self.stderr_file, env=env, cwd=root, new_session=True)
         # wait_for_tcp's probe connection shows up as a connect/disconnect pair in the log; harmless.
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
         except Exception as exc:
-            raise RuntimeError(f"serial console did not start: {exc}") from None
+            raise RuntimeError(f"serial console did not start: {exc}\n{self.log_text()}") from None
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
 
     def info(self) -> dict:
         return {"host": self.host, "port": self.port, "log": str(self.log_file), "dir": str(self.dir)}
@@ -274,12 +272,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--serve"]:
         serve(argv[1], int(argv[2]), argv[3])
         return
-    console = start_serial_console(argv[0] if argv else None)
-    print(json.dumps(console.info()), flush=True)
-    try:
-        wait_for_interrupt()
-    finally:
-        console.stop()
+    run_in_foreground(start_serial_console, argv[0] if argv else None, prefix="dbp-serial-")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Real VNC desktops for the tests: TigerVNC's Xtigervnc, or x11vnc on Xvfb, each with an xterm.
 
 Strategy: one supervisor shell per desktop, started in its own session
-(``stop()`` ends its process group), runs the X server and an xterm on it.
+(``stop()`` ends its process group: ``scripts.peers.process.PeerProcess``),
+runs the X server and an xterm on it.
 X servers keep a lock file and a socket under ``/tmp`` by display number:
 when ``unshare --mount`` works (root, as here and on CI) the supervisor gets
 a private ``/tmp`` (a bind mount of the desktop's own folder), so desktops
@@ -21,7 +22,6 @@ connection info as JSON and waits for Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import secrets
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import attrs
 
-from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers import free_port, wait_for_tcp
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 __all__ = ["Desktop", "start_desktop", "vnc_binaries", "READY_TEXT", "tigervnc_viewer_screenshot"]
 
@@ -63,7 +64,7 @@ def _private_tmp_works() -> bool:
 
 
 @attrs.define(eq=False)
-class Desktop:
+class Desktop(PeerProcess):
     dir: Path
     port: int
     password: str
@@ -74,6 +75,7 @@ class Desktop:
     security: str = "VncAuth"
     host: str = "127.0.0.1"
     _proc: subprocess.Popen | None = None
+    _stop_signal_group = True  # the supervisor shell, the X server, x11vnc and the xterm
 
     @property
     def address(self) -> str:
@@ -86,12 +88,6 @@ class Desktop:
     @property
     def password_file(self) -> Path:
         return self.dir / "passwd"
-
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def typed(self) -> str:
         """What was typed into the xterm (lines ended with Enter)."""
@@ -147,28 +143,13 @@ class Desktop:
         os.chmod(self.password_file, 0o600)
         script = self._script(private_tmp)
         argv = ["unshare", "--mount", "sh", "-c", script] if private_tmp else ["sh", "-c", script]
-        log = open(self.log_file, "ab")
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=str(self.dir), start_new_session=True)
-        log.close()
+        self._spawn(argv, log=self.log_file, cwd=self.dir, new_session=True)
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"{self.flavour} desktop did not start: {exc}\n{self.log_text()}") from None
         return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
 
     def info(self) -> dict:
         return {"host": self.host, "port": self.port, "password": self.password, "display": self.display,
@@ -249,10 +230,6 @@ def start_desktop(base_dir: str | Path, flavour: str = "tigervnc", *, security: 
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="dbproxy-vnc-"))
-    peer = start_desktop(target, sys.argv[2] if len(sys.argv) > 2 else "tigervnc")
-    print(json.dumps(peer.info(), indent=2), flush=True)
-    try:
-        wait_for_interrupt()
-    finally:
-        peer.stop()
+    flavour = sys.argv[2] if len(sys.argv) > 2 else "tigervnc"
+    sys.exit(run_in_foreground(lambda base: start_desktop(base, flavour), sys.argv[1] if len(sys.argv) > 1 else None,
+                               prefix="dbproxy-vnc-", indent=2))

@@ -5,7 +5,8 @@ process group) on a free loopback port, with a private config derived from
 the package's ``/etc/xrdp/xrdp.ini``: its own TLS certificate and key (RSA,
 made with openssl), its own log file, no syslog.  xrdp forks one child per
 connection (``fork=true``); ``stop()`` ends the group.  In the foreground
-(``-n``) neither xrdp nor sesman writes a pid file: the ``Popen`` objects are
+(``-n``) neither xrdp nor sesman writes a pid file: our child processes
+(``scripts.peers.process.PeerProcess``, one for xrdp, one for sesman) are
 the handles (so several xrdp instances can run side by side).
 
 Credentials.  xrdp 0.9 offers TLS and Standard RDP Security, not CredSSP
@@ -34,11 +35,9 @@ as JSON and waits for Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,8 +47,9 @@ from pathlib import Path
 
 import attrs
 
-from scripts.peers import free_port, wait_for_interrupt, wait_for_tcp
+from scripts.peers import free_port, wait_for_tcp
 from scripts.peers.accounts import ensure_account
+from scripts.peers.process import PeerProcess, run_in_foreground
 
 __all__ = ["Xrdp", "Xvfb", "TEST_USER", "ensure_user", "start_xrdp", "start_xvfb", "xfreerdp", "xfreerdp_command",
            "xrdp_bin"]
@@ -121,7 +121,18 @@ def _wait_for_sesman(timeout: float, proc: subprocess.Popen) -> None:
 
 
 @attrs.define(eq=False)
-class Xrdp:
+class _Sesman(PeerProcess):
+    """``xrdp-sesman -n``, beside its xrdp: the same life, its output in xrdp's ``xrdp.out``."""
+
+    _proc: subprocess.Popen | None = None
+    _stop_signal_group = True
+    # Its per-session children wait for an X server that never came, and ignore SIGTERM.
+    _kill_group_after_stop = True
+    _log_files = ()
+
+
+@attrs.define(eq=False)
+class Xrdp(PeerProcess):
     dir: Path
     port: int
     login: str
@@ -129,7 +140,10 @@ class Xrdp:
     host: str = "127.0.0.1"
     with_sesman: bool = False
     _proc: subprocess.Popen | None = None
-    _sesman: subprocess.Popen | None = None
+    _sesman: _Sesman | None = None
+    _stop_signal_group = True  # xrdp and its per-connection children
+    _kill_group_after_stop = True
+    _log_files = ("log_file", "out_file")  # log_text: xrdp's own log (wait_login reads it)
 
     @property
     def address(self) -> str:
@@ -139,11 +153,10 @@ class Xrdp:
     def log_file(self) -> Path:
         return self.dir / "xrdp.log"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    @property
+    def out_file(self) -> Path:
+        """xrdp's and sesman's stdout and stderr."""
+        return self.dir / "xrdp.out"
 
     def _configure(self) -> None:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
@@ -163,47 +176,34 @@ class Xrdp:
 
     def start(self, timeout: float = 15.0) -> "Xrdp":
         self._configure()
-        log = open(self.dir / "xrdp.out", "ab")
-        self._proc = subprocess.Popen([xrdp_bin(), "-n", "-c", str(self.dir / "xrdp.ini")], stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
-                                      start_new_session=True)
+        self._spawn([xrdp_bin(), "-n", "-c", str(self.dir / "xrdp.ini")], log=self.out_file, cwd=self.dir,
+                    new_session=True)
         if self.with_sesman:
             if _sesman_listening():
                 self.stop()
                 raise RuntimeError(f"port {sesman_port()} (xrdp's sesman port, from {SYSTEM_SESMAN_INI}) is taken: "
                                    "another xrdp-sesman running? (there can be one per machine)")
-            self._sesman = subprocess.Popen(["xrdp-sesman", "-n", "-c", str(self.dir / "sesman.ini")], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
-                                            start_new_session=True)
-        log.close()
+            self._sesman = _Sesman()
+            self._sesman._spawn(["xrdp-sesman", "-n", "-c", str(self.dir / "sesman.ini")], log=self.out_file,
+                                cwd=self.dir, new_session=True)
         try:
             wait_for_tcp(self.host, self.port, timeout=timeout, proc=self._proc)
             if self._sesman is not None:
-                _wait_for_sesman(timeout, self._sesman)
+                _wait_for_sesman(timeout, self._sesman._proc)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"xrdp did not start: {exc}\n{self.log_text()}") from None
         return self
 
-    def stop(self) -> None:
-        for proc in (self._proc, self._sesman):
-            if proc is None or proc.poll() is not None:
-                continue
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # xrdp and its per-connection children
-            except ProcessLookupError:
-                continue
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                # What outlived the TERM: sesman's per-session children wait for an X server
-                # that never came, and ignore it.
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+    def stop(self, timeout: float | None = None) -> None:
+        super().stop(timeout)
+        if self._sesman is not None:
+            self._sesman.stop(timeout)
+
+    def kill(self) -> None:
+        super().kill()
+        if self._sesman is not None:
+            self._sesman.kill()
 
     def wait_login(self, user: str, since: int = 0, timeout: float = 30.0) -> str:
         """``"successful"`` or ``"failed"``: xrdp's verdict on ``user``'s login (after ``since``
@@ -224,21 +224,13 @@ class Xrdp:
 
 
 @attrs.define(eq=False)
-class Xvfb:
+class Xvfb(PeerProcess):
     """One Xvfb for many xfreerdp runs (``xvfb-run -a`` per client races for display numbers when
-    clients start together)."""
+    clients start together).  Its output is discarded."""
 
     display: str
-    proc: subprocess.Popen
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    _proc: subprocess.Popen | None = None
+    _log_files = ()
 
 
 def start_xvfb(first: int = 140, tries: int = 40) -> Xvfb:
@@ -246,16 +238,14 @@ def start_xvfb(first: int = 140, tries: int = 40) -> Xvfb:
     for n in range(first, first + tries):
         if Path(f"/tmp/.X{n}-lock").exists() or Path(f"/tmp/.X11-unix/X{n}").exists():
             continue
-        proc = subprocess.Popen(["Xvfb", f":{n}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        xvfb = Xvfb(display=f":{n}")
+        xvfb._spawn(["Xvfb", f":{n}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"], log=None)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and xvfb.running():
             if Path(f"/tmp/.X11-unix/X{n}").exists():
-                return Xvfb(display=f":{n}", proc=proc)
+                return xvfb
             time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        xvfb.kill()
     raise RuntimeError(f"no Xvfb display could start in :{first}..:{first + tries - 1}")
 
 
@@ -294,15 +284,6 @@ def start_xrdp(base_dir: str | Path, *, user: str = TEST_USER, with_sesman: bool
     raise RuntimeError(f"xrdp did not start: {last}")
 
 
-def _main(argv: list[str]) -> int:
-    server = start_xrdp(argv[0] if argv else tempfile.mkdtemp(prefix="xrdp-peer-"), with_sesman=True)
-    print(json.dumps(server.info()), flush=True)
-    try:
-        wait_for_interrupt()
-    finally:
-        server.stop()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(run_in_foreground(lambda base: start_xrdp(base, with_sesman=True), sys.argv[1] if len(sys.argv) > 1
+                               else None, prefix="xrdp-peer-"))
