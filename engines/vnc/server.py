@@ -123,8 +123,10 @@ class ServerDecoder:
         cur = pos + self._held
         parser, req = self._parser, self._req
         error: RfbError | None = None
+        before = cur  # where the step being taken began: a field the parser refuses is not handed out
         try:
             while True:
+                before = cur
                 if req == _IDLE:
                     if cur >= end:
                         break
@@ -142,6 +144,7 @@ class ServerDecoder:
                         req = ~(n - avail)
                         break
                     cur += n
+                    before = cur  # skipped bytes are payload, good whatever follows
                     field: Any = None
                 else:  # a field: consumed when whole
                     if req > self.max_message:
@@ -168,8 +171,7 @@ class ServerDecoder:
             # The bytes framed before the bad field go on first (none of a held message); the next
             # call raises.
             error = self._failed = exc
-            if self._type == SERVER_CUT_TEXT:
-                cur = pos
+            cur = pos if self._type == SERVER_CUT_TEXT else before
             parser, req = None, _IDLE
         finally:
             self._parser, self._req = parser, req
