@@ -1,20 +1,19 @@
 """RFB server→client message framing (RFC 6143 §7.6, encodings §7.7, plus the common extensions).
 
 Strategy: frame, don't decode.  A relay needs each server message's exact
-bytes (``ServerMessage.raw``) and, for an update, where each rectangle's
-payload lies; only a renderer (``render.py``) needs pixels.  So the framer
-reads just the bytes that decide a length — a rectangle header, a subrect
-count, a Hextile tile's subencoding mask, a ZRLE/zlib u32 length, a Tight
-compression-control byte and compact length — and skips the rest by
-arithmetic.  Raw, ZRLE and Tight payloads are never looked at; a Raw rect of
-any size costs a header read.
+bytes and where it ends; only a renderer (``render.py``) needs pixels.  So
+each message has a *parser* that reads just the fields that decide a length
+— a message header, a rectangle header, a subrect count, a Hextile tile's
+subencoding mask, a ZRLE/zlib u32 length, a Tight compression-control byte
+and compact length — and skips the rest by count.  Raw, ZRLE and Tight
+payloads are never looked at; a Raw rect of any size costs a header read.
 
-The framer is resumable at every byte: a message is parsed by a generator
-that yields "I need the first N bytes of this message" and is resumed when
-they have arrived (``feed`` may cut the stream anywhere, as TCP does).  Byte
-offsets inside a message are relative to its first byte, so compacting the
-buffer (between feeds) never disturbs a parse in progress.  Each message's
-``raw`` is copied out once; a rectangle's ``payload`` is a lazy slice of it.
+A parser is a generator of requests ("the next N bytes, for me to read" /
+"skip N bytes"), so it holds no buffer and is resumable at every byte: the
+driver decides what to keep.  ``ServerStream`` here keeps whole messages
+(``ServerMessage.raw``, each rect's ``payload`` a lazy slice of it) for the
+replay and test viewers; the relay's ``server.ServerDecoder`` forwards
+skipped bytes as they arrive and holds only a field until it is whole.
 
 Formats whose sizes depend on the pixel format (PIXEL = bits-per-pixel / 8
 bytes, Tight's TPIXEL) use the format in force when the message began;
@@ -46,7 +45,8 @@ from typing import Any
 from dbproxy.errors import RemoteProtocolError
 
 __all__ = [
-    "ENCODING_NAMES", "PixelFormat", "Rect", "RfbError", "ServerMessage", "ServerStream", "encoding_name",
+    "ENCODING_NAMES", "Parse", "PixelFormat", "Rect", "RfbError", "ServerMessage", "ServerStream", "encoding_name",
+    "message_parser",
 ]
 
 
