@@ -252,3 +252,21 @@ def test_an_unknown_message_type_and_an_oversized_cut_text(cut):
     assert dec.next_message().raw == GOOD
     with pytest.raises(RfbError, match="unknown server message type 7"):
         dec.next_message()
+
+
+async def test_through_the_pipeline_a_malformed_stream_ends_the_session_with_the_reason():
+    state = DesktopState(_Session(), DesktopPolicy())
+    client_side, proxy_client = trio.testing.memory_stream_pair()
+    proxy_backend, backend_side = trio.testing.memory_stream_pair()
+    p = Pipeline(session=None, client=proxy_client, backend=proxy_backend,
+                 client_decoder=rfb.ClientMessageDecoder(), backend_decoder=ServerDecoder(PF32_RAW),
+                 client_stages=[ClientStage(state)], backend_stages=[ServerStage(state)], state=state)
+    await backend_side.send_all(GOOD + BAD)
+    with trio.fail_after(5):
+        await p.run()  # ends by itself
+    got = b""
+    with trio.move_on_after(0.5):
+        while True:
+            got += await client_side.receive_some()
+    assert got == GOOD + BAD_HEAD  # the framed bytes before the bad rect header, then the end
+    assert p.end_reason.startswith("backend protocol error: unsupported encoding 99 rectangle")
