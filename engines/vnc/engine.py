@@ -5,8 +5,8 @@ the desktop, with the handshake parsers of ``rfb.py`` on each leg; after
 both logins it hands the viewer the desktop's *real* ServerInit (geometry,
 pixel format, name) and the core's ``Pipeline`` relays, with a client
 decoder framing every viewer message (``rfb.ClientMessageDecoder``) and a
-server decoder framing the desktop's (``server.ServerDecoder`` over
-``updates.ServerStream``).  The core's flow maps onto RFB:
+server decoder framing the desktop's as it streams (``server.ServerDecoder``
+over ``updates``' message parsers: update bytes go on as they arrive).  The core's flow maps onto RFB:
 
     handshake   the proxy's ProtocolVersion (3.8; 3.3/3.7 viewers are
                 served in theirs), its security types: VeNCrypt (19) when

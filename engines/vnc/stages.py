@@ -23,8 +23,10 @@ clipboard (deny by default, like port forwarding).
   the listener's ``recording.input``.
 
 ``ServerStage`` sees what the server-side decoder hands out (``server.py``):
-a ServerCutText is audited and forwarded or refused; everything reaches the
-recording as it is forwarded.  Audit events never carry a password: the
+``Span`` s of framed bytes (updates and the other messages, as they arrive)
+go to the recording through a view; a ServerCutText comes whole and is
+audited and forwarded or refused; everything reaches the recording as it is
+forwarded.  Audit events never carry a password: the
 proxy's login happened before; typed text only with ``audit_keys``.
 """
 
@@ -171,7 +173,14 @@ class ServerStage:
 
     def handle(self, msg: Any, ctx: Any) -> Any:
         state = self.state
-        if getattr(msg, "kind", None) == "cut_text":
+        if msg.kind == "span":  # framed bytes on their way (server.py): recorded without a copy
+            if state.recorder is not None:
+                view = msg.view()
+                state.recorder.server(view)
+                if type(view) is memoryview:
+                    view.release()  # before the pipeline compacts the buffer it points into
+            return None
+        if msg.kind == "cut_text":
             allowed = state.policy.to_client
             text = msg.text if isinstance(msg.text, bytes) else str(msg.text).encode("latin-1", "replace")
             state.clipboard("to_client", text, allowed)

@@ -1,20 +1,19 @@
 """RFB server→client message framing (RFC 6143 §7.6, encodings §7.7, plus the common extensions).
 
 Strategy: frame, don't decode.  A relay needs each server message's exact
-bytes (``ServerMessage.raw``) and, for an update, where each rectangle's
-payload lies; only a renderer (``render.py``) needs pixels.  So the framer
-reads just the bytes that decide a length — a rectangle header, a subrect
-count, a Hextile tile's subencoding mask, a ZRLE/zlib u32 length, a Tight
-compression-control byte and compact length — and skips the rest by
-arithmetic.  Raw, ZRLE and Tight payloads are never looked at; a Raw rect of
-any size costs a header read.
+bytes and where it ends; only a renderer (``render.py``) needs pixels.  So
+each message has a *parser* that reads just the fields that decide a length
+— a message header, a rectangle header, a subrect count, a Hextile tile's
+subencoding mask, a ZRLE/zlib u32 length, a Tight compression-control byte
+and compact length — and skips the rest by count.  Raw, ZRLE and Tight
+payloads are never looked at; a Raw rect of any size costs a header read.
 
-The framer is resumable at every byte: a message is parsed by a generator
-that yields "I need the first N bytes of this message" and is resumed when
-they have arrived (``feed`` may cut the stream anywhere, as TCP does).  Byte
-offsets inside a message are relative to its first byte, so compacting the
-buffer (between feeds) never disturbs a parse in progress.  Each message's
-``raw`` is copied out once; a rectangle's ``payload`` is a lazy slice of it.
+A parser is a generator of requests ("the next N bytes, for me to read" /
+"skip N bytes"), so it holds no buffer and is resumable at every byte: the
+driver decides what to keep.  ``ServerStream`` here keeps whole messages
+(``ServerMessage.raw``, each rect's ``payload`` a lazy slice of it) for the
+replay and test viewers; the relay's ``server.ServerDecoder`` forwards
+skipped bytes as they arrive and holds only a field until it is whole.
 
 Formats whose sizes depend on the pixel format (PIXEL = bits-per-pixel / 8
 bytes, Tight's TPIXEL) use the format in force when the message began;
@@ -46,7 +45,8 @@ from typing import Any
 from dbproxy.errors import RemoteProtocolError
 
 __all__ = [
-    "ENCODING_NAMES", "PixelFormat", "Rect", "RfbError", "ServerMessage", "ServerStream", "encoding_name",
+    "ENCODING_NAMES", "Parse", "PixelFormat", "Rect", "RfbError", "ServerMessage", "ServerStream", "encoding_name",
+    "message_parser",
 ]
 
 
@@ -218,15 +218,234 @@ class ServerMessage:
         return {r.encoding for r in self.rects}
 
 
-_Parse = Generator[int, None, Any]
+# A message parser is a generator of requests.  ``yield n`` with n >= 0 reads a field: the next n
+# bytes of the message, sent back as bytes (the parser looks at them: a header, a length, a mask);
+# ``yield ~n`` (negative) skips n bytes it never looks at (pixels, compressed data), sent back None.
+# Its return value is the message's summary (below).  The same parsers drive both framers: the
+# whole-message ``ServerStream`` and the relay's streaming ``server.ServerDecoder``, which forwards
+# skipped bytes as they arrive and holds only a field until it is whole.
+Parse = Generator[int, Any, Any]
 _RECT = struct.Struct(">HHHHi")
+_FENCE = struct.Struct(">xxxxIB")
+_DONE = 1 << 62  # a request no parser makes: it has returned
+
+
+def message_parser(t: int, pf: PixelFormat) -> Parse:
+    """The parser of one server message whose type byte is ``t`` (its first read includes that byte).
+
+    Returns: an update's rects as ``(x, y, w, h, encoding, payload size)`` tuples; a cut text's
+    ``(text, extended)``; a ServerFence's flags; None for the others.  Raises ``RfbError`` for a
+    message or encoding it cannot frame."""
+    if t == 0:  # FramebufferUpdate §7.6.1
+        return _update(pf)
+    if t == 1:  # SetColourMapEntries §7.6.2
+        return _colormap()
+    if t == 2 or t == 150:  # Bell §7.6.3; EndOfContinuousUpdates (rfbproto): type byte only
+        return _type_only()
+    if t == 3:  # ServerCutText §7.6.4; a negative length is the ExtendedClipboard form
+        return _cut_text()
+    if t == 248:  # ServerFence (rfbproto): type, 3 padding, U32 flags, U8 length, payload (<= 64)
+        return _fence()
+    if t == 250:  # xvp server message: type, padding, version, code
+        return _fixed(4)
+    if t == 253:  # gii server message: type, endian-and-sub-type, EU16 length, body
+        return _gii()
+    raise RfbError(f"unknown server message type {t}")
+
+
+def _type_only() -> Parse:
+    yield 1
+
+
+def _fixed(n: int) -> Parse:
+    yield n
+
+
+def _colormap() -> Parse:
+    head = yield 6
+    (count,) = struct.unpack_from(">H", head, 4)
+    yield ~(6 * count)
+
+
+def _cut_text() -> Parse:
+    head = yield 8
+    (length,) = struct.unpack_from(">i", head, 4)
+    text = yield abs(length)
+    return bytes(text), length < 0
+
+
+def _fence() -> Parse:
+    head = yield 9
+    flags, length = _FENCE.unpack(head)
+    if length > 64:
+        raise RfbError(f"ServerFence payload of {length} bytes (the maximum is 64)")
+    yield ~length
+    return flags
+
+
+def _gii() -> Parse:
+    head = yield 4
+    length = int.from_bytes(head[2:4], "big" if head[1] & 0x80 else "little")
+    yield ~length
+
+
+def _update(pf: PixelFormat) -> Parse:
+    head = yield 4
+    (n,) = struct.unpack_from(">H", head, 2)
+    rects: list[tuple[int, int, int, int, int, int]] = []
+    i = 0
+    while i < n:
+        i += 1
+        x, y, w, h, enc = _RECT.unpack((yield 12))
+        size = yield from _rect(pf, enc, w, h)
+        rects.append((x, y, w, h, enc, size))
+        if enc == LAST_RECT:  # LastRect (§7.8.3 of rfbproto): the update ends here, whatever the count
+            break
+    return rects
+
+
+def _u32(b: bytes | bytearray) -> int:
+    return int.from_bytes(b, "big")
+
+
+def _rect(pf: PixelFormat, enc: int, w: int, h: int) -> Parse:
+    """One rectangle's payload (after its 12-byte header); returns the payload's size."""
+    bpp = pf.bytes_per_pixel
+    if enc == RAW:
+        size = w * h * bpp
+        yield ~size
+        return size
+    if enc == COPYRECT:
+        yield ~4
+        return 4
+    if enc == RRE or enc == CORRE:
+        n = _u32((yield 4))
+        rest = bpp + n * (bpp + (8 if enc == RRE else 4))
+        yield ~rest
+        return 4 + rest
+    if enc == HEXTILE:
+        return (yield from _hextile(bpp, w, h))
+    if enc in (ZRLE, ZLIB, DESKTOP_NAME):  # U32 length, then that many bytes
+        n = _u32((yield 4))
+        yield ~n
+        return 4 + n
+    if enc == TIGHT or enc == TIGHT_PNG:
+        return (yield from _tight(pf, enc, w, h))
+    if enc == H264:  # U32 length, U32 flags, data
+        n = _u32((yield 4))
+        yield ~(4 + n)
+        return 8 + n
+    if enc in (DESKTOP_SIZE, LAST_RECT, POINTER_POS, QEMU_POINTER_MOTION, QEMU_EXTENDED_KEY, QEMU_AUDIO):
+        return 0
+    if enc == CURSOR:  # pixels, then a 1-bit mask with rows padded to bytes
+        size = w * h * bpp + ((w + 7) // 8) * h
+        yield ~size
+        return size
+    if enc == XCURSOR:  # fore/back RGB, then bitmap and mask (nothing at all for an empty cursor)
+        size = 6 + 2 * ((w + 7) // 8) * h if w * h else 0
+        yield ~size
+        return size
+    if enc == QEMU_LED_STATE:
+        yield ~1
+        return 1
+    if enc == EXTENDED_DESKTOP_SIZE:  # U8 number-of-screens, 3 padding, 16 bytes per SCREEN
+        screens = (yield 1)[0]
+        yield ~(3 + 16 * screens)
+        return 4 + 16 * screens
+    if enc == CURSOR_WITH_ALPHA:  # S32 encoding of the RGBA pixels; servers send them Raw
+        (inner,) = struct.unpack(">i", (yield 4))
+        if inner != RAW:
+            raise RfbError(f"CursorWithAlpha pixels in {encoding_name(inner)} are not supported (only Raw)")
+        yield ~(w * h * 4)
+        return 4 + w * h * 4
+    raise RfbError(f"unsupported {encoding_name(enc)} rectangle in a FramebufferUpdate: cannot frame the "
+                   "server stream past it")
+
+
+def _hextile(bpp: int, w: int, h: int) -> Parse:
+    """Hextile (§7.7.4): walk the 16x16 tiles; each starts with a subencoding mask."""
+    size = 0
+    for ty in range(0, h, 16):
+        th = min(16, h - ty)
+        for tx in range(0, w, 16):
+            tw = min(16, w - tx)
+            sub = (yield 1)[0]
+            size += 1
+            if sub & 1:  # Raw: the other bits do not matter
+                skip = tw * th * bpp
+                yield ~skip
+                size += skip
+                continue
+            skip = (bpp if sub & 2 else 0) + (bpp if sub & 4 else 0)  # Background/ForegroundSpecified
+            if sub & 8:  # AnySubrects: a count, then the subrects
+                if skip:
+                    yield ~skip
+                n = (yield 1)[0]
+                size += skip + 1
+                skip = n * ((bpp + 2) if sub & 16 else 2)
+            if skip:
+                yield ~skip
+                size += skip
+    return size
+
+
+def _compact_len() -> Parse:
+    """Tight's compact length: 1-3 bytes, 7 bits each, the third byte 8 bits. Returns (length, its size)."""
+    b = (yield 1)[0]
+    length = b & 0x7F
+    if not b & 0x80:
+        return length, 1
+    b = (yield 1)[0]
+    length |= (b & 0x7F) << 7
+    if not b & 0x80:
+        return length, 2
+    return length | (yield 1)[0] << 14, 3
+
+
+def _tight(pf: PixelFormat, enc: int, w: int, h: int) -> Parse:
+    """Tight (rfbproto "Tight Encoding"): compression-control byte, then fill / JPEG / PNG / basic."""
+    ctl = (yield 1)[0]
+    kind = ctl >> 4
+    tpx = pf.tpixel_size
+    if kind == 8:  # FillCompression: one TPIXEL
+        yield ~tpx
+        return 1 + tpx
+    if kind == 9 or (kind == 10 and enc == TIGHT_PNG):  # JPEG / PNG: compact length + data
+        length, n = yield from _compact_len()
+        yield ~length
+        return 1 + n + length
+    if kind > 7:
+        raise RfbError(f"Tight compression control 0x{ctl:02x} is not valid ({encoding_name(enc)})")
+    # BasicCompression: bits 4-5 zlib stream, bit 6 a filter-id follows.
+    used = 1
+    filt = 0
+    if ctl & 0x40:
+        filt = (yield 1)[0]
+        used += 1
+    if filt == 0 or filt == 2:  # copy / gradient: TPIXELs
+        size = w * h * tpx
+    elif filt == 1:  # palette: U8 colours-1, the palette, then 1-bit (2 colours) or 8-bit indices
+        colours = (yield 1)[0] + 1
+        yield ~(colours * tpx)
+        used += 1 + colours * tpx
+        size = ((w + 7) // 8) * h if colours == 2 else w * h
+    else:
+        raise RfbError(f"Tight filter {filt} is not valid (0 copy, 1 palette, 2 gradient)")
+    if size < 12:  # sent uncompressed below 12 bytes
+        yield ~size
+        return used + size
+    length, n = yield from _compact_len()
+    yield ~length
+    return used + n + length
 
 
 class ServerStream:
-    """Frames the server→client byte stream into ``ServerMessage`` s; ``feed`` takes any split.
+    """Frames the server→client byte stream into whole ``ServerMessage`` s; ``feed`` takes any split.
 
-    ``max_message`` bounds one message's size (checked before its bytes are buffered): a Raw
-    full-screen update of a 4K desktop is 33 MB, the default allows 8 of those.
+    For whoever needs messages whole (``render.py``'s replay, test viewers); the relay streams
+    instead (``server.ServerDecoder``).  ``max_message`` bounds one message's size (checked before
+    its bytes are buffered): a Raw full-screen update of a 4K desktop is 33 MB, the default allows
+    8 of those.
     """
 
     DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
@@ -236,8 +455,12 @@ class ServerStream:
         self.max_message = max_message
         self._buf = bytearray()
         self._start = 0  # offset in _buf of the message being parsed
-        self._parser: _Parse | None = None
-        self._need = 0  # bytes of the current message (from _start) the parser waits for
+        self._parser: Parse | None = None
+        self._type = 0
+        self._pf = pixel_format  # the format of the message being parsed
+        self._req = 0  # the parser's pending request (see ``Parse``; _DONE: it returned, the message is _off bytes)
+        self._off = 0  # bytes of the current message (from _start) the parser has read or skipped
+        self._result: Any = None
         self._failed: RfbError | None = None
 
     def set_pixel_format(self, pf: PixelFormat) -> None:
@@ -258,26 +481,45 @@ class ServerStream:
         if data:
             buf += data
         out: list[ServerMessage] = []
+        limit = self.max_message
         try:
             while True:
-                avail = len(buf) - self._start
-                if self._parser is None:
+                start = self._start
+                avail = len(buf) - start
+                parser = self._parser
+                if parser is None:
                     if avail < 1:
                         break
-                    self._parser = self._message()
-                    self._need = 0  # a fresh generator starts with send(None)
-                while self._need <= avail:
+                    self._type = buf[start]
+                    self._pf = self.pixel_format
+                    parser = self._parser = message_parser(self._type, self._pf)
+                    self._off = 0
+                    self._req = next(parser)
+                req, off = self._req, self._off
+                while req != _DONE:
+                    if req < 0:  # a skip: its bytes are needed only by the next read or the end
+                        off += ~req
+                        if off > limit:
+                            raise self._too_large(off)
+                        field: Any = None
+                    else:
+                        end = off + req
+                        if end > limit:
+                            raise self._too_large(end)
+                        if end > avail:
+                            break  # waiting for more bytes
+                        field = bytes(buf[start + off:start + end])
+                        off = end
                     try:
-                        self._need = self._parser.send(None)
+                        req = parser.send(field)
                     except StopIteration as stop:
-                        out.append(stop.value)
-                        self._parser = None
-                        break
-                    if self._need > self.max_message:
-                        raise RfbError(f"server message of at least {self._need} bytes exceeds the maximum of "
-                                       f"{self.max_message} bytes")
-                else:
+                        self._result = stop.value
+                        req = _DONE
+                self._req, self._off = req, off
+                if req != _DONE or off > avail:
                     break  # waiting for more bytes
+                out.append(self._build(off))
+                self._parser = None
         except RfbError as exc:
             # The whole messages before the error stay usable (a relay forwards them, then closes).
             exc.messages = out  # type: ignore[attr-defined]
@@ -289,192 +531,25 @@ class ServerStream:
             self._start = 0
         return out
 
-    # -- parsing ------------------------------------------------------------------------------
+    def _too_large(self, size: int) -> RfbError:
+        return RfbError(f"server message of at least {size} bytes exceeds the maximum of {self.max_message} bytes")
 
-    def _finish(self, size: int) -> bytes:
+    def _build(self, size: int) -> ServerMessage:
         s = self._start
         with memoryview(self._buf) as mv:  # one copy; the view is released before the buffer resizes
             raw = bytes(mv[s:s + size])
         self._start = s + size
-        return raw
-
-    def _message(self) -> _Parse:
-        buf = self._buf
-        pf = self.pixel_format
-        t = buf[self._start]
-        if t == 0:  # FramebufferUpdate §7.6.1
-            yield 4
-            (n,) = struct.unpack_from(">H", buf, self._start + 2)
+        t, result = self._type, self._result
+        self._result = None
+        if t == 0:
+            rects = []
             off = 4
-            spans: list[tuple[int, int, int, int, int, int, int]] = []
-            i = 0
-            while i < n:
-                i += 1
-                yield off + 12
-                x, y, w, h, enc = _RECT.unpack_from(buf, self._start + off)
+            for x, y, w, h, enc, n in result:
                 off += 12
-                a = off
-                off = yield from self._rect(pf, enc, w, h, off)
-                spans.append((x, y, w, h, enc, a, off))
-                if enc == LAST_RECT:  # LastRect (§7.8.3 of rfbproto): the update ends here, whatever the count
-                    break
-            yield off
-            raw = self._finish(off)
-            return ServerMessage("update", 0, raw, [Rect._framed(*s[:5], raw, s[5], s[6]) for s in spans],
-                                 pixel_format=pf)
-        if t == 1:  # SetColourMapEntries §7.6.2
-            yield 6
-            (count,) = struct.unpack_from(">H", buf, self._start + 4)
-            size = 6 + 6 * count
-            yield size
-            return ServerMessage("colormap", 1, self._finish(size))
-        if t == 2:  # Bell §7.6.3
-            return ServerMessage("bell", 2, self._finish(1))
-        if t == 3:  # ServerCutText §7.6.4; a negative length is the ExtendedClipboard form
-            yield 8
-            (length,) = struct.unpack_from(">i", buf, self._start + 4)
-            extended = length < 0
-            size = 8 + abs(length)
-            yield size
-            raw = self._finish(size)
-            return ServerMessage("cut_text", 3, raw, text=raw[8:], extended=extended)
-        if t == 150:  # EndOfContinuousUpdates (rfbproto): type byte only
-            return ServerMessage("other", t, self._finish(1))
-        if t == 248:  # ServerFence (rfbproto): type, 3 padding, U32 flags, U8 length, payload (<= 64)
-            yield 9
-            length = buf[self._start + 8]
-            if length > 64:
-                raise RfbError(f"ServerFence payload of {length} bytes (the maximum is 64)")
-            yield 9 + length
-            return ServerMessage("other", t, self._finish(9 + length))
-        if t == 250:  # xvp server message: type, padding, version, code
-            yield 4
-            return ServerMessage("other", t, self._finish(4))
-        if t == 253:  # gii server message: type, endian-and-sub-type, EU16 length, body
-            yield 4
-            order = "big" if buf[self._start + 1] & 0x80 else "little"
-            length = int.from_bytes(buf[self._start + 2:self._start + 4], order)
-            yield 4 + length
-            return ServerMessage("other", t, self._finish(4 + length))
-        raise RfbError(f"unknown server message type {t}")
-
-    def _u32(self, off: int) -> int:
-        return int.from_bytes(self._buf[self._start + off:self._start + off + 4], "big")
-
-    def _rect(self, pf: PixelFormat, enc: int, w: int, h: int, off: int) -> _Parse:
-        """Skip one rectangle's payload starting at ``off``; returns the offset after it."""
-        bpp = pf.bytes_per_pixel
-        if enc == RAW:
-            return off + w * h * bpp
-        if enc == COPYRECT:
-            return off + 4
-        if enc == RRE or enc == CORRE:
-            yield off + 4
-            n = self._u32(off)
-            return off + 4 + bpp + n * (bpp + (8 if enc == RRE else 4))
-        if enc == HEXTILE:
-            return (yield from self._hextile(bpp, w, h, off))
-        if enc in (ZRLE, ZLIB):
-            yield off + 4
-            return off + 4 + self._u32(off)
-        if enc == TIGHT or enc == TIGHT_PNG:
-            return (yield from self._tight(pf, enc, w, h, off))
-        if enc == H264:  # U32 length, U32 flags, data
-            yield off + 4
-            return off + 8 + self._u32(off)
-        if enc in (DESKTOP_SIZE, LAST_RECT, POINTER_POS, QEMU_POINTER_MOTION, QEMU_EXTENDED_KEY, QEMU_AUDIO):
-            return off
-        if enc == CURSOR:  # pixels, then a 1-bit mask with rows padded to bytes
-            return off + w * h * bpp + ((w + 7) // 8) * h
-        if enc == XCURSOR:  # fore/back RGB, then bitmap and mask (nothing at all for an empty cursor)
-            return off + (6 + 2 * ((w + 7) // 8) * h if w * h else 0)
-        if enc == QEMU_LED_STATE:
-            return off + 1
-        if enc == DESKTOP_NAME:
-            yield off + 4
-            return off + 4 + self._u32(off)
-        if enc == EXTENDED_DESKTOP_SIZE:  # U8 number-of-screens, 3 padding, 16 bytes per SCREEN
-            yield off + 1
-            return off + 4 + 16 * self._buf[self._start + off]
-        if enc == CURSOR_WITH_ALPHA:  # S32 encoding of the RGBA pixels; servers send them Raw
-            yield off + 4
-            (inner,) = struct.unpack_from(">i", self._buf, self._start + off)
-            if inner != RAW:
-                raise RfbError(f"CursorWithAlpha pixels in {encoding_name(inner)} are not supported (only Raw)")
-            return off + 4 + w * h * 4
-        raise RfbError(f"unsupported {encoding_name(enc)} rectangle in a FramebufferUpdate: cannot frame the "
-                       "server stream past it")
-
-    def _hextile(self, bpp: int, w: int, h: int, off: int) -> _Parse:
-        """Hextile (§7.7.4): walk the 16x16 tiles; each starts with a subencoding mask."""
-        buf = self._buf
-        for ty in range(0, h, 16):
-            th = min(16, h - ty)
-            for tx in range(0, w, 16):
-                tw = min(16, w - tx)
-                yield off + 1
-                sub = buf[self._start + off]
-                off += 1
-                if sub & 1:  # Raw: the other bits do not matter
-                    off += tw * th * bpp
-                    continue
-                if sub & 2:  # BackgroundSpecified
-                    off += bpp
-                if sub & 4:  # ForegroundSpecified
-                    off += bpp
-                if sub & 8:  # AnySubrects
-                    yield off + 1
-                    n = buf[self._start + off]
-                    off += 1 + n * ((bpp + 2) if sub & 16 else 2)
-        return off
-
-    def _compact_len(self, off: int) -> _Parse:
-        """Tight's compact length: 1-3 bytes, 7 bits each, the third byte 8 bits. Returns (length, offset after)."""
-        buf = self._buf
-        yield off + 1
-        b = buf[self._start + off]
-        length = b & 0x7F
-        if b & 0x80:
-            yield off + 2
-            b = buf[self._start + off + 1]
-            length |= (b & 0x7F) << 7
-            if b & 0x80:
-                yield off + 3
-                length |= buf[self._start + off + 2] << 14
-                return length, off + 3
-            return length, off + 2
-        return length, off + 1
-
-    def _tight(self, pf: PixelFormat, enc: int, w: int, h: int, off: int) -> _Parse:
-        """Tight (rfbproto "Tight Encoding"): compression-control byte, then fill / JPEG / PNG / basic."""
-        yield off + 1
-        ctl = self._buf[self._start + off]
-        off += 1
-        kind = ctl >> 4
-        tpx = pf.tpixel_size
-        if kind == 8:  # FillCompression: one TPIXEL
-            return off + tpx
-        if kind == 9 or (kind == 10 and enc == TIGHT_PNG):  # JPEG / PNG: compact length + data
-            length, off = yield from self._compact_len(off)
-            return off + length
-        if kind > 7:
-            raise RfbError(f"Tight compression control 0x{ctl:02x} is not valid ({encoding_name(enc)})")
-        # BasicCompression: bits 4-5 zlib stream, bit 6 a filter-id follows.
-        filt = 0
-        if ctl & 0x40:
-            yield off + 1
-            filt = self._buf[self._start + off]
-            off += 1
-        if filt == 0 or filt == 2:  # copy / gradient: TPIXELs
-            size = w * h * tpx
-        elif filt == 1:  # palette: U8 colours-1, the palette, then 1-bit (2 colours) or 8-bit indices
-            yield off + 1
-            colours = self._buf[self._start + off] + 1
-            off += 1 + colours * tpx
-            size = ((w + 7) // 8) * h if colours == 2 else w * h
-        else:
-            raise RfbError(f"Tight filter {filt} is not valid (0 copy, 1 palette, 2 gradient)")
-        if size < 12:  # sent uncompressed below 12 bytes
-            return off + size
-        length, off = yield from self._compact_len(off)
-        return off + length
+                rects.append(Rect._framed(x, y, w, h, enc, raw, off, off + n))
+                off += n
+            return ServerMessage("update", 0, raw, rects, pixel_format=self._pf)
+        if t == 3:
+            text, extended = result
+            return ServerMessage("cut_text", 3, raw, text=text, extended=extended)
+        return ServerMessage({1: "colormap", 2: "bell"}.get(t, "other"), t, raw)

@@ -12,8 +12,12 @@ bytes.  Reported per way: frames/s and MB/s; then the ratio proxy/direct.
 Through the proxy every byte passes the server-stream framer, the pipeline
 and the recorder (zstd, SHA-256): the redraw loop is its worst case.
 
-Rounds interleave direct and proxy.  Runnable:
-``scripts/bench/vnc [--frames 200] [--rounds 2] [--json F]``.
+Rounds interleave direct and proxy (and ``--baseline DIR``: a second proxy
+run from another checkout, e.g. ``git -C /work/main archive HEAD | tar -x -C
+DIR``, same config, for before/after in the same rounds).  Each proxy's CPU
+time (user + system, from /proc, its audit worker included) per frame is
+reported beside frames/s.  Runnable:
+``scripts/bench/vnc [--frames 200] [--rounds 2] [--baseline DIR] [--json F]``.
 """
 
 from __future__ import annotations
@@ -93,28 +97,61 @@ class Viewer:
         self.sock.close()
 
 
-def run(port: int, password: str, frames: int) -> tuple[float, float]:
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 (state) on
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its descendants still running (the audit worker), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = _stat(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (proc(5) fields 14, 15)
+        todo += parents.get(p, [])
+    return total
+
+
+def run(port: int, password: str, frames: int, pid: int | None = None) -> tuple[float, float, float | None]:
+    """frames/s, MB/s, and the CPU milliseconds per frame of process ``pid`` (None: not measured)."""
     viewer = Viewer(port, password)
     try:
         viewer.redraw()  # warm-up: the first update may come before the Raw-only encodings apply
+        cpu0 = cpu_seconds(pid) if pid is not None else 0.0
         began, total = time.perf_counter(), 0
         for _ in range(frames):
             total += viewer.redraw()
         elapsed = time.perf_counter() - began
+        cpu = (cpu_seconds(pid) - cpu0) / frames * 1000 if pid is not None else None
     finally:
         viewer.close()
-    return frames / elapsed, total / elapsed / 1e6
+    return frames / elapsed, total / elapsed / 1e6, cpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--baseline", metavar="DIR", help="also run a proxy from this checkout (before/after)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    baseline_root = Path(args.baseline).resolve() if args.baseline else None
+    if baseline_root is not None and not (baseline_root / "dbproxy" / "cli.py").is_file():
+        raise SystemExit(f"--baseline {args.baseline}: not a dbproxy checkout (no dbproxy/cli.py)")
     work = Path(tempfile.mkdtemp(prefix="dbproxy-vnc-bench-"))
     desk = start_desktop(work / "desk")
-    proxy = None
+    proxy = base = None
     try:
         dbproxy_cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(work / "token.key"),
                     "--public-key-file", str(work / "token.pub"), check=True)
@@ -130,31 +167,49 @@ def main() -> None:
                                                       "auth": {"method": "vnc", "password_file": "desk.secret"}}}]}],
                "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]}}
         proxy = ProxyProcess(work, cfg).start()
+        proxies = {"proxy": proxy}
+        if baseline_root is not None:
+            # Same config and files (its own recordings folder), the other checkout's code.
+            (work / "base").mkdir()
+            for name in ("token.key", "token.pub", "desk.secret"):
+                (work / "base" / name).write_bytes((work / name).read_bytes())
+                (work / "base" / name).chmod(0o600)
+            (work / "base" / "recordings").mkdir()
+            base = ProxyProcess(work / "base", cfg)
+            base.env["PYTHONPATH"] = str(baseline_root)
+            proxies["baseline"] = base.start()
 
-        def code() -> str:
-            return dbproxy_cli("token", "issue", "--config", str(proxy.config_path), "--user", "bench", "--roles",
+        def code(p: ProxyProcess) -> str:
+            return dbproxy_cli("token", "issue", "--config", str(p.config_path), "--user", "bench", "--roles",
                                "bench", "--vnc", "--target", "desk-1", check=True).stdout.strip()
 
-        results: dict = {"direct": [], "proxy": []}
-        print(f"full-screen Raw redraws, {args.frames} per run, one request in flight, {os.cpu_count()} CPU(s)",
-              flush=True)
+        ways = ["direct", *proxies]
+        results: dict = {w: [] for w in ways}
+        print(f"full-screen Raw redraws, {args.frames} per run, one request in flight, {os.cpu_count()} CPU(s)"
+              + (f"; baseline: {baseline_root}" if baseline_root else ""), flush=True)
         for _ in range(args.rounds):
-            for way in ("direct", "proxy"):
-                port, password = (desk.port, desk.password) if way == "direct" else (proxy.port(), code())
-                fps, mb_s = run(port, password, args.frames)
-                results[way].append({"fps": fps, "mb_s": mb_s})
-                print(f"{way:6} {fps:8.1f} frames/s {mb_s:8.1f} MB/s", flush=True)
+            for way in ways:
+                p = proxies.get(way)
+                port, password = (desk.port, desk.password) if p is None else (p.port(), code(p))
+                fps, mb_s, cpu = run(port, password, args.frames, p.proc.pid if p is not None else None)
+                results[way].append({"fps": fps, "mb_s": mb_s, "cpu_ms_per_frame": cpu})
+                print(f"{way:8} {fps:8.1f} frames/s {mb_s:8.1f} MB/s"
+                      + (f" {cpu:7.2f} ms proxy CPU/frame" if cpu is not None else ""), flush=True)
         best = {w: max(r["fps"] for r in runs) for w, runs in results.items()}
         best_mb = {w: max(r["mb_s"] for r in runs) for w, runs in results.items()}
-        summary = {"fps_ratio": best["proxy"] / best["direct"], "best_fps": best, "best_mb_s": best_mb,
-                   "rounds": results}
-        print(f"best: direct {best['direct']:.1f} frames/s ({best_mb['direct']:.1f} MB/s), proxy {best['proxy']:.1f} "
-              f"frames/s ({best_mb['proxy']:.1f} MB/s); ratio proxy/direct {summary['fps_ratio']:.2f}")
+        cpu_min = {w: min(r["cpu_ms_per_frame"] for r in runs) for w, runs in results.items() if w != "direct"}
+        ratios = {w: best[w] / best["direct"] for w in proxies}
+        summary = {"fps_ratio": ratios["proxy"], "fps_ratios": ratios, "best_fps": best, "best_mb_s": best_mb,
+                   "min_cpu_ms_per_frame": cpu_min, "rounds": results}
+        print(f"best: direct {best['direct']:.1f} frames/s ({best_mb['direct']:.1f} MB/s)"
+              + "".join(f", {w} {best[w]:.1f} frames/s ({best_mb[w]:.1f} MB/s, ratio {ratios[w]:.2f}, "
+                        f"{cpu_min[w]:.2f} ms CPU/frame)" for w in proxies))
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))
     finally:
-        if proxy is not None:
-            proxy.stop()
+        for p in (proxy, base):
+            if p is not None:
+                p.stop()
         desk.stop()
 
 

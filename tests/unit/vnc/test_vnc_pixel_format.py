@@ -3,7 +3,8 @@
 Synthetic server streams (Raw updates: their size is width × height × bytes per pixel, so a
 format switched at the wrong message misframes): without a fence the switch is immediate; after a
 ClientFence Request|SyncNext the bytes before the server's fence answer are in the old format and
-those after it in the new one — checked at every split of the stream."""
+those after it in the new one — checked at every split of the stream (a ServerCutText after each
+message is handed out whole only when the framer stands at that boundary)."""
 
 from __future__ import annotations
 
@@ -26,23 +27,35 @@ def _fence(flags: int) -> bytes:
     return struct.pack(">BxxxIB", 248, flags, 0)
 
 
+def _cut(text: bytes) -> bytes:
+    return struct.pack(">BxxxI", 3, len(text)) + text
+
+
 OLD = _raw_update(4, 4, 4, 0x11)  # 64-byte payload
 NEW = _raw_update(4, 4, 1, 0x22)  # 16-byte payload
-STREAM = OLD + OLD + _fence(rfb.FENCE_SYNC_NEXT) + NEW + NEW
+# The decoder hands out spans of framed bytes and cut texts whole: a cut text between two messages comes
+# out as one only if the framer is at that message boundary, so each one checks the framing before it.
+CUT = _cut(b"boundary")
+STREAM = OLD + CUT + OLD + CUT + _fence(rfb.FENCE_SYNC_NEXT) + CUT + NEW + CUT + NEW + CUT
 
 
 def _frame(dec: ServerDecoder, data: bytes, splits: list[int]) -> list[bytes]:
-    out = []
+    """The forwarded bytes, cut where the decoder handed out a whole cut text."""
+    out = [b""]
     for a, b in zip([0, *splits], [*splits, len(data)]):
         dec.feed(data[a:b])
         while (msg := dec.next_message()) is not NEED_DATA:
-            out.append(msg.raw)
-    assert len(dec.buffer) == 0
-    return out
+            if msg.kind == "cut_text":
+                out[-1:] = [out[-1], msg.raw, b""] if out[-1] else [msg.raw, b""]
+            else:
+                out[-1] += msg.raw
+        dec.buffer.compact()
+    assert len(dec.buffer) == 0 and dec.at_boundary
+    return [b for b in out if b]
 
 
 def test_format_switches_at_the_servers_fence_answer_at_every_split():
-    expected = [OLD, OLD, _fence(rfb.FENCE_SYNC_NEXT), NEW, NEW]
+    expected = [OLD, CUT, OLD, CUT, _fence(rfb.FENCE_SYNC_NEXT), CUT, NEW, CUT, NEW, CUT]
     for cut in range(0, len(STREAM)):
         dec = ServerDecoder(PF32)
         dec.set_pixel_format(PF8, after_fence=True)
@@ -51,9 +64,9 @@ def test_format_switches_at_the_servers_fence_answer_at_every_split():
 
 def test_without_a_fence_the_switch_is_immediate():
     dec = ServerDecoder(PF32)
-    assert _frame(dec, OLD, []) == [OLD]
+    assert _frame(dec, OLD + CUT, []) == [OLD, CUT]
     dec.set_pixel_format(PF8)
-    assert _frame(dec, NEW + NEW, []) == [NEW, NEW]
+    assert _frame(dec, NEW + CUT + NEW + CUT, []) == [NEW, CUT, NEW, CUT]
 
 
 def test_client_stage_defers_the_switch_after_a_sync_fence():
