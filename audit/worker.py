@@ -153,14 +153,27 @@ class Worker:
         that changed since the last ack (0: the session's end event is written), so the
         proxy can hand them to a new worker if this one dies."""
         said = 0
+        last = -float("inf")  # when the last ack went out
         while True:
             await self._ack_wake.wait()
-            if self.ack_delay:
-                # Durability "async": an ack only frees the proxy's copy of the frames, so
-                # acks are gathered (fewer lines to write and parse on both sides).
-                await trio.sleep(self.ack_delay)
             self._ack_wake = trio.Event()
+            if self.ack_delay:
+                # Durability "async": an ack only frees the proxy's copy of the frames, so acks
+                # are gathered (fewer lines to write and parse on both sides): at most one per
+                # ``ack_delay``.  One that is not due yet waits for a later written batch, which
+                # comes within a few ms while the link is busy, when this process is awake anyway;
+                # a timer of its own would wake the process (and the proxy's loop) once more per
+                # ack — on a VM, a process wake-up costs more CPU than writing a batch.  Only an
+                # ack whose link went quiet waits for the timer (``ACK_LINGER`` past due).
+                due = last + self.ack_delay
+                if trio.current_time() < due:
+                    with trio.move_on_at(due + ACK_LINGER):
+                        while trio.current_time() < due:
+                            await self._ack_wake.wait()
+                            self._ack_wake = trio.Event()
             if self.acked > said:
+                if self.ack_delay:
+                    last = trio.current_time()
                 said = self.acked
                 seqs, self._seqs = self._seqs, {}
                 await self.say({"ack": said, "seqs": {k.decode(): v for k, v in seqs.items()}})
@@ -334,9 +347,11 @@ async def serve(config_file: str, listen: str | None = None) -> None:
         for sink in sinks:
             if getattr(sink, "fsync", None) in ("interval", "never"):
                 sink.fsync = "always"
-    recorder = AuditRecorder(sinks, capacity=audit_config.queue_size, on_accepting_change=on_change)
-    if audit_config.durability == "ack":
-        recorder.batch_delay = 0.0  # sessions wait for the acks: a batch gathers during the previous fsync
+    # No gathering delay of its own: a batch is what one read of the link brought (the proxy's
+    # link gathers its frames for ``LINK_DELAY`` before a write; under durability "ack" sessions
+    # wait for the acks, and a batch gathers during the previous fsync).  A second wait here
+    # would only add a timer and a wake-up per batch.
+    recorder = AuditRecorder(sinks, capacity=audit_config.queue_size, on_accepting_change=on_change, batch_delay=0.0)
     hub = Hub(recorder)
     worker = hub.add(stdout)
     if audit_config.durability == "ack":
@@ -394,6 +409,7 @@ async def serve(config_file: str, listen: str | None = None) -> None:
 REPORT_POLL = 0.25
 STATS_INTERVAL = 1.0  # seconds between the worker's statistics reports to the proxy (dbproxy.metrics)
 ACK_DELAY = 0.02  # seconds acks gather under durability "async"
+ACK_LINGER = 0.03  # seconds past due an ack waits for a written batch to go with (``send_acks``)
 SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 
 

@@ -198,11 +198,12 @@ class LoadResult:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000
 
 
-def run_load(session, statement, make_params, duration: float, concurrency: int) -> LoadResult:
-    """Keep ``concurrency`` requests in flight until ``duration`` is up (the driver's own pattern)."""
+def run_load(session, statement, make_params, duration: float, concurrency: int, rate: float = 0.0) -> LoadResult:
+    """Keep ``concurrency`` requests in flight until ``duration`` is up (the driver's own pattern);
+    with ``rate``: start ``rate`` requests a second instead (paced, at most ``concurrency`` in flight)."""
     lock = threading.Lock()
     done = threading.Event()
-    state = {"ops": 0, "errors": 0, "inflight": 0}
+    state = {"ops": 0, "errors": 0, "inflight": 0, "pacing": bool(rate)}
     latencies: list[float] = []
     deadline = time.monotonic() + duration
     perf = time.perf_counter
@@ -222,19 +223,39 @@ def run_load(session, statement, make_params, duration: float, concurrency: int)
         again()
 
     def again() -> None:
-        if time.monotonic() < deadline:
+        if not rate and time.monotonic() < deadline:
             launch()
             return
         with lock:
             state["inflight"] -= 1
-            if state["inflight"] == 0:
+            if state["inflight"] == 0 and not state["pacing"]:
                 done.set()
 
     t0 = time.monotonic()
-    with lock:
-        state["inflight"] = concurrency
-    for _ in range(concurrency):
-        launch()
+    if rate:
+        # Paced: the same operations a second for every target, so CPU per operation compares
+        # like with like on a machine whose load swings (the per-wake-up costs depend on the rate).
+        due = t0
+        while due < deadline:
+            with lock:
+                room = state["inflight"] < concurrency
+                if room:
+                    state["inflight"] += 1
+            if room:
+                launch()
+            due += 1.0 / rate
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        with lock:
+            state["pacing"] = False
+            if state["inflight"] == 0:
+                done.set()
+    else:
+        with lock:
+            state["inflight"] = concurrency
+        for _ in range(concurrency):
+            launch()
     done.wait(duration + 60)
     return LoadResult(state["ops"], state["errors"], time.monotonic() - t0, latencies)
 
@@ -300,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="start this many requests a second (paced; default: as many as --concurrency allows)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--keys", type=int, default=10_000)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -373,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     _, session = sessions[target]
                     wl = Workload(workload_name, session, args.keys)
                     if args.warmup:
-                        run_load(session, wl.statement, wl.params, args.warmup, args.concurrency)
+                        run_load(session, wl.statement, wl.params, args.warmup, args.concurrency, args.rate)
                     audit_path = audit_paths.get(target)
                     if audit_path:
                         time.sleep(1.0)  # let the warm-up's events reach the file first
@@ -381,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu0 = _proc_cpu_seconds(pids[target]) if target in pids else None
                     own0 = _own_cpu_seconds(pids[target]) if target in pids else None
                     idle0, total0 = _machine_times()
-                    result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency)
+                    result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency, args.rate)
                     idle1, total1 = _machine_times()
                     cpu = (_proc_cpu_seconds(pids[target]) - cpu0) if cpu0 is not None else None
                     own = (_own_cpu_seconds(pids[target]) - own0) if own0 is not None else None
