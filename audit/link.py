@@ -105,7 +105,6 @@ RESTART_DELAY = 1.0
 READY_TIMEOUT = 60.0
 _HEADER = FRAME.size
 _time = time.time
-_monotonic = time.monotonic
 
 
 @attrs.frozen
@@ -156,7 +155,7 @@ class AuditLink:
     _base: int = 0  # the frame number of this worker's first frame after its replay prefix
     _prefix: int = 0  # frames of that prefix (R, O) the worker counts too
     _wake: Any = None
-    # While the sender gathers (``_send_frames``): the ``time.monotonic()`` after which a queued
+    # While the sender gathers (``_send_frames``): the trio time after which a queued
     # frame wakes it to write (0: any frame wakes it).
     _gather_until: float = 0.0
     _room: Any = None
@@ -201,7 +200,7 @@ class AuditLink:
         self._out_bytes += len(payload) + _HEADER
         self.queued_mark += 1
         wake = self._wake
-        if wake is not None and (not self._gather_until or _monotonic() >= self._gather_until):
+        if wake is not None and (not self._gather_until or trio.current_time() >= self._gather_until):
             self._wake = None
             wake.set()
 
@@ -470,7 +469,7 @@ class AuditLink:
                     # twice that when no frame comes.  Not a plain sleep: its timer would wake
                     # the loop ``1 / link_delay`` times a second under load, and on a VM a
                     # wake-up costs more CPU than the write (scripts/bench/README.md, "cql").
-                    self._gather_until = _monotonic() + self.link_delay
+                    self._gather_until = trio.current_time() + self.link_delay
                     self._wake = trio.Event()
                     with trio.move_on_after(2 * self.link_delay):
                         await self._wake.wait()

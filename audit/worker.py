@@ -125,6 +125,7 @@ class Worker:
         self._ack_wake = trio.Event()
         self._say_lock = trio.Lock()
         self.ack_delay = ACK_DELAY  # 0 under durability "ack": sessions wait for each ack
+        self.read_delay = READ_DELAY  # 0 under durability "ack" (see ``read``)
         self._pending: dict = {}  # counters changed before other links' checkpoints, since our last
         if hub is None:
             recorder.on_checkpoint = self.on_checkpoint
@@ -274,6 +275,13 @@ class Worker:
             del buf[:pos]
             # Every event these frames produced is queued: once written, they are acked.
             recorder.checkpoint(self.frames, self)
+            if self.read_delay and len(data) < READ_SMALL:
+                # Durability "async": let the link's writes (one per ``LINK_DELAY`` while sessions
+                # are busy) gather in the pipe and take them in one wake-up.  Written, they are
+                # the kernel's: a proxy that dies now loses none of them (end of input comes after
+                # them); a full pipe holds the proxy's link back, never drops.  A large read
+                # (a bulk reply) reads on at once.
+                await trio.sleep(self.read_delay)
 
 
 async def close_taps(worker: Worker) -> None:
@@ -298,6 +306,8 @@ async def serve_links(hub: Hub, path: str, hello: Any, ack_delay: float, *,
     async def serve_one(stream: trio.SocketStream) -> None:
         worker = hub.add(stream)
         worker.ack_delay = ack_delay
+        if not ack_delay:
+            worker.read_delay = 0.0
         try:
             async with trio.open_nursery() as nursery:
                 await worker.say(hello())
@@ -355,7 +365,7 @@ async def serve(config_file: str, listen: str | None = None) -> None:
     hub = Hub(recorder)
     worker = hub.add(stdout)
     if audit_config.durability == "ack":
-        worker.ack_delay = 0.0
+        worker.ack_delay = worker.read_delay = 0.0
 
     def hello() -> dict:
         return {"ready": True, "last_seq": recorder.last_seq, "accepting": recorder.accepting, "pid": os.getpid()}
@@ -409,6 +419,8 @@ async def serve(config_file: str, listen: str | None = None) -> None:
 REPORT_POLL = 0.25
 STATS_INTERVAL = 1.0  # seconds between the worker's statistics reports to the proxy (dbproxy.metrics)
 ACK_DELAY = 0.02  # seconds acks gather under durability "async"
+READ_DELAY = 0.02  # seconds between reads of a link under durability "async" (``Worker.read``)
+READ_SMALL = 64 * 1024  # a read this large or larger: read on at once
 ACK_LINGER = 0.03  # seconds past due an ack waits for a written batch to go with (``send_acks``)
 SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 
