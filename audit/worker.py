@@ -23,6 +23,15 @@ committed append; with ``"durability": "ack"`` also fdatasync'd), the frames
 are acked with the ``session_seq`` counters as of that point.  The proxy
 keeps unacked frames and hands them to the next worker if this one dies.
 
+Wake-ups, not frames, are what the worker costs at a few thousand operations
+a second on a VM (scripts/bench/README.md, "cql"), so under durability
+"async" it takes as few as it can: a batch is what one read brought (no
+gathering timer of the recorder's own), reads are ``READ_DELAY`` apart (the
+link's writes wait in the pipe meanwhile, the kernel's already), and an ack
+goes out with a written batch once ``ACK_DELAY`` has passed, on a timer only
+when the link went quiet.  Under durability "ack" the proxy's sessions wait
+for the acks: none of these delays apply.
+
 Several proxy processes, one chain (``"workers": N``, ``dbproxy.workers``):
 with ``--listen PATH`` the worker also accepts links on a Unix socket, each
 speaking exactly what stdin speaks (its own frame count, taps and acks; the
