@@ -103,7 +103,7 @@ class Child:
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
-    def start(self, timeout: float = 30.0) -> "Child":
+    def start(self, timeout: float = 90.0) -> "Child":  # a loaded 2-core machine starts dbproxy slowly
         env = dict(os.environ, PYTHONPATH=str(self.root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
