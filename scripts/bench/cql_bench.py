@@ -82,6 +82,29 @@ def _own_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def _wakeups(pid: int) -> int:
+    """Times the middleman's processes (every thread, dbproxy's audit worker too) blocked and were
+    woken again (voluntary context switches): on a VM a wake-up costs ~100-200 µs of CPU, more than
+    most per-operation work, so this is what CPU per operation mostly follows."""
+    from scripts.bench.pg_bench import _descendants
+
+    total = 0
+    for p in (pid, *_descendants(pid)):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:
+                continue
+    return total
+
+
 def _machine_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
@@ -306,6 +329,7 @@ class Run:
     machine_idle: float
     proxy_cpu_per_kop: float | None = None
     audited: int | None = None
+    wakeups_per_op: float | None = None
 
 
 def _count_marks(path: Path) -> int:
@@ -403,11 +427,13 @@ def main(argv: list[str] | None = None) -> int:
                     marks_before = _count_marks(audit_path) if audit_path else 0
                     cpu0 = _proc_cpu_seconds(pids[target]) if target in pids else None
                     own0 = _own_cpu_seconds(pids[target]) if target in pids else None
+                    wake0 = _wakeups(pids[target]) if target in pids else None
                     idle0, total0 = _machine_times()
                     result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency, args.rate)
                     idle1, total1 = _machine_times()
                     cpu = (_proc_cpu_seconds(pids[target]) - cpu0) if cpu0 is not None else None
                     own = (_own_cpu_seconds(pids[target]) - own0) if own0 is not None else None
+                    wakes = (_wakeups(pids[target]) - wake0) if wake0 is not None else None
                     audited = None
                     if audit_path:
                         time.sleep(1.0)  # the drain task writes asynchronously
@@ -416,11 +442,14 @@ def main(argv: list[str] | None = None) -> int:
                               round(result.percentile(0.5), 2), round(result.percentile(0.99), 2),
                               round(cpu / result.ops * 1000, 3) if cpu is not None and result.ops else None,
                               round((idle1 - idle0) / max(1, total1 - total0), 3),
-                              round(own / result.ops * 1000, 3) if own is not None and result.ops else None, audited)
+                              round(own / result.ops * 1000, 3) if own is not None and result.ops else None, audited,
+                              round(wakes / result.ops, 2) if wakes is not None and result.ops else None)
                     runs.append(run)
                     extra = f"  cpu/kop {run.cpu_per_kop:.3f}s" if run.cpu_per_kop is not None else ""
                     if target in proxied and run.proxy_cpu_per_kop is not None:
                         extra += f" (proxy loop {run.proxy_cpu_per_kop:.3f}s)"
+                    if run.wakeups_per_op is not None:
+                        extra += f"  wake-ups/op {run.wakeups_per_op:.2f}"
                     if audited is not None:
                         extra += f"  audited {audited} (ops {result.ops}, errors {result.errors})"
                     print(f"round {rnd} {workload_name:6s} {target:12s} {run.rate:9.0f} ops/s  p50 {run.p50_ms:6.2f} ms  "
