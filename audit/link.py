@@ -37,8 +37,9 @@ when none comes: a timer of its own would cost a wake-up per write).
 Backpressure, never loss: past ``capacity_bytes`` queued or not yet acked,
 ``submit_nowait`` refuses (the session holds the event and its pump waits in
 ``flush``) and ``tap`` reports congestion (the pump waits after its send).
-When the worker cannot write (fail_closed sink full) it says so on its stdout (``{"accepting": false}``); the link then refuses new sessions
-and ends running ones, like the in-process recorder.  The worker also
+When the worker cannot write (fail_closed sink full) it says so on its
+stdout (``{"accepting": false}``); the link then refuses new sessions and
+ends running ones, like the in-process recorder.  The worker also
 reports its statistics (``{"stats": ...}``: its queue, its sinks' spools and
 delivery lag) once a second when they changed; the link keeps the last
 (``worker_stats``) for the proxy's metrics (``dbproxy.metrics``).
