@@ -31,13 +31,15 @@ the order the proxy saw it: a session's start event, its queries and
 results, its end.
 
 Framing (``FRAME``): kind byte, payload length, slot, direction, time; then
-the payload.  Frames gather in a list for up to ``link_delay`` and go out in
-one write.  Backpressure, never loss: past ``capacity_bytes`` queued or not
-yet acked, ``submit_nowait`` refuses (the session holds the event and its
-pump waits in ``flush``) and ``tap`` reports congestion (the pump waits after
-its send).  When the worker cannot write (fail_closed sink full) it says so
-on its stdout (``{"accepting": false}``); the link then refuses new sessions
-and ends running ones, like the in-process recorder.  The worker also
+the payload.  Frames gather in a list for ``link_delay`` and go out in one
+write with the first frame queued after that (at most ``2 * link_delay``
+when none comes: a timer of its own would cost a wake-up per write).
+Backpressure, never loss: past ``capacity_bytes`` queued or not yet acked,
+``submit_nowait`` refuses (the session holds the event and its pump waits in
+``flush``) and ``tap`` reports congestion (the pump waits after its send).
+When the worker cannot write (fail_closed sink full) it says so on its
+stdout (``{"accepting": false}``); the link then refuses new sessions and
+ends running ones, like the in-process recorder.  The worker also
 reports its statistics (``{"stats": ...}``: its queue, its sinks' spools and
 delivery lag) once a second when they changed; the link keeps the last
 (``worker_stats``) for the proxy's metrics (``dbproxy.metrics``).
@@ -154,6 +156,9 @@ class AuditLink:
     _base: int = 0  # the frame number of this worker's first frame after its replay prefix
     _prefix: int = 0  # frames of that prefix (R, O) the worker counts too
     _wake: Any = None
+    # While the sender gathers (``_send_frames``): the trio time after which a queued
+    # frame wakes it to write (0: any frame wakes it).
+    _gather_until: float = 0.0
     _room: Any = None
     _acked: Any = None
     _live: Any = None
@@ -196,7 +201,7 @@ class AuditLink:
         self._out_bytes += len(payload) + _HEADER
         self.queued_mark += 1
         wake = self._wake
-        if wake is not None:
+        if wake is not None and (not self._gather_until or trio.current_time() >= self._gather_until):
             self._wake = None
             wake.set()
 
@@ -460,7 +465,17 @@ class AuditLink:
                     await self._wake.wait()
                     continue
                 if self.link_delay and not self._closed:
-                    await trio.sleep(self.link_delay)
+                    # Gather for ``link_delay``: the write goes out with the first frame queued
+                    # after that (while sessions are busy, the loop is awake anyway), or after
+                    # twice that when no frame comes.  Not a plain sleep: its timer would wake
+                    # the loop ``1 / link_delay`` times a second under load, and on a VM a
+                    # wake-up costs more CPU than the write (scripts/bench/README.md, "cql").
+                    self._gather_until = trio.current_time() + self.link_delay
+                    self._wake = trio.Event()
+                    with trio.move_on_after(2 * self.link_delay):
+                        await self._wake.wait()
+                    self._wake = None
+                    self._gather_until = 0.0
                 parts = self._out
                 self._out = []
                 size = sum(len(p) for p in parts[1::2]) + _HEADER * (len(parts) // 2)

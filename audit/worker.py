@@ -23,6 +23,15 @@ committed append; with ``"durability": "ack"`` also fdatasync'd), the frames
 are acked with the ``session_seq`` counters as of that point.  The proxy
 keeps unacked frames and hands them to the next worker if this one dies.
 
+Wake-ups, not frames, are what the worker costs at a few thousand operations
+a second on a VM (scripts/bench/README.md, "cql"), so under durability
+"async" it takes as few as it can: a batch is what one read brought (no
+gathering timer of the recorder's own), reads are ``READ_DELAY`` apart (the
+link's writes wait in the pipe meanwhile, the kernel's already), and an ack
+goes out with a written batch once ``ACK_DELAY`` has passed, on a timer only
+when the link went quiet.  Under durability "ack" the proxy's sessions wait
+for the acks: none of these delays apply.
+
 Several proxy processes, one chain (``"workers": N``, ``dbproxy.workers``):
 with ``--listen PATH`` the worker also accepts links on a Unix socket, each
 speaking exactly what stdin speaks (its own frame count, taps and acks; the
@@ -125,6 +134,7 @@ class Worker:
         self._ack_wake = trio.Event()
         self._say_lock = trio.Lock()
         self.ack_delay = ACK_DELAY  # 0 under durability "ack": sessions wait for each ack
+        self.read_delay = READ_DELAY  # 0 under durability "ack" (see ``read``)
         self._pending: dict = {}  # counters changed before other links' checkpoints, since our last
         if hub is None:
             recorder.on_checkpoint = self.on_checkpoint
@@ -153,14 +163,27 @@ class Worker:
         that changed since the last ack (0: the session's end event is written), so the
         proxy can hand them to a new worker if this one dies."""
         said = 0
+        last = -float("inf")  # when the last ack went out
         while True:
             await self._ack_wake.wait()
-            if self.ack_delay:
-                # Durability "async": an ack only frees the proxy's copy of the frames, so
-                # acks are gathered (fewer lines to write and parse on both sides).
-                await trio.sleep(self.ack_delay)
             self._ack_wake = trio.Event()
+            if self.ack_delay:
+                # Durability "async": an ack only frees the proxy's copy of the frames, so acks
+                # are gathered (fewer lines to write and parse on both sides): at most one per
+                # ``ack_delay``.  One that is not due yet waits for a later written batch, which
+                # comes within a few ms while the link is busy, when this process is awake anyway;
+                # a timer of its own would wake the process (and the proxy's loop) once more per
+                # ack — on a VM, a process wake-up costs more CPU than writing a batch.  Only an
+                # ack whose link went quiet waits for the timer (``ACK_LINGER`` past due).
+                due = last + self.ack_delay
+                if trio.current_time() < due:
+                    with trio.move_on_at(due + ACK_LINGER):
+                        while trio.current_time() < due:
+                            await self._ack_wake.wait()
+                            self._ack_wake = trio.Event()
             if self.acked > said:
+                if self.ack_delay:
+                    last = trio.current_time()
                 said = self.acked
                 seqs, self._seqs = self._seqs, {}
                 await self.say({"ack": said, "seqs": {k.decode(): v for k, v in seqs.items()}})
@@ -261,6 +284,13 @@ class Worker:
             del buf[:pos]
             # Every event these frames produced is queued: once written, they are acked.
             recorder.checkpoint(self.frames, self)
+            if self.read_delay and len(data) < READ_SMALL:
+                # Durability "async": let the link's writes (one per ``LINK_DELAY`` while sessions
+                # are busy) gather in the pipe and take them in one wake-up.  Written, they are
+                # the kernel's: a proxy that dies now loses none of them (end of input comes after
+                # them); a full pipe holds the proxy's link back, never drops.  A large read
+                # (a bulk reply) reads on at once.
+                await trio.sleep(self.read_delay)
 
 
 async def close_taps(worker: Worker) -> None:
@@ -285,6 +315,8 @@ async def serve_links(hub: Hub, path: str, hello: Any, ack_delay: float, *,
     async def serve_one(stream: trio.SocketStream) -> None:
         worker = hub.add(stream)
         worker.ack_delay = ack_delay
+        if not ack_delay:
+            worker.read_delay = 0.0
         try:
             async with trio.open_nursery() as nursery:
                 await worker.say(hello())
@@ -334,13 +366,15 @@ async def serve(config_file: str, listen: str | None = None) -> None:
         for sink in sinks:
             if getattr(sink, "fsync", None) in ("interval", "never"):
                 sink.fsync = "always"
-    recorder = AuditRecorder(sinks, capacity=audit_config.queue_size, on_accepting_change=on_change)
-    if audit_config.durability == "ack":
-        recorder.batch_delay = 0.0  # sessions wait for the acks: a batch gathers during the previous fsync
+    # No gathering delay of its own: a batch is what one read of the link brought (the proxy's
+    # link gathers its frames for ``LINK_DELAY`` before a write; under durability "ack" sessions
+    # wait for the acks, and a batch gathers during the previous fsync).  A second wait here
+    # would only add a timer and a wake-up per batch.
+    recorder = AuditRecorder(sinks, capacity=audit_config.queue_size, on_accepting_change=on_change, batch_delay=0.0)
     hub = Hub(recorder)
     worker = hub.add(stdout)
     if audit_config.durability == "ack":
-        worker.ack_delay = 0.0
+        worker.ack_delay = worker.read_delay = 0.0
 
     def hello() -> dict:
         return {"ready": True, "last_seq": recorder.last_seq, "accepting": recorder.accepting, "pid": os.getpid()}
@@ -394,6 +428,9 @@ async def serve(config_file: str, listen: str | None = None) -> None:
 REPORT_POLL = 0.25
 STATS_INTERVAL = 1.0  # seconds between the worker's statistics reports to the proxy (dbproxy.metrics)
 ACK_DELAY = 0.02  # seconds acks gather under durability "async"
+READ_DELAY = 0.02  # seconds between reads of a link under durability "async" (``Worker.read``)
+READ_SMALL = 64 * 1024  # a read this large or larger: read on at once
+ACK_LINGER = 0.03  # seconds past due an ack waits for a written batch to go with (``send_acks``)
 SPOOL_BUSY_WAIT = 20.0  # seconds to wait for a spool still held by the worker of a proxy that died
 
 

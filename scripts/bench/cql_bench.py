@@ -82,6 +82,29 @@ def _own_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def _wakeups(pid: int) -> int:
+    """Times the middleman's processes (every thread, dbproxy's audit worker too) blocked and were
+    woken again (voluntary context switches): on a VM a wake-up costs ~100-200 µs of CPU, more than
+    most per-operation work, so this is what CPU per operation mostly follows."""
+    from scripts.bench.pg_bench import _descendants
+
+    total = 0
+    for p in (pid, *_descendants(pid)):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:
+                continue
+    return total
+
+
 def _machine_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
@@ -103,7 +126,7 @@ class Child:
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
-    def start(self, timeout: float = 30.0) -> "Child":
+    def start(self, timeout: float = 90.0) -> "Child":  # a loaded 2-core machine starts dbproxy slowly
         env = dict(os.environ, PYTHONPATH=str(self.root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
@@ -198,11 +221,12 @@ class LoadResult:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000
 
 
-def run_load(session, statement, make_params, duration: float, concurrency: int) -> LoadResult:
-    """Keep ``concurrency`` requests in flight until ``duration`` is up (the driver's own pattern)."""
+def run_load(session, statement, make_params, duration: float, concurrency: int, rate: float = 0.0) -> LoadResult:
+    """Keep ``concurrency`` requests in flight until ``duration`` is up (the driver's own pattern);
+    with ``rate``: start ``rate`` requests a second instead (paced, at most ``concurrency`` in flight)."""
     lock = threading.Lock()
     done = threading.Event()
-    state = {"ops": 0, "errors": 0, "inflight": 0}
+    state = {"ops": 0, "errors": 0, "inflight": 0, "pacing": bool(rate)}
     latencies: list[float] = []
     deadline = time.monotonic() + duration
     perf = time.perf_counter
@@ -222,19 +246,39 @@ def run_load(session, statement, make_params, duration: float, concurrency: int)
         again()
 
     def again() -> None:
-        if time.monotonic() < deadline:
+        if not rate and time.monotonic() < deadline:
             launch()
             return
         with lock:
             state["inflight"] -= 1
-            if state["inflight"] == 0:
+            if state["inflight"] == 0 and not state["pacing"]:
                 done.set()
 
     t0 = time.monotonic()
-    with lock:
-        state["inflight"] = concurrency
-    for _ in range(concurrency):
-        launch()
+    if rate:
+        # Paced: the same operations a second for every target, so CPU per operation compares
+        # like with like on a machine whose load swings (the per-wake-up costs depend on the rate).
+        due = t0
+        while due < deadline:
+            with lock:
+                room = state["inflight"] < concurrency
+                if room:
+                    state["inflight"] += 1
+            if room:
+                launch()
+            due += 1.0 / rate
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        with lock:
+            state["pacing"] = False
+            if state["inflight"] == 0:
+                done.set()
+    else:
+        with lock:
+            state["inflight"] = concurrency
+        for _ in range(concurrency):
+            launch()
     done.wait(duration + 60)
     return LoadResult(state["ops"], state["errors"], time.monotonic() - t0, latencies)
 
@@ -285,6 +329,7 @@ class Run:
     machine_idle: float
     proxy_cpu_per_kop: float | None = None
     audited: int | None = None
+    wakeups_per_op: float | None = None
 
 
 def _count_marks(path: Path) -> int:
@@ -300,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="start this many requests a second (paced; default: as many as --concurrency allows)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--keys", type=int, default=10_000)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -373,18 +420,20 @@ def main(argv: list[str] | None = None) -> int:
                     _, session = sessions[target]
                     wl = Workload(workload_name, session, args.keys)
                     if args.warmup:
-                        run_load(session, wl.statement, wl.params, args.warmup, args.concurrency)
+                        run_load(session, wl.statement, wl.params, args.warmup, args.concurrency, args.rate)
                     audit_path = audit_paths.get(target)
                     if audit_path:
                         time.sleep(1.0)  # let the warm-up's events reach the file first
                     marks_before = _count_marks(audit_path) if audit_path else 0
                     cpu0 = _proc_cpu_seconds(pids[target]) if target in pids else None
                     own0 = _own_cpu_seconds(pids[target]) if target in pids else None
+                    wake0 = _wakeups(pids[target]) if target in pids else None
                     idle0, total0 = _machine_times()
-                    result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency)
+                    result = run_load(session, wl.statement, wl.params, args.duration, args.concurrency, args.rate)
                     idle1, total1 = _machine_times()
                     cpu = (_proc_cpu_seconds(pids[target]) - cpu0) if cpu0 is not None else None
                     own = (_own_cpu_seconds(pids[target]) - own0) if own0 is not None else None
+                    wakes = (_wakeups(pids[target]) - wake0) if wake0 is not None else None
                     audited = None
                     if audit_path:
                         time.sleep(1.0)  # the drain task writes asynchronously
@@ -393,11 +442,14 @@ def main(argv: list[str] | None = None) -> int:
                               round(result.percentile(0.5), 2), round(result.percentile(0.99), 2),
                               round(cpu / result.ops * 1000, 3) if cpu is not None and result.ops else None,
                               round((idle1 - idle0) / max(1, total1 - total0), 3),
-                              round(own / result.ops * 1000, 3) if own is not None and result.ops else None, audited)
+                              round(own / result.ops * 1000, 3) if own is not None and result.ops else None, audited,
+                              round(wakes / result.ops, 2) if wakes is not None and result.ops else None)
                     runs.append(run)
                     extra = f"  cpu/kop {run.cpu_per_kop:.3f}s" if run.cpu_per_kop is not None else ""
                     if target in proxied and run.proxy_cpu_per_kop is not None:
                         extra += f" (proxy loop {run.proxy_cpu_per_kop:.3f}s)"
+                    if run.wakeups_per_op is not None:
+                        extra += f"  wake-ups/op {run.wakeups_per_op:.2f}"
                     if audited is not None:
                         extra += f"  audited {audited} (ops {result.ops}, errors {result.errors})"
                     print(f"round {rnd} {workload_name:6s} {target:12s} {run.rate:9.0f} ops/s  p50 {run.p50_ms:6.2f} ms  "

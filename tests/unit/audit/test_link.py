@@ -22,6 +22,7 @@ import time
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from dbproxy.audit.link import EVENT, FRAME, AuditLink
 from dbproxy.audit.recorder import AuditUnavailable
@@ -306,3 +307,78 @@ async def test_a_worker_killed_under_load_loses_nothing_the_link_handed_it(tmp_p
         assert {e["session_seq"] for e in mine} == set(range(1, end["session_seq"] + 1))
     result = verify_files([str(tmp_path / "audit.jsonl")])
     assert result.ok, (result.error, result.gaps)
+
+
+class _Writes:
+    """The worker's stdin as the link's sender sees it: records each write and its (trio) time."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append((trio.current_time(), bytes(data)))
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_link_writes_with_the_first_frame_after_its_delay_not_on_a_timer(autojump_clock):
+    # While sessions are busy the write goes out with a frame queued after ``link_delay`` (the
+    # loop is awake then anyway); a timer per write would cost a wake-up per write.  A frame with
+    # none after it still goes out, after at most twice the delay.
+    link = AuditLink("unused.json", link_delay=1.0)
+    out = _Writes()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link._send_frames, out, [])
+        await trio.sleep(0.1)
+        t0 = trio.current_time()
+        link.submit_nowait(b'{"n":1}')
+        await trio.sleep(1.5)  # past link_delay: the next frame takes both out
+        link.submit_nowait(b'{"n":2}')
+        await trio.sleep(0.01)
+        assert len(out.writes) == 1, out.writes
+        when, data = out.writes[0]
+        assert when - t0 == pytest.approx(1.5, abs=0.02)
+        assert b'{"n":1}' in data and b'{"n":2}' in data
+        t1 = trio.current_time()
+        link.submit_nowait(b'{"n":3}')  # and then nothing
+        await trio.sleep(5)
+        assert len(out.writes) == 2
+        assert out.writes[1][0] - t1 <= 2.0 + 0.02 and b'{"n":3}' in out.writes[1][1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_worker_takes_the_link_writes_of_its_read_delay_in_one_read(autojump_clock):
+    # Durability "async": the link's writes (one per few ms under load) gather in the pipe and the
+    # worker takes them in one wake-up (one checkpoint), not one wake-up each.
+    from dbproxy.audit.recorder import AuditRecorder
+    from dbproxy.audit.worker import READ_DELAY, Worker
+
+    checkpoints: list[int] = []
+
+    class Recorder(AuditRecorder):
+        def checkpoint(self, frames: int, owner=None) -> None:
+            checkpoints.append(frames)
+            super().checkpoint(frames, owner)
+
+    recorder = Recorder([])
+    worker = Worker(recorder, _Writes())
+    send, receive = trio.testing.memory_stream_one_way_pair()
+
+    def event(n: int) -> bytes:
+        body = b'{"n":%d}' % n
+        return FRAME.pack(EVENT, len(body), 0, 0, 0.0) + body
+
+    async def proxy() -> None:
+        for n in range(3):
+            await send.send_all(event(n))
+            await trio.sleep(READ_DELAY / 4)
+        await trio.sleep(READ_DELAY * 2)
+        await send.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proxy)
+        await worker.read(receive)
+    assert worker.frames == 3
+    assert checkpoints == [1, 3]
+    assert [b for b in recorder._queue if type(b) is bytes] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
