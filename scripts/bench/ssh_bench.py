@@ -107,19 +107,23 @@ def _cli(*args: str) -> str:
     return p.stdout.strip()
 
 
-# The ciphers the proxy's two legs negotiate (engines/ssh/bridge.py CLIENT_CIPHERS / TARGET_CIPHERS):
-# OpenSSH's client picks aes128-ctr + umac-64-etm from the proxy's list; the proxy, as the client of
-# the target leg, picks aes128-gcm.  The openssh-hop target uses the same on its two legs.
+# The ciphers of the proxy's two legs (engines/ssh/bridge.py): aes128-gcm on both with OpenSSH's client
+# (offer_gcm_only; the proxy is the client of the target leg and lists GCM first).  The openssh-hop
+# target uses the same on its two legs; ``--hop-client-leg ctr`` makes its client leg aes128-ctr +
+# umac-64-etm, what OpenSSH's client picks from the proxy's full list (CLIENT_LEG, dbproxy-ctr).
 CLIENT_LEG = ["-o", "Ciphers=aes128-ctr", "-o", "MACs=umac-64-etm@openssh.com"]
 TARGET_LEG = ["-o", "Ciphers=aes128-gcm@openssh.com"]
-TARGETS = ("direct", "openssh-hop", "dbproxy", "dbproxy-gcm", "dbproxy-b")
-# dbproxy-gcm: the same proxy, the client asking for aes128-gcm on its leg (what a listener offering
-# only AES-GCM would get).  dbproxy-b: a second proxy process with --b-env settings, for an A/B.
+TARGETS = ("direct", "openssh-hop", "dbproxy", "dbproxy-ctr", "dbproxy-b")
+# dbproxy-ctr: the same proxy, the client asking for aes128-ctr (+ umac-64-etm) on its leg: what OpenSSH
+# negotiated before the proxy offered AES-GCM alone to clients that list it (bridge.offer_gcm_only).
+# dbproxy-b: a second proxy process with the --b-env settings, for an A/B of engines/ssh.
 
 
 class Setup:
-    def __init__(self, workdir: Path, size: int, targets: tuple[str, ...], b_env: dict | None = None) -> None:
+    def __init__(self, workdir: Path, size: int, targets: tuple[str, ...], b_env: dict | None = None,
+                 hop_client_leg: str = "gcm") -> None:
         self.workdir = workdir
+        self.hop_leg = CLIENT_LEG if hop_client_leg == "ctr" else TARGET_LEG
         self.sshd = start_sshd(workdir / "sshd")
         self.file = workdir / "payload.bin"
         with open(self.file, "wb") as f:
@@ -143,7 +147,7 @@ class Setup:
             known += Path(self.hop.known_hosts).read_text()
         self.proxies: dict[str, tuple[ProxyProcess, str]] = {}
         for name, env in (("dbproxy", None), ("dbproxy-b", b_env)):
-            if name in targets or (name == "dbproxy" and "dbproxy-gcm" in targets):
+            if name in targets or (name == "dbproxy" and "dbproxy-ctr" in targets):
                 self.proxies[name] = self._start_proxy(workdir / name, env)
                 kind, blob = (workdir / name / "host_ed25519.pub").read_text().split()[:2]
                 known += f"[127.0.0.1]:{self.proxies[name][0].port()} {kind} {blob}\n"
@@ -156,7 +160,7 @@ class Setup:
         self.env.pop("SSH_AUTH_SOCK", None)
 
     def _proxy(self, target: str) -> tuple[ProxyProcess, str]:
-        return self.proxies["dbproxy" if target == "dbproxy-gcm" else target]
+        return self.proxies["dbproxy" if target == "dbproxy-ctr" else target]
 
     def _start_proxy(self, pw: Path, env: dict | None) -> tuple[ProxyProcess, str]:
         pw.mkdir()
@@ -194,10 +198,10 @@ class Setup:
             return [*common, "-o", "PreferredAuthentications=publickey", "-i", str(self.sshd.client_key),
                     "-o", "IdentitiesOnly=yes"], self.sshd.port, f"{self.sshd.login}@127.0.0.1"
         if target == "openssh-hop":
-            return [*common, *CLIENT_LEG, "-o", "PreferredAuthentications=publickey", "-i", str(self.hop.client_key),
+            return [*common, *self.hop_leg, "-o", "PreferredAuthentications=publickey", "-i", str(self.hop.client_key),
                     "-o", "IdentitiesOnly=yes"], self.hop.port, f"{self.hop.login}@127.0.0.1"
-        gcm = ["-o", "Ciphers=aes128-gcm@openssh.com"] if target == "dbproxy-gcm" else []
-        return ([*common, *gcm, "-o", "PubkeyAuthentication=no"], self._proxy(target)[0].port(),
+        ctr = CLIENT_LEG if target == "dbproxy-ctr" else []
+        return ([*common, *ctr, "-o", "PubkeyAuthentication=no"], self._proxy(target)[0].port(),
                 f"{self.sshd.login}@bench@127.0.0.1")
 
     def command(self, target: str, command: str, *, tty: bool = False) -> str:
@@ -311,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"some of {','.join(TARGETS)} (direct always runs)")
     ap.add_argument("--b-env", action="append", default=[], metavar="VAR=VALUE",
                     help="environment of the dbproxy-b target's proxy process (an A/B of engines/ssh settings)")
+    ap.add_argument("--hop-client-leg", choices=("gcm", "ctr"), default="gcm",
+                    help="cipher of the openssh-hop client leg: aes128-gcm, or aes128-ctr + umac-64-etm")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args(argv)
@@ -319,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     b_env = dict(kv.split("=", 1) for kv in args.b_env)
     size = _size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="dbproxy-ssh-bench-"))
-    setup = Setup(workdir, size, targets, b_env)
+    setup = Setup(workdir, size, targets, b_env, args.hop_client_leg)
     results: dict = {"size": size, "rounds": args.rounds, "targets": targets, "b_env": b_env, "runs": {}}
     print(f"{'test':5} {'target':11} rnd {'MB/s':>7} {'ratio':>5} {'middle':>7} {'target':>7} {'client':>7}"
           f" {'idle':>5} {'load':>5}   (CPU in ns/byte)", flush=True)
