@@ -305,6 +305,13 @@ def measure(setup: Setup, test: str, target: str) -> dict:
             **{f"{k}_ns_per_byte": v / size * 1e9 for k, v in cpu.items()}}
 
 
+def _total(m: dict) -> float:
+    """All the CPU one byte cost: client, relay, target.  When the CPUs are the bottleneck (2 cores, all
+    busy), direct's total over a relayed run's total bounds the throughput ratio from above, and it moves
+    much less with the machine's load than the wall-clock ratio."""
+    return m["middle_ns_per_byte"] + m["target_ns_per_byte"] + m["client_ns_per_byte"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="256M", help="bytes to move per transfer (e.g. 1G, 256M)")
@@ -328,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(workdir, size, targets, b_env, args.hop_client_leg)
     results: dict = {"size": size, "rounds": args.rounds, "targets": targets, "b_env": b_env, "runs": {}}
     print(f"{'test':5} {'target':11} rnd {'MB/s':>7} {'ratio':>5} {'middle':>7} {'target':>7} {'client':>7}"
-          f" {'idle':>5} {'load':>5}   (CPU in ns/byte)", flush=True)
+          f" {'cpu-r':>5} {'idle':>5} {'load':>5}   (CPU in ns/byte; cpu-r: direct's CPU/byte over this one's)",
+          flush=True)
     try:
         for test in ("cat", "sftp"):
             if test not in tests:
@@ -339,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs = results["runs"].setdefault(test, {}).setdefault(target, [])
                     runs.append(m)
                     ratio = m["MBps"] / results["runs"][test]["direct"][r]["MBps"]
+                    m["cpu_ratio"] = _total(results["runs"][test]["direct"][r]) / _total(m)
                     print(f"{test:5} {target:11} {r + 1:3} {m['MBps']:7.1f} {ratio:5.2f} {m['middle_ns_per_byte']:7.2f}"
-                          f" {m['target_ns_per_byte']:7.2f} {m['client_ns_per_byte']:7.2f} {m['idle']:5.0%}"
+                          f" {m['target_ns_per_byte']:7.2f} {m['client_ns_per_byte']:7.2f} {m['cpu_ratio']:5.2f}"
+                          f" {m['idle']:5.0%}"
                           f" {m['load1']:5.1f}", flush=True)
         if "keystroke" in tests:
             for target in targets:
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"MBps": round(best, 1),
                        "round_ratios": [round(m["MBps"] / d["MBps"], 3) for m, d in zip(runs[target], runs["direct"])],
                        "middle_ns_per_byte": round(min(m["middle_ns_per_byte"] for m in runs[target]), 2),
-                       "idle": round(min(m["idle"] for m in runs[target]), 3)}
+                       "idle": round(min(m["idle"] for m in runs[target]), 3),
+                       "cpu_ratios": [round(m["cpu_ratio"], 3) for m in runs[target]]}
                 if target != "direct":
                     row["ratio"] = round(best / max(m["MBps"] for m in runs["direct"]), 3)
                 summary[test][target] = row
@@ -374,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             for target, row in summary.get(test, {}).items():
                 print(f"  {test:5} {target:11} {row['MBps']:7.1f} MB/s  ratio {row.get('ratio', 1.0):.2f}"
                       f"  rounds {'/'.join(f'{x:.2f}' for x in row['round_ratios'])}"
-                      f"  middle {row['middle_ns_per_byte']:.2f} ns/byte", flush=True)
+                      f"  middle {row['middle_ns_per_byte']:.2f} ns/byte"
+                      f"  cpu-r {'/'.join(f'{x:.2f}' for x in row['cpu_ratios'])}", flush=True)
         for target, row in summary.get("keystroke", {}).items():
             print(f"  keys  {target:11} median {row['median_ms']:.3f} ms  added {row['added_ms']:+.3f} ms")
         print(f"  load average at the end: {' '.join(f'{x:.1f}' for x in summary['loadavg_end'])}", flush=True)
