@@ -25,7 +25,9 @@ relayed to a channel of the same kind on the target by ``ChannelRelay`` /
 breaks, exit status / signal, EOF — entirely in asyncssh's callbacks (no
 task per chunk; flow control by pausing the other side's reading when a
 side's send window is full; the packets one received chunk makes for the
-other connection go to its socket in one write, ``coalesce_writes``).  What
+other connection go to its socket in one write, ``coalesce_writes``, without the
+SSH_MSG_IGNORE asyncssh puts before each, ``drop_ignores``; AES-GCM on the client leg when the
+client has it, ``offer_gcm_only``).  What
 the audit wants to know is emitted from those callbacks *before* the request
 is forwarded (an exec command before the target sees it).  Forwarding requests are audited with their verdict:
 ``direct-tcpip`` (``-L``, ``-D``, ``-W``) and ``tcpip-forward`` (``-R``)
@@ -162,12 +164,6 @@ def offer_gcm_only(conn: Any) -> None:
 COALESCE_LIMIT = 256 * 1024
 # DBPROXY_SSH_COALESCE=0 writes each packet as asyncssh makes it (for an A/B run of scripts/bench/ssh).
 _COALESCE = os.environ.get("DBPROXY_SSH_COALESCE", "1") != "0"
-# A received chunk (asyncio reads up to 256 KiB) is handed to asyncssh in pieces of at most this size.
-# asyncssh keeps its input as ``bytes`` and slices the rest off after each packet's header and body,
-# copying what is left each time: one 256 KiB read of ~8 packets is copied ~8 times over.  In
-# pieces about one 32 KiB packet long the rest is never longer than one packet and a piece.
-# DBPROXY_SSH_SPLIT=0 hands the chunk over whole (for an A/B run of scripts/bench/ssh).
-SPLIT = int(os.environ.get("DBPROXY_SSH_SPLIT", 32768))
 # asyncssh sends an empty SSH_MSG_IGNORE before every packet after the key exchange: a defence of
 # CBC modes, whose IV for a packet is the last ciphertext block the attacker saw (RFC 4251 §9.3.1
 # mentions it; OpenSSH does not do it).  None of the ciphers the proxy offers or accepts is CBC
@@ -229,30 +225,28 @@ def coalesce_writes(conn: Any) -> None:
 
     def data_received(data: bytes, datatype: Any = None) -> None:
         try:
-            if SPLIT and len(data) > SPLIT:
-                view = memoryview(data)
-                for start in range(0, len(data), SPLIT):
-                    if conn._transport is None:  # closed by what the last piece carried
-                        break
-                    receive(view[start:start + SPLIT], datatype)  # asyncssh's ``_inpbuf += data`` makes bytes
-            else:
-                receive(data, datatype)
+            receive(data, datatype)
         finally:
             for f in flushes:
                 f()
 
     conn._send = send
     conn.data_received = data_received
-    if _DROP_IGNORE:
-        send_packet = conn.send_packet
 
-        def send_packet_unpadded(pkttype: int, *args: bytes, handler: Any = None) -> None:
-            if (pkttype == asyncssh.constants.MSG_IGNORE and args == _EMPTY_IGNORE
-                    and b"-cbc" not in (conn._enc_alg_cs if conn.is_client() else conn._enc_alg_sc)):
-                return
-            send_packet(pkttype, *args, handler=handler)
 
-        conn.send_packet = send_packet_unpadded
+def drop_ignores(conn: Any) -> None:
+    """No SSH_MSG_IGNORE before each packet ``conn`` sends (``_DROP_IGNORE``), unless it encrypts with CBC."""
+    if not _DROP_IGNORE:
+        return
+    send_packet = conn.send_packet
+
+    def send_packet_unpadded(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if (pkttype == asyncssh.constants.MSG_IGNORE and args == _EMPTY_IGNORE
+                and b"-cbc" not in (conn._enc_alg_cs if conn.is_client() else conn._enc_alg_sc)):
+            return
+        send_packet(pkttype, *args, handler=handler)
+
+    conn.send_packet = send_packet_unpadded  # asyncssh calls it as self.send_packet: the instance's wins
 
 
 DISC_REFUSED = asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
@@ -353,6 +347,7 @@ class ClientGate(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         coalesce_writes(conn)
+        drop_ignores(conn)
         offer_gcm_only(conn)
         # Agent and X11 requests arrive on a session channel and asyncssh decides them in these two
         # connection methods; refusing there (and auditing) keeps its own handling of the reply.
@@ -972,6 +967,7 @@ class _TargetClient(asyncssh.SSHClient):
 
     def connection_made(self, conn: Any) -> None:
         coalesce_writes(conn)
+        drop_ignores(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.holder.relay is not None:

@@ -254,10 +254,16 @@ class Setup:
                                               client_keys=None, config=None, preferred_auth="password")
             async with conn:
                 # On the hop the middle's pty is put in raw mode by its ssh -tt: only the target's tty echoes.
-                proc = await conn.create_process(self.command(target, "cat", tty=True), term_type="xterm",
-                                                 term_size=(80, 24), encoding=None)
+                hop = target == "openssh-hop"
+                # On the hop, keys typed before the middle's ssh put its pty in raw mode would be echoed
+                # twice: wait for the target's first output, which that ssh relays only once raw.
+                proc = await conn.create_process(self.command(target, "echo READY; exec cat" if hop else "cat",
+                                                              tty=True), term_type="xterm", term_size=(80, 24),
+                                                 encoding=None)
                 samples = []
-                await asyncio.sleep(0.3 if target != "openssh-hop" else 1.0)
+                if hop:
+                    await proc.stdout.readuntil(b"READY\r\n")
+                await asyncio.sleep(0.3)
                 for i in range(keys + 20):
                     key = bytes([0x61 + i % 26])
                     t0 = time.perf_counter()
