@@ -13,8 +13,23 @@ alike:
             (the proxy's SFTP observer hashes every byte: SHA-256 in the audit)
 
 each timed end to end (connection and login included; small next to the
-transfer), direct against the sshd and through the proxy; reported as MB/s
-and the ratio proxy/direct (target ≥ 0.8).
+transfer) against each target (``--targets``; direct always):
+
+    direct       OpenSSH's client to the sshd
+    openssh-hop  through a second sshd (the middle host) whose session runs
+                 OpenSSH's ``ssh`` to the target (for sftp: its ``Subsystem
+                 sftp`` is ``ssh -s target sftp``): a terminating relay made of
+                 OpenSSH's C, the same ciphers on its legs as the proxy's
+    dbproxy      through the proxy;  dbproxy-ctr: the client asking for
+                 aes128-ctr on its leg;  dbproxy-b: a second proxy process
+                 with ``--b-env`` settings (an A/B of engines/ssh)
+
+reported as MB/s and the ratio to the same round's direct (target ≥ 0.8),
+with the CPU per byte of the middle (the proxy's process tree; the hop's sshd
+with its sessions and their ssh), of the target's sshd and of the client, the
+ratio of direct's total CPU per byte to the target's (with both cores busy, an
+upper bound of the throughput ratio that other load moves far less), the
+share of the CPUs left idle and the load average.
 
     keystroke  an asyncssh client opens a pty running ``cat`` (the tty echoes
             each byte at once) and sends one byte at a time, waiting for its
@@ -179,7 +194,7 @@ class Setup:
                                "host_key": {"known_hosts_file": str(self.sshd.known_hosts)}}}]}],
             "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},
         }
-        proxy = ProxyProcess(pw, config, name="proxy", env=env).start()
+        proxy = ProxyProcess(pw, config, name="proxy", env=env).start(timeout=120)  # a loaded machine
         return proxy, _cli("token", "issue", "--config", str(proxy.config_path), "--user", "bench",
                            "--roles", "ops", "--ttl", "2h")
 
