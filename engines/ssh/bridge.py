@@ -126,6 +126,7 @@ def offer_gcm_only(conn: Any) -> None:
     handlers = dict(conn._packet_handlers)  # per instance: asyncssh looks handlers up on self
     process_kexinit = handlers[asyncssh.constants.MSG_KEXINIT]
     held = False
+    timer: asyncio.TimerHandle | None = None
 
     def release() -> None:
         nonlocal held
@@ -134,15 +135,17 @@ def offer_gcm_only(conn: Any) -> None:
             send_kexinit()
 
     def hold_first_kexinit() -> None:
-        nonlocal held
+        nonlocal held, timer
         if conn._session_id or held is None:  # a rekey, or the first KEXINIT already went out
             send_kexinit()
             return
         held = True
-        asyncio.get_event_loop().call_later(KEXINIT_WAIT, release)
+        timer = asyncio.get_event_loop().call_later(KEXINIT_WAIT, release)
 
     def kexinit_received(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
         nonlocal held
+        if timer is not None:
+            timer.cancel()  # nothing left on the session's loop once the KEXINITs are exchanged
         if held:
             peek = asyncssh.packet.SSHPacket(packet.get_remaining_payload())
             peek.get_bytes(16)  # cookie

@@ -246,12 +246,12 @@ def test_client_leg_negotiates_aes_gcm_and_still_serves_others(sshproxy):
     client's KEXINIT first and offers AES-GCM alone when the client lists it (cheaper per byte through the
     proxy: scripts/bench/README.md); a client without it still gets the full list, and one that waits for
     the server's KEXINIT before sending its own still gets it."""
-    r = ssh(sshproxy, "web-gcm", "echo ok", extra=("-v",))
+    r = ssh(sshproxy, "web-kex-gcm", "echo ok", extra=("-v",))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     chosen = [line for line in r.stderr.splitlines() if line.startswith("debug1: kex: ") and " cipher: " in line]
     assert len(chosen) == 2 and all(" cipher: aes128-gcm@openssh.com " in line for line in chosen), chosen
 
-    r = ssh(sshproxy, "web-ctr", "echo ok", extra=("-v", "-o", "Ciphers=chacha20-poly1305@openssh.com,aes256-ctr"))
+    r = ssh(sshproxy, "web-kex-ctr", "echo ok", extra=("-v", "-o", "Ciphers=chacha20-poly1305@openssh.com,aes256-ctr"))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     chosen = [line for line in r.stderr.splitlines() if line.startswith("debug1: kex: ") and " cipher: " in line]
     assert len(chosen) == 2 and all(" cipher: aes256-ctr " in line for line in chosen), chosen
