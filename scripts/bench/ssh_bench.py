@@ -316,11 +316,12 @@ def measure(setup: Setup, test: str, target: str) -> dict:
     idle0, total0 = _idle()
     t = getattr(setup, test)(target)
     idle1, total1 = _idle()
-    for pid in (middle, setup.sshd.pid):
-        if pid and not target.startswith("dbproxy") or pid == setup.sshd.pid:
+    for pid in (setup.sshd.pid, middle if target == "openssh-hop" else None):  # sshd listeners: sessions reaped
+        if pid:
             _settle(pid)
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = {"middle": (_cpu(middle) - cpu0["middle"]) if middle else 0.0, "target": _cpu(setup.sshd.pid) - cpu0["target"],
+    cpu = {"middle": (_cpu(middle) - cpu0["middle"]) if middle else 0.0,
+           "target": _cpu(setup.sshd.pid) - cpu0["target"],
            "client": client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime}
     return {"s": t, "MBps": size / t / 1e6, "load1": load, "idle": (idle1 - idle0) / max(1, total1 - total0),
             **{f"{k}_ns_per_byte": v / size * 1e9 for k, v in cpu.items()}}
