@@ -25,7 +25,9 @@ relayed to a channel of the same kind on the target by ``ChannelRelay`` /
 breaks, exit status / signal, EOF — entirely in asyncssh's callbacks (no
 task per chunk; flow control by pausing the other side's reading when a
 side's send window is full; the packets one received chunk makes for the
-other connection go to its socket in one write, ``coalesce_writes``).  What
+other connection go to its socket in one write, ``coalesce_writes``, without the
+SSH_MSG_IGNORE asyncssh puts before each, ``drop_ignores``; AES-GCM on the client leg when the
+client has it, ``offer_gcm_only``).  What
 the audit wants to know is emitted from those callbacks *before* the request
 is forwarded (an exec command before the target sees it).  Forwarding requests are audited with their verdict:
 ``direct-tcpip`` (``-L``, ``-D``, ``-W``) and ``tcpip-forward`` (``-R``)
@@ -97,11 +99,81 @@ _GCM = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 _REST = [a.decode() for a in asyncssh.encryption.get_default_encryption_algs() if a.decode() not in _GCM]
 TARGET_CIPHERS = _GCM + _REST
 CLIENT_CIPHERS = _GCM + [a for a in _REST if not a.startswith("chacha20")]
+# ... unless ``offer_gcm_only`` sees the client list AES-GCM: it is then offered alone.
+# DBPROXY_SSH_CLIENT_GCM=0 leaves the client leg at CLIENT_CIPHERS (for an A/B run of scripts/bench/ssh).
+_CLIENT_GCM = os.environ.get("DBPROXY_SSH_CLIENT_GCM", "1") != "0"
+# How long the proxy waits for the client's KEXINIT before sending its own anyway.
+KEXINIT_WAIT = 1.0
+
+
+def offer_gcm_only(conn: Any) -> None:
+    """Get AES-GCM on the client leg from clients that list it, without refusing those that do not.
+
+    The client's order decides the cipher (RFC 4253 §7.1: the first on the client's list the
+    server also lists), and OpenSSH lists aes*-ctr before aes*-gcm: offered CLIENT_CIPHERS, it
+    picks aes128-ctr + umac-64-etm, which costs the proxy (and the client) more per byte than
+    AES-GCM (scripts/bench/README.md).  Both sides send KEXINIT without waiting for the other's
+    (§7.1), so the server may as well send its own after reading the client's: the proxy holds
+    its KEXINIT back (asyncssh sends it on the client's version line) until the client's arrives,
+    and then offers only the AES-GCM ciphers when the client lists one for both directions, else
+    CLIENT_CIPHERS unchanged.  The exchange hash covers both KEXINITs as sent (§8), whatever their
+    order.  A client that waits for the server's KEXINIT first gets it after ``KEXINIT_WAIT``.
+    Rekeys (a session id exists) are asyncssh's, unchanged.
+    """
+    if not _CLIENT_GCM:
+        return
+    send_kexinit = conn._send_kexinit
+    handlers = dict(conn._packet_handlers)  # per instance: asyncssh looks handlers up on self
+    process_kexinit = handlers[asyncssh.constants.MSG_KEXINIT]
+    held = False
+    timer: asyncio.TimerHandle | None = None
+
+    def release() -> None:
+        nonlocal held
+        if held and conn._transport is not None:
+            held = False
+            send_kexinit()
+
+    def hold_first_kexinit() -> None:
+        nonlocal held, timer
+        if conn._session_id or held is None:  # a rekey, or the first KEXINIT already went out
+            send_kexinit()
+            return
+        held = True
+        timer = asyncio.get_event_loop().call_later(KEXINIT_WAIT, release)
+
+    def kexinit_received(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+        nonlocal held
+        if timer is not None:
+            timer.cancel()  # nothing left on the session's loop once the KEXINITs are exchanged
+        if held:
+            peek = asyncssh.packet.SSHPacket(packet.get_remaining_payload())
+            peek.get_bytes(16)  # cookie
+            peek.get_namelist()  # kex algorithms
+            peek.get_namelist()  # host key algorithms
+            to_server, to_client = peek.get_namelist(), peek.get_namelist()
+            gcm = [a.encode() for a in _GCM]
+            if any(a in gcm for a in to_server) and any(a in gcm for a in to_client):
+                conn._enc_algs = gcm
+            release()
+        held = None  # from now on asyncssh's own
+        return process_kexinit(self, pkttype, pktid, packet)
+
+    handlers[asyncssh.constants.MSG_KEXINIT] = kexinit_received
+    conn._packet_handlers = handlers
+    conn._send_kexinit = hold_first_kexinit
 
 # A batch of SSH packets to one peer is handed to the socket at most this large at a time.
 COALESCE_LIMIT = 256 * 1024
 # DBPROXY_SSH_COALESCE=0 writes each packet as asyncssh makes it (for an A/B run of scripts/bench/ssh).
 _COALESCE = os.environ.get("DBPROXY_SSH_COALESCE", "1") != "0"
+# asyncssh sends an empty SSH_MSG_IGNORE before every packet after the key exchange: a defence of
+# CBC modes, whose IV for a packet is the last ciphertext block the attacker saw (RFC 4251 §9.3.1
+# mentions it; OpenSSH does not do it).  None of the ciphers the proxy offers or accepts is CBC
+# (CTR, GCM, chacha20-poly1305), and each ignore is a packet more to pad, encrypt and MAC here and
+# to decrypt at the peer: they are dropped.  DBPROXY_SSH_IGNORE=1 keeps them (for an A/B run).
+_DROP_IGNORE = os.environ.get("DBPROXY_SSH_IGNORE", "0") != "1"
+_EMPTY_IGNORE = (asyncssh.packet.String(b""),)
 
 
 def coalesce_writes(conn: Any) -> None:
@@ -163,6 +235,21 @@ def coalesce_writes(conn: Any) -> None:
 
     conn._send = send
     conn.data_received = data_received
+
+
+def drop_ignores(conn: Any) -> None:
+    """No SSH_MSG_IGNORE before each packet ``conn`` sends (``_DROP_IGNORE``), unless it encrypts with CBC."""
+    if not _DROP_IGNORE:
+        return
+    send_packet = conn.send_packet
+
+    def send_packet_unpadded(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if (pkttype == asyncssh.constants.MSG_IGNORE and args == _EMPTY_IGNORE
+                and b"-cbc" not in (conn._enc_alg_cs if conn.is_client() else conn._enc_alg_sc)):
+            return
+        send_packet(pkttype, *args, handler=handler)
+
+    conn.send_packet = send_packet_unpadded  # asyncssh calls it as self.send_packet: the instance's wins
 
 
 DISC_REFUSED = asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
@@ -263,6 +350,8 @@ class ClientGate(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         coalesce_writes(conn)
+        drop_ignores(conn)
+        offer_gcm_only(conn)
         # Agent and X11 requests arrive on a session channel and asyncssh decides them in these two
         # connection methods; refusing there (and auditing) keeps its own handling of the reply.
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
@@ -881,6 +970,7 @@ class _TargetClient(asyncssh.SSHClient):
 
     def connection_made(self, conn: Any) -> None:
         coalesce_writes(conn)
+        drop_ignores(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.holder.relay is not None:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import attrs
 
@@ -90,9 +91,11 @@ class Sshd(PeerProcess):
                 "known_hosts": str(self.known_hosts), "dir": str(self.dir)}
 
 
-def _config(dir: Path, port: int, host_key: Path, authorized: Path, login: str, user_ca: Path) -> str:
-    sftp = next((p for p in SFTP_SERVER_CANDIDATES if os.path.exists(p)), "internal-sftp")
+def _config(dir: Path, port: int, host_key: Path, authorized: Path, login: str, user_ca: Path, *,
+            sftp: str | None = None, extra: tuple[str, ...] = ()) -> str:
+    sftp = sftp or next((p for p in SFTP_SERVER_CANDIDATES if os.path.exists(p)), "internal-sftp")
     return "\n".join([
+        *extra,  # first: for most keywords sshd keeps the first value it reads (sshd_config(5))
         f"ListenAddress 127.0.0.1:{port}",
         f"HostKey {host_key}",
         f"PidFile {dir / 'sshd.pid'}",
@@ -120,8 +123,13 @@ def _config(dir: Path, port: int, host_key: Path, authorized: Path, login: str, 
     ])
 
 
-def start_sshd(base_dir: str | Path, *, port: int | None = None) -> Sshd:
-    """Keys, config and a running sshd under *base_dir* on a free loopback port."""
+def start_sshd(base_dir: str | Path, *, port: int | None = None, sftp: str | None = None,
+               extra: Sequence[str] = ()) -> Sshd:
+    """Keys, config and a running sshd under *base_dir* on a free loopback port.
+
+    *sftp*: the ``Subsystem sftp`` command instead of the system's sftp-server; *extra*: more
+    sshd_config lines (e.g. ``Ciphers …``), placed first so they win over the defaults here.
+    scripts/bench/ssh uses both for a relaying middle host (its "openssh-hop" target)."""
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     base = Path(base_dir)
@@ -139,7 +147,8 @@ def start_sshd(base_dir: str | Path, *, port: int | None = None) -> Sshd:
         known_hosts = dir / "known_hosts"
         pub = (dir / "host_ed25519.pub").read_text().split()
         known_hosts.write_text(f"[127.0.0.1]:{chosen} {pub[0]} {pub[1]}\n")
-        (dir / "sshd_config").write_text(_config(dir, chosen, host_key, authorized, login, user_ca))
+        (dir / "sshd_config").write_text(_config(dir, chosen, host_key, authorized, login, user_ca, sftp=sftp,
+                                                          extra=tuple(extra)))
         server = Sshd(dir=dir, port=chosen, login=login, host_key=host_key, client_key=client_key,
                       known_hosts=known_hosts, user_ca=user_ca)
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -238,6 +239,32 @@ def test_exec_output_and_exit_status_relayed_and_audited(sshproxy):
                                                                              sshproxy.target_addr), e
     text = sshproxy.audit_path.read_text() + sshproxy.log_text()
     assert sshproxy.token not in text
+
+
+def test_client_leg_negotiates_aes_gcm_and_still_serves_others(sshproxy):
+    """OpenSSH lists aes-ctr before aes-gcm and the client's order wins (RFC 4253 §7.1): the proxy reads the
+    client's KEXINIT first and offers AES-GCM alone when the client lists it (cheaper per byte through the
+    proxy: scripts/bench/README.md); a client without it still gets the full list, and one that waits for
+    the server's KEXINIT before sending its own still gets it."""
+    r = ssh(sshproxy, "web-kex-gcm", "echo ok", extra=("-v",))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    chosen = [line for line in r.stderr.splitlines() if line.startswith("debug1: kex: ") and " cipher: " in line]
+    assert len(chosen) == 2 and all(" cipher: aes128-gcm@openssh.com " in line for line in chosen), chosen
+
+    r = ssh(sshproxy, "web-kex-ctr", "echo ok", extra=("-v", "-o", "Ciphers=chacha20-poly1305@openssh.com,aes256-ctr"))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    chosen = [line for line in r.stderr.splitlines() if line.startswith("debug1: kex: ") and " cipher: " in line]
+    assert len(chosen) == 2 and all(" cipher: aes256-ctr " in line for line in chosen), chosen
+
+    with socket.create_connection(("127.0.0.1", sshproxy.port()), timeout=15) as sock:
+        sock.sendall(b"SSH-2.0-WaitsForTheServer_1.0\r\n")  # and nothing more until the server's KEXINIT
+        data = b""
+        while b"\r\n" not in data or len(data) < data.index(b"\r\n") + 2 + 6:
+            more = sock.recv(4096)
+            assert more, f"connection closed after {data!r}"
+            data += more
+        packet = data[data.index(b"\r\n") + 2:]
+        assert data.startswith(b"SSH-2.0-") and packet[5] == 20, data  # RFC 4253 §6, §7.1: SSH_MSG_KEXINIT
 
 
 def test_keyboard_interactive_token(sshproxy):
