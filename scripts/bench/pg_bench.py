@@ -36,18 +36,29 @@ transactions pgbench reports (one Query or Execute per ``-S`` transaction;
 pgbench's in-flight queries at the deadline count in the audit but not in
 pgbench's total, so audit ≥ transactions by at most the client count).
 
-``--sink relp|syslog|syslog-close|http`` adds a network audit sink to the
-dbproxy target (in front of the JSONL file, the proxy's ground truth): RELP
-or syslog over TCP to a private real rsyslog (``scripts.peers.rsyslog``:
-``syslog`` is the kept connection, ``confirm: "none"``; ``syslog-close`` the
-connection per batch that confirms by half-close), or HTTP NDJSON to a local
-receiver (a threaded ``http.server`` in this process, counting events;
-``--http-in-flight`` batches at once).  Every second of each run we sample
-the events the proxy recorded (JSONL lines), the events the receiver has
-(rsyslog's output file lines / the receiver's count) and the sink's spool
-backlog (bytes behind the cursor), and report delivered/recorded during the
-run (≥ 1.0: the sink keeps up), the spool's peak and its last-quarter trend,
-and how long the backlog took to drain after pgbench stopped.
+``--sink relp|syslog|syslog-close|http|kafka|pg_table`` adds a network audit
+sink to the dbproxy target (in front of the JSONL file, the proxy's ground
+truth): RELP or syslog over TCP to a private real rsyslog
+(``scripts.peers.rsyslog``: ``syslog`` is the kept connection, ``confirm:
+"none"``; ``syslog-close`` the connection per batch that confirms by
+half-close), HTTP NDJSON to a local receiver (a threaded ``http.server`` in
+this process, counting events; ``--http-in-flight`` batches at once), a
+topic of a private real Apache Kafka (``scripts.peers.kafka_server``, KRaft,
+one partition; counted by the partition's high watermark), or a table in a
+second private PostgreSQL (``synchronous_commit`` on, as an audit database
+keeps it; counted as the chain's highest ``seq`` in the table, whose rows
+land in ``seq`` order, with ``count(*)`` checked against it at the end).
+Every second of each run we sample the events the proxy recorded (JSONL
+lines), the events the receiver has and the sink's spool backlog (bytes
+behind the persisted cursor), and report two ratios: the *rate* ratio,
+delivery rate / event rate over the steady window (from the first sample
+``--sink-warmup`` seconds into the run to the last sample before pgbench
+stopped: delivered and recorded deltas over that same window), and the
+whole run's delivered/recorded (events received by the time pgbench
+stopped / events recorded since the run began: below the rate ratio by the
+events still on their way at the end); plus the spool's peak, end and
+last-quarter trend, and how long the backlog took to drain after pgbench
+stopped.
 
 ``--profile py-spy`` (``pip install py-spy``) or ``--profile cprofile`` adds
 one run of ``--profile-target`` (dbproxy or the relay, to compare) under a
@@ -347,14 +358,111 @@ class Delivery:
     received: Any  # .count() -> int
     spool: Path
     receiver: Any = None  # rsyslog or HttpCounter, stopped at the end
+    loads: list = attrs.field(factory=list)  # the machine's 1-minute load average at each sample
 
     def sample(self) -> tuple[float, int, int, int]:
+        self.loads.append(os.getloadavg()[0])
         return time.monotonic(), self.recorded.count(), self.received.count(), spool_pending_bytes(self.spool)
+
+
+KAFKA_TOPIC = "dbproxy-audit"
+
+
+class KafkaCounter:
+    """Records in the Kafka topic's one partition: its high watermark (duplicates from a retry count too)."""
+
+    def __init__(self, server: Any) -> None:
+        from confluent_kafka import Consumer
+
+        self.server = server
+        self.consumer = Consumer({"bootstrap.servers": server.bootstrap_servers, "group.id": "bench-probe",
+                                  "enable.auto.commit": False, "log_level": 0})
+        self.last = 0
+
+    def count(self) -> int:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            self.last = self.consumer.get_watermark_offsets(TopicPartition(KAFKA_TOPIC, 0), timeout=5)[1]
+        except KafkaException:
+            pass  # a slow answer: keep the last count (the next sample catches up)
+        return self.last
+
+    def check(self) -> dict:
+        return {"high_watermark": self.count()}
+
+    def stop(self) -> None:
+        self.consumer.close()
+        self.server.stop()
+
+
+class TableCounter:
+    """Rows of the pg_table sink's table: the chain's highest ``seq`` (cheap, by the primary key's
+    index; rows land in seq order, repeats are dropped by ON CONFLICT); ``check`` counts them."""
+
+    def __init__(self, server: Any, dsn: str) -> None:
+        self.server = server
+        self.dsn = dsn
+        self.conn = None
+        self.last = 0
+
+    def _query(self, sql: str) -> int | None:
+        import psycopg
+
+        try:
+            if self.conn is None:
+                self.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            return self.conn.execute(sql).fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0  # the sink creates it with its first batch
+        except psycopg.Error:
+            self.conn = None
+            return None
+
+    def count(self) -> int:
+        got = self._query("select coalesce(max(seq), 0) from dbproxy_audit where chain = 'bench'")
+        if got is not None:
+            self.last = got
+        return self.last
+
+    def check(self) -> dict:
+        return {"max_seq": self.count(),
+                "rows": self._query("select count(*) from dbproxy_audit where chain = 'bench'")}
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.stop()
 
 
 def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, Any, Any]:
     """(the sink's config, a receiver with count(), the object to stop)."""
     spool = {"spool_dir": str(base / f"spool-{kind}")}
+    if kind == "kafka":
+        from scripts.peers.kafka_server import installed, lib_dir, start_kafka
+
+        if not installed():
+            raise SystemExit(f"--sink kafka: no Kafka jars in {lib_dir()}: run scripts/install/kafka.sh")
+        t0 = time.monotonic()
+        server = start_kafka(base / "kafka")
+        server.create_topic(KAFKA_TOPIC)
+        print(f"kafka: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        counter = KafkaCounter(server)
+        sink = {"type": "kafka", "name": "bench-kafka", "bootstrap_servers": server.bootstrap_servers,
+                "topic": KAFKA_TOPIC, **spool}
+        return sink, counter, counter
+    if kind == "pg_table":
+        auditdb = start_postgres(base / "auditdb", ssl=False)
+        # The peer runs with synchronous_commit off for test speed; an audit database keeps the default.
+        auditdb.psql("-c", "ALTER SYSTEM SET synchronous_commit = on")
+        auditdb.psql("-c", "SELECT pg_reload_conf()")
+        user, password = auditdb.users["scram-sha-256"]
+        dsn = auditdb.dsn(user, password)
+        dsn_file = base / "auditdb.dsn"
+        dsn_file.write_text(dsn + "\n")
+        counter = TableCounter(auditdb, dsn)
+        sink = {"type": "pg_table", "name": "bench-pg", "dsn_file": str(dsn_file), "chain": "bench", **spool}
+        return sink, counter, counter
     if kind == "http":
         receiver = HttpCounter()
         sink = {"type": "http", "name": "bench-http", "url": f"http://127.0.0.1:{receiver.port}/ingest", "format": "ndjson",
@@ -380,8 +488,35 @@ def watch_delivery(delivery: Delivery, stop: Any, samples: list) -> None:
         samples.append(delivery.sample())
 
 
-def delivery_report(samples: list, after: list, drained_s: float | None) -> dict:
-    """Rates over the run; the spool's peak and whether it still grew in the run's last quarter."""
+def steady_window(samples: list, warmup: float) -> tuple[int, int] | None:
+    """Indexes (first, last) of the steady window: the first sample *warmup* seconds into the
+    run, the last one taken while pgbench ran (``samples[-1]`` is taken after it stopped)."""
+    if len(samples) < 3:
+        return None
+    last = len(samples) - 2
+    first = next((i for i, s in enumerate(samples) if s[0] - samples[0][0] >= warmup), None)
+    if first is None or first >= last:
+        return None
+    return first, last
+
+
+def delivery_report(samples: list, after: list, drained_s: float | None, warmup: float = 30.0) -> dict:
+    """Rates over the steady window and over the run; the spool's peak and whether it still grew
+    in the run's last quarter."""
+    window = steady_window(samples, warmup)
+    steady = None
+    if window is not None:
+        (ta, reca, gota, _), (tb, recb, gotb, _) = samples[window[0]], samples[window[1]]
+        span = tb - ta
+        steady = {
+            "from_s": round(ta - samples[0][0], 1), "to_s": round(tb - samples[0][0], 1),
+            "recorded": recb - reca, "delivered": gotb - gota,
+            "event_rate": (recb - reca) / span, "delivery_rate": (gotb - gota) / span,
+            "rate_ratio": (gotb - gota) / (recb - reca) if recb > reca else None,
+            # Events recorded but not yet at the receiver, at the window's ends: a sink that keeps
+            # up holds this steady (the ratio is 1 - its growth / recorded), one that falls behind grows it.
+            "lag_from": reca - gota, "lag_to": recb - gotb,
+        }
     (t0, rec0, got0, _), (t1, rec1, got1, _) = samples[0], samples[-1]
     recorded, delivered = rec1 - rec0, got1 - got0
     pend = [s[3] for s in samples]
@@ -401,6 +536,7 @@ def delivery_report(samples: list, after: list, drained_s: float | None) -> dict
         "drain_after_s": drained_s,
         "lag_events_end": rec1 - got1,
         "after": after,
+        "steady": steady,
     }
 
 
@@ -522,6 +658,7 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
     stop = threading.Event()
     watcher = None
     if delivery is not None:
+        delivery.loads.clear()
         samples.append(delivery.sample())
         watcher = threading.Thread(target=watch_delivery, args=(delivery, stop, samples), daemon=True)
         watcher.start()
@@ -545,7 +682,11 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
                 drained = s[0] - samples[-1][0]
                 break
             time.sleep(0.25)
-        run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained)
+        run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained, args.sink_warmup)
+        loads = delivery.loads[: len(samples)]
+        run.delivery["load_average"] = {"mean": round(statistics.mean(loads), 2), "min": min(loads), "max": max(loads)}
+        if hasattr(delivery.received, "check"):
+            run.delivery["receiver_check"] = delivery.received.check()
     if audit is not None:
         run.audit_queries = audit.settle(txns)
     return run
@@ -726,13 +867,23 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         if d is None:
             continue
         p()
-        p(f"sink {args.sink} ({r.target} #{r.round}): {d['recorded']} events recorded in {d['seconds']} s "
+        st = d.get("steady")
+        if st and st["rate_ratio"] is not None:
+            p(f"sink {args.sink} ({r.target} #{r.round}) steady window {st['from_s']}-{st['to_s']} s: "
+              f"events {st['event_rate']:.0f}/s, delivered {st['delivery_rate']:.0f}/s: "
+              f"delivery rate / event rate {st['rate_ratio']:.3f} (lag {st['lag_from']} -> {st['lag_to']} events)")
+        p(f"sink {args.sink} ({r.target} #{r.round}) whole run: {d['recorded']} events recorded in {d['seconds']} s "
           f"({d['event_rate']:.0f}/s), {d['delivered']} delivered ({d['delivery_rate']:.0f}/s): "
-          f"delivery/event rate {d['ratio']:.3f}" if d["ratio"] is not None else f"sink {args.sink}: no events")
+          f"delivered/recorded {d['ratio']:.3f}" if d["ratio"] is not None else f"sink {args.sink}: no events")
         trend = d["spool_last_quarter_bytes_per_s"]
         p(f"  spool: peak {d['spool_peak_bytes'] / 1e6:.2f} MB, at the end {d['spool_end_bytes'] / 1e6:.2f} MB, "
           f"last quarter {trend / 1e3:+.1f} kB/s; lag at the end {d['lag_events_end']} events; "
           + (f"drained {d['drain_after_s']:.1f} s after the load" if d["drain_after_s"] is not None else "NOT drained within 120 s"))
+        la = d.get("load_average")
+        if la:
+            p(f"  machine load average (1 min) during the run: mean {la['mean']:.1f}, {la['min']:.1f}-{la['max']:.1f}")
+        if d.get("receiver_check"):
+            p(f"  receiver: {d['receiver_check']}")
     if audit:
         p()
     for name, a in (audit or {}).items():
@@ -788,9 +939,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dbproxy-module", default="dbproxy.cli",
                     help="entry module run as 'python -m MOD serve --config FILE' (A/B a patched build; PYTHONPATH is passed on)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, audit file, configs)")
-    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http"],
+    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http", "kafka", "pg_table"],
                     help="add this network audit sink to the dbproxy target and measure its delivery")
     ap.add_argument("--http-in-flight", type=int, default=4, help="--sink http: the sink's max_in_flight")
+    ap.add_argument("--sink-warmup", type=float, default=30.0,
+                    help="--sink: seconds into the run where the steady window (the rate ratio) begins")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
@@ -850,7 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
                 extra = f", audit {run.audit_queries} queries" if run.audit_queries is not None else ""
                 if run.delivery and run.delivery["ratio"] is not None:
-                    extra += f", sink delivery/event {run.delivery['ratio']:.3f}"
+                    st = run.delivery.get("steady") or {}
+                    if st.get("rate_ratio") is not None:
+                        extra += f", sink rate ratio {st['rate_ratio']:.3f}"
+                    extra += f", delivered/recorded {run.delivery['ratio']:.3f}"
                 print(f"round {rnd} {target:<10} {run.tps:10.1f} tps{extra}", file=sys.stderr, flush=True)
 
         audit = {}
