@@ -359,9 +359,11 @@ class Delivery:
     spool: Path
     receiver: Any = None  # rsyslog or HttpCounter, stopped at the end
     loads: list = attrs.field(factory=list)  # the machine's 1-minute load average at each sample
+    walls: list = attrs.field(factory=list)  # wall-clock time of each sample (events carry wall-clock times)
 
     def sample(self) -> tuple[float, int, int, int]:
         self.loads.append(os.getloadavg()[0])
+        self.walls.append(time.time())
         return time.monotonic(), self.recorded.count(), self.received.count(), spool_pending_bytes(self.spool)
 
 
@@ -659,6 +661,7 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
     watcher = None
     if delivery is not None:
         delivery.loads.clear()
+        delivery.walls.clear()
         samples.append(delivery.sample())
         watcher = threading.Thread(target=watch_delivery, args=(delivery, stop, samples), daemon=True)
         watcher.start()
@@ -689,7 +692,42 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
             run.delivery["receiver_check"] = delivery.received.check()
     if audit is not None:
         run.audit_queries = audit.settle(txns)
+    if run.delivery is not None and run.delivery["steady"] is not None:
+        # Once the trail is settled: the events the *proxy* produced in the steady window, by their
+        # own "time" — the JSONL count above is what the audit worker had written by then.
+        st = run.delivery["steady"]
+        window = steady_window(samples, args.sink_warmup)
+        wa, wb = delivery.walls[window[0]], delivery.walls[window[1]]
+        made, made_before_end = events_stamped_between(delivery.recorded.path, wa, wb)
+        st["proxy_events"] = made
+        st["proxy_event_rate"] = made / (wb - wa)
+        st["proxy_rate_ratio"] = st["delivery_rate"] / st["proxy_event_rate"] if made else None
+        # Events the proxy had produced by the window's end that the worker had not yet written.
+        st["recorder_lag_to"] = made_before_end - samples[window[1]][1]
     return run
+
+
+def events_stamped_between(path: Path, wa: float, wb: float) -> tuple[int, int]:
+    """(events whose "time" is in [wa, wb), events whose "time" is before wb) in the JSONL trail."""
+    import datetime
+
+    def iso(t: float) -> bytes:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+
+    a, b = iso(wa), iso(wb)
+    stamp = re.compile(rb'"time":"([^"]+)"')
+    inside = before = 0
+    with open(path, "rb") as f:
+        for line in f:
+            m = stamp.search(line)
+            if m is None:
+                continue
+            t = m.group(1)  # RFC 3339 UTC with microseconds: compares as text
+            if t < b:
+                before += 1
+                if t >= a:
+                    inside += 1
+    return inside, before
 
 
 # --------------------------------------------------------------------------- profiling
@@ -871,7 +909,10 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         if st and st["rate_ratio"] is not None:
             p(f"sink {args.sink} ({r.target} #{r.round}) steady window {st['from_s']}-{st['to_s']} s: "
               f"events {st['event_rate']:.0f}/s, delivered {st['delivery_rate']:.0f}/s: "
-              f"delivery rate / event rate {st['rate_ratio']:.3f} (lag {st['lag_from']} -> {st['lag_to']} events)")
+              f"delivery rate / event rate {st['rate_ratio']:.4f} (lag {st['lag_from']} -> {st['lag_to']} events)")
+            if st.get("proxy_rate_ratio") is not None:
+                p(f"  against the proxy's own event rate (events stamped in the window: {st['proxy_event_rate']:.0f}/s): "
+                  f"{st['proxy_rate_ratio']:.4f}; the audit worker had {st['recorder_lag_to']} of them not yet written at the window's end")
         p(f"sink {args.sink} ({r.target} #{r.round}) whole run: {d['recorded']} events recorded in {d['seconds']} s "
           f"({d['event_rate']:.0f}/s), {d['delivered']} delivered ({d['delivery_rate']:.0f}/s): "
           f"delivered/recorded {d['ratio']:.3f}" if d["ratio"] is not None else f"sink {args.sink}: no events")
