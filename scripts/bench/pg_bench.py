@@ -440,6 +440,8 @@ class TableCounter:
 def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, Any, Any]:
     """(the sink's config, a receiver with count(), the object to stop)."""
     spool = {"spool_dir": str(base / f"spool-{kind}")}
+    if kind == "none":
+        return None, None, None  # the reference: the JSONL file alone (main counts it as the receiver)
     if kind == "kafka":
         from scripts.peers.kafka_server import installed, lib_dir, start_kafka
 
@@ -980,8 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dbproxy-module", default="dbproxy.cli",
                     help="entry module run as 'python -m MOD serve --config FILE' (A/B a patched build; PYTHONPATH is passed on)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, audit file, configs)")
-    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http", "kafka", "pg_table"],
-                    help="add this network audit sink to the dbproxy target and measure its delivery")
+    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http", "kafka", "pg_table", "none"],
+                    help="add this network audit sink to the dbproxy target and measure its delivery "
+                         "(none: the JSONL file alone, the reference for the audit worker's own rate)")
     ap.add_argument("--http-in-flight", type=int, default=4, help="--sink http: the sink's max_in_flight")
     ap.add_argument("--sink-warmup", type=float, default=30.0,
                     help="--sink: seconds into the run where the steady window (the rate ratio) begins")
@@ -1021,7 +1024,9 @@ def main(argv: list[str] | None = None) -> int:
             sink, received, receiver = start_sink(args.sink, base, args)
         if "dbproxy" in targets:
             config, audit_path = proxy_config(base, pg, user, password, sink=sink if args.sink else None)
-            if args.sink:
+            if args.sink == "none":
+                delivery = Delivery(args.sink, LineCounter(audit_path), LineCounter(audit_path), base / "no-spool")
+            elif args.sink:
                 delivery = Delivery(args.sink, LineCounter(audit_path), received, Path(sink["spool_dir"]), receiver)
             proxy = start_dbproxy(base, config, module=args.dbproxy_module)
             ports["dbproxy"] = (proxy.port, proxy.pid)
@@ -1102,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
         for child in (proxy, proxy_ack, relay, lean_relay):
             if child is not None:
                 child.stop()
-        if args.sink and "receiver" in locals():
+        if args.sink and locals().get("receiver") is not None:
             receiver.stop()
         if bouncer is not None:
             bouncer.stop()
