@@ -487,6 +487,16 @@ def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, A
     return sink, LineCounter(rs.file("tcp")), rs
 
 
+def receiver_pid(receiver: Any) -> int | None:
+    """The receiving server's process (rsyslogd, Kafka's JVM, the audit database's postmaster), to
+    measure the CPU it used; None for the HTTP receiver (threads of this process)."""
+    server = getattr(receiver, "server", receiver)
+    if hasattr(server, "data_dir") and (Path(server.data_dir) / "postmaster.pid").exists():
+        return int((Path(server.data_dir) / "postmaster.pid").read_text().split()[0])
+    proc = getattr(server, "_proc", None)
+    return getattr(proc, "pid", None)
+
+
 def watch_delivery(delivery: Delivery, stop: Any, samples: list) -> None:
     while not stop.wait(1.0):
         samples.append(delivery.sample())
@@ -661,6 +671,8 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
     samples: list = []
     stop = threading.Event()
     watcher = None
+    rpid = receiver_pid(delivery.receiver) if delivery is not None else None
+    rcpu0 = _proc_cpu_seconds(rpid) if rpid else None
     if delivery is not None:
         delivery.loads.clear()
         delivery.walls.clear()
@@ -670,6 +682,7 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
     t0 = time.monotonic()
     tps, txns, lat, conn, _ = pgbench(pg, port, user, password, args, args.duration)
     wall = time.monotonic() - t0
+    rcpu1 = _proc_cpu_seconds(rpid) if rcpu0 is not None else None
     idle1, total1 = _machine_times()
     cpu = _proc_cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
     run = Run(target, rnd, tps, txns, lat, conn, cpu, (idle1 - idle0) / max(1, total1 - total0), wall)
@@ -688,6 +701,10 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
                 break
             time.sleep(0.25)
         run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained, args.sink_warmup)
+        if rcpu0 is not None:
+            # CPU the receiver used while pgbench ran, as a share of one core: a receiver starved of
+            # CPU on a loaded machine limits delivery whatever the sink does.
+            run.delivery["receiver_cpu_share"] = round((rcpu1 - rcpu0) / wall, 3)
         loads = delivery.loads[: len(samples)]
         run.delivery["load_average"] = {"mean": round(statistics.mean(loads), 2), "min": min(loads), "max": max(loads)}
         if hasattr(delivery.received, "check"):
@@ -925,6 +942,8 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         la = d.get("load_average")
         if la:
             p(f"  machine load average (1 min) during the run: mean {la['mean']:.1f}, {la['min']:.1f}-{la['max']:.1f}")
+        if d.get("receiver_cpu_share") is not None:
+            p(f"  receiver process CPU while pgbench ran: {d['receiver_cpu_share']:.0%} of one core")
         if d.get("receiver_check"):
             p(f"  receiver: {d['receiver_check']}")
     if audit:
