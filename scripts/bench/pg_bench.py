@@ -599,7 +599,9 @@ def _float(pattern: str, text: str) -> float | None:
 
 
 def pgbench(pg: PgServer, port: int, user: str, password: str, args: argparse.Namespace,
-            duration: int) -> tuple[float, int, float | None, float | None, str]:
+            duration: int, allow_abort: bool = False) -> tuple[float, int, float | None, float | None, str]:
+    """``allow_abort``: clients aborted (the proxy failed closed) is a result, not an error, as long
+    as pgbench reported its figures."""
     cmd = [str(pg.bindir / "pgbench"), "-n", "-S", "-M", args.protocol,
            "-c", str(args.clients), "-j", str(args.threads), "-T", str(duration),
            "-h", "127.0.0.1", "-p", str(port), "-U", user, "app"]
@@ -607,7 +609,7 @@ def pgbench(pg: PgServer, port: int, user: str, password: str, args: argparse.Na
     out = p.stdout + p.stderr
     tps = _float(r"tps = ([\d.]+) \(without initial connection time\)", out) or _float(r"tps = ([\d.]+)", out)
     txns = _float(r"number of transactions actually processed: (\d+)", out)
-    if p.returncode != 0 or tps is None or txns is None:
+    if (p.returncode != 0 and not allow_abort) or tps is None or txns is None:
         raise RuntimeError(f"pgbench on port {port} failed ({p.returncode}):\n{out.strip()[-2000:]}")
     return (tps, int(txns), _float(r"latency average = ([\d.]+) ms", out),
             _float(r"initial connection time = ([\d.]+) ms", out), out)
@@ -680,7 +682,7 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
         watcher = threading.Thread(target=watch_delivery, args=(delivery, stop, samples), daemon=True)
         watcher.start()
     t0 = time.monotonic()
-    tps, txns, lat, conn, _ = pgbench(pg, port, user, password, args, args.duration)
+    tps, txns, lat, conn, out = pgbench(pg, port, user, password, args, args.duration, allow_abort=delivery is not None)
     wall = time.monotonic() - t0
     rcpu1 = _proc_cpu_seconds(rpid) if rcpu0 is not None else None
     idle1, total1 = _machine_times()
@@ -701,6 +703,12 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
                 break
             time.sleep(0.25)
         run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained, args.sink_warmup)
+        fatal = re.search(r"FATAL:\s+(.*)", out)
+        if fatal:
+            # The proxy ended the sessions (a full spool: fail_closed): pgbench stopped early.
+            run.delivery["failed_closed_after_s"] = round(wall, 1)
+            run.delivery["failure"] = fatal.group(1).strip()
+            print(f"sink {delivery.kind}: pgbench ended after {wall:.0f} s: {fatal.group(1).strip()}", file=sys.stderr)
         if rcpu0 is not None:
             # CPU the receiver used while pgbench ran, as a share of one core: a receiver starved of
             # CPU on a loaded machine limits delivery whatever the sink does.
@@ -939,6 +947,8 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         p(f"  spool: peak {d['spool_peak_bytes'] / 1e6:.2f} MB, at the end {d['spool_end_bytes'] / 1e6:.2f} MB, "
           f"last quarter {trend / 1e3:+.1f} kB/s; lag at the end {d['lag_events_end']} events; "
           + (f"drained {d['drain_after_s']:.1f} s after the load" if d["drain_after_s"] is not None else "NOT drained within 120 s"))
+        if d.get("failed_closed_after_s") is not None:
+            p(f"  FAILED CLOSED: pgbench's sessions ended after {d['failed_closed_after_s']} s: {d['failure']}")
         la = d.get("load_average")
         if la:
             p(f"  machine load average (1 min) during the run: mean {la['mean']:.1f}, {la['min']:.1f}-{la['max']:.1f}")
