@@ -13,9 +13,12 @@ spool on disk is replayed first, because it *is* the queue).
 Pipelined sinks (``pipelined = True``: RELP, syslog with ``confirm: "none"``,
 HTTP) keep several batches in flight instead: a reader task reads past the
 batches not yet confirmed and ``submit``s them in order, a committer task
-``confirm``s them in the same order and commits the cursor — coalesced, when
-nothing more awaits confirmation or every ``COMMIT_EVERY`` seconds, because
-a commit is two fsyncs and one per batch fell behind the acknowledgements.
+``confirm``s them in the same order, and a cursor task commits the newest
+confirmed batch — coalesced, when nothing more awaits confirmation or every
+``COMMIT_EVERY`` seconds, because a commit is two fsyncs and one per batch
+fell behind the acknowledgements; and in its own task, because a committer
+that waited for the disk stopped confirming, the reader then stopped
+sending, and delivery fell behind the proxy.
 A failure ends the attempt; after the backoff everything unconfirmed is read
 again from the cursor and re-sent (at-least-once; repeats carry their ``seq``).
 
@@ -140,6 +143,10 @@ class SpooledSink:
         self._behind_since: float | None = None  # trio time the sender last went from caught up to behind
         self.max_in_flight = 1  # pipelined sinks: batches submitted and not yet confirmed
         self._in_flight = 0
+        self._to_commit: tuple[list, int] | None = None  # pipelined: confirmed, cursor not yet past it (records, count)
+        self._committing = False
+        self._confirmed = trio.Event()  # pipelined: set when _to_commit gets a batch
+        self._caught_up = trio.Event()  # pipelined: set when nothing sent awaits confirmation
         self._backoff = retry_initial_seconds
 
     # -- subclass interface ------------------------------------------------------
@@ -307,20 +314,31 @@ class SpooledSink:
     # -- the pipelined sender -------------------------------------------------------
     async def _run_pipelined(self) -> None:
         """Several batches in flight: a reader submits batches in spool order (``submit``, which
-        waits for room in the sink's window), a committer confirms them in the same order and
-        moves the spool cursor.  A failure anywhere ends the attempt: everything unconfirmed is
-        read again from the cursor and re-sent after the backoff (at-least-once)."""
+        waits for room in the sink's window), a committer confirms them in the same order, and a
+        cursor task moves the spool cursor past what is confirmed.  A failure anywhere ends the
+        attempt: everything unconfirmed is read again from the cursor and re-sent after the
+        backoff (at-least-once)."""
         while True:
             failure: list[tuple[Exception, list | None]] = []
             self._in_flight = 0
+            self._to_commit = None
+            self._confirmed = trio.Event()
+            self._caught_up = trio.Event()
             send, receive = trio.open_memory_channel(max(0, self.max_in_flight - 1))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pipeline_committer, receive, failure, nursery.cancel_scope)
-                try:
-                    await self._pipeline_reader(send, nursery)
-                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
-                    failure.append((exc, None))
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pipeline_committer, receive, failure, nursery.cancel_scope)
+                    nursery.start_soon(self._pipeline_cursor)
+                    try:
+                        await self._pipeline_reader(send, nursery)
+                    except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                        failure.append((exc, None))
+                        nursery.cancel_scope.cancel()
+            finally:
+                # Confirmed batches the cursor task had not committed yet (a failure, a shutdown):
+                # commit them now, so the retry re-sends only what was never confirmed.
+                with trio.CancelScope(shield=True):
+                    await self._commit_confirmed()
             if failure:
                 await self._failed(*failure[0])
 
@@ -334,7 +352,9 @@ class SpooledSink:
                     if self._overflow:
                         await self._move_overflow()
                         continue
-                    if self._in_flight == 0:
+                    # Idle only once everything sent is confirmed *and* committed (wait_idle looks
+                    # at the spool); the cursor task wakes us when its commit is done.
+                    if self._in_flight == 0 and self._to_commit is None and not self._committing:
                         self._behind_since = None  # caught up
                         self._idle.set()
                     await self._wakeup.wait()
@@ -349,32 +369,57 @@ class SpooledSink:
                 await send.send((ticket, records))
 
     async def _pipeline_committer(self, receive: Any, failure: list, scope: trio.CancelScope) -> None:
-        # A commit is a cursor write with two fsyncs: at thousands of events a second, one per batch
-        # would fall behind the acknowledgements and the spool would fill with delivered events.
-        # So confirmed batches are committed together: when nothing more is waiting to be
-        # confirmed, or COMMIT_EVERY seconds after the last commit.
-        confirmed: list | None = None
-        count = 0
-        last_commit = trio.current_time()
+        """Confirms batches in order and hands the newest confirmed one to the cursor task.
+
+        It never waits for the disk itself: a commit is a cursor write with two fsyncs, which on a
+        busy disk takes from milliseconds to seconds, and a committer that waited for it stopped
+        taking batches off the channel — the reader, finding the channel full, stopped sending,
+        and delivery fell behind the proxy (scripts/bench/pg --sink relp, 2026-12-06)."""
         async with receive:
             async for ticket, records in receive:
                 try:
                     await self.confirm(ticket)
                 except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
-                    if confirmed is not None:
-                        with trio.CancelScope(shield=True):
-                            await self._committed(confirmed, count)
                     failure.append((exc, records))
                     scope.cancel()
                     return
                 self._in_flight -= 1
-                confirmed, count = records, count + len(records)
-                now = trio.current_time()
-                if receive.statistics().current_buffer_used == 0 or now - last_commit >= COMMIT_EVERY:
-                    await self._committed(confirmed, count)
-                    confirmed, count, last_commit = None, 0, now
+                pending = self._to_commit
+                self._to_commit = (records, len(records) + (pending[1] if pending is not None else 0))
+                self._confirmed.set()
                 if self._in_flight == 0:
-                    self._wakeup.set()  # the reader may be waiting with nothing left to confirm: idle now
+                    self._caught_up.set()
+
+    async def _pipeline_cursor(self) -> None:
+        """Commits the newest confirmed batch, coalescing: while more batches are in flight, at
+        most every ``COMMIT_EVERY`` seconds (one commit per batch fell behind the acknowledgements);
+        at once when everything sent is confirmed.  Confirmations go on during a commit and join
+        the next one, so a slow disk delays only the cursor, never the delivery."""
+        last = trio.current_time() - COMMIT_EVERY
+        while True:
+            await self._confirmed.wait()
+            delay = last + COMMIT_EVERY - trio.current_time()
+            if delay > 0 and self._in_flight:
+                with trio.move_on_after(delay):
+                    await self._caught_up.wait()
+            # Fresh events before taking the batch (no checkpoint in between): a confirmation from
+            # now on sets the new ones.
+            self._confirmed = trio.Event()
+            self._caught_up = trio.Event()
+            last = trio.current_time()
+            await self._commit_confirmed()
+            if self._in_flight == 0:
+                self._wakeup.set()  # the reader may be waiting with nothing left to confirm: idle now
+
+    async def _commit_confirmed(self) -> None:
+        pending, self._to_commit = self._to_commit, None
+        if pending is None:
+            return
+        self._committing = True
+        try:
+            await self._committed(*pending)
+        finally:
+            self._committing = False
 
     async def wait_idle(self) -> None:
         """Until everything written so far is delivered (used for a graceful shutdown)."""

@@ -36,18 +36,29 @@ transactions pgbench reports (one Query or Execute per ``-S`` transaction;
 pgbench's in-flight queries at the deadline count in the audit but not in
 pgbench's total, so audit ≥ transactions by at most the client count).
 
-``--sink relp|syslog|syslog-close|http`` adds a network audit sink to the
-dbproxy target (in front of the JSONL file, the proxy's ground truth): RELP
-or syslog over TCP to a private real rsyslog (``scripts.peers.rsyslog``:
-``syslog`` is the kept connection, ``confirm: "none"``; ``syslog-close`` the
-connection per batch that confirms by half-close), or HTTP NDJSON to a local
-receiver (a threaded ``http.server`` in this process, counting events;
-``--http-in-flight`` batches at once).  Every second of each run we sample
-the events the proxy recorded (JSONL lines), the events the receiver has
-(rsyslog's output file lines / the receiver's count) and the sink's spool
-backlog (bytes behind the cursor), and report delivered/recorded during the
-run (≥ 1.0: the sink keeps up), the spool's peak and its last-quarter trend,
-and how long the backlog took to drain after pgbench stopped.
+``--sink relp|syslog|syslog-close|http|kafka|pg_table`` adds a network audit
+sink to the dbproxy target (in front of the JSONL file, the proxy's ground
+truth): RELP or syslog over TCP to a private real rsyslog
+(``scripts.peers.rsyslog``: ``syslog`` is the kept connection, ``confirm:
+"none"``; ``syslog-close`` the connection per batch that confirms by
+half-close), HTTP NDJSON to a local receiver (a threaded ``http.server`` in
+this process, counting events; ``--http-in-flight`` batches at once), a
+topic of a private real Apache Kafka (``scripts.peers.kafka_server``, KRaft,
+one partition; counted by the partition's high watermark), or a table in a
+second private PostgreSQL (``synchronous_commit`` on, as an audit database
+keeps it; counted as the chain's highest ``seq`` in the table, whose rows
+land in ``seq`` order, with ``count(*)`` checked against it at the end).
+Every second of each run we sample the events the proxy recorded (JSONL
+lines), the events the receiver has and the sink's spool backlog (bytes
+behind the persisted cursor), and report two ratios: the *rate* ratio,
+delivery rate / event rate over the steady window (from the first sample
+``--sink-warmup`` seconds into the run to the last sample before pgbench
+stopped: delivered and recorded deltas over that same window), and the
+whole run's delivered/recorded (events received by the time pgbench
+stopped / events recorded since the run began: below the rate ratio by the
+events still on their way at the end); plus the spool's peak, end and
+last-quarter trend, and how long the backlog took to drain after pgbench
+stopped.
 
 ``--profile py-spy`` (``pip install py-spy``) or ``--profile cprofile`` adds
 one run of ``--profile-target`` (dbproxy or the relay, to compare) under a
@@ -347,14 +358,115 @@ class Delivery:
     received: Any  # .count() -> int
     spool: Path
     receiver: Any = None  # rsyslog or HttpCounter, stopped at the end
+    loads: list = attrs.field(factory=list)  # the machine's 1-minute load average at each sample
+    walls: list = attrs.field(factory=list)  # wall-clock time of each sample (events carry wall-clock times)
 
     def sample(self) -> tuple[float, int, int, int]:
+        self.loads.append(os.getloadavg()[0])
+        self.walls.append(time.time())
         return time.monotonic(), self.recorded.count(), self.received.count(), spool_pending_bytes(self.spool)
+
+
+KAFKA_TOPIC = "dbproxy-audit"
+
+
+class KafkaCounter:
+    """Records in the Kafka topic's one partition: its high watermark (duplicates from a retry count too)."""
+
+    def __init__(self, server: Any) -> None:
+        from confluent_kafka import Consumer
+
+        self.server = server
+        self.consumer = Consumer({"bootstrap.servers": server.bootstrap_servers, "group.id": "bench-probe",
+                                  "enable.auto.commit": False, "log_level": 0})
+        self.last = 0
+
+    def count(self) -> int:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            self.last = self.consumer.get_watermark_offsets(TopicPartition(KAFKA_TOPIC, 0), timeout=5)[1]
+        except KafkaException:
+            pass  # a slow answer: keep the last count (the next sample catches up)
+        return self.last
+
+    def check(self) -> dict:
+        return {"high_watermark": self.count()}
+
+    def stop(self) -> None:
+        self.consumer.close()
+        self.server.stop()
+
+
+class TableCounter:
+    """Rows of the pg_table sink's table: the chain's highest ``seq`` (cheap, by the primary key's
+    index; rows land in seq order, repeats are dropped by ON CONFLICT); ``check`` counts them."""
+
+    def __init__(self, server: Any, dsn: str) -> None:
+        self.server = server
+        self.dsn = dsn
+        self.conn = None
+        self.last = 0
+
+    def _query(self, sql: str) -> int | None:
+        import psycopg
+
+        try:
+            if self.conn is None:
+                self.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            return self.conn.execute(sql).fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0  # the sink creates it with its first batch
+        except psycopg.Error:
+            self.conn = None
+            return None
+
+    def count(self) -> int:
+        got = self._query("select coalesce(max(seq), 0) from dbproxy_audit where chain = 'bench'")
+        if got is not None:
+            self.last = got
+        return self.last
+
+    def check(self) -> dict:
+        return {"max_seq": self.count(),
+                "rows": self._query("select count(*) from dbproxy_audit where chain = 'bench'")}
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.stop()
 
 
 def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, Any, Any]:
     """(the sink's config, a receiver with count(), the object to stop)."""
     spool = {"spool_dir": str(base / f"spool-{kind}")}
+    if kind == "none":
+        return None, None, None  # the reference: the JSONL file alone (main counts it as the receiver)
+    if kind == "kafka":
+        from scripts.peers.kafka_server import installed, lib_dir, start_kafka
+
+        if not installed():
+            raise SystemExit(f"--sink kafka: no Kafka jars in {lib_dir()}: run scripts/install/kafka.sh")
+        t0 = time.monotonic()
+        server = start_kafka(base / "kafka")
+        server.create_topic(KAFKA_TOPIC)
+        print(f"kafka: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        counter = KafkaCounter(server)
+        sink = {"type": "kafka", "name": "bench-kafka", "bootstrap_servers": server.bootstrap_servers,
+                "topic": KAFKA_TOPIC, **spool}
+        return sink, counter, counter
+    if kind == "pg_table":
+        auditdb = start_postgres(base / "auditdb", ssl=False)
+        # The peer runs with synchronous_commit off for test speed; an audit database keeps the default.
+        auditdb.psql("-c", "ALTER SYSTEM SET synchronous_commit = on")
+        auditdb.psql("-c", "SELECT pg_reload_conf()")
+        user, password = auditdb.users["scram-sha-256"]
+        dsn = auditdb.dsn(user, password)
+        dsn_file = base / "auditdb.dsn"
+        dsn_file.write_text(dsn + "\n")
+        counter = TableCounter(auditdb, dsn)
+        sink = {"type": "pg_table", "name": "bench-pg", "dsn_file": str(dsn_file), "chain": "bench", **spool}
+        return sink, counter, counter
     if kind == "http":
         receiver = HttpCounter()
         sink = {"type": "http", "name": "bench-http", "url": f"http://127.0.0.1:{receiver.port}/ingest", "format": "ndjson",
@@ -375,13 +487,50 @@ def start_sink(kind: str, base: Path, args: argparse.Namespace) -> tuple[dict, A
     return sink, LineCounter(rs.file("tcp")), rs
 
 
+def receiver_pid(receiver: Any) -> int | None:
+    """The receiving server's process (rsyslogd, Kafka's JVM, the audit database's postmaster), to
+    measure the CPU it used; None for the HTTP receiver (threads of this process)."""
+    server = getattr(receiver, "server", receiver)
+    if hasattr(server, "data_dir") and (Path(server.data_dir) / "postmaster.pid").exists():
+        return int((Path(server.data_dir) / "postmaster.pid").read_text().split()[0])
+    proc = getattr(server, "_proc", None)
+    return getattr(proc, "pid", None)
+
+
 def watch_delivery(delivery: Delivery, stop: Any, samples: list) -> None:
     while not stop.wait(1.0):
         samples.append(delivery.sample())
 
 
-def delivery_report(samples: list, after: list, drained_s: float | None) -> dict:
-    """Rates over the run; the spool's peak and whether it still grew in the run's last quarter."""
+def steady_window(samples: list, warmup: float) -> tuple[int, int] | None:
+    """Indexes (first, last) of the steady window: the first sample *warmup* seconds into the
+    run, the last one taken while pgbench ran (``samples[-1]`` is taken after it stopped)."""
+    if len(samples) < 3:
+        return None
+    last = len(samples) - 2
+    first = next((i for i, s in enumerate(samples) if s[0] - samples[0][0] >= warmup), None)
+    if first is None or first >= last:
+        return None
+    return first, last
+
+
+def delivery_report(samples: list, after: list, drained_s: float | None, warmup: float = 30.0) -> dict:
+    """Rates over the steady window and over the run; the spool's peak and whether it still grew
+    in the run's last quarter."""
+    window = steady_window(samples, warmup)
+    steady = None
+    if window is not None:
+        (ta, reca, gota, _), (tb, recb, gotb, _) = samples[window[0]], samples[window[1]]
+        span = tb - ta
+        steady = {
+            "from_s": round(ta - samples[0][0], 1), "to_s": round(tb - samples[0][0], 1),
+            "recorded": recb - reca, "delivered": gotb - gota,
+            "event_rate": (recb - reca) / span, "delivery_rate": (gotb - gota) / span,
+            "rate_ratio": (gotb - gota) / (recb - reca) if recb > reca else None,
+            # Events recorded but not yet at the receiver, at the window's ends: a sink that keeps
+            # up holds this steady (the ratio is 1 - its growth / recorded), one that falls behind grows it.
+            "lag_from": reca - gota, "lag_to": recb - gotb,
+        }
     (t0, rec0, got0, _), (t1, rec1, got1, _) = samples[0], samples[-1]
     recorded, delivered = rec1 - rec0, got1 - got0
     pend = [s[3] for s in samples]
@@ -401,6 +550,7 @@ def delivery_report(samples: list, after: list, drained_s: float | None) -> dict
         "drain_after_s": drained_s,
         "lag_events_end": rec1 - got1,
         "after": after,
+        "steady": steady,
     }
 
 
@@ -449,7 +599,9 @@ def _float(pattern: str, text: str) -> float | None:
 
 
 def pgbench(pg: PgServer, port: int, user: str, password: str, args: argparse.Namespace,
-            duration: int) -> tuple[float, int, float | None, float | None, str]:
+            duration: int, allow_abort: bool = False) -> tuple[float, int, float | None, float | None, str]:
+    """``allow_abort``: clients aborted (the proxy failed closed) is a result, not an error, as long
+    as pgbench reported its figures."""
     cmd = [str(pg.bindir / "pgbench"), "-n", "-S", "-M", args.protocol,
            "-c", str(args.clients), "-j", str(args.threads), "-T", str(duration),
            "-h", "127.0.0.1", "-p", str(port), "-U", user, "app"]
@@ -457,7 +609,7 @@ def pgbench(pg: PgServer, port: int, user: str, password: str, args: argparse.Na
     out = p.stdout + p.stderr
     tps = _float(r"tps = ([\d.]+) \(without initial connection time\)", out) or _float(r"tps = ([\d.]+)", out)
     txns = _float(r"number of transactions actually processed: (\d+)", out)
-    if p.returncode != 0 or tps is None or txns is None:
+    if (p.returncode != 0 and not allow_abort) or tps is None or txns is None:
         raise RuntimeError(f"pgbench on port {port} failed ({p.returncode}):\n{out.strip()[-2000:]}")
     return (tps, int(txns), _float(r"latency average = ([\d.]+) ms", out),
             _float(r"initial connection time = ([\d.]+) ms", out), out)
@@ -521,13 +673,18 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
     samples: list = []
     stop = threading.Event()
     watcher = None
+    rpid = receiver_pid(delivery.receiver) if delivery is not None else None
+    rcpu0 = _proc_cpu_seconds(rpid) if rpid else None
     if delivery is not None:
+        delivery.loads.clear()
+        delivery.walls.clear()
         samples.append(delivery.sample())
         watcher = threading.Thread(target=watch_delivery, args=(delivery, stop, samples), daemon=True)
         watcher.start()
     t0 = time.monotonic()
-    tps, txns, lat, conn, _ = pgbench(pg, port, user, password, args, args.duration)
+    tps, txns, lat, conn, out = pgbench(pg, port, user, password, args, args.duration, allow_abort=delivery is not None)
     wall = time.monotonic() - t0
+    rcpu1 = _proc_cpu_seconds(rpid) if rcpu0 is not None else None
     idle1, total1 = _machine_times()
     cpu = _proc_cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
     run = Run(target, rnd, tps, txns, lat, conn, cpu, (idle1 - idle0) / max(1, total1 - total0), wall)
@@ -545,10 +702,59 @@ def run_target(target: str, rnd: int, port: int, pid: int | None, pg: PgServer, 
                 drained = s[0] - samples[-1][0]
                 break
             time.sleep(0.25)
-        run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained)
+        run.delivery = delivery_report(samples, [list(a) for a in after[-3:]], drained, args.sink_warmup)
+        fatal = re.search(r"FATAL:\s+(.*)", out)
+        if fatal:
+            # The proxy ended the sessions (a full spool: fail_closed): pgbench stopped early.
+            run.delivery["failed_closed_after_s"] = round(wall, 1)
+            run.delivery["failure"] = fatal.group(1).strip()
+            print(f"sink {delivery.kind}: pgbench ended after {wall:.0f} s: {fatal.group(1).strip()}", file=sys.stderr)
+        if rcpu0 is not None:
+            # CPU the receiver used while pgbench ran, as a share of one core: a receiver starved of
+            # CPU on a loaded machine limits delivery whatever the sink does.
+            run.delivery["receiver_cpu_share"] = round((rcpu1 - rcpu0) / wall, 3)
+        loads = delivery.loads[: len(samples)]
+        run.delivery["load_average"] = {"mean": round(statistics.mean(loads), 2), "min": min(loads), "max": max(loads)}
+        if hasattr(delivery.received, "check"):
+            run.delivery["receiver_check"] = delivery.received.check()
     if audit is not None:
         run.audit_queries = audit.settle(txns)
+    if run.delivery is not None and run.delivery["steady"] is not None:
+        # Once the trail is settled: the events the *proxy* produced in the steady window, by their
+        # own "time" — the JSONL count above is what the audit worker had written by then.
+        st = run.delivery["steady"]
+        window = steady_window(samples, args.sink_warmup)
+        wa, wb = delivery.walls[window[0]], delivery.walls[window[1]]
+        made, made_before_end = events_stamped_between(delivery.recorded.path, wa, wb)
+        st["proxy_events"] = made
+        st["proxy_event_rate"] = made / (wb - wa)
+        st["proxy_rate_ratio"] = st["delivery_rate"] / st["proxy_event_rate"] if made else None
+        # Events the proxy had produced by the window's end that the worker had not yet written.
+        st["recorder_lag_to"] = made_before_end - samples[window[1]][1]
     return run
+
+
+def events_stamped_between(path: Path, wa: float, wb: float) -> tuple[int, int]:
+    """(events whose "time" is in [wa, wb), events whose "time" is before wb) in the JSONL trail."""
+    import datetime
+
+    def iso(t: float) -> bytes:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+
+    a, b = iso(wa), iso(wb)
+    stamp = re.compile(rb'"time":"([^"]+)"')
+    inside = before = 0
+    with open(path, "rb") as f:
+        for line in f:
+            m = stamp.search(line)
+            if m is None:
+                continue
+            t = m.group(1)  # RFC 3339 UTC with microseconds: compares as text
+            if t < b:
+                before += 1
+                if t >= a:
+                    inside += 1
+    return inside, before
 
 
 # --------------------------------------------------------------------------- profiling
@@ -726,13 +932,30 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
         if d is None:
             continue
         p()
-        p(f"sink {args.sink} ({r.target} #{r.round}): {d['recorded']} events recorded in {d['seconds']} s "
+        st = d.get("steady")
+        if st and st["rate_ratio"] is not None:
+            p(f"sink {args.sink} ({r.target} #{r.round}) steady window {st['from_s']}-{st['to_s']} s: "
+              f"events {st['event_rate']:.0f}/s, delivered {st['delivery_rate']:.0f}/s: "
+              f"delivery rate / event rate {st['rate_ratio']:.4f} (lag {st['lag_from']} -> {st['lag_to']} events)")
+            if st.get("proxy_rate_ratio") is not None:
+                p(f"  against the proxy's own event rate (events stamped in the window: {st['proxy_event_rate']:.0f}/s): "
+                  f"{st['proxy_rate_ratio']:.4f}; the audit worker had {st['recorder_lag_to']} of them not yet written at the window's end")
+        p(f"sink {args.sink} ({r.target} #{r.round}) whole run: {d['recorded']} events recorded in {d['seconds']} s "
           f"({d['event_rate']:.0f}/s), {d['delivered']} delivered ({d['delivery_rate']:.0f}/s): "
-          f"delivery/event rate {d['ratio']:.3f}" if d["ratio"] is not None else f"sink {args.sink}: no events")
+          f"delivered/recorded {d['ratio']:.3f}" if d["ratio"] is not None else f"sink {args.sink}: no events")
         trend = d["spool_last_quarter_bytes_per_s"]
         p(f"  spool: peak {d['spool_peak_bytes'] / 1e6:.2f} MB, at the end {d['spool_end_bytes'] / 1e6:.2f} MB, "
           f"last quarter {trend / 1e3:+.1f} kB/s; lag at the end {d['lag_events_end']} events; "
           + (f"drained {d['drain_after_s']:.1f} s after the load" if d["drain_after_s"] is not None else "NOT drained within 120 s"))
+        if d.get("failed_closed_after_s") is not None:
+            p(f"  FAILED CLOSED: pgbench's sessions ended after {d['failed_closed_after_s']} s: {d['failure']}")
+        la = d.get("load_average")
+        if la:
+            p(f"  machine load average (1 min) during the run: mean {la['mean']:.1f}, {la['min']:.1f}-{la['max']:.1f}")
+        if d.get("receiver_cpu_share") is not None:
+            p(f"  receiver process CPU while pgbench ran: {d['receiver_cpu_share']:.0%} of one core")
+        if d.get("receiver_check"):
+            p(f"  receiver: {d['receiver_check']}")
     if audit:
         p()
     for name, a in (audit or {}).items():
@@ -788,9 +1011,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dbproxy-module", default="dbproxy.cli",
                     help="entry module run as 'python -m MOD serve --config FILE' (A/B a patched build; PYTHONPATH is passed on)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, audit file, configs)")
-    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http"],
-                    help="add this network audit sink to the dbproxy target and measure its delivery")
+    ap.add_argument("--sink", choices=["relp", "syslog", "syslog-close", "http", "kafka", "pg_table", "none"],
+                    help="add this network audit sink to the dbproxy target and measure its delivery "
+                         "(none: the JSONL file alone, the reference for the audit worker's own rate)")
     ap.add_argument("--http-in-flight", type=int, default=4, help="--sink http: the sink's max_in_flight")
+    ap.add_argument("--sink-warmup", type=float, default=30.0,
+                    help="--sink: seconds into the run where the steady window (the rate ratio) begins")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
@@ -827,7 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
             sink, received, receiver = start_sink(args.sink, base, args)
         if "dbproxy" in targets:
             config, audit_path = proxy_config(base, pg, user, password, sink=sink if args.sink else None)
-            if args.sink:
+            if args.sink == "none":
+                delivery = Delivery(args.sink, LineCounter(audit_path), LineCounter(audit_path), base / "no-spool")
+            elif args.sink:
                 delivery = Delivery(args.sink, LineCounter(audit_path), received, Path(sink["spool_dir"]), receiver)
             proxy = start_dbproxy(base, config, module=args.dbproxy_module)
             ports["dbproxy"] = (proxy.port, proxy.pid)
@@ -850,7 +1078,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
                 extra = f", audit {run.audit_queries} queries" if run.audit_queries is not None else ""
                 if run.delivery and run.delivery["ratio"] is not None:
-                    extra += f", sink delivery/event {run.delivery['ratio']:.3f}"
+                    st = run.delivery.get("steady") or {}
+                    if st.get("rate_ratio") is not None:
+                        extra += f", sink rate ratio {st['rate_ratio']:.3f}"
+                    extra += f", delivered/recorded {run.delivery['ratio']:.3f}"
                 print(f"round {rnd} {target:<10} {run.tps:10.1f} tps{extra}", file=sys.stderr, flush=True)
 
         audit = {}
@@ -905,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
         for child in (proxy, proxy_ack, relay, lean_relay):
             if child is not None:
                 child.stop()
-        if args.sink and "receiver" in locals():
+        if args.sink and locals().get("receiver") is not None:
             receiver.stop()
         if bouncer is not None:
             bouncer.stop()
