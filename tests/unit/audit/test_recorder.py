@@ -208,7 +208,9 @@ async def test_statistics_snapshot(tmp_path):
 
     async def body(recorder):
         emit_queries(recorder, 3)
-        await wait_for(lambda: sink.statistics().delivered == 3)
+        # A batch counts as delivered before the spool's cursor commit ends (so /metrics never
+        # lags the SIEM): wait for the commit too, then the snapshot must show all of it.
+        await wait_for(lambda: sink.statistics().delivered == 3 and sink.statistics().pending_events == 0)
         stats = recorder.statistics()
         assert stats.last_seq == 3 and stats.accepting and stats.dropped == 0
         assert stats.sinks[0].delivered == 3 and stats.sinks[0].pending_events == 0
