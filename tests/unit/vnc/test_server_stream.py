@@ -32,6 +32,7 @@ from dbproxy.engines.vnc.updates import RfbError, ServerStream
 from dbproxy.pipeline import Pipeline
 from dbproxy.sansio import NEED_DATA
 from tests.unit.vnc.test_updates import ALL_PF, FIXTURES, PF32, built_messages, fixture, update
+from tests.unit.vnc.test_vnc_policy import _Session
 
 PF32_RAW = PF32.encode()
 
@@ -73,22 +74,6 @@ def expected_texts(pf, stream: bytes) -> list[tuple[int, bytes]]:
             texts.append((off, m.raw))
         off += len(m.raw)
     return texts
-
-
-class _Audit:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
-
-    def emit(self, kind, **fields):
-        self.events.append((kind, fields))
-        return fields
-
-
-class _Session:
-    event_family = "desktop"
-
-    def __init__(self) -> None:
-        self.audit = _Audit()
 
 
 # -- streaming ---------------------------------------------------------------------------------
