@@ -66,6 +66,8 @@ KEYS = ("chain", "sid", "none")
 COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+BATCH_MAX_EVENTS = 5000  # default batch_max_events / batch_max_bytes for this sink (see __init__)
+BATCH_MAX_BYTES = 8 * 1024 * 1024
 
 
 class _ClientLog:
@@ -86,6 +88,11 @@ class KafkaSink(SpooledSink):
                  ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
                  sasl_mechanism: str | None = None, sasl_username: str | None = None, sasl_password: Any = None,
                  **spool: Any) -> None:
+        # Big batches: each costs one flush — a round trip to every in-sync replica (acks=all) —
+        # and a cursor commit, ~240 ms per batch on a loaded box; 500-event batches shipped
+        # 2098 events/s against 6248/s recorded (scripts/bench/pg --sink kafka, 2026-12-06).
+        spool.setdefault("batch_max_events", BATCH_MAX_EVENTS)
+        spool.setdefault("batch_max_bytes", BATCH_MAX_BYTES)
         super().__init__(**spool)
         if key not in KEYS:
             raise ValueError(f"key must be one of {KEYS}")

@@ -39,6 +39,8 @@ from .spooled import DeliveryFailed, SpooledSink
 log = logging.getLogger("dbproxy.audit.postgres")
 
 TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+BATCH_MAX_EVENTS = 5000  # default batch_max_events / batch_max_bytes for this sink (see __init__)
+BATCH_MAX_BYTES = 8 * 1024 * 1024
 COLUMNS = ("chain", "seq", "time", "event", "sid", "usr", "prev_hash", "hash", "line", "body")
 
 
@@ -47,6 +49,11 @@ class PostgresSink(SpooledSink):
 
     def __init__(self, *, dsn: Any, table: str = "dbproxy_audit", chain: str | None = None,
                  connect_timeout: float = 10.0, **spool: Any) -> None:
+        # Big batches: each is one transaction (COPY, INSERT, a commit that waits for the WAL
+        # flush) and a cursor commit, ~420 ms per batch on a loaded box; 500-event batches
+        # stored 1189 events/s against 5394/s recorded (scripts/bench/pg --sink pg_table, 2026-12-06).
+        spool.setdefault("batch_max_events", BATCH_MAX_EVENTS)
+        spool.setdefault("batch_max_bytes", BATCH_MAX_BYTES)
         super().__init__(**spool)
         if not TABLE_NAME.match(table):
             raise ValueError(f"table {table!r}: a table name, optionally schema-qualified")
