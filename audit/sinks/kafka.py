@@ -19,9 +19,14 @@ thread (confluent-kafka/librdkafka is synchronous there; the audit worker's
 trio loop never blocks) on one persistent *idempotent* producer
 (``enable.idempotence=true``, ``acks=all``: librdkafka's own retries neither
 reorder nor duplicate): it produces the batch, ``flush``es, and reads every
-delivery report.  Any failed report fails the batch with the count of leading
-records that did land (``DeliveryFailed.delivered``), so the spool commits
-those and retries the rest after its backoff.  ``delivery_timeout_seconds``
+delivery report.  Batches are large by default (``batch_max_events`` 5000,
+``batch_max_bytes`` 8 MiB; the spool keys override them): the flush waits a
+round trip to every in-sync replica, and at the base's 500 events a batch
+that round trip, not the cluster, capped delivery below a busy proxy's event
+rate (scripts/bench/README.md, "Network audit sinks").  Any failed report
+fails the batch with the count of leading records that did land
+(``DeliveryFailed.delivered``), so the spool commits those and retries the
+rest after its backoff.  ``delivery_timeout_seconds``
 (librdkafka ``message.timeout.ms``) bounds how long a record may wait for the
 cluster: during an outage the batch fails after that long, and the spool
 retries.  The producer lives as long as batches succeed; a failed batch

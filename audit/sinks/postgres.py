@@ -19,7 +19,12 @@ transaction per batch in a worker thread (psycopg is synchronous there, the
 audit worker's trio loop never blocks): ``COPY`` into a temporary table,
 then ``INSERT … ON CONFLICT (chain, seq) DO NOTHING`` — a batch re-sent
 after a lost commit acknowledgement, or replayed by a restarted audit
-worker, lands once.  The table is created if missing.  The DSN (it may hold
+worker, lands once.  Batches are large by default (``batch_max_events``
+5000, ``batch_max_bytes`` 8 MiB; the spool keys override them): each
+transaction's commit waits for the audit database's WAL flush, and at the
+base's 500 events a batch that wait, not the database, capped delivery below
+a busy proxy's event rate (scripts/bench/README.md, "Network audit sinks").
+The table is created if missing.  The DSN (it may hold
 a password) comes from a file or an environment variable and is never
 logged; TLS is libpq's (``sslmode``/``sslrootcert`` in the DSN).
 """
