@@ -140,6 +140,7 @@ class KafkaSink(SpooledSink):
         self._producer: Any = None
         self._client_error_text: str | None = None  # librdkafka's last error during the current batch
         self._limiter = trio.CapacityLimiter(1)  # one thread at a time drives the producer
+        self._refused: str | None = None  # why the current producer refused a record (it stops producing)
         # Pipelined: batches are produced while earlier ones await their reports (no flush per
         # batch); the idempotent producer keeps them in order.  Up to 4 batches in flight.
         self.max_in_flight = 4
@@ -190,6 +191,11 @@ class KafkaSink(SpooledSink):
         producer = self._producer
         records = [self._record(p) for p in payloads]  # here, not in the audit worker's event loop
         batch = _Batch(producer, len(records))
+        if self._refused:
+            # A record of an earlier batch was refused: nothing behind it may land before it
+            # does (its batch's confirm fails, and the retry starts again from it).
+            batch.refused = self._refused
+            return batch
         self._client_error_text = None
         for i, (value, key, headers) in enumerate(records):
             while True:
@@ -199,7 +205,7 @@ class KafkaSink(SpooledSink):
                 except BufferError:  # librdkafka's local queue is full: serve reports, then try again
                     producer.poll(0.1)
                 except KafkaException as exc:  # refused locally (e.g. larger than message.max.bytes)
-                    batch.refused = exc.args[0].str() if exc.args else str(exc)
+                    batch.refused = self._refused = exc.args[0].str() if exc.args else str(exc)
                     break
             if batch.refused is not None:
                 break
@@ -232,6 +238,7 @@ class KafkaSink(SpooledSink):
 
     def _drop_producer(self) -> None:
         producer, self._producer = self._producer, None
+        self._refused = None
         if producer is not None:
             try:
                 producer.purge()

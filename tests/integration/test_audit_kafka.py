@@ -275,3 +275,38 @@ def test_batches_are_pipelined_and_arrive_in_order(kafka, tmp_path):
     records = _consume(kafka, 1000)
     assert [json.loads(m.value())["seq"] for m in records] == list(range(1, 1001))
     assert _high_watermark(kafka) == 1000
+
+
+def test_nothing_lands_behind_a_refused_record(kafka, tmp_path):
+    """A record the producer refuses (larger than ``message.max.bytes``) stops the sink at it:
+    batches already read behind it (pipelined) must not be produced, or they would land ahead
+    of it.  The sink keeps retrying it (a SIEM-side fix, or an operator, must intervene);
+    the topic holds only what came before it."""
+    import trio
+
+    from dbproxy.audit.sinks import build_sink
+    from dbproxy.config import load_audit_config
+
+    kafka.create_topic(TOPIC)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"audit": {"sinks": [
+        {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC, "chain": "test-chain",
+         "spool_dir": str(tmp_path / "spool"), "batch_max_events": 1, "retry_initial_seconds": 0.1,
+         "retry_max_seconds": 0.3}]}}))
+    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
+               "hash": f"{i:064x}", "pad": "x" * (1_200_000 if i == 2 else 100)} for i in range(1, 41)]
+
+    async def main():
+        await sink.write_batch(events)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            await trio.sleep(5)  # a dozen attempts
+            assert sink.failing and sink.delivered == 1
+            nursery.cancel_scope.cancel()
+        await sink.aclose()
+
+    trio.run(main)
+    assert _high_watermark(kafka) == 1
+    records = _consume(kafka, 1)
+    assert [json.loads(m.value())["seq"] for m in records] == [1]
