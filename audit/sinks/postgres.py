@@ -14,16 +14,21 @@ Each event becomes one row of ``table``::
     body      jsonb        the same event, queryable (``body->>'db_query'``)
 
 Strategy: the spooled base writes each batch to the disk spool first and
-delivers from it in order (outages, restarts); ``deliver`` runs one
-transaction per batch in a worker thread (psycopg is synchronous there, the
-audit worker's trio loop never blocks): ``COPY`` into a temporary table,
-then ``INSERT … ON CONFLICT (chain, seq) DO NOTHING`` — a batch re-sent
-after a lost commit acknowledgement, or replayed by a restarted audit
-worker, lands once.  Batches are large by default (``batch_max_events``
-5000, ``batch_max_bytes`` 8 MiB; the spool keys override them): each
-transaction's commit waits for the audit database's WAL flush, and at the
-base's 500 events a batch that wait, not the database, capped delivery below
-a busy proxy's event rate (scripts/bench/README.md, "Network audit sinks").
+delivers from it in order (outages, restarts).  Each batch is one
+transaction in a worker thread (psycopg is synchronous there, the audit
+worker's trio loop never blocks; the rows are made there too): ``COPY`` into
+a temporary table, then ``INSERT … ON CONFLICT (chain, seq) DO NOTHING`` — a
+batch re-sent after a lost commit acknowledgement, or replayed by a
+restarted audit worker, lands once.  The sink is pipelined: up to 4 batches
+are read from the spool and submitted ahead, their transactions run one
+after another on the one connection, in ``seq`` order (a batch behind a
+failed one does not run), and the base moves the spool cursor in its own
+task.  Batches are large by default (``batch_max_events`` 5000,
+``batch_max_bytes`` 8 MiB; the spool keys override them).  One 500-event
+batch at a time — read, COPY, commit (a WAL flush), cursor commit — stored
+1189 events/s against 5394/s recorded while the audit database used 5 % of
+a core (scripts/bench/README.md, "Network audit sinks", which also has the
+figures after the change: better, not yet the event rate under load).
 The table is created if missing.  The DSN (it may hold
 a password) comes from a file or an environment variable and is never
 logged; TLS is libpq's (``sslmode``/``sslrootcert`` in the DSN).
@@ -65,8 +70,8 @@ class PostgresSink(SpooledSink):
     def __init__(self, *, dsn: Any, table: str = "dbproxy_audit", chain: str | None = None,
                  connect_timeout: float = 10.0, **spool: Any) -> None:
         # Big batches: each is one transaction (COPY, INSERT, a commit that waits for the WAL
-        # flush) and a cursor commit, ~420 ms per batch on a loaded box; 500-event batches
-        # stored 1189 events/s against 5394/s recorded (scripts/bench/pg --sink pg_table, 2026-12-06).
+        # flush), a spool read and thread hops in the busy audit worker; 500-event batches one at
+        # a time stored 1189 events/s against 5394/s recorded (scripts/bench/pg --sink pg_table).
         spool.setdefault("batch_max_events", BATCH_MAX_EVENTS)
         spool.setdefault("batch_max_bytes", BATCH_MAX_BYTES)
         super().__init__(**spool)
