@@ -103,3 +103,98 @@ def test_config_errors_name_the_path(tmp_path):
     got = [f"{e.path}: {e.expected}" for e in info.value.errors]
     assert any(g.startswith("audit.sinks[0]: one of \"dsn_file\" or \"dsn_env\"") for g in got), got
     assert any(g.startswith("audit.sinks[0].table: a table name") for g in got), got
+
+
+def test_a_backlog_goes_in_one_transaction(auditdb, tmp_path):
+    """A backlog of 3000 events (an outage's, or a busy proxy's) goes in one COPY and one commit
+    with the sink's default batch size: each transaction waits for a WAL flush, and batches of
+    500 stored 1189 events/s against 5394/s recorded (scripts/bench/pg --sink pg_table)."""
+    import json
+
+    import trio
+
+    from dbproxy.audit.sinks import build_sink
+    from dbproxy.config import load_audit_config
+
+    user, password = auditdb.users["scram-sha-256"]
+    dsn = tmp_path / "audit.dsn"
+    dsn.write_text(auditdb.dsn(user, password) + "\n")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"audit": {"sinks": [
+        {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain", "spool_dir": str(tmp_path / "spool")}]}}))
+    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    transactions: list[int] = []
+    deliver_sync = sink._deliver_sync
+
+    def counting(rows):  # the real delivery, counted
+        transactions.append(len(rows))
+        return deliver_sync(rows)
+
+    sink._deliver_sync = counting
+    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
+               "hash": f"{i:064x}", "pad": "x" * 100} for i in range(1, 3001)]
+
+    async def main():
+        await sink.write_batch(events)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            with trio.fail_after(60):
+                await sink.wait_idle()
+            nursery.cancel_scope.cancel()
+        await sink.aclose()
+
+    trio.run(main)
+    assert transactions == [3000]
+    rows = _rows(auditdb)
+    assert [r[0] for r in rows] == list(range(1, 3001))
+    assert [json.loads(r[2]) for r in rows] == events
+
+
+def test_batches_are_pipelined_and_land_in_order(auditdb, tmp_path):
+    """While one batch's transaction runs, the next ones are already read from the spool and
+    submitted (several in flight; the cursor moves in its own task): one at a time, the spool
+    read and the cursor's fsyncs added to every transaction's time, and the sink stored 4397
+    events/s against 6801/s recorded even in 5000-event batches (scripts/bench/pg --sink
+    pg_table).  The transactions still run one after another, so rows land in ``seq`` order."""
+    import json
+
+    import trio
+
+    from dbproxy.audit.sinks import build_sink
+    from dbproxy.config import load_audit_config
+
+    user, password = auditdb.users["scram-sha-256"]
+    dsn = tmp_path / "audit.dsn"
+    dsn.write_text(auditdb.dsn(user, password) + "\n")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"audit": {"sinks": [
+        {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
+         "batch_max_events": 100}]}}))
+    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    in_flight: list[int] = []
+    seen: list[int] = []
+    deliver_sync = sink._deliver_sync
+
+    def observing(rows):  # the real delivery; how many batches were submitted and not yet confirmed
+        in_flight.append(sink._in_flight)
+        seen.append(rows[0][1])
+        return deliver_sync(rows)
+
+    sink._deliver_sync = observing
+    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
+               "hash": f"{i:064x}", "pad": "x" * 100} for i in range(1, 1001)]
+
+    async def main():
+        await sink.write_batch(events)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            with trio.fail_after(60):
+                await sink.wait_idle()
+            nursery.cancel_scope.cancel()
+        await sink.aclose()
+
+    trio.run(main)
+    assert seen == list(range(1, 1001, 100))  # ten transactions, in order
+    assert max(in_flight) > 1, in_flight
+    rows = _rows(auditdb)
+    assert [r[0] for r in rows] == list(range(1, 1001))
