@@ -434,3 +434,37 @@ def assert_no_token_secrets(blob: str, env: TokenEnv, bad_tokens: dict) -> None:
     for entry in registry["tokens"].values():
         for v in entry["scram"].values():
             assert v["stored_key"] not in blob and v["server_key"] not in blob
+
+
+# -- one audit sink, in-process (tests of a sink's batching against its real receiver) -----------
+
+def sink_from_config(tmp_path: Path, spec: dict):
+    """The sink ``spec`` (one ``audit.sinks`` entry) builds, through the real config loader."""
+    from dbproxy.audit.sinks import build_sink
+    from dbproxy.config import load_audit_config
+
+    path = tmp_path / "sink.json"
+    path.write_text(json.dumps({"audit": {"sinks": [spec]}}))
+    return build_sink(load_audit_config(str(path)).sinks[0])
+
+
+def chained_events(n: int, *, pad=lambda seq: 100) -> list[dict]:
+    """``n`` stamped-looking events, seq 1..n with hash fields, each padded to ``pad(seq)`` bytes."""
+    return [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
+             "hash": f"{i:064x}", "pad": "x" * pad(i)} for i in range(1, n + 1)]
+
+
+def deliver_all(sink, events: list[dict], *, timeout: float = 60) -> None:
+    """Spool ``events`` in one batch, run the sink until it has delivered them all, close it."""
+    import trio
+
+    async def main():
+        await sink.write_batch(events)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            with trio.fail_after(timeout):
+                await sink.wait_idle()
+            nursery.cancel_scope.cancel()
+        await sink.aclose()
+
+    trio.run(main)

@@ -10,7 +10,17 @@ import json
 import pytest
 
 from dbproxy.audit.chain import verify_files
-from tests.support import ProxyProcess, peer_missing, pg_connect, pg_scram_config, read_audit, wait_until
+from tests.support import (
+    ProxyProcess,
+    chained_events,
+    deliver_all,
+    peer_missing,
+    pg_connect,
+    pg_scram_config,
+    read_audit,
+    sink_from_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -196,17 +206,10 @@ def test_a_backlog_goes_in_one_batch(kafka, tmp_path):
     sink's default batch size: each batch costs a spool read and thread hops in the audit worker,
     and batches of 500 shipped 2098 events/s against 6248/s recorded (scripts/bench/pg --sink
     kafka).  The records arrive once each, in order."""
-    import trio
-
-    from dbproxy.audit.sinks import build_sink
-    from dbproxy.config import load_audit_config
 
     kafka.create_topic(TOPIC)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"audit": {"sinks": [
-        {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC, "chain": "test-chain",
-         "spool_dir": str(tmp_path / "spool")}]}}))
-    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    sink = sink_from_config(tmp_path, {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC,
+                                       "chain": "test-chain", "spool_dir": str(tmp_path / "spool")})
     batches: list[int] = []
     produce_sync = sink._produce_sync
 
@@ -215,19 +218,8 @@ def test_a_backlog_goes_in_one_batch(kafka, tmp_path):
         return produce_sync(payloads)
 
     sink._produce_sync = counting
-    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
-               "hash": f"{i:064x}", "pad": "x" * 100} for i in range(1, 3001)]
-
-    async def main():
-        await sink.write_batch(events)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sink.run)
-            with trio.fail_after(60):
-                await sink.wait_idle()
-            nursery.cancel_scope.cancel()
-        await sink.aclose()
-
-    trio.run(main)
+    events = chained_events(3000)
+    deliver_all(sink, events)
     assert batches == [3000]
     records = _consume(kafka, 3000)
     assert [json.loads(m.value()) for m in records] == events
@@ -239,17 +231,11 @@ def test_batches_are_pipelined_and_arrive_in_order(kafka, tmp_path):
     flight, no flush per batch): one at a time, each batch waited for a round trip to the
     in-sync replicas before the next was produced.  The idempotent producer keeps them in order:
     every record once, in ``seq`` order."""
-    import trio
-
-    from dbproxy.audit.sinks import build_sink
-    from dbproxy.config import load_audit_config
 
     kafka.create_topic(TOPIC)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"audit": {"sinks": [
-        {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC, "chain": "test-chain",
-         "spool_dir": str(tmp_path / "spool"), "batch_max_events": 100}]}}))
-    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    sink = sink_from_config(tmp_path, {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC,
+                                       "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
+                                       "batch_max_events": 100})
     in_flight: list[int] = []
     produce_sync = sink._produce_sync
 
@@ -258,19 +244,8 @@ def test_batches_are_pipelined_and_arrive_in_order(kafka, tmp_path):
         return produce_sync(payloads)
 
     sink._produce_sync = observing
-    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
-               "hash": f"{i:064x}", "pad": "x" * 100} for i in range(1, 1001)]
-
-    async def main():
-        await sink.write_batch(events)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sink.run)
-            with trio.fail_after(60):
-                await sink.wait_idle()
-            nursery.cancel_scope.cancel()
-        await sink.aclose()
-
-    trio.run(main)
+    events = chained_events(1000)
+    deliver_all(sink, events)
     assert len(in_flight) == 10 and max(in_flight) > 1, in_flight
     records = _consume(kafka, 1000)
     assert [json.loads(m.value())["seq"] for m in records] == list(range(1, 1001))
@@ -284,18 +259,11 @@ def test_nothing_lands_behind_a_refused_record(kafka, tmp_path):
     the topic holds only what came before it."""
     import trio
 
-    from dbproxy.audit.sinks import build_sink
-    from dbproxy.config import load_audit_config
-
     kafka.create_topic(TOPIC)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"audit": {"sinks": [
-        {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC, "chain": "test-chain",
-         "spool_dir": str(tmp_path / "spool"), "batch_max_events": 1, "retry_initial_seconds": 0.1,
-         "retry_max_seconds": 0.3}]}}))
-    sink = build_sink(load_audit_config(str(path)).sinks[0])
-    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
-               "hash": f"{i:064x}", "pad": "x" * (1_200_000 if i == 2 else 100)} for i in range(1, 41)]
+    sink = sink_from_config(tmp_path, {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC,
+                                       "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
+                                       "batch_max_events": 1, "retry_initial_seconds": 0.1, "retry_max_seconds": 0.3})
+    events = chained_events(40, pad=lambda seq: 1_200_000 if seq == 2 else 100)
 
     async def main():
         await sink.write_batch(events)

@@ -8,7 +8,16 @@ from __future__ import annotations
 import pytest
 
 from dbproxy.audit.chain import verify_files
-from tests.support import ProxyProcess, pg_connect, pg_scram_config, read_audit, wait_until
+from tests.support import (
+    ProxyProcess,
+    chained_events,
+    deliver_all,
+    pg_connect,
+    pg_scram_config,
+    read_audit,
+    sink_from_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -111,18 +120,11 @@ def test_a_backlog_goes_in_one_transaction(auditdb, tmp_path):
     500 stored 1189 events/s against 5394/s recorded (scripts/bench/pg --sink pg_table)."""
     import json
 
-    import trio
-
-    from dbproxy.audit.sinks import build_sink
-    from dbproxy.config import load_audit_config
-
     user, password = auditdb.users["scram-sha-256"]
     dsn = tmp_path / "audit.dsn"
     dsn.write_text(auditdb.dsn(user, password) + "\n")
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"audit": {"sinks": [
-        {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain", "spool_dir": str(tmp_path / "spool")}]}}))
-    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    sink = sink_from_config(tmp_path, {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain",
+                                       "spool_dir": str(tmp_path / "spool")})
     transactions: list[int] = []
     deliver_sync = sink._deliver_sync
 
@@ -131,19 +133,8 @@ def test_a_backlog_goes_in_one_transaction(auditdb, tmp_path):
         return deliver_sync(rows)
 
     sink._deliver_sync = counting
-    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
-               "hash": f"{i:064x}", "pad": "x" * 100} for i in range(1, 3001)]
-
-    async def main():
-        await sink.write_batch(events)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sink.run)
-            with trio.fail_after(60):
-                await sink.wait_idle()
-            nursery.cancel_scope.cancel()
-        await sink.aclose()
-
-    trio.run(main)
+    events = chained_events(3000)
+    deliver_all(sink, events)
     assert transactions == [3000]
     rows = _rows(auditdb)
     assert [r[0] for r in rows] == list(range(1, 3001))
@@ -156,21 +147,12 @@ def test_batches_are_pipelined_and_land_in_order(auditdb, tmp_path):
     read and the cursor's fsyncs added to every transaction's time, and the sink stored 4397
     events/s against 6801/s recorded even in 5000-event batches (scripts/bench/pg --sink
     pg_table).  The transactions still run one after another, so rows land in ``seq`` order."""
-    import json
-
-    import trio
-
-    from dbproxy.audit.sinks import build_sink
-    from dbproxy.config import load_audit_config
 
     user, password = auditdb.users["scram-sha-256"]
     dsn = tmp_path / "audit.dsn"
     dsn.write_text(auditdb.dsn(user, password) + "\n")
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"audit": {"sinks": [
-        {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
-         "batch_max_events": 100}]}}))
-    sink = build_sink(load_audit_config(str(path)).sinks[0])
+    sink = sink_from_config(tmp_path, {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain",
+                                       "spool_dir": str(tmp_path / "spool"), "batch_max_events": 100})
     in_flight: list[int] = []
     seen: list[int] = []
     deliver_sync = sink._deliver_sync
@@ -181,19 +163,8 @@ def test_batches_are_pipelined_and_land_in_order(auditdb, tmp_path):
         return deliver_sync(rows)
 
     sink._deliver_sync = observing
-    events = [{"seq": i, "time": "2026-12-06T21:00:00.000000Z", "event": "test.bulk", "prev_hash": f"{i - 1:064x}",
-               "hash": f"{i:064x}", "pad": "x" * 100} for i in range(1, 1001)]
-
-    async def main():
-        await sink.write_batch(events)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sink.run)
-            with trio.fail_after(60):
-                await sink.wait_idle()
-            nursery.cancel_scope.cancel()
-        await sink.aclose()
-
-    trio.run(main)
+    events = chained_events(1000)
+    deliver_all(sink, events)
     assert seen == list(range(1, 1001, 100))  # ten transactions, in order
     assert max(in_flight) > 1, in_flight
     rows = _rows(auditdb)
