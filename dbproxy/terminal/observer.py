@@ -299,7 +299,15 @@ class ShellObserver:
         typed = self._typed_text().strip()
         if observed is None:
             return row.endswith(typed)
-        return observed.endswith(typed) or len(observed) >= len(typed)
+        if observed.endswith(typed):
+            return True
+        # An echo that differs from the keys (a program masking them) counts once it is as long as them,
+        # but only on the prompt's own row: keys typed before the prompt was drawn (the line started at
+        # column 0 of a fresh row) are followed by the previous command's last output and the prompt,
+        # not by their echo, and must wait for it.
+        row0, col0, scrolled = self._start if self._start is not None else (0, 0, 0)
+        same_row = row0 - (self.screen.scrolled - scrolled) == self.screen.cursor.y
+        return same_row and col0 > 0 and len(observed) >= len(typed)
 
     def _submit(self, step: Step, enter: bytes) -> bool:
         """Decide the line ended by ``enter``; True when refused."""

@@ -196,3 +196,20 @@ def test_line_typed_before_the_prompt_is_drawn_is_not_prefixed_with_it():
     o.output(b"prompt$ echo two")
     (line,) = o.input(b"\r").lines
     assert line.text == "echo two" and line.echoed
+
+
+def test_keys_typed_before_the_last_output_and_prompt_wait_for_their_echo():
+    """``exit`` typed as soon as the first line of ``echo hi; whoami`` showed: the rest of the output and the
+    prompt arrive before the echo of ``exit``; the Enter waits for it, and the command is ``exit``, not the
+    output that happened to come first (seen in a CI run through the Telnet proxy)."""
+    o = shell()
+    type_line(o, b"echo hi-$((6*7)); whoami")
+    o.output(b"\r\nhi-42\r\n")
+    o.input(b"exit")
+    o.output(b"dbptelnet\r\nprompt$ ")
+    step = o.input(b"\r")
+    assert o.waiting and not step.lines and bytes(step.forward) == b""
+    o.output(b"exit")
+    step = o.resume()
+    (line,) = step.lines
+    assert line.text == "exit" and line.echoed and bytes(step.forward) == b"\r"
