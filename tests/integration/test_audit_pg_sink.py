@@ -126,13 +126,13 @@ def test_a_backlog_goes_in_one_transaction(auditdb, tmp_path):
     sink = sink_from_config(tmp_path, {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain",
                                        "spool_dir": str(tmp_path / "spool")})
     transactions: list[int] = []
-    deliver_sync = sink._deliver_sync
+    store_sync = sink._store_sync
 
-    def counting(rows):  # the real delivery, counted
-        transactions.append(len(rows))
-        return deliver_sync(rows)
+    def counting(payloads):  # the real delivery, counted
+        transactions.append(len(payloads))
+        return store_sync(payloads)
 
-    sink._deliver_sync = counting
+    sink._store_sync = counting
     events = chained_events(3000)
     deliver_all(sink, events)
     assert transactions == [3000]
@@ -147,6 +147,7 @@ def test_batches_are_pipelined_and_land_in_order(auditdb, tmp_path):
     read and the cursor's fsyncs added to every transaction's time, and the sink stored 4397
     events/s against 6801/s recorded even in 5000-event batches (scripts/bench/pg --sink
     pg_table).  The transactions still run one after another, so rows land in ``seq`` order."""
+    import json
 
     user, password = auditdb.users["scram-sha-256"]
     dsn = tmp_path / "audit.dsn"
@@ -155,17 +156,44 @@ def test_batches_are_pipelined_and_land_in_order(auditdb, tmp_path):
                                        "spool_dir": str(tmp_path / "spool"), "batch_max_events": 100})
     in_flight: list[int] = []
     seen: list[int] = []
-    deliver_sync = sink._deliver_sync
+    store_sync = sink._store_sync
 
-    def observing(rows):  # the real delivery; how many batches were submitted and not yet confirmed
+    def observing(payloads):  # the real delivery; how many batches were submitted and not yet confirmed
         in_flight.append(sink._in_flight)
-        seen.append(rows[0][1])
-        return deliver_sync(rows)
+        seen.append(json.loads(payloads[0])["seq"])
+        return store_sync(payloads)
 
-    sink._deliver_sync = observing
+    sink._store_sync = observing
     events = chained_events(1000)
     deliver_all(sink, events)
     assert seen == list(range(1, 1001, 100))  # ten transactions, in order
     assert max(in_flight) > 1, in_flight
     rows = _rows(auditdb)
     assert [r[0] for r in rows] == list(range(1, 1001))
+
+
+def test_lines_are_stored_byte_for_byte_and_their_columns_read_by_the_server(auditdb, tmp_path):
+    """The batch goes as COPY text of the lines alone and the server reads the columns out of each
+    (``line::jsonb``): backslashes, escaped tabs, newlines and quotes, non-ASCII text and a
+    literal ``\\.`` (COPY's end-of-data mark) survive exactly, and the columns are the event's."""
+    import json
+
+    import orjson
+
+    user, password = auditdb.users["scram-sha-256"]
+    dsn = tmp_path / "audit.dsn"
+    dsn.write_text(auditdb.dsn(user, password) + "\n")
+    sink = sink_from_config(tmp_path, {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain",
+                                       "spool_dir": str(tmp_path / "spool")})
+    awkward = ["C:\\temp\\x", "tab\there", "two\nlines\r\n", 'say "hi"', "\\.", "naïve — ünïcode ✓", "\\N"]
+    events = chained_events(len(awkward))
+    for event, value in zip(events, awkward):
+        event.update(db_query=value, sid=f"s-{event['seq']}", user="alice")
+    deliver_all(sink, events)
+    rows = _rows(auditdb)
+    assert [r[2] for r in rows] == [orjson.dumps(e).decode() for e in events]
+    out = auditdb.psql("-c", "select json_build_array(seq, time = '2026-12-06T21:00:00Z', event, sid, "
+                       "usr, prev_hash, hash, body->>'db_query') from dbproxy_audit order by seq")
+    got = [json.loads(line) for line in out.splitlines()]
+    assert got == [[e["seq"], True, "test.bulk", e["sid"], "alice", e["prev_hash"], e["hash"], e["db_query"]]
+                   for e in events]
