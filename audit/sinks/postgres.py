@@ -116,7 +116,9 @@ class PostgresSink(SpooledSink):
             f"INSERT INTO {self.table} ({', '.join(COLUMNS)}) "
             "SELECT %s, (b->>'seq')::bigint, (b->>'time')::timestamptz, coalesce(b->>'event', ''), b->>'sid', "
             "b->>'user', b->>'prev_hash', b->>'hash', line, b "
-            "FROM (SELECT line, line::jsonb AS b FROM dbproxy_audit_lines) AS batch "
+            # OFFSET 0 keeps the subquery whole: pulled up, each b->>… would parse the line again
+            # (eight parses a row; the audit database then spent ~100 µs of CPU an event).
+            "FROM (SELECT line, line::jsonb AS b FROM dbproxy_audit_lines OFFSET 0) AS batch "
             "ON CONFLICT (chain, seq) DO NOTHING")
 
     # -- the connection (in the worker thread) -------------------------------------------

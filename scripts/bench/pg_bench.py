@@ -514,6 +514,14 @@ def steady_window(samples: list, warmup: float) -> tuple[int, int] | None:
     return first, last
 
 
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """The least-squares slope of ys over xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+
+
 def delivery_report(samples: list, after: list, drained_s: float | None, warmup: float = 30.0) -> dict:
     """Rates over the steady window and over the run; the spool's peak and whether it still grew
     in the run's last quarter."""
@@ -531,6 +539,14 @@ def delivery_report(samples: list, after: list, drained_s: float | None, warmup:
             # up holds this steady (the ratio is 1 - its growth / recorded), one that falls behind grows it.
             "lag_from": reca - gota, "lag_to": recb - gotb,
         }
+        # The same two rates as least-squares slopes over every sample in the window: the endpoint
+        # deltas above swing by up to a batch in flight (pg_table, kafka: 5000 events) at either end;
+        # the fit shows whether the lag *trends* up (falling behind) or only jitters.
+        ts = [s[0] for s in samples[window[0]:window[1] + 1]]
+        rec_fit = _slope(ts, [s[1] for s in samples[window[0]:window[1] + 1]])
+        got_fit = _slope(ts, [s[2] for s in samples[window[0]:window[1] + 1]])
+        steady["fit_rate_ratio"] = got_fit / rec_fit if rec_fit else None
+        steady["fit_lag_per_s"] = rec_fit - got_fit
     (t0, rec0, got0, _), (t1, rec1, got1, _) = samples[0], samples[-1]
     recorded, delivered = rec1 - rec0, got1 - got0
     pend = [s[3] for s in samples]
@@ -937,6 +953,9 @@ def print_report(args: argparse.Namespace, runs: list[Run], summary: dict, ratio
             p(f"sink {args.sink} ({r.target} #{r.round}) steady window {st['from_s']}-{st['to_s']} s: "
               f"events {st['event_rate']:.0f}/s, delivered {st['delivery_rate']:.0f}/s: "
               f"delivery rate / event rate {st['rate_ratio']:.4f} (lag {st['lag_from']} -> {st['lag_to']} events)")
+            if st.get("fit_rate_ratio") is not None:
+                p(f"  least-squares slopes over the window's samples: delivery rate / event rate {st['fit_rate_ratio']:.4f} "
+                  f"(the lag's trend {st['fit_lag_per_s']:+.1f} events/s)")
             if st.get("proxy_rate_ratio") is not None:
                 p(f"  against the proxy's own event rate (events stamped in the window: {st['proxy_event_rate']:.0f}/s): "
                   f"{st['proxy_rate_ratio']:.4f}; the audit worker had {st['recorder_lag_to']} of them not yet written at the window's end")
