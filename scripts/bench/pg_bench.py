@@ -567,6 +567,8 @@ def delivery_report(samples: list, after: list, drained_s: float | None, warmup:
         "lag_events_end": rec1 - got1,
         "after": after,
         "steady": steady,
+        # Every sample (seconds into the run, events recorded, delivered, spool bytes): the lag's path.
+        "samples": [[round(s[0] - t0, 2), s[1], s[2], s[3]] for s in samples],
     }
 
 
