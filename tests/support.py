@@ -454,6 +454,20 @@ def chained_events(n: int, *, pad=lambda seq: 100) -> list[dict]:
              "hash": f"{i:064x}", "pad": "x" * pad(i)} for i in range(1, n + 1)]
 
 
+def note_calls(obj, method: str, note=len) -> list:
+    """Wrap ``obj.method`` (a sink's delivery step, called with one batch's payloads) so that each
+    call first appends ``note(payloads)`` to the list returned; the real method still runs."""
+    seen: list = []
+    real = getattr(obj, method)
+
+    def noting(payloads):
+        seen.append(note(payloads))
+        return real(payloads)
+
+    setattr(obj, method, noting)
+    return seen
+
+
 def deliver_all(sink, events: list[dict], *, timeout: float = 60) -> None:
     """Spool ``events`` in one batch, run the sink until it has delivered them all, close it."""
     import trio

@@ -14,6 +14,7 @@ from tests.support import (
     ProxyProcess,
     chained_events,
     deliver_all,
+    note_calls,
     peer_missing,
     pg_connect,
     pg_scram_config,
@@ -210,14 +211,7 @@ def test_a_backlog_goes_in_one_batch(kafka, tmp_path):
     kafka.create_topic(TOPIC)
     sink = sink_from_config(tmp_path, {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC,
                                        "chain": "test-chain", "spool_dir": str(tmp_path / "spool")})
-    batches: list[int] = []
-    produce_sync = sink._produce_sync
-
-    def counting(payloads):  # the real producing, counted
-        batches.append(len(payloads))
-        return produce_sync(payloads)
-
-    sink._produce_sync = counting
+    batches = note_calls(sink, "_produce_sync")  # the real producing, counted
     events = chained_events(3000)
     deliver_all(sink, events)
     assert batches == [3000]
@@ -236,14 +230,8 @@ def test_batches_are_pipelined_and_arrive_in_order(kafka, tmp_path):
     sink = sink_from_config(tmp_path, {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": TOPIC,
                                        "chain": "test-chain", "spool_dir": str(tmp_path / "spool"),
                                        "batch_max_events": 100})
-    in_flight: list[int] = []
-    produce_sync = sink._produce_sync
-
-    def observing(payloads):  # the real producing; how many batches were submitted and not yet confirmed
-        in_flight.append(sink._in_flight)
-        return produce_sync(payloads)
-
-    sink._produce_sync = observing
+    # The real producing; how many batches were submitted and not yet confirmed.
+    in_flight = note_calls(sink, "_produce_sync", lambda payloads: sink._in_flight)
     events = chained_events(1000)
     deliver_all(sink, events)
     assert len(in_flight) == 10 and max(in_flight) > 1, in_flight

@@ -12,6 +12,7 @@ from tests.support import (
     ProxyProcess,
     chained_events,
     deliver_all,
+    note_calls,
     pg_connect,
     pg_scram_config,
     read_audit,
@@ -125,14 +126,7 @@ def test_a_backlog_goes_in_one_transaction(auditdb, tmp_path):
     dsn.write_text(auditdb.dsn(user, password) + "\n")
     sink = sink_from_config(tmp_path, {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain",
                                        "spool_dir": str(tmp_path / "spool")})
-    transactions: list[int] = []
-    store_sync = sink._store_sync
-
-    def counting(payloads):  # the real delivery, counted
-        transactions.append(len(payloads))
-        return store_sync(payloads)
-
-    sink._store_sync = counting
+    transactions = note_calls(sink, "_store_sync")  # the real delivery, counted
     events = chained_events(3000)
     deliver_all(sink, events)
     assert transactions == [3000]
@@ -154,18 +148,11 @@ def test_batches_are_pipelined_and_land_in_order(auditdb, tmp_path):
     dsn.write_text(auditdb.dsn(user, password) + "\n")
     sink = sink_from_config(tmp_path, {"type": "pg_table", "dsn_file": str(dsn), "chain": "test-chain",
                                        "spool_dir": str(tmp_path / "spool"), "batch_max_events": 100})
-    in_flight: list[int] = []
-    seen: list[int] = []
-    store_sync = sink._store_sync
-
-    def observing(payloads):  # the real delivery; how many batches were submitted and not yet confirmed
-        in_flight.append(sink._in_flight)
-        seen.append(json.loads(payloads[0])["seq"])
-        return store_sync(payloads)
-
-    sink._store_sync = observing
+    # The real delivery; the first seq of each batch, and how many batches were submitted and not yet confirmed.
+    calls = note_calls(sink, "_store_sync", lambda payloads: (json.loads(payloads[0])["seq"], sink._in_flight))
     events = chained_events(1000)
     deliver_all(sink, events)
+    seen, in_flight = [c[0] for c in calls], [c[1] for c in calls]
     assert seen == list(range(1, 1001, 100))  # ten transactions, in order
     assert max(in_flight) > 1, in_flight
     rows = _rows(auditdb)
