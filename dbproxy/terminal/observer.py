@@ -305,7 +305,7 @@ class ShellObserver:
         # but only on the prompt's own row: keys typed before the prompt was drawn (the line started at
         # column 0 of a fresh row) are followed by the previous command's last output and the prompt,
         # not by their echo, and must wait for it.
-        row0, col0, scrolled = self._start if self._start is not None else (0, 0, 0)
+        row0, col0, scrolled = self._start  # known: observed is None without it
         same_row = row0 - (self.screen.scrolled - scrolled) == self.screen.cursor.y
         return same_row and col0 > 0 and len(observed) >= len(typed)
 
