@@ -542,9 +542,8 @@ def delivery_report(samples: list, after: list, drained_s: float | None, warmup:
         # The same two rates as least-squares slopes over every sample in the window: the endpoint
         # deltas above swing by up to a batch in flight (pg_table, kafka: 5000 events) at either end;
         # the fit shows whether the lag *trends* up (falling behind) or only jitters.
-        ts = [s[0] for s in samples[window[0]:window[1] + 1]]
-        rec_fit = _slope(ts, [s[1] for s in samples[window[0]:window[1] + 1]])
-        got_fit = _slope(ts, [s[2] for s in samples[window[0]:window[1] + 1]])
+        ts, recs, gots, _ = zip(*samples[window[0]:window[1] + 1])
+        rec_fit, got_fit = _slope(ts, recs), _slope(ts, gots)
         steady["fit_rate_ratio"] = got_fit / rec_fit if rec_fit else None
         steady["fit_lag_per_s"] = rec_fit - got_fit
     (t0, rec0, got0, _), (t1, rec1, got1, _) = samples[0], samples[-1]
