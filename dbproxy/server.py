@@ -29,6 +29,7 @@ from dbproxy.audit.link import LINK_DELAY, AuditLink
 from dbproxy.audit import events as ev
 from dbproxy.audit.recorder import AUDIT_UNAVAILABLE, BATCH_DELAY, AuditRecorder, serialize
 from dbproxy.audit.sinks import build_sink
+from dbproxy.audit.sinks.jsonl import previous_run
 
 from .buffer import BufferBudget
 from .config import Config, ListenerConfig
@@ -161,7 +162,8 @@ class ProxyServer:
             # A marker per run: ``dbproxy audit verify`` tells a clean stop (``proxy.stop``)
             # from a crash (a ``proxy.start`` with no stop before it).
             if self.worker is None:
-                self._marker(ev.PROXY_START, durability=self.config.audit.durability, **self._previous_run())
+                audit = self.config.audit
+                self._marker(ev.PROXY_START, durability=audit.durability, **previous_run(audit.sinks))
             else:  # the supervisor marks the run; this is one of its processes
                 self._marker(ev.PROXY_WORKER_START, worker=self.worker.index, workers=self.worker.count)
             try:
@@ -192,20 +194,6 @@ class ProxyServer:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.recorder.aclose()
-
-    def _previous_run(self) -> dict:
-        """``previous_stopped_cleanly``: whether the trail's last event (first JSONL sink) is a
-        ``proxy.stop``; absent when the trail is empty (unknown)."""
-        from dbproxy.audit.sinks.jsonl import last_event_of
-
-        for sink in self.config.audit.sinks:
-            if sink.type == "jsonl" and sink.path:
-                try:
-                    last = last_event_of(sink.path)
-                except OSError:
-                    return {}
-                return {} if last is None else {"previous_stopped_cleanly": last.get("event") == ev.PROXY_STOP}
-        return {}
 
     def _marker(self, kind: str, **fields: Any) -> None:
         body = serialize(ev.marker(kind, pid=os.getpid(), version=_version(), **fields))

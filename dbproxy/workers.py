@@ -192,19 +192,6 @@ class Supervisor:
         if not self.link.submit_nowait(body):
             log.error("audit: no room for the %s event", kind)
 
-    def _previous_run(self) -> dict:
-        from dbproxy.audit import events as ev
-        from dbproxy.audit.sinks.jsonl import last_event_of
-
-        for sink in self.config.audit.sinks:
-            if sink.type == "jsonl" and sink.path:
-                try:
-                    last = last_event_of(sink.path)
-                except OSError:
-                    return {}
-                return {} if last is None else {"previous_stopped_cleanly": last.get("event") == ev.PROXY_STOP}
-        return {}
-
     # -- the processes ------------------------------------------------------------------
     async def _run_proc(self, proc: _Proc) -> None:
         """Run process ``proc.index`` until the supervisor stops; start it again when it dies."""
@@ -290,6 +277,7 @@ class Supervisor:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         from dbproxy.audit import events as ev
         from dbproxy.audit.link import LINK_DELAY, AuditLink
+        from dbproxy.audit.sinks.jsonl import previous_run
 
         from .limits import SharedCounts
 
@@ -302,7 +290,7 @@ class Supervisor:
             async with trio.open_nursery() as audit_nursery:
                 await audit_nursery.start(self.link.run)
                 self._marker(ev.PROXY_START, durability=config.audit.durability, workers=self.count,
-                             **self._previous_run())
+                             **previous_run(self.config.audit.sinks))
                 try:
                     async with trio.open_nursery() as outer:  # the admin listener, until the processes end
                         async with trio.open_nursery() as procs:

@@ -34,6 +34,8 @@ from typing import Any
 import orjson
 import trio
 
+from dbproxy.audit.events import PROXY_STOP
+
 log = logging.getLogger("dbproxy.audit.jsonl")
 
 FSYNC_POLICIES = ("always", "interval", "never")
@@ -41,6 +43,20 @@ FSYNC_POLICIES = ("always", "interval", "never")
 
 def _stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def previous_run(sinks: Any) -> dict:
+    """``previous_stopped_cleanly`` for a ``proxy.start`` event: whether the trail's last event
+    (in the first JSONL sink of the configured ``sinks``) is a ``proxy.stop``; {} when unknown
+    (no JSONL sink, an empty or unreadable trail)."""
+    for sink in sinks:
+        if sink.type == "jsonl" and sink.path:
+            try:
+                last = last_event_of(sink.path)
+            except OSError:
+                return {}
+            return {} if last is None else {"previous_stopped_cleanly": last.get("event") == PROXY_STOP}
+    return {}
 
 
 def last_event_of(path: str) -> dict | None:
