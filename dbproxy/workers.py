@@ -205,11 +205,16 @@ class Supervisor:
                  str(proc.index), str(self.count), self.state_dir],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             proc.process, proc.starts = process, proc.starts + 1
+            watched = False
             try:
                 await self._watch(proc, process)
+                watched = True
             finally:
-                if process.returncode is None and not self.stopping:
-                    # Cancelled (another process failed to start): every process stops.
+                if not watched and process.returncode is None and not self.stopping:
+                    # Cancelled (another process failed to start): every process stops.  Not when
+                    # its output ended: a process that dies closes its stdout a moment before the
+                    # kernel lets it be reaped (``returncode`` is still None then), and that
+                    # death is a restart, not a reason to stop the others.
                     self.stop()
                 with trio.CancelScope(shield=True):
                     await process.wait()

@@ -182,3 +182,50 @@ def test_listeners_share_a_port_with_reuse_port(kind):
             (sock.socket if hasattr(sock, "socket") else sock).close()
 
     trio.run(main)
+
+
+async def test_a_process_that_dies_is_restarted_even_when_its_output_ends_before_it_can_be_reaped(
+        tmp_path, monkeypatch):
+    """A process that dies closes its stdout a moment before the kernel lets it be reaped.  The
+    supervisor must take that end of output for a death to restart, not for a cancellation that
+    stops every process.  The real race (``SIGKILL`` of a serving process) is caught by
+    tests/integration/test_workers.py only now and then; a stand-in child that closes its stdout,
+    then lives on for half a second, makes it happen every time (a real proxy process cannot be
+    made to do that on purpose)."""
+    import shutil
+    import sys
+
+    import trio
+
+    from dbproxy import workers
+
+    config = _load(tmp_path, workers=2)
+    supervisor = workers.Supervisor(config, REG)
+    SharedCounts.create(workers.limits_file(supervisor.state_dir), supervisor.count)
+    events: list[bytes] = []
+    supervisor.link = attrs.make_class("Link", {})()
+    supervisor.link.submit_nowait = lambda body: events.append(body) or True
+    monkeypatch.setattr(workers, "RESTART_DELAY", 0.0)
+    real_open_process = trio.lowlevel.open_process
+    started: list[int] = []
+
+    async def open_stand_in(argv, **kwargs):
+        started.append(len(started) + 1)
+        if len(started) == 1:
+            script = ("import os, time; os.write(1, b'{\"ready\": true}\\n'); os.close(1); "
+                      "time.sleep(0.5); os._exit(3)")
+        else:  # the restart: the supervisor then stops
+            supervisor.stopping = True
+            script = "import os; os.write(1, b'{\"ready\": true}\\n'); os._exit(0)"
+        return await real_open_process([sys.executable, "-c", script], **kwargs)
+
+    monkeypatch.setattr(workers.trio.lowlevel, "open_process", open_stand_in)
+    try:
+        with trio.fail_after(20):
+            await supervisor._run_proc(supervisor.procs[1])
+    finally:
+        shutil.rmtree(supervisor.state_dir, ignore_errors=True)
+    assert started == [1, 2], "the process was not started again"
+    (exit_event,) = [json.loads(body) for body in events]
+    assert exit_event["event"] == "proxy.worker.exit"
+    assert (exit_event["worker"], exit_event["status"], exit_event["restarting"]) == (1, 3, True)
