@@ -194,6 +194,7 @@ async def test_a_process_that_dies_is_restarted_even_when_its_output_ends_before
     made to do that on purpose)."""
     import shutil
     import sys
+    import types
 
     import trio
 
@@ -203,8 +204,7 @@ async def test_a_process_that_dies_is_restarted_even_when_its_output_ends_before
     supervisor = workers.Supervisor(config, REG)
     SharedCounts.create(workers.limits_file(supervisor.state_dir), supervisor.count)
     events: list[bytes] = []
-    supervisor.link = attrs.make_class("Link", {})()
-    supervisor.link.submit_nowait = lambda body: events.append(body) or True
+    supervisor.link = types.SimpleNamespace(submit_nowait=lambda body: events.append(body) or True)
     monkeypatch.setattr(workers, "RESTART_DELAY", 0.0)
     real_open_process = trio.lowlevel.open_process
     started: list[int] = []
