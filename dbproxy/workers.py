@@ -295,7 +295,7 @@ class Supervisor:
             async with trio.open_nursery() as audit_nursery:
                 await audit_nursery.start(self.link.run)
                 self._marker(ev.PROXY_START, durability=config.audit.durability, workers=self.count,
-                             **previous_run(self.config.audit.sinks))
+                             **previous_run(config.audit.sinks))
                 try:
                     async with trio.open_nursery() as outer:  # the admin listener, until the processes end
                         async with trio.open_nursery() as procs:
