@@ -73,8 +73,13 @@ def free_port() -> int:
 
 def random_cluster_id() -> str:
     # Kafka's Uuid.toString(): 16 random bytes, URL-safe base64 without padding (what
-    # `kafka-storage.sh random-uuid` prints).
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # `kafka-storage.sh random-uuid` prints).  Like Kafka's Uuid.randomUuid, never one that
+    # starts with "-": `kafka-storage format -t -…` takes it for an option and fails
+    # (one start in 64 did, in a CI run).
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class KafkaStartError(RuntimeError):
