@@ -55,6 +55,11 @@ class _Connection:
         self.changed.set()
         self.changed = trio.Event()
 
+    def fail(self, error: DeliveryFailed) -> None:
+        if self.error is None:
+            self.error = error
+        self.notify()
+
 
 class RelpSink(SpooledSink):
     kind = "relp"
@@ -136,13 +141,16 @@ class RelpSink(SpooledSink):
                     conn.acked += len(acked)
                     conn.notify()
         except DeliveryFailed as exc:
-            conn.error = exc
+            conn.fail(exc)
         except ProtocolError as exc:
-            conn.error = DeliveryFailed(f"RELP: {exc}")
+            conn.fail(DeliveryFailed(f"RELP: {exc}"))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-            conn.error = DeliveryFailed(f"RELP session with {self.host}:{self.port}: {reason(exc)}")
-        if self._conn is conn:
-            self._conn = None  # an idle session the server closed: the next batch opens a new one
+            conn.fail(DeliveryFailed(f"RELP session with {self.host}:{self.port}: {reason(exc)}"))
+        if self._conn is conn and conn.acked >= conn.sent:
+            # An idle session the server closed: the next batch opens a new one.  With frames in
+            # flight the broken session stays until the retry (``disconnect``): a batch sent on a
+            # new session before the old one's frames are read again would arrive twice.
+            self._conn = None
         conn.notify()
         await trio.aclose_forcefully(conn.stream)
 
@@ -156,20 +164,30 @@ class RelpSink(SpooledSink):
         conn = self._conn
         if conn is None:
             conn = await self._connect(nursery)
-        # The window: at most `window` frames unanswered (a batch larger than it goes alone).
-        while conn.sent - conn.acked > 0 and conn.sent - conn.acked + len(payloads) > self.window:
-            if conn.error is not None:
-                raise conn.error
-            await conn.changed.wait()
-        if conn.error is not None:
+        if conn.error is not None:  # broken with frames in flight: the retry re-sends from the cursor
             raise conn.error
         first = conn.sent
-        data = b"".join(conn.client.send(p)[1] for p in payloads)
-        try:
-            await conn.stream.send_all(data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-            raise DeliveryFailed(f"send to {self.host}:{self.port}: {reason(exc)}") from None
-        conn.sent += len(payloads)
+        # The window: at most `window` frames unanswered, ever.  A batch larger than the room left
+        # goes in parts as the acknowledgements make room; so after a break at most `window`
+        # frames can arrive twice.
+        start = 0
+        while start < len(payloads):
+            while conn.error is None and conn.sent - conn.acked >= self.window:
+                await conn.changed.wait()
+            if conn.error is None:
+                part = payloads[start:start + self.window - (conn.sent - conn.acked)]
+                data = b"".join(conn.client.send(p)[1] for p in part)
+                try:
+                    await conn.stream.send_all(data)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+                    conn.fail(DeliveryFailed(f"send to {self.host}:{self.port}: {reason(exc)}"))
+                else:
+                    conn.sent += len(part)
+                    start += len(part)
+            if conn.error is not None:
+                # Its leading frames that were acknowledged did get through (acknowledgements come
+                # in order, so every batch before this one did too).
+                raise DeliveryFailed(str(conn.error), delivered=max(0, conn.acked - first))
         return (conn, first, conn.sent)
 
     async def confirm(self, ticket: Any) -> None:

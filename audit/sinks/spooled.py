@@ -324,71 +324,85 @@ class SpooledSink:
             self._to_commit = None
             self._confirmed = trio.Event()
             self._caught_up = trio.Event()
+            reader_failure: list[tuple[Exception, list | None]] = []
             send, receive = trio.open_memory_channel(max(0, self.max_in_flight - 1))
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pipeline_committer, receive, failure, nursery.cancel_scope)
+                    committer_done = trio.Event()
+                    nursery.start_soon(self._pipeline_committer, receive, failure, nursery.cancel_scope, committer_done)
                     nursery.start_soon(self._pipeline_cursor)
-                    try:
-                        await self._pipeline_reader(send, nursery)
-                    except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
-                        failure.append((exc, None))
-                        nursery.cancel_scope.cancel()
+                    await self._pipeline_reader(send, nursery, reader_failure)
+                    # The reader failed (it closed the channel): the batches already submitted are
+                    # confirmed first, in order, so what did get through is committed and not sent
+                    # again.  A broken connection fails them fast; the first failure counts.
+                    await committer_done.wait()
+                    nursery.cancel_scope.cancel()
             finally:
                 # Confirmed batches the cursor task had not committed yet (a failure, a shutdown):
                 # commit them now, so the retry re-sends only what was never confirmed.
                 with trio.CancelScope(shield=True):
                     await self._commit_confirmed()
-            if failure:
-                await self._failed(*failure[0])
+            if failure or reader_failure:
+                await self._failed(*(failure or reader_failure)[0])
 
-    async def _pipeline_reader(self, send: Any, nursery: trio.Nursery) -> None:
+    async def _pipeline_reader(self, send: Any, nursery: trio.Nursery, failure: list) -> None:
+        """Submits batches in spool order.  A failure goes in *failure* with the batch being
+        submitted (its leading ``DeliveryFailed.delivered`` records got through), and the channel
+        is closed, so the committer still confirms what was submitted before."""
         after = None
         async with send:
             while True:
                 self._wakeup = trio.Event()
-                records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes, after)
-                if not records:
-                    if self._overflow:
-                        await self._move_overflow()
+                records = None
+                try:
+                    records = await trio.to_thread.run_sync(self.spool.read, self.batch_max_events, self.batch_max_bytes, after)
+                    if not records:
+                        if self._overflow:
+                            await self._move_overflow()
+                            continue
+                        # Idle only once everything sent is confirmed *and* committed (wait_idle looks
+                        # at the spool); the cursor task wakes us when its commit is done.
+                        if self._in_flight == 0 and self._to_commit is None and not self._committing:
+                            self._behind_since = None  # caught up
+                            self._idle.set()
+                        await self._wakeup.wait()
+                        if self.batch_linger:
+                            await trio.sleep(self.batch_linger)
                         continue
-                    # Idle only once everything sent is confirmed *and* committed (wait_idle looks
-                    # at the spool); the cursor task wakes us when its commit is done.
-                    if self._in_flight == 0 and self._to_commit is None and not self._committing:
-                        self._behind_since = None  # caught up
-                        self._idle.set()
-                    await self._wakeup.wait()
-                    if self.batch_linger:
-                        await trio.sleep(self.batch_linger)
-                    continue
-                if self._idle.is_set():  # not a fresh one wait_idle may be waiting on
-                    self._idle = trio.Event()
-                ticket = await self.submit([payload for _, payload, _ in records], nursery)
+                    if self._idle.is_set():  # not a fresh one wait_idle may be waiting on
+                        self._idle = trio.Event()
+                    ticket = await self.submit([payload for _, payload, _ in records], nursery)
+                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                    failure.append((exc, records))
+                    return
                 self._in_flight += 1
                 after = records[-1][2]
                 await send.send((ticket, records))
 
-    async def _pipeline_committer(self, receive: Any, failure: list, scope: trio.CancelScope) -> None:
+    async def _pipeline_committer(self, receive: Any, failure: list, scope: trio.CancelScope, done: trio.Event) -> None:
         """Confirms batches in order and hands the newest confirmed one to the cursor task.
 
         It never waits for the disk itself: a commit is a cursor write with two fsyncs, which on a
         busy disk takes from milliseconds to seconds, and a committer that waited for it stopped
         taking batches off the channel — the reader, finding the channel full, stopped sending,
         and delivery fell behind the proxy (scripts/bench/pg --sink relp, 2026-12-06)."""
-        async with receive:
-            async for ticket, records in receive:
-                try:
-                    await self.confirm(ticket)
-                except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
-                    failure.append((exc, records))
-                    scope.cancel()
-                    return
-                self._in_flight -= 1
-                pending = self._to_commit
-                self._to_commit = (records, len(records) + (pending[1] if pending is not None else 0))
-                self._confirmed.set()
-                if self._in_flight == 0:
-                    self._caught_up.set()
+        try:
+            async with receive:
+                async for ticket, records in receive:
+                    try:
+                        await self.confirm(ticket)
+                    except Exception as exc:  # noqa: BLE001 - reported like a failed delivery
+                        failure.append((exc, records))
+                        scope.cancel()
+                        return
+                    self._in_flight -= 1
+                    pending = self._to_commit
+                    self._to_commit = (records, len(records) + (pending[1] if pending is not None else 0))
+                    self._confirmed.set()
+                    if self._in_flight == 0:
+                        self._caught_up.set()
+        finally:
+            done.set()
 
     async def _pipeline_cursor(self) -> None:
         """Commits the newest confirmed batch, coalescing: while more batches are in flight, at
