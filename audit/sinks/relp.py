@@ -146,11 +146,8 @@ class RelpSink(SpooledSink):
             conn.fail(DeliveryFailed(f"RELP: {exc}"))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             conn.fail(DeliveryFailed(f"RELP session with {self.host}:{self.port}: {reason(exc)}"))
-        if self._conn is conn and conn.acked >= conn.sent:
-            # An idle session the server closed: the next batch opens a new one.  With frames in
-            # flight the broken session stays until the retry (``disconnect``): a batch sent on a
-            # new session before the old one's frames are read again would arrive twice.
-            self._conn = None
+        if self._conn is conn:
+            self._conn = None  # an idle session the server closed: the next batch opens a new one
         conn.notify()
         await trio.aclose_forcefully(conn.stream)
 
@@ -164,8 +161,6 @@ class RelpSink(SpooledSink):
         conn = self._conn
         if conn is None:
             conn = await self._connect(nursery)
-        if conn.error is not None:  # broken with frames in flight: the retry re-sends from the cursor
-            raise conn.error
         first = conn.sent
         # The window: at most `window` frames unanswered, ever.  A batch larger than the room left
         # goes in parts as the acknowledgements make room; so after a break at most `window`
