@@ -350,6 +350,10 @@ async def serve(config_file: str, listen: str | None = None) -> None:
 
     os.environ.setdefault("DBPROXY_PID", str(os.getppid()))  # sinks name the proxy, not the worker
     audit_config = load_audit_config(config_file)
+    if audit_config.worker_nice:
+        # Under durability "async" no session waits for this process: the session loops
+        # (and the backends beside them) get the CPU first when they want it.
+        os.nice(audit_config.worker_nice)
     stdout = trio.lowlevel.FdStream(os.dup(1))
     stdin = trio.lowlevel.FdStream(os.dup(0))
     changes: list[bool] = []

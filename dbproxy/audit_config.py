@@ -14,7 +14,7 @@ from .validate import join
 
 SINK_TYPES = ("jsonl", "syslog", "relp", "http", "pg_table", "kafka")
 # Keys allowed directly under "audit" in a config file.
-AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability"}
+AUDIT_KEYS = {"sinks", "queue_size", "worker", "durability", "worker_nice"}
 
 COMMON_KEYS = {"type", "name"}
 JSONL_KEYS = {"path", "fsync", "fsync_interval_seconds", "rotate_bytes", "rotate_seconds", "gzip"}

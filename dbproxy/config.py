@@ -142,6 +142,7 @@ class ListenerConfig:
 
 
 DURABILITY_MODES = ("async", "ack")
+WORKER_NICE = 10  # the audit worker's default nice level under durability "async"
 
 
 @attrs.frozen
@@ -153,6 +154,10 @@ class AuditConfig:
     # "async": a session never waits for its audit; "ack": a statement's completion reaches the
     # client only once its audit record is durable (audit.link acks, one fsync per batch).
     durability: str = "async"
+    # The audit worker's nice level (0-19).  Under "async" no session waits for it, so it
+    # yields the CPU to the session loops when they want it (default 10); under "ack" every
+    # answer waits for it (default 0).
+    worker_nice: int = WORKER_NICE
     options: dict = attrs.field(factory=dict)
 
 
@@ -648,5 +653,12 @@ def _audit(v: Validator, item: Any, path: str) -> AuditConfig | None:
     queue = v.integer(d, "queue_size", path, minimum=16) or 10_000
     worker = v.boolean(d, "worker", path, default=True)
     durability = v.string(d, "durability", path, required=False, choices=DURABILITY_MODES) or "async"
-    extra = {k: val for k, val in d.items() if k not in {"sinks", "queue_size", "worker", "durability"}}
-    return AuditConfig(sinks=tuple(sinks), queue_size=queue, worker=worker, durability=durability, options=extra)
+    nice = v.integer(d, "worker_nice", path, minimum=0)
+    if nice is not None and nice > 19:
+        v.err(join(path, "worker_nice"), f"an integer from 0 to 19 (a nice level), got {nice!r}")
+        nice = None
+    if nice is None:
+        nice = WORKER_NICE if durability == "async" else 0
+    extra = {k: val for k, val in d.items() if k not in AUDIT_KEYS}
+    return AuditConfig(sinks=tuple(sinks), queue_size=queue, worker=worker, durability=durability,
+                       worker_nice=nice, options=extra)

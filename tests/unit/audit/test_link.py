@@ -191,6 +191,51 @@ async def test_the_worker_ignores_sigint(tmp_path):
     assert [e["event"] for e in read_audit(tmp_path / "audit.jsonl")] == ["db.session.start"]
 
 
+def nice_of(pid: int) -> int:
+    """The nice level of ``pid`` (field 19 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.parametrize(("audit", "expected"), [
+    ({}, 10),  # durability "async": no session waits for the worker, it yields the CPU to them
+    ({"durability": "ack"}, 0),  # every answer waits for it: no lower priority
+    ({"worker_nice": 3}, 3),
+    ({"durability": "ack", "worker_nice": 5}, 5),
+])
+async def test_the_worker_runs_at_the_configured_nice_level(tmp_path, audit, expected):
+    path = write_config(tmp_path)
+    config = json.loads(open(path).read())
+    config["audit"].update(audit)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    mine = os.nice(0)
+    link = AuditLink(path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        assert nice_of(link.pid) == mine + expected
+        assert nice_of(os.getpid()) == mine  # the proxy's own loop keeps its priority
+        link.session(new_session()).on_session_start(success=True)
+        await link.aclose()
+    assert [e["event"] for e in read_audit(tmp_path / "audit.jsonl")] == ["db.session.start"]
+
+
+def test_worker_nice_is_validated(tmp_path):
+    from dbproxy.config import load_audit_config
+    from dbproxy.errors import ConfigErrors
+
+    path = write_config(tmp_path)
+    config = json.loads(open(path).read())
+    for bad, expectation in ((20, "an integer from 0 to 19"), (-1, "an integer >= 0"), ("high", "an integer >= 0")):
+        config["audit"]["worker_nice"] = bad
+        with open(path, "w") as f:
+            json.dump(config, f)
+        with pytest.raises(ConfigErrors) as err:
+            load_audit_config(path)
+        text = str(err.value)
+        assert "dbproxy.json" in text and "audit.worker_nice" in text and expectation in text, text
+
+
 def test_when_the_proxy_dies_the_worker_writes_what_it_got_and_exits_at_once(tmp_path):
     # An HTTP sink whose receiver is gone, with a long shutdown grace: a clean stop would wait for it.
     closed = __import__("socket").socket()
