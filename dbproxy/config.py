@@ -142,7 +142,7 @@ class ListenerConfig:
 
 
 DURABILITY_MODES = ("async", "ack")
-WORKER_NICE = 10  # the audit worker's default nice level under durability "async"
+WORKER_NICE = 15  # the audit worker's default nice level under durability "async"
 
 
 @attrs.frozen
@@ -155,7 +155,7 @@ class AuditConfig:
     # client only once its audit record is durable (audit.link acks, one fsync per batch).
     durability: str = "async"
     # The audit worker's nice level (0-19).  Under "async" no session waits for it, so it
-    # yields the CPU to the session loops when they want it (default 10); under "ack" every
+    # yields the CPU to the session loops when they want it (default 15); under "ack" every
     # answer waits for it (default 0).
     worker_nice: int = WORKER_NICE
     options: dict = attrs.field(factory=dict)

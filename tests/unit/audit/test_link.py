@@ -198,7 +198,7 @@ def nice_of(pid: int) -> int:
 
 
 @pytest.mark.parametrize(("audit", "expected"), [
-    ({}, 10),  # durability "async": no session waits for the worker, it yields the CPU to them
+    ({}, 15),  # durability "async": no session waits for the worker, it yields the CPU to them
     ({"durability": "ack"}, 0),  # every answer waits for it: no lower priority
     ({"worker_nice": 3}, 3),
     ({"durability": "ack", "worker_nice": 5}, 5),
