@@ -653,10 +653,7 @@ def _audit(v: Validator, item: Any, path: str) -> AuditConfig | None:
     queue = v.integer(d, "queue_size", path, minimum=16) or 10_000
     worker = v.boolean(d, "worker", path, default=True)
     durability = v.string(d, "durability", path, required=False, choices=DURABILITY_MODES) or "async"
-    nice = v.integer(d, "worker_nice", path, minimum=0)
-    if nice is not None and nice > 19:
-        v.err(join(path, "worker_nice"), f"an integer from 0 to 19 (a nice level), got {nice!r}")
-        nice = None
+    nice = _at_most(v, v.integer(d, "worker_nice", path, minimum=0), 19, join(path, "worker_nice"), "a nice level")
     if nice is None:
         nice = WORKER_NICE if durability == "async" else 0
     extra = {k: val for k, val in d.items() if k not in AUDIT_KEYS}
