@@ -68,8 +68,13 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    return stat_fields(pid)[0] != "Z"
+
+
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: field 3 (state) first."""
     with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return f.read().rsplit(")", 1)[1].split()
 
 
 async def test_events_and_a_tap_become_one_ordered_chained_trail(tmp_path):
@@ -193,8 +198,7 @@ async def test_the_worker_ignores_sigint(tmp_path):
 
 def nice_of(pid: int) -> int:
     """The nice level of ``pid`` (field 19 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
+    return int(stat_fields(pid)[16])
 
 
 @pytest.mark.parametrize(("audit", "expected"), [
