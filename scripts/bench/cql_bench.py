@@ -18,9 +18,12 @@ LZ4 segments: ``--concurrency`` requests kept in flight with
 ``execute_async`` for ``--duration`` seconds, after a short warm-up.
 Workloads: ``select`` (prepared ``SELECT v FROM bench.kv WHERE k = ?`` on
 random preloaded keys) and ``insert`` (prepared ``INSERT`` of new rows).
-Rounds interleave the targets so drift on a noisy machine hits all alike;
+Rounds interleave the targets so drift on a noisy machine hits all alike,
+each round in its own order (``scripts.bench.round_order``: no target always
+runs last, behind the same neighbour's memtable flushes and compactions);
 we report the best and median ops/s per target and workload, p50/p99
-latency, the ratios dbproxy/direct and dbproxy/relay, and the CPU seconds
+latency, the ratios dbproxy/direct and dbproxy/relay (best over best, and
+dbproxy/relay within each round with their median), and the CPU seconds
 the middleman used per 1000 operations.
 
 The audit claim is checked, not assumed: after each dbproxy run the
@@ -57,6 +60,8 @@ import time
 from pathlib import Path
 
 import attrs
+
+from scripts.bench import describe_ratios, round_order, round_ratios
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("direct", "relay", "dbproxy")
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} CPU(s)", flush=True)
         for rnd in range(1, args.rounds + 1):
             for workload_name in workloads:
-                for target in targets:
+                for target in round_order(targets, rnd):
                     _, session = sessions[target]
                     wl = Workload(workload_name, session, args.keys)
                     if args.warmup:
@@ -458,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
             cluster.shutdown()
 
         summary: dict = {}
+
+        def rate_of(workload: str):
+            rates = {(r.target, r.round): r.rate for r in runs if r.workload == workload}
+            return lambda target, rnd: rates.get((target, rnd))
+
         print("\nsummary (best / median ops/s)")
         for workload_name in workloads:
             best = {}
@@ -474,10 +484,16 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = best["dbproxy"] / best["relay"]
                 summary[workload_name]["dbproxy/relay"] = round(ratio, 3)
                 print(f"  {workload_name:6s} dbproxy/relay  = {ratio:.2f}")
+                paired = round_ratios(rate_of(workload_name), "dbproxy", "relay", args.rounds)
+                summary[workload_name]["dbproxy/relay by round"] = [round(r, 3) for r in paired]
+                print(f"  {workload_name:6s} dbproxy/relay by round: {describe_ratios(paired)}")
             if "dbproxy-base" in best and "relay" in best:
                 ratio = best["dbproxy-base"] / best["relay"]
                 summary[workload_name]["dbproxy-base/relay"] = round(ratio, 3)
                 print(f"  {workload_name:6s} dbproxy-base/relay = {ratio:.2f}")
+                paired = round_ratios(rate_of(workload_name), "dbproxy-base", "relay", args.rounds)
+                summary[workload_name]["dbproxy-base/relay by round"] = [round(r, 3) for r in paired]
+                print(f"  {workload_name:6s} dbproxy-base/relay by round: {describe_ratios(paired)}")
         audited_runs = [r for r in runs if r.audited is not None]
         if audited_runs:
             ok = all(r.audited >= r.ops for r in audited_runs)

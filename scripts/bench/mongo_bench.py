@@ -19,9 +19,10 @@ connecting they wait for a common start instant, then loop for
 ``--duration`` seconds: ``find_one({_id: k})`` on the seeded collection,
 then ``insert_one`` of a small document (into a database of its own: FerretDB's
 SQLite backend locks per database file) — two operations per iteration —
-and report how many operations they completed.  Each round runs direct,
-relay, dbproxy in that order; rounds are interleaved so machine drift hits
-every target alike.  We report best and median ops/s per target and the
+and report how many operations they completed.  Rounds are interleaved so
+machine drift hits every target alike, and each round runs the targets in
+its own order (``scripts.bench.round_order``: no target always runs last, on
+the fullest SQLite file).  We report best and median ops/s per target and the
 ratios dbproxy/direct, dbproxy/relay and relay/direct, plus the CPU time
 the middleman used per operation (``/proc/PID/stat``).
 
@@ -57,6 +58,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from scripts.bench import describe_ratios, round_order, round_ratios
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("direct", "relay", "dbproxy")
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict] = []
         audit_offsets = dict.fromkeys(audits, 0)
         for rnd in range(1, args.rounds + 1):
-            for target in targets:
+            for target in round_order(targets, rnd):
                 child = middle.get(target)
                 cpu0 = _cpu_seconds(child.proc.pid) if child else None
                 ops, seconds = run_load(uris[target], args.clients, args.duration)
@@ -291,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
             if a in summary and b in summary:
                 ratios[f"{a}/{b}"] = summary[a]["median"] / summary[b]["median"]
                 print(f"ratio {a}/{b} (median): {ratios[f'{a}/{b}']:.2f}")
+        rates = {(r["target"], r["round"]): r["ops_per_s"] for r in runs}
+        for a, b in (("dbproxy", "relay"), ("dbproxy-base", "relay")):
+            if a in summary and b in summary:
+                paired = round_ratios(lambda t, rnd: rates.get((t, rnd)), a, b, args.rounds)
+                ratios[f"{a}/{b} by round"] = paired
+                print(f"ratio {a}/{b} by round: {describe_ratios(paired)}")
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": runs, "summary": summary, "ratios": ratios,
                                                    "clients": args.clients, "duration": args.duration}, indent=2))
