@@ -37,8 +37,11 @@ if ! command -v "$GO" >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
 fi
 
 ferretdb_ok() {
-    [ -x "$FERRETDB_BIN" ] &&
-        "$FERRETDB_BIN" --version 2>/dev/null | grep -qx "version: $FERRETDB_VERSION"
+    # The output is captured first: with pipefail, `ferretdb --version | grep -q` fails whenever
+    # grep exits at the first line before ferretdb has written the rest (SIGPIPE).
+    local out
+    [ -x "$FERRETDB_BIN" ] && out=$("$FERRETDB_BIN" --version 2>/dev/null) &&
+        grep -qx "version: $FERRETDB_VERSION" <<<"$out"
 }
 
 if ferretdb_ok; then
