@@ -224,6 +224,16 @@ def wait_starts(proxy, count: int = 1, **match) -> list[dict]:
     return found
 
 
+def started_session_that_ran(proxy, statement: str, **match) -> dict | None:
+    """The start event (matching ``match``, as ``session_starts``) of a session whose audited
+    query contains ``statement``; None while there is none on file."""
+    starts = {e["sid"]: e for e in session_starts(proxy, **match)}
+    for e in read_audit(proxy.audit_path):
+        if e.get("event") == "db.session.query" and e.get("sid") in starts and statement in (e.get("db_query") or ""):
+            return starts[e["sid"]]
+    return None
+
+
 def acquisitions(proxy) -> int:
     return proxy.log_text().count("Kerberos credentials acquired")
 
@@ -355,13 +365,15 @@ def test_driver_lands_as_the_proxy_principals_role(proxy, realm, direct, version
     finally:
         c.shutdown()
     assert direct.execute("SELECT v FROM krb.kv WHERE k = %s", (key,)).one().v == version
-    ev = wait_starts(proxy, requested_user="app", success=True, protocol_version=version, compression=compression)[-1]
+    # The driver's control connection is a session of its own, and its start can be on file
+    # before the pool connection's (the one that ran LIST ROLES) is: look for the session that ran it.
+    ev = wait_until(lambda: started_session_that_ran(proxy, "LIST ROLES", requested_user="app", success=True,
+                                                     protocol_version=version, compression=compression),
+                    timeout=20, what="LIST ROLES audited in a session started as asked")
     assert ev["backend_auth"] == "gssapi" and ev["backend_auth_mechanism"] == "GSSAPI", ev
     assert ev["backend_authenticator"] == PEER_CLASS and ev["backend_principal"] == realm.proxy_principal
     assert ev["db_user"] == "dbproxy" and ev["client_auth"] == "claim"
     sid = ev["sid"]
-    wait_until(lambda: any(e.get("sid") == sid and e["event"] == "db.session.query" and e.get("db_query") == "LIST ROLES"
-                           for e in read_audit(proxy.audit_path)), what="LIST ROLES audited")
     wait_until(lambda: any(e.get("sid") == sid and e["event"] == "db.session.end" for e in read_audit(proxy.audit_path)),
                what="session end audited")
     blob = proxy.audit_path.read_text() + proxy.log_text()
@@ -403,12 +415,13 @@ def test_cqlsh_without_kerberos(proxy, direct, version):
     out = subprocess.run(base[:2] + [str(proxy.port("cqlnone"))] + base[2:] + ["-e", "SELECT * FROM krb.secret"],
                          capture_output=True, text=True, timeout=180, env=client_env())
     assert out.returncode != 0 and "Unauthorized" in out.stderr and "dbproxy has no SELECT permission" in out.stderr, out.stderr
+    # The session that ran the statement (cqlsh's control connection is another; its start may be
+    # on file first).
+    wait_until(lambda: started_session_that_ran(proxy, "FROM krb.kv WHERE k = 'seed'", requested_user=None,
+                                                client_auth="none", success=True, protocol_version=version),
+               timeout=20, what="cqlsh statement audited")
     evs = wait_starts(proxy, requested_user=None, client_auth="none", success=True, protocol_version=version)
     assert all(e["backend_auth_mechanism"] == "GSSAPI" for e in evs)
-    sids = {e["sid"] for e in evs}
-    wait_until(lambda: any(e.get("sid") in sids and e["event"] == "db.session.query"
-                           and "FROM krb.kv WHERE k = 'seed'" in (e.get("db_query") or "") for e in read_audit(proxy.audit_path)),
-               what="cqlsh statement audited")
 
 
 @pytest.mark.parametrize("announced", [INSTACLUSTR, DSE, "com.example.SomeKerberosAuthenticator"])
