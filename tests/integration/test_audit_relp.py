@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from dbproxy.audit.chain import verify_files
-from scripts.peers import free_port
+from scripts.peers import HeldPort
 from tests.integration.test_audit_shipping import (
     FAST_RETRY, Workload, assert_exactly_once_in_order, proxy_config, run_sessions, settled_trail, trail,
 )
@@ -154,7 +154,8 @@ def test_relp_wrong_port_spools_then_drains_when_the_receiver_appears(pg, tmp_pa
     _require_relp()
     from scripts.peers.rsyslog import start_rsyslog
 
-    port = free_port()  # nobody listens here yet
+    nowhere = HeldPort()  # nobody listens here yet, and no listener of the proxy can take it meanwhile
+    port = nowhere.port
     proxy = proxy_factory(proxy_config(pg, tmp_path, [relp_sink(f"127.0.0.1:{port}", tmp_path)]))
     run_sessions(proxy, 2, 5, tag="early")
     first = settled_trail(tmp_path, 2)
@@ -165,6 +166,7 @@ def test_relp_wrong_port_spools_then_drains_when_the_receiver_appears(pg, tmp_pa
     run_sessions(proxy, 2, 5, tag="still")
     settled_trail(tmp_path, 4)
     wait_until(lambda: spool_pending_bytes(tmp_path / "spool") > held, timeout=10, what="the spool growing")
+    nowhere.release()
     server = start_rsyslog(tmp_path / "late-rsyslog", ports={"relp": port})
     try:
         expected = settled_trail(tmp_path, 4)

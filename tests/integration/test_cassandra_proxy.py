@@ -47,7 +47,7 @@ from dbproxy.engines.cassandra import protocol as F
 from dbproxy.engines.cassandra import segments as S
 from dbproxy.engines.cassandra.codec import CqlDecoder, CqlEncoder
 from dbproxy.sansio import NEED_DATA
-from scripts.peers import free_port
+from scripts.peers import refused_port
 from scripts.peers.cassandra_server import start_cassandra
 from tests.support import (
     ProxyProcess, cassandra_direct, cql_keyspace, peer_missing, read_audit, start_cassandra_node, wait_audit,
@@ -99,7 +99,7 @@ def build_config(node, workdir: Path, certs: tuple[Path, Path]) -> dict:
     backend = _backend(node, secret)
     routes = [
         {"name": "down", "match": {"user": "down"},
-         "backend": {"address": f"127.0.0.1:{free_port()}", "user": "x", "auth": {"method": "password", "password_file": str(secret)}}},
+         "backend": {"address": f"127.0.0.1:{refused_port()}", "user": "x", "auth": {"method": "password", "password_file": str(secret)}}},
         {"name": "wrongpw", "match": {"user": "wrongpw"}, "backend": _backend(node, wrong)},
         {"name": "noauth", "match": {"user": "noauth"}, "backend": {"address": f"{node.host}:{node.port}", "auth": {"method": "none"}}},
         {"name": "strict", "match": {"user": "strict-*"}, "backend": backend, "options": {"expected_user": "strict-ok"}},

@@ -77,7 +77,7 @@ def _templates(files: Path) -> dict:
 @pytest.fixture(scope="module")
 def api(sshd, tmp_path_factory):
     require_binary("curl")
-    from scripts.peers import free_port
+    from scripts.peers import refused_port
 
     workdir = tmp_path_factory.mktemp("cmdapi")
     files = workdir / "files"
@@ -107,7 +107,7 @@ def api(sshd, tmp_path_factory):
             "routes": [
                 {"name": "web", "match": {"target": "web-*"}, "backend": backend},
                 {"name": "down", "match": {"target": "down-*"},
-                 "backend": {**backend, "address": f"127.0.0.1:{free_port()}"}},
+                 "backend": {**backend, "address": f"127.0.0.1:{refused_port()}"}},
             ],
         }],
         "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},

@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from scripts.peers import free_port
+from scripts.peers import refused_port
 from tests.support import read_audit, wait_until
 
 pytestmark = pytest.mark.integration
 
-NOWHERE = f"127.0.0.1:{free_port()}"
+NOWHERE = f"127.0.0.1:{refused_port()}"
 
 
 def _config(tmp_path) -> dict:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from scripts.peers import free_port_tcp_udp
+from scripts.peers import refused_port
 from tests.support import TOKEN_IDENTITY, ProxyProcess, dbproxy_cli, peer_missing, read_audit, token_keygen, \
     wait_until
 
@@ -54,7 +54,7 @@ def doomed(bmc, tmp_path_factory):
 def ipmi(bmc, doomed, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ipmiproxy")
     token_keygen(workdir)
-    down_port = free_port_tcp_udp()  # nothing listens there: that BMC is down
+    down_port = refused_port(udp=True)  # nothing listens there (held, so no listener gets it): that BMC is down
 
     def backend(address: str = bmc.address, **extra) -> dict:
         return {"address": address, "auth": {"method": "rakp", "username": bmc.username,

@@ -32,7 +32,7 @@ import pymongo
 import pytest
 from pymongo.errors import OperationFailure, PyMongoError, ServerSelectionTimeoutError
 
-from scripts.peers import free_port
+from scripts.peers import refused_port
 from tests.support import ProxyProcess, read_audit, recv_exact, require_ferret, start_ferret, wait_audit, wait_until
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,7 @@ def build_config(ferret, workdir: Path, *, extra_listeners=()) -> dict:
         listener("reject", [_route("reject", ferret, secret)], options={"client_auth": "reject"}),
         listener("plainonly", [_route("sha1", ferret, secret, method="scram-sha-1")], options={"client_auth": "accept"}),
         listener("tls", [_route("tls", ferret, secret)], tls={"cert_file": str(cert), "key_file": str(key)}),
-        listener("down", [{"name": "down", "backend": {"address": f"127.0.0.1:{free_port()}", "user": "x",
+        listener("down", [{"name": "down", "backend": {"address": f"127.0.0.1:{refused_port()}", "user": "x",
                                                          "auth": {"method": "scram-sha-256", "password_file": str(secret)}}}]),
         listener("wrongpw", [_route("wrongpw", ferret, wrong)]),
         *extra_listeners,

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from scripts.peers import free_port
+from scripts.peers import refused_port
 from tests.support import pg_session, read_audit, read_until_close, wait_audit, wait_until
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def build_config(pg, workdir: Path, *, extra_routes=(), listener_tls=None, max_m
         {
             "name": "down",
             "match": {"database": "downdb"},
-            "backend": {"address": f"127.0.0.1:{free_port()}", "database": "app", "user": "x", "auth": {"method": "trust"}},
+            "backend": {"address": f"127.0.0.1:{refused_port()}", "database": "app", "user": "x", "auth": {"method": "trust"}},
         },
     )
     routes.extend(extra_routes)

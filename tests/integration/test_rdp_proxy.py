@@ -93,7 +93,7 @@ def capture():
 
 @pytest.fixture(scope="module")
 def rproxy(xrdp, capture, tmp_path_factory):
-    from scripts.peers import free_port
+    from scripts.peers import refused_port
 
     workdir = tmp_path_factory.mktemp("rdpproxy")
     backend = {"address": xrdp.address, "auth": {"method": "passthrough"}}
@@ -108,7 +108,7 @@ def rproxy(xrdp, capture, tmp_path_factory):
                 {"name": "web", "match": {"target": "web[0-9]*"}, "backend": backend},
                 {"name": "db", "match": {"target": "db*"}, "backend": backend},
                 {"name": "down", "match": {"target": "down*"},
-                 "backend": {**backend, "address": f"127.0.0.1:{free_port()}"}},
+                 "backend": {**backend, "address": f"127.0.0.1:{refused_port()}"}},
                 {"name": "capture", "match": {"target": "webcapture"},
                  "backend": {**backend, "address": f"127.0.0.1:{capture.port}"}},
                 # A client that names no target: this route (the session's target is its name).

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.peers import free_port
+from scripts.peers import refused_port
 from scripts.peers.certs import make_ca, make_cert
 from tests.support import ProxyProcess, dbproxy_cli, peer_missing, read_audit, wait_until
 
@@ -58,7 +58,7 @@ def rf(bmc, tmp_path_factory):
                 "--public-key-file", str(workdir / "token.pub"), check=True)
     ca = make_ca(workdir / "pki")
     cert, key = make_cert(workdir / "pki", ca, "proxy", sans=("*.bmc.test", "localhost", "127.0.0.1"))
-    down_port = free_port()  # nothing listens there: that BMC is down
+    down_port = refused_port()  # nothing listens there: that BMC is down
 
     from scripts.peers.sushy import start_sushy
 

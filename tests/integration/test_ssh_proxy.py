@@ -56,9 +56,9 @@ def sshproxy(sshd, tmp_path_factory):
     kind, blob = Path(f"{other}.pub").read_text().split()[:2]
     wrong = workdir / "wrong_known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
-    from scripts.peers import free_port
+    from scripts.peers import refused_port
 
-    closed_port = free_port()  # nothing listens there: the target is down
+    closed_port = refused_port()  # nothing listens there (held, so no listener gets it): the target is down
     # Client keys: erin's key is registered to her; dave has a certificate of the user CA naming him.
     make_key(workdir / "erin_ed25519", "erin")
     make_key(workdir / "stranger_ed25519", "stranger")

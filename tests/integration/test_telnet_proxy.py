@@ -46,7 +46,7 @@ def telnetd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tproxy(telnetd, tmp_path_factory):
-    from scripts.peers import free_port
+    from scripts.peers import refused_port
 
     workdir = tmp_path_factory.mktemp("telnetproxy")
     _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
@@ -77,7 +77,7 @@ def tproxy(telnetd, tmp_path_factory):
                 {"name": "wrongpw", "match": {"target": "wrongpw-*"},
                  "backend": {**backend, "auth": {"method": "password", "password_file": "wrong.secret"}}},
                 {"name": "down", "match": {"target": "down-*"},
-                 "backend": {**backend, "address": f"127.0.0.1:{free_port()}"}},
+                 "backend": {**backend, "address": f"127.0.0.1:{refused_port()}"}},
             ],
         }],
         "audit": {"sinks": [{"type": "jsonl", "path": "audit.jsonl"}]},

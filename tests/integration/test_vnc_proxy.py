@@ -133,7 +133,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(desktop, x11desktop, vencrypt_desktops, clipdesktop, pki, tmp_path_factory):
-    from scripts.peers import free_port
+    from scripts.peers import refused_port
 
     workdir = tmp_path_factory.mktemp("vncproxy")
     _cli("token", "keygen", "--algorithm", "EdDSA", "--key-file", str(workdir / "token.key"),
@@ -184,7 +184,7 @@ def env(desktop, x11desktop, vencrypt_desktops, clipdesktop, pki, tmp_path_facto
                 {"name": "wrongpw", "match": {"target": "desk-wrongpw"},
                  "backend": {**backend, "auth": {"method": "vnc", "password_file": "wrong.secret"}}},
                 {"name": "down", "match": {"target": "desk-down"},
-                 "backend": {**backend, "address": f"127.0.0.1:{free_port()}"}},
+                 "backend": {**backend, "address": f"127.0.0.1:{refused_port()}"}},
             ],
         }],
     }

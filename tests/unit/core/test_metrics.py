@@ -11,7 +11,6 @@ version, through ``dbproxy serve``, is tests/integration/test_metrics_pg.py.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from dbproxy.engine import Engine, EngineRegistry
 from dbproxy.errors import ConfigErrors, ProxyError, RemoteProtocolError, UpstreamError
 from dbproxy.sansio import NEED_DATA
 from dbproxy.server import ProxyServer
+from scripts.peers import refused_port
 
 from .listen_support import wait_until
 
@@ -101,9 +101,7 @@ def registry() -> EngineRegistry:
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once it is closed: connections are refused
+    return refused_port()  # held bound, never listening: connections are refused, no listener can take it
 
 
 def config(tmp_path: Path, echo_port: int, **top: Any) -> dict:
