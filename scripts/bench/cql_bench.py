@@ -480,20 +480,14 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = best["dbproxy"] / best["direct"]
                 summary[workload_name]["dbproxy/direct"] = round(ratio, 3)
                 print(f"  {workload_name:6s} dbproxy/direct = {ratio:.2f}")
-            if "dbproxy" in best and "relay" in best:
-                ratio = best["dbproxy"] / best["relay"]
-                summary[workload_name]["dbproxy/relay"] = round(ratio, 3)
-                print(f"  {workload_name:6s} dbproxy/relay  = {ratio:.2f}")
-                paired = round_ratios(rate_of(workload_name), "dbproxy", "relay", args.rounds)
-                summary[workload_name]["dbproxy/relay by round"] = [round(r, 3) for r in paired]
-                print(f"  {workload_name:6s} dbproxy/relay by round: {describe_ratios(paired)}")
-            if "dbproxy-base" in best and "relay" in best:
-                ratio = best["dbproxy-base"] / best["relay"]
-                summary[workload_name]["dbproxy-base/relay"] = round(ratio, 3)
-                print(f"  {workload_name:6s} dbproxy-base/relay = {ratio:.2f}")
-                paired = round_ratios(rate_of(workload_name), "dbproxy-base", "relay", args.rounds)
-                summary[workload_name]["dbproxy-base/relay by round"] = [round(r, 3) for r in paired]
-                print(f"  {workload_name:6s} dbproxy-base/relay by round: {describe_ratios(paired)}")
+            for proxied in ("dbproxy", "dbproxy-base"):
+                if proxied in best and "relay" in best:
+                    ratio = best[proxied] / best["relay"]
+                    summary[workload_name][f"{proxied}/relay"] = round(ratio, 3)
+                    print(f"  {workload_name:6s} {proxied}/relay = {ratio:.2f}")
+                    paired = round_ratios(rate_of(workload_name), proxied, "relay", args.rounds)
+                    summary[workload_name][f"{proxied}/relay by round"] = [round(r, 3) for r in paired]
+                    print(f"  {workload_name:6s} {proxied}/relay by round: {describe_ratios(paired)}")
         audited_runs = [r for r in runs if r.audited is not None]
         if audited_runs:
             ok = all(r.audited >= r.ops for r in audited_runs)
