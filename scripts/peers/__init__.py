@@ -81,18 +81,8 @@ def refused_port(host: str = "127.0.0.1", udp: bool = False) -> int:
 
 
 def free_port_tcp_udp(host: str = "127.0.0.1", tries: int = 50) -> int:
-    """A port free for both TCP and UDP on *host* (a KDC listens on both)."""
-    for _ in range(tries):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((host, 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise OSError(f"no port free for both TCP and UDP on {host}")
+    """A port free for both TCP and UDP on *host* (a KDC listens on both); free as ``free_port()`` is."""
+    return HeldPort(host, udp=True, tries=tries).release()
 
 
 def wait_for_tcp(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
