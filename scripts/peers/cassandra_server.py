@@ -52,6 +52,7 @@ from pathlib import Path
 
 import attrs
 
+from scripts.peers import free_port
 from scripts.peers.process import PeerProcess, run_in_foreground
 
 PEER_DIR = Path(__file__).resolve().parent / "cassandra"
@@ -93,12 +94,6 @@ def krb_auth_jar() -> Path:
     if not stamp.exists() or stamp.read_text().strip() != krb_auth_stamp():
         raise CassandraStartError(f"{jar} is older than scripts/peers/cassandra-krb-auth: run scripts/install/cassandra.sh")
     return jar
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def jvm_options() -> list[str]:

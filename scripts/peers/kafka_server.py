@@ -46,6 +46,7 @@ from pathlib import Path
 
 import attrs
 
+from scripts.peers import free_port
 from scripts.peers.process import PeerProcess, run_in_foreground
 
 PEER_DIR = Path(__file__).resolve().parent / "kafka"
@@ -63,12 +64,6 @@ def lib_dir() -> Path:
 
 def installed() -> bool:
     return any(lib_dir().glob("kafka_2.13-*.jar"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def random_cluster_id() -> str:

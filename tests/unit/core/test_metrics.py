@@ -100,15 +100,11 @@ def registry() -> EngineRegistry:
     return reg
 
 
-def closed_port() -> int:
-    return refused_port()  # held bound, never listening: connections are refused, no listener can take it
-
-
 def config(tmp_path: Path, echo_port: int, **top: Any) -> dict:
     routes = [{"name": "up", "match": {"user": "alice"},
                "backend": {"address": f"127.0.0.1:{echo_port}", "auth": {"method": "none"}}},
               {"name": "down", "match": {"user": "dave"},
-               "backend": {"address": f"127.0.0.1:{closed_port()}", "auth": {"method": "none"}}}]
+               "backend": {"address": f"127.0.0.1:{refused_port()}", "auth": {"method": "none"}}}]
     return {"listeners": [{"name": "lines", "protocol": "echoline", "listen": "127.0.0.1:0", "routes": routes}],
             "shutdown_grace_seconds": 1, "admin": {"listen": "127.0.0.1:0"},
             "audit": {"worker": False, "sinks": [{"type": "jsonl", "path": str(tmp_path / "audit.jsonl")}]}, **top}

@@ -24,15 +24,10 @@ import time
 from pathlib import Path
 
 from dbproxy.engines.vnc.updates import PixelFormat, ServerStream
+from scripts.peers import free_port
 
 DATA = Path(__file__).resolve().parent / "data"
 W, H = 250, 170  # not multiples of 16 or 64: partial Hextile/ZRLE tiles at the edges
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_display() -> int:
