@@ -552,7 +552,7 @@ class SessionAudit:
     """One session's view of the recorder: binds the common fields at emit time."""
 
     __slots__ = ("recorder", "session", "_pending", "_ended", "_told", "_template", "_template_json",
-                 "_key", "halted", "_end_slot", "__weakref__")
+                 "_overridden", "_key", "halted", "_end_slot", "__weakref__")
 
     # An event's ``time``: None is now (TemplateAudit: when the proxy saw the bytes, an attribute
     # rather than a method so ``emit`` makes one call less per event).
@@ -570,6 +570,9 @@ class SessionAudit:
         self.halted = False
         self._template: dict = {}
         self._template_json = b""
+        # ``emit`` with fields that override common ones: the common fields' JSON without them,
+        # by the event's field names (one call site, one entry); emptied when the template changes.
+        self._overridden: dict[tuple, bytes] = {}
         self._key: tuple | None = None
         self._end_slot = 0  # a closed tap: the end event goes to it (the worker adds the tap's counts)
 
@@ -608,6 +611,7 @@ class SessionAudit:
             template["route"] = s.route_name
         self._template = template
         self._template_json = orjson.dumps(template)[1:-1]  # the members, without braces
+        self._overridden = {}
         self._key = key
 
     def emit(self, kind: str, **fields: Any) -> dict:
@@ -620,14 +624,21 @@ class SessionAudit:
         if fields:
             event.update(fields)
             if not fields.keys().isdisjoint(self._template):
-                # An engine overrides a common field (a Mongo command's own database):
-                # one merged object, the event's value winning.
-                merged = dict(self._template)
-                merged.update(event)
-                self._submit(_dumps(merged))
+                # An engine overrides a common field (a Mongo command's own database): the event's
+                # value wins, and the common fields follow without it (their JSON kept per field set).
+                names = tuple(fields)
+                rest = self._overridden.get(names)
+                if rest is None:
+                    rest = self._overridden[names] = self._template_without(names)
+                self._submit(b"%b,%b}" % (_dumps(event)[:-1], rest) if rest else _dumps(event))
                 return event
         self._submit(b"%b,%b}" % (_dumps(event)[:-1], self._template_json))
         return event
+
+    def _template_without(self, names: tuple) -> bytes:
+        if len(self._overridden) >= 32:  # field sets are per call site: a few; never unbounded
+            self._overridden.clear()
+        return _dumps({k: v for k, v in self._template.items() if k not in names})[1:-1]
 
     def _submit(self, body: bytes) -> None:
         if self._pending or not self.recorder.submit_nowait(body):
@@ -795,6 +806,7 @@ class TemplateAudit(SessionAudit):
         events after this carry it, as the proxy's own events do."""
         self._template = {**self._template, **fields}
         self._template_json = orjson.dumps(self._template)[1:-1]
+        self._overridden = {}
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -29,7 +29,7 @@ from typing import Any
 
 import bson
 
-from .stages.render import SMALL_REPLY, count_documents, fast_renderable, render_decoded, summarize_reply
+from .stages.render import SMALL_REPLY, fast_renderable, plain_sequences, render_decoded, summarize_reply
 from .stages.session import Pending
 from . import protocol as wire
 
@@ -59,28 +59,9 @@ class FastMongoAudit:
         if bsize < 5 or body_end > end:
             return False
         # Document sequences (kind 1) after the body, counted as ``session._sequence_counts`` counts them.
-        sequences = None
-        p = body_end
-        while p < end:
-            if d[p] != 1 or p + 5 > end:
-                return False
-            seq_end = p + 1 + _I32(d, p + 1)[0]
-            if seq_end < p + 6 or seq_end > end:
-                return False
-            nul = d.find(b"\x00", p + 5, seq_end)
-            if nul < 0:
-                return False
-            try:
-                ident = bytes(d[p + 5:nul]).decode("utf-8")
-                count = count_documents(d, nul + 1, seq_end)
-            except (UnicodeDecodeError, wire.RemoteProtocolError):
-                return False
-            if sequences is None:
-                sequences = {}
-            elif ident in sequences:
-                return False
-            sequences[ident] = count
-            p = seq_end
+        sequences = plain_sequences(d, body_end, end)
+        if sequences is None:
+            return False
         raw = bytes(d[pos + 21:body_end])
         try:
             doc = bson.decode(raw)

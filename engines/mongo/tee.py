@@ -63,7 +63,7 @@ from .clientauth import AUTH_COMMANDS
 from .codec import FRAMING, check_checksum, check_partial, opcode_at
 from .errors import AttributingDecoder
 from .stages.handshake import HELLO_COMMANDS
-from .stages.render import render_command
+from .stages.render import plain_sequences, render_command
 from .stages.session import PARSE_ERRORS, MongoSessionState, _names, _sequence_counts, malformed
 
 #: Commands the proxy acts on: never passive.
@@ -86,7 +86,8 @@ def check_request(raw: bytes) -> str:
     Fast path (drivers put the body first): one C decode of the body with the default codec
     options.  Its success means the top level inflates as ``wire.raw_document`` inflates it and
     the renderer renders it (its own fast path decodes the same way; failing that, its lenient
-    decode succeeds); a body alone in the message with flags 0 needs nothing more, else
+    decode succeeds); with flags 0, a body alone or followed by well-formed document sequences
+    (``render.plain_sequences``: ``insert``'s ``documents``) needs nothing more, else
     ``parse_op_msg`` judges the flags and the other sections and the sequences are counted as
     ``read_request`` counts them.  Anything else is judged by the worker's own functions.
     """
@@ -100,10 +101,12 @@ def check_request(raw: bytes) -> str:
             except (BSONError, ValueError, TypeError, OverflowError):
                 pass
         if doc:
-            if size != end - 21 or _U32(raw, 16)[0]:
+            if size != end - 21 and (_U32(raw, 16)[0] or plain_sequences(raw, 21 + size, end) is None):
                 op = wire.parse_op_msg(raw)
                 if op.sequences_raw:
                     _sequence_counts(op)
+            elif _U32(raw, 16)[0]:
+                wire.parse_op_msg(raw)
             return next(iter(doc))
     op = wire.parse_op_msg(raw)
     name, _db, _coll = _names(op.body)

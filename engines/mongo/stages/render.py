@@ -269,6 +269,34 @@ def count_documents(data: bytes | memoryview, start: int = 0, end: int | None = 
     return n
 
 
+def plain_sequences(d: Any, pos: int, end: int) -> dict[str, int] | None:
+    """The document sequences (kind-1 sections) of ``d[pos:end]``, the rest of an OP_MSG after its
+    body: identifier → document count (empty: none), as ``parse_op_msg`` +
+    ``session._sequence_counts`` read them — or None for anything else (another section kind, a
+    size or identifier that does not fit, a repeated identifier, a bad count), which those two then
+    judge.  The hot path of the proxy's tee and of the worker's fast tap: no message objects."""
+    sequences: dict[str, int] = {}
+    while pos < end:
+        if d[pos] != 1 or pos + 5 > end:
+            return None
+        seq_end = pos + 1 + _I32.unpack_from(d, pos + 1)[0]
+        if seq_end < pos + 6 or seq_end > end:
+            return None
+        nul = d.find(b"\x00", pos + 5, seq_end)
+        if nul < 0:
+            return None
+        try:
+            ident = bytes(d[pos + 5:nul]).decode("utf-8")
+            count = count_documents(d, nul + 1, seq_end)
+        except (UnicodeDecodeError, wire.RemoteProtocolError):
+            return None
+        if ident in sequences:
+            return None
+        sequences[ident] = count
+        pos = seq_end
+    return sequences
+
+
 def _count_array_documents(raw: bytes | memoryview, pos: int) -> int | None:
     """Element count of the BSON array at ``pos`` whose elements are all documents, else None.
 

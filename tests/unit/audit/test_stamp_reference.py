@@ -3,8 +3,7 @@
 ``SessionAudit.emit`` / ``TemplateAudit`` splice pre-serialised template bytes into
 each event and ``AuditRecorder._stamp`` builds each line with byte formatting and a
 streamed hash — all for speed.  Here the same events are built the obvious way:
-one dict per event (own fields, then the session's common fields; the template's order
-with the event's values when an event overrides a common field), ``session_seq`` (per
+one dict per event (own fields, then the session's common fields it does not override), ``session_seq`` (per
 session, dropped at its end event), ``seq``, ``prev_hash``, serialised by orjson, and
 ``hash`` = SHA-256 over that serialisation — and the JSONL file the real recorder
 wrote must equal those lines exactly, across batches and with a Forget marker.
@@ -32,11 +31,8 @@ def reference_lines(emitted: list[tuple[dict, dict]]) -> list[bytes]:
     counts: dict = {}
     prev, seq, lines = GENESIS_HASH, 0, []
     for own, template in emitted:
-        if own.keys().isdisjoint(template):
-            full = {**own, **template}
-        else:
-            full = dict(template)
-            full.update(own)
+        # The event's own fields first, then the common fields it does not override.
+        full = {**own, **{k: v for k, v in template.items() if k not in own}}
         sid = full["sid"]
         n = counts.get(sid, 0) + 1
         if full["event"].endswith(".session.end"):
@@ -83,13 +79,18 @@ async def test_recorder_writes_the_reference_lines(tmp_path):
             await trio.sleep(0.02)  # several batches: the chain continues across them
         tmpl.update_template(db_name="other")
         tmpl_emit("emit", ev.QUERY, db_name="override", db_query="use x")  # overrides a common field
+        tmpl_emit("emit", ev.QUERY, db_name="again", db_query="use y")  # the same field set again
+        tmpl.update_template(db_user="changed")  # the kept JSON without db_name is rebuilt
+        tmpl_emit("emit", ev.QUERY, db_name="third", db_query="use z")
         s.db_name = "app2"  # the live session's template is rebuilt
         live_emit("on_result", success=True, affected_records=0)
-        tmpl_emit("on_session_end", reason="client closed")
+        # An end event that overrides a common field still ends its session's count.
+        tmpl_emit("on_session_end", reason="client closed", db_name="last")
+        tmpl_emit("emit", ev.QUERY, db_query="after the end")  # session_seq starts again at 1
         live_emit("on_session_end", reason="done", duration_ms=1.0)
         await recorder.aclose()
 
     with open(path, "rb") as f:
         written = f.readlines()
     assert written == reference_lines(emitted)
-    assert len(written) == 17
+    assert len(written) == 20

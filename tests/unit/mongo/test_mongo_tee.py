@@ -79,6 +79,46 @@ def test_check_request_agrees_with_the_worker_on_corrupted_bytes(raw: bytes, fli
     assert verdict(check_request, bytes(data)) == verdict(worker_reads, bytes(data))
 
 
+
+def _with_sections(body: dict, *sections: bytes) -> bytes:
+    """An OP_MSG of flags 0: ``body`` as its kind-0 section, then ``sections`` as given (raw)."""
+    rest = b"\x00" + bson.encode(body) + b"".join(sections)
+    return (16 + 4 + len(rest)).to_bytes(4, "little") + (9).to_bytes(4, "little") + bytes(4) \
+        + wire.OP_MSG.to_bytes(4, "little") + bytes(4) + rest
+
+
+def _sequence(ident: bytes, *docs: bytes, size_delta: int = 0) -> bytes:
+    payload = ident + b"\x00" + b"".join(docs)
+    return b"\x01" + (4 + len(payload) + size_delta).to_bytes(4, "little", signed=True) + payload
+
+
+_DOC = bson.encode({"_id": 1, "v": "x"})
+_INSERT = {"insert": "c", "$db": "d"}
+#: Sections after the body, the tee's fast path (``render.plain_sequences``) or its fallback.
+SEQUENCES = {
+    "one": _with_sections(_INSERT, _sequence(b"documents", _DOC, _DOC)),
+    "two": _with_sections({"update": "c", "$db": "d"}, _sequence(b"updates", _DOC), _sequence(b"other", _DOC)),
+    "empty sequence": _with_sections(_INSERT, _sequence(b"documents")),
+    "repeated identifier": _with_sections(_INSERT, _sequence(b"documents", _DOC), _sequence(b"documents", _DOC)),
+    "identifier not UTF-8": _with_sections(_INSERT, _sequence(b"doc\xffs", _DOC)),
+    "identifier without NUL": _with_sections(_INSERT, b"\x01" + (4 + 9).to_bytes(4, "little") + b"documents"),
+    "document size lies": _with_sections(_INSERT, _sequence(b"documents", _DOC[:-2] + b"\x00")),
+    "document under 5 bytes": _with_sections(_INSERT, _sequence(b"documents", b"\x04\x00\x00\x00")),
+    "sequence size past the end": _with_sections(_INSERT, _sequence(b"documents", _DOC, size_delta=3)),
+    "sequence size under 5": _with_sections(_INSERT, b"\x01\x04\x00\x00\x00"),
+    "truncated sequence size": _with_sections(_INSERT, b"\x01\x10\x00"),
+    "second body": _with_sections(_INSERT, _sequence(b"documents", _DOC), b"\x00" + _DOC),
+    "unknown kind": _with_sections(_INSERT, b"\x02" + _DOC),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEQUENCES))
+def test_check_request_agrees_with_the_worker_on_document_sequences(case: str) -> None:
+    raw = SEQUENCES[case]
+    expected = "refused" if case not in ("one", "two", "empty sequence") else raw[21 + 4:].split(b"\x00")[0][1:].decode()
+    assert verdict(worker_reads, raw) == expected  # the case is what its name says
+    assert verdict(check_request, raw) == expected
+
 def tees(log: list | None = None) -> tuple[TeeState, AttributingDecoder, AttributingDecoder, list, list]:
     """A session's two tees; ``log`` gets every tap as (direction, bytes), in order."""
     state = MongoSessionState(auth=None, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE)
