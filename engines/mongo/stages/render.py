@@ -180,7 +180,8 @@ def _render_str(value: str, budget: _Budget) -> str:
 
 #: Small commands with none of these byte strings anywhere (a BSON key is its
 #: name + NUL) need no redaction: they take the fast path.
-_REDACT_MARKERS = re.compile(b"|".join(re.escape(k.encode("utf-8") + b"\x00") for k in sorted(REDACT_ALWAYS)))
+#: (Substring tests, in C: a few times faster than one regex alternation over the same bytes.)
+_REDACT_MARKERS = tuple(sorted(k.encode("utf-8") + b"\x00" for k in REDACT_ALWAYS))
 FAST_RENDER_MAX = ev.MAX_QUERY_CHARS
 
 
@@ -205,7 +206,12 @@ def _json_default(value: Any) -> Any:
 
 def fast_renderable(raw: bytes, name: str) -> bool:
     """Does ``render_command`` take its fast path for this body (``raw``: its bytes)?"""
-    return len(raw) <= FAST_RENDER_MAX and name not in AUTH_COMMANDS and _REDACT_MARKERS.search(raw) is None
+    if len(raw) > FAST_RENDER_MAX or name in AUTH_COMMANDS:
+        return False
+    for marker in _REDACT_MARKERS:
+        if marker in raw:
+            return False
+    return True
 
 
 def render_decoded(doc: dict, sequences: dict[str, int] | None = None) -> str:
@@ -395,7 +401,8 @@ def reply_document(msg: wire.WireMessage) -> tuple[RawBSONDocument, wire.OpReply
 def summarize_reply(doc: Mapping[str, Any], op_reply: wire.OpReply | None = None) -> dict[str, Any]:
     """Audit fields of a command reply: ok, n/nModified, errors, cursor id and batch size."""
     out: dict[str, Any] = {}
-    doc = dict(doc.items())  # one inflation of the top level; nested documents stay raw
+    if type(doc) is not dict:
+        doc = dict(doc.items())  # one inflation of the top level; nested documents stay raw
     ok = doc.get("ok")
     if op_reply is not None and op_reply.response_flags & wire.REPLY_FLAG_QUERY_FAILURE:
         ok = 0

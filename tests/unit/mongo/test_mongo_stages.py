@@ -41,6 +41,7 @@ from dbproxy.engines.mongo.stages import (
     render_command,
     summarize_reply,
 )
+from dbproxy.engines.mongo.stages.render import fast_renderable
 
 
 class Stages:
@@ -120,6 +121,20 @@ def test_render_redacts_credentials_everywhere():
     text = render_command({"createIndexes": "c", "indexes": [{"key": {"a": 1}, "name": "a_1"}]}, "createIndexes")
     assert '"key":{"a":1}' in text
 
+
+
+@pytest.mark.parametrize("key", ["pwd", "password", "passwd", "speculativeAuthenticate"])
+def test_raw_commands_with_a_secret_key_skip_the_fast_path_and_are_redacted(key):
+    # As the worker renders a request: its body raw (the fast path decodes small bodies whole,
+    # but only those whose bytes hold no redactable key, at any depth).
+    for body in ({"updateUser": "u", key: "s3cret-value", "$db": "admin"},
+                 {"insert": "c", "documents": [{"deep": {key: "s3cret-value"}}], "$db": "d"}):
+        raw = RawBSONDocument(bson.encode(body))
+        name = next(iter(body))
+        text = render_command(raw, name)
+        assert "s3cret-value" not in text and f'"{key}":"<redacted>"' in text
+        assert not fast_renderable(raw.raw, name)
+    assert fast_renderable(bson.encode({"find": "c", "filter": {key[:-1]: 1}}), "find")  # a near miss is fine
 
 def test_render_is_bounded_and_json():
     body = {"insert": "c", "documents": [{"i": i, "s": "x" * 5000} for i in range(2000)], "$db": "d"}
