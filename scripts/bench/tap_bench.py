@@ -27,6 +27,11 @@ machine — some samples run undisturbed), and optionally a cProfile.
     python scripts/bench/tap_bench.py                       # every workload
     python scripts/bench/tap_bench.py --workloads cql-select --profile 25
     python scripts/bench/tap_bench.py --worker 300 --batch 1  # the real worker process, 300 writes/s
+    python scripts/bench/tap_bench.py --tee --workloads mongo-find,mongo-insert  # the proxy's tees
+
+``--tee``: instead, the proxy's side of a tapped Mongo session — the two
+tees (``engines/mongo/tee.py``: framing, the request check that keeps
+"nothing unaudited", the tap) over the same frames, one frame per feed.
 
 ``--worker RATE``: instead, the real audit worker process (``python -m
 dbproxy.audit.worker``, a JSONL sink) is fed over its stdin as the proxy's
@@ -280,6 +285,37 @@ def worker_rate(workload: str, rate: float, seconds: float, batch: int) -> tuple
     return used / pairs * 1e6, pairs
 
 
+def tee_cost(workload: str, samples: int, pairs: int) -> float:
+    """The proxy's side of a tapped Mongo session: µs CPU per request+answer through the two
+    tees (``engines.mongo.tee``: frame, check, tap), one frame per feed as a synchronous
+    client's pump receives them; the least over ``samples``."""
+    from dbproxy.engines.mongo.codec import MongoDecoder
+    from dbproxy.engines.mongo.errors import AttributingDecoder
+    from dbproxy.engines.mongo.stages.session import MongoSessionState
+    from dbproxy.engines.mongo.tee import TeeState
+
+    _, _, _, steps, _ = mongo_session(workload, pairs)
+    tees = TeeState(MongoSessionState(auth=None, max_message_size=48_000_000))
+    tapped: list = []
+    client = tees.over(AttributingDecoder(MongoDecoder(), "client"), tees.sides[0], tapped.append)
+    backend = tees.over(AttributingDecoder(MongoDecoder(), "backend"), tees.sides[1], tapped.append)
+    best = float("inf")
+    for _ in range(samples):
+        start = time.process_time()
+        for request, answer in steps:
+            client.feed(request)
+            client.next_message()
+            client.buffer.compact()
+            backend.feed(answer)
+            backend.next_message()
+            backend.buffer.compact()
+        best = min(best, (time.process_time() - start) / len(steps))
+        if len(tapped) != 2 * len(steps) or tees.pending:
+            raise AssertionError("the tees did not tap every frame as passive")
+        tapped.clear()
+    return best * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -290,7 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", type=float, default=0, metavar="RATE",
                     help="instead: the real worker process fed RATE writes/s (--batch pairs each)")
     ap.add_argument("--seconds", type=float, default=5.0, help="with --worker: how long")
+    ap.add_argument("--tee", action="store_true",
+                    help="instead: the proxy's tees of a tapped Mongo session (mongo-* workloads)")
     args = ap.parse_args(argv)
+    if args.tee:
+        for workload in args.workloads.split(","):
+            if not workload.startswith("mongo-"):
+                continue
+            us = tee_cost(workload, args.samples, args.pairs)
+            print(f"{workload:13s} proxy tees: least {us:6.2f} µs CPU per request+answer")
+        return 0
     if args.worker:
         for workload in args.workloads.split(","):
             us, pairs = worker_rate(workload, args.worker, args.seconds, args.batch)
