@@ -101,12 +101,10 @@ def check_request(raw: bytes) -> str:
             except (BSONError, ValueError, TypeError, OverflowError):
                 pass
         if doc:
-            if size != end - 21 and (_U32(raw, 16)[0] or plain_sequences(raw, 21 + size, end) is None):
+            if _U32(raw, 16)[0] or (size != end - 21 and plain_sequences(raw, 21 + size, end) is None):
                 op = wire.parse_op_msg(raw)
                 if op.sequences_raw:
                     _sequence_counts(op)
-            elif _U32(raw, 16)[0]:
-                wire.parse_op_msg(raw)
             return next(iter(doc))
     op = wire.parse_op_msg(raw)
     name, _db, _coll = _names(op.body)
