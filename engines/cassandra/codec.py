@@ -36,7 +36,12 @@ is seen, before its body is buffered (FrameTooLarge).
 from __future__ import annotations
 
 import collections
+import struct
+import zlib
 from typing import Literal
+
+from lz4.block import LZ4BlockError as _LZ4BlockError
+from lz4.block import decompress as _lz4_decompress
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import LocalProtocolError
@@ -64,6 +69,7 @@ from .frames import (
 from .segments import (
     COMPRESSED_HEADER,
     CRC24_SEEN,
+    CRC32_INIT,
     CRC24_SIZE,
     CRC32_SIZE,
     PAYLOAD_MASK,
@@ -85,6 +91,7 @@ _GOOD_REQUEST_HEADERS = frozenset(v << 8 | op for v in SUPPORTED_VERSIONS if v n
 _GOOD_RESPONSE_HEADERS = frozenset((v | RESPONSE_BIT) << 8 | op for v in SUPPORTED_VERSIONS if v not in BETA_VERSIONS
                                    for op in RESPONSE_OPCODES)
 _UNPACK_HEADER = HEADER.unpack_from
+_U32_LE = struct.Struct("<I").unpack_from
 
 
 def peek_version(buffer: ReceiveBuffer) -> int | None:
@@ -248,27 +255,31 @@ class CqlDecoder:
 
     def _next_from_segments(self) -> tuple | object:
         # One self-contained segment per round, every step inline (this runs for each
-        # segment of a v5 session, in both directions): header CRC24 (remembered),
-        # payload CRC32 over a view, LZ4, the frames.  Any check that fails is redone by
-        # ``segments``' own function, which raises its error.
+        # segment of a v5 session, in both directions): the header and its CRC24 as one
+        # integer (the CRC24 remembered), the payload's CRC32, LZ4, and a payload that is
+        # one frame — a driver's request, its answer — returned as it is.  Any check that
+        # fails is redone by ``segments``' own function, which raises its error.  Slices of
+        # the buffer's data are copies: an exception's traceback must never pin a
+        # memoryview of the receive buffer, or the next feed() fails.
         buf = self.buffer
         compressed = self._compression == "lz4"
         n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
         hsize = n + CRC24_SIZE
+        value_mask = (1 << 8 * n) - 1
+        crc_shift = 8 * n
         crcs = CRC24_SEEN
         while True:
             if self._split_scanned:
                 return self._continue_split()
-            available = len(buf)
+            data, pos, end = buf.span()
+            available = end - pos
             if available < hsize:
                 return NEED_DATA
-            # Copies (here and of whole segments below): an exception's traceback must
-            # never pin a memoryview of the receive buffer, or the next feed() fails.
-            head = buf.copy(hsize)
-            value = int.from_bytes(head[:n], "little")
+            word = int.from_bytes(data[pos:pos + hsize], "little")
+            value = word & value_mask
             crc = crcs.get(value | n << 48)
-            if crc is None or crc != int.from_bytes(head[n:], "little"):
-                length, uncompressed, self_contained, _ = parse_header_fields(head, compressed)  # raises if bad
+            if crc is None or crc != word >> crc_shift:
+                length, uncompressed, self_contained, _ = parse_header_fields(buf.copy(hsize), compressed)  # raises if bad
             else:
                 length = value & PAYLOAD_MASK
                 if compressed:
@@ -282,7 +293,28 @@ class CqlDecoder:
                 return NEED_DATA
             if not self_contained:
                 return self._continue_split()
-            payload = decode_segment(buf.copy(total), hsize, length, uncompressed)
+            start = pos + hsize
+            stop = start + length
+            payload = data[start:stop]
+            if zlib.crc32(payload, CRC32_INIT) != _U32_LE(data, stop)[0]:
+                payload = decode_segment(buf.copy(total), hsize, length, uncompressed)  # raises
+            elif uncompressed:
+                try:
+                    payload = _lz4_decompress(payload, uncompressed_size=uncompressed)
+                except _LZ4BlockError:
+                    payload = b""
+                if len(payload) != uncompressed:
+                    payload = decode_segment(buf.copy(total), hsize, length, uncompressed)  # raises
+            elif type(payload) is not bytes:
+                payload = bytes(payload)
+            size = len(payload)
+            if size >= HEADER_SIZE:
+                # One frame filling the payload, with a header ``check_header`` passes: as is.
+                first, flags, stream, opcode, frame_length = _UNPACK_HEADER(payload, 0)
+                if (frame_length == size - HEADER_SIZE and frame_length <= self.max_message_size
+                        and first << 8 | opcode in self._good_headers):
+                    buf.skip(total)
+                    return first & VERSION_MASK, flags, stream, opcode, payload, HEADER_SIZE, None
             frames = self._split_payload(payload)
             buf.skip(total)
             if frames:

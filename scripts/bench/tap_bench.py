@@ -27,11 +27,13 @@ machine — some samples run undisturbed), and optionally a cProfile.
     python scripts/bench/tap_bench.py                       # every workload
     python scripts/bench/tap_bench.py --workloads cql-select --profile 25
     python scripts/bench/tap_bench.py --worker 300 --batch 1  # the real worker process, 300 writes/s
-    python scripts/bench/tap_bench.py --tee --workloads mongo-find,mongo-insert  # the proxy's tees
+    python scripts/bench/tap_bench.py --tee --workloads mongo-find,cql-insert  # the proxy's tees
 
-``--tee``: instead, the proxy's side of a tapped Mongo session — the two
-tees (``engines/mongo/tee.py``: framing, the request check that keeps
-"nothing unaudited", the tap) over the same frames, one frame per feed.
+``--tee``: instead, the proxy's side of a tapped Mongo or CQL session — the
+two tees (``engines/mongo/tee.py``, ``engines/cassandra/tap.py``'s
+``CqlTee``: framing — for CQL v5 the LZ4 segments with their CRCs, as the
+benchmark's driver sends them —, the request check that keeps "nothing
+unaudited", the tap) over the same frames, one wire chunk per feed.
 
 ``--worker RATE``: instead, the real audit worker process (``python -m
 dbproxy.audit.worker``, a JSONL sink) is fed over its stdin as the proxy's
@@ -54,6 +56,7 @@ import struct
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -285,10 +288,7 @@ def worker_rate(workload: str, rate: float, seconds: float, batch: int) -> tuple
     return used / pairs * 1e6, pairs
 
 
-def tee_cost(workload: str, samples: int, pairs: int) -> float:
-    """The proxy's side of a tapped Mongo session: µs CPU per request+answer through the two
-    tees (``engines.mongo.tee``: frame, check, tap), one frame per feed as a synchronous
-    client's pump receives them; the least over ``samples``."""
+def _mongo_tees(workload: str, pairs: int, tap: Any):
     from dbproxy.engines.mongo.codec import MongoDecoder
     from dbproxy.engines.mongo.errors import AttributingDecoder
     from dbproxy.engines.mongo.stages.session import MongoSessionState
@@ -296,9 +296,37 @@ def tee_cost(workload: str, samples: int, pairs: int) -> float:
 
     _, _, _, steps, _ = mongo_session(workload, pairs)
     tees = TeeState(MongoSessionState(auth=None, max_message_size=48_000_000))
+    client = tees.over(AttributingDecoder(MongoDecoder(), "client"), tees.sides[0], tap)
+    backend = tees.over(AttributingDecoder(MongoDecoder(), "backend"), tees.sides[1], tap)
+    return client, backend, steps, lambda: bool(tees.pending)
+
+
+def _cql_tees(workload: str, pairs: int, tap: Any):
+    """A v5 session as the benchmark's driver runs it: LZ4 segments, one frame per segment."""
+    from dbproxy.engines.cassandra.codec import CqlDecoder
+    from dbproxy.engines.cassandra.observers import CqlSessionState
+    from dbproxy.engines.cassandra.prepared import PreparedCache
+    from dbproxy.engines.cassandra.segments import encode_segments
+    from dbproxy.engines.cassandra.tap import CqlTee
+
+    _, _, _, steps, _ = cql_session(workload, pairs)
+    state = CqlSessionState(backend="127.0.0.1:9042", prepared=PreparedCache(), version=5)
+    decoders = CqlDecoder("client"), CqlDecoder("server")
+    for decoder in decoders:
+        decoder.set_framing("segments", "lz4")
+    client = CqlTee(decoders[0], tap, state, client=True)
+    backend = CqlTee(decoders[1], tap, state, client=False)
+    steps = [(encode_segments(r, compress=True), encode_segments(a, compress=True)) for r, a in steps]
+    return client, backend, steps, lambda: bool(state.pending)
+
+
+def tee_cost(workload: str, samples: int, pairs: int) -> float:
+    """The proxy's side of a tapped session: µs CPU per request+answer through the two tees
+    (``engines.mongo.tee`` / ``engines.cassandra.tap.CqlTee``: frame, check, tap), one wire
+    chunk per feed as a synchronous client's pump receives them; the least over ``samples``."""
     tapped: list = []
-    client = tees.over(AttributingDecoder(MongoDecoder(), "client"), tees.sides[0], tapped.append)
-    backend = tees.over(AttributingDecoder(MongoDecoder(), "backend"), tees.sides[1], tapped.append)
+    build_tees = _cql_tees if workload.startswith("cql-") else _mongo_tees
+    client, backend, steps, pending = build_tees(workload, pairs, tapped.append)
     best = float("inf")
     for _ in range(samples):
         start = time.process_time()
@@ -310,7 +338,7 @@ def tee_cost(workload: str, samples: int, pairs: int) -> float:
             backend.next_message()
             backend.buffer.compact()
         best = min(best, (time.process_time() - start) / len(steps))
-        if len(tapped) != 2 * len(steps) or tees.pending:
+        if len(tapped) != 2 * len(steps) or pending():
             raise AssertionError("the tees did not tap every frame as passive")
         tapped.clear()
     return best * 1e6
@@ -327,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: the real worker process fed RATE writes/s (--batch pairs each)")
     ap.add_argument("--seconds", type=float, default=5.0, help="with --worker: how long")
     ap.add_argument("--tee", action="store_true",
-                    help="instead: the proxy's tees of a tapped Mongo session (mongo-* workloads)")
+                    help="instead: the proxy's tees of a tapped session (cql-* and mongo-* workloads)")
     args = ap.parse_args(argv)
     if args.tee:
         for workload in args.workloads.split(","):
-            if not workload.startswith("mongo-"):
-                continue
+            if workload.startswith("pg-"):
+                continue  # PostgreSQL's tees are the core's ``dbproxy.tee.Tee``: not measured here
             us = tee_cost(workload, args.samples, args.pairs)
             print(f"{workload:13s} proxy tees: least {us:6.2f} µs CPU per request+answer")
         return 0

@@ -269,6 +269,57 @@ def test_crc_mismatch(compress, where):
     assert d.buffer.position == 0
 
 
+def _lz4_segment(compressed: bytes, uncompressed_length: int) -> bytes:
+    """A self-contained LZ4 segment around ``compressed`` as is, its header announcing
+    ``uncompressed_length``; both CRCs right (what a broken peer, not a broken wire, sends)."""
+    value = len(compressed) | uncompressed_length << 17 | 1 << 34
+    header = value.to_bytes(5, "little") + S.crc24(value, 5).to_bytes(3, "little")
+    return header + compressed + S.crc32(compressed).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("case", ["garbage", "announced longer", "announced shorter"])
+def test_lz4_payload_that_does_not_decompress_as_announced(case):
+    """CRCs cover the compressed bytes: an LZ4 block that does not decompress to the
+    announced length is refused on its own, nothing of the segment consumed."""
+    import lz4.block
+
+    frame = query(1) * 1  # one frame: the decoder's single-frame path
+    block = lz4.block.compress(frame, store_size=False)
+    wire = {"garbage": _lz4_segment(b"\xff" * 40, len(frame)),
+            "announced longer": _lz4_segment(block, len(frame) + 5),
+            "announced shorter": _lz4_segment(block, len(frame) - 5)}[case]
+    # The same block with its true length decodes (so the refusal is the length's / the data's).
+    assert decode_all(seg_decoder(compress=True), _lz4_segment(block, len(frame)))[0].raw == frame
+    d = seg_decoder(compress=True)
+    d.feed(wire)
+    with pytest.raises(RemoteProtocolError, match="corrupt|uncompressed length mismatch") as info:
+        d.next_message()
+    assert "corrupt compressed CQL segment" in info.value.client_hint
+    assert d.buffer.position == 0
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_one_frame_segments_get_every_header_check(compress):
+    """A segment holding exactly one frame (a driver's every request and answer): its header
+    gets the same checks as a frame among others — size limit, direction, length."""
+    with pytest.raises(FrameTooLarge):
+        decode_all(seg_decoder(compress=compress, max_message_size=100), S.encode_segments(big_query(500), compress=compress))
+    assert len(decode_all(seg_decoder(compress=compress, max_message_size=600),
+                          S.encode_segments(big_query(500), compress=compress))) == 1
+    with pytest.raises(F.CqlProtocolError):
+        decode_all(seg_decoder("server", compress=compress), S.encode_segments(query(1), compress=compress))
+    frame = query(1)
+    longer = frame[:5] + (len(frame) - 9 + 1).to_bytes(4, "big") + frame[9:]  # one byte short of its length
+    with pytest.raises(F.CqlProtocolError, match="crosses the end"):
+        decode_all(seg_decoder(compress=compress), S.encode_segment(longer, self_contained=True, compress=compress))
+    shorter = frame[:5] + (len(frame) - 9 - 1).to_bytes(4, "big") + frame[9:]  # one byte left after it
+    with pytest.raises(F.CqlProtocolError, match="partial CQL frame header"):
+        decode_all(seg_decoder(compress=compress), S.encode_segment(shorter, self_contained=True, compress=compress))
+    frames = decode_all(seg_decoder(compress=compress), S.encode_segments(frame, compress=compress))
+    assert [(f.version, f.stream, f.opcode, f.raw) for f in frames] == [(5, 1, F.Opcode.QUERY, frame)]
+    assert type(frames[0].raw) is bytes
+
+
 def test_errors_do_not_pin_the_receive_buffer():
     """A caught error's traceback must not hold a view of the buffer (bytearray resize would fail)."""
     for where in (1, 10):
