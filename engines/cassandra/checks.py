@@ -23,6 +23,15 @@ from . import protocol as F
 _H = struct.Struct(">H").unpack_from
 _I = struct.Struct(">i").unpack_from
 _U = struct.Struct(">I").unpack_from
+# <query_parameters> flags (§4.1.4), as module constants: read per checked request.
+_QF_VALUES = F.QF_VALUES
+_QF_NAMES_FOR_VALUES = F.QF_NAMES_FOR_VALUES
+_QF_PAGE_SIZE = F.QF_PAGE_SIZE
+_QF_PAGING_STATE = F.QF_PAGING_STATE
+_QF_SERIAL_CONSISTENCY = F.QF_SERIAL_CONSISTENCY
+_QF_TIMESTAMP = F.QF_TIMESTAMP
+_QF_KEYSPACE = F.QF_KEYSPACE
+_QF_NOW_IN_SECONDS = F.QF_NOW_IN_SECONDS
 
 
 def _string_end(d: Any, p: int, end: int) -> int:
@@ -51,12 +60,12 @@ def _parameters_end(d: Any, p: int, end: int, version: int) -> int:
             return -1
         flags = d[p + 2]
         p += 3
-    if flags & F.QF_VALUES:
+    if flags & _QF_VALUES:
         if p + 2 > end:
             return -1
         n = _H(d, p)[0]
         p += 2
-        names = flags & F.QF_NAMES_FOR_VALUES
+        names = flags & _QF_NAMES_FOR_VALUES
         for _ in range(n):
             if names:
                 p = _string_end(d, p, end)
@@ -72,27 +81,27 @@ def _parameters_end(d: Any, p: int, end: int, version: int) -> int:
                     return -1
             elif size != -1 and version >= 4 and size != -2:
                 return -1  # [value]: -1 null, -2 unset (v4+), nothing else below 0
-    if flags & F.QF_PAGE_SIZE:
+    if flags & _QF_PAGE_SIZE:
         p += 4
-    if flags & F.QF_PAGING_STATE:
+    if flags & _QF_PAGING_STATE:
         if p + 4 > end:
             return -1
         size = _I(d, p)[0]
         p += 4
         if size > 0:
             p += size
-    if flags & F.QF_SERIAL_CONSISTENCY:
+    if flags & _QF_SERIAL_CONSISTENCY:
         p += 2
-    if flags & F.QF_TIMESTAMP:
+    if flags & _QF_TIMESTAMP:
         p += 8
     if p > end:
         return -1
     if version >= 5:
-        if flags & F.QF_KEYSPACE:
+        if flags & _QF_KEYSPACE:
             p = _string_end(d, p, end)
             if p < 0:
                 return -1
-        if flags & F.QF_NOW_IN_SECONDS:
+        if flags & _QF_NOW_IN_SECONDS:
             p += 4
             if p > end:
                 return -1

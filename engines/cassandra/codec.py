@@ -262,6 +262,8 @@ class CqlDecoder:
         # the buffer's data are copies: an exception's traceback must never pin a
         # memoryview of the receive buffer, or the next feed() fails.
         buf = self.buffer
+        if not buf:
+            return NEED_DATA  # the common end of a batch (a split frame's scan needs more bytes too)
         compressed = self._compression == "lz4"
         n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
         hsize = n + CRC24_SIZE
