@@ -36,12 +36,7 @@ is seen, before its body is buffered (FrameTooLarge).
 from __future__ import annotations
 
 import collections
-import struct
-import zlib
 from typing import Literal
-
-from lz4.block import LZ4BlockError as _LZ4BlockError
-from lz4.block import decompress as _lz4_decompress
 
 from dbproxy.buffer import ReceiveBuffer
 from dbproxy.errors import LocalProtocolError
@@ -69,7 +64,6 @@ from .frames import (
 from .segments import (
     COMPRESSED_HEADER,
     CRC24_SEEN,
-    CRC32_INIT,
     CRC24_SIZE,
     CRC32_SIZE,
     PAYLOAD_MASK,
@@ -91,7 +85,6 @@ _GOOD_REQUEST_HEADERS = frozenset(v << 8 | op for v in SUPPORTED_VERSIONS if v n
 _GOOD_RESPONSE_HEADERS = frozenset((v | RESPONSE_BIT) << 8 | op for v in SUPPORTED_VERSIONS if v not in BETA_VERSIONS
                                    for op in RESPONSE_OPCODES)
 _UNPACK_HEADER = HEADER.unpack_from
-_U32_LE = struct.Struct("<I").unpack_from
 
 
 def peek_version(buffer: ReceiveBuffer) -> int | None:
@@ -256,11 +249,10 @@ class CqlDecoder:
     def _next_from_segments(self) -> tuple | object:
         # One self-contained segment per round, every step inline (this runs for each
         # segment of a v5 session, in both directions): the header and its CRC24 as one
-        # integer (the CRC24 remembered), the payload's CRC32, LZ4, and a payload that is
-        # one frame — a driver's request, its answer — returned as it is.  Any check that
-        # fails is redone by ``segments``' own function, which raises its error.  Slices of
-        # the buffer's data are copies: an exception's traceback must never pin a
-        # memoryview of the receive buffer, or the next feed() fails.
+        # integer (the CRC24 remembered; a header that fails is redone by ``segments``' own
+        # function, which raises its error), then the payload's CRC32 and LZ4 over the
+        # buffer's data in place, the frames.  No memoryview of the receive buffer: an
+        # exception's traceback must never pin one, or the next feed() fails.
         buf = self.buffer
         if not buf:
             return NEED_DATA  # the common end of a batch (a split frame's scan needs more bytes too)
@@ -295,28 +287,7 @@ class CqlDecoder:
                 return NEED_DATA
             if not self_contained:
                 return self._continue_split()
-            start = pos + hsize
-            stop = start + length
-            payload = data[start:stop]
-            if zlib.crc32(payload, CRC32_INIT) != _U32_LE(data, stop)[0]:
-                payload = decode_segment(buf.copy(total), hsize, length, uncompressed)  # raises
-            elif uncompressed:
-                try:
-                    payload = _lz4_decompress(payload, uncompressed_size=uncompressed)
-                except _LZ4BlockError:
-                    payload = b""
-                if len(payload) != uncompressed:
-                    payload = decode_segment(buf.copy(total), hsize, length, uncompressed)  # raises
-            elif type(payload) is not bytes:
-                payload = bytes(payload)
-            size = len(payload)
-            if size >= HEADER_SIZE:
-                # One frame filling the payload, with a header ``check_header`` passes: as is.
-                first, flags, stream, opcode, frame_length = _UNPACK_HEADER(payload, 0)
-                if (frame_length == size - HEADER_SIZE and frame_length <= self.max_message_size
-                        and first << 8 | opcode in self._good_headers):
-                    buf.skip(total)
-                    return first & VERSION_MASK, flags, stream, opcode, payload, HEADER_SIZE, None
+            payload = decode_segment(data, pos + hsize, length, uncompressed)  # CRC32, LZ4
             frames = self._split_payload(payload)
             buf.skip(total)
             if frames:
@@ -326,9 +297,10 @@ class CqlDecoder:
                 return self._queue.popleft()
             # An empty self-contained segment carries nothing: consume it and read on.
 
-    def _split_payload(self, payload: bytes | memoryview) -> list[tuple]:
-        view = memoryview(payload)
-        end = len(view)
+    def _split_payload(self, payload: bytes | bytearray | memoryview) -> list[tuple]:
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        end = len(payload)
         pos = 0
         frames = []
         good = self._good_headers
@@ -339,7 +311,7 @@ class CqlDecoder:
                     "partial CQL frame header at the end of a self-contained segment",
                     client_hint="malformed CQL segment",
                 )
-            first, flags, stream, opcode, length = _UNPACK_HEADER(view, pos)
+            first, flags, stream, opcode, length = _UNPACK_HEADER(payload, pos)
             version = first & VERSION_MASK
             if first << 8 | opcode not in good or length > limit:  # else check_header passes it
                 self._check_header(first, version, flags, stream, opcode, length)
@@ -351,9 +323,9 @@ class CqlDecoder:
                     stream=stream,
                     version=version,
                 )
-            # The frame's own bytes (a copy: a view would pin the decompressed payload or the
-            # segment); a frame that is the whole (decompressed, so already copied) payload as is.
-            raw = payload if stop == end and not pos and type(payload) is bytes else bytes(view[pos:stop])
+            # The frame's own bytes (a slice, so a copy: it does not pin the payload); a frame
+            # that is the whole payload (a driver's every request and answer) as it is.
+            raw = payload if stop == end and not pos else payload[pos:stop]
             frames.append((version, flags, stream, opcode, raw, HEADER_SIZE, None))
             pos = stop
         return frames
@@ -370,7 +342,8 @@ class CqlDecoder:
                     "self-contained CQL segment inside a frame split over segments",
                     client_hint="malformed CQL segment sequence",
                 )
-            part = decode_segment(bytes(buf.peek(total, self._split_scanned)), hsize, length, uncompressed)
+            data, pos, _ = buf.span()
+            part = decode_segment(data, pos + self._split_scanned + hsize, length, uncompressed)
             self._split_scanned += total
             self._split_parts.append(part)
             self._split_have += len(part)

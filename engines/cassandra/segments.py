@@ -46,6 +46,8 @@ CRC32_INIT = zlib.crc32(b"\xfa\x2d\x55\xca")
 
 PAYLOAD_MASK = 0x1FFFF
 _FRAME_LENGTH = struct.Struct(">I")
+_U32_LE = struct.Struct("<I").unpack_from
+_lz4_decompress = lz4.block.decompress
 _FRAME_HEADER = 9
 
 
@@ -120,7 +122,6 @@ def _crc_error(what: str, read: int, computed: int) -> RemoteProtocolError:
 
 def parse_segment_header(data: bytes | bytearray | memoryview, compressed: bool) -> SegmentHeader:
     """Parse and CRC-check a segment header; ``data`` holds at least ``header_size(compressed)`` bytes."""
-    n = COMPRESSED_HEADER if compressed else UNCOMPRESSED_HEADER
     return SegmentHeader(*parse_header_fields(data, compressed))
 
 
@@ -138,28 +139,31 @@ def parse_header_fields(data: bytes | bytearray | memoryview, compressed: bool) 
     return value & PAYLOAD_MASK, 0, bool((value >> 17) & 1), n + CRC24_SIZE
 
 
-def decode_payload(segment: bytes | bytearray | memoryview, header: SegmentHeader) -> bytes | memoryview:
+def decode_payload(segment: bytes | bytearray | memoryview, header: SegmentHeader) -> bytes | bytearray | memoryview:
     """CRC-check and (if needed) decompress the payload of a whole segment.
 
-    An uncompressed payload comes back as a view into ``segment`` (no copy).
+    An uncompressed payload comes back as a slice of ``segment``: a copy of
+    bytes or a bytearray, a view of a memoryview.
     """
     return decode_segment(segment, header.header_size, header.payload_length, header.uncompressed_length)
 
 
 def decode_segment(segment: bytes | bytearray | memoryview, start: int, length: int,
-                   uncompressed_length: int) -> bytes | memoryview:
-    """``decode_payload`` over the header's fields (``parse_header_fields``)."""
-    view = memoryview(segment)
+                   uncompressed_length: int) -> bytes | bytearray | memoryview:
+    """``decode_payload`` over the header's fields (``parse_header_fields``).  ``segment`` may be
+    more than the segment — a receive buffer's data, ``start`` the payload's offset in it: only
+    the payload and its CRC32 are read, and no view of it is made (a caller's buffer stays
+    resizable, whatever an exception's traceback keeps)."""
     end = start + length
-    payload = view[start:end]
-    read_crc = int.from_bytes(view[end:end + CRC32_SIZE], "little")
-    computed = zlib.crc32(payload, CRC32_INIT) & 0xFFFFFFFF
+    payload = segment[start:end]
+    read_crc = _U32_LE(segment, end)[0]
+    computed = zlib.crc32(payload, CRC32_INIT)
     if read_crc != computed:
         raise _crc_error("payload", read_crc, computed)
     if not uncompressed_length:
         return payload
     try:
-        out = lz4.block.decompress(payload, uncompressed_size=uncompressed_length)
+        out = _lz4_decompress(payload, uncompressed_size=uncompressed_length)
     except lz4.block.LZ4BlockError as exc:
         raise RemoteProtocolError(
             f"CQL segment LZ4 payload is corrupt: {exc}", client_hint="corrupt compressed CQL segment"

@@ -315,9 +315,12 @@ def test_one_frame_segments_get_every_header_check(compress):
     shorter = frame[:5] + (len(frame) - 9 - 1).to_bytes(4, "big") + frame[9:]  # one byte left after it
     with pytest.raises(F.CqlProtocolError, match="partial CQL frame header"):
         decode_all(seg_decoder(compress=compress), S.encode_segment(shorter, self_contained=True, compress=compress))
-    frames = decode_all(seg_decoder(compress=compress), S.encode_segments(frame, compress=compress))
-    assert [(f.version, f.stream, f.opcode, f.raw) for f in frames] == [(5, 1, F.Opcode.QUERY, frame)]
-    assert type(frames[0].raw) is bytes
+    wire = S.encode_segments(frame + query(2, stream=2), compress=compress) + S.encode_segments(frame, compress=compress)
+    for chunk in (None, 7):  # whole (the buffer adopts the bytes), in pieces (it accumulates a bytearray)
+        frames = decode_all(seg_decoder(compress=compress), wire, chunk=chunk)
+        assert [(f.version, f.stream, f.opcode, f.raw) for f in frames] == [
+            (5, 1, F.Opcode.QUERY, frame), (5, 2, F.Opcode.QUERY, query(2, stream=2)), (5, 1, F.Opcode.QUERY, frame)]
+        assert all(type(f.raw) is bytes for f in frames)
 
 
 def test_errors_do_not_pin_the_receive_buffer():
